@@ -1,0 +1,28 @@
+"""bnlab: Batch Normalization done completely, correctly and fast.
+
+Public names:
+    BatchNorm1d, BatchNorm2d, BatchNorm3d  drop-in replacements for torch.nn's layers
+    convert                                swap torch.nn BN layers for bnlab's in a model (and back)
+    functional.batch_norm                  torch.nn.functional.batch_norm's signature, bnlab's code
+    reference                              the float64 NumPy specification (the test oracle)
+    set_backend, available_backends        choose which implementation of the primitives runs
+"""
+
+from bnlab import functional, reference
+from bnlab.backends import available_backends, set_backend
+from bnlab.convert import convert
+from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "convert",
+    "functional",
+    "reference",
+    "set_backend",
+    "available_backends",
+    "__version__",
+]

@@ -1,0 +1,126 @@
+"""Argument checks shared by every public entry point.
+
+Each error names the argument, what was expected and what was given, so that a user can fix
+the call without reading bnlab's source.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_num_features(num_features: object) -> int:
+    """num_features must be a positive int (bool is rejected: True is not a channel count)."""
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(
+            f"num_features: expected a positive int (the number of channels C), "
+            f"got {type(num_features).__name__} {num_features!r}"
+        )
+    if num_features <= 0:
+        raise ValueError(f"num_features: expected a positive int (the number of channels C), got {num_features}")
+    return int(num_features)
+
+
+def check_eps(eps: object, *, allow_zero: bool = False) -> float:
+    """eps must be a finite real number > 0 (>= 0 where ``allow_zero``: inference may use eps = 0)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a finite float > 0, got {type(eps).__name__} {eps!r}")
+    eps = float(eps)
+    bound = "a finite float >= 0" if allow_zero else "a finite float > 0"
+    if not math.isfinite(eps) or eps < 0 or (eps == 0 and not allow_zero):
+        raise ValueError(f"eps: expected {bound} (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
+    return eps
+
+
+def check_momentum(momentum: object) -> float | None:
+    """momentum is None (cumulative average) or a finite real number; PyTorch accepts any finite value."""
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(
+            f"momentum: expected a float in [0, 1] (weight of the new batch) or None, "
+            f"got {type(momentum).__name__} {momentum!r}"
+        )
+    momentum = float(momentum)
+    if not math.isfinite(momentum):
+        raise ValueError(
+            f"momentum: expected a finite float in [0, 1] (weight of the new batch) or None, got {momentum!r}"
+        )
+    return momentum
+
+
+def check_input(x: object, name: str = "input") -> Tensor:
+    """x must be a floating-point tensor of rank >= 2 with channels on axis 1."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (N, C, *), got {type(x).__name__}")
+    if x.dtype not in FLOATING_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {x.dtype}"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected a tensor of shape (N, C, *) with rank >= 2, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_input_rank(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
+    """The rank a layer class accepts, e.g. BatchNorm2d takes (N, C, H, W) only."""
+    if x.dim() not in allowed:
+        shapes = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+        expected = " or ".join(f"{r}D {shapes[r]}" for r in allowed)
+        raise ValueError(f"input: {layer} expected {expected} input, got {x.dim()}D input of shape {tuple(x.shape)}")
+
+
+def check_channel_vector(v: Tensor | None, name: str, channels: int, x: Tensor) -> None:
+    """weight, bias, running_mean and running_var must be floating (C,) tensors on x's device."""
+    if v is None:
+        return
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape ({channels},) or None, got {type(v).__name__}")
+    if v.dtype not in FLOATING_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {v.dtype}")
+    if v.dim() != 1 or v.numel() != channels:
+        raise ValueError(
+            f"{name}: expected shape ({channels},) to match input channels (input.shape[1] = {channels}), "
+            f"got shape {tuple(v.shape)}"
+        )
+    if v.device != x.device:
+        raise ValueError(f"{name}: expected a tensor on the input's device {x.device}, got one on {v.device}")
+
+
+def values_per_channel(x: Tensor) -> int:
+    """m = N · prod(spatial): how many values each channel's statistics are computed from."""
+    count = x.shape[0]
+    for size in x.shape[2:]:
+        count *= size
+    return count
+
+
+def check_training_batch(x: Tensor) -> None:
+    """Training needs more than one value per channel: with one, x - mean is 0 and every gradient vanishes."""
+    if values_per_channel(x) == 1:
+        raise ValueError(
+            f"input: expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
+            f"(batch statistics of a single value are degenerate; use eval mode or a larger batch)"
+        )
+
+
+def check_running_var_nonnegative(running_var: Tensor) -> None:
+    """A negative running variance makes sqrt(var + eps) NaN; PyTorch returns NaN silently, bnlab refuses.
+
+    On CUDA this is an asynchronous device-side assertion, so that eval mode never waits for the GPU.
+    """
+    if running_var.device.type == "cpu":
+        if bool((running_var < 0).any()):
+            bad = torch.nonzero(running_var < 0).flatten().tolist()[:8]
+            raise ValueError(
+                f"running_var: expected non-negative values (variances), got negative entries at channels {bad}; "
+                f"the buffer was corrupted, e.g. by a bad checkpoint or an in-place edit"
+            )
+    elif running_var.device.type == "cuda":
+        torch._assert_async(~(running_var < 0).any(), "running_var: expected non-negative values, got negative entries")

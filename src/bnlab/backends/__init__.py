@@ -1,0 +1,65 @@
+"""Backend registry: which implementation of the BN primitives runs for a given tensor.
+
+Backends are tried in order of registration, newest first; the first whose ``supports(x)`` is
+true runs. ``set_backend(name)`` (or the environment variable ``BNLAB_BACKEND``) pins one by
+name, e.g. to compare a fast path with the portable one; ``None`` returns to automatic choice.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+from bnlab.backends.base import Backend
+from bnlab.backends.portable import PortableBackend
+
+__all__ = ["Backend", "register_backend", "set_backend", "get_backend", "select_backend", "available_backends"]
+
+_REGISTRY: list[Backend] = [PortableBackend()]
+_PINNED: str | None = os.environ.get("BNLAB_BACKEND") or None
+
+
+def register_backend(backend: Backend) -> None:
+    """Add a backend, preferred over those registered before it (replacing one of the same name)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend: expected a bnlab.backends.Backend instance, got {type(backend).__name__}")
+    _REGISTRY[:] = [b for b in _REGISTRY if b.name != backend.name]
+    _REGISTRY.insert(0, backend)
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends, most preferred first."""
+    return [b.name for b in _REGISTRY]
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name``."""
+    for backend in _REGISTRY:
+        if backend.name == name:
+            return backend
+    raise ValueError(f"name: expected one of the registered backends {available_backends()}, got {name!r}")
+
+
+def set_backend(name: str | None) -> None:
+    """Pin every BN call to the backend ``name``; ``None`` restores the automatic choice."""
+    global _PINNED
+    if name is not None:
+        get_backend(name)  # validates the name now rather than at the next forward
+    _PINNED = name
+
+
+def select_backend(x: Tensor) -> Backend:
+    """The backend that runs for input x: the pinned one if set, else the first that supports x."""
+    if _PINNED is not None:
+        backend = get_backend(_PINNED)
+        if not backend.supports(x):
+            raise ValueError(
+                f"input: the pinned backend {_PINNED!r} does not support a {x.dtype} tensor on {x.device} "
+                f"of shape {tuple(x.shape)}; call bnlab.set_backend(None) for the automatic choice"
+            )
+        return backend
+    for backend in _REGISTRY:
+        if backend.supports(x):
+            return backend
+    raise AssertionError("unreachable: the portable backend supports every tensor")

@@ -1,0 +1,84 @@
+"""The contract every BN backend fulfils: four primitives, two fused compositions of them.
+
+A backend computes the reduce phase (``moments``, ``grad_sums``) and the elementwise phase
+(``normalize``, ``grad_input``) of docs/math.md for the tensors it ``supports``. The fused
+``forward_train`` and ``backward`` default to composing the primitives; a fast backend
+overrides them with kernels that keep a channel's data in cache between phases.
+SyncBatchNorm uses the primitives directly, inserting one collective after each reduce phase.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from bnlab.stats import Count, Moments, finalize
+
+
+class Backend:
+    """Base class: subclasses implement the four primitives and ``supports``."""
+
+    #: short name used by ``bnlab.set_backend`` and the ``BNLAB_BACKEND`` environment variable.
+    name: str = "base"
+
+    def supports(self, x: Tensor) -> bool:
+        """Whether this backend handles x's device, dtype and layout."""
+        raise NotImplementedError
+
+    # -- reduce phase ------------------------------------------------------------------------
+    def moments(self, x: Tensor) -> Moments:
+        """Per-channel (count, mean, M2) of x (N, C, *); mean and M2 float64 (C,)."""
+        raise NotImplementedError
+
+    def grad_sums(self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel (Σdy, Σdy·x̂), float64 (C,)."""
+        raise NotImplementedError
+
+    # -- elementwise phase -------------------------------------------------------------------
+    def normalize(
+        self, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+    ) -> Tensor:
+        """y = (x - mean)·invstd·weight + bias, shaped and typed like x."""
+        raise NotImplementedError
+
+    def grad_input(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        sum_dy: Tensor,
+        sum_dy_xhat: Tensor,
+        count: Count,
+    ) -> Tensor:
+        """dx = weight·invstd·(dy - Σdy/m - x̂·Σdy·x̂/m), shaped and typed like x."""
+        raise NotImplementedError
+
+    # -- fused compositions ------------------------------------------------------------------
+    def forward_train(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Moments, Tensor]:
+        """Training forward: returns (y, batch moments, invstd)."""
+        stats = self.moments(x)
+        mean, _, invstd = finalize(stats, eps)
+        return self.normalize(x, mean, invstd, weight, bias), stats, invstd
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        count: Count,
+        need_input_grad: bool,
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Training backward: returns (dx or None, Σdy·x̂ = dweight, Σdy = dbias); sums float64 (C,)."""
+        sum_dy, sum_dy_xhat = self.grad_sums(dy, x, mean, invstd)
+        dx = None
+        if need_input_grad:
+            dx = self.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+        return dx, sum_dy_xhat, sum_dy
+
+    def __repr__(self) -> str:
+        return f"<bnlab backend {self.name!r}>"

@@ -1,0 +1,33 @@
+"""The portable backend: the primitives written with plain torch tensor ops.
+
+Runs on every device and dtype torch supports, and is the fallback when no faster backend
+claims a tensor. It is also the shape the fast backends are tested against.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from bnlab import elementwise, stats
+from bnlab.backends.base import Backend
+
+
+class PortableBackend(Backend):
+    """bnlab.stats and bnlab.elementwise, unchanged."""
+
+    name = "portable"
+
+    def supports(self, x: Tensor) -> bool:
+        return True
+
+    def moments(self, x):
+        return stats.moments(x)
+
+    def grad_sums(self, dy, x, mean, invstd):
+        return elementwise.grad_sums(dy, x, mean, invstd)
+
+    def normalize(self, x, mean, invstd, weight, bias):
+        return elementwise.normalize(x, mean, invstd, weight, bias)
+
+    def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
+        return elementwise.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)

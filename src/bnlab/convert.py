@@ -1,0 +1,68 @@
+"""``bnlab.convert``: swap torch.nn BatchNorm layers for bnlab's inside an existing model, and back.
+
+The new layer takes over the old one's Parameter objects and buffers (no copy), so an optimizer
+built before the conversion keeps updating the same tensors, and nothing about the model's
+state changes: only which code computes BN.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["convert"]
+
+_TORCH_TO_BNLAB = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_BNLAB_TO_TORCH = {v: k for k, v in _TORCH_TO_BNLAB.items()}
+_TARGETS = {"bnlab": _TORCH_TO_BNLAB, "torch": _BNLAB_TO_TORCH}
+
+
+def _swap(old: nn.Module, new_type: type) -> nn.Module:
+    """A layer of ``new_type`` with old's configuration and mode, holding old's parameters and buffers."""
+    new = new_type(
+        old.num_features,
+        eps=old.eps,
+        momentum=old.momentum,
+        affine=old.affine,
+        track_running_stats=old.track_running_stats,
+        device="meta",  # placeholders only: old's tensors replace them below
+        bias=old.bias is not None or not old.affine,
+    )
+    for name in ("weight", "bias"):
+        new.register_parameter(name, getattr(old, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new.register_buffer(name, getattr(old, name))
+    new.train(old.training)
+    return new
+
+
+def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
+    """Replace every BatchNorm1d/2d/3d in ``module`` with the other implementation, keeping its state.
+
+    ``convert(model)`` swaps torch.nn's layers for bnlab's; ``convert(model, to="torch")`` swaps
+    bnlab's back. Layers are matched by exact type, so subclasses (and SyncBatchNorm, see
+    bnlab.SyncBatchNorm.convert_sync_batchnorm) are left alone. Parameters and buffers are
+    shared, not copied; forward hooks registered on a replaced layer are not carried over.
+
+    Args:
+        module: a model, or a single BN layer.
+        to: ``"bnlab"`` or ``"torch"``.
+
+    Returns:
+        The converted module: ``module`` itself, changed in place, unless ``module`` is a BN layer,
+        in which case its replacement.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    if to not in _TARGETS:
+        raise ValueError(f"to: expected 'bnlab' or 'torch', got {to!r}")
+    mapping = _TARGETS[to]
+    new_type = mapping.get(type(module))
+    if new_type is not None:
+        return _swap(module, new_type)
+    for name, child in module.named_children():
+        converted = convert(child, to)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

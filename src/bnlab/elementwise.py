@@ -1,0 +1,90 @@
+"""The elementwise phase of BN in torch: normalize in the forward, the input gradient in the backward.
+
+Both take per-channel float64 statistics from the reduce phase (bnlab.stats) and touch every
+element once. Arithmetic runs in float32 for fp32/fp16/bf16 inputs and in float64 for float64.
+The formulas are derived in docs/math.md §3.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnlab.stats import Count, compute_dtype, per_channel, reduce_dims, split_mean
+
+
+def _as_f64(v: Tensor | None, like: Tensor, fill: float) -> Tensor:
+    """A (C,) float64 copy of an optional per-channel parameter (None means the constant ``fill``)."""
+    if v is None:
+        return torch.full_like(like, fill, dtype=torch.float64)
+    return v.detach().to(torch.float64)
+
+
+def normalize(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """y = (x - mean) · invstd · weight + bias, computed as (x - mean_hi) · scale + shift.
+
+    scale = weight·invstd and shift = bias - mean_lo·scale are per-channel; mean_hi/mean_lo are
+    the two halves of the float64 mean (stats.split_mean), so fp32 data far from zero keeps its
+    precision. The output has x's dtype and memory format.
+
+    Shapes: x (N, C, *); mean, invstd float64 (C,); weight, bias (C,) or None.
+    """
+    dtype = compute_dtype(x)
+    nd = x.dim()
+    hi, lo = split_mean(mean, dtype)
+    scale64 = invstd * _as_f64(weight, mean, 1.0)  # (C,)
+    shift64 = _as_f64(bias, mean, 0.0) - lo.to(torch.float64) * scale64  # (C,)
+    scale, shift = scale64.to(dtype), shift64.to(dtype)
+    centered = x.to(dtype) - per_channel(hi, nd)  # (N, C, *)
+    y = torch.addcmul(per_channel(shift, nd), centered, per_channel(scale, nd))
+    return y.to(x.dtype)
+
+
+def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward's reduce phase: per-channel Σdy and Σdy·x̂ (= dbeta and dgamma), float64 (C,).
+
+    Σdy·x̂ = invstd · (Σdy·(x - mean_hi) - mean_lo · Σdy), so x̂ itself is never materialised.
+    """
+    dtype = compute_dtype(x)
+    dims = reduce_dims(x)
+    nd = x.dim()
+    hi, lo = split_mean(mean, dtype)
+    dyc = dy.to(dtype)
+    sum_dy = dyc.sum(dims, dtype=torch.float64)
+    sum_dy_xc = (dyc * (x.to(dtype) - per_channel(hi, nd))).sum(dims, dtype=torch.float64)
+    sum_dy_xhat = (sum_dy_xc - lo.to(torch.float64) * sum_dy) * invstd
+    return sum_dy, sum_dy_xhat
+
+
+def grad_input(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: Count,
+) -> Tensor:
+    """The backward's elementwise phase: dx = γ·invstd·(dy - Σdy/m - x̂·Σdy·x̂/m).
+
+    Rewritten per channel as dx = k·dy + a·(x - mean_hi) + c with k = γ·invstd,
+    a = -k·invstd·Σdy·x̂/m and c = -k·Σdy/m - a·mean_lo, so one fused pass over dy and x
+    suffices. ``count`` (m) may be a tensor after a cross-process merge (SyncBatchNorm).
+
+    Shapes: dy, x (N, C, *); mean, invstd, sum_dy, sum_dy_xhat float64 (C,); weight (C,) or None.
+    Returns dx with x's dtype.
+    """
+    dtype = compute_dtype(x)
+    nd = x.dim()
+    hi, lo = split_mean(mean, dtype)
+    m = torch.clamp(count, min=1.0) if isinstance(count, Tensor) else max(count, 1)
+    k = _as_f64(weight, mean, 1.0) * invstd
+    a = -k * invstd * sum_dy_xhat / m
+    c = -k * sum_dy / m - a * lo.to(torch.float64)
+    dx = per_channel(k.to(dtype), nd) * dy.to(dtype)
+    dx.addcmul_(x.to(dtype) - per_channel(hi, nd), per_channel(a.to(dtype), nd))
+    dx.add_(per_channel(c.to(dtype), nd))
+    return dx.to(x.dtype)

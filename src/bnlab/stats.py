@@ -1,0 +1,159 @@
+"""The reduce phase of BN in torch: per-channel statistics, merging them, and the running averages.
+
+Every backend returns statistics in the same form, :class:`Moments`, so that SyncBatchNorm and
+the fast kernels share one merge rule and one running-statistics update (docs/math.md §2, §4).
+
+Statistics are float64 (C,) vectors whatever the input dtype: they cost C values, and they let
+the elementwise phase centre fp32 data whose |mean| is 1e5 times its std without losing digits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from bnlab._checks import values_per_channel
+
+Count = Union[int, Tensor]
+
+
+class Moments(NamedTuple):
+    """Per-channel statistics: count (values per channel), mean (C,) and M2 = Σ(x - mean)² (C,).
+
+    ``count`` is a Python int when it is known from the shape (no device sync), and a 0-dim
+    float64 tensor after a cross-process merge, where it depends on other ranks' batches.
+    ``mean`` and ``m2`` are float64.
+    """
+
+    count: Count
+    mean: Tensor
+    m2: Tensor
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every dim but the channel dim 1: [0] for (N, C), [0, 2, 3] for (N, C, H, W)."""
+    return [0] + list(range(2, x.dim()))
+
+
+def per_channel(v: Tensor, ndim: int) -> Tensor:
+    """View a (C,) vector as (1, C, 1, ...) so that it broadcasts against an ndim-D input."""
+    return v.view((1, -1) + (1,) * (ndim - 2))
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """Arithmetic dtype of the elementwise phase: float64 stays float64, everything else is float32.
+
+    Half inputs are computed in float32, as PyTorch does (fp32 statistics for fp16/bf16).
+    """
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def split_mean(mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Split a float64 mean into ``hi`` (rounded to ``dtype``) and ``lo`` = mean - hi (also in ``dtype``).
+
+    ``x - hi`` is exact for x near the mean (Sterbenz), so ``(x - hi) - lo`` centres fp32 data to
+    full precision even when the mean is large; ``x - fp32(mean)`` alone would be off by up to
+    half an ulp of the mean, which at mean 1e3 and std 0.01 is 0.3 % of a standard deviation.
+    """
+    hi = mean.to(dtype)
+    lo = (mean - hi.to(torch.float64)).to(dtype)
+    return hi, lo
+
+
+def empty_moments(channels: int, device: torch.device) -> Moments:
+    """Statistics of no values: the neutral element of :func:`merge_moments`."""
+    zeros = torch.zeros(channels, dtype=torch.float64, device=device)
+    return Moments(0, zeros, zeros.clone())
+
+
+def moments(x: Tensor) -> Moments:
+    """Two-pass per-channel statistics of x (N, C, *): the mean with float64 accumulation, then Σ(x - mean)².
+
+    The squares are taken of centred values, never of x itself (so fp32 data near 1e18 stays
+    finite: (x - mean)² is bounded by the spread, not by |x|²) and summed in float64.
+    """
+    count = values_per_channel(x)
+    if count == 0:
+        return empty_moments(x.shape[1], x.device)
+    dims = reduce_dims(x)
+    xc = x.to(compute_dtype(x))
+    mean = xc.sum(dims, dtype=torch.float64) / count  # (C,)
+    hi, lo = split_mean(mean, xc.dtype)
+    centered = xc - per_channel(hi, x.dim()) - per_channel(lo, x.dim())  # (N, C, *)
+    m2 = centered.to(torch.float64).square_().sum(dims)  # (C,); float64 squares cannot overflow
+    return Moments(count, mean, m2)
+
+
+def merge_moments(parts: Sequence[Moments]) -> Moments:
+    """Combine statistics of disjoint pieces of one batch (Chan et al.): see reference.merge_moments.
+
+    Works with int or tensor counts, including zero counts, without a host synchronisation.
+    """
+    if len(parts) == 0:
+        raise ValueError("parts: expected at least one Moments to merge, got an empty sequence")
+    counts = torch.stack([torch.as_tensor(p.count, dtype=torch.float64, device=p.mean.device) for p in parts])
+    means = torch.stack([p.mean for p in parts])  # (K, C)
+    m2s = torch.stack([p.m2 for p in parts])  # (K, C)
+    return merge_stacked(counts, means, m2s)
+
+
+def merge_stacked(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
+    """Merge K pieces given as stacked tensors: counts (K,), means (K, C), m2s (K, C), all float64.
+
+    Uses the K-way form of Chan's rule: with n = Σ nₖ and mean = Σ nₖ meanₖ / n,
+    M2 = Σ M2ₖ + Σ nₖ (meanₖ - mean)². Pieces with nₖ = 0 contribute nothing.
+    """
+    total = counts.sum()
+    safe_total = torch.clamp(total, min=1.0)  # an all-empty merge yields mean 0, M2 0, count 0
+    weights = (counts / safe_total).unsqueeze(1)  # (K, 1)
+    mean = (weights * means).sum(0)  # (C,)
+    m2 = m2s.sum(0) + (counts.unsqueeze(1) * (means - mean).square()).sum(0)
+    return Moments(total, mean, m2)
+
+
+def finalize(stats: Moments, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, M2) -> (mean, biased variance, invstd = 1/sqrt(var + eps)), all float64 (C,).
+
+    An empty batch (count 0) gives var 0, so its (empty) output is well defined.
+    """
+    count = stats.count
+    if isinstance(count, Tensor):
+        var = stats.m2 / torch.clamp(count, min=1.0)
+    else:
+        var = stats.m2 / max(count, 1)
+    invstd = torch.rsqrt(var + eps)
+    return stats.mean, var, invstd
+
+
+@torch.no_grad()
+def update_running_stats_(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    stats: Moments,
+    momentum: float,
+) -> None:
+    """In place: running = (1 - momentum)·running + momentum·batch, with the unbiased batch variance.
+
+    ``momentum`` is the weight of the new batch (PyTorch's convention; the module passes
+    1/num_batches_tracked for ``momentum=None``). A batch with fewer than two values per
+    channel has no unbiased variance and leaves the averages untouched, as in PyTorch.
+    """
+    count = stats.count
+    if isinstance(count, Tensor):
+        # Decide on the device: a cross-rank count is a tensor, and reading it would sync the host.
+        usable = count > 1
+        unbiased = stats.m2 / torch.clamp(count - 1, min=1.0)
+        factor = torch.where(usable, torch.tensor(momentum, dtype=torch.float64, device=count.device), 0.0)
+    else:
+        if count <= 1:
+            return
+        unbiased = stats.m2 / (count - 1)
+        factor = momentum
+    if running_mean is not None:
+        new_mean = running_mean.to(torch.float64) * (1 - factor) + stats.mean * factor
+        running_mean.copy_(new_mean)
+    if running_var is not None:
+        new_var = running_var.to(torch.float64) * (1 - factor) + unbiased * factor
+        running_var.copy_(new_var)
