@@ -97,7 +97,8 @@ def run_local_ranks(
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes that form one process group.
 
     Args:
-        fn: a module-level (picklable) function; its return value must be picklable.
+        fn: a module-level function that the new processes can import (in a script, start the run
+            under ``if __name__ == "__main__":``); its return value must be picklable.
         world_size: number of processes (>= 1).
         args: extra positional arguments, pickled to every rank (tensors included).
         backend: ``"gloo"`` (CPU, loopback) or ``"nccl"`` (rank r uses GPU r mod the device count).
