@@ -7,6 +7,7 @@ as an ordinary assertion there.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import torch
@@ -49,6 +50,34 @@ class SpyBackend(PortableBackend):
         return calls
 
 
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count Python-level reads of tensor values (.item(), bool(t), ...): each one syncs the host on CUDA.
+
+    A CPU stand-in for torch.cuda.set_sync_debug_mode, which needs a GPU.
+    """
+    calls: Counter = Counter()
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def wrap(name, fn):
+        def counted(self, *args, **kwargs):
+            calls[name] += 1
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    for name, fn in saved.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
 def _state(layer: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in layer.state_dict().items()}
 
@@ -58,13 +87,13 @@ def _run_step(layer, x_global, dy_global, lo, hi, spy) -> dict:
     x = x_global[lo:hi].clone().requires_grad_()
     before = _state(layer)
     try:
-        with count_collectives() as forward_calls:
+        with count_collectives() as forward_calls, count_host_reads() as forward_reads:
             y = layer(x)
     except ValueError as error:
         spy.take()
         return {"error": str(error), "state_before": before, "state_after": _state(layer)}
     forward_primitives = spy.take()
-    with count_collectives() as backward_calls:
+    with count_collectives() as backward_calls, count_host_reads() as backward_reads:
         y.backward(dy_global[lo:hi])
     record = {
         "y": y.detach(),
@@ -74,6 +103,7 @@ def _run_step(layer, x_global, dy_global, lo, hi, spy) -> dict:
         "state": _state(layer),
         "forward_collectives": dict(forward_calls),
         "backward_collectives": dict(backward_calls),
+        "host_reads": {"forward": dict(forward_reads), "backward": dict(backward_reads)},
         "forward_primitives": forward_primitives,
         "backward_primitives": spy.take(),
     }

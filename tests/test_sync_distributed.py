@@ -9,6 +9,7 @@ functional forms for a 6D input) run in this process on the concatenated batch, 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -229,6 +230,25 @@ def test_synced_path_runs_the_selected_backends_primitives(ranks_out, name):
         if "eval_primitives" in member:  # eval: the local layer, through the same backend
             assert member["eval_primitives"] == {"normalize": 1} if CASE_BY_NAME[name]["layer"]["track_running_stats"] \
                 else {"moments": 1, "normalize": 1}, f"{name} eval on rank {rank}"
+
+
+@pytest.mark.parametrize("name", SYNCED)
+def test_synced_steps_read_no_tensor_value_on_the_host(ranks_out, name):
+    """On CUDA every such read is a host synchronisation; the only allowed one is the rare
+    one-value check, on a rank whose own batch has at most one value per channel."""
+    case = CASE_BY_NAME[name]
+    for rank, member in zip(case["ranks"], _members(ranks_out, case)):
+        member_index = case["ranks"].index(rank)
+        for i, (spec, step) in enumerate(zip(case["steps"], member["steps"])):
+            if "error" in step:
+                continue
+            values_per_channel = spec["sizes"][member_index] * math.prod(spec["x"].shape[2:])
+            reads = step["host_reads"]
+            assert reads["backward"] == {}, f"{name} step {i} rank {rank}: {reads}"
+            if values_per_channel > 1:
+                assert reads["forward"] == {}, f"{name} step {i} rank {rank}: {reads}"
+            else:
+                assert reads["forward"] == {"tolist": 1}, f"{name} step {i} rank {rank}: {reads}"
 
 
 def test_float32_far_from_zero_matches_the_float64_reference(ranks_out):
