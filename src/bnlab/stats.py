@@ -154,20 +154,22 @@ def update_running_stats_(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     stats: Moments,
-    momentum: float,
+    momentum: float | Tensor,
 ) -> None:
     """In place: running = (1 - momentum)·running + momentum·batch, with the unbiased batch variance.
 
     ``momentum`` is the weight of the new batch (PyTorch's convention; the module passes
-    1/num_batches_tracked for ``momentum=None``). A batch with fewer than two values per
-    channel has no unbiased variance and leaves the averages untouched, as in PyTorch.
+    1/num_batches_tracked for ``momentum=None``), a float or a 0-dim float64 tensor on the
+    statistics' device. A batch with fewer than two values per channel has no unbiased variance
+    and leaves the averages untouched, as in PyTorch.
     """
     count = stats.count
     if isinstance(count, Tensor):
         # Decide on the device: a cross-rank count is a tensor, and reading it would sync the host.
         usable = count > 1
         unbiased = stats.m2 / torch.clamp(count - 1, min=1.0)
-        factor = torch.where(usable, torch.tensor(momentum, dtype=torch.float64, device=count.device), 0.0)
+        # usable·momentum, not torch.tensor(momentum, device=...): a host-to-device copy would sync CUDA.
+        factor = usable.to(torch.float64) * momentum
     else:
         if count <= 1:
             return
