@@ -81,13 +81,14 @@ def accumulate_dtype(x: Tensor) -> torch.dtype:
 
 
 def moments(x: Tensor) -> Moments:
-    """Per-channel statistics of x (N, C, *) by shifted sums: Σd and Σd² with d = x - shift.
+    """Per-channel statistics of x (N, C, *) by shifted, scaled sums: Σd and Σd², d = (x - shift)·s.
 
     ``shift`` is the channel mean rounded to the compute dtype (one cheap first pass), so d is
-    small and exact near the mean: then mean = shift + Σd/m and M2 = Σd² - (Σd)²/m lose nothing
-    to cancellation (Σd is tiny next to Σd²), unlike the one-pass E[x²] - E[x]², and no square
-    of x itself is ever formed. If the float32 sum of squares overflows (data spread beyond
-    ~1e17 over many values), the sums are redone in float64, where they cannot.
+    small and exact near the mean: then mean = shift + Σd/(s·m) and M2 = (Σd² - (Σd)²/m)/s² lose
+    nothing to cancellation (Σd is tiny next to Σd²), unlike the one-pass E[x²] - E[x]².
+    ``s`` is a power of two below 1/max|x| per channel ("scale before squaring"): it is exact,
+    and it keeps every d² ≤ 4, so fp32 data near 1e18 cannot overflow the sum of squares.
+    No value is read on the host (SyncBatchNorm relies on that on CUDA).
     """
     count = values_per_channel(x)
     if count == 0:
@@ -97,14 +98,15 @@ def moments(x: Tensor) -> Moments:
     xc = x.to(compute_dtype(x))
     acc = accumulate_dtype(xc)
     shift = xc.sum(dims, dtype=acc).div_(count).to(xc.dtype)  # (C,) approximate mean
-    d = xc - per_channel(shift, nd)  # (N, C, *)
+    largest = torch.linalg.vector_norm(xc, ord=float("inf"), dim=dims)  # (C,) max |x|
+    _, exponent = torch.frexp(largest)  # largest < 2**exponent; 0 for largest = 0
+    scale = torch.ldexp(torch.ones_like(largest), -exponent)  # (C,) exact power of two
+    d = torch.addcmul(per_channel(-shift * scale, nd), xc, per_channel(scale, nd))  # (N, C, *), exact near the mean
     s1 = d.sum(dims, dtype=acc).to(torch.float64)
     s2 = d.square().sum(dims, dtype=acc).to(torch.float64)
-    if acc != torch.float64 and not bool(torch.isfinite(s2).all()):  # host check: this is the CPU path
-        d64 = d.to(torch.float64)
-        s1, s2 = d64.sum(dims), d64.square_().sum(dims)
-    mean = shift.to(torch.float64) + s1 / count
-    m2 = torch.clamp(s2 - s1 * s1 / count, min=0.0)
+    scale64 = scale.to(torch.float64)
+    mean = shift.to(torch.float64) + s1 / (scale64 * count)
+    m2 = torch.clamp(s2 - s1 * s1 / count, min=0.0) / (scale64 * scale64)
     return Moments(count, mean, m2)
 
 
