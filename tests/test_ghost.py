@@ -106,3 +106,13 @@ def test_degenerate_ghost_batch_is_refused_by_name():
 def test_bad_virtual_batch_size_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="virtual_batch_size"):
         bnlab.BatchNorm1d(3, virtual_batch_size=bad)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_half_inputs_follow_the_reference(dtype, tol):
+    layer = _layer((6, 3, 4), dtype=torch.float32, virtual_batch_size=4)
+    x = (torch.randn(6, 3, 4) * 2 + 1).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    y_ref, _, _ = vref.ghost_forward_train(to_np(x), to_np(layer.weight), to_np(layer.bias), layer.eps, 4)
+    assert_close(y, y_ref, tol, f"{dtype}")

@@ -167,3 +167,18 @@ def test_bad_masks_are_refused_by_name(mask, error):
 def test_mask_with_ghost_batches_is_refused_by_name():
     with pytest.raises(ValueError, match="mask"):
         bnlab.BatchNorm1d(3, virtual_batch_size=2)(torch.randn(4, 3, 6), mask=torch.ones(4, 6, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_half_inputs_follow_the_reference(dtype, tol):
+    layer = _affine(bnlab.BatchNorm1d(3))
+    x = (torch.randn(5, 3, 6) * 2 + 1).to(dtype).requires_grad_()
+    mask = torch.rand(5, 6) > 0.4
+    y = layer(x, mask=mask)
+    dy = torch.randn(5, 3, 6).to(dtype)
+    y.backward(dy)
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    y_ref, cache = vref.masked_forward_train(to_np(x), mask.numpy(), to_np(layer.weight), to_np(layer.bias), layer.eps)
+    dx_ref, _, _ = vref.masked_backward(to_np(dy), cache)
+    assert_close(y, y_ref, tol, f"{dtype} y")
+    assert_close(x.grad, dx_ref, tol * 4, f"{dtype} dx")

@@ -164,3 +164,33 @@ def test_ghost_batches_are_renormalized_one_by_one():
 def test_bad_options_are_refused_by_name(kwargs, name):
     with pytest.raises(ValueError, match=name):
         bnlab.BatchNorm1d(3, renorm=True, **kwargs)
+
+
+def test_gradcheck_and_gradgradcheck_where_the_clipping_saturates():
+    """With r and d clipped at their limits they are locally constant, so the stop-gradient derivative
+    is the true one and torch's numerical checks apply (first and second order)."""
+    layer = _layer(3, rmax=1.2, dmax=0.1)
+    with torch.no_grad():
+        layer.running_mean.fill_(10.0)  # d = -dmax
+        layer.running_var.fill_(100.0)  # σ_B/σ ≈ 0.1: r = 1/rmax
+    x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+
+    def f(x, w, b):
+        return torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,))
+
+    layer.momentum = 0.0  # keep the running statistics where they are across the checks' calls
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_low_precision_inputs_follow_the_reference(dtype, tol):
+    layer = _layer(3, dtype=torch.float32, rmax=1.5, dmax=0.3)
+    rm, rv = to_np(layer.running_mean), to_np(layer.running_var)
+    x = (torch.randn(6, 3, 4) * 1.5 + 0.4).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    y_ref, _ = vref.renorm_forward_train(to_np(x), to_np(layer.weight), to_np(layer.bias), rm, rv, layer.eps, 1.5, 0.3)
+    assert_close(y, y_ref, tol, f"{dtype}")
