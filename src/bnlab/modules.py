@@ -167,7 +167,7 @@ class _BatchNormMixin:
         accepted = update_running_stats_(
             self.running_mean, self.running_var, stats, factor, skip_nonfinite=self.skip_nonfinite
         )
-        if tracked is not None:
+        if tracked is not None and self.skip_nonfinite:
             tracked.sub_((~accepted).to(tracked.dtype))
 
     def flush_accumulated_stats(self) -> bool:
