@@ -3,6 +3,7 @@
 Public names:
     BatchNorm1d, BatchNorm2d, BatchNorm3d  drop-in replacements for torch.nn's layers
     convert                                swap torch.nn BN layers for bnlab's in a model (and back)
+    SyncBatchNorm                          BN over a torch.distributed group (gloo on CPU, NCCL on CUDA)
     functional.batch_norm                  torch.nn.functional.batch_norm's signature, bnlab's code
     reference                              the float64 NumPy specification (the test oracle)
     set_backend, available_backends        choose which implementation of the primitives runs
@@ -17,6 +18,7 @@ from bnlab import functional, reference
 from bnlab.backends import available_backends, set_backend
 from bnlab.convert import convert
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.sync import SyncBatchNorm
 from bnlab.tools.diagnose import diagnose
 from bnlab.tools.freeze import freeze, unfreeze
 from bnlab.tools.recalibrate import recalibrate
@@ -27,6 +29,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "convert",
     "functional",
     "reference",

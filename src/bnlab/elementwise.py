@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab.stats import Count, compute_dtype, per_channel, reduce_dims, split_mean
+from bnlab.stats import Count, accumulate_dtype, compute_dtype, per_channel, reduce_dims, split_mean
 
 
 def _as_f64(v: Tensor | None, like: Tensor, fill: float) -> Tensor:
@@ -52,8 +52,9 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tens
     nd = x.dim()
     hi, lo = split_mean(mean, dtype)
     dyc = dy.to(dtype)
-    sum_dy = dyc.sum(dims, dtype=torch.float64)
-    sum_dy_xc = (dyc * (x.to(dtype) - per_channel(hi, nd))).sum(dims, dtype=torch.float64)
+    acc = accumulate_dtype(dyc)
+    sum_dy = dyc.sum(dims, dtype=acc).to(torch.float64)
+    sum_dy_xc = (dyc * (x.to(dtype) - per_channel(hi, nd))).sum(dims, dtype=acc).to(torch.float64)
     sum_dy_xhat = (sum_dy_xc - lo.to(torch.float64) * sum_dy) * invstd
     return sum_dy, sum_dy_xhat
 

@@ -68,21 +68,43 @@ def empty_moments(channels: int, device: torch.device) -> Moments:
     return Moments(0, zeros, zeros.clone())
 
 
-def moments(x: Tensor) -> Moments:
-    """Two-pass per-channel statistics of x (N, C, *): the mean with float64 accumulation, then Σ(x - mean)².
+def accumulate_dtype(x: Tensor) -> torch.dtype:
+    """Dtype of the per-channel sums in the portable path.
 
-    The squares are taken of centred values, never of x itself (so fp32 data near 1e18 stays
-    finite: (x - mean)² is bounded by the spread, not by |x|²) and summed in float64.
+    float64 where it is cheap (float64 input, and CUDA, where a reduction is memory-bound and
+    converts in registers); float32 on CPU, where a float64 reduction runs ~5x slower. The
+    float32 sums stay accurate because they sum *shifted* values (see :func:`moments`).
+    """
+    if x.dtype == torch.float64 or x.device.type == "cuda":
+        return torch.float64
+    return torch.float32
+
+
+def moments(x: Tensor) -> Moments:
+    """Per-channel statistics of x (N, C, *) by shifted sums: Σd and Σd² with d = x - shift.
+
+    ``shift`` is the channel mean rounded to the compute dtype (one cheap first pass), so d is
+    small and exact near the mean: then mean = shift + Σd/m and M2 = Σd² - (Σd)²/m lose nothing
+    to cancellation (Σd is tiny next to Σd²), unlike the one-pass E[x²] - E[x]², and no square
+    of x itself is ever formed. If the float32 sum of squares overflows (data spread beyond
+    ~1e17 over many values), the sums are redone in float64, where they cannot.
     """
     count = values_per_channel(x)
     if count == 0:
         return empty_moments(x.shape[1], x.device)
     dims = reduce_dims(x)
+    nd = x.dim()
     xc = x.to(compute_dtype(x))
-    mean = xc.sum(dims, dtype=torch.float64) / count  # (C,)
-    hi, lo = split_mean(mean, xc.dtype)
-    centered = xc - per_channel(hi, x.dim()) - per_channel(lo, x.dim())  # (N, C, *)
-    m2 = centered.to(torch.float64).square_().sum(dims)  # (C,); float64 squares cannot overflow
+    acc = accumulate_dtype(xc)
+    shift = xc.sum(dims, dtype=acc).div_(count).to(xc.dtype)  # (C,) approximate mean
+    d = xc - per_channel(shift, nd)  # (N, C, *)
+    s1 = d.sum(dims, dtype=acc).to(torch.float64)
+    s2 = d.square().sum(dims, dtype=acc).to(torch.float64)
+    if acc != torch.float64 and not bool(torch.isfinite(s2).all()):  # host check: this is the CPU path
+        d64 = d.to(torch.float64)
+        s1, s2 = d64.sum(dims), d64.square_().sum(dims)
+    mean = shift.to(torch.float64) + s1 / count
+    m2 = torch.clamp(s2 - s1 * s1 / count, min=0.0)
     return Moments(count, mean, m2)
 
 
@@ -132,15 +154,16 @@ def update_running_stats_(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     stats: Moments,
-    momentum: float,
+    momentum: float | Tensor,
     *,
     skip_nonfinite: bool = True,
 ) -> Tensor:
     """In place: running = (1 - momentum)·running + momentum·batch, with the unbiased batch variance.
 
     ``momentum`` is the weight of the new batch (PyTorch's convention; the module passes
-    1/num_batches_tracked for ``momentum=None``). A batch with fewer than two values per
-    channel has no unbiased variance and leaves the averages untouched, as in PyTorch.
+    1/num_batches_tracked for ``momentum=None``), a float or a 0-dim float64 tensor on the
+    statistics' device. A batch with fewer than two values per channel has no unbiased variance
+    and leaves the averages untouched, as in PyTorch.
 
     Non-finite guard (``skip_nonfinite``, on by default): a batch whose mean or unbiased variance
     has a NaN or Inf in *any* channel leaves *both* averages of *every* channel untouched. The
@@ -151,7 +174,7 @@ def update_running_stats_(
     Args:
         running_mean, running_var: (C,) buffers updated in place, or None.
         stats: the batch's Moments (count, float64 mean and M2).
-        momentum: weight of the new batch.
+        momentum: weight of the new batch (float, or 0-dim float64 tensor on the device).
         skip_nonfinite: leave the averages unchanged when the batch's statistics are not finite.
 
     Returns:

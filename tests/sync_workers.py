@@ -1,0 +1,211 @@
+"""Functions that run inside the spawned ranks of the SyncBatchNorm tests (bnlab.launch.run_local_ranks).
+
+They only run the distributed side and return raw tensors and counts; every comparison with an
+oracle happens in the test process (tests/test_sync_distributed.py), so a wrong result shows up
+as an ordinary assertion there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import bnlab
+from bnlab.backends import register_backend
+from bnlab.backends.portable import PortableBackend
+from bnlab.distributed import count_collectives
+
+
+class SpyBackend(PortableBackend):
+    """The portable primitives, counting their calls: proves SyncBatchNorm goes through the selected backend."""
+
+    name = "spy"
+
+    def __init__(self) -> None:
+        self.calls: Counter = Counter()
+
+    def moments(self, x):
+        self.calls["moments"] += 1
+        return super().moments(x)
+
+    def normalize(self, x, mean, invstd, weight, bias):
+        self.calls["normalize"] += 1
+        return super().normalize(x, mean, invstd, weight, bias)
+
+    def grad_sums(self, dy, x, mean, invstd):
+        self.calls["grad_sums"] += 1
+        return super().grad_sums(dy, x, mean, invstd)
+
+    def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
+        self.calls["grad_input"] += 1
+        return super().grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+
+    def take(self) -> dict:
+        calls, self.calls = dict(self.calls), Counter()
+        return calls
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count Python-level reads of tensor values (.item(), bool(t), ...): each one syncs the host on CUDA.
+
+    A CPU stand-in for torch.cuda.set_sync_debug_mode, which needs a GPU.
+    """
+    calls: Counter = Counter()
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def wrap(name, fn):
+        def counted(self, *args, **kwargs):
+            calls[name] += 1
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    for name, fn in saved.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def _state(layer: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+
+
+def _run_step(layer, x_global, dy_global, lo, hi, spy) -> dict:
+    """One training step on this rank's rows [lo, hi): forward, backward, and what each issued."""
+    x = x_global[lo:hi].clone().requires_grad_()
+    before = _state(layer)
+    try:
+        with count_collectives() as forward_calls, count_host_reads() as forward_reads:
+            y = layer(x)
+    except ValueError as error:
+        spy.take()
+        return {"error": str(error), "state_before": before, "state_after": _state(layer)}
+    forward_primitives = spy.take()
+    with count_collectives() as backward_calls, count_host_reads() as backward_reads:
+        y.backward(dy_global[lo:hi])
+    record = {
+        "y": y.detach(),
+        "dx": x.grad,
+        "dw": None if layer.weight is None else layer.weight.grad.clone(),
+        "db": None if layer.bias is None else layer.bias.grad.clone(),
+        "state": _state(layer),
+        "forward_collectives": dict(forward_calls),
+        "backward_collectives": dict(backward_calls),
+        "host_reads": {"forward": dict(forward_reads), "backward": dict(backward_reads)},
+        "forward_primitives": forward_primitives,
+        "backward_primitives": spy.take(),
+    }
+    layer.zero_grad(set_to_none=True)
+    return record
+
+
+def _run_scenario(case: dict, process_group, rank: int, spy: SpyBackend) -> dict:
+    member = case["ranks"].index(rank)
+    layer = bnlab.SyncBatchNorm(**case["layer"], process_group=process_group)
+    layer.load_state_dict(case["init"], strict=True)  # saved from a bnlab BatchNorm*d: interchangeable
+    steps = []
+    for step in case["steps"]:
+        lo = sum(step["sizes"][:member])
+        steps.append(_run_step(layer, step["x"], step["dy"], lo, lo + step["sizes"][member], spy))
+    result = {"steps": steps}
+    if "eval_x" in case:
+        lo = sum(case["eval_sizes"][:member])
+        x = case["eval_x"][lo : lo + case["eval_sizes"][member]]
+        layer.eval()
+        spy.take()
+        with count_collectives() as calls:
+            result["eval_y"] = layer(x).detach()
+        result["eval_collectives"] = dict(calls)
+        result["eval_primitives"] = spy.take()
+    return result
+
+
+def build_model(norm: type, dtype=torch.float64) -> nn.Module:
+    """A small conv net with two BN layers, used for the DDP test here and for its oracle in the tests."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        norm(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 1),
+        norm(3),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 5),
+    ).to(dtype)
+
+
+def _ddp_train(case: dict, rank: int, world_size: int) -> dict:
+    """Train build_model with SyncBatchNorm under DDP; return the final state dict and per-step collectives."""
+    model = build_model(bnlab.BatchNorm2d)
+    model.load_state_dict(case["init"], strict=True)
+    model = bnlab.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=case["lr"], momentum=0.9)
+    collectives = []
+    for step in case["steps"]:
+        lo = sum(step["sizes"][:rank])
+        hi = lo + step["sizes"][rank]
+        total = sum(step["sizes"])
+        optimizer.zero_grad()
+        with count_collectives() as calls:
+            out = ddp(step["x"][lo:hi])
+            # DDP averages gradients over ranks: scaling each rank's summed loss by W / total makes
+            # that average the gradient of the global batch's mean loss, for uneven batches too.
+            loss = F.cross_entropy(out, step["target"][lo:hi], reduction="sum") * (world_size / total)
+            loss.backward()
+        collectives.append(dict(calls))
+        optimizer.step()
+    return {"state": _state(model), "collectives": collectives, "types": sorted({type(m).__name__ for m in model.modules()})}
+
+
+def sync_checks(rank: int, world_size: int, cases: list[dict], ddp_case: dict) -> dict:
+    """Entry point of every rank: each case on its group, then the DDP run on the world."""
+    spy = SpyBackend()
+    register_backend(spy)
+    groups = {}
+    for case in cases:  # every rank creates every group, in the same order (torch's rule)
+        ranks = tuple(case["ranks"])
+        if ranks not in groups:
+            groups[ranks] = None if ranks == tuple(range(world_size)) else dist.new_group(list(ranks))
+    results = {}
+    for case in cases:
+        if rank in case["ranks"]:
+            results[case["name"]] = _run_scenario(case, groups[tuple(case["ranks"])], rank, spy)
+    results["ddp"] = _ddp_train(ddp_case, rank, world_size)
+    return results
+
+
+# -- functions for tests/test_launch.py -----------------------------------------------------------
+
+
+def report_rank(rank: int, world_size: int, tensor: torch.Tensor) -> dict:
+    """Returns what this rank sees: its rank, the world size and the all_reduce of rank·tensor."""
+    total = tensor * rank
+    dist.all_reduce(total)
+    return {"rank": rank, "world_size": world_size, "sum": total}
+
+
+def fail_on_rank_one(rank: int, world_size: int) -> None:
+    """Rank 1 raises at once; the others hang (outside any collective, so gloo cannot notice)."""
+    if rank == 1:
+        raise KeyError("deliberate failure on rank 1")
+    sleep_forever(rank, world_size)
+
+
+def sleep_forever(rank: int, world_size: int) -> None:
+    """Never returns on its own: for the run's time limit."""
+    import time
+
+    while True:
+        time.sleep(1)

@@ -1,0 +1,146 @@
+"""Bad input gets an error that names the argument, says what was expected and what was given."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import bnlab
+from bnlab.functional import batch_norm
+
+
+@pytest.mark.parametrize(
+    "num_features,error,words",
+    [
+        (0, ValueError, ["num_features", "positive int", "0"]),
+        (-3, ValueError, ["num_features", "-3"]),
+        (2.5, TypeError, ["num_features", "float", "2.5"]),
+        ("4", TypeError, ["num_features", "str"]),
+        (True, TypeError, ["num_features", "bool"]),
+    ],
+)
+def test_bad_num_features(num_features, error, words):
+    with pytest.raises(error) as info:
+        bnlab.BatchNorm2d(num_features)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, math.inf, math.nan])
+def test_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps: expected a finite float > 0"):
+        bnlab.BatchNorm1d(3, eps=eps)
+
+
+def test_eps_of_wrong_type():
+    with pytest.raises(TypeError, match="eps: .* got str"):
+        bnlab.BatchNorm1d(3, eps="1e-5")
+
+
+@pytest.mark.parametrize("momentum", [math.nan, math.inf, -math.inf])
+def test_non_finite_momentum(momentum):
+    with pytest.raises(ValueError, match="momentum: expected a finite float"):
+        bnlab.BatchNorm1d(3, momentum=momentum)
+
+
+def test_integer_dtype_for_parameters():
+    with pytest.raises(TypeError, match="dtype: expected a floating-point dtype.*torch.int64"):
+        bnlab.BatchNorm1d(3, dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    "layer,shape,expected",
+    [
+        (bnlab.BatchNorm1d, (2, 3, 4, 4), "2D \\(N, C\\) or 3D \\(N, C, L\\)"),
+        (bnlab.BatchNorm1d, (3,), "rank >= 2"),
+        (bnlab.BatchNorm2d, (2, 3), "4D \\(N, C, H, W\\).*got 2D"),
+        (bnlab.BatchNorm3d, (2, 3, 4, 4), "5D \\(N, C, D, H, W\\).*got 4D"),
+    ],
+)
+def test_wrong_rank(layer, shape, expected):
+    with pytest.raises(ValueError, match=f"input: .*{expected}"):
+        layer(3)(torch.randn(shape))
+
+
+def test_channel_count_mismatch():
+    with pytest.raises(ValueError, match=r"input: expected 3 channels on dim 1 \(num_features=3\), got .*\(4, 5\) with 5"):
+        bnlab.BatchNorm1d(3)(torch.randn(4, 5))
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_one_value_per_channel_in_training_is_a_value_error_and_changes_no_state(shape):
+    layer = {2: bnlab.BatchNorm1d, 3: bnlab.BatchNorm1d, 4: bnlab.BatchNorm2d}[len(shape)](3)
+    with pytest.raises(ValueError, match="more than 1 value per channel when training"):
+        layer(torch.randn(shape))
+    assert int(layer.num_batches_tracked) == 0
+    layer.eval()
+    assert layer(torch.randn(shape)).shape == shape  # eval mode accepts a single sample
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.uint8])
+def test_non_floating_input(dtype):
+    x = torch.ones(4, 3, dtype=dtype)
+    with pytest.raises(TypeError, match=f"input: expected a floating-point tensor.*{dtype}"):
+        bnlab.BatchNorm1d(3)(x)
+
+
+@pytest.mark.parametrize("value", [[[1.0, 2.0]], None, 3.0])
+def test_input_that_is_not_a_tensor(value):
+    with pytest.raises(TypeError, match="input: expected a torch.Tensor"):
+        bnlab.BatchNorm1d(2)(value)
+
+
+def test_functional_argument_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"running_mean: expected shape \(3,\).*got shape \(4,\)"):
+        batch_norm(x, torch.zeros(4), torch.ones(3), training=True)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(3,\)"):
+        batch_norm(x, None, None, torch.ones(3, 1), training=True)
+    with pytest.raises(TypeError, match="bias: expected a torch.Tensor"):
+        batch_norm(x, None, None, None, [0.0, 0.0, 0.0], training=True)
+    with pytest.raises(ValueError, match="running_mean, running_var: expected .* in evaluation mode"):
+        batch_norm(x, None, None, training=False)
+    with pytest.raises(ValueError, match="running_mean, running_var: expected both tensors or both None"):
+        batch_norm(x, torch.zeros(3), None, training=True)
+    with pytest.raises(ValueError, match="eps: expected a finite float > 0"):
+        batch_norm(x, None, None, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="eps: expected a finite float >= 0"):
+        batch_norm(x, torch.zeros(3), torch.ones(3), training=False, eps=-1.0)
+
+
+def test_negative_running_var_in_eval_is_refused():
+    layer = bnlab.BatchNorm1d(3).eval()
+    layer.running_var[1] = -0.5
+    with pytest.raises(ValueError, match=r"running_var: expected non-negative values.*channels \[1\]"):
+        layer(torch.randn(4, 3))
+    torch_layer = torch.nn.BatchNorm1d(3).eval()
+    torch_layer.running_var[1] = -0.5
+    assert torch.isnan(torch_layer(torch.randn(4, 3))[:, 1]).all(), "torch.nn returns NaN silently here"
+
+
+def test_state_dict_with_wrong_shape_names_the_layer_size():
+    layer = bnlab.BatchNorm2d(3)
+    bad = bnlab.BatchNorm2d(4).state_dict()
+    with pytest.raises(RuntimeError, match=r"running_mean: expected shape \(3,\) for BatchNorm2d\(num_features=3\), got \(4,\)"):
+        layer.load_state_dict(bad)
+
+
+def test_state_dict_with_missing_keys():
+    sd = bnlab.BatchNorm2d(3).state_dict()
+    del sd["running_var"]
+    with pytest.raises(RuntimeError, match='Missing key.*"running_var"'):
+        bnlab.BatchNorm2d(3).load_state_dict(sd)
+
+
+def test_convert_argument_errors():
+    with pytest.raises(TypeError, match="module: expected a torch.nn.Module, got list"):
+        bnlab.convert([])
+    with pytest.raises(ValueError, match="to: expected 'bnlab' or 'torch', got 'jax'"):
+        bnlab.convert(torch.nn.Linear(2, 2), to="jax")
+
+
+def test_set_backend_unknown_name():
+    with pytest.raises(ValueError, match="name: expected one of the registered backends.*'nope'"):
+        bnlab.set_backend("nope")

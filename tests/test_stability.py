@@ -1,0 +1,100 @@
+"""Numerical robustness: large means, huge values, NaN isolation, constant channels.
+
+Each case compares with the float64 reference on the very same (already rounded) input values,
+and where torch.nn or a naive formula fails the case, a control assertion shows it, so that the
+test is known to be able to fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bnlab
+from bnlab import reference as ref
+from conftest import assert_close, rel_err
+
+SHAPES = [(256, 4), (32, 8, 16, 16), (64, 3, 7, 9)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_large_mean_small_std_float32(backend, shape):
+    """fp32 data at 1e3 ± 0.01: |mean|/std = 1e5, where E[x²] - E[x]² loses every digit."""
+    gen = torch.Generator().manual_seed(0)
+    x = (1000 + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    dy = torch.randn(shape, generator=gen)
+    layer = bnlab.BatchNorm1d(shape[1]) if len(shape) == 2 else bnlab.BatchNorm2d(shape[1])
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.backward(dy)
+    expected, cache = ref.forward_train(x.double().numpy())
+    expected_dx, _, _ = ref.backward(dy.double().numpy(), cache)
+    assert_close(y, expected, 2e-4, "output")
+    assert_close(xg.grad, expected_dx, 2e-4, "grad x")
+    stats = ref.moments(x.double().numpy())
+    assert_close(layer.running_var, 0.9 + 0.1 * stats.m2 / (stats.count - 1), 1e-7, "running_var")
+    assert_close(layer.running_mean, 0.1 * stats.mean, 1e-7, "running_mean")
+    # Controls: the one-pass variance in fp32 is useless here, and torch.nn is 10-100x off our bound.
+    dims = [0] + list(range(2, x.dim()))
+    naive_var = (x * x).mean(dims) - x.mean(dims) ** 2
+    assert rel_err(naive_var, stats.m2 / stats.count) > 1e-3
+    torch_layer = torch.nn.BatchNorm1d(shape[1]) if len(shape) == 2 else torch.nn.BatchNorm2d(shape[1])
+    assert rel_err(torch_layer(x), expected) > 2e-4
+
+
+@pytest.mark.parametrize("shape", [(64, 3, 5), (64, 2, 400)])  # the second: Σ(x - mean)² > fp32 max
+def test_values_near_1e18_stay_finite(backend, shape):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3e17 + 1e18).float()
+    layer = bnlab.BatchNorm1d(shape[1])
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    assert_close(y, ref.forward_train(x.double().numpy())[0], 2e-4, "output near 1e18")
+    assert torch.isfinite(layer.running_var).all()
+
+
+def test_nan_in_one_channel_stays_in_that_channel(backend):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 4, 3, 3, generator=gen)
+    x[3, 2, 1, 1] = float("nan")
+    layer = bnlab.BatchNorm2d(4)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.backward(torch.randn(y.shape, generator=gen))
+    clean = [0, 1, 3]
+    assert torch.isnan(y[:, 2]).all()
+    assert torch.isfinite(y[:, clean]).all() and torch.isfinite(xg.grad[:, clean]).all()
+    expected, _ = ref.forward_train(x[:, clean].double().numpy())
+    assert_close(y[:, clean], expected, 2e-4, "channels without NaN")
+    assert torch.isfinite(layer.running_mean[clean]).all()
+
+
+def test_constant_channel_gives_exactly_beta_and_finite_gradients(backend):
+    x = torch.randn(6, 3, 4)
+    x[:, 1] = 123.456
+    layer = bnlab.BatchNorm1d(3)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([0.0, 0.25, 0.0]))
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.backward(torch.randn_like(y))
+    assert torch.equal(y[:, 1], torch.full_like(y[:, 1], 0.25)), "constant channel must give exactly beta"
+    assert torch.isfinite(xg.grad).all()
+    assert float(layer.running_var[1]) == pytest.approx(0.9)  # the batch variance is exactly 0
+
+
+def test_float64_input_keeps_float64_precision(backend):
+    gen = torch.Generator().manual_seed(3)
+    x = 1e4 + 1e-2 * torch.randn(50, 3, generator=gen, dtype=torch.float64)
+    y = bnlab.BatchNorm1d(3, dtype=torch.float64, eps=1e-8)(x)
+    assert_close(y, ref.forward_train(x.numpy(), eps=1e-8)[0], 1e-9, "float64 at |mean|/std = 1e6")
+
+
+def test_reference_two_pass_variance_control():
+    """The reference itself at mean 1e3 ± 0.01: its variance equals a float128-free exact sum."""
+    rng = np.random.default_rng(4)
+    x = (1000 + 0.01 * rng.normal(size=(1000, 2))).astype(np.float32).astype(np.float64)
+    stats = ref.moments(x)
+    exact = np.array([sum((v - sum(col) / len(col)) ** 2 for v in col) for col in x.T.tolist()])
+    assert_close(stats.m2, exact, 1e-9, "two-pass M2")

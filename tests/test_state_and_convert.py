@@ -1,0 +1,132 @@
+"""State dicts load both ways with torch.nn, old checkpoints load, and convert() keeps a model's state."""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from conftest import assert_close
+
+PAIRS = [(bnlab.BatchNorm1d, nn.BatchNorm1d), (bnlab.BatchNorm2d, nn.BatchNorm2d), (bnlab.BatchNorm3d, nn.BatchNorm3d)]
+CONFIGS = [
+    dict(),
+    dict(affine=False),
+    dict(track_running_stats=False),
+    dict(momentum=None, bias=False),
+]
+
+
+def _trained(layer_type, config, shape, seed=0):
+    """A layer whose parameters and buffers are no longer at their initial values."""
+    torch.manual_seed(seed)
+    layer = layer_type(shape[1], **config)
+    if layer.affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 2.0)
+            if layer.bias is not None:
+                layer.bias.normal_()
+    for _ in range(3):
+        layer(torch.randn(shape) * 2 + 1)
+    return layer
+
+
+@pytest.mark.parametrize("ours,theirs", PAIRS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_state_dicts_load_both_ways_strictly(ours, theirs, config):
+    shape = {nn.BatchNorm1d: (5, 3), nn.BatchNorm2d: (4, 3, 2, 2), nn.BatchNorm3d: (2, 3, 2, 2, 2)}[theirs]
+    for source_type, target_type in ((ours, theirs), (theirs, ours)):
+        source = _trained(source_type, config, shape)
+        target = target_type(3, **config)
+        buffer = io.BytesIO()
+        torch.save(source.state_dict(), buffer)  # through serialization, as a checkpoint would go
+        buffer.seek(0)
+        target.load_state_dict(torch.load(buffer), strict=True)
+        for key, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[key], value), key
+        x = torch.randn(shape)
+        source.eval()
+        target.eval()
+        assert_close(target(x), source(x), 1e-6, f"{source_type.__name__} -> {target_type.__name__}")
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    source = _trained(nn.BatchNorm2d, {}, (4, 3, 2, 2))
+    old = OrderedDict((k, v) for k, v in source.state_dict().items() if k != "num_batches_tracked")
+    old._metadata = OrderedDict({"": {"version": 1}})  # saved before torch added the buffer
+    layer = bnlab.BatchNorm2d(3)
+    layer.load_state_dict(old, strict=True)
+    assert int(layer.num_batches_tracked) == 0
+    assert torch.equal(layer.running_mean, source.running_mean)
+
+
+def test_state_dict_version_metadata_matches_torch():
+    assert bnlab.BatchNorm2d(3).state_dict()._metadata[""]["version"] == nn.BatchNorm2d(3).state_dict()._metadata[""]["version"]
+
+
+def _model(bn2d=nn.BatchNorm2d, bn1d=nn.BatchNorm1d, bn3d=nn.BatchNorm3d):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        bn2d(4),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(4, 4, 1), bn2d(4, momentum=None)),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 6),
+        bn1d(6, affine=False),
+        nn.Unflatten(1, (6, 1, 1, 1)),
+        bn3d(6, track_running_stats=False),
+    )
+
+
+def test_convert_keeps_state_and_outputs_and_shares_parameters():
+    model = _model()
+    for _ in range(2):
+        model(torch.randn(8, 3, 5, 5))
+    reference_model = copy.deepcopy(model)
+    params_before = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model[1].eval()  # modes are per layer and must survive the swap
+    reference_model[1].eval()
+
+    converted = bnlab.convert(model)
+    assert converted is model
+    kinds = [type(m) for m in model.modules()]
+    assert bnlab.BatchNorm2d in kinds and bnlab.BatchNorm1d in kinds and bnlab.BatchNorm3d in kinds
+    assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) for m in model.modules())
+    assert all(a is b for a, b in zip(model.parameters(), params_before)), "parameters must be shared, not copied"
+    assert model[1].training is False and model[3][1].training is True
+    assert model[3][1].momentum is None and model[6].affine is False and model[8].track_running_stats is False
+
+    x = torch.randn(8, 3, 5, 5)
+    y, y_ref = model(x), reference_model(x)
+    assert_close(y, y_ref, 1e-5, "converted model output")
+    (y * torch.randn_like(y)).sum().backward()  # not y.sum(): its gradient through a final BN is 0
+    optimizer.step()  # the optimizer built before conversion still updates the live parameters
+    assert not torch.equal(model[0].weight, reference_model[0].weight)
+    assert not torch.equal(model[1].weight, reference_model[1].weight)
+    for key, value in reference_model.state_dict().items():
+        assert model.state_dict()[key].shape == value.shape, key
+
+
+def test_convert_back_to_torch_round_trip():
+    model = _model(bnlab.BatchNorm2d, bnlab.BatchNorm1d, bnlab.BatchNorm3d)
+    model(torch.randn(8, 3, 5, 5))
+    state = copy.deepcopy(model.state_dict())
+    back = bnlab.convert(model, to="torch")
+    assert not any(isinstance(m, bnlab.modules.BNLAB_BATCHNORM_TYPES) for m in back.modules())
+    for key, value in state.items():
+        assert torch.equal(back.state_dict()[key], value), key
+    again = bnlab.convert(back)
+    assert sum(isinstance(m, bnlab.modules.BNLAB_BATCHNORM_TYPES) for m in again.modules()) == 4
+
+
+def test_convert_a_single_layer_returns_its_replacement():
+    layer = nn.BatchNorm1d(3)
+    new = bnlab.convert(layer)
+    assert type(new) is bnlab.BatchNorm1d and new.weight is layer.weight and new.running_var is layer.running_var
