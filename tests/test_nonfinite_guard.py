@@ -109,33 +109,69 @@ def test_guard_switched_off_reproduces_torch_nn():
 
 @contextlib.contextmanager
 def _no_host_reads():
-    """Make every way of reading a tensor's value on the host raise, as a device sync would need."""
+    """Make every way of reading a tensor's value on the host raise, as a device sync would need;
+    also building a tensor from Python data (a host-to-device copy on CUDA, which synchronises)."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("host read of a tensor value (a device synchronisation on GPU)")
 
     names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
     saved = {name: getattr(torch.Tensor, name) for name in names}
+    factories = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
+
+    def guarded(name):
+        def factory(data, *args, **kwargs):
+            if not isinstance(data, torch.Tensor):
+                raise AssertionError(f"torch.{name} of Python data (a host-to-device copy on GPU)")
+            return factories[name](data, *args, **kwargs)
+
+        return factory
+
     try:
         for name in names:
             setattr(torch.Tensor, name, refuse)
+        for name in factories:
+            setattr(torch, name, guarded(name))
         yield
     finally:
         for name, value in saved.items():
             setattr(torch.Tensor, name, value)
+        for name, value in factories.items():
+            setattr(torch, name, value)
 
 
-def test_guard_and_skip_bookkeeping_never_read_values_on_the_host():
-    layer = bnlab.BatchNorm2d(3)  # momentum=0.1: the training step needs no host value at all
-    good = torch.randn(4, 3, 5, 5)
-    layer(good)
+# float64 data: on CPU the portable backend's float32 sums check for overflow on the host (its
+# CPU-only fallback); with float64 it takes the accumulation path it takes on CUDA.
+STEP_LAYERS = {
+    "plain": dict(),
+    "ghost with a ragged last ghost batch": dict(virtual_batch_size=3),
+    "renorm with a ramp": dict(renorm=True, renorm_ramp=(1, 10)),
+    "ghost + renorm": dict(virtual_batch_size=3, renorm=True),
+    "accumulation": dict(accumulation_steps=2),
+}
+
+
+@pytest.mark.parametrize("options", list(STEP_LAYERS.values()), ids=list(STEP_LAYERS))
+def test_training_steps_never_read_values_on_the_host(options):
+    layer = bnlab.BatchNorm2d(3, dtype=torch.float64, **options)  # momentum=0.1: no host value needed
+    layer(torch.randn(4, 3, 5, 5, dtype=torch.float64))
     expected = {k: v.clone() for k, v in layer.state_dict().items()}
-    x = _nan_batch((4, 3, 5, 5))
+    x = _nan_batch((4, 3, 5, 5), torch.float64)
     mask = torch.rand(4, 5, 5) > 0.3
+    good = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     with _no_host_reads():
         layer(x)
-        layer(x, mask=mask)
-    for key, value in layer.state_dict().items():
-        assert torch.equal(value, expected[key]), key
+        if not options:
+            layer(x, mask=mask)
+        layer(good).sum().backward()
+        layer(good)  # the accumulation layer updates here
+    assert int(layer.num_batches_tracked) > int(expected["num_batches_tracked"]), "no good step was counted"
+    for key in ("running_mean", "running_var"):
+        assert torch.isfinite(getattr(layer, key)).all(), key
+
+
+def test_the_host_read_patch_is_effective():
     with pytest.raises(AssertionError, match="host read"), _no_host_reads():
-        bool(torch.ones(()))  # the patch is effective
+        bool(torch.ones(()))
+    with pytest.raises(AssertionError, match="host-to-device"), _no_host_reads():
+        torch.tensor(1.0)

@@ -15,9 +15,33 @@ from __future__ import annotations
 
 import numbers
 
-from bnlab.stats import Moments, merge_moments
+import torch
+from torch import Tensor
 
-__all__ = ["check_accumulation_steps", "StatsAccumulator"]
+from bnlab.stats import Moments, merge_stacked
+
+__all__ = ["check_accumulation_steps", "merge_pair", "StatsAccumulator"]
+
+
+def merge_pair(a: Moments, b: Moments) -> Moments:
+    """Chan's merge of two Moments without moving a Python number to the device.
+
+    bnlab.stats.merge_moments turns int counts into device tensors with ``torch.as_tensor``,
+    a host-to-device copy that synchronises CUDA; this runs once per training step, so int
+    counts stay Python numbers here (and a tensor count is met with ``torch.full``, a kernel).
+    """
+    if not isinstance(a.count, Tensor) and not isinstance(b.count, Tensor):
+        n = a.count + b.count
+        if n == 0:
+            return a
+        delta = b.mean - a.mean
+        return Moments(n, a.mean + delta * (b.count / n), a.m2 + b.m2 + delta.square() * (a.count * b.count / n))
+    device = a.mean.device
+    counts = torch.stack(
+        [c.to(torch.float64) if isinstance(c, Tensor) else torch.full((), float(c), dtype=torch.float64, device=device)
+         for c in (a.count, b.count)]
+    )
+    return merge_stacked(counts, torch.stack([a.mean, b.mean]), torch.stack([a.m2, b.m2]))
 
 
 def check_accumulation_steps(value: object) -> int:
@@ -38,7 +62,7 @@ class StatsAccumulator:
 
     def add(self, stats: Moments, steps: int) -> Moments | None:
         """Add one micro-batch; return the merged Moments when this makes ``steps`` of them, else None."""
-        self.pending = stats if self.pending is None else merge_moments([self.pending, stats])
+        self.pending = stats if self.pending is None else merge_pair(self.pending, stats)
         self.micro_batches += 1
         if self.micro_batches >= steps:
             return self.pop()

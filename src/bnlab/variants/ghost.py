@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from bnlab._checks import values_per_channel
-from bnlab.stats import Moments, merge_moments, merge_stacked
+from bnlab.stats import Moments, merge_stacked
+from bnlab.variants.accumulate import merge_pair
 
 __all__ = ["check_virtual_batch_size", "ghost_batch_norm", "GroupNormalize"]
 
@@ -109,9 +110,7 @@ def ghost_batch_norm(x: Tensor, virtual_batch_size: int, normalize: GroupNormali
     if remainder:
         y_rest, stats_rest = normalize(x[groups * k :], 1)
         y = torch.cat([y_full, y_rest], dim=0)
-        merged = merge_moments([merged, stats_rest])
-        # The total count is known from the shape: keep it a Python int (merging made it a tensor).
-        merged = Moments(values_per_channel(x), merged.mean, merged.m2)
+        merged = merge_pair(merged, stats_rest)
     else:
         y = y_full
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):

@@ -65,13 +65,18 @@ def renorm_limits(
         ramp: (start, end) steps, or None for the final limits from the first step.
 
     Returns:
-        (rmax_now, dmax_now): floats when ``ramp`` is None, else float64 0-dim tensors on step's device.
+        (rmax_now, dmax_now): floats when ``ramp`` is None or ``step`` an int, else float64 0-dim
+        tensors on step's device (computed there: no host read of the step).
     """
     if ramp is None:
         return rmax, dmax
     start, end = ramp
-    step = torch.as_tensor(step, dtype=torch.float64)
-    t = torch.clamp((step - start) / (end - start), 0.0, 1.0)
+    step = step.to(torch.float64) if isinstance(step, torch.Tensor) else float(step)
+    t = (step - start) / (end - start)
+    if not isinstance(t, torch.Tensor):
+        t = min(max(t, 0.0), 1.0)
+        return 1.0 + (rmax - 1.0) * t, dmax * t
+    t = torch.clamp(t, 0.0, 1.0)
     return 1.0 + (rmax - 1.0) * t, dmax * t
 
 
@@ -84,8 +89,7 @@ def renorm_correction(
     statistics equal the running ones gets r = 1, d = 0 exactly. rmax/dmax are floats or 0-dim tensors.
     """
     sigma = torch.sqrt(running_var.detach().to(torch.float64) + eps)
-    rmax = torch.as_tensor(rmax, dtype=torch.float64, device=mean.device)
-    dmax = torch.as_tensor(dmax, dtype=torch.float64, device=mean.device)
+    # Python floats stay Python floats (torch.as_tensor(float, device=cuda) would be a synchronising copy).
     r = torch.clamp(1.0 / (invstd * sigma), min=1.0 / rmax, max=rmax)
     d = torch.clamp((mean - running_mean.detach().to(torch.float64)) / sigma, min=-dmax, max=dmax)
     return r, d
