@@ -78,6 +78,9 @@ def recalibrate(
     are left as they are; ``num_batches_tracked`` is not changed. A masked input
     (``layer(x, mask=m)``) contributes its selected positions only.
 
+    With SyncBatchNorm layers under torch.distributed each forward is itself a collective, so
+    every rank must then run the same number of batches (``num_batches`` helps).
+
     Args:
         model: a model containing BatchNorm layers (torch.nn's, bnlab's or SyncBatchNorm).
         batches: iterable of batches: tensors, (inputs, targets, ...) tuples whose first element
