@@ -7,6 +7,11 @@ Public names:
     functional.batch_norm                  torch.nn.functional.batch_norm's signature, bnlab's code
     reference                              the float64 NumPy specification (the test oracle)
     set_backend, available_backends        choose which implementation of the primitives runs
+    freeze, unfreeze                       BN layers kept in inference mode even under model.train()
+    recalibrate                            running statistics recomputed as population statistics over data
+    diagnose                               per-layer report: train/eval gap, stale statistics, dead channels
+(Ghost BN, Batch Renormalization, masked BN, accumulated statistics and the non-finite guard are
+options of the BatchNorm layers: docs/features.md.)
 """
 
 from bnlab import functional, reference
@@ -14,6 +19,9 @@ from bnlab.backends import available_backends, set_backend
 from bnlab.convert import convert
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.sync import SyncBatchNorm
+from bnlab.tools.diagnose import diagnose
+from bnlab.tools.freeze import freeze, unfreeze
+from bnlab.tools.recalibrate import recalibrate
 
 __version__ = "0.1.0"
 
@@ -27,5 +35,9 @@ __all__ = [
     "reference",
     "set_backend",
     "available_backends",
+    "freeze",
+    "unfreeze",
+    "recalibrate",
+    "diagnose",
     "__version__",
 ]

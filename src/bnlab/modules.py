@@ -6,6 +6,10 @@ check in user code (weight-decay exclusion, freezing, fusion) behave exactly as 
 forward and backward computation is bnlab's (bnlab.functional). The three classes differ only in
 the input ranks they accept.
 
+The layers also carry the features of docs/features.md (Ghost BN, Batch Renormalization,
+masked BN, accumulated statistics, the non-finite guard) as constructor options; the math of
+each lives in bnlab.variants, and this file only routes to it.
+
 Math: docs/math.md. Conventions (momentum, variance estimators): docs/conventions.md.
 """
 
@@ -18,6 +22,11 @@ from torch import Tensor, nn
 
 from bnlab import _checks
 from bnlab.functional import batch_norm
+from bnlab.stats import Moments, update_running_stats_
+from bnlab.variants.accumulate import StatsAccumulator
+from bnlab.variants.dispatch import batch_stats_forward
+from bnlab.variants.masked import check_mask
+from bnlab.variants.options import FEATURE_DEFAULTS, check_feature_options
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNLAB_BATCHNORM_TYPES"]
 
@@ -31,6 +40,16 @@ class _BatchNormMixin:
     #: input ranks accepted by the class, e.g. (2, 3) for BatchNorm1d.
     _ranks: tuple[int, ...] = ()
 
+    # Feature options (docs/features.md), set per layer by __init__; these class-level values are the
+    # defaults, so a layer unpickled from before the options existed behaves as torch.nn's.
+    virtual_batch_size: int | None = FEATURE_DEFAULTS["virtual_batch_size"]
+    renorm: bool = FEATURE_DEFAULTS["renorm"]
+    rmax: float = FEATURE_DEFAULTS["rmax"]
+    dmax: float = FEATURE_DEFAULTS["dmax"]
+    renorm_ramp: tuple[int, int] | None = FEATURE_DEFAULTS["renorm_ramp"]
+    accumulation_steps: int = FEATURE_DEFAULTS["accumulation_steps"]
+    skip_nonfinite: bool = FEATURE_DEFAULTS["skip_nonfinite"]
+
     def __init__(
         self,
         num_features: int,
@@ -42,8 +61,25 @@ class _BatchNormMixin:
         dtype=None,
         *,
         bias: bool = True,
+        virtual_batch_size: int | None = None,
+        renorm: bool = False,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        renorm_ramp: tuple[int, int] | None = None,
+        accumulation_steps: int = 1,
+        skip_nonfinite: bool = True,
     ) -> None:
         num_features = _checks.check_num_features(num_features)
+        options = check_feature_options(
+            virtual_batch_size=virtual_batch_size,
+            renorm=renorm,
+            rmax=rmax,
+            dmax=dmax,
+            renorm_ramp=renorm_ramp,
+            accumulation_steps=accumulation_steps,
+            skip_nonfinite=skip_nonfinite,
+            track_running_stats=track_running_stats,
+        )
         eps = _checks.check_eps(eps)
         momentum = _checks.check_momentum(momentum)
         if dtype is not None and dtype not in _checks.FLOATING_DTYPES:
@@ -52,6 +88,9 @@ class _BatchNormMixin:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         if not _TORCH_HAS_BIAS_KWARG and affine and not bias:
             self.register_parameter("bias", None)
+        # Plain attributes, not buffers: the state dict keeps torch.nn's keys (docs/features.md).
+        for name, value in options.items():
+            setattr(self, name, value)
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_input_rank(input, self._ranks, type(self).__name__)
@@ -66,6 +105,8 @@ class _BatchNormMixin:
     def _momentum_factor(self) -> float:
         """The weight of this batch in the running averages; counts the batch when tracking.
 
+        (Kept for subclasses that update the statistics themselves; forward uses _update_running_stats.)
+
         ``momentum=None`` means a cumulative average: the k-th batch gets weight 1/k.
         """
         factor = 0.0 if self.momentum is None else self.momentum
@@ -75,29 +116,79 @@ class _BatchNormMixin:
                 factor = 1.0 / float(self.num_batches_tracked)
         return factor
 
-    def forward(self, input: Tensor) -> Tensor:
-        """Normalize ``input`` (N, C, *) per channel; see the class docstring for the accepted ranks."""
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input`` (N, C, *) per channel; see the class docstring for the accepted ranks.
+
+        ``mask`` (N, *spatial) bool, optional: only the positions where it is True enter the
+        batch statistics (masked BN); every position is normalized. Ignored when the running
+        statistics are used (evaluation mode).
+        """
         x = _checks.check_input(input)
         self._check_input_dim(x)
         self._check_channels(x)
-        if self.training:
-            # Validate before num_batches_tracked moves, so a rejected batch changes no state.
-            _checks.check_training_batch(x)
-        factor = self._momentum_factor()
+        if mask is not None:
+            check_mask(mask, x)
         # Batch statistics in training, and in eval when there are no running statistics to use.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # Running buffers are passed when they are read (eval) or updated (training with tracking).
-        pass_buffers = not self.training or self.track_running_stats
-        return batch_norm(
-            x,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
+        if not self.training and not (self.running_mean is None and self.running_var is None):
+            return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        # Validate before any state moves, so a rejected batch changes nothing.
+        _checks.check_training_batch(x)
+        y, stats = batch_stats_forward(self, x, mask)
+        if self.training and self.track_running_stats and self.running_mean is not None:
+            self._record_batch_stats(stats)
+        return y
+
+    # -- running statistics --------------------------------------------------------------------
+    def _record_batch_stats(self, stats: Moments) -> None:
+        """A training batch's statistics: into the running averages now, or after ``accumulation_steps``."""
+        if self.accumulation_steps > 1:
+            stats = self._accumulator().add(stats, self.accumulation_steps)
+            if stats is None:
+                return
+        self._update_running_stats(stats)
+
+    def _accumulator(self) -> StatsAccumulator:
+        accumulator = self.__dict__.get("_stats_accumulator")
+        if accumulator is None:
+            accumulator = self.__dict__["_stats_accumulator"] = StatsAccumulator()
+        return accumulator
+
+    def _update_running_stats(self, stats: Moments) -> None:
+        """One update of the running averages, counted in ``num_batches_tracked`` as torch.nn counts it.
+
+        Except: a batch the non-finite guard skips is not counted (the decrement is computed on
+        the device, without a host sync), so ``momentum=None`` keeps giving the k-th finite batch
+        the weight 1/k, and a Batch Renorm ramp does not advance on a step the optimizer skips.
+        """
+        tracked = self.num_batches_tracked
+        if tracked is not None:
+            tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+        accepted = update_running_stats_(
+            self.running_mean, self.running_var, stats, factor, skip_nonfinite=self.skip_nonfinite
         )
+        if tracked is not None and self.skip_nonfinite:
+            tracked.sub_((~accepted).to(tracked.dtype))
+
+    def flush_accumulated_stats(self) -> bool:
+        """Update the running averages now with the micro-batches accumulated so far.
+
+        For ``accumulation_steps > 1`` when a group ends early (the last, partial step of an
+        epoch). Returns whether there was anything to apply.
+        """
+        stats = self._accumulator().pop()
+        if stats is None or self.running_mean is None:
+            return False
+        self._update_running_stats(stats)
+        return True
+
+    def extra_repr(self) -> str:
+        changed = [
+            f"{name}={getattr(self, name)!r}"
+            for name, default in FEATURE_DEFAULTS.items()
+            if getattr(self, name) != default and (self.renorm or name not in ("rmax", "dmax", "renorm_ramp"))
+        ]
+        return ", ".join([super().extra_repr()] + changed)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # torch reports a shape mismatch in terms of tensors; say which layer size the checkpoint had.
@@ -128,6 +219,19 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
         track_running_stats: keep running averages for eval mode; if False, eval uses batch statistics.
         device, dtype: of the parameters and buffers.
         bias: with affine, learn β as well (keyword only).
+
+    Feature options (keyword only; defaults reproduce torch.nn; none adds a state-dict key;
+    examples and papers in docs/features.md):
+        virtual_batch_size: Ghost BN: in training, normalize consecutive sub-batches of this many samples.
+        renorm: Batch Renormalization; rmax (>= 1), dmax (>= 0) clip r and d; renorm_ramp=(start, end)
+            relaxes them linearly from (1, 0) over those training steps (counted by num_batches_tracked).
+        accumulation_steps: merge this many training micro-batches' statistics and update the running
+            averages once (gradient accumulation); ``flush_accumulated_stats()`` applies a partial group.
+        skip_nonfinite: a batch with NaN/Inf statistics leaves the running averages and
+            num_batches_tracked unchanged (decided per layer, on the device). On by default.
+
+    ``forward(input, mask=None)``: a bool mask of shape (N, *spatial) restricts the batch statistics
+    to the positions where it is True (masked BN).
 
     Shape: input (N, C) or (N, C, L); output the same.
     """

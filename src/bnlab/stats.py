@@ -157,29 +157,57 @@ def update_running_stats_(
     running_var: Tensor | None,
     stats: Moments,
     momentum: float | Tensor,
-) -> None:
+    *,
+    skip_nonfinite: bool = True,
+) -> Tensor:
     """In place: running = (1 - momentum)·running + momentum·batch, with the unbiased batch variance.
 
     ``momentum`` is the weight of the new batch (PyTorch's convention; the module passes
     1/num_batches_tracked for ``momentum=None``), a float or a 0-dim float64 tensor on the
     statistics' device. A batch with fewer than two values per channel has no unbiased variance
     and leaves the averages untouched, as in PyTorch.
+
+    Non-finite guard (``skip_nonfinite``, on by default): a batch whose mean or unbiased variance
+    has a NaN or Inf in *any* channel leaves *both* averages of *every* channel untouched. The
+    decision is per layer, not per channel, because a non-finite channel means the step itself
+    is bad (an fp16 overflow that a GradScaler will skip), so its finite channels are suspect
+    too. It is taken on the device with ``torch.where``: no ``.item()``, no host synchronisation.
+
+    Args:
+        running_mean, running_var: (C,) buffers updated in place, or None.
+        stats: the batch's Moments (count, float64 mean and M2).
+        momentum: weight of the new batch (float, or 0-dim float64 tensor on the device).
+        skip_nonfinite: leave the averages unchanged when the batch's statistics are not finite.
+
+    Returns:
+        A 0-dim bool tensor on the statistics' device: False when the non-finite guard skipped the
+        batch, True otherwise (also for a batch too small to update, which torch.nn still counts).
+        The module uses it to leave ``num_batches_tracked`` uncounted for a skipped batch.
     """
     count = stats.count
+    device = stats.mean.device
+    accepted = torch.ones((), dtype=torch.bool, device=device)
     if isinstance(count, Tensor):
-        # Decide on the device: a cross-rank count is a tensor, and reading it would sync the host.
+        # Decide on the device: a cross-rank or masked count is a tensor, and reading it would sync the host.
         usable = count > 1
         unbiased = stats.m2 / torch.clamp(count - 1, min=1.0)
-        # usable·momentum, not torch.tensor(momentum, device=...): a host-to-device copy would sync CUDA.
-        factor = usable.to(torch.float64) * momentum
     else:
         if count <= 1:
-            return
+            return accepted
+        usable = None
         unbiased = stats.m2 / (count - 1)
-        factor = momentum
-    if running_mean is not None:
-        new_mean = running_mean.to(torch.float64) * (1 - factor) + stats.mean * factor
-        running_mean.copy_(new_mean)
-    if running_var is not None:
-        new_var = running_var.to(torch.float64) * (1 - factor) + unbiased * factor
-        running_var.copy_(new_var)
+    if skip_nonfinite:
+        accepted = torch.isfinite(stats.mean).all() & torch.isfinite(unbiased).all()  # 0-dim, on the device
+    apply = accepted if skip_nonfinite else None
+    if usable is not None:
+        apply = usable if apply is None else apply & usable
+    for running, batch in ((running_mean, stats.mean), (running_var, unbiased)):
+        if running is None:
+            continue
+        old = running.to(torch.float64)
+        new = old * (1 - momentum) + batch * momentum
+        if apply is not None:
+            # torch.where, not a zero factor: 0 · NaN would still be NaN.
+            new = torch.where(apply, new, old)
+        running.copy_(new)
+    return accepted

@@ -1,0 +1,101 @@
+"""Normalization with batch statistics computed beforehand: the shared core of Batch Renorm and masked BN.
+
+The plain training path (bnlab.autograd.BatchNormTrainFunction) computes the statistics inside
+its forward. Batch Renormalization needs them *before* normalizing (r and d are functions of
+them), and masked BN computes them from a subset of the positions; both then normalize every
+position with those statistics. :class:`BatchStatsNormFunction` does that second half, with the
+hand-derived backward of docs/math.md §3 extended to a mask (docs/features.md, "Masked BN"):
+
+    dx = w·invstd·(dy - s·Σdy/m - s·x̂·Σdy·x̂/m),   s = 1 where the mask selects, 0 elsewhere,
+
+where the sums run over every position (every output depends on the statistics) and m is the
+number of selected positions. Without a mask s = 1 and this is plain BN's backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnlab.backends import Backend
+from bnlab.stats import Count, compute_dtype, per_channel, reduce_dims
+
+__all__ = ["BatchStatsNormFunction", "expand_mask"]
+
+
+def expand_mask(mask: Tensor, ndim: int) -> Tensor:
+    """View a (N, *spatial) mask as (N, 1, *spatial) so that it broadcasts against (N, C, *spatial)."""
+    return mask.unsqueeze(1) if ndim > 1 else mask
+
+
+def _differentiable_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mask: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The same backward written in differentiable torch ops, for ``create_graph=True``.
+
+    The statistics are recomputed from x so that their dependence on x is part of the graph.
+    Returns (dx, Σdy·x̂, Σdy) with shapes of x, (C,), (C,).
+    """
+    dtype = compute_dtype(x)
+    dims = reduce_dims(x)
+    nd = x.dim()
+    xc, dyc = x.to(dtype), dy.to(dtype)
+    if mask is None:
+        sel = torch.ones_like(xc)
+    else:
+        sel = expand_mask(mask, nd).to(dtype).expand_as(xc)
+    m = torch.clamp(sel.sum(dims, keepdim=True), min=1.0)  # (1, C, 1, ...)
+    # where, not multiplication: padded positions may hold anything, NaN included.
+    mean = torch.where(sel > 0, xc, 0.0).sum(dims, keepdim=True) / m
+    centered = xc - mean
+    var = torch.where(sel > 0, centered.square(), 0.0).sum(dims, keepdim=True) / m
+    invstd = torch.rsqrt(var + eps)
+    x_hat = centered * invstd
+    sum_dy = dyc.sum(dims)
+    sum_dy_xhat = (dyc * x_hat).sum(dims)
+    gamma = per_channel(weight.to(dtype), nd) if weight is not None else 1.0
+    correction = sel * (per_channel(sum_dy, nd) + x_hat * per_channel(sum_dy_xhat, nd)) / m
+    dx = gamma * invstd * (dyc - correction)
+    return dx.to(x.dtype), sum_dy_xhat, sum_dy
+
+
+class BatchStatsNormFunction(torch.autograd.Function):
+    """y = (x - mean)·invstd·weight + bias, where mean and invstd are x's own (masked) batch statistics.
+
+    forward(x, weight, bias, mean, invstd, count, mask, eps, backend) -> y
+
+    ``mean``, ``invstd`` (float64 (C,)) and ``count`` must be the statistics of x over the
+    positions ``mask`` selects (all positions when mask is None); the backward differentiates
+    through them. ``weight``/``bias`` may be any (C,) tensors, e.g. γ·r and β + γ·d for Batch
+    Renormalization, where autograd carries their gradients back to γ and β.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, count: Count, mask, eps: float, backend: Backend):
+        ctx.save_for_backward(x, weight, mean, invstd, mask)
+        ctx.count = count
+        ctx.eps = eps
+        ctx.backend = backend
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return backend.normalize(x, mean, invstd, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, invstd, mask = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True: a graph of the backward itself is wanted.
+            dx, sum_dy_xhat, sum_dy = _differentiable_backward(dy, x, weight, mask, ctx.eps)
+        else:
+            dx, sum_dy_xhat, sum_dy = ctx.backend.backward(dy, x, mean, invstd, weight, ctx.count, need_x)
+            if dx is not None and mask is not None:
+                # Unselected positions do not feed the statistics: only the direct path w·invstd·dy remains.
+                dtype = compute_dtype(x)
+                nd = x.dim()
+                w = weight.detach().to(torch.float64) if weight is not None else 1.0
+                direct = dy.to(dtype) * per_channel((w * invstd).to(dtype), nd)
+                dx = torch.where(expand_mask(mask, nd), dx.to(dtype), direct).to(x.dtype)
+        dx = dx if need_x else None
+        dw = sum_dy_xhat.to(weight.dtype) if (weight is not None and need_w) else None
+        db = sum_dy.to(ctx.bias_dtype) if (ctx.bias_dtype is not None and need_b) else None
+        return dx, dw, db, None, None, None, None, None, None

@@ -1,0 +1,79 @@
+"""accumulation_steps=k: k micro-batches update the running statistics once, as the one big batch would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bnlab
+from bnlab import reference as ref
+from features_util import assert_close, to_np
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_k_micro_batches_give_the_running_statistics_of_the_big_batch(momentum):
+    torch.manual_seed(0)
+    steps = [[torch.randn(n, 3, 4, 4) * 2 + 1 for n in (3, 5, 2)] for _ in range(2)]  # uneven micro-batches
+    ours = bnlab.BatchNorm2d(3, momentum=momentum, accumulation_steps=3)
+    theirs = torch.nn.BatchNorm2d(3, momentum=momentum)
+    for micro_batches in steps:
+        for x in micro_batches:
+            ours(x)
+        theirs(torch.cat(micro_batches))
+    for key, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key], value, 2e-6, key)
+    assert int(ours.num_batches_tracked) == 2  # optimizer steps, not micro-batches
+    mean, var, tracked = np.zeros(3), np.ones(3), 0
+    for micro_batches in steps:
+        big = np.concatenate([to_np(x) for x in micro_batches])
+        mean, var, tracked = ref.update_running_stats(mean, var, ref.moments(big), momentum, tracked)
+    assert_close(ours.running_mean, mean, 2e-6, "running_mean vs reference")
+    assert_close(ours.running_var, var, 2e-6, "running_var vs reference")
+
+
+def test_outputs_and_gradients_are_each_micro_batchs_own():
+    ours, theirs = bnlab.BatchNorm1d(3, accumulation_steps=4), torch.nn.BatchNorm1d(3)
+    x = torch.randn(6, 3, 5)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn_like(x)
+    ours(x1).backward(dy)
+    theirs(x2).backward(dy)
+    assert_close(x1.grad, x2.grad, 2e-4, "dx")
+    assert torch.equal(ours.running_mean, torch.zeros(3)), "updated before the step was complete"
+
+
+def test_a_partial_group_is_applied_by_flush():
+    micro = [torch.randn(4, 3) * 3 for _ in range(2)]
+    layer = bnlab.BatchNorm1d(3, accumulation_steps=3)
+    for x in micro:
+        layer(x)
+    assert int(layer.num_batches_tracked) == 0
+    assert layer.flush_accumulated_stats() is True
+    assert layer.flush_accumulated_stats() is False  # nothing left
+    mean, var, _ = ref.update_running_stats(np.zeros(3), np.ones(3), ref.moments(np.concatenate([to_np(x) for x in micro])), 0.1)
+    assert_close(layer.running_mean, mean, 2e-6, "running_mean")
+    assert_close(layer.running_var, var, 2e-6, "running_var")
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_a_nan_micro_batch_skips_the_whole_step():
+    layer = bnlab.BatchNorm1d(3, accumulation_steps=2)
+    layer(torch.randn(4, 3))
+    bad = torch.randn(4, 3)
+    bad[0, 0] = float("inf")
+    layer(bad)
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and int(layer.num_batches_tracked) == 0
+
+
+def test_pending_statistics_are_not_state():
+    layer = bnlab.BatchNorm2d(3, accumulation_steps=2)
+    layer(torch.randn(2, 3, 4, 4))
+    assert set(layer.state_dict()) == set(torch.nn.BatchNorm2d(3).state_dict())
+    assert [name for name, _ in layer.named_buffers()] == ["running_mean", "running_var", "num_batches_tracked"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, None, True])
+def test_bad_accumulation_steps_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        bnlab.BatchNorm1d(3, accumulation_steps=bad)

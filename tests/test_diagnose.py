@@ -1,0 +1,104 @@
+"""bnlab.diagnose: its numbers against direct computations (real train/eval forwards, NumPy statistics)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab import reference as ref
+from features_util import to_np
+
+
+def _batches(c=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, c, 6, generator=gen, dtype=torch.float64) * 2 + 1 for n in (4, 3, 5)]
+
+
+def _layer(c=3):
+    torch.manual_seed(0)
+    layer = bnlab.BatchNorm1d(c, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+        layer.running_mean.copy_(torch.linspace(-1, 1, c))
+        layer.running_var.copy_(torch.linspace(0.5, 3, c))
+    return layer.eval()
+
+
+def test_output_gap_equals_real_train_and_eval_forwards():
+    layer, batches = _layer(), _batches()
+    d = bnlab.diagnose(layer, batches, show=False)[""]
+    num = den = 0.0
+    for x in batches:
+        x = x.detach()
+        with torch.no_grad():
+            y_eval = layer.eval()(x)
+            y_train = torch.nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True, eps=layer.eps)
+        num += float((y_eval - y_train).square().sum())
+        den += float((y_train - layer.bias.detach().view(1, -1, 1)).square().sum())
+    assert abs(d.output_gap - np.sqrt(num / den)) < 1e-10
+
+
+def test_staleness_and_batch_noise_equal_numpy_statistics():
+    layer, batches = _layer(), _batches()
+    d = bnlab.diagnose(layer, batches, show=False)[""]
+    s = ref.moments(np.concatenate([to_np(x) for x in batches]))
+    var = s.m2 / (s.count - 1)
+    scale = np.sqrt(var + layer.eps)
+    np.testing.assert_allclose(d.population_mean, s.mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d.population_var, var, rtol=1e-12)
+    np.testing.assert_allclose(d.mean_shift, np.abs(to_np(layer.running_mean) - s.mean) / scale, rtol=1e-10)
+    np.testing.assert_allclose(d.var_ratio, (to_np(layer.running_var) + layer.eps) / (var + layer.eps), rtol=1e-10)
+    batch_means = np.stack([ref.moments(to_np(x)).mean for x in batches])
+    np.testing.assert_allclose(d.batch_noise, np.sqrt(((batch_means - s.mean) ** 2).mean(0)) / scale, rtol=1e-10)
+    assert d.samples == s.count
+    assert any("recalibrate" in hint for hint in d.advice)
+
+
+def test_a_recalibrated_layer_is_not_stale():
+    layer, batches = _layer(), _batches()
+    bnlab.recalibrate(layer, batches, progress=False)
+    d = bnlab.diagnose(layer, batches, show=False)[""]
+    assert d.worst_mean_shift < 1e-10 and abs(d.worst_var_ratio - 1) < 1e-10
+    assert not any("recalibrate" in hint for hint in d.advice)
+
+
+def test_dead_and_eps_dominated_channels_are_found():
+    layer = _layer(4)
+    batches = _batches(4)
+    for x in batches:
+        x[:, 1] = 3.0  # constant: a dead channel
+        x[:, 2] = x[:, 2] * 1e-3  # variance 4e-6 < eps = 1e-5
+    d = bnlab.diagnose(layer, batches, show=False)[""]
+    assert d.near_zero_var == [1]
+    assert d.eps_dominated == [2]
+
+
+def test_table_data_and_no_side_effects(capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Dropout(0.3), nn.Linear(4, 3), bnlab.BatchNorm1d(3, affine=False))
+    model.eval()
+    batches = [torch.randn(8, 5) for _ in range(3)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = bnlab.diagnose(model, batches)
+    out = capsys.readouterr().out
+    assert "layer" in out and "mean shift" in out and "\n1 " in out and "\n4 " in out
+    assert [d.name for d in result.layers] == ["1", "4"] and result.batches == 3
+    json.dumps(result.to_dict())  # plain types only
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"diagnose changed {key}"
+    assert not any(m.training for m in model.modules())
+    with pytest.raises(KeyError, match="name"):
+        result["nope"]
+
+
+def test_layers_without_running_statistics_report_nan_gaps():
+    layer = bnlab.BatchNorm1d(3, track_running_stats=False)
+    d = bnlab.diagnose(layer, [torch.randn(4, 3, 5)], show=False)[""]
+    assert np.isnan(d.output_gap) and np.isnan(d.mean_shift).all()
+    assert np.isfinite(d.population_var).all()

@@ -1,0 +1,97 @@
+"""The feature options leave the drop-in contract intact: defaults are torch.nn, state dicts are torch.nn's."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+
+import bnlab
+from features_util import assert_close
+
+PAIRS = [
+    (bnlab.BatchNorm1d, torch.nn.BatchNorm1d, (6, 3, 5)),
+    (bnlab.BatchNorm2d, torch.nn.BatchNorm2d, (4, 3, 5, 5)),
+    (bnlab.BatchNorm3d, torch.nn.BatchNorm3d, (3, 3, 2, 3, 4)),
+]
+
+OPTIONS = dict(virtual_batch_size=2, renorm=True, rmax=2.0, dmax=1.0, renorm_ramp=(1, 5), accumulation_steps=2, skip_nonfinite=False)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("ours_cls, theirs_cls, shape", PAIRS)
+def test_defaults_reproduce_torch_nn(ours_cls, theirs_cls, shape, momentum):
+    torch.manual_seed(0)
+    ours, theirs = ours_cls(3, momentum=momentum), theirs_cls(3, momentum=momentum)
+    for step in range(3):
+        x = torch.randn(shape) * 2 + step
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        dy = torch.randn(shape)
+        y1, y2 = ours(x1), theirs(x2)
+        y1.backward(dy)
+        y2.backward(dy)
+        assert_close(y1, y2, 2e-4, "y")
+        assert_close(x1.grad, x2.grad, 2e-4, "dx")
+    assert_close(ours.weight.grad, theirs.weight.grad, 2e-4, "dgamma")
+    for key, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key], value, 2e-6, key)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(shape)
+    assert_close(ours(x), theirs(x), 2e-6, "eval")
+
+
+def test_state_dicts_load_both_ways_with_every_option_on():
+    ours = bnlab.BatchNorm2d(3, **OPTIONS)
+    for _ in range(4):
+        ours(torch.randn(4, 3, 3, 3))
+    theirs = torch.nn.BatchNorm2d(3)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    fresh = bnlab.BatchNorm2d(3, **OPTIONS)
+    fresh.load_state_dict(theirs.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_options_are_shown_and_kept_as_attributes():
+    layer = bnlab.BatchNorm1d(3, **OPTIONS)
+    text = repr(layer)
+    for name in OPTIONS:
+        assert name in text, name
+    assert layer.renorm_ramp == (1, 5) and layer.accumulation_steps == 2
+    assert "virtual_batch_size" not in repr(bnlab.BatchNorm1d(3))
+
+
+def test_whole_layer_pickles_and_a_pre_feature_pickle_still_works():
+    layer = bnlab.BatchNorm1d(3, **OPTIONS)
+    layer(torch.randn(4, 3))  # leaves a pending accumulation
+    clone = pickle.loads(pickle.dumps(layer))
+    assert clone.virtual_batch_size == 2
+    old = bnlab.BatchNorm1d(3)
+    for name in OPTIONS:  # a layer saved before the options existed has none of the attributes
+        old.__dict__.pop(name, None)
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    theirs = torch.nn.BatchNorm1d(3)
+    x = torch.randn(5, 3)
+    assert_close(loaded(x), theirs(x), 2e-4, "class-level defaults")
+
+
+def test_convert_still_round_trips():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3))
+    bnlab.convert(model)
+    assert type(model[1]) is bnlab.BatchNorm2d and model[1].skip_nonfinite
+    model(torch.randn(2, 3, 4, 4))
+    bnlab.convert(model, to="torch")
+    assert type(model[1]) is torch.nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("name, value", [("renorm", 1), ("skip_nonfinite", "yes")])
+def test_bool_options_are_checked_by_name(name, value):
+    with pytest.raises(TypeError, match=name):
+        bnlab.BatchNorm1d(3, **{name: value})

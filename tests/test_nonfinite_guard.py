@@ -1,0 +1,177 @@
+"""The non-finite guard: a batch with NaN/Inf statistics leaves the running statistics (and the count) alone."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+import bnlab
+from bnlab import reference as ref
+from bnlab.stats import Moments, update_running_stats_
+from features_util import assert_close, to_np
+
+
+def _moments(mean, m2, count):
+    return Moments(count, torch.tensor(mean, dtype=torch.float64), torch.tensor(m2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("tensor_count", [False, True])
+@pytest.mark.parametrize(
+    "mean, m2",
+    [
+        ([0.5, float("nan"), 1.0], [2.0, 2.0, 2.0]),  # one channel's mean is NaN
+        ([0.5, 0.1, 1.0], [2.0, float("inf"), 2.0]),  # one channel's variance overflowed
+        ([float("inf")] * 3, [float("nan")] * 3),  # everything gone
+    ],
+)
+def test_nonfinite_batch_leaves_every_channel_unchanged(mean, m2, tensor_count):
+    count = torch.tensor(8.0, dtype=torch.float64) if tensor_count else 8
+    running_mean = torch.tensor([1.0, 2.0, 3.0])
+    running_var = torch.tensor([4.0, 5.0, 6.0])
+    accepted = update_running_stats_(running_mean, running_var, _moments(mean, m2, count), 0.1)
+    assert accepted.dtype == torch.bool and accepted.dim() == 0 and not bool(accepted)
+    # Per-layer decision: the finite channels are not updated either.
+    assert torch.equal(running_mean, torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(running_var, torch.tensor([4.0, 5.0, 6.0]))
+
+
+@pytest.mark.parametrize("tensor_count", [False, True])
+def test_finite_batch_matches_the_reference_update(tensor_count):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3, 4)) * 3 + 1
+    stats = ref.moments(x)
+    count = torch.tensor(stats.count, dtype=torch.float64) if tensor_count else int(stats.count)
+    running_mean = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    running_var = torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64)
+    accepted = update_running_stats_(
+        running_mean, running_var, Moments(count, torch.from_numpy(stats.mean), torch.from_numpy(stats.m2)), 0.3
+    )
+    expected_mean, expected_var, _ = ref.update_running_stats([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], stats, 0.3)
+    assert bool(accepted)
+    assert_close(running_mean, expected_mean, 1e-12, "running_mean")
+    assert_close(running_var, expected_var, 1e-12, "running_var")
+
+
+def test_guard_off_lets_nan_through_as_torch_does():
+    running_mean = torch.zeros(3)
+    running_var = torch.ones(3)
+    update_running_stats_(running_mean, running_var, _moments([0.0, float("nan"), 0.0], [1.0] * 3, 4), 0.1, skip_nonfinite=False)
+    assert torch.isnan(running_mean[1]) and not torch.isnan(running_mean[0])
+
+
+def _nan_batch(shape, dtype=torch.float32):
+    x = torch.randn(shape, dtype=dtype)
+    x[0, 1] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_layer_skips_a_nan_batch_and_does_not_count_it(momentum):
+    torch.manual_seed(0)
+    layer = bnlab.BatchNorm2d(3, momentum=momentum)
+    batches = [torch.randn(4, 3, 5, 5) * 2 + 1 for _ in range(3)]
+    layer(batches[0])
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer(_nan_batch((4, 3, 5, 5)))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed on a NaN batch"
+    # The cumulative average (momentum=None) continues as if the NaN batch never happened.
+    for x in batches[1:]:
+        layer(x)
+    mean, var, tracked = np.zeros(3), np.ones(3), 0
+    for x in batches:
+        mean, var, tracked = ref.update_running_stats(mean, var, ref.moments(to_np(x)), momentum, tracked)
+    assert int(layer.num_batches_tracked) == tracked == 3
+    assert_close(layer.running_mean, mean, 2e-6, "running_mean")
+    assert_close(layer.running_var, var, 2e-6, "running_var")
+
+
+def test_fp16_overflow_batch_is_skipped():
+    layer = bnlab.BatchNorm1d(4)
+    x = torch.full((8, 4), 6e4, dtype=torch.float16)
+    x[0] = float("inf")  # an fp16 overflow upstream
+    layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(4)) and torch.equal(layer.running_var, torch.ones(4))
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_guard_switched_off_reproduces_torch_nn():
+    x = _nan_batch((5, 3))
+    ours, theirs = bnlab.BatchNorm1d(3, skip_nonfinite=False), torch.nn.BatchNorm1d(3)
+    ours(x)
+    theirs(x)
+    assert_close(ours.running_mean, theirs.running_mean, 1e-6, "running_mean")
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Make every way of reading a tensor's value on the host raise, as a device sync would need;
+    also building a tensor from Python data (a host-to-device copy on CUDA, which synchronises)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor value (a device synchronisation on GPU)")
+
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    factories = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
+
+    def guarded(name):
+        def factory(data, *args, **kwargs):
+            if not isinstance(data, torch.Tensor):
+                raise AssertionError(f"torch.{name} of Python data (a host-to-device copy on GPU)")
+            return factories[name](data, *args, **kwargs)
+
+        return factory
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse)
+        for name in factories:
+            setattr(torch, name, guarded(name))
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(torch.Tensor, name, value)
+        for name, value in factories.items():
+            setattr(torch, name, value)
+
+
+# float64 data: on CPU the portable backend's float32 sums check for overflow on the host (its
+# CPU-only fallback); with float64 it takes the accumulation path it takes on CUDA.
+STEP_LAYERS = {
+    "plain": dict(),
+    "ghost with a ragged last ghost batch": dict(virtual_batch_size=3),
+    "renorm with a ramp": dict(renorm=True, renorm_ramp=(1, 10)),
+    "ghost + renorm": dict(virtual_batch_size=3, renorm=True),
+    "accumulation": dict(accumulation_steps=2),
+}
+
+
+@pytest.mark.parametrize("options", list(STEP_LAYERS.values()), ids=list(STEP_LAYERS))
+def test_training_steps_never_read_values_on_the_host(options):
+    layer = bnlab.BatchNorm2d(3, dtype=torch.float64, **options)  # momentum=0.1: no host value needed
+    layer(torch.randn(4, 3, 5, 5, dtype=torch.float64))
+    expected = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = _nan_batch((4, 3, 5, 5), torch.float64)
+    mask = torch.rand(4, 5, 5) > 0.3
+    good = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    with _no_host_reads():
+        layer(x)
+        if not options:
+            layer(x, mask=mask)
+        layer(good).sum().backward()
+        layer(good)  # the accumulation layer updates here
+    assert int(layer.num_batches_tracked) > int(expected["num_batches_tracked"]), "no good step was counted"
+    for key in ("running_mean", "running_var"):
+        assert torch.isfinite(getattr(layer, key)).all(), key
+
+
+def test_the_host_read_patch_is_effective():
+    with pytest.raises(AssertionError, match="host read"), _no_host_reads():
+        bool(torch.ones(()))
+    with pytest.raises(AssertionError, match="host-to-device"), _no_host_reads():
+        torch.tensor(1.0)
