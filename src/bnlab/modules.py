@@ -102,20 +102,6 @@ class _BatchNormMixin:
                 f"got input of shape {tuple(x.shape)} with {x.shape[1]}"
             )
 
-    def _momentum_factor(self) -> float:
-        """The weight of this batch in the running averages; counts the batch when tracking.
-
-        (Kept for subclasses that update the statistics themselves; forward uses _update_running_stats.)
-
-        ``momentum=None`` means a cumulative average: the k-th batch gets weight 1/k.
-        """
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
-
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input`` (N, C, *) per channel; see the class docstring for the accepted ranks.
 
@@ -163,7 +149,8 @@ class _BatchNormMixin:
         tracked = self.num_batches_tracked
         if tracked is not None:
             tracked.add_(1)
-        factor = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+        # momentum=None: the k-th batch weighs 1/k, kept as a device tensor so CUDA never waits here.
+        factor = self.momentum if self.momentum is not None else 1.0 / tracked.to(torch.float64)
         accepted = update_running_stats_(
             self.running_mean, self.running_var, stats, factor, skip_nonfinite=self.skip_nonfinite
         )

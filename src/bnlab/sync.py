@@ -21,7 +21,7 @@ from bnlab import _checks
 from bnlab.backends import Backend, select_backend
 from bnlab.distributed import all_reduce_grad_sums, gather_moments, group_size
 from bnlab.modules import _BatchNormMixin
-from bnlab.stats import Moments, finalize, update_running_stats_
+from bnlab.stats import Moments, finalize
 
 __all__ = ["SyncBatchNorm"]
 
@@ -152,17 +152,6 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         """Training on a group of more than one process: the only case that issues collectives."""
         return self.training and group_size(self.process_group) > 1
 
-    def _sync_momentum_factor(self) -> float | Tensor:
-        """The new batch's weight in the running averages; counts the batch.
-
-        Unlike the local layer, ``momentum=None`` gives a 0-dim device tensor 1/num_batches_tracked,
-        so that the cumulative average needs no host synchronisation on CUDA.
-        """
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            return 1.0 / self.num_batches_tracked.to(torch.float64)
-        return self.momentum
-
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` (N, C, *) with the statistics of the group's batch (see the class docstring)."""
         x = _checks.check_input(input)
@@ -176,10 +165,10 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
             x, self.weight, self.bias, self.eps, self.process_group, select_backend(x)
         )
         # After the forward succeeded: a batch rejected on every rank changes no state anywhere.
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            factor = self._sync_momentum_factor()
-            if self.running_mean is not None:
-                update_running_stats_(self.running_mean, self.running_var, Moments(count, mean, m2), factor)
+        # The local layer's update path: the non-finite guard, accumulation_steps and momentum=None
+        # behave exactly as in bnlab.BatchNorm*d, with the group's statistics.
+        if self.track_running_stats and self.running_mean is not None:
+            self._record_batch_stats(Moments(count, mean, m2))
         return y
 
     @classmethod
