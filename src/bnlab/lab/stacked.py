@@ -34,7 +34,7 @@ import bnlab
 
 __all__ = ["StackedMLP", "batch_norm_function", "stacked_loss_and_accuracy"]
 
-_ACTIVATIONS = {"relu": torch.relu, "sigmoid": torch.sigmoid}
+_ACTIVATIONS = {"relu": torch.relu_, "sigmoid": torch.sigmoid_}  # in place: see hidden_forward
 
 
 def batch_norm_function(impl: str):
@@ -150,23 +150,28 @@ class StackedMLP:
         ``capture``, if given, receives each hidden layer's input to the nonlinearity (G·H, N), detached.
         """
         G, N = self.num_nets, h.shape[1]
-        act = _ACTIVATIONS[self.activation]
+        act_ = _ACTIVATIONS[self.activation]
         for i, width in enumerate(self.hidden):
+            # Bias, BN and activation act on a freshly made tensor ``z``, in place where autograd allows:
+            # BN's backward and the bias add need not their outputs, and the activation keeps its own.
+            # (In-place ops on *views* would make autograd copy in the backward, so z is never a view.)
             if self.batchnorm:
                 # (N, G·H) view: every network's every feature is one BN channel.
-                h = self.bn_fn(h.t(), self.running_mean[i], self.running_var[i], self.gamma[i], self.beta[i],
-                               training, self.momentum, self.eps).t()
+                z = self.bn_fn(h.reshape(-1, N).t(), self.running_mean[i], self.running_var[i], self.gamma[i], self.beta[i],
+                               training, self.momentum, self.eps)  # (N, G·H), a new tensor
+            elif i == 0:
+                z = h + self.bias[0]  # h may be a leaf (the dual first layer): not in place
             else:
-                h = h + self.bias[i]
+                z = h.add_(self.bias[i].view(G, width, 1))  # h: the previous bmm's (G, H, N) output
             if capture is not None:
-                capture.append(h.detach())
-            h = act(h)
+                capture.append((z.t() if self.batchnorm else z).detach().reshape(-1, N).clone())
+            z = act_(z)
+            h = z.t() if self.batchnorm else z.reshape(-1, N)  # (G·H, N), a view
             if training and self.dropout is not None:
                 p = self.dropout[:, None, None]  # (G, 1, 1)
                 keep = torch.rand(G, width, N, generator=dropout_generator, device=h.device) >= p
                 h = (h.reshape(G, width, N) * keep / (1 - p)).reshape(G * width, N)
-            out = torch.bmm(self.weights[i + 1], h.reshape(G, width, N))  # (G, H', N)
-            h = out if i + 1 == len(self.hidden) else out.reshape(-1, N)
+            h = torch.bmm(self.weights[i + 1], h.reshape(G, width, N))  # (G, H', N), a new tensor
         return h + self.bias_out
 
     def forward(self, x: Tensor, training: bool, **kwargs) -> Tensor:

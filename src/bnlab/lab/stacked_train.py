@@ -128,9 +128,8 @@ class StackedTrainer:
         A network whose loss is not finite is marked in ``self.diverged`` and stops moving (lr 0).
         """
         net = self.net
-        x = self.x[idx].transpose(1, 2)  # (S, D, B)
         y = self.y[idx]  # (S, B)
-        h1 = self.dual.batch(idx) if self.dual is not None else net.first_preact(x)
+        h1 = self.dual.batch(idx) if self.dual is not None else net.first_preact(self.x[idx].transpose(1, 2))
         logits = net.hidden_forward(h1, True, dropout_generator=self.dropout_generator)
         loss, acc = stacked_loss_and_accuracy(logits, y, net.groups)
         loss.sum().backward()  # networks are independent: each gets the gradient of its own mean loss
@@ -145,8 +144,11 @@ class StackedTrainer:
         return loss.detach(), acc
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 1000, capture: bool = False):
+    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 250, capture: bool = False):
         """Eval-mode (running statistics) loss and accuracy of every network on (x (n, D), y (n,)).
+
+        Evaluated ``chunk`` examples at a time (eval mode treats examples independently), which
+        keeps the (G·H, chunk) activations in cache.
 
         Returns (loss (G,), accuracy (G,)), plus, if ``capture``, each hidden layer's inputs to the
         nonlinearity as (G·H, n) tensors.
@@ -156,7 +158,7 @@ class StackedTrainer:
         return _evaluate(self.net, lambda s: self.net.first_preact(x[s].t()), y, chunk, capture)
 
     @torch.no_grad()
-    def evaluate_train(self, chunk: int = 1000) -> tuple[Tensor, Tensor]:
+    def evaluate_train(self, chunk: int = 250) -> tuple[Tensor, Tensor]:
         """Eval-mode loss and accuracy on the whole training set (free of first-layer products in dual form)."""
         if self.dual is None:
             return self.evaluate(self.x, self.y, chunk)
