@@ -165,7 +165,7 @@ class CifarResNet(nn.Module):
         self.head = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")  # He et al. 2015: keeps the forward scale
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         if zero_init_residual:

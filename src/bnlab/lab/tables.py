@@ -54,7 +54,7 @@ def mean_spread(stats: dict, as_pct: bool = True) -> str:
     """'mean ± std (min–max)' of a group_stats record; percentages by default."""
     if stats["n_finite"] == 0:
         return "–"
-    f = (lambda v: f"{100 * v:.1f}") if as_pct else (lambda v: f"{v:.3g}")
+    f = (lambda v: f"{100 * v:.1f}") if as_pct else (lambda v: f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")
     unit = " %" if as_pct else ""
     if stats["n_finite"] == 1:
         return f"{f(stats['mean'])}{unit}"

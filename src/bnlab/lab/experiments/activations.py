@@ -43,6 +43,7 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
     G, H = len(seeds), p["sizes"][-2]
     q = torch.tensor(PERCENTILES, dtype=torch.float32, device=ctx.device) / 100
     metrics, medians, batches = [], {}, trainer.batches()
+    first_90: dict[int, int] = {}
     saturated = None
     for step in progress(range(0, p["steps"] + 1), desc=f"activations {unit}"):
         if step:
@@ -56,6 +57,8 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
         saturated = (z.abs() > p["saturation"]).float().view(G, -1).mean(1)
         for g, seed in enumerate(seeds):
             record = {"batchnorm": bn, "seed": seed, "step": step, "test_acc": per_net(acc)[g]}
+            if record["test_acc"] >= 0.9:
+                first_90.setdefault(g, step)
             record.update({f"p{k}": float(pct[i, g, p["neuron"]]) for i, k in enumerate(PERCENTILES)})
             metrics.append(record)
     start = min(s for s in medians if s >= p["steps"] // 10)
@@ -64,6 +67,7 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
     for g, seed in enumerate(seeds):
         last = metrics[-G + g]
         rows.append({"batchnorm": bn, "seed": seed, "lr": p["lr"], "test_acc": last["test_acc"],
+                     "steps_to_90": first_90.get(g),
                      "median_drift": float(drift[g]), "saturated_frac": float(saturated[g]),
                      "spread_final": last["p85"] - last["p15"], "steps": p["steps"]})
     return {"rows": rows, "metrics": metrics}
@@ -82,7 +86,7 @@ def _figures(folder: RunFolder) -> list[tuple[str, str]]:
     axes[0, 0].legend(loc="lower right")
     first_seed = min(m["seed"] for m in metrics)
     for ax, bn, tag in ((axes[0, 1], False, "(b) without BN"), (axes[0, 2], True, "(c) with BN")):
-        for k, style in zip(PERCENTILES, (":", "-", ":")):
+        for k, style in zip(PERCENTILES, (":", "-", "--")):
             steps, runs = curves(metrics, {"batchnorm": bn, "seed": first_seed}, "step", f"p{k}")
             if len(steps):
                 ax.plot(steps, runs[0], style, color=COLORS[bn], label=f"{k}th percentile")
@@ -103,7 +107,7 @@ def _findings(folder: RunFolder) -> str:
     rows, p = folder.rows(), folder.config["params"]
     seeds = sorted({r["seed"] for r in rows})
     stats = {key: {s["batchnorm"]: s for s in group_stats(rows, ["batchnorm"], key)}
-             for key in ("test_acc", "median_drift", "saturated_frac", "spread_final")}
+             for key in ("test_acc", "steps_to_90", "median_drift", "saturated_frac", "spread_final")}
     lines = [f"{len(rows)} networks (with/without BN × {len(seeds)} seed(s)), SGD at lr {p['lr']} for {p['steps']} steps of "
              f"batch {p['batch_size']}; the percentiles are over the 1,000 test images, measured every {p['eval_every']} steps.",
              "", "Median drift: the mean over the 100 sigmoids of the last hidden layer of |median input at the end − at the "
@@ -112,6 +116,8 @@ def _findings(folder: RunFolder) -> str:
     cell = lambda k, pc=True: (lambda r: mean_spread(r[k], as_pct=pc) if r[k] else "–")  # noqa: E731
     lines.append(markdown_table(table, [("network", lambda r: "with BN" if r["bn"] else "without BN"),
                                         ("final test accuracy", cell("test_acc")),
+                                        ("steps to 90 %", lambda r: mean_spread(r["steps_to_90"], as_pct=False)
+                                         if r["steps_to_90"] and r["steps_to_90"]["n_finite"] else "never"),
                                         ("median drift", cell("median_drift", False)),
                                         ("15–85 % spread at the end", cell("spread_final", False)),
                                         ("saturated inputs", cell("saturated_frac"))]))

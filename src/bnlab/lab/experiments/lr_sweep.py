@@ -84,6 +84,8 @@ def _figures(folder: RunFolder) -> list[tuple[str, str]]:
                 axes[0, 0].plot(r["lr"], 0.02 if bn else 0.06, "x", color=COLORS[bn], markersize=7)
     axes[0, 0].set(xscale="log", ylim=(0, 1.02), xlabel="learning rate", ylabel="final test accuracy",
                    title="final test accuracy (× = diverged)")
+    if any(r["steps_to_90"] for r in rows):
+        axes[0, 1].set_yscale("log")
     axes[0, 1].set(xscale="log", xlabel="learning rate", ylabel="steps",
                    title=f"steps to {p['target_acc']:.0%} test accuracy (missing = never)")
     axes[0, 1].set_xlim(axes[0, 0].get_xlim())

@@ -86,7 +86,8 @@ def _figures(folder: RunFolder) -> list[tuple[str, str]]:
     axes[0, 0].set(ylim=(max(0.0, min(accs) - 0.05) if accs else 0, 1.0), ylabel="final test accuracy", title="test accuracy")
     axes[0, 1].set(ylabel="final test cross-entropy", title="test loss (lower: less overfitting)")
     axes[0, 2].set(xlabel="epoch", ylabel="test cross-entropy", title=f"test loss during training, lr {lr:g}")
-    axes[0, 0].legend(loc="lower right", ncols=2)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, frameon=False)
     save_figure(fig, folder.path / "regularization.png")
     return [("regularization.png", "Final test accuracy and test loss of the four versions at three learning rates "
              "(bars: mean, whiskers: min–max over seeds), and the test loss during training at the middle learning rate.")]
@@ -115,6 +116,15 @@ def _findings(folder: RunFolder) -> str:
     for r in table:
         if r["name"] not in best or r["test_acc"]["mean"] > best[r["name"]]["test_acc"]["mean"]:
             best[r["name"]] = r
+    compare = []
+    for lr in p["learning_rates"]:
+        pair = {r["name"]: r for r in table if r["lr"] == lr}
+        if "BN" in pair and "neither" in pair:
+            compare.append((lr, pair["BN"]["test_acc"]["mean"] - pair["neither"]["test_acc"]["mean"],
+                            pair["BN"]["test_loss"]["mean"] - pair["neither"]["test_loss"]["mean"]))
+    if compare:
+        lines += ["", "BN against neither, per learning rate (test accuracy in points, test loss): " + "; ".join(
+            f"lr {lr:g}: {100 * da:+.1f} points, {dl:+.3f}" for lr, da, dl in compare) + "."]
     lines += ["", "Best learning rate of each version: " + "; ".join(
         f"{name} {mean_spread(r['test_acc'])} at lr {r['lr']:g}" for name, r in best.items()) + "."]
     return "\n".join(lines)

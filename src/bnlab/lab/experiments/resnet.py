@@ -35,13 +35,13 @@ from bnlab.lab.train import evaluate, tensor_batches, train_loop
 
 def _params(config: dict) -> dict:
     quick, cifar = config["quick"], config["dataset"] != "mnist"
-    steps = 64000 if cifar else 240
+    steps = 64000 if cifar else 200
     if quick:
         steps = 6
-    p = {"depth": 20, "batch_size": 128 if not quick else 32, "lr": 0.1, "plain_lr": 0.02, "momentum": 0.9,
+    p = {"depth": 20, "batch_size": 128 if not quick else 32, "lr": 0.1, "plain_lr": 0.005, "momentum": 0.9,
          "weight_decay": 1e-4, "steps": steps, "lr_drops": [32000, 48000] if cifar and not quick else [steps // 2, 3 * steps // 4],
          "augment": cifar, "zero_init_residual_without_bn": True,
-         "eval_every": 2000 if cifar else 20, "test_size": 10000 if cifar else 1000}
+         "eval_every": 2000 if cifar else 25, "test_size": 10000 if cifar else 1000}
     if quick:
         p.update(eval_every=3, test_size=64)
     return p
