@@ -26,12 +26,17 @@ _RC = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.font
        "xtick.labelsize": 9, "ytick.labelsize": 9}
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.0), **kwargs):
-    """A (figure, axes array) pair on an Agg canvas; axes is always a 2-D array (nrows, ncols)."""
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.0), layout: str | None = "constrained",
+               **kwargs):
+    """A (figure, axes array) pair on an Agg canvas; axes is always a 2-D array (nrows, ncols).
+
+    ``layout=None`` skips matplotlib's layout solver (slow for many panels); place the axes with
+    ``fig.subplots_adjust`` instead.
+    """
     import matplotlib
 
     with matplotlib.rc_context(_RC):
-        fig = Figure(figsize=size, layout="constrained")
+        fig = Figure(figsize=size, layout=layout)
         FigureCanvasAgg(fig)
         axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     for ax in axes.flat:

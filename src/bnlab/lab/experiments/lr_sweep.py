@@ -113,10 +113,13 @@ def _findings(folder: RunFolder) -> str:
     lines = [f"{len(rows)} networks ({len(p['learning_rates'])} learning rates × with/without BN × {len(seeds)} seed(s)), "
              f"each trained for {p['steps']} SGD steps of batch {p['batch_size']}."]
     for bn in (True, False):
-        mine = [r for r in rows if r["batchnorm"] == bn]
-        ok = sorted({r["lr"] for r in mine if not r["diverged"] and (r["test_acc"] or 0) >= p["target_acc"]
-                     and all(not q["diverged"] for q in mine if q["lr"] == r["lr"])})
-        bad = sorted({r["lr"] for r in mine if r["diverged"]})
+        by_lr: dict[float, list[dict]] = {}
+        for r in rows:
+            if r["batchnorm"] == bn:
+                by_lr.setdefault(r["lr"], []).append(r)
+        ok = [lr for lr, rs in sorted(by_lr.items())
+              if all(not r["diverged"] and (r["test_acc"] or 0) >= p["target_acc"] for r in rs)]
+        bad = [lr for lr, rs in sorted(by_lr.items()) if any(r["diverged"] for r in rs)]
         name = "With BN" if bn else "Without BN"
         reach = f"every seed reaches {p['target_acc']:.0%} test accuracy at lr {', '.join(f'{v:g}' for v in ok)}" if ok \
             else f"no learning rate reaches {p['target_acc']:.0%} test accuracy"
