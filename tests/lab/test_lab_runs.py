@@ -26,6 +26,15 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary file left behind
 
 
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.md", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o644
+
+
 def test_clean_json_replaces_non_finite_floats():
     assert clean_json({"a": math.nan, "b": [1.0, math.inf, (2, -math.inf)], "c": True}) == \
         {"a": None, "b": [1.0, None, [2, None]], "c": True}

@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bnlab.lab.runs import new_file_mode
+
 __all__ = ["new_figure", "save_figure", "band", "COLORS", "LABELS"]
 
 #: one colour per kind of network, the same in every figure of the lab.
@@ -52,6 +54,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, format="png")
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

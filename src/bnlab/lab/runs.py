@@ -26,7 +26,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["RunFolder", "atomic_write_text", "atomic_write_json", "clean_json", "progress"]
+__all__ = ["RunFolder", "atomic_write_text", "atomic_write_json", "clean_json", "new_file_mode", "progress"]
+
+
+def new_file_mode() -> int:
+    """The permissions an ordinary new file gets (0o666 minus the umask); mkstemp's own are 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -39,6 +46,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
