@@ -88,3 +88,40 @@ def test_torch_batchnorm_flag(tmp_path):
     assert config["bn"] == "torch"
     bn_row = next(r for r in _rows(tmp_path / "t") if r["batchnorm"])
     assert "Expected more than 1 value per channel" in bn_row["batch1_error"]  # torch.nn's own message
+
+
+def test_data_dir_runs_an_experiment_on_mnist_files(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    from bnlab.lab.disk_data import MNIST_FILES
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = {"train": 300, "test": 120}
+    for key, name in MNIST_FILES.items():
+        n = sizes[key.split("_")[0]]
+        array = rng.integers(0, 256, (n, 28, 28)) if key.endswith("images") else rng.integers(0, 10, n)
+        header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        (raw / f"{name}.gz").write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    assert main(["run", "regularization", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["data_dir"] == str(tmp_path)
+    assert "from " + str(tmp_path) in (tmp_path / "r" / "report.md").read_text()
+    assert len(_rows(tmp_path / "r")) == 12
+
+
+def test_run_all_resume_continues_the_newest_all_folder(tmp_path, monkeypatch):
+    import bnlab.lab.experiments as experiments
+
+    only = {"regularization": get("regularization")}
+    monkeypatch.setattr(experiments, "registry", lambda: only)
+    assert main(["run", "all", "--quick"]) == 0
+    [root] = list((tmp_path / "runs").glob("all-*"))
+    unit_file = root / "regularization" / "units" / "bn.json"
+    before = unit_file.stat().st_mtime_ns
+    assert main(["run", "all", "--quick", "--resume"]) == 0
+    assert list((tmp_path / "runs").glob("all-*")) == [root]
+    assert unit_file.stat().st_mtime_ns == before  # finished units are not redone

@@ -62,7 +62,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         raise ValueError(f"--dataset: `run all` runs each experiment on its default dataset, got {args.dataset!r}; "
                          "pass --dataset to a single experiment")
-    root = Path(args.out) if args.out else (newest_run("all") if args.resume else None) or default_out("all")
+    # `all` writes runs/all-TIMESTAMP/NAME/ for each experiment; --resume continues the newest such folder.
+    root = Path(args.out) if args.out else (newest_run("all", need_config=False) if args.resume else None) or default_out("all")
     start = time.perf_counter()
     for name in registry():
         folder = run_experiment(name, RunOptions(**{**opts.__dict__, "out": root / name}))

@@ -23,9 +23,13 @@ def _short(value) -> str:
     if isinstance(value, list):
         items = [_short(v) for v in value]
         if len(items) > 8:
-            items = items[:3] + ["…"] + items[-2:] + [f"({len(value)} values)"]
+            return "[" + ", ".join(items[:3] + ["…"] + items[-2:]) + f"] ({len(value)} values)"
         return "[" + ", ".join(items) + "]"
     return json.dumps(value) if isinstance(value, (str, bool)) or value is None else str(value)
+
+
+def _threads(n) -> str:
+    return f"{n} torch thread{'' if n == 1 else 's'}"
 
 
 def _how_it_was_made(folder: RunFolder, summary: dict) -> list[str]:
@@ -35,7 +39,7 @@ def _how_it_was_made(folder: RunFolder, summary: dict) -> list[str]:
     lines = [
         f"- command: `{c.get('command') or 'bnlab run ' + c['experiment']}`",
         f"- started {c.get('created')}; units finished: {len(summary['units_done'])} of {len(c['units'])}; "
-        f"training wall time {summary['wall_s']:.1f} s on {c.get('device')} ({c.get('torch_threads')} torch threads, {c.get('machine')})",
+        f"training wall time {summary['wall_s']:.1f} s on {c.get('device')} ({_threads(c.get('torch_threads'))}, {c.get('machine')})",
         f"- {'quick' if c['quick'] else 'full'} version; seeds {c['seeds']}; BatchNorm implementation: {c['bn']}; data: {data}",
         f"- versions: {versions}; git commit: {c.get('git_commit') or 'none'}",
         "- parameters: " + ", ".join(f"`{k}` = {_short(v)}" for k, v in c["params"].items()),

@@ -66,9 +66,10 @@ def default_out(name: str, root: str | Path = "runs") -> Path:
     return Path(root) / f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def newest_run(name: str, root: str | Path = "runs") -> Path | None:
-    """The most recent runs/NAME-* folder holding a run, or None."""
-    candidates = sorted(p for p in Path(root).glob(f"{name}-*") if (p / "config.json").is_file())
+def newest_run(name: str, root: str | Path = "runs", need_config: bool = True) -> Path | None:
+    """The most recent runs/NAME-* folder holding a run (or, without ``need_config``, any such folder), or None."""
+    candidates = sorted(p for p in Path(root).glob(f"{name}-*")
+                        if (p / "config.json").is_file() or (not need_config and p.is_dir()))
     return candidates[-1] if candidates else None
 
 
