@@ -125,3 +125,9 @@ def test_run_all_resume_continues_the_newest_all_folder(tmp_path, monkeypatch):
     assert main(["run", "all", "--quick", "--resume"]) == 0
     assert list((tmp_path / "runs").glob("all-*")) == [root]
     assert unit_file.stat().st_mtime_ns == before  # finished units are not redone
+
+
+def test_missing_data_files_leave_no_run_folder(tmp_path, capsys):
+    assert main(["run", "resnet", "--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing")]) == 2
+    assert "data_batch_1" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

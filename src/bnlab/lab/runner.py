@@ -13,7 +13,6 @@ import subprocess
 import time
 import zlib
 from dataclasses import dataclass
-from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
@@ -48,17 +47,21 @@ class RunOptions:
 class RunContext:
     """What a unit of work sees: the configuration, its parameters, the device and the data."""
 
-    def __init__(self, folder: RunFolder, config: dict, device: torch.device) -> None:
+    def __init__(self, folder: RunFolder, config: dict, device: torch.device,
+                 data: tuple[lab_data.Split, lab_data.Split] | None = None) -> None:
         self.folder, self.config, self.device = folder, config, device
         self.params: dict = config["params"]
         self.seeds: list[int] = config["seeds"]
         self.bn: str = config["bn"]
         self.quick: bool = config["quick"]
+        self._data = data
 
-    @cached_property
+    @property
     def data(self) -> tuple[lab_data.Split, lab_data.Split]:
         """(train, test) splits of the configured dataset, on the CPU (loaded once per run)."""
-        return lab_data.load(self.config["dataset"], self.config["data_dir"])
+        if self._data is None:
+            self._data = lab_data.load(self.config["dataset"], self.config["data_dir"])
+        return self._data
 
 
 def default_out(name: str, root: str | Path = "runs") -> Path:
@@ -137,6 +140,7 @@ def run_experiment(name: str, opts: RunOptions) -> RunFolder:
         The run folder.
     """
     exp = get(name)
+    data = None
     out = opts.out
     if opts.resume and out is None:
         out = newest_run(exp.name)
@@ -145,11 +149,14 @@ def run_experiment(name: str, opts: RunOptions) -> RunFolder:
     if opts.resume and (Path(out) / "config.json").is_file():
         folder = RunFolder.open(out)
         _check_resume(folder.config, opts)
+        config = folder.config
     else:
-        folder = RunFolder.create(out, _resolve(exp, opts))
-    config = folder.config
+        config = _resolve(exp, opts)
+        RunFolder.ensure_new(out)
+        data = lab_data.load(config["dataset"], config["data_dir"])  # a missing file fails before any folder exists
+        folder = RunFolder.create(out, config)
     device = torch.device(opts.device or config["device"])
-    ctx = RunContext(folder, config, device)
+    ctx = RunContext(folder, config, device, data)
     todo = [u for u in config["units"] if not folder.is_done(u)]
     for unit in progress(todo, desc=exp.name, leave=True):
         torch.manual_seed(zlib.crc32(f"{exp.name}/{unit}".encode()))

@@ -100,13 +100,19 @@ class RunFolder:
     @classmethod
     def create(cls, path: str | os.PathLike, config: dict) -> "RunFolder":
         """A new run folder holding ``config``; refuses a folder that already holds a run."""
+        folder = cls.ensure_new(path)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder.path / "config.json", config)
+        return folder
+
+    @classmethod
+    def ensure_new(cls, path: str | os.PathLike) -> "RunFolder":
+        """The folder at ``path``, which must not hold a run yet (nothing is created)."""
         folder = cls(path)
         if (folder.path / "config.json").exists():
             raise FileExistsError(
                 f"--out: {folder.path} already holds a run; pass --resume to continue it, or choose another --out"
             )
-        folder.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder.path / "config.json", config)
         return folder
 
     @classmethod
