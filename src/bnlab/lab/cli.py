@@ -1,12 +1,21 @@
 """The `bnlab` command line.
 
-    bnlab selfcheck        compare bnlab's layers with torch.nn's on random data
+    bnlab list                      every experiment, one line each, with its expected runtime
+    bnlab run NAME [options]        run one experiment (or `all`) into runs/NAME-TIMESTAMP/
+    bnlab report DIR                rebuild the figures and report.md of a run folder from its files
+    bnlab selfcheck                 compare bnlab's layers with torch.nn's on random data
+
+Errors in the arguments print one line naming the option (set BNLAB_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+import time
+from pathlib import Path
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
@@ -17,10 +26,86 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    from bnlab.lab.experiments import registry
+
+    experiments = registry()
+    width = max(len(n) for n in experiments)
+    for name, exp in experiments.items():
+        print(f"{name:<{width}}  {exp.summary}  [{exp.runtime}]")
+    print(f"{'all':<{width}}  every experiment above, one after another (`bnlab run all --quick`: about a minute)")
+    return 0
+
+
+def _parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds: expected at least one integer, got {text!r}")
+    return seeds
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bnlab.lab.experiments import registry
+    from bnlab.lab.runner import RunOptions, default_out, main_progress_note, newest_run, run_experiment
+
+    opts = RunOptions(quick=args.quick, seeds=_parse_seeds(args.seeds), device=args.device, resume=args.resume,
+                      bn=args.bn, dataset=args.dataset, data_dir=args.data_dir, command=args.command_line)
+    if args.name != "all":
+        folder = run_experiment(args.name, RunOptions(**{**opts.__dict__, "out": Path(args.out) if args.out else None}))
+        print(main_progress_note(folder))
+        return 0
+    if args.dataset is not None:
+        raise ValueError(f"--dataset: `run all` runs each experiment on its default dataset, got {args.dataset!r}; "
+                         "pass --dataset to a single experiment")
+    # `all` writes runs/all-TIMESTAMP/NAME/ for each experiment; --resume continues the newest such folder.
+    root = Path(args.out) if args.out else (newest_run("all", need_config=False) if args.resume else None) or default_out("all")
+    start = time.perf_counter()
+    for name in registry():
+        folder = run_experiment(name, RunOptions(**{**opts.__dict__, "out": root / name}))
+        print(main_progress_note(folder), flush=True)
+    print(f"all: {time.perf_counter() - start:.1f} s in total; reports under {root}/*/report.md")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bnlab.lab.report import write_report
+
+    print(write_report(Path(args.dir)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="bnlab", description="Batch Normalization: the layer, the reference, the lab.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list the experiments with their expected runtimes")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("run", help="run an experiment (or all of them) and write figures, tables and a report")
+    p.add_argument("name", help="experiment name (see `bnlab list`) or `all`")
+    p.add_argument("--quick", action="store_true", default=None, help="small version that runs in seconds")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the experiment's)")
+    p.add_argument("--out", help="run folder (default runs/NAME-TIMESTAMP; for `all`, a parent folder)")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (default: the newest runs/NAME-*), redoing only unfinished units")
+    p.add_argument("--bn", choices=["bnlab", "torch"], default=None, help="BatchNorm implementation (default bnlab)")
+    p.add_argument("--dataset", choices=["mnist", "cifar10", "cifar100"], default=None,
+                   help="dataset, for experiments that take several (resnet); default mnist")
+    p.add_argument("--data-dir", help="folder with the full dataset (MNIST IDX files or CIFAR pickles); "
+                                      "default: the bundled 5,000-image MNIST subset")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="rebuild the figures and report.md of a run folder from its files")
+    p.add_argument("dir", help="a run folder (one holding config.json)")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("selfcheck", help="compare bnlab's BatchNorm with torch.nn's on random data")
     p.add_argument("--steps", type=int, default=3, help="training steps per case (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -30,8 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `bnlab` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    args.command_line = shlex.join(["bnlab", *argv])
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        if os.environ.get("BNLAB_DEBUG"):
+            raise
+        print(f"bnlab: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

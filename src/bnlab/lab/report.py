@@ -1,0 +1,73 @@
+"""report.md of a run, written from the run folder alone (`bnlab report DIR` rebuilds it).
+
+The report says what the experiment tests, what was measured (the experiment's own findings,
+with numbers computed from summary.json and metrics.jsonl), shows the figures inline, and
+records how the run was made: command, seeds, versions, commit, wall time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bnlab.lab.experiments import get
+from bnlab.lab.runs import RunFolder, atomic_write_text
+
+__all__ = ["write_report"]
+
+
+def _short(value) -> str:
+    """A parameter value for the report: floats to 4 significant digits, long lists shortened."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        items = [_short(v) for v in value]
+        if len(items) > 8:
+            return "[" + ", ".join(items[:3] + ["…"] + items[-2:]) + f"] ({len(value)} values)"
+        return "[" + ", ".join(items) + "]"
+    return json.dumps(value) if isinstance(value, (str, bool)) or value is None else str(value)
+
+
+def _threads(n) -> str:
+    return f"{n} torch thread{'' if n == 1 else 's'}"
+
+
+def _how_it_was_made(folder: RunFolder, summary: dict) -> list[str]:
+    c = folder.config
+    versions = ", ".join(f"{k} {v}" for k, v in c.get("versions", {}).items() if v)
+    data = c["dataset"] + (f" from {c['data_dir']}" if c.get("data_dir") else " (bundled 5,000-image subset)")
+    lines = [
+        f"- command: `{c.get('command') or 'bnlab run ' + c['experiment']}`",
+        f"- started {c.get('created')}; units finished: {len(summary['units_done'])} of {len(c['units'])}; "
+        f"training wall time {summary['wall_s']:.1f} s on {c.get('device')} ({_threads(c.get('torch_threads'))}, {c.get('machine')})",
+        f"- {'quick' if c['quick'] else 'full'} version; seeds {c['seeds']}; BatchNorm implementation: {c['bn']}; data: {data}",
+        f"- versions: {versions}; git commit: {c.get('git_commit') or 'none'}",
+        "- parameters: " + ", ".join(f"`{k}` = {_short(v)}" for k, v in c["params"].items()),
+    ]
+    return lines
+
+
+def write_report(folder: RunFolder | str | Path) -> Path:
+    """Draw the figures and write report.md in ``folder``; returns the report's path."""
+    if not isinstance(folder, RunFolder):
+        folder = RunFolder.open(folder)
+    exp = get(folder.config["experiment"])
+    summary = folder.write_summary()
+    md = [f"# `{exp.name}`: {exp.summary}", ""]
+    if not summary["complete"]:
+        md += [f"> **Partial run**: {len(summary['units_done'])} of {len(folder.config['units'])} units finished. "
+               f"Continue it with `bnlab run {exp.name} --resume --out {folder.path}`.", ""]
+    md += [f"**The claim.** {exp.claim}", "", "## What was measured", "", exp.findings(folder).strip(), ""]
+    figures = exp.figures(folder) if summary["rows"] else []
+    if figures:
+        md += ["## Figures", ""]
+        for file, caption in figures:
+            md += [f"![{caption}]({file})", "", f"*{caption}*", ""]
+    md += ["## How this run was made", "", *_how_it_was_made(folder, summary), "",
+           "## Files", "",
+           "`summary.json` (key `rows`: one record per trained network) and `summary.csv`; "
+           "`metrics.jsonl` (the curves); `config.json`; `units/` (one file per finished unit); "
+           "the figures; this report (`bnlab report DIR` rebuilds figures and report from these files).", ""]
+    path = folder.path / "report.md"
+    atomic_write_text(path, "\n".join(md))
+    return path

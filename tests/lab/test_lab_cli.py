@@ -1,0 +1,133 @@
+"""`bnlab list/run/report`: options, errors, same seed -> same numbers, resume after a kill."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import bnlab.lab.runner as runner
+from bnlab.lab.cli import main
+from bnlab.lab.experiments import get
+
+
+def _rows(folder):
+    return json.loads((folder / "summary.json").read_text())["rows"]
+
+
+def test_list_names_every_experiment_with_a_runtime(capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == ["init-sweep", "lr-sweep", "activations", "inference", "conv", "resnet", "regularization", "all"]
+    assert all("[" in line and "s" in line.split("[")[-1] for line in lines[:-1])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "nope", "--quick"], "experiment: expected one of"),
+    (["run", "conv", "--quick", "--seeds", "a,b"], "--seeds"),
+    (["run", "conv", "--quick", "--seeds", "1,1"], "--seeds"),
+    (["run", "init-sweep", "--quick", "--dataset", "cifar10"], "--dataset"),
+    (["run", "resnet", "--quick", "--dataset", "cifar10"], "data_dir"),
+    (["report", "missing-dir"], "config.json"),
+])
+def test_bad_options_name_the_option(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_same_seed_same_numbers_and_report_rebuilds(tmp_path, capsys):
+    argv = ["run", "init-sweep", "--quick", "--seeds", "5"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2  # exists: needs --resume
+    assert "--resume" in capsys.readouterr().err
+    report = (tmp_path / "a" / "report.md").read_text()
+    (tmp_path / "a" / "report.md").unlink()
+    (tmp_path / "a" / "init_sweep_grid.png").unlink()
+    assert main(["report", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "report.md").read_text() == report
+    assert (tmp_path / "a" / "init_sweep_grid.png").stat().st_size > 10_000
+
+
+def test_resume_redoes_only_unfinished_units(tmp_path, monkeypatch):
+    exp = get("conv")
+    ran = []
+
+    def killed_after_first(unit, ctx):
+        if ran:
+            raise KeyboardInterrupt  # the run is killed while the second unit trains
+        ran.append(unit)
+        return exp.run_unit(unit, ctx)
+
+    monkeypatch.setattr(runner, "get", lambda name: dataclasses.replace(exp, run_unit=killed_after_first))
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", "conv", "--quick"])
+    [folder] = list((tmp_path / "runs").iterdir())
+    assert [p.name for p in (folder / "units").iterdir()] == ["channel,seed=0.json"]
+    assert not json.loads((folder / "summary.json").read_text())["complete"]
+
+    def counting(unit, ctx):
+        ran.append(unit)
+        return exp.run_unit(unit, ctx)
+
+    monkeypatch.setattr(runner, "get", lambda name: dataclasses.replace(exp, run_unit=counting))
+    assert main(["run", "conv", "--quick", "--bn", "torch", "--resume"]) == 2  # options differ from the stored run
+    assert main(["run", "conv", "--quick", "--resume"]) == 0  # no --out: the newest runs/conv-*
+    assert ran == ["channel,seed=0", "activation,seed=0", "none,seed=0"]
+    monkeypatch.undo()
+    assert main(["run", "conv", "--quick", "--out", str(tmp_path / "whole")]) == 0
+    assert _rows(folder) == _rows(tmp_path / "whole")  # resumed = uninterrupted, number for number
+
+
+def test_torch_batchnorm_flag(tmp_path):
+    assert main(["run", "inference", "--quick", "--bn", "torch", "--out", str(tmp_path / "t")]) == 0
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["bn"] == "torch"
+    bn_row = next(r for r in _rows(tmp_path / "t") if r["batchnorm"])
+    assert "Expected more than 1 value per channel" in bn_row["batch1_error"]  # torch.nn's own message
+
+
+def test_data_dir_runs_an_experiment_on_mnist_files(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    from bnlab.lab.disk_data import MNIST_FILES
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = {"train": 300, "test": 120}
+    for key, name in MNIST_FILES.items():
+        n = sizes[key.split("_")[0]]
+        array = rng.integers(0, 256, (n, 28, 28)) if key.endswith("images") else rng.integers(0, 10, n)
+        header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        (raw / f"{name}.gz").write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    assert main(["run", "regularization", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["data_dir"] == str(tmp_path)
+    assert "from " + str(tmp_path) in (tmp_path / "r" / "report.md").read_text()
+    assert len(_rows(tmp_path / "r")) == 12
+
+
+def test_run_all_resume_continues_the_newest_all_folder(tmp_path, monkeypatch):
+    import bnlab.lab.experiments as experiments
+
+    only = {"regularization": get("regularization")}
+    monkeypatch.setattr(experiments, "registry", lambda: only)
+    assert main(["run", "all", "--quick"]) == 0
+    [root] = list((tmp_path / "runs").glob("all-*"))
+    unit_file = root / "regularization" / "units" / "bn.json"
+    before = unit_file.stat().st_mtime_ns
+    assert main(["run", "all", "--quick", "--resume"]) == 0
+    assert list((tmp_path / "runs").glob("all-*")) == [root]
+    assert unit_file.stat().st_mtime_ns == before  # finished units are not redone
+
+
+def test_missing_data_files_leave_no_run_folder(tmp_path, capsys):
+    assert main(["run", "resnet", "--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing")]) == 2
+    assert "data_batch_1" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
