@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import _checks
+from bnlab._fastpath import module_forward
 from bnlab.functional import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNLAB_BATCHNORM_TYPES"]
@@ -77,6 +78,9 @@ class _BatchNormMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` (N, C, *) per channel; see the class docstring for the accepted ranks."""
+        y = module_forward(self, input)  # the common case, validated once (bnlab._fastpath)
+        if y is not None:
+            return y
         x = _checks.check_input(input)
         self._check_input_dim(x)
         self._check_channels(x)

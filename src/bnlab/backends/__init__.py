@@ -12,11 +12,13 @@ import os
 from torch import Tensor
 
 from bnlab.backends.base import Backend
+from bnlab.backends.cpu import CpuBackend
 from bnlab.backends.portable import PortableBackend
 
 __all__ = ["Backend", "register_backend", "set_backend", "get_backend", "select_backend", "available_backends"]
 
-_REGISTRY: list[Backend] = [PortableBackend()]
+# Most preferred first: the compiled CPU kernels (when they build) for CPU tensors, else portable.
+_REGISTRY: list[Backend] = [CpuBackend(), PortableBackend()]
 _PINNED: str | None = os.environ.get("BNLAB_BACKEND") or None
 
 

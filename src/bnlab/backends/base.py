@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bnlab.stats import Count, Moments, finalize
+from bnlab.stats import Count, Moments, finalize, update_running_stats_
 
 
 class Backend:
@@ -79,6 +79,47 @@ class Backend:
         if need_input_grad:
             dx = self.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
         return dx, sum_dy_xhat, sum_dy
+
+    # -- whole-call hooks: a fast backend may fold these small steps into one kernel call -----------
+    def update_running_stats_(
+        self, running_mean: Tensor | None, running_var: Tensor | None, stats: Moments, momentum: float
+    ) -> None:
+        """In place: the running averages after a training batch (bnlab.stats.update_running_stats_)."""
+        update_running_stats_(running_mean, running_var, stats, momentum)
+
+    def train_forward(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None = None,
+    ) -> Tensor | None:
+        """The whole training forward as one autograd op: output, and the running averages updated.
+
+        ``momentum`` is the weight of the batch. With ``num_batches_tracked`` (a module's counter),
+        the backend also adds 1 to it, and ``momentum=None`` means the cumulative factor
+        1/num_batches_tracked (after counting), as the module's own bookkeeping would.
+
+        Returns None, having changed nothing, to let the caller take the general path
+        (BatchNormTrainFunction, then ``update_running_stats_``). A backend whose per-call overhead
+        matters (small inputs) fuses the steps; the results must be those of the general path.
+        """
+        return None
+
+    def eval_forward(
+        self, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> Tensor | None:
+        """Evaluation-mode output straight from the running buffers when no gradient is needed.
+
+        Returns None to let the caller take the general path (finalize the statistics, then
+        ``normalize`` under autograd). Must raise as ``_checks.check_running_var_nonnegative`` does
+        for a negative running variance.
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"<bnlab backend {self.name!r}>"
