@@ -33,7 +33,14 @@ from pathlib import Path
 __all__ = ["load", "load_error", "library_path", "build_seconds"]
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = ("cpu_kernels.cpp", "cpu_kernels_ncl.inc", "cpu_kernels_nlc.inc", "cpu_kernels_api.inc", "cpu_kernels_py.inc")
+SOURCES = (
+    "cpu_kernels.cpp",
+    "cpu_kernels_ncl.inc",
+    "cpu_kernels_waves.inc",
+    "cpu_kernels_nlc.inc",
+    "cpu_kernels_api.inc",
+    "cpu_kernels_py.inc",
+)
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c++17"]
 
 _lock = threading.Lock()

@@ -1,6 +1,6 @@
-// bnlab's CPU kernels: compiled at first use by bnlab/backends/cpu_build.py, called through ctypes.
+// bnlab's CPU kernels: compiled at first use by bnlab/backends/cpu_build.py (see there how they are loaded).
 //
-// Plain C++ with OpenMP and no torch headers, so it compiles in about a second. Every entry point
+// Plain C++ with OpenMP and no torch headers, so it compiles in a few seconds. Every entry point
 // takes raw pointers, a dtype code and the layout (see Layout) and does one whole BN pass:
 //   bn_forward_train  statistics (two-pass per cache-sized chunk, merged with Chan's rule) then normalize
 //   bn_backward       Σdy and Σdy·x̂ then dx, reusing each channel's data while it is in cache
@@ -9,12 +9,12 @@
 //   bn_update_running the running-average update (torch's convention, unbiased variance)
 // Statistics are float64 whatever the input dtype; the math is docs/math.md's.
 //
-// Work split: a channel's values are cut into chunks of ~kChunk elements (a row segment of the
-// NCL layout, or several short rows). Channels are processed in waves small enough to stay in the
-// cores' L2 caches; the chunks of a wave are shared evenly among the threads (so few channels
-// still use every core), each thread reduces its chunks, one barrier, each thread merges the
-// partial statistics of the channels it touched and runs the elementwise pass over the same
-// chunks, which are still in its cache. That reads x from memory once instead of twice.
+// Work split (NCL): a channel's values are cut into chunks of ~kChunk elements (a row segment, or
+// several short rows). With enough channels, each channel is one task for whichever thread is
+// free: its statistics, then its elementwise pass while its values are still in that core's cache,
+// which reads x from memory once instead of twice and needs no barrier. With few channels, the
+// chunks of each wave of channels are shared among all threads, with one barrier per wave
+// (cpu_kernels_waves.inc). NLC (channels innermost): threads take shares of the rows.
 #ifdef BNLAB_PYTHON_MODULE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>  // before any standard header, as Python's documentation requires
@@ -193,6 +193,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 }  // namespace
 
 #include "cpu_kernels_ncl.inc"
+#include "cpu_kernels_waves.inc"
 #include "cpu_kernels_nlc.inc"
 #include "cpu_kernels_api.inc"
 #ifdef BNLAB_PYTHON_MODULE
