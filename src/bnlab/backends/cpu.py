@@ -106,18 +106,20 @@ class CpuBackend(Backend):
     name = "cpu"
 
     def __init__(self) -> None:
-        self._lib = None
-        self._ready = False
+        self._loaded = None
 
     def kernels(self):
         """The loaded kernels (compiled on first use), or None when unavailable."""
-        if not self._ready:
-            self._lib = cpu_build.load()
-            self._ready = True
-        return self._lib
+        if self._loaded is None:
+            self._loaded = cpu_build.load()
+        return self._loaded
+
+    @property
+    def _lib(self):
+        return self._loaded if self._loaded is not None else self.kernels()
 
     def supports(self, x: Tensor) -> bool:
-        return x.is_cpu and x.dtype in _CODE and (self._lib is not None or self.kernels() is not None)
+        return x.is_cpu and x.dtype in _CODE and self._lib is not None
 
     # -- fused compositions ----------------------------------------------------------------------
     def forward_train(self, x, weight, bias, eps):
