@@ -3,6 +3,7 @@
 Public names:
     BatchNorm1d, BatchNorm2d, BatchNorm3d  drop-in replacements for torch.nn's layers
     convert                                swap torch.nn BN layers for bnlab's in a model (and back)
+    fold                                   fold eval-mode BN into the conv/linear layer before it
     functional.batch_norm                  torch.nn.functional.batch_norm's signature, bnlab's code
     reference                              the float64 NumPy specification (the test oracle)
     set_backend, available_backends        choose which implementation of the primitives runs
@@ -11,6 +12,7 @@ Public names:
 from bnlab import functional, reference
 from bnlab.backends import available_backends, set_backend
 from bnlab.convert import convert
+from bnlab.fold import fold
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
@@ -20,6 +22,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "convert",
+    "fold",
     "functional",
     "reference",
     "set_backend",
