@@ -2,6 +2,7 @@
 
 Public names:
     BatchNorm1d, BatchNorm2d, BatchNorm3d  drop-in replacements for torch.nn's layers
+    BatchNormAct2d                         BatchNorm2d + residual add + ReLU, fused on GPU
     convert                                swap torch.nn BN layers for bnlab's in a model (and back)
     fold                                   fold eval-mode BN into the conv/linear layer before it
     functional.batch_norm                  torch.nn.functional.batch_norm's signature, bnlab's code
@@ -13,6 +14,7 @@ from bnlab import functional, reference
 from bnlab.backends import available_backends, set_backend
 from bnlab.convert import convert
 from bnlab.fold import fold
+from bnlab.fused import BatchNormAct2d
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
@@ -21,6 +23,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct2d",
     "convert",
     "fold",
     "functional",
