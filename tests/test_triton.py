@@ -137,12 +137,13 @@ def test_fused_bn_add_relu_matches_torch_sequence(triton_everywhere, residual):
 def test_mask_holds_one_bit_per_element():
     from bnlab.fused import _unpack_bits
 
-    x = make_input((3, 2, 7, 5), "cl", seed=14)  # 210 elements: the last byte is partial
-    y, (stats, hi, mask, plan) = TRITON.act_forward(x, None, None, 1e-5, None, None, 0.1, None, True)
-    assert mask.dtype == torch.uint8 and mask.numel() == (x.numel() + 7) // 8
-    z = torch.as_tensor(ref.forward_train(np64(x))[0])
-    assert torch.equal(_unpack_bits(mask, x), z > 0)
-    assert_close(y, torch.relu(z), 2e-4, "relu output")
+    for layout in ("cl", "nchw"):  # rows of 2 channels / of 35 positions: partial bytes at every row end
+        x = make_input((3, 2, 7, 5), layout, seed=14)
+        y, (stats, hi, mask, plan) = TRITON.act_forward(x, None, None, 1e-5, None, None, 0.1, None, True)
+        assert mask.dtype == torch.uint8 and mask.numel() == plan.rows * ((plan.k + 7) // 8) < x.numel()
+        z = torch.as_tensor(ref.forward_train(np64(x))[0])
+        assert torch.equal(_unpack_bits(mask, x, plan.rows, plan.k), z > 0)
+        assert_close(y, torch.relu(z), 2e-4, "relu output")
 
 
 def test_precision_rules():
@@ -158,3 +159,22 @@ def test_precision_rules():
     y, _, _ = TRITON.forward_train(x, None, beta, 1e-5)
     assert torch.isnan(y[:, 1]).all()
     assert torch.equal(y[:, 0], torch.full_like(y[:, 0], 0.25)), "a constant channel must give exactly beta"
+
+
+def test_double_backward_of_the_fused_layer_matches_the_generic_path(triton_everywhere):
+    """create_graph=True unpacks the 1-bit mask and differentiates BN's backward with torch ops."""
+    x = make_input((4, 3, 3, 5), "cl", seed=17)
+
+    def second_order(layer):
+        xg = x.clone().requires_grad_()
+        res = (x.flip(0) * 0.5).requires_grad_()
+        y = layer(xg, res)
+        (g,) = torch.autograd.grad((y * y).sum(), xg, create_graph=True)
+        (g * g).sum().backward()
+        return xg.grad, res.grad
+
+    fused = second_order(bnlab.BatchNormAct2d(3, residual=True))
+    _REGISTRY[:] = [PortableBackend()]
+    generic = second_order(bnlab.BatchNormAct2d(3, residual=True))
+    assert_close(fused[0], generic[0], 2e-4, "second-order grad x")
+    assert_close(fused[1], generic[1], 2e-4, "second-order grad residual")

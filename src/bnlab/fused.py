@@ -24,10 +24,14 @@ from bnlab.modules import BatchNorm2d
 __all__ = ["BatchNormAct2d", "BatchNormActFunction"]
 
 
-def _unpack_bits(mask: Tensor, like: Tensor) -> Tensor:
-    """The boolean z > 0 of a 1-bit mask (bit o % 8 of byte o // 8 is the element at storage offset o)."""
-    bits = (mask.unsqueeze(1) >> torch.arange(8, device=mask.device, dtype=torch.uint8)) & 1
-    flat = bits.flatten()[: like.numel()].bool()
+def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
+    """The boolean z > 0 of the Triton kernels' 1-bit mask, shaped and strided like the input.
+
+    The mask holds ``rows`` rows of ``k`` values in storage order, each row padded to whole bytes
+    (bit j % 8 of byte j // 8 of its row); see bnlab.backends.triton_elementwise.
+    """
+    bits = (mask.view(rows, -1).unsqueeze(2) >> torch.arange(8, device=mask.device, dtype=torch.uint8)) & 1
+    flat = bits.flatten(1)[:, :k].reshape(-1).bool()
     return flat.as_strided(like.shape, like.stride())  # like is dense: its strides index the storage
 
 
@@ -68,7 +72,8 @@ class BatchNormActFunction(torch.autograd.Function):
             from bnlab.autograd import _differentiable_train_backward
 
             if ctx.fused:
-                mask = _unpack_bits(ctx.extra[2], x) if ctx.extra[2] is not None else None
+                _, _, packed, p = ctx.extra
+                mask = _unpack_bits(packed, x, p.rows, p.k) if packed is not None else None
             else:
                 mask = ctx.extra[3]
             dz = dy * mask if mask is not None else dy

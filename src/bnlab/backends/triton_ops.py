@@ -1,9 +1,9 @@
 """Launchers of bnlab's Triton kernels: layouts, grids and buffers (imports triton; loaded lazily).
 
-Forward (training): stats_partial (channel blocks x segments) -> stats_merge (per channel: float64
-statistics, normalize coefficients, running averages) -> normalize (flat; + residual, ReLU and a
+Forward (training): stats_ncl/stats_nlc (channels x segments) -> stats_merge (per channel: float64
+statistics, normalize coefficients, running averages) -> normalize (tiles; + residual, ReLU and a
 1-bit mask for the fused layer). Traffic 3N: x is read twice, y written once.
-Backward: grad_partial -> grad_merge (sums, dx coefficients, dweight/dbias) -> grad_input (flat).
+Backward: grad_ncl/grad_nlc -> grad_merge (sums, dx coefficients, dweight/dbias) -> grad_input.
 Traffic 5N: dy and x read twice, dx written once (plus the mask, N/8 bytes, when fused).
 
 Works on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how CI tests it).
@@ -17,6 +17,7 @@ import torch
 import triton
 
 from bnlab.backends import triton_elementwise as ew
+from bnlab.backends import triton_grad as grad
 from bnlab.backends import triton_reduce as red
 
 _F64, _F32 = torch.float64, torch.float32
@@ -24,24 +25,40 @@ _SM_COUNT: dict = {}
 
 
 class Plan(NamedTuple):
-    """How the kernels address a dense input x viewed as (N, C, L); see triton_reduce."""
+    """How the kernels see a dense input: NCL rows (n*C + c) of L values, or NLC rows of C channels.
 
+    Reduce grid: (C, segments) for NCL, (channel blocks, segments) for NLC; elementwise grid:
+    tiles of [block_r, block_k] over R rows of K contiguous values.
+    """
+
+    ncl: bool
     n: int
     c: int
-    length: int
-    s_n: int
-    s_c: int
-    s_l: int
-    rows_flat: bool  # L == 1: the reduction index is the row, no division
-    cdiv: int  # elementwise kernels: channel of offset o is (o // cdiv) % C
-    block_m: int
-    block_c: int
+    length: int  # L; 1 for NLC
+    block_a: int  # reduce tile: BLOCK_N (NCL) or BLOCK_M (NLC)
+    block_b: int  # reduce tile: BLOCK_L (NCL) or BLOCK_C (NLC)
     segments: int
-    seg: int
+    per_segment: int  # NCL: tiles per segment; NLC: rows per segment
+    block_r: int
+    block_k: int
 
     @property
     def m(self) -> int:
+        """Values per channel."""
         return self.n * self.length
+
+    @property
+    def rows(self) -> int:
+        return self.n * self.c if self.ncl else self.n
+
+    @property
+    def k(self) -> int:
+        return self.length if self.ncl else self.c
+
+    @property
+    def k8b(self) -> int:
+        """Bytes per row of the ReLU mask."""
+        return (self.k + 7) // 8
 
 
 def _programs_wanted(x: torch.Tensor) -> int:
@@ -60,25 +77,64 @@ def plan(x: torch.Tensor) -> Plan | None:
     n, c = x.shape[0], x.shape[1]
     length = x.numel() // (n * c)
     if x.is_contiguous() and length > 1:
-        layout = (n, c, length, c * length, length, 1, False, length)
+        ncl = True
     elif x.is_contiguous() or (x.stride(1) == 1 and x.movedim(1, -1).is_contiguous()):
-        layout = (n * length, c, 1, c, 1, 0, True, 1)  # rows of C contiguous channels
+        ncl, n, length = False, n * length, 1
     else:
         return None
-    rows = layout[0] * layout[2]
-    if layout[4] == 1:  # channels innermost: tiles of rows x channels, coalesced along channels
-        block_c = min(64, triton.next_power_of_2(c))
-        block_m = max(16, 2048 // block_c) if x.is_cuda else 16
-    else:  # contiguous rows of one channel
-        block_c, block_m = 1, (1024 if x.is_cuda else 64)
-    c_blocks = triton.cdiv(c, block_c)
-    segments = max(1, min(triton.cdiv(rows, block_m), _programs_wanted(x) // c_blocks, 1024))
-    seg = triton.cdiv(triton.cdiv(rows, segments), block_m) * block_m
-    return Plan(*layout, block_m, block_c, triton.cdiv(rows, seg), seg)
+    gpu = x.is_cuda
+    tile, width = (2048, 1024) if gpu else (128, 64)  # the interpreter: small tiles, many of them
+    wanted = _programs_wanted(x)
+    if ncl:
+        block_b = min(triton.next_power_of_2(length), width)  # BLOCK_L
+        block_a = max(1, tile // block_b)  # BLOCK_N
+        tiles = triton.cdiv(n, block_a) * triton.cdiv(length, block_b)
+        segments = max(1, min(tiles, wanted // c, 1024))
+        per = triton.cdiv(tiles, segments)
+        segments = triton.cdiv(tiles, per)
+    else:
+        block_b = min(64, triton.next_power_of_2(c))  # BLOCK_C
+        block_a = max(16, tile // block_b) if gpu else 16  # BLOCK_M
+        segments = max(1, min(triton.cdiv(n, block_a), wanted // triton.cdiv(c, block_b), 1024))
+        per = triton.cdiv(triton.cdiv(n, segments), block_a) * block_a
+        segments = triton.cdiv(n, per)
+    k = length if ncl else c
+    block_k = max(8, min(triton.next_power_of_2(k), width))
+    return Plan(ncl, n, c, length, block_a, block_b, segments, per, max(1, tile // block_k), block_k)
 
 
-def _block(x: torch.Tensor) -> int:
-    return 1024 if x.is_cuda else 256
+def _partial_stats(x, p: Plan):
+    part = torch.empty(p.segments, p.c, 3, dtype=_F64, device=x.device)
+    if p.ncl:
+        red.stats_ncl_kernel[(p.c, p.segments)](
+            x, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b,
+        )  # fmt: skip
+    else:
+        red.stats_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
+            x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b
+        )
+    return part
+
+
+def _partial_grads(dy, x, mask, hi, p: Plan):
+    part = torch.empty(p.segments, p.c, 2, dtype=_F64, device=x.device)
+    mask_arg = mask if mask is not None else dy
+    if p.ncl:
+        grad.grad_ncl_kernel[(p.c, p.segments)](
+            dy, x, mask_arg, hi, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment, p.k8b,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None,
+        )  # fmt: skip
+    else:
+        grad.grad_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
+            dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
+            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None,
+        )  # fmt: skip
+    return part
+
+
+def _tiles(p: Plan):
+    return (triton.cdiv(p.rows, p.block_r), triton.cdiv(p.k, p.block_k))
 
 
 def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.0, counter=None,
@@ -91,11 +147,7 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
     """
     p = p or plan(x)
     c = p.c
-    part = torch.empty(p.segments, c, 3, dtype=_F64, device=x.device)
-    red.stats_partial_kernel[(triton.cdiv(c, p.block_c), p.segments)](
-        x, part, c, p.length, p.m, p.seg, p.s_n, p.s_c, p.s_l,
-        BLOCK_M=p.block_m, BLOCK_C=p.block_c, ROWS_FLAT=p.rows_flat,
-    )  # fmt: skip
+    part = _partial_stats(x, p)
     if counter is not None:
         counter.add_(1)
     stats = torch.empty(3, c, dtype=_F64, device=x.device)
@@ -105,7 +157,7 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
         part, x, stats, coef,
         weight if weight is not None else x, bias if bias is not None else x,
         running_mean if update else x, running_var if update else x, counter if counter is not None else x,
-        c, p.segments, p.s_c, eps, 0.0 if momentum is None else float(momentum),
+        c, p.segments, p.length if p.ncl else 1, eps, 0.0 if momentum is None else float(momentum),
         HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update, CUMULATIVE=momentum is None,
         BLOCK_S=triton.next_power_of_2(p.segments),
     )  # fmt: skip
@@ -116,14 +168,13 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
 
 
 def _normalize(x, coef, p: Plan, residual=None, relu=False, want_mask=False):
-    numel = x.numel()
     y = torch.empty_like(x)
-    mask = torch.empty((numel + 7) // 8, dtype=torch.uint8, device=x.device) if want_mask else None
-    block = _block(x)
-    ew.normalize_kernel[(triton.cdiv(numel, block),)](
+    mask = torch.empty(p.rows * p.k8b, dtype=torch.uint8, device=x.device) if want_mask else None
+    ew.normalize_kernel[_tiles(p)](
         x, y, coef, residual if residual is not None else x, mask if mask is not None else y,
-        numel, p.c, p.cdiv,
-        HAS_RES=residual is not None, RELU=relu, WRITE_MASK=want_mask, BLOCK=block,
+        p.rows, p.k, p.c, p.k8b,
+        NCL=p.ncl, HAS_RES=residual is not None, RELU=relu, WRITE_MASK=want_mask,
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k,
     )  # fmt: skip
     return y, mask
 
@@ -137,14 +188,10 @@ def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False,
     """
     p = p or plan(x)
     c = p.c
-    part = torch.empty(p.segments, c, 2, dtype=_F64, device=x.device)
-    red.grad_partial_kernel[(triton.cdiv(c, p.block_c), p.segments)](
-        dy, x, mask if mask is not None else dy, hi, part, c, p.length, p.m, p.seg, p.s_n, p.s_c, p.s_l,
-        BLOCK_M=p.block_m, BLOCK_C=p.block_c, ROWS_FLAT=p.rows_flat, HAS_MASK=mask is not None,
-    )  # fmt: skip
+    part = _partial_grads(dy, x, mask, hi, p)
     sums = torch.empty(2, c, dtype=_F64, device=x.device)
     gcoef = torch.empty(4, c, dtype=_F32, device=x.device)
-    red.grad_merge_kernel[(c,)](
+    grad.grad_merge_kernel[(c,)](
         part, stats, weight if weight is not None else x, sums, gcoef,
         dweight if dweight is not None else sums, dbias if dbias is not None else sums,
         c, p.segments, float(p.m),
@@ -160,11 +207,11 @@ def _grad_input(dy, x, gcoef, p: Plan, mask=None, need_dx=True, want_dres=False)
     dres = torch.empty_like(x) if want_dres else None
     if dx is None and dres is None:
         return None, None
-    numel, block = x.numel(), _block(x)
-    ew.grad_input_kernel[(triton.cdiv(numel, block),)](
+    ew.grad_input_kernel[_tiles(p)](
         dy, x, mask if mask is not None else dy, gcoef,
-        dx if dx is not None else dy, dres if dres is not None else dy, numel, p.c, p.cdiv,
-        HAS_MASK=mask is not None, HAS_DX=dx is not None, WRITE_DRES=dres is not None, BLOCK=block,
+        dx if dx is not None else dy, dres if dres is not None else dy, p.rows, p.k, p.c, p.k8b,
+        NCL=p.ncl, HAS_MASK=mask is not None, HAS_DX=dx is not None, WRITE_DRES=dres is not None,
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k,
     )  # fmt: skip
     return dx, dres
 

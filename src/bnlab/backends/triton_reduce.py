@@ -2,14 +2,18 @@
 
 Imported only by bnlab.backends.triton_ops (and the tests), never by ``import bnlab``.
 
-The input is addressed as x[n, c, l] = x_ptr + n*sN + c*sC + l*sL, with the reduction index
-m = n*L + l over M = N*L values per channel (ROWS_FLAT: L == 1, so m = n and no division).
-Grid: (channel blocks, segments). Each program reduces BLOCK_C channels over one segment of
-SEG rows in tiles of BLOCK_M x BLOCK_C, so that a few channels still spread over the whole
-GPU; the segments' partials are merged by a second, per-channel kernel (Chan's rule), in float64.
+Two layouts of a dense input, both without any per-element integer division (which would make a
+memory-bound kernel compute-bound on a GPU):
+- NCL (contiguous (N, C, L)): program (c, segment) reduces channel c over tiles of
+  [BLOCK_N rows n, BLOCK_L positions l]; a segment is a range of tiles t, with (n-block, l-block)
+  = divmod(t, LB) once per tile.
+- NLC (rows of C contiguous channels: (N, C) inputs and channels-last): program (channel block,
+  segment) reduces BLOCK_C channels over tiles of [BLOCK_M rows, BLOCK_C channels].
+Segments let a few channels spread over the whole GPU; their partials are merged by a second,
+per-channel kernel with Chan's rule, in float64.
 
 Precision (DEVELOPERS.md): values are shifted by the channel's first value K before anything is
-summed, tile statistics are two-pass in registers, and everything is accumulated in float64 —
+summed, tile statistics are two-pass in registers, and everything is accumulated in float64:
 fp32 data at 1e3 ± 0.01 keeps its variance, fp32 data near 1e18 has finite squares.
 """
 
@@ -20,28 +24,72 @@ import triton.language as tl
 
 
 @triton.jit
-def _offsets(m, c, L, sN, sC, sL, ROWS_FLAT: tl.constexpr):
-    """Element offsets of a [BLOCK_M, BLOCK_C] tile: rows m (reduction index), channels c."""
-    if ROWS_FLAT:
-        row = m * sN
-    else:
-        row = (m // L) * sN + (m % L) * sL
-    return row[:, None] + c[None, :] * sC
+def _chan_update(n_acc, mean_acc, m2_acc, d, ok, cnt):
+    """Fold a tile of shifted values d (float64, 0 where not ok; cnt valid values per channel) into the
+    running (count, mean, M2), axis 0 being the reduced axis."""
+    t_mean = tl.sum(d, axis=0) / cnt
+    dev = tl.where(ok, d - t_mean[None, :], 0.0)
+    t_m2 = tl.sum(dev * dev, axis=0)
+    n_new = n_acc + cnt
+    delta = t_mean - mean_acc
+    return n_new, mean_acc + delta * (cnt / n_new), m2_acc + t_m2 + delta * delta * (n_acc * cnt / n_new)
 
 
 @triton.jit
-def stats_partial_kernel(
-    x_ptr,  # input, any float dtype; element (n, c, l) at n*sN + c*sC + l*sL
-    part_ptr,  # (S, C, 3) float64 out: count, mean of (x - K), M2 of this segment
-    C, L, M, SEG,  # channels, spatial size, values per channel (N*L), rows per segment
-    sN, sC, sL,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_FLAT: tl.constexpr,
+def _store_part(part_ptr, s, c, C, c_ok, n_acc, mean_acc, m2_acc):
+    out = part_ptr + (s * C + c) * 3
+    tl.store(out, n_acc, mask=c_ok)
+    tl.store(out + 1, mean_acc, mask=c_ok)
+    tl.store(out + 2, m2_acc, mask=c_ok)
+
+
+@triton.jit
+def stats_ncl_kernel(
+    x_ptr,  # (N, C, L) contiguous, any float dtype
+    part_ptr,  # (S, C, 3) float64 out: count, mean of (x - K), M2 per segment
+    N, C, L, LB, TPS,  # LB = l-blocks per row, TPS = tiles per segment
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    c, s = tl.program_id(0), tl.program_id(1)
+    base = x_ptr + c.to(tl.int64) * L
+    shift = tl.load(base).to(tl.float64)  # K = x[0, c, 0]
+    n_acc = tl.full([], 0.0, tl.float64)
+    mean_acc = tl.full([], 0.0, tl.float64)
+    m2_acc = tl.full([], 0.0, tl.float64)
+    t_end = tl.minimum((s + 1) * TPS, tl.cdiv(N, BLOCK_N) * LB)
+    for t in range(s * TPS, t_end):
+        n0, l0 = (t // LB) * BLOCK_N, (t % LB) * BLOCK_L  # one division per tile, none per element
+        n = n0 + tl.arange(0, BLOCK_N)
+        l_ = l0 + tl.arange(0, BLOCK_L)
+        ok = (n < N)[:, None] & (l_ < L)[None, :]
+        x = tl.load(base + n.to(tl.int64)[:, None] * C * L + l_[None, :], mask=ok, other=0.0).to(tl.float64)
+        d = tl.where(ok, x - shift, 0.0)
+        cnt = (tl.minimum(N - n0, BLOCK_N) * tl.minimum(L - l0, BLOCK_L)).to(tl.float64)
+        t_mean = tl.sum(tl.sum(d, axis=1), axis=0) / cnt
+        dev = tl.where(ok, d - t_mean, 0.0)
+        t_m2 = tl.sum(tl.sum(dev * dev, axis=1), axis=0)
+        n_new = n_acc + cnt
+        delta = t_mean - mean_acc
+        mean_acc += delta * (cnt / n_new)
+        m2_acc += t_m2 + delta * delta * (n_acc * cnt / n_new)
+        n_acc = n_new
+    one = tl.zeros([1], dtype=tl.float64)
+    cc = c + tl.arange(0, 1)
+    _store_part(part_ptr, s, cc, C, cc < C, one + n_acc, one + mean_acc, one + m2_acc)
+
+
+@triton.jit
+def stats_nlc_kernel(
+    x_ptr,  # (M, C) rows of contiguous channels, any float dtype
+    part_ptr,  # (S, C, 3) float64 out
+    M, C, SEG,  # rows, channels, rows per segment
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     cb, s = tl.program_id(0), tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    shift = tl.load(x_ptr + c * sC, mask=c_ok, other=0.0).to(tl.float64)  # K: x[0, c, 0]
-    n_acc = tl.full([], 0.0, tl.float64)
+    shift = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float64)  # K = x[0, c]
+    n_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     mean_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     m2_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     start = s * SEG
@@ -49,26 +97,16 @@ def stats_partial_kernel(
     for m0 in range(start, end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         ok = (m < end)[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + _offsets(m, c, L, sN, sC, sL, ROWS_FLAT), mask=ok, other=0.0).to(tl.float64)
-        d = tl.where(ok, x - shift[None, :], 0.0)
+        x = tl.load(x_ptr + m.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float64)
         cnt = tl.minimum(end - m0, BLOCK_M).to(tl.float64)
-        t_mean = tl.sum(d, axis=0) / cnt
-        t_m2 = tl.sum(tl.where(ok, (d - t_mean[None, :]) * (d - t_mean[None, :]), 0.0), axis=0)
-        n_new = n_acc + cnt
-        delta = t_mean - mean_acc
-        mean_acc += delta * (cnt / n_new)
-        m2_acc += t_m2 + delta * delta * (n_acc * cnt / n_new)
-        n_acc = n_new
-    out = part_ptr + (s * C + c) * 3
-    tl.store(out, tl.zeros([BLOCK_C], dtype=tl.float64) + n_acc, mask=c_ok)
-    tl.store(out + 1, mean_acc, mask=c_ok)
-    tl.store(out + 2, m2_acc, mask=c_ok)
+        n_acc, mean_acc, m2_acc = _chan_update(n_acc, mean_acc, m2_acc, tl.where(ok, x - shift[None, :], 0.0), ok, cnt)
+    _store_part(part_ptr, s, c, C, c_ok, n_acc, mean_acc, m2_acc)
 
 
 @triton.jit
 def stats_merge_kernel(
-    part_ptr,  # (S, C, 3) float64 from stats_partial_kernel
-    x_ptr,  # the input, for the shift K = x[0, c, 0]
+    part_ptr,  # (S, C, 3) float64 from a stats kernel
+    x_ptr,  # the input, for the shift K = x[0, c, 0] at c * sC
     stats_ptr,  # (3, C) float64 out: mean, M2, invstd
     coef_ptr,  # (3, C) float32 out: hi, scale, shift of y = (x - hi)·scale + shift
     w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,  # weight, bias, running mean/var (any float), counter (int64)
@@ -113,75 +151,3 @@ def stats_merge_kernel(
             new_v = rv.to(tl.float64) * (1.0 - factor) + m2 / (n - 1.0) * factor
             tl.store(rm_ptr + c, new_m.to(rm.dtype))
             tl.store(rv_ptr + c, new_v.to(rv.dtype))
-
-
-@triton.jit
-def grad_partial_kernel(
-    dy_ptr, x_ptr,  # upstream gradient and input, same strides
-    mask_ptr,  # ReLU mask, 1 bit per element by storage offset (HAS_MASK), else unused
-    hi_ptr,  # (C,) float32: the mean rounded to float32 (coef row 0 of the forward)
-    part_ptr,  # (S, C, 2) float64 out: Σdz, Σdz·(x - hi) over the segment
-    C, L, M, SEG, sN, sC, sL,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_FLAT: tl.constexpr, HAS_MASK: tl.constexpr,
-):  # fmt: skip
-    cb, s = tl.program_id(0), tl.program_id(1)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    hi = tl.load(hi_ptr + c, mask=c_ok, other=0.0)
-    acc_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
-    acc_dyx = tl.zeros([BLOCK_C], dtype=tl.float64)
-    start = s * SEG
-    end = tl.minimum(start + SEG, M)
-    for m0 in range(start, end, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        ok = (m < end)[:, None] & c_ok[None, :]
-        offs = _offsets(m, c, L, sN, sC, sL, ROWS_FLAT)
-        dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            bits = tl.load(mask_ptr + offs // 8, mask=ok, other=0).to(tl.int32)
-            dz = tl.where(((bits >> (offs % 8)) & 1) != 0, dz, 0.0)
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        # fp32 within a tile, float64 across tiles (the portable backend sums fp32 products in float64)
-        acc_dy += tl.sum(dz, axis=0).to(tl.float64)
-        acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
-    out = part_ptr + (s * C + c) * 2
-    tl.store(out, acc_dy, mask=c_ok)
-    tl.store(out + 1, acc_dyx, mask=c_ok)
-
-
-@triton.jit
-def grad_merge_kernel(
-    part_ptr,  # (S, C, 2) float64 from grad_partial_kernel
-    stats_ptr,  # (3, C) float64: mean, M2, invstd of the forward
-    w_ptr,  # weight (any float) if HAS_W
-    sums_ptr,  # (2, C) float64 out: Σdy, Σdy·x̂
-    coef_ptr,  # (4, C) float32 out: hi, kk, a, cc of dx = kk·dz + a·(x - hi) + cc
-    dw_ptr, db_ptr,  # dweight/dbias outputs in their own dtypes, if WRITE_DW/WRITE_DB
-    C, S, count,
-    HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    c = tl.program_id(0)
-    s = tl.arange(0, BLOCK_S)
-    ok = s < S
-    sdy = tl.sum(tl.load(part_ptr + (s * C + c) * 2, mask=ok, other=0.0), axis=0)
-    sdyx = tl.sum(tl.load(part_ptr + (s * C + c) * 2 + 1, mask=ok, other=0.0), axis=0)
-    mean = tl.load(stats_ptr + c)
-    invstd = tl.load(stats_ptr + 2 * C + c)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
-    sxh = (sdyx - lo * sdy) * invstd
-    tl.store(sums_ptr + c, sdy)
-    tl.store(sums_ptr + C + c, sxh)
-    kk = invstd
-    if HAS_W:
-        kk = kk * tl.load(w_ptr + c).to(tl.float64)
-    a = -kk * invstd * sxh / count
-    cc = -kk * sdy / count - a * lo
-    tl.store(coef_ptr + c, hi)
-    tl.store(coef_ptr + C + c, kk.to(tl.float32))
-    tl.store(coef_ptr + 2 * C + c, a.to(tl.float32))
-    tl.store(coef_ptr + 3 * C + c, cc.to(tl.float32))
-    if WRITE_DW:
-        tl.store(dw_ptr + c, sxh.to(dw_ptr.dtype.element_ty))
-    if WRITE_DB:
-        tl.store(db_ptr + c, sdy.to(db_ptr.dtype.element_ty))
