@@ -61,8 +61,10 @@ def test_forward_and_backward_match_reference(shape, layout, dtype):
     assert y.dtype == dtype and y.stride() == x.stride() and dx.stride() == x.stride()
     assert_close(y, expected_y, tol, "y")
     assert_close(dx, expected_dx, tol, "dx")
-    assert_close(stats.mean, cache.mean, 1e-9 if dtype == torch.float64 else 1e-6, "mean")
-    assert_close(stats.m2 / stats.count, cache.var, 1e-9 if dtype == torch.float64 else 1e-6, "variance")
+    # Statistics: float64 accumulation for float32/64, float32 within ~2048-value chunks for 16-bit types.
+    stats_tol = {torch.float64: 1e-9, torch.float32: 1e-6}.get(dtype, 1e-5)
+    assert_close(stats.mean, cache.mean, stats_tol, "mean")
+    assert_close(stats.m2 / stats.count, cache.var, stats_tol, "variance")
     scale = max(1.0, float(cache.x_hat.size // channels))  # the sums grow with the values per channel
     assert_close(dw / scale, expected_dw / scale, tol, "dweight")
     assert_close(db / scale, expected_db / scale, tol, "dbias")

@@ -73,3 +73,13 @@ def test_constant_channel_gives_exactly_beta(shape, layout, dtype):
     assert float(stats.m2[1]) == 0.0 and float(stats.mean[1]) == float(x[0, 1].flatten()[0])
     dx, _, _ = CPU.backward(dy, x, stats.mean, invstd, None, stats.count, True)
     assert torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_bfloat16_near_1e18_falls_back_to_float64_sums(layout):
+    """16-bit chunks are summed in float32; bf16 shares float32's range, so squares near 1e36 overflow
+    it and the chunk is summed again in float64."""
+    x = make_input((64, 3, 5, 5), layout, torch.bfloat16, seed=7, mean=2e18, std=1e18)
+    y, stats, _ = CPU.forward_train(x, None, None, 1e-5)
+    assert torch.isfinite(stats.m2).all() and torch.isfinite(y).all()
+    assert_close(y, ref.forward_train(np64(x))[0], 2e-2, "bf16 output near 1e18")
