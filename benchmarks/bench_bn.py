@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     p.add_argument("--first-call", action="store_true", help="also time compiling bnlab's CPU kernels from scratch")
     p.add_argument("--markdown", action="store_true", help="print a markdown table of all results at the end")
+    p.add_argument("--report", action="store_true", help="measure nothing: summarize and tabulate --out as it is")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -195,6 +196,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     out = Path(args.out)
+    if args.report:
+        records = list(load_done(out).values())
+        for threads in sorted({r.get("threads") for r in records if r["device"] == args.device}):
+            print("\n".join(summarize(records, args.device, threads)))
+        print(markdown(records))
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {} if args.fresh else load_done(out)
     header = {"environment": environment(args.device), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
