@@ -177,3 +177,26 @@ def test_disabled_kernels_fall_back_to_portable(tmp_path):
     env = {**__import__("os").environ, "BNLAB_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "portable"
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_update_skips_a_non_finite_batch(momentum):
+    """The non-finite guard of bnlab's layers (bnlab.stats.update_running_stats_): a batch with a NaN
+    in one channel leaves every running average and num_batches_tracked as they were, and
+    momentum=None keeps weighting the k-th finite batch by 1/k."""
+    layer = bnlab.BatchNorm2d(3, momentum=momentum)
+    good = [make_input((4, 3, 5, 5), seed=s, mean=s) for s in (30, 31)]
+    bad = make_input((4, 3, 5, 5), seed=32)
+    bad[1, 2, 3, 3] = float("nan")
+    layer(good[0])
+    before = (layer.running_mean.clone(), layer.running_var.clone(), int(layer.num_batches_tracked))
+    y = layer(bad)
+    assert torch.isnan(y[:, 2]).all() and torch.isfinite(y[:, :2]).all()
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert int(layer.num_batches_tracked) == before[2] == 1
+    layer(good[1])
+    factor = 0.1 if momentum is not None else 1 / 2
+    stats = ref.moments(np64(good[1]))
+    expected = (1 - factor) * np64(before[0]) + factor * stats.mean
+    assert_close(layer.running_mean, expected, 1e-6, "running_mean after the skipped batch")
+    assert int(layer.num_batches_tracked) == 2

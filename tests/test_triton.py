@@ -139,7 +139,7 @@ def test_mask_holds_one_bit_per_element():
 
     for layout in ("cl", "nchw"):  # rows of 2 channels / of 35 positions: partial bytes at every row end
         x = make_input((3, 2, 7, 5), layout, seed=14)
-        y, (stats, hi, mask, plan) = TRITON.act_forward(x, None, None, 1e-5, None, None, 0.1, None, True)
+        y, (stats, hi, mask, plan) = TRITON.act_forward(x, None, None, 1e-5, None, None, 0.1, None, False, None, True)
         assert mask.dtype == torch.uint8 and mask.numel() == plan.rows * ((plan.k + 7) // 8) < x.numel()
         z = torch.as_tensor(ref.forward_train(np64(x))[0])
         assert torch.equal(_unpack_bits(mask, x, plan.rows, plan.k), z > 0)
@@ -178,3 +178,18 @@ def test_double_backward_of_the_fused_layer_matches_the_generic_path(triton_ever
     generic = second_order(bnlab.BatchNormAct2d(3, residual=True))
     assert_close(fused[0], generic[0], 2e-4, "second-order grad x")
     assert_close(fused[1], generic[1], 2e-4, "second-order grad residual")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
+def test_running_update_guard_and_counter(triton_everywhere):
+    """On the device: the batch counter, momentum=None as 1/count, and the non-finite guard."""
+    layer = bnlab.BatchNorm2d(3, momentum=None)
+    first = make_input((4, 3, 3, 5), seed=18, mean=2.0)
+    layer(first)
+    assert int(layer.num_batches_tracked) == 1
+    assert_close(layer.running_mean, ref.moments(np64(first)).mean, 1e-6, "first batch, factor 1")
+    before = layer.running_var.clone()
+    bad = make_input((4, 3, 3, 5), seed=19)
+    bad[0, 1, 0, 0] = float("inf")
+    layer(bad)
+    assert int(layer.num_batches_tracked) == 1 and torch.equal(layer.running_var, before)

@@ -28,6 +28,16 @@ def _plain(v: Tensor | None, channels: int, device: torch.device) -> bool:
     return v is None or (v.dtype in _FLOATING and v.shape == (channels,) and v.device == device)
 
 
+def _plain_options(module) -> bool:
+    """Plain BN: none of the feature options of docs/features.md that change the computation is on
+    (read with their defaults, so the check also holds for layers built before the options existed)."""
+    return (
+        getattr(module, "virtual_batch_size", None) is None
+        and not getattr(module, "renorm", False)
+        and getattr(module, "accumulation_steps", 1) == 1
+    )
+
+
 def module_forward(module, x: object) -> Tensor | None:
     """The output of ``module(x)`` for a bnlab BatchNorm module, or None for the general path.
 
@@ -39,7 +49,7 @@ def module_forward(module, x: object) -> Tensor | None:
         The normalized tensor, with running statistics and num_batches_tracked updated exactly as
         the general path would; or None, with nothing changed.
     """
-    if not isinstance(x, Tensor) or x.dtype not in _FLOATING:
+    if not isinstance(x, Tensor) or x.dtype not in _FLOATING or not _plain_options(module):
         return None
     shape = x.shape
     channels = module.num_features
@@ -82,11 +92,7 @@ def module_forward(module, x: object) -> Tensor | None:
     if nbt is None and momentum is None:
         momentum = 0.0  # as _momentum_factor: no counter, no cumulative average
     backend = select_backend(x)
-    # The backend counts the batch in num_batches_tracked itself (in its kernel call), or returns None.
-    y = backend.train_forward(x, weight, bias, eps, running_mean, running_var, momentum, nbt)
-    if y is None:
-        from bnlab.functional import batch_norm
-
-        factor = float(module._momentum_factor())
-        y = batch_norm(x, running_mean, running_var, weight, bias, True, factor, eps)
-    return y
+    # The backend counts the batch in num_batches_tracked itself (in its kernel call), or returns
+    # None having changed nothing: then the module's general path runs.
+    guard = bool(getattr(module, "skip_nonfinite", True))  # the non-finite guard, on by default
+    return backend.train_forward(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)

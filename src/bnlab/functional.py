@@ -12,7 +12,7 @@ from torch import Tensor
 from bnlab import _checks
 from bnlab.autograd import BatchNormEvalFunction, BatchNormTrainFunction
 from bnlab.backends import select_backend
-from bnlab.stats import Moments
+from bnlab.stats import Moments, update_running_stats_
 
 __all__ = ["batch_norm"]
 
@@ -77,9 +77,7 @@ def batch_norm(
             return y
         y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, backend)
         if running_mean is not None:
-            backend.update_running_stats_(
-                running_mean, running_var, Moments(_checks.values_per_channel(x), mean, m2), factor
-            )
+            update_running_stats_(running_mean, running_var, Moments(_checks.values_per_channel(x), mean, m2), factor)
         return y
 
     eps = _checks.check_eps(eps, allow_zero=True)

@@ -20,6 +20,7 @@ from bnlab import _checks
 from bnlab.backends import select_backend
 from bnlab.functional import batch_norm
 from bnlab.modules import BatchNorm2d
+from bnlab.stats import Moments, update_running_stats_
 
 __all__ = ["BatchNormAct2d", "BatchNormActFunction"]
 
@@ -35,23 +36,40 @@ def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
     return flat.as_strided(like.shape, like.stride())  # like is dense: its strides index the storage
 
 
+def _update_running(running_mean, running_var, stats: Moments, momentum, counter, guard: bool) -> None:
+    """The layer's bookkeeping after a batch, as bnlab's BatchNorm layers do it: count the batch in
+    ``counter`` (num_batches_tracked), momentum None meaning 1/count, and with ``guard`` skip a batch
+    whose statistics are not finite (averages and counter unchanged)."""
+    count = stats.count
+    if guard and running_mean is not None and not isinstance(count, Tensor) and count > 1:
+        unbiased = stats.m2 / (count - 1)
+        if not bool(torch.isfinite(stats.mean).all() and torch.isfinite(unbiased).all()):
+            return
+    if counter is not None:
+        counter.add_(1)
+    factor = momentum if momentum is not None else 1.0 / float(counter)
+    if running_mean is not None:
+        update_running_stats_(running_mean, running_var, stats, factor)
+
+
 class BatchNormActFunction(torch.autograd.Function):
     """y = act(BN(x) + residual) with batch statistics; config = (eps, backend, running_mean,
-    running_var, momentum, relu). Uses the backend's fused kernels (act_forward/act_backward) when
-    it has them, else the backend's BN plus torch ops."""
+    running_var, momentum, num_batches_tracked, skip_nonfinite, relu). Uses the backend's fused
+    kernels (act_forward/act_backward) when it has them, else the backend's BN plus torch ops."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, config):
-        eps, backend, running_mean, running_var, momentum, relu = config
+        eps, backend, running_mean, running_var, momentum, counter, guard, relu = config
         fused = getattr(backend, "act_forward", None)
-        out = fused(x, weight, bias, eps, running_mean, running_var, momentum, residual, relu) if fused else None
+        out = None
+        if fused is not None:
+            out = fused(x, weight, bias, eps, running_mean, running_var, momentum, counter, guard, residual, relu)
         if out is not None:
             y, ctx.extra = out
             ctx.fused = True
         else:
             z, stats, invstd = backend.forward_train(x, weight, bias, eps)
-            if running_mean is not None:
-                backend.update_running_stats_(running_mean, running_var, stats, momentum)
+            _update_running(running_mean, running_var, stats, momentum, counter, guard)
             if residual is not None:
                 z = z + residual
             mask = z > 0 if relu else None
@@ -143,22 +161,26 @@ class BatchNormAct2d(BatchNorm2d):
         self._check_residual(x, residual)
         if self.training:
             _checks.check_training_batch(x)
-        factor = self._momentum_factor()
         relu = self.activation == "relu"
         backend = select_backend(x)
         if self.training or (self.running_mean is None and self.running_var is None):
             track = self.training and self.track_running_stats
             rm, rv = (self.running_mean, self.running_var) if track else (None, None)
+            counter = self.num_batches_tracked if track else None
             for name, v in (("weight", self.weight), ("bias", self.bias), ("running_mean", rm), ("running_var", rv)):
                 _checks.check_channel_vector(v, name, x.shape[1], x)
-            config = (_checks.check_eps(self.eps), backend, rm, rv, factor, relu)
+            momentum = _checks.check_momentum(self.momentum)
+            if momentum is None and counter is None:
+                momentum = 0.0  # no counter, no cumulative average (as torch.nn)
+            guard = bool(getattr(self, "skip_nonfinite", True))  # the non-finite guard of bnlab's layers
+            config = (_checks.check_eps(self.eps), backend, rm, rv, momentum, counter, guard, relu)
             return BatchNormActFunction.apply(x, self.weight, self.bias, residual, config)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias, residual))
         if not grads and hasattr(backend, "act_eval"):
             y = backend.act_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, residual, relu)
             if y is not None:
                 return y
-        y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, factor, self.eps)
+        y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y

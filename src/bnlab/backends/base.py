@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bnlab.stats import Count, Moments, finalize, update_running_stats_
+from bnlab.stats import Count, Moments, finalize
 
 
 class Backend:
@@ -80,13 +80,7 @@ class Backend:
             dx = self.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
         return dx, sum_dy_xhat, sum_dy
 
-    # -- whole-call hooks: a fast backend may fold these small steps into one kernel call -----------
-    def update_running_stats_(
-        self, running_mean: Tensor | None, running_var: Tensor | None, stats: Moments, momentum: float
-    ) -> None:
-        """In place: the running averages after a training batch (bnlab.stats.update_running_stats_)."""
-        update_running_stats_(running_mean, running_var, stats, momentum)
-
+    # -- whole-call hooks: a fast backend may fold a whole call into one kernel launch ---------------
     def train_forward(
         self,
         x: Tensor,
@@ -97,12 +91,15 @@ class Backend:
         running_var: Tensor | None,
         momentum: float | None,
         num_batches_tracked: Tensor | None = None,
+        skip_nonfinite: bool = False,
     ) -> Tensor | None:
         """The whole training forward as one autograd op: output, and the running averages updated.
 
         ``momentum`` is the weight of the batch. With ``num_batches_tracked`` (a module's counter),
         the backend also adds 1 to it, and ``momentum=None`` means the cumulative factor
-        1/num_batches_tracked (after counting), as the module's own bookkeeping would.
+        1/num_batches_tracked (after counting), as the module's own bookkeeping would. With
+        ``skip_nonfinite``, a batch whose mean or unbiased variance is not finite in some channel
+        updates neither the averages nor the counter (bnlab.stats.update_running_stats_'s guard).
 
         Returns None, having changed nothing, to let the caller take the general path
         (BatchNormTrainFunction, then ``update_running_stats_``). A backend whose per-call overhead

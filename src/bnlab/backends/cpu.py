@@ -129,12 +129,15 @@ class CpuBackend(Backend):
         mean, m2, invstd = stats.unbind()
         return y, Moments(x.numel() // x.shape[1], mean, m2), invstd
 
-    def forward_stats(self, x, weight, bias, eps, running_mean, running_var, momentum, nbt=None, want_output=True):
+    def forward_stats(self, x, weight, bias, eps, running_mean, running_var, momentum, nbt=None, guard=False,
+                      want_output=True):  # fmt: skip
         """(y, (3, C) float64 statistics with rows mean, M2, invstd, plan), running averages updated.
 
         running_mean/running_var: None or plain vectors (:func:`is_plain_vector`). ``nbt``: None, or
         an int64 one-element CPU tensor (num_batches_tracked) to count the batch in; then momentum
-        None means the cumulative factor 1/num_batches_tracked. ``want_output=False`` skips y.
+        None means the cumulative factor 1/num_batches_tracked. ``guard``: the non-finite guard
+        (a batch with a NaN/Inf mean or variance updates nothing, counter included; see
+        bnlab.stats.update_running_stats_). ``want_output=False`` skips y.
         ``plan`` = (layout, N, C, L, dtype code, threads) describes x for :meth:`backward_fused`.
         """
         layout, n, c, length = layout_of(x)
@@ -149,7 +152,7 @@ class CpuBackend(Backend):
         self._lib.bn_forward_train(
             x.data_ptr(), 0 if y is None else y.data_ptr(), code, layout, n, c, length, w, wc, b, bc, eps,
             stats.data_ptr(), rm, rmc, rv, rvc, 0.0 if momentum is None else momentum,
-            0 if nbt is None else nbt.data_ptr(), momentum is None, nt, WAVE_PER_THREAD * nt,
+            0 if nbt is None else nbt.data_ptr(), momentum is None, guard, nt, WAVE_PER_THREAD * nt,
         )  # fmt: skip
         return y, stats, (layout, n, c, length, code, nt)
 
@@ -239,23 +242,15 @@ class CpuBackend(Backend):
         return dx
 
     # -- whole-call hooks ----------------------------------------------------------------------------
-    def update_running_stats_(self, running_mean, running_var, stats, momentum):
-        if isinstance(stats.count, Tensor) or not (is_plain_vector(running_mean) and is_plain_vector(running_var)):
-            return super().update_running_stats_(running_mean, running_var, stats, momentum)
-        mean, m2 = _f64(stats.mean), _f64(stats.m2)
-        rm, rmc, _ = param(running_mean)
-        rv, rvc, _ = param(running_var)
-        # Written in place through raw pointers, like torch's own kernel (no version-counter bump).
-        self._lib.bn_update_running(rm, rmc, rv, rvc, mean.data_ptr(), m2.data_ptr(), float(stats.count), momentum, mean.numel())
-        return None
-
-    def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None):
+    def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None,
+                      skip_nonfinite=False):  # fmt: skip
         if not (fits(x) and is_plain_vector(running_mean) and is_plain_vector(running_var)):
             return None
         nbt = num_batches_tracked
         if nbt is not None and not (nbt.is_cpu and nbt.dtype == torch.int64 and nbt.numel() == 1):
             return None
-        return CpuTrainFunction.apply(x, weight, bias, (eps, self, running_mean, running_var, momentum, nbt))
+        config = (eps, self, running_mean, running_var, momentum, nbt, skip_nonfinite)
+        return CpuTrainFunction.apply(x, weight, bias, config)
 
     def eval_forward(self, x, running_mean, running_var, weight, bias, eps):
         if not (fits(x) and is_plain_vector(running_mean) and is_plain_vector(running_var)):

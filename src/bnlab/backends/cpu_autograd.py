@@ -16,14 +16,14 @@ class CpuTrainFunction(torch.autograd.Function):
     """y = BN(x) with the batch's statistics, updating running_mean/running_var in the same call.
 
     forward(x, weight, bias, config) -> y with config = (eps, backend, running_mean, running_var,
-    momentum, num_batches_tracked), as for CpuBackend.forward_stats. (One tuple rather than six
-    arguments: each argument costs autograd time per call.)
+    momentum, num_batches_tracked, skip_nonfinite), as for CpuBackend.forward_stats. (One tuple
+    rather than seven arguments: each argument costs autograd time per call.)
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, config):
-        eps, backend, running_mean, running_var, momentum, nbt = config
-        y, stats, plan = backend.forward_stats(x, weight, bias, eps, running_mean, running_var, momentum, nbt)
+        eps, backend, running_mean, running_var, momentum, nbt, guard = config
+        y, stats, plan = backend.forward_stats(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)
         ctx.save_for_backward(x, weight, stats)
         ctx.config = (eps, backend, None if bias is None else bias.dtype, plan)
         return y

@@ -139,12 +139,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Argument types of the entry points (cpu_kernels_api.inc), so that ctypes converts Python ints."""
     P, I, L, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
     sigs = {
-        "bn_forward_train": [P, P, I, I, L, L, L, P, I, P, I, D, P, P, I, P, I, D, P, I, I, L],
+        "bn_forward_train": [P, P, I, I, L, L, L, P, I, P, I, D, P, P, I, P, I, D, P, I, I, I, L],
         "bn_backward": [P, P, P, I, I, L, L, L, P, P, P, I, D, P, P, I, P, I, I, L],
         "bn_normalize": [P, P, I, I, L, L, L, P, P, P, I, P, I, I],
         "bn_eval": [P, P, I, I, L, L, L, P, I, P, I, P, I, P, I, D, I],
         "bn_grad_input": [P, P, P, I, I, L, L, L, P, P, P, I, P, P, D, I],
-        "bn_update_running": [P, I, P, I, P, P, D, D, L],
     }
     for name, argtypes in sigs.items():
         fn = getattr(lib, name)

@@ -14,12 +14,14 @@ from bnlab.backends.triton_backend import _like
 
 class TritonTrainFunction(torch.autograd.Function):
     """y = BN(x) with batch statistics; config = (eps, backend, running_mean, running_var, momentum,
-    num_batches_tracked, plan), as TritonBackend.train_forward passes it."""
+    num_batches_tracked, skip_nonfinite, plan), as TritonBackend.train_forward passes it."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, config):
-        eps, backend, running_mean, running_var, momentum, counter, p = config
-        y, stats, coef, _ = backend.ops().forward_train(x, weight, bias, eps, running_mean, running_var, momentum, counter, p=p)
+        eps, backend, running_mean, running_var, momentum, counter, guard, p = config
+        y, stats, coef, _ = backend.ops().forward_train(
+            x, weight, bias, eps, running_mean, running_var, momentum, counter, guard, p=p
+        )
         ctx.save_for_backward(x, weight, stats, coef)
         ctx.config = (eps, backend, None if bias is None else bias.dtype, p)
         return y

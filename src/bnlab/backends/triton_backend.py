@@ -114,13 +114,15 @@ class TritonBackend(Backend):
         return self.ops().grad_input_with(_like(dy, x), x, mean, invstd, weight, sum_dy, sum_dy_xhat, max(count, 1), p=p)
 
     # -- whole-call hooks --------------------------------------------------------------------------
-    def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None):
+    def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None,
+                      skip_nonfinite=False):  # fmt: skip
         p = self.plan(x)
-        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var)):
+        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var, num_batches_tracked)):
             return None
         from bnlab.backends.triton_autograd import TritonTrainFunction
 
-        return TritonTrainFunction.apply(x, weight, bias, (eps, self, running_mean, running_var, momentum, num_batches_tracked, p))
+        config = (eps, self, running_mean, running_var, momentum, num_batches_tracked, skip_nonfinite, p)
+        return TritonTrainFunction.apply(x, weight, bias, config)
 
     def eval_forward(self, x, running_mean, running_var, weight, bias, eps):
         p = self.plan(x)
@@ -130,15 +132,19 @@ class TritonBackend(Backend):
         return self.ops().normalize_with(x, running_mean, running_var, weight, bias, eps, given_invstd=False, p=p)
 
     # -- fused BN (+ residual) + ReLU: used by bnlab.BatchNormAct2d ------------------------------------
-    def act_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, residual, relu):
-        """(y, saved) for y = act(BN(x) + residual) in training, or None for the generic path (bnlab.fused)."""
+    def act_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, counter, guard, residual, relu):
+        """(y, saved) for y = act(BN(x) + residual) in training, or None for the generic path (bnlab.fused).
+
+        Running averages, batch counter and non-finite guard as in :meth:`train_forward`.
+        """
         p = self.plan(x)
-        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var)):
+        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var, counter)):
             return None
         residual = None if residual is None else _like(residual, x)
         y, stats, coef, mask = self.ops().forward_train(
-            x, weight, bias, eps, running_mean, running_var, momentum, residual=residual, relu=relu, want_mask=relu, p=p
-        )
+            x, weight, bias, eps, running_mean, running_var, momentum, counter, guard,
+            residual=residual, relu=relu, want_mask=relu, p=p,
+        )  # fmt: skip
         return y, (stats, coef[0], mask, p)
 
     def act_backward(self, dy, x, weight, saved, need_dx, need_res, dweight, dbias):

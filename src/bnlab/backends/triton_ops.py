@@ -138,29 +138,33 @@ def _tiles(p: Plan):
 
 
 def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.0, counter=None,
-                  residual=None, relu=False, want_mask=False, want_y=True, p: Plan | None = None):  # fmt: skip
+                  guard=False, residual=None, relu=False, want_mask=False, want_y=True,
+                  p: Plan | None = None):  # fmt: skip
     """(y, stats (3, C) float64 [mean, M2, invstd], coef (3, C) float32 [hi, scale, shift], mask or None).
 
     Updates running_mean/running_var (both or neither) with ``momentum``; with ``counter`` (a
-    module's num_batches_tracked), counts the batch first, and momentum None means 1/counter.
+    module's num_batches_tracked) counts the batch, and momentum None means 1/counter; with
+    ``guard``, a batch with non-finite statistics changes neither (all decided on the device).
     ``want_y=False``: statistics only (y and mask None).
     """
     p = p or plan(x)
     c = p.c
     part = _partial_stats(x, p)
-    if counter is not None:
-        counter.add_(1)
     stats = torch.empty(3, c, dtype=_F64, device=x.device)
     coef = torch.empty(3, c, dtype=_F32, device=x.device)
-    update = running_mean is not None
     red.stats_merge_kernel[(c,)](
-        part, x, stats, coef,
-        weight if weight is not None else x, bias if bias is not None else x,
-        running_mean if update else x, running_var if update else x, counter if counter is not None else x,
-        c, p.segments, p.length if p.ncl else 1, eps, 0.0 if momentum is None else float(momentum),
-        HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update, CUMULATIVE=momentum is None,
-        BLOCK_S=triton.next_power_of_2(p.segments),
+        part, x, stats, coef, weight if weight is not None else x, bias if bias is not None else x,
+        c, p.segments, p.length if p.ncl else 1, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=triton.next_power_of_2(p.segments),
     )  # fmt: skip
+    update = running_mean is not None
+    if update or counter is not None:
+        red.running_update_kernel[(1,)](
+            stats, running_mean if update else stats, running_var if update else stats,
+            counter if counter is not None else stats, c, float(p.m), 0.0 if momentum is None else float(momentum),
+            UPDATE=update, COUNT=counter is not None, CUMULATIVE=momentum is None, GUARD=bool(guard),
+            BLOCK=min(1024, triton.next_power_of_2(c)),
+        )  # fmt: skip
     if not want_y:
         return None, stats, coef, None
     y, mask = _normalize(x, coef, p, residual, relu, want_mask)

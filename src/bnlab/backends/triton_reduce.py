@@ -109,10 +109,9 @@ def stats_merge_kernel(
     x_ptr,  # the input, for the shift K = x[0, c, 0] at c * sC
     stats_ptr,  # (3, C) float64 out: mean, M2, invstd
     coef_ptr,  # (3, C) float32 out: hi, scale, shift of y = (x - hi)·scale + shift
-    w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,  # weight, bias, running mean/var (any float), counter (int64)
-    C, S, sC, eps, momentum,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    w_ptr, b_ptr,  # weight, bias (any float)
+    C, S, sC, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
@@ -140,14 +139,43 @@ def stats_merge_kernel(
     tl.store(coef_ptr + c, hi)
     tl.store(coef_ptr + C + c, scale.to(tl.float32))
     tl.store(coef_ptr + 2 * C + c, shift.to(tl.float32))
-    if UPDATE:
+
+
+@triton.jit
+def running_update_kernel(
+    stats_ptr,  # (3, C) float64: mean, M2, invstd
+    rm_ptr, rv_ptr,  # running mean/var (any float) if UPDATE
+    nbt_ptr,  # num_batches_tracked (int64) if COUNT
+    C, count, momentum,
+    UPDATE: tl.constexpr, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr, GUARD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program for the whole layer: the non-finite guard needs every channel before any update
+    (bnlab.stats.update_running_stats_: one NaN/Inf mean or variance skips the batch, counter too)."""
+    accepted = tl.full([], 1, tl.int32)
+    if GUARD and UPDATE and count > 1:
+        for c0 in range(0, C, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            ok = c < C
+            mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
+            var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
+            bad = tl.sum(tl.where(ok & ((mean != mean) | (var != var) | (tl.abs(mean) == float("inf"))
+                                         | (tl.abs(var) == float("inf"))), 1, 0), axis=0)  # fmt: skip
+            accepted = accepted & (bad == 0).to(tl.int32)
+    if accepted != 0:
         factor = momentum + tl.zeros([], tl.float64)  # a float64 scalar, compiled or interpreted
-        if CUMULATIVE:
-            factor = 1.0 / tl.load(nbt_ptr).to(tl.float64)  # the caller counted this batch already
-        if n > 1:
-            rm = tl.load(rm_ptr + c)
-            rv = tl.load(rv_ptr + c)
-            new_m = rm.to(tl.float64) * (1.0 - factor) + mean * factor
-            new_v = rv.to(tl.float64) * (1.0 - factor) + m2 / (n - 1.0) * factor
-            tl.store(rm_ptr + c, new_m.to(rm.dtype))
-            tl.store(rv_ptr + c, new_v.to(rv.dtype))
+        if COUNT:
+            tracked = tl.load(nbt_ptr) + 1
+            tl.store(nbt_ptr, tracked)
+            if CUMULATIVE:
+                factor = 1.0 / tracked.to(tl.float64)
+        if UPDATE and count > 1:
+            for c0 in range(0, C, BLOCK):
+                c = c0 + tl.arange(0, BLOCK)
+                ok = c < C
+                rm = tl.load(rm_ptr + c, mask=ok, other=0.0)
+                rv = tl.load(rv_ptr + c, mask=ok, other=0.0)
+                mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
+                var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
+                tl.store(rm_ptr + c, (rm.to(tl.float64) * (1.0 - factor) + mean * factor).to(rm.dtype), mask=ok)
+                tl.store(rv_ptr + c, (rv.to(tl.float64) * (1.0 - factor) + var * factor).to(rv.dtype), mask=ok)
