@@ -66,22 +66,29 @@ def test_forward_backward_match_reference(shape, layout, dtype):
 
 
 @pytest.mark.parametrize("shape,layout", CASES[:2] + CASES[3:4])
-def test_primitives_match_portable(shape, layout):
-    portable = PortableBackend()
+def test_primitives_match_reference(shape, layout):
+    """The four primitives (SyncBatchNorm composes them) against float64 NumPy."""
     x = make_input(shape, layout, seed=3, mean=-1.0, std=3.0)
     dy = make_input(shape, layout, seed=4)
     w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
-    m_ref = portable.moments(x)
-    m_tri = TRITON.moments(x)
-    assert_close(m_tri.mean, m_ref.mean, 1e-9, "moments mean")
-    assert_close(m_tri.m2 / m_ref.count, m_ref.m2 / m_ref.count, 1e-7, "moments M2")
-    invstd = torch.rsqrt(m_ref.m2 / m_ref.count + 1e-5)
-    assert_close(TRITON.normalize(x, m_ref.mean, invstd, w, b), portable.normalize(x, m_ref.mean, invstd, w, b), 2e-6, "normalize")
-    sums = portable.grad_sums(dy, x, m_ref.mean, invstd)
-    for a, e, name in zip(TRITON.grad_sums(dy, x, m_ref.mean, invstd), sums, ("sum dy", "sum dy*xhat")):
-        assert_close(a / x.numel(), e / x.numel(), 1e-6, name)
-    expected = portable.grad_input(dy, x, m_ref.mean, invstd, w, sums[0], sums[1], m_ref.count)
-    assert_close(TRITON.grad_input(dy, x, m_ref.mean, invstd, w, sums[0], sums[1], m_ref.count), expected, 2e-6, "grad_input")
+    stats = ref.moments(np64(x))
+    moments = TRITON.moments(x)
+    assert moments.count == stats.count
+    assert_close(moments.mean, stats.mean, 1e-9, "moments mean")
+    assert_close(moments.m2 / stats.count, stats.m2 / stats.count, 1e-9, "moments M2")
+    mean = torch.as_tensor(stats.mean)
+    invstd = torch.rsqrt(torch.as_tensor(stats.m2) / stats.count + 1e-5)
+    expected_y, cache = ref.forward_train(np64(x), np64(w), np64(b))
+    assert_close(TRITON.normalize(x, mean, invstd, w, b), expected_y, 2e-6, "normalize")
+    axes = (0,) + tuple(range(2, x.dim()))
+    g, xh = np64(dy), cache.x_hat
+    sum_dy, sum_dy_xhat = TRITON.grad_sums(dy, x, mean, invstd)
+    n = stats.count
+    assert_close(sum_dy / n, g.sum(axes) / n, 1e-6, "sum dy")
+    assert_close(sum_dy_xhat / n, (g * xh).sum(axes) / n, 1e-6, "sum dy*xhat")
+    expected_dx = ref.backward(g, cache)[0]
+    dx = TRITON.grad_input(dy, x, mean, invstd, w, torch.as_tensor(g.sum(axes)), torch.as_tensor((g * xh).sum(axes)), n)
+    assert_close(dx, expected_dx, 2e-6, "grad_input")
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
