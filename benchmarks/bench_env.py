@@ -36,6 +36,8 @@ def environment(device: str) -> dict:
     import bnlab
     from bnlab.backends import cpu_build
 
+    cpu_build.load()  # report which kernels run (and why not, if they do not)
+
     env = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,

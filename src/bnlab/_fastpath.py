@@ -28,13 +28,26 @@ def _plain(v: Tensor | None, channels: int, device: torch.device) -> bool:
     return v is None or (v.dtype in _FLOATING and v.shape == (channels,) and v.device == device)
 
 
+def _option(module, name: str, default):
+    """A plain attribute of the layer, or its class default, or ``default``.
+
+    Not ``getattr(module, name, default)``: for a name the layer lacks, nn.Module.__getattr__
+    builds and raises an AttributeError, which costs microseconds on every call.
+    """
+    found = module.__dict__.get(name, _MISSING)
+    return found if found is not _MISSING else getattr(type(module), name, default)
+
+
+_MISSING = object()
+
+
 def _plain_options(module) -> bool:
     """Plain BN: none of the feature options of docs/features.md that change the computation is on
     (read with their defaults, so the check also holds for layers built before the options existed)."""
     return (
-        getattr(module, "virtual_batch_size", None) is None
-        and not getattr(module, "renorm", False)
-        and getattr(module, "accumulation_steps", 1) == 1
+        _option(module, "virtual_batch_size", None) is None
+        and not _option(module, "renorm", False)
+        and _option(module, "accumulation_steps", 1) == 1
     )
 
 
@@ -94,5 +107,5 @@ def module_forward(module, x: object) -> Tensor | None:
     backend = select_backend(x)
     # The backend counts the batch in num_batches_tracked itself (in its kernel call), or returns
     # None having changed nothing: then the module's general path runs.
-    guard = bool(getattr(module, "skip_nonfinite", True))  # the non-finite guard, on by default
+    guard = bool(_option(module, "skip_nonfinite", True))  # the non-finite guard, on by default
     return backend.train_forward(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)

@@ -172,7 +172,7 @@ class BatchNormAct2d(BatchNorm2d):
             momentum = _checks.check_momentum(self.momentum)
             if momentum is None and counter is None:
                 momentum = 0.0  # no counter, no cumulative average (as torch.nn)
-            guard = bool(getattr(self, "skip_nonfinite", True))  # the non-finite guard of bnlab's layers
+            guard = bool(self.__dict__.get("skip_nonfinite", getattr(type(self), "skip_nonfinite", True)))
             config = (_checks.check_eps(self.eps), backend, rm, rv, momentum, counter, guard, relu)
             return BatchNormActFunction.apply(x, self.weight, self.bias, residual, config)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias, residual))
