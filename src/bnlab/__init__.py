@@ -2,8 +2,10 @@
 
 Public names:
     BatchNorm1d, BatchNorm2d, BatchNorm3d  drop-in replacements for torch.nn's layers
+    BatchNormAct2d                         BatchNorm2d + residual add + ReLU, fused on GPU
     convert                                swap torch.nn BN layers for bnlab's in a model (and back)
     SyncBatchNorm                          BN over a torch.distributed group (gloo on CPU, NCCL on CUDA)
+    fold                                   fold eval-mode BN into the conv/linear layer before it
     functional.batch_norm                  torch.nn.functional.batch_norm's signature, bnlab's code
     reference                              the float64 NumPy specification (the test oracle)
     set_backend, available_backends        choose which implementation of the primitives runs
@@ -17,6 +19,8 @@ options of the BatchNorm layers: docs/features.md.)
 from bnlab import functional, reference
 from bnlab.backends import available_backends, set_backend
 from bnlab.convert import convert
+from bnlab.fold import fold
+from bnlab.fused import BatchNormAct2d
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.sync import SyncBatchNorm
 from bnlab.tools.diagnose import diagnose
@@ -30,7 +34,9 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "SyncBatchNorm",
+    "BatchNormAct2d",
     "convert",
+    "fold",
     "functional",
     "reference",
     "set_backend",

@@ -67,11 +67,16 @@ def batch_norm(
                 f"running_mean={'None' if running_mean is None else 'a tensor'}, "
                 f"running_var={'None' if running_var is None else 'a tensor'}"
             )
-        y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, backend)
+        factor = 0.0
         if running_mean is not None:
             factor = _checks.check_momentum(momentum)
             if factor is None:
                 raise TypeError("momentum: expected a float (the module turns momentum=None into 1/num_batches), got None")
+        y = backend.train_forward(x, weight, bias, eps, running_mean, running_var, factor)
+        if y is not None:  # the backend fused the step, running averages included
+            return y
+        y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, backend)
+        if running_mean is not None:
             update_running_stats_(running_mean, running_var, Moments(_checks.values_per_channel(x), mean, m2), factor)
         return y
 
@@ -81,7 +86,16 @@ def batch_norm(
             "running_mean, running_var: expected (C,) tensors in evaluation mode (training=False), got None; "
             "pass training=True to normalize with batch statistics"
         )
+    if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
+        # No graph to record (inference): the backend may normalize straight from the buffers.
+        y = backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
+        if y is not None:
+            return y
     _checks.check_running_var_nonnegative(running_var)
     mean = running_mean.detach().to(torch.float64)
     invstd = torch.rsqrt(running_var.detach().to(torch.float64) + eps)
     return BatchNormEvalFunction.apply(x, weight, bias, mean, invstd, backend)
+
+
+def _any_requires_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)

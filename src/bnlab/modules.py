@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import _checks
+from bnlab._fastpath import module_forward
 from bnlab.functional import batch_norm
 from bnlab.stats import Moments, update_running_stats_
 from bnlab.variants.accumulate import StatsAccumulator
@@ -109,6 +110,10 @@ class _BatchNormMixin:
         batch statistics (masked BN); every position is normalized. Ignored when the running
         statistics are used (evaluation mode).
         """
+        if mask is None:
+            y = module_forward(self, input)  # the common case, validated once (bnlab._fastpath)
+            if y is not None:
+                return y
         x = _checks.check_input(input)
         self._check_input_dim(x)
         self._check_channels(x)

@@ -12,11 +12,15 @@ import os
 from torch import Tensor
 
 from bnlab.backends.base import Backend
+from bnlab.backends.cpu import CpuBackend
 from bnlab.backends.portable import PortableBackend
+from bnlab.backends.triton_backend import TritonBackend
 
 __all__ = ["Backend", "register_backend", "set_backend", "get_backend", "select_backend", "available_backends"]
 
-_REGISTRY: list[Backend] = [PortableBackend()]
+# Most preferred first: the compiled CPU kernels (when they build) for CPU tensors, the Triton
+# kernels (when triton imports; imported on the first CUDA tensor) for GPU tensors, else portable.
+_REGISTRY: list[Backend] = [CpuBackend(), TritonBackend(), PortableBackend()]
 _PINNED: str | None = os.environ.get("BNLAB_BACKEND") or None
 
 

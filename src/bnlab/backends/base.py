@@ -80,5 +80,43 @@ class Backend:
             dx = self.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
         return dx, sum_dy_xhat, sum_dy
 
+    # -- whole-call hooks: a fast backend may fold a whole call into one kernel launch ---------------
+    def train_forward(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None = None,
+        skip_nonfinite: bool = False,
+    ) -> Tensor | None:
+        """The whole training forward as one autograd op: output, and the running averages updated.
+
+        ``momentum`` is the weight of the batch. With ``num_batches_tracked`` (a module's counter),
+        the backend also adds 1 to it, and ``momentum=None`` means the cumulative factor
+        1/num_batches_tracked (after counting), as the module's own bookkeeping would. With
+        ``skip_nonfinite``, a batch whose mean or unbiased variance is not finite in some channel
+        updates neither the averages nor the counter (bnlab.stats.update_running_stats_'s guard).
+
+        Returns None, having changed nothing, to let the caller take the general path
+        (BatchNormTrainFunction, then ``update_running_stats_``). A backend whose per-call overhead
+        matters (small inputs) fuses the steps; the results must be those of the general path.
+        """
+        return None
+
+    def eval_forward(
+        self, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> Tensor | None:
+        """Evaluation-mode output straight from the running buffers when no gradient is needed.
+
+        Returns None to let the caller take the general path (finalize the statistics, then
+        ``normalize`` under autograd). Must raise as ``_checks.check_running_var_nonnegative`` does
+        for a negative running variance.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"<bnlab backend {self.name!r}>"

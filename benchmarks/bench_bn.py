@@ -1,0 +1,235 @@
+"""Benchmark bnlab's BatchNorm against torch.nn's (eager and torch.compile'd) and a copy of the same bytes.
+
+Claim measured: bnlab's BN is faster than PyTorch's and close to the memory-bandwidth limit (the
+targets of issue 5; results and discussion in docs/benchmarks.md).
+
+How: for each case (shape x layout x dtype x mode), every contender runs in interleaved rounds
+(the order rotates each round) and the median of the rounds is reported, so that load from other
+processes shifts every contender alike. Milliseconds per call, effective GB/s under the minimal
+traffic of the mode (bench_cases.TRAFFIC: forward and eval 2N bytes, forward+backward 5N), and the
+ratios bnlab/each baseline. Results go to a JSON-lines file, one line per case, written
+atomically; a rerun skips the cases already there (--fresh to start over).
+
+    python benchmarks/bench_bn.py                          # every CPU case, no torch.compile
+    python benchmarks/bench_bn.py --compile --modes fwdbwd --dtypes fp32 --layouts nchw
+    python benchmarks/bench_bn.py --device cuda --compile --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cases import DTYPES, MODES, contenders, traffic_bytes  # noqa: E402
+from bench_env import environment, first_call_seconds  # noqa: E402
+
+SHAPES = {
+    "mlp-small": (256, 100),
+    "mlp-large": (8192, 100),
+    "conv-56": (32, 64, 56, 56),
+    "conv-14": (64, 256, 14, 14),
+    "conv-32s": (128, 16, 32, 32),
+    "conv-32l": (256, 64, 32, 32),
+}
+CONV = ("conv-56", "conv-14", "conv-32s", "conv-32l")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict, device: str, rounds: int, min_sample_s: float) -> dict:
+    """Median seconds per call of each callable, over ``rounds`` interleaved samples.
+
+    Each sample repeats a call enough times to last about ``min_sample_s`` (small shapes take
+    tens of microseconds), measured with the host clock around a device synchronisation.
+    """
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        one = max(time.perf_counter() - start, 1e-7)
+        inner[name] = max(1, math.ceil(min_sample_s / one))
+    names = list(fns)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn, k = fns[name], inner[name]
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(k):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / k)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def run_case(key: dict, args) -> dict:
+    shape = SHAPES[key["shape"]]
+    dtype = DTYPES[key["dtype"]]
+    fns = contenders(shape, key["layout"], dtype, key["mode"], args.device, args.compile)
+    seconds = time_interleaved(fns, args.device, args.rounds, args.min_sample)
+    moved = traffic_bytes(shape, dtype, key["mode"])
+    copied = traffic_bytes(shape, dtype, "eval")  # a copy reads and writes N bytes once
+    results = {}
+    for name, s in seconds.items():
+        gbs = (copied if name.startswith("copy") else moved) / s / 1e9
+        results[name] = {"ms": round(s * 1e3, 4), "GBps": round(gbs, 2)}
+    ratios = {
+        f"bnlab_vs_{name}": round(seconds[name] / seconds["bnlab"], 3)
+        for name in seconds
+        if name != "bnlab" and not name.startswith("copy")
+    }
+    # Fractions of two ceilings: a copy into a new tensor (allocates its output, as BN must) and a
+    # copy into a buffer allocated once (the machine's bandwidth, without page faults).
+    ratios["bnlab_fraction_of_copy"] = round(results["bnlab"]["GBps"] / results["copy"]["GBps"], 3)
+    ratios["bnlab_fraction_of_copy_"] = round(results["bnlab"]["GBps"] / results["copy_"]["GBps"], 3)
+    return {**key, "shape_dims": list(shape), "device": args.device, "threads": torch.get_num_threads(),
+            "results": results, "ratios": ratios}  # fmt: skip
+
+
+def _case_id(rec: dict) -> str:
+    return "/".join(str(rec[k]) for k in ("device", "threads", "shape", "layout", "dtype", "mode"))
+
+
+def load_done(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if "results" in rec:
+                done[_case_id(rec)] = rec
+    return done
+
+
+def save(path: Path, header: dict, records: list[dict]) -> None:
+    """Write the whole file to a temporary name, then rename it: a killed run never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(header) + "\n")
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)
+
+
+def summarize(records: list[dict], device: str, threads: int) -> list[str]:
+    """The issue's target figures, from whatever cases were measured with this device and thread count."""
+    lines = [f"summary: {device}, {threads} thread(s)"]
+    records = [r for r in records if r["device"] == device and r.get("threads") == threads]
+
+    def pick(mode, dtype="fp32", layout="nchw", shapes=CONV):
+        return [r for r in records if r["device"] == device and r["mode"] == mode and r["dtype"] == dtype
+                and r["layout"] == layout and r["shape"] in shapes]  # fmt: skip
+
+    def geo(values):
+        return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+    fb = pick("fwdbwd")
+    if fb:
+        lines.append(f"fwd+bwd fp32 NCHW conv shapes, geometric mean speed-up: vs torch eager "
+                     f"{geo([r['ratios']['bnlab_vs_torch'] for r in fb]):.2f}x"
+                     + (f", vs torch.compile {geo([r['ratios']['bnlab_vs_torch.compile'] for r in fb]):.2f}x"
+                        if all('bnlab_vs_torch.compile' in r['ratios'] for r in fb) else ""))  # fmt: skip
+    for r in pick("fwd", shapes=("conv-56", "conv-32l")):
+        lines.append(f"fwd fp32 NCHW {r['shape']}: {r['results']['bnlab']['GBps']} GB/s effective")
+    ev = [r for r in records if r["device"] == device and r["mode"] == "eval"]
+    for key in ("bnlab_fraction_of_copy", "bnlab_fraction_of_copy_"):
+        if ev:
+            lines.append(f"eval, {key}: min {min(r['ratios'][key] for r in ev):.2f}, "
+                         f"median {statistics.median(r['ratios'][key] for r in ev):.2f}")  # fmt: skip
+    slow = [r for r in records if r["device"] == device and r["ratios"].get("bnlab_vs_torch", 1) < 1 / 1.1]
+    lines.append(f"cases more than 10% slower than torch eager: {len(slow)}"
+                 + "".join(f"\n  {_case_id(r)}: {r['ratios']['bnlab_vs_torch']}x" for r in slow))  # fmt: skip
+    return lines
+
+
+def markdown(records: list[dict]) -> str:
+    rows = ["| threads | shape | layout | dtype | mode | bnlab ms | GB/s | torch ms | compile ms | copy / copy_ GB/s | vs torch | vs compile | of copy / copy_ |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in records:
+        res, rat = r["results"], r["ratios"]
+        comp = res.get("torch.compile", {}).get("ms", "")
+        rows.append(f"| {r.get('threads', '')} | {tuple(r['shape_dims'])} | {r['layout']} | {r['dtype']} | {r['mode']} | "
+                    f"{res['bnlab']['ms']} | {res['bnlab']['GBps']} | {res['torch']['ms']} | {comp} | "
+                    f"{res['copy']['GBps']} / {res['copy_']['GBps']} | {rat['bnlab_vs_torch']}x | "
+                    f"{str(rat.get('bnlab_vs_torch.compile', '')) + ('x' if comp else '')} | "
+                    f"{rat['bnlab_fraction_of_copy']} / {rat['bnlab_fraction_of_copy_']} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+    p.add_argument("--layouts", default="nchw,cl", help="nchw (contiguous) and/or cl (channels_last; 4D shapes only)")
+    p.add_argument("--dtypes", default="fp32,bf16", help=f"subset of {list(DTYPES)}")
+    p.add_argument("--modes", default="fwd,fwdbwd,eval", help=f"subset of {list(MODES)}")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd torch.nn BN (slow to compile)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (bnlab's kernels follow it)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved samples per contender (median reported)")
+    p.add_argument("--min-sample", type=float, default=0.02, help="seconds per sample (calls are repeated)")
+    p.add_argument("--out", default="benchmarks/results/bench_bn.jsonl", help="JSON-lines results (resumable)")
+    p.add_argument("--fresh", action="store_true", help="ignore results already in --out")
+    p.add_argument("--first-call", action="store_true", help="also time compiling bnlab's CPU kernels from scratch")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table of all results at the end")
+    p.add_argument("--report", action="store_true", help="measure nothing: summarize and tabulate --out as it is")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    out = Path(args.out)
+    if args.report:
+        records = list(load_done(out).values())
+        for threads in sorted({r.get("threads") for r in records if r["device"] == args.device}):
+            print("\n".join(summarize(records, args.device, threads)))
+        print(markdown(records))
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {} if args.fresh else load_done(out)
+    header = {"environment": environment(args.device), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
+    if args.first_call:
+        header["bnlab_cpu_first_call"] = first_call_seconds()
+    print(json.dumps(header, indent=1))
+    keys = [
+        {"shape": s, "layout": lay, "dtype": d, "mode": m}
+        for s in args.shapes.split(",") for lay in args.layouts.split(",") for d in args.dtypes.split(",")
+        for m in args.modes.split(",")
+        if not (lay == "cl" and len(SHAPES[s]) < 4) and not (m.endswith("relu_fwdbwd") and len(SHAPES[s]) != 4)
+    ]  # fmt: skip
+    records = list(done.values())
+    for key in keys:
+        cid = _case_id({**key, "device": args.device, "threads": torch.get_num_threads()})
+        if cid in done:
+            continue
+        rec = run_case(key, args)
+        records.append(rec)
+        save(out, header, records)
+        res = rec["results"]
+        print(f"{cid}: " + "  ".join(f"{n} {v['ms']:.3f} ms {v['GBps']:.1f} GB/s" for n, v in res.items())
+              + "  | " + " ".join(f"{k}={v}" for k, v in rec["ratios"].items()), flush=True)  # fmt: skip
+    print("\n".join(summarize(records, args.device, torch.get_num_threads())))
+    if args.markdown:
+        print(markdown(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The callables a benchmark case compares: bnlab, torch eager, torch.compile'd torch, a copy.
+
+Each contender gets its own layer (so running statistics never interfere) and the same input.
+Byte accounting (the minimal traffic of each mode, the issue's convention): forward and eval read
+x and write y (2N bytes, N = numel x element size); forward+backward adds reading dy and x and
+writing dx (5N). The fused modes count their extra tensors too (residual read, and its gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+import bnlab
+
+MODES = ("fwd", "fwdbwd", "eval", "relu_fwdbwd", "addrelu_fwdbwd")
+#: bytes moved per element of x, for the minimal-traffic GB/s of each mode
+TRAFFIC = {"fwd": 2, "fwdbwd": 5, "eval": 2, "relu_fwdbwd": 5, "addrelu_fwdbwd": 7}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def make_input(shape, layout: str, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    if layout == "cl" and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def _layers(lib, rank: int, channels: int, device: str, fused: str | None):
+    if fused is not None:
+        return bnlab.BatchNormAct2d(channels, activation="relu").to(device)
+    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[rank]
+    return getattr(lib, name)(channels).to(device)
+
+
+class _TorchSequence(nn.Module):
+    """torch.nn's unfused BN -> (+ residual) -> ReLU, the baseline of the fused modes."""
+
+    def __init__(self, channels: int, residual: bool):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.residual = residual
+
+    def forward(self, x, res=None):
+        y = self.bn(x)
+        if self.residual:
+            y = y + res
+        return torch.relu(y)
+
+
+def _train_step(layer, x, dy, res=None) -> Callable[[], object]:
+    """Forward and backward, gradients returned rather than accumulated (no extra add per step)."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    inputs = [x] + ([res] if res is not None else [])
+
+    def step():
+        y = layer(*inputs)
+        return torch.autograd.grad(y, inputs + params, dy)
+
+    return step
+
+
+def contenders(shape, layout: str, dtype: torch.dtype, mode: str, device: str, compile_torch: bool) -> dict:
+    """{name: zero-argument callable} for one case; every callable does the same work."""
+    x = make_input(shape, layout, dtype, device)
+    channels = x.shape[1]
+    fused = {"relu_fwdbwd": "relu", "addrelu_fwdbwd": "addrelu"}.get(mode)
+    out: dict[str, Callable[[], object]] = {}
+
+    def build(lib_name: str):
+        if fused is not None:
+            if lib_name == "bnlab":
+                return bnlab.BatchNormAct2d(channels, activation="relu", residual=(fused == "addrelu")).to(device)
+            return _TorchSequence(channels, residual=(fused == "addrelu")).to(device)
+        lib = bnlab if lib_name == "bnlab" else nn
+        return _layers(lib, x.dim(), channels, device, None)
+
+    layers = {"bnlab": build("bnlab"), "torch": build("torch")}
+    if compile_torch:
+        dynamo_config = __import__("torch._dynamo", fromlist=["config"]).config
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 256)
+        layers["torch.compile"] = torch.compile(build("torch"), dynamic=False)
+    for layer in layers.values():
+        layer.train(mode != "eval")
+    for name, layer in layers.items():
+        if mode == "fwd":
+            out[name] = (lambda layer: lambda: layer(x))(layer)
+        elif mode == "eval":
+
+            def run(layer=layer):
+                with torch.no_grad():
+                    return layer(x)
+
+            out[name] = run
+        else:
+            xg = x.detach().clone().requires_grad_()
+            dy = make_input(shape, layout, dtype, device, seed=1)
+            res = make_input(shape, layout, dtype, device, seed=2).requires_grad_() if fused == "addrelu" else None
+            out[name] = _train_step(layer, xg, dy, res)
+    out["copy"] = lambda: x.clone()  # a new tensor, as every contender allocates its output
+    dst = torch.empty_like(x)
+    out["copy_"] = lambda: dst.copy_(x)  # into a buffer allocated once: no page faults, the pure ceiling
+    return out
+
+
+def traffic_bytes(shape, dtype: torch.dtype, mode: str) -> int:
+    numel = 1
+    for s in shape:
+        numel *= s
+    return TRAFFIC[mode] * numel * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,87 @@
+"""What a benchmark result depends on besides the code: machine, allocator, threads, versions.
+
+Recorded with every result (docs/benchmarks.md explains why each item matters: glibc's mmap
+threshold alone changes the time of a 67 MB output by 2-5x).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict:
+    """A JSON-able description of the machine and the settings that change timings."""
+    import bnlab
+    from bnlab.backends import cpu_build
+
+    cpu_build.load()  # report which kernels run (and why not, if they do not)
+
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "bnlab": bnlab.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # glibc: allocations above M_MMAP_THRESHOLD (dynamic, at most 32 MiB) are fresh mmaps, whose
+        # pages fault in on first write; MALLOC_MMAP_THRESHOLD_ unset means the default behaviour.
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset (glibc default, dynamic up to 32 MiB)"),
+        "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "bnlab_cpu_kernels": cpu_build.library_path() or cpu_build.load_error(),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
+    return env
+
+
+def first_call_seconds() -> dict:
+    """Time to compile bnlab's CPU kernels in a fresh process with an empty cache, and to load them cached.
+
+    Returns {"compile_s": ..., "cached_load_s": ...} (None when the kernels cannot be built).
+    """
+    code = (
+        "import time, torch; t = time.perf_counter(); from bnlab.backends import cpu_build; "
+        "lib = cpu_build.load(); print(time.perf_counter() - t if lib is not None else -1)"
+    )
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, BNLAB_CACHE_DIR=cache)
+        for key in ("compile_s", "cached_load_s"):
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            value = float(proc.stdout.strip() or -1) if proc.returncode == 0 else -1
+            out[key] = None if value < 0 else round(value, 3)
+            out[key.replace("_s", "_process_s")] = round(time.perf_counter() - start, 3)
+    return out

@@ -1,0 +1,111 @@
+"""A lean forward for bnlab's BatchNorm modules in the common case.
+
+On small inputs (the lab's (256, 100) MLP activations) a BN call costs more in Python than in
+arithmetic: the module's checks, then functional.batch_norm's checks of the same tensors, then
+the autograd bookkeeping. ``module_forward`` validates the call once, cheaply, and hands it to
+the backend's whole-call hooks (``train_forward`` / ``eval_forward``). Whenever anything is
+unusual (a wrong shape or dtype, a parameter on another device, an empty batch, eval with
+batch statistics, a gradient wanted in eval) it returns None *before changing any state*, and
+the module takes the general path, which raises the usual errors. The results are the same
+either way: the hooks run the same kernels as the general path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from bnlab import _checks
+from bnlab.backends import select_backend
+
+_FLOATING = frozenset(_checks.FLOATING_DTYPES)
+
+
+def _plain(v: Tensor | None, channels: int, device: torch.device) -> bool:
+    """None, or a floating (C,) tensor on ``device``: what functional.batch_norm would accept."""
+    return v is None or (v.dtype in _FLOATING and v.shape == (channels,) and v.device == device)
+
+
+def _option(module, name: str, default):
+    """A plain attribute of the layer, or its class default, or ``default``.
+
+    Not ``getattr(module, name, default)``: for a name the layer lacks, nn.Module.__getattr__
+    builds and raises an AttributeError, which costs microseconds on every call.
+    """
+    found = module.__dict__.get(name, _MISSING)
+    return found if found is not _MISSING else getattr(type(module), name, default)
+
+
+_MISSING = object()
+
+
+def _plain_options(module) -> bool:
+    """Plain BN: none of the feature options of docs/features.md that change the computation is on
+    (read with their defaults, so the check also holds for layers built before the options existed)."""
+    return (
+        _option(module, "virtual_batch_size", None) is None
+        and not _option(module, "renorm", False)
+        and _option(module, "accumulation_steps", 1) == 1
+    )
+
+
+def module_forward(module, x: object) -> Tensor | None:
+    """The output of ``module(x)`` for a bnlab BatchNorm module, or None for the general path.
+
+    Args:
+        module: a bnlab BatchNorm1d/2d/3d (anything with _BatchNormMixin's attributes).
+        x: the input as given by the caller (not yet validated).
+
+    Returns:
+        The normalized tensor, with running statistics and num_batches_tracked updated exactly as
+        the general path would; or None, with nothing changed.
+    """
+    if not isinstance(x, Tensor) or x.dtype not in _FLOATING or not _plain_options(module):
+        return None
+    shape = x.shape
+    channels = module.num_features
+    if len(shape) not in module._ranks or shape[1] != channels:
+        return None
+    params, buffers = module._parameters, module._buffers
+    weight, bias = params.get("weight"), params.get("bias")
+    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+    device = x.device
+    if not (
+        _plain(weight, channels, device)
+        and _plain(bias, channels, device)
+        and _plain(running_mean, channels, device)
+        and _plain(running_var, channels, device)
+    ):
+        return None
+    eps = module.eps
+    if type(eps) is not float or not eps > 0 or eps == math.inf:  # NaN fails eps > 0
+        return None
+    if not module.training:
+        if running_mean is None or running_var is None or x.numel() == 0:
+            return None  # eval with batch statistics (track_running_stats=False), or an empty batch
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+        ):
+            return None  # a graph is wanted: BatchNormEvalFunction
+        return select_backend(x).eval_forward(x, running_mean, running_var, weight, bias, eps)
+    if x.numel() <= channels:
+        return None  # one value per channel is an error, zero an empty batch: the general path
+    momentum = module.momentum
+    if momentum is not None and not (type(momentum) in (float, int) and math.isfinite(momentum)):
+        return None
+    nbt = None
+    if not module.track_running_stats:
+        running_mean = running_var = None
+    elif (running_mean is None) != (running_var is None):
+        return None
+    else:
+        nbt = buffers.get("num_batches_tracked")
+    if nbt is None and momentum is None:
+        momentum = 0.0  # as _momentum_factor: no counter, no cumulative average
+    backend = select_backend(x)
+    # The backend counts the batch in num_batches_tracked itself (in its kernel call), or returns
+    # None having changed nothing: then the module's general path runs.
+    guard = bool(_option(module, "skip_nonfinite", True))  # the non-finite guard, on by default
+    return backend.train_forward(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)

@@ -1,0 +1,269 @@
+"""The fast CPU backend: bnlab's compiled kernels (cpu_kernels.cpp) behind the backend contract.
+
+Claims CPU tensors of float32, float64, bfloat16 and float16 (statistics in float64, the
+elementwise phase in float32 for the half types, as the portable backend). The kernels run on
+memory that is either contiguous (N, C, *) or channels-last (channels innermost: channels_last,
+channels_last_3d, or a transposed (N, L, C) tensor); other strides and empty tensors are handed
+to the portable implementation inside this backend, so that pinning it (``set_backend("cpu")``)
+works for every CPU tensor. Without a compiler the backend claims nothing (see cpu_build).
+
+Per-call Python work is kept to a few attribute reads and one kernel call: the small MLP shapes
+are bound by this overhead, not by memory. ``train_forward`` therefore runs the whole training
+step (statistics, normalize, running averages) in one call under a lean autograd Function
+(cpu_autograd), and ``eval_forward`` normalizes straight from the running buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnlab._checks import check_running_var_nonnegative
+from bnlab.backends import cpu_build
+from bnlab.backends.base import Backend
+from bnlab.backends.cpu_autograd import CpuTrainFunction
+from bnlab.backends.portable import PortableBackend
+from bnlab.stats import Moments
+
+__all__ = ["CpuBackend"]
+
+_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_NCL, _NLC = 0, 1
+_F64 = torch.float64
+_PORTABLE = PortableBackend()  # for what the kernels do not take: empty tensors, other strides
+
+#: Below this many elements one thread is faster than waking the others.
+PARALLEL_MIN_NUMEL = 1 << 15
+#: Elements per NCL wave and thread: the channels of a wave stay in the cores' L2 between the
+#: reduce and the elementwise pass (measured: docs/benchmarks.md).
+WAVE_PER_THREAD = 1 << 16
+
+
+def layout_of(x: Tensor) -> tuple[int, int, int, int] | None:
+    """(layout, N, C, L) of x for the kernels, or None if its strides are neither of the two layouts.
+
+    NCL: contiguous (N, C, *) with L = prod(spatial) > 1. NLC: rows of C contiguous channels,
+    N*L rows: (N, C) inputs, contiguous inputs with L = 1, and channels-last memory.
+    """
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    rows = x.numel() // c if c else 0
+    if x.is_contiguous():
+        length = rows // n if n else 0
+        return (_NLC, rows, c, 1) if length == 1 else (_NCL, n, c, length)
+    if x.stride(1) == 1 and x.movedim(1, -1).is_contiguous():
+        return (_NLC, rows, c, 1)
+    return None
+
+
+def fits(x: Tensor) -> bool:
+    """Whether the kernels take x: non-empty, in one of the two layouts."""
+    return x.numel() > 0 and layout_of(x) is not None
+
+
+def threads_for(x: Tensor) -> int:
+    """torch's intra-op thread count, or 1 for inputs too small to share."""
+    return torch.get_num_threads() if x.numel() >= PARALLEL_MIN_NUMEL else 1
+
+
+def param(v: Tensor | None) -> tuple[int, int, Tensor | None]:
+    """(pointer, dtype code, owner) of an optional (C,) parameter or buffer; (0, 0, None) for None.
+
+    The caller keeps ``owner`` alive during the kernel call: it is a copy when v has a stride.
+    """
+    if v is None:
+        return 0, 0, None
+    if v.stride(0) != 1:
+        v = v.contiguous()
+    return v.data_ptr(), _CODE[v.dtype], v
+
+
+def is_plain_vector(v: Tensor | None) -> bool:
+    """None, or a CPU (C,) floating tensor with unit stride that the kernels may read and write directly.
+
+    (Callers have validated the shape and the floating dtype.)
+    """
+    return v is None or (v.is_cpu and v.stride(0) == 1)
+
+
+def _f64(v: Tensor) -> Tensor:
+    """A float64 contiguous (C,) statistic (the forward's own outputs already are)."""
+    if v.dtype != _F64 or not v.is_contiguous():
+        v = v.to(_F64).contiguous()
+    return v
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """t with x's dtype and strides: a gradient may arrive in another memory format."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+class CpuBackend(Backend):
+    """Compiled, cache-blocked, multi-threaded kernels for CPU tensors (see the module docstring)."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._loaded = None
+
+    def kernels(self):
+        """The loaded kernels (compiled on first use), or None when unavailable."""
+        if self._loaded is None:
+            self._loaded = cpu_build.load()
+        return self._loaded
+
+    @property
+    def _lib(self):
+        return self._loaded if self._loaded is not None else self.kernels()
+
+    def supports(self, x: Tensor) -> bool:
+        return x.is_cpu and x.dtype in _CODE and self._lib is not None
+
+    # -- fused compositions ----------------------------------------------------------------------
+    def forward_train(self, x, weight, bias, eps):
+        if not fits(x):
+            return _PORTABLE.forward_train(x, weight, bias, eps)
+        y, stats, _ = self.forward_stats(x, weight, bias, eps, None, None, 0.0)
+        mean, m2, invstd = stats.unbind()
+        return y, Moments(x.numel() // x.shape[1], mean, m2), invstd
+
+    def forward_stats(self, x, weight, bias, eps, running_mean, running_var, momentum, nbt=None, guard=False,
+                      want_output=True):  # fmt: skip
+        """(y, (3, C) float64 statistics with rows mean, M2, invstd, plan), running averages updated.
+
+        running_mean/running_var: None or plain vectors (:func:`is_plain_vector`). ``nbt``: None, or
+        an int64 one-element CPU tensor (num_batches_tracked) to count the batch in; then momentum
+        None means the cumulative factor 1/num_batches_tracked. ``guard``: the non-finite guard
+        (a batch with a NaN/Inf mean or variance updates nothing, counter included; see
+        bnlab.stats.update_running_stats_). ``want_output=False`` skips y.
+        ``plan`` = (layout, N, C, L, dtype code, threads) describes x for :meth:`backward_fused`.
+        """
+        layout, n, c, length = layout_of(x)
+        y = torch.empty_like(x) if want_output else None
+        stats = torch.empty(3, c, dtype=_F64)
+        w, wc, _w = param(weight)
+        b, bc, _b = param(bias)
+        rm, rmc = (running_mean.data_ptr(), _CODE[running_mean.dtype]) if running_mean is not None else (0, 0)
+        rv, rvc = (running_var.data_ptr(), _CODE[running_var.dtype]) if running_var is not None else (0, 0)
+        code = _CODE[x.dtype]
+        nt = threads_for(x)
+        self._lib.bn_forward_train(
+            x.data_ptr(), 0 if y is None else y.data_ptr(), code, layout, n, c, length, w, wc, b, bc, eps,
+            stats.data_ptr(), rm, rmc, rv, rvc, 0.0 if momentum is None else momentum,
+            0 if nbt is None else nbt.data_ptr(), momentum is None, guard, nt, WAVE_PER_THREAD * nt,
+        )  # fmt: skip
+        return y, stats, (layout, n, c, length, code, nt)
+
+    def backward_fused(self, dy, x, stats, weight, plan, need_input_grad, dweight, dbias):
+        """dx (or None) from the forward's ``stats`` and ``plan``; writes Σdy·x̂ into dweight and Σdy into dbias.
+
+        dweight/dbias: fresh contiguous (C,) tensors in the parameters' dtypes, or None.
+        """
+        layout, n, c, length, code, nt = plan
+        if dy.dtype != x.dtype or dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)  # a gradient may arrive in another memory format
+        dx = torch.empty_like(x) if need_input_grad else None
+        w, wc, _w = param(weight)
+        ptr = stats.data_ptr()  # rows: mean, M2, invstd (float64)
+        self._lib.bn_backward(
+            dy.data_ptr(), x.data_ptr(), 0 if dx is None else dx.data_ptr(), code, layout, n, c, length,
+            ptr, ptr + 16 * c, w, wc, float(n * length), 0,
+            0 if dweight is None else dweight.data_ptr(), 0 if dweight is None else _CODE[dweight.dtype],
+            0 if dbias is None else dbias.data_ptr(), 0 if dbias is None else _CODE[dbias.dtype],
+            nt, WAVE_PER_THREAD * nt,
+        )  # fmt: skip
+        return dx
+
+    def backward(self, dy, x, mean, invstd, weight, count, need_input_grad):
+        if not fits(x):
+            return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad)
+        mean, invstd = _f64(mean), _f64(invstd)
+        dx, sums = self.backward_sums(dy, x, mean.data_ptr(), invstd.data_ptr(), weight, count, need_input_grad)
+        sum_dy, sum_dy_xhat = sums.unbind()
+        return dx, sum_dy_xhat, sum_dy
+
+    def backward_sums(self, dy, x, mean_ptr, invstd_ptr, weight, count, need_input_grad):
+        """(dx or None, (2, C) float64 sums Σdy, Σdy·x̂), given pointers to float64 (C,) mean and invstd."""
+        layout, n, c, length = layout_of(x)
+        dy = _like(dy, x)
+        dx = torch.empty_like(x) if need_input_grad else None
+        sums = torch.empty(2, c, dtype=_F64)
+        w, wc, _w = param(weight)
+        nt = threads_for(x)
+        self._lib.bn_backward(
+            dy.data_ptr(), x.data_ptr(), 0 if dx is None else dx.data_ptr(), _CODE[x.dtype], layout, n, c, length,
+            mean_ptr, invstd_ptr, w, wc, float(count), sums.data_ptr(), 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt,
+        )  # fmt: skip
+        return dx, sums
+
+    # -- primitives (SyncBatchNorm composes these around its collectives) -------------------------
+    def moments(self, x):
+        if not fits(x):
+            return _PORTABLE.moments(x)
+        _, stats, _ = self.forward_stats(x, None, None, 1.0, None, None, 0.0, want_output=False)
+        return Moments(x.numel() // x.shape[1], stats[0], stats[1])
+
+    def grad_sums(self, dy, x, mean, invstd):
+        if not fits(x):
+            return _PORTABLE.grad_sums(dy, x, mean, invstd)
+        mean, invstd = _f64(mean), _f64(invstd)
+        _, sums = self.backward_sums(dy, x, mean.data_ptr(), invstd.data_ptr(), None, 1, False)
+        return sums[0], sums[1]
+
+    def normalize(self, x, mean, invstd, weight, bias):
+        if not fits(x):
+            return _PORTABLE.normalize(x, mean, invstd, weight, bias)
+        layout, n, c, length = layout_of(x)
+        mean, invstd = _f64(mean), _f64(invstd)
+        y = torch.empty_like(x)
+        w, wc, _w = param(weight)
+        b, bc, _b = param(bias)
+        self._lib.bn_normalize(
+            x.data_ptr(), y.data_ptr(), _CODE[x.dtype], layout, n, c, length,
+            mean.data_ptr(), invstd.data_ptr(), w, wc, b, bc, threads_for(x),
+        )  # fmt: skip
+        return y
+
+    def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
+        if not fits(x):
+            return _PORTABLE.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+        layout, n, c, length = layout_of(x)
+        dy = _like(dy, x)
+        mean, invstd, sum_dy, sum_dy_xhat = _f64(mean), _f64(invstd), _f64(sum_dy), _f64(sum_dy_xhat)
+        dx = torch.empty_like(x)
+        w, wc, _w = param(weight)
+        self._lib.bn_grad_input(
+            dy.data_ptr(), x.data_ptr(), dx.data_ptr(), _CODE[x.dtype], layout, n, c, length,
+            mean.data_ptr(), invstd.data_ptr(), w, wc, sum_dy.data_ptr(), sum_dy_xhat.data_ptr(),
+            float(count), threads_for(x),
+        )  # fmt: skip
+        return dx
+
+    # -- whole-call hooks ----------------------------------------------------------------------------
+    def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None,
+                      skip_nonfinite=False):  # fmt: skip
+        if not (fits(x) and is_plain_vector(running_mean) and is_plain_vector(running_var)):
+            return None
+        nbt = num_batches_tracked
+        if nbt is not None and not (nbt.is_cpu and nbt.dtype == torch.int64 and nbt.numel() == 1):
+            return None
+        config = (eps, self, running_mean, running_var, momentum, nbt, skip_nonfinite)
+        return CpuTrainFunction.apply(x, weight, bias, config)
+
+    def eval_forward(self, x, running_mean, running_var, weight, bias, eps):
+        if not (fits(x) and is_plain_vector(running_mean) and is_plain_vector(running_var)):
+            return None
+        layout, n, c, length = layout_of(x)
+        y = torch.empty_like(x)
+        w, wc, _w = param(weight)
+        b, bc, _b = param(bias)
+        bad = self._lib.bn_eval(
+            x.data_ptr(), y.data_ptr(), _CODE[x.dtype], layout, n, c, length,
+            running_mean.data_ptr(), _CODE[running_mean.dtype], running_var.data_ptr(), _CODE[running_var.dtype],
+            w, wc, b, bc, eps, threads_for(x),
+        )  # fmt: skip
+        if bad:
+            check_running_var_nonnegative(running_var)  # raises the error naming the channels
+        return y

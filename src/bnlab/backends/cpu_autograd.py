@@ -1,0 +1,46 @@
+"""The training step of the CPU backend as one lean autograd Function.
+
+bnlab.autograd.BatchNormTrainFunction returns the batch statistics and lets the caller update the
+running averages: general, but on a (256, 100) input its bookkeeping costs more than the kernel.
+Here one kernel call computes the statistics, the output and the running averages, one more
+computes dx, dweight and dbias in their final dtypes, and the Function saves a single (3, C)
+statistics tensor. The math and the results are those of the general path (docs/math.md §3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CpuTrainFunction(torch.autograd.Function):
+    """y = BN(x) with the batch's statistics, updating running_mean/running_var in the same call.
+
+    forward(x, weight, bias, config) -> y with config = (eps, backend, running_mean, running_var,
+    momentum, num_batches_tracked, skip_nonfinite), as for CpuBackend.forward_stats. (One tuple
+    rather than seven arguments: each argument costs autograd time per call.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, config):
+        eps, backend, running_mean, running_var, momentum, nbt, guard = config
+        y, stats, plan = backend.forward_stats(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.config = (eps, backend, None if bias is None else bias.dtype, plan)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, stats = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        eps, backend, bias_dtype, plan = ctx.config
+        if torch.is_grad_enabled():
+            # create_graph=True: the same closed form in differentiable torch ops (bnlab.autograd).
+            from bnlab.autograd import _differentiable_train_backward
+
+            dx, sum_dy_xhat, sum_dy = _differentiable_train_backward(dy, x, weight, eps)
+            dw = sum_dy_xhat.to(weight.dtype) if need_w else None
+            db = sum_dy.to(bias_dtype) if need_b else None
+            return (dx if need_x else None), dw, db, None
+        dw = torch.empty_like(weight) if need_w else None
+        db = torch.empty(plan[2], dtype=bias_dtype) if need_b else None
+        return backend.backward_fused(dy, x, stats, weight, plan, need_x, dw, db), dw, db, None

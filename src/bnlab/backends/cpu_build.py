@@ -1,0 +1,224 @@
+"""Compile bnlab's CPU kernels (cpu_kernels.cpp) at first use, cache the library, load it with ctypes.
+
+Why this way (measurements in docs/benchmarks.md): a plain C++ file with OpenMP and no torch
+headers compiles in a few seconds with the system's g++ and needs no package beyond numpy and
+torch. It is built as a CPython extension module when Python.h is available (argument conversion
+~20 ns each), else as a plain shared library loaded through ctypes (~250 ns each; the same
+functions, called the same way). The library is cached under
+``$BNLAB_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnlab`` or ``~/.cache/bnlab``), keyed by a hash
+of the sources, the compiler, the flags and the CPU's instruction set, so it is built once per
+machine and rebuilt when any of these change. It is written to a temporary name and renamed into
+place, so concurrent first uses (several test workers, torchrun ranks) never load half a file.
+
+Without a working compiler, or with ``BNLAB_CPU_KERNELS=0``, :func:`load` returns None and records
+why; bnlab then runs the portable backend, which gives the same results, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["load", "load_error", "library_path", "build_seconds"]
+
+_HERE = Path(__file__).resolve().parent
+SOURCES = (
+    "cpu_kernels.cpp",
+    "cpu_kernels_ncl.inc",
+    "cpu_kernels_waves.inc",
+    "cpu_kernels_nlc.inc",
+    "cpu_kernels_api.inc",
+    "cpu_kernels_py.inc",
+)
+_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c++17"]
+
+_lock = threading.Lock()
+_state: dict = {"lib": None, "error": None, "tried": False, "path": None, "seconds": None}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $BNLAB_CACHE_DIR, else $XDG_CACHE_HOME/bnlab, else ~/.cache/bnlab."""
+    explicit = os.environ.get("BNLAB_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "bnlab"
+
+
+def _compiler() -> str | None:
+    """$CXX if set, else the first of g++, c++, clang++ on PATH."""
+    explicit = os.environ.get("CXX")
+    if explicit:
+        return explicit
+    for name in ("g++", "c++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags: a library built with -march=native must not move to another CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler_identity(cxx: str) -> str:
+    """The compiler's resolved path, size and modification time: changes when it is upgraded."""
+    path = shutil.which(cxx) or cxx
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return path
+
+
+def _key(cxx: str, variant: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((_HERE / name).read_bytes())
+    parts = (_compiler_identity(cxx), " ".join(_BASE_FLAGS + variant), _cpu_signature(), platform.platform(), sys.version)
+    for part in parts:
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _python_include() -> str | None:
+    """Directory holding Python.h, or None (then only the ctypes library can be built)."""
+    include = sysconfig.get_paths().get("include")
+    return include if include and (Path(include) / "Python.h").exists() else None
+
+
+def _variants() -> list[tuple[str, list[str]]]:
+    """(kind, flags) to try, best first: an extension module, then ctypes libraries."""
+    out = []
+    include = _python_include()
+    if include is not None:
+        out.append(("module", ["-march=native", "-fopenmp", "-DBNLAB_PYTHON_MODULE", f"-I{include}"]))
+    out += [("ctypes", ["-march=native", "-fopenmp"]), ("ctypes", ["-fopenmp"]), ("ctypes", [])]
+    return out
+
+
+def _compile(cxx: str, flags: list[str], target: Path) -> str | None:
+    """Compile to a temporary file next to target, then rename it into place. Returns an error or None."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    cmd = [cxx, *_BASE_FLAGS, *flags, str(_HERE / SOURCES[0]), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        os.unlink(tmp)
+        return f"{' '.join(cmd)}: {exc}"
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        return f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}"
+    os.replace(tmp, target)
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Argument types of the entry points (cpu_kernels_api.inc), so that ctypes converts Python ints."""
+    P, I, L, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
+    sigs = {
+        "bn_forward_train": [P, P, I, I, L, L, L, P, I, P, I, D, P, P, I, P, I, D, P, I, I, I, L],
+        "bn_backward": [P, P, P, I, I, L, L, L, P, P, P, I, D, P, P, I, P, I, I, L],
+        "bn_normalize": [P, P, I, I, L, L, L, P, P, P, I, P, I, I],
+        "bn_eval": [P, P, I, I, L, L, L, P, I, P, I, P, I, P, I, D, I],
+        "bn_grad_input": [P, P, P, I, I, L, L, L, P, P, P, I, P, P, D, I],
+    }
+    for name, argtypes in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _load_module(path: Path):
+    """Import the extension module at path (its init function is PyInit__bnlab_cpu)."""
+    spec = importlib.util.spec_from_file_location("_bnlab_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load():
+    """The kernels (extension module or ctypes library), compiled on first use; None if unavailable.
+
+    Thread-safe; tries once per process. :func:`load_error` tells why it is None.
+    """
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        try:
+            _state["lib"] = _build_and_load()
+        except Exception as exc:  # any failure means "use the portable backend", never a crash
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+        _state["tried"] = True
+    return _state["lib"]
+
+
+def _build_and_load():
+    if os.environ.get("BNLAB_CPU_KERNELS", "1") == "0":
+        _state["error"] = "disabled by BNLAB_CPU_KERNELS=0"
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        _state["error"] = "no C++ compiler found (set CXX, or install g++)"
+        return None
+    import torch  # noqa: F401  (loaded first, so the library binds to torch's OpenMP runtime)
+
+    errors = []
+    for kind, flags in _variants():
+        target = cache_dir() / f"bnlab_cpu_{kind}_{_key(cxx, flags)}.so"
+        if not target.exists():
+            start = time.perf_counter()
+            err = _compile(cxx, flags, target)
+            if err is not None:
+                errors.append(err)
+                continue
+            _state["seconds"] = time.perf_counter() - start
+        try:
+            lib = _load_module(target) if kind == "module" else _declare(ctypes.CDLL(str(target)))
+        except (OSError, ImportError) as exc:
+            errors.append(f"loading {target}: {exc}")
+            continue
+        _state["path"] = str(target)
+        return lib
+    _state["error"] = "\n".join(errors)
+    return None
+
+
+def load_error() -> str | None:
+    """Why :func:`load` returned None (None if it succeeded or was not tried)."""
+    return _state["error"]
+
+
+def library_path() -> str | None:
+    """Path of the loaded library, for diagnostics."""
+    return _state["path"]
+
+
+def build_seconds() -> float | None:
+    """How long this process spent compiling the library (None if it came from the cache)."""
+    return _state["seconds"]

@@ -1,0 +1,201 @@
+// bnlab's CPU kernels: compiled at first use by bnlab/backends/cpu_build.py (see there how they are loaded).
+//
+// Plain C++ with OpenMP and no torch headers, so it compiles in a few seconds. Every entry point
+// takes raw pointers, a dtype code and the layout (see Layout) and does one whole BN pass:
+//   bn_forward_train  statistics (two-pass per cache-sized chunk, merged with Chan's rule) then normalize
+//   bn_backward       Σdy and Σdy·x̂ then dx, reusing each channel's data while it is in cache
+//   bn_normalize      the elementwise forward with given statistics (eval and the primitive)
+//   bn_grad_input     the elementwise backward with given sums (the primitive)
+//   bn_update_running the running-average update (torch's convention, unbiased variance)
+// Statistics are float64 whatever the input dtype; the math is docs/math.md's.
+//
+// Work split (NCL): a channel's values are cut into chunks of ~kChunk elements (a row segment, or
+// several short rows). With enough channels, each channel is one task for whichever thread is
+// free: its statistics, then its elementwise pass while its values are still in that core's cache,
+// which reads x from memory once instead of twice and needs no barrier. With few channels, the
+// chunks of each wave of channels are shared among all threads, with one barrier per wave
+// (cpu_kernels_waves.inc). NLC (channels innermost): threads take shares of the rows.
+#ifdef BNLAB_PYTHON_MODULE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>  // before any standard header, as Python's documentation requires
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#else  // a compiler without OpenMP still builds the kernels, single-threaded
+static inline int omp_get_num_threads() { return 1; }
+static inline int omp_get_thread_num() { return 0; }
+#endif
+
+namespace {
+
+constexpr int64_t kChunk = 2048;  // elements per chunk: two passes over it stay in L1
+
+// ---- storage types -----------------------------------------------------------------------
+enum DType { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
+
+struct bf16 { uint16_t bits; };
+
+template <typename S> struct Traits;                       // S: storage type
+template <> struct Traits<float> { using F = float; };     // F: arithmetic type of the elementwise phase
+template <> struct Traits<double> { using F = double; };
+template <> struct Traits<bf16> { using F = float; };
+template <> struct Traits<_Float16> { using F = float; };
+
+static inline float ld(const float* p, int64_t i) { return p[i]; }
+static inline double ld(const double* p, int64_t i) { return p[i]; }
+static inline float ld(const _Float16* p, int64_t i) { return (float)p[i]; }
+static inline float ld(const bf16* p, int64_t i) {
+  uint32_t u = (uint32_t)p[i].bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline void st(float* p, int64_t i, float v) { p[i] = v; }
+static inline void st(double* p, int64_t i, double v) { p[i] = v; }
+static inline void st(_Float16* p, int64_t i, float v) { p[i] = (_Float16)v; }
+static inline void st(bf16* p, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even, as torch
+  p[i].bits = (uint16_t)(v != v ? 0x7fc0u : rounded);         // NaN stays NaN (a quiet one)
+}
+
+// A per-channel parameter or statistic of any floating dtype (weight, bias, running buffers).
+static inline double ldp(const void* p, int dt, int64_t i, double fill) {
+  if (p == nullptr) return fill;
+  switch (dt) {
+    case kF32: return ((const float*)p)[i];
+    case kF64: return ((const double*)p)[i];
+    case kBF16: return ld((const bf16*)p, i);
+    default: return (double)((const _Float16*)p)[i];
+  }
+}
+static inline void stp(void* p, int dt, int64_t i, double v) {
+  switch (dt) {
+    case kF32: ((float*)p)[i] = (float)v; break;
+    case kF64: ((double*)p)[i] = v; break;
+    case kBF16: st((bf16*)p, i, (float)v); break;
+    default: ((_Float16*)p)[i] = (_Float16)v; break;
+  }
+}
+
+// ---- per-channel statistics ----------------------------------------------------------------
+struct Part {  // (count, mean, M2) of a piece of a channel
+  double n, mean, m2;
+};
+
+// Chan et al.: fold (nb, mb, qb) into a. Equal means merge exactly (a constant channel stays exact).
+static inline void chan(Part& a, double nb, double mb, double qb) {
+  if (nb == 0) return;
+  if (a.n == 0) { a = {nb, mb, qb}; return; }
+  double n = a.n + nb, d = mb - a.mean;
+  a.mean += d * (nb / n);
+  a.m2 += qb + d * d * (a.n / n * nb);
+  a.n = n;
+}
+
+// Centring constants of the elementwise phase, as bnlab.stats.split_mean: x - hi is exact near the
+// mean, lo = mean - hi carries the digits F cannot hold.
+template <typename F> struct Split {
+  F hi;
+  double lo;
+};
+template <typename F> static inline Split<F> split(double mean) {
+  F hi = (F)mean;
+  return {hi, (double)(F)(mean - (double)hi)};
+}
+
+// ---- the two layouts -----------------------------------------------------------------------
+// NCL: x[n][c][l], contiguous (N, C, *) with L = prod(spatial) > 1.
+// NLC: x[m][c], M rows of C channels: (N, C) inputs and channels_last (N, *, C) memory.
+struct Layout {
+  int64_t N, C, L;  // NLC: N = M rows, L = 1
+  // chunk decomposition of one NCL channel
+  int64_t segs;     // segments per row (L >= kChunk), else 1
+  int64_t rows;     // rows per chunk (L < kChunk), else 1
+  int64_t nch;      // chunks per channel
+};
+
+static Layout make_layout(int64_t N, int64_t C, int64_t L) {
+  Layout g{N, C, L, 1, 1, 0};
+  if (L >= kChunk) {
+    g.segs = (L + kChunk - 1) / kChunk;
+    g.nch = N * g.segs;
+  } else {
+    g.rows = kChunk / L > 0 ? kChunk / L : 1;
+    g.nch = (N + g.rows - 1) / g.rows;
+  }
+  return g;
+}
+
+struct Chunk {
+  int64_t off;   // element offset of the first value
+  int64_t rows;  // rows in the chunk, each `len` contiguous values, `stride` apart
+  int64_t len;
+  int64_t stride;
+};
+
+static inline Chunk chunk_of(const Layout& g, int64_t c, int64_t j) {
+  if (g.L >= kChunk) {
+    int64_t n = j / g.segs, s = j % g.segs;
+    int64_t l0 = s * g.L / g.segs, l1 = (s + 1) * g.L / g.segs;
+    return {(n * g.C + c) * g.L + l0, 1, l1 - l0, 0};
+  }
+  int64_t n0 = j * g.rows;
+  int64_t r = g.N - n0 < g.rows ? g.N - n0 : g.rows;
+  return {(n0 * g.C + c) * g.L, r, g.L, g.C * g.L};
+}
+
+// Scratch buffers owned by the calling thread and reused across calls (no allocation per call).
+struct Scratch {
+  double* p = nullptr;
+  size_t cap = 0;
+  double* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      p = (double*)std::malloc(n * sizeof(double));
+      cap = p ? n : 0;
+    }
+    return p;
+  }
+  ~Scratch() { std::free(p); }
+};
+thread_local Scratch tls_scratch;
+
+static inline int64_t split_at(int64_t total, int t, int T) { return total * t / T; }
+
+// A large fresh output (glibc maps allocations above its mmap threshold, at most 32 MiB, anew each
+// time) costs one page fault per 4 KiB page when first written, which on a virtual machine takes
+// longer than writing the data. Asking for transparent huge pages on the 2 MiB-aligned interior of
+// the output cuts the faults 512-fold. A hint only: it changes no data and is ignored where THP is
+// off. Pages already present (reused heap memory) are unaffected.
+static void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = (uintptr_t)1 << 21;
+  if (p == nullptr || bytes < (int64_t)(16 * kHuge)) return;
+  uintptr_t lo = ((uintptr_t)p + kHuge - 1) & ~(kHuge - 1), hi = ((uintptr_t)p + (uintptr_t)bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise((void*)lo, hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+}  // namespace
+
+#include "cpu_kernels_ncl.inc"
+#include "cpu_kernels_waves.inc"
+#include "cpu_kernels_nlc.inc"
+#include "cpu_kernels_api.inc"
+#ifdef BNLAB_PYTHON_MODULE
+#include "cpu_kernels_py.inc"
+#endif

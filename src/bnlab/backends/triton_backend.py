@@ -1,0 +1,167 @@
+"""The Triton backend: bnlab's GPU kernels (triton_reduce, triton_elementwise) behind the backend contract.
+
+Claims CUDA tensors of float32, float16 and bfloat16 (float32 arithmetic, float64 statistics)
+when triton imports; triton is an optional extra and is imported on the first CUDA tensor only,
+never by ``import bnlab``. Inputs that are neither contiguous nor channels-last, empty inputs,
+float64 and cross-process (tensor) counts are handed to the portable implementation.
+``TritonBackend(allow_cpu=True)`` also claims CPU tensors: with TRITON_INTERPRET=1 that runs the
+kernels in Triton's interpreter, which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnlab._checks import check_running_var_nonnegative
+from bnlab.backends.base import Backend
+from bnlab.backends.portable import PortableBackend
+from bnlab.stats import Moments
+
+__all__ = ["TritonBackend"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PORTABLE = PortableBackend()
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """t with x's dtype and strides: the flat kernels address both tensors by the same offsets."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+def _plain(v: Tensor | None, x: Tensor) -> bool:
+    return v is None or (v.device == x.device and v.is_contiguous())
+
+
+class TritonBackend(Backend):
+    """Triton kernels for GPU tensors (see the module docstring)."""
+
+    name = "triton"
+
+    def __init__(self, allow_cpu: bool = False) -> None:
+        self.allow_cpu = allow_cpu
+        self._ops = None
+        self._tried = False
+        self.error: str | None = None
+
+    def ops(self):
+        """bnlab.backends.triton_ops (imports triton), or None if triton is unavailable."""
+        if not self._tried:
+            try:
+                from bnlab.backends import triton_ops
+
+                self._ops = triton_ops
+            except Exception as exc:  # no triton, or a triton that does not load: portable path
+                self.error = f"{type(exc).__name__}: {exc}"
+            self._tried = True
+        return self._ops
+
+    def supports(self, x: Tensor) -> bool:
+        if not (x.is_cuda or (self.allow_cpu and x.is_cpu)) or x.dtype not in _DTYPES:
+            return False
+        return self.ops() is not None
+
+    def plan(self, x: Tensor):
+        """The kernels' plan for x, or None when the portable implementation must run."""
+        return self.ops().plan(x) if x.dtype in _DTYPES else None
+
+    # -- fused compositions ----------------------------------------------------------------------
+    def forward_train(self, x, weight, bias, eps):
+        p = self.plan(x)
+        if p is None:
+            return _PORTABLE.forward_train(x, weight, bias, eps)
+        y, stats, _, _ = self.ops().forward_train(x, weight, bias, eps, p=p)
+        mean, m2, invstd = stats.unbind()
+        return y, Moments(p.m, mean, m2), invstd
+
+    def backward(self, dy, x, mean, invstd, weight, count, need_input_grad):
+        p = self.plan(x)
+        if p is None or isinstance(count, Tensor) or int(count) != p.m:
+            return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad)
+        stats = torch.stack([mean, mean, invstd]).to(torch.float64)  # rows mean, (unused), invstd
+        dx, sums, _ = self.ops().backward(_like(dy, x), x, stats, mean.to(torch.float32), weight, need_input_grad, p=p)
+        return dx, sums[1], sums[0]
+
+    # -- primitives --------------------------------------------------------------------------------
+    def moments(self, x):
+        p = self.plan(x)
+        if p is None:
+            return _PORTABLE.moments(x)
+        _, stats, _, _ = self.ops().forward_train(x, None, None, 1.0, want_y=False, p=p)
+        return Moments(p.m, stats[0], stats[1])
+
+    def grad_sums(self, dy, x, mean, invstd):
+        p = self.plan(x)
+        if p is None:
+            return _PORTABLE.grad_sums(dy, x, mean, invstd)
+        stats = torch.stack([mean, mean, invstd]).to(torch.float64)
+        _, sums, _ = self.ops().backward(_like(dy, x), x, stats, mean.to(torch.float32), None, need_dx=False, p=p)
+        return sums[0], sums[1]
+
+    def normalize(self, x, mean, invstd, weight, bias):
+        p = self.plan(x)
+        if p is None:
+            return _PORTABLE.normalize(x, mean, invstd, weight, bias)
+        mean, invstd = mean.to(torch.float64).contiguous(), invstd.to(torch.float64).contiguous()
+        return self.ops().normalize_with(x, mean, invstd, weight, bias, p=p)
+
+    def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
+        p = self.plan(x)
+        if p is None or isinstance(count, Tensor):
+            return _PORTABLE.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+        return self.ops().grad_input_with(_like(dy, x), x, mean, invstd, weight, sum_dy, sum_dy_xhat, max(count, 1), p=p)
+
+    # -- whole-call hooks --------------------------------------------------------------------------
+    def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None,
+                      skip_nonfinite=False):  # fmt: skip
+        p = self.plan(x)
+        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var, num_batches_tracked)):
+            return None
+        from bnlab.backends.triton_autograd import TritonTrainFunction
+
+        config = (eps, self, running_mean, running_var, momentum, num_batches_tracked, skip_nonfinite, p)
+        return TritonTrainFunction.apply(x, weight, bias, config)
+
+    def eval_forward(self, x, running_mean, running_var, weight, bias, eps):
+        p = self.plan(x)
+        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var)):
+            return None
+        check_running_var_nonnegative(running_var)  # on CUDA an asynchronous device-side assert
+        return self.ops().normalize_with(x, running_mean, running_var, weight, bias, eps, given_invstd=False, p=p)
+
+    # -- fused BN (+ residual) + ReLU: used by bnlab.BatchNormAct2d ------------------------------------
+    def act_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, counter, guard, residual, relu):
+        """(y, saved) for y = act(BN(x) + residual) in training, or None for the generic path (bnlab.fused).
+
+        Running averages, batch counter and non-finite guard as in :meth:`train_forward`.
+        """
+        p = self.plan(x)
+        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var, counter)):
+            return None
+        residual = None if residual is None else _like(residual, x)
+        y, stats, coef, mask = self.ops().forward_train(
+            x, weight, bias, eps, running_mean, running_var, momentum, counter, guard,
+            residual=residual, relu=relu, want_mask=relu, p=p,
+        )  # fmt: skip
+        return y, (stats, coef[0], mask, p)
+
+    def act_backward(self, dy, x, weight, saved, need_dx, need_res, dweight, dbias):
+        """(dx, dresidual) of act_forward's output; writes dweight/dbias (tensors or None) in place."""
+        stats, hi, mask, p = saved
+        dx, _, dres = self.ops().backward(
+            _like(dy, x), x, stats, hi, weight, need_dx, mask=mask, want_dres=need_res, dweight=dweight, dbias=dbias, p=p
+        )
+        return dx, dres
+
+    def act_eval(self, x, running_mean, running_var, weight, bias, eps, residual, relu):
+        """act(BN_eval(x) + residual) without autograd, or None for the generic path."""
+        p = self.plan(x)
+        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var)):
+            return None
+        check_running_var_nonnegative(running_var)
+        residual = None if residual is None else _like(residual, x)
+        return self.ops().normalize_with(
+            x, running_mean, running_var, weight, bias, eps, given_invstd=False, residual=residual, relu=relu, p=p
+        )

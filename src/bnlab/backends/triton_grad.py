@@ -1,0 +1,119 @@
+"""Triton kernels of the backward's reduce phase: per-channel Σdz and Σdz·(x - hi), and their merge.
+
+Imported only by bnlab.backends.triton_ops (and the tests), never by ``import bnlab``. Same
+layouts, tiles and segments as triton_reduce. dz is dy, or dy masked by the fused layer's ReLU
+mask: rows of K positions (NCL: row n*C + c, position l; NLC: row m, position c), each row padded
+to K8B = ceil(K / 8) bytes, bit k % 8 of byte row*K8B + k // 8.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _masked(dz, mask_ptr, byte, bit, ok, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        bits = tl.load(mask_ptr + byte, mask=ok, other=0).to(tl.int32)
+        dz = tl.where(((bits >> bit) & 1) != 0, dz, 0.0)
+    return dz
+
+
+@triton.jit
+def grad_ncl_kernel(
+    dy_ptr, x_ptr,  # (N, C, L) contiguous
+    mask_ptr,  # ReLU mask (HAS_MASK), rows n*C + c of K8B bytes
+    hi_ptr,  # (C,) float32: the mean rounded to float32
+    part_ptr,  # (S, C, 2) float64 out: Σdz, Σdz·(x - hi) per segment
+    N, C, L, LB, TPS, K8B,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    c, s = tl.program_id(0), tl.program_id(1)
+    hi = tl.load(hi_ptr + c)
+    acc_dy = tl.full([], 0.0, tl.float64)
+    acc_dyx = tl.full([], 0.0, tl.float64)
+    t_end = tl.minimum((s + 1) * TPS, tl.cdiv(N, BLOCK_N) * LB)
+    for t in range(s * TPS, t_end):
+        n = (t // LB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        l_ = (t % LB) * BLOCK_L + tl.arange(0, BLOCK_L)
+        ok = (n < N)[:, None] & (l_ < L)[None, :]
+        row = n.to(tl.int64) * C + c
+        offs = row[:, None] * L + l_[None, :]
+        dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        dz = _masked(dz, mask_ptr, row[:, None] * K8B + (l_ // 8)[None, :], (l_ % 8)[None, :], ok, HAS_MASK)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        # fp32 within a tile, float64 across tiles (the portable backend sums fp32 products in float64)
+        acc_dy += tl.sum(tl.sum(dz, axis=1), axis=0).to(tl.float64)
+        acc_dyx += tl.sum(tl.sum(tl.where(ok, dz * (x - hi), 0.0), axis=1), axis=0).to(tl.float64)
+    one = tl.zeros([1], dtype=tl.float64)
+    out = part_ptr + (s * C + c + tl.arange(0, 1)) * 2
+    tl.store(out, one + acc_dy)
+    tl.store(out + 1, one + acc_dyx)
+
+
+@triton.jit
+def grad_nlc_kernel(
+    dy_ptr, x_ptr,  # (M, C) rows of contiguous channels
+    mask_ptr,  # ReLU mask (HAS_MASK), rows m of K8B bytes
+    hi_ptr, part_ptr, M, C, SEG, K8B,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    cb, s = tl.program_id(0), tl.program_id(1)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    hi = tl.load(hi_ptr + c, mask=c_ok, other=0.0)
+    acc_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
+    acc_dyx = tl.zeros([BLOCK_C], dtype=tl.float64)
+    start = s * SEG
+    end = tl.minimum(start + SEG, M)
+    for m0 in range(start, end, BLOCK_M):
+        m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        ok = (m < end)[:, None] & c_ok[None, :]
+        offs = m[:, None] * C + c[None, :]
+        dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        dz = _masked(dz, mask_ptr, m[:, None] * K8B + (c // 8)[None, :], (c % 8)[None, :], ok, HAS_MASK)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        acc_dy += tl.sum(dz, axis=0).to(tl.float64)
+        acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
+    out = part_ptr + (s * C + c) * 2
+    tl.store(out, acc_dy, mask=c_ok)
+    tl.store(out + 1, acc_dyx, mask=c_ok)
+
+
+@triton.jit
+def grad_merge_kernel(
+    part_ptr,  # (S, C, 2) float64 from a grad kernel
+    stats_ptr,  # (3, C) float64: mean, M2, invstd of the forward
+    w_ptr,  # weight (any float) if HAS_W
+    sums_ptr,  # (2, C) float64 out: Σdz, Σdz·x̂
+    coef_ptr,  # (4, C) float32 out: hi, kk, a, cc of dx = kk·dz + a·(x - hi) + cc
+    dw_ptr, db_ptr,  # dweight/dbias outputs in their own dtypes, if WRITE_DW/WRITE_DB
+    C, S, count,
+    HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    ok = s < S
+    sdy = tl.sum(tl.load(part_ptr + (s * C + c) * 2, mask=ok, other=0.0), axis=0)
+    sdyx = tl.sum(tl.load(part_ptr + (s * C + c) * 2 + 1, mask=ok, other=0.0), axis=0)
+    mean = tl.load(stats_ptr + c)
+    invstd = tl.load(stats_ptr + 2 * C + c)
+    hi = mean.to(tl.float32)
+    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    sxh = (sdyx - lo * sdy) * invstd
+    tl.store(sums_ptr + c, sdy)
+    tl.store(sums_ptr + C + c, sxh)
+    kk = invstd
+    if HAS_W:
+        kk = kk * tl.load(w_ptr + c).to(tl.float64)
+    a = -kk * invstd * sxh / count
+    cc = -kk * sdy / count - a * lo
+    tl.store(coef_ptr + c, hi)
+    tl.store(coef_ptr + C + c, kk.to(tl.float32))
+    tl.store(coef_ptr + 2 * C + c, a.to(tl.float32))
+    tl.store(coef_ptr + 3 * C + c, cc.to(tl.float32))
+    if WRITE_DW:
+        tl.store(dw_ptr + c, sxh.to(dw_ptr.dtype.element_ty))
+    if WRITE_DB:
+        tl.store(db_ptr + c, sdy.to(db_ptr.dtype.element_ty))

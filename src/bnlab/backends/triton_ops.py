@@ -1,0 +1,244 @@
+"""Launchers of bnlab's Triton kernels: layouts, grids and buffers (imports triton; loaded lazily).
+
+Forward (training): stats_ncl/stats_nlc (channels x segments) -> stats_merge (per channel: float64
+statistics, normalize coefficients, running averages) -> normalize (tiles; + residual, ReLU and a
+1-bit mask for the fused layer). Traffic 3N: x is read twice, y written once.
+Backward: grad_ncl/grad_nlc -> grad_merge (sums, dx coefficients, dweight/dbias) -> grad_input.
+Traffic 5N: dy and x read twice, dx written once (plus the mask, N/8 bytes, when fused).
+
+Works on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how CI tests it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from bnlab.backends import triton_elementwise as ew
+from bnlab.backends import triton_grad as grad
+from bnlab.backends import triton_reduce as red
+
+_F64, _F32 = torch.float64, torch.float32
+_SM_COUNT: dict = {}
+
+
+class Plan(NamedTuple):
+    """How the kernels see a dense input: NCL rows (n*C + c) of L values, or NLC rows of C channels.
+
+    Reduce grid: (C, segments) for NCL, (channel blocks, segments) for NLC; elementwise grid:
+    tiles of [block_r, block_k] over R rows of K contiguous values.
+    """
+
+    ncl: bool
+    n: int
+    c: int
+    length: int  # L; 1 for NLC
+    block_a: int  # reduce tile: BLOCK_N (NCL) or BLOCK_M (NLC)
+    block_b: int  # reduce tile: BLOCK_L (NCL) or BLOCK_C (NLC)
+    segments: int
+    per_segment: int  # NCL: tiles per segment; NLC: rows per segment
+    block_r: int
+    block_k: int
+
+    @property
+    def m(self) -> int:
+        """Values per channel."""
+        return self.n * self.length
+
+    @property
+    def rows(self) -> int:
+        return self.n * self.c if self.ncl else self.n
+
+    @property
+    def k(self) -> int:
+        return self.length if self.ncl else self.c
+
+    @property
+    def k8b(self) -> int:
+        """Bytes per row of the ReLU mask."""
+        return (self.k + 7) // 8
+
+
+def _programs_wanted(x: torch.Tensor) -> int:
+    if not x.is_cuda:
+        return 4  # the interpreter: a few segments, so that the merge is exercised
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _SM_COUNT[index]
+
+
+def plan(x: torch.Tensor) -> Plan | None:
+    """The plan for x, or None if x is empty or neither contiguous nor channels-last (channels innermost)."""
+    if x.numel() == 0:
+        return None
+    n, c = x.shape[0], x.shape[1]
+    length = x.numel() // (n * c)
+    if x.is_contiguous() and length > 1:
+        ncl = True
+    elif x.is_contiguous() or (x.stride(1) == 1 and x.movedim(1, -1).is_contiguous()):
+        ncl, n, length = False, n * length, 1
+    else:
+        return None
+    gpu = x.is_cuda
+    tile, width = (2048, 1024) if gpu else (128, 64)  # the interpreter: small tiles, many of them
+    wanted = _programs_wanted(x)
+    if ncl:
+        block_b = min(triton.next_power_of_2(length), width)  # BLOCK_L
+        block_a = max(1, tile // block_b)  # BLOCK_N
+        tiles = triton.cdiv(n, block_a) * triton.cdiv(length, block_b)
+        segments = max(1, min(tiles, wanted // c, 1024))
+        per = triton.cdiv(tiles, segments)
+        segments = triton.cdiv(tiles, per)
+    else:
+        block_b = min(64, triton.next_power_of_2(c))  # BLOCK_C
+        block_a = max(16, tile // block_b) if gpu else 16  # BLOCK_M
+        segments = max(1, min(triton.cdiv(n, block_a), wanted // triton.cdiv(c, block_b), 1024))
+        per = triton.cdiv(triton.cdiv(n, segments), block_a) * block_a
+        segments = triton.cdiv(n, per)
+    k = length if ncl else c
+    block_k = max(8, min(triton.next_power_of_2(k), width))
+    return Plan(ncl, n, c, length, block_a, block_b, segments, per, max(1, tile // block_k), block_k)
+
+
+def _partial_stats(x, p: Plan):
+    part = torch.empty(p.segments, p.c, 3, dtype=_F64, device=x.device)
+    if p.ncl:
+        red.stats_ncl_kernel[(p.c, p.segments)](
+            x, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b,
+        )  # fmt: skip
+    else:
+        red.stats_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
+            x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b
+        )
+    return part
+
+
+def _partial_grads(dy, x, mask, hi, p: Plan):
+    part = torch.empty(p.segments, p.c, 2, dtype=_F64, device=x.device)
+    mask_arg = mask if mask is not None else dy
+    if p.ncl:
+        grad.grad_ncl_kernel[(p.c, p.segments)](
+            dy, x, mask_arg, hi, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment, p.k8b,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None,
+        )  # fmt: skip
+    else:
+        grad.grad_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
+            dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
+            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None,
+        )  # fmt: skip
+    return part
+
+
+def _tiles(p: Plan):
+    return (triton.cdiv(p.rows, p.block_r), triton.cdiv(p.k, p.block_k))
+
+
+def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.0, counter=None,
+                  guard=False, residual=None, relu=False, want_mask=False, want_y=True,
+                  p: Plan | None = None):  # fmt: skip
+    """(y, stats (3, C) float64 [mean, M2, invstd], coef (3, C) float32 [hi, scale, shift], mask or None).
+
+    Updates running_mean/running_var (both or neither) with ``momentum``; with ``counter`` (a
+    module's num_batches_tracked) counts the batch, and momentum None means 1/counter; with
+    ``guard``, a batch with non-finite statistics changes neither (all decided on the device).
+    ``want_y=False``: statistics only (y and mask None).
+    """
+    p = p or plan(x)
+    c = p.c
+    part = _partial_stats(x, p)
+    stats = torch.empty(3, c, dtype=_F64, device=x.device)
+    coef = torch.empty(3, c, dtype=_F32, device=x.device)
+    red.stats_merge_kernel[(c,)](
+        part, x, stats, coef, weight if weight is not None else x, bias if bias is not None else x,
+        c, p.segments, p.length if p.ncl else 1, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=triton.next_power_of_2(p.segments),
+    )  # fmt: skip
+    update = running_mean is not None
+    if update or counter is not None:
+        red.running_update_kernel[(1,)](
+            stats, running_mean if update else stats, running_var if update else stats,
+            counter if counter is not None else stats, c, float(p.m), 0.0 if momentum is None else float(momentum),
+            UPDATE=update, COUNT=counter is not None, CUMULATIVE=momentum is None, GUARD=bool(guard),
+            BLOCK=min(1024, triton.next_power_of_2(c)),
+        )  # fmt: skip
+    if not want_y:
+        return None, stats, coef, None
+    y, mask = _normalize(x, coef, p, residual, relu, want_mask)
+    return y, stats, coef, mask
+
+
+def _normalize(x, coef, p: Plan, residual=None, relu=False, want_mask=False):
+    y = torch.empty_like(x)
+    mask = torch.empty(p.rows * p.k8b, dtype=torch.uint8, device=x.device) if want_mask else None
+    ew.normalize_kernel[_tiles(p)](
+        x, y, coef, residual if residual is not None else x, mask if mask is not None else y,
+        p.rows, p.k, p.c, p.k8b,
+        NCL=p.ncl, HAS_RES=residual is not None, RELU=relu, WRITE_MASK=want_mask,
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k,
+    )  # fmt: skip
+    return y, mask
+
+
+def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False, dweight=None, dbias=None,
+             p: Plan | None = None):  # fmt: skip
+    """(dx or None, sums (2, C) float64 [Σdz, Σdz·x̂], dres or None), dz = dy masked by the ReLU mask.
+
+    stats: (3, C) float64 rows mean, (unused), invstd; hi: (C,) float32, the mean rounded to float32.
+    dweight/dbias, if given, receive Σdz·x̂ and Σdz in their dtypes.
+    """
+    p = p or plan(x)
+    c = p.c
+    part = _partial_grads(dy, x, mask, hi, p)
+    sums = torch.empty(2, c, dtype=_F64, device=x.device)
+    gcoef = torch.empty(4, c, dtype=_F32, device=x.device)
+    grad.grad_merge_kernel[(c,)](
+        part, stats, weight if weight is not None else x, sums, gcoef,
+        dweight if dweight is not None else sums, dbias if dbias is not None else sums,
+        c, p.segments, float(p.m),
+        HAS_W=weight is not None, WRITE_DW=dweight is not None, WRITE_DB=dbias is not None,
+        BLOCK_S=triton.next_power_of_2(p.segments),
+    )  # fmt: skip
+    dx, dres = _grad_input(dy, x, gcoef, p, mask, need_dx, want_dres)
+    return dx, sums, dres
+
+
+def _grad_input(dy, x, gcoef, p: Plan, mask=None, need_dx=True, want_dres=False):
+    dx = torch.empty_like(x) if need_dx else None
+    dres = torch.empty_like(x) if want_dres else None
+    if dx is None and dres is None:
+        return None, None
+    ew.grad_input_kernel[_tiles(p)](
+        dy, x, mask if mask is not None else dy, gcoef,
+        dx if dx is not None else dy, dres if dres is not None else dy, p.rows, p.k, p.c, p.k8b,
+        NCL=p.ncl, HAS_MASK=mask is not None, HAS_DX=dx is not None, WRITE_DRES=dres is not None,
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k,
+    )  # fmt: skip
+    return dx, dres
+
+
+def normalize_with(x, mean, var_or_invstd, weight, bias, eps=0.0, given_invstd=True, residual=None, relu=False,
+                   p: Plan | None = None):  # fmt: skip
+    """y = BN(x) with fixed statistics: float64 mean and invstd, or running mean and variance (+ eps)."""
+    p = p or plan(x)
+    coef = torch.empty(3, p.c, dtype=_F32, device=x.device)
+    ew.eval_coef_kernel[(triton.cdiv(p.c, 256),)](
+        mean, var_or_invstd, weight if weight is not None else mean, bias if bias is not None else mean, coef,
+        p.c, eps, HAS_W=weight is not None, HAS_B=bias is not None, GIVEN_INVSTD=given_invstd, BLOCK=256,
+    )  # fmt: skip
+    return _normalize(x, coef, p, residual, relu)[0]
+
+
+def grad_input_with(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, p: Plan | None = None):
+    """dx from given float64 sums (the primitive SyncBatchNorm uses); coefficients as elementwise.grad_input."""
+    p = p or plan(x)
+    hi = mean.to(_F32)
+    lo = (mean - hi.to(_F64)).to(_F32).to(_F64)
+    kk = invstd * (weight.to(_F64) if weight is not None else 1.0)
+    a = -kk * invstd * sum_dy_xhat / count
+    cc = -kk * sum_dy / count - a * lo
+    gcoef = torch.stack([hi, kk.to(_F32), a.to(_F32), cc.to(_F32)])
+    return _grad_input(dy, x, gcoef, p)[0]

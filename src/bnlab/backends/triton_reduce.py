@@ -1,0 +1,181 @@
+"""Triton kernels of BN's reduce phase: per-channel partial statistics and gradient sums, and their merge.
+
+Imported only by bnlab.backends.triton_ops (and the tests), never by ``import bnlab``.
+
+Two layouts of a dense input, both without any per-element integer division (which would make a
+memory-bound kernel compute-bound on a GPU):
+- NCL (contiguous (N, C, L)): program (c, segment) reduces channel c over tiles of
+  [BLOCK_N rows n, BLOCK_L positions l]; a segment is a range of tiles t, with (n-block, l-block)
+  = divmod(t, LB) once per tile.
+- NLC (rows of C contiguous channels: (N, C) inputs and channels-last): program (channel block,
+  segment) reduces BLOCK_C channels over tiles of [BLOCK_M rows, BLOCK_C channels].
+Segments let a few channels spread over the whole GPU; their partials are merged by a second,
+per-channel kernel with Chan's rule, in float64.
+
+Precision (DEVELOPERS.md): values are shifted by the channel's first value K before anything is
+summed, tile statistics are two-pass in registers, and everything is accumulated in float64:
+fp32 data at 1e3 ± 0.01 keeps its variance, fp32 data near 1e18 has finite squares.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chan_update(n_acc, mean_acc, m2_acc, d, ok, cnt):
+    """Fold a tile of shifted values d (float64, 0 where not ok; cnt valid values per channel) into the
+    running (count, mean, M2), axis 0 being the reduced axis."""
+    t_mean = tl.sum(d, axis=0) / cnt
+    dev = tl.where(ok, d - t_mean[None, :], 0.0)
+    t_m2 = tl.sum(dev * dev, axis=0)
+    n_new = n_acc + cnt
+    delta = t_mean - mean_acc
+    return n_new, mean_acc + delta * (cnt / n_new), m2_acc + t_m2 + delta * delta * (n_acc * cnt / n_new)
+
+
+@triton.jit
+def _store_part(part_ptr, s, c, C, c_ok, n_acc, mean_acc, m2_acc):
+    out = part_ptr + (s * C + c) * 3
+    tl.store(out, n_acc, mask=c_ok)
+    tl.store(out + 1, mean_acc, mask=c_ok)
+    tl.store(out + 2, m2_acc, mask=c_ok)
+
+
+@triton.jit
+def stats_ncl_kernel(
+    x_ptr,  # (N, C, L) contiguous, any float dtype
+    part_ptr,  # (S, C, 3) float64 out: count, mean of (x - K), M2 per segment
+    N, C, L, LB, TPS,  # LB = l-blocks per row, TPS = tiles per segment
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    c, s = tl.program_id(0), tl.program_id(1)
+    base = x_ptr + c.to(tl.int64) * L
+    shift = tl.load(base).to(tl.float64)  # K = x[0, c, 0]
+    n_acc = tl.full([], 0.0, tl.float64)
+    mean_acc = tl.full([], 0.0, tl.float64)
+    m2_acc = tl.full([], 0.0, tl.float64)
+    t_end = tl.minimum((s + 1) * TPS, tl.cdiv(N, BLOCK_N) * LB)
+    for t in range(s * TPS, t_end):
+        n0, l0 = (t // LB) * BLOCK_N, (t % LB) * BLOCK_L  # one division per tile, none per element
+        n = n0 + tl.arange(0, BLOCK_N)
+        l_ = l0 + tl.arange(0, BLOCK_L)
+        ok = (n < N)[:, None] & (l_ < L)[None, :]
+        x = tl.load(base + n.to(tl.int64)[:, None] * C * L + l_[None, :], mask=ok, other=0.0).to(tl.float64)
+        d = tl.where(ok, x - shift, 0.0)
+        cnt = (tl.minimum(N - n0, BLOCK_N) * tl.minimum(L - l0, BLOCK_L)).to(tl.float64)
+        t_mean = tl.sum(tl.sum(d, axis=1), axis=0) / cnt
+        dev = tl.where(ok, d - t_mean, 0.0)
+        t_m2 = tl.sum(tl.sum(dev * dev, axis=1), axis=0)
+        n_new = n_acc + cnt
+        delta = t_mean - mean_acc
+        mean_acc += delta * (cnt / n_new)
+        m2_acc += t_m2 + delta * delta * (n_acc * cnt / n_new)
+        n_acc = n_new
+    one = tl.zeros([1], dtype=tl.float64)
+    cc = c + tl.arange(0, 1)
+    _store_part(part_ptr, s, cc, C, cc < C, one + n_acc, one + mean_acc, one + m2_acc)
+
+
+@triton.jit
+def stats_nlc_kernel(
+    x_ptr,  # (M, C) rows of contiguous channels, any float dtype
+    part_ptr,  # (S, C, 3) float64 out
+    M, C, SEG,  # rows, channels, rows per segment
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    cb, s = tl.program_id(0), tl.program_id(1)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    shift = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float64)  # K = x[0, c]
+    n_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    start = s * SEG
+    end = tl.minimum(start + SEG, M)
+    for m0 in range(start, end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        ok = (m < end)[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + m.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float64)
+        cnt = tl.minimum(end - m0, BLOCK_M).to(tl.float64)
+        n_acc, mean_acc, m2_acc = _chan_update(n_acc, mean_acc, m2_acc, tl.where(ok, x - shift[None, :], 0.0), ok, cnt)
+    _store_part(part_ptr, s, c, C, c_ok, n_acc, mean_acc, m2_acc)
+
+
+@triton.jit
+def stats_merge_kernel(
+    part_ptr,  # (S, C, 3) float64 from a stats kernel
+    x_ptr,  # the input, for the shift K = x[0, c, 0] at c * sC
+    stats_ptr,  # (3, C) float64 out: mean, M2, invstd
+    coef_ptr,  # (3, C) float32 out: hi, scale, shift of y = (x - hi)·scale + shift
+    w_ptr, b_ptr,  # weight, bias (any float)
+    C, S, sC, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    ok = s < S
+    n_s = tl.load(part_ptr + (s * C + c) * 3, mask=ok, other=0.0)
+    mean_s = tl.load(part_ptr + (s * C + c) * 3 + 1, mask=ok, other=0.0)
+    m2_s = tl.load(part_ptr + (s * C + c) * 3 + 2, mask=ok, other=0.0)
+    n = tl.sum(n_s, axis=0)
+    mean_d = tl.sum(n_s * mean_s, axis=0) / n  # K-way Chan: weighted means, then spread of the means
+    m2 = tl.sum(m2_s, axis=0) + tl.sum(n_s * (mean_s - mean_d) * (mean_s - mean_d), axis=0)
+    mean = tl.load(x_ptr + c * sC).to(tl.float64) + mean_d
+    invstd = 1.0 / tl.sqrt(m2 / n + eps)
+    tl.store(stats_ptr + c, mean)
+    tl.store(stats_ptr + C + c, m2)
+    tl.store(stats_ptr + 2 * C + c, invstd)
+    # Normalize coefficients, split as bnlab.stats.split_mean: x - hi is exact near the mean.
+    hi = mean.to(tl.float32)
+    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    scale = invstd
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c).to(tl.float64)
+    shift = -lo * scale
+    if HAS_B:
+        shift += tl.load(b_ptr + c).to(tl.float64)
+    tl.store(coef_ptr + c, hi)
+    tl.store(coef_ptr + C + c, scale.to(tl.float32))
+    tl.store(coef_ptr + 2 * C + c, shift.to(tl.float32))
+
+
+@triton.jit
+def running_update_kernel(
+    stats_ptr,  # (3, C) float64: mean, M2, invstd
+    rm_ptr, rv_ptr,  # running mean/var (any float) if UPDATE
+    nbt_ptr,  # num_batches_tracked (int64) if COUNT
+    C, count, momentum,
+    UPDATE: tl.constexpr, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr, GUARD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program for the whole layer: the non-finite guard needs every channel before any update
+    (bnlab.stats.update_running_stats_: one NaN/Inf mean or variance skips the batch, counter too)."""
+    accepted = tl.full([], 1, tl.int32)
+    if GUARD and UPDATE and count > 1:
+        for c0 in range(0, C, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            ok = c < C
+            mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
+            var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
+            bad = tl.sum(tl.where(ok & ((mean != mean) | (var != var) | (tl.abs(mean) == float("inf"))
+                                         | (tl.abs(var) == float("inf"))), 1, 0), axis=0)  # fmt: skip
+            accepted = accepted & (bad == 0).to(tl.int32)
+    if accepted != 0:
+        factor = momentum + tl.zeros([], tl.float64)  # a float64 scalar, compiled or interpreted
+        if COUNT:
+            tracked = tl.load(nbt_ptr) + 1
+            tl.store(nbt_ptr, tracked)
+            if CUMULATIVE:
+                factor = 1.0 / tracked.to(tl.float64)
+        if UPDATE and count > 1:
+            for c0 in range(0, C, BLOCK):
+                c = c0 + tl.arange(0, BLOCK)
+                ok = c < C
+                rm = tl.load(rm_ptr + c, mask=ok, other=0.0)
+                rv = tl.load(rv_ptr + c, mask=ok, other=0.0)
+                mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
+                var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
+                tl.store(rm_ptr + c, (rm.to(tl.float64) * (1.0 - factor) + mean * factor).to(rm.dtype), mask=ok)
+                tl.store(rv_ptr + c, (rv.to(tl.float64) * (1.0 - factor) + var * factor).to(rv.dtype), mask=ok)

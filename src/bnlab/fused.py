@@ -1,0 +1,186 @@
+"""``bnlab.BatchNormAct2d``: BatchNorm2d, an optional residual add, and ReLU, as one layer.
+
+y = relu(BN(x) + residual). On a GPU (the Triton backend) the training step is fused: the
+forward writes y and a 1-bit ReLU mask (z > 0) instead of keeping y for the backward, and the
+backward reads that mask, x and dy once per pass; eval mode is one elementwise kernel. Elsewhere
+(CPU, any backend without the fused kernels) the same layer runs BN through the selected backend
+and the add and ReLU with torch ops, saving a boolean mask (1 byte per element).
+
+The layer subclasses bnlab.BatchNorm2d and adds no parameter or buffer: its state dict is a
+BatchNorm2d state dict, and loads both ways. bnlab.fold folds it into a preceding convolution
+(keeping the ReLU) when it has no residual input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnlab import _checks
+from bnlab.backends import select_backend
+from bnlab.functional import batch_norm
+from bnlab.modules import BatchNorm2d
+from bnlab.stats import Moments, update_running_stats_
+
+__all__ = ["BatchNormAct2d", "BatchNormActFunction"]
+
+
+def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
+    """The boolean z > 0 of the Triton kernels' 1-bit mask, shaped and strided like the input.
+
+    The mask holds ``rows`` rows of ``k`` values in storage order, each row padded to whole bytes
+    (bit j % 8 of byte j // 8 of its row); see bnlab.backends.triton_elementwise.
+    """
+    bits = (mask.view(rows, -1).unsqueeze(2) >> torch.arange(8, device=mask.device, dtype=torch.uint8)) & 1
+    flat = bits.flatten(1)[:, :k].reshape(-1).bool()
+    return flat.as_strided(like.shape, like.stride())  # like is dense: its strides index the storage
+
+
+def _update_running(running_mean, running_var, stats: Moments, momentum, counter, guard: bool) -> None:
+    """The layer's bookkeeping after a batch, as bnlab's BatchNorm layers do it: count the batch in
+    ``counter`` (num_batches_tracked), momentum None meaning 1/count, and with ``guard`` skip a batch
+    whose statistics are not finite (averages and counter unchanged)."""
+    count = stats.count
+    if guard and running_mean is not None and not isinstance(count, Tensor) and count > 1:
+        unbiased = stats.m2 / (count - 1)
+        if not bool(torch.isfinite(stats.mean).all() and torch.isfinite(unbiased).all()):
+            return
+    if counter is not None:
+        counter.add_(1)
+    factor = momentum if momentum is not None else 1.0 / float(counter)
+    if running_mean is not None:
+        update_running_stats_(running_mean, running_var, stats, factor)
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """y = act(BN(x) + residual) with batch statistics; config = (eps, backend, running_mean,
+    running_var, momentum, num_batches_tracked, skip_nonfinite, relu). Uses the backend's fused
+    kernels (act_forward/act_backward) when it has them, else the backend's BN plus torch ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, config):
+        eps, backend, running_mean, running_var, momentum, counter, guard, relu = config
+        fused = getattr(backend, "act_forward", None)
+        out = None
+        if fused is not None:
+            out = fused(x, weight, bias, eps, running_mean, running_var, momentum, counter, guard, residual, relu)
+        if out is not None:
+            y, ctx.extra = out
+            ctx.fused = True
+        else:
+            z, stats, invstd = backend.forward_train(x, weight, bias, eps)
+            _update_running(running_mean, running_var, stats, momentum, counter, guard)
+            if residual is not None:
+                z = z + residual
+            mask = z > 0 if relu else None
+            y = torch.relu(z) if relu else z
+            ctx.extra = (stats.mean, invstd, stats.count, mask)
+            ctx.fused = False
+        ctx.save_for_backward(x, weight)
+        ctx.config = (eps, backend, None if bias is None else bias.dtype, relu)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
+        eps, backend, bias_dtype, relu = ctx.config
+        if torch.is_grad_enabled():
+            # create_graph=True: ReLU's mask is a constant; BN's backward in differentiable torch ops.
+            from bnlab.autograd import _differentiable_train_backward
+
+            if ctx.fused:
+                _, _, packed, p = ctx.extra
+                mask = _unpack_bits(packed, x, p.rows, p.k) if packed is not None else None
+            else:
+                mask = ctx.extra[3]
+            dz = dy * mask if mask is not None else dy
+            dx, sum_dy_xhat, sum_dy = _differentiable_train_backward(dz, x, weight, eps)
+            dw = sum_dy_xhat.to(weight.dtype) if need_w else None
+            db = sum_dy.to(bias_dtype) if need_b else None
+            return (dx if need_x else None), dw, db, (dz if need_res else None), None
+        if ctx.fused:
+            dw = torch.empty_like(weight) if need_w else None
+            db = torch.empty(x.shape[1], dtype=bias_dtype, device=x.device) if need_b else None
+            dx, dres = backend.act_backward(dy, x, weight, ctx.extra, need_x, need_res, dw, db)
+            return dx, dw, db, dres, None
+        mean, invstd, count, mask = ctx.extra
+        dz = dy * mask if mask is not None else dy
+        dx, sum_dy_xhat, sum_dy = backend.backward(dz, x, mean, invstd, weight, count, need_x)
+        dw = sum_dy_xhat.to(weight.dtype) if need_w else None
+        db = sum_dy.to(bias_dtype) if need_b else None
+        return dx, dw, db, (dz if need_res else None), None
+
+
+class BatchNormAct2d(BatchNorm2d):
+    """BatchNorm2d followed by an optional residual add and ReLU: ``y = relu(BN(x) + residual)``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias: as
+            bnlab.BatchNorm2d (and torch.nn.BatchNorm2d).
+        activation: ``"relu"`` (default) or None for no activation (BN + residual only).
+        residual: if True, ``forward(x, residual)`` adds ``residual`` (same shape, dtype and
+            device as x) before the activation, as at the end of a ResNet block.
+
+    Shape: x and residual (N, C, H, W); output the same, in x's memory format.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
+                 dtype=None, *, bias=True, activation="relu", residual=False):  # fmt: skip
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        if activation not in ("relu", None):
+            raise ValueError(f"activation: expected 'relu' or None, got {activation!r}")
+        if not isinstance(residual, bool):
+            raise TypeError(f"residual: expected a bool, got {type(residual).__name__} {residual!r}")
+        self.activation = activation
+        self.residual = residual
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}, residual={self.residual}"
+
+    def folded_replacement(self) -> nn.Module:
+        """What bnlab.fold leaves in this layer's place once BN is folded into the convolution."""
+        return nn.ReLU() if self.activation == "relu" else nn.Identity()
+
+    def _check_residual(self, x: Tensor, residual) -> None:
+        if not self.residual:
+            if residual is not None:
+                raise TypeError("residual: this layer was built with residual=False; got a residual input")
+            return
+        if residual is None:
+            raise TypeError("residual: this layer was built with residual=True; forward(x, residual) needs it, got None")
+        if not isinstance(residual, Tensor) or residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            got = f"{tuple(residual.shape)} {residual.dtype} on {residual.device}" if isinstance(residual, Tensor) else type(residual).__name__
+            raise ValueError(f"residual: expected a tensor like the input, {tuple(x.shape)} {x.dtype} on {x.device}; got {got}")
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """relu(BN(input) + residual); see the class docstring."""
+        x = _checks.check_input(input)
+        self._check_input_dim(x)
+        self._check_channels(x)
+        self._check_residual(x, residual)
+        if self.training:
+            _checks.check_training_batch(x)
+        relu = self.activation == "relu"
+        backend = select_backend(x)
+        if self.training or (self.running_mean is None and self.running_var is None):
+            track = self.training and self.track_running_stats
+            rm, rv = (self.running_mean, self.running_var) if track else (None, None)
+            counter = self.num_batches_tracked if track else None
+            for name, v in (("weight", self.weight), ("bias", self.bias), ("running_mean", rm), ("running_var", rv)):
+                _checks.check_channel_vector(v, name, x.shape[1], x)
+            momentum = _checks.check_momentum(self.momentum)
+            if momentum is None and counter is None:
+                momentum = 0.0  # no counter, no cumulative average (as torch.nn)
+            guard = bool(self.__dict__.get("skip_nonfinite", getattr(type(self), "skip_nonfinite", True)))
+            config = (_checks.check_eps(self.eps), backend, rm, rv, momentum, counter, guard, relu)
+            return BatchNormActFunction.apply(x, self.weight, self.bias, residual, config)
+        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias, residual))
+        if not grads and hasattr(backend, "act_eval"):
+            y = backend.act_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, residual, relu)
+            if y is not None:
+                return y
+        y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y

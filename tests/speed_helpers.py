@@ -1,0 +1,53 @@
+"""Shared helpers of the fast-path tests (CPU kernels, Triton kernels, fused layers, folding).
+
+Comparison is relative to the scale of the expected values, NaN-aware, in float64, as the
+core tests do; tolerances follow DEVELOPERS.md (2e-4 for float32, 1e-9 for float64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual - expected| / max(1, max |expected|); inf if NaNs sit in different places."""
+    a = torch.as_tensor(actual.detach() if isinstance(actual, torch.Tensor) else np.asarray(actual)).double().cpu()
+    e = torch.as_tensor(expected.detach() if isinstance(expected, torch.Tensor) else np.asarray(expected)).double().cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    if a.numel() == 0:
+        return 0.0
+    if bool((torch.isnan(a) != torch.isnan(e)).any()):
+        return float("inf")
+    diff = torch.where(torch.isnan(e), torch.zeros_like(a), (a - e).abs())
+    return float(diff.max()) / max(1.0, float(torch.nan_to_num(e, nan=0.0).abs().max()))
+
+
+def assert_close(actual, expected, tol: float, what: str) -> None:
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3g} exceeds {tol:.1g}"
+
+
+def make_input(shape, layout="nchw", dtype=torch.float32, seed=0, mean=0.0, std=1.0) -> torch.Tensor:
+    """Random input of the given memory layout: nchw (contiguous), cl (channels-last), strided."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (mean + std * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    return to_layout(x, layout)
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "nchw":
+        return x.contiguous()
+    if layout == "cl":  # channels innermost, for any rank (a transposed (N, *, C) tensor)
+        return x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "strided":  # neither layout: every other element of a wider tensor
+        wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    raise ValueError(layout)
+
+
+def np64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()

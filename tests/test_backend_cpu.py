@@ -1,0 +1,202 @@
+"""The compiled CPU backend against the float64 reference, torch.nn and the portable backend.
+
+Shapes are chosen to reach every code path of cpu_kernels.cpp: the NCL layout with short rows
+(several rows per chunk), with long rows (rows cut in segments), per-channel tasks and
+channel x batch waves (fewer than 4 channels per thread, two threads), the NLC layout (2D
+inputs, channels_last, transposed 3D), and the portable hand-over for other strides.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnlab
+from bnlab import reference as ref
+from bnlab.backends import cpu_build, get_backend
+from speed_helpers import TOL, assert_close, make_input, np64
+
+CPU = get_backend("cpu")
+PORTABLE = get_backend("portable")
+
+# (shape, layout): NCL short rows, NCL long rows (L >= 2048 is cut in segments), 2 threads with
+# waves (C < 8) and with per-channel tasks, NLC: 2D, channels_last 4D/5D, transposed 3D; primes.
+CASES = [
+    ((7, 5), "nchw"),
+    ((13, 3, 11), "nchw"),
+    ((3, 4, 2053), "nchw"),
+    ((64, 3, 19, 23), "nchw"),
+    ((4, 2, 4099), "nchw"),
+    ((2, 11, 1601, 2), "nchw"),
+    ((5, 6, 7, 9), "cl"),
+    ((37, 5, 3, 4, 5), "cl"),
+    ((9, 17, 13), "cl"),
+    ((300, 130), "nchw"),
+]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def test_kernels_are_built_and_preferred_on_cpu():
+    assert cpu_build.load() is not None, f"the CPU kernels did not build: {cpu_build.load_error()}"
+    assert bnlab.available_backends()[0] == "cpu"
+    for dtype in DTYPES:
+        assert CPU.supports(torch.zeros(2, 3, dtype=dtype))
+    assert not CPU.supports(torch.zeros(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_and_backward_match_reference(shape, layout, dtype):
+    channels = shape[1]
+    x = make_input(shape, layout, dtype, seed=1, mean=0.5, std=2.0)
+    dy = make_input(shape, layout, dtype, seed=2)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(channels, dtype=param_dtype) + 0.5
+    b = torch.randn(channels, dtype=param_dtype)
+    y, stats, invstd = CPU.forward_train(x, w, b, 1e-5)
+    dx, dw, db = CPU.backward(dy, x, stats.mean, invstd, w, stats.count, True)
+    expected_y, cache = ref.forward_train(np64(x), np64(w), np64(b), eps=1e-5)
+    expected_dx, expected_dw, expected_db = ref.backward(np64(dy), cache)
+    tol = TOL[dtype]
+    assert y.dtype == dtype and y.stride() == x.stride() and dx.stride() == x.stride()
+    assert_close(y, expected_y, tol, "y")
+    assert_close(dx, expected_dx, tol, "dx")
+    # Statistics: float64 accumulation for float32/64, float32 within ~2048-value chunks for 16-bit types.
+    stats_tol = {torch.float64: 1e-9, torch.float32: 1e-6}.get(dtype, 1e-5)
+    assert_close(stats.mean, cache.mean, stats_tol, "mean")
+    assert_close(stats.m2 / stats.count, cache.var, stats_tol, "variance")
+    scale = max(1.0, float(cache.x_hat.size // channels))  # the sums grow with the values per channel
+    assert_close(dw / scale, expected_dw / scale, tol, "dweight")
+    assert_close(db / scale, expected_db / scale, tol, "dbias")
+
+
+@pytest.mark.parametrize("shape,layout", CASES[:6] + CASES[6:8])
+def test_primitives_match_portable_backend(shape, layout):
+    """The four primitives (SyncBatchNorm composes them) agree with the portable backend."""
+    x = make_input(shape, layout, torch.float64, seed=3, mean=-1.0, std=3.0)
+    dy = make_input(shape, layout, torch.float64, seed=4)
+    w = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    b = torch.randn(shape[1], dtype=torch.float64)
+    m_cpu, m_ref = CPU.moments(x), PORTABLE.moments(x)
+    assert m_cpu.count == m_ref.count
+    assert_close(m_cpu.mean, m_ref.mean, 1e-12, "mean")
+    assert_close(m_cpu.m2 / m_ref.count, m_ref.m2 / m_ref.count, 1e-12, "M2")
+    invstd = torch.rsqrt(m_ref.m2 / m_ref.count + 1e-5)
+    assert_close(CPU.normalize(x, m_ref.mean, invstd, w, b), PORTABLE.normalize(x, m_ref.mean, invstd, w, b), 1e-12, "normalize")
+    s_cpu, s_ref = CPU.grad_sums(dy, x, m_ref.mean, invstd), PORTABLE.grad_sums(dy, x, m_ref.mean, invstd)
+    for a, e, name in zip(s_cpu, s_ref, ("sum dy", "sum dy*xhat")):
+        assert_close(a / x.numel(), e / x.numel(), 1e-12, name)
+    gi = CPU.grad_input(dy, x, m_ref.mean, invstd, w, s_ref[0], s_ref[1], m_ref.count)
+    assert_close(gi, PORTABLE.grad_input(dy, x, m_ref.mean, invstd, w, s_ref[0], s_ref[1], m_ref.count), 1e-12, "grad_input")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl", "strided"])
+@pytest.mark.parametrize("config", [
+    dict(momentum=0.1), dict(momentum=None), dict(affine=False), dict(track_running_stats=False), dict(bias=False),
+])  # fmt: skip
+def test_module_matches_torch_over_train_and_eval_steps(layout, config):
+    """bnlab.BatchNorm2d (fast path, CPU kernels) against torch.nn.BatchNorm2d, step by step."""
+    torch.manual_seed(0)
+    ours, theirs = bnlab.BatchNorm2d(6, **config), torch.nn.BatchNorm2d(6, **config)
+    if ours.weight is not None:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+    theirs.load_state_dict(ours.state_dict())
+    for step, mode in enumerate(["train", "train", "eval", "train"]):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        x = make_input((8, 6, 5, 7), layout, seed=10 + step, mean=step, std=1 + step)
+        dy = make_input((8, 6, 5, 7), layout, seed=20 + step)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), theirs(x2)
+        assert_close(y1, y2, 2e-4, f"step {step} output")
+        y1.backward(dy)
+        y2.backward(dy)
+        assert_close(x1.grad, x2.grad, 2e-4, f"step {step} grad x")
+        for name in ("weight", "bias"):
+            if getattr(ours, name) is not None:
+                assert_close(getattr(ours, name).grad, getattr(theirs, name).grad, 2e-4, f"step {step} grad {name}")
+                getattr(ours, name).grad = getattr(theirs, name).grad = None
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(theirs, name) is not None:
+                assert_close(getattr(ours, name), getattr(theirs, name), 2e-4, f"step {step} {name}")
+
+
+def test_eval_without_grad_uses_running_buffers_and_rejects_negative_variance():
+    layer = bnlab.BatchNorm1d(4).eval()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+        layer.running_var.copy_(torch.tensor([4.0, 0.25, 1.0, 9.0]))
+        x = make_input((16, 4), seed=5)
+        expected = ref.forward_eval(np64(x), np64(layer.running_mean), np64(layer.running_var))
+        assert_close(layer(x), expected, 2e-4, "eval output")
+        layer.running_var[2] = -1.0
+        with pytest.raises(ValueError, match="running_var"):
+            layer(x)
+
+
+def test_gradient_may_arrive_in_another_memory_format():
+    x = make_input((4, 6, 5, 5), "cl", seed=6).requires_grad_()
+    dy = make_input((4, 6, 5, 5), "nchw", seed=7)
+    layer = bnlab.BatchNorm2d(6)
+    layer(x).backward(dy)
+    _, cache = ref.forward_train(np64(x))
+    assert_close(x.grad, ref.backward(np64(dy), cache)[0], 2e-4, "grad x with an NCHW gradient of a channels_last input")
+
+
+def test_double_backward_through_the_fused_training_op():
+    x = make_input((6, 3, 4), dtype=torch.float64, seed=8).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64).requires_grad_()
+
+    def f(x, w, b):
+        return CPU.train_forward(x, w, b, 1e-5, None, None, 0.1)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x = make_input((16, 24, 40, 40), seed=9)  # 24 channels: per-channel tasks with 1 or 2 threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = CPU.forward_train(x, None, None, 1e-5)
+        torch.set_num_threads(2)
+        two = CPU.forward_train(x, None, None, 1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1].m2, two[1].m2)
+
+
+def test_disabled_kernels_fall_back_to_portable(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import bnlab, torch; from bnlab.backends import select_backend; print(select_backend(torch.zeros(2, 3)).name)"
+    env = {**__import__("os").environ, "BNLAB_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "portable"
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_update_skips_a_non_finite_batch(momentum):
+    """The non-finite guard of bnlab's layers (bnlab.stats.update_running_stats_): a batch with a NaN
+    in one channel leaves every running average and num_batches_tracked as they were, and
+    momentum=None keeps weighting the k-th finite batch by 1/k."""
+    layer = bnlab.BatchNorm2d(3, momentum=momentum)
+    good = [make_input((4, 3, 5, 5), seed=s, mean=s) for s in (30, 31)]
+    bad = make_input((4, 3, 5, 5), seed=32)
+    bad[1, 2, 3, 3] = float("nan")
+    layer(good[0])
+    before = (layer.running_mean.clone(), layer.running_var.clone(), int(layer.num_batches_tracked))
+    y = layer(bad)
+    assert torch.isnan(y[:, 2]).all() and torch.isfinite(y[:, :2]).all()
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert int(layer.num_batches_tracked) == before[2] == 1
+    layer(good[1])
+    factor = 0.1 if momentum is not None else 1 / 2
+    stats = ref.moments(np64(good[1]))
+    expected = (1 - factor) * np64(before[0]) + factor * stats.mean
+    assert_close(layer.running_mean, expected, 1e-6, "running_mean after the skipped batch")
+    assert int(layer.num_batches_tracked) == 2

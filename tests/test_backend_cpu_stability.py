@@ -1,0 +1,85 @@
+"""DEVELOPERS.md's precision rules on every code path of the CPU kernels.
+
+Each case compares with the float64 reference on the same (already rounded) input; the paths:
+NCL per-channel tasks, NCL waves (few channels, two threads), NCL long rows, NLC.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnlab import reference as ref
+from bnlab.backends import get_backend
+from speed_helpers import assert_close, make_input, np64, rel_err
+
+CPU = get_backend("cpu")
+PATHS = [
+    ((16, 8, 9, 9), "nchw"),  # per-channel tasks
+    ((96, 3, 16, 16), "nchw"),  # waves: 3 channels, 73k values (two threads)
+    ((2, 3, 5003), "nchw"),  # rows cut in segments
+    ((40, 5, 3, 3), "cl"),  # NLC
+    ((257, 6), "nchw"),  # NLC (2D)
+]
+
+
+@pytest.mark.parametrize("shape,layout", PATHS)
+def test_large_mean_small_std_float32(shape, layout):
+    x = make_input(shape, layout, torch.float32, seed=0, mean=1000.0, std=0.01)
+    dy = make_input(shape, layout, torch.float32, seed=1)
+    y, stats, invstd = CPU.forward_train(x, None, None, 1e-5)
+    dx, _, _ = CPU.backward(dy, x, stats.mean, invstd, None, stats.count, True)
+    expected, cache = ref.forward_train(np64(x))
+    assert_close(y, expected, 2e-4, "output at 1e3 ± 0.01")
+    assert_close(dx, ref.backward(np64(dy), cache)[0], 2e-4, "grad at 1e3 ± 0.01")
+    assert_close(stats.m2 / stats.count / torch.as_tensor(cache.var), torch.ones(shape[1]), 1e-6, "variance relative to the truth")
+    # Control: the textbook one-pass variance in fp32 has no correct digit here.
+    dims = [0] + list(range(2, x.dim()))
+    naive = (x * x).mean(dims) - x.mean(dims) ** 2
+    assert rel_err(naive / torch.as_tensor(cache.var), torch.ones(shape[1])) > 1e-2
+
+
+@pytest.mark.parametrize("shape,layout", PATHS)
+def test_values_near_1e18_stay_finite(shape, layout):
+    x = make_input(shape, layout, torch.float32, seed=2, mean=1e18, std=3e17)
+    y, stats, _ = CPU.forward_train(x, None, None, 1e-5)
+    assert torch.isfinite(y).all() and torch.isfinite(stats.m2).all()
+    assert_close(y, ref.forward_train(np64(x))[0], 2e-4, "output near 1e18")
+
+
+@pytest.mark.parametrize("shape,layout", PATHS)
+def test_nan_in_one_channel_stays_in_that_channel(shape, layout):
+    x = make_input(shape, layout, torch.float32, seed=3)
+    index = (shape[0] // 2, 1) + tuple(s // 2 for s in shape[2:])
+    x[index] = float("nan")
+    dy = make_input(shape, layout, torch.float32, seed=4)
+    y, stats, invstd = CPU.forward_train(x, None, None, 1e-5)
+    dx, dw, db = CPU.backward(dy, x, stats.mean, invstd, None, stats.count, True)
+    clean = [c for c in range(shape[1]) if c != 1]
+    assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, clean]).all()
+    assert torch.isfinite(dx[:, clean]).all() and torch.isfinite(dw[clean]).all()
+    assert_close(y[:, clean], ref.forward_train(np64(x[:, clean]))[0], 2e-4, "channels without NaN")
+
+
+@pytest.mark.parametrize("shape,layout", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_constant_channel_gives_exactly_beta(shape, layout, dtype):
+    x = make_input(shape, layout, dtype, seed=5)
+    x[:, 1] = 123.456
+    beta = torch.full((shape[1],), 0.25, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    dy = make_input(shape, layout, dtype, seed=6)
+    y, stats, invstd = CPU.forward_train(x, None, beta, 1e-5)
+    assert torch.equal(y[:, 1], torch.full_like(y[:, 1], 0.25)), "a constant channel must give exactly beta"
+    assert float(stats.m2[1]) == 0.0 and float(stats.mean[1]) == float(x[0, 1].flatten()[0])
+    dx, _, _ = CPU.backward(dy, x, stats.mean, invstd, None, stats.count, True)
+    assert torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_bfloat16_near_1e18_falls_back_to_float64_sums(layout):
+    """16-bit chunks are summed in float32; bf16 shares float32's range, so squares near 1e36 overflow
+    it and the chunk is summed again in float64."""
+    x = make_input((64, 3, 5, 5), layout, torch.bfloat16, seed=7, mean=2e18, std=1e18)
+    y, stats, _ = CPU.forward_train(x, None, None, 1e-5)
+    assert torch.isfinite(stats.m2).all() and torch.isfinite(y).all()
+    assert_close(y, ref.forward_train(np64(x))[0], 2e-2, "bf16 output near 1e18")

@@ -1,0 +1,202 @@
+"""bnlab's Triton kernels, run by Triton's interpreter on CPU tensors, against the float64 reference.
+
+TRITON_INTERPRET=1 must be set before the kernels are defined, so this module sets it first. The
+interpreter is slow: shapes are small, but odd and prime, and reach every kernel variant (NCL
+rows, channels-last tiles, several segments per channel, masked tails).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import bnlab  # noqa: E402
+from bnlab import reference as ref  # noqa: E402
+from bnlab.backends import _REGISTRY, PortableBackend  # noqa: E402
+from bnlab.backends.triton_backend import TritonBackend  # noqa: E402
+from speed_helpers import TOL, assert_close, make_input, np64  # noqa: E402
+
+TRITON = TritonBackend(allow_cpu=True)
+CASES = [((5, 3, 7, 6), "nchw"), ((11, 1, 13), "nchw"), ((9, 5), "nchw"), ((4, 6, 3, 5), "cl"), ((3, 7, 2, 3, 2), "cl")]
+
+
+@pytest.fixture
+def triton_everywhere():
+    """Route CPU float tensors to the interpreted Triton backend for the duration of a test."""
+    saved = list(_REGISTRY)
+    _REGISTRY[:] = [TRITON, PortableBackend()]
+    yield
+    _REGISTRY[:] = saved
+
+
+def test_import_bnlab_never_imports_triton():
+    code = "import sys, torch, bnlab; bnlab.BatchNorm1d(3)(torch.randn(4, 3)); print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_backward_match_reference(shape, layout, dtype):
+    channels = shape[1]
+    x = make_input(shape, layout, dtype, seed=1, mean=0.5, std=2.0)
+    dy = make_input(shape, layout, dtype, seed=2)
+    w, b = torch.rand(channels) + 0.5, torch.randn(channels)
+    y, stats, invstd = TRITON.forward_train(x, w, b, 1e-5)
+    dx, dw, db = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True)
+    expected_y, cache = ref.forward_train(np64(x), np64(w), np64(b))
+    expected_dx, expected_dw, expected_db = ref.backward(np64(dy), cache)
+    assert y.dtype == dtype and y.stride() == x.stride() and dx.stride() == x.stride()
+    assert_close(y, expected_y, TOL[dtype], "y")
+    assert_close(dx, expected_dx, TOL[dtype], "dx")
+    assert_close(stats.mean, cache.mean, 1e-9, "mean")
+    assert_close(stats.m2 / stats.count, cache.var, 1e-9, "variance")
+    n = stats.count
+    assert_close(dw / n, expected_dw / n, 1e-6, "dweight")
+    assert_close(db / n, expected_db / n, 1e-6, "dbias")
+
+
+@pytest.mark.parametrize("shape,layout", CASES[:2] + CASES[3:4])
+def test_primitives_match_reference(shape, layout):
+    """The four primitives (SyncBatchNorm composes them) against float64 NumPy."""
+    x = make_input(shape, layout, seed=3, mean=-1.0, std=3.0)
+    dy = make_input(shape, layout, seed=4)
+    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    stats = ref.moments(np64(x))
+    moments = TRITON.moments(x)
+    assert moments.count == stats.count
+    assert_close(moments.mean, stats.mean, 1e-9, "moments mean")
+    assert_close(moments.m2 / stats.count, stats.m2 / stats.count, 1e-9, "moments M2")
+    mean = torch.as_tensor(stats.mean)
+    invstd = torch.rsqrt(torch.as_tensor(stats.m2) / stats.count + 1e-5)
+    expected_y, cache = ref.forward_train(np64(x), np64(w), np64(b))
+    assert_close(TRITON.normalize(x, mean, invstd, w, b), expected_y, 2e-6, "normalize")
+    axes = (0,) + tuple(range(2, x.dim()))
+    g, xh = np64(dy), cache.x_hat
+    sum_dy, sum_dy_xhat = TRITON.grad_sums(dy, x, mean, invstd)
+    n = stats.count
+    assert_close(sum_dy / n, g.sum(axes) / n, 1e-6, "sum dy")
+    assert_close(sum_dy_xhat / n, (g * xh).sum(axes) / n, 1e-6, "sum dy*xhat")
+    expected_dx = ref.backward(g, cache)[0]
+    dx = TRITON.grad_input(dy, x, mean, invstd, w, torch.as_tensor(g.sum(axes)), torch.as_tensor((g * xh).sum(axes)), n)
+    assert_close(dx, expected_dx, 2e-6, "grad_input")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_training_step_matches_torch(triton_everywhere, momentum):
+    """The fused training Function: output, gradients, running averages and the batch counter."""
+    ours, theirs = bnlab.BatchNorm2d(3, momentum=momentum), torch.nn.BatchNorm2d(3, momentum=momentum)
+    for step in range(2):
+        x = make_input((4, 3, 5, 3), "cl" if step else "nchw", seed=5 + step, mean=step)
+        dy = make_input((4, 3, 5, 3), "nchw", seed=7 + step)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), theirs(x2)
+        y1.backward(dy)
+        y2.backward(dy)
+        assert_close(y1, y2, 2e-4, "output")
+        assert_close(x1.grad, x2.grad, 2e-4, "grad x")
+        assert_close(ours.weight.grad, theirs.weight.grad, 2e-4, "grad weight")
+        assert_close(ours.bias.grad, theirs.bias.grad, 2e-4, "grad bias")
+        assert_close(ours.running_mean, theirs.running_mean, 1e-6, "running_mean")
+        assert_close(ours.running_var, theirs.running_var, 1e-6, "running_var")
+        assert int(ours.num_batches_tracked) == step + 1
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        x = make_input((4, 3, 5, 3), seed=9)
+        assert_close(ours(x), theirs(x), 2e-4, "eval output")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_bn_add_relu_matches_torch_sequence(triton_everywhere, residual):
+    ours = bnlab.BatchNormAct2d(3, residual=residual)
+    theirs = torch.nn.BatchNorm2d(3)
+    x = make_input((4, 3, 5, 3), "cl", seed=11)
+    res = make_input((4, 3, 5, 3), "cl", seed=12) if residual else None
+    dy = make_input((4, 3, 5, 3), "cl", seed=13)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    r1, r2 = (res.clone().requires_grad_(), res.clone().requires_grad_()) if residual else (None, None)
+    y1 = ours(x1, r1) if residual else ours(x1)
+    y2 = torch.relu(theirs(x2) + (r2 if residual else 0))
+    y1.backward(dy)
+    y2.backward(dy)
+    assert_close(y1, y2, 2e-4, "output")
+    assert_close(x1.grad, x2.grad, 2e-4, "grad x")
+    if residual:
+        assert_close(r1.grad, r2.grad, 2e-4, "grad residual")
+    assert_close(ours.weight.grad, theirs.weight.grad, 2e-4, "grad weight")
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        out = ours(x, res) if residual else ours(x)
+        assert_close(out, torch.relu(theirs(x) + (res if residual else 0)), 2e-4, "eval output")
+
+
+def test_mask_holds_one_bit_per_element():
+    from bnlab.fused import _unpack_bits
+
+    for layout in ("cl", "nchw"):  # rows of 2 channels / of 35 positions: partial bytes at every row end
+        x = make_input((3, 2, 7, 5), layout, seed=14)
+        y, (stats, hi, mask, plan) = TRITON.act_forward(x, None, None, 1e-5, None, None, 0.1, None, False, None, True)
+        assert mask.dtype == torch.uint8 and mask.numel() == plan.rows * ((plan.k + 7) // 8) < x.numel()
+        z = torch.as_tensor(ref.forward_train(np64(x))[0])
+        assert torch.equal(_unpack_bits(mask, x, plan.rows, plan.k), z > 0)
+        assert_close(y, torch.relu(z), 2e-4, "relu output")
+
+
+def test_precision_rules():
+    x = make_input((40, 2, 3, 3), seed=15, mean=1000.0, std=0.01)
+    y, stats, _ = TRITON.forward_train(x, None, None, 1e-5)
+    assert_close(y, ref.forward_train(np64(x))[0], 2e-4, "output at 1e3 ± 0.01")
+    big = make_input((40, 2, 3, 3), "cl", seed=16, mean=1e18, std=3e17)
+    y, stats, _ = TRITON.forward_train(big, None, None, 1e-5)
+    assert torch.isfinite(y).all() and torch.isfinite(stats.m2).all()
+    x[5, 1, 1, 1] = float("nan")
+    x[:, 0] = 123.456
+    beta = torch.tensor([0.25, 0.0])
+    y, _, _ = TRITON.forward_train(x, None, beta, 1e-5)
+    assert torch.isnan(y[:, 1]).all()
+    assert torch.equal(y[:, 0], torch.full_like(y[:, 0], 0.25)), "a constant channel must give exactly beta"
+
+
+def test_double_backward_of_the_fused_layer_matches_the_generic_path(triton_everywhere):
+    """create_graph=True unpacks the 1-bit mask and differentiates BN's backward with torch ops."""
+    x = make_input((4, 3, 3, 5), "cl", seed=17)
+
+    def second_order(layer):
+        xg = x.clone().requires_grad_()
+        res = (x.flip(0) * 0.5).requires_grad_()
+        y = layer(xg, res)
+        (g,) = torch.autograd.grad((y * y).sum(), xg, create_graph=True)
+        (g * g).sum().backward()
+        return xg.grad, res.grad
+
+    fused = second_order(bnlab.BatchNormAct2d(3, residual=True))
+    _REGISTRY[:] = [PortableBackend()]
+    generic = second_order(bnlab.BatchNormAct2d(3, residual=True))
+    assert_close(fused[0], generic[0], 2e-4, "second-order grad x")
+    assert_close(fused[1], generic[1], 2e-4, "second-order grad residual")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
+def test_running_update_guard_and_counter(triton_everywhere):
+    """On the device: the batch counter, momentum=None as 1/count, and the non-finite guard."""
+    layer = bnlab.BatchNorm2d(3, momentum=None)
+    first = make_input((4, 3, 3, 5), seed=18, mean=2.0)
+    layer(first)
+    assert int(layer.num_batches_tracked) == 1
+    assert_close(layer.running_mean, ref.moments(np64(first)).mean, 1e-6, "first batch, factor 1")
+    before = layer.running_var.clone()
+    bad = make_input((4, 3, 3, 5), seed=19)
+    bad[0, 1, 0, 0] = float("inf")
+    layer(bad)
+    assert int(layer.num_batches_tracked) == 1 and torch.equal(layer.running_var, before)
