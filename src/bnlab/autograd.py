@@ -41,6 +41,27 @@ def _differentiable_train_backward(
     return dx.to(x.dtype), sum_dy_xhat, sum_dy
 
 
+def param_grads(
+    sum_dy_xhat: Tensor, sum_dy: Tensor, weight: Tensor | None, bias_dtype: torch.dtype | None, need_w: bool, need_b: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """dweight = Σdy·x̂ and dbias = Σdy, cast to the parameters' dtypes; None where not wanted."""
+    dw = sum_dy_xhat.to(weight.dtype) if (weight is not None and need_w) else None
+    db = sum_dy.to(bias_dtype) if (bias_dtype is not None and need_b) else None
+    return dw, db
+
+
+def differentiable_train_grads(
+    dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, bias_dtype: torch.dtype | None, needs: tuple
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dweight, dbias) of training-mode BN as a differentiable graph: every Function's create_graph path.
+
+    ``needs`` is ``ctx.needs_input_grad[:3]`` for (x, weight, bias); unwanted gradients are None.
+    """
+    dx, sum_dy_xhat, sum_dy = _differentiable_train_backward(dy, x, weight, eps)
+    dw, db = param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, needs[1], needs[2])
+    return (dx if needs[0] else None), dw, db
+
+
 class BatchNormTrainFunction(torch.autograd.Function):
     """y = BN(x) with the batch's own statistics.
 
@@ -67,13 +88,9 @@ class BatchNormTrainFunction(torch.autograd.Function):
             return None, None, None, None, None
         if torch.is_grad_enabled():
             # create_graph=True: a graph of the backward itself is wanted.
-            dx, sum_dy_xhat, sum_dy = _differentiable_train_backward(dy, x, weight, ctx.eps)
-            dw = sum_dy_xhat.to(weight.dtype) if (weight is not None and need_w) else None
-            db = sum_dy.to(ctx.bias_dtype) if (ctx.bias_dtype is not None and need_b) else None
-            return (dx if need_x else None), dw, db, None, None
+            return *differentiable_train_grads(dy, x, weight, ctx.eps, ctx.bias_dtype, (need_x, need_w, need_b)), None, None
         dx, sum_dy_xhat, sum_dy = ctx.backend.backward(dy, x, mean, invstd, weight, ctx.count, need_x)
-        dw = sum_dy_xhat.to(weight.dtype) if (weight is not None and need_w) else None
-        db = sum_dy.to(ctx.bias_dtype) if (ctx.bias_dtype is not None and need_b) else None
+        dw, db = param_grads(sum_dy_xhat, sum_dy, weight, ctx.bias_dtype, need_w, need_b)
         return dx, dw, db, None, None
 
 

@@ -11,15 +11,19 @@ from torch import nn
 
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["convert"]
+__all__ = ["convert", "rebuild_batchnorm"]
 
 _TORCH_TO_BNLAB = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 _BNLAB_TO_TORCH = {v: k for k, v in _TORCH_TO_BNLAB.items()}
 _TARGETS = {"bnlab": _TORCH_TO_BNLAB, "torch": _BNLAB_TO_TORCH}
 
 
-def _swap(old: nn.Module, new_type: type) -> nn.Module:
-    """A layer of ``new_type`` with old's configuration and mode, holding old's parameters and buffers."""
+def rebuild_batchnorm(old: nn.Module, new_type: type, **extra) -> nn.Module:
+    """A layer of ``new_type`` with old's configuration and mode, holding old's parameters and buffers.
+
+    The Parameter and buffer objects are shared, not copied. ``extra`` goes to ``new_type``'s
+    constructor (e.g. ``process_group`` for SyncBatchNorm).
+    """
     new = new_type(
         old.num_features,
         eps=old.eps,
@@ -28,6 +32,7 @@ def _swap(old: nn.Module, new_type: type) -> nn.Module:
         track_running_stats=old.track_running_stats,
         device="meta",  # placeholders only: old's tensors replace them below
         bias=old.bias is not None or not old.affine,
+        **extra,
     )
     for name in ("weight", "bias"):
         new.register_parameter(name, getattr(old, name))
@@ -60,7 +65,7 @@ def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
     mapping = _TARGETS[to]
     new_type = mapping.get(type(module))
     if new_type is not None:
-        return _swap(module, new_type)
+        return rebuild_batchnorm(module, new_type)
     for name, child in module.named_children():
         converted = convert(child, to)
         if converted is not child:

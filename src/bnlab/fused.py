@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import _checks
+from bnlab.autograd import differentiable_train_grads, param_grads
 from bnlab.backends import select_backend
 from bnlab.functional import batch_norm
 from bnlab.modules import BatchNorm2d
@@ -87,7 +88,6 @@ class BatchNormActFunction(torch.autograd.Function):
         eps, backend, bias_dtype, relu = ctx.config
         if torch.is_grad_enabled():
             # create_graph=True: ReLU's mask is a constant; BN's backward in differentiable torch ops.
-            from bnlab.autograd import _differentiable_train_backward
 
             if ctx.fused:
                 _, _, packed, p = ctx.extra
@@ -95,10 +95,8 @@ class BatchNormActFunction(torch.autograd.Function):
             else:
                 mask = ctx.extra[3]
             dz = dy * mask if mask is not None else dy
-            dx, sum_dy_xhat, sum_dy = _differentiable_train_backward(dz, x, weight, eps)
-            dw = sum_dy_xhat.to(weight.dtype) if need_w else None
-            db = sum_dy.to(bias_dtype) if need_b else None
-            return (dx if need_x else None), dw, db, (dz if need_res else None), None
+            dx, dw, db = differentiable_train_grads(dz, x, weight, eps, bias_dtype, (need_x, need_w, need_b))
+            return dx, dw, db, (dz if need_res else None), None
         if ctx.fused:
             dw = torch.empty_like(weight) if need_w else None
             db = torch.empty(x.shape[1], dtype=bias_dtype, device=x.device) if need_b else None
@@ -107,8 +105,7 @@ class BatchNormActFunction(torch.autograd.Function):
         mean, invstd, count, mask = ctx.extra
         dz = dy * mask if mask is not None else dy
         dx, sum_dy_xhat, sum_dy = backend.backward(dz, x, mean, invstd, weight, count, need_x)
-        dw = sum_dy_xhat.to(weight.dtype) if need_w else None
-        db = sum_dy.to(bias_dtype) if need_b else None
+        dw, db = param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, need_w, need_b)
         return dx, dw, db, (dz if need_res else None), None
 
 

@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from bnlab import _checks
 from bnlab.backends import Backend, select_backend
+from bnlab.convert import rebuild_batchnorm
 from bnlab.distributed import all_reduce_grad_sums, gather_moments, group_size
 from bnlab.modules import _BatchNormMixin
 from bnlab.stats import Moments, finalize
@@ -208,21 +209,7 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
                 f"module: expected BN layers whose num_features is known, got an uninitialized "
                 f"{type(old).__name__}; run one batch through the model before converting it"
             )
-        new = cls(
-            old.num_features,
-            eps=old.eps,
-            momentum=old.momentum,
-            affine=old.affine,
-            track_running_stats=old.track_running_stats,
-            process_group=process_group,
-            device="meta",  # placeholders only: old's tensors replace them below
-            bias=old.bias is not None or not old.affine,
-        )
-        for name in ("weight", "bias"):
-            new.register_parameter(name, getattr(old, name))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            new.register_buffer(name, getattr(old, name))
-        new.train(old.training)
+        new = rebuild_batchnorm(old, cls, process_group=process_group)
         if hasattr(old, "qconfig"):
             new.qconfig = old.qconfig
         return new

@@ -35,12 +35,9 @@ class CpuTrainFunction(torch.autograd.Function):
         eps, backend, bias_dtype, plan = ctx.config
         if torch.is_grad_enabled():
             # create_graph=True: the same closed form in differentiable torch ops (bnlab.autograd).
-            from bnlab.autograd import _differentiable_train_backward
+            from bnlab.autograd import differentiable_train_grads
 
-            dx, sum_dy_xhat, sum_dy = _differentiable_train_backward(dy, x, weight, eps)
-            dw = sum_dy_xhat.to(weight.dtype) if need_w else None
-            db = sum_dy.to(bias_dtype) if need_b else None
-            return (dx if need_x else None), dw, db, None
+            return *differentiable_train_grads(dy, x, weight, eps, bias_dtype, (need_x, need_w, need_b)), None
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty(plan[2], dtype=bias_dtype) if need_b else None
         return backend.backward_fused(dy, x, stats, weight, plan, need_x, dw, db), dw, db, None

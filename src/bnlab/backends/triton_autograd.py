@@ -33,12 +33,9 @@ class TritonTrainFunction(torch.autograd.Function):
         eps, backend, bias_dtype, p = ctx.config
         if torch.is_grad_enabled():
             # create_graph=True: the same closed form in differentiable torch ops (bnlab.autograd).
-            from bnlab.autograd import _differentiable_train_backward
+            from bnlab.autograd import differentiable_train_grads
 
-            dx, sum_dy_xhat, sum_dy = _differentiable_train_backward(dy, x, weight, eps)
-            dw = sum_dy_xhat.to(weight.dtype) if need_w else None
-            db = sum_dy.to(bias_dtype) if need_b else None
-            return (dx if need_x else None), dw, db, None
+            return *differentiable_train_grads(dy, x, weight, eps, bias_dtype, (need_x, need_w, need_b)), None
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty(p.c, dtype=bias_dtype, device=x.device) if need_b else None
         dx, _, _ = backend.ops().backward(_like(dy, x), x, stats, coef[0], weight, need_x, dweight=dw, dbias=db, p=p)
