@@ -200,3 +200,36 @@ def test_running_update_guard_and_counter(triton_everywhere):
     bad[0, 1, 0, 0] = float("inf")
     layer(bad)
     assert int(layer.num_batches_tracked) == 1 and torch.equal(layer.running_var, before)
+
+
+def test_first_use_check_passes_on_working_kernels():
+    backend = TritonBackend(allow_cpu=True, self_check=True)
+    assert backend.supports(torch.zeros(2, 3))
+    assert backend.error is None
+
+
+def test_failing_kernels_are_declined_with_a_warning_not_a_crash(monkeypatch):
+    backend = TritonBackend(allow_cpu=True, self_check=True)
+    ops = backend.ops()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")  # what a compiler rejecting a kernel looks like
+
+    monkeypatch.setattr(ops, "forward_train", broken)
+    with pytest.warns(RuntimeWarning, match="failed their first-use check.*PTX assembly failed.*portable"):
+        assert not backend.supports(torch.zeros(2, 3))
+    assert not backend.supports(torch.zeros(4, 5)), "the decision is remembered per device"
+
+
+def test_kernels_that_disagree_are_declined(monkeypatch):
+    backend = TritonBackend(allow_cpu=True, self_check=True)
+    ops = backend.ops()
+    original = ops.forward_train
+
+    def off_by_a_little(*args, **kwargs):
+        y, *rest = original(*args, **kwargs)
+        return (y * 1.01 if y is not None else y), *rest
+
+    monkeypatch.setattr(ops, "forward_train", off_by_a_little)
+    with pytest.warns(RuntimeWarning, match="y differs from the portable backend"):
+        assert not backend.supports(torch.zeros(2, 3))

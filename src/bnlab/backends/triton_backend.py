@@ -40,11 +40,14 @@ class TritonBackend(Backend):
 
     name = "triton"
 
-    def __init__(self, allow_cpu: bool = False) -> None:
+    def __init__(self, allow_cpu: bool = False, self_check: bool | None = None) -> None:
         self.allow_cpu = allow_cpu
+        # The first-use check runs on GPUs; the interpreter tests check the kernels themselves.
+        self.self_check = (not allow_cpu) if self_check is None else self_check
         self._ops = None
         self._tried = False
         self.error: str | None = None
+        self._device_ok: dict[torch.device, bool] = {}
 
     def ops(self):
         """bnlab.backends.triton_ops (imports triton), or None if triton is unavailable."""
@@ -61,7 +64,26 @@ class TritonBackend(Backend):
     def supports(self, x: Tensor) -> bool:
         if not (x.is_cuda or (self.allow_cpu and x.is_cpu)) or x.dtype not in _DTYPES:
             return False
-        return self.ops() is not None
+        if self.ops() is None:
+            return False
+        return self._device_usable(x.device)
+
+    def _device_usable(self, device: torch.device) -> bool:
+        """Whether the kernels passed their first-use check on ``device`` (bnlab.backends.triton_selfcheck)."""
+        ok = self._device_ok.get(device)
+        if ok is None:
+            ok = True
+            if self.self_check:
+                from bnlab.backends import triton_selfcheck
+
+                self._device_ok[device] = True  # the check itself runs this backend's kernels
+                reason = triton_selfcheck.kernels_agree(self, _PORTABLE, device)
+                if reason is not None:
+                    ok = False
+                    self.error = reason
+                    triton_selfcheck.decline_with_warning(device, reason)
+            self._device_ok[device] = ok
+        return ok
 
     def plan(self, x: Tensor):
         """The kernels' plan for x, or None when the portable implementation must run."""
