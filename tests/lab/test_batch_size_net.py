@@ -14,7 +14,7 @@ from torch import nn
 
 import bnlab
 from bnlab.lab.experiments.batch_size import _params, _units, lr_for, norm_factory, stacked_accuracy, steps_for
-from bnlab.lab.experiments.batch_size_net import CNN, StackedCNN
+from bnlab.lab.experiments.batch_size_net import CNN, WIDTHS, StackedCNN
 
 S = 3
 
@@ -74,7 +74,7 @@ def test_network_copies_options_and_rejects_bad_index():
     factory = FACTORIES["renorm"]
     stacked = StackedCNN(_nets(factory), factory)
     net = stacked.network(1)
-    assert net.norms[2].renorm and net.norms[2].renorm_ramp == (1, 3) and net.norms[2].num_features == 64
+    assert net.norms[2].renorm and net.norms[2].renorm_ramp == (1, 3) and net.norms[2].num_features == WIDTHS[-1]
     with pytest.raises(ValueError, match="s: expected a network index in 0..2"):
         stacked.network(3)
     with pytest.raises(ValueError, match="nets"):
@@ -103,7 +103,7 @@ def test_stacked_accuracy_matches_each_network_and_restores_running_stats():
 def test_protocol_rules():
     p = _params(quick=False)
     assert [lr_for(b, p) for b in (2, 32, 64, 256)] == pytest.approx([0.003125, 0.05, 0.1, 0.1])
-    assert [steps_for(b, p) for b in (2, 32, 64, 256)] == [4000, 250, 250, 250]
+    assert [steps_for(b, p) for b in (2, 32, 64, 256)] == [4000, 250, 200, 200]
     units = _units({"params": p})
     assert "ghost,B=16" not in units and "ghost,B=32" in units and "ghost-control,B=2" not in units
     assert len(units) == 6 * 8 - 4 - 1

@@ -32,10 +32,10 @@ Normalizations:
 
 Training: SGD, momentum 0.9, weight decay 5e-4, learning rate decayed linearly to 0. The budget
 is 2 epochs (8,000 samples) at every B, the protocol of batch-size studies (Goyal et al. 2017;
-Wu & He 2018), except that every network takes at least 250 steps: two epochs of B ≥ 64 are
-16–125 steps, too few to train anything, and the right side of the figure would then measure
+Wu & He 2018), except that every network takes at least 200 steps: two epochs of B ≥ 64 are
+31–125 steps, too few to train, and the right side of the figure would then measure
 under-training, not normalization (Hoffer et al.'s "train longer" regime adaptation). So B ≤ 32
-sees 2 epochs, B = 64, 128, 256 take 250 steps (4, 8, 16 epochs). Learning rate, linear scaling
+sees 2 epochs (4,000 to 250 steps), B = 64, 128, 256 take 200 steps (3.2, 6.4, 12.8 epochs). Learning rate, linear scaling
 with a cap: lr = 0.05 · B / 32, at most 0.1 (reached at B = 64), the same rule for every
 normalization (no normalization trains at 0.1 and is unstable above). Seeds 0, 1, 2 change the
 initial weights and the batch order (the same per seed for every normalization and batch size);
@@ -235,7 +235,7 @@ def _findings(folder):
 EXPERIMENT = Experiment(
     name="batch-size",
     summary="accuracy against batch size 2…256: BN, Ghost BN, Batch Renorm, GroupNorm, none, BN + recalibrate",
-    runtime="full ~5 min with 3 seeds, quick ~3 s",
+    runtime="full ~6 min with 3 seeds, quick ~5 s",
     claim="BN needs enough values per channel in a batch: with tiny batches its statistics are noisy, training and "
           "evaluation disagree and accuracy falls, while GroupNorm and no normalization do not depend on the batch; "
           "Batch Renorm and recalibrated statistics recover part of the loss, and Ghost BN keeps the normalization "

@@ -2,9 +2,9 @@
 
 :class:`CNN`, for 14×14 inputs:
 
-    conv3x3(16, pad 1) → norm → ReLU → maxpool 2     14×14: a norm sees B·196 values per channel
-    conv3x3(32, pad 1) → norm → ReLU → maxpool 2      7×7:  B·49 values per channel
-    conv3x3(64, no pad) → norm → ReLU → linear(10)    3×3 → 1×1: B values per channel
+    conv3x3(8, pad 1)  → norm → ReLU → maxpool 2     14×14: a norm sees B·196 values per channel
+    conv3x3(16, pad 1) → norm → ReLU → maxpool 2      7×7:  B·49 values per channel
+    conv3x3(32, no pad) → norm → ReLU → linear(10)    3×3 → 1×1: B values per channel
 
 The last conv turns the 3×3 map into 1×1, as LeNet-5's C5 does, so its norm layer sees one
 value per sample and channel, like a norm after a fully-connected layer: the three layers span
@@ -65,7 +65,7 @@ class CNN(nn.Module):
             x = F.relu(norm(conv(x)))
             if i < len(self.convs) - 1:
                 x = F.max_pool2d(x, 2)
-        return self.head(x.flatten(1))  # (N, 64·1·1)
+        return self.head(x.flatten(1))  # (N, 32·1·1)
 
 
 def _stack_state(stacked: nn.Module, singles: list[nn.Module]) -> None:
@@ -122,7 +122,7 @@ class StackedCNN(nn.Module):
             x = F.relu(norm(conv(x)))
             if i < len(self.convs) - 1:
                 x = F.max_pool2d(x, 2)
-        features = x.reshape(x.shape[0], self.count, -1)  # (N, S, 64): network s's channels are contiguous
+        features = x.reshape(x.shape[0], self.count, -1)  # (N, S, 32): network s's channels are contiguous
         return torch.einsum("nsf,skf->nsk", features, self.head_weight) + self.head_bias
 
     def network(self, s: int) -> CNN:
