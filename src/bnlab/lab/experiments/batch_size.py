@@ -129,6 +129,15 @@ def stacked_accuracy(model: StackedCNN, x: Tensor, y: Tensor, batch_size: int, t
     In train mode every batch of ``batch_size`` is normalized with its own statistics, only full
     batches are used (a last batch of one sample has no statistics at the 1×1 layer), and the
     running statistics are restored afterwards.
+
+    Args:
+        model: the S stacked networks.
+        x, y: images (n, 1, H, W) and labels (n,).
+        batch_size: images per forward.
+        train_mode: normalize with batch statistics instead of the running ones.
+
+    Returns:
+        S accuracies (floats in [0, 1]), in stack order.
     """
     saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     was_training = model.training
