@@ -9,7 +9,8 @@ bnlab.tools.diagnosis.LayerDiagnosis; the advice thresholds are in that file.
 The train/eval output gap needs no second forward: per channel, with batch statistics
 (n, μ_B, M2, s_B = 1/sqrt(M2/n + eps)) and running ones (μ_R, s_R = 1/sqrt(var_R + eps)),
 
-    Σ (y_train - y_eval)² = γ²·((s_B·r - s_R)²·M2 + n·(d - (μ_B - μ_R)·s_R)²),   Σ (y_train - β)² = γ²·(s_B²·r²·M2 + n·d²),
+    Σ (y_train - y_eval)² = γ²·((s_B·r - s_R)²·M2 + n·(d - (μ_B - μ_R)·s_R)²),
+    Σ (y_train - β)²      = γ²·(s_B²·r²·M2 + n·d²),
 
 because Σ(x - μ_B) = 0 kills the cross term; r = 1, d = 0 for plain BN, Batch Renorm's r and d
 (at the layer's current step) for a renorm layer, whose training output is

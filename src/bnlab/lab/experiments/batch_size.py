@@ -219,7 +219,8 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
     if norm in BN_TYPES:
         recal = [x[i : i + p["recal_batch"]].expand(-1, S, -1, -1) for i in range(0, len(y), p["recal_batch"])]
         bnlab.recalibrate(model, recal, progress=False)
-        recal_test, recal_train = stacked_accuracy(model, xt, yt, p["recal_batch"]), stacked_accuracy(model, x, y, p["recal_batch"])
+        recal_test = stacked_accuracy(model, xt, yt, p["recal_batch"])
+        recal_train = stacked_accuracy(model, x, y, p["recal_batch"])
         for s, row in enumerate(rows):
             row["recal_test_acc"] = recal_test[s]
         if norm == "bn":
