@@ -102,3 +102,53 @@ def test_layers_without_running_statistics_report_nan_gaps():
     d = bnlab.diagnose(layer, [torch.randn(4, 3, 5)], show=False)[""]
     assert np.isnan(d.output_gap) and np.isnan(d.mean_shift).all()
     assert np.isfinite(d.population_var).all()
+
+
+def _direct_gap_and_noise(layer, batches):
+    """The gap from real forwards of ``layer`` (a copy, so no state moves) and the scatter of the means it normalizes with."""
+    import copy
+
+    num = den = 0.0
+    for x in batches:
+        train_copy = copy.deepcopy(layer).train()
+        with torch.no_grad():
+            y_eval = copy.deepcopy(layer).eval()(x)
+            y_train = train_copy(x)  # the layer's own training forward: ghost batches, renorm's r and d
+        num += float((y_eval - y_train).square().sum())
+        den += float((y_train - layer.bias.detach().view(1, -1, 1)).square().sum())
+    return np.sqrt(num / den)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_ghost_layer_gap_and_noise_use_its_ghost_batches(k):
+    """Training mode of a Ghost BN layer normalizes chunks of k samples: the gap and the batch noise are about those."""
+    plain, batches = _layer(), _batches()
+    layer = bnlab.BatchNorm1d(3, virtual_batch_size=k, dtype=torch.float64)
+    layer.load_state_dict(plain.state_dict())
+    layer.eval()
+    d = bnlab.diagnose(layer, batches, show=False)[""]
+    assert abs(d.output_gap - _direct_gap_and_noise(layer, batches)) < 1e-10
+    chunks = [c for x in batches for c in x.split(k)]
+    s = ref.moments(np.concatenate([to_np(x) for x in batches]))
+    scale = np.sqrt(s.m2 / (s.count - 1) + layer.eps)
+    means = np.stack([ref.moments(to_np(c)).mean for c in chunks])
+    np.testing.assert_allclose(d.batch_noise, np.sqrt(((means - s.mean) ** 2).mean(0)) / scale, rtol=1e-10)
+    np.testing.assert_allclose(d.population_mean, s.mean, rtol=0, atol=1e-12)  # the population is the whole data still
+    assert d.output_gap > bnlab.diagnose(plain, batches, show=False)[""].output_gap
+
+
+@pytest.mark.parametrize("step", [0, 5, 100])
+def test_renorm_layer_gap_uses_r_and_d_at_its_step(step):
+    """Batch Renorm's training output is corrected towards the running statistics: the gap must say so."""
+    plain, batches = _layer(), _batches()
+    layer = bnlab.BatchNorm1d(3, renorm=True, rmax=1.5, dmax=0.5, renorm_ramp=(2, 10), dtype=torch.float64)
+    layer.load_state_dict(plain.state_dict())
+    layer.num_batches_tracked.fill_(step)
+    layer.eval()
+    d = bnlab.diagnose(layer, batches, show=False)[""]
+    assert abs(d.output_gap - _direct_gap_and_noise(layer, batches)) < 1e-10
+    plain_gap = bnlab.diagnose(plain, batches, show=False)[""].output_gap
+    if step == 0:  # before the ramp starts, renorm is plain BN
+        assert abs(d.output_gap - plain_gap) < 1e-12
+    else:
+        assert d.output_gap < plain_gap

@@ -29,6 +29,8 @@ EXPECTED = {
     "resnet": (["resnet.png"], 2, {"batchnorm", "seed", "test_acc", "test_error", "diverged"}, {}),
     "regularization": (["regularization.png"], 12,
                        {"batchnorm", "dropout", "lr", "seed", "train_acc", "test_acc", "gap", "test_loss"}, {}),
+    "batch-size": (["batch_size.png", "batch_size_why.png"], 13,
+                   {"batch_size", "norm", "seed", "train_acc", "test_acc", "test_acc_batch_stats", "diverged"}, {"diagnose": 21}),
 }
 
 

@@ -9,9 +9,14 @@ bnlab.tools.diagnosis.LayerDiagnosis; the advice thresholds are in that file.
 The train/eval output gap needs no second forward: per channel, with batch statistics
 (n, μ_B, M2, s_B = 1/sqrt(M2/n + eps)) and running ones (μ_R, s_R = 1/sqrt(var_R + eps)),
 
-    Σ (y_train - y_eval)² = γ²·((s_B - s_R)²·M2 + n·(μ_B - μ_R)²·s_R²),   Σ (y_train - β)² = γ²·s_B²·M2,
+    Σ (y_train - y_eval)² = γ²·((s_B·r - s_R)²·M2 + n·(d - (μ_B - μ_R)·s_R)²),
+    Σ (y_train - β)²      = γ²·(s_B²·r²·M2 + n·d²),
 
-because Σ(x - μ_B) = 0 kills the cross term.
+because Σ(x - μ_B) = 0 kills the cross term; r = 1, d = 0 for plain BN, Batch Renorm's r and d
+(at the layer's current step) for a renorm layer, whose training output is
+γ·((x - μ_B)·s_B·r + d) + β. "Batch" means what the layer normalizes over in training: for a
+Ghost BN layer each ghost batch of ``virtual_batch_size`` samples is a batch of its own (for the
+gap and the batch noise; the population statistics are those of all the data either way).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from bnlab.tools.collect import check_num_batches, collect_inputs, input_moments
 from bnlab.tools.diagnosis import NEAR_ZERO_VAR, Diagnosis, LayerDiagnosis, advise
 from bnlab.tools.freeze import is_frozen
 from bnlab.tools.layers import batchnorm_layers, check_module
+from bnlab.variants.renorm import renorm_correction, renorm_limits
 
 __all__ = ["diagnose"]
 
@@ -45,6 +51,14 @@ class _LayerProbe:
         self.gap_den = torch.zeros_like(self.gap_num)
 
     def add(self, layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        k = getattr(layer, "virtual_batch_size", None)
+        if k is not None and mask is None and x.shape[0] > k:
+            for chunk in x.split(k):  # the ghost batches training normalizes over (consecutive, the last smaller)
+                self._add_batch(layer, chunk, None)
+        else:
+            self._add_batch(layer, x, mask)
+
+    def _add_batch(self, layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         stats = input_moments(x, mask)
         self.total = merge_moments([self.total, stats])
         self.batch_means.append(stats.mean)
@@ -56,8 +70,12 @@ class _LayerProbe:
         s_b = torch.rsqrt(stats.m2 / torch.clamp(n, min=1.0) + eps)
         s_r = torch.rsqrt(layer.running_var.detach().to(torch.float64) + eps)
         delta = stats.mean - layer.running_mean.detach().to(torch.float64)
-        self.gap_num += (gamma2 * ((s_b - s_r).square() * stats.m2 + n * delta.square() * s_r.square())).sum()
-        self.gap_den += (gamma2 * s_b.square() * stats.m2).sum()
+        r, d = 1.0, 0.0
+        if getattr(layer, "renorm", False):  # training output γ·((x - μ_B)·s_B·r + d) + β
+            rmax, dmax = renorm_limits(layer.num_batches_tracked, layer.rmax, layer.dmax, layer.renorm_ramp)
+            r, d = renorm_correction(stats.mean, s_b, layer.running_mean, layer.running_var, eps, rmax, dmax)
+        self.gap_num += (gamma2 * ((s_b * r - s_r).square() * stats.m2 + n * (d - delta * s_r).square())).sum()
+        self.gap_den += (gamma2 * (s_b.square() * r**2 * stats.m2 + n * d**2)).sum()
 
     def result(self, name: str, layer: nn.Module) -> LayerDiagnosis:
         eps = float(layer.eps)
@@ -114,7 +132,10 @@ def diagnose(
 
     Nothing in the model changes: BN layers normalize with batch statistics during the pass
     but update nothing, other modules keep their mode. Statistics are this process's only
-    (no cross-rank reduction).
+    (no cross-rank reduction). The gap and the batch noise describe batches of the size given
+    (pass the training batch size to see what training does); the population statistics behind
+    the mean shift and var ratio are taken, as :func:`bnlab.recalibrate` takes them, with every
+    BN layer normalizing by the pass's batches, so judge staleness with large batches.
 
     Args:
         model: a model containing BatchNorm layers (torch.nn's, bnlab's or SyncBatchNorm).

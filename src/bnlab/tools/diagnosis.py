@@ -30,10 +30,12 @@ class LayerDiagnosis:
         channels: C.
         samples: values per channel seen (N·H·W summed over batches; selected positions if masked).
         output_gap: ‖y_eval - y_train‖ / ‖y_train - β‖ over all batches: how far evaluation mode's
-            outputs are from training mode's on the same inputs (0 = identical).
+            outputs are from training mode's on the same inputs (0 = identical); training mode as
+            the layer does it: Ghost BN's ghost batches, Batch Renorm's r and d at its current step.
         mean_shift: per channel |running_mean - population mean| / sqrt(population var + eps).
         var_ratio: per channel (running_var + eps) / (population var + eps).
-        batch_noise: per channel RMS over batches of (batch mean - population mean) / sqrt(population var + eps).
+        batch_noise: per channel RMS over batches (ghost batches for a Ghost BN layer) of
+            (batch mean - population mean) / sqrt(population var + eps).
         population_mean, population_var: the fresh statistics (unbiased variance), per channel.
         near_zero_var: channels whose population variance is below NEAR_ZERO_VAR·eps.
         eps_dominated: the other channels whose population variance is below eps.

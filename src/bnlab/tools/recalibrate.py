@@ -81,6 +81,12 @@ def recalibrate(
     With SyncBatchNorm layers under torch.distributed each forward is itself a collective, so
     every rank must then run the same number of batches (``num_batches`` helps).
 
+    Use large batches (at least the training batch size; hundreds of samples are better): during
+    the pass each BN layer normalizes with the statistics of the pass's batch, so the inputs of
+    the layers after it, and the statistics written for them, depend on that batch size; large
+    batches give them the inputs evaluation mode will (with batches of 2, a layer after another
+    BN layer can get a visibly smaller variance than evaluation mode feeds it).
+
     Args:
         model: a model containing BatchNorm layers (torch.nn's, bnlab's or SyncBatchNorm).
         batches: iterable of batches: tensors, (inputs, targets, ...) tuples whose first element

@@ -50,7 +50,8 @@ class Experiment:
     datasets: tuple[str, ...] = ("mnist",)
 
 
-_MODULES = ["init_sweep", "lr_sweep", "activations", "inference", "conv", "resnet", "regularization"]
+_MODULES = ["init_sweep", "lr_sweep", "activations", "inference", "conv", "resnet", "regularization",
+            "batch_size"]
 
 
 def registry() -> dict[str, Experiment]:
