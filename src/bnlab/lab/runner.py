@@ -269,11 +269,11 @@ def run_experiment(name: str, opts: RunOptions) -> RunFolder:
         world = current_world(opts.device or config["device"])
     else:
         folder, config, data, todo = _prepare(exp, opts)
+        world = World(device=torch.device(opts.device or config["device"]))
     if world.size == 1 and config.get("world_size", 1) > 1:
         _launch_ranks(exp, folder, config, todo, opts)
     else:
-        device = world.device if world.size > 1 else torch.device(opts.device or config["device"])
-        run_units(exp, RunContext(folder, config, device, data, world), todo)
+        run_units(exp, RunContext(folder, config, world.device, data, world), todo)
     if world.is_main:
         from bnlab.lab.report import write_report
 
