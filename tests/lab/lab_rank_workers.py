@@ -74,6 +74,17 @@ def guarded_rank_main(rank: int, world_size: int, *args) -> None:
     real_rank_main(rank, world_size, *args)
 
 
+def _wait_for_peers(folder: str, rank: int, world_size: int, limit_s: float = 120.0) -> None:
+    """Wait until every rank has imported bnlab: on a busy machine one import can take seconds longer
+    than another, and the group's short test timeout must measure the hang, not the import."""
+    open(os.path.join(folder, f"ready{rank}"), "w").close()
+    deadline = time.monotonic() + limit_s
+    while not all(os.path.exists(os.path.join(folder, f"ready{r}")) for r in range(world_size)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: the other ranks did not start within {limit_s} s")
+        time.sleep(0.05)
+
+
 def torchrun_style_rank(rank: int, world_size: int, port: int, argv: list[str], result_path: str) -> None:
     """One process of a torchrun-style launch running ``bnlab <argv>``; writes its exit code (or error) as JSON."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
@@ -84,6 +95,7 @@ def torchrun_style_rank(rank: int, world_size: int, port: int, argv: list[str], 
     _inject_failure(rank)
     from bnlab.lab.cli import main
 
+    _wait_for_peers(os.path.dirname(result_path), rank, world_size)
     try:
         result = {"code": main(argv)}
     except BaseException as err:  # noqa: BLE001 - reported to the test, which asserts on it

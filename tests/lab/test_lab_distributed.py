@@ -161,6 +161,8 @@ def _torchrun_style(argv, tmp_path, world_size=2, wait_for=(0, 1), join_s=120):
     """
     context = multiprocessing.get_context("spawn")
     port = _free_port()
+    tmp_path = tmp_path / f"launch-{port}"  # each launch its own files (results, start-up handshake)
+    tmp_path.mkdir()
     paths = [tmp_path / f"rank{r}.json" for r in range(world_size)]
     procs = [context.Process(target=workers.torchrun_style_rank, args=(r, world_size, port, argv, str(paths[r])))
              for r in range(world_size)]

@@ -131,12 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset, for experiments that take several (resnet); default mnist")
     p.add_argument("--data-dir", help="folder with the full dataset (MNIST IDX files or CIFAR pickles); "
                                       "default: the bundled 5,000-image MNIST subset")
-    p.add_argument("--nproc", type=int, default=None,
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="start N processes on this machine and train with DistributedDataParallel (gloo on CPU, "
-                        "NCCL on CUDA); the experiment's batch is split between them. Under torchrun, leave it out")
+                        "NCCL on CUDA; conv, resnet, small-batch-sync); the experiment's batch is split between "
+                        "them. Under torchrun, leave it out")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="with several processes: replace every BN layer with bnlab.SyncBatchNorm")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="distributed runs: seconds a process waits in one collective before it fails "
                         "(default 600, 60 with --quick)")
     p.set_defaults(func=_cmd_run)
