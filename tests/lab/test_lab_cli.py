@@ -20,8 +20,8 @@ def test_list_names_every_experiment_with_a_runtime(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines]
-    assert names == ["init-sweep", "lr-sweep", "activations", "inference", "conv", "resnet", "regularization", "batch-size",
-                     "all"]
+    assert names == ["init-sweep", "lr-sweep", "activations", "inference", "conv", "resnet", "regularization",
+                     "batch-size", "small-batch-sync", "all"]
     assert all("[" in line and "s" in line.split("[")[-1] for line in lines[:-1])
 
 

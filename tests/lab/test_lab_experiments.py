@@ -31,6 +31,8 @@ EXPECTED = {
                        {"batchnorm", "dropout", "lr", "seed", "train_acc", "test_acc", "gap", "test_loss"}, {}),
     "batch-size": (["batch_size.png", "batch_size_why.png"], 13,
                    {"batch_size", "norm", "seed", "train_acc", "test_acc", "test_acc_batch_stats", "diverged"}, {"diagnose": 21}),
+    "small-batch-sync": (["small_batch_sync.png"], 6, {"mode", "batch", "global_batch", "seed", "test_acc"},
+                         {"early_loss": 60}),
 }
 
 
@@ -79,3 +81,16 @@ def test_quick_run_writes_figures_rows_and_report(quick_runs, name):
     assert "## What was measured" in report and "Partial run" not in report
     for fig in figures:
         assert f"]({fig})" in report
+
+
+def test_small_batch_sync_quick_run_separates_local_bn_from_sync_bn(quick_runs):
+    """2 processes: SyncBN reproduces one process on the global batch (float32 rounding), local BN does not."""
+    summary = json.loads((quick_runs / "small-batch-sync" / "summary.json").read_text())
+    assert {r["world_size"] for r in summary["rows"]} == {2}
+    loss = {(r["mode"], r["batch"], r["step"]): r["loss"] for r in summary["tables"]["early_loss"]}
+    for (mode, batch, step), value in loss.items():
+        single = loss[("single", batch, step)]
+        if mode == "sync":
+            assert abs(value - single) < 1e-3 * single, (batch, step, value, single)
+        if mode == "local" and step == 1:  # BN over 2 or 8 images instead of 4 or 16: another loss at once
+            assert abs(value - single) > 1e-3 * single, (batch, value, single)

@@ -2,6 +2,7 @@
 
     bnlab list                      every experiment, one line each, with its expected runtime
     bnlab run NAME [options]        run one experiment (or `all`) into runs/NAME-TIMESTAMP/
+                                    (--nproc N / torchrun: distributed, --sync-bn: SyncBatchNorm)
     bnlab report DIR                rebuild the figures and report.md of a run folder from its files
     bnlab selfcheck                 compare bnlab's layers with torch.nn's on random data
 
@@ -50,14 +51,44 @@ def _parse_seeds(text: str | None) -> list[int] | None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from bnlab.lab.world import default_timeout_s, torchrun_group, torchrun_world_size
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout: expected a positive number of seconds, got {args.timeout!r}")
+    launched = torchrun_world_size()
+    if args.name == "all" and (args.nproc is not None or args.sync_bn or launched > 1):
+        raise ValueError("--nproc: `run all` runs every experiment as it comes (most in one process); got "
+                         f"--nproc {args.nproc}, --sync-bn {bool(args.sync_bn)}, WORLD_SIZE {launched}; "
+                         "run the distributed experiments one by one instead")
+    timeout = args.timeout or default_timeout_s(bool(args.quick))
+    with torchrun_group(args.device or "cpu", timeout):
+        if launched > 1:
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            return record(_run_reporting_argument_errors)(args)  # torchrun's summary shows a crashed rank's traceback
+        return _run(args)
+
+
+def _run_reporting_argument_errors(args: argparse.Namespace) -> int:
+    """_run, with argument errors printed and turned into exit status 2 before torchrun's ``record`` sees them."""
+    try:
+        return _run(args)
+    except _ARGUMENT_ERRORS as err:
+        return _argument_error(err)
+
+
+def _run(args: argparse.Namespace) -> int:
     from bnlab.lab.experiments import registry
     from bnlab.lab.runner import RunOptions, default_out, main_progress_note, newest_run, run_experiment
+    from bnlab.lab.world import current_world
 
     opts = RunOptions(quick=args.quick, seeds=_parse_seeds(args.seeds), device=args.device, resume=args.resume,
-                      bn=args.bn, dataset=args.dataset, data_dir=args.data_dir, command=args.command_line)
+                      bn=args.bn, dataset=args.dataset, data_dir=args.data_dir, command=args.command_line,
+                      nproc=args.nproc, sync_bn=args.sync_bn, timeout_s=args.timeout)
     if args.name != "all":
         folder = run_experiment(args.name, RunOptions(**{**opts.__dict__, "out": Path(args.out) if args.out else None}))
-        print(main_progress_note(folder))
+        if current_world("cpu").is_main:
+            print(main_progress_note(folder))
         return 0
     if args.dataset is not None:
         raise ValueError(f"--dataset: `run all` runs each experiment on its default dataset, got {args.dataset!r}; "
@@ -100,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset, for experiments that take several (resnet); default mnist")
     p.add_argument("--data-dir", help="folder with the full dataset (MNIST IDX files or CIFAR pickles); "
                                       "default: the bundled 5,000-image MNIST subset")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="start N processes on this machine and train with DistributedDataParallel (gloo on CPU, "
+                        "NCCL on CUDA; conv, resnet, small-batch-sync); the experiment's batch is split between "
+                        "them. Under torchrun, leave it out")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="with several processes: replace every BN layer with bnlab.SyncBatchNorm")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="distributed runs: seconds a process waits in one collective before it fails "
+                        "(default 600, 60 with --quick)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("report", help="rebuild the figures and report.md of a run folder from its files")
@@ -118,13 +158,44 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["bnlab", *argv])
+    from bnlab.launch import LocalRanksError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except _ARGUMENT_ERRORS as err:
+        return _argument_error(err)
+    except LocalRanksError as err:  # a rank of `--nproc N` failed: one line per rank, tracebacks with BNLAB_DEBUG=1
         if os.environ.get("BNLAB_DEBUG"):
             raise
-        print(f"bnlab: error: {err}", file=sys.stderr)
-        return 2
+        lines = [f"  rank {rank}: {_last_line(text)}" for rank, text in sorted(err.failures.items())]
+        print(f"bnlab: error: the distributed run failed ({len(err.failures)} rank(s)); finished units are kept, "
+              "continue with --resume (BNLAB_DEBUG=1 shows the tracebacks)\n" + "\n".join(lines), file=sys.stderr)
+        return 1
+
+
+_ARGUMENT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def _argument_error(err: Exception) -> int:
+    """Print an argument error as one line (re-raise it with BNLAB_DEBUG=1); the exit status is 2."""
+    if os.environ.get("BNLAB_DEBUG"):
+        raise err
+    print(f"bnlab: error{_rank_tag()}: {err}", file=sys.stderr)
+    return 2
+
+
+def _rank_tag() -> str:
+    """' (rank R of N)' in a process started by torchrun, else ''."""
+    from bnlab.lab.world import torchrun_world_size
+
+    size = torchrun_world_size()
+    return f" (rank {os.environ['RANK']} of {size})" if size > 1 else ""
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of a traceback: the exception and its message."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else text
 
 
 if __name__ == "__main__":

@@ -32,6 +32,16 @@ def _threads(n) -> str:
     return f"{n} torch thread{'' if n == 1 else 's'}"
 
 
+def _processes(c: dict) -> list[str]:
+    """The line on a distributed run's processes (none for a one-process run)."""
+    world = c.get("world_size", 1)
+    if world <= 1:
+        return []
+    backend = "NCCL" if str(c.get("device", "cpu")).startswith("cuda") else "gloo"
+    sync = "; --sync-bn: every BN layer is a bnlab.SyncBatchNorm" if c.get("sync_bn") else ""
+    return [f"- {world} processes (DistributedDataParallel over {backend}; rank 0 evaluates and writes this folder){sync}"]
+
+
 def _how_it_was_made(folder: RunFolder, summary: dict) -> list[str]:
     c = folder.config
     versions = ", ".join(f"{k} {v}" for k, v in c.get("versions", {}).items() if v)
@@ -41,6 +51,7 @@ def _how_it_was_made(folder: RunFolder, summary: dict) -> list[str]:
         f"- started {c.get('created')}; units finished: {len(summary['units_done'])} of {len(c['units'])}; "
         f"training wall time {summary['wall_s']:.1f} s on {c.get('device')} ({_threads(c.get('torch_threads'))}, {c.get('machine')})",
         f"- {'quick' if c['quick'] else 'full'} version; seeds {c['seeds']}; BatchNorm implementation: {c['bn']}; data: {data}",
+        *_processes(c),
         f"- versions: {versions}; git commit: {c.get('git_commit') or 'none'}",
         "- parameters: " + ", ".join(f"`{k}` = {_short(v)}" for k, v in c["params"].items()),
     ]

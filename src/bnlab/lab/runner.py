@@ -3,11 +3,18 @@
 ``run_experiment(name, RunOptions(...))`` is what ``bnlab run NAME`` calls. Each unit of work
 starts from a fixed global seed derived from its id, so a unit gives the same numbers whether
 it runs in a fresh run or in a resumed one, after any other units.
+
+Distributed runs (docs/distributed.md, "Running the lab distributed"): with ``--nproc N`` this
+process prepares the run folder, starts N ranks (bnlab.launch.run_local_ranks) that run the
+unfinished units together, and writes the report; under torchrun every process calls
+``run_experiment``, rank 0 prepares the folder and tells the others. Only rank 0 writes to the
+folder; every wait on another process times out.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 import subprocess
 import time
@@ -22,11 +29,13 @@ from bnlab.lab import data as lab_data
 from bnlab.lab.experiments import Experiment, get
 from bnlab.lab.models import BN_IMPLS
 from bnlab.lab.runs import RunFolder, progress
+from bnlab.lab.world import SINGLE, World, current_world, default_timeout_s, parallel, rank_device, share_from_main
 
-__all__ = ["RunOptions", "RunContext", "run_experiment", "default_out", "newest_run", "environment"]
+__all__ = ["RunOptions", "RunContext", "run_experiment", "run_units", "default_out", "newest_run", "environment"]
 
 # The options that define what a run computes: a resumed run must agree with the stored ones.
-_IDENTITY = ("quick", "seeds", "bn", "dataset", "data_dir")
+_IDENTITY = ("quick", "seeds", "bn", "dataset", "data_dir", "world_size", "sync_bn")
+_STORED_DEFAULTS = {"world_size": 1, "sync_bn": False}  # for run folders made before these options existed
 
 
 @dataclass
@@ -42,19 +51,36 @@ class RunOptions:
     dataset: str | None = None
     data_dir: str | None = None
     command: str | None = None
+    nproc: int | None = None
+    sync_bn: bool | None = None
+    timeout_s: float | None = None
 
 
 class RunContext:
-    """What a unit of work sees: the configuration, its parameters, the device and the data."""
+    """What a unit of work sees: the configuration, its parameters, the device, the data, its rank."""
 
     def __init__(self, folder: RunFolder, config: dict, device: torch.device,
-                 data: tuple[lab_data.Split, lab_data.Split] | None = None) -> None:
+                 data: tuple[lab_data.Split, lab_data.Split] | None = None, world: World = SINGLE) -> None:
         self.folder, self.config, self.device = folder, config, device
         self.params: dict = config["params"]
         self.seeds: list[int] = config["seeds"]
         self.bn: str = config["bn"]
         self.quick: bool = config["quick"]
+        self.world = world
+        self.sync_bn: bool = config.get("sync_bn", False)
         self._data = data
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process evaluates and reports (rank 0, or the only process)."""
+        return self.world.is_main
+
+    def parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` ready to train in this run: SyncBatchNorm with --sync-bn, DDP with several processes.
+
+        Evaluate ``model`` itself, not the returned wrapper (bnlab.lab.world.parallel).
+        """
+        return parallel(model, self.world, self.sync_bn)
 
     @property
     def data(self) -> tuple[lab_data.Split, lab_data.Split]:
@@ -101,7 +127,31 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads(), "git_commit": _git_commit()}
 
 
-def _resolve(exp: Experiment, opts: RunOptions) -> dict:
+def _world_size(exp: Experiment, opts: RunOptions, quick: bool, launched: int | None) -> int:
+    """The number of processes: torchrun's, else --nproc, else the experiment's default."""
+    if opts.nproc is not None and (isinstance(opts.nproc, bool) or not isinstance(opts.nproc, int) or opts.nproc < 1):
+        raise ValueError(f"--nproc: expected an integer >= 1 (processes to start), got {opts.nproc!r}")
+    if launched is not None:
+        if opts.nproc is not None and opts.nproc != launched:
+            raise ValueError(f"--nproc: this process was started by torchrun with WORLD_SIZE={launched}, got "
+                             f"--nproc {opts.nproc}; drop --nproc under torchrun")
+        return launched
+    return opts.nproc or exp.world_sizes[1 if quick else 0]
+
+
+def _check_world(exp: Experiment, world_size: int, sync_bn: bool) -> None:
+    from bnlab.lab.experiments import registry
+
+    if world_size > 1 and not exp.distributed:
+        able = [name for name, e in registry().items() if e.distributed]
+        raise ValueError(f"--nproc: {exp.name} runs in one process only, got {world_size} processes "
+                         f"(--nproc or torchrun); experiments that run distributed: {', '.join(able)}")
+    if sync_bn and world_size == 1:
+        raise ValueError("--sync-bn: expected a run with several processes (--nproc N or torchrun), got one "
+                         "process, where SyncBatchNorm is plain BN")
+
+
+def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> dict:
     quick = bool(opts.quick)
     seeds = list(opts.seeds) if opts.seeds is not None else list(exp.seeds[1] if quick else exp.seeds[0])
     dataset = opts.dataset or exp.datasets[0]
@@ -112,9 +162,11 @@ def _resolve(exp: Experiment, opts: RunOptions) -> dict:
         raise ValueError(f"--bn: expected one of {list(BN_IMPLS)}, got {bn!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds: expected distinct integers, got {seeds}")
+    world_size, sync_bn = _world_size(exp, opts, quick, launched), bool(opts.sync_bn)
+    _check_world(exp, world_size, sync_bn)
     config = {"experiment": exp.name, "quick": quick, "seeds": seeds, "bn": bn, "dataset": dataset,
               "data_dir": str(opts.data_dir) if opts.data_dir else None, "device": opts.device or "cpu",
-              "params": {}}
+              "world_size": world_size, "sync_bn": sync_bn, "params": {}}
     config["params"] = exp.params(config)
     config["units"] = exp.units(config)
     config["command"] = opts.command
@@ -123,23 +175,19 @@ def _resolve(exp: Experiment, opts: RunOptions) -> dict:
     return config
 
 
-def _check_resume(stored: dict, opts: RunOptions) -> None:
+def _check_resume(stored: dict, opts: RunOptions, launched: int | None = None) -> None:
     given = {"quick": opts.quick, "seeds": opts.seeds, "bn": opts.bn, "dataset": opts.dataset,
-             "data_dir": str(opts.data_dir) if opts.data_dir else None}
-    diffs = [f"{k}: stored {stored.get(k)!r}, given {v!r}" for k, v in given.items()
-             if v is not None and k in _IDENTITY and v != stored.get(k)]
+             "data_dir": str(opts.data_dir) if opts.data_dir else None,
+             "world_size": launched or opts.nproc, "sync_bn": opts.sync_bn or None}
+    diffs = [f"{k}: stored {stored.get(k, _STORED_DEFAULTS.get(k))!r}, given {v!r}" for k, v in given.items()
+             if v is not None and k in _IDENTITY and v != stored.get(k, _STORED_DEFAULTS.get(k))]
     if diffs:
         raise ValueError("--resume: the options differ from the run being resumed (" + "; ".join(diffs) +
                          "); drop them to continue as stored, or start a new run with another --out")
 
 
-def run_experiment(name: str, opts: RunOptions) -> RunFolder:
-    """Run (or resume) experiment ``name`` and write its summary, figures and report.
-
-    Returns:
-        The run folder.
-    """
-    exp = get(name)
+def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
+    """(folder, config, data or None, unfinished units): a new run folder, or the one to resume."""
     data = None
     out = opts.out
     if opts.resume and out is None:
@@ -148,31 +196,93 @@ def run_experiment(name: str, opts: RunOptions) -> RunFolder:
         out = default_out(exp.name)
     if opts.resume and (Path(out) / "config.json").is_file():
         folder = RunFolder.open(out)
-        _check_resume(folder.config, opts)
+        _check_resume(folder.config, opts, launched)
         config = folder.config
     else:
-        config = _resolve(exp, opts)
+        config = _resolve(exp, opts, launched)
         RunFolder.ensure_new(out)
         data = lab_data.load(config["dataset"], config["data_dir"])  # a missing file fails before any folder exists
         folder = RunFolder.create(out, config)
-    device = torch.device(opts.device or config["device"])
-    ctx = RunContext(folder, config, device, data)
-    todo = [u for u in config["units"] if not folder.is_done(u)]
-    for unit in progress(todo, desc=exp.name, leave=True):
+    return folder, config, data, [u for u in config["units"] if not folder.is_done(u)]
+
+
+def run_units(exp: Experiment, ctx: RunContext, todo: list[str]) -> None:
+    """Run the units ``todo`` in this process; rank 0 saves each one as it finishes.
+
+    In a distributed run every rank calls this with the same list, so that the ranks train each
+    unit together; a failure is re-raised naming the rank and the unit.
+    """
+    world, folder = ctx.world, ctx.folder
+    for unit in progress(todo, desc=exp.name, leave=True) if world.is_main else todo:
         torch.manual_seed(zlib.crc32(f"{exp.name}/{unit}".encode()))
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = exp.run_unit(unit, ctx)
+        try:
+            result = exp.run_unit(unit, ctx)
+        except RuntimeError as err:
+            if world.size == 1:
+                raise
+            raise RuntimeError(f"rank {world.rank} of {world.size}: unit {unit!r} failed: {err} (in a distributed run "
+                               "this often means that another rank failed or a collective timed out)") from err
+        if not world.is_main:
+            continue
         result["wall_s"] = time.perf_counter() - start
         result["cpu_s"] = time.process_time() - cpu_start  # CPU seconds of all threads: steadier than wall time on a busy machine
-        result["device"] = str(device)
+        result["device"] = str(ctx.device)
         folder.save_unit(unit, result)
         folder.write_summary()
-    if not todo:
+    if world.is_main and not todo:
         folder.write_summary()
-    from bnlab.lab.report import write_report
 
-    write_report(folder)
+
+def _rank_main(rank: int, world_size: int, name: str, path: str, config: dict, todo: list[str], device: str) -> None:
+    """One rank of ``bnlab run --nproc N`` (started by bnlab.launch.run_local_ranks in a new process)."""
+    world = World(rank, world_size, rank_device(device, rank))
+    run_units(get(name), RunContext(RunFolder(path), config, world.device, world=world), todo)
+
+
+def _launch_ranks(exp: Experiment, folder: RunFolder, config: dict, todo: list[str], opts: RunOptions) -> None:
+    """Run ``todo`` on config["world_size"] new local processes; raises LocalRanksError if any fails."""
+    from bnlab.launch import run_local_ranks
+
+    device = opts.device or config["device"]
+    run_local_ranks(_rank_main, config["world_size"], (exp.name, str(folder.path), config, todo, device),
+                    backend="nccl" if torch.device(device).type == "cuda" else "gloo",
+                    timeout_s=math.inf,  # lab runs may take hours; every wait inside is bounded by the collective timeout
+                    collective_timeout_s=opts.timeout_s or default_timeout_s(config["quick"]))
+
+
+def run_experiment(name: str, opts: RunOptions) -> RunFolder:
+    """Run (or resume) experiment ``name`` and write its summary, figures and report.
+
+    With one process and config["world_size"] > 1 (``--nproc``, or an experiment that compares
+    processes), starts the ranks itself; under torchrun (a default process group exists), this
+    process is one of the ranks.
+
+    Returns:
+        The run folder.
+    """
+    exp = get(name)
+    world = current_world(opts.device or "cpu")
+    if world.size > 1:  # one of torchrun's processes: rank 0 prepares the folder and tells the others
+        path, config, todo = share_from_main(lambda: _shareable(*_prepare(exp, opts, world.size)), world)
+        folder, data = RunFolder(path), None
+        world = current_world(opts.device or config["device"])
+    else:
+        folder, config, data, todo = _prepare(exp, opts)
+        world = World(device=torch.device(opts.device or config["device"]))
+    if world.size == 1 and config.get("world_size", 1) > 1:
+        _launch_ranks(exp, folder, config, todo, opts)
+    else:
+        run_units(exp, RunContext(folder, config, world.device, data, world), todo)
+    if world.is_main:
+        from bnlab.lab.report import write_report
+
+        write_report(folder)
     return folder
+
+
+def _shareable(folder: RunFolder, config: dict, data, todo: list[str]) -> tuple[str, dict, list[str]]:
+    return str(folder.path), config, todo
 
 
 def main_progress_note(folder: RunFolder) -> str:

@@ -35,6 +35,11 @@ class Experiment:
         figures: figures(folder) -> [(file name, caption)]: draws the PNGs from the folder alone.
         findings: findings(folder) -> Markdown: what was measured, with the numbers, from the folder alone.
         datasets: the --dataset values it accepts; the first is the default.
+        distributed: run_unit trains under DistributedDataParallel when the run has several processes
+            (``--nproc N`` or torchrun): it wraps its model with ``ctx.parallel``, shards its batches
+            with ``ctx.world.shard`` and evaluates on ``ctx.is_main`` only. False: one process only.
+        world_sizes: (full, quick) number of processes the runner starts when neither ``--nproc`` nor
+            torchrun says; more than 1 only for experiments that compare processes (small-batch-sync).
     """
 
     name: str
@@ -48,10 +53,12 @@ class Experiment:
     figures: Callable[["RunFolder"], list[tuple[str, str]]]
     findings: Callable[["RunFolder"], str]
     datasets: tuple[str, ...] = ("mnist",)
+    distributed: bool = False
+    world_sizes: tuple[int, int] = (1, 1)
 
 
 _MODULES = ["init_sweep", "lr_sweep", "activations", "inference", "conv", "resnet", "regularization",
-            "batch_size"]
+            "batch_size", "small_batch_sync"]
 
 
 def registry() -> dict[str, Experiment]:

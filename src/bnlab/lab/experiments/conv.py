@@ -50,7 +50,7 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
     torch.manual_seed(seed)
     model = SmallCNN(norm, in_channels=x.shape[1], size=x.shape[-1], num_classes=train.num_classes, bn_impl=ctx.bn).to(ctx.device)
     opt = torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=p["momentum"])
-    batches = tensor_batches(x, y, p["batch_size"], torch.Generator().manual_seed(seed))
+    batches = tensor_batches(x, y, p["batch_size"], torch.Generator().manual_seed(seed), shard=ctx.world.shard)
     metrics: list[dict] = []
     state = {"hit": math.nan}
 
@@ -60,8 +60,12 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
         if math.isnan(state["hit"]) and acc >= p["target_acc"]:
             state["hit"] = step
 
-    on_eval(0)
-    losses = train_loop(model, opt, batches, p["steps"], eval_every=p["eval_every"], on_eval=on_eval, desc=f"conv {unit}")
+    if ctx.is_main:  # with several processes, rank 0 evaluates (the model itself: no collective) and reports
+        on_eval(0)
+    losses = train_loop(ctx.parallel(model), opt, batches, p["steps"], eval_every=p["eval_every"],
+                        on_eval=on_eval if ctx.is_main else None, desc=f"conv {unit}")
+    if not ctx.is_main:
+        return {"rows": []}
     train_loss, train_acc = evaluate(model, x[:1000], y[:1000])
     row = {"norm": norm, "seed": seed, "test_acc": metrics[-1]["test_acc"], "train_acc": train_acc,
            "train_loss": train_loss, "diverged": not math.isfinite(losses[-1]) or len(losses) < p["steps"],
@@ -123,4 +127,5 @@ EXPERIMENT = Experiment(
     run_unit=_run_unit,
     figures=_figures,
     findings=_findings,
+    distributed=True,
 )

@@ -86,7 +86,7 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=p["momentum"], weight_decay=p["weight_decay"])
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=p["lr_drops"], gamma=0.1)
     batches = tensor_batches(x, y, p["batch_size"], torch.Generator().manual_seed(seed),
-                             transform=_crop_flip if p["augment"] else None, device=ctx.device)
+                             transform=_crop_flip if p["augment"] else None, device=ctx.device, shard=ctx.world.shard)
     metrics: list[dict] = []
     losses: list[float] = []
 
@@ -97,9 +97,12 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
         metrics.append({"batchnorm": bn, "seed": seed, "step": step, "test_acc": acc, "test_error": 1 - acc,
                         "test_loss": loss, "train_loss": train_loss})
 
-    on_eval(0)
-    train_loop(model, opt, batches, p["steps"], scheduler=sched, eval_every=p["eval_every"], on_eval=on_eval,
-               desc=f"resnet {unit}", losses=losses)
+    if ctx.is_main:  # with several processes, rank 0 evaluates (the model itself: no collective) and reports
+        on_eval(0)
+    train_loop(ctx.parallel(model), opt, batches, p["steps"], scheduler=sched, eval_every=p["eval_every"],
+               on_eval=on_eval if ctx.is_main else None, desc=f"resnet {unit}", losses=losses)
+    if not ctx.is_main:
+        return {"rows": []}
     last = metrics[-1]
     tail = losses[-max(1, len(losses) // 10):]
     row = {"batchnorm": bn, "seed": seed, "dataset": ctx.config["dataset"], "lr": lr, "test_acc": last["test_acc"],
@@ -160,4 +163,5 @@ EXPERIMENT = Experiment(
     figures=_figures,
     findings=_findings,
     datasets=("mnist", "cifar10", "cifar100"),
+    distributed=True,
 )
