@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import bnlab.lab.runner as runner
 from bnlab.lab.cli import main
@@ -32,6 +33,9 @@ def test_list_names_every_experiment_with_a_runtime(capsys):
     (["run", "init-sweep", "--quick", "--dataset", "cifar10"], "--dataset"),
     (["run", "resnet", "--quick", "--dataset", "cifar10"], "data_dir"),
     (["report", "missing-dir"], "config.json"),
+    (["run", "conv", "--quick", "--device", "tpu"], "--device: expected a torch device"),
+    (["run", "conv", "--quick", "--device", "cuda:7"] if torch.cuda.is_available() else
+     ["run", "conv", "--quick", "--device", "cuda"], "--device: got"),
 ])
 def test_bad_options_name_the_option(argv, message, capsys):
     assert main(argv) == 2

@@ -50,8 +50,31 @@ def _parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
+def _check_device(text: str | None) -> None:
+    """--device must name a device this machine's torch can use, checked before any folder is made."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device: got {text!r}, but torch {torch.__version__} sees no CUDA GPU on this machine; "
+                             "use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device: got {text!r}, but this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise ValueError(f"--device: expected cpu or cuda, got {text!r}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from bnlab.lab.world import default_timeout_s, torchrun_group, torchrun_world_size
+
+    _check_device(args.device)
 
     if args.timeout is not None and not args.timeout > 0:
         raise ValueError(f"--timeout: expected a positive number of seconds, got {args.timeout!r}")
