@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import sys
 from typing import Any, Callable, Iterable
 
 import torch
@@ -68,8 +69,12 @@ def input_moments(x: Tensor, mask: Tensor | None) -> Moments:
         return masked_moments(x, mask) if mask is not None else select_backend(x).moments(x)
 
 
-def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool) -> Iterable:
-    """A tqdm progress bar when asked for and tqdm is importable (it is not a core dependency)."""
+def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool | None) -> Iterable:
+    """A tqdm progress bar when tqdm is importable (it is not a core dependency) and it is wanted:
+    ``enabled=True`` always, ``None`` only when stderr (where tqdm writes) is a terminal, so logs,
+    pipes and tests stay free of bars."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
     if not enabled:
         return iterable
     try:
@@ -95,7 +100,7 @@ def collect_inputs(
     on_input: OnInput,
     *,
     forward: Callable[[nn.Module, Any], Any] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "bnlab",
 ) -> int:
     """Run ``model`` over ``batches`` with ``layers`` in batch-statistics mode; feed their inputs to ``on_input``.
@@ -107,7 +112,7 @@ def collect_inputs(
         num_batches: stop after this many batches (None: all).
         on_input: ``on_input(name, layer, x, mask)`` for each watched layer's input.
         forward: ``forward(model, batch)`` runs one batch; default :func:`run_batch`.
-        progress: show a tqdm bar if tqdm is importable.
+        progress: show a tqdm bar (if tqdm is importable); None: only when stderr is a terminal.
         desc: the bar's label.
 
     Returns:

@@ -126,7 +126,7 @@ def diagnose(
     *,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     show: bool = True,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Diagnosis:
     """Report, per BN layer, the train/eval output gap, stale running statistics and degenerate channels.
 
@@ -143,7 +143,7 @@ def diagnose(
         num_batches: use only the first ``num_batches`` batches (None: all).
         forward: ``forward(model, batch)`` to run a batch another way.
         show: print the table to stdout.
-        progress: show a progress bar (if tqdm is importable).
+        progress: show a progress bar (if tqdm is importable); None: only when stderr is a terminal.
 
     Returns:
         A :class:`~bnlab.tools.diagnosis.Diagnosis`: ``.layers`` (one LayerDiagnosis each, in

@@ -68,7 +68,7 @@ def recalibrate(
     num_batches: int | None = None,
     *,
     forward: Callable[[nn.Module, Any], Any] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Recompute every BN layer's running statistics as population statistics of its inputs over ``batches``.
 
@@ -93,7 +93,7 @@ def recalibrate(
             is the input, or dicts of keyword arguments; tensors are moved to the model's device.
         num_batches: use only the first ``num_batches`` batches (None: all of them).
         forward: ``forward(model, batch)`` to run a batch another way.
-        progress: show a progress bar (only if tqdm is importable, and only on rank 0).
+        progress: show a progress bar (if tqdm is importable, on rank 0 only); None: only when stderr is a terminal.
 
     Returns:
         ``model``, its running statistics updated in place.
@@ -116,7 +116,7 @@ def recalibrate(
 
     on_rank0 = not _distributed() or torch.distributed.get_rank() == 0
     seen = collect_inputs(
-        model, layers, batches, num_batches, on_input, forward=forward, progress=progress and on_rank0, desc="recalibrate"
+        model, layers, batches, num_batches, on_input, forward=forward, progress=progress if on_rank0 else False, desc="recalibrate"
     )
     if _distributed():
         # Every rank joins the collective, also one that had no batch (uneven data), or the others would wait.
