@@ -20,6 +20,7 @@ PATHS = [
     ((2, 3, 5003), "nchw"),  # rows cut in segments
     ((40, 5, 3, 3), "cl"),  # NLC
     ((257, 6), "nchw"),  # NLC (2D)
+    ((4100, 10), "nchw"),  # NLC, two threads, blocks up to kBlockRows rows
 ]
 
 
@@ -83,3 +84,36 @@ def test_bfloat16_near_1e18_falls_back_to_float64_sums(layout):
     y, stats, _ = CPU.forward_train(x, None, None, 1e-5)
     assert torch.isfinite(stats.m2).all() and torch.isfinite(y).all()
     assert_close(y, ref.forward_train(np64(x))[0], 2e-2, "bf16 output near 1e18")
+
+
+@pytest.mark.parametrize("shape,layout", PATHS)
+def test_float32_squares_beyond_float32_range_fall_back_to_float64(shape, layout):
+    """NLC sums float32 inputs in float32 over short row runs: near 2e19 the squares of the shifted
+    values pass float32's maximum (3.4e38) and the channel is summed again in float64."""
+    x = make_input(shape, layout, torch.float32, seed=8, mean=2e19, std=1e19)
+    y, stats, _ = CPU.forward_train(x, None, None, 1e-5)
+    assert torch.isfinite(stats.m2).all() and torch.isfinite(y).all()
+    assert_close(y, ref.forward_train(np64(x))[0], 2e-4, "output near 2e19")
+
+
+def _drifting(rows: int, channels: int, first_row_outlier: bool) -> torch.Tensor:
+    """Rows whose mean drifts a hundred standard deviations from the first row to the last (data
+    sorted by a feature), optionally with a first row 1000 standard deviations away: the worst
+    cases for a shift taken from the first row or from the rows reduced so far."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(rows, channels, generator=gen, dtype=torch.float64) * 0.5 + 3.0
+    x += torch.linspace(0.0, 50.0, rows, dtype=torch.float64)[:, None]
+    if first_row_outlier:
+        x[0] = 500.0
+    return x.float()
+
+
+@pytest.mark.parametrize("rows", [300, 4100])
+@pytest.mark.parametrize("first_row_outlier", [False, True])
+def test_nlc_shifted_float32_runs_keep_the_variance_within_1e6(rows, first_row_outlier):
+    x = _drifting(rows, 24, first_row_outlier)
+    y, stats, _ = CPU.forward_train(x, None, None, 1e-5)
+    expected, cache = ref.forward_train(np64(x))
+    assert_close(stats.m2 / stats.count / torch.as_tensor(cache.var), torch.ones(24), 1e-6, "variance")
+    assert_close(stats.mean / torch.as_tensor(cache.mean), torch.ones(24), 1e-7, "mean")
+    assert_close(y, expected, 2e-4, "output")
