@@ -31,7 +31,7 @@ def assert_close(actual, expected, tol: float, what: str) -> None:
 
 
 def make_input(shape, layout="nchw", dtype=torch.float32, seed=0, mean=0.0, std=1.0) -> torch.Tensor:
-    """Random input of the given memory layout: nchw (contiguous), cl (channels-last), strided."""
+    """Random input of the given memory layout: nchw (contiguous), cl (channels-last), cf (channels first), strided."""
     gen = torch.Generator().manual_seed(seed)
     x = (mean + std * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
     return to_layout(x, layout)
@@ -42,6 +42,8 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         return x.contiguous()
     if layout == "cl":  # channels innermost, for any rank (a transposed (N, *, C) tensor)
         return x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "cf":  # channels outermost in memory (a transposed (C, N, *) tensor, e.g. h.t())
+        return x.movedim(1, 0).contiguous().movedim(0, 1)
     if layout == "strided":  # neither layout: every other element of a wider tensor
         wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
         wide[..., ::2] = x

@@ -3,7 +3,8 @@
 Shapes are chosen to reach every code path of cpu_kernels.cpp: the NCL layout with short rows
 (several rows per chunk), with long rows (rows cut in segments), per-channel tasks and
 channel x batch waves (fewer than 4 channels per thread, two threads), the NLC layout (2D
-inputs, channels_last, transposed 3D), and the portable hand-over for other strides.
+inputs, channels_last, transposed 3D), channels outermost (run as NCL), and the portable
+hand-over for other strides.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ CPU = get_backend("cpu")
 PORTABLE = get_backend("portable")
 
 # (shape, layout): NCL short rows, NCL long rows (L >= 2048 is cut in segments), 2 threads with
-# waves (C < 8) and with per-channel tasks, NLC: 2D, channels_last 4D/5D, transposed 3D; primes.
+# waves (C < 8) and with per-channel tasks, NLC: 2D, channels_last 4D/5D, transposed 3D; primes;
+# channels outermost (cf: a transposed (C, N) activation, as the lab's stacked MLPs feed BN), one
+# and two threads.
 CASES = [
     ((7, 5), "nchw"),
     ((13, 3, 11), "nchw"),
@@ -32,6 +35,9 @@ CASES = [
     ((37, 5, 3, 4, 5), "cl"),
     ((9, 17, 13), "cl"),
     ((300, 130), "nchw"),
+    ((300, 130), "cf"),
+    ((6, 5, 7, 3), "cf"),
+    ((100, 700), "cf"),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -90,7 +96,7 @@ def test_primitives_match_portable_backend(shape, layout):
     assert_close(gi, PORTABLE.grad_input(dy, x, m_ref.mean, invstd, w, s_ref[0], s_ref[1], m_ref.count), 1e-12, "grad_input")
 
 
-@pytest.mark.parametrize("layout", ["nchw", "cl", "strided"])
+@pytest.mark.parametrize("layout", ["nchw", "cl", "cf", "strided"])
 @pytest.mark.parametrize("config", [
     dict(momentum=0.1), dict(momentum=None), dict(affine=False), dict(track_running_stats=False), dict(bias=False),
 ])  # fmt: skip

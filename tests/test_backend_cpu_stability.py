@@ -1,7 +1,7 @@
 """DEVELOPERS.md's precision rules on every code path of the CPU kernels.
 
 Each case compares with the float64 reference on the same (already rounded) input; the paths:
-NCL per-channel tasks, NCL waves (few channels, two threads), NCL long rows, NLC.
+NCL per-channel tasks, NCL waves (few channels, two threads), NCL long rows, NLC, channels outermost.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ PATHS = [
     ((40, 5, 3, 3), "cl"),  # NLC
     ((257, 6), "nchw"),  # NLC (2D)
     ((4100, 10), "nchw"),  # NLC, two threads, blocks up to kBlockRows rows
+    ((200, 300), "cf"),  # channels outermost (run as NCL), two threads
 ]
 
 

@@ -42,8 +42,9 @@ WAVE_PER_THREAD = 1 << 16
 def layout_of(x: Tensor) -> tuple[int, int, int, int] | None:
     """(layout, N, C, L) of x for the kernels, or None if its strides are neither of the two layouts.
 
-    NCL: contiguous (N, C, *) with L = prod(spatial) > 1. NLC: rows of C contiguous channels,
-    N*L rows: (N, C) inputs, contiguous inputs with L = 1, and channels-last memory.
+    NCL: contiguous (N, C, *) with L = prod(spatial) > 1, or channels outermost in memory (a
+    transposed (C, N, *) tensor), seen as (1, C, N*L). NLC: rows of C contiguous channels, N*L
+    rows: (N, C) inputs, contiguous inputs with L = 1, and channels-last memory.
     """
     shape = x.shape
     n, c = shape[0], shape[1]
@@ -53,6 +54,10 @@ def layout_of(x: Tensor) -> tuple[int, int, int, int] | None:
         return (_NLC, rows, c, 1) if length == 1 else (_NCL, n, c, length)
     if x.stride(1) == 1 and x.movedim(1, -1).is_contiguous():
         return (_NLC, rows, c, 1)
+    if x.movedim(1, 0).is_contiguous():
+        # Channels outermost (e.g. h.t() of a feature-major (C, N) activation): each channel's
+        # values are contiguous, which is NCL with one batch row of all the values.
+        return (_NCL, 1, c, rows)
     return None
 
 
