@@ -15,7 +15,7 @@ import torch
 import bnlab
 from bnlab import reference as ref
 from bnlab.backends import cpu_build, get_backend
-from speed_helpers import TOL, assert_close, make_input, np64
+from speed_helpers import TOL, assert_close, make_input, np64, to_layout
 
 CPU = get_backend("cpu")
 PORTABLE = get_backend("portable")
@@ -206,3 +206,22 @@ def test_fused_update_skips_a_non_finite_batch(momentum):
     expected = (1 - factor) * np64(before[0]) + factor * stats.mean
     assert_close(layer.running_mean, expected, 1e-6, "running_mean after the skipped batch")
     assert int(layer.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("shape,layout", [((4, 3, 37), "nchw"), ((2, 5, 9), "nchw"), ((6, 40, 3), "cl"), ((7, 35), "nchw")])
+def test_bfloat16_outputs_round_to_nearest_even_as_torch(shape, layout):
+    """The vectorised bf16 store rounds exactly as torch's float32 -> bfloat16 conversion, ties,
+    infinities, NaN and overflow included. With mean 0 and invstd 1 + 2^-10 the float32 result
+    x·(1 + 2^-10) is exact, and a quarter of the values land exactly halfway between two bf16s."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-30, 30, shape, generator=gen)).to(torch.bfloat16)
+    flat = x.view(-1)
+    flat[:5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.38e38, -3.38e38]).to(torch.bfloat16)
+    x = to_layout(x, layout)
+    scale = 1.0 + 2.0**-10
+    mean, invstd = torch.zeros(shape[1], dtype=torch.float64), torch.full((shape[1],), scale, dtype=torch.float64)
+    y = CPU.normalize(x, mean, invstd, None, None)
+    expected = (x.float() * scale).to(torch.bfloat16)
+    nan = torch.isnan(expected)  # torch's vectorised conversion may give another NaN encoding
+    assert torch.equal(torch.isnan(y), nan) and int(nan.sum()) == 1
+    assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))

@@ -28,6 +28,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #else  // a compiler without OpenMP still builds the kernels, single-threaded
@@ -68,6 +71,32 @@ static inline void st(bf16* p, int64_t i, float v) {
   uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even, as torch
   p[i].bits = (uint16_t)(v != v ? 0x7fc0u : rounded);         // NaN stays NaN (a quiet one)
 }
+
+// Stores 16 consecutive results (one vector body of the elementwise loops, kLanes values).
+constexpr int kStoreLanes = 16;
+template <typename S, typename F>
+static inline void st_lanes(S* p, int64_t i0, const F* v) {
+  for (int j = 0; j < kStoreLanes; ++j) st(p, i0 + j, v[j]);
+}
+#ifdef __AVX2__
+// bf16: the same rounding as st(), in AVX2 integer operations. GCC does not vectorise the scalar
+// form (the NaN select and the narrowing to 16 bits), and then the rounding costs more than the
+// memory traffic: eval of a bf16 (64, 256, 14, 14) tensor ran 15-25 % behind torch.nn.
+static inline void st_lanes(bf16* p, int64_t i0, const float* v) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), qnan = _mm256_set1_epi32(0x7fc0);
+  __m256i half[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m256 f = _mm256_loadu_ps(v + 8 * h);
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
+    half[h] = _mm256_blendv_epi8(rounded, qnan, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  }
+  // packus interleaves 128-bit lanes (a0-3 b0-3 a4-7 b4-7); the permute restores the order.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(half[0], half[1]), 0xD8);
+  _mm256_storeu_si256((__m256i*)(p + i0), packed);
+}
+#endif
 
 // A per-channel parameter or statistic of any floating dtype (weight, bias, running buffers).
 static inline double ldp(const void* p, int dt, int64_t i, double fill) {
