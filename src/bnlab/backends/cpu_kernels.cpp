@@ -206,14 +206,15 @@ static inline int64_t split_at(int64_t total, int t, int T) { return total * t /
 // time, and trims freed memory at the top of its heap back to the OS) costs one page fault per
 // 4 KiB page when first written, which on a virtual machine takes longer than writing the data.
 // Asking for transparent huge pages on the 2 MiB-aligned interior of the output cuts the faults
-// 512-fold; every output of 4 MiB or more has such an interior. (Measured, training steps of
-// BatchNorm2d on 12.8 MB and 25.7 MB inputs: 3,010 and 9,168 page faults per step with the hint
-// from 32 MiB up, 0-600 with it from 4 MiB: docs/benchmarks.md.) A hint only: it changes no data
-// and is ignored where THP is off. Pages already present (reused heap memory) are unaffected.
+// 512-fold; every output of 4 MiB or more has such an interior, and one of 2-4 MiB has one when
+// it happens to straddle a 2 MiB boundary. (Measured, training steps of BatchNorm2d on 12.8 MB
+// and 25.7 MB inputs: 3,010 and 9,168 page faults per step with the hint from 32 MiB up, 0-600
+// with it from 4 MiB: docs/benchmarks.md.) A hint only: it changes no data and is ignored where
+// THP is off. Pages already present (reused heap memory) are unaffected.
 static void advise_huge_pages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = (uintptr_t)1 << 21;
-  if (p == nullptr || bytes < (int64_t)(2 * kHuge)) return;
+  if (p == nullptr || bytes < (int64_t)kHuge) return;
   uintptr_t lo = ((uintptr_t)p + kHuge - 1) & ~(kHuge - 1), hi = ((uintptr_t)p + (uintptr_t)bytes) & ~(kHuge - 1);
   if (hi > lo) madvise((void*)lo, hi - lo, MADV_HUGEPAGE);
 #else
