@@ -49,6 +49,8 @@ def environment(device: str) -> dict:
         # glibc: allocations above M_MMAP_THRESHOLD (dynamic, at most 32 MiB) are fresh mmaps, whose
         # pages fault in on first write; MALLOC_MMAP_THRESHOLD_ unset means the default behaviour.
         "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset (glibc default, dynamic up to 32 MiB)"),
+        "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "unset (glibc default)"),
+        "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset (glibc default, dynamic)"),
         "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
