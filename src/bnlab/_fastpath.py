@@ -66,7 +66,8 @@ def module_forward(module, x: object) -> Tensor | None:
         return None
     shape = x.shape
     channels = module.num_features
-    if len(shape) not in module._ranks or shape[1] != channels:
+    ranks = module._ranks  # empty for SyncBatchNorm (at world size 1 or in eval): any rank >= 2
+    if (len(shape) not in ranks if ranks else len(shape) < 2) or shape[1] != channels:
         return None
     params, buffers = module._parameters, module._buffers
     weight, bias = params.get("weight"), params.get("bias")
