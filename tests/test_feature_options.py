@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bnlab
-from features_util import assert_close
+from features_util import assert_close, assert_train_steps_match
 
 PAIRS = [
     (bnlab.BatchNorm1d, torch.nn.BatchNorm1d, (6, 3, 5)),
@@ -25,18 +25,7 @@ OPTIONS = dict(virtual_batch_size=2, renorm=True, rmax=2.0, dmax=1.0, renorm_ram
 def test_defaults_reproduce_torch_nn(ours_cls, theirs_cls, shape, momentum):
     torch.manual_seed(0)
     ours, theirs = ours_cls(3, momentum=momentum), theirs_cls(3, momentum=momentum)
-    for step in range(3):
-        x = torch.randn(shape) * 2 + step
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        dy = torch.randn(shape)
-        y1, y2 = ours(x1), theirs(x2)
-        y1.backward(dy)
-        y2.backward(dy)
-        assert_close(y1, y2, 2e-4, "y")
-        assert_close(x1.grad, x2.grad, 2e-4, "dx")
-    assert_close(ours.weight.grad, theirs.weight.grad, 2e-4, "dgamma")
-    for key, value in theirs.state_dict().items():
-        assert_close(ours.state_dict()[key], value, 2e-6, key)
+    assert_train_steps_match(ours, theirs, [(torch.randn(shape) * 2 + step, torch.randn(shape)) for step in range(3)])
     ours.eval()
     theirs.eval()
     x = torch.randn(shape)
