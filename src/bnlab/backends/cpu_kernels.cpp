@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -96,6 +97,26 @@ static inline void st_lanes(bf16* p, int64_t i0, const float* v) {
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(half[0], half[1]), 0xD8);
   _mm256_storeu_si256((__m256i*)(p + i0), packed);
 }
+#endif
+
+// Non-temporal variant for outputs too large to stay in cache: a float32 vector whose address is
+// 32-byte aligned is written around the caches (no read-for-ownership of the destination line);
+// anything else is stored as usual. The writer issues _mm_sfence() before other threads read.
+template <typename S, typename F>
+static inline void st_lanes_stream(S* p, int64_t i0, const F* v) { st_lanes(p, i0, v); }
+#ifdef __AVX2__
+static inline void st_lanes_stream(float* p, int64_t i0, const float* v) {
+  float* q = p + i0;
+  if (((uintptr_t)q & 31) != 0) {
+    st_lanes(p, i0, v);
+    return;
+  }
+  _mm256_stream_ps(q, _mm256_loadu_ps(v));
+  _mm256_stream_ps(q + 8, _mm256_loadu_ps(v + 8));
+}
+static inline void store_fence() { _mm_sfence(); }
+#else
+static inline void store_fence() {}
 #endif
 
 // A per-channel parameter or statistic of any floating dtype (weight, bias, running buffers).

@@ -1,0 +1,50 @@
+"""Outputs written around the caches (non-temporal stores, cpu_kernels_ncl.inc's st_lanes_stream).
+
+The kernels stream float32 outputs of at least half the last-level cache; BNLAB_STREAM_MIN_BYTES=0
+makes every output stream, so small tensors reach that code here. Each case runs in a fresh
+process (the threshold is read once per process) and compares with torch.nn, forward, backward
+and eval, on the NCL per-channel path, the waves path (few channels) and rows whose length is odd
+(so vectors alternate between streamed aligned stores and ordinary unaligned ones).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, bnlab
+    torch.manual_seed(0)
+    shape = tuple(int(v) for v in sys.argv[1].split(","))
+    ours, theirs = bnlab.BatchNorm2d(shape[1]), torch.nn.BatchNorm2d(shape[1])
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5); ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(shape) * 3 + 1
+    dy = torch.randn(shape)
+    def rel(a, b):
+        return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+    for layer in (ours, theirs):
+        layer.x = x.clone().requires_grad_()
+        layer.y = layer(layer.x)
+        layer.y.backward(dy)
+    errs = [rel(ours.y, theirs.y), rel(ours.x.grad, theirs.x.grad), rel(ours.weight.grad, theirs.weight.grad) / 100]
+    ours.eval(); theirs.eval()
+    with torch.no_grad():
+        errs.append(rel(ours(x), theirs(x)))
+    print(max(errs))
+    """
+)
+
+
+@pytest.mark.parametrize("shape", ["4,16,33,40", "8,3,40,40", "3,5,37,41"])
+def test_streamed_outputs_match_torch(shape):
+    env = dict(os.environ, BNLAB_STREAM_MIN_BYTES="0", OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, shape], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) <= 2e-4
