@@ -119,6 +119,14 @@ static inline void store_fence() { _mm_sfence(); }
 static inline void store_fence() {}
 #endif
 
+template <typename S, typename F>
+static inline void store_lanes(S* p, int64_t i0, const F* v, bool stream) {
+  if (stream)
+    st_lanes_stream(p, i0, v);
+  else
+    st_lanes(p, i0, v);
+}
+
 // A per-channel parameter or statistic of any floating dtype (weight, bias, running buffers).
 static inline double ldp(const void* p, int dt, int64_t i, double fill) {
   if (p == nullptr) return fill;
