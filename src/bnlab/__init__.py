@@ -12,12 +12,15 @@ Public names:
     freeze, unfreeze                       BN layers kept in inference mode even under model.train()
     recalibrate                            running statistics recomputed as population statistics over data
     diagnose                               per-layer report: train/eval gap, stale statistics, dead channels
+    empty_cpu_cache, cpu_cache_info,       the pool of reused memory for large CPU outputs
+    set_cpu_cache_limit                    (torch.cuda.empty_cache's counterpart: docs/benchmarks.md)
 (Ghost BN, Batch Renormalization, masked BN, accumulated statistics and the non-finite guard are
 options of the BatchNorm layers: docs/features.md.)
 """
 
 from bnlab import functional, reference
 from bnlab.backends import available_backends, set_backend
+from bnlab.backends.cpu_pool import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
 from bnlab.convert import convert
 from bnlab.fold import fold
 from bnlab.fused import BatchNormAct2d
@@ -45,5 +48,8 @@ __all__ = [
     "unfreeze",
     "recalibrate",
     "diagnose",
+    "empty_cpu_cache",
+    "cpu_cache_info",
+    "set_cpu_cache_limit",
     "__version__",
 ]

@@ -40,6 +40,7 @@ SOURCES = (
     "cpu_kernels_nlc.inc",
     "cpu_kernels_api.inc",
     "cpu_kernels_py.inc",
+    "cpu_kernels_pool.inc",
 )
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c++17"]
 

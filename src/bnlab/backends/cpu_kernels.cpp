@@ -259,5 +259,8 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 #include "cpu_kernels_nlc.inc"
 #include "cpu_kernels_api.inc"
 #ifdef BNLAB_PYTHON_MODULE
+#if defined(__linux__)
+#include "cpu_kernels_pool.inc"
+#endif
 #include "cpu_kernels_py.inc"
 #endif
