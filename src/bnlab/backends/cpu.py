@@ -146,7 +146,7 @@ class CpuBackend(Backend):
         ``plan`` = (layout, N, C, L, dtype code, threads) describes x for :meth:`backward_fused`.
         """
         layout, n, c, length = layout_of(x)
-        y = cpu_pool.empty_like(x, self._lib) if want_output else None
+        y = cpu_pool.empty_like(x) if want_output else None
         stats = torch.empty(3, c, dtype=_F64)
         w, wc, _w = param(weight)
         b, bc, _b = param(bias)
@@ -168,8 +168,8 @@ class CpuBackend(Backend):
         """
         layout, n, c, length, code, nt = plan
         if dy.dtype != x.dtype or dy.stride() != x.stride():
-            dy = cpu_pool.empty_like(x, self._lib).copy_(dy)  # a gradient may arrive in another memory format
-        dx = cpu_pool.empty_like(x, self._lib) if need_input_grad else None
+            dy = cpu_pool.empty_like(x).copy_(dy)  # a gradient may arrive in another memory format
+        dx = cpu_pool.empty_like(x) if need_input_grad else None
         w, wc, _w = param(weight)
         ptr = stats.data_ptr()  # rows: mean, M2, invstd (float64)
         self._lib.bn_backward(
@@ -193,7 +193,7 @@ class CpuBackend(Backend):
         """(dx or None, (2, C) float64 sums Σdy, Σdy·x̂), given pointers to float64 (C,) mean and invstd."""
         layout, n, c, length = layout_of(x)
         dy = _like(dy, x)
-        dx = cpu_pool.empty_like(x, self._lib) if need_input_grad else None
+        dx = cpu_pool.empty_like(x) if need_input_grad else None
         sums = torch.empty(2, c, dtype=_F64)
         w, wc, _w = param(weight)
         nt = threads_for(x)
@@ -222,7 +222,7 @@ class CpuBackend(Backend):
             return _PORTABLE.normalize(x, mean, invstd, weight, bias)
         layout, n, c, length = layout_of(x)
         mean, invstd = _f64(mean), _f64(invstd)
-        y = cpu_pool.empty_like(x, self._lib)
+        y = cpu_pool.empty_like(x)
         w, wc, _w = param(weight)
         b, bc, _b = param(bias)
         self._lib.bn_normalize(
@@ -237,7 +237,7 @@ class CpuBackend(Backend):
         layout, n, c, length = layout_of(x)
         dy = _like(dy, x)
         mean, invstd, sum_dy, sum_dy_xhat = _f64(mean), _f64(invstd), _f64(sum_dy), _f64(sum_dy_xhat)
-        dx = cpu_pool.empty_like(x, self._lib)
+        dx = cpu_pool.empty_like(x)
         w, wc, _w = param(weight)
         self._lib.bn_grad_input(
             dy.data_ptr(), x.data_ptr(), dx.data_ptr(), _CODE[x.dtype], layout, n, c, length,
@@ -261,7 +261,7 @@ class CpuBackend(Backend):
         if not (fits(x) and is_plain_vector(running_mean) and is_plain_vector(running_var)):
             return None
         layout, n, c, length = layout_of(x)
-        y = cpu_pool.empty_like(x, self._lib)
+        y = cpu_pool.empty_like(x)
         w, wc, _w = param(weight)
         b, bc, _b = param(bias)
         bad = self._lib.bn_eval(

@@ -42,16 +42,16 @@ def _pool():
     return lib if lib is not None and hasattr(lib, "bn_empty") else None
 
 
-def empty_like(x: Tensor, lib=None) -> Tensor:
+def empty_like(x: Tensor) -> Tensor:
     """An uninitialised tensor with x's shape, strides and dtype: pooled memory when x is large.
 
     x: a dense CPU tensor (its strides a permutation of contiguous ones, as every layout the
-    kernels take). ``lib``: the loaded kernels (saves a lookup per call), or None to look them up.
+    kernels take).
     """
     nbytes = x.numel() * x.element_size()
     if nbytes >= POOL_MIN_BYTES and _state["enabled"]:
-        lib = lib if lib is not None else _pool()
-        if lib is not None and hasattr(lib, "bn_empty"):
+        lib = _pool()
+        if lib is not None:
             capsule = lib.bn_empty(tuple(x.shape), x.stride(), _CODE[x.dtype], nbytes)
             if capsule is not None:
                 return from_dlpack(capsule)
