@@ -38,6 +38,14 @@ CASES = [
     ((300, 130), "cf"),
     ((6, 5, 7, 3), "cf"),
     ((100, 700), "cf"),
+    # NLC channel widths of the AVX2 paths: narrow rows held in registers (8, 16, 24, 32 channels),
+    # groups of 32 and 8 channels with a scalar remainder (40, 100).
+    ((65, 8), "nchw"),
+    ((50, 16, 3, 3), "cl"),
+    ((9, 24, 13), "cl"),
+    ((19, 32, 2, 3), "cl"),
+    ((33, 40), "nchw"),
+    ((70, 100), "nchw"),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -141,6 +149,29 @@ def test_eval_without_grad_uses_running_buffers_and_rejects_negative_variance():
             layer(x)
 
 
+@pytest.mark.parametrize("channels", [8, 16, 24, 32, 40, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eval_of_channels_last_rows_matches_torch(channels, dtype):
+    """Eval on rows of C contiguous channels (the NLC kernels' widths: narrow rows held in
+    registers, channel groups, a scalar remainder), 4D channels_last and 2D, against torch.nn."""
+    torch.manual_seed(channels)
+    ours, theirs = bnlab.BatchNorm2d(channels), torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+        ours.running_mean.normal_()
+        ours.running_var.uniform_(0.5, 2.0)
+    theirs.load_state_dict(ours.state_dict())
+    ours.eval(), theirs.eval()
+    x = make_input((7, channels, 3, 5), "cl", dtype, seed=channels, mean=1.0, std=2.0)
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x), TOL[dtype], "eval, channels_last")
+        flat = x.permute(0, 2, 3, 1).reshape(-1, channels)  # (N·H·W, C) rows
+        ours1d, theirs1d = bnlab.BatchNorm1d(channels).eval(), torch.nn.BatchNorm1d(channels).eval()
+        ours1d.load_state_dict(ours.state_dict()), theirs1d.load_state_dict(ours.state_dict())
+        assert_close(ours1d(flat), theirs1d(flat), TOL[dtype], "eval, (N, C)")
+
+
 def test_gradient_may_arrive_in_another_memory_format():
     x = make_input((4, 6, 5, 5), "cl", seed=6).requires_grad_()
     dy = make_input((4, 6, 5, 5), "nchw", seed=7)
@@ -208,7 +239,9 @@ def test_fused_update_skips_a_non_finite_batch(momentum):
     assert int(layer.num_batches_tracked) == 2
 
 
-@pytest.mark.parametrize("shape,layout", [((4, 3, 37), "nchw"), ((2, 5, 9), "nchw"), ((6, 40, 3), "cl"), ((7, 35), "nchw")])
+@pytest.mark.parametrize("shape,layout", [
+    ((4, 3, 37), "nchw"), ((2, 5, 9), "nchw"), ((6, 40, 3), "cl"), ((7, 35), "nchw"), ((6, 16, 3), "cl"), ((5, 24), "nchw"),
+])  # fmt: skip
 def test_bfloat16_outputs_round_to_nearest_even_as_torch(shape, layout):
     """The vectorised bf16 store rounds exactly as torch's float32 -> bfloat16 conversion, ties,
     infinities, NaN and overflow included. With mean 0 and invstd 1 + 2^-10 the float32 result
