@@ -37,6 +37,7 @@ SOURCES = (
     "cpu_kernels.cpp",
     "cpu_kernels_ncl.inc",
     "cpu_kernels_waves.inc",
+    "cpu_kernels_nlc_rows.inc",
     "cpu_kernels_nlc.inc",
     "cpu_kernels_api.inc",
     "cpu_kernels_py.inc",
