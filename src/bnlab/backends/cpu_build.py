@@ -36,6 +36,7 @@ _HERE = Path(__file__).resolve().parent
 SOURCES = (
     "cpu_kernels.cpp",
     "cpu_kernels_ncl.inc",
+    "cpu_kernels_ncl_flat.inc",
     "cpu_kernels_waves.inc",
     "cpu_kernels_nlc_rows.inc",
     "cpu_kernels_nlc.inc",

@@ -14,7 +14,10 @@
 // free: its statistics, then its elementwise pass while its values are still in that core's cache,
 // which reads x from memory once instead of twice and needs no barrier. With few channels, the
 // chunks of each wave of channels are shared among all threads, with one barrier per wave
-// (cpu_kernels_waves.inc). NLC (channels innermost): threads take shares of the rows.
+// (cpu_kernels_waves.inc). Those fused walks pay off for tensors larger than the L3; smaller ones
+// (below half of it) run the statistics, then the elementwise pass over the whole tensor in
+// memory order, and their gradient sums in memory order too (cpu_kernels_ncl_flat.inc).
+// NLC (channels innermost): threads take shares of the rows.
 #ifdef BNLAB_PYTHON_MODULE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>  // before any standard header, as Python's documentation requires
@@ -278,6 +281,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 }  // namespace
 
 #include "cpu_kernels_ncl.inc"
+#include "cpu_kernels_ncl_flat.inc"
 #include "cpu_kernels_waves.inc"
 #include "cpu_kernels_nlc_rows.inc"
 #include "cpu_kernels_nlc.inc"

@@ -1,0 +1,94 @@
+"""The CPU kernels' alternative walks, each against the float64 reference.
+
+Both layouts choose how to walk a tensor by its size, against bounds read once per process:
+
+* NLC (rows of C channels, cpu_kernels_nlc.inc): inputs below BNLAB_NLC_GROUP_MAX_BYTES (half the
+  last-level cache) have their statistics and gradient sums walked by channel groups, larger ones
+  row by row.
+* NCL ((N, C, L), cpu_kernels_ncl_flat.inc): inputs below BNLAB_NCL_FLAT_MAX_BYTES run the
+  statistics, then the elementwise pass in memory order, and the gradient sums in memory order
+  by blocks of samples x channels; larger ones run each channel (or, with few channels, each
+  wave of channels) fused, statistics then elementwise pass while its rows are in L2.
+
+The suite's tensors are small, so they take the cache-resident walks; here each bound is set to 0
+(every input takes the large-tensor walk) or to 2^40 (every input the small-tensor one), in fresh
+processes, with two threads (tensors of 2^15 values or more use both: by channel, or by waves of
+channels when there are fewer than 4 per thread). Every output, gradient and statistic is compared with the float64 reference, on shapes
+that reach every branch (group sizes and remainders, many and few channels, chunks of several
+rows with a short last one, rows of 2048 values or more) and on data at 1e3 ± 0.01 (the shifted
+sums' precision rule). The forward of both NCL walks computes the same statistics and the same
+coefficients, so its outputs must agree to the bit; the script prints their digest for that.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import hashlib, sys, torch
+    from bnlab import reference as ref
+    from bnlab.backends import get_backend
+    sys.path.insert(0, sys.argv[1])
+    from speed_helpers import make_input, np64, rel_err
+    cpu = get_backend("cpu")
+    cases = {
+        "nlc": [((300, 100), "nchw", 0.5, 2.0), ((33, 40), "nchw", 0.5, 2.0), ((40, 16, 3, 3), "cl", 0.5, 2.0),
+                ((4100, 10), "nchw", 0.5, 2.0), ((9, 24, 13), "cl", 0.5, 2.0), ((600, 72), "nchw", 1000.0, 0.01)],
+        "ncl": [((64, 40, 14, 14), "nchw", 0.5, 2.0), ((23, 3, 10, 10), "nchw", 0.5, 2.0), ((6, 70, 5), "nchw", 0.5, 2.0),
+                ((5, 8, 50, 50), "nchw", 0.5, 2.0), ((37, 17, 9, 9), "nchw", 1000.0, 0.01), ((300, 3, 2), "nchw", 0.5, 2.0),
+                ((400, 3, 40), "nchw", 0.5, 2.0)],
+    }[sys.argv[2]]
+    torch.set_num_threads(2)
+    worst, digest = {}, hashlib.sha256()
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, layout, mean, std in cases:
+            if dtype == torch.bfloat16 and mean == 1000.0:
+                continue  # bf16 holds 1e3 ± 0.01 as a constant
+            x = make_input(shape, layout, dtype, seed=1, mean=mean, std=std)
+            dy = make_input(shape, layout, dtype, seed=2)
+            y, stats, invstd = cpu.forward_train(x, None, None, 1e-5)
+            dx, dw, db = cpu.backward(dy, x, stats.mean, invstd, None, stats.count, True)
+            digest.update(y.float().contiguous().numpy().tobytes())
+            digest.update(stats.mean.numpy().tobytes() + stats.m2.numpy().tobytes())
+            ey, cache = ref.forward_train(np64(x))
+            edx, edw, edb = ref.backward(np64(dy), cache)
+            n = x.numel() // shape[1]
+            scale = 1.0 if dtype == torch.float32 else 2e-4 / 2e-2  # bf16's tolerance, 2e-2, mapped onto 2e-4
+            worst[f"{shape} {dtype}"] = scale * max(
+                rel_err(y, ey), rel_err(dx, edx), rel_err(dw / n, edw / n), rel_err(db / n, edb / n),
+                rel_err(stats.m2 / stats.count / torch.as_tensor(cache.var), torch.ones(shape[1])) * 100,
+            )
+    print(max(worst.values()), digest.hexdigest(), worst)
+    """
+)
+
+BOUNDS = {"nlc": "BNLAB_NLC_GROUP_MAX_BYTES", "ncl": "BNLAB_NCL_FLAT_MAX_BYTES"}
+
+
+def run_walk(layout: str, bound: int) -> tuple[float, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env[BOUNDS[layout]] = str(bound)
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, here, layout], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    worst, digest = out.stdout.split()[:2]
+    return float(worst), digest
+
+
+@pytest.mark.parametrize("layout", ["nlc", "ncl"])
+def test_both_walks_match_the_float64_reference(layout):
+    large_walk = run_walk(layout, 0)
+    small_walk = run_walk(layout, 1 << 40)
+    # fp32 within 2e-4 of float64, the variance within 2e-6 (scaled by 100 above); bf16 within 2e-2
+    assert large_walk[0] <= 2e-4, large_walk
+    assert small_walk[0] <= 2e-4, small_walk
+    if layout == "ncl":
+        assert large_walk[1] == small_walk[1], "the NCL walks' forward outputs or statistics differ"
