@@ -39,13 +39,16 @@ CASES = [
     ((6, 5, 7, 3), "cf"),
     ((100, 700), "cf"),
     # NLC channel widths of the AVX2 paths: narrow rows held in registers (8, 16, 24, 32 channels),
-    # groups of 32 and 8 channels with a scalar remainder (40, 100).
+    # groups of 32 and 8 channels with a scalar remainder (40, 100); bf16 rows of a multiple of 16
+    # channels in unpacked order (48, 1024).
     ((65, 8), "nchw"),
     ((50, 16, 3, 3), "cl"),
     ((9, 24, 13), "cl"),
     ((19, 32, 2, 3), "cl"),
     ((33, 40), "nchw"),
     ((70, 100), "nchw"),
+    ((12, 48, 2, 2), "cl"),
+    ((6, 1024), "nchw"),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -241,11 +244,14 @@ def test_fused_update_skips_a_non_finite_batch(momentum):
 
 @pytest.mark.parametrize("shape,layout", [
     ((4, 3, 37), "nchw"), ((2, 5, 9), "nchw"), ((6, 40, 3), "cl"), ((7, 35), "nchw"), ((6, 16, 3), "cl"), ((5, 24), "nchw"),
+    ((4, 48, 5), "cl"), ((3, 64, 2, 2), "cl"),
 ])  # fmt: skip
-def test_bfloat16_outputs_round_to_nearest_even_as_torch(shape, layout):
-    """The vectorised bf16 store rounds exactly as torch's float32 -> bfloat16 conversion, ties,
+@pytest.mark.parametrize("kernel", ["normalize", "grad_input"])
+def test_bfloat16_outputs_round_to_nearest_even_as_torch(shape, layout, kernel):
+    """The vectorised bf16 stores round exactly as torch's float32 -> bfloat16 conversion, ties,
     infinities, NaN and overflow included. With mean 0 and invstd 1 + 2^-10 the float32 result
-    x·(1 + 2^-10) is exact, and a quarter of the values land exactly halfway between two bf16s."""
+    x·(1 + 2^-10) is exact, and a quarter of the values land exactly halfway between two bf16s;
+    the input gradient with zero sums, dy·(1 + 2^-10), likewise."""
     gen = torch.Generator().manual_seed(11)
     x = (torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-30, 30, shape, generator=gen)).to(torch.bfloat16)
     flat = x.view(-1)
@@ -253,7 +259,11 @@ def test_bfloat16_outputs_round_to_nearest_even_as_torch(shape, layout):
     x = to_layout(x, layout)
     scale = 1.0 + 2.0**-10
     mean, invstd = torch.zeros(shape[1], dtype=torch.float64), torch.full((shape[1],), scale, dtype=torch.float64)
-    y = CPU.normalize(x, mean, invstd, None, None)
+    if kernel == "normalize":
+        y = CPU.normalize(x, mean, invstd, None, None)
+    else:  # x is the gradient here; the input is finite, so a·(x - hi) = 0 exactly
+        zeros = torch.zeros(shape[1], dtype=torch.float64)
+        y = CPU.grad_input(x, torch.ones_like(x), mean, invstd, None, zeros, zeros, x.numel() // shape[1])
     expected = (x.float() * scale).to(torch.bfloat16)
     nan = torch.isnan(expected)  # torch's vectorised conversion may give another NaN encoding
     assert torch.equal(torch.isnan(y), nan) and int(nan.sum()) == 1

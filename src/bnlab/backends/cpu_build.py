@@ -38,6 +38,7 @@ SOURCES = (
     "cpu_kernels_ncl.inc",
     "cpu_kernels_ncl_flat.inc",
     "cpu_kernels_waves.inc",
+    "cpu_kernels_nlc_bf16.inc",
     "cpu_kernels_nlc_rows.inc",
     "cpu_kernels_nlc.inc",
     "cpu_kernels_api.inc",

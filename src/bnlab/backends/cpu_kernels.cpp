@@ -298,6 +298,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 #include "cpu_kernels_ncl.inc"
 #include "cpu_kernels_ncl_flat.inc"
 #include "cpu_kernels_waves.inc"
+#include "cpu_kernels_nlc_bf16.inc"
 #include "cpu_kernels_nlc_rows.inc"
 #include "cpu_kernels_nlc.inc"
 #include "cpu_kernels_api.inc"
