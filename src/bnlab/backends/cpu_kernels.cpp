@@ -124,6 +124,16 @@ static inline void st8(bf16* p, __m256 v) {
   _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
 }
 
+// Whether values of S have the explicit AVX2 forms (float32 and bf16 values, float32 arithmetic).
+template <typename S>
+constexpr bool kAvx2Rows = std::is_same<S, float>::value || std::is_same<S, bf16>::value;
+
+// dst[0:8] += v, in float64.
+static inline void add_to_f64(double* dst, __m256 v) {
+  _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+  _mm256_storeu_pd(dst + 4, _mm256_add_pd(_mm256_loadu_pd(dst + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+}
+
 // 16 bf16 values as two float32 vectors in the order of _mm256_unpack{lo,hi}_epi16: values 0-3 and
 // 8-11, then 4-7 and 12-15. Elementwise work whose coefficients are the same for all 16 (an NCL
 // row) does not mind the order, and st16_unpacked restores memory order with one pack (the
