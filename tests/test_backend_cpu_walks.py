@@ -6,9 +6,10 @@ Both layouts choose how to walk a tensor by its size, against bounds read once p
   last-level cache) have their statistics and gradient sums walked by channel groups, larger ones
   row by row.
 * NCL ((N, C, L), cpu_kernels_ncl_flat.inc): inputs below BNLAB_NCL_FLAT_MAX_BYTES run the
-  statistics, then the elementwise pass in memory order, and the gradient sums in memory order
-  by blocks of samples x channels; larger ones run each channel (or, with few channels, each
-  wave of channels) fused, statistics then elementwise pass while its rows are in L2.
+  statistics or gradient sums first (the latter in memory order, by blocks of samples x
+  channels, when rows are shorter than 2048 values), then the elementwise pass in memory order;
+  larger ones run each channel (or, with few channels, each wave of channels) fused, sums then
+  elementwise pass while its rows are in L2.
 
 The suite's tensors are small, so they take the cache-resident walks; here each bound is set to 0
 (every input takes the large-tensor walk) or to 2^40 (every input the small-tensor one), in fresh
