@@ -21,7 +21,7 @@ from torch import Tensor
 from bnlab._checks import check_running_var_nonnegative
 from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.base import Backend
-from bnlab.backends.cpu_autograd import CpuTrainFunction
+from bnlab.backends.cpu_autograd import apply_train
 from bnlab.backends.portable import PortableBackend
 from bnlab.stats import Moments
 
@@ -255,7 +255,7 @@ class CpuBackend(Backend):
         if nbt is not None and not (nbt.is_cpu and nbt.dtype == torch.int64 and nbt.numel() == 1):
             return None
         config = (eps, self, running_mean, running_var, momentum, nbt, skip_nonfinite)
-        return CpuTrainFunction.apply(x, weight, bias, config)
+        return apply_train(x, weight, bias, config)
 
     def eval_forward(self, x, running_mean, running_var, weight, bias, eps):
         if not (fits(x) and is_plain_vector(running_mean) and is_plain_vector(running_var)):
