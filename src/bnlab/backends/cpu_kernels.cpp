@@ -124,6 +124,15 @@ static inline void st8(bf16* p, __m256 v) {
   _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
 }
 
+// The two elementwise formulas on 8 float32 lanes, rounded as their portable forms (GCC contracts
+// those the same way): y = (x - h)·a + b in one FMA, and dx = k1·dy + k2·(x - h), then + k3.
+static inline __m256 affine8(__m256 x, __m256 h, __m256 a, __m256 b) {
+  return _mm256_fmadd_ps(_mm256_sub_ps(x, h), a, b);
+}
+static inline __m256 grad_input8(__m256 dy, __m256 x, __m256 h, __m256 k1, __m256 k2, __m256 k3) {
+  return _mm256_add_ps(_mm256_fmadd_ps(k1, dy, _mm256_mul_ps(k2, _mm256_sub_ps(x, h))), k3);
+}
+
 // Whether values of S have the explicit AVX2 forms (float32 and bf16 values, float32 arithmetic).
 template <typename S>
 constexpr bool kAvx2Rows = std::is_same<S, float>::value || std::is_same<S, bf16>::value;
