@@ -1,0 +1,148 @@
+"""A/B of two builds of bnlab's CPU kernels: kernel calls alone, interleaved in one process.
+
+Claim measured: how a kernel change moves the time of the kernel calls themselves (no Python
+module, no allocation), e.g. "backward (64, 256, 14, 14) 1.42 -> 0.99 ms" in docs/benchmarks.md.
+Both libraries are loaded into this process and called on the same tensors, old and new
+alternating sample by sample (the order flipping every sample), so a busy machine slows both
+alike; each sample repeats the call for ~10 ms and the table shows medians.
+
+The old build is the compiled module of another revision, which bnlab caches under its own key:
+
+    git worktree add /tmp/bnlab-old 1665b19
+    PYTHONPATH=/tmp/bnlab-old/src python -c \\
+        "from bnlab.backends import cpu_build; cpu_build.load(); print(cpu_build.library_path())"
+    PYTHONPATH=src python benchmarks/kernel_ab.py --old <the printed path>
+
+Cases are mode:shape:layout:dtype[:threads], mode one of fwd, stats (forward without output),
+bwd, eval; layout nchw or cl; dtype fp32 or bf16; threads 2 unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bnlab.backends import cpu_build
+from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
+
+MODES = ("fwd", "stats", "bwd", "eval")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_CASES = (
+    "bwd:64,256,14,14:nchw:fp32",
+    "bwd:128,16,32,32:nchw:fp32",
+    "fwd:64,256,14,14:nchw:fp32",
+    "fwd:128,16,32,32:nchw:fp32",
+    "bwd:32,64,56,56:nchw:fp32",
+    "eval:64,256,14,14:nchw:bf16",
+    "eval:64,256,14,14:cl:bf16",
+    "bwd:32,64,56,56:nchw:bf16",
+    "fwd:32,64,56,56:nchw:bf16",
+)
+
+
+def parse_case(spec: str) -> tuple[str, tuple[int, ...], str, torch.dtype, int]:
+    """(mode, shape, layout, dtype, threads) of a case spec; ValueError naming what is wrong."""
+    parts = spec.split(":")
+    if len(parts) not in (4, 5):
+        raise ValueError(f"case: expected mode:shape:layout:dtype[:threads], got {spec!r}")
+    mode, shape_text, layout, dtype = parts[:4]
+    if mode not in MODES:
+        raise ValueError(f"case {spec!r}: mode expected one of {MODES}, got {mode!r}")
+    try:
+        shape = tuple(int(s) for s in shape_text.split(","))
+        threads = int(parts[4]) if len(parts) == 5 else 2
+    except ValueError:
+        raise ValueError(
+            f"case {spec!r}: expected comma-separated integers for the shape and an integer thread count"
+        ) from None
+    if len(shape) < 2 or min(shape) < 1 or threads < 1:
+        raise ValueError(f"case {spec!r}: expected a shape of 2+ positive sizes and threads >= 1")
+    if layout not in ("nchw", "cl") or (layout == "cl" and len(shape) != 4):
+        raise ValueError(f"case {spec!r}: layout expected nchw, or cl for a 4-d shape, got {layout!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"case {spec!r}: dtype expected one of {tuple(DTYPES)}, got {dtype!r}")
+    return mode, shape, layout, DTYPES[dtype], threads
+
+
+def kernel_call(lib, mode: str, shape, layout: str, dtype: torch.dtype, nt: int):
+    """A zero-argument callable running one kernel of `lib` on fresh tensors of the case."""
+    gen = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    if layout == "cl":
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    lay, n, c, length = layout_of(x)
+    code, out = _CODE[dtype], torch.empty_like(x)
+    stats = torch.zeros(3, c, dtype=torch.float64)
+    stats[2] = 1.0  # invstd for the backward
+    mean_ptr, invstd_ptr = stats.data_ptr(), stats.data_ptr() + 16 * c
+    keep = (x, dy, out, stats)  # alive as long as the callable
+    if mode in ("fwd", "stats"):
+        y_ptr = out.data_ptr() if mode == "fwd" else 0
+        args = (x.data_ptr(), y_ptr, code, lay, n, c, length, 0, 0, 0, 0, 1e-5, stats.data_ptr(), 0, 0, 0, 0,
+                0.1, 0, False, False, nt, WAVE_PER_THREAD * nt)  # fmt: skip
+        fn = lib.bn_forward_train
+    elif mode == "bwd":
+        args = (dy.data_ptr(), x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0,
+                float(n * length), 0, 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt)  # fmt: skip
+        fn = lib.bn_backward
+    else:
+        args = (x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0, 0, 0, nt)
+        fn = lib.bn_normalize
+    return lambda keep=keep: fn(*args)
+
+
+def median_us(fn, reps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e6
+
+
+def compare(old, new, spec: str, samples: int) -> str:
+    mode, shape, layout, dtype, nt = parse_case(spec)
+    f_old, f_new = kernel_call(old, mode, shape, layout, dtype, nt), kernel_call(new, mode, shape, layout, dtype, nt)
+    f_old(), f_new()
+    once = median_us(f_new, 3)
+    reps = max(3, int(10_000 / max(once, 1.0)))
+    t_old, t_new = [], []
+    for i in range(samples):
+        for which in ((f_old, t_old), (f_new, t_new))[:: 1 if i % 2 else -1]:
+            which[1].append(median_us(which[0], reps))
+    a, b = statistics.median(t_old), statistics.median(t_new)
+    return f"{spec:32s} old {a:9.1f} us  new {b:9.1f} us  new/old {b / a:.3f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--old", required=True, help="path of the other build's compiled module (.so)")
+    p.add_argument("--samples", type=int, default=15, help="alternating samples per build (default 15)")
+    p.add_argument("cases", nargs="*", default=list(DEFAULT_CASES), help="mode:shape:layout:dtype[:threads]")
+    args = p.parse_args(argv)
+    old_path = Path(args.old)
+    if not old_path.is_file():
+        p.error(f"--old: expected the path of a compiled bnlab module (.so), got {args.old!r}, which is not a file")
+    if args.samples < 1:
+        p.error(f"--samples: expected a positive integer, got {args.samples}")
+    try:
+        for spec in args.cases:
+            parse_case(spec)
+    except ValueError as exc:
+        p.error(str(exc))
+    new = cpu_build.load()
+    if new is None or not hasattr(new, "bn_empty"):
+        sys.exit(f"this checkout's kernels did not build as a module: {cpu_build.load_error()}")
+    if old_path.resolve() == Path(cpu_build.library_path()).resolve():
+        p.error(f"--old: {args.old!r} is this checkout's own build; give another revision's")
+    old = cpu_build._load_module(old_path)
+    print(f"old {old_path}\nnew {cpu_build.library_path()}")
+    for spec in args.cases:
+        print(compare(old, new, spec, args.samples), flush=True)
+
+
+if __name__ == "__main__":
+    main()
