@@ -69,8 +69,11 @@ def parse_case(spec: str) -> tuple[str, tuple[int, ...], str, torch.dtype, int]:
     return mode, shape, layout, DTYPES[dtype], threads
 
 
-def kernel_call(lib, mode: str, shape, layout: str, dtype: torch.dtype, nt: int):
-    """A zero-argument callable running one kernel of `lib` on fresh tensors of the case."""
+def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: int):
+    """Zero-argument callables, one per library of `libs`, each running the case's kernel of its
+    library on the same tensors: separate tensors would put each build's data at other addresses,
+    and the placement alone (page offsets of x against the output, huge pages or not) moved the
+    time of one build against an identical copy of itself by up to 20 %."""
     gen = torch.Generator().manual_seed(0)
     x, dy = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
     if layout == "cl":
@@ -80,20 +83,20 @@ def kernel_call(lib, mode: str, shape, layout: str, dtype: torch.dtype, nt: int)
     stats = torch.zeros(3, c, dtype=torch.float64)
     stats[2] = 1.0  # invstd for the backward
     mean_ptr, invstd_ptr = stats.data_ptr(), stats.data_ptr() + 16 * c
-    keep = (x, dy, out, stats)  # alive as long as the callable
+    keep = (x, dy, out, stats)  # alive as long as the callables
     if mode in ("fwd", "stats"):
         y_ptr = out.data_ptr() if mode == "fwd" else 0
         args = (x.data_ptr(), y_ptr, code, lay, n, c, length, 0, 0, 0, 0, 1e-5, stats.data_ptr(), 0, 0, 0, 0,
                 0.1, 0, False, False, nt, WAVE_PER_THREAD * nt)  # fmt: skip
-        fn = lib.bn_forward_train
+        name = "bn_forward_train"
     elif mode == "bwd":
         args = (dy.data_ptr(), x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0,
                 float(n * length), 0, 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt)  # fmt: skip
-        fn = lib.bn_backward
+        name = "bn_backward"
     else:
         args = (x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0, 0, 0, nt)
-        fn = lib.bn_normalize
-    return lambda keep=keep: fn(*args)
+        name = "bn_normalize"
+    return [lambda fn=getattr(lib, name), keep=keep: fn(*args) for lib in libs]
 
 
 def median_us(fn, reps: int) -> float:
@@ -105,7 +108,7 @@ def median_us(fn, reps: int) -> float:
 
 def compare(old, new, spec: str, samples: int) -> str:
     mode, shape, layout, dtype, nt = parse_case(spec)
-    f_old, f_new = kernel_call(old, mode, shape, layout, dtype, nt), kernel_call(new, mode, shape, layout, dtype, nt)
+    f_old, f_new = kernel_calls((old, new), mode, shape, layout, dtype, nt)
     f_old(), f_new()
     once = median_us(f_new, 3)
     reps = max(3, int(10_000 / max(once, 1.0)))
