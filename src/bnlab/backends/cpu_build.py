@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["load", "load_error", "library_path", "build_seconds"]
+__all__ = ["load", "load_error", "library_path", "build_seconds", "check_environment"]
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = (
@@ -164,16 +165,39 @@ def _load_module(path: Path):
     return module
 
 
+#: Byte counts the kernels read from the environment once, with C's atoll, which takes "4G" for 4
+#: and "1e9" for 1 without complaint: checked here first, so a typo is an error, not a silent setting.
+BYTE_VARIABLES = (
+    "BNLAB_CPU_CACHE_BYTES",  # the output pool's idle-byte limit (a user setting, README)
+    "BNLAB_STREAM_MIN_BYTES",  # tuning: non-temporal stores from this input size
+    "BNLAB_NCL_FLAT_MAX_BYTES",  # tuning: two-pass NCL walk below this input size
+    "BNLAB_NLC_GROUP_MAX_BYTES",  # tuning: channel-group NLC walk below this input size
+)
+_WHOLE_NUMBER = re.compile(r"\s*[0-9]+\s*", re.ASCII)
+
+
+def check_environment() -> None:
+    """Raise ValueError naming the variable if one of BYTE_VARIABLES is set to anything but a whole
+    number of bytes that fits the kernels' 64-bit integers."""
+    for name in BYTE_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and not (_WHOLE_NUMBER.fullmatch(value) and int(value) < 2**63):
+            raise ValueError(f"{name}: expected a whole number of bytes such as 33554432, got {value!r}")
+
+
 def load():
     """The kernels (extension module or ctypes library), compiled on first use; None if unavailable.
 
-    Thread-safe; tries once per process. :func:`load_error` tells why it is None.
+    Thread-safe; tries once per process. :func:`load_error` tells why it is None. Raises
+    ValueError (on every call, until it is fixed) when a byte-count variable of the environment
+    is malformed (:func:`check_environment`).
     """
     if _state["tried"]:
         return _state["lib"]
     with _lock:
         if _state["tried"]:
             return _state["lib"]
+        check_environment()
         try:
             _state["lib"] = _build_and_load()
         except Exception as exc:  # any failure means "use the portable backend", never a crash

@@ -33,7 +33,9 @@ POOL_MIN_BYTES = 4 << 20
 _CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 # A limit of 0 turns the pool off altogether: outputs come from torch's allocator again (so that,
 # e.g., their storage can grow with resize_, which torch refuses for memory it did not allocate).
-_state = {"enabled": os.environ.get("BNLAB_CPU_CACHE_BYTES", "").strip() != "0"}
+# (A malformed value is an error at the first kernel use: cpu_build.check_environment.)
+_limit_text = os.environ.get("BNLAB_CPU_CACHE_BYTES", "").strip()
+_state = {"enabled": not (_limit_text.isascii() and _limit_text.isdigit() and int(_limit_text) == 0)}
 
 
 def _pool():
