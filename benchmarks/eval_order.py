@@ -1,0 +1,82 @@
+"""How much the contender that runs before changes an eval measured against a warm copy.
+
+Claim measured (docs/benchmarks.md, *Noise*): at cache-resident shapes, the ratio of bnlab's
+module eval to `copy_` (a copy into a buffer allocated once) depends on the cache state the
+previous contender leaves. Two orders, each a cycle of interleaved samples (every sample
+repeats its call ~60 times, medians of --rounds samples):
+
+    after-copy:   copy_ -> bnlab                      (bnlab always right after the copy, as
+                                                       in bench_bn.py's rotation)
+    after-bnlab:  copy_ -> bnlab (warm-up) -> bnlab   (the timed bnlab call follows a bnlab
+                                                       layer writing the same pooled output)
+
+    PYTHONPATH=src python benchmarks/eval_order.py --shape 64,256,14,14 [--layout cl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import bnlab
+from bench_cases import make_input
+
+
+def _median_us(order: list, timed: set, rounds: int, reps: int) -> dict:
+    samples = {name: [] for name, _ in order if name in timed}
+    for _ in range(rounds):
+        for name, fn in order:
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            if name in timed:
+                samples[name].append((time.perf_counter() - start) / reps * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="64,256,14,14", help="comma-separated (N, C, H, W)")
+    p.add_argument("--layout", default="nchw", choices=["nchw", "cl"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--reps", type=int, default=60, help="calls per sample")
+    args = p.parse_args(argv)
+    try:
+        shape = tuple(int(s) for s in args.shape.split(","))
+    except ValueError:
+        p.error(f"--shape: expected comma-separated integers, got {args.shape!r}")
+    if len(shape) != 4 or min(shape) < 1:
+        p.error(f"--shape: expected 4 positive sizes (N, C, H, W), got {args.shape!r}")
+    if args.rounds < 1 or args.reps < 1:
+        p.error(f"--rounds and --reps: expected positive integers, got {args.rounds} and {args.reps}")
+    torch.set_num_threads(args.threads)
+    x = make_input(shape, args.layout, torch.float32, "cpu")
+    dst = torch.empty_like(x)
+    layers = [bnlab.BatchNorm2d(shape[1]).eval() for _ in range(2)]
+
+    def copy_():
+        dst.copy_(x)
+
+    def bn(layer):
+        return lambda: layer(x)
+
+    torch.set_grad_enabled(False)
+    for fn in (copy_, bn(layers[0]), bn(layers[1])):
+        for _ in range(5):
+            fn()
+    after_copy = _median_us([("copy_", copy_), ("bnlab", bn(layers[0]))], {"copy_", "bnlab"}, args.rounds, args.reps)
+    after_bnlab = _median_us(
+        [("copy_", copy_), ("warm", bn(layers[1])), ("bnlab", bn(layers[0]))], {"copy_", "bnlab"}, args.rounds, args.reps
+    )
+    print(f"shape {shape} {args.layout}, {args.threads} thread(s), medians of {args.rounds} samples x {args.reps} calls")
+    for label, m in (("after-copy", after_copy), ("after-bnlab", after_bnlab)):
+        print(f"{label:12s} copy_ {m['copy_']:7.1f} us  bnlab {m['bnlab']:7.1f} us  "
+              f"fraction of copy_ {m['copy_'] / m['bnlab']:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
