@@ -71,9 +71,9 @@ def parse_case(spec: str) -> tuple[str, tuple[int, ...], str, torch.dtype, int]:
 
 def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: int):
     """Zero-argument callables, one per library of `libs`, each running the case's kernel of its
-    library on the same tensors: separate tensors would put each build's data at other addresses,
-    and the placement alone (page offsets of x against the output, huge pages or not) moved the
-    time of one build against an identical copy of itself by up to 20 %."""
+    library on the same tensors, so that the builds differ in their code only, not in where their
+    data lies. (Timed against an identical copy of itself, a build came out 0.80-1.16 until the
+    kernels' scratch buffers were cache-line aligned, 0.99-1.01 since: placement matters.)"""
     gen = torch.Generator().manual_seed(0)
     x, dy = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
     if layout == "cl":

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["load", "load_error", "library_path", "build_seconds", "check_environment"]
+__all__ = ["load", "load_error", "library_path", "build_seconds", "check_environment", "env_bytes"]
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = (
@@ -176,12 +176,21 @@ BYTE_VARIABLES = (
 _WHOLE_NUMBER = re.compile(r"\s*[0-9]+\s*", re.ASCII)
 
 
+def env_bytes(name: str) -> int | None:
+    """The byte count of environment variable ``name`` as the kernels read it; None when it is unset
+    or not a whole number of bytes that fits their 64-bit integers (check_environment's error)."""
+    value = os.environ.get(name)
+    if value is None or not _WHOLE_NUMBER.fullmatch(value) or int(value) >= 2**63:
+        return None
+    return int(value)
+
+
 def check_environment() -> None:
     """Raise ValueError naming the variable if one of BYTE_VARIABLES is set to anything but a whole
     number of bytes that fits the kernels' 64-bit integers."""
     for name in BYTE_VARIABLES:
         value = os.environ.get(name)
-        if value is not None and not (_WHOLE_NUMBER.fullmatch(value) and int(value) < 2**63):
+        if value is not None and env_bytes(name) is None:
             raise ValueError(f"{name}: expected a whole number of bytes such as 33554432, got {value!r}")
 
 

@@ -16,7 +16,6 @@ Public: :func:`empty_cpu_cache`, :func:`cpu_cache_info`, :func:`set_cpu_cache_li
 
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import Tensor
@@ -34,8 +33,7 @@ _CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3
 # A limit of 0 turns the pool off altogether: outputs come from torch's allocator again (so that,
 # e.g., their storage can grow with resize_, which torch refuses for memory it did not allocate).
 # (A malformed value is an error at the first kernel use: cpu_build.check_environment.)
-_limit_text = os.environ.get("BNLAB_CPU_CACHE_BYTES", "").strip()
-_state = {"enabled": not (_limit_text.isascii() and _limit_text.isdigit() and int(_limit_text) == 0)}
+_state = {"enabled": cpu_build.env_bytes("BNLAB_CPU_CACHE_BYTES") != 0}
 
 
 def _pool():
