@@ -20,9 +20,13 @@ import triton.language as tl
 @triton.jit
 def _coef(coef_ptr, index, r, k, r_ok, k_ok, C, NCL: tl.constexpr):
     """Row ``index`` of the (·, C) coefficients, broadcast over a [BLOCK_R, BLOCK_K] tile."""
+    # One return: compiled Triton types every return of a function alike, even under a constexpr
+    # branch ([BLOCK_R, 1] and [1, BLOCK_K] differ), which the interpreter does not check.
     if NCL:
-        return tl.load(coef_ptr + index * C + r % C, mask=r_ok, other=0.0)[:, None]
-    return tl.load(coef_ptr + index * C + k, mask=k_ok, other=0.0)[None, :]
+        row = tl.load(coef_ptr + index * C + r % C, mask=r_ok, other=0.0)[:, None]
+    else:
+        row = tl.load(coef_ptr + index * C + k, mask=k_ok, other=0.0)[None, :]
+    return row
 
 
 @triton.jit

@@ -61,17 +61,27 @@ class Plan(NamedTuple):
         return (self.k + 7) // 8
 
 
-def _programs_wanted(x: torch.Tensor) -> int:
-    if not x.is_cuda:
+#: multiprocessors assumed when planning for a GPU without one (an H100's count); used by the
+#: compile check, which compiles the kernels for a GPU target on a machine that has none
+_ASSUMED_SM_COUNT = 132
+
+
+def _programs_wanted(x: torch.Tensor, gpu: bool) -> int:
+    if not gpu:
         return 4  # the interpreter: a few segments, so that the merge is exercised
+    if not x.is_cuda:
+        return 4 * _ASSUMED_SM_COUNT
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return 4 * _SM_COUNT[index]
 
 
-def plan(x: torch.Tensor) -> Plan | None:
-    """The plan for x, or None if x is empty or neither contiguous nor channels-last (channels innermost)."""
+def plan(x: torch.Tensor, for_gpu: bool | None = None) -> Plan | None:
+    """The plan for x, or None if x is empty or neither contiguous nor channels-last (channels innermost).
+
+    ``for_gpu`` (default: x.is_cuda) picks GPU tiles rather than the interpreter's small ones.
+    """
     if x.numel() == 0:
         return None
     n, c = x.shape[0], x.shape[1]
@@ -82,9 +92,9 @@ def plan(x: torch.Tensor) -> Plan | None:
         ncl, n, length = False, n * length, 1
     else:
         return None
-    gpu = x.is_cuda
+    gpu = x.is_cuda if for_gpu is None else for_gpu
     tile, width = (2048, 1024) if gpu else (128, 64)  # the interpreter: small tiles, many of them
-    wanted = _programs_wanted(x)
+    wanted = _programs_wanted(x, gpu)
     if ncl:
         block_b = min(triton.next_power_of_2(length), width)  # BLOCK_L
         block_a = max(1, tile // block_b)  # BLOCK_N

@@ -1,0 +1,83 @@
+"""Triton's compiler accepts every kernel variant bnlab launches (compiled for sm_90, no GPU needed).
+
+The interpreter tests (test_triton.py) check what the kernels compute; they cannot see code the
+compiler rejects. These tests run tests/triton_compile_worker.py in a fresh process without
+TRITON_INTERPRET, so the kernels are really compiled to PTX and cubin by Triton's bundled ptxas.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+TESTS = Path(__file__).resolve().parent
+WORKER = TESTS / "triton_compile_worker.py"
+
+
+def _env(cache_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # test_triton.py sets it here
+    src = str(TESTS.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, str(TESTS), env.get("PYTHONPATH", "")) if p)
+    env["TRITON_CACHE_DIR"] = str(cache_dir)  # a clean cache: every variant really compiles
+    return env
+
+
+def _run(args: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=_env(cache_dir), capture_output=True, text=True, timeout=900)
+
+
+def test_every_launched_kernel_variant_compiles_for_sm90(tmp_path):
+    result = _run([str(WORKER), "--arch", "90"], tmp_path / "cache")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("compiled ") and last.endswith(" variants for sm_90"), last
+    compiled = int(last.split()[1])
+    # 5 layouts x 3 dtypes x (forward, normalize, backward, fused) variants: far more than 100;
+    # a count this low would mean the launchers stopped reaching the compiler
+    assert compiled >= 150, last
+    kernel_names = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")}
+    assert len(kernel_names) >= 5, kernel_names
+
+
+def test_the_check_rejects_a_kernel_the_interpreter_accepts(tmp_path):
+    """The bug class the check exists for: returns of different tile shapes under a constexpr branch."""
+    (tmp_path / "broken_kernel.py").write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _row(ptr, FIRST: tl.constexpr):
+            offsets = tl.arange(0, 16)
+            if FIRST:
+                return tl.load(ptr + offsets)[:, None]
+            return tl.load(ptr + offsets)[None, :]
+
+        @triton.jit
+        def broken(ptr, out, FIRST: tl.constexpr):
+            tile = _row(ptr, FIRST)
+            tl.store(out + tl.arange(0, 16), tl.sum(tile, axis=0 if FIRST else 1))
+    '''))
+    (tmp_path / "drive.py").write_text(textwrap.dedent('''
+        import sys
+        import torch
+        from triton.backends.compiler import GPUTarget
+        import triton_compile_worker as worker
+        from broken_kernel import broken
+
+        recorder = worker.Recorder(GPUTarget("cuda", 90, 32))
+        recorder(broken, torch.empty(16), torch.empty(16), True, grid=(1,), warmup=False)
+        print("compiled", len(recorder.seen))
+    '''))
+    env_cache = tmp_path / "cache"
+    result = subprocess.run([sys.executable, str(tmp_path / "drive.py")], cwd=tmp_path, env={**_env(env_cache),
+                            "PYTHONPATH": os.pathsep.join((str(tmp_path), _env(env_cache)["PYTHONPATH"]))},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "FAILED broken" in result.stderr, result.stderr[-3000:]

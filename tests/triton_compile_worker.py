@@ -1,0 +1,137 @@
+"""Compile every Triton kernel variant bnlab launches, for a GPU target, on a machine without a GPU.
+
+Run as a script (by tests/test_triton_compile.py) with TRITON_INTERPRET unset: the interpreter
+runs kernels as Python and accepts code that Triton's compiler rejects (it once accepted a helper
+whose two constexpr branches returned tiles of different shapes). Here the launchers in
+bnlab.backends.triton_ops run on CPU tensors with GPU-sized plans, every launch is intercepted
+instead of executed, and its kernel is compiled by ``triton.compile`` (Triton's own ptxas) for
+the target given by --arch (default sm_90, the H100/H200). Nothing runs on a device.
+
+Prints one line per distinct kernel variant compiled, then ``compiled N variants``; exits 1 with
+the compiler's message on the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("triton_compile_worker: run with TRITON_INTERPRET unset (the interpreter compiles nothing)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from bnlab.backends import triton_ops  # noqa: E402
+
+_POINTER = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+            torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
+
+
+def _type_of(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTER[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unexpected kernel argument {value!r}")
+
+
+class Recorder:
+    """Stands in for JITFunction.run: compiles each distinct (kernel, signature, constexprs) once."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+        self.seen: set = set()
+
+    def __call__(self, kernel: JITFunction, *args, grid, warmup, **kwargs):
+        bound = inspect.signature(kernel.fn).bind(*args, **kwargs)
+        constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
+        signature, constexprs = {}, {}
+        for name, value in bound.arguments.items():
+            if name in constexpr_names:
+                signature[name], constexprs[name] = "constexpr", value
+            else:
+                signature[name] = _type_of(value)
+        key = (kernel.fn.__name__, tuple(signature.items()), tuple(constexprs.items()))
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        try:
+            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=self.target)
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            sys.exit(f"FAILED {kernel.fn.__name__} {constexprs} {signature}:\n{exc}\ncause: {cause!r}")
+        print(f"ok {kernel.fn.__name__} {constexprs}", flush=True)
+        return None
+
+
+def _input(shape, dtype, channels_last):
+    x = torch.empty(shape, dtype=dtype)
+    return x.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else x
+
+
+def drive_every_launch() -> None:
+    """Call each launcher in each configuration the backend and the fused layer use."""
+    ops = triton_ops
+    shapes = [((4, 64, 56, 56), False), ((5, 3, 7), False), ((4, 64, 5, 5), True), ((37, 5), False), ((9, 3, 2, 2), True)]
+    for (shape, cl), dtype in itertools.product(shapes, (torch.float32, torch.bfloat16, torch.float16)):
+        x = _input(shape, dtype, cl)
+        c = shape[1]
+        p = ops.plan(x, for_gpu=True)
+        w, b = torch.empty(c), torch.empty(c)
+        rm, rv, counter = torch.empty(c), torch.empty(c), torch.zeros((), dtype=torch.int64)
+        mean64, invstd64 = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+        for affine in (True, False):
+            wa, ba = (w, b) if affine else (None, None)
+            ops.forward_train(x, wa, ba, 1e-5, p=p)
+            ops.forward_train(x, wa, ba, 1e-5, rm, rv, 0.1, counter, guard=True, p=p)
+            ops.forward_train(x, wa, ba, 1e-5, rm, rv, None, counter, guard=False, p=p)
+            ops.normalize_with(x, mean64, invstd64, wa, ba, p=p)
+            ops.normalize_with(x, rm, rv, wa, ba, 1e-5, given_invstd=False, p=p)
+            stats, hi = torch.empty(3, c, dtype=torch.float64), torch.empty(c)
+            ops.backward(x, x, stats, hi, wa, p=p)
+            ops.backward(x, x, stats, hi, wa, need_dx=False, p=p)
+            ops.grad_input_with(x, x, mean64, invstd64, wa, mean64, mean64, 10.0, p=p)
+        ops.forward_train(x, None, None, 1.0, want_y=False, p=p)  # moments
+        for residual in (None, x):  # the fused layer: BN (+ residual) + ReLU with its 1-bit mask
+            y, stats, coef, mask = ops.forward_train(x, w, b, 1e-5, rm, rv, 0.1, counter, True, residual=residual,
+                                                     relu=True, want_mask=True, p=p)  # fmt: skip
+            mask = torch.empty(p.rows * p.k8b, dtype=torch.uint8)
+            for need_dx, want_dres in ((True, residual is not None), (False, True)):
+                ops.backward(x, x, stats, coef[0], w, need_dx, mask=mask, want_dres=want_dres, dweight=torch.empty(c),
+                             dbias=torch.empty(c), p=p)  # fmt: skip
+            ops.normalize_with(x, rm, rv, w, b, 1e-5, given_invstd=False, residual=residual, relu=True, p=p)
+        if dtype != torch.float32:  # model.to(dtype): parameters and running averages in 16 bits too
+            w16, b16, rm16, rv16 = (torch.empty(c, dtype=dtype) for _ in range(4))
+            y, stats, coef, _ = ops.forward_train(x, w16, b16, 1e-5, rm16, rv16, 0.1, counter, True, p=p)
+            ops.backward(x, x, stats, coef[0], w16, True, dweight=torch.empty_like(w16), dbias=torch.empty_like(b16), p=p)
+            ops.normalize_with(x, rm16, rv16, w16, b16, 1e-5, given_invstd=False, p=p)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    args = parser.parse_args()
+    recorder = Recorder(GPUTarget("cuda", args.arch, 32))
+    original = JITFunction.run
+    JITFunction.run = lambda self, *a, **kw: recorder(self, *a, **kw)
+    try:
+        drive_every_launch()
+    finally:
+        JITFunction.run = original
+    print(f"compiled {len(recorder.seen)} variants for sm_{args.arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
