@@ -116,6 +116,37 @@ def test_module_training_step_matches_torch(triton_everywhere, momentum):
         assert_close(ours(x), theirs(x), 2e-4, "eval output")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_module_with_half_precision_parameters(triton_everywhere, dtype):
+    """model.to(bfloat16): weight, bias and running averages in 16 bits, written by the kernels
+    from float64 (the interpreter once turned 1.0 into 9e-41 on that cast)."""
+    ours, theirs = bnlab.BatchNorm2d(3).to(dtype), torch.nn.BatchNorm2d(3).to(dtype)
+    x = make_input((4, 3, 5, 3), "cl", dtype, seed=21, mean=0.5, std=2.0)
+    dy = make_input((4, 3, 5, 3), "cl", dtype, seed=22)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(x1).backward(dy)
+    theirs(x2).backward(dy)
+    assert ours.weight.grad.dtype == ours.running_var.dtype == dtype
+    assert_close(x1.grad, x2.grad, TOL[dtype], "grad x")
+    assert_close(ours.weight.grad, theirs.weight.grad, TOL[dtype], "grad weight")
+    assert_close(ours.bias.grad, theirs.bias.grad, TOL[dtype], "grad bias")
+    # running averages against float64 (torch rounds its momentum arithmetic in 16 bits): within
+    # one rounding of the 16-bit result
+    x64 = x.double()
+    expected_mean = 0.1 * x64.mean((0, 2, 3))
+    expected_var = 0.9 + 0.1 * x64.var((0, 2, 3), unbiased=True)
+    half_ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    assert_close(ours.running_mean, expected_mean, half_ulp, "running_mean")
+    assert_close(ours.running_var, expected_var, half_ulp * float(expected_var.abs().max()), "running_var")
+    ours.eval()
+    with torch.no_grad():
+        z = make_input((4, 3, 5, 3), "cl", dtype, seed=23)
+        expected = (z.double() - ours.running_mean.double().view(1, 3, 1, 1)) / torch.sqrt(
+            ours.running_var.double().view(1, 3, 1, 1) + 1e-5
+        )
+        assert_close(ours(z), expected * ours.weight.double().view(1, 3, 1, 1), TOL[dtype], "eval output")
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_bn_add_relu_matches_torch_sequence(triton_everywhere, residual):
     ours = bnlab.BatchNormAct2d(3, residual=residual)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from bnlab.backends.triton_reduce import narrow
+
 
 @triton.jit
 def _masked(dz, mask_ptr, byte, bit, ok, HAS_MASK: tl.constexpr):
@@ -114,6 +116,6 @@ def grad_merge_kernel(
     tl.store(coef_ptr + 2 * C + c, a.to(tl.float32))
     tl.store(coef_ptr + 3 * C + c, cc.to(tl.float32))
     if WRITE_DW:
-        tl.store(dw_ptr + c, sxh.to(dw_ptr.dtype.element_ty))
+        tl.store(dw_ptr + c, narrow(sxh, dw_ptr.dtype.element_ty))
     if WRITE_DB:
-        tl.store(db_ptr + c, sdy.to(db_ptr.dtype.element_ty))
+        tl.store(db_ptr + c, narrow(sdy, db_ptr.dtype.element_ty))

@@ -24,6 +24,18 @@ import triton.language as tl
 
 
 @triton.jit
+def narrow(value, dtype: tl.constexpr):
+    """A float64 value in ``dtype``; a 16-bit dtype by way of float32, as torch's kernels round.
+
+    Triton's interpreter turns float64 into bfloat16 or float16 by the integer value, not the
+    float (1.0 -> 9e-41); rounding through float32 first is right in both and matches torch.
+    """
+    if dtype.primitive_bitwidth < 32:
+        value = value.to(tl.float32)
+    return value.to(dtype)
+
+
+@triton.jit
 def _chan_update(n_acc, mean_acc, m2_acc, d, ok, cnt):
     """Fold a tile of shifted values d (float64, 0 where not ok; cnt valid values per channel) into the
     running (count, mean, M2), axis 0 being the reduced axis."""
@@ -177,5 +189,5 @@ def running_update_kernel(
                 rv = tl.load(rv_ptr + c, mask=ok, other=0.0)
                 mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
                 var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
-                tl.store(rm_ptr + c, (rm.to(tl.float64) * (1.0 - factor) + mean * factor).to(rm.dtype), mask=ok)
-                tl.store(rv_ptr + c, (rv.to(tl.float64) * (1.0 - factor) + var * factor).to(rv.dtype), mask=ok)
+                tl.store(rm_ptr + c, narrow(rm.to(tl.float64) * (1.0 - factor) + mean * factor, rm.dtype), mask=ok)
+                tl.store(rv_ptr + c, narrow(rv.to(tl.float64) * (1.0 - factor) + var * factor, rv.dtype), mask=ok)
