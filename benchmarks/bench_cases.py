@@ -16,8 +16,13 @@ from torch import nn
 import bnlab
 
 MODES = ("fwd", "fwdbwd", "eval", "relu_fwdbwd", "addrelu_fwdbwd")
-#: bytes moved per element of x, for the minimal-traffic GB/s of each mode
+#: bytes moved per element of x, for the minimal-traffic GB/s of each mode (CPU: a channel's slice
+#: stays in cache between the statistics and the normalize pass, so x is read once)
 TRAFFIC = {"fwd": 2, "fwdbwd": 5, "eval": 2, "relu_fwdbwd": 5, "addrelu_fwdbwd": 7}
+#: on a GPU the issue counts what a two-kernel design must move: forward 3N (x read twice, y written),
+#: backward 5N (dy and x read twice, dx written); the fused modes add the residual (read forward,
+#: its gradient written backward); the 1-bit mask (N/8 each way) is not counted
+TRAFFIC_GPU = {"fwd": 3, "fwdbwd": 8, "eval": 2, "relu_fwdbwd": 8, "addrelu_fwdbwd": 10}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
@@ -106,8 +111,9 @@ def contenders(shape, layout: str, dtype: torch.dtype, mode: str, device: str, c
     return out
 
 
-def traffic_bytes(shape, dtype: torch.dtype, mode: str) -> int:
+def traffic_bytes(shape, dtype: torch.dtype, mode: str, device: str = "cpu") -> int:
     numel = 1
     for s in shape:
         numel *= s
-    return TRAFFIC[mode] * numel * torch.empty((), dtype=dtype).element_size()
+    per_element = (TRAFFIC_GPU if device == "cuda" else TRAFFIC)[mode]
+    return per_element * numel * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,225 @@
+"""Check bnlab's Triton kernels on a real GPU against float64 and torch.nn (cuDNN), before timing them.
+
+CI has no GPU: there the kernels run in Triton's interpreter (tests/test_triton.py) and are
+compiled for sm_90 without running (tests/test_triton_compile.py). This script is the check on
+the device itself, at sizes the interpreter cannot reach (tens of millions of elements, few
+channels with long rows, many segments per channel):
+
+- the backend's forward and backward against a float64 oracle written here (two-pass mean and
+  variance of the upcast input, and the textbook gradients), by max |error| / max |reference|;
+- module training steps (output, input and parameter gradients, running averages, the batch
+  counter) and eval against torch.nn.BatchNorm2d/1d on the same GPU;
+- the fused BatchNormAct2d (ReLU, residual + ReLU) against torch's unfused sequence;
+- data at 1e3 ± 0.01 (the variance must survive).
+
+Every output buffer is preceded by a poisoning of PyTorch's caching allocator with NaN, so an
+element a kernel forgets to write shows up as NaN. Fresh random inputs for every check. A Triton
+first-use failure is an error here, not a fall-back: the script fails if any call runs elsewhere.
+
+    PYTHONPATH=src python benchmarks/gpu_check.py            # prints one line per check, FAIL lines last
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/gpu_check.py --dry-run   # the script itself, on CPU
+
+--dry-run runs the same checks through Triton's interpreter on CPU tensors at small shapes: it
+checks this script (its oracle, its bookkeeping), not the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.backends import _REGISTRY, PortableBackend, select_backend
+
+TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+SHAPES = [  # (shape, channels_last)
+    ((32, 64, 56, 56), False), ((32, 64, 56, 56), True), ((128, 16, 32, 32), True), ((256, 64, 32, 32), False),
+    ((8192, 100), False), ((256, 100), False), ((7, 3, 5, 9), False), ((7, 3, 5, 9), True),
+    ((4, 2, 300000), False), ((3, 5, 2, 3, 7), True), ((65536, 3), False), ((64, 2048), False),
+]  # fmt: skip
+DRY_RUN_SHAPES = [((4, 6, 5, 7), False), ((4, 6, 5, 7), True), ((33, 5), False), ((3, 2, 301), False),
+                  ((3, 5, 2, 3, 2), True)]  # fmt: skip
+DEVICE = "cuda"
+FUSED_SHAPE, STABILITY_SHAPE = (16, 64, 28, 28), (64, 8, 32, 32)
+failures: list[str] = []
+
+
+def poison() -> None:
+    """Fill the caching allocator's free blocks with NaN: an unwritten output element stays NaN."""
+    if DEVICE != "cuda":
+        return  # the CPU allocator hands back fresh pages: nothing to poison
+    free = torch.cuda.mem_get_info()[0]
+    big = torch.full((min(free // 2, 4 << 30) // 4,), float("nan"), device=DEVICE)
+    del big
+
+
+def rand(shape, dtype, cl, mean=0.0, std=1.0) -> torch.Tensor:
+    x = (torch.randn(shape, device=DEVICE, dtype=torch.float64) * std + mean).to(dtype)
+    if cl:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-30))
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    err = rel_err(got, want)
+    ok = err <= tol
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.2e} (tol {tol:.0e})", flush=True)
+    if not ok:
+        failures.append(f"{name}: {err:.3g} > {tol:.0e}")
+
+
+def oracle(x, dy, w, b, eps):
+    """float64 BN forward and backward over every axis but 1."""
+    axes = [0] + list(range(2, x.dim()))
+    x64, dy64 = x.double(), dy.double()
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x64.mean(axes, keepdim=True)
+    var = ((x64 - mean) ** 2).mean(axes, keepdim=True)
+    invstd = 1 / torch.sqrt(var + eps)
+    xhat = (x64 - mean) * invstd
+    y = xhat * w.double().view(shape) + b.double().view(shape)
+    m = x64.numel() // x64.shape[1]
+    db = dy64.sum(axes)
+    dw = (dy64 * xhat).sum(axes)
+    dx = w.double().view(shape) * invstd / m * (m * dy64 - db.view(shape) - xhat * dw.view(shape))
+    return y, dx, dw, db, mean.flatten(), var.flatten()
+
+
+def check_backend(shape, cl, dtype) -> None:
+    tag = f"{tuple(shape)} {'cl' if cl else 'nchw'} {str(dtype)[6:]}"
+    x, dy = rand(shape, dtype, cl, 0.5, 2.0), rand(shape, dtype, cl)
+    c = shape[1]
+    w, b = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    backend = select_backend(x)
+    if backend.name != "triton":
+        failures.append(f"{tag}: ran on the {backend.name!r} backend, not triton")
+        return
+    poison()
+    y, stats, invstd = backend.forward_train(x, w, b, 1e-5)
+    poison()
+    dx, dw, db = backend.backward(dy, x, stats.mean, invstd, w, stats.count, True)
+    ry, rdx, rdw, rdb, rmean, rvar = oracle(x, dy, w, b, 1e-5)
+    tol = TOL[dtype]
+    check(f"backend y {tag}", y, ry, tol)
+    check(f"backend dx {tag}", dx, rdx, tol)
+    check(f"backend mean {tag}", stats.mean, rmean, 1e-9)
+    check(f"backend var {tag}", stats.m2 / stats.count, rvar, 1e-9)
+    check(f"backend dweight {tag}", dw, rdw, 1e-5)
+    check(f"backend dbias {tag}", db, rdb, 1e-5)
+    if y.stride() != x.stride() or dx.stride() != x.stride():
+        failures.append(f"{tag}: output strides {y.stride()}/{dx.stride()} differ from the input's {x.stride()}")
+
+
+def check_module(shape, cl, dtype) -> None:
+    tag = f"{tuple(shape)} {'cl' if cl else 'nchw'} {str(dtype)[6:]}"
+    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
+    ours, theirs = getattr(bnlab, name)(shape[1]).to(DEVICE), getattr(nn, name)(shape[1]).to(DEVICE)
+    tol = TOL[dtype]
+    for step in range(2):
+        x, dy = rand(shape, dtype, cl, float(step), 1.5), rand(shape, dtype, cl)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours_w, theirs_w = ours.to(dtype), theirs.to(dtype)
+        poison()
+        y1 = ours_w(x1)
+        y1.backward(dy)
+        y2 = theirs_w(x2)
+        y2.backward(dy)
+        check(f"module y step {step} {tag}", y1, y2, tol)
+        check(f"module dx step {step} {tag}", x1.grad, x2.grad, tol)
+        check(f"module dweight step {step} {tag}", ours.weight.grad, theirs.weight.grad, tol)
+        check(f"module running_var step {step} {tag}", ours.running_var, theirs.running_var, tol)
+        ours.weight.grad = theirs.weight.grad = ours.bias.grad = theirs.bias.grad = None
+    if int(ours.num_batches_tracked) != 2:
+        failures.append(f"module {tag}: num_batches_tracked {int(ours.num_batches_tracked)} != 2")
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        x = rand(shape, dtype, cl, 1.0)
+        poison()
+        check(f"module eval {tag}", ours(x), theirs(x), tol)
+
+
+def check_fused(cl, dtype, residual) -> None:
+    shape = FUSED_SHAPE
+    tag = f"{shape} {'cl' if cl else 'nchw'} {str(dtype)[6:]} residual={residual}"
+    ours = bnlab.BatchNormAct2d(shape[1], residual=residual).to(DEVICE).to(dtype)
+    # The reference runs in float32 on the same inputs: torch's bfloat16 sequence rounds BN(x) before
+    # the add, which moves the ReLU's zero crossing and with it whole gradient elements.
+    theirs = nn.BatchNorm2d(shape[1]).to(DEVICE)
+    x, dy = rand(shape, dtype, cl), rand(shape, dtype, cl)
+    res = rand(shape, dtype, cl) if residual else None
+    x1, x2 = x.clone().requires_grad_(), x.float().requires_grad_()
+    r1, r2 = (res.clone().requires_grad_(), res.float().requires_grad_()) if residual else (None, None)
+    poison()
+    y1 = ours(x1, r1) if residual else ours(x1)
+    y2 = torch.relu(theirs(x2) + (r2 if residual else 0))
+    y1.backward(dy)
+    y2.backward(dy.float())
+    tol = TOL[dtype]
+    check(f"fused y {tag}", y1, y2, tol)
+    check(f"fused dx {tag}", x1.grad, x2.grad, tol)
+    check(f"fused dweight {tag}", ours.weight.grad, theirs.weight.grad, tol)
+    if residual:
+        check(f"fused dresidual {tag}", r1.grad, r2.grad, tol)
+
+
+def check_stability() -> None:
+    x = rand(STABILITY_SHAPE, torch.float32, False, 1000.0, 0.01)
+    c = STABILITY_SHAPE[1]
+    y, stats, _ = select_backend(x).forward_train(x, None, None, 1e-5)
+    ry = oracle(x, x, torch.ones(c, device=DEVICE), torch.zeros(c, device=DEVICE), 1e-5)[0]
+    check("stability y at 1e3 ± 0.01", y, ry, 2e-4)
+
+
+def dry_run_on_cpu() -> list:
+    """Route CPU tensors to the interpreted Triton backend; the small shapes to check."""
+    global DEVICE, FUSED_SHAPE, STABILITY_SHAPE
+    from bnlab.backends.triton_backend import TritonBackend  # needs TRITON_INTERPRET=1, set by the caller
+
+    DEVICE, FUSED_SHAPE, STABILITY_SHAPE = "cpu", (4, 6, 5, 7), (16, 3, 9, 9)
+    _REGISTRY[:] = [TritonBackend(allow_cpu=True), PortableBackend()]
+    return DRY_RUN_SHAPES
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="run the checks in the interpreter on CPU")
+    args = parser.parse_args()
+    if args.dry_run:
+        shapes, where = dry_run_on_cpu(), "CPU (Triton interpreter)"
+    elif not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device (--dry-run checks the script on CPU)")
+    else:
+        shapes, where = SHAPES, torch.cuda.get_device_name()
+    warnings.simplefilter("error", RuntimeWarning)  # a Triton first-use failure must not pass as a fall-back
+    torch.manual_seed(0)
+    print(f"{where}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    for shape, cl in shapes:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            check_backend(shape, cl, dtype)
+        check_module(shape, cl, torch.float32)
+    check_module(shapes[0][0], True, torch.bfloat16)
+    for cl in (False, True):
+        for residual in (False, True):
+            check_fused(cl, torch.float32, residual)
+    check_fused(True, torch.bfloat16, True)
+    check_stability()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    print(f"\n{len(failures)} failure(s)" + "".join(f"\nFAIL {f}" for f in failures))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
