@@ -14,9 +14,10 @@
 // free: its statistics, then its elementwise pass while its values are still in that core's cache,
 // which reads x from memory once instead of twice and needs no barrier. With few channels, the
 // chunks of each wave of channels are shared among all threads, with one barrier per wave
-// (cpu_kernels_waves.inc). Those fused walks pay off for tensors larger than the L3; smaller ones
-// (below half of it) run the statistics, then the elementwise pass over the whole tensor in
-// memory order, and their gradient sums in memory order too (cpu_kernels_ncl_flat.inc).
+// (cpu_kernels_waves.inc). Those fused walks pay off for tensors larger than the L3, and whenever
+// the output streams past the caches; smaller ones (below half of it) run the statistics, then the
+// elementwise pass over the whole tensor in memory order, and their gradient sums in memory order
+// too (cpu_kernels_ncl_flat.inc).
 // NLC (channels innermost): threads take shares of the rows.
 #ifdef BNLAB_PYTHON_MODULE
 #define PY_SSIZE_T_CLEAN
