@@ -8,7 +8,9 @@ instead of executed, and its kernel is compiled by ``triton.compile`` (Triton's 
 the target given by --arch (default sm_90, the H100/H200). Nothing runs on a device.
 
 Prints one line per distinct kernel variant compiled, then ``compiled N variants``; exits 1 with
-the compiler's message on the first failure.
+the compiler's message on the first failure. With --resources, also each variant's registers per
+thread and spill bytes (``ptxas -v``), a register range per kernel and ``spill bytes N``: a spill
+makes a memory-bound kernel wait on local memory, and registers bound how many warps an SM holds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import argparse
 import inspect
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("triton_compile_worker: run with TRITON_INTERPRET unset (the interpreter compiles nothing)")
@@ -46,12 +51,32 @@ def _type_of(value) -> str:
     raise TypeError(f"unexpected kernel argument {value!r}")
 
 
-class Recorder:
-    """Stands in for JITFunction.run: compiles each distinct (kernel, signature, constexprs) once."""
+def ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes stored + loaded) of a kernel's PTX, from ``ptxas -v``
+    (the ptxas Triton itself uses for this architecture)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    def __init__(self, target: GPUTarget):
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)  # e.g. sm_90a
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, f"-arch={target}", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    log = out.stdout + out.stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    return registers, spills
+
+
+class Recorder:
+    """Stands in for JITFunction.run: compiles each distinct (kernel, signature, constexprs) once;
+    with ``resources``, also records each variant's registers and spills."""
+
+    def __init__(self, target: GPUTarget, resources: bool = False):
         self.target = target
         self.seen: set = set()
+        self.resources: dict[str, list[tuple[int, int]]] | None = {} if resources else None
 
     def __call__(self, kernel: JITFunction, *args, grid, warmup, **kwargs):
         bound = inspect.signature(kernel.fn).bind(*args, **kwargs)
@@ -67,11 +92,16 @@ class Recorder:
             return None
         self.seen.add(key)
         try:
-            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=self.target)
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=self.target)
         except Exception as exc:
             cause = exc.__cause__ or exc
             sys.exit(f"FAILED {kernel.fn.__name__} {constexprs} {signature}:\n{exc}\ncause: {cause!r}")
-        print(f"ok {kernel.fn.__name__} {constexprs}", flush=True)
+        extra = ""
+        if self.resources is not None:
+            registers, spills = ptxas_resources(compiled.asm["ptx"], self.target.arch)
+            self.resources.setdefault(kernel.fn.__name__, []).append((registers, spills))
+            extra = f" registers {registers} spills {spills}"
+        print(f"ok {kernel.fn.__name__} {constexprs}{extra}", flush=True)
         return None
 
 
@@ -121,14 +151,20 @@ def drive_every_launch() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--resources", action="store_true", help="also report registers and spills (ptxas -v)")
     args = parser.parse_args()
-    recorder = Recorder(GPUTarget("cuda", args.arch, 32))
+    recorder = Recorder(GPUTarget("cuda", args.arch, 32), resources=args.resources)
     original = JITFunction.run
     JITFunction.run = lambda self, *a, **kw: recorder(self, *a, **kw)
     try:
         drive_every_launch()
     finally:
         JITFunction.run = original
+    if recorder.resources is not None:
+        for name, rows in sorted(recorder.resources.items()):
+            registers = [r for r, _ in rows]
+            print(f"resources {name}: {len(rows)} variants, registers {min(registers)}-{max(registers)}")
+        print(f"spill bytes {sum(s for rows in recorder.resources.values() for _, s in rows)}")
     print(f"compiled {len(recorder.seen)} variants for sm_{args.arch}")
     return 0
 
