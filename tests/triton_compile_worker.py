@@ -34,6 +34,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from bnlab.backends import triton_ops  # noqa: E402
+from speed_helpers import to_layout  # noqa: E402  (tests/ is on the path: the caller's PYTHONPATH)
 
 _POINTER = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
             torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
@@ -105,17 +106,12 @@ class Recorder:
         return None
 
 
-def _input(shape, dtype, channels_last):
-    x = torch.empty(shape, dtype=dtype)
-    return x.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else x
-
-
 def drive_every_launch() -> None:
     """Call each launcher in each configuration the backend and the fused layer use."""
     ops = triton_ops
     shapes = [((4, 64, 56, 56), False), ((5, 3, 7), False), ((4, 64, 5, 5), True), ((37, 5), False), ((9, 3, 2, 2), True)]
     for (shape, cl), dtype in itertools.product(shapes, (torch.float32, torch.bfloat16, torch.float16)):
-        x = _input(shape, dtype, cl)
+        x = to_layout(torch.empty(shape, dtype=dtype), "cl" if cl else "nchw")
         c = shape[1]
         p = ops.plan(x, for_gpu=True)
         w, b = torch.empty(c), torch.empty(c)
