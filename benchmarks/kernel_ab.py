@@ -15,6 +15,10 @@ The old build is the compiled module of another revision, which bnlab caches und
 
 Cases are mode:shape:layout:dtype[:threads], mode one of fwd, stats (forward without output),
 bwd, eval; layout nchw or cl; dtype fp32 or bf16; threads 2 unless given.
+
+With --cold, every timed call follows a write of 256 MB elsewhere, so the call finds its tensors
+in memory rather than in cache (as a layer's backward finds the tensors its forward touched,
+after the rest of the network ran in between), and each sample is that one call.
 """
 
 from __future__ import annotations
@@ -106,7 +110,18 @@ def median_us(fn, reps: int) -> float:
     return (time.perf_counter() - start) / reps * 1e6
 
 
-def compare(old, new, spec: str, samples: int) -> str:
+COLD_BYTES = 256 << 20  # larger than any last-level cache a core of the project's machines sees
+
+
+def cold_us(fn, evict: torch.Tensor) -> float:
+    """One call of fn, in microseconds, right after ``evict`` was overwritten."""
+    evict.fill_(1.0)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e6
+
+
+def compare(old, new, spec: str, samples: int, evict: torch.Tensor | None = None) -> str:
     mode, shape, layout, dtype, nt = parse_case(spec)
     f_old, f_new = kernel_calls((old, new), mode, shape, layout, dtype, nt)
     f_old(), f_new()
@@ -115,15 +130,17 @@ def compare(old, new, spec: str, samples: int) -> str:
     t_old, t_new = [], []
     for i in range(samples):
         for which in ((f_old, t_old), (f_new, t_new))[:: 1 if i % 2 else -1]:
-            which[1].append(median_us(which[0], reps))
+            which[1].append(median_us(which[0], reps) if evict is None else cold_us(which[0], evict))
     a, b = statistics.median(t_old), statistics.median(t_new)
-    return f"{spec:32s} old {a:9.1f} us  new {b:9.1f} us  new/old {b / a:.3f}"
+    label = spec if evict is None else f"cold {spec}"
+    return f"{label:37s} old {a:9.1f} us  new {b:9.1f} us  new/old {b / a:.3f}"
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", required=True, help="path of the other build's compiled module (.so)")
     p.add_argument("--samples", type=int, default=15, help="alternating samples per build (default 15)")
+    p.add_argument("--cold", action="store_true", help="time single calls, each after evicting the caches")
     p.add_argument("cases", nargs="*", default=list(DEFAULT_CASES), help="mode:shape:layout:dtype[:threads]")
     args = p.parse_args(argv)
     old_path = Path(args.old)
@@ -143,8 +160,9 @@ def main(argv=None) -> None:
         p.error(f"--old: {args.old!r} is this checkout's own build; give another revision's")
     old = cpu_build._load_module(old_path)
     print(f"old {old_path}\nnew {cpu_build.library_path()}")
+    evict = torch.empty(COLD_BYTES // 4) if args.cold else None
     for spec in args.cases:
-        print(compare(old, new, spec, args.samples), flush=True)
+        print(compare(old, new, spec, args.samples, evict), flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ SOURCES = (
     "cpu_kernels.cpp",
     "cpu_kernels_ncl.inc",
     "cpu_kernels_ncl_flat.inc",
+    "cpu_kernels_ncl_groups.inc",
     "cpu_kernels_waves.inc",
     "cpu_kernels_nlc_bf16.inc",
     "cpu_kernels_nlc_rows.inc",
@@ -171,6 +172,7 @@ BYTE_VARIABLES = (
     "BNLAB_CPU_CACHE_BYTES",  # the output pool's idle-byte limit (a user setting, README)
     "BNLAB_STREAM_MIN_BYTES",  # tuning: non-temporal stores from this input size
     "BNLAB_NCL_FLAT_MAX_BYTES",  # tuning: two-pass NCL walk below this input size
+    "BNLAB_NCL_GROUP_BYTES",  # tuning: NCL channel groups of at most this many input bytes
     "BNLAB_NLC_GROUP_MAX_BYTES",  # tuning: channel-group NLC walk below this input size
 )
 _WHOLE_NUMBER = re.compile(r"\s*[0-9]+\s*", re.ASCII)

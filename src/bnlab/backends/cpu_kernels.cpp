@@ -17,7 +17,8 @@
 // (cpu_kernels_waves.inc). Those fused walks pay off for tensors larger than the L3, and whenever
 // the output streams past the caches; smaller ones (below half of it) run the statistics, then the
 // elementwise pass over the whole tensor in memory order, and their gradient sums in memory order
-// too (cpu_kernels_ncl_flat.inc).
+// too (cpu_kernels_ncl_flat.inc). Short rows of many channels, whatever the tensor's size, take
+// the fused walk by groups of adjacent channels instead (cpu_kernels_ncl_groups.inc).
 // NLC (channels innermost): threads take shares of the rows.
 #ifdef BNLAB_PYTHON_MODULE
 #define PY_SSIZE_T_CLEAN
@@ -322,6 +323,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 
 #include "cpu_kernels_ncl.inc"
 #include "cpu_kernels_ncl_flat.inc"
+#include "cpu_kernels_ncl_groups.inc"
 #include "cpu_kernels_waves.inc"
 #include "cpu_kernels_nlc_bf16.inc"
 #include "cpu_kernels_nlc_rows.inc"
