@@ -5,7 +5,10 @@ whose rows are whole 64-byte lines; BNLAB_STREAM_MIN_BYTES=0 makes every such ou
 small tensors reach that code here. Each case runs in a fresh process (the threshold is read once
 per process) and compares with torch.nn, forward, backward and eval, on the NCL per-channel path
 (rows of 1280 values), the waves path (few channels, rows of 1600), and rows of odd length, which
-do not stream and take the flat walk instead.
+do not stream and take the flat walk instead. The same bound marks tensors too large for the cache,
+whose statistics request row segments (rows of 2048 values or more) a page ahead
+(add_shifted_f32): rows of 2304 values by channel, and of 2500 values (which do not stream) in
+waves, reach that.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("shape", ["4,16,32,40", "8,3,40,40", "3,5,37,41"])
+@pytest.mark.parametrize("shape", ["4,16,32,40", "8,3,40,40", "3,5,37,41", "4,16,48,48", "2,3,50,50"])
 def test_streamed_outputs_match_torch(shape):
     env = dict(os.environ, BNLAB_STREAM_MIN_BYTES="0", OMP_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", SCRIPT, shape], env=env, capture_output=True, text=True, timeout=300)
