@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(
     reason="the pool lives in the compiled extension module, which did not build here",
 )
 
-# (16, 64, 32, 32) float32 is exactly POOL_MIN_BYTES: the smallest pooled output.
-SHAPE = (16, 64, 32, 32)
+# (16, 64, 8, 16) float32 is exactly POOL_MIN_BYTES: the smallest pooled output.
+SHAPE = (16, 64, 8, 16)
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +63,7 @@ def test_threshold_is_exactly_the_smallest_pooled_shape():
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pooled_outputs_match_torch_even_over_stale_blocks(memory_format, dtype):
-    shape = SHAPE if dtype == torch.float32 else (32, 64, 32, 32)  # 4 MiB in bf16 too
+    shape = SHAPE if dtype == torch.float32 else (16, 64, 16, 16)  # 512 KiB in bf16 too
     ours, theirs = _pair(shape[1])
     x = (torch.randn(shape) * 3 + 1).to(dtype=dtype, memory_format=memory_format)
     dy = torch.randn(shape).to(dtype=dtype, memory_format=memory_format)
@@ -100,6 +100,18 @@ def test_a_freed_output_is_reused_last_in_first_out():
     assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
 
 
+@pytest.mark.parametrize(
+    ("shape", "block"),
+    [((16, 64, 8, 16), 512 << 10), ((16, 64, 8, 17), 576 << 10), ((16, 64, 32, 32), 4 << 20), ((17, 64, 32, 32), 6 << 20)],
+)
+def test_blocks_round_to_64_kib_below_2_mib_and_to_huge_pages_above(shape, block):
+    bnlab.empty_cpu_cache()
+    y = cpu_pool.empty_like(torch.empty(shape))
+    del y
+    info = cpu_pool.cpu_cache_info()
+    assert (info["idle_blocks"], info["idle_bytes"]) == (1, block)
+
+
 def test_small_outputs_come_from_torch():
     before = cpu_pool.cpu_cache_info()
     x = torch.randn(SHAPE[0] - 1, *SHAPE[1:])
@@ -127,12 +139,12 @@ def test_pooled_tensors_copy_save_and_share_like_torch_tensors():
 
 def test_limit_bounds_idle_bytes_and_zero_turns_the_pool_off():
     x = torch.randn(SHAPE)
-    cpu_pool.set_cpu_cache_limit(8 << 20)  # room for two 4 MiB blocks
+    cpu_pool.set_cpu_cache_limit(1 << 20)  # room for two 512 KiB blocks
     outs = [cpu_pool.empty_like(x) for _ in range(4)]
     del outs
     info = cpu_pool.cpu_cache_info()
-    assert info["limit"] == 8 << 20
-    assert info["idle_bytes"] <= 8 << 20 and info["idle_blocks"] == 2
+    assert info["limit"] == 1 << 20
+    assert info["idle_bytes"] <= 1 << 20 and info["idle_blocks"] == 2
     cpu_pool.set_cpu_cache_limit(0)
     assert cpu_pool.cpu_cache_info()["idle_bytes"] == 0
     y = bnlab.BatchNorm2d(SHAPE[1])(x)

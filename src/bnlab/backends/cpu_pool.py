@@ -1,8 +1,9 @@
 """Reused memory for the CPU kernels' large outputs (the pool in cpu_kernels_pool.inc).
 
 glibc gives every allocation above its mmap threshold (at most 32 MiB) fresh pages, which the
-operating system zeroes before the kernel can write them: on a (256, 64, 32, 32) float32 input
-that doubled the cost of the forward pass. Outputs of :data:`POOL_MIN_BYTES` or more are
+operating system zeroes before the kernel can write them, and returns freed memory at the top of
+its heap to the system: on a (256, 64, 32, 32) float32 input that doubled the cost of the forward
+pass. Outputs of :data:`POOL_MIN_BYTES` or more are
 therefore taken from a pool of blocks that earlier outputs gave back when they died, and handed to
 torch without a copy through DLPack. The pool keeps at most a limit of idle bytes
 (``BNLAB_CPU_CACHE_BYTES``, default an eighth of physical memory and at most 4 GiB); blocks in use
@@ -25,9 +26,12 @@ from bnlab.backends import cpu_build
 
 __all__ = ["POOL_MIN_BYTES", "empty_like", "empty_cpu_cache", "cpu_cache_info", "set_cpu_cache_limit"]
 
-#: Outputs at least this large come from the pool (smaller ones are served well by malloc's heap,
-#: and the pool rounds sizes up to 2 MiB huge pages).
-POOL_MIN_BYTES = 4 << 20
+#: Outputs at least this large come from the pool (it rounds sizes up to 64 KiB, and from 2 MiB up
+#: to whole 2 MiB huge pages). Between 512 KiB and 4 MiB malloc's memory, too, came back fresh
+#: whenever other work ran between two BN calls: a training step of (8192, 100) took 0.62-0.68
+#: and (2048, 100) 0.82-0.84 of the time from the pool, interleaved with torch.nn's steps;
+#: smaller outputs gained nothing (benchmarks/pool_threshold.py, results/pool_threshold.txt).
+POOL_MIN_BYTES = 512 << 10
 
 _CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 # A limit of 0 turns the pool off altogether: outputs come from torch's allocator again (so that,
