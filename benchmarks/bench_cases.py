@@ -8,6 +8,8 @@ writing dx (5N). The fused modes count their extra tensors too (residual read, a
 
 from __future__ import annotations
 
+import argparse
+
 from typing import Callable
 
 import torch
@@ -24,6 +26,18 @@ TRAFFIC = {"fwd": 2, "fwdbwd": 5, "eval": 2, "relu_fwdbwd": 5, "addrelu_fwdbwd":
 #: its gradient written backward); the 1-bit mask (N/8 each way) is not counted
 TRAFFIC_GPU = {"fwd": 3, "fwdbwd": 8, "eval": 2, "relu_fwdbwd": 8, "addrelu_fwdbwd": 10}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def nchw_shape(text: str) -> tuple[int, int, int, int]:
+    """An (N, C, H, W) shape from "64,256,14,14": the ``type=`` of the scripts' --shape options
+    (argparse turns the error into "argument --shape: expected ...")."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,256,14,14, got {text!r}")
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected 4 positive sizes (N, C, H, W), got {text!r}")
+    return shape
 
 
 def make_input(shape, layout: str, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:

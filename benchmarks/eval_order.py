@@ -22,7 +22,7 @@ import time
 import torch
 
 import bnlab
-from bench_cases import make_input
+from bench_cases import make_input, nchw_shape
 
 
 def _median_us(order: list, timed: set, rounds: int, reps: int) -> dict:
@@ -39,18 +39,13 @@ def _median_us(order: list, timed: set, rounds: int, reps: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="64,256,14,14", help="comma-separated (N, C, H, W)")
+    p.add_argument("--shape", type=nchw_shape, default="64,256,14,14", help="comma-separated (N, C, H, W)")
     p.add_argument("--layout", default="nchw", choices=["nchw", "cl"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--reps", type=int, default=60, help="calls per sample")
     args = p.parse_args(argv)
-    try:
-        shape = tuple(int(s) for s in args.shape.split(","))
-    except ValueError:
-        p.error(f"--shape: expected comma-separated integers, got {args.shape!r}")
-    if len(shape) != 4 or min(shape) < 1:
-        p.error(f"--shape: expected 4 positive sizes (N, C, H, W), got {args.shape!r}")
+    shape = args.shape
     if args.rounds < 1 or args.reps < 1:
         p.error(f"--rounds and --reps: expected positive integers, got {args.rounds} and {args.reps}")
     torch.set_num_threads(args.threads)

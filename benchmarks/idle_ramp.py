@@ -23,6 +23,7 @@ import torch
 import bnlab
 from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, layout_of
+from bench_cases import nchw_shape
 
 
 def module_step(shape):
@@ -74,23 +75,17 @@ def pauses(seconds: float):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="128,16,32,32", help="NCHW input shape (default 128,16,32,32)")
+    p.add_argument("--shape", type=nchw_shape, default="128,16,32,32", help="N,C,H,W (default 128,16,32,32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pause", type=float, default=0.02, help="seconds of other work before each series")
     p.add_argument("--calls", type=int, default=10, help="timed steps after each pause")
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args(argv)
-    try:
-        shape = tuple(int(v) for v in args.shape.split(","))
-    except ValueError:
-        p.error(f"--shape: expected comma-separated integers such as 128,16,32,32, got {args.shape!r}")
-    if len(shape) != 4 or min(shape) < 1:
-        p.error(f"--shape: expected 4 positive sizes (N, C, H, W), got {args.shape!r}")
     if cpu_build.load() is None:
         raise SystemExit(f"bnlab's CPU kernels did not build: {cpu_build.load_error()}")
     torch.set_num_threads(args.threads)
-    steps = {"module": module_step(shape), "kernels": kernel_step(shape, args.threads)}
-    print(f"# idle_ramp.py --shape {args.shape} --threads {args.threads} --pause {args.pause}; "
+    steps = {"module": module_step(args.shape), "kernels": kernel_step(args.shape, args.threads)}
+    print(f"# idle_ramp.py --shape {','.join(map(str, args.shape))} --threads {args.threads} --pause {args.pause}; "
           f"ms per step, call 1..{args.calls} after the pause, medians of {args.rounds}")  # fmt: skip
     for kind, step in steps.items():
         for _ in range(3):

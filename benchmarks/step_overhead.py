@@ -26,6 +26,7 @@ import torch
 import bnlab
 from bnlab.backends import cpu as cpu_backend
 from bnlab.backends import cpu_build, select_backend
+from bench_cases import nchw_shape
 
 PHASES = ("module call -> forward kernel", "forward kernel", "forward kernel -> module return",
           "autograd.grad -> backward kernel", "backward kernel", "backward kernel -> grads returned")  # fmt: skip
@@ -106,21 +107,16 @@ def tiny_step_us(lib, steps: int, evict: torch.Tensor) -> tuple[float, float]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="64,256,14,14", help="NCHW float32 input shape (default 64,256,14,14)")
+    p.add_argument("--shape", type=nchw_shape, default="64,256,14,14", help="N,C,H,W, float32 (default 64,256,14,14)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=60)
     args = p.parse_args(argv)
-    try:
-        shape = tuple(int(v) for v in args.shape.split(","))
-    except ValueError:
-        p.error(f"--shape: expected comma-separated integers such as 64,256,14,14, got {args.shape!r}")
-    if len(shape) != 4 or min(shape) < 1:
-        p.error(f"--shape: expected 4 positive sizes (N, C, H, W), got {args.shape!r}")
     if cpu_build.load() is None:
         raise SystemExit(f"bnlab's CPU kernels did not build: {cpu_build.load_error()}")
     torch.set_num_threads(args.threads)
-    print(f"# step_overhead.py --shape {args.shape} --threads {args.threads}; microseconds, medians of {args.steps}")
-    for name, us in zip(PHASES, phases_us(shape, args.steps)):
+    shape_text = ",".join(map(str, args.shape))
+    print(f"# step_overhead.py --shape {shape_text} --threads {args.threads}; microseconds, medians of {args.steps}")
+    for name, us in zip(PHASES, phases_us(args.shape, args.steps)):
         print(f"{name:36s} {us:9.1f}")
     evict = torch.empty(16 << 20)  # 64 MB
     for name, lib in (("bnlab", bnlab), ("torch.nn", torch.nn)) * 2:
