@@ -8,7 +8,8 @@ per process) and compares with torch.nn, forward, backward and eval, on the NCL 
 do not stream and take the flat walk instead. The same bound marks tensors too large for the cache,
 whose statistics request row segments (rows of 2048 values or more) a page ahead
 (add_shifted_f32): rows of 2304 values by channel, and of 2500 values (which do not stream) in
-waves, reach that.
+waves, reach that. 64 channels of 256-value rows stream from the channel-group walk
+(cpu_kernels_ncl_groups.inc).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("shape", ["4,16,32,40", "8,3,40,40", "3,5,37,41", "4,16,48,48", "2,3,50,50"])
+@pytest.mark.parametrize("shape", ["4,16,32,40", "8,3,40,40", "3,5,37,41", "4,16,48,48", "2,3,50,50", "2,64,16,16"])
 def test_streamed_outputs_match_torch(shape):
     env = dict(os.environ, BNLAB_STREAM_MIN_BYTES="0", OMP_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", SCRIPT, shape], env=env, capture_output=True, text=True, timeout=300)
