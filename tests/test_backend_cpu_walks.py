@@ -9,16 +9,20 @@ Both layouts choose how to walk a tensor by its size, against bounds read once p
   statistics or gradient sums first (the latter in memory order, by blocks of samples x
   channels, when rows are shorter than 2048 values), then the elementwise pass in memory order;
   larger ones run each channel (or, with few channels, each wave of channels) fused, sums then
-  elementwise pass while its rows are in L2.
+  elementwise pass while its rows are in L2. Before either, rows shorter than 2048 values of at
+  least 4 adjacent channels per group (cpu_kernels_ncl_groups.inc) take the fused walk by channel
+  groups of at most BNLAB_NCL_GROUP_BYTES (0: never).
 
-The suite's tensors are small, so they take the cache-resident walks; here each bound is set to 0
-(every input takes the large-tensor walk) or to 2^40 (every input the small-tensor one), in fresh
-processes, with two threads (tensors of 2^15 values or more use both: by channel, or by waves of
-channels when there are fewer than 4 per thread). Every output, gradient and statistic is compared with the float64 reference, on shapes
-that reach every branch (group sizes and remainders, many and few channels, chunks of several
-rows with a short last one, rows of 2048 values or more) and on data at 1e3 ± 0.01 (the shifted
-sums' precision rule). The forward of both NCL walks computes the same statistics and the same
-coefficients, so its outputs must agree to the bit; the script prints their digest for that.
+The suite's tensors are small, so they take the cache-resident walks; here the bounds send every
+input to one walk (WALKS below), in fresh processes, with two threads (tensors of 2^15 values or
+more use both: by channel, or by waves of channels when there are fewer than 4 per thread).
+Every output, gradient and statistic is compared with the float64 reference, in float32 and
+bfloat16 (NCL also float64 and float16), on shapes that reach every branch (group sizes and
+remainders, many and few channels, chunks of several rows with a short last one, rows of 2048
+values or more) and on data at 1e3 ± 0.01 (the shifted sums' precision rule). Every NCL walk
+computes the same statistics and the same coefficients, so their forward outputs must agree to
+the bit, and the channel groups keep the per-channel walk's gradient sums, so their backward
+must too; the script prints digests of both for that.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ SCRIPT = textwrap.dedent(
     }[sys.argv[2]]
     torch.set_num_threads(2)
     worst, digest, grads = {}, hashlib.sha256(), hashlib.sha256()
-    for dtype in (torch.float32, torch.bfloat16):
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float64, torch.float16) if sys.argv[2] == "ncl" else ())
+    for dtype in dtypes:
         for shape, layout, mean, std in cases:
-            if dtype == torch.bfloat16 and mean == 1000.0:
+            if dtype in (torch.bfloat16, torch.float16) and mean == 1000.0:
                 continue  # bf16 holds 1e3 ± 0.01 as a constant
             x = make_input(shape, layout, dtype, seed=1, mean=mean, std=std)
             dy = make_input(shape, layout, dtype, seed=2)
@@ -62,7 +67,8 @@ SCRIPT = textwrap.dedent(
             ey, cache = ref.forward_train(np64(x))
             edx, edw, edb = ref.backward(np64(dy), cache)
             n = x.numel() // shape[1]
-            scale = 1.0 if dtype == torch.float32 else 2e-4 / 2e-2  # bf16's tolerance, 2e-2, mapped onto 2e-4
+            # each dtype's tolerance mapped onto float32's 2e-4: bf16 2e-2, fp16 4e-3, fp64 1e-9
+            scale = 2e-4 / {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-9}[dtype]
             worst[f"{shape} {dtype}"] = scale * max(
                 rel_err(y, ey), rel_err(dx, edx), rel_err(dw / n, edw / n), rel_err(db / n, edb / n),
                 rel_err(stats.m2 / stats.count / torch.as_tensor(cache.var), torch.ones(shape[1])) * 100,
