@@ -9,7 +9,6 @@ writing dx (5N). The fused modes count their extra tensors too (residual read, a
 from __future__ import annotations
 
 import argparse
-
 from typing import Callable
 
 import torch

@@ -23,6 +23,7 @@ import torch
 
 import bnlab
 from bnlab.backends import _REGISTRY, cpu, cpu_build, cpu_pool
+from bench_cases import nchw_shape
 
 
 def median_us(fn, rounds: int, reps: int) -> float:
@@ -53,17 +54,12 @@ def after_us(before, step, rounds: int, reps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="128,16,32,32", help="comma-separated float32 NCHW input shape")
+    p.add_argument("--shape", type=nchw_shape, default="128,16,32,32", help="comma-separated float32 NCHW input shape")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--reps", type=int, default=200)
     args = p.parse_args()
-    try:
-        shape = tuple(int(v) for v in args.shape.split(","))
-    except ValueError:
-        p.error(f"--shape: expected comma-separated integers such as 128,16,32,32, got {args.shape!r}")
-    if len(shape) != 4:
-        p.error(f"--shape: expected 4 sizes (N, C, H, W), got {len(shape)}")
+    shape = args.shape
     torch.set_num_threads(args.threads)
     backend = next(b for b in _REGISTRY if b.name == "cpu")
     if backend._lib is None:
@@ -81,7 +77,8 @@ def main() -> None:
     fixed = torch.empty_like(x)
     small, small_out = torch.randn(16, 16), torch.empty(16, 16)
     r, k = args.rounds, args.reps
-    print(f"# {' '.join(['cold_call.py'] + [f'--shape {args.shape}', f'--threads {args.threads}'])}; "
+    shape_text = ",".join(map(str, shape))
+    print(f"# cold_call.py --shape {shape_text} --threads {args.threads}; "
           f"torch {torch.__version__}, medians of {r} samples x {k} calls, microseconds")
     with torch.no_grad():
         rows = {
