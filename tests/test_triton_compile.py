@@ -7,13 +7,12 @@ TRITON_INTERPRET, so the kernels are really compiled to PTX and cubin by Triton'
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-
-import importlib.util
 
 import pytest
 
