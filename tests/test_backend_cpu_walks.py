@@ -6,8 +6,9 @@ Both layouts choose how to walk a tensor by its size, against bounds read once p
   last-level cache) have their statistics and gradient sums walked by channel groups, larger ones
   row by row.
 * NCL ((N, C, L), cpu_kernels_ncl_flat.inc): inputs below BNLAB_NCL_FLAT_MAX_BYTES run the
-  statistics or gradient sums first (the latter in memory order, by blocks of samples x
-  channels, when rows are shorter than 2048 values), then the elementwise pass in memory order;
+  statistics or gradient sums first (in memory order, by blocks of samples x channels, when
+  rows are shorter than 2048 values; the statistics only with at least 4 channels per thread),
+  then the elementwise pass in memory order;
   larger ones run each channel (or, with few channels, each wave of channels) fused, sums then
   elementwise pass while its rows are in L2. Before either, rows shorter than 2048 values of at
   least 4 adjacent channels per group (cpu_kernels_ncl_groups.inc) take the fused walk by channel
@@ -22,7 +23,8 @@ remainders, many and few channels, chunks of several rows with a short last one,
 values or more) and on data at 1e3 ± 0.01 (the shifted sums' precision rule). Every NCL walk
 computes the same statistics and the same coefficients, so their forward outputs must agree to
 the bit, and the channel groups keep the per-channel walk's gradient sums, so their backward
-must too; the script prints digests of both for that.
+must too; the script prints digests of both for that. (The flat walk's memory-order statistics
+sum the same chunks in the same order as the per-channel walk, so the forward digest covers them.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,121 @@
+"""Whether two builds of bnlab's CPU kernels compute the same bits.
+
+Claim checked: a kernel change that only reorders the work (a new walk, new blocks, registers
+instead of memory) leaves every output, statistic and gradient as it was, e.g. "816 outputs,
+statistics and gradients equal to the previous build's" in docs/benchmarks.md. Both builds are
+loaded into this process and called on the same tensors: the training forward (y, mean, M2,
+invstd) and the backward (dx, Σdy, Σdy·x̂), with weight and bias, over shapes that reach every
+NCL and NLC walk, float32/bfloat16/float16/float64, one and two threads, and three kinds of data
+(normal; 1e3 ± 0.01, where the shifted sums matter; normal with NaN, inf and 3e38 values).
+Results compare as bytes, except that any NaN equals any NaN (x86 returns the first operand's
+NaN, whose sign a compiler may swap). Prints each difference and the totals; exits 1 on any.
+
+    PYTHONPATH=src python benchmarks/compare_builds.py --old <the other revision's compiled module>
+
+(kernel_ab.py's docstring says how to build another revision's module.) BNLAB_* tuning variables
+set in the environment apply to both builds alike, which reaches the walks a shape would not take
+on its own, e.g. BNLAB_NCL_GROUP_BYTES=0 BNLAB_NCL_FLAT_MAX_BYTES=0 for the per-channel walk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from bnlab.backends import cpu_build
+from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
+
+SHAPES = (
+    (128, 16, 32, 32), (64, 256, 14, 14), (256, 32, 16, 16), (64, 32, 32, 32), (32, 512, 7, 7),
+    (8, 64, 56, 56), (4, 8, 64, 64), (37, 17, 9, 9), (23, 3, 10, 10), (5, 70, 30), (3, 16, 32, 32),
+    (1, 24, 1024), (256, 100), (300, 72),
+)  # fmt: skip
+CHANNELS_LAST = ((64, 32, 14, 14), (16, 24, 9, 9))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+DATA = ("normal", "offset", "nonfinite")
+
+
+def make(shape, dtype, data: str, seed: int, channels_last: bool) -> torch.Tensor:
+    """A (shape) tensor of dtype with the given kind of data, contiguous or channels_last."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if data == "offset":
+        t = 1e3 + 0.01 * t
+    elif data == "nonfinite":
+        flat = t.view(-1)
+        for k, v in enumerate((float("nan"), float("inf"), -float("inf"), 3e38)):
+            flat[(k * 7919 + 13) % flat.numel()] = v
+    t = t.to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def run(lib, x: torch.Tensor, dy: torch.Tensor, nt: int) -> dict[str, torch.Tensor]:
+    """Forward and backward of one build on x, dy: the named results."""
+    lay, n, c, length = layout_of(x)
+    code = _CODE[x.dtype]
+    gen = torch.Generator().manual_seed(7)
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    stats, sums = torch.empty(3, c, dtype=torch.float64), torch.empty(2, c, dtype=torch.float64)
+    fc = _CODE[torch.float32]
+    lib.bn_forward_train(x.data_ptr(), y.data_ptr(), code, lay, n, c, length, w.data_ptr(), fc, b.data_ptr(), fc,
+                         1e-5, stats.data_ptr(), 0, 0, 0, 0, 0.1, 0, 0, 0, nt, WAVE_PER_THREAD * nt)  # fmt: skip
+    ptr = stats.data_ptr()
+    lib.bn_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), code, lay, n, c, length, ptr, ptr + 16 * c,
+                    w.data_ptr(), fc, float(n * length), sums.data_ptr(), 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt)  # fmt: skip
+    return {"y": y, "mean": stats[0], "M2": stats[1], "invstd": stats[2], "dx": dx, "sum_dy": sums[0],
+            "sum_dy_xhat": sums[1]}  # fmt: skip
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as bytes, any NaN equal to any NaN."""
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return False
+    a, b = a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)
+    return a.contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8))
+
+
+def cases():
+    """(label, shape, dtype, data, channels_last, threads) of every comparison."""
+    for nt in (1, 2):
+        for dtype in DTYPES:
+            for data in DATA:
+                if data == "offset" and dtype in (torch.bfloat16, torch.float16):
+                    continue  # 16-bit floats hold 1e3 ± 0.01 as a constant
+                for cl, shapes in ((False, SHAPES), (True, CHANNELS_LAST)):
+                    for shape in shapes:
+                        yield shape, dtype, data, cl, nt
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--old", required=True, help="path of the other build's compiled module (.so)")
+    args = p.parse_args(argv)
+    old_path = Path(args.old)
+    if not old_path.is_file():
+        p.error(f"--old: expected the path of a compiled bnlab module (.so), got {args.old!r}, which is not a file")
+    new = cpu_build.load()
+    if new is None or not hasattr(new, "bn_empty"):
+        sys.exit(f"this checkout's kernels did not build as a module: {cpu_build.load_error()}")
+    old = cpu_build._load_module(old_path)
+    print(f"old {old_path}\nnew {cpu_build.library_path()}")
+    compared = differ = 0
+    for shape, dtype, data, cl, nt in cases():
+        x = make(shape, dtype, data, 1, cl)
+        dy = make(shape, dtype, "normal", 2, cl)
+        a, b = run(old, x, dy, nt), run(new, x, dy, nt)
+        for name in a:
+            compared += 1
+            if not same_bits(a[name], b[name]):
+                differ += 1
+                print(f"differs: {name} of {shape} {'channels_last ' if cl else ''}{dtype} {data}, {nt} thread(s)")
+    print(f"{compared} results compared, {differ} differ")
+    sys.exit(1 if differ else 0)
+
+
+if __name__ == "__main__":
+    main()
