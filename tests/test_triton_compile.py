@@ -50,6 +50,10 @@ def test_every_launched_kernel_variant_compiles_for_sm90(tmp_path):
     assert compiled >= 150, last
     kernel_names = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")}
     assert len(kernel_names) >= 5, kernel_names
+    # FMA fusion is pinned on (triton_ops._COMPILE), so y = (x - hi)·scale + shift compiles to FMAs
+    # whatever Triton's default; unfused, the normalize kernel would have none
+    normalize = [line for line in lines if line.startswith("ok normalize_kernel ")]
+    assert normalize and all(int(line.split(" fma ")[1].split()[0]) > 0 for line in normalize), normalize[:3]
 
 
 def test_the_check_rejects_a_kernel_the_interpreter_accepts(tmp_path):
@@ -78,7 +82,7 @@ def test_the_check_rejects_a_kernel_the_interpreter_accepts(tmp_path):
         from broken_kernel import broken
 
         recorder = worker.Recorder(GPUTarget("cuda", 90, 32))
-        recorder(broken, torch.empty(16), torch.empty(16), True, grid=(1,), warmup=False)
+        recorder(broken, torch.empty(16), torch.empty(16), True, grid=(1,), warmup=False, enable_fp_fusion=True)
         print("compiled", len(recorder.seen))
     '''))
     env = _env(tmp_path / "cache")
@@ -87,3 +91,23 @@ def test_the_check_rejects_a_kernel_the_interpreter_accepts(tmp_path):
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0, result.stdout + result.stderr
     assert "FAILED broken" in result.stderr, result.stderr[-3000:]
+
+
+def test_the_check_rejects_a_launch_that_leaves_fma_fusion_to_the_default(tmp_path):
+    """A launch without enable_fp_fusion=True would compute other bits under Triton 3.10."""
+    (tmp_path / "drive.py").write_text(textwrap.dedent('''
+        import torch
+        from triton.backends.compiler import GPUTarget
+        import triton_compile_worker as worker
+        from bnlab.backends import triton_reduce as red
+
+        recorder = worker.Recorder(GPUTarget("cuda", 90, 32))
+        part = torch.empty(1, 4, 3, dtype=torch.float64)
+        recorder(red.stats_ncl_kernel, torch.empty(2, 4, 8), part, 2, 4, 8, 1, 1, BLOCK_N=2, BLOCK_L=8,
+                 grid=(4, 1), warmup=False)
+        print("compiled", len(recorder.seen))
+    '''))
+    result = subprocess.run([sys.executable, str(tmp_path / "drive.py")], cwd=tmp_path, env=_env(tmp_path / "cache"),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "FAILED stats_ncl_kernel: launched without enable_fp_fusion=True" in result.stderr, result.stderr[-3000:]

@@ -36,6 +36,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from bnlab.backends import triton_ops  # noqa: E402
 from speed_helpers import to_layout  # noqa: E402  (tests/ is on the path: the caller's PYTHONPATH)
 
+# Launch keywords that are compile options rather than kernel arguments.
+COMPILE_OPTIONS = ("enable_fp_fusion", "num_warps", "num_stages")
 _POINTER = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
             torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
 
@@ -80,6 +82,10 @@ class Recorder:
         self.resources: dict[str, list[tuple[int, int]]] | None = {} if resources else None
 
     def __call__(self, kernel: JITFunction, *args, grid, warmup, **kwargs):
+        options = {name: kwargs.pop(name) for name in list(kwargs) if name in COMPILE_OPTIONS}
+        if options.get("enable_fp_fusion") is not True:
+            # Every launch pins FMA fusion (triton_ops._COMPILE): Triton's default changes in 3.10.
+            sys.exit(f"FAILED {kernel.fn.__name__}: launched without enable_fp_fusion=True, got options {options}")
         bound = inspect.signature(kernel.fn).bind(*args, **kwargs)
         constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
         signature, constexprs = {}, {}
@@ -93,15 +99,17 @@ class Recorder:
             return None
         self.seen.add(key)
         try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=self.target)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            compiled = triton.compile(source, target=self.target, options=options)
         except Exception as exc:
             cause = exc.__cause__ or exc
             sys.exit(f"FAILED {kernel.fn.__name__} {constexprs} {signature}:\n{exc}\ncause: {cause!r}")
-        extra = ""
+        # FMA instructions in the PTX: what enable_fp_fusion decides (unfused, a multiply and an add)
+        extra = f" fma {compiled.asm['ptx'].count('fma.rn.f32')}"
         if self.resources is not None:
             registers, spills = ptxas_resources(compiled.asm["ptx"], self.target.arch)
             self.resources.setdefault(kernel.fn.__name__, []).append((registers, spills))
-            extra = f" registers {registers} spills {spills}"
+            extra += f" registers {registers} spills {spills}"
         print(f"ok {kernel.fn.__name__} {constexprs}{extra}", flush=True)
         return None
 

@@ -22,6 +22,11 @@ from bnlab.backends import triton_reduce as red
 
 _F64, _F32 = torch.float64, torch.float32
 _SM_COUNT: dict = {}
+# Compile options of every launch. Multiplies and adds fused into FMAs (one rounding instead of
+# two), as Triton has done by default so far and as the CPU kernels do: Triton 3.9 warns that its
+# default turns to unfused in 3.10, which would move every result by rounding when Triton is
+# upgraded; pinned, the kernels compute the same bits under either version.
+_COMPILE = {"enable_fp_fusion": True}
 
 
 class Plan(NamedTuple):
@@ -118,11 +123,11 @@ def _partial_stats(x, p: Plan):
     if p.ncl:
         red.stats_ncl_kernel[(p.c, p.segments)](
             x, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment,
-            BLOCK_N=p.block_a, BLOCK_L=p.block_b,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, **_COMPILE,
         )  # fmt: skip
     else:
         red.stats_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
-            x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b
+            x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b, **_COMPILE
         )
     return part
 
@@ -133,12 +138,12 @@ def _partial_grads(dy, x, mask, hi, p: Plan):
     if p.ncl:
         grad.grad_ncl_kernel[(p.c, p.segments)](
             dy, x, mask_arg, hi, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment, p.k8b,
-            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, **_COMPILE,
         )  # fmt: skip
     else:
         grad.grad_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
             dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
-            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None,
+            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, **_COMPILE,
         )  # fmt: skip
     return part
 
@@ -165,7 +170,7 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
     red.stats_merge_kernel[(c,)](
         part, x, stats, coef, weight if weight is not None else x, bias if bias is not None else x,
         c, p.segments, p.length if p.ncl else 1, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=triton.next_power_of_2(p.segments),
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=triton.next_power_of_2(p.segments), **_COMPILE,
     )  # fmt: skip
     update = running_mean is not None
     if update or counter is not None:
@@ -173,7 +178,7 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
             stats, running_mean if update else stats, running_var if update else stats,
             counter if counter is not None else stats, c, float(p.m), 0.0 if momentum is None else float(momentum),
             UPDATE=update, COUNT=counter is not None, CUMULATIVE=momentum is None, GUARD=bool(guard),
-            BLOCK=min(1024, triton.next_power_of_2(c)),
+            BLOCK=min(1024, triton.next_power_of_2(c)), **_COMPILE,
         )  # fmt: skip
     if not want_y:
         return None, stats, coef, None
@@ -188,7 +193,7 @@ def _normalize(x, coef, p: Plan, residual=None, relu=False, want_mask=False):
         x, y, coef, residual if residual is not None else x, mask if mask is not None else y,
         p.rows, p.k, p.c, p.k8b,
         NCL=p.ncl, HAS_RES=residual is not None, RELU=relu, WRITE_MASK=want_mask,
-        BLOCK_R=p.block_r, BLOCK_K=p.block_k,
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k, **_COMPILE,
     )  # fmt: skip
     return y, mask
 
@@ -210,7 +215,7 @@ def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False,
         dweight if dweight is not None else sums, dbias if dbias is not None else sums,
         c, p.segments, float(p.m),
         HAS_W=weight is not None, WRITE_DW=dweight is not None, WRITE_DB=dbias is not None,
-        BLOCK_S=triton.next_power_of_2(p.segments),
+        BLOCK_S=triton.next_power_of_2(p.segments), **_COMPILE,
     )  # fmt: skip
     dx, dres = _grad_input(dy, x, gcoef, p, mask, need_dx, want_dres)
     return dx, sums, dres
@@ -225,7 +230,7 @@ def _grad_input(dy, x, gcoef, p: Plan, mask=None, need_dx=True, want_dres=False)
         dy, x, mask if mask is not None else dy, gcoef,
         dx if dx is not None else dy, dres if dres is not None else dy, p.rows, p.k, p.c, p.k8b,
         NCL=p.ncl, HAS_MASK=mask is not None, HAS_DX=dx is not None, WRITE_DRES=dres is not None,
-        BLOCK_R=p.block_r, BLOCK_K=p.block_k,
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k, **_COMPILE,
     )  # fmt: skip
     return dx, dres
 
@@ -237,7 +242,7 @@ def normalize_with(x, mean, var_or_invstd, weight, bias, eps=0.0, given_invstd=T
     coef = torch.empty(3, p.c, dtype=_F32, device=x.device)
     ew.eval_coef_kernel[(triton.cdiv(p.c, 256),)](
         mean, var_or_invstd, weight if weight is not None else mean, bias if bias is not None else mean, coef,
-        p.c, eps, HAS_W=weight is not None, HAS_B=bias is not None, GIVEN_INVSTD=given_invstd, BLOCK=256,
+        p.c, eps, HAS_W=weight is not None, HAS_B=bias is not None, GIVEN_INVSTD=given_invstd, BLOCK=256, **_COMPILE,
     )  # fmt: skip
     return _normalize(x, coef, p, residual, relu)[0]
 
