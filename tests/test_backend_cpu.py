@@ -242,18 +242,29 @@ def test_fused_update_skips_a_non_finite_batch(momentum):
     assert int(layer.num_batches_tracked) == 2
 
 
-@pytest.mark.parametrize("shape,layout", [
+# bf16 shapes reaching every vectorised store: NCL rows of 16+ values and shorter ones, NLC rows
+# of narrow widths (16, 24), of other widths from 16 (35, 40, 100) and of multiples of 16 (48, 64).
+BF16_STORE_SHAPES = [
     ((4, 3, 37), "nchw"), ((2, 5, 9), "nchw"), ((6, 40, 3), "cl"), ((7, 35), "nchw"), ((6, 16, 3), "cl"), ((5, 24), "nchw"),
-    ((4, 48, 5), "cl"), ((3, 64, 2, 2), "cl"),
-])  # fmt: skip
+    ((4, 48, 5), "cl"), ((3, 64, 2, 2), "cl"), ((9, 100), "nchw"), ((3, 5, 40), "nchw"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,layout", BF16_STORE_SHAPES)
 @pytest.mark.parametrize("kernel", ["normalize", "grad_input"])
-def test_bfloat16_outputs_round_to_nearest_even_as_torch(shape, layout, kernel):
-    """The vectorised bf16 stores round exactly as torch's float32 -> bfloat16 conversion, ties,
-    infinities, NaN and overflow included. With mean 0 and invstd 1 + 2^-10 the float32 result
-    x·(1 + 2^-10) is exact, and a quarter of the values land exactly halfway between two bf16s;
-    the input gradient with zero sums, dy·(1 + 2^-10), likewise."""
+def test_bfloat16_outputs_round_as_torch(shape, layout, kernel):
+    """The vectorised bf16 stores round exactly as torch's float32 -> bfloat16 conversion,
+    subnormals, infinities, NaN and overflow included. With mean 0 and invstd 1 + 2^-10 the
+    float32 result x·(1 + 2^-10) is exact; the input gradient with zero sums, dy·(1 + 2^-10),
+    likewise. (Those products are never halfway between two bf16 values: the test below makes
+    the ties.)"""
     gen = torch.Generator().manual_seed(11)
-    x = (torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-30, 30, shape, generator=gen)).to(torch.bfloat16)
+    # magnitudes 1e-40 .. 1e30: subnormal bf16 values too, which the stores must round, not flush.
+    # Values that underflow to zero become 1: BN's y = (x - hi)·scale + shift adds a +0 shift,
+    # which makes -0 into +0 (as torch.nn's BN does), where x·scale keeps the sign.
+    x = (torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-40, 30, shape, generator=gen)).to(torch.bfloat16)
+    x[x == 0] = 1.0
+    assert bool(((x.abs() < 1.1754944e-38) & (x != 0)).any()), "no subnormal bf16 value in the data"
     flat = x.view(-1)
     flat[:5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.38e38, -3.38e38]).to(torch.bfloat16)
     x = to_layout(x, layout)
@@ -268,3 +279,41 @@ def test_bfloat16_outputs_round_to_nearest_even_as_torch(shape, layout, kernel):
     nan = torch.isnan(expected)  # torch's vectorised conversion may give another NaN encoding
     assert torch.equal(torch.isnan(y), nan) and int(nan.sum()) == 1
     assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("shape,layout", BF16_STORE_SHAPES)
+@pytest.mark.parametrize("kernel", ["normalize", "grad_input"])
+def test_bfloat16_ties_round_to_even_as_torch(shape, layout, kernel):
+    """Every result exactly halfway between two bf16 values, rounded to the even one as torch does.
+
+    Channel c holds bf16 values of one binade, ±m·2^(e_c - 7) with m in [129, 256) (one channel
+    subnormal: m < 128 at the smallest exponent), and the result adds half their ulp,
+    2^(e_c - 8): y = x + 2^(e_c - 8) through the shift of normalize (mean 0, invstd 1, bias the
+    half ulp) or dx = dy + 2^(e_c - 8) through the input gradient's constant (Σdy = -count·half
+    ulp). Half the values then round up, half down, by the parity of m.
+    """
+    gen = torch.Generator().manual_seed(5)
+    c = shape[1]
+    exponents = torch.linspace(-120, 120, c).round().to(torch.int64)
+    exponents[0] = -126  # bf16's subnormal binade: m·2^-133 for m < 128
+    shape_c_last = (*shape[:1], *shape[2:], c)  # channel as the last dimension, moved into place below
+    m = torch.randint(1, 256, shape_c_last, generator=gen).to(torch.float64)
+    m[..., 1:] = m[..., 1:] % 127 + 129  # normal binades: m in [129, 256), so x ± half an ulp stays in it
+    m[..., 0] = m[..., 0] % 127 + 1  # the subnormal binade: m in [1, 128)
+    sign = torch.randint(0, 2, shape_c_last, generator=gen).to(torch.float64) * 2 - 1
+    values = sign * m * torch.exp2((exponents - 7).to(torch.float64))
+    x = to_layout(values.movedim(-1, 1).contiguous().to(torch.bfloat16), layout)
+    assert torch.equal(x.double(), to_layout(values.movedim(-1, 1).contiguous(), layout))  # exact in bf16
+    half_ulp = torch.exp2((exponents - 8).to(torch.float64))
+    zeros, ones = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    count = x.numel() // c
+    if kernel == "normalize":
+        y = CPU.normalize(x, zeros, ones, None, half_ulp.float())
+    else:  # dx = kk·dy + a·(x - hi) + cc with kk = 1, a = 0, cc = -Σdy/count = the half ulp
+        y = CPU.grad_input(x, torch.ones_like(x), zeros, ones, None, -half_ulp * count, zeros, count)
+    exact = x.float() + half_ulp.float().view(1, c, *([1] * (len(shape) - 2)))  # float32: exact
+    assert bool(((exact.view(torch.int32) & 0xFFFF) == 0x8000).all()), "the data must be ties only"
+    expected = exact.to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+    rounded_up = expected.float().abs() > x.float().abs()
+    assert 0 < int(rounded_up.sum()) < x.numel()  # both directions occur

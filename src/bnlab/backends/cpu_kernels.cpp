@@ -149,6 +149,28 @@ static inline void add_to_f64(double* dst, __m256 v) {
 // 8-11, then 4-7 and 12-15. Elementwise work whose coefficients are the same for all 16 (an NCL
 // row) does not mind the order, and st16_unpacked restores memory order with one pack (the
 // lane-wise inverse of the unpacks): one widening op per 8 values instead of two, and no permute.
+#if defined(__AVX512F__)
+// 16 bf16 values as one float32 vector in memory order, and back with st()'s rounding (the same
+// integer operations as bf16_bits, 16 lanes wide; vpmovdw narrows without a pack and a permute).
+// Not vcvtneps2bf16 (AVX512-BF16), which flushes denormals and would round differently from torch.
+static inline __m512 ld16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void st16(bf16* p, __m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(bits));
+}
+static inline __m512 affine16(__m512 x, __m512 h, __m512 a, __m512 b) {
+  return _mm512_fmadd_ps(_mm512_sub_ps(x, h), a, b);
+}
+static inline __m512 grad_input16(__m512 dy, __m512 x, __m512 h, __m512 k1, __m512 k2, __m512 k3) {
+  return _mm512_add_ps(_mm512_fmadd_ps(k1, dy, _mm512_mul_ps(k2, _mm512_sub_ps(x, h))), k3);
+}
+#endif
+
 struct Unpacked16 {
   __m256 lo, hi;
 };
