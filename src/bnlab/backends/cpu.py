@@ -258,9 +258,10 @@ class CpuBackend(Backend):
         return apply_train(x, weight, bias, config)
 
     def eval_forward(self, x, running_mean, running_var, weight, bias, eps):
-        if not (fits(x) and is_plain_vector(running_mean) and is_plain_vector(running_var)):
+        found = layout_of(x) if x.numel() > 0 else None  # fits(x), keeping the layout it finds
+        if found is None or not (is_plain_vector(running_mean) and is_plain_vector(running_var)):
             return None
-        layout, n, c, length = layout_of(x)
+        layout, n, c, length = found
         y = cpu_pool.empty_like(x)
         w, wc, _w = param(weight)
         b, bc, _b = param(bias)
