@@ -14,7 +14,7 @@ The old build is the compiled module of another revision, which bnlab caches und
     PYTHONPATH=src python benchmarks/kernel_ab.py --old <the printed path>
 
 Cases are mode:shape:layout:dtype[:threads], mode one of fwd, stats (forward without output),
-bwd, eval; layout nchw or cl; dtype fp32 or bf16; threads 2 unless given.
+bwd, eval; layout nchw or cl; dtype fp32, bf16 or fp16; threads 2 unless given.
 
 With --cold, every timed call follows a write of 256 MB elsewhere, so the call finds its tensors
 in memory rather than in cache (as a layer's backward finds the tensors its forward touched,
@@ -35,7 +35,7 @@ from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
 
 MODES = ("fwd", "stats", "bwd", "eval")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CASES = (
     "bwd:64,256,14,14:nchw:fp32",
     "bwd:128,16,32,32:nchw:fp32",

@@ -281,39 +281,48 @@ def test_bfloat16_outputs_round_as_torch(shape, layout, kernel):
     assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
 
 
+# (significand bits, smallest normal exponent, largest exponent used) of the 16-bit types
+HALF_FORMATS = {torch.bfloat16: (8, -126, 120), torch.float16: (11, -14, 14)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,layout", BF16_STORE_SHAPES)
 @pytest.mark.parametrize("kernel", ["normalize", "grad_input"])
-def test_bfloat16_ties_round_to_even_as_torch(shape, layout, kernel):
-    """Every result exactly halfway between two bf16 values, rounded to the even one as torch does.
+def test_16bit_ties_round_to_even_as_torch(shape, layout, kernel, dtype):
+    """Every result exactly halfway between two bf16 (float16) values, rounded to the even one as
+    torch does.
 
-    Channel c holds bf16 values of one binade, ±m·2^(e_c - 7) with m in [129, 256) (one channel
-    subnormal: m < 128 at the smallest exponent), and the result adds half their ulp,
-    2^(e_c - 8): y = x + 2^(e_c - 8) through the shift of normalize (mean 0, invstd 1, bias the
-    half ulp) or dx = dy + 2^(e_c - 8) through the input gradient's constant (Σdy = -count·half
-    ulp). Half the values then round up, half down, by the parity of m.
+    With p significand bits (8 for bf16, 11 for float16), channel c holds values of one binade,
+    ±m·2^(e_c - p + 1) with m in [2^(p-1) + 1, 2^p) (one channel subnormal: m < 2^(p-1) at the
+    smallest normal exponent), and the result adds half their ulp, 2^(e_c - p): y = x + 2^(e_c - p)
+    through the shift of normalize (mean 0, invstd 1, bias the half ulp) or dx = dy + 2^(e_c - p)
+    through the input gradient's constant (Σdy = -count·half ulp). Both are exact in float32, and
+    half the values then round up, half down, by the parity of m.
     """
+    bits, e_min, e_max = HALF_FORMATS[dtype]
     gen = torch.Generator().manual_seed(5)
     c = shape[1]
-    exponents = torch.linspace(-120, 120, c).round().to(torch.int64)
-    exponents[0] = -126  # bf16's subnormal binade: m·2^-133 for m < 128
+    exponents = torch.linspace(e_min + 6, e_max, c).round().to(torch.int64)
+    exponents[0] = e_min  # the subnormal binade: m·2^(e_min - p + 1) for m < 2^(p-1)
     shape_c_last = (*shape[:1], *shape[2:], c)  # channel as the last dimension, moved into place below
-    m = torch.randint(1, 256, shape_c_last, generator=gen).to(torch.float64)
-    m[..., 1:] = m[..., 1:] % 127 + 129  # normal binades: m in [129, 256), so x ± half an ulp stays in it
-    m[..., 0] = m[..., 0] % 127 + 1  # the subnormal binade: m in [1, 128)
+    top = 2 ** (bits - 1)
+    m = torch.randint(1, 2 * top, shape_c_last, generator=gen).to(torch.float64)
+    m[..., 1:] = m[..., 1:] % (top - 1) + top + 1  # normal binades: x ± half an ulp stays in the binade
+    m[..., 0] = m[..., 0] % (top - 1) + 1  # the subnormal binade
     sign = torch.randint(0, 2, shape_c_last, generator=gen).to(torch.float64) * 2 - 1
-    values = sign * m * torch.exp2((exponents - 7).to(torch.float64))
-    x = to_layout(values.movedim(-1, 1).contiguous().to(torch.bfloat16), layout)
-    assert torch.equal(x.double(), to_layout(values.movedim(-1, 1).contiguous(), layout))  # exact in bf16
-    half_ulp = torch.exp2((exponents - 8).to(torch.float64))
+    values = (sign * m * torch.exp2((exponents - bits + 1).to(torch.float64))).movedim(-1, 1).contiguous()
+    x = to_layout(values.to(dtype), layout)
+    assert torch.equal(x.double(), to_layout(values, layout))  # exact in the 16-bit type
+    half_ulp = torch.exp2((exponents - bits).to(torch.float64))
     zeros, ones = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
     count = x.numel() // c
     if kernel == "normalize":
         y = CPU.normalize(x, zeros, ones, None, half_ulp.float())
     else:  # dx = kk·dy + a·(x - hi) + cc with kk = 1, a = 0, cc = -Σdy/count = the half ulp
         y = CPU.grad_input(x, torch.ones_like(x), zeros, ones, None, -half_ulp * count, zeros, count)
-    exact = x.float() + half_ulp.float().view(1, c, *([1] * (len(shape) - 2)))  # float32: exact
-    assert bool(((exact.view(torch.int32) & 0xFFFF) == 0x8000).all()), "the data must be ties only"
-    expected = exact.to(torch.bfloat16)
+    exact = x.float() + half_ulp.float().view(1, c, *([1] * (len(shape) - 2)))
+    assert torch.equal(exact.double() - x.double(), half_ulp.view(1, c, *([1] * (len(shape) - 2))).expand_as(exact))
+    expected = exact.to(dtype)
     assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
     rounded_up = expected.float().abs() > x.float().abs()
     assert 0 < int(rounded_up.sum()) < x.numel()  # both directions occur

@@ -40,7 +40,7 @@ SOURCES = (
     "cpu_kernels_ncl_flat.inc",
     "cpu_kernels_ncl_groups.inc",
     "cpu_kernels_waves.inc",
-    "cpu_kernels_nlc_bf16.inc",
+    "cpu_kernels_nlc_half.inc",
     "cpu_kernels_nlc_rows.inc",
     "cpu_kernels_nlc.inc",
     "cpu_kernels_api.inc",

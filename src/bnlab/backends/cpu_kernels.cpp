@@ -126,6 +126,18 @@ static inline void st8(bf16* p, __m256 v) {
   _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
 }
 
+// float16: F16C's conversions (every AVX2 CPU has them), exact widening and round-to-nearest-even
+// narrowing with subnormals kept, as the scalar (_Float16) conversion; GCC converted value by
+// value, which made float16 BN on the CPU 7-11x slower than torch.nn's.
+static inline __m256 ld8(const _Float16* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline void st8(_Float16* p, __m256 v) {
+  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+static inline void st_lanes(_Float16* p, int64_t i0, const float* v) {
+  st8(p + i0, _mm256_loadu_ps(v));
+  st8(p + i0 + 8, _mm256_loadu_ps(v + 8));
+}
+
 // The two elementwise formulas on 8 float32 lanes, rounded as their portable forms (GCC contracts
 // those the same way): y = (x - h)·a + b in one FMA, and dx = k1·dy + k2·(x - h), then + k3.
 static inline __m256 affine8(__m256 x, __m256 h, __m256 a, __m256 b) {
@@ -135,9 +147,11 @@ static inline __m256 grad_input8(__m256 dy, __m256 x, __m256 h, __m256 k1, __m25
   return _mm256_add_ps(_mm256_fmadd_ps(k1, dy, _mm256_mul_ps(k2, _mm256_sub_ps(x, h))), k3);
 }
 
-// Whether values of S have the explicit AVX2 forms (float32 and bf16 values, float32 arithmetic).
+// Whether values of S have the explicit AVX2 forms (float32, bf16 and float16 values, float32
+// arithmetic).
 template <typename S>
-constexpr bool kAvx2Rows = std::is_same<S, float>::value || std::is_same<S, bf16>::value;
+constexpr bool kAvx2Rows = std::is_same<S, float>::value || std::is_same<S, bf16>::value ||
+                           std::is_same<S, _Float16>::value;
 
 // dst[0:8] += v, in float64.
 static inline void add_to_f64(double* dst, __m256 v) {
@@ -149,6 +163,10 @@ static inline void add_to_f64(double* dst, __m256 v) {
 // 8-11, then 4-7 and 12-15. Elementwise work whose coefficients are the same for all 16 (an NCL
 // row) does not mind the order, and st16_unpacked restores memory order with one pack (the
 // lane-wise inverse of the unpacks): one widening op per 8 values instead of two, and no permute.
+// 16-bit storage types (bf16, float16): float32 arithmetic, vector loads and stores that convert.
+template <typename S>
+constexpr bool kHalf16 = std::is_same<S, bf16>::value || std::is_same<S, _Float16>::value;
+
 #if defined(__AVX512F__)
 // 16 bf16 values as one float32 vector in memory order, and back with st()'s rounding (the same
 // integer operations as bf16_bits, 16 lanes wide; vpmovdw narrows without a pack and a permute).
@@ -162,6 +180,10 @@ static inline void st16(bf16* p, __m512 f) {
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
   const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7fc0));
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(bits));
+}
+static inline __m512 ld16(const _Float16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline void st16(_Float16* p, __m512 f) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 static inline __m512 affine16(__m512 x, __m512 h, __m512 a, __m512 b) {
   return _mm512_fmadd_ps(_mm512_sub_ps(x, h), a, b);
@@ -347,7 +369,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 #include "cpu_kernels_ncl_flat.inc"
 #include "cpu_kernels_ncl_groups.inc"
 #include "cpu_kernels_waves.inc"
-#include "cpu_kernels_nlc_bf16.inc"
+#include "cpu_kernels_nlc_half.inc"
 #include "cpu_kernels_nlc_rows.inc"
 #include "cpu_kernels_nlc.inc"
 #include "cpu_kernels_api.inc"
