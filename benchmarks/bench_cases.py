@@ -94,7 +94,10 @@ def contenders(shape, layout: str, dtype: torch.dtype, mode: str, device: str, c
                 return bnlab.BatchNormAct2d(channels, activation="relu", residual=(fused == "addrelu")).to(device)
             return _TorchSequence(channels, residual=(fused == "addrelu")).to(device)
         lib = bnlab if lib_name == "bnlab" else nn
-        return _layers(lib, x.dim(), channels, device, None)
+        layer = _layers(lib, x.dim(), channels, device, None)
+        # float32 parameters serve 16-bit inputs (mixed precision); torch's kernels refuse them
+        # with float64 inputs, so float64 cases run float64 layers
+        return layer.double() if dtype == torch.float64 else layer
 
     layers = {"bnlab": build("bnlab"), "torch": build("torch")}
     if compile_torch:
