@@ -129,6 +129,7 @@ static inline void st8(bf16* p, __m256 v) {
 // float16: F16C's conversions (every AVX2 CPU has them), exact widening and round-to-nearest-even
 // narrowing with subnormals kept, as the scalar (_Float16) conversion; GCC converted value by
 // value, which made float16 BN on the CPU 7-11x slower than torch.nn's.
+#if defined(__F16C__)
 static inline __m256 ld8(const _Float16* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 static inline void st8(_Float16* p, __m256 v) {
   _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -137,6 +138,10 @@ static inline void st_lanes(_Float16* p, int64_t i0, const float* v) {
   st8(p + i0, _mm256_loadu_ps(v));
   st8(p + i0 + 8, _mm256_loadu_ps(v + 8));
 }
+constexpr bool kF16c = true;
+#else
+constexpr bool kF16c = false;  // float16 keeps the portable loops
+#endif
 
 // The two elementwise formulas on 8 float32 lanes, rounded as their portable forms (GCC contracts
 // those the same way): y = (x - h)·a + b in one FMA, and dx = k1·dy + k2·(x - h), then + k3.
@@ -151,7 +156,7 @@ static inline __m256 grad_input8(__m256 dy, __m256 x, __m256 h, __m256 k1, __m25
 // arithmetic).
 template <typename S>
 constexpr bool kAvx2Rows = std::is_same<S, float>::value || std::is_same<S, bf16>::value ||
-                           std::is_same<S, _Float16>::value;
+                           (kF16c && std::is_same<S, _Float16>::value);
 
 // dst[0:8] += v, in float64.
 static inline void add_to_f64(double* dst, __m256 v) {
