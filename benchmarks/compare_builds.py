@@ -31,9 +31,9 @@ from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
 SHAPES = (
     (128, 16, 32, 32), (64, 256, 14, 14), (256, 32, 16, 16), (64, 32, 32, 32), (32, 512, 7, 7),
     (8, 64, 56, 56), (4, 8, 64, 64), (37, 17, 9, 9), (23, 3, 10, 10), (5, 70, 30), (3, 16, 32, 32),
-    (1, 24, 1024), (256, 100), (300, 72),
+    (1, 24, 1024), (256, 100), (300, 72), (301, 7), (40, 13),
 )  # fmt: skip
-CHANNELS_LAST = ((64, 32, 14, 14), (16, 24, 9, 9))
+CHANNELS_LAST = ((64, 32, 14, 14), (16, 24, 9, 9), (8, 3, 10, 10))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DATA = ("normal", "offset", "nonfinite")
 
