@@ -36,11 +36,14 @@ __all__ = ["load", "load_error", "library_path", "build_seconds", "check_environ
 _HERE = Path(__file__).resolve().parent
 SOURCES = (
     "cpu_kernels.cpp",
+    "cpu_kernels_sums.inc",
     "cpu_kernels_ncl.inc",
+    "cpu_kernels_ncl_passes.inc",
     "cpu_kernels_ncl_flat.inc",
     "cpu_kernels_ncl_groups.inc",
     "cpu_kernels_waves.inc",
     "cpu_kernels_nlc_half.inc",
+    "cpu_kernels_nlc_short.inc",
     "cpu_kernels_nlc_rows.inc",
     "cpu_kernels_nlc.inc",
     "cpu_kernels_api.inc",

@@ -387,11 +387,14 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 
 }  // namespace
 
+#include "cpu_kernels_sums.inc"
 #include "cpu_kernels_ncl.inc"
+#include "cpu_kernels_ncl_passes.inc"
 #include "cpu_kernels_ncl_flat.inc"
 #include "cpu_kernels_ncl_groups.inc"
 #include "cpu_kernels_waves.inc"
 #include "cpu_kernels_nlc_half.inc"
+#include "cpu_kernels_nlc_short.inc"
 #include "cpu_kernels_nlc_rows.inc"
 #include "cpu_kernels_nlc.inc"
 #include "cpu_kernels_api.inc"
