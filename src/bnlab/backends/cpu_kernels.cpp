@@ -181,10 +181,6 @@ static inline void add_to_f64(double* dst, __m256 v) {
   _mm256_storeu_pd(dst + 4, _mm256_add_pd(_mm256_loadu_pd(dst + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
 }
 
-// 16 bf16 values as two float32 vectors in the order of _mm256_unpack{lo,hi}_epi16: values 0-3 and
-// 8-11, then 4-7 and 12-15. Elementwise work whose coefficients are the same for all 16 (an NCL
-// row) does not mind the order, and st16_unpacked restores memory order with one pack (the
-// lane-wise inverse of the unpacks): one widening op per 8 values instead of two, and no permute.
 // 16-bit storage types (bf16, float16): float32 arithmetic, vector loads and stores that convert.
 template <typename S>
 constexpr bool kHalf16 = std::is_same<S, bf16>::value || std::is_same<S, _Float16>::value;
@@ -215,6 +211,10 @@ static inline __m512 grad_input16(__m512 dy, __m512 x, __m512 h, __m512 k1, __m5
 }
 #endif
 
+// 16 bf16 values as two float32 vectors in the order of _mm256_unpack{lo,hi}_epi16: values 0-3 and
+// 8-11, then 4-7 and 12-15. Elementwise work whose coefficients are the same for all 16 (an NCL
+// row) does not mind the order, and st16_unpacked restores memory order with one pack (the
+// lane-wise inverse of the unpacks): one widening op per 8 values instead of two, and no permute.
 struct Unpacked16 {
   __m256 lo, hi;
 };
