@@ -3,8 +3,9 @@
 Claim checked: a kernel change that only reorders the work (a new walk, new blocks, registers
 instead of memory) leaves every output, statistic and gradient as it was, e.g. "816 outputs,
 statistics and gradients equal to the previous build's" in docs/benchmarks.md. Both builds are
-loaded into this process and called on the same tensors: the training forward (y, mean, M2,
-invstd) and the backward (dx, Σdy, Σdy·x̂), with weight and bias, over shapes that reach every
+loaded into this process and called on the same tensors: eval (y from running averages), the
+training forward (y, mean, M2, invstd, the running averages it updates) and the backward (dx, Σdy,
+Σdy·x̂, and the weight and bias gradients in float32), with weight and bias, over shapes that reach every
 NCL and NLC walk, float32/bfloat16/float16/float64, one and two threads, and three kinds of data
 (normal; 1e3 ± 0.01, where the shifted sums matter; normal with NaN, inf and 3e38 values).
 Results compare as bytes, except that any NaN equals any NaN (x86 returns the first operand's
@@ -31,7 +32,8 @@ from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
 SHAPES = (
     (128, 16, 32, 32), (64, 256, 14, 14), (256, 32, 16, 16), (64, 32, 32, 32), (32, 512, 7, 7),
     (8, 64, 56, 56), (4, 8, 64, 64), (37, 17, 9, 9), (23, 3, 10, 10), (5, 70, 30), (3, 16, 32, 32),
-    (1, 24, 1024), (256, 100), (300, 72), (301, 7), (40, 13), (64, 24, 5), (33, 100, 3),
+    (1, 24, 1024), (256, 100), (300, 72), (301, 7), (40, 13), (64, 24, 5), (33, 100, 3), (2, 2048, 7, 7),
+    (2, 8192), (3, 1000, 2, 2),
 )  # fmt: skip
 CHANNELS_LAST = ((64, 32, 14, 14), (16, 24, 9, 9), (8, 3, 10, 10))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -58,16 +60,23 @@ def run(lib, x: torch.Tensor, dy: torch.Tensor, nt: int) -> dict[str, torch.Tens
     code = _CODE[x.dtype]
     gen = torch.Generator().manual_seed(7)
     w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
-    y, dx = torch.empty_like(x), torch.empty_like(x)
+    rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5  # running averages, updated
+    y, dx, y_eval = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
     stats, sums = torch.empty(3, c, dtype=torch.float64), torch.empty(2, c, dtype=torch.float64)
+    dw, db = torch.empty(c), torch.empty(c)
     fc = _CODE[torch.float32]
+    lib.bn_eval(x.data_ptr(), y_eval.data_ptr(), code, lay, n, c, length, rm.data_ptr(), fc, rv.data_ptr(), fc,
+                w.data_ptr(), fc, b.data_ptr(), fc, 1e-5, nt)  # fmt: skip
     lib.bn_forward_train(x.data_ptr(), y.data_ptr(), code, lay, n, c, length, w.data_ptr(), fc, b.data_ptr(), fc,
-                         1e-5, stats.data_ptr(), 0, 0, 0, 0, 0.1, 0, 0, 0, nt, WAVE_PER_THREAD * nt)  # fmt: skip
+                         1e-5, stats.data_ptr(), rm.data_ptr(), fc, rv.data_ptr(), fc, 0.1, 0, 0, 0, nt,
+                         WAVE_PER_THREAD * nt)  # fmt: skip
     ptr = stats.data_ptr()
     lib.bn_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), code, lay, n, c, length, ptr, ptr + 16 * c,
-                    w.data_ptr(), fc, float(n * length), sums.data_ptr(), 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt)  # fmt: skip
+                    w.data_ptr(), fc, float(n * length), sums.data_ptr(), dw.data_ptr(), fc, db.data_ptr(), fc, nt,
+                    WAVE_PER_THREAD * nt)  # fmt: skip
     return {"y": y, "mean": stats[0], "M2": stats[1], "invstd": stats[2], "dx": dx, "sum_dy": sums[0],
-            "sum_dy_xhat": sums[1]}  # fmt: skip
+            "sum_dy_xhat": sums[1], "y_eval": y_eval, "running_mean": rm, "running_var": rv, "dweight": dw,
+            "dbias": db}  # fmt: skip
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -152,6 +152,47 @@ def test_eval_without_grad_uses_running_buffers_and_rejects_negative_variance():
             layer(x)
 
 
+@pytest.mark.parametrize("shape", [(4, 600), (3, 600, 2, 2), (2, 600, 7, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_layers_match_torch_across_channel_blocks(shape, dtype):
+    """Many channels, few values each: the per-channel work in blocks of 256 (cpu_kernels_coef.inc).
+
+    600 channels span two whole blocks and a partial one: every channel's output, gradients and
+    running averages against torch.nn, over training steps and eval; and a negative running
+    variance past the first block is still found.
+    """
+    torch.manual_seed(3)
+    channels = shape[1]
+    kind = bnlab.BatchNorm1d if len(shape) == 2 else bnlab.BatchNorm2d
+    ours = kind(channels)
+    theirs = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(channels)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    for step, mode in enumerate(["train", "train", "eval"]):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        x = (torch.randn(shape) * (1 + step) + step).to(dtype)
+        dy = torch.randn(shape).to(dtype)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), theirs(x2)
+        assert_close(y1.float(), y2.float(), tol, f"step {step} output")
+        y1.backward(dy)
+        y2.backward(dy)
+        assert_close(x1.grad.float(), x2.grad.float(), tol, f"step {step} grad x")
+        for name in ("weight", "bias"):
+            assert_close(getattr(ours, name).grad, getattr(theirs, name).grad, tol * 10, f"step {step} grad {name}")
+            getattr(ours, name).grad = getattr(theirs, name).grad = None
+        for name in ("running_mean", "running_var"):
+            assert_close(getattr(ours, name), getattr(theirs, name), 2e-4, f"step {step} {name}")
+    with torch.no_grad():
+        ours.running_var[channels // 2] = -1.0
+        with pytest.raises(ValueError, match="running_var"):
+            ours(x)
+
+
 @pytest.mark.parametrize("channels", [8, 16, 24, 32, 40, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eval_of_channels_last_rows_matches_torch(channels, dtype):

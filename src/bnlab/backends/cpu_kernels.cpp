@@ -25,6 +25,7 @@
 #include <Python.h>  // before any standard header, as Python's documentation requires
 #endif
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -389,6 +390,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 
 #include "cpu_kernels_sums.inc"
 #include "cpu_kernels_ncl.inc"
+#include "cpu_kernels_coef.inc"
 #include "cpu_kernels_ncl_passes.inc"
 #include "cpu_kernels_ncl_flat.inc"
 #include "cpu_kernels_ncl_groups.inc"
