@@ -193,6 +193,34 @@ def test_wide_layers_match_torch_across_channel_blocks(shape, dtype):
             ours(x)
 
 
+@pytest.mark.parametrize("shape,layout", [((64, 64, 32, 32), "cl"), ((40000, 100), "nchw")])
+def test_channels_last_rows_beyond_the_l2_match_torch(shape, layout):
+    """16 MB of NLC rows: each thread's share exceeds its L2, so the elementwise passes walk it in
+    blocks from the last reduced row back to the first (row_blocks_last_first); every row must
+    still be written, forward and backward, on two threads."""
+    torch.manual_seed(4)
+    x = to_layout(torch.randn(shape) * 2 + 1, layout)
+    dy = to_layout(torch.randn(shape), layout)
+    channels = shape[1]
+    kind = bnlab.BatchNorm1d if len(shape) == 2 else bnlab.BatchNorm2d
+    ours, theirs = kind(channels), (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(channels)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), theirs(x2)
+        y1.backward(dy)
+        y2.backward(dy)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close(y1, y2, 2e-4, "output")
+    assert_close(x1.grad, x2.grad, 2e-4, "grad x")
+
+
 @pytest.mark.parametrize("channels", [8, 16, 24, 32, 40, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eval_of_channels_last_rows_matches_torch(channels, dtype):
