@@ -365,6 +365,19 @@ thread_local Scratch tls_scratch;
 
 static inline int64_t split_at(int64_t total, int t, int T) { return total * t / T; }
 
+// The items [first, last) of count that the calling thread of an OpenMP team takes: a static
+// share, so that a reduction and the elementwise pass after it give the same thread the same
+// data (the flat walk's blocks, the per-channel walk's channels). Its second pass then walks its
+// share from the last item read to the first, which are still in its L2. (Such sums do not
+// depend on the share: each item's sum is kept apart and folded in item order.)
+struct BlockRange {
+  int64_t first, last;
+};
+static inline BlockRange thread_blocks(int64_t count) {
+  const int t = omp_get_thread_num(), team = omp_get_num_threads();
+  return {split_at(count, t, team), split_at(count, t + 1, team)};
+}
+
 // A large fresh output (glibc maps allocations above its mmap threshold, at most 32 MiB, anew each
 // time, and trims freed memory at the top of its heap back to the OS) costs one page fault per
 // 4 KiB page when first written, which on a virtual machine takes longer than writing the data.
