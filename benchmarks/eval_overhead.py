@@ -67,6 +67,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=40)
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads: expected a positive number of threads, got {args.threads}")
     if args.rounds < 6:
         p.error(f"--rounds: expected at least 6 (the first 5 warm up), got {args.rounds}")
     if cpu_build.load() is None:
