@@ -172,6 +172,32 @@ def test_fused_bn_add_relu_matches_torch_sequence(triton_everywhere, residual):
         assert_close(out, torch.relu(theirs(x) + (res if residual else 0)), 2e-4, "eval output")
 
 
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((2, 3, 7, 10), "nchw"),  # rows of 70 positions: two 64-wide tiles, the second starting at byte 8 of 9
+        ((3, 2, 1, 3), "nchw"),  # rows of 3: tiles narrower than a byte
+        ((2, 70, 2, 3), "cl"),  # 70 channels: two channel blocks, the second starting at byte 8
+        ((3, 20, 3, 2), "cl"),  # 20 channels: one 32-wide block over 3 bytes
+    ],
+)
+def test_fused_backward_reads_the_mask_under_every_tile(triton_everywhere, shape, layout):
+    """The backward kernels read the ReLU mask a byte per 8 positions; every tile shape, against torch."""
+    channels = shape[1]
+    ours, theirs = bnlab.BatchNormAct2d(channels, residual=True), torch.nn.BatchNorm2d(channels)
+    x, res, dy = (make_input(shape, layout, seed=s) for s in (31, 32, 33))
+    x1, x2, r1, r2 = (t.clone().requires_grad_() for t in (x, x, res, res))
+    y1, y2 = ours(x1, r1), torch.relu(theirs(x2) + r2)
+    y1.backward(dy)
+    y2.backward(dy)
+    assert 0.2 < float((y2 > 0).float().mean()) < 0.8  # both sides of the ReLU in every tile
+    assert_close(y1, y2, 2e-4, "output")
+    for name, ours_grad, their_grad in (("x", x1.grad, x2.grad), ("residual", r1.grad, r2.grad),
+                                        ("weight", ours.weight.grad, theirs.weight.grad),
+                                        ("bias", ours.bias.grad, theirs.bias.grad)):  # fmt: skip
+        assert_close(ours_grad, their_grad, 2e-4, f"grad {name}")
+
+
 def test_mask_holds_one_bit_per_element():
     from bnlab.fused import _unpack_bits
 

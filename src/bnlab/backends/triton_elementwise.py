@@ -16,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from bnlab.backends.triton_mask import relu_masked
+
 
 @triton.jit
 def _coef(coef_ptr, index, r, k, r_ok, k_ok, C, NCL: tl.constexpr):
@@ -78,8 +80,7 @@ def grad_input_kernel(
     offs = r.to(tl.int64)[:, None] * K + k[None, :]
     dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_MASK:
-        bits = tl.load(mask_ptr + r.to(tl.int64)[:, None] * K8B + (k // 8)[None, :], mask=ok, other=0).to(tl.int32)
-        dz = tl.where(((bits >> (k % 8)[None, :]) & 1) != 0, dz, 0.0)
+        dz = relu_masked(dz, mask_ptr, r.to(tl.int64) * K8B, r_ok, tl.program_id(1) * BLOCK_K, K, K8B, BLOCK_R, BLOCK_K)
     if WRITE_DRES:
         tl.store(dres_ptr + offs, dz.to(dres_ptr.dtype.element_ty), mask=ok)
     if HAS_DX:

@@ -11,15 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from bnlab.backends.triton_mask import relu_masked
 from bnlab.backends.triton_reduce import narrow
-
-
-@triton.jit
-def _masked(dz, mask_ptr, byte, bit, ok, HAS_MASK: tl.constexpr):
-    if HAS_MASK:
-        bits = tl.load(mask_ptr + byte, mask=ok, other=0).to(tl.int32)
-        dz = tl.where(((bits >> bit) & 1) != 0, dz, 0.0)
-    return dz
 
 
 @triton.jit
@@ -43,7 +36,8 @@ def grad_ncl_kernel(
         row = n.to(tl.int64) * C + c
         offs = row[:, None] * L + l_[None, :]
         dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        dz = _masked(dz, mask_ptr, row[:, None] * K8B + (l_ // 8)[None, :], (l_ % 8)[None, :], ok, HAS_MASK)
+        if HAS_MASK:
+            dz = relu_masked(dz, mask_ptr, row * K8B, n < N, (t % LB) * BLOCK_L, L, K8B, BLOCK_N, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         # fp32 within a tile, float64 across tiles (the portable backend sums fp32 products in float64)
         acc_dy += tl.sum(tl.sum(dz, axis=1), axis=0).to(tl.float64)
@@ -74,7 +68,8 @@ def grad_nlc_kernel(
         ok = (m < end)[:, None] & c_ok[None, :]
         offs = m[:, None] * C + c[None, :]
         dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        dz = _masked(dz, mask_ptr, m[:, None] * K8B + (c // 8)[None, :], (c % 8)[None, :], ok, HAS_MASK)
+        if HAS_MASK:
+            dz = relu_masked(dz, mask_ptr, m * K8B, m < end, cb * BLOCK_C, C, K8B, BLOCK_M, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         acc_dy += tl.sum(dz, axis=0).to(tl.float64)
         acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
