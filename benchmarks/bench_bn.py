@@ -110,7 +110,8 @@ def run_case(key: dict, args) -> dict:
 
 
 def _case_id(rec: dict) -> str:
-    return "/".join(str(rec[k]) for k in ("device", "threads", "shape", "layout", "dtype", "mode"))
+    case = "/".join(str(rec[k]) for k in ("device", "threads", "shape", "layout", "dtype", "mode"))
+    return case + (f"/tiles={rec['triton_tiles']}" if rec.get("triton_tiles") else "")
 
 
 def load_done(path: Path) -> dict:
@@ -223,7 +224,16 @@ def main(argv=None) -> int:
     p.add_argument("--first-call", action="store_true", help="also time compiling bnlab's CPU kernels from scratch")
     p.add_argument("--markdown", action="store_true", help="print a markdown table of all results at the end")
     p.add_argument("--report", action="store_true", help="measure nothing: summarize and tabulate --out as it is")
+    p.add_argument("--triton-tiles", default=None, help="run bnlab's GPU kernels under these triton_ops.Tiles "
+                   "(reduce_tile,reduce_warps,elementwise_tile,elementwise_warps,width; see triton_tune.py)")
     args = p.parse_args(argv)
+    if args.triton_tiles is not None:
+        from bnlab.backends import triton_ops
+
+        try:
+            triton_ops.GPU_TILES = triton_ops.parse_tiles(args.triton_tiles)
+        except ValueError as exc:
+            p.error(f"--triton-tiles: {exc}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.threads is not None:
@@ -251,6 +261,8 @@ def main(argv=None) -> int:
     ]  # fmt: skip
     records = list(done.values())
     for key in keys:
+        if args.triton_tiles is not None:
+            key["triton_tiles"] = args.triton_tiles  # a case of its own: resuming never mixes tiles
         cid = _case_id({**key, "device": args.device, "threads": torch.get_num_threads()})
         if cid in done:
             continue

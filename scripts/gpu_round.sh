@@ -45,7 +45,21 @@ bench() {  # bench LIMIT_SECONDS ARGS...: one stage, appending to $RESULTS
 # 2. The bandwidth, torch and fused targets: the 411 MB shapes and two conv shapes, both layouts.
 bench 240 --shapes gpu-112,gpu-56,conv-56,conv-14 --dtypes fp32,bf16 --layouts nchw,cl --rounds 9 \
     --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
-# 3. The remaining shapes, then torch.compile on the target shapes (slow to compile).
+# 3. Other tiles (triton_ops.Tiles are first guesses): each kernel family alone under six
+#    candidates; if a better one is found, the bandwidth and fused targets again under it, into a
+#    file of their own ("best tiles: ..." in tune.txt is what to put in triton_ops.GPU_TILES).
+timeout 100 "$PY" benchmarks/triton_tune.py --shapes gpu-112,gpu-56 --out "$OUT/tune.jsonl" \
+    > "$OUT/tune.txt" 2>&1
+echo "stage (triton_tune) exit $?" >> "$OUT/tune.txt"
+tiles=$(sed -n 's/^best tiles: \([0-9,]*\).*/\1/p' "$OUT/tune.txt")
+if [ -n "$tiles" ] && [ "$tiles" != "2048,4,2048,4,1024" ]; then
+    timeout 100 "$PY" benchmarks/bench_bn.py --device cuda --out "$OUT/gpu_tuned.jsonl" --triton-tiles "$tiles" \
+        --shapes gpu-112,gpu-56 --dtypes fp32 --layouts nchw,cl --rounds 9 \
+        --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd >> "$OUT/bench.txt" 2>&1
+    echo "stage (tuned tiles $tiles) exit $?" >> "$OUT/bench.txt"
+fi
+tail -3 "$OUT/tune.txt"
+# 4. The remaining shapes, then torch.compile on the target shapes (slow to compile).
 bench 120 --shapes mlp-small,mlp-large,conv-32s,conv-32l --dtypes fp32,bf16 --layouts nchw,cl --rounds 9
 bench 150 --compile --shapes gpu-56,conv-56,conv-14 --dtypes fp32 --layouts nchw --modes fwdbwd --rounds 9
 

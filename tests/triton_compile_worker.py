@@ -156,7 +156,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     parser.add_argument("--resources", action="store_true", help="also report registers and spills (ptxas -v)")
+    parser.add_argument("--tiles", default=None, help="plan under these triton_ops.Tiles (as bench_bn.py --triton-tiles)")
     args = parser.parse_args()
+    if args.tiles is not None:
+        try:
+            triton_ops.GPU_TILES = triton_ops.parse_tiles(args.tiles)
+        except ValueError as exc:
+            parser.error(f"--tiles: {exc}")
     recorder = Recorder(GPUTarget("cuda", args.arch, 32), resources=args.resources)
     original = JITFunction.run
     JITFunction.run = lambda self, *a, **kw: recorder(self, *a, **kw)

@@ -46,6 +46,8 @@ class Plan(NamedTuple):
     per_segment: int  # NCL: tiles per segment; NLC: rows per segment
     block_r: int
     block_k: int
+    warps_reduce: int = 4  # num_warps of the statistics and gradient-sum kernels
+    warps_elementwise: int = 4  # num_warps of normalize and the input gradient
 
     @property
     def m(self) -> int:
@@ -66,6 +68,47 @@ class Plan(NamedTuple):
         return (self.k + 7) // 8
 
 
+class Tiles(NamedTuple):
+    """How large a GPU program's tiles are: values per tile and warps per program, for the reduce
+    kernels (statistics, gradient sums) and the elementwise ones (normalize, input gradient).
+
+    ``width`` bounds a tile's row: NCL tiles span min(L, width) positions of a row, elementwise
+    tiles min(K, width) values. All are powers of two.
+    """
+
+    reduce_tile: int = 2048
+    reduce_warps: int = 4
+    elementwise_tile: int = 2048
+    elementwise_warps: int = 4
+    width: int = 1024
+
+
+#: The tiles of every GPU launch. First guesses, not yet measured on a GPU: benchmarks/triton_tune.py
+#: times alternatives on one (each kernel family alone), and benchmarks/bench_bn.py --triton-tiles
+#: runs the benchmark under others without editing this line.
+GPU_TILES = Tiles()
+#: The interpreter's (CPU tests): small tiles, many of them, so that tails and merges are exercised.
+_INTERPRETER_TILES = Tiles(128, 4, 128, 4, 64)
+
+
+def parse_tiles(text: str) -> Tiles:
+    """Tiles from "reduce_tile,reduce_warps,elementwise_tile,elementwise_warps,width", e.g. "4096,8,2048,4,1024".
+
+    Raises ValueError naming what was expected when a value is missing or not a power of two.
+    """
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(Tiles._fields) or any(v < 1 or v & (v - 1) for v in values):
+        raise ValueError(f"tiles: expected {len(Tiles._fields)} comma-separated powers of two "
+                         f"({','.join(Tiles._fields)}), got {text!r}")  # fmt: skip
+    tiles = Tiles(*values)
+    if min(tiles.reduce_tile, tiles.elementwise_tile) < 8 or tiles.width < 8:
+        raise ValueError(f"tiles: tile sizes and width must be at least 8 (a mask byte per tile row), got {text!r}")
+    return tiles
+
+
 #: multiprocessors assumed when planning for a GPU without one (an H100's count); used by the
 #: compile check, which compiles the kernels for a GPU target on a machine that has none
 _ASSUMED_SM_COUNT = 132
@@ -82,10 +125,11 @@ def _programs_wanted(x: torch.Tensor, gpu: bool) -> int:
     return 4 * _SM_COUNT[index]
 
 
-def plan(x: torch.Tensor, for_gpu: bool | None = None) -> Plan | None:
+def plan(x: torch.Tensor, for_gpu: bool | None = None, tiles: Tiles | None = None) -> Plan | None:
     """The plan for x, or None if x is empty or neither contiguous nor channels-last (channels innermost).
 
-    ``for_gpu`` (default: x.is_cuda) picks GPU tiles rather than the interpreter's small ones.
+    ``for_gpu`` (default: x.is_cuda) picks GPU tiles (:data:`GPU_TILES`) rather than the
+    interpreter's small ones; ``tiles`` overrides either.
     """
     if x.numel() == 0:
         return None
@@ -98,7 +142,8 @@ def plan(x: torch.Tensor, for_gpu: bool | None = None) -> Plan | None:
     else:
         return None
     gpu = x.is_cuda if for_gpu is None else for_gpu
-    tile, width = (2048, 1024) if gpu else (128, 64)  # the interpreter: small tiles, many of them
+    t = tiles or (GPU_TILES if gpu else _INTERPRETER_TILES)
+    tile, width = t.reduce_tile, t.width
     wanted = _programs_wanted(x, gpu)
     if ncl:
         block_b = min(triton.next_power_of_2(length), width)  # BLOCK_L
@@ -109,13 +154,15 @@ def plan(x: torch.Tensor, for_gpu: bool | None = None) -> Plan | None:
         segments = triton.cdiv(tiles, per)
     else:
         block_b = min(64, triton.next_power_of_2(c))  # BLOCK_C
-        block_a = max(16, tile // block_b) if gpu else 16  # BLOCK_M
+        block_a = max(16, tile // block_b) if gpu or tiles else 16  # BLOCK_M (the interpreter's: 16 rows)
         segments = max(1, min(triton.cdiv(n, block_a), wanted // triton.cdiv(c, block_b), 1024))
         per = triton.cdiv(triton.cdiv(n, segments), block_a) * block_a
         segments = triton.cdiv(n, per)
     k = length if ncl else c
     block_k = max(8, min(triton.next_power_of_2(k), width))
-    return Plan(ncl, n, c, length, block_a, block_b, segments, per, max(1, tile // block_k), block_k)
+    block_r = max(1, t.elementwise_tile // block_k)
+    return Plan(ncl, n, c, length, block_a, block_b, segments, per, block_r, block_k, t.reduce_warps,
+                t.elementwise_warps)  # fmt: skip
 
 
 def _partial_stats(x, p: Plan):
@@ -123,12 +170,13 @@ def _partial_stats(x, p: Plan):
     if p.ncl:
         red.stats_ncl_kernel[(p.c, p.segments)](
             x, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment,
-            BLOCK_N=p.block_a, BLOCK_L=p.block_b, **_COMPILE,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     else:
         red.stats_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
-            x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b, **_COMPILE
-        )
+            x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b, num_warps=p.warps_reduce,
+            **_COMPILE,
+        )  # fmt: skip
     return part
 
 
@@ -138,12 +186,12 @@ def _partial_grads(dy, x, mask, hi, p: Plan):
     if p.ncl:
         grad.grad_ncl_kernel[(p.c, p.segments)](
             dy, x, mask_arg, hi, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment, p.k8b,
-            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, **_COMPILE,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     else:
         grad.grad_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
             dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
-            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, **_COMPILE,
+            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     return part
 
@@ -193,7 +241,7 @@ def _normalize(x, coef, p: Plan, residual=None, relu=False, want_mask=False):
         x, y, coef, residual if residual is not None else x, mask if mask is not None else y,
         p.rows, p.k, p.c, p.k8b,
         NCL=p.ncl, HAS_RES=residual is not None, RELU=relu, WRITE_MASK=want_mask,
-        BLOCK_R=p.block_r, BLOCK_K=p.block_k, **_COMPILE,
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.warps_elementwise, **_COMPILE,
     )  # fmt: skip
     return y, mask
 
@@ -230,7 +278,7 @@ def _grad_input(dy, x, gcoef, p: Plan, mask=None, need_dx=True, want_dres=False)
         dy, x, mask if mask is not None else dy, gcoef,
         dx if dx is not None else dy, dres if dres is not None else dy, p.rows, p.k, p.c, p.k8b,
         NCL=p.ncl, HAS_MASK=mask is not None, HAS_DX=dx is not None, WRITE_DRES=dres is not None,
-        BLOCK_R=p.block_r, BLOCK_K=p.block_k, **_COMPILE,
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.warps_elementwise, **_COMPILE,
     )  # fmt: skip
     return dx, dres
 
