@@ -35,7 +35,7 @@ SHAPES = (
     (1, 24, 1024), (256, 100), (300, 72), (301, 7), (40, 13), (64, 24, 5), (33, 100, 3), (2, 2048, 7, 7),
     (2, 8192), (3, 1000, 2, 2),
 )  # fmt: skip
-CHANNELS_LAST = ((64, 32, 14, 14), (16, 24, 9, 9), (8, 3, 10, 10))
+CHANNELS_LAST = ((64, 32, 14, 14), (16, 24, 9, 9), (8, 3, 10, 10), (12, 16, 9, 9), (6, 8, 7, 7), (5, 12, 6, 6))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DATA = ("normal", "offset", "nonfinite")
 
@@ -51,7 +51,24 @@ def make(shape, dtype, data: str, seed: int, channels_last: bool) -> torch.Tenso
         for k, v in enumerate((float("nan"), float("inf"), -float("inf"), 3e38)):
             flat[(k * 7919 + 13) % flat.numel()] = v
     t = t.to(dtype)
+    if data == "nonfinite":
+        # NaNs other than the default one, written as bits (a conversion may make them canonical):
+        # a negative quiet NaN (x86's default result of inf - inf) and a signalling NaN with a
+        # payload, which must come out as NaN wherever the default one does.
+        ints, negative, signalling = NAN_BITS[dtype]
+        flat = t.view(-1).view(ints)
+        flat[(5 * 7919 + 13) % flat.numel()] = negative
+        flat[(6 * 7919 + 13) % flat.numel()] = signalling
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+#: dtype -> (its integer view, a negative quiet NaN, a signalling NaN with a payload), as signed integers
+NAN_BITS = {
+    torch.bfloat16: (torch.int16, -64, 0x7F81),  # 0xFFC0, 0x7F81
+    torch.float16: (torch.int16, -512, 0x7C01),  # 0xFE00, 0x7C01
+    torch.float32: (torch.int32, -(1 << 22), 0x7FA00001),  # 0xFFC00000, 0x7FA00001
+    torch.float64: (torch.int64, -(1 << 51), 0x7FF4000000000001),  # 0xFFF8000000000000, 0x7FF4000000000001
+}
 
 
 def run(lib, x: torch.Tensor, dy: torch.Tensor, nt: int) -> dict[str, torch.Tensor]:

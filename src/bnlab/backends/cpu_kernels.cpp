@@ -139,6 +139,12 @@ static inline __m256 ld8(const bf16* p) {
 }
 static inline void st8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 static inline void st8(bf16* p, __m256 v) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  if (!_mm256_fpclass_ps_mask(v, 0x01 | 0x20 | 0x80)) {  // as st16: no NaN or denormal among the 8
+    _mm_storeu_si128((__m128i*)p, (__m128i)_mm256_cvtneps_pbh(v));
+    return;
+  }
+#endif
   const __m256i b = bf16_bits(v);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0xD8);
   _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
@@ -194,6 +200,16 @@ static inline __m512 ld16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 static inline void st16(bf16* p, __m512 f) {
+#if defined(__AVX512BF16__)
+  // vcvtneps2bf16 rounds to nearest even as the integer form below does, but reads denormals as
+  // zero (torch keeps them), and keeps a NaN's sign and payload where st() and the integer form
+  // store every NaN as 0x7fc0: vectors holding either kind (one fpclass test: quiet NaN, denormal,
+  // signalling NaN) take the integer form. Eval of a bf16 channels-last (128, 16, 32, 32): 0.68 of the time.
+  if (!_mm512_fpclass_ps_mask(f, 0x01 | 0x20 | 0x80)) {
+    _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(f));
+    return;
+  }
+#endif
   const __m512i u = _mm512_castps_si512(f);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
