@@ -31,6 +31,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -216,6 +217,8 @@ static inline void st16(bf16* p, __m512 f) {
   const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7fc0));
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(bits));
 }
+static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+static inline void st16(float* p, __m512 f) { _mm512_storeu_ps(p, f); }
 static inline __m512 ld16(const _Float16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 static inline void st16(_Float16* p, __m512 f) {
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
