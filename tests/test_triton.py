@@ -290,3 +290,35 @@ def test_kernels_that_disagree_are_declined(monkeypatch):
     monkeypatch.setattr(ops, "forward_train", off_by_a_little)
     with pytest.warns(RuntimeWarning, match="y differs from the portable backend"):
         assert not backend.supports(torch.zeros(2, 3))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")  # the interpreter's NumPy, on -0.5
+@pytest.mark.parametrize("fused", [False, True])
+def test_eval_refuses_a_negative_running_variance(triton_everywhere, fused):
+    """The eval coefficient kernel reports negative variances; the error names the channels."""
+    layer = (bnlab.BatchNormAct2d(5) if fused else bnlab.BatchNorm2d(5)).eval()
+    x = make_input((3, 5, 4, 7), "cl", seed=41)
+    with torch.no_grad():
+        expected = layer(x)  # all variances 1: fine
+        assert_close(expected, torch.relu(x / (1 + 1e-5) ** 0.5) if fused else x / (1 + 1e-5) ** 0.5, 2e-4, "eval")
+        layer.running_var[3] = -0.5
+        with pytest.raises(ValueError, match=r"running_var.*channels \[3\]"):
+            layer(x)
+        layer.running_var[3] = 0.0  # zero is a variance: accepted
+        layer(x)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")
+def test_eval_coefficients_cover_channels_beyond_one_block(triton_everywhere):
+    """1100 channels: the eval coefficient kernel's second pass over channel blocks (1024 per block)."""
+    layer = bnlab.BatchNorm1d(1100).eval()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.linspace(-1, 1, 1100))
+        layer.running_var.copy_(torch.linspace(0.5, 2, 1100))
+        layer.weight.copy_(torch.linspace(2, 3, 1100))
+        x = make_input((3, 1100), seed=42)
+        expected = (x.double() - layer.running_mean.double()) / torch.sqrt(layer.running_var.double() + 1e-5)
+        assert_close(layer(x), expected * layer.weight.double() + layer.bias.double(), 2e-4, "eval output")
+        layer.running_var[1050] = -1.0
+        with pytest.raises(ValueError, match=r"channels \[1050\]"):
+            layer(x)

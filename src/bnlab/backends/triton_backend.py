@@ -31,6 +31,19 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x).copy_(t)
 
 
+def _checked(y: Tensor, ok: Tensor, running_var: Tensor) -> Tensor:
+    """y, once the eval kernels' flag says no running variance is negative (bnlab refuses those).
+
+    On CUDA an asynchronous device-side assertion, so that eval never waits for the GPU; elsewhere
+    (the interpreter) the flag is read at once and the error names the channels.
+    """
+    if y.is_cuda:
+        torch._assert_async(ok, "running_var: expected non-negative values, got negative entries")
+    elif not bool(ok):
+        check_running_var_nonnegative(running_var)  # raises, naming the channels
+    return y
+
+
 def _plain(v: Tensor | None, x: Tensor) -> bool:
     return v is None or (v.device == x.device and v.is_contiguous())
 
@@ -150,8 +163,8 @@ class TritonBackend(Backend):
         p = self.plan(x)
         if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var)):
             return None
-        check_running_var_nonnegative(running_var)  # on CUDA an asynchronous device-side assert
-        return self.ops().normalize_with(x, running_mean, running_var, weight, bias, eps, given_invstd=False, p=p)
+        y, ok = self.ops().normalize_with(x, running_mean, running_var, weight, bias, eps, given_invstd=False, p=p)
+        return _checked(y, ok, running_var)
 
     # -- fused BN (+ residual) + ReLU: used by bnlab.BatchNormAct2d ------------------------------------
     def act_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, counter, guard, residual, relu):
@@ -182,8 +195,8 @@ class TritonBackend(Backend):
         p = self.plan(x)
         if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var)):
             return None
-        check_running_var_nonnegative(running_var)
         residual = None if residual is None else _like(residual, x)
-        return self.ops().normalize_with(
+        y, ok = self.ops().normalize_with(
             x, running_mean, running_var, weight, bias, eps, given_invstd=False, residual=residual, relu=relu, p=p
         )
+        return _checked(y, ok, running_var)

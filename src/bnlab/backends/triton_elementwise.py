@@ -98,24 +98,34 @@ def eval_coef_kernel(
     var_ptr,  # (C,) running variance (any float), or the float64 invstd (GIVEN_INVSTD)
     w_ptr, b_ptr,  # affine parameters if HAS_W / HAS_B
     coef_ptr,  # (3, C) float32 out: hi, scale, shift
+    ok_ptr,  # uint8 out: 1 if no variance is negative, else 0 (not GIVEN_INVSTD)
     C, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN_INVSTD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = c < C
-    mean = tl.load(mean_ptr + c, mask=ok, other=0.0).to(tl.float64)
-    if GIVEN_INVSTD:
-        invstd = tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float64)
-    else:
-        invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float64) + eps)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
-    scale = invstd
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=ok, other=1.0).to(tl.float64)
-    shift = -lo * scale
-    if HAS_B:
-        shift += tl.load(b_ptr + c, mask=ok, other=0.0).to(tl.float64)
-    tl.store(coef_ptr + c, hi, mask=ok)
-    tl.store(coef_ptr + C + c, scale.to(tl.float32), mask=ok)
-    tl.store(coef_ptr + 2 * C + c, shift.to(tl.float32), mask=ok)
+    """One program over every channel: it also decides whether any running variance is negative,
+    which the caller asserts asynchronously from ok_ptr (one more launch, instead of the four of
+    torch's compare, any, not and assert)."""
+    negative = tl.full([], 0, tl.int32)
+    for c0 in range(0, C, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        ok = c < C
+        mean = tl.load(mean_ptr + c, mask=ok, other=0.0).to(tl.float64)
+        if GIVEN_INVSTD:
+            invstd = tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float64)
+        else:
+            var = tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float64)
+            negative += tl.sum(tl.where(var < 0, 1, 0), axis=0)
+            invstd = 1.0 / tl.sqrt(var + eps)
+        hi = mean.to(tl.float32)
+        lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+        scale = invstd
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + c, mask=ok, other=1.0).to(tl.float64)
+        shift = -lo * scale
+        if HAS_B:
+            shift += tl.load(b_ptr + c, mask=ok, other=0.0).to(tl.float64)
+        tl.store(coef_ptr + c, hi, mask=ok)
+        tl.store(coef_ptr + C + c, scale.to(tl.float32), mask=ok)
+        tl.store(coef_ptr + 2 * C + c, shift.to(tl.float32), mask=ok)
+    if not GIVEN_INVSTD:
+        tl.store(ok_ptr, (negative == 0).to(tl.uint8))

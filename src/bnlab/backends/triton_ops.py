@@ -14,13 +14,24 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 
 from bnlab.backends import triton_elementwise as ew
 from bnlab.backends import triton_grad as grad
 from bnlab.backends import triton_reduce as red
 
 _F64, _F32 = torch.float64, torch.float32
+
+
+# Host-side integer helpers. Not triton.cdiv / triton.next_power_of_2: called from Python those
+# go through Triton's JIT-function wrapper, about 3 us each, and a training step made 16 such
+# calls (host time is what a GPU step of a cache-sized tensor waits on).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 _SM_COUNT: dict = {}
 # Compile options of every launch. Multiplies and adds fused into FMAs (one rounding instead of
 # two), as Triton has done by default so far and as the CPU kernels do: Triton 3.9 warns that its
@@ -146,20 +157,20 @@ def plan(x: torch.Tensor, for_gpu: bool | None = None, tiles: Tiles | None = Non
     tile, width = t.reduce_tile, t.width
     wanted = _programs_wanted(x, gpu)
     if ncl:
-        block_b = min(triton.next_power_of_2(length), width)  # BLOCK_L
+        block_b = min(_pow2(length), width)  # BLOCK_L
         block_a = max(1, tile // block_b)  # BLOCK_N
-        tiles = triton.cdiv(n, block_a) * triton.cdiv(length, block_b)
+        tiles = _cdiv(n, block_a) * _cdiv(length, block_b)
         segments = max(1, min(tiles, wanted // c, 1024))
-        per = triton.cdiv(tiles, segments)
-        segments = triton.cdiv(tiles, per)
+        per = _cdiv(tiles, segments)
+        segments = _cdiv(tiles, per)
     else:
-        block_b = min(64, triton.next_power_of_2(c))  # BLOCK_C
+        block_b = min(64, _pow2(c))  # BLOCK_C
         block_a = max(16, tile // block_b) if gpu or tiles else 16  # BLOCK_M (the interpreter's: 16 rows)
-        segments = max(1, min(triton.cdiv(n, block_a), wanted // triton.cdiv(c, block_b), 1024))
-        per = triton.cdiv(triton.cdiv(n, segments), block_a) * block_a
-        segments = triton.cdiv(n, per)
+        segments = max(1, min(_cdiv(n, block_a), wanted // _cdiv(c, block_b), 1024))
+        per = _cdiv(_cdiv(n, segments), block_a) * block_a
+        segments = _cdiv(n, per)
     k = length if ncl else c
-    block_k = max(8, min(triton.next_power_of_2(k), width))
+    block_k = max(8, min(_pow2(k), width))
     block_r = max(1, t.elementwise_tile // block_k)
     return Plan(ncl, n, c, length, block_a, block_b, segments, per, block_r, block_k, t.reduce_warps,
                 t.elementwise_warps)  # fmt: skip
@@ -169,11 +180,11 @@ def _partial_stats(x, p: Plan):
     part = torch.empty(p.segments, p.c, 3, dtype=_F64, device=x.device)
     if p.ncl:
         red.stats_ncl_kernel[(p.c, p.segments)](
-            x, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment,
+            x, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment,
             BLOCK_N=p.block_a, BLOCK_L=p.block_b, num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     else:
-        red.stats_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
+        red.stats_nlc_kernel[(_cdiv(p.c, p.block_b), p.segments)](
             x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b, num_warps=p.warps_reduce,
             **_COMPILE,
         )  # fmt: skip
@@ -185,11 +196,11 @@ def _partial_grads(dy, x, mask, hi, p: Plan):
     mask_arg = mask if mask is not None else dy
     if p.ncl:
         grad.grad_ncl_kernel[(p.c, p.segments)](
-            dy, x, mask_arg, hi, part, p.n, p.c, p.length, triton.cdiv(p.length, p.block_b), p.per_segment, p.k8b,
+            dy, x, mask_arg, hi, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment, p.k8b,
             BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     else:
-        grad.grad_nlc_kernel[(triton.cdiv(p.c, p.block_b), p.segments)](
+        grad.grad_nlc_kernel[(_cdiv(p.c, p.block_b), p.segments)](
             dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
             BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
@@ -197,7 +208,7 @@ def _partial_grads(dy, x, mask, hi, p: Plan):
 
 
 def _tiles(p: Plan):
-    return (triton.cdiv(p.rows, p.block_r), triton.cdiv(p.k, p.block_k))
+    return (_cdiv(p.rows, p.block_r), _cdiv(p.k, p.block_k))
 
 
 def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.0, counter=None,
@@ -218,7 +229,7 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
     red.stats_merge_kernel[(c,)](
         part, x, stats, coef, weight if weight is not None else x, bias if bias is not None else x,
         c, p.segments, p.length if p.ncl else 1, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=triton.next_power_of_2(p.segments), **_COMPILE,
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=_pow2(p.segments), **_COMPILE,
     )  # fmt: skip
     update = running_mean is not None
     if update or counter is not None:
@@ -226,7 +237,7 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
             stats, running_mean if update else stats, running_var if update else stats,
             counter if counter is not None else stats, c, float(p.m), 0.0 if momentum is None else float(momentum),
             UPDATE=update, COUNT=counter is not None, CUMULATIVE=momentum is None, GUARD=bool(guard),
-            BLOCK=min(1024, triton.next_power_of_2(c)), **_COMPILE,
+            BLOCK=min(1024, _pow2(c)), **_COMPILE,
         )  # fmt: skip
     if not want_y:
         return None, stats, coef, None
@@ -263,7 +274,7 @@ def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False,
         dweight if dweight is not None else sums, dbias if dbias is not None else sums,
         c, p.segments, float(p.m),
         HAS_W=weight is not None, WRITE_DW=dweight is not None, WRITE_DB=dbias is not None,
-        BLOCK_S=triton.next_power_of_2(p.segments), **_COMPILE,
+        BLOCK_S=_pow2(p.segments), **_COMPILE,
     )  # fmt: skip
     dx, dres = _grad_input(dy, x, gcoef, p, mask, need_dx, want_dres)
     return dx, sums, dres
@@ -285,14 +296,22 @@ def _grad_input(dy, x, gcoef, p: Plan, mask=None, need_dx=True, want_dres=False)
 
 def normalize_with(x, mean, var_or_invstd, weight, bias, eps=0.0, given_invstd=True, residual=None, relu=False,
                    p: Plan | None = None):  # fmt: skip
-    """y = BN(x) with fixed statistics: float64 mean and invstd, or running mean and variance (+ eps)."""
+    """y = BN(x) with fixed statistics: float64 mean and invstd, or running mean and variance (+ eps).
+
+    Returns y, or with running statistics (given_invstd=False) (y, ok): ok a uint8 tensor of one
+    element, 0 if some variance is negative (the caller raises or asserts; y is NaN there).
+    """
     p = p or plan(x)
     coef = torch.empty(3, p.c, dtype=_F32, device=x.device)
-    ew.eval_coef_kernel[(triton.cdiv(p.c, 256),)](
+    ok = None if given_invstd else torch.empty((), dtype=torch.uint8, device=x.device)
+    ew.eval_coef_kernel[(1,)](
         mean, var_or_invstd, weight if weight is not None else mean, bias if bias is not None else mean, coef,
-        p.c, eps, HAS_W=weight is not None, HAS_B=bias is not None, GIVEN_INVSTD=given_invstd, BLOCK=256, **_COMPILE,
+        ok if ok is not None else coef, p.c, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, GIVEN_INVSTD=given_invstd, BLOCK=min(1024, _pow2(p.c)),
+        **_COMPILE,
     )  # fmt: skip
-    return _normalize(x, coef, p, residual, relu)[0]
+    y = _normalize(x, coef, p, residual, relu)[0]
+    return y if given_invstd else (y, ok)
 
 
 def grad_input_with(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, p: Plan | None = None):
