@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bnlab
-from bnlab.backends import cpu_autograd, get_backend
+from bnlab.backends import autograd_apply, cpu_autograd, get_backend
 
 CPU = get_backend("cpu")
 
@@ -56,6 +56,6 @@ def test_functorch_transforms_and_compiling_take_the_public_apply(monkeypatch, h
     x = torch.randn(8, 6, requires_grad=True)
     layer(x)
     assert calls == []  # the direct path: the public apply was not called
-    monkeypatch.setattr(cpu_autograd, hook, lambda: True)
+    monkeypatch.setattr(autograd_apply, hook, lambda: True)
     y = layer(x)
     assert calls == [4] and type(y.grad_fn).__name__ == "CpuTrainFunctionBackward"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from bnlab.backends.autograd_apply import direct_apply
+
 
 class CpuTrainFunction(torch.autograd.Function):
     """y = BN(x) with the batch's statistics, updating running_mean/running_var in the same call.
@@ -43,19 +45,5 @@ class CpuTrainFunction(torch.autograd.Function):
         return backend.backward_fused(dy, x, stats, weight, plan, need_x, dw, db), dw, db, None
 
 
-# torch.autograd.Function.apply is a Python wrapper around the C++ _FunctionBase.apply: it binds
-# setup_context arguments (CpuTrainFunction has none) and unwraps functorch's dead wrappers, about
-# 3 us per call, a twentieth of a whole (256, 100) training forward. apply_train calls the C++
-# apply directly whenever that wrapper has nothing to do: no functorch transform active and not
-# under torch.compile (whose tracer handles Function.apply itself). Anything else, or a torch
-# without these hooks, takes the public path.
-_C_APPLY = getattr(super(torch.autograd.Function, CpuTrainFunction), "apply", None)
-_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
-_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-
-
-def apply_train(x, weight, bias, config):
-    """CpuTrainFunction.apply(x, weight, bias, config), without the Python wrapper where it is idle."""
-    if _C_APPLY is None or _TRANSFORMS_ACTIVE is None or _COMPILING is None or _TRANSFORMS_ACTIVE() or _COMPILING():
-        return CpuTrainFunction.apply(x, weight, bias, config)
-    return _C_APPLY(x, weight, bias, config)
+#: CpuTrainFunction.apply(x, weight, bias, config), without torch's Python wrapper where it is idle.
+apply_train = direct_apply(CpuTrainFunction)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from bnlab.backends.autograd_apply import direct_apply
 from bnlab.backends.triton_backend import _like
 
 
@@ -40,3 +41,7 @@ class TritonTrainFunction(torch.autograd.Function):
         db = torch.empty(p.c, dtype=bias_dtype, device=x.device) if need_b else None
         dx, _, _ = backend.ops().backward(_like(dy, x), x, stats, coef[0], weight, need_x, dweight=dw, dbias=db, p=p)
         return dx, dw, db, None
+
+
+#: TritonTrainFunction.apply(x, weight, bias, config), without torch's Python wrapper where it is idle.
+apply_train = direct_apply(TritonTrainFunction)

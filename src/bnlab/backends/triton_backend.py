@@ -44,8 +44,13 @@ def _checked(y: Tensor, ok: Tensor, running_var: Tensor) -> Tensor:
     return y
 
 
-def _plain(v: Tensor | None, x: Tensor) -> bool:
-    return v is None or (v.device == x.device and v.is_contiguous())
+def _all_plain(x: Tensor, *vectors: Tensor | None) -> bool:
+    """Each vector None, or contiguous on x's device (what the kernels address by pointer)."""
+    device = x.device
+    for v in vectors:
+        if v is not None and not (v.device == device and v.is_contiguous()):
+            return False
+    return True
 
 
 class TritonBackend(Backend):
@@ -152,16 +157,16 @@ class TritonBackend(Backend):
     def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None,
                       skip_nonfinite=False):  # fmt: skip
         p = self.plan(x)
-        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var, num_batches_tracked)):
+        if p is None or not _all_plain(x, weight, bias, running_mean, running_var, num_batches_tracked):
             return None
-        from bnlab.backends.triton_autograd import TritonTrainFunction
+        from bnlab.backends.triton_autograd import apply_train
 
         config = (eps, self, running_mean, running_var, momentum, num_batches_tracked, skip_nonfinite, p)
-        return TritonTrainFunction.apply(x, weight, bias, config)
+        return apply_train(x, weight, bias, config)
 
     def eval_forward(self, x, running_mean, running_var, weight, bias, eps):
         p = self.plan(x)
-        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var)):
+        if p is None or not _all_plain(x, weight, bias, running_mean, running_var):
             return None
         y, ok = self.ops().normalize_with(x, running_mean, running_var, weight, bias, eps, given_invstd=False, p=p)
         return _checked(y, ok, running_var)
@@ -173,7 +178,7 @@ class TritonBackend(Backend):
         Running averages, batch counter and non-finite guard as in :meth:`train_forward`.
         """
         p = self.plan(x)
-        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var, counter)):
+        if p is None or not _all_plain(x, weight, bias, running_mean, running_var, counter):
             return None
         residual = None if residual is None else _like(residual, x)
         y, stats, coef, mask = self.ops().forward_train(
@@ -193,7 +198,7 @@ class TritonBackend(Backend):
     def act_eval(self, x, running_mean, running_var, weight, bias, eps, residual, relu):
         """act(BN_eval(x) + residual) without autograd, or None for the generic path."""
         p = self.plan(x)
-        if p is None or not all(_plain(v, x) for v in (weight, bias, running_mean, running_var)):
+        if p is None or not _all_plain(x, weight, bias, running_mean, running_var):
             return None
         residual = None if residual is None else _like(residual, x)
         y, ok = self.ops().normalize_with(

@@ -159,10 +159,10 @@ def plan(x: torch.Tensor, for_gpu: bool | None = None, tiles: Tiles | None = Non
     if ncl:
         block_b = min(_pow2(length), width)  # BLOCK_L
         block_a = max(1, tile // block_b)  # BLOCK_N
-        tiles = _cdiv(n, block_a) * _cdiv(length, block_b)
-        segments = max(1, min(tiles, wanted // c, 1024))
-        per = _cdiv(tiles, segments)
-        segments = _cdiv(tiles, per)
+        n_tiles = _cdiv(n, block_a) * _cdiv(length, block_b)
+        segments = max(1, min(n_tiles, wanted // c, 1024))
+        per = _cdiv(n_tiles, segments)
+        segments = _cdiv(n_tiles, per)
     else:
         block_b = min(64, _pow2(c))  # BLOCK_C
         block_a = max(16, tile // block_b) if gpu or tiles else 16  # BLOCK_M (the interpreter's: 16 rows)
