@@ -41,6 +41,7 @@ SHAPES = [  # (shape, channels_last)
     ((32, 64, 56, 56), False), ((32, 64, 56, 56), True), ((128, 16, 32, 32), True), ((256, 64, 32, 32), False),
     ((8192, 100), False), ((256, 100), False), ((7, 3, 5, 9), False), ((7, 3, 5, 9), True),
     ((4, 2, 300000), False), ((3, 5, 2, 3, 7), True), ((65536, 3), False), ((64, 2048), False),
+    ((40, 1000), False),  # the one-program kernels (triton_small) at their widest: 1000 channels, 1024 lanes
 ]  # fmt: skip
 DRY_RUN_SHAPES = [((4, 6, 5, 7), False), ((4, 6, 5, 7), True), ((33, 5), False), ((3, 2, 301), False),
                   ((3, 5, 2, 3, 2), True)]  # fmt: skip

@@ -29,6 +29,17 @@ TRITON = TritonBackend(allow_cpu=True)
 CASES = [((5, 3, 7, 6), "nchw"), ((11, 1, 13), "nchw"), ((9, 5), "nchw"), ((4, 6, 3, 5), "cl"), ((3, 7, 2, 3, 2), "cl")]
 
 
+@pytest.fixture(autouse=True, params=["one program", "general"])
+def small_input_kernels(request, monkeypatch):
+    """Every test twice: small rows of channels through the one-program kernels (triton_small),
+    and through the general ones (the threshold at 0), so that both stay covered."""
+    from bnlab.backends import triton_ops
+
+    if request.param == "general":
+        monkeypatch.setattr(triton_ops, "SMALL_NUMEL", 0)
+    return request.param
+
+
 @pytest.fixture
 def triton_everywhere():
     """Route CPU float tensors to the interpreted Triton backend for the duration of a test."""
@@ -322,3 +333,67 @@ def test_eval_coefficients_cover_channels_beyond_one_block(triton_everywhere):
         layer.running_var[1050] = -1.0
         with pytest.raises(ValueError, match=r"channels \[1050\]"):
             layer(x)
+
+
+def test_small_rows_of_channels_take_one_launch_each_way(small_input_kernels, monkeypatch):
+    """(N, C) inputs of at most SMALL_NUMEL values: one program forward and one backward; larger
+    inputs, NCL inputs and the fused layer's mask take the general kernels."""
+    from bnlab.backends import triton_ops
+
+    taken = []
+    for name in ("_small_forward", "_small_backward", "_partial_stats", "_partial_grads"):
+        original = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
+    for shape, layout in (((40, 6), "nchw"), ((4, 6, 3, 5), "cl"), ((4, 6, 3, 5), "nchw")):
+        taken.clear()
+        x = make_input(shape, layout, seed=43)
+        dy = make_input(shape, layout, seed=44)
+        y, stats, coef, _ = triton_ops.forward_train(x, None, None, 1e-5)
+        triton_ops.backward(dy, x, stats, coef[0], None)
+        nlc = shape == (40, 6) or layout == "cl"
+        small = nlc and small_input_kernels == "one program"
+        assert taken == (["_small_forward", "_small_backward"] if small else ["_partial_stats", "_partial_grads"]), shape
+        z = torch.as_tensor(ref.forward_train(np64(x))[0])
+        assert_close(y, z, 2e-4, "output")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's NumPy on inf - inf
+@pytest.mark.parametrize("guard", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_one_program_running_averages_and_guard(triton_everywhere, guard, momentum):
+    """The running averages, the batch counter and the non-finite guard of the one-program forward
+    against torch.nn (a finite batch) and against nothing changing (a batch with an infinity)."""
+    ours, theirs = bnlab.BatchNorm1d(7, momentum=momentum), torch.nn.BatchNorm1d(7, momentum=momentum)
+    ours.skip_nonfinite = guard
+    for seed in (45, 46):
+        x = make_input((30, 7), seed=seed)
+        ours(x)
+        theirs(x)
+    assert_close(ours.running_mean, theirs.running_mean, 1e-6, "running_mean")
+    assert_close(ours.running_var, theirs.running_var, 1e-6, "running_var")
+    assert int(ours.num_batches_tracked) == 2
+    before = (ours.running_mean.clone(), ours.running_var.clone())
+    bad = make_input((30, 7), seed=47)
+    bad[3, 2] = float("inf")
+    ours(bad)
+    if guard:  # one channel's statistics are not finite: nothing changes, the counter included
+        assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
+        assert int(ours.num_batches_tracked) == 2
+    else:
+        assert not torch.isfinite(ours.running_var[2]) and int(ours.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("shape,layout", [((40, 3), "nchw"), ((6, 3, 4, 5), "nchw"), ((6, 3, 4, 5), "cl")])
+def test_gradients_at_a_large_mean_keep_their_precision(shape, layout):
+    """Data at 1e3 ± 0.01: dx's coefficients carry the mean's float32 rounding (lo) explicitly;
+    dropped or with the wrong sign, dx would be off by about 1e-2 of its size."""
+    x = make_input(shape, layout, seed=48, mean=1000.0, std=0.01)
+    dy = make_input(shape, layout, seed=49)
+    w = torch.rand(shape[1]) + 0.5
+    y, stats, invstd = TRITON.forward_train(x, w, None, 1e-5)
+    dx, dw, _ = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True)
+    expected_y, cache = ref.forward_train(np64(x), np64(w), None)
+    expected_dx, expected_dw, _ = ref.backward(np64(dy), cache)
+    assert_close(y, expected_y, 2e-4, "y")
+    assert_close(dx, expected_dx, 2e-4, "dx")
+    assert_close(dw, expected_dw, 2e-4, "dweight")

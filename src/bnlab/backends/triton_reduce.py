@@ -36,7 +36,7 @@ def narrow(value, dtype: tl.constexpr):
 
 
 @triton.jit
-def _chan_update(n_acc, mean_acc, m2_acc, d, ok, cnt):
+def chan_update(n_acc, mean_acc, m2_acc, d, ok, cnt):
     """Fold a tile of shifted values d (float64, 0 where not ok; cnt valid values per channel) into the
     running (count, mean, M2), axis 0 being the reduced axis."""
     t_mean = tl.sum(d, axis=0) / cnt
@@ -111,7 +111,7 @@ def stats_nlc_kernel(
         ok = (m < end)[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + m.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float64)
         cnt = tl.minimum(end - m0, BLOCK_M).to(tl.float64)
-        n_acc, mean_acc, m2_acc = _chan_update(n_acc, mean_acc, m2_acc, tl.where(ok, x - shift[None, :], 0.0), ok, cnt)
+        n_acc, mean_acc, m2_acc = chan_update(n_acc, mean_acc, m2_acc, tl.where(ok, x - shift[None, :], 0.0), ok, cnt)
     _store_part(part_ptr, s, c, C, c_ok, n_acc, mean_acc, m2_acc)
 
 
@@ -154,6 +154,36 @@ def stats_merge_kernel(
 
 
 @triton.jit
+def nonfinite_count(mean, var, ok):
+    """How many channels (of those ok) have a NaN or infinite mean or variance (the guard's test)."""
+    bad = ok & ((mean != mean) | (var != var) | (tl.abs(mean) == float("inf")) | (tl.abs(var) == float("inf")))
+    return tl.sum(tl.where(bad, 1, 0), axis=0)
+
+
+@triton.jit
+def blend_running(rm_ptr, rv_ptr, c, ok, mean, var, factor):
+    """running = running·(1 - factor) + batch·factor for the channels c (float64 arithmetic, stored
+    in the buffers' dtypes)."""
+    rm = tl.load(rm_ptr + c, mask=ok, other=0.0)
+    rv = tl.load(rv_ptr + c, mask=ok, other=0.0)
+    tl.store(rm_ptr + c, narrow(rm.to(tl.float64) * (1.0 - factor) + mean * factor, rm.dtype), mask=ok)
+    tl.store(rv_ptr + c, narrow(rv.to(tl.float64) * (1.0 - factor) + var * factor, rv.dtype), mask=ok)
+
+
+@triton.jit
+def counted_factor(nbt_ptr, momentum, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr):
+    """The running averages' factor: momentum, or 1/num_batches_tracked after counting this batch
+    (CUMULATIVE); counts the batch in num_batches_tracked if COUNT."""
+    factor = momentum + tl.zeros([], tl.float64)  # a float64 scalar, compiled or interpreted
+    if COUNT:
+        tracked = tl.load(nbt_ptr) + 1
+        tl.store(nbt_ptr, tracked)
+        if CUMULATIVE:
+            factor = 1.0 / tracked.to(tl.float64)
+    return factor
+
+
+@triton.jit
 def running_update_kernel(
     stats_ptr,  # (3, C) float64: mean, M2, invstd
     rm_ptr, rv_ptr,  # running mean/var (any float) if UPDATE
@@ -171,23 +201,13 @@ def running_update_kernel(
             ok = c < C
             mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
             var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
-            bad = tl.sum(tl.where(ok & ((mean != mean) | (var != var) | (tl.abs(mean) == float("inf"))
-                                         | (tl.abs(var) == float("inf"))), 1, 0), axis=0)  # fmt: skip
-            accepted = accepted & (bad == 0).to(tl.int32)
+            accepted = accepted & (nonfinite_count(mean, var, ok) == 0).to(tl.int32)
     if accepted != 0:
-        factor = momentum + tl.zeros([], tl.float64)  # a float64 scalar, compiled or interpreted
-        if COUNT:
-            tracked = tl.load(nbt_ptr) + 1
-            tl.store(nbt_ptr, tracked)
-            if CUMULATIVE:
-                factor = 1.0 / tracked.to(tl.float64)
+        factor = counted_factor(nbt_ptr, momentum, COUNT, CUMULATIVE)
         if UPDATE and count > 1:
             for c0 in range(0, C, BLOCK):
                 c = c0 + tl.arange(0, BLOCK)
                 ok = c < C
-                rm = tl.load(rm_ptr + c, mask=ok, other=0.0)
-                rv = tl.load(rv_ptr + c, mask=ok, other=0.0)
                 mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
                 var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
-                tl.store(rm_ptr + c, narrow(rm.to(tl.float64) * (1.0 - factor) + mean * factor, rm.dtype), mask=ok)
-                tl.store(rv_ptr + c, narrow(rv.to(tl.float64) * (1.0 - factor) + var * factor, rv.dtype), mask=ok)
+                blend_running(rm_ptr, rv_ptr, c, ok, mean, var, factor)

@@ -1,0 +1,140 @@
+"""Triton kernels for inputs small enough for one program: one launch per forward, one per backward.
+
+Imported only by bnlab.backends.triton_ops (and the tests), never by ``import bnlab``.
+
+On a GPU a (256, 100) activation is read in a microsecond; what a training step of it costs is
+the host's time, and each kernel launch is a few microseconds of it. The general path launches
+four kernels forward (partial statistics, merge, running averages, normalize) and three backward
+(partial sums, merge, input gradient), so that large tensors spread over every multiprocessor.
+For rows of channels (NLC: (N, C) inputs and channels-last) with C <= 1024 and few values
+(triton_ops.SMALL_NUMEL), one program does all of it: it walks the rows once for the statistics
+(shifted, Chan-merged in float64 as stats_nlc_kernel with one segment), keeps every channel's
+statistics and coefficients in registers, updates the running averages under the non-finite
+guard (which needs every channel: here they all are in the program), and walks the rows again to
+write y. The backward likewise: Σdz and Σdz·(x - hi) (float32 within a tile, float64 across), the
+coefficients of docs/math.md §3, dweight and dbias, then dx. The same formulas as the general
+path's kernels, so results agree with it to rounding.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from bnlab.backends.triton_reduce import chan_update, blend_running, counted_factor, narrow, nonfinite_count
+
+
+@triton.jit
+def small_forward_kernel(
+    x_ptr, y_ptr,  # (M, C) rows of contiguous channels
+    stats_ptr,  # (3, C) float64 out: mean, M2, invstd
+    coef_ptr,  # (3, C) float32 out: hi, scale, shift of y = (x - hi)·scale + shift
+    w_ptr, b_ptr,  # weight, bias (any float) if HAS_W / HAS_B
+    rm_ptr, rv_ptr, nbt_ptr,  # running mean/var if UPDATE, num_batches_tracked if COUNT
+    M, C, count, eps, momentum,  # count: M as a float
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, COUNT: tl.constexpr,
+    CUMULATIVE: tl.constexpr, GUARD: tl.constexpr, WANT_Y: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    shift = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float64)  # K = x[0, c]
+    n_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        ok = (m < M)[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + m.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float64)
+        cnt = tl.minimum(M - m0, BLOCK_M).to(tl.float64)
+        n_acc, mean_acc, m2_acc = chan_update(n_acc, mean_acc, m2_acc, tl.where(ok, x - shift[None, :], 0.0), ok, cnt)
+    mean = shift + mean_acc
+    invstd = 1.0 / tl.sqrt(m2_acc / count + eps)
+    tl.store(stats_ptr + c, mean, mask=c_ok)
+    tl.store(stats_ptr + C + c, m2_acc, mask=c_ok)
+    tl.store(stats_ptr + 2 * C + c, invstd, mask=c_ok)
+    # Normalize coefficients, split as bnlab.stats.split_mean (as stats_merge_kernel).
+    hi = mean.to(tl.float32)
+    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    scale = invstd
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
+    shift_out = -lo * scale
+    if HAS_B:
+        shift_out += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float64)
+    tl.store(coef_ptr + c, hi, mask=c_ok)
+    tl.store(coef_ptr + C + c, scale.to(tl.float32), mask=c_ok)
+    tl.store(coef_ptr + 2 * C + c, shift_out.to(tl.float32), mask=c_ok)
+    # Running averages (as running_update_kernel, every channel at hand).
+    if UPDATE or COUNT:
+        var = m2_acc / (count - 1.0)
+        accepted = tl.full([], 1, tl.int32)
+        if GUARD and UPDATE and count > 1:
+            accepted = accepted & (nonfinite_count(mean, var, c_ok) == 0).to(tl.int32)
+        if accepted != 0:
+            factor = counted_factor(nbt_ptr, momentum, COUNT, CUMULATIVE)
+            if UPDATE and count > 1:
+                blend_running(rm_ptr, rv_ptr, c, c_ok, mean, var, factor)
+    if WANT_Y:
+        a = scale.to(tl.float32)[None, :]
+        b = shift_out.to(tl.float32)[None, :]
+        h = hi[None, :]
+        for m0 in range(0, M, BLOCK_M):
+            m = m0 + tl.arange(0, BLOCK_M)
+            ok = (m < M)[:, None] & c_ok[None, :]
+            offs = m.to(tl.int64)[:, None] * C + c[None, :]
+            z = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - h) * a + b
+            tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def small_backward_kernel(
+    dy_ptr, x_ptr,  # (M, C) rows of contiguous channels, same strides
+    stats_ptr,  # (3, C) float64: mean, (unused), invstd of the forward
+    w_ptr,  # weight (any float) if HAS_W
+    dx_ptr,  # input gradient out if HAS_DX
+    sums_ptr,  # (2, C) float64 out: Σdz, Σdz·x̂
+    dw_ptr, db_ptr,  # dweight/dbias outputs in their own dtypes, if WRITE_DW/WRITE_DB
+    M, C, count,  # count: M as a float
+    HAS_W: tl.constexpr, HAS_DX: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    mean = tl.load(stats_ptr + c, mask=c_ok, other=0.0)
+    invstd = tl.load(stats_ptr + 2 * C + c, mask=c_ok, other=0.0)
+    hi = mean.to(tl.float32)
+    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    acc_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
+    acc_dyx = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        ok = (m < M)[:, None] & c_ok[None, :]
+        offs = m.to(tl.int64)[:, None] * C + c[None, :]
+        dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        # fp32 within a tile, float64 across tiles (as grad_nlc_kernel)
+        acc_dy += tl.sum(dz, axis=0).to(tl.float64)
+        acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
+    # The coefficients of dx = kk·dz + a·(x - hi) + cc (as grad_merge_kernel).
+    sxh = (acc_dyx - lo * acc_dy) * invstd
+    tl.store(sums_ptr + c, acc_dy, mask=c_ok)
+    tl.store(sums_ptr + C + c, sxh, mask=c_ok)
+    if WRITE_DW:
+        tl.store(dw_ptr + c, narrow(sxh, dw_ptr.dtype.element_ty), mask=c_ok)
+    if WRITE_DB:
+        tl.store(db_ptr + c, narrow(acc_dy, db_ptr.dtype.element_ty), mask=c_ok)
+    if HAS_DX:
+        kk = invstd
+        if HAS_W:
+            kk = kk * tl.load(w_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
+        a = -kk * invstd * sxh / count
+        cc = -kk * acc_dy / count - a * lo
+        k1, k2, k3, h = kk.to(tl.float32)[None, :], a.to(tl.float32)[None, :], cc.to(tl.float32)[None, :], hi[None, :]
+        for m0 in range(0, M, BLOCK_M):
+            m = m0 + tl.arange(0, BLOCK_M)
+            ok = (m < M)[:, None] & c_ok[None, :]
+            offs = m.to(tl.int64)[:, None] * C + c[None, :]
+            dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + offs, (k1 * dz + k2 * (x - h) + k3).to(dx_ptr.dtype.element_ty), mask=ok)
