@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from bnlab.backends.triton_mask import relu_masked
+from bnlab.backends.triton_reduce import normalize_coefficients, store_coefficients
 
 
 @triton.jit
@@ -116,16 +117,7 @@ def eval_coef_kernel(
             var = tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float64)
             negative += tl.sum(tl.where(var < 0, 1, 0), axis=0)
             invstd = 1.0 / tl.sqrt(var + eps)
-        hi = mean.to(tl.float32)
-        lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
-        scale = invstd
-        if HAS_W:
-            scale = scale * tl.load(w_ptr + c, mask=ok, other=1.0).to(tl.float64)
-        shift = -lo * scale
-        if HAS_B:
-            shift += tl.load(b_ptr + c, mask=ok, other=0.0).to(tl.float64)
-        tl.store(coef_ptr + c, hi, mask=ok)
-        tl.store(coef_ptr + C + c, scale.to(tl.float32), mask=ok)
-        tl.store(coef_ptr + 2 * C + c, shift.to(tl.float32), mask=ok)
+        hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, ok, HAS_W, HAS_B)
+        store_coefficients(coef_ptr, C, c, ok, hi, scale, shift)
     if not GIVEN_INVSTD:
         tl.store(ok_ptr, (negative == 0).to(tl.uint8))

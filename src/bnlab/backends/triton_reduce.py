@@ -116,6 +116,30 @@ def stats_nlc_kernel(
 
 
 @triton.jit
+def normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, ok, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """(hi, scale, shift) of y = (x - hi)·scale + shift for float64 mean and invstd of channels c:
+    hi the mean rounded to float32 and the rest of it (lo) folded into the shift, as
+    bnlab.stats.split_mean, so that x - hi is exact near the mean. hi float32, the others float64."""
+    hi = mean.to(tl.float32)
+    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    scale = invstd
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c, mask=ok, other=1.0).to(tl.float64)
+    shift = -lo * scale
+    if HAS_B:
+        shift += tl.load(b_ptr + c, mask=ok, other=0.0).to(tl.float64)
+    return hi, scale, shift
+
+
+@triton.jit
+def store_coefficients(coef_ptr, C, c, ok, hi, scale, shift):
+    """Rows hi, scale, shift of the (3, C) float32 coefficients."""
+    tl.store(coef_ptr + c, hi, mask=ok)
+    tl.store(coef_ptr + C + c, scale.to(tl.float32), mask=ok)
+    tl.store(coef_ptr + 2 * C + c, shift.to(tl.float32), mask=ok)
+
+
+@triton.jit
 def stats_merge_kernel(
     part_ptr,  # (S, C, 3) float64 from a stats kernel
     x_ptr,  # the input, for the shift K = x[0, c, 0] at c * sC
@@ -139,18 +163,8 @@ def stats_merge_kernel(
     tl.store(stats_ptr + c, mean)
     tl.store(stats_ptr + C + c, m2)
     tl.store(stats_ptr + 2 * C + c, invstd)
-    # Normalize coefficients, split as bnlab.stats.split_mean: x - hi is exact near the mean.
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
-    scale = invstd
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c).to(tl.float64)
-    shift = -lo * scale
-    if HAS_B:
-        shift += tl.load(b_ptr + c).to(tl.float64)
-    tl.store(coef_ptr + c, hi)
-    tl.store(coef_ptr + C + c, scale.to(tl.float32))
-    tl.store(coef_ptr + 2 * C + c, shift.to(tl.float32))
+    hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, True, HAS_W, HAS_B)
+    store_coefficients(coef_ptr, C, c, True, hi, scale, shift)
 
 
 @triton.jit

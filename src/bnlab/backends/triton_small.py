@@ -21,7 +21,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from bnlab.backends.triton_reduce import chan_update, blend_running, counted_factor, narrow, nonfinite_count
+from bnlab.backends.triton_reduce import (
+    blend_running,
+    chan_update,
+    counted_factor,
+    narrow,
+    nonfinite_count,
+    normalize_coefficients,
+    store_coefficients,
+)
+
+
+@triton.jit
+def _rows(m0, M, C, c, c_ok, BLOCK_M: tl.constexpr):
+    """(mask, offsets) of the tile of rows [m0, m0 + BLOCK_M) of an (M, C) tensor, channels c."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    return (m < M)[:, None] & c_ok[None, :], m.to(tl.int64)[:, None] * C + c[None, :]
 
 
 @triton.jit
@@ -43,9 +58,8 @@ def small_forward_kernel(
     mean_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     m2_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     for m0 in range(0, M, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        ok = (m < M)[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + m.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float64)
+        ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float64)
         cnt = tl.minimum(M - m0, BLOCK_M).to(tl.float64)
         n_acc, mean_acc, m2_acc = chan_update(n_acc, mean_acc, m2_acc, tl.where(ok, x - shift[None, :], 0.0), ok, cnt)
     mean = shift + mean_acc
@@ -53,18 +67,8 @@ def small_forward_kernel(
     tl.store(stats_ptr + c, mean, mask=c_ok)
     tl.store(stats_ptr + C + c, m2_acc, mask=c_ok)
     tl.store(stats_ptr + 2 * C + c, invstd, mask=c_ok)
-    # Normalize coefficients, split as bnlab.stats.split_mean (as stats_merge_kernel).
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
-    scale = invstd
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
-    shift_out = -lo * scale
-    if HAS_B:
-        shift_out += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float64)
-    tl.store(coef_ptr + c, hi, mask=c_ok)
-    tl.store(coef_ptr + C + c, scale.to(tl.float32), mask=c_ok)
-    tl.store(coef_ptr + 2 * C + c, shift_out.to(tl.float32), mask=c_ok)
+    hi, scale, shift_out = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, c_ok, HAS_W, HAS_B)
+    store_coefficients(coef_ptr, C, c, c_ok, hi, scale, shift_out)
     # Running averages (as running_update_kernel, every channel at hand).
     if UPDATE or COUNT:
         var = m2_acc / (count - 1.0)
@@ -80,9 +84,7 @@ def small_forward_kernel(
         b = shift_out.to(tl.float32)[None, :]
         h = hi[None, :]
         for m0 in range(0, M, BLOCK_M):
-            m = m0 + tl.arange(0, BLOCK_M)
-            ok = (m < M)[:, None] & c_ok[None, :]
-            offs = m.to(tl.int64)[:, None] * C + c[None, :]
+            ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
             z = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - h) * a + b
             tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -108,9 +110,7 @@ def small_backward_kernel(
     acc_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
     acc_dyx = tl.zeros([BLOCK_C], dtype=tl.float64)
     for m0 in range(0, M, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        ok = (m < M)[:, None] & c_ok[None, :]
-        offs = m.to(tl.int64)[:, None] * C + c[None, :]
+        ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
         dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         # fp32 within a tile, float64 across tiles (as grad_nlc_kernel)
@@ -132,9 +132,7 @@ def small_backward_kernel(
         cc = -kk * acc_dy / count - a * lo
         k1, k2, k3, h = kk.to(tl.float32)[None, :], a.to(tl.float32)[None, :], cc.to(tl.float32)[None, :], hi[None, :]
         for m0 in range(0, M, BLOCK_M):
-            m = m0 + tl.arange(0, BLOCK_M)
-            ok = (m < M)[:, None] & c_ok[None, :]
-            offs = m.to(tl.int64)[:, None] * C + c[None, :]
+            ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
             dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             tl.store(dx_ptr + offs, (k1 * dz + k2 * (x - h) + k3).to(dx_ptr.dtype.element_ty), mask=ok)
