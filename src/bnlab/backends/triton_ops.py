@@ -33,6 +33,8 @@ def _cdiv(a: int, b: int) -> int:
 def _pow2(n: int) -> int:
     """The least power of two >= n (1 for n <= 1)."""
     return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 _SM_COUNT: dict = {}
 # Compile options of every launch. Multiplies and adds fused into FMAs (one rounding instead of
 # two), as Triton has done by default so far and as the CPU kernels do: Triton 3.9 warns that its
