@@ -111,7 +111,8 @@ def run_case(key: dict, args) -> dict:
 
 def _case_id(rec: dict) -> str:
     case = "/".join(str(rec[k]) for k in ("device", "threads", "shape", "layout", "dtype", "mode"))
-    return case + (f"/tiles={rec['triton_tiles']}" if rec.get("triton_tiles") else "")
+    case += f"/tiles={rec['triton_tiles']}" if rec.get("triton_tiles") else ""
+    return case + (f"/small={rec['triton_small_numel']}" if "triton_small_numel" in rec else "")
 
 
 def load_done(path: Path) -> dict:
@@ -226,14 +227,21 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="measure nothing: summarize and tabulate --out as it is")
     p.add_argument("--triton-tiles", default=None, help="run bnlab's GPU kernels under these triton_ops.Tiles "
                    "(reduce_tile,reduce_warps,elementwise_tile,elementwise_warps,width; see triton_tune.py)")
+    p.add_argument("--triton-small-numel", type=int, default=None,
+                   help="largest input (values) of bnlab's one-program GPU kernels (triton_ops.SMALL_NUMEL; 0: never)")
     args = p.parse_args(argv)
-    if args.triton_tiles is not None:
+    if args.triton_tiles is not None or args.triton_small_numel is not None:
         from bnlab.backends import triton_ops
 
-        try:
-            triton_ops.GPU_TILES = triton_ops.parse_tiles(args.triton_tiles)
-        except ValueError as exc:
-            p.error(f"--triton-tiles: {exc}")
+        if args.triton_tiles is not None:
+            try:
+                triton_ops.GPU_TILES = triton_ops.parse_tiles(args.triton_tiles)
+            except ValueError as exc:
+                p.error(f"--triton-tiles: {exc}")
+        if args.triton_small_numel is not None:
+            if args.triton_small_numel < 0:
+                p.error(f"--triton-small-numel: expected a number of values >= 0, got {args.triton_small_numel}")
+            triton_ops.SMALL_NUMEL = args.triton_small_numel
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.threads is not None:
@@ -263,6 +271,8 @@ def main(argv=None) -> int:
     for key in keys:
         if args.triton_tiles is not None:
             key["triton_tiles"] = args.triton_tiles  # a case of its own: resuming never mixes tiles
+        if args.triton_small_numel is not None:
+            key["triton_small_numel"] = args.triton_small_numel
         cid = _case_id({**key, "device": args.device, "threads": torch.get_num_threads()})
         if cid in done:
             continue

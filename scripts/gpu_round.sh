@@ -59,7 +59,13 @@ if [ -n "$tiles" ] && [ "$tiles" != "2048,4,2048,4,1024" ]; then
     echo "stage (tuned tiles $tiles) exit $?" >> "$OUT/bench.txt"
 fi
 tail -3 "$OUT/tune.txt"
-# 4. The remaining shapes, then torch.compile on the target shapes (slow to compile).
+# 4. The one-program kernels of small rows of channels (triton_small) against the general ones on
+#    the same input: (256, 100) with the general path forced (a threshold of 0), into a file of its
+#    own, to set against its cases in gpu.jsonl.
+timeout 60 "$PY" benchmarks/bench_bn.py --device cuda --out "$OUT/gpu_general_small.jsonl" --triton-small-numel 0 \
+    --shapes mlp-small --dtypes fp32,bf16 --layouts nchw --rounds 9 --modes fwd,fwdbwd >> "$OUT/bench.txt" 2>&1
+echo "stage (general kernels on small inputs) exit $?" >> "$OUT/bench.txt"
+# 5. The remaining shapes, then torch.compile on the target shapes (slow to compile).
 bench 120 --shapes mlp-small,mlp-large,conv-32s,conv-32l --dtypes fp32,bf16 --layouts nchw,cl --rounds 9
 bench 150 --compile --shapes gpu-56,conv-56,conv-14 --dtypes fp32 --layouts nchw --modes fwdbwd --rounds 9
 
