@@ -341,7 +341,7 @@ def test_small_rows_of_channels_take_one_launch_each_way(small_input_kernels, mo
     from bnlab.backends import triton_ops
 
     taken = []
-    for name in ("_small_forward", "_small_backward", "_partial_stats", "_partial_grads"):
+    for name in ("_small_forward", "_small_backward", "_partial_stats", "_partial_grads", "_normalize"):
         original = getattr(triton_ops, name)
         monkeypatch.setattr(triton_ops, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
     for shape, layout in (((40, 6), "nchw"), ((4, 6, 3, 5), "cl"), ((4, 6, 3, 5), "nchw")):
@@ -350,11 +350,16 @@ def test_small_rows_of_channels_take_one_launch_each_way(small_input_kernels, mo
         dy = make_input(shape, layout, seed=44)
         y, stats, coef, _ = triton_ops.forward_train(x, None, None, 1e-5)
         triton_ops.backward(dy, x, stats, coef[0], None)
+        mean, var = stats[0], stats[1] / (x.numel() // shape[1])  # the batch's (biased) variance
+        y_eval, ok = triton_ops.normalize_with(x, mean, var, None, None, 0.0, given_invstd=False)
         nlc = shape == (40, 6) or layout == "cl"
         small = nlc and small_input_kernels == "one program"
-        assert taken == (["_small_forward", "_small_backward"] if small else ["_partial_stats", "_partial_grads"]), shape
+        general = ["_partial_stats", "_normalize", "_partial_grads", "_normalize"]
+        assert taken == (["_small_forward", "_small_backward"] if small else general), shape
         z = torch.as_tensor(ref.forward_train(np64(x))[0])
         assert_close(y, z, 2e-4, "output")
+        assert_close(y_eval, z, 2e-4, "eval output with the batch's own statistics")
+        assert int(ok) == 1
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's NumPy on inf - inf

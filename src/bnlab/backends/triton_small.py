@@ -7,7 +7,7 @@ the host's time, and each kernel launch is a few microseconds of it. The general
 four kernels forward (partial statistics, merge, running averages, normalize) and three backward
 (partial sums, merge, input gradient), so that large tensors spread over every multiprocessor.
 For rows of channels (NLC: (N, C) inputs and channels-last) with C <= 1024 and few values
-(triton_ops.SMALL_NUMEL), one program does all of it: it walks the rows once for the statistics
+(triton_ops.SMALL_NUMEL), one program does all of it (and eval's two kernels too): it walks the rows once for the statistics
 (shifted, Chan-merged in float64 as stats_nlc_kernel with one segment), keeps every channel's
 statistics and coefficients in registers, updates the running averages under the non-finite
 guard (which needs every channel: here they all are in the program), and walks the rows again to
@@ -80,13 +80,45 @@ def small_forward_kernel(
             if UPDATE and count > 1:
                 blend_running(rm_ptr, rv_ptr, c, c_ok, mean, var, factor)
     if WANT_Y:
-        a = scale.to(tl.float32)[None, :]
-        b = shift_out.to(tl.float32)[None, :]
-        h = hi[None, :]
-        for m0 in range(0, M, BLOCK_M):
-            ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
-            z = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - h) * a + b
-            tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=ok)
+        _normalize_rows(x_ptr, y_ptr, M, C, c, c_ok, hi, scale, shift_out, BLOCK_M)
+
+
+@triton.jit
+def _normalize_rows(x_ptr, y_ptr, M, C, c, c_ok, hi, scale, shift, BLOCK_M: tl.constexpr):
+    """y = (x - hi)·scale + shift over every row (hi float32; scale, shift float64, used in float32)."""
+    a = scale.to(tl.float32)[None, :]
+    b = shift.to(tl.float32)[None, :]
+    h = hi[None, :]
+    for m0 in range(0, M, BLOCK_M):
+        ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
+        z = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - h) * a + b
+        tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def small_eval_kernel(
+    x_ptr, y_ptr,  # (M, C) rows of contiguous channels
+    mean_ptr,  # (C,) running mean (any float), or the float64 mean (GIVEN_INVSTD)
+    var_ptr,  # (C,) running variance (any float), or the float64 invstd (GIVEN_INVSTD)
+    w_ptr, b_ptr,  # affine parameters if HAS_W / HAS_B
+    ok_ptr,  # uint8 out: 1 if no variance is negative, else 0 (not GIVEN_INVSTD)
+    M, C, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN_INVSTD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """y = BN(x) with fixed statistics in one launch: eval_coef_kernel and normalize_kernel's work,
+    the coefficients kept in registers."""
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float64)
+    if GIVEN_INVSTD:
+        invstd = tl.load(var_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
+    else:
+        var = tl.load(var_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
+        tl.store(ok_ptr, (tl.sum(tl.where(var < 0, 1, 0), axis=0) == 0).to(tl.uint8))
+        invstd = 1.0 / tl.sqrt(var + eps)
+    hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, c_ok, HAS_W, HAS_B)
+    _normalize_rows(x_ptr, y_ptr, M, C, c, c_ok, hi, scale, shift, BLOCK_M)
 
 
 @triton.jit
