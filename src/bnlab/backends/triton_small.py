@@ -1,4 +1,4 @@
-"""Triton kernels for inputs small enough for one program: one launch per forward, one per backward.
+"""Triton kernels for inputs small enough for one program: one launch per forward, backward or eval.
 
 Imported only by bnlab.backends.triton_ops (and the tests), never by ``import bnlab``.
 
@@ -7,8 +7,9 @@ the host's time, and each kernel launch is a few microseconds of it. The general
 four kernels forward (partial statistics, merge, running averages, normalize) and three backward
 (partial sums, merge, input gradient), so that large tensors spread over every multiprocessor.
 For rows of channels (NLC: (N, C) inputs and channels-last) with C <= 1024 and few values
-(triton_ops.SMALL_NUMEL), one program does all of it (and eval's two kernels too): it walks the rows once for the statistics
-(shifted, Chan-merged in float64 as stats_nlc_kernel with one segment), keeps every channel's
+(triton_ops.SMALL_NUMEL), one program does all of it (and eval's two kernels' work too): it walks
+the rows once for the statistics (shifted, Chan-merged in float64 as stats_nlc_kernel with one
+segment), keeps every channel's
 statistics and coefficients in registers, updates the running averages under the non-finite
 guard (which needs every channel: here they all are in the program), and walks the rows again to
 write y. The backward likewise: Σdz and Σdz·(x - hi) (float32 within a tile, float64 across), the
