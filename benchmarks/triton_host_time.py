@@ -56,7 +56,8 @@ def launches(fn) -> int:
 def measure(shape: tuple[int, ...]) -> dict[str, tuple[float, int]]:
     """{call: (microseconds, Triton launches)} for one input shape, float32, contiguous."""
     x, dy = torch.randn(shape), torch.randn(shape)
-    layer = {2: bnlab.BatchNorm1d, 3: bnlab.BatchNorm1d, 4: bnlab.BatchNorm2d, 5: bnlab.BatchNorm3d}[len(shape)](shape[1])
+    module = {2: bnlab.BatchNorm1d, 3: bnlab.BatchNorm1d, 4: bnlab.BatchNorm2d, 5: bnlab.BatchNorm3d}[len(shape)]
+    layer = module(shape[1])
     xg = x.clone().requires_grad_()
     params = list(layer.parameters())
 

@@ -149,7 +149,8 @@ def best_tiles(records: list[dict], candidates: list[str]) -> tuple[str, dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="gpu-112,gpu-56,conv-56,conv-14", help=f"comma-separated subset of {list(SHAPES)}")
+    p.add_argument("--shapes", default="gpu-112,gpu-56,conv-56,conv-14",
+                   help=f"comma-separated subset of {list(SHAPES)}")
     p.add_argument("--layouts", default="nchw,cl", help="nchw and/or cl (channels_last)")
     p.add_argument("--dtypes", default="fp32", help=f"subset of {list(DTYPES)}")
     p.add_argument("--candidates", default=";".join(CANDIDATES),
@@ -183,8 +184,9 @@ def main(argv=None) -> int:
         keys = [{"shape": "dry-run", "layout": lay, "dtype": "fp32"} for lay in ("nchw", "cl")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = {"command": " ".join(["triton_tune.py"] + (argv if argv is not None else sys.argv[1:])),
-              "candidates": candidates, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    command = " ".join(["triton_tune.py"] + (argv if argv is not None else sys.argv[1:]))
+    header = {"command": command, "candidates": candidates, "gpu": gpu}
     records = []
     if out.exists() and not args.fresh:
         lines = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]

@@ -281,7 +281,8 @@ def _small_forward(x, weight, bias, eps, running_mean, running_var, momentum, co
     small.small_forward_kernel[(1,)](
         x, y if y is not None else x, stats, coef, weight if weight is not None else x,
         bias if bias is not None else x, running_mean if update else stats, running_var if update else stats,
-        counter if counter is not None else stats, p.n, p.c, float(p.n), eps, 0.0 if momentum is None else float(momentum),
+        counter if counter is not None else stats, p.n, p.c, float(p.n), eps,
+        0.0 if momentum is None else float(momentum),
         HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update, COUNT=counter is not None,
         CUMULATIVE=momentum is None, GUARD=bool(guard), WANT_Y=want_y, BLOCK_M=block_m, BLOCK_C=block_c,
         num_warps=p.warps_elementwise, **_COMPILE,
