@@ -94,6 +94,22 @@ def grad_input_kernel(
 
 
 @triton.jit
+def fixed_statistics(mean_ptr, var_ptr, c, ok, eps, GIVEN_INVSTD: tl.constexpr):
+    """(mean, invstd, negative) of channels c for eval: float64 mean and 1/sqrt(var + eps) of the
+    running statistics (any float) and how many of those variances are negative; or, with
+    GIVEN_INVSTD, a given float64 mean and invstd (and no variance to count)."""
+    mean = tl.load(mean_ptr + c, mask=ok, other=0.0).to(tl.float64)
+    if GIVEN_INVSTD:
+        invstd = tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float64)
+        negative = tl.full([], 0, tl.int32)
+    else:
+        var = tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float64)
+        negative = tl.sum(tl.where(var < 0, 1, 0), axis=0).to(tl.int32)
+        invstd = 1.0 / tl.sqrt(var + eps)
+    return mean, invstd, negative
+
+
+@triton.jit
 def eval_coef_kernel(
     mean_ptr,  # (C,) running mean (any float), or the float64 mean (GIVEN_INVSTD)
     var_ptr,  # (C,) running variance (any float), or the float64 invstd (GIVEN_INVSTD)
@@ -110,13 +126,8 @@ def eval_coef_kernel(
     for c0 in range(0, C, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
         ok = c < C
-        mean = tl.load(mean_ptr + c, mask=ok, other=0.0).to(tl.float64)
-        if GIVEN_INVSTD:
-            invstd = tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float64)
-        else:
-            var = tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float64)
-            negative += tl.sum(tl.where(var < 0, 1, 0), axis=0)
-            invstd = 1.0 / tl.sqrt(var + eps)
+        mean, invstd, block_negative = fixed_statistics(mean_ptr, var_ptr, c, ok, eps, GIVEN_INVSTD)
+        negative += block_negative
         hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, ok, HAS_W, HAS_B)
         store_coefficients(coef_ptr, C, c, ok, hi, scale, shift)
     if not GIVEN_INVSTD:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from bnlab.backends.triton_elementwise import fixed_statistics
 from bnlab.backends.triton_reduce import (
     blend_running,
     chan_update,
@@ -111,13 +112,9 @@ def small_eval_kernel(
     the coefficients kept in registers."""
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float64)
-    if GIVEN_INVSTD:
-        invstd = tl.load(var_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
-    else:
-        var = tl.load(var_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
-        tl.store(ok_ptr, (tl.sum(tl.where(var < 0, 1, 0), axis=0) == 0).to(tl.uint8))
-        invstd = 1.0 / tl.sqrt(var + eps)
+    mean, invstd, negative = fixed_statistics(mean_ptr, var_ptr, c, c_ok, eps, GIVEN_INVSTD)
+    if not GIVEN_INVSTD:
+        tl.store(ok_ptr, (negative == 0).to(tl.uint8))
     hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, c_ok, HAS_W, HAS_B)
     _normalize_rows(x_ptr, y_ptr, M, C, c, c_ok, hi, scale, shift, BLOCK_M)
 
