@@ -1,10 +1,14 @@
 """Launchers of bnlab's Triton kernels: layouts, grids and buffers (imports triton; loaded lazily).
 
 Forward (training): stats_ncl/stats_nlc (channels x segments) -> stats_merge (per channel: float64
-statistics, normalize coefficients, running averages) -> normalize (tiles; + residual, ReLU and a
-1-bit mask for the fused layer). Traffic 3N: x is read twice, y written once.
+statistics, normalize coefficients) -> running_update (one program: the guard needs every
+channel) -> normalize (tiles; + residual, ReLU and a 1-bit mask for the fused layer). Traffic 3N:
+x is read twice, y written once.
 Backward: grad_ncl/grad_nlc -> grad_merge (sums, dx coefficients, dweight/dbias) -> grad_input.
 Traffic 5N: dy and x read twice, dx written once (plus the mask, N/8 bytes, when fused).
+Eval: eval_coef (one program, also the negative-variance flag) -> normalize.
+Small rows of channels (one_program): one program each for the forward, the backward and eval
+(triton_small), the same traffic in one launch.
 
 Works on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how CI tests it).
 """
