@@ -231,7 +231,10 @@ def main(argv=None) -> int:
                    help="largest input (values) of bnlab's one-program GPU kernels (triton_ops.SMALL_NUMEL; 0: never)")
     args = p.parse_args(argv)
     if args.triton_tiles is not None or args.triton_small_numel is not None:
-        from bnlab.backends import triton_ops
+        try:
+            from bnlab.backends import triton_ops
+        except ImportError as exc:
+            p.error(f"--triton-tiles and --triton-small-numel need triton (EXTRAS=triton): {exc}")
 
         if args.triton_tiles is not None:
             try:
