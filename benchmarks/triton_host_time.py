@@ -36,7 +36,7 @@ def _count_launch(self, *args, **kwargs):
 
 
 def median_us(fn, calls: int = 2000, samples: int = 7) -> float:
-    for _ in range(100):
+    for _ in range(min(100, calls)):
         fn()
     times = []
     for _ in range(samples):
@@ -53,7 +53,7 @@ def launches(fn) -> int:
     return _LAUNCHES[0]
 
 
-def measure(shape: tuple[int, ...]) -> dict[str, tuple[float, int]]:
+def measure(shape: tuple[int, ...], calls: int = 2000) -> dict[str, tuple[float, int]]:
     """{call: (microseconds, Triton launches)} for one input shape, float32, contiguous."""
     x, dy = torch.randn(shape), torch.randn(shape)
     module = {2: bnlab.BatchNorm1d, 3: bnlab.BatchNorm1d, 4: bnlab.BatchNorm2d, 5: bnlab.BatchNorm3d}[len(shape)]
@@ -70,17 +70,20 @@ def measure(shape: tuple[int, ...]) -> dict[str, tuple[float, int]]:
 
     out = {}
     layer.train()
-    out["training forward"] = (median_us(lambda: layer(x)), launches(lambda: layer(x)))
-    out["forward + backward step"] = (median_us(step), launches(step))
+    out["training forward"] = (median_us(lambda: layer(x), calls), launches(lambda: layer(x)))
+    out["forward + backward step"] = (median_us(step, calls), launches(step))
     layer.eval()
-    out["eval"] = (median_us(evaluate), launches(evaluate))
+    out["eval"] = (median_us(evaluate, calls), launches(evaluate))
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["256,100", "128,16,32,32"], help="comma-separated sizes")
+    p.add_argument("--calls", type=int, default=2000, help="calls per sample (7 samples)")
     args = p.parse_args(argv)
+    if args.calls < 1:
+        p.error(f"--calls: expected a positive number of calls, got {args.calls}")
     shapes = []
     for text in args.shapes:
         try:
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
     print(f"# triton_host_time.py {' '.join(args.shapes)}; torch {torch.__version__}, launches stubbed; "
           "microseconds per call (median), Triton launches per call")  # fmt: skip
     for shape in shapes:
-        for name, (us, n) in measure(shape).items():
+        for name, (us, n) in measure(shape, args.calls).items():
             print(f"{str(shape):18s} {name:26s} {us:7.1f} us  {n} launches")
     return 0
 

@@ -1,0 +1,44 @@
+"""benchmarks/triton_host_time.py: how many Triton kernels each GPU call launches, counted without a GPU.
+
+The launch counts are the GPU path's structure (docs/benchmarks.md, "GPU (Triton)"): small rows
+of channels take one program per forward, backward and eval (triton_small); the rest take four
+kernels forward, three backward and two in eval. A change that adds a launch shows up here. (The
+script's microseconds are not asserted: timings belong in benchmarks, not tests.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _launches(shape: str) -> dict[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # nothing runs: launches are counted
+    env["PYTHONPATH"] = str(ROOT / "src")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "triton_host_time.py"), "--shapes", shape, "--calls", "3"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\(.*?\)\s+(.+?)\s+[\d.]+ us\s+(\d+) launches$", out.stdout, re.MULTILINE)
+    return {name.strip(): int(n) for name, n in rows}
+
+
+def test_small_rows_of_channels_launch_one_kernel_per_call():
+    assert _launches("40,6") == {"training forward": 1, "forward + backward step": 2, "eval": 1}
+
+
+def test_other_inputs_launch_the_general_kernels():
+    # (4, 8, 3, 3) is NCL: statistics, merge, running averages, normalize; sums, merge, dx;
+    # eval's coefficients and normalize
+    assert _launches("4,8,3,3") == {"training forward": 4, "forward + backward step": 7, "eval": 2}
+    # rows of channels beyond the one-program bound (64 Ki values)
+    assert _launches("1000,100") == {"training forward": 4, "forward + backward step": 7, "eval": 2}
