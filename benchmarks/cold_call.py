@@ -24,18 +24,7 @@ import torch
 import bnlab
 from bnlab.backends import _REGISTRY, cpu, cpu_build, cpu_pool
 from bench_cases import nchw_shape
-
-
-def median_us(fn, rounds: int, reps: int) -> float:
-    for _ in range(reps):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        samples.append((time.perf_counter() - start) / reps * 1e6)
-    return statistics.median(samples)
+from bench_timing import median_us
 
 
 def after_us(before, step, rounds: int, reps: int) -> float:

@@ -17,8 +17,6 @@ samples of 2000 calls; the launches are counted in a separate call.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -27,24 +25,13 @@ from triton.runtime.jit import JITFunction
 import bnlab
 from bnlab.backends import _REGISTRY, PortableBackend
 from bnlab.backends.triton_backend import TritonBackend
+from bench_timing import median_us
 
 _LAUNCHES = [0]
 
 
 def _count_launch(self, *args, **kwargs):
     _LAUNCHES[0] += 1
-
-
-def median_us(fn, calls: int = 2000, samples: int = 7) -> float:
-    for _ in range(min(100, calls)):
-        fn()
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times) * 1e6
 
 
 def launches(fn) -> int:
@@ -70,10 +57,10 @@ def measure(shape: tuple[int, ...], calls: int = 2000) -> dict[str, tuple[float,
 
     out = {}
     layer.train()
-    out["training forward"] = (median_us(lambda: layer(x), calls), launches(lambda: layer(x)))
-    out["forward + backward step"] = (median_us(step, calls), launches(step))
+    out["training forward"] = (median_us(lambda: layer(x), 7, calls), launches(lambda: layer(x)))
+    out["forward + backward step"] = (median_us(step, 7, calls), launches(step))
     layer.eval()
-    out["eval"] = (median_us(evaluate, calls), launches(evaluate))
+    out["eval"] = (median_us(evaluate, 7, calls), launches(evaluate))
     return out
 
 
