@@ -39,6 +39,18 @@ def nchw_shape(text: str) -> tuple[int, int, int, int]:
     return shape
 
 
+def positive_int(text: str) -> int:
+    """The ``type=`` of the scripts' counts (--threads, --steps): argparse turns the error into
+    "argument --threads: expected a positive integer, got '0'"."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def make_input(shape, layout: str, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)

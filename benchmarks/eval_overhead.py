@@ -29,7 +29,7 @@ import bnlab
 from bnlab._fastpath import module_forward
 from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.cpu import _CODE, CpuBackend, layout_of, threads_for
-from bench_cases import nchw_shape
+from bench_cases import nchw_shape, positive_int
 
 
 def contenders(shape) -> dict:
@@ -64,11 +64,9 @@ def contenders(shape) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", type=nchw_shape, default="128,16,32,32", help="N,C,H,W, float32 (default 128,16,32,32)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--rounds", type=int, default=40)
     args = p.parse_args(argv)
-    if args.threads < 1:
-        p.error(f"--threads: expected a positive number of threads, got {args.threads}")
     if args.rounds < 6:
         p.error(f"--rounds: expected at least 6 (the first 5 warm up), got {args.rounds}")
     if cpu_build.load() is None:

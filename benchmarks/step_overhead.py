@@ -26,7 +26,7 @@ import torch
 import bnlab
 from bnlab.backends import cpu as cpu_backend
 from bnlab.backends import cpu_build, select_backend
-from bench_cases import nchw_shape
+from bench_cases import nchw_shape, positive_int
 
 PHASES = ("module call -> forward kernel", "forward kernel", "forward kernel -> module return",
           "autograd.grad -> backward kernel", "backward kernel", "backward kernel -> grads returned")  # fmt: skip
@@ -108,8 +108,8 @@ def tiny_step_us(lib, steps: int, evict: torch.Tensor) -> tuple[float, float]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", type=nchw_shape, default="64,256,14,14", help="N,C,H,W, float32 (default 64,256,14,14)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--steps", type=positive_int, default=60)
     args = p.parse_args(argv)
     if cpu_build.load() is None:
         raise SystemExit(f"bnlab's CPU kernels did not build: {cpu_build.load_error()}")
