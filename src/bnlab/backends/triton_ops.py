@@ -172,7 +172,7 @@ def plan(x: torch.Tensor, for_gpu: bool | None = None, tiles: Tiles | None = Non
         segments = _cdiv(n_tiles, per)
     else:
         block_b = min(64, _pow2(c))  # BLOCK_C
-        block_a = max(16, tile // block_b) if gpu or tiles else 16  # BLOCK_M (the interpreter's: 16 rows)
+        block_a = max(16, tile // block_b)  # BLOCK_M
         segments = max(1, min(_cdiv(n, block_a), wanted // _cdiv(c, block_b), 1024))
         per = _cdiv(_cdiv(n, segments), block_a) * block_a
         segments = _cdiv(n, per)
