@@ -33,6 +33,15 @@ def test_library_modules_never_import_the_lab():
             assert not any(n.startswith("bnlab.lab") for n in names), f"{path} imports the lab"
 
 
+def test_the_cpu_build_key_covers_every_kernel_source():
+    # The compiled kernels are cached under a hash of cpu_build.SOURCES: a source missing there
+    # would leave a changed kernel running its stale build.
+    sources = {p.name for p in (SRC / "backends").iterdir() if p.suffix in (".cpp", ".inc")}
+    from bnlab.backends import cpu_build
+
+    assert set(cpu_build.SOURCES) == sources
+
+
 def test_reference_is_numpy_only():
     tree = ast.parse((SRC / "reference.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

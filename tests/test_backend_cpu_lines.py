@@ -1,0 +1,118 @@
+"""NCL elementwise passes over runs of rows in aligned vectors (cpu_kernels_ncl_lines.inc).
+
+Rows of at least 16 values whose length is not a multiple of 16 (7x7, 9x9, 14x14 maps, 1-d
+signals of odd length) are walked as one stream per thread, in vectors aligned to the output,
+the vector that holds a row's end blending two channels' coefficients. Where the stream starts
+and where its vectors fall depends on the output's address and on how the rows are shared among
+the threads, so each pass is run here with outputs (and inputs) at every offset within a vector
+and on 1, 2 and 3 threads. Oracles: the channels-last pass of the same backend, a different walk
+(rows of C channels) with the same per-value arithmetic, which must agree to the bit; and the
+float64 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnlab import reference as ref
+from bnlab.backends import cpu_build, get_backend
+from bnlab.backends.cpu import _CODE, layout_of
+from speed_helpers import TOL, np64, rel_err, to_layout
+
+pytestmark = pytest.mark.skipif(cpu_build.load() is None, reason="bnlab's CPU kernels did not build")
+
+SHAPES = [(1, 1, 17), (3, 5, 30), (2, 3, 49), (2, 7, 81), (1, 4, 196), (4, 2, 35), (2, 3, 1000)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OFFSETS = (0, 1, 5, 15)  # values: every vector start of a 64-byte line is reached by one of them
+THREADS = (1, 2, 3)
+
+
+def placed(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of contiguous t that starts `offset` values into a fresh buffer (a misaligned view)."""
+    buf = torch.empty(t.numel() + 16, dtype=t.dtype)
+    out = buf[offset : offset + t.numel()].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def statistics(c: int):
+    gen = torch.Generator().manual_seed(11)
+    mean = torch.randn(c, generator=gen, dtype=torch.float64)
+    invstd = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    sum_dy, sum_dy_xhat = torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64)
+    return mean, invstd, weight, bias, sum_dy, sum_dy_xhat
+
+
+def normalize_with(lib, x, out, mean, invstd, weight, bias, nt):
+    layout, n, c, length = layout_of(x)
+    f32 = _CODE[torch.float32]
+    lib.bn_normalize(x.data_ptr(), out.data_ptr(), _CODE[x.dtype], layout, n, c, length, mean.data_ptr(),
+                     invstd.data_ptr(), weight.data_ptr(), f32, bias.data_ptr(), f32, nt)  # fmt: skip
+    return out
+
+
+def grad_input_with(lib, dy, x, out, mean, invstd, weight, sum_dy, sum_dy_xhat, count, nt):
+    layout, n, c, length = layout_of(x)
+    lib.bn_grad_input(dy.data_ptr(), x.data_ptr(), out.data_ptr(), _CODE[x.dtype], layout, n, c, length,
+                      mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(), _CODE[torch.float32],
+                      sum_dy.data_ptr(), sum_dy_xhat.data_ptr(), float(count), nt)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_normalize_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_bit(shape, dtype):
+    cpu = get_backend("cpu")
+    lib = cpu.kernels()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    mean, invstd, weight, bias, _, _ = statistics(shape[1])
+    expected = cpu.normalize(to_layout(x, "cl"), mean, invstd, weight, bias)
+    xhat = (np64(x) - np64(mean)[:, None]) * np64(invstd)[:, None]
+    exact = xhat * np64(weight)[:, None] + np64(bias)[:, None]
+    assert rel_err(expected, exact) <= TOL[dtype]
+    for nt in THREADS:
+        for offset in OFFSETS:
+            xs = placed(x, (offset * 7) % 16)
+            y = normalize_with(lib, xs, placed(torch.zeros_like(x), offset), mean, invstd, weight, bias, nt)
+            assert torch.equal(y, expected), (nt, offset, rel_err(y, expected))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_input_gradient_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_bit(shape, dtype):
+    cpu = get_backend("cpu")
+    lib = cpu.kernels()
+    gen = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    mean, invstd, weight, _, sum_dy, sum_dy_xhat = statistics(shape[1])
+    count = x.numel() // shape[1]
+    expected = cpu.grad_input(to_layout(dy, "cl"), to_layout(x, "cl"), mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+    col = lambda v: np64(v)[:, None]  # noqa: E731  (C,) -> (C, 1), against (N, C, L)
+    xhat = (np64(x) - col(mean)) * col(invstd)
+    exact = col(weight) * col(invstd) * (np64(dy) - col(sum_dy) / count - xhat * col(sum_dy_xhat) / count)
+    assert rel_err(expected, exact) <= TOL[dtype]
+    for nt in THREADS:
+        for offset in OFFSETS:
+            dx = placed(torch.zeros_like(x), offset)
+            got = grad_input_with(lib, placed(dy, (offset * 3) % 16), placed(x, (offset * 7) % 16), dx, mean, invstd,
+                                  weight, sum_dy, sum_dy_xhat, count, nt)  # fmt: skip
+            assert torch.equal(got, expected), (nt, offset, rel_err(got, expected))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 49), (3, 5, 30), (2, 7, 81)], ids=str)
+def test_training_step_of_rows_across_vector_ends_matches_the_float64_reference(shape, dtype):
+    # The whole forward and backward through the backend (the channel groups' runs, or the flat
+    # walk, whichever the shape takes), against the float64 reference.
+    cpu = get_backend("cpu")
+    gen = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    y, stats, invstd = cpu.forward_train(x, None, None, 1e-5)
+    dx, _, _ = cpu.backward(dy, x, stats.mean, invstd, None, stats.count, True)
+    ey, cache = ref.forward_train(np64(x))
+    edx, _, _ = ref.backward(np64(dy), cache)
+    assert rel_err(y, ey) <= TOL[dtype]
+    assert rel_err(dx, edx) <= TOL[dtype]
