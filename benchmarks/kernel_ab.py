@@ -14,7 +14,10 @@ The old build is the compiled module of another revision, which bnlab caches und
     PYTHONPATH=src python benchmarks/kernel_ab.py --old <the printed path>
 
 Cases are mode:shape:layout:dtype[:threads], mode one of fwd, stats (forward without output),
-bwd, eval; layout nchw or cl; dtype fp32, bf16 or fp16; threads 2 unless given.
+bwd, eval (the elementwise pass from given statistics, bn_normalize, with mean 0 and invstd 1),
+running (eval from running buffers of random values, bn_eval: the per-channel square roots and
+divisions too, whose time depends on the values); layout nchw or cl; dtype fp32, bf16 or fp16;
+threads 2 unless given.
 
 With --cold, every timed call follows a write of 256 MB elsewhere, so the call finds its tensors
 in memory rather than in cache (as a layer's backward finds the tensors its forward touched,
@@ -34,7 +37,7 @@ import torch
 from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
 
-MODES = ("fwd", "stats", "bwd", "eval")
+MODES = ("fwd", "stats", "bwd", "eval", "running")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CASES = (
     "bwd:64,256,14,14:nchw:fp32",
@@ -97,6 +100,15 @@ def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: in
         args = (dy.data_ptr(), x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0,
                 float(n * length), 0, 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt)  # fmt: skip
         name = "bn_backward"
+    elif mode == "running":
+        running = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5  # mean, var
+        affine = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)  # weight, bias
+        keep += running + affine
+        f32 = _CODE[torch.float32]
+        ptrs = [t.data_ptr() for t in running + affine]
+        args = (x.data_ptr(), out.data_ptr(), code, lay, n, c, length, ptrs[0], f32, ptrs[1], f32, ptrs[2], f32,
+                ptrs[3], f32, 1e-5, nt)  # fmt: skip
+        name = "bn_eval"
     else:
         args = (x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0, 0, 0, nt)
         name = "bn_normalize"
