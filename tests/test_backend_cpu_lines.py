@@ -41,8 +41,21 @@ def statistics(c: int):
     mean = torch.randn(c, generator=gen, dtype=torch.float64)
     invstd = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
     weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
-    sum_dy, sum_dy_xhat = torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64)
+    sum_dy, sum_dy_xhat = (torch.randn(c, generator=gen, dtype=torch.float64) for _ in range(2))
     return mean, invstd, weight, bias, sum_dy, sum_dy_xhat
+
+
+def backend_and_inputs(shape, dtype, seed: int):
+    """(CPU backend, its compiled kernels, x, dy): random (N, C, L) inputs of dtype, contiguous."""
+    cpu = get_backend("cpu")
+    gen = torch.Generator().manual_seed(seed)
+    x, dy = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    return cpu, cpu.kernels(), x, dy
+
+
+def col(v: torch.Tensor):
+    """A (C,) tensor as a float64 (C, 1) array, against (N, C, L) ones."""
+    return np64(v)[:, None]
 
 
 def normalize_with(lib, x, out, mean, invstd, weight, bias, nt):
@@ -64,14 +77,10 @@ def grad_input_with(lib, dy, x, out, mean, invstd, weight, sum_dy, sum_dy_xhat, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_normalize_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_bit(shape, dtype):
-    cpu = get_backend("cpu")
-    lib = cpu.kernels()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(shape, generator=gen).to(dtype)
+    cpu, lib, x, _ = backend_and_inputs(shape, dtype, seed=1)
     mean, invstd, weight, bias, _, _ = statistics(shape[1])
     expected = cpu.normalize(to_layout(x, "cl"), mean, invstd, weight, bias)
-    xhat = (np64(x) - np64(mean)[:, None]) * np64(invstd)[:, None]
-    exact = xhat * np64(weight)[:, None] + np64(bias)[:, None]
+    exact = (np64(x) - col(mean)) * col(invstd) * col(weight) + col(bias)
     assert rel_err(expected, exact) <= TOL[dtype]
     for nt in THREADS:
         for offset in OFFSETS:
@@ -83,14 +92,10 @@ def test_normalize_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_b
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_input_gradient_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_bit(shape, dtype):
-    cpu = get_backend("cpu")
-    lib = cpu.kernels()
-    gen = torch.Generator().manual_seed(2)
-    x, dy = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    cpu, lib, x, dy = backend_and_inputs(shape, dtype, seed=2)
     mean, invstd, weight, _, sum_dy, sum_dy_xhat = statistics(shape[1])
     count = x.numel() // shape[1]
     expected = cpu.grad_input(to_layout(dy, "cl"), to_layout(x, "cl"), mean, invstd, weight, sum_dy, sum_dy_xhat, count)
-    col = lambda v: np64(v)[:, None]  # noqa: E731  (C,) -> (C, 1), against (N, C, L)
     xhat = (np64(x) - col(mean)) * col(invstd)
     exact = col(weight) * col(invstd) * (np64(dy) - col(sum_dy) / count - xhat * col(sum_dy_xhat) / count)
     assert rel_err(expected, exact) <= TOL[dtype]
