@@ -51,6 +51,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def shape_parser(doc: str, default_shape: str) -> argparse.ArgumentParser:
+    """The command line the per-shape scripts open with (eval_overhead.py, step_overhead.py,
+    cold_call.py, eval_order.py, idle_ramp.py): the description from the script's docstring,
+    --shape (N,C,H,W) and --threads (torch's intra-op threads, which bnlab's kernels follow)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--shape", type=nchw_shape, default=default_shape, help=f"N,C,H,W (default {default_shape})")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch's intra-op threads (default 2)")
+    return p
+
+
 def make_input(shape, layout: str, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)

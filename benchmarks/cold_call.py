@@ -15,7 +15,6 @@ Three tables, medians of --rounds samples of --reps calls:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -23,7 +22,7 @@ import torch
 
 import bnlab
 from bnlab.backends import _REGISTRY, cpu, cpu_build, cpu_pool
-from bench_cases import nchw_shape
+from bench_cases import positive_int, shape_parser
 from bench_timing import median_us
 
 
@@ -42,11 +41,9 @@ def after_us(before, step, rounds: int, reps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", type=nchw_shape, default="128,16,32,32", help="comma-separated float32 NCHW input shape")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=21)
-    p.add_argument("--reps", type=int, default=200)
+    p = shape_parser(__doc__, "128,16,32,32")
+    p.add_argument("--rounds", type=positive_int, default=21)
+    p.add_argument("--reps", type=positive_int, default=200)
     args = p.parse_args()
     shape = args.shape
     torch.set_num_threads(args.threads)

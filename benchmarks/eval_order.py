@@ -15,14 +15,13 @@ repeats its call ~60 times, medians of --rounds samples):
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 import bnlab
-from bench_cases import make_input, nchw_shape
+from bench_cases import make_input, positive_int, shape_parser
 
 
 def _median_us(order: list, timed: set, rounds: int, reps: int) -> dict:
@@ -38,16 +37,12 @@ def _median_us(order: list, timed: set, rounds: int, reps: int) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", type=nchw_shape, default="64,256,14,14", help="comma-separated (N, C, H, W)")
+    p = shape_parser(__doc__, "64,256,14,14")
     p.add_argument("--layout", default="nchw", choices=["nchw", "cl"])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=25)
-    p.add_argument("--reps", type=int, default=60, help="calls per sample")
+    p.add_argument("--rounds", type=positive_int, default=25)
+    p.add_argument("--reps", type=positive_int, default=60, help="calls per sample")
     args = p.parse_args(argv)
     shape = args.shape
-    if args.rounds < 1 or args.reps < 1:
-        p.error(f"--rounds and --reps: expected positive integers, got {args.rounds} and {args.reps}")
     torch.set_num_threads(args.threads)
     x = make_input(shape, args.layout, torch.float32, "cpu")
     dst = torch.empty_like(x)

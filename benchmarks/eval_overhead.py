@@ -19,7 +19,6 @@ median of each, in microseconds.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -29,7 +28,7 @@ import bnlab
 from bnlab._fastpath import module_forward
 from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.cpu import _CODE, CpuBackend, layout_of, threads_for
-from bench_cases import nchw_shape, positive_int
+from bench_cases import shape_parser
 
 
 def contenders(shape) -> dict:
@@ -62,9 +61,7 @@ def contenders(shape) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", type=nchw_shape, default="128,16,32,32", help="N,C,H,W, float32 (default 128,16,32,32)")
-    p.add_argument("--threads", type=positive_int, default=2)
+    p = shape_parser(__doc__, "128,16,32,32")
     p.add_argument("--rounds", type=int, default=40)
     args = p.parse_args(argv)
     if args.rounds < 6:

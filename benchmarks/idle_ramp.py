@@ -14,7 +14,6 @@ Python's own cold start is not what they show.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -23,7 +22,7 @@ import torch
 import bnlab
 from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, layout_of
-from bench_cases import nchw_shape
+from bench_cases import positive_int, shape_parser
 
 
 def module_step(shape):
@@ -74,12 +73,10 @@ def pauses(seconds: float):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", type=nchw_shape, default="128,16,32,32", help="N,C,H,W (default 128,16,32,32)")
-    p.add_argument("--threads", type=int, default=2)
+    p = shape_parser(__doc__, "128,16,32,32")
     p.add_argument("--pause", type=float, default=0.02, help="seconds of other work before each series")
-    p.add_argument("--calls", type=int, default=10, help="timed steps after each pause")
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--calls", type=positive_int, default=10, help="timed steps after each pause")
+    p.add_argument("--rounds", type=positive_int, default=15)
     args = p.parse_args(argv)
     if cpu_build.load() is None:
         raise SystemExit(f"bnlab's CPU kernels did not build: {cpu_build.load_error()}")

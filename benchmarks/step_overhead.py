@@ -17,7 +17,6 @@ Two tables:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -26,7 +25,7 @@ import torch
 import bnlab
 from bnlab.backends import cpu as cpu_backend
 from bnlab.backends import cpu_build, select_backend
-from bench_cases import nchw_shape, positive_int
+from bench_cases import positive_int, shape_parser
 
 PHASES = ("module call -> forward kernel", "forward kernel", "forward kernel -> module return",
           "autograd.grad -> backward kernel", "backward kernel", "backward kernel -> grads returned")  # fmt: skip
@@ -106,9 +105,7 @@ def tiny_step_us(lib, steps: int, evict: torch.Tensor) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", type=nchw_shape, default="64,256,14,14", help="N,C,H,W, float32 (default 64,256,14,14)")
-    p.add_argument("--threads", type=positive_int, default=2)
+    p = shape_parser(__doc__, "64,256,14,14")
     p.add_argument("--steps", type=positive_int, default=60)
     args = p.parse_args(argv)
     if cpu_build.load() is None:
