@@ -16,8 +16,8 @@ The old build is the compiled module of another revision, which bnlab caches und
 Cases are mode:shape:layout:dtype[:threads], mode one of fwd, stats (forward without output),
 bwd, eval (the elementwise pass from given statistics, bn_normalize, with mean 0 and invstd 1),
 running (eval from running buffers of random values, bn_eval: the per-channel square roots and
-divisions too, whose time depends on the values); layout nchw or cl; dtype fp32, bf16 or fp16;
-threads 2 unless given.
+divisions too, whose time depends on the values), dx (the input gradient from given statistics
+and sums, bn_grad_input); layout nchw or cl; dtype fp32, bf16 or fp16; threads 2 unless given.
 
 With --cold, every timed call follows a write of 256 MB elsewhere, so the call finds its tensors
 in memory rather than in cache (as a layer's backward finds the tensors its forward touched,
@@ -37,7 +37,7 @@ import torch
 from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
 
-MODES = ("fwd", "stats", "bwd", "eval", "running")
+MODES = ("fwd", "stats", "bwd", "eval", "running", "dx")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CASES = (
     "bwd:64,256,14,14:nchw:fp32",
@@ -100,6 +100,12 @@ def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: in
         args = (dy.data_ptr(), x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0,
                 float(n * length), 0, 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt)  # fmt: skip
         name = "bn_backward"
+    elif mode == "dx":
+        sums = torch.randn(2, c, generator=gen, dtype=torch.float64)  # Σdy, Σdy·x̂
+        keep += (sums,)
+        args = (dy.data_ptr(), x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0,
+                sums.data_ptr(), sums.data_ptr() + 8 * c, float(n * length), nt)  # fmt: skip
+        name = "bn_grad_input"
     elif mode == "running":
         running = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5  # mean, var
         affine = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)  # weight, bias
