@@ -21,10 +21,13 @@ from speed_helpers import TOL, np64, rel_err, to_layout
 
 pytestmark = pytest.mark.skipif(cpu_build.load() is None, reason="bnlab's CPU kernels did not build")
 
-# NCL rows of 49, 17 and 32 values (the aligned-run walk and the row-by-row one), NLC rows of 300
-# and 37 channels, channels-last maps; few values per channel, many channels.
-CASES = [((2, 300, 7, 7), "nchw"), ((3, 40, 17), "nchw"), ((2, 24, 32), "nchw"), ((5, 300), "nchw"),
-         ((7, 37), "nchw"), ((2, 64, 6, 6), "cl")]  # fmt: skip
+# NCL rows of 49, 17 and 32 values (the aligned-run walk and the row-by-row one); rows shorter than
+# a vector: 3x3 maps of 200 channels (samples with the coefficients expanded), rows of 3 values of
+# 3000 channels (too many to expand: row by row) and of 2 channels (samples shorter than a
+# vector); NLC rows of 300 and 37 channels, channels-last maps. Few values per channel.
+CASES = [((2, 300, 7, 7), "nchw"), ((3, 40, 17), "nchw"), ((2, 24, 32), "nchw"), ((6, 200, 3, 3), "nchw"),
+         ((2, 3000, 3), "nchw"), ((5, 2, 3), "nchw"), ((5, 300), "nchw"), ((7, 37), "nchw"),
+         ((2, 64, 6, 6), "cl")]  # fmt: skip
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
