@@ -1,4 +1,4 @@
-"""Package hygiene: what importing bnlab pulls in, and the selfcheck command."""
+"""Package hygiene: what importing bnlab pulls in, the kernel sources its build key covers, and the selfcheck command."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import bnlab
+from bnlab.backends import cpu_build
 from bnlab.lab.cli import main
 
 SRC = pathlib.Path(bnlab.__file__).parent
@@ -37,8 +38,6 @@ def test_the_cpu_build_key_covers_every_kernel_source():
     # The compiled kernels are cached under a hash of cpu_build.SOURCES: a source missing there
     # would leave a changed kernel running its stale build.
     sources = {p.name for p in (SRC / "backends").iterdir() if p.suffix in (".cpp", ".inc")}
-    from bnlab.backends import cpu_build
-
     assert set(cpu_build.SOURCES) == sources
 
 
