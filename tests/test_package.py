@@ -1,4 +1,5 @@
-"""Package hygiene: what importing bnlab pulls in, the kernel sources its build key covers, and the selfcheck command."""
+"""Package hygiene: what importing bnlab pulls in, the kernel sources its build key covers, and the
+selfcheck command."""
 
 from __future__ import annotations
 
