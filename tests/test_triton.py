@@ -305,10 +305,15 @@ def test_kernels_that_disagree_are_declined(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")  # the interpreter's NumPy, on -0.5
 @pytest.mark.parametrize("fused", [False, True])
-def test_eval_refuses_a_negative_running_variance(triton_everywhere, fused):
-    """The eval coefficient kernel reports negative variances; the error names the channels."""
+@pytest.mark.parametrize("shape,layout,one_launch", [((3, 5, 4, 7), "cl", False), ((3, 5, 6, 7), "nchw", True)])
+def test_eval_refuses_a_negative_running_variance(triton_everywhere, fused, shape, layout, one_launch):
+    """The eval coefficient kernel, or eval_kernel's first program, reports negative variances; the
+    error names the channels."""
+    from bnlab.backends import triton_ops
+
     layer = (bnlab.BatchNormAct2d(5) if fused else bnlab.BatchNorm2d(5)).eval()
-    x = make_input((3, 5, 4, 7), "cl", seed=41)
+    x = make_input(shape, layout, seed=41)
+    assert triton_ops.eval_one_launch(triton_ops.plan(x)) == one_launch
     with torch.no_grad():
         expected = layer(x)  # all variances 1: fine
         assert_close(expected, torch.relu(x / (1 + 1e-5) ** 0.5) if fused else x / (1 + 1e-5) ** 0.5, 2e-4, "eval")
@@ -333,6 +338,59 @@ def test_eval_coefficients_cover_channels_beyond_one_block(triton_everywhere):
         layer.running_var[1050] = -1.0
         with pytest.raises(ValueError, match=r"channels \[1050\]"):
             layer(x)
+
+
+_WIDE_TILES = (128, 4, 1024, 4, 64)  # interpreter tiles of 1024 values: NLC tiles of 8 channels qualify too
+
+
+@pytest.mark.parametrize("shape,layout,tiles", [((5, 3, 7, 6), "nchw", None), ((2, 4, 70), "nchw", None),
+                                                ((30, 6), "nchw", _WIDE_TILES), ((4, 6, 3, 5), "cl", _WIDE_TILES)])
+@pytest.mark.parametrize("variant", ["running statistics", "residual and relu", "given invstd"])
+def test_eval_in_one_launch_computes_the_bits_of_two(shape, layout, tiles, variant, monkeypatch):
+    """eval_kernel computes each tile's coefficients itself: bit for bit what eval_coef_kernel and
+    normalize_kernel compute in two launches, and the float64 reference's values."""
+    from bnlab.backends import triton_ops
+
+    monkeypatch.setattr(triton_ops, "SMALL_NUMEL", 0)  # NLC inputs would take the one-program kernels
+    if tiles is not None:
+        monkeypatch.setattr(triton_ops, "_INTERPRETER_TILES", triton_ops.Tiles(*tiles))
+    c = shape[1]
+    x = make_input(shape, layout, seed=51, mean=0.3, std=2.0)
+    res = make_input(shape, layout, seed=52) if variant == "residual and relu" else None
+    g = torch.Generator().manual_seed(53)
+    mean, var = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.1
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    invstd = 1.0 / torch.sqrt(var.double() + 1e-5)
+
+    def evaluate():
+        if variant == "given invstd":
+            return triton_ops.normalize_with(x, mean.double(), invstd, w, b)
+        y, ok = triton_ops.normalize_with(x, mean, var, w, b, 1e-5, given_invstd=False, residual=res,
+                                          relu=res is not None)  # fmt: skip
+        assert int(ok) == 1
+        return y
+
+    assert triton_ops.eval_one_launch(triton_ops.plan(x))
+    one = evaluate()
+    monkeypatch.setattr(triton_ops, "eval_one_launch", lambda p: False)
+    two = evaluate()
+    assert torch.equal(one, two) and one.stride() == x.stride()
+    shape_c = [1, c] + [1] * (x.dim() - 2)
+    expected = (x.double() - mean.double().view(shape_c)) * (invstd * w.double()).view(shape_c) + b.double().view(shape_c)
+    if res is not None:
+        expected = torch.relu(expected + res.double())
+    assert_close(one, expected, 2e-6, "eval output")
+
+
+def test_statistics_only_forward_refuses_running_averages():
+    """The running averages are updated by the normalize pass: a forward without it cannot update them."""
+    from bnlab.backends import triton_ops
+
+    x = make_input((5, 3, 7, 6), seed=54)
+    with pytest.raises(ValueError, match="want_y=False.*running_mean and counter None"):
+        triton_ops.forward_train(x, None, None, 1e-5, torch.zeros(3), torch.ones(3), 0.1, want_y=False)
+    _, stats, _, _ = triton_ops.forward_train(x, None, None, 1e-5, want_y=False)
+    assert_close(stats[0], ref.moments(np64(x)).mean, 1e-9, "statistics only: mean")
 
 
 def test_small_rows_of_channels_take_one_launch_each_way(small_input_kernels, monkeypatch):

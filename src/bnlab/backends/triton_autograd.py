@@ -1,6 +1,6 @@
 """The Triton backend's training step as one autograd Function (see cpu_autograd for the CPU twin).
 
-Forward: statistics, running averages (and the batch counter) and output in four kernel
+Forward: statistics, running averages (and the batch counter) and output in three kernel
 launches, one for small rows of channels (triton_ops); the Function saves x, the (3, C) float64
 statistics and the float32 coefficients. Backward: three launches (one for small rows of
 channels) for dx, dweight and dbias in their final dtypes.

@@ -1,4 +1,4 @@
-"""Triton kernels of BN's elementwise phase: normalize (+ residual, ReLU, 1-bit mask) and dx.
+"""Triton kernels of BN's elementwise phase: normalize (+ residual, ReLU, 1-bit mask), eval and dx.
 
 Imported only by bnlab.backends.triton_ops (and the tests), never by ``import bnlab``.
 
@@ -7,7 +7,8 @@ n*C + c of the L positions of one channel (channel = row % C, one division per r
 (channels innermost) has rows of the C channels (channel = position, no division at all).
 Programs take [BLOCK_R, BLOCK_K] tiles: coalesced, and no per-element integer division, which
 would make these memory-bound kernels compute-bound on a GPU. Per-channel coefficients are
-(k, C) float32 rows written by the merge kernels. The ReLU mask pads each row to K8B = ceil(K/8)
+(k, C) float32 rows written by the merge kernels, or, in eval_kernel, computed by each tile for its
+own channels. The ReLU mask pads each row to K8B = ceil(K/8)
 bytes: bit k % 8 of byte row*K8B + k // 8 (BLOCK_K is a multiple of 8, so tiles own whole bytes).
 """
 
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from bnlab.backends.triton_mask import relu_masked
-from bnlab.backends.triton_reduce import normalize_coefficients, store_coefficients
+from bnlab.backends.triton_reduce import normalize_coefficients, store_coefficients, update_running
 
 
 @triton.jit
@@ -33,24 +34,20 @@ def _coef(coef_ptr, index, r, k, r_ok, k_ok, C, NCL: tl.constexpr):
 
 
 @triton.jit
-def normalize_kernel(
-    x_ptr, y_ptr,  # input and output, same strides, R rows of K values
-    coef_ptr,  # (3, C) float32: hi, scale, shift of y = (x - hi)·scale + shift
-    res_ptr,  # residual added before the activation (HAS_RES), same strides as x
-    mask_ptr,  # uint8 out (WRITE_MASK): bit of z > 0, rows of K8B bytes
-    R, K, C, K8B,
-    NCL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, WRITE_MASK: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+def _tile(R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile: rows r, positions k, their masks, the tile's mask and its offsets."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     r_ok, k_ok = r < R, k < K
-    ok = r_ok[:, None] & k_ok[None, :]
-    offs = r.to(tl.int64)[:, None] * K + k[None, :]
-    hi = _coef(coef_ptr, 0, r, k, r_ok, k_ok, C, NCL)
-    scale = _coef(coef_ptr, 1, r, k, r_ok, k_ok, C, NCL)
-    shift = _coef(coef_ptr, 2, r, k, r_ok, k_ok, C, NCL)
-    z = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - hi) * scale + shift
+    return r, k, r_ok, k_ok, r_ok[:, None] & k_ok[None, :], r.to(tl.int64)[:, None] * K + k[None, :]
+
+
+@triton.jit
+def _activate_store(z, y_ptr, res_ptr, mask_ptr, offs, ok, r, r_ok, K8B,
+                    HAS_RES: tl.constexpr, RELU: tl.constexpr, WRITE_MASK: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Store the tile z (float32) of y, after the residual (HAS_RES) and ReLU (RELU), writing the
+    bits of z > 0 (WRITE_MASK)."""
     if HAS_RES:
         z += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if WRITE_MASK:
@@ -64,6 +61,33 @@ def normalize_kernel(
 
 
 @triton.jit
+def normalize_kernel(
+    x_ptr, y_ptr,  # input and output, same strides, R rows of K values
+    coef_ptr,  # (3, C) float32: hi, scale, shift of y = (x - hi)·scale + shift
+    res_ptr,  # residual added before the activation (HAS_RES), same strides as x
+    mask_ptr,  # uint8 out (WRITE_MASK): bit of z > 0, rows of K8B bytes
+    stats_ptr, rm_ptr, rv_ptr, nbt_ptr,  # the running averages' arguments (RUNNING): update_running's
+    R, K, C, K8B, count, momentum,
+    NCL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, WRITE_MASK: tl.constexpr,
+    RUNNING: tl.constexpr, UPDATE: tl.constexpr, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr,
+    GUARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RUN: tl.constexpr,
+):  # fmt: skip
+    """y = (x - hi)·scale + shift (+ residual, ReLU, mask) by tiles. With RUNNING, the first program
+    also updates the running averages from the merged statistics (the merge kernel ran before:
+    they are complete), which saves the forward a launch of its own for them."""
+    r, k, r_ok, k_ok, ok, offs = _tile(R, K, BLOCK_R, BLOCK_K)
+    hi = _coef(coef_ptr, 0, r, k, r_ok, k_ok, C, NCL)
+    scale = _coef(coef_ptr, 1, r, k, r_ok, k_ok, C, NCL)
+    shift = _coef(coef_ptr, 2, r, k, r_ok, k_ok, C, NCL)
+    z = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - hi) * scale + shift
+    _activate_store(z, y_ptr, res_ptr, mask_ptr, offs, ok, r, r_ok, K8B, HAS_RES, RELU, WRITE_MASK, BLOCK_R, BLOCK_K)
+    if RUNNING:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            update_running(stats_ptr, rm_ptr, rv_ptr, nbt_ptr, C, count, momentum, UPDATE, COUNT, CUMULATIVE, GUARD,
+                           BLOCK_RUN)  # fmt: skip
+
+
+@triton.jit
 def grad_input_kernel(
     dy_ptr, x_ptr,  # upstream gradient and input, same strides
     mask_ptr,  # ReLU mask from normalize_kernel (HAS_MASK)
@@ -74,11 +98,7 @@ def grad_input_kernel(
     NCL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    r_ok, k_ok = r < R, k < K
-    ok = r_ok[:, None] & k_ok[None, :]
-    offs = r.to(tl.int64)[:, None] * K + k[None, :]
+    r, k, r_ok, k_ok, ok, offs = _tile(R, K, BLOCK_R, BLOCK_K)
     dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_MASK:
         dz = relu_masked(dz, mask_ptr, r.to(tl.int64) * K8B, r_ok, tl.program_id(1) * BLOCK_K, K, K8B, BLOCK_R, BLOCK_K)
@@ -132,3 +152,53 @@ def eval_coef_kernel(
         store_coefficients(coef_ptr, C, c, ok, hi, scale, shift)
     if not GIVEN_INVSTD:
         tl.store(ok_ptr, (negative == 0).to(tl.uint8))
+
+
+@triton.jit
+def _fixed_coefficients(mean_ptr, var_ptr, w_ptr, b_ptr, r, k, r_ok, k_ok, C, eps,
+                        NCL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        GIVEN_INVSTD: tl.constexpr):  # fmt: skip
+    """(hi, scale, shift) float32 for a tile's channels, computed from the statistics as
+    eval_coef_kernel computes them (the same bits), broadcast over a [BLOCK_R, BLOCK_K] tile."""
+    if NCL:
+        c, c_ok = r % C, r_ok
+    else:
+        c, c_ok = k, k_ok
+    mean, invstd, _negative = fixed_statistics(mean_ptr, var_ptr, c, c_ok, eps, GIVEN_INVSTD)
+    hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, c_ok, HAS_W, HAS_B)
+    scale, shift = scale.to(tl.float32), shift.to(tl.float32)
+    # one return for both layouts (see _coef)
+    if NCL:
+        hi, scale, shift = hi[:, None], scale[:, None], shift[:, None]
+    else:
+        hi, scale, shift = hi[None, :], scale[None, :], shift[None, :]
+    return hi, scale, shift
+
+
+@triton.jit
+def eval_kernel(
+    x_ptr, y_ptr,  # input and output, same strides, R rows of K values
+    mean_ptr, var_ptr, w_ptr, b_ptr, ok_ptr,  # as eval_coef_kernel
+    res_ptr,  # residual added before the activation (HAS_RES)
+    R, K, C, eps,
+    NCL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN_INVSTD: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Eval in one launch: each tile computes its own channels' coefficients (eval_coef_kernel's
+    float64 arithmetic, per row for NCL, per position for NLC), and the first program also writes
+    the negative-variance flag for every channel. For tiles with few channels (the launcher's
+    eval_one_launch): a float64 square root per 64 values or fewer, instead of a second launch."""
+    r, k, r_ok, k_ok, ok, offs = _tile(R, K, BLOCK_R, BLOCK_K)
+    hi, scale, shift = _fixed_coefficients(mean_ptr, var_ptr, w_ptr, b_ptr, r, k, r_ok, k_ok, C, eps, NCL, HAS_W,
+                                           HAS_B, GIVEN_INVSTD)  # fmt: skip
+    z = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - hi) * scale + shift
+    _activate_store(z, y_ptr, res_ptr, y_ptr, offs, ok, r, r_ok, 0, HAS_RES, RELU, False, BLOCK_R, BLOCK_K)
+    if not GIVEN_INVSTD:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            negative = tl.full([], 0, tl.int32)
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                var = tl.load(var_ptr + c, mask=c < C, other=1.0).to(tl.float64)
+                negative += tl.sum(tl.where(var < 0, 1, 0), axis=0).to(tl.int32)
+            tl.store(ok_ptr, (negative == 0).to(tl.uint8))

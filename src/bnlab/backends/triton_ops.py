@@ -1,12 +1,15 @@
 """Launchers of bnlab's Triton kernels: layouts, grids and buffers (imports triton; loaded lazily).
 
 Forward (training): stats_ncl/stats_nlc (channels x segments) -> stats_merge (per channel: float64
-statistics, normalize coefficients) -> running_update (one program: the guard needs every
-channel) -> normalize (tiles; + residual, ReLU and a 1-bit mask for the fused layer). Traffic 3N:
-x is read twice, y written once.
+statistics, normalize coefficients) -> normalize (tiles; + residual, ReLU and a 1-bit mask for
+the fused layer), whose first program also updates the running averages (update_running: one
+program, as the guard needs every channel). Three launches; traffic 3N: x is read twice, y
+written once.
 Backward: grad_ncl/grad_nlc -> grad_merge (sums, dx coefficients, dweight/dbias) -> grad_input.
 Traffic 5N: dy and x read twice, dx written once (plus the mask, N/8 bytes, when fused).
-Eval: eval_coef (one program, also the negative-variance flag) -> normalize.
+Eval: eval_kernel, one launch whose tiles compute their own coefficients, when tiles span few
+channels (eval_one_launch); otherwise eval_coef (one program, also the negative-variance flag)
+-> normalize.
 Small rows of channels (one_program): one program each for the forward, the backward and eval
 (triton_small), the same traffic in one launch.
 
@@ -226,8 +229,12 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
     Updates running_mean/running_var (both or neither) with ``momentum``; with ``counter`` (a
     module's num_batches_tracked) counts the batch, and momentum None means 1/counter; with
     ``guard``, a batch with non-finite statistics changes neither (all decided on the device).
-    ``want_y=False``: statistics only (y and mask None).
+    ``want_y=False``: statistics only (y and mask None), with neither running averages nor counter
+    (the normalize kernel's first program updates them).
     """
+    if not want_y and (running_mean is not None or counter is not None):
+        raise ValueError("forward_train: want_y=False computes statistics only; expected running_mean and counter "
+                         f"None, got {type(running_mean).__name__} and {type(counter).__name__}")  # fmt: skip
     p = p or plan(x)
     c = p.c
     if residual is None and not relu and not want_mask and one_program(p):
@@ -240,23 +247,24 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
         c, p.segments, p.length if p.ncl else 1, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=_pow2(p.segments), **_COMPILE,
     )  # fmt: skip
-    update = running_mean is not None
-    if update or counter is not None:
-        red.running_update_kernel[(1,)](
-            stats, running_mean if update else stats, running_var if update else stats,
-            counter if counter is not None else stats, c, float(p.m), 0.0 if momentum is None else float(momentum),
-            UPDATE=update, COUNT=counter is not None, CUMULATIVE=momentum is None, GUARD=bool(guard),
-            BLOCK=min(1024, _pow2(c)), **_COMPILE,
-        )  # fmt: skip
     if not want_y:
         return None, stats, coef, None
-    y, mask = _normalize(x, coef, p, residual, relu, want_mask)
+    # the running averages, which the normalize kernel's first program updates (update_running);
+    # stats stands in for the buffers that are absent
+    update, count = running_mean is not None, counter is not None
+    if not (update or count):
+        y, mask = _normalize(x, coef, p, residual, relu, want_mask)
+        return y, stats, coef, mask
+    running = (stats, running_mean if update else stats, running_var if update else stats, counter if count else stats,
+               float(p.m), 0.0 if momentum is None else float(momentum))  # fmt: skip
+    flags = dict(RUNNING=True, UPDATE=update, COUNT=count, CUMULATIVE=momentum is None, GUARD=bool(guard))
+    y, mask = _normalize(x, coef, p, residual, relu, want_mask, running, flags)
     return y, stats, coef, mask
 
 
 #: Inputs of rows of channels (NLC) with at most this many values and SMALL_MAX_C channels run as
 #: one program forward, one backward and one in eval (triton_small): one launch each instead of
-#: four, three and two.
+#: three, three and one or two.
 #: At 64 Ki float32 values one multiprocessor reads x in about a microsecond; far more and the
 #: single program, not the host, would set the time.
 SMALL_NUMEL = 1 << 16
@@ -307,14 +315,23 @@ def _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p: Plan):
     return dx, sums, None
 
 
-def _normalize(x, coef, p: Plan, residual=None, relu=False, want_mask=False):
+#: Channels per block of the running averages' loop when the normalize kernel's first program runs
+#: it: fixed, so that the layer's width adds no compiled variants of the normalize kernel.
+_RUN_BLOCK = 256
+_NOT_RUNNING = dict(RUNNING=False, UPDATE=False, COUNT=False, CUMULATIVE=False, GUARD=False)
+
+
+def _normalize(x, coef, p: Plan, residual=None, relu=False, want_mask=False, running=None, flags=_NOT_RUNNING):
+    """y (and the ReLU mask); ``running``: (stats, running_mean, running_var, counter, count,
+    momentum) for the first program's update of the running averages, under ``flags``."""
     y = torch.empty_like(x)
     mask = torch.empty(p.rows * p.k8b, dtype=torch.uint8, device=x.device) if want_mask else None
+    stats, rm, rv, nbt, count, momentum = running or (coef, coef, coef, coef, 0.0, 0.0)
     ew.normalize_kernel[_tiles(p)](
         x, y, coef, residual if residual is not None else x, mask if mask is not None else y,
-        p.rows, p.k, p.c, p.k8b,
-        NCL=p.ncl, HAS_RES=residual is not None, RELU=relu, WRITE_MASK=want_mask,
-        BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.warps_elementwise, **_COMPILE,
+        stats, rm, rv, nbt, p.rows, p.k, p.c, p.k8b, count, momentum,
+        NCL=p.ncl, HAS_RES=residual is not None, RELU=relu, WRITE_MASK=want_mask, **flags,
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k, BLOCK_RUN=_RUN_BLOCK, num_warps=p.warps_elementwise, **_COMPILE,
     )  # fmt: skip
     return y, mask
 
@@ -377,15 +394,33 @@ def normalize_with(x, mean, var_or_invstd, weight, bias, eps=0.0, given_invstd=T
             BLOCK_C=block_c, num_warps=p.warps_elementwise, **_COMPILE,
         )  # fmt: skip
         return y if given_invstd else (y, ok)
+    w, b = weight if weight is not None else mean, bias if bias is not None else mean
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, GIVEN_INVSTD=given_invstd)
+    if eval_one_launch(p):
+        y = torch.empty_like(x)
+        ew.eval_kernel[_tiles(p)](
+            x, y, mean, var_or_invstd, w, b, ok if ok is not None else y, residual if residual is not None else x,
+            p.rows, p.k, p.c, eps, NCL=p.ncl, **flags, HAS_RES=residual is not None, RELU=relu,
+            BLOCK_R=p.block_r, BLOCK_K=p.block_k, BLOCK_C=_RUN_BLOCK, num_warps=p.warps_elementwise, **_COMPILE,
+        )  # fmt: skip
+        return y if given_invstd else (y, ok)
     coef = torch.empty(3, p.c, dtype=_F32, device=x.device)
     ew.eval_coef_kernel[(1,)](
-        mean, var_or_invstd, weight if weight is not None else mean, bias if bias is not None else mean, coef,
-        ok if ok is not None else coef, p.c, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, GIVEN_INVSTD=given_invstd, BLOCK=min(1024, _pow2(p.c)),
-        **_COMPILE,
+        mean, var_or_invstd, w, b, coef, ok if ok is not None else coef, p.c, eps, **flags,
+        BLOCK=min(1024, _pow2(p.c)), **_COMPILE,
     )  # fmt: skip
     y = _normalize(x, coef, p, residual, relu)[0]
     return y if given_invstd else (y, ok)
+
+
+def eval_one_launch(p: Plan) -> bool:
+    """Whether eval runs as one kernel (eval_kernel) that computes the coefficients in every tile:
+    when a tile spans few channels, at most one per 64 values (NCL rows of 33 values or more, NLC
+    rows of 32 channels or fewer under the default tiles). Otherwise eval_coef_kernel computes
+    them once and normalize_kernel applies them: two launches, but no float64 square roots per
+    handful of values."""
+    channels_per_tile = p.block_r if p.ncl else p.block_k
+    return 64 * channels_per_tile <= p.block_r * p.block_k
 
 
 def grad_input_with(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, p: Plan | None = None):

@@ -198,7 +198,7 @@ def counted_factor(nbt_ptr, momentum, COUNT: tl.constexpr, CUMULATIVE: tl.conste
 
 
 @triton.jit
-def running_update_kernel(
+def update_running(
     stats_ptr,  # (3, C) float64: mean, M2, invstd
     rm_ptr, rv_ptr,  # running mean/var (any float) if UPDATE
     nbt_ptr,  # num_batches_tracked (int64) if COUNT
@@ -206,8 +206,10 @@ def running_update_kernel(
     UPDATE: tl.constexpr, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr, GUARD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One program for the whole layer: the non-finite guard needs every channel before any update
-    (bnlab.stats.update_running_stats_: one NaN/Inf mean or variance skips the batch, counter too)."""
+    """The running averages and the counter, by one program for the whole layer: the non-finite
+    guard needs every channel before any update (bnlab.stats.update_running_stats_: one NaN/Inf
+    mean or variance skips the batch, counter too). Run by the first program of the normalize
+    kernel that follows the merge: one launch fewer than a kernel of its own."""
     accepted = tl.full([], 1, tl.int32)
     if GUARD and UPDATE and count > 1:
         for c0 in range(0, C, BLOCK):
@@ -225,3 +227,4 @@ def running_update_kernel(
                 mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
                 var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
                 blend_running(rm_ptr, rv_ptr, c, ok, mean, var, factor)
+
