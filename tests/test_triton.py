@@ -382,6 +382,41 @@ def test_eval_in_one_launch_computes_the_bits_of_two(shape, layout, tiles, varia
     assert_close(one, expected, 2e-6, "eval output")
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 7, 6), (6, 2, 40), (4, 3, 3, 3), (11, 1, 13)])
+@pytest.mark.parametrize("variant", ["plain", "fused with residual", "residual gradient only"])
+def test_backward_merging_in_tiles_computes_the_merge_kernels_bits(shape, variant, monkeypatch):
+    """grad_input_merged_kernel (each NCL tile merges its rows' partial sums; sample 0's tiles in
+    the first column write sums, dweight and dbias): the same bits as grad_merge_kernel followed
+    by grad_input_kernel. The shapes give 1-4 segments per channel, and tiles of 2 to 8 rows, more
+    rows than channels among them."""
+    from bnlab.backends import triton_ops
+
+    c = shape[1]
+    x = make_input(shape, seed=61, mean=0.5, std=2.0)
+    dy, res = make_input(shape, seed=62), make_input(shape, seed=63)
+    w = torch.rand(c, generator=torch.Generator().manual_seed(64)) + 0.5
+    p = triton_ops.plan(x)
+    assert triton_ops.merge_in_tiles(p)
+    fused = variant != "plain"
+    _, stats, coef, mask = triton_ops.forward_train(x, w, torch.zeros(c), 1e-5, residual=res if fused else None,
+                                                    relu=fused, want_mask=fused)  # fmt: skip
+
+    def backward():
+        dw, db = torch.full((c,), float("nan")), torch.full((c,), float("nan"), dtype=torch.bfloat16)
+        need_dx = variant != "residual gradient only"
+        dx, sums, dres = triton_ops.backward(dy, x, stats, coef[0], w, need_dx, mask=mask, want_dres=fused, dweight=dw,
+                                             dbias=db)  # fmt: skip
+        return [t for t in (dx, sums, dres, dw, db) if t is not None]
+
+    merged = backward()
+    monkeypatch.setattr(triton_ops, "merge_in_tiles", lambda p: False)
+    separate = backward()
+    assert len(merged) == len(separate)
+    for got, want in zip(merged, separate):
+        assert torch.equal(got, want), (got, want)
+    assert not torch.isnan(merged[-2]).any() and not torch.isnan(merged[-1]).any(), "every channel's sums written"
+
+
 def test_statistics_only_forward_refuses_running_averages():
     """The running averages are updated by the normalize pass: a forward without it cannot update them."""
     from bnlab.backends import triton_ops

@@ -2,8 +2,9 @@
 
 Forward: statistics, running averages (and the batch counter) and output in three kernel
 launches, one for small rows of channels (triton_ops); the Function saves x, the (3, C) float64
-statistics and the float32 coefficients. Backward: three launches (one for small rows of
-channels) for dx, dweight and dbias in their final dtypes.
+statistics and the float32 coefficients. Backward: dx, dweight and dbias in their final dtypes
+in two launches for most NCHW inputs (triton_ops.merge_in_tiles), else three (one for small rows
+of channels).
 """
 
 from __future__ import annotations

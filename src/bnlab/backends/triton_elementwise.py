@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from bnlab.backends.triton_grad import merge_grad_sums
 from bnlab.backends.triton_mask import relu_masked
 from bnlab.backends.triton_reduce import normalize_coefficients, store_coefficients, update_running
 
@@ -99,18 +100,57 @@ def grad_input_kernel(
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     r, k, r_ok, k_ok, ok, offs = _tile(R, K, BLOCK_R, BLOCK_K)
-    dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if HAS_MASK:
-        dz = relu_masked(dz, mask_ptr, r.to(tl.int64) * K8B, r_ok, tl.program_id(1) * BLOCK_K, K, K8B, BLOCK_R, BLOCK_K)
-    if WRITE_DRES:
-        tl.store(dres_ptr + offs, dz.to(dres_ptr.dtype.element_ty), mask=ok)
+    dz = _masked_dz(dy_ptr, mask_ptr, dres_ptr, r, r_ok, ok, offs, K, K8B, HAS_MASK, WRITE_DRES, BLOCK_R, BLOCK_K)
     if HAS_DX:
         hi = _coef(coef_ptr, 0, r, k, r_ok, k_ok, C, NCL)
         kk = _coef(coef_ptr, 1, r, k, r_ok, k_ok, C, NCL)
         a = _coef(coef_ptr, 2, r, k, r_ok, k_ok, C, NCL)
         cc = _coef(coef_ptr, 3, r, k, r_ok, k_ok, C, NCL)
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs, (kk * dz + a * (x - hi) + cc).to(dx_ptr.dtype.element_ty), mask=ok)
+        _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc)
+
+
+@triton.jit
+def _masked_dz(dy_ptr, mask_ptr, dres_ptr, r, r_ok, ok, offs, K, K8B, HAS_MASK: tl.constexpr,
+               WRITE_DRES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The tile of dz (float32): dy, through the ReLU mask (HAS_MASK); stored as the residual's
+    gradient (WRITE_DRES)."""
+    dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        dz = relu_masked(dz, mask_ptr, r.to(tl.int64) * K8B, r_ok, tl.program_id(1) * BLOCK_K, K, K8B, BLOCK_R, BLOCK_K)
+    if WRITE_DRES:
+        tl.store(dres_ptr + offs, dz.to(dres_ptr.dtype.element_ty), mask=ok)
+    return dz
+
+
+@triton.jit
+def _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc):
+    """dx = kk·dz + a·(x - hi) + cc over the tile (float32 coefficients broadcast to it)."""
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + offs, (kk * dz + a * (x - hi) + cc).to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def grad_input_merged_kernel(
+    dy_ptr, x_ptr, mask_ptr, dx_ptr, dres_ptr,  # as grad_input_kernel's; NCL rows only
+    part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr,  # as grad_merge_kernel's
+    R, K, C, K8B, S, count,
+    HAS_MASK: tl.constexpr, HAS_DX: tl.constexpr, WRITE_DRES: tl.constexpr, HAS_W: tl.constexpr,
+    WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """grad_merge_kernel and grad_input_kernel in one launch, for NCL tiles of few rows: each tile
+    merges its rows' channel partials itself (BLOCK_R x S float64 pairs, from the L2), and the
+    tiles of sample 0's rows in the first column write each channel's sums, dweight and dbias once."""
+    r, k, r_ok, k_ok, ok, offs = _tile(R, K, BLOCK_R, BLOCK_K)
+    c = r % C
+    # rows of sample 0 (r < C) in the first column of tiles; written without a scalar & vector mask,
+    # which Triton 3.9's interpreter cannot store under
+    write = r_ok & (r + tl.program_id(1) * C < C)
+    hi, kk, a, cc = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, r_ok, write, C, S, count,
+                                    HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
+    dz = _masked_dz(dy_ptr, mask_ptr, dres_ptr, r, r_ok, ok, offs, K, K8B, HAS_MASK, WRITE_DRES, BLOCK_R, BLOCK_K)
+    if HAS_DX:
+        _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi[:, None], kk[:, None], a[:, None], cc[:, None])
 
 
 @triton.jit

@@ -79,6 +79,40 @@ def grad_nlc_kernel(
 
 
 @triton.jit
+def merge_grad_sums(
+    part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr,  # as grad_merge_kernel's
+    c, c_ok, write,  # [B] channels, which of them exist, and which to write the sums of
+    C, S, count,
+    HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Channels c's Σdz and Σdz·x̂ from the S segments' partials, stored (sums, and dweight/dbias
+    in their dtypes) for the channels where ``write``; returns the float32 coefficients (hi, kk,
+    a, cc) of dx = kk·dz + a·(x - hi) + cc, each [B]."""
+    s = tl.arange(0, BLOCK_S)
+    at = part_ptr + (s[None, :] * C + c[:, None]) * 2
+    ok = c_ok[:, None] & (s < S)[None, :]
+    sdy = tl.sum(tl.load(at, mask=ok, other=0.0), axis=1)
+    sdyx = tl.sum(tl.load(at + 1, mask=ok, other=0.0), axis=1)
+    mean = tl.load(stats_ptr + c, mask=c_ok, other=0.0)
+    invstd = tl.load(stats_ptr + 2 * C + c, mask=c_ok, other=0.0)
+    hi = mean.to(tl.float32)
+    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    sxh = (sdyx - lo * sdy) * invstd
+    tl.store(sums_ptr + c, sdy, mask=write)
+    tl.store(sums_ptr + C + c, sxh, mask=write)
+    kk = invstd
+    if HAS_W:
+        kk = kk * tl.load(w_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
+    a = -kk * invstd * sxh / count
+    cc = -kk * sdy / count - a * lo
+    if WRITE_DW:
+        tl.store(dw_ptr + c, narrow(sxh, dw_ptr.dtype.element_ty), mask=write)
+    if WRITE_DB:
+        tl.store(db_ptr + c, narrow(sdy, db_ptr.dtype.element_ty), mask=write)
+    return hi, kk.to(tl.float32), a.to(tl.float32), cc.to(tl.float32)
+
+
+@triton.jit
 def grad_merge_kernel(
     part_ptr,  # (S, C, 2) float64 from a grad kernel
     stats_ptr,  # (3, C) float64: mean, M2, invstd of the forward
@@ -89,28 +123,11 @@ def grad_merge_kernel(
     C, S, count,
     HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0)
-    s = tl.arange(0, BLOCK_S)
-    ok = s < S
-    sdy = tl.sum(tl.load(part_ptr + (s * C + c) * 2, mask=ok, other=0.0), axis=0)
-    sdyx = tl.sum(tl.load(part_ptr + (s * C + c) * 2 + 1, mask=ok, other=0.0), axis=0)
-    mean = tl.load(stats_ptr + c)
-    invstd = tl.load(stats_ptr + 2 * C + c)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
-    sxh = (sdyx - lo * sdy) * invstd
-    tl.store(sums_ptr + c, sdy)
-    tl.store(sums_ptr + C + c, sxh)
-    kk = invstd
-    if HAS_W:
-        kk = kk * tl.load(w_ptr + c).to(tl.float64)
-    a = -kk * invstd * sxh / count
-    cc = -kk * sdy / count - a * lo
-    tl.store(coef_ptr + c, hi)
-    tl.store(coef_ptr + C + c, kk.to(tl.float32))
-    tl.store(coef_ptr + 2 * C + c, a.to(tl.float32))
-    tl.store(coef_ptr + 3 * C + c, cc.to(tl.float32))
-    if WRITE_DW:
-        tl.store(dw_ptr + c, narrow(sxh, dw_ptr.dtype.element_ty))
-    if WRITE_DB:
-        tl.store(db_ptr + c, narrow(sdy, db_ptr.dtype.element_ty))
+    c = tl.program_id(0) + tl.arange(0, 1)
+    ok = c < C
+    hi, kk, a, cc = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, ok, ok, C, S, count,
+                                    HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
+    tl.store(coef_ptr + c, hi, mask=ok)
+    tl.store(coef_ptr + C + c, kk, mask=ok)
+    tl.store(coef_ptr + 2 * C + c, a, mask=ok)
+    tl.store(coef_ptr + 3 * C + c, cc, mask=ok)

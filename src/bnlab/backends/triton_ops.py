@@ -5,7 +5,9 @@ statistics, normalize coefficients) -> normalize (tiles; + residual, ReLU and a 
 the fused layer), whose first program also updates the running averages (update_running: one
 program, as the guard needs every channel). Three launches; traffic 3N: x is read twice, y
 written once.
-Backward: grad_ncl/grad_nlc -> grad_merge (sums, dx coefficients, dweight/dbias) -> grad_input.
+Backward: grad_ncl/grad_nlc -> grad_merge (sums, dx coefficients, dweight/dbias) -> grad_input;
+for NCL tiles of few rows (merge_in_tiles), grad_ncl -> grad_input_merged, whose tiles merge
+their rows' sums themselves: two launches.
 Traffic 5N: dy and x read twice, dx written once (plus the mask, N/8 bytes, when fused).
 Eval: eval_kernel, one launch whose tiles compute their own coefficients, when tiles span few
 channels (eval_one_launch); otherwise eval_coef (one program, also the negative-variance flag)
@@ -349,16 +351,37 @@ def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False,
         return _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p)
     part = _partial_grads(dy, x, mask, hi, p)
     sums = torch.empty(2, c, dtype=_F64, device=x.device)
+    merge_args = (part, stats, weight if weight is not None else x, sums,
+                  dweight if dweight is not None else sums, dbias if dbias is not None else sums)  # fmt: skip
+    merge_flags = dict(HAS_W=weight is not None, WRITE_DW=dweight is not None, WRITE_DB=dbias is not None,
+                       BLOCK_S=_pow2(p.segments))  # fmt: skip
+    if (need_dx or want_dres) and merge_in_tiles(p):
+        dx = torch.empty_like(x) if need_dx else None
+        dres = torch.empty_like(x) if want_dres else None
+        ew.grad_input_merged_kernel[_tiles(p)](
+            dy, x, mask if mask is not None else dy, dx if dx is not None else dy, dres if dres is not None else dy,
+            *merge_args, p.rows, p.k, c, p.k8b, p.segments, float(p.m),
+            HAS_MASK=mask is not None, HAS_DX=need_dx, WRITE_DRES=want_dres, **merge_flags,
+            BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.warps_elementwise, **_COMPILE,
+        )  # fmt: skip
+        return dx, sums, dres
     gcoef = torch.empty(4, c, dtype=_F32, device=x.device)
-    grad.grad_merge_kernel[(c,)](
-        part, stats, weight if weight is not None else x, sums, gcoef,
-        dweight if dweight is not None else sums, dbias if dbias is not None else sums,
-        c, p.segments, float(p.m),
-        HAS_W=weight is not None, WRITE_DW=dweight is not None, WRITE_DB=dbias is not None,
-        BLOCK_S=_pow2(p.segments), **_COMPILE,
-    )  # fmt: skip
+    merge_args = merge_args[:4] + (gcoef,) + merge_args[4:]
+    grad.grad_merge_kernel[(c,)](*merge_args, c, p.segments, float(p.m), **merge_flags, **_COMPILE)
     dx, dres = _grad_input(dy, x, gcoef, p, mask, need_dx, want_dres)
     return dx, sums, dres
+
+
+#: Most float64 partial pairs a tile of grad_input_merged_kernel merges (rows per tile x segments,
+#: rounded up to a power of two): 2 KB of L2 reads against a 2048-value tile's 24 KB and more.
+MERGE_IN_TILES_MAX = 128
+
+
+def merge_in_tiles(p: Plan) -> bool:
+    """Whether the backward merges the partial sums in the input gradient's tiles (one launch
+    fewer): NCL, with few rows per tile and few segments per channel, which every NCHW conv shape
+    of the benchmark has under the default tiles (2-8 rows, 2-33 segments)."""
+    return p.ncl and p.block_r * _pow2(p.segments) <= MERGE_IN_TILES_MAX
 
 
 def _grad_input(dy, x, gcoef, p: Plan, mask=None, need_dx=True, want_dres=False):
