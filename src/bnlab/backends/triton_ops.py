@@ -351,25 +351,38 @@ def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False,
         return _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p)
     part = _partial_grads(dy, x, mask, hi, p)
     sums = torch.empty(2, c, dtype=_F64, device=x.device)
-    merge_args = (part, stats, weight if weight is not None else x, sums,
-                  dweight if dweight is not None else sums, dbias if dbias is not None else sums)  # fmt: skip
-    merge_flags = dict(HAS_W=weight is not None, WRITE_DW=dweight is not None, WRITE_DB=dbias is not None,
-                       BLOCK_S=_pow2(p.segments))  # fmt: skip
     if (need_dx or want_dres) and merge_in_tiles(p):
-        dx = torch.empty_like(x) if need_dx else None
-        dres = torch.empty_like(x) if want_dres else None
-        ew.grad_input_merged_kernel[_tiles(p)](
-            dy, x, mask if mask is not None else dy, dx if dx is not None else dy, dres if dres is not None else dy,
-            *merge_args, p.rows, p.k, c, p.k8b, p.segments, float(p.m),
-            HAS_MASK=mask is not None, HAS_DX=need_dx, WRITE_DRES=want_dres, **merge_flags,
-            BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.warps_elementwise, **_COMPILE,
-        )  # fmt: skip
+        dx, dres = _grad_input_merged(dy, x, part, stats, weight, sums, p, mask, need_dx, want_dres, dweight, dbias)
         return dx, sums, dres
     gcoef = torch.empty(4, c, dtype=_F32, device=x.device)
-    merge_args = merge_args[:4] + (gcoef,) + merge_args[4:]
-    grad.grad_merge_kernel[(c,)](*merge_args, c, p.segments, float(p.m), **merge_flags, **_COMPILE)
+    grad.grad_merge_kernel[(c,)](
+        part, stats, weight if weight is not None else x, sums, gcoef,
+        dweight if dweight is not None else sums, dbias if dbias is not None else sums, c, p.segments, float(p.m),
+        **_merge_flags(weight, dweight, dbias, p), **_COMPILE,
+    )  # fmt: skip
     dx, dres = _grad_input(dy, x, gcoef, p, mask, need_dx, want_dres)
     return dx, sums, dres
+
+
+def _merge_flags(weight, dweight, dbias, p: Plan) -> dict:
+    return dict(HAS_W=weight is not None, WRITE_DW=dweight is not None, WRITE_DB=dbias is not None,
+                BLOCK_S=_pow2(p.segments))  # fmt: skip
+
+
+def _grad_input_merged(dy, x, part, stats, weight, sums, p: Plan, mask=None, need_dx=True, want_dres=False,
+                       dweight=None, dbias=None):  # fmt: skip
+    """(dx, dres) by grad_input_merged_kernel, which also writes sums (and dweight/dbias) from the
+    (segments, C, 2) partial sums; NCL plans only (merge_in_tiles)."""
+    dx = torch.empty_like(x) if need_dx else None
+    dres = torch.empty_like(x) if want_dres else None
+    ew.grad_input_merged_kernel[_tiles(p)](
+        dy, x, mask if mask is not None else dy, dx if dx is not None else dy, dres if dres is not None else dy,
+        part, stats, weight if weight is not None else x, sums, dweight if dweight is not None else sums,
+        dbias if dbias is not None else sums, p.rows, p.k, p.c, p.k8b, p.segments, float(p.m),
+        HAS_MASK=mask is not None, HAS_DX=need_dx, WRITE_DRES=want_dres, **_merge_flags(weight, dweight, dbias, p),
+        BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.warps_elementwise, **_COMPILE,
+    )  # fmt: skip
+    return dx, dres
 
 
 #: Most float64 partial pairs a tile of grad_input_merged_kernel merges (rows per tile x segments,
