@@ -23,7 +23,7 @@ import bnlab  # noqa: E402
 from bnlab import reference as ref  # noqa: E402
 from bnlab.backends import _REGISTRY, PortableBackend  # noqa: E402
 from bnlab.backends.triton_backend import TritonBackend  # noqa: E402
-from speed_helpers import TOL, assert_close, make_input, np64  # noqa: E402
+from speed_helpers import TOL, assert_close, make_input, np64, to_layout  # noqa: E402
 
 TRITON = TritonBackend(allow_cpu=True)
 CASES = [((5, 3, 7, 6), "nchw"), ((11, 1, 13), "nchw"), ((9, 5), "nchw"), ((4, 6, 3, 5), "cl"), ((3, 7, 2, 3, 2), "cl")]
@@ -415,6 +415,27 @@ def test_backward_merging_in_tiles_computes_the_merge_kernels_bits(shape, varian
     for got, want in zip(merged, separate):
         assert torch.equal(got, want), (got, want)
     assert not torch.isnan(merged[-2]).any() and not torch.isnan(merged[-1]).any(), "every channel's sums written"
+
+
+def test_plans_are_looked_up_by_shape_strides_and_tiles(monkeypatch):
+    """plan() remembers its plans: the same one for the same shape, strides, tiles and program
+    count; a new one when any differs; and it keeps a bounded number."""
+    from bnlab.backends import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_PLANS", {})
+    x = torch.empty(6, 5, 4, 3)
+    first = triton_ops.plan(x)
+    assert triton_ops.plan(torch.empty(6, 5, 4, 3)) is first
+    assert triton_ops.plan(to_layout(x, "cl")) == triton_ops._new_plan(to_layout(x, "cl"), triton_ops._INTERPRETER_TILES, 4)
+    assert not triton_ops.plan(to_layout(x, "cl")).ncl and first.ncl
+    assert triton_ops.plan(x, for_gpu=True) == triton_ops._new_plan(x, triton_ops.GPU_TILES, 4 * 132)
+    assert triton_ops.plan(x[:, :, ::2]) is None  # neither layout: the portable path
+    monkeypatch.setattr(triton_ops, "_INTERPRETER_TILES", triton_ops.Tiles(256, 4, 256, 4, 64))
+    assert triton_ops.plan(x) != first and triton_ops.plan(x).block_r == 256 // first.block_k
+    monkeypatch.setattr(triton_ops, "_PLANS_KEPT", 3)
+    for n in range(1, 8):
+        triton_ops.plan(torch.empty(n, 5))
+        assert len(triton_ops._PLANS) <= 3
 
 
 def test_statistics_only_forward_refuses_running_averages():
