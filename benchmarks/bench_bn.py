@@ -225,20 +225,20 @@ def main(argv=None) -> int:
     p.add_argument("--first-call", action="store_true", help="also time compiling bnlab's CPU kernels from scratch")
     p.add_argument("--markdown", action="store_true", help="print a markdown table of all results at the end")
     p.add_argument("--report", action="store_true", help="measure nothing: summarize and tabulate --out as it is")
-    p.add_argument("--triton-tiles", default=None, help="run bnlab's GPU kernels under these triton_ops.Tiles "
+    p.add_argument("--triton-tiles", default=None, help="run bnlab's GPU kernels under these triton_plan.Tiles "
                    "(reduce_tile,reduce_warps,elementwise_tile,elementwise_warps,width; see triton_tune.py)")
     p.add_argument("--triton-small-numel", type=int, default=None,
                    help="largest input (values) of bnlab's one-program GPU kernels (triton_ops.SMALL_NUMEL; 0: never)")
     args = p.parse_args(argv)
     if args.triton_tiles is not None or args.triton_small_numel is not None:
         try:
-            from bnlab.backends import triton_ops
+            from bnlab.backends import triton_ops, triton_plan
         except ImportError as exc:
             p.error(f"--triton-tiles and --triton-small-numel need triton (EXTRAS=triton): {exc}")
 
         if args.triton_tiles is not None:
             try:
-                triton_ops.GPU_TILES = triton_ops.parse_tiles(args.triton_tiles)
+                triton_plan.GPU_TILES = triton_plan.parse_tiles(args.triton_tiles)
             except ValueError as exc:
                 p.error(f"--triton-tiles: {exc}")
         if args.triton_small_numel is not None:

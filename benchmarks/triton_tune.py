@@ -1,4 +1,4 @@
-"""Time bnlab's Triton kernels under other tiles and warps on a GPU: the data for triton_ops.GPU_TILES.
+"""Time bnlab's Triton kernels under other tiles and warps on a GPU: the data for triton_plan.GPU_TILES.
 
 Claim measured (docs/benchmarks.md, "GPU kernels"): which tile sizes and warps per program make
 each kernel family fastest. GPU_TILES holds first guesses; a GPU session is short, so this
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     chosen, ranking = best_tiles(records, candidates)
     for family, scores in ranking.items():
         print(f"{family}: time vs {candidates[0]} (geometric mean): " + "  ".join(f"{t}={r}" for t, r in scores))
-    print(f"best tiles: {chosen}  (triton_ops.GPU_TILES = Tiles({chosen}); bench_bn.py --triton-tiles {chosen})")
+    print(f"best tiles: {chosen}  (triton_plan.GPU_TILES = Tiles({chosen}); bench_bn.py --triton-tiles {chosen})")
     return 0
 
 

@@ -45,9 +45,9 @@ bench() {  # bench LIMIT_SECONDS ARGS...: one stage, appending to $RESULTS
 # 2. The bandwidth, torch and fused targets: the 411 MB shapes and two conv shapes, both layouts.
 bench 240 --shapes gpu-112,gpu-56,conv-56,conv-14 --dtypes fp32,bf16 --layouts nchw,cl --rounds 9 \
     --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
-# 3. Other tiles (triton_ops.Tiles are first guesses): each kernel family alone under six
+# 3. Other tiles (triton_plan.Tiles are first guesses): each kernel family alone under six
 #    candidates; if a better one is found, the bandwidth and fused targets again under it, into a
-#    file of their own ("best tiles: ..." in tune.txt is what to put in triton_ops.GPU_TILES).
+#    file of their own ("best tiles: ..." in tune.txt is what to put in triton_plan.GPU_TILES).
 timeout 100 "$PY" benchmarks/triton_tune.py --shapes gpu-112,gpu-56 --out "$OUT/tune.jsonl" \
     > "$OUT/tune.txt" 2>&1
 echo "stage (triton_tune) exit $?" >> "$OUT/tune.txt"

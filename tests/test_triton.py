@@ -349,11 +349,11 @@ _WIDE_TILES = (128, 4, 1024, 4, 64)  # interpreter tiles of 1024 values: NLC til
 def test_eval_in_one_launch_computes_the_bits_of_two(shape, layout, tiles, variant, monkeypatch):
     """eval_kernel computes each tile's coefficients itself: bit for bit what eval_coef_kernel and
     normalize_kernel compute in two launches, and the float64 reference's values."""
-    from bnlab.backends import triton_ops
+    from bnlab.backends import triton_ops, triton_plan
 
     monkeypatch.setattr(triton_ops, "SMALL_NUMEL", 0)  # NLC inputs would take the one-program kernels
     if tiles is not None:
-        monkeypatch.setattr(triton_ops, "_INTERPRETER_TILES", triton_ops.Tiles(*tiles))
+        monkeypatch.setattr(triton_plan, "_INTERPRETER_TILES", triton_plan.Tiles(*tiles))
     c = shape[1]
     x = make_input(shape, layout, seed=51, mean=0.3, std=2.0)
     res = make_input(shape, layout, seed=52) if variant == "residual and relu" else None
@@ -420,22 +420,22 @@ def test_backward_merging_in_tiles_computes_the_merge_kernels_bits(shape, varian
 def test_plans_are_looked_up_by_shape_strides_and_tiles(monkeypatch):
     """plan() remembers its plans: the same one for the same shape, strides, tiles and program
     count; a new one when any differs; and it keeps a bounded number."""
-    from bnlab.backends import triton_ops
+    from bnlab.backends import triton_ops, triton_plan
 
-    monkeypatch.setattr(triton_ops, "_PLANS", {})
+    monkeypatch.setattr(triton_plan, "_PLANS", {})
     x = torch.empty(6, 5, 4, 3)
     first = triton_ops.plan(x)
     assert triton_ops.plan(torch.empty(6, 5, 4, 3)) is first
-    assert triton_ops.plan(to_layout(x, "cl")) == triton_ops._new_plan(to_layout(x, "cl"), triton_ops._INTERPRETER_TILES, 4)
+    assert triton_ops.plan(to_layout(x, "cl")) == triton_plan._new_plan(to_layout(x, "cl"), triton_plan._INTERPRETER_TILES, 4)
     assert not triton_ops.plan(to_layout(x, "cl")).ncl and first.ncl
-    assert triton_ops.plan(x, for_gpu=True) == triton_ops._new_plan(x, triton_ops.GPU_TILES, 4 * 132)
+    assert triton_ops.plan(x, for_gpu=True) == triton_plan._new_plan(x, triton_plan.GPU_TILES, 4 * 132)
     assert triton_ops.plan(x[:, :, ::2]) is None  # neither layout: the portable path
-    monkeypatch.setattr(triton_ops, "_INTERPRETER_TILES", triton_ops.Tiles(256, 4, 256, 4, 64))
+    monkeypatch.setattr(triton_plan, "_INTERPRETER_TILES", triton_plan.Tiles(256, 4, 256, 4, 64))
     assert triton_ops.plan(x) != first and triton_ops.plan(x).block_r == 256 // first.block_k
-    monkeypatch.setattr(triton_ops, "_PLANS_KEPT", 3)
+    monkeypatch.setattr(triton_plan, "_PLANS_KEPT", 3)
     for n in range(1, 8):
         triton_ops.plan(torch.empty(n, 5))
-        assert len(triton_ops._PLANS) <= 3
+        assert len(triton_plan._PLANS) <= 3
 
 
 def test_statistics_only_forward_refuses_running_averages():

@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from bnlab.backends import triton_ops  # noqa: E402
+from bnlab.backends import triton_ops, triton_plan  # noqa: E402
 from speed_helpers import to_layout  # noqa: E402  (tests/ is on the path: the caller's PYTHONPATH)
 
 # Launch keywords that are compile options rather than kernel arguments.
@@ -156,11 +156,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     parser.add_argument("--resources", action="store_true", help="also report registers and spills (ptxas -v)")
-    parser.add_argument("--tiles", default=None, help="plan under these triton_ops.Tiles (as bench_bn.py --triton-tiles)")
+    parser.add_argument("--tiles", default=None, help="plan under these triton_plan.Tiles (as bench_bn.py --triton-tiles)")
     args = parser.parse_args()
     if args.tiles is not None:
         try:
-            triton_ops.GPU_TILES = triton_ops.parse_tiles(args.tiles)
+            triton_plan.GPU_TILES = triton_plan.parse_tiles(args.tiles)
         except ValueError as exc:
             parser.error(f"--tiles: {exc}")
     recorder = Recorder(GPUTarget("cuda", args.arch, 32), resources=args.resources)

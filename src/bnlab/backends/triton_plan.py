@@ -1,0 +1,181 @@
+"""How bnlab's Triton kernels see a dense input: plans, tiles and the host-side integer helpers.
+
+Imported by bnlab.backends.triton_ops; needs torch only. A plan (:class:`Plan`) says how an
+input is viewed (NCL rows of one channel's values, or NLC rows of the C channels), how the
+reduce kernels split each channel into segments, and the tiles of the elementwise kernels.
+Plans are remembered by shape, strides, tiles and program count.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Host-side integer helpers. Not triton.cdiv / triton.next_power_of_2: called from Python those
+# go through Triton's JIT-function wrapper, about 3 us each, and a training step made 16 such
+# calls (host time is what a GPU step of a cache-sized tensor waits on).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+
+_SM_COUNT: dict = {}
+
+
+class Plan(NamedTuple):
+    """How the kernels see a dense input: NCL rows (n*C + c) of L values, or NLC rows of C channels.
+
+    Reduce grid: (C, segments) for NCL, (channel blocks, segments) for NLC; elementwise grid:
+    tiles of [block_r, block_k] over R rows of K contiguous values.
+    """
+
+    ncl: bool
+    n: int
+    c: int
+    length: int  # L; 1 for NLC
+    block_a: int  # reduce tile: BLOCK_N (NCL) or BLOCK_M (NLC)
+    block_b: int  # reduce tile: BLOCK_L (NCL) or BLOCK_C (NLC)
+    segments: int
+    per_segment: int  # NCL: tiles per segment; NLC: rows per segment
+    block_r: int
+    block_k: int
+    warps_reduce: int = 4  # num_warps of the statistics and gradient-sum kernels
+    warps_elementwise: int = 4  # num_warps of normalize and the input gradient
+
+    @property
+    def m(self) -> int:
+        """Values per channel."""
+        return self.n * self.length
+
+    @property
+    def rows(self) -> int:
+        return self.n * self.c if self.ncl else self.n
+
+    @property
+    def k(self) -> int:
+        return self.length if self.ncl else self.c
+
+    @property
+    def k8b(self) -> int:
+        """Bytes per row of the ReLU mask."""
+        return (self.k + 7) // 8
+
+
+class Tiles(NamedTuple):
+    """How large a GPU program's tiles are: values per tile and warps per program, for the reduce
+    kernels (statistics, gradient sums) and the elementwise ones (normalize, input gradient).
+
+    ``width`` bounds a tile's row: NCL tiles span min(L, width) positions of a row, elementwise
+    tiles min(K, width) values. All are powers of two.
+    """
+
+    reduce_tile: int = 2048
+    reduce_warps: int = 4
+    elementwise_tile: int = 2048
+    elementwise_warps: int = 4
+    width: int = 1024
+
+
+#: The tiles of every GPU launch. First guesses, not yet measured on a GPU: benchmarks/triton_tune.py
+#: times alternatives on one (each kernel family alone), and benchmarks/bench_bn.py --triton-tiles
+#: runs the benchmark under others without editing this line.
+GPU_TILES = Tiles()
+#: The interpreter's (CPU tests): small tiles, many of them, so that tails and merges are exercised.
+_INTERPRETER_TILES = Tiles(128, 4, 128, 4, 64)
+
+
+def parse_tiles(text: str) -> Tiles:
+    """Tiles from "reduce_tile,reduce_warps,elementwise_tile,elementwise_warps,width", e.g. "4096,8,2048,4,1024".
+
+    Raises ValueError naming what was expected when a value is missing or not a power of two.
+    """
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(Tiles._fields) or any(v < 1 or v & (v - 1) for v in values):
+        raise ValueError(f"tiles: expected {len(Tiles._fields)} comma-separated powers of two "
+                         f"({','.join(Tiles._fields)}), got {text!r}")  # fmt: skip
+    tiles = Tiles(*values)
+    if min(tiles.reduce_tile, tiles.elementwise_tile) < 8 or tiles.width < 8:
+        raise ValueError(f"tiles: tile sizes and width must be at least 8 (a mask byte per tile row), got {text!r}")
+    return tiles
+
+
+#: multiprocessors assumed when planning for a GPU without one (an H100's count); used by the
+#: compile check, which compiles the kernels for a GPU target on a machine that has none
+_ASSUMED_SM_COUNT = 132
+
+
+def _programs_wanted(x: torch.Tensor, gpu: bool) -> int:
+    if not gpu:
+        return 4  # the interpreter: a few segments, so that the merge is exercised
+    if not x.is_cuda:
+        return 4 * _ASSUMED_SM_COUNT
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _SM_COUNT[index]
+
+
+def plan(x: torch.Tensor, for_gpu: bool | None = None, tiles: Tiles | None = None) -> Plan | None:
+    """The plan for x, or None if x is empty or neither contiguous nor channels-last (channels innermost).
+
+    ``for_gpu`` (default: x.is_cuda) picks GPU tiles (:data:`GPU_TILES`) rather than the
+    interpreter's small ones; ``tiles`` overrides either.
+    """
+    if x.numel() == 0:
+        return None
+    gpu = x.is_cuda if for_gpu is None else for_gpu
+    t = tiles or (GPU_TILES if gpu else _INTERPRETER_TILES)
+    wanted = _programs_wanted(x, gpu)
+    # A plan depends on nothing else; looked up, it costs a few tenths of a microsecond of a GPU
+    # call's host time instead of two (benchmarks/triton_host_time.py).
+    key = (x.shape, x.stride(), t, wanted)
+    found = _PLANS.get(key, _NO_PLAN)
+    if found is _NO_PLAN:
+        if len(_PLANS) >= _PLANS_KEPT:
+            _PLANS.clear()
+        found = _PLANS[key] = _new_plan(x, t, wanted)
+    return found
+
+
+_PLANS: dict = {}
+_PLANS_KEPT = 1024
+_NO_PLAN = object()
+
+
+def _new_plan(x: torch.Tensor, t: Tiles, wanted: int) -> Plan | None:
+    n, c = x.shape[0], x.shape[1]
+    length = x.numel() // (n * c)
+    if x.is_contiguous() and length > 1:
+        ncl = True
+    elif x.is_contiguous() or (x.stride(1) == 1 and x.movedim(1, -1).is_contiguous()):
+        ncl, n, length = False, n * length, 1
+    else:
+        return None
+    tile, width = t.reduce_tile, t.width
+    if ncl:
+        block_b = min(_pow2(length), width)  # BLOCK_L
+        block_a = max(1, tile // block_b)  # BLOCK_N
+        n_tiles = _cdiv(n, block_a) * _cdiv(length, block_b)
+        segments = max(1, min(n_tiles, wanted // c, 1024))
+        per = _cdiv(n_tiles, segments)
+        segments = _cdiv(n_tiles, per)
+    else:
+        block_b = min(64, _pow2(c))  # BLOCK_C
+        block_a = max(16, tile // block_b)  # BLOCK_M
+        segments = max(1, min(_cdiv(n, block_a), wanted // _cdiv(c, block_b), 1024))
+        per = _cdiv(_cdiv(n, segments), block_a) * block_a
+        segments = _cdiv(n, per)
+    k = length if ncl else c
+    block_k = max(8, min(_pow2(k), width))
+    block_r = max(1, t.elementwise_tile // block_k)
+    return Plan(ncl, n, c, length, block_a, block_b, segments, per, block_r, block_k, t.reduce_warps,
+                t.elementwise_warps)  # fmt: skip
