@@ -42,6 +42,9 @@ SHAPES = [  # (shape, channels_last)
     ((8192, 100), False), ((256, 100), False), ((7, 3, 5, 9), False), ((7, 3, 5, 9), True),
     ((4, 2, 300000), False), ((3, 5, 2, 3, 7), True), ((65536, 3), False), ((64, 2048), False),
     ((40, 1000), False),  # the one-program kernels (triton_small) at their widest: 1000 channels, 1024 lanes
+    # NCHW rows of 9 and 4 values: eval's two-kernel path (eval_one_launch is False); at 2x2 also the
+    # backward's merge kernel (merge_in_tiles is False), which (4, 2, 300000) takes for its many segments
+    ((64, 32, 3, 3), False), ((4096, 8, 2, 2), False),
 ]  # fmt: skip
 DRY_RUN_SHAPES = [((4, 6, 5, 7), False), ((4, 6, 5, 7), True), ((33, 5), False), ((3, 2, 301), False),
                   ((3, 5, 2, 3, 2), True)]  # fmt: skip
