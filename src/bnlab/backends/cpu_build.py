@@ -54,8 +54,11 @@ SOURCES = (
     "cpu_kernels_pool.inc",
 )
 # -fno-math-errno: std::sqrt sets no errno (nothing reads it), so loops of square roots vectorise;
-# the results are the same correctly rounded values.
-_BASE_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-std=c++17"]
+# the results are the same correctly rounded values. -falign-loops=64: every loop starts on a cache
+# line, so that a kernel's speed does not hang on where unrelated code moved it. Without it, an
+# edit of the by-sample passes alone made the untouched channel-group forward of (64, 512, 3, 3)
+# 1.11-1.17x slower; with it, the same edit changed nothing (docs/benchmarks.md, seventh session).
+_BASE_FLAGS = ["-O3", "-falign-loops=64", "-fno-math-errno", "-fPIC", "-shared", "-std=c++17"]
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None, "tried": False, "path": None, "seconds": None}
