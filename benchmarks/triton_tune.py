@@ -55,21 +55,16 @@ def _kernels(ops, x, dy, p) -> dict:
     coef = torch.rand(3, c, device=x.device)
     gcoef = torch.rand(4, c, device=x.device)
     hi = coef[0].contiguous()
-    if ops.merge_in_tiles(p):  # NCL: normalize and the input gradient merge the partials in their tiles
+    if ops.merge_in_tiles(p):  # NCL: the input gradient merges the partial sums in its tiles
         part = torch.rand(p.segments, c, 2, dtype=torch.float64, device=x.device)
-        part3 = torch.rand(p.segments, c, 3, dtype=torch.float64, device=x.device) + 1.0  # counts >= 1
         stats = torch.rand(3, c, dtype=torch.float64, device=x.device) + 0.5
         sums = torch.empty(2, c, dtype=torch.float64, device=x.device)
-        stats_out, coef_out = torch.empty_like(stats), torch.empty_like(coef)
-        flags = dict(HAS_W=False, HAS_B=False, BLOCK_S=ops._pow2(p.segments))
-        normalize = lambda: ops._normalize_merged(x, part3, stats_out, coef_out, x, x, 1e-5, p, flags)  # noqa: E731
         grad_input = lambda: ops._grad_input_merged(dy, x, part, stats, None, sums, p)  # noqa: E731
     else:
-        normalize = lambda: ops._normalize(x, coef, p)  # noqa: E731
         grad_input = lambda: ops._grad_input(dy, x, gcoef, p)  # noqa: E731
     return {
         "stats": lambda: ops._partial_stats(x, p),
-        "normalize": normalize,
+        "normalize": lambda: ops._normalize(x, coef, p),
         "grad_sums": lambda: ops._partial_grads(dy, x, None, hi, p),
         "grad_input": grad_input,
     }

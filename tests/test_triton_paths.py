@@ -62,48 +62,6 @@ def test_eval_in_one_launch_computes_the_bits_of_two(shape, layout, tiles, varia
     assert_close(one, expected, 2e-6, "eval output")
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's NumPy, on the inf batch
-@pytest.mark.parametrize("shape", [(5, 3, 7, 6), (6, 2, 40), (4, 3, 3, 3), (11, 1, 13)])
-@pytest.mark.parametrize("variant", ["running averages", "cumulative average, guard", "fused with residual", "bare"])
-def test_forward_merging_in_tiles_computes_the_merge_kernels_bits(shape, variant, monkeypatch):
-    """normalize_merged_kernel (each NCL tile merges its rows' partial statistics; sample 0's
-    tiles in the first column write stats and coef; the first program merges every channel again
-    for the running averages): the same bits as stats_merge_kernel followed by normalize_kernel, for
-    y, stats, coef, the ReLU mask, the running averages and the counter, over two batches, the
-    second of them non-finite where the guard is on."""
-    c = shape[1]
-    batches = [make_input(shape, seed=71, mean=0.5, std=2.0), make_input(shape, seed=72, mean=-1.0)]
-    res = make_input(shape, seed=73)
-    w, b = torch.rand(c, generator=torch.Generator().manual_seed(74)) + 0.5, torch.randn(c)
-    fused, guard = variant == "fused with residual", variant == "cumulative average, guard"
-    if guard:
-        batches[1][0, -1].view(-1)[0] = float("inf")
-    assert triton_ops.merge_in_tiles(triton_ops.plan(batches[0]))
-
-    def forward():
-        rm, rv, counter = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.int64)
-        outputs = []
-        for x in batches:
-            running = (rm, rv, None if guard else 0.1, counter) if variant != "bare" else (None, None, 0.1, None)
-            got = triton_ops.forward_train(x, w, b, 1e-5, running[0], running[1], running[2], running[3], guard,
-                                           residual=res if fused else None, relu=fused, want_mask=fused)  # fmt: skip
-            outputs += [t.clone() for t in got if t is not None]
-        return outputs + [rm, rv, counter]
-
-    merged = forward()
-    monkeypatch.setattr(triton_ops, "merge_in_tiles", lambda p: False)
-    separate = forward()
-    assert len(merged) == len(separate)
-    for got, want in zip(merged, separate):
-        assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan()), (got, want)
-    if guard:
-        assert int(merged[-1]) == 1, "the non-finite batch is not counted"
-    elif variant != "bare":
-        assert int(merged[-1]) == 2
-        expected = 0.9 * (0.9 * 0 + 0.1 * ref.moments(np64(batches[0])).mean) + 0.1 * ref.moments(np64(batches[1])).mean
-        assert_close(merged[-3], expected, 1e-6, "running mean after two batches")
-
-
 @pytest.mark.parametrize("shape", [(5, 3, 7, 6), (6, 2, 40), (4, 3, 3, 3), (11, 1, 13)])
 @pytest.mark.parametrize("variant", ["plain", "fused with residual", "residual gradient only"])
 def test_backward_merging_in_tiles_computes_the_merge_kernels_bits(shape, variant, monkeypatch):

@@ -1,9 +1,10 @@
 """The Triton backend's training step as one autograd Function (see cpu_autograd for the CPU twin).
 
-Forward: statistics, running averages (and the batch counter) and output; backward: dx, dweight
-and dbias in their final dtypes. Two launches each way for most NCHW inputs
-(triton_ops.merge_in_tiles), three for rows of channels, one for small ones (triton_small). The
-Function saves x, the (3, C) float64 statistics and the float32 coefficients.
+Forward: statistics, running averages (and the batch counter) and output in three kernel
+launches, one for small rows of channels (triton_ops); the Function saves x, the (3, C) float64
+statistics and the float32 coefficients. Backward: dx, dweight and dbias in their final dtypes
+in two launches for most NCHW inputs (triton_ops.merge_in_tiles), else three (one for small rows
+of channels).
 """
 
 from __future__ import annotations

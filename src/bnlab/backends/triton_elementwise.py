@@ -19,7 +19,7 @@ import triton.language as tl
 
 from bnlab.backends.triton_grad import merge_grad_sums
 from bnlab.backends.triton_mask import relu_masked
-from bnlab.backends.triton_reduce import merged_statistics, normalize_coefficients, store_coefficients, update_running
+from bnlab.backends.triton_reduce import normalize_coefficients, store_coefficients, update_running
 
 
 @triton.jit
@@ -84,40 +84,8 @@ def normalize_kernel(
     _activate_store(z, y_ptr, res_ptr, mask_ptr, offs, ok, r, r_ok, K8B, HAS_RES, RELU, WRITE_MASK, BLOCK_R, BLOCK_K)
     if RUNNING:
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            update_running(stats_ptr, stats_ptr, x_ptr, rm_ptr, rv_ptr, nbt_ptr, C, 1, 0, count, momentum, UPDATE, COUNT,
-                           CUMULATIVE, GUARD, False, BLOCK_RUN, 1)  # fmt: skip
-
-
-@triton.jit
-def normalize_merged_kernel(
-    x_ptr, y_ptr, res_ptr, mask_ptr,  # as normalize_kernel's; NCL rows only
-    part_ptr,  # (S, C, 3) float64 from stats_ncl_kernel
-    stats_ptr, coef_ptr,  # (3, C) out, as stats_merge_kernel's
-    w_ptr, b_ptr,  # weight, bias (any float) if HAS_W / HAS_B
-    rm_ptr, rv_ptr, nbt_ptr,  # running mean/var if UPDATE, num_batches_tracked if COUNT
-    R, K, C, K8B, S, count, eps, momentum,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    WRITE_MASK: tl.constexpr, RUNNING: tl.constexpr, UPDATE: tl.constexpr, COUNT: tl.constexpr,
-    CUMULATIVE: tl.constexpr, GUARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_RUN: tl.constexpr,
-):  # fmt: skip
-    """stats_merge_kernel and normalize_kernel in one launch, for NCL tiles of few rows: each tile
-    merges its rows' channel partials itself (from the L2) into their coefficients; the tiles of
-    sample 0's rows in the first column write each channel's stats and coef once; with RUNNING,
-    the first program merges every channel's partials again for the running averages (the guard
-    needs them all, and no tile can wait for the others' results)."""
-    r, k, r_ok, k_ok, ok, offs = _tile(R, K, BLOCK_R, BLOCK_K)
-    c = r % C
-    write = r_ok & (r + tl.program_id(1) * C < C)  # sample 0's rows, first column (see grad_input_merged_kernel)
-    hi, scale, shift = merged_statistics(part_ptr, x_ptr, stats_ptr, coef_ptr, w_ptr, b_ptr, c, r_ok, write, C, S, K,
-                                         count, eps, HAS_W, HAS_B, BLOCK_S)  # fmt: skip
-    a, b = scale.to(tl.float32)[:, None], shift.to(tl.float32)[:, None]
-    z = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - hi[:, None]) * a + b
-    _activate_store(z, y_ptr, res_ptr, mask_ptr, offs, ok, r, r_ok, K8B, HAS_RES, RELU, WRITE_MASK, BLOCK_R, BLOCK_K)
-    if RUNNING:
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            update_running(stats_ptr, part_ptr, x_ptr, rm_ptr, rv_ptr, nbt_ptr, C, S, K, count, momentum, UPDATE, COUNT,
-                           CUMULATIVE, GUARD, True, BLOCK_RUN, BLOCK_S)  # fmt: skip
+            update_running(stats_ptr, rm_ptr, rv_ptr, nbt_ptr, C, count, momentum, UPDATE, COUNT, CUMULATIVE, GUARD,
+                           BLOCK_RUN)  # fmt: skip
 
 
 @triton.jit

@@ -4,9 +4,8 @@ loaded lazily). How an input is seen (layouts, segments, tiles) is triton_plan's
 Forward (training): stats_ncl/stats_nlc (channels x segments) -> stats_merge (per channel: float64
 statistics, normalize coefficients) -> normalize (tiles; + residual, ReLU and a 1-bit mask for
 the fused layer), whose first program also updates the running averages (update_running: one
-program, as the guard needs every channel). Three launches; for NCL tiles of few rows
-(merge_in_tiles), stats_ncl -> normalize_merged, whose tiles merge their rows' statistics
-themselves: two. Traffic 3N: x is read twice, y written once.
+program, as the guard needs every channel). Three launches; traffic 3N: x is read twice, y
+written once.
 Backward: grad_ncl/grad_nlc -> grad_merge (sums, dx coefficients, dweight/dbias) -> grad_input;
 for NCL tiles of few rows (merge_in_tiles), grad_ncl -> grad_input_merged, whose tiles merge
 their rows' sums themselves: two launches.
@@ -96,44 +95,24 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
     part = _partial_stats(x, p)
     stats = torch.empty(3, c, dtype=_F64, device=x.device)
     coef = torch.empty(3, c, dtype=_F32, device=x.device)
-    w, b = weight if weight is not None else x, bias if bias is not None else x
-    affine = dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=_pow2(p.segments))
-    # the running averages, which the normalize kernel's first program updates (update_running);
-    # stats stands in for the buffers that are absent
-    update, count = running_mean is not None, counter is not None
-    running = (running_mean if update else stats, running_var if update else stats, counter if count else stats)
-    flags = dict(RUNNING=update or count, UPDATE=update, COUNT=count, CUMULATIVE=momentum is None, GUARD=bool(guard))
-    momentum = 0.0 if momentum is None else float(momentum)
-    if want_y and merge_in_tiles(p):
-        y, mask = _normalize_merged(x, part, stats, coef, w, b, eps, p, affine, running, momentum, flags, residual, relu,
-                                    want_mask)  # fmt: skip
-        return y, stats, coef, mask
     red.stats_merge_kernel[(c,)](
-        part, x, stats, coef, w, b, c, p.segments, p.length if p.ncl else 1, float(p.m), eps, **affine, **_COMPILE
+        part, x, stats, coef, weight if weight is not None else x, bias if bias is not None else x,
+        c, p.segments, p.length if p.ncl else 1, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=_pow2(p.segments), **_COMPILE,
     )  # fmt: skip
     if not want_y:
         return None, stats, coef, None
-    if not flags["RUNNING"]:
+    # the running averages, which the normalize kernel's first program updates (update_running);
+    # stats stands in for the buffers that are absent
+    update, count = running_mean is not None, counter is not None
+    if not (update or count):
         y, mask = _normalize(x, coef, p, residual, relu, want_mask)
         return y, stats, coef, mask
-    y, mask = _normalize(x, coef, p, residual, relu, want_mask, (stats, *running, float(p.m), momentum), flags)
+    running = (stats, running_mean if update else stats, running_var if update else stats, counter if count else stats,
+               float(p.m), 0.0 if momentum is None else float(momentum))  # fmt: skip
+    flags = dict(RUNNING=True, UPDATE=update, COUNT=count, CUMULATIVE=momentum is None, GUARD=bool(guard))
+    y, mask = _normalize(x, coef, p, residual, relu, want_mask, running, flags)
     return y, stats, coef, mask
-
-
-def _normalize_merged(x, part, stats, coef, w, b, eps, p: Plan, affine: dict, running=None, momentum=0.0,
-                      flags=None, residual=None, relu=False, want_mask=False):  # fmt: skip
-    """(y, mask) by normalize_merged_kernel, which also writes stats and coef from the stats kernel's
-    (segments, C, 3) partials, and updates the running averages under ``flags`` (running: running
-    mean, running var, counter, each standing in where absent); NCL plans only (merge_in_tiles)."""
-    y = torch.empty_like(x)
-    mask = torch.empty(p.rows * p.k8b, dtype=torch.uint8, device=x.device) if want_mask else None
-    ew.normalize_merged_kernel[_tiles(p)](
-        x, y, residual if residual is not None else x, mask if mask is not None else y, part, stats, coef, w, b,
-        *(running or (stats, stats, stats)), p.rows, p.k, p.c, p.k8b, p.segments, float(p.m), eps, momentum,
-        **affine, HAS_RES=residual is not None, RELU=relu, WRITE_MASK=want_mask, **(flags or _NOT_RUNNING),
-        BLOCK_R=p.block_r, BLOCK_K=p.block_k, BLOCK_RUN=_RUN_BLOCK, num_warps=p.warps_elementwise, **_COMPILE,
-    )  # fmt: skip
-    return y, mask
 
 
 #: Inputs of rows of channels (NLC) with at most this many values and SMALL_MAX_C channels run as
@@ -257,17 +236,15 @@ def _grad_input_merged(dy, x, part, stats, weight, sums, p: Plan, mask=None, nee
     return dx, dres
 
 
-#: Most partials a tile of the merged kernels (normalize_merged_kernel, grad_input_merged_kernel)
-#: merges: rows per tile x segments, rounded up to a power of two. 128 are 3 KB of float64 triples
-#: read from the L2, against a 2048-value tile's 16-24 KB of traffic.
+#: Most float64 partial pairs a tile of grad_input_merged_kernel merges (rows per tile x segments,
+#: rounded up to a power of two): 2 KB of L2 reads against a 2048-value tile's 24 KB and more.
 MERGE_IN_TILES_MAX = 128
 
 
 def merge_in_tiles(p: Plan) -> bool:
-    """Whether the forward and the backward merge the partial statistics and sums in their
-    elementwise tiles (one launch fewer each way): NCL, with few rows per tile and few segments per
-    channel, which every NCHW conv shape of the benchmark has under the default tiles (2-8 rows,
-    2-33 segments)."""
+    """Whether the backward merges the partial sums in the input gradient's tiles (one launch
+    fewer): NCL, with few rows per tile and few segments per channel, which every NCHW conv shape
+    of the benchmark has under the default tiles (2-8 rows, 2-33 segments)."""
     return p.ncl and p.block_r * _pow2(p.segments) <= MERGE_IN_TILES_MAX
 
 

@@ -140,78 +140,31 @@ def store_coefficients(coef_ptr, C, c, ok, hi, scale, shift):
 
 
 @triton.jit
-def merge_stats(part_ptr, x_ptr, c, c_ok, C, S, sC, BLOCK_S: tl.constexpr):
-    """(mean, M2) float64 of channels c ([B], those c_ok) from the S segments' partials of a stats
-    kernel: the K-way Chan merge (weighted means, then the spread of the means), shifted back by
-    K = x[0, c, 0] at c * sC."""
-    s = tl.arange(0, BLOCK_S)
-    at = part_ptr + (s[None, :] * C + c[:, None]) * 3
-    ok = c_ok[:, None] & (s < S)[None, :]
-    n_s = tl.load(at, mask=ok, other=0.0)
-    mean_s = tl.load(at + 1, mask=ok, other=0.0)
-    m2_s = tl.load(at + 2, mask=ok, other=0.0)
-    n = tl.maximum(tl.sum(n_s, axis=1), 1.0)  # every channel has values; 1 keeps masked rows free of 0 / 0
-    mean_d = tl.sum(n_s * mean_s, axis=1) / n
-    spread = tl.where(ok, mean_s - mean_d[:, None], 0.0)
-    m2 = tl.sum(m2_s, axis=1) + tl.sum(n_s * spread * spread, axis=1)
-    mean = tl.load(x_ptr + c * sC, mask=c_ok, other=0.0).to(tl.float64) + mean_d
-    return mean, m2
-
-
-@triton.jit
-def merge_stats_by_segment(part_ptr, x_ptr, c, c_ok, C, S, sC):
-    """merge_stats' (mean, M2) for a block of channels c, walking the segments one at a time in
-    1-d vectors (the weighted mean first, then the spread): for the first program's running
-    averages in normalize_merged_kernel, where merge_stats' [channels, segments] tiles made every
-    program of the kernel keep more registers and a stack frame (the sums may differ from
-    merge_stats' in the last float64 bit)."""
-    n = tl.zeros(c.shape, tl.float64)
-    weighted = tl.zeros(c.shape, tl.float64)
-    for s in range(0, S):
-        at = part_ptr + (s * C + c) * 3
-        n_s = tl.load(at, mask=c_ok, other=0.0)
-        n += n_s
-        weighted += n_s * tl.load(at + 1, mask=c_ok, other=0.0)
-    mean_d = weighted / tl.maximum(n, 1.0)
-    m2 = tl.zeros(c.shape, tl.float64)
-    spread = tl.zeros(c.shape, tl.float64)
-    for s in range(0, S):
-        at = part_ptr + (s * C + c) * 3
-        d = tl.load(at + 1, mask=c_ok, other=0.0) - mean_d
-        m2 += tl.load(at + 2, mask=c_ok, other=0.0)
-        spread += tl.load(at, mask=c_ok, other=0.0) * d * d
-    return tl.load(x_ptr + c * sC, mask=c_ok, other=0.0).to(tl.float64) + mean_d, m2 + spread
-
-
-@triton.jit
-def merged_statistics(part_ptr, x_ptr, stats_ptr, coef_ptr, w_ptr, b_ptr, c, c_ok, write, C, S, sC, count, eps,
-                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-    """(hi, scale, shift) of channels c from the partials (merge_stats, normalize_coefficients);
-    stores their rows of stats (mean, M2, invstd) and coef where ``write``."""
-    mean, m2 = merge_stats(part_ptr, x_ptr, c, c_ok, C, S, sC, BLOCK_S)
-    invstd = 1.0 / tl.sqrt(m2 / count + eps)
-    tl.store(stats_ptr + c, mean, mask=write)
-    tl.store(stats_ptr + C + c, m2, mask=write)
-    tl.store(stats_ptr + 2 * C + c, invstd, mask=write)
-    hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, c_ok, HAS_W, HAS_B)
-    store_coefficients(coef_ptr, C, c, write, hi, scale, shift)
-    return hi, scale, shift
-
-
-@triton.jit
 def stats_merge_kernel(
     part_ptr,  # (S, C, 3) float64 from a stats kernel
     x_ptr,  # the input, for the shift K = x[0, c, 0] at c * sC
     stats_ptr,  # (3, C) float64 out: mean, M2, invstd
     coef_ptr,  # (3, C) float32 out: hi, scale, shift of y = (x - hi)·scale + shift
     w_ptr, b_ptr,  # weight, bias (any float)
-    C, S, sC, count, eps,
+    C, S, sC, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0) + tl.arange(0, 1)
-    ok = c < C
-    merged_statistics(part_ptr, x_ptr, stats_ptr, coef_ptr, w_ptr, b_ptr, c, ok, ok, C, S, sC, count, eps, HAS_W, HAS_B,
-                      BLOCK_S)  # fmt: skip
+    c = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    ok = s < S
+    n_s = tl.load(part_ptr + (s * C + c) * 3, mask=ok, other=0.0)
+    mean_s = tl.load(part_ptr + (s * C + c) * 3 + 1, mask=ok, other=0.0)
+    m2_s = tl.load(part_ptr + (s * C + c) * 3 + 2, mask=ok, other=0.0)
+    n = tl.sum(n_s, axis=0)
+    mean_d = tl.sum(n_s * mean_s, axis=0) / n  # K-way Chan: weighted means, then spread of the means
+    m2 = tl.sum(m2_s, axis=0) + tl.sum(n_s * (mean_s - mean_d) * (mean_s - mean_d), axis=0)
+    mean = tl.load(x_ptr + c * sC).to(tl.float64) + mean_d
+    invstd = 1.0 / tl.sqrt(m2 / n + eps)
+    tl.store(stats_ptr + c, mean)
+    tl.store(stats_ptr + C + c, m2)
+    tl.store(stats_ptr + 2 * C + c, invstd)
+    hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, True, HAS_W, HAS_B)
+    store_coefficients(coef_ptr, C, c, True, hi, scale, shift)
 
 
 @triton.jit
@@ -245,38 +198,25 @@ def counted_factor(nbt_ptr, momentum, COUNT: tl.constexpr, CUMULATIVE: tl.conste
 
 
 @triton.jit
-def _mean_var(stats_ptr, part_ptr, x_ptr, c, ok, C, S, sC, count, FROM_PARTS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The batch mean and unbiased variance of channels c: from the merged (3, C) statistics, or
-    (FROM_PARTS) merged here from the stats kernel's partials."""
-    if FROM_PARTS:
-        mean, m2 = merge_stats_by_segment(part_ptr, x_ptr, c, ok, C, S, sC)
-    else:
-        mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
-        m2 = tl.load(stats_ptr + C + c, mask=ok, other=0.0)
-    return mean, m2 / (count - 1.0)
-
-
-@triton.jit
 def update_running(
-    stats_ptr,  # (3, C) float64: mean, M2, invstd (not FROM_PARTS)
-    part_ptr, x_ptr,  # the stats kernel's (S, C, 3) partials and the input (FROM_PARTS), as merge_stats
+    stats_ptr,  # (3, C) float64: mean, M2, invstd
     rm_ptr, rv_ptr,  # running mean/var (any float) if UPDATE
     nbt_ptr,  # num_batches_tracked (int64) if COUNT
-    C, S, sC, count, momentum,
+    C, count, momentum,
     UPDATE: tl.constexpr, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr, GUARD: tl.constexpr,
-    FROM_PARTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The running averages and the counter, by one program for the whole layer: the non-finite
     guard needs every channel before any update (bnlab.stats.update_running_stats_: one NaN/Inf
     mean or variance skips the batch, counter too). Run by the first program of the normalize
-    kernel, after the merge kernel (the merged statistics are complete), or, where the normalize
-    tiles merge the partials themselves, from the partials (FROM_PARTS): one launch fewer."""
+    kernel that follows the merge: one launch fewer than a kernel of its own."""
     accepted = tl.full([], 1, tl.int32)
     if GUARD and UPDATE and count > 1:
         for c0 in range(0, C, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
             ok = c < C
-            mean, var = _mean_var(stats_ptr, part_ptr, x_ptr, c, ok, C, S, sC, count, FROM_PARTS, BLOCK_S)
+            mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
+            var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
             accepted = accepted & (nonfinite_count(mean, var, ok) == 0).to(tl.int32)
     if accepted != 0:
         factor = counted_factor(nbt_ptr, momentum, COUNT, CUMULATIVE)
@@ -284,5 +224,7 @@ def update_running(
             for c0 in range(0, C, BLOCK):
                 c = c0 + tl.arange(0, BLOCK)
                 ok = c < C
-                mean, var = _mean_var(stats_ptr, part_ptr, x_ptr, c, ok, C, S, sC, count, FROM_PARTS, BLOCK_S)
+                mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
+                var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
                 blend_running(rm_ptr, rv_ptr, c, ok, mean, var, factor)
+

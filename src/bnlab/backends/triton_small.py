@@ -3,10 +3,9 @@
 Imported only by bnlab.backends.triton_ops (and the tests), never by ``import bnlab``.
 
 On a GPU a (256, 100) activation is read in a microsecond; what a training step of it costs is
-the host's time, and each kernel launch is a few microseconds of it. The general path for rows
-of channels launches three kernels forward (partial statistics, merge, normalize with the running
-averages) and three backward (partial sums, merge, input gradient), so that large tensors spread
-over every multiprocessor.
+the host's time, and each kernel launch is a few microseconds of it. The general path launches
+three kernels forward (partial statistics, merge, normalize with the running averages) and three backward
+(partial sums, merge, input gradient), so that large tensors spread over every multiprocessor.
 For rows of channels (NLC: (N, C) inputs and channels-last) with C <= 1024 and few values
 (triton_ops.SMALL_NUMEL), one program does all of it (and eval's two kernels' work too): it walks
 the rows once for the statistics (shifted, Chan-merged in float64 as stats_nlc_kernel with one
