@@ -71,7 +71,7 @@ def small_forward_kernel(
     tl.store(stats_ptr + 2 * C + c, invstd, mask=c_ok)
     hi, scale, shift_out = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, c_ok, HAS_W, HAS_B)
     store_coefficients(coef_ptr, C, c, c_ok, hi, scale, shift_out)
-    # Running averages (as running_update_kernel, every channel at hand).
+    # Running averages (as triton_reduce.update_running, every channel at hand).
     if UPDATE or COUNT:
         var = m2_acc / (count - 1.0)
         accepted = tl.full([], 1, tl.int32)
