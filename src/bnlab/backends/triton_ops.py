@@ -103,7 +103,8 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
     if not want_y:
         return None, stats, coef, None
     # the running averages, which the normalize kernel's first program updates (update_running);
-    # stats stands in for the buffers that are absent
+    # stats stands in for the buffers that are absent. Without any, the plain launch: coef standing
+    # in for all four keeps one compiled variant per configuration instead of two.
     update, count = running_mean is not None, counter is not None
     if not (update or count):
         y, mask = _normalize(x, coef, p, residual, relu, want_mask)

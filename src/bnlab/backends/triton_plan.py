@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+
 # Host-side integer helpers. Not triton.cdiv / triton.next_power_of_2: called from Python those
 # go through Triton's JIT-function wrapper, about 3 us each, and a training step made 16 such
 # calls (host time is what a GPU step of a cache-sized tensor waits on).
@@ -22,10 +23,6 @@ def _cdiv(a: int, b: int) -> int:
 def _pow2(n: int) -> int:
     """The least power of two >= n (1 for n <= 1)."""
     return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
-
-_SM_COUNT: dict = {}
 
 
 class Plan(NamedTuple):
@@ -111,6 +108,7 @@ def parse_tiles(text: str) -> Tiles:
 #: multiprocessors assumed when planning for a GPU without one (an H100's count); used by the
 #: compile check, which compiles the kernels for a GPU target on a machine that has none
 _ASSUMED_SM_COUNT = 132
+_SM_COUNT: dict = {}  # device index -> its multiprocessors
 
 
 def _programs_wanted(x: torch.Tensor, gpu: bool) -> int:

@@ -227,4 +227,3 @@ def update_running(
                 mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
                 var = tl.load(stats_ptr + C + c, mask=ok, other=0.0) / (count - 1.0)
                 blend_running(rm_ptr, rv_ptr, c, ok, mean, var, factor)
-
