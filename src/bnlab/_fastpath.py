@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from bnlab import _checks
-from bnlab.backends import select_backend
+from bnlab.backends import cpu_eval_entry, select_backend
 
 _FLOATING = frozenset(_checks.FLOATING_DTYPES)
 
@@ -62,6 +62,16 @@ def module_forward(module, x: object) -> Tensor | None:
         The normalized tensor, with running statistics and num_batches_tracked updated exactly as
         the general path would; or None, with nothing changed.
     """
+    if not module.training:
+        # A CPU inference call in one compiled step, which declines anything but the plain case
+        # (then the checks below run). In a network this runs right after a kernel that streamed
+        # megabytes through the caches, where each Python step and tensor query costs
+        # microseconds (docs/benchmarks.md, *Eval in one compiled call*).
+        entry = cpu_eval_entry()
+        if entry is not None:
+            y = entry(module, x)
+            if y is not None:
+                return y
     if not isinstance(x, Tensor) or x.dtype not in _FLOATING or not _plain_options(module):
         return None
     shape = x.shape

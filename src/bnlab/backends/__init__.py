@@ -53,6 +53,13 @@ def set_backend(name: str | None) -> None:
     _PINNED = name
 
 
+def cpu_eval_entry():
+    """The compiled whole-call eval (:meth:`CpuBackend.eval_entry`) when the CPU backend is the one
+    :func:`select_backend` picks for CPU tensors, else None."""
+    backend = get_backend("cpu") if _PINNED == "cpu" else _REGISTRY[0] if _PINNED is None else None
+    return backend.eval_entry() if isinstance(backend, CpuBackend) else None
+
+
 def select_backend(x: Tensor) -> Backend:
     """The backend that runs for input x: the pinned one if set, else the first that supports x."""
     if _PINNED is not None:

@@ -112,6 +112,7 @@ class CpuBackend(Backend):
 
     def __init__(self) -> None:
         self._loaded = None
+        self._eval_entry = None  # bn_eval_module once set up, False when there is none
 
     def kernels(self):
         """The loaded kernels (compiled on first use), or None when unavailable."""
@@ -122,6 +123,25 @@ class CpuBackend(Backend):
     @property
     def _lib(self):
         return self._loaded if self._loaded is not None else self.kernels()
+
+    def eval_entry(self):
+        """The extension module's ``bn_eval_module`` (cpu_kernels_py_eval.inc), set up on first use;
+        None with the ctypes build or without the kernels.
+
+        ``bn_eval_module(layer, x)`` is a BN layer's whole inference call, or None, having changed
+        nothing, for anything but the plain case (see :func:`bnlab._fastpath.module_forward`).
+        """
+        if self._eval_entry is None:
+            lib = self._lib
+            entry = getattr(lib, "bn_eval_module", None) if lib is not None else None
+            if entry is not None:
+                lib.bn_eval_setup(
+                    Tensor, torch.nn.Parameter, tuple(_CODE), cpu_pool.from_capsule, torch.empty_like,
+                    torch.is_grad_enabled, torch.get_num_threads, cpu_pool.pool_state(), cpu_pool.POOL_MIN_BYTES,
+                    PARALLEL_MIN_NUMEL,
+                )  # fmt: skip
+            self._eval_entry = entry or False
+        return self._eval_entry or None
 
     def supports(self, x: Tensor) -> bool:
         return x.is_cpu and x.dtype in _CODE and self._lib is not None

@@ -58,8 +58,18 @@ def empty_like(x: Tensor) -> Tensor:
         if lib is not None:
             capsule = lib.bn_empty(tuple(x.shape), x.stride(), _CODE[x.dtype], nbytes)
             if capsule is not None:
-                return from_dlpack(capsule)
+                return from_capsule(capsule)
     return torch.empty_like(x)
+
+
+#: The tensor of a DLPack capsule. torch.utils.dlpack.from_dlpack first asks whether its argument
+#: has ``__dlpack__`` (a capsule has not), then calls this.
+from_capsule = getattr(torch._C, "_from_dlpack", from_dlpack)
+
+
+def pool_state() -> dict:
+    """The pool's switch, ``{"enabled": bool}``, which the compiled eval call reads on every call."""
+    return _state
 
 
 def empty_cpu_cache() -> None:

@@ -1,0 +1,101 @@
+"""An eval call's cost beyond its kernel, by path, with every path in every position.
+
+Claim measured (docs/benchmarks.md, *Eval in one compiled call*): at the cache-resident conv
+shapes, what separates bnlab's module eval from ``copy_`` is the Python between ``layer(x)`` and
+the kernel, and the compiled call (``bn_eval_module``) removes most of it.
+
+Contenders: the module call as shipped (the compiled call), the module call with the compiled call
+switched off (the Python path of earlier releases), the compiled call alone, and the kernel alone
+writing into a pooled output held across calls. Each sample repeats one call --reps times; each
+round runs ``copy_`` (a copy into a buffer allocated once), then every contender preceded by a
+sample of the kernel alone, with the contenders' order rotated from round to round: the call that
+follows a copy is slower for a whole sample, whichever it is, and a fixed order would credit that
+to one path. Prints the median of each, in microseconds, and each path's excess over the kernel.
+
+    PYTHONPATH=src python benchmarks/eval_paths.py [--shape 128,16,32,32] [--layout cl] [--rounds 24]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import bnlab
+from bnlab import _fastpath
+from bnlab.backends import cpu_eval_entry, cpu_pool
+from bnlab.backends.cpu import _CODE, CpuBackend, layout_of, threads_for
+from bench_cases import make_input, positive_int, shape_parser
+
+
+def _python_path(layer, x):
+    saved = _fastpath.cpu_eval_entry
+    _fastpath.cpu_eval_entry = lambda: None
+    try:
+        return layer(x)
+    finally:
+        _fastpath.cpu_eval_entry = saved
+
+
+def contenders(x) -> tuple[dict, callable]:
+    """({name: zero-argument callable}, the kernel alone) for the eval of x (float32)."""
+    layers = [bnlab.BatchNorm2d(x.shape[1]).eval() for _ in range(4)]
+    entry = cpu_eval_entry()
+    lib = CpuBackend().kernels()
+    held = cpu_pool.empty_like(x)
+    lay, n, c, length = layout_of(x)
+    f32, kl = _CODE[torch.float32], layers[3]
+
+    def kernel():
+        lib.bn_eval(x.data_ptr(), held.data_ptr(), f32, lay, n, c, length, kl.running_mean.data_ptr(), f32,
+                    kl.running_var.data_ptr(), f32, kl.weight.data_ptr(), f32, kl.bias.data_ptr(), f32, kl.eps,
+                    threads_for(x))  # fmt: skip
+
+    calls = {
+        "module call (compiled call)": lambda: layers[0](x),
+        "module call, Python path": lambda: _python_path(layers[1], x),
+        "bn_eval_module alone": lambda: entry(layers[2], x),
+    }
+    return calls, kernel
+
+
+def main(argv=None) -> None:
+    p = shape_parser(__doc__, "128,16,32,32")
+    p.add_argument("--layout", default="nchw", choices=["nchw", "cl"])
+    p.add_argument("--rounds", type=positive_int, default=24)
+    p.add_argument("--reps", type=positive_int, default=60, help="calls per sample")
+    args = p.parse_args(argv)
+    if cpu_eval_entry() is None:
+        raise SystemExit("bnlab's compiled eval call is unavailable (the extension module did not build)")
+    torch.set_num_threads(args.threads)
+    x = make_input(args.shape, args.layout, torch.float32, "cpu")
+    dst = torch.empty_like(x)
+    calls, kernel = contenders(x)
+    names = list(calls)
+    times = {name: [] for name in [*names, "kernel alone, held output", "copy_ (buffer allocated once)"]}
+    torch.set_grad_enabled(False)
+    for r in range(args.rounds):
+        sequence = [("copy_ (buffer allocated once)", lambda: dst.copy_(x))]
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sequence += [("kernel alone, held output", kernel), (name, calls[name])]
+        for name, fn in sequence:
+            start = time.perf_counter()
+            for _ in range(args.reps):
+                fn()
+            times[name].append((time.perf_counter() - start) / args.reps * 1e6)
+    skip = len(names)  # the first rotation warms up
+    medians = {name: statistics.median(v[skip:] if len(v) > skip else v) for name, v in times.items()}
+    base = medians["kernel alone, held output"]
+    shape_text = ",".join(map(str, args.shape))
+    print(f"# eval_paths.py --shape {shape_text} --layout {args.layout} --threads {args.threads}; "
+          f"microseconds, medians of the last {args.rounds - skip} rounds x {args.reps} calls")  # fmt: skip
+    for name, value in medians.items():
+        extra = f"{value - base:+8.1f}" if name in calls else ""
+        print(f"{name:34s} {value:9.1f} {extra}")
+    print(f"copy_ / module call: compiled {medians['copy_ (buffer allocated once)'] / medians[names[0]]:.3f}, "
+          f"Python path {medians['copy_ (buffer allocated once)'] / medians[names[1]]:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The compiled whole-call eval (``bn_eval_module``, cpu_kernels_py_eval.inc).
+
+A layer's inference call on the CPU goes through one compiled step that reads the tensors with the
+C API and declines (returns None, changing nothing) anything but the plain case; the Python path
+then runs. Checked here: the same bits, strides and dtype as the Python path and torch.nn's
+float64 reference, that the entry is taken where it should be, that each decline condition declines and
+the module still answers (or raises) as before, and, as a property, that its layout rules are
+exactly ``cpu.layout_of``'s.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bnlab
+from bnlab import _fastpath
+from bnlab.backends import cpu_eval_entry
+from bnlab.backends.cpu import PARALLEL_MIN_NUMEL, layout_of
+from conftest import TOLERANCE, rel_err
+
+ENTRY = cpu_eval_entry()
+pytestmark = pytest.mark.skipif(ENTRY is None, reason="the CPU kernels' extension module did not build")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+CLASSES = {2: bnlab.BatchNorm1d, 3: bnlab.BatchNorm1d, 4: bnlab.BatchNorm2d, 5: bnlab.BatchNorm3d}
+
+
+def _layer(rank: int, channels: int, affine: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = CLASSES[rank](channels, affine=affine).eval()
+    layer.running_mean.normal_()
+    layer.running_var.uniform_(0.5, 2.0)
+    if affine:
+        with torch.no_grad():
+            layer.weight.normal_()
+            layer.bias.normal_()
+    return layer
+
+
+def _float64_oracle(layer, x):
+    """(x - running_mean) / sqrt(running_var + eps) * weight + bias, all in float64."""
+    view = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = layer.running_mean.double().view(view), layer.running_var.double().view(view)
+    y = (x.double() - mean) / torch.sqrt(var + layer.eps)
+    if layer.weight is not None:
+        y = y * layer.weight.detach().double().view(view) + layer.bias.detach().double().view(view)
+    return y
+
+
+def _python_path(layer, x):
+    """The layer's output with the compiled entry switched off (the path every release before took)."""
+    saved = _fastpath.cpu_eval_entry
+    _fastpath.cpu_eval_entry = lambda: None
+    try:
+        return layer(x)
+    finally:
+        _fastpath.cpu_eval_entry = saved
+
+
+def _call(x, rm, rv, w, b, eps=1e-5, channels=None, ranks=(), grad=False, **layer):
+    """The entry called directly on a stand-in layer with these tensors and attributes."""
+    state = dict(training=False, virtual_batch_size=None, renorm=False, accumulation_steps=1, eps=eps,
+                 num_features=x.shape[1] if channels is None else channels, _ranks=ranks,
+                 _parameters={"weight": w, "bias": b}, _buffers={"running_mean": rm, "running_var": rv})  # fmt: skip
+    state.update(layer)
+    with torch.set_grad_enabled(grad):
+        return ENTRY(SimpleNamespace(**{k: v for k, v in state.items() if v is not _ABSENT}), x)
+
+
+_ABSENT = object()  # a layer attribute left out
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """A list that records each answer of the entry during the test (None: declined)."""
+    answers = []
+
+    def spy():
+        entry = cpu_eval_entry()
+
+        def recording(*args):
+            answers.append(entry(*args))
+            return answers[-1]
+
+        return recording
+
+    monkeypatch.setattr(_fastpath, "cpu_eval_entry", spy)
+    return answers
+
+
+def _layouts(rank: int):
+    yield "contiguous", lambda x: x
+    if rank == 2:
+        yield "channels outermost", lambda x: x.t().contiguous().t()
+    if rank == 4:
+        yield "channels_last", lambda x: x.contiguous(memory_format=torch.channels_last)
+    if rank == 5:
+        yield "channels_last_3d", lambda x: x.contiguous(memory_format=torch.channels_last_3d)
+
+
+CASES = [(shape, dtype, affine) for shape in [(16, 7), (5, 6, 9), (2, 3, 4, 5), (3, 4, 2, 3, 5)]
+         for dtype in DTYPES for affine in (True, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,dtype,affine", CASES)
+def test_same_bits_as_the_python_path_and_the_float64_reference(shape, dtype, affine, taken):
+    layer = _layer(len(shape), shape[1], affine)
+    for name, arrange in _layouts(len(shape)):
+        x = arrange(torch.randn(shape, dtype=torch.float64).to(dtype))
+        with torch.no_grad():
+            y = layer(x)
+            expected = _python_path(layer, x)
+            oracle = _float64_oracle(layer, x)
+        assert taken[-1] is y, name
+        assert torch.equal(y, expected), name
+        assert y.dtype == x.dtype and y.stride() == x.stride(), name
+        assert rel_err(y, oracle) <= TOLERANCE[dtype], name
+
+
+def test_pooled_outputs_and_the_allocator_give_the_same_bits(taken):
+    layer = _layer(4, 16)
+    x = torch.randn(16, 16, 32, 32)  # 1 MiB: from the pool
+    with torch.no_grad():
+        pooled = layer(x)
+        bnlab.set_cpu_cache_limit(0)
+        try:
+            unpooled = layer(x)
+        finally:
+            bnlab.set_cpu_cache_limit(1 << 30)
+    assert taken[0] is pooled and taken[1] is unpooled
+    assert torch.equal(pooled, unpooled) and torch.equal(pooled, _python_path(layer, x))
+
+
+def test_large_inputs_run_on_the_threads_and_agree(taken):
+    layer = _layer(4, 8)
+    x = torch.randn(8, 8, 32, 32)  # beyond PARALLEL_MIN_NUMEL
+    assert x.numel() >= PARALLEL_MIN_NUMEL
+    with torch.no_grad():
+        y = layer(x)
+    assert taken[-1] is y and torch.equal(y, _python_path(layer, x))
+
+
+def test_a_graph_is_left_to_autograd(taken):
+    layer = _layer(2, 5)
+    x = torch.randn(4, 5)
+    y = layer(x)  # grad enabled and the affine parameters require grad: BatchNormEvalFunction
+    assert taken == [None] and y.grad_fn is not None
+    with torch.no_grad():
+        assert layer(x).grad_fn is None and taken[-1] is not None
+    layer.requires_grad_(False)
+    assert layer(x).grad_fn is None and taken[-1] is not None  # nothing requires grad: no graph
+    x.requires_grad_(True)
+    assert layer(x).grad_fn is not None and taken[-1] is None
+
+
+def test_a_negative_running_variance_still_raises_naming_the_channel(taken):
+    layer = _layer(2, 4)
+    layer.running_var[2] = -1.0
+    with torch.no_grad(), pytest.raises(ValueError, match="running_var"):
+        layer(torch.randn(3, 4))
+    assert taken == [None]
+
+
+def test_training_and_options_stay_on_the_python_path(taken):
+    layer = _layer(2, 4)
+    layer.train()
+    layer(torch.randn(3, 4))
+    assert taken == []  # training never asks
+    ghost = bnlab.BatchNorm1d(4, virtual_batch_size=2).eval()
+    with torch.no_grad():
+        ghost(torch.randn(4, 4))
+    assert taken == [None]  # a feature option: declined
+
+
+def test_a_pinned_backend_other_than_cpu_turns_the_entry_off():
+    try:
+        bnlab.set_backend("portable")
+        assert cpu_eval_entry() is None
+        bnlab.set_backend("cpu")
+        assert cpu_eval_entry() is ENTRY
+    finally:
+        bnlab.set_backend(None)
+    assert cpu_eval_entry() is ENTRY
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _declines():
+    """(name, arguments for _call) each of which the entry must decline."""
+    c = 4
+    x = torch.randn(3, c, 5)
+    rm, rv, w, b = torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)
+    yield "not a tensor", ([[1.0] * c] * 3, rm, rv, w, b), {"channels": c}
+    yield "a tensor subclass", (x.as_subclass(_Sub), rm, rv, w, b), {}
+    yield "integer input", (x.long(), rm, rv, w, b), {}
+    yield "complex input", (torch.randn(3, c, 5, dtype=torch.complex64), rm, rv, w, b), {}
+    yield "empty batch", (torch.randn(0, c, 5), rm, rv, w, b), {}
+    yield "strided input", (torch.randn(3, c, 10)[:, :, ::2], rm, rv, w, b), {}
+    yield "other channel count", (x, rm, rv, w, b), {"channels": c + 1}
+    yield "rank not taken", (x, rm, rv, w, b), {"ranks": (2, 4)}
+    yield "rank 1", (torch.randn(c), rm, rv, w, b), {"channels": c}
+    yield "rank beyond eight", (torch.randn(1, c, *[1] * 7), rm, rv, w, b), {}
+    yield "no running mean", (x, None, rv, w, b), {}
+    yield "no running variance", (x, rm, None, w, b), {}
+    yield "vector too long", (x, torch.zeros(c + 1), rv, w, b), {}
+    yield "vector of rank 2", (x, rm, rv, torch.ones(1, c), b), {}
+    yield "integer vector", (x, rm, rv, w, torch.zeros(c, dtype=torch.int32)), {}
+    yield "strided vector", (x, torch.zeros(2 * c)[::2], rv, w, b), {}
+    yield "vector not a tensor", (x, rm, rv, [1.0] * c, b), {}
+    yield "integer eps", (x, rm, rv, w, b), {"eps": 1}
+    yield "zero eps", (x, rm, rv, w, b), {"eps": 0.0}
+    yield "negative eps", (x, rm, rv, w, b), {"eps": -1e-5}
+    yield "infinite eps", (x, rm, rv, w, b), {"eps": math.inf}
+    yield "NaN eps", (x, rm, rv, w, b), {"eps": math.nan}
+    yield "input requiring grad", (x.clone().requires_grad_(), rm, rv, w, b), {"grad": True}
+    yield "weight requiring grad", (x, rm, rv, w.clone().requires_grad_(), b), {"grad": True}
+    yield "bias requiring grad", (x, rm, rv, w, b.clone().requires_grad_()), {"grad": True}
+    yield "negative running variance", (x, rm, -rv, w, b), {}
+    yield "training", (x, rm, rv, w, b), {"training": True}
+    yield "training not a bool", (x, rm, rv, w, b), {"training": 0}
+    yield "no training attribute", (x, rm, rv, w, b), {"training": _ABSENT}
+    yield "ghost batches", (x, rm, rv, w, b), {"virtual_batch_size": 2}
+    yield "batch renormalization", (x, rm, rv, w, b), {"renorm": True}
+    yield "accumulated statistics", (x, rm, rv, w, b), {"accumulation_steps": 2}
+    yield "no eps", (x, rm, rv, w, b), {"eps": _ABSENT}
+    yield "num_features not an int", (x, rm, rv, w, b), {"num_features": 4.0}
+    yield "ranks not a tuple", (x, rm, rv, w, b), {"_ranks": [3]}
+    yield "parameters not a dict", (x, rm, rv, w, b), {"_parameters": [w, b]}
+    yield "no buffers", (x, rm, rv, w, b), {"_buffers": _ABSENT}
+    if torch.backends.mps.is_available() or torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "mps"
+        yield "input off the CPU", (x.to(device), rm, rv, w, b), {}
+    yield "vector on the meta device", (x, rm, rv, torch.ones(c, device="meta"), b), {}
+
+
+@pytest.mark.parametrize("name,args,kwargs", list(_declines()), ids=[d[0] for d in _declines()])
+def test_each_unusual_call_is_declined(name, args, kwargs):
+    assert _call(*args, **kwargs) is None
+
+
+def test_a_declined_call_leaves_no_error_behind():
+    assert _call(torch.randn(3, 4).long(), torch.zeros(4), torch.ones(4), None, None) is None
+    assert _call(torch.randn(3, 4), torch.zeros(4), torch.ones(4), None, None) is not None  # no stale error
+
+
+def test_the_plain_call_with_an_optional_affine_missing_is_taken():
+    x = torch.randn(6, 4)
+    for w, b in ((None, torch.zeros(4)), (torch.ones(4), None), (None, None)):
+        y = _call(x, torch.zeros(4), torch.ones(4), w, b)
+        expected = torch.nn.functional.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, False, 0.0, 1e-5)
+        assert y is not None and rel_err(y, expected) <= TOLERANCE[torch.float32]
+
+
+def test_a_wrong_argument_count_is_a_type_error():
+    with pytest.raises(TypeError, match="expected 2 arguments, got 1"):
+        ENTRY(torch.randn(2, 3))
+
+
+def test_the_entry_reads_the_layer_as_it_is_now(taken):
+    layer = _layer(4, 3)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        before = layer(x)
+        layer.running_mean.add_(1.0)  # in place
+        layer.running_var = torch.full((3,), 4.0)  # a new buffer
+        layer.weight = torch.nn.Parameter(torch.full((3,), 2.0))
+        layer.eps = 0.5
+        after = layer(x)
+    assert taken[0] is before and taken[1] is after
+    assert torch.equal(after, _python_path(layer, x)) and not torch.equal(before, after)
+    assert rel_err(after, _float64_oracle(layer, x)) <= TOLERANCE[torch.float32]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=2, max_size=5),
+    data=st.data(),
+)
+def test_takes_exactly_the_layouts_that_layout_of_takes(sizes, data):
+    """Any permutation and slicing of a small tensor: the entry runs iff cpu.layout_of finds a
+    layout, and then gives the Python path's bits."""
+    base = torch.randn(*[s * 2 for s in sizes])
+    steps = data.draw(st.lists(st.sampled_from([1, 2]), min_size=len(sizes), max_size=len(sizes)))
+    x = base[tuple(slice(0, s * st_, st_) for s, st_ in zip(sizes, steps))]
+    x = x.permute(*data.draw(st.permutations(range(len(sizes)))))
+    layer = _layer(x.dim(), x.shape[1])
+    y = _call(x, layer.running_mean, layer.running_var, layer.weight.detach(), layer.bias.detach())
+    assert (y is None) == (layout_of(x) is None)
+    if y is not None:
+        assert y.stride() == x.stride()
+        with torch.no_grad():
+            assert torch.equal(y, _python_path(layer, x))
