@@ -19,6 +19,7 @@ from torch import Tensor
 
 from bnlab import _checks
 from bnlab.backends import cpu_eval_entry, select_backend
+from bnlab.composite import transforms_active
 
 _FLOATING = frozenset(_checks.FLOATING_DTYPES)
 
@@ -74,6 +75,8 @@ def module_forward(module, x: object) -> Tensor | None:
                 return y
     if not isinstance(x, Tensor) or x.dtype not in _FLOATING or not _plain_options(module):
         return None
+    if transforms_active():
+        return None  # forward-mode AD or torch.func: the general path's differentiable torch ops
     shape = x.shape
     channels = module.num_features
     ranks = module._ranks  # empty for SyncBatchNorm (at world size 1 or in eval): any rank >= 2

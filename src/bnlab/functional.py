@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab import _checks
+from bnlab import _checks, composite
 from bnlab.autograd import BatchNormEvalFunction, BatchNormTrainFunction
 from bnlab.backends import select_backend
+from bnlab.composite import transforms_active
 from bnlab.stats import Moments, update_running_stats_
 
 __all__ = ["batch_norm"]
@@ -72,10 +73,13 @@ def batch_norm(
             factor = _checks.check_momentum(momentum)
             if factor is None:
                 raise TypeError("momentum: expected a float (the module turns momentum=None into 1/num_batches), got None")
-        y = backend.train_forward(x, weight, bias, eps, running_mean, running_var, factor)
-        if y is not None:  # the backend fused the step, running averages included
-            return y
-        y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, backend)
+        if transforms_active():  # forward-mode AD or torch.func: differentiable torch ops (bnlab.composite)
+            y, mean, m2 = composite.train_forward(x, weight, bias, eps)
+        else:
+            y = backend.train_forward(x, weight, bias, eps, running_mean, running_var, factor)
+            if y is not None:  # the backend fused the step, running averages included
+                return y
+            y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, backend)
         if running_mean is not None:
             update_running_stats_(running_mean, running_var, Moments(_checks.values_per_channel(x), mean, m2), factor)
         return y
@@ -86,6 +90,9 @@ def batch_norm(
             "running_mean, running_var: expected (C,) tensors in evaluation mode (training=False), got None; "
             "pass training=True to normalize with batch statistics"
         )
+    if transforms_active():
+        _checks.check_running_var_nonnegative(running_var)
+        return composite.eval_forward(x, running_mean, running_var, weight, bias, eps)
     if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
         # No graph to record (inference): the backend may normalize straight from the buffers.
         y = backend.eval_forward(x, running_mean, running_var, weight, bias, eps)

@@ -138,7 +138,8 @@ class CpuBackend(Backend):
                 lib.bn_eval_setup(
                     Tensor, torch.nn.Parameter, tuple(_CODE), cpu_pool.from_capsule, torch.empty_like,
                     torch.is_grad_enabled, torch.get_num_threads, cpu_pool.pool_state(), cpu_pool.POOL_MIN_BYTES,
-                    PARALLEL_MIN_NUMEL,
+                    PARALLEL_MIN_NUMEL, getattr(torch._C, "_are_functorch_transforms_active", lambda: False),
+                    torch.autograd.forward_ad,
                 )  # fmt: skip
             self._eval_entry = entry or False
         return self._eval_entry or None

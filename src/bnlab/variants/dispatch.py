@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bnlab import _checks
+from bnlab import _checks, composite
 from bnlab.autograd import BatchNormTrainFunction
 from bnlab.backends import select_backend
+from bnlab.composite import transforms_active
 from bnlab.stats import Moments
 from bnlab.variants.ghost import ghost_batch_norm
 from bnlab.variants.masked import masked_batch_norm
@@ -30,7 +31,10 @@ def _repeat(v: Tensor | None, groups: int) -> Tensor | None:
 def _plain(layer, x: Tensor, groups: int, eps: float) -> tuple[Tensor, Moments]:
     """Plain training-mode BN through the backend's fused forward and hand-derived backward."""
     weight, bias = _repeat(layer.weight, groups), _repeat(layer.bias, groups)
-    y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, select_backend(x))
+    if transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
+        y, mean, m2 = composite.train_forward(x, weight, bias, eps)
+    else:
+        y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, select_backend(x))
     return y, Moments(_checks.values_per_channel(x), mean, m2)
 
 

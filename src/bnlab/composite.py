@@ -1,0 +1,63 @@
+"""BatchNorm in differentiable torch ops, for the autodiff transforms bnlab's kernels cannot serve.
+
+bnlab's BN runs as compiled kernels inside autograd Functions with a hand-derived backward. Those
+have no forward-mode derivative and no functorch rules, and the kernels read raw data pointers,
+which functorch's wrapped tensors do not have. Under forward-mode AD (``torch.autograd.forward_ad``,
+``torch.func.jvp``) or any torch.func transform (``grad``, ``vmap``, ``jacrev``, ...), bnlab
+therefore computes the same formulas here in plain torch ops, in float64, and lets torch
+differentiate and batch them. Before this path existed, forward-mode AD under ``torch.no_grad``
+silently returned no tangent from an eval-mode layer.
+
+Shapes: x is (N, C, *); weight, bias, running_mean, running_var are (C,) or None.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+__all__ = ["transforms_active", "train_forward", "eval_forward"]
+
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def transforms_active() -> bool:
+    """Whether a forward-mode AD level or a torch.func transform is active (then: this module's path)."""
+    return _FUNCTORCH_ACTIVE() or getattr(forward_ad, "_current_level", -1) >= 0
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """A (C,) vector in float64, shaped to broadcast against x (N, C, *)."""
+    return v.to(torch.float64).reshape([1, -1] + [1] * (x.dim() - 2))
+
+
+def _affine(xhat: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    y = xhat
+    if weight is not None:
+        y = y * _per_channel(weight, x)
+    if bias is not None:
+        y = y + _per_channel(bias, x)
+    return y.to(x.dtype)
+
+
+def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, m2) as BatchNormTrainFunction returns them: y in x's dtype, the batch's float64
+    (C,) mean and sum of squared deviations (detached: they feed the running averages only)."""
+    dims = [0, *range(2, x.dim())]
+    x64 = x.to(torch.float64)
+    mean = x64.mean(dims, keepdim=True)
+    centered = x64 - mean
+    m2 = (centered * centered).sum(dims, keepdim=True)
+    count = x.numel() // x.shape[1]
+    y = _affine(centered * torch.rsqrt(m2 / count + eps), x, weight, bias)
+    return y, mean.reshape(-1).detach(), m2.reshape(-1).detach()
+
+
+def eval_forward(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, in x's dtype."""
+    x64 = x.to(torch.float64)
+    xhat = (x64 - _per_channel(running_mean, x)) * torch.rsqrt(_per_channel(running_var, x) + eps)
+    return _affine(xhat, x, weight, bias)

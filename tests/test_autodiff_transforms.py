@@ -1,0 +1,146 @@
+"""Forward-mode AD and torch.func transforms through bnlab's BatchNorm (bnlab.composite).
+
+Oracle: torch.nn.BatchNorm under the same transform, on the same state. Before bnlab.composite,
+forward-mode AD raised NotImplementedError with gradients on, and under torch.no_grad an eval
+layer silently returned no tangent; torch.func transforms raised.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import bnlab
+from bnlab.composite import transforms_active
+from conftest import TOLERANCE, rel_err
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+TOL = TOLERANCE[torch.float32]
+PAIRS = {1: (torch.nn.BatchNorm1d, bnlab.BatchNorm1d), 2: (torch.nn.BatchNorm2d, bnlab.BatchNorm2d)}
+
+
+def _pair(rank: int, channels: int, training: bool, track: bool = True, seed: int = 0):
+    """(torch.nn layer, bnlab layer) with the same random state."""
+    torch.manual_seed(seed)
+    ref, ours = (cls(channels, track_running_stats=track) for cls in PAIRS[rank])
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+        if track:
+            ref.running_mean.normal_()
+            ref.running_var.uniform_(0.5, 2.0)
+    ours.load_state_dict(ref.state_dict())
+    return ref.train(training), ours.train(training)
+
+
+def _input(rank: int, channels: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (6, channels) if rank == 1 else (4, channels, 3, 5)
+    return torch.randn(shape, generator=gen)
+
+
+def _jvp(layer, x, t, no_grad: bool):
+    with torch.set_grad_enabled(not no_grad), fwAD.dual_level():
+        out = fwAD.unpack_dual(layer(fwAD.make_dual(x, t)))
+        assert transforms_active()
+    return out.primal, out.tangent
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_forward_mode_ad_gives_torch_nn_tangents(rank, training, no_grad):
+    ref, ours = _pair(rank, 3, training)
+    x, t = _input(rank, 3), _input(rank, 3, seed=2)
+    y_ref, tan_ref = _jvp(ref, x, t, no_grad)
+    y, tan = _jvp(ours, x, t, no_grad)
+    assert tan is not None, "a tangent must come back (it was silently dropped under no_grad before)"
+    assert rel_err(y, y_ref) <= TOL and rel_err(tan, tan_ref) <= TOL
+    if training:  # the running averages moved as torch.nn's did, counter included
+        assert rel_err(ours.running_mean, ref.running_mean) <= TOL
+        assert rel_err(ours.running_var, ref.running_var) <= TOL
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+    assert not transforms_active()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_func_jvp_of_the_functional_form(training):
+    x, t = _input(2, 3), _input(2, 3, seed=2)
+    w, b = torch.randn(3), torch.randn(3)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+
+    def f(impl):
+        return lambda inp, weight: impl(inp, None if training else rm.clone(), None if training else rv.clone(),
+                                        weight, b, training, 0.1, 1e-5)  # fmt: skip
+
+    ref = torch.func.jvp(f(torch.nn.functional.batch_norm), (x, w), (t, torch.ones(3)))
+    ours = torch.func.jvp(f(bnlab.functional.batch_norm), (x, w), (t, torch.ones(3)))
+    assert rel_err(ours[0], ref[0]) <= TOL and rel_err(ours[1], ref[1]) <= TOL
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("training", [False, True])
+def test_func_grad_matches_torch_nn(rank, training):
+    ref, ours = _pair(rank, 3, training, track=not training)  # torch.nn, too, refuses in-place buffers under grad
+    x = _input(rank, 3)
+
+    def grad_of(layer):
+        return torch.func.grad(lambda inp: (layer(inp) ** 2 * torch.arange(inp.numel()).view_as(inp)).sum())(x)
+
+    assert rel_err(grad_of(ours), grad_of(ref)) <= TOL
+
+
+def test_func_grad_with_respect_to_the_parameters():
+    ref, ours = _pair(2, 3, training=True, track=False)
+    x = _input(2, 3)
+
+    def grads(layer):
+        params = dict(layer.named_parameters())
+        loss = lambda p: (torch.func.functional_call(layer, p, (x,)) ** 3).sum()  # noqa: E731
+        return torch.func.grad(loss)(params)
+
+    g_ref, g = grads(ref), grads(ours)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        assert rel_err(g[name], g_ref[name]) <= TOL, name
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_vmap_matches_torch_nn(training):
+    ref, ours = _pair(2, 3, training, track=not training)
+    xs = torch.randn(5, 4, 3, 2, 2)  # five independent batches
+    with torch.no_grad():
+        expected = torch.vmap(ref)(xs)
+        got = torch.vmap(ours)(xs)
+    assert rel_err(got, expected) <= TOL
+
+
+def test_jacrev_matches_torch_nn():
+    ref, ours = _pair(1, 2, training=True, track=False)
+    x = _input(1, 2)
+    assert rel_err(torch.func.jacrev(ours)(x), torch.func.jacrev(ref)(x)) <= TOL
+
+
+def test_in_place_running_averages_under_a_transform_fail_as_in_torch_nn():
+    # torch.nn cannot update its running averages from inside torch.func.grad either; the same
+    # call fails the same way here rather than silently computing something else.
+    x = _input(1, 3)
+    for layer in _pair(1, 3, training=True):
+        with pytest.raises(RuntimeError, match="in-place"):
+            torch.func.grad(lambda inp, layer=layer: layer(inp).sum())(x)
+
+
+def test_outside_transforms_the_kernels_still_run(monkeypatch):
+    calls = []
+    import bnlab.composite as composite
+
+    monkeypatch.setattr(composite, "train_forward", lambda *a: calls.append(a))
+    monkeypatch.setattr(composite, "eval_forward", lambda *a: calls.append(a))
+    ref, ours = _pair(2, 3, training=True)
+    x = _input(2, 3)
+    ours(x).sum().backward()
+    with torch.no_grad():
+        ours.eval()(x)
+        bnlab.functional.batch_norm(x, None, None, training=True)
+    assert calls == [] and not transforms_active()
