@@ -55,12 +55,8 @@ def _float64_oracle(layer, x):
 
 def _python_path(layer, x):
     """The layer's output with the compiled entry switched off (the path every release before took)."""
-    saved = _fastpath.cpu_eval_entry
-    _fastpath.cpu_eval_entry = lambda: None
-    try:
+    with _fastpath.python_path_only():
         return layer(x)
-    finally:
-        _fastpath.cpu_eval_entry = saved
 
 
 def _call(x, rm, rv, w, b, eps=1e-5, channels=None, ranks=(), grad=False, **layer):
@@ -176,6 +172,15 @@ def test_training_and_options_stay_on_the_python_path(taken):
     with torch.no_grad():
         ghost(torch.randn(4, 4))
     assert taken == [None]  # a feature option: declined
+
+
+def test_python_path_only_is_scoped(taken):
+    layer, x = _layer(2, 3), torch.randn(4, 3)
+    with torch.no_grad():
+        with _fastpath.python_path_only():
+            inside = layer(x)
+        outside = layer(x)
+    assert taken == [outside] and torch.equal(inside, outside)
 
 
 def test_a_pinned_backend_other_than_cpu_turns_the_entry_off():

@@ -12,6 +12,7 @@ either way: the hooks run the same kernels as the general path.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -22,6 +23,20 @@ from bnlab.backends import cpu_eval_entry, select_backend
 from bnlab.composite import transforms_active
 
 _FLOATING = frozenset(_checks.FLOATING_DTYPES)
+_COMPILED_EVAL = {"on": True}  # off inside python_path_only()
+
+
+@contextlib.contextmanager
+def python_path_only():
+    """Within the block, eval calls skip the compiled call (``bn_eval_module``) and take the Python
+    path that runs when it declines: for A/B comparisons of the two (benchmarks/eval_paths.py,
+    tests). Not thread-local."""
+    before = _COMPILED_EVAL["on"]
+    _COMPILED_EVAL["on"] = False
+    try:
+        yield
+    finally:
+        _COMPILED_EVAL["on"] = before
 
 
 def _plain(v: Tensor | None, channels: int, device: torch.device) -> bool:
@@ -68,7 +83,7 @@ def module_forward(module, x: object) -> Tensor | None:
         # (then the checks below run). In a network this runs right after a kernel that streamed
         # megabytes through the caches, where each Python step and tensor query costs
         # microseconds (docs/benchmarks.md, *Eval in one compiled call*).
-        entry = cpu_eval_entry()
+        entry = cpu_eval_entry() if _COMPILED_EVAL["on"] else None
         if entry is not None:
             y = entry(module, x)
             if y is not None:
