@@ -8,6 +8,10 @@ unusual (a wrong shape or dtype, a parameter on another device, an empty batch, 
 batch statistics, a gradient wanted in eval) it returns None *before changing any state*, and
 the module takes the general path, which raises the usual errors. The results are the same
 either way: the hooks run the same kernels as the general path.
+
+A CPU eval call goes further: one compiled function (``bn_eval_module``,
+backends/cpu_kernels_py_eval.inc) does the checks, the allocation and the kernel call with the C
+API, and declines to the Python path below anything it does not take.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ def _repeat(v: Tensor | None, groups: int) -> Tensor | None:
 
 
 def _plain(layer, x: Tensor, groups: int, eps: float) -> tuple[Tensor, Moments]:
-    """Plain training-mode BN through the backend's fused forward and hand-derived backward."""
+    """Plain training-mode BN through the backend's fused forward and hand-derived backward (under
+    forward-mode AD or a torch.func transform: bnlab.composite's torch ops)."""
     weight, bias = _repeat(layer.weight, groups), _repeat(layer.bias, groups)
     if transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
         y, mean, m2 = composite.train_forward(x, weight, bias, eps)
