@@ -144,3 +144,27 @@ def test_outside_transforms_the_kernels_still_run(monkeypatch):
         ours.eval()(x)
         bnlab.functional.batch_norm(x, None, None, training=True)
     assert calls == [] and not transforms_active()
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_bn_relu_under_forward_mode_ad(training, residual):
+    ref, _ = _pair(2, 3, training)
+    ours = bnlab.BatchNormAct2d(3, residual=residual)
+    ours.load_state_dict(ref.state_dict())
+    ours.train(training)
+    x, t = _input(2, 3), _input(2, 3, seed=2)
+    res, res_t = (_input(2, 3, seed=3), _input(2, 3, seed=4)) if residual else (None, None)
+
+    def torch_sequence(inp, r):
+        z = ref(inp)
+        return torch.relu(z + r if r is not None else z)
+
+    with fwAD.dual_level():
+        dual_res = fwAD.make_dual(res, res_t) if residual else None
+        expected = fwAD.unpack_dual(torch_sequence(fwAD.make_dual(x, t), dual_res))
+        got = fwAD.unpack_dual(ours(fwAD.make_dual(x, t), dual_res))
+    assert rel_err(got.primal, expected.primal) <= TOL and rel_err(got.tangent, expected.tangent) <= TOL
+    if training:
+        assert rel_err(ours.running_var, ref.running_var) <= TOL
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 1
