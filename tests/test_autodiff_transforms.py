@@ -7,6 +7,8 @@ layer silently returned no tangent; torch.func transforms raised.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -168,3 +170,29 @@ def test_fused_bn_relu_under_forward_mode_ad(training, residual):
     if training:
         assert rel_err(ours.running_var, ref.running_var) <= TOL
         assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("variant", ["renorm", "masked", "ghost"])
+def test_variant_tangents_match_their_reverse_mode_jacobian(variant):
+    """No torch.nn counterpart: the oracle is the same layer outside any transform (its
+    hand-derived backward, tested against the float64 references elsewhere), as a Jacobian."""
+    torch.manual_seed(0)
+    options = {"renorm": dict(renorm=True, rmax=1.2, dmax=0.3), "ghost": dict(virtual_batch_size=3), "masked": {}}
+    layer = bnlab.BatchNorm1d(3, **options[variant]).double()
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x, t = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 3, 4, dtype=torch.float64)
+    kwargs = {"mask": torch.rand(6, 4, generator=torch.Generator().manual_seed(5)) > 0.3} if variant == "masked" else {}
+    dual_layer, plain_layer, jac_layer = (copy.deepcopy(layer) for _ in range(3))
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(dual_layer(fwAD.make_dual(x, t), **kwargs))
+    expected = plain_layer(x, **kwargs)
+    jac = torch.autograd.functional.jacobian(lambda inp: jac_layer(inp, **kwargs), x).reshape(x.numel(), x.numel())
+    f64 = TOLERANCE[torch.float64]
+    assert rel_err(out.primal, expected) <= f64
+    assert rel_err(out.tangent, (jac @ t.reshape(-1)).reshape(x.shape)) <= f64
+    assert rel_err(dual_layer.running_var, plain_layer.running_var) <= f64
+    assert int(dual_layer.num_batches_tracked) == int(plain_layer.num_batches_tracked) == 1

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-__all__ = ["transforms_active", "train_forward", "eval_forward"]
+__all__ = ["transforms_active", "train_forward", "eval_forward", "batch_stats_norm"]
 
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
@@ -61,3 +61,23 @@ def eval_forward(
     x64 = x.to(torch.float64)
     xhat = (x64 - _per_channel(running_mean, x)) * torch.rsqrt(_per_channel(running_var, x) + eps)
     return _affine(xhat, x, weight, bias)
+
+
+def batch_stats_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, eps: float) -> Tensor:
+    """BatchStatsNormFunction's output (Batch Renorm, masked BN): x normalized with its own
+    statistics over the positions ``mask`` (N, *) selects (all when None), recomputed here so that
+    torch differentiates through them. weight/bias: any (C,) tensors (γ·r and β + γ·d for Renorm)."""
+    dims = [0, *range(2, x.dim())]
+    x64 = x.to(torch.float64)
+    if mask is None:
+        mean = x64.mean(dims, keepdim=True)
+        centered = x64 - mean
+        var = (centered * centered).mean(dims, keepdim=True)
+    else:
+        sel = mask.unsqueeze(1)  # (N, 1, *): broadcasts over channels
+        count = torch.clamp(mask.sum(dtype=torch.float64), min=1.0)
+        # where, not multiplication: unselected positions may hold anything, NaN included
+        mean = torch.where(sel, x64, 0.0).sum(dims, keepdim=True) / count
+        centered = x64 - mean
+        var = torch.where(sel, centered * centered, 0.0).sum(dims, keepdim=True) / count
+    return _affine(centered * torch.rsqrt(var + eps), x, weight, bias)

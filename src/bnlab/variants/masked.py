@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bnlab import composite
 from bnlab.backends import select_backend
+from bnlab.composite import transforms_active
 from bnlab.stats import Moments, compute_dtype, finalize, per_channel, reduce_dims, split_mean
 from bnlab.variants.batch_stats import BatchStatsNormFunction, expand_mask
 
@@ -78,7 +80,11 @@ def masked_batch_norm(
     """
     check_mask(mask, x)
     with torch.no_grad():  # BatchStatsNormFunction differentiates through the statistics itself
-        stats = masked_moments(x, mask)
+        # x.detach() under forward-mode AD: no_grad does not stop its tangents (the running
+        # averages take values only; the output's statistics are recomputed differentiably)
+        stats = masked_moments(x.detach() if transforms_active() else x, mask)
         mean, _, invstd = finalize(stats, eps)
+    if transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
+        return composite.batch_stats_norm(x, weight, bias, mask, eps), stats
     y = BatchStatsNormFunction.apply(x, weight, bias, mean, invstd, stats.count, mask, eps, select_backend(x))
     return y, stats

@@ -25,8 +25,10 @@ import numbers
 import torch
 from torch import Tensor
 
+from bnlab import composite
 from bnlab.backends import select_backend
-from bnlab.stats import Moments, finalize
+from bnlab.composite import transforms_active
+from bnlab.stats import Moments, finalize, moments
 from bnlab.variants.batch_stats import BatchStatsNormFunction
 
 __all__ = ["check_renorm_options", "renorm_limits", "renorm_correction", "renorm_batch_norm"]
@@ -121,7 +123,9 @@ def renorm_batch_norm(
     with torch.no_grad():
         # Constants for autograd: BatchStatsNormFunction differentiates through the statistics
         # itself, and r, d must not carry a gradient (the paper's stop_gradient).
-        stats = backend.moments(x)
+        # Under forward-mode AD or torch.func: torch ops (the kernels cannot read wrapped tensors) on
+        # x.detach(), since no_grad does not stop forward-mode tangents and r, d must carry none.
+        stats = moments(x.detach()) if transforms_active() else backend.moments(x)
         mean, _, invstd = finalize(stats, eps)
         r, d = renorm_correction(mean, invstd, running_mean, running_var, eps, rmax, dmax)
     # γ·r and β + γ·d in float64: r and d are constants, autograd carries dγ and dβ back through these.
@@ -130,5 +134,7 @@ def renorm_batch_norm(
     bias_eff = d if gamma is None else gamma * d
     if bias is not None:
         bias_eff = bias_eff + bias.to(torch.float64)
+    if transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
+        return composite.batch_stats_norm(x, weight_eff, bias_eff, None, eps), stats
     y = BatchStatsNormFunction.apply(x, weight_eff, bias_eff, mean, invstd, stats.count, None, eps, backend)
     return y, stats
