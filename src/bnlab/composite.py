@@ -41,15 +41,28 @@ def _affine(xhat: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None)
     return y.to(x.dtype)
 
 
+def _batch_statistics(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | int]:
+    """(x - mean, mean, M2, count) of x over the positions ``mask`` (N, *) selects (all when None),
+    float64 and differentiable, mean and M2 kept as (1, C, 1, ...); count an int, or a 0-dim
+    float64 tensor with a mask (the same for every channel)."""
+    dims = [0, *range(2, x.dim())]
+    x64 = x.to(torch.float64)
+    if mask is None:
+        mean = x64.mean(dims, keepdim=True)
+        centered = x64 - mean
+        return centered, mean, (centered * centered).sum(dims, keepdim=True), x.numel() // x.shape[1]
+    sel = mask.unsqueeze(1)  # (N, 1, *): broadcasts over channels
+    count = torch.clamp(mask.sum(dtype=torch.float64), min=1.0)
+    # where, not multiplication: unselected positions may hold anything, NaN included
+    mean = torch.where(sel, x64, 0.0).sum(dims, keepdim=True) / count
+    centered = x64 - mean
+    return centered, mean, torch.where(sel, centered * centered, 0.0).sum(dims, keepdim=True), count
+
+
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, m2) as BatchNormTrainFunction returns them: y in x's dtype, the batch's float64
     (C,) mean and sum of squared deviations (detached: they feed the running averages only)."""
-    dims = [0, *range(2, x.dim())]
-    x64 = x.to(torch.float64)
-    mean = x64.mean(dims, keepdim=True)
-    centered = x64 - mean
-    m2 = (centered * centered).sum(dims, keepdim=True)
-    count = x.numel() // x.shape[1]
+    centered, mean, m2, count = _batch_statistics(x, None)
     y = _affine(centered * torch.rsqrt(m2 / count + eps), x, weight, bias)
     return y, mean.reshape(-1).detach(), m2.reshape(-1).detach()
 
@@ -67,17 +80,5 @@ def batch_stats_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask
     """BatchStatsNormFunction's output (Batch Renorm, masked BN): x normalized with its own
     statistics over the positions ``mask`` (N, *) selects (all when None), recomputed here so that
     torch differentiates through them. weight/bias: any (C,) tensors (γ·r and β + γ·d for Renorm)."""
-    dims = [0, *range(2, x.dim())]
-    x64 = x.to(torch.float64)
-    if mask is None:
-        mean = x64.mean(dims, keepdim=True)
-        centered = x64 - mean
-        var = (centered * centered).mean(dims, keepdim=True)
-    else:
-        sel = mask.unsqueeze(1)  # (N, 1, *): broadcasts over channels
-        count = torch.clamp(mask.sum(dtype=torch.float64), min=1.0)
-        # where, not multiplication: unselected positions may hold anything, NaN included
-        mean = torch.where(sel, x64, 0.0).sum(dims, keepdim=True) / count
-        centered = x64 - mean
-        var = torch.where(sel, centered * centered, 0.0).sum(dims, keepdim=True) / count
-    return _affine(centered * torch.rsqrt(var + eps), x, weight, bias)
+    centered, _, m2, count = _batch_statistics(x, mask)
+    return _affine(centered * torch.rsqrt(m2 / count + eps), x, weight, bias)
