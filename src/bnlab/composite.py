@@ -19,12 +19,13 @@ from torch.autograd import forward_ad
 
 __all__ = ["transforms_active", "train_forward", "eval_forward", "batch_stats_norm"]
 
-_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+#: Whether a torch.func transform is active (False on a torch without the query).
+functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def transforms_active() -> bool:
     """Whether a forward-mode AD level or a torch.func transform is active (then: this module's path)."""
-    return _FUNCTORCH_ACTIVE() or getattr(forward_ad, "_current_level", -1) >= 0
+    return functorch_active() or getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def _per_channel(v: Tensor, x: Tensor) -> Tensor:

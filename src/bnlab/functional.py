@@ -12,7 +12,6 @@ from torch import Tensor
 from bnlab import _checks, composite
 from bnlab.autograd import BatchNormEvalFunction, BatchNormTrainFunction
 from bnlab.backends import select_backend
-from bnlab.composite import transforms_active
 from bnlab.stats import Moments, update_running_stats_
 
 __all__ = ["batch_norm"]
@@ -73,7 +72,7 @@ def batch_norm(
             factor = _checks.check_momentum(momentum)
             if factor is None:
                 raise TypeError("momentum: expected a float (the module turns momentum=None into 1/num_batches), got None")
-        if transforms_active():  # forward-mode AD or torch.func: differentiable torch ops (bnlab.composite)
+        if composite.transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
             y, mean, m2 = composite.train_forward(x, weight, bias, eps)
         else:
             y = backend.train_forward(x, weight, bias, eps, running_mean, running_var, factor)
@@ -90,7 +89,7 @@ def batch_norm(
             "running_mean, running_var: expected (C,) tensors in evaluation mode (training=False), got None; "
             "pass training=True to normalize with batch statistics"
         )
-    if transforms_active():
+    if composite.transforms_active():
         _checks.check_running_var_nonnegative(running_var)
         return composite.eval_forward(x, running_mean, running_var, weight, bias, eps)
     if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):

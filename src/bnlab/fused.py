@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from bnlab import _checks, composite
 from bnlab.autograd import differentiable_train_grads, param_grads
 from bnlab.backends import select_backend
-from bnlab.composite import transforms_active
 from bnlab.functional import batch_norm
 from bnlab.modules import BatchNorm2d
 from bnlab.stats import Moments, update_running_stats_
@@ -172,14 +171,14 @@ class BatchNormAct2d(BatchNorm2d):
                 momentum = 0.0  # no counter, no cumulative average (as torch.nn)
             guard = bool(self.__dict__.get("skip_nonfinite", getattr(type(self), "skip_nonfinite", True)))
             config = (_checks.check_eps(self.eps), backend, rm, rv, momentum, counter, guard, relu)
-            if transforms_active():  # forward-mode AD or torch.func: bnlab.composite's torch ops
+            if composite.transforms_active():  # forward-mode AD or torch.func: bnlab.composite's torch ops
                 z, mean, m2 = composite.train_forward(x, self.weight, self.bias, config[0])
                 _update_running(rm, rv, Moments(_checks.values_per_channel(x), mean, m2), momentum, counter, guard)
                 z = z + residual if residual is not None else z
                 return torch.relu(z) if relu else z
             return BatchNormActFunction.apply(x, self.weight, self.bias, residual, config)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias, residual))
-        if not grads and hasattr(backend, "act_eval") and not transforms_active():
+        if not grads and hasattr(backend, "act_eval") and not composite.transforms_active():
             y = backend.act_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, residual, relu)
             if y is not None:
                 return y

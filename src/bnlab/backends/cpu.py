@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bnlab import composite
 from bnlab._checks import check_running_var_nonnegative
 from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.base import Backend
@@ -138,8 +139,7 @@ class CpuBackend(Backend):
                 lib.bn_eval_setup(
                     Tensor, torch.nn.Parameter, tuple(_CODE), cpu_pool.from_capsule, torch.empty_like,
                     torch.is_grad_enabled, torch.get_num_threads, cpu_pool.pool_state(), cpu_pool.POOL_MIN_BYTES,
-                    PARALLEL_MIN_NUMEL, getattr(torch._C, "_are_functorch_transforms_active", lambda: False),
-                    torch.autograd.forward_ad,
+                    PARALLEL_MIN_NUMEL, composite.functorch_active, torch.autograd.forward_ad,
                 )  # fmt: skip
             self._eval_entry = entry or False
         return self._eval_entry or None

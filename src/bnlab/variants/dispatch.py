@@ -12,7 +12,6 @@ from torch import Tensor
 from bnlab import _checks, composite
 from bnlab.autograd import BatchNormTrainFunction
 from bnlab.backends import select_backend
-from bnlab.composite import transforms_active
 from bnlab.stats import Moments
 from bnlab.variants.ghost import ghost_batch_norm
 from bnlab.variants.masked import masked_batch_norm
@@ -32,7 +31,7 @@ def _plain(layer, x: Tensor, groups: int, eps: float) -> tuple[Tensor, Moments]:
     """Plain training-mode BN through the backend's fused forward and hand-derived backward (under
     forward-mode AD or a torch.func transform: bnlab.composite's torch ops)."""
     weight, bias = _repeat(layer.weight, groups), _repeat(layer.bias, groups)
-    if transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
+    if composite.transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
         y, mean, m2 = composite.train_forward(x, weight, bias, eps)
     else:
         y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, select_backend(x))

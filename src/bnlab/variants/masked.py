@@ -18,7 +18,6 @@ from torch import Tensor
 
 from bnlab import composite
 from bnlab.backends import select_backend
-from bnlab.composite import transforms_active
 from bnlab.stats import Moments, compute_dtype, finalize, per_channel, reduce_dims, split_mean
 from bnlab.variants.batch_stats import BatchStatsNormFunction, expand_mask
 
@@ -79,12 +78,13 @@ def masked_batch_norm(
     Shape: x (N, C, *); mask (N, *); y (N, C, *).
     """
     check_mask(mask, x)
+    transforming = composite.transforms_active()  # forward-mode AD or torch.func: torch ops throughout
     with torch.no_grad():  # BatchStatsNormFunction differentiates through the statistics itself
         # x.detach() under forward-mode AD: no_grad does not stop its tangents (the running
         # averages take values only; the output's statistics are recomputed differentiably)
-        stats = masked_moments(x.detach() if transforms_active() else x, mask)
+        stats = masked_moments(x.detach() if transforming else x, mask)
         mean, _, invstd = finalize(stats, eps)
-    if transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
+    if transforming:
         return composite.batch_stats_norm(x, weight, bias, mask, eps), stats
     y = BatchStatsNormFunction.apply(x, weight, bias, mean, invstd, stats.count, mask, eps, select_backend(x))
     return y, stats

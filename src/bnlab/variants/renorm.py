@@ -27,7 +27,6 @@ from torch import Tensor
 
 from bnlab import composite
 from bnlab.backends import select_backend
-from bnlab.composite import transforms_active
 from bnlab.stats import Moments, finalize, moments
 from bnlab.variants.batch_stats import BatchStatsNormFunction
 
@@ -120,12 +119,13 @@ def renorm_batch_norm(
         ``(y, moments)``: y shaped like x, and the batch's Moments for the running-average update.
     """
     backend = select_backend(x)
+    transforming = composite.transforms_active()  # forward-mode AD or torch.func: torch ops throughout
     with torch.no_grad():
         # Constants for autograd: BatchStatsNormFunction differentiates through the statistics
         # itself, and r, d must not carry a gradient (the paper's stop_gradient).
         # Under forward-mode AD or torch.func: torch ops (the kernels cannot read wrapped tensors) on
         # x.detach(), since no_grad does not stop forward-mode tangents and r, d must carry none.
-        stats = moments(x.detach()) if transforms_active() else backend.moments(x)
+        stats = moments(x.detach()) if transforming else backend.moments(x)
         mean, _, invstd = finalize(stats, eps)
         r, d = renorm_correction(mean, invstd, running_mean, running_var, eps, rmax, dmax)
     # γ·r and β + γ·d in float64: r and d are constants, autograd carries dγ and dβ back through these.
@@ -134,7 +134,7 @@ def renorm_batch_norm(
     bias_eff = d if gamma is None else gamma * d
     if bias is not None:
         bias_eff = bias_eff + bias.to(torch.float64)
-    if transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
+    if transforming:
         return composite.batch_stats_norm(x, weight_eff, bias_eff, None, eps), stats
     y = BatchStatsNormFunction.apply(x, weight_eff, bias_eff, mean, invstd, stats.count, None, eps, backend)
     return y, stats
