@@ -13,6 +13,9 @@ NaN, whose sign a compiler may swap). Prints each difference and the totals; exi
 
     PYTHONPATH=src python benchmarks/compare_builds.py --old <the other revision's compiled module>
 
+(--new <a compiled module> compares that build instead of this checkout's, e.g. two builds of
+one source with different compiler flags.)
+
 (kernel_ab.py's docstring says how to build another revision's module.) BNLAB_* tuning variables
 set in the environment apply to both builds alike, which reaches the walks a shape would not take
 on its own, e.g. BNLAB_NCL_GROUP_BYTES=0 BNLAB_NCL_FLAT_MAX_BYTES=0 for the per-channel walk.
@@ -120,15 +123,19 @@ def cases():
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", required=True, help="path of the other build's compiled module (.so)")
+    p.add_argument("--new", help="path of a compiled module to compare instead of this checkout's build")
     args = p.parse_args(argv)
-    old_path = Path(args.old)
-    if not old_path.is_file():
-        p.error(f"--old: expected the path of a compiled bnlab module (.so), got {args.old!r}, which is not a file")
-    new = cpu_build.load()
-    if new is None or not hasattr(new, "bn_empty"):
-        sys.exit(f"this checkout's kernels did not build as a module: {cpu_build.load_error()}")
-    old = cpu_build._load_module(old_path)
-    print(f"old {old_path}\nnew {cpu_build.library_path()}")
+    for option, value in (("--old", args.old), ("--new", args.new)):
+        if value is not None and not Path(value).is_file():
+            p.error(f"{option}: expected the path of a compiled bnlab module (.so), got {value!r}, which is not a file")
+    if args.new is None:
+        new, new_path = cpu_build.load(), cpu_build.library_path()
+        if new is None or not hasattr(new, "bn_empty"):
+            sys.exit(f"this checkout's kernels did not build as a module: {cpu_build.load_error()}")
+    else:
+        new, new_path = cpu_build._load_module(Path(args.new)), args.new
+    old = cpu_build._load_module(Path(args.old))
+    print(f"old {args.old}\nnew {new_path}")
     compared = differ = 0
     for shape, dtype, data, cl, nt in cases():
         x = make(shape, dtype, data, 1, cl)

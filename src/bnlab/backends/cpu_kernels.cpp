@@ -7,7 +7,11 @@
 //   bn_normalize      the elementwise forward with given statistics (eval and the primitive)
 //   bn_grad_input     the elementwise backward with given sums (the primitive)
 //   bn_update_running the running-average update (torch's convention, unbiased variance)
-// Statistics are float64 whatever the input dtype; the math is docs/math.md's.
+// Statistics are float64 whatever the input dtype; the math is docs/math.md's. A loop that
+// accumulates a product writes the multiply-add as std::fma, never as `acc += a * b`: GCC's
+// tuning for AMD Zen (what -march=native picks there) splits contracted multiply-add chains into
+// a multiply and an add, and the sums then differed from other machines' in the last bit
+// (tests/test_backend_cpu_isa.py).
 //
 // Work split (NCL): a channel's values are cut into chunks of ~kChunk elements (a row segment, or
 // several short rows). With enough channels, each channel is one task for whichever thread is
