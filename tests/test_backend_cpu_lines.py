@@ -89,6 +89,21 @@ def test_normalize_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_b
             assert torch.equal(y, expected), (nt, offset, rel_err(y, expected))
 
 
+@pytest.mark.parametrize("shape", [(16, 1024, 49), (8, 1024, 100)], ids=str)
+def test_normalize_of_rows_beyond_the_l2_is_the_channels_last_pass_to_the_bit(shape):
+    # 3.2 MB of float32, more than any core's L2: the run requests each vector's output line two
+    # rows ahead (ncl_normalize's `ahead`), which must change no value.
+    cpu, lib, x, _ = backend_and_inputs(shape, torch.float32, seed=4)
+    mean, invstd, weight, bias, _, _ = statistics(shape[1])
+    expected = cpu.normalize(to_layout(x, "cl"), mean, invstd, weight, bias)
+    exact = (np64(x) - col(mean)) * col(invstd) * col(weight) + col(bias)
+    assert rel_err(expected, exact) <= TOL[torch.float32]
+    for nt in THREADS:
+        for offset in OFFSETS:
+            y = normalize_with(lib, placed(x, offset), placed(torch.zeros_like(x), offset), mean, invstd, weight, bias, nt)
+            assert torch.equal(y, expected), (nt, offset, rel_err(y, expected))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_input_gradient_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_bit(shape, dtype):
