@@ -5,7 +5,7 @@ AVX2 one: 16-lane forms, different loops vectorised by the compiler. Every such 
 lanes, the operations and the order of the portable code (an FMA wherever a multiply feeds an
 add), so the results must not depend on the machine. Here the same sources are built a second
 time for x86-64-v3 (AVX2, FMA, F16C: the baseline of any x86 CPU bnlab's fast paths target), and
-benchmarks/compare_builds.py compares that build with this machine's native one on 6960
+benchmarks/compare_builds.py compares that build with this machine's native one on 7200
 results: eval and training outputs, statistics, running averages and gradients (every NCL and
 NLC walk, four dtypes, 1-2 threads, NaN/inf data). On a machine without AVX-512 the two builds are nearly the same program and the test is
 weak; on an AVX-512 machine (the project's Xeon VM) it once found 36 results that differed, and
