@@ -7,9 +7,9 @@ add), so the results must not depend on the machine. Here the same sources are b
 time for x86-64-v3 (AVX2, FMA, F16C: the baseline of any x86 CPU bnlab's fast paths target), and
 benchmarks/compare_builds.py compares that build with this machine's native one on 7200
 results: eval and training outputs, statistics, running averages and gradients (every NCL and
-NLC walk, four dtypes, 1-2 threads, NaN/inf data). On a machine without AVX-512 the two builds are nearly the same program and the test is
-weak; on an AVX-512 machine (the project's Xeon VM) it once found 36 results that differed, and
-on an AMD Zen 3 machine (the EPYC VM) 218: GCC's tuning for Zen (--param avoid-fma-max-bits=256)
+NLC walk, four dtypes, 1-2 threads, NaN/inf data). Even without AVX-512 the two builds differ in
+their tuning: on an AVX-512 machine (the project's Xeon VM) the test once found 36 results that
+differed, and on an AMD Zen 3 machine (the EPYC VM) 218: GCC's tuning for Zen (--param avoid-fma-max-bits=256)
 split the multiply-add chains of loops that accumulate Σdy·(x - hi) into a multiply and an add,
 until those accumulations were written as std::fma. Another part of that tuning vectorised a
 float64 row's scalar tail differently (24 results), until the tail's product-sum was a std::fma too.
