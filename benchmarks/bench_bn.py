@@ -3,9 +3,10 @@
 Claim measured: bnlab's BN is faster than PyTorch's and close to the memory-bandwidth limit (the
 targets of issue 5; results and discussion in docs/benchmarks.md).
 
-How: for each case (shape x layout x dtype x mode), every contender runs in interleaved rounds
-(the order rotates each round) and the median of the rounds is reported, so that load from other
-processes shifts every contender alike. Milliseconds per call, effective GB/s under the minimal
+How: for each case (shape x layout x dtype x mode), every contender runs in interleaved rounds and
+the median of the rounds is reported, so that load from other processes shifts every contender
+alike; each round takes another order, in which every contender follows every other equally often
+(bench_timing.balanced_orders). Milliseconds per call, effective GB/s under the minimal
 traffic of the mode (bench_cases.TRAFFIC: forward and eval 2N bytes, forward+backward 5N), and the
 ratios bnlab/each baseline. Results go to a JSON-lines file, one line per case, written
 atomically; a rerun skips the cases already there (--fresh to start over).
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cases import DTYPES, MODES, contenders, traffic_bytes  # noqa: E402
 from bench_env import environment, first_call_seconds  # noqa: E402
+from bench_timing import balanced_orders  # noqa: E402
 
 SHAPES = {
     "mlp-small": (256, 100),
@@ -59,7 +61,10 @@ def time_interleaved(fns: dict, device: str, rounds: int, min_sample_s: float) -
     """Median seconds per call of each callable, over ``rounds`` interleaved samples.
 
     Each sample repeats a call enough times to last about ``min_sample_s`` (small shapes take
-    tens of microseconds), measured with the host clock around a device synchronisation.
+    tens of microseconds), measured with the host clock around a device synchronisation. Round r
+    runs the contenders in the order r of bench_timing.balanced_orders (cyclically): 4 orders for
+    4 contenders, 10 for 5 (with torch.compile), so the balance is exact when ``rounds`` is a
+    multiple of that count and nearly so otherwise.
     """
     inner = {}
     for name, fn in fns.items():
@@ -73,8 +78,9 @@ def time_interleaved(fns: dict, device: str, rounds: int, min_sample_s: float) -
         inner[name] = max(1, math.ceil(min_sample_s / one))
     names = list(fns)
     samples = {name: [] for name in names}
+    orders = balanced_orders(names)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in orders[r % len(orders)]:
             fn, k = fns[name], inner[name]
             _sync(device)
             start = time.perf_counter()
