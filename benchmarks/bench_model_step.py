@@ -1,0 +1,108 @@
+"""A whole model's training step and inference with bnlab's BatchNorm against torch.nn's.
+
+Claim measured (docs/benchmarks.md, *Round of 2026-12-03*): what bnlab's BN changes in the time
+of a real network's step on the CPU, where the convolutions take most of it. The network is the
+lab's ResNet-20 (19 convs, 19 BN layers, `bnlab.lab.models.resnet20`), built twice with the same
+weights, once with each BN; a step is forward, cross-entropy, backward and an SGD update on one
+batch of random CIFAR-sized images; inference is the eval-mode forward under no_grad, also of a
+third copy with every BN folded into its conv (`bnlab.fold`). The variants run in interleaved samples, each round in an order of bench_timing.balanced_orders,
+and the medians are printed in milliseconds.
+
+    PYTHONPATH=src python benchmarks/bench_model_step.py [--batch 128] [--threads 2] [--rounds 12] [--layout cl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cases import positive_int  # noqa: E402
+from bench_timing import balanced_orders  # noqa: E402
+
+import bnlab  # noqa: E402
+from bnlab.lab.models import resnet20  # noqa: E402
+
+
+def twin_models(layout: str) -> dict[str, nn.Module]:
+    """{"bnlab": ResNet-20 with bnlab BN, "torch.nn": the same weights with torch.nn BN}."""
+    torch.manual_seed(0)
+    models = {"bnlab": resnet20(bn_impl="bnlab"), "torch.nn": resnet20(bn_impl="torch")}
+    models["torch.nn"].load_state_dict(models["bnlab"].state_dict())
+    if layout == "cl":
+        models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
+    return models
+
+
+def step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    """One SGD training step of model on (images, labels), as a zero-argument callable."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def inference_fn(model: nn.Module, images: torch.Tensor):
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            return model(images)
+
+    return infer
+
+
+def median_ms(fns: dict, rounds: int, reps: int) -> dict[str, float]:
+    """Median milliseconds per call of each callable over ``rounds`` interleaved samples of ``reps`` calls."""
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
+    orders = balanced_orders(list(fns))
+    for r in range(rounds):
+        for name in orders[r % len(orders)]:
+            start = time.perf_counter()
+            for _ in range(reps):
+                fns[name]()
+            samples[name].append((time.perf_counter() - start) / reps * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=positive_int, default=128)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=12, help="interleaved samples per variant")
+    p.add_argument("--reps", type=positive_int, default=3, help="steps per sample")
+    p.add_argument("--layout", default="nchw", choices=["nchw", "cl"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(args.batch, 3, 32, 32, generator=gen)
+    if args.layout == "cl":
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (args.batch,), generator=gen)
+    models = twin_models(args.layout)
+    folded = bnlab.fold(twin_models(args.layout)["bnlab"].eval())
+    print(f"# bench_model_step.py --batch {args.batch} --threads {args.threads} --layout {args.layout}; "
+          f"ResNet-20, milliseconds, medians of {args.rounds} samples x {args.reps} calls")  # fmt: skip
+    steps = {name: step_fn(m, images, labels) for name, m in models.items()}
+    inference = {name: inference_fn(m, images) for name, m in {**models, "bnlab folded": folded}.items()}
+    for what, fns in (("training step", steps), ("inference", inference)):
+        ms = median_ms(fns, args.rounds, args.reps)
+        print(f"{what:14s} " + "  ".join(f"{name} {value:8.2f}" for name, value in ms.items())
+              + f"  torch.nn/bnlab {ms['torch.nn'] / ms['bnlab']:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

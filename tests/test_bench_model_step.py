@@ -1,0 +1,40 @@
+"""benchmarks/bench_model_step.py: its twin ResNet-20s compute the same function, and it runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_model_step  # noqa: E402
+
+
+def test_the_twins_agree_in_training_and_inference():
+    """The comparison is fair only if both variants run the same network: same weights, and
+    outputs within fp32 tolerance (the BN implementations differ in rounding only)."""
+    models = bench_model_step.twin_models("nchw")
+    a, b = models["bnlab"], models["torch.nn"]
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for mode in (True, False):
+        a.train(mode), b.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(a(images), b(images), rtol=1e-4, atol=1e-4)
+
+
+def test_it_runs_and_prints_both_tables(capsys):
+    threads = torch.get_num_threads()  # main sets the count; the tests after this one keep theirs
+    try:
+        bench_model_step.main(["--batch", "2", "--rounds", "1", "--reps", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# bench_model_step.py --batch 2")
+    assert lines[1].startswith("training step") and "torch.nn/bnlab" in lines[1]
+    assert lines[2].startswith("inference") and "bnlab folded" in lines[2]
