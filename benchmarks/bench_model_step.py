@@ -5,8 +5,9 @@ of a real network's step on the CPU, where the convolutions take most of it. The
 lab's ResNet-20 (19 convs, 19 BN layers, `bnlab.lab.models.resnet20`), built twice with the same
 weights, once with each BN; a step is forward, cross-entropy, backward and an SGD update on one
 batch of random CIFAR-sized images; inference is the eval-mode forward under no_grad, also of a
-third copy with every BN folded into its conv (`bnlab.fold`). The variants run in interleaved samples, each round in an order of bench_timing.balanced_orders,
-and the medians are printed in milliseconds.
+third copy with every BN folded into its conv (`bnlab.fold`). The variants are timed as bench_bn.py
+times its contenders (bench_bn.time_interleaved: interleaved samples of about --min-sample seconds,
+each round in an order of bench_timing.balanced_orders), and the medians are printed in milliseconds.
 
     PYTHONPATH=src python benchmarks/bench_model_step.py [--batch 128] [--threads 2] [--rounds 12] [--layout cl]
 """
@@ -14,17 +15,15 @@ and the medians are printed in milliseconds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bn import time_interleaved  # noqa: E402
 from bench_cases import positive_int  # noqa: E402
-from bench_timing import balanced_orders  # noqa: E402
 
 import bnlab  # noqa: E402
 from bnlab.lab.models import resnet20  # noqa: E402
@@ -63,29 +62,16 @@ def inference_fn(model: nn.Module, images: torch.Tensor):
     return infer
 
 
-def median_ms(fns: dict, rounds: int, reps: int) -> dict[str, float]:
-    """Median milliseconds per call of each callable over ``rounds`` interleaved samples of ``reps`` calls."""
-    for fn in fns.values():
-        fn()
-    samples = {name: [] for name in fns}
-    orders = balanced_orders(list(fns))
-    for r in range(rounds):
-        for name in orders[r % len(orders)]:
-            start = time.perf_counter()
-            for _ in range(reps):
-                fns[name]()
-            samples[name].append((time.perf_counter() - start) / reps * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=positive_int, default=128)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--rounds", type=positive_int, default=12, help="interleaved samples per variant")
-    p.add_argument("--reps", type=positive_int, default=3, help="steps per sample")
+    p.add_argument("--min-sample", type=float, default=1.0, help="seconds per sample (calls are repeated)")
     p.add_argument("--layout", default="nchw", choices=["nchw", "cl"])
     args = p.parse_args(argv)
+    if not args.min_sample >= 0:
+        p.error(f"--min-sample: expected seconds >= 0, got {args.min_sample}")
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, 32, 32, generator=gen)
@@ -95,11 +81,12 @@ def main(argv=None) -> None:
     models = twin_models(args.layout)
     folded = bnlab.fold(twin_models(args.layout)["bnlab"].eval())
     print(f"# bench_model_step.py --batch {args.batch} --threads {args.threads} --layout {args.layout}; "
-          f"ResNet-20, milliseconds, medians of {args.rounds} samples x {args.reps} calls")  # fmt: skip
+          f"ResNet-20, milliseconds, medians of {args.rounds} samples of about {args.min_sample} s")  # fmt: skip
     steps = {name: step_fn(m, images, labels) for name, m in models.items()}
     inference = {name: inference_fn(m, images) for name, m in {**models, "bnlab folded": folded}.items()}
     for what, fns in (("training step", steps), ("inference", inference)):
-        ms = median_ms(fns, args.rounds, args.reps)
+        seconds = time_interleaved(fns, "cpu", args.rounds, args.min_sample)
+        ms = {name: value * 1e3 for name, value in seconds.items()}
         print(f"{what:14s} " + "  ".join(f"{name} {value:8.2f}" for name, value in ms.items())
               + f"  torch.nn/bnlab {ms['torch.nn'] / ms['bnlab']:.3f}")  # fmt: skip
 

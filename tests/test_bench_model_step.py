@@ -31,10 +31,20 @@ def test_the_twins_agree_in_training_and_inference():
 def test_it_runs_and_prints_both_tables(capsys):
     threads = torch.get_num_threads()  # main sets the count; the tests after this one keep theirs
     try:
-        bench_model_step.main(["--batch", "2", "--rounds", "1", "--reps", "1", "--threads", "1"])
+        bench_model_step.main(["--batch", "2", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# bench_model_step.py --batch 2")
     assert lines[1].startswith("training step") and "torch.nn/bnlab" in lines[1]
     assert lines[2].startswith("inference") and "bnlab folded" in lines[2]
+
+
+def test_a_negative_sample_length_is_refused_by_name(capsys):
+    try:
+        bench_model_step.main(["--min-sample", "-1"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--min-sample -1 was accepted")
+    assert "--min-sample: expected seconds >= 0, got -1.0" in capsys.readouterr().err

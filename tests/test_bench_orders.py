@@ -41,7 +41,7 @@ def test_a_rotation_is_not_balanced():
     assert balanced[("copy_", "bnlab")] == balanced[("bnlab", "copy_")] == 1
 
 
-def test_the_bench_uses_the_balanced_orders(monkeypatch):
+def test_the_bench_uses_the_balanced_orders():
     """bench_bn.time_interleaved runs each round in the next of balanced_orders' orders."""
     import bench_bn
 
