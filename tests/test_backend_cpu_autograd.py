@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bnlab
+from bnlab import _fastpath
 from bnlab.backends import autograd_apply, cpu_autograd, get_backend
 
 CPU = get_backend("cpu")
@@ -54,8 +55,11 @@ def test_functorch_transforms_and_compiling_take_the_public_apply(monkeypatch, h
     monkeypatch.setattr(cpu_autograd.CpuTrainFunction, "apply", spy)
     layer = bnlab.BatchNorm1d(6)
     x = torch.randn(8, 6, requires_grad=True)
-    layer(x)
-    assert calls == []  # the direct path: the public apply was not called
-    monkeypatch.setattr(autograd_apply, hook, lambda: True)
-    y = layer(x)
+    # The Python path, where apply_train runs (the compiled training call checks the real
+    # transforms and tracer itself: tests/test_backend_cpu_train_entry.py).
+    with _fastpath.python_path_only():
+        layer(x)
+        assert calls == []  # the direct path: the public apply was not called
+        monkeypatch.setattr(autograd_apply, hook, lambda: True)
+        y = layer(x)
     assert calls == [4] and type(y.grad_fn).__name__ == "CpuTrainFunctionBackward"

@@ -9,9 +9,10 @@ batch statistics, a gradient wanted in eval) it returns None *before changing an
 the module takes the general path, which raises the usual errors. The results are the same
 either way: the hooks run the same kernels as the general path.
 
-A CPU eval call goes further: one compiled function (``bn_eval_module``,
-backends/cpu_kernels_py_eval.inc) does the checks, the allocation and the kernel call with the C
-API, and declines to the Python path below anything it does not take.
+A CPU call goes further: one compiled function (``bn_eval_module``, backends/cpu_kernels_py_eval.inc,
+in eval mode; ``bn_train_module``, cpu_kernels_py_train.inc, in training mode) does the checks,
+the allocations and the kernel call with the C API, and declines to the Python path below
+anything it does not take.
 """
 
 from __future__ import annotations
@@ -23,24 +24,26 @@ import torch
 from torch import Tensor
 
 from bnlab import _checks
-from bnlab.backends import cpu_eval_entry, select_backend
+from bnlab.backends import cpu_eval_entry, cpu_train_entry, select_backend
+from bnlab.backends.cpu import COMPILED_CALLS
 from bnlab.composite import transforms_active
 
 _FLOATING = frozenset(_checks.FLOATING_DTYPES)
-_COMPILED_EVAL = {"on": True}  # off inside python_path_only()
+_COMPILED_CALLS = COMPILED_CALLS  # off inside python_path_only()
 
 
 @contextlib.contextmanager
 def python_path_only():
-    """Within the block, eval calls skip the compiled call (``bn_eval_module``) and take the Python
-    path that runs when it declines: for A/B comparisons of the two (benchmarks/eval_paths.py,
-    tests). Not thread-local."""
-    before = _COMPILED_EVAL["on"]
-    _COMPILED_EVAL["on"] = False
+    """Within the block, calls skip the compiled whole calls (``bn_eval_module``, ``bn_train_module``,
+    ``bn_backward_module`` for backward passes run inside the block) and take the Python path that
+    runs when they decline: for A/B comparisons of the two
+    (benchmarks/eval_paths.py, benchmarks/train_paths.py, tests). Not thread-local."""
+    before = _COMPILED_CALLS["on"]
+    _COMPILED_CALLS["on"] = False
     try:
         yield
     finally:
-        _COMPILED_EVAL["on"] = before
+        _COMPILED_CALLS["on"] = before
 
 
 def _plain(v: Tensor | None, channels: int, device: torch.device) -> bool:
@@ -82,12 +85,13 @@ def module_forward(module, x: object) -> Tensor | None:
         The normalized tensor, with running statistics and num_batches_tracked updated exactly as
         the general path would; or None, with nothing changed.
     """
-    if not module.training:
-        # A CPU inference call in one compiled step, which declines anything but the plain case
-        # (then the checks below run). In a network this runs right after a kernel that streamed
-        # megabytes through the caches, where each Python step and tensor query costs
-        # microseconds (docs/benchmarks.md, *Eval in one compiled call*).
-        entry = cpu_eval_entry() if _COMPILED_EVAL["on"] else None
+    if _COMPILED_CALLS["on"]:
+        # A CPU call in one compiled step, which declines anything but the plain case (then the
+        # checks below run). In a network this runs right after a kernel that streamed megabytes
+        # through the caches, where each Python step and tensor query costs microseconds
+        # (docs/benchmarks.md, *Eval in one compiled call*); on small inputs the Python is most
+        # of a training call (*A training call in one compiled step*).
+        entry = cpu_train_entry() if module.training else cpu_eval_entry()
         if entry is not None:
             y = entry(module, x)
             if y is not None:

@@ -53,11 +53,22 @@ def set_backend(name: str | None) -> None:
     _PINNED = name
 
 
-def cpu_eval_entry():
-    """The compiled whole-call eval (:meth:`CpuBackend.eval_entry`) when the CPU backend is the one
-    :func:`select_backend` picks for CPU tensors, else None."""
+def _cpu_backend_in_use() -> CpuBackend | None:
+    """The CPU backend when it is the one :func:`select_backend` picks for CPU tensors, else None."""
     backend = get_backend("cpu") if _PINNED == "cpu" else _REGISTRY[0] if _PINNED is None else None
-    return backend.eval_entry() if isinstance(backend, CpuBackend) else None
+    return backend if isinstance(backend, CpuBackend) else None
+
+
+def cpu_eval_entry():
+    """The compiled whole-call eval (:meth:`CpuBackend.eval_entry`) when the CPU backend is in use, else None."""
+    backend = _cpu_backend_in_use()
+    return backend.eval_entry() if backend is not None else None
+
+
+def cpu_train_entry():
+    """The compiled whole training call (:meth:`CpuBackend.train_entry`) when the CPU backend is in use, else None."""
+    backend = _cpu_backend_in_use()
+    return backend.train_entry() if backend is not None else None
 
 
 def select_backend(x: Tensor) -> Backend:

@@ -22,7 +22,7 @@ from bnlab import composite
 from bnlab._checks import check_running_var_nonnegative
 from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.base import Backend
-from bnlab.backends.cpu_autograd import apply_train
+from bnlab.backends.cpu_autograd import apply_train, kernel_done_apply
 from bnlab.backends.portable import PortableBackend
 from bnlab.stats import Moments
 
@@ -32,6 +32,10 @@ _CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3
 _NCL, _NLC = 0, 1
 _F64 = torch.float64
 _PORTABLE = PortableBackend()  # for what the kernels do not take: empty tensors, other strides
+
+#: Whether calls may take the compiled whole-call entries (eval_entry, train_entry, backward_entry);
+#: off inside bnlab._fastpath.python_path_only(), for A/B comparisons with the Python path.
+COMPILED_CALLS = {"on": True}
 
 #: Below this many elements one thread is faster than waking the others.
 PARALLEL_MIN_NUMEL = 1 << 15
@@ -114,6 +118,8 @@ class CpuBackend(Backend):
     def __init__(self) -> None:
         self._loaded = None
         self._eval_entry = None  # bn_eval_module once set up, False when there is none
+        self._train_entry = None  # bn_train_module likewise
+        self._backward_entry = None  # bn_backward_module once the train entry is set up, False without
 
     def kernels(self):
         """The loaded kernels (compiled on first use), or None when unavailable."""
@@ -143,6 +149,26 @@ class CpuBackend(Backend):
                 )  # fmt: skip
             self._eval_entry = entry or False
         return self._eval_entry or None
+
+    def train_entry(self):
+        """The extension module's ``bn_train_module`` (cpu_kernels_py_train.inc), set up on first use;
+        None where :meth:`eval_entry` is None or torch lacks the C apply it calls.
+
+        ``bn_train_module(layer, x)`` is a BN layer's whole training-mode call (statistics, output,
+        running averages, and the autograd node when a graph is wanted), or None, having changed
+        nothing, for anything but the plain case (see :func:`bnlab._fastpath.module_forward`).
+        """
+        if self._train_entry is None:
+            entry = None
+            if self.eval_entry() is not None and kernel_done_apply is not None:
+                compiler = getattr(torch, "compiler", None)
+                is_compiling = getattr(compiler, "is_compiling", None) or (lambda: False)
+                self._lib.bn_train_setup(
+                    kernel_done_apply, self, torch.empty, torch.float64, torch.int64, is_compiling, WAVE_PER_THREAD
+                )
+                entry = self._lib.bn_train_module
+            self._train_entry = entry or False
+        return self._train_entry or None
 
     def supports(self, x: Tensor) -> bool:
         return x.is_cpu and x.dtype in _CODE and self._lib is not None
@@ -181,6 +207,17 @@ class CpuBackend(Backend):
             0 if nbt is None else nbt.data_ptr(), momentum is None, guard, nt, WAVE_PER_THREAD * nt,
         )  # fmt: skip
         return y, stats, (layout, n, c, length, code, nt)
+
+    def backward_entry(self, dy, x, stats, weight, plan, needs, bias_dtype):
+        """CpuTrainFunction's gradients (dx, dweight, dbias, None) from one compiled call
+        (``bn_backward_module``, cpu_kernels_py_train.inc), or None where it is not set up or
+        declines (dy in another dtype or memory format, a strided weight): then :meth:`backward_fused`."""
+        if not COMPILED_CALLS["on"]:
+            return None
+        call = self._backward_entry
+        if call is None:
+            call = self._backward_entry = (self._lib.bn_backward_module if self.train_entry() is not None else False)
+        return call(dy, x, stats, weight, plan, needs, bias_dtype) if call else None
 
     def backward_fused(self, dy, x, stats, weight, plan, need_input_grad, dweight, dbias):
         """dx (or None) from the forward's ``stats`` and ``plan``; writes Σdy·x̂ into dweight and Σdy into dbias.

@@ -40,6 +40,9 @@ class CpuTrainFunction(torch.autograd.Function):
             from bnlab.autograd import differentiable_train_grads
 
             return *differentiable_train_grads(dy, x, weight, eps, bias_dtype, (need_x, need_w, need_b)), None
+        grads = backend.backward_entry(dy, x, stats, weight, plan, ctx.needs_input_grad, bias_dtype)
+        if grads is not None:
+            return grads  # (dx, dweight, dbias, None) from one compiled call
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty(plan[2], dtype=bias_dtype) if need_b else None
         return backend.backward_fused(dy, x, stats, weight, plan, need_x, dw, db), dw, db, None
@@ -47,3 +50,23 @@ class CpuTrainFunction(torch.autograd.Function):
 
 #: CpuTrainFunction.apply(x, weight, bias, config), without torch's Python wrapper where it is idle.
 apply_train = direct_apply(CpuTrainFunction)
+
+
+class CpuTrainFromKernel(CpuTrainFunction):
+    """CpuTrainFunction after its kernel call: the compiled training call (``bn_train_module``,
+    cpu_kernels_py_train.inc) has run the forward kernel and hands over its results.
+
+    forward(x, weight, bias, done) -> y with done = (y, (3, C) statistics, ctx.config as
+    CpuTrainFunction keeps it); only saves what the shared backward reads.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, done):
+        y, stats, ctx.config = done
+        ctx.save_for_backward(x, weight, stats)
+        return y
+
+
+#: CpuTrainFromKernel's apply in C (torch's _FunctionBase.apply), which bn_train_module calls
+#: outside transforms and tracing only (it declines those); None where torch lacks the hook.
+kernel_done_apply = getattr(super(torch.autograd.Function, CpuTrainFromKernel), "apply", None)

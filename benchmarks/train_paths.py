@@ -1,0 +1,119 @@
+"""A training-mode call's cost by path: the compiled whole calls against the Python path and torch.nn.
+
+Claim measured (docs/benchmarks.md, *A training call in one compiled step*): on small inputs a
+training call is bound by its Python, and the compiled calls (``bn_train_module`` for the forward,
+``bn_backward_module`` for the backward, backends/cpu_kernels_py_train.inc) remove most of it.
+
+For each shape, three layers with the same state run the same call: bnlab as shipped, bnlab with
+the compiled calls switched off (the Python path of earlier releases, switched per call, outside
+nothing but a dict store), and torch.nn. Three calls are timed: the step (forward and
+torch.autograd.grad of input, weight and bias), the forward alone (a graph built and dropped), and
+the forward under no_grad (training mode: statistics and running averages, no graph). The
+contenders of a call are timed as bench_bn.py times its own (bench_bn.time_interleaved:
+interleaved samples of about --min-sample seconds, each round in an order of
+bench_timing.balanced_orders); the table shows medians in microseconds.
+
+    PYTHONPATH=src python benchmarks/train_paths.py [--shapes 8,16,4,4 256,100] [--threads 2] [--rounds 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bn import time_interleaved  # noqa: E402
+from bench_cases import positive_int  # noqa: E402
+
+import bnlab  # noqa: E402
+from bnlab.backends import cpu_train_entry  # noqa: E402
+from bnlab.backends.cpu import COMPILED_CALLS  # noqa: E402
+
+DEFAULT_SHAPES = ("8,16,4,4", "256,100", "128,64,8,8", "64,256,14,14")
+LAYERS = {2: (bnlab.BatchNorm1d, torch.nn.BatchNorm1d), 4: (bnlab.BatchNorm2d, torch.nn.BatchNorm2d)}
+PATHS = ("bnlab, compiled calls", "bnlab, Python path", "torch.nn")
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    """A shape of 2 (N, C) or 4 (N, C, H, W) positive sizes."""
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) not in LAYERS or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected N,C or N,C,H,W of positive sizes, got {text!r}")
+    return shape
+
+
+def seconds_arg(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value}")
+    return value
+
+
+def _python_path(fn):
+    """fn with the compiled calls off while it runs (forward and backward)."""
+
+    def call():
+        COMPILED_CALLS["on"] = False
+        try:
+            fn()
+        finally:
+            COMPILED_CALLS["on"] = True
+
+    return call
+
+
+def calls(shape) -> dict[str, dict]:
+    """{call: {path: zero-argument callable}} for one shape (float32, contiguous)."""
+    bn_class, torch_class = LAYERS[len(shape)]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).requires_grad_()
+    dy = torch.randn(shape, generator=gen)
+    layers = [bn_class(shape[1]), bn_class(shape[1]), torch_class(shape[1])]
+    for layer in layers[1:]:
+        layer.load_state_dict(layers[0].state_dict())
+    table = {"step": {}, "forward": {}, "forward, no_grad": {}}
+    for path, layer in zip(PATHS, layers):
+        wanted = (x, layer.weight, layer.bias)
+
+        def step(layer=layer, wanted=wanted):
+            torch.autograd.grad(layer(x), wanted, dy)
+
+        def no_grad(layer=layer):
+            with torch.no_grad():
+                layer(x)
+
+        for call, fn in (("step", step), ("forward", lambda layer=layer: layer(x)), ("forward, no_grad", no_grad)):
+            table[call][path] = _python_path(fn) if path == PATHS[1] else fn
+    return table
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", type=shape_arg, default=[shape_arg(s) for s in DEFAULT_SHAPES])
+    p.add_argument("--threads", type=positive_int, default=2, help="torch's intra-op threads (default 2)")
+    p.add_argument("--rounds", type=positive_int, default=16, help="interleaved samples per contender")
+    p.add_argument("--min-sample", type=seconds_arg, default=0.02, help="seconds per sample (default 0.02)")
+    args = p.parse_args(argv)
+    if cpu_train_entry() is None:
+        raise SystemExit("bnlab's compiled training call is unavailable (the extension module did not build)")
+    torch.set_num_threads(args.threads)
+    shapes_text = " ".join(",".join(map(str, s)) for s in args.shapes)
+    print(f"# train_paths.py --shapes {shapes_text} --threads {args.threads} --rounds {args.rounds}; "
+          f"microseconds, medians; the last two columns: Python path / compiled, torch.nn / compiled")  # fmt: skip
+    print(f"{'shape':16s} {'call':17s} " + " ".join(f"{path:>22s}" for path in PATHS) + "  py/comp torch/comp")
+    for shape in args.shapes:
+        for call, fns in calls(shape).items():
+            seconds = time_interleaved(fns, "cpu", args.rounds, args.min_sample)
+            us = [seconds[path] * 1e6 for path in PATHS]
+            print(f"{str(shape):16s} {call:17s} " + " ".join(f"{v:22.1f}" for v in us)
+                  + f"  {us[1] / us[0]:7.2f} {us[2] / us[0]:10.2f}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
