@@ -2,7 +2,8 @@
 
 Trains the full sweep (3 seeds, both units) in each variant, interleaved round by round, and
 prints the median wall and CPU time per variant. Variants: the first layer in its dual form
-(the default for this sweep) or primal, and bnlab's or torch.nn's BatchNorm.
+(the default for this sweep) or primal, and bnlab's or torch.nn's BatchNorm; ``dual-bnlab-python``
+runs bnlab's BatchNorm with its compiled whole calls off (bnlab._fastpath.python_path_only).
 
     PYTHONPATH=src python benchmarks/lab_init_sweep.py [--repeats 3] [--threads N] [--variants dual-bnlab,primal-bnlab]
 
@@ -15,25 +16,29 @@ other at every operation when another process holds a core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
 
+from bnlab._fastpath import python_path_only
 from bnlab.lab.experiments import init_sweep
 from bnlab.lab.runner import RunContext
 
-VARIANTS = {"dual-bnlab": ("dual", "bnlab"), "primal-bnlab": ("primal", "bnlab"), "dual-torch": ("dual", "torch")}
+VARIANTS = {"dual-bnlab": ("dual", "bnlab"), "primal-bnlab": ("primal", "bnlab"), "dual-torch": ("dual", "torch"),
+            "dual-bnlab-python": ("dual", "bnlab", True)}  # fmt: skip
 
 
-def run_once(first_layer: str, bn: str) -> tuple[float, float]:
+def run_once(first_layer: str, bn: str, python_path: bool = False) -> tuple[float, float]:
     params = {**init_sweep._params(False), "first_layer": first_layer}
     config = {"params": params, "seeds": [0, 1, 2], "bn": bn, "quick": False, "dataset": "mnist", "data_dir": None}
     ctx = RunContext(None, config, torch.device("cpu"))
     ctx.data  # load the data outside the timed region, as `bnlab run` does once per run
     wall, cpu = time.perf_counter(), time.process_time()
-    for unit in ("bn", "plain"):
-        init_sweep._run_unit(unit, ctx)
+    with python_path_only() if python_path else contextlib.nullcontext():
+        for unit in ("bn", "plain"):
+            init_sweep._run_unit(unit, ctx)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -50,11 +55,11 @@ def main() -> None:
     for r in range(args.repeats):
         for name in names:  # interleaved: every round runs every variant once
             times[name].append(run_once(*VARIANTS[name]))
-            print(f"round {r + 1}: {name:<13} wall {times[name][-1][0]:6.2f} s  cpu {times[name][-1][1]:6.2f} s", flush=True)
+            print(f"round {r + 1}: {name:<17} wall {times[name][-1][0]:6.2f} s  cpu {times[name][-1][1]:6.2f} s", flush=True)
     print(f"\n{torch.get_num_threads()} torch threads; medians over {args.repeats} rounds:")
     for name in names:
         walls, cpus = zip(*times[name])
-        print(f"  {name:<13} wall {statistics.median(walls):6.2f} s   cpu {statistics.median(cpus):6.2f} s")
+        print(f"  {name:<17} wall {statistics.median(walls):6.2f} s   cpu {statistics.median(cpus):6.2f} s")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from bnlab import _checks
 from bnlab.backends import cpu_eval_entry, cpu_train_entry, select_backend
 from bnlab.backends.cpu import COMPILED_CALLS
 from bnlab.composite import transforms_active
+from bnlab.functional import eval_with_graph
 
 _FLOATING = frozenset(_checks.FLOATING_DTYPES)
 _COMPILED_CALLS = COMPILED_CALLS  # off inside python_path_only()
@@ -122,11 +123,14 @@ def module_forward(module, x: object) -> Tensor | None:
     if not module.training:
         if running_mean is None or running_var is None or x.numel() == 0:
             return None  # eval with batch statistics (track_running_stats=False), or an empty batch
+        backend = select_backend(x)
         if torch.is_grad_enabled() and (
             x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
         ):
-            return None  # a graph is wanted: BatchNormEvalFunction
-        return select_backend(x).eval_forward(x, running_mean, running_var, weight, bias, eps)
+            # A graph is wanted (frozen statistics while training, or inference outside no_grad):
+            # BatchNormEvalFunction, the arguments being valid already.
+            return eval_with_graph(x, running_mean, running_var, weight, bias, eps, backend)
+        return backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
     if x.numel() <= channels:
         return None  # one value per channel is an error, zero an empty batch: the general path
     momentum = module.momentum

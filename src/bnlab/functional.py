@@ -11,6 +11,7 @@ from torch import Tensor
 
 from bnlab import _checks, composite
 from bnlab.autograd import BatchNormEvalFunction, BatchNormTrainFunction
+from bnlab.backends.autograd_apply import direct_apply
 from bnlab.backends import select_backend
 from bnlab.stats import Moments, update_running_stats_
 
@@ -97,10 +98,25 @@ def batch_norm(
         y = backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
         if y is not None:
             return y
-    _checks.check_running_var_nonnegative(running_var)
-    mean = running_mean.detach().to(torch.float64)
-    invstd = torch.rsqrt(running_var.detach().to(torch.float64) + eps)
-    return BatchNormEvalFunction.apply(x, weight, bias, mean, invstd, backend)
+    return eval_with_graph(x, running_mean, running_var, weight, bias, eps, backend)
+
+
+def eval_with_graph(x, running_mean, running_var, weight, bias, eps: float, backend) -> Tensor:
+    """Evaluation-mode BN recorded for autograd (fixed statistics; gradients for x, weight, bias).
+
+    For callers that validated the arguments already (batch_norm above, the modules' fast path):
+    (N, C, *) x, (C,) floating vectors on x's device, running statistics present, eps >= 0.
+    Raises for a negative running variance, naming the channels.
+    """
+    stats = backend.eval_statistics(running_mean, running_var, eps)  # raises for a negative variance
+    if stats is None:
+        _checks.check_running_var_nonnegative(running_var)
+        stats = running_mean.detach().to(torch.float64), torch.rsqrt(running_var.detach().to(torch.float64) + eps)
+    return _apply_eval(x, weight, bias, *stats, backend)
+
+
+#: BatchNormEvalFunction.apply without torch's Python wrapper where it is idle (backends.autograd_apply).
+_apply_eval = direct_apply(BatchNormEvalFunction)
 
 
 def _any_requires_grad(*tensors: Tensor | None) -> bool:

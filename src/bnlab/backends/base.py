@@ -9,6 +9,7 @@ SyncBatchNorm uses the primitives directly, inserting one collective after each 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from bnlab.stats import Count, Moments, finalize
@@ -115,6 +116,32 @@ class Backend:
         Returns None to let the caller take the general path (finalize the statistics, then
         ``normalize`` under autograd). Must raise as ``_checks.check_running_var_nonnegative`` does
         for a negative running variance.
+        """
+        return None
+
+    def eval_statistics(self, running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor] | None:
+        """(mean, invstd) in float64 (C,) from running statistics, invstd = 1/sqrt(var + eps), for the
+        eval-mode Function; None to let the caller compute them with torch ops. Must raise as
+        ``_checks.check_running_var_nonnegative`` does for a negative running variance."""
+        return None
+
+    def eval_backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        need_input_grad: bool,
+        need_weight_grad: bool,
+        need_bias_grad: bool,
+        bias_dtype: torch.dtype | None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
+        """First-order gradients of the eval-mode map y = (x - mean)·invstd·weight + bias (fixed
+        float64 (C,) mean and invstd): (dx = dy·weight·invstd, Σdy·x̂ in weight's dtype, Σdy in
+        bias_dtype), each None when not needed or its parameter is absent.
+
+        Returns None to let the caller evaluate them with torch ops (bnlab.autograd.BatchNormEvalFunction).
         """
         return None
 
