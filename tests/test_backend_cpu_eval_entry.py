@@ -142,17 +142,38 @@ def test_large_inputs_run_on_the_threads_and_agree(taken):
     assert taken[-1] is y and torch.equal(y, _python_path(layer, x))
 
 
-def test_a_graph_is_left_to_autograd(taken):
+def test_a_graph_is_made_here_when_wanted(taken):
     layer = _layer(2, 5)
     x = torch.randn(4, 5)
-    y = layer(x)  # grad enabled and the affine parameters require grad: BatchNormEvalFunction
-    assert taken == [None] and y.grad_fn is not None
+    y = layer(x)  # grad enabled and the affine parameters require grad: the eval-mode node
+    assert taken[-1] is y and type(y.grad_fn).__name__ == "CpuEvalFromKernelBackward"
     with torch.no_grad():
-        assert layer(x).grad_fn is None and taken[-1] is not None
+        plain = layer(x)
+    assert plain.grad_fn is None and taken[-1] is plain and torch.equal(y, plain)
     layer.requires_grad_(False)
     assert layer(x).grad_fn is None and taken[-1] is not None  # nothing requires grad: no graph
     x.requires_grad_(True)
-    assert layer(x).grad_fn is not None and taken[-1] is None
+    y = layer(x)
+    assert y.grad_fn is not None and taken[-1] is y
+    with _fastpath.python_path_only():
+        y_python = layer(x)
+    (dx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+    (dx_python,) = torch.autograd.grad(y_python, [x], torch.ones_like(y))
+    assert torch.equal(y, y_python) and torch.equal(dx, dx_python)
+
+
+@pytest.mark.parametrize("wanted", ["input", "weight", "bias"])
+def test_a_graph_for_any_one_differentiable_tensor(wanted):
+    c = 4
+    x, rm, rv, w, b = torch.randn(3, c, 5), torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)
+    tensors = {"input": x, "weight": w, "bias": b}
+    tensors[wanted] = tensors[wanted].clone().requires_grad_()
+    y = _call(tensors["input"], rm, rv, tensors["weight"], tensors["bias"], grad=True)
+    assert y is not None and y.grad_fn is not None
+    (grad,) = torch.autograd.grad(y, [tensors[wanted]], torch.ones_like(y))
+    expected = {"input": torch.full_like(x, 1 / math.sqrt(1 + 1e-5)), "weight": x.sum((0, 2)) / math.sqrt(1 + 1e-5),
+                "bias": torch.full((c,), 15.0)}[wanted]  # fmt: skip
+    assert rel_err(grad, expected) <= TOLERANCE[torch.float32]
 
 
 def test_a_negative_running_variance_still_raises_naming_the_channel(taken):
@@ -225,9 +246,6 @@ def _declines():
     yield "negative eps", (x, rm, rv, w, b), {"eps": -1e-5}
     yield "infinite eps", (x, rm, rv, w, b), {"eps": math.inf}
     yield "NaN eps", (x, rm, rv, w, b), {"eps": math.nan}
-    yield "input requiring grad", (x.clone().requires_grad_(), rm, rv, w, b), {"grad": True}
-    yield "weight requiring grad", (x, rm, rv, w.clone().requires_grad_(), b), {"grad": True}
-    yield "bias requiring grad", (x, rm, rv, w, b.clone().requires_grad_()), {"grad": True}
     yield "negative running variance", (x, rm, -rv, w, b), {}
     yield "training", (x, rm, rv, w, b), {"training": True}
     yield "training not a bool", (x, rm, rv, w, b), {"training": 0}

@@ -1,8 +1,9 @@
 """Eval mode with a graph on the CPU kernels: frozen statistics while training, or inference outside no_grad.
 
-The layer normalizes with its running statistics and autograd records the map (BatchNormEvalFunction).
-On the CPU backend the statistics come from the compiled ``bn_eval_stats`` (as the inference call
-computes them), and the first-order backward runs the kernels (``CpuBackend.eval_backward``): dx by
+The layer normalizes with its running statistics and autograd records the map (BatchNormEvalFunction,
+or CpuEvalFromKernel where the compiled eval call makes the node). On the CPU backend the statistics
+come from the compiled ``eval_stats`` (as the inference call computes them), and the first-order
+backward runs the kernels (``CpuBackend.eval_backward``): dx by
 the normalize kernel, Σdy·x̂ and Σdy by the backward kernel's reduction. Checked here: the output has
 the bits of the same call under no_grad; dx has the bits of the torch-op formula it replaces; the
 parameter gradients match torch.nn in float64; double backward, partial gradients, a dy in another
@@ -11,10 +12,13 @@ memory format, an input the kernels do not take, and a negative running variance
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import bnlab
+from bnlab import _fastpath
 from bnlab.backends import get_backend
 from bnlab.stats import compute_dtype
 from conftest import TOLERANCE, rel_err
@@ -62,13 +66,19 @@ CASES = [(shape, dtype, affine) for shape in [(16, 7), (5, 6, 9), (4, 3, 5, 6), 
          for dtype in DTYPES for affine in (True, False)]  # fmt: skip
 
 
+@pytest.mark.parametrize("path", ["compiled call", "Python path"])
 @pytest.mark.parametrize("shape,dtype,affine", CASES)
-def test_outputs_and_gradients_against_no_grad_the_torch_formula_and_torch_nn(shape, dtype, affine):
+def test_outputs_and_gradients_against_no_grad_the_torch_formula_and_torch_nn(shape, dtype, affine, path):
+    """Both ways in: the compiled eval call (bn_eval_module, which makes the node itself) and the
+    Python path (functional.eval_with_graph), which must agree to the bit."""
     ours, theirs = _layers(len(shape), shape[1], affine)
     for name, arrange in _layouts(len(shape)):
         x = arrange(torch.randn(shape, dtype=torch.float64).to(dtype))
         dy = arrange(torch.randn(shape, dtype=torch.float64).to(dtype))
-        y, grads = _grads(ours, x, dy)
+        with _fastpath.python_path_only() if path == "Python path" else contextlib.nullcontext():
+            y, grads = _grads(ours, x, dy)
+        node = type(y.grad_fn).__name__
+        assert node == ("CpuEvalFromKernelBackward" if path == "compiled call" else "BatchNormEvalFunctionBackward")
         with torch.no_grad():
             assert torch.equal(y, ours(x)), name  # the bits of the inference call
         assert y.stride() == x.stride() and grads[0].stride() == x.stride(), name

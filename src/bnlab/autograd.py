@@ -11,11 +11,15 @@ instead, recomputing the statistics from x so that their dependence on x is part
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from bnlab.backends import Backend
 from bnlab.stats import compute_dtype, per_channel, reduce_dims
+
+if TYPE_CHECKING:  # annotations only: the CPU backend's Functions (backends/cpu_autograd.py) import this module
+    from bnlab.backends import Backend
 
 
 def _differentiable_train_backward(

@@ -22,7 +22,7 @@ from bnlab import composite
 from bnlab._checks import check_running_var_nonnegative
 from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.base import Backend
-from bnlab.backends.cpu_autograd import apply_train, kernel_done_apply
+from bnlab.backends.cpu_autograd import apply_train, eval_done_apply, kernel_done_apply
 from bnlab.backends.portable import PortableBackend
 from bnlab.stats import Moments
 
@@ -148,7 +148,18 @@ class CpuBackend(Backend):
                     torch.is_grad_enabled, torch.get_num_threads, cpu_pool.pool_state(), cpu_pool.POOL_MIN_BYTES,
                     PARALLEL_MIN_NUMEL, composite.functorch_active, torch.autograd.forward_ad,
                 )  # fmt: skip
-            self._eval_entry = entry or False
+            train = None
+            if entry is not None and kernel_done_apply is not None and eval_done_apply is not None:
+                # Without torch's C apply neither Function can be made here: the training call
+                # then stays on the Python path, and an eval call wanting a graph too.
+                compiler = getattr(torch, "compiler", None)
+                is_compiling = getattr(compiler, "is_compiling", None) or (lambda: False)
+                lib.bn_train_setup(
+                    kernel_done_apply, eval_done_apply, self, torch.empty, torch.float64, torch.int64, is_compiling,
+                    WAVE_PER_THREAD,
+                )  # fmt: skip
+                train = lib.bn_train_module
+            self._eval_entry, self._train_entry = entry or False, train or False
         return self._eval_entry or None
 
     def train_entry(self):
@@ -160,15 +171,7 @@ class CpuBackend(Backend):
         nothing, for anything but the plain case (see :func:`bnlab._fastpath.module_forward`).
         """
         if self._train_entry is None:
-            entry = None
-            if self.eval_entry() is not None and kernel_done_apply is not None:
-                compiler = getattr(torch, "compiler", None)
-                is_compiling = getattr(compiler, "is_compiling", None) or (lambda: False)
-                self._lib.bn_train_setup(
-                    kernel_done_apply, self, torch.empty, torch.float64, torch.int64, is_compiling, WAVE_PER_THREAD
-                )
-                entry = self._lib.bn_train_module
-            self._train_entry = entry or False
+            self.eval_entry()  # sets up both
         return self._train_entry or None
 
     def supports(self, x: Tensor) -> bool:

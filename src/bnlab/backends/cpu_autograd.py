@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from bnlab.autograd import BatchNormEvalFunction
 from bnlab.backends.autograd_apply import direct_apply
 
 
@@ -67,6 +68,28 @@ class CpuTrainFromKernel(CpuTrainFunction):
         return y
 
 
-#: CpuTrainFromKernel's apply in C (torch's _FunctionBase.apply), which bn_train_module calls
-#: outside transforms and tracing only (it declines those); None where torch lacks the hook.
-kernel_done_apply = getattr(super(torch.autograd.Function, CpuTrainFromKernel), "apply", None)
+class CpuEvalFromKernel(BatchNormEvalFunction):
+    """BatchNormEvalFunction after its kernel call: the compiled eval call (``bn_eval_module``)
+    computed y from the running statistics and hands it over when a graph is wanted.
+
+    forward(x, weight, bias, done) -> y with done = (y, float64 (C,) mean, invstd, backend); the
+    backward is BatchNormEvalFunction's (its trailing Nones beyond these four inputs are dropped).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, done):
+        y, mean, invstd, ctx.backend = done
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+
+def _c_apply(function: type[torch.autograd.Function]):
+    """function.apply in C (torch's _FunctionBase.apply), or None where torch lacks the hook."""
+    return getattr(super(torch.autograd.Function, function), "apply", None)
+
+
+#: The two Functions' apply in C, which the compiled calls (bn_train_module, bn_eval_module) use
+#: outside transforms and tracing only (they decline those).
+kernel_done_apply = _c_apply(CpuTrainFromKernel)
+eval_done_apply = _c_apply(CpuEvalFromKernel)
