@@ -1,19 +1,22 @@
-"""A training-mode call's cost by path: the compiled whole calls against the Python path and torch.nn.
+"""A BN call's cost by path, training mode or eval mode with a graph: the compiled whole calls
+against the Python path and torch.nn.
 
-Claim measured (docs/benchmarks.md, *A training call in one compiled step*): on small inputs a
+Claims measured (docs/benchmarks.md, *A training call in one compiled step*): on small inputs a
 training call is bound by its Python, and the compiled calls (``bn_train_module`` for the forward,
-``bn_backward_module`` for the backward, backends/cpu_kernels_py_train.inc) remove most of it.
+``bn_backward_module`` for the backward, backends/cpu_kernels_py_train.inc) remove most of it;
+with ``--mode eval`` (frozen statistics while training: eval mode, parameters and input requiring
+grad), the compiled eval call making the autograd node and the kernels' backward.
 
 For each shape, three layers with the same state run the same call: bnlab as shipped, bnlab with
-the compiled calls switched off (the Python path of earlier releases, switched per call, outside
-nothing but a dict store), and torch.nn. Three calls are timed: the step (forward and
-torch.autograd.grad of input, weight and bias), the forward alone (a graph built and dropped), and
-the forward under no_grad (training mode: statistics and running averages, no graph). The
+the compiled calls switched off (the Python path, switched per call by a dict store), and
+torch.nn. Three calls are timed: the step (forward and torch.autograd.grad of input, weight and
+bias), the forward alone (a graph built and dropped), and the forward under no_grad (in training
+mode statistics and running averages, in eval mode plain inference). The
 contenders of a call are timed as bench_bn.py times its own (bench_bn.time_interleaved:
 interleaved samples of about --min-sample seconds, each round in an order of
 bench_timing.balanced_orders); the table shows medians in microseconds.
 
-    PYTHONPATH=src python benchmarks/train_paths.py [--shapes 8,16,4,4 256,100] [--threads 2] [--rounds 16]
+    PYTHONPATH=src python benchmarks/train_paths.py [--mode eval] [--shapes 8,16,4,4 256,100] [--threads 2] [--rounds 16]
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ def _python_path(fn):
     return call
 
 
-def calls(shape) -> dict[str, dict]:
-    """{call: {path: zero-argument callable}} for one shape (float32, contiguous)."""
+def calls(shape, mode: str = "train") -> dict[str, dict]:
+    """{call: {path: zero-argument callable}} for one shape (float32, contiguous), the layers in
+    training mode or (``mode="eval"``) eval mode."""
     bn_class, torch_class = LAYERS[len(shape)]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).requires_grad_()
@@ -77,6 +81,8 @@ def calls(shape) -> dict[str, dict]:
     layers = [bn_class(shape[1]), bn_class(shape[1]), torch_class(shape[1])]
     for layer in layers[1:]:
         layer.load_state_dict(layers[0].state_dict())
+    for layer in layers:
+        layer.train(mode == "train")
     table = {"step": {}, "forward": {}, "forward, no_grad": {}}
     for path, layer in zip(PATHS, layers):
         wanted = (x, layer.weight, layer.bias)
@@ -95,6 +101,7 @@ def calls(shape) -> dict[str, dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mode", choices=["train", "eval"], default="train", help="the layers' mode (default train)")
     p.add_argument("--shapes", nargs="+", type=shape_arg, default=[shape_arg(s) for s in DEFAULT_SHAPES])
     p.add_argument("--threads", type=positive_int, default=2, help="torch's intra-op threads (default 2)")
     p.add_argument("--rounds", type=positive_int, default=16, help="interleaved samples per contender")
@@ -104,11 +111,11 @@ def main(argv=None) -> None:
         raise SystemExit("bnlab's compiled training call is unavailable (the extension module did not build)")
     torch.set_num_threads(args.threads)
     shapes_text = " ".join(",".join(map(str, s)) for s in args.shapes)
-    print(f"# train_paths.py --shapes {shapes_text} --threads {args.threads} --rounds {args.rounds}; "
+    print(f"# train_paths.py --mode {args.mode} --shapes {shapes_text} --threads {args.threads} --rounds {args.rounds}; "
           f"microseconds, medians; the last two columns: Python path / compiled, torch.nn / compiled")  # fmt: skip
     print(f"{'shape':16s} {'call':17s} " + " ".join(f"{path:>22s}" for path in PATHS) + "  py/comp torch/comp")
     for shape in args.shapes:
-        for call, fns in calls(shape).items():
+        for call, fns in calls(shape, args.mode).items():
             seconds = time_interleaved(fns, "cpu", args.rounds, args.min_sample)
             us = [seconds[path] * 1e6 for path in PATHS]
             print(f"{str(shape):16s} {call:17s} " + " ".join(f"{v:22.1f}" for v in us)

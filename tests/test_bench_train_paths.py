@@ -17,16 +17,30 @@ from bnlab.backends import cpu_train_entry  # noqa: E402
 pytestmark = pytest.mark.skipif(cpu_train_entry() is None, reason="the CPU kernels' extension module did not build")
 
 
-def test_the_paths_time_the_same_work_and_the_switch_comes_back_on():
-    """Each contender of a call runs the same layer state on the same input, the Python path's
-    switch is restored after every call, and every path counts its batches."""
-    table = train_paths.calls((6, 4, 3, 3))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_paths_time_the_same_work_and_the_switch_comes_back_on(mode, monkeypatch):
+    """Each contender of a call runs its layer in the mode asked for, the Python path's switch is
+    off inside that contender's calls only and restored after every call."""
+    import bnlab._fastpath as fastpath
+
+    seen = []
+    real = fastpath.module_forward
+
+    def spy(module, x):
+        seen.append((module.training, train_paths.COMPILED_CALLS["on"]))
+        return real(module, x)
+
+    monkeypatch.setattr("bnlab.modules.module_forward", spy)
+    table = train_paths.calls((6, 4, 3, 3), mode)
     assert set(table) == {"step", "forward", "forward, no_grad"}
     for fns in table.values():
         assert list(fns) == list(train_paths.PATHS)
-        for fn in fns.values():
+        for path, fn in fns.items():
+            seen.clear()
             fn()
             assert train_paths.COMPILED_CALLS["on"] is True
+            expected = [] if path == "torch.nn" else [(mode == "train", path != "bnlab, Python path")]
+            assert seen == expected, path
 
 
 def test_it_runs_and_prints_a_row_per_shape_and_call(capsys):
@@ -36,7 +50,7 @@ def test_it_runs_and_prints_a_row_per_shape_and_call(capsys):
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("# train_paths.py --shapes 6,4 2,3,2,2 --threads 1 --rounds 1")
+    assert lines[0].startswith("# train_paths.py --mode train --shapes 6,4 2,3,2,2 --threads 1 --rounds 1")
     rows = lines[2:]
     assert len(rows) == 6 and rows[0].startswith("(6, 4)") and "no_grad" in rows[2]
     assert all(float(v) > 0 for row in rows for v in row.split()[-5:])
