@@ -9,7 +9,8 @@ grad), the compiled eval call making the autograd node and the kernels' backward
 
 For each shape, three layers with the same state run the same call: bnlab as shipped, bnlab with
 the compiled calls switched off (the Python path, switched per call by a dict store), and
-torch.nn. Three calls are timed: the step (forward and torch.autograd.grad of input, weight and
+torch.nn. On a checkout of an earlier revision (before/after comparisons: run the script with
+PYTHONPATH pointing at that checkout's src) the Python-path column is left out. Three calls are timed: the step (forward and torch.autograd.grad of input, weight and
 bias), the forward alone (a graph built and dropped), and the forward under no_grad (in training
 mode statistics and running averages, in eval mode plain inference). The
 contenders of a call are timed as bench_bn.py times its own (bench_bn.time_interleaved:
@@ -32,12 +33,15 @@ from bench_bn import time_interleaved  # noqa: E402
 from bench_cases import positive_int  # noqa: E402
 
 import bnlab  # noqa: E402
-from bnlab.backends import cpu_train_entry  # noqa: E402
-from bnlab.backends.cpu import COMPILED_CALLS  # noqa: E402
+
+try:  # this round's switch; a checkout of an earlier revision has neither it nor the compiled calls
+    from bnlab.backends.cpu import COMPILED_CALLS  # noqa: E402
+except ImportError:
+    COMPILED_CALLS = None
 
 DEFAULT_SHAPES = ("8,16,4,4", "256,100", "128,64,8,8", "64,256,14,14")
 LAYERS = {2: (bnlab.BatchNorm1d, torch.nn.BatchNorm1d), 4: (bnlab.BatchNorm2d, torch.nn.BatchNorm2d)}
-PATHS = ("bnlab, compiled calls", "bnlab, Python path", "torch.nn")
+PATHS = ("bnlab", "bnlab, Python path", "torch.nn")  # bnlab as shipped: its compiled calls on
 
 
 def shape_arg(text: str) -> tuple[int, ...]:
@@ -85,6 +89,8 @@ def calls(shape, mode: str = "train") -> dict[str, dict]:
         layer.train(mode == "train")
     table = {"step": {}, "forward": {}, "forward, no_grad": {}}
     for path, layer in zip(PATHS, layers):
+        if path == PATHS[1] and COMPILED_CALLS is None:
+            continue
         wanted = (x, layer.weight, layer.bias)
 
         def step(layer=layer, wanted=wanted):
@@ -107,19 +113,19 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=positive_int, default=16, help="interleaved samples per contender")
     p.add_argument("--min-sample", type=seconds_arg, default=0.02, help="seconds per sample (default 0.02)")
     args = p.parse_args(argv)
-    if cpu_train_entry() is None:
-        raise SystemExit("bnlab's compiled training call is unavailable (the extension module did not build)")
     torch.set_num_threads(args.threads)
     shapes_text = " ".join(",".join(map(str, s)) for s in args.shapes)
     print(f"# train_paths.py --mode {args.mode} --shapes {shapes_text} --threads {args.threads} --rounds {args.rounds}; "
-          f"microseconds, medians; the last two columns: Python path / compiled, torch.nn / compiled")  # fmt: skip
-    print(f"{'shape':16s} {'call':17s} " + " ".join(f"{path:>22s}" for path in PATHS) + "  py/comp torch/comp")
+          f"microseconds, medians; the ratios: the other columns' times over bnlab's")  # fmt: skip
+    paths = [p for p in PATHS if p != PATHS[1] or COMPILED_CALLS is not None]
+    ratios = "  py/bnlab torch/bnlab" if len(paths) == 3 else "  torch/bnlab"
+    print(f"{'shape':16s} {'call':17s} " + " ".join(f"{path:>22s}" for path in paths) + ratios)
     for shape in args.shapes:
         for call, fns in calls(shape, args.mode).items():
             seconds = time_interleaved(fns, "cpu", args.rounds, args.min_sample)
-            us = [seconds[path] * 1e6 for path in PATHS]
-            print(f"{str(shape):16s} {call:17s} " + " ".join(f"{v:22.1f}" for v in us)
-                  + f"  {us[1] / us[0]:7.2f} {us[2] / us[0]:10.2f}", flush=True)  # fmt: skip
+            us = [seconds[path] * 1e6 for path in paths]
+            ratio_text = "".join(f" {us[i] / us[0]:{w}.2f}" for i, w in ((1, 8), (2, 10))[: len(us) - 1])
+            print(f"{str(shape):16s} {call:17s} " + " ".join(f"{v:22.1f}" for v in us) + " " + ratio_text, flush=True)
 
 
 if __name__ == "__main__":
