@@ -50,3 +50,49 @@ def rel_err(actual, expected) -> float:
 def assert_close(actual, expected, tol: float, what: str = "") -> None:
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3g} exceeds {tol:.1g}"
+
+
+def randomize_state_(layer):
+    """Random running statistics (variances in [0.5, 2]) and affine parameters for a BN layer, in
+    place, each where the layer has it; returns the layer."""
+    if layer.running_mean is not None:
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    if layer.weight is not None:
+        with torch.no_grad():
+            layer.weight.normal_()
+            layer.bias.normal_()
+    return layer
+
+
+def memory_layouts(rank: int):
+    """(name, arrange) for each memory layout bnlab's CPU kernels take at this rank: contiguous,
+    channels outermost (rank 2), channels_last (rank 4), channels_last_3d (rank 5)."""
+    yield "contiguous", lambda x: x
+    if rank == 2:
+        yield "channels outermost", lambda x: x.t().contiguous().t()
+    if rank == 4:
+        yield "channels_last", lambda x: x.contiguous(memory_format=torch.channels_last)
+    if rank == 5:
+        yield "channels_last_3d", lambda x: x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def record_entry_answers(monkeypatch, getter: str) -> list:
+    """Make bnlab._fastpath's ``getter`` (cpu_eval_entry or cpu_train_entry) hand out a recording
+    wrapper of the compiled entry; returns the list of its answers (None: declined)."""
+    import bnlab._fastpath as fastpath
+
+    answers = []
+    real_getter = getattr(fastpath, getter)
+
+    def spy():
+        entry = real_getter()
+
+        def recording(*args):
+            answers.append(entry(*args))
+            return answers[-1]
+
+        return recording
+
+    monkeypatch.setattr(fastpath, getter, spy)
+    return answers

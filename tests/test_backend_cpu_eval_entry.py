@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 import bnlab
 from bnlab import _fastpath
-from bnlab.backends import cpu_eval_entry
+from bnlab.backends import cpu_eval_entry, cpu_train_entry
 from bnlab.backends.cpu import PARALLEL_MIN_NUMEL, layout_of
-from conftest import TOLERANCE, rel_err
+from conftest import TOLERANCE, memory_layouts, randomize_state_, record_entry_answers, rel_err
 
 ENTRY = cpu_eval_entry()
 pytestmark = pytest.mark.skipif(ENTRY is None, reason="the CPU kernels' extension module did not build")
@@ -33,14 +33,7 @@ CLASSES = {2: bnlab.BatchNorm1d, 3: bnlab.BatchNorm1d, 4: bnlab.BatchNorm2d, 5: 
 
 def _layer(rank: int, channels: int, affine: bool = True, seed: int = 0):
     torch.manual_seed(seed)
-    layer = CLASSES[rank](channels, affine=affine).eval()
-    layer.running_mean.normal_()
-    layer.running_var.uniform_(0.5, 2.0)
-    if affine:
-        with torch.no_grad():
-            layer.weight.normal_()
-            layer.bias.normal_()
-    return layer
+    return randomize_state_(CLASSES[rank](channels, affine=affine).eval())
 
 
 def _float64_oracle(layer, x):
@@ -75,29 +68,8 @@ _ABSENT = object()  # a layer attribute left out
 @pytest.fixture
 def taken(monkeypatch):
     """A list that records each answer of the entry during the test (None: declined)."""
-    answers = []
+    return record_entry_answers(monkeypatch, "cpu_eval_entry")
 
-    def spy():
-        entry = cpu_eval_entry()
-
-        def recording(*args):
-            answers.append(entry(*args))
-            return answers[-1]
-
-        return recording
-
-    monkeypatch.setattr(_fastpath, "cpu_eval_entry", spy)
-    return answers
-
-
-def _layouts(rank: int):
-    yield "contiguous", lambda x: x
-    if rank == 2:
-        yield "channels outermost", lambda x: x.t().contiguous().t()
-    if rank == 4:
-        yield "channels_last", lambda x: x.contiguous(memory_format=torch.channels_last)
-    if rank == 5:
-        yield "channels_last_3d", lambda x: x.contiguous(memory_format=torch.channels_last_3d)
 
 
 CASES = [(shape, dtype, affine) for shape in [(16, 7), (5, 6, 9), (2, 3, 4, 5), (3, 4, 2, 3, 5)]
@@ -107,7 +79,7 @@ CASES = [(shape, dtype, affine) for shape in [(16, 7), (5, 6, 9), (2, 3, 4, 5), 
 @pytest.mark.parametrize("shape,dtype,affine", CASES)
 def test_same_bits_as_the_python_path_and_the_float64_reference(shape, dtype, affine, taken):
     layer = _layer(len(shape), shape[1], affine)
-    for name, arrange in _layouts(len(shape)):
+    for name, arrange in memory_layouts(len(shape)):
         x = arrange(torch.randn(shape, dtype=torch.float64).to(dtype))
         with torch.no_grad():
             y = layer(x)
@@ -204,15 +176,17 @@ def test_python_path_only_is_scoped(taken):
     assert taken == [outside] and torch.equal(inside, outside)
 
 
-def test_a_pinned_backend_other_than_cpu_turns_the_entry_off():
+def test_a_pinned_backend_other_than_cpu_turns_the_compiled_calls_off():
+    """Both whole-call entries, eval and training (tests/test_backend_cpu_train_entry.py)."""
+    train = cpu_train_entry()
     try:
         bnlab.set_backend("portable")
-        assert cpu_eval_entry() is None
+        assert cpu_eval_entry() is None and cpu_train_entry() is None
         bnlab.set_backend("cpu")
-        assert cpu_eval_entry() is ENTRY
+        assert cpu_eval_entry() is ENTRY and cpu_train_entry() is train
     finally:
         bnlab.set_backend(None)
-    assert cpu_eval_entry() is ENTRY
+    assert cpu_eval_entry() is ENTRY and cpu_train_entry() is train is not None
 
 
 class _Sub(torch.Tensor):

@@ -21,7 +21,7 @@ import bnlab
 from bnlab import _fastpath
 from bnlab.backends import get_backend
 from bnlab.stats import compute_dtype
-from conftest import TOLERANCE, rel_err
+from conftest import TOLERANCE, memory_layouts, randomize_state_, rel_err
 
 CPU = get_backend("cpu")
 pytestmark = pytest.mark.skipif(CPU.kernels() is None, reason="the CPU kernels did not build")
@@ -35,24 +35,9 @@ def _layers(rank: int, channels: int, affine: bool = True):
     """(bnlab layer, torch.nn layer in float64) in eval mode with the same random state."""
     torch.manual_seed(rank * 10 + channels)
     ours, theirs = (cls(channels, affine=affine) for cls in CLASSES[rank])
-    ours.running_mean.normal_()
-    ours.running_var.uniform_(0.5, 2.0)
-    if affine:
-        with torch.no_grad():
-            ours.weight.normal_()
-            ours.bias.normal_()
-    theirs.load_state_dict(ours.state_dict())
+    theirs.load_state_dict(randomize_state_(ours).state_dict())
     return ours.eval(), theirs.double().eval()
 
-
-def _layouts(rank: int):
-    yield "contiguous", lambda x: x
-    if rank == 4:
-        yield "channels_last", lambda x: x.contiguous(memory_format=torch.channels_last)
-    if rank == 5:
-        yield "channels_last_3d", lambda x: x.contiguous(memory_format=torch.channels_last_3d)
-    if rank == 2:
-        yield "channels outermost", lambda x: x.t().contiguous().t()
 
 
 def _grads(layer, x, dy, create_graph=False):
@@ -72,7 +57,7 @@ def test_outputs_and_gradients_against_no_grad_the_torch_formula_and_torch_nn(sh
     """Both ways in: the compiled eval call (bn_eval_module, which makes the node itself) and the
     Python path (functional.eval_with_graph), which must agree to the bit."""
     ours, theirs = _layers(len(shape), shape[1], affine)
-    for name, arrange in _layouts(len(shape)):
+    for name, arrange in memory_layouts(len(shape)):
         x = arrange(torch.randn(shape, dtype=torch.float64).to(dtype))
         dy = arrange(torch.randn(shape, dtype=torch.float64).to(dtype))
         with _fastpath.python_path_only() if path == "Python path" else contextlib.nullcontext():

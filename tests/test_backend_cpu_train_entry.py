@@ -21,7 +21,7 @@ import bnlab
 from bnlab import _fastpath
 from bnlab.backends import cpu_train_entry
 from bnlab.backends.cpu import PARALLEL_MIN_NUMEL
-from conftest import TOLERANCE, rel_err
+from conftest import TOLERANCE, memory_layouts, randomize_state_, record_entry_answers, rel_err
 
 ENTRY = cpu_train_entry()
 pytestmark = pytest.mark.skipif(ENTRY is None, reason="the CPU kernels' extension module did not build")
@@ -33,15 +33,7 @@ TORCH_CLASSES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.B
 
 def _layer(rank: int, channels: int, seed: int = 0, **options):
     torch.manual_seed(seed)
-    layer = CLASSES[rank](channels, **options)
-    if layer.running_mean is not None:
-        layer.running_mean.normal_()
-        layer.running_var.uniform_(0.5, 2.0)
-    if layer.weight is not None:
-        with torch.no_grad():
-            layer.weight.normal_()
-            layer.bias.normal_()
-    return layer
+    return randomize_state_(CLASSES[rank](channels, **options))
 
 
 def _state(layer) -> dict:
@@ -55,29 +47,8 @@ def _same_state(a: dict, b: dict) -> bool:
 @pytest.fixture
 def taken(monkeypatch):
     """A list that records each answer of the entry during the test (None: declined)."""
-    answers = []
+    return record_entry_answers(monkeypatch, "cpu_train_entry")
 
-    def spy():
-        entry = cpu_train_entry()
-
-        def recording(*args):
-            answers.append(entry(*args))
-            return answers[-1]
-
-        return recording
-
-    monkeypatch.setattr(_fastpath, "cpu_train_entry", spy)
-    return answers
-
-
-def _layouts(rank: int):
-    yield "contiguous", lambda x: x
-    if rank == 2:
-        yield "channels outermost", lambda x: x.t().contiguous().t()
-    if rank == 4:
-        yield "channels_last", lambda x: x.contiguous(memory_format=torch.channels_last)
-    if rank == 5:
-        yield "channels_last_3d", lambda x: x.contiguous(memory_format=torch.channels_last_3d)
 
 
 def _step(layer, x, dy, python_path: bool):
@@ -111,7 +82,7 @@ CASES = [(shape, dtype) for shape in [(16, 7), (5, 6, 9), (2, 3, 4, 5), (3, 4, 2
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
 def test_same_bits_as_the_python_path_and_close_to_torch_nn(shape, dtype, options, taken):
     rank = len(shape)
-    for name, arrange in _layouts(rank):
+    for name, arrange in memory_layouts(rank):
         fast, slow = _layer(rank, shape[1], **options), _layer(rank, shape[1], **options)
         reference = TORCH_CLASSES[rank](shape[1], **options).double()
         reference.load_state_dict(fast.state_dict())
@@ -233,17 +204,6 @@ def test_forward_mode_ad_and_torch_func_are_declined(taken):
 
     dx = torch.func.grad(loss)(x)
     assert taken == [None, None] and torch.isfinite(dx).all()
-
-
-def test_a_pinned_backend_other_than_cpu_turns_the_entry_off():
-    try:
-        bnlab.set_backend("portable")
-        assert cpu_train_entry() is None
-        bnlab.set_backend("cpu")
-        assert cpu_train_entry() is ENTRY
-    finally:
-        bnlab.set_backend(None)
-    assert cpu_train_entry() is ENTRY
 
 
 def test_python_path_only_is_scoped(taken):
