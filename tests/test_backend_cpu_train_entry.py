@@ -16,11 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bnlab
 from bnlab import _fastpath
 from bnlab.backends import cpu_train_entry
-from bnlab.backends.cpu import PARALLEL_MIN_NUMEL
+from bnlab.backends.cpu import PARALLEL_MIN_NUMEL, layout_of
 from conftest import TOLERANCE, memory_layouts, randomize_state_, record_entry_answers, rel_err
 
 ENTRY = cpu_train_entry()
@@ -320,3 +322,27 @@ def test_a_wrong_argument_count_is_a_type_error():
     lib = bnlab.backends.get_backend("cpu").kernels()
     with pytest.raises(TypeError, match="expected 7 arguments, got 2"):
         lib.bn_backward_module(torch.randn(2, 3), torch.randn(2, 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4), min_size=2, max_size=5), data=st.data())
+def test_takes_exactly_the_layouts_that_layout_of_takes(sizes, data):
+    """Any permutation and slicing of a small tensor: the entry runs iff cpu.layout_of finds a layout
+    (and there is more than one value per channel), and then gives the Python path's bits, running
+    statistics included."""
+    base = torch.randn(*[s * 2 for s in sizes])
+    steps = data.draw(st.lists(st.sampled_from([1, 2]), min_size=len(sizes), max_size=len(sizes)))
+    x = base[tuple(slice(0, s * st_, st_) for s, st_ in zip(sizes, steps))]
+    x = x.permute(*data.draw(st.permutations(range(len(sizes)))))
+    stand_in = _stand_in(x)  # weight 1, bias 0, running mean 0, variance 1: a new layer's state
+    with torch.no_grad():
+        y = ENTRY(stand_in, x)
+    taken = layout_of(x) is not None and x.numel() > x.shape[1]
+    assert (y is not None) == taken
+    if taken:
+        layer = CLASSES[x.dim()](x.shape[1])
+        with torch.no_grad(), _fastpath.python_path_only():
+            expected = layer(x)
+        assert torch.equal(y, expected) and y.stride() == x.stride()
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(stand_in._buffers[name], getattr(layer, name)), name
