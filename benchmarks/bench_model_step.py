@@ -5,7 +5,9 @@ of a real network's step on the CPU, where the convolutions take most of it. The
 lab's ResNet-20 (19 convs, 19 BN layers, `bnlab.lab.models.resnet20`), built twice with the same
 weights, once with each BN; a step is forward, cross-entropy, backward and an SGD update on one
 batch of random CIFAR-sized images; inference is the eval-mode forward under no_grad, also of a
-third copy with every BN folded into its conv (`bnlab.fold`). The variants are timed as bench_bn.py
+third copy with every BN folded into its conv (`bnlab.fold`); a frozen-BN step is a training step
+with every BN layer in eval mode (fixed statistics, as when fine-tuning: BN's forward and backward
+then run in eval mode with a graph). The variants are timed as bench_bn.py
 times its contenders (bench_bn.time_interleaved: interleaved samples of about --min-sample seconds,
 each round in an order of bench_timing.balanced_orders), and the medians are printed in milliseconds.
 
@@ -39,13 +41,19 @@ def twin_models(layout: str) -> dict[str, nn.Module]:
     return models
 
 
-def step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
-    """One SGD training step of model on (images, labels), as a zero-argument callable."""
+def step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, frozen_bn: bool = False):
+    """One SGD training step of model on (images, labels), as a zero-argument callable. With
+    ``frozen_bn`` every BN layer stays in eval mode (fixed statistics, as when fine-tuning) while
+    the rest trains, its weight and bias included."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
+    bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def step():
         model.train()
+        if frozen_bn:
+            for layer in bn_layers:
+                layer.eval()
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(images), labels).backward()
         optimizer.step()
@@ -84,7 +92,9 @@ def main(argv=None) -> None:
           f"ResNet-20, milliseconds, medians of {args.rounds} samples of about {args.min_sample} s")  # fmt: skip
     steps = {name: step_fn(m, images, labels) for name, m in models.items()}
     inference = {name: inference_fn(m, images) for name, m in {**models, "bnlab folded": folded}.items()}
-    for what, fns in (("training step", steps), ("inference", inference)):
+    frozen_models = twin_models(args.layout)  # own copies: the frozen steps train other weights
+    frozen = {name: step_fn(m, images, labels, frozen_bn=True) for name, m in frozen_models.items()}
+    for what, fns in (("training step", steps), ("inference", inference), ("frozen-BN step", frozen)):
         seconds = time_interleaved(fns, "cpu", args.rounds, args.min_sample)
         ms = {name: value * 1e3 for name, value in seconds.items()}
         print(f"{what:14s} " + "  ".join(f"{name} {value:8.2f}" for name, value in ms.items())

@@ -38,6 +38,20 @@ def test_it_runs_and_prints_both_tables(capsys):
     assert lines[0].startswith("# bench_model_step.py --batch 2")
     assert lines[1].startswith("training step") and "torch.nn/bnlab" in lines[1]
     assert lines[2].startswith("inference") and "bnlab folded" in lines[2]
+    assert lines[3].startswith("frozen-BN step") and "torch.nn/bnlab" in lines[3]
+
+
+def test_a_frozen_bn_step_keeps_the_statistics_and_trains_the_affine_parameters():
+    model = bench_model_step.twin_models("nchw")["bnlab"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    bench_model_step.step_fn(model, images, labels, frozen_bn=True)()
+    after = model.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    affine = [k for k in before if k.endswith(("bn1.weight", "bn1.bias"))]
+    assert stats and affine
+    assert all(torch.equal(before[k], after[k]) for k in stats)
+    assert all(not torch.equal(before[k], after[k]) for k in affine)
 
 
 def test_a_negative_sample_length_is_refused_by_name(capsys):
