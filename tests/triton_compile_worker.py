@@ -8,7 +8,9 @@ instead of executed, and its kernel is compiled by ``triton.compile`` (Triton's 
 the target given by --arch (default sm_90, the H100/H200). Nothing runs on a device.
 
 Prints one line per distinct kernel variant compiled, then ``compiled N variants``; exits 1 with
-the compiler's message on the first failure. With --resources, also each variant's registers per
+the compiler's message on the first failure. ``--part K/N`` compiles only every N-th distinct
+variant from the K-th on (in the order the launchers reach them, the same in every process), so
+that N processes share the compiling (test_triton_compile.py runs two, one per core). With --resources, also each variant's registers per
 thread and spill bytes (``ptxas -v``), a register range per kernel and ``spill bytes N``: a spill
 makes a memory-bound kernel wait on local memory, and registers bound how many warps an SM holds.
 """
@@ -76,9 +78,11 @@ class Recorder:
     """Stands in for JITFunction.run: compiles each distinct (kernel, signature, constexprs) once;
     with ``resources``, also records each variant's registers and spills."""
 
-    def __init__(self, target: GPUTarget, resources: bool = False):
+    def __init__(self, target: GPUTarget, resources: bool = False, part: tuple[int, int] = (0, 1)):
         self.target = target
         self.seen: set = set()
+        self.compiled = 0
+        self.part = part  # (K, N): compile the distinct variants whose ordinal is K modulo N
         self.resources: dict[str, list[tuple[int, int]]] | None = {} if resources else None
 
     def __call__(self, kernel: JITFunction, *args, grid, warmup, **kwargs):
@@ -98,6 +102,9 @@ class Recorder:
         if key in self.seen:
             return None
         self.seen.add(key)
+        if (len(self.seen) - 1) % self.part[1] != self.part[0]:
+            return None  # another part's
+        self.compiled += 1
         try:
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             compiled = triton.compile(source, target=self.target, options=options)
@@ -157,13 +164,20 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     parser.add_argument("--resources", action="store_true", help="also report registers and spills (ptxas -v)")
     parser.add_argument("--tiles", default=None, help="plan under these triton_plan.Tiles (as bench_bn.py --triton-tiles)")
+    parser.add_argument("--part", default="0/1", help="K/N: compile every N-th distinct variant from the K-th on")
     args = parser.parse_args()
+    try:
+        part = tuple(int(v) for v in args.part.split("/"))
+        if len(part) != 2 or not 0 <= part[0] < part[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--part: expected K/N with 0 <= K < N, got {args.part!r}")
     if args.tiles is not None:
         try:
             triton_plan.GPU_TILES = triton_plan.parse_tiles(args.tiles)
         except ValueError as exc:
             parser.error(f"--tiles: {exc}")
-    recorder = Recorder(GPUTarget("cuda", args.arch, 32), resources=args.resources)
+    recorder = Recorder(GPUTarget("cuda", args.arch, 32), resources=args.resources, part=part)
     original = JITFunction.run
     JITFunction.run = lambda self, *a, **kw: recorder(self, *a, **kw)
     try:
@@ -178,7 +192,7 @@ def main() -> int:
             registers = [r for r, _ in rows]
             print(f"resources {name}: {len(rows)} variants, registers {min(registers)}-{max(registers)}")
         print(f"spill bytes {sum(s for rows in recorder.resources.values() for _, s in rows)}")
-    print(f"compiled {len(recorder.seen)} variants for sm_{args.arch}")
+    print(f"compiled {recorder.compiled} variants for sm_{args.arch} (part {args.part} of {len(recorder.seen)})")
     return 0
 
 
