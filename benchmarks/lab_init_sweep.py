@@ -51,6 +51,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: expected names from {', '.join(VARIANTS)}, got {', '.join(map(repr, unknown))}")
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for r in range(args.repeats):
         for name in names:  # interleaved: every round runs every variant once

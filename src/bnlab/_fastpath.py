@@ -30,7 +30,6 @@ from bnlab.composite import transforms_active
 from bnlab.functional import eval_with_graph
 
 _FLOATING = frozenset(_checks.FLOATING_DTYPES)
-_COMPILED_CALLS = COMPILED_CALLS  # off inside python_path_only()
 
 
 @contextlib.contextmanager
@@ -39,12 +38,12 @@ def python_path_only():
     ``bn_backward_module`` for backward passes run inside the block) and take the Python path that
     runs when they decline: for A/B comparisons of the two
     (benchmarks/eval_paths.py, benchmarks/train_paths.py, tests). Not thread-local."""
-    before = _COMPILED_CALLS["on"]
-    _COMPILED_CALLS["on"] = False
+    before = COMPILED_CALLS["on"]
+    COMPILED_CALLS["on"] = False
     try:
         yield
     finally:
-        _COMPILED_CALLS["on"] = before
+        COMPILED_CALLS["on"] = before
 
 
 def _plain(v: Tensor | None, channels: int, device: torch.device) -> bool:
@@ -86,7 +85,7 @@ def module_forward(module, x: object) -> Tensor | None:
         The normalized tensor, with running statistics and num_batches_tracked updated exactly as
         the general path would; or None, with nothing changed.
     """
-    if _COMPILED_CALLS["on"]:
+    if COMPILED_CALLS["on"]:
         # A CPU call in one compiled step, which declines anything but the plain case (then the
         # checks below run). In a network this runs right after a kernel that streamed megabytes
         # through the caches, where each Python step and tensor query costs microseconds

@@ -21,6 +21,7 @@ from torch import Tensor
 from bnlab import composite
 from bnlab._checks import check_running_var_nonnegative
 from bnlab.backends import cpu_build, cpu_pool
+from bnlab.backends.autograd_apply import _COMPILING
 from bnlab.backends.base import Backend
 from bnlab.backends.cpu_autograd import apply_train, eval_done_apply, kernel_done_apply
 from bnlab.backends.portable import PortableBackend
@@ -152,11 +153,9 @@ class CpuBackend(Backend):
             if entry is not None and kernel_done_apply is not None and eval_done_apply is not None:
                 # Without torch's C apply neither Function can be made here: the training call
                 # then stays on the Python path, and an eval call wanting a graph too.
-                compiler = getattr(torch, "compiler", None)
-                is_compiling = getattr(compiler, "is_compiling", None) or (lambda: False)
                 lib.bn_train_setup(
-                    kernel_done_apply, eval_done_apply, self, torch.empty, torch.float64, torch.int64, is_compiling,
-                    WAVE_PER_THREAD,
+                    kernel_done_apply, eval_done_apply, self, torch.empty, torch.float64, torch.int64,
+                    _COMPILING or (lambda: False), WAVE_PER_THREAD,
                 )  # fmt: skip
                 train = lib.bn_train_module
             self._eval_entry, self._train_entry = entry or False, train or False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from bnlab.autograd import BatchNormEvalFunction
-from bnlab.backends.autograd_apply import direct_apply
+from bnlab.backends.autograd_apply import c_apply, direct_apply
 
 
 class CpuTrainFunction(torch.autograd.Function):
@@ -84,12 +84,7 @@ class CpuEvalFromKernel(BatchNormEvalFunction):
         return y
 
 
-def _c_apply(function: type[torch.autograd.Function]):
-    """function.apply in C (torch's _FunctionBase.apply), or None where torch lacks the hook."""
-    return getattr(super(torch.autograd.Function, function), "apply", None)
-
-
 #: The two Functions' apply in C, which the compiled calls (bn_train_module, bn_eval_module) use
 #: outside transforms and tracing only (they decline those).
-kernel_done_apply = _c_apply(CpuTrainFromKernel)
-eval_done_apply = _c_apply(CpuEvalFromKernel)
+kernel_done_apply = c_apply(CpuTrainFromKernel)
+eval_done_apply = c_apply(CpuEvalFromKernel)
