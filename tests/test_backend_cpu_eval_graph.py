@@ -20,6 +20,7 @@ import torch
 import bnlab
 from bnlab import _fastpath
 from bnlab.backends import get_backend
+from bnlab.backends.cpu import _CODE, layout_of
 from bnlab.stats import compute_dtype
 from conftest import TOLERANCE, memory_layouts, randomize_state_, rel_err
 
@@ -152,3 +153,74 @@ def test_eval_statistics_equal_the_inference_kernels_and_decline_strided_buffers
     assert torch.equal(mean, rm.double())
     assert rel_err(invstd, 1 / torch.sqrt(rv.double() + 1e-3)) <= 1e-15
     assert CPU.eval_statistics(torch.randn(18)[::2], rv, 1e-3) is None
+
+
+def _record_backward_answers(monkeypatch) -> list:
+    """Make CpuBackend.eval_backward_entry record its answers (None: declined)."""
+    answers = []
+    real = type(CPU).eval_backward_entry
+
+    def recording(self, *args):
+        answers.append(real(self, *args))
+        return answers[-1]
+
+    monkeypatch.setattr(type(CPU), "eval_backward_entry", recording)
+    return answers
+
+
+NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (False, True, True)]
+# (input, weight, bias) gradients wanted; without affine parameters only the input has one (a
+# single case: the flags of the absent parameters change nothing)
+BACKWARD_CASES = [(*case, needs) for case in CASES for needs in NEEDS if case[2] or needs == NEEDS[0]]
+
+
+@pytest.mark.parametrize("shape,dtype,affine,needs", BACKWARD_CASES)
+def test_the_compiled_backward_has_the_bits_of_the_python_path(shape, dtype, affine, needs, monkeypatch):
+    """bn_eval_backward_module (CpuEvalFromKernel's first-order backward) runs the kernel calls of
+    CpuBackend.eval_backward from one compiled call: every gradient it returns, for every subset
+    wanted, equals the Python path's to the bit, in the parameters' dtypes."""
+    ours, _ = _layers(len(shape), shape[1], affine)
+    answers = _record_backward_answers(monkeypatch)
+    for name, arrange in memory_layouts(len(shape)):
+        x = arrange(torch.randn(shape, dtype=torch.float64).to(dtype))
+        dy = arrange(torch.randn(shape, dtype=torch.float64).to(dtype))
+        results = []
+        for path in ("compiled call", "Python path"):
+            xg = x.detach().clone().requires_grad_(needs[0])
+            flags = [needs[1], needs[2]] if affine else []
+            for p, flag in zip((ours.weight, ours.bias), flags):
+                p.requires_grad_(flag)
+            wanted = [t for t, flag in zip((xg, ours.weight, ours.bias), needs) if flag and t is not None]
+            with _fastpath.python_path_only() if path == "Python path" else contextlib.nullcontext():
+                results.append(torch.autograd.grad(ours(xg), wanted, dy))
+        compiled, python = results
+        assert answers[-1] is not None, name  # the compiled backward took it
+        assert [a is None for a in answers[-1][:3]] == [not flag for flag in needs[: 1 + 2 * affine]] + [True] * (
+            0 if affine else 2
+        ), name
+        for got, want in zip(compiled, python):
+            assert got.dtype == want.dtype and got.stride() == want.stride(), name
+            assert torch.equal(got, want), name
+
+
+def test_the_compiled_backward_declines_a_gradient_in_another_dtype_or_memory_format(monkeypatch):
+    """Declined (None; the Python path's kernels then run, copying dy to x's layout): a dy with
+    other strides or another dtype than x. The gradients are the same either way."""
+    ours, _ = _layers(4, 6)
+    answers = _record_backward_answers(monkeypatch)
+    x, dy = torch.randn(3, 6, 5, 4), torch.randn(3, 6, 5, 4)
+    _, plain = _grads(ours, x, dy)
+    assert answers[-1] is not None
+    stats = torch.stack(CPU.eval_statistics(ours.running_mean, ours.running_var, ours.eps))
+    plan = (*layout_of(x), _CODE[x.dtype], 1)
+    for other in (dy.contiguous(memory_format=torch.channels_last), dy.double()):
+        assert CPU.eval_backward_entry(other, x, stats, ours.weight, plan, (True, True, True), torch.float32) is None
+    _, moved = _grads(ours, x, dy.contiguous(memory_format=torch.channels_last))
+    assert answers[-1] is None  # declined inside the node; the Python path's kernels ran
+    assert all(torch.equal(a, b) for a, b in zip(plain, moved))
+
+
+def test_the_compiled_backward_names_itself_on_a_wrong_argument_count():
+    lib = CPU.kernels()
+    with pytest.raises(TypeError, match=r"bn_eval_backward_module: expected 7 arguments, got 2"):
+        lib.bn_eval_backward_module(1, 2)

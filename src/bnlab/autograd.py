@@ -115,23 +115,33 @@ class BatchNormEvalFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if not torch.is_grad_enabled():  # first order: the backend's kernels, where it has them
-            grads = ctx.backend.eval_backward(dy, x, weight, mean, invstd, need_x, need_w, need_b, ctx.bias_dtype)
-            if grads is not None:
-                return *grads, None, None, None
-        dtype = compute_dtype(x)
-        nd = x.dim()
-        dims = reduce_dims(x)
-        scale = invstd * (weight.to(torch.float64) if weight is not None else 1.0)
-        # Differentiable torch ops throughout: this backward is linear in dy and needs no special
-        # double-backward path.
-        dx = (dy.to(dtype) * per_channel(scale.to(dtype), nd)).to(x.dtype) if need_x else None
-        dw = db = None
-        if weight is not None and need_w:
-            x_hat = (x.to(dtype) - per_channel(mean.to(dtype), nd)) * per_channel(invstd.to(dtype), nd)
-            dw = (dy.to(dtype) * x_hat).sum(dims).to(weight.dtype)
-        if ctx.bias_dtype is not None and need_b:
-            db = dy.to(dtype).sum(dims).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None
+        return *eval_grads(dy, x, weight, mean, invstd, ctx.needs_input_grad[:3], ctx.bias_dtype, ctx.backend), None, None, None
+
+
+def eval_grads(dy, x, weight, mean, invstd, needs, bias_dtype, backend: Backend):
+    """(dx, dweight, dbias), each None where not wanted, of the eval-mode map for dy (x's shape).
+
+    needs: (input, weight, bias) flags as ctx.needs_input_grad; mean, invstd: float64 (C,). A first-
+    order backward runs the backend's kernels where it has them (Backend.eval_backward); otherwise,
+    and under create_graph, differentiable torch ops.
+    """
+    need_x, need_w, need_b = needs
+    if not torch.is_grad_enabled():  # first order: the backend's kernels, where it has them
+        grads = backend.eval_backward(dy, x, weight, mean, invstd, need_x, need_w, need_b, bias_dtype)
+        if grads is not None:
+            return grads
+    dtype = compute_dtype(x)
+    nd = x.dim()
+    dims = reduce_dims(x)
+    scale = invstd * (weight.to(torch.float64) if weight is not None else 1.0)
+    # Differentiable torch ops throughout: this backward is linear in dy and needs no special
+    # double-backward path.
+    dx = (dy.to(dtype) * per_channel(scale.to(dtype), nd)).to(x.dtype) if need_x else None
+    dw = db = None
+    if weight is not None and need_w:
+        x_hat = (x.to(dtype) - per_channel(mean.to(dtype), nd)) * per_channel(invstd.to(dtype), nd)
+        dw = (dy.to(dtype) * x_hat).sum(dims).to(weight.dtype)
+    if bias_dtype is not None and need_b:
+        db = dy.to(dtype).sum(dims).to(bias_dtype)
+    return dx, dw, db
 

@@ -222,6 +222,16 @@ class CpuBackend(Backend):
             call = self._backward_entry = (self._lib.bn_backward_module if self.train_entry() is not None else False)
         return call(dy, x, stats, weight, plan, needs, bias_dtype) if call else None
 
+    def eval_backward_entry(self, dy, x, stats, weight, plan, needs, bias_dtype):
+        """CpuEvalFromKernel's first-order gradients (dx, dweight, dbias, None) from one compiled call
+        (``bn_eval_backward_module``, cpu_kernels_py_train.inc: the kernel calls of
+        :meth:`eval_backward`), or None where it is not set up or declines as :meth:`backward_entry`.
+        stats: the (2, C) float64 rows mean, invstd the compiled eval call saved."""
+        # Only the compiled eval call makes a CpuEvalFromKernel node, so the module is set up here.
+        if not COMPILED_CALLS["on"]:
+            return None
+        return self._lib.bn_eval_backward_module(dy, x, stats, weight, plan, needs, bias_dtype)
+
     def backward_fused(self, dy, x, stats, weight, plan, need_input_grad, dweight, dbias):
         """dx (or None) from the forward's ``stats`` and ``plan``; writes Σdy·x̂ into dweight and Σdy into dbias.
 

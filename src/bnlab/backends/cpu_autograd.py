@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bnlab.autograd import BatchNormEvalFunction
+from bnlab.autograd import eval_grads
 from bnlab.backends.autograd_apply import c_apply, direct_apply
 
 
@@ -68,20 +68,36 @@ class CpuTrainFromKernel(CpuTrainFunction):
         return y
 
 
-class CpuEvalFromKernel(BatchNormEvalFunction):
-    """BatchNormEvalFunction after its kernel call: the compiled eval call (``bn_eval_module``)
-    computed y from the running statistics and hands it over when a graph is wanted.
+class CpuEvalFromKernel(torch.autograd.Function):
+    """The eval-mode map (autograd.BatchNormEvalFunction's) after its kernel call: the compiled eval
+    call (``bn_eval_module``) computed y from the running statistics and hands it over when a graph
+    is wanted.
 
-    forward(x, weight, bias, done) -> y with done = (y, float64 (C,) mean, invstd, backend); the
-    backward is BatchNormEvalFunction's (its trailing Nones beyond these four inputs are dropped).
+    forward(x, weight, bias, done) -> y with done = (y, (2, C) float64 rows mean and invstd,
+    ctx.config) and config = (backend, bias dtype, plan), plan = (layout, N, C, L, dtype code,
+    threads) as for CpuTrainFunction. One statistics tensor and one ctx attribute: each costs
+    autograd time per call. The first-order backward is one compiled call
+    (``bn_eval_backward_module``); where it declines, and under create_graph, the gradients are
+    BatchNormEvalFunction's (autograd.eval_grads).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, done):
-        y, mean, invstd, ctx.backend = done
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        y, stats, ctx.config = done
+        ctx.save_for_backward(x, weight, stats)
         return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, stats = ctx.saved_tensors
+        backend, bias_dtype, plan = ctx.config
+        needs = ctx.needs_input_grad
+        if not torch.is_grad_enabled():
+            grads = backend.eval_backward_entry(dy, x, stats, weight, plan, needs, bias_dtype)
+            if grads is not None:
+                return grads  # (dx, dweight, dbias, None) from one compiled call
+        mean, invstd = stats.unbind()
+        return *eval_grads(dy, x, weight, mean, invstd, needs[:3], bias_dtype, backend), None
 
 
 #: The two Functions' apply in C, which the compiled calls (bn_train_module, bn_eval_module) use
