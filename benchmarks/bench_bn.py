@@ -14,6 +14,7 @@ atomically; a rerun skips the cases already there (--fresh to start over).
     python benchmarks/bench_bn.py                          # every CPU case, no torch.compile
     python benchmarks/bench_bn.py --compile --modes fwdbwd --dtypes fp32 --layouts nchw
     python benchmarks/bench_bn.py --device cuda --compile --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
+    python benchmarks/bench_bn.py --modes frozen_fwdbwd    # eval-mode layers trained through (frozen BN)
 """
 
 from __future__ import annotations
@@ -258,6 +259,10 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.shapes = args.shapes or ",".join(DEFAULT_SHAPES[args.device])
+    for option, allowed in (("shapes", SHAPES), ("layouts", ("nchw", "cl")), ("dtypes", DTYPES), ("modes", MODES)):
+        unknown = [v for v in getattr(args, option).split(",") if v not in allowed]
+        if unknown:
+            p.error(f"--{option}: expected names from {list(allowed)}, got {', '.join(map(repr, unknown))}")
 
     out = Path(args.out)
     if args.report:

@@ -4,6 +4,10 @@ Each contender gets its own layer (so running statistics never interfere) and th
 Byte accounting (the minimal traffic of each mode, the issue's convention): forward and eval read
 x and write y (2N bytes, N = numel x element size); forward+backward adds reading dy and x and
 writing dx (5N). The fused modes count their extra tensors too (residual read, and its gradient).
+
+``frozen_fwdbwd`` is forward+backward of a layer in eval mode (its running statistics frozen while
+the network trains, as in fine-tuning; also inference outside no_grad): y from the running
+statistics, then dx = dy·weight·invstd and the parameters' gradients (5N, as forward+backward).
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ from torch import nn
 
 import bnlab
 
-MODES = ("fwd", "fwdbwd", "eval", "relu_fwdbwd", "addrelu_fwdbwd")
+MODES = ("fwd", "fwdbwd", "eval", "frozen_fwdbwd", "relu_fwdbwd", "addrelu_fwdbwd")
 #: bytes moved per element of x, for the minimal-traffic GB/s of each mode (CPU: a channel's slice
 #: stays in cache between the statistics and the normalize pass, so x is read once)
-TRAFFIC = {"fwd": 2, "fwdbwd": 5, "eval": 2, "relu_fwdbwd": 5, "addrelu_fwdbwd": 7}
+TRAFFIC = {"fwd": 2, "fwdbwd": 5, "eval": 2, "frozen_fwdbwd": 5, "relu_fwdbwd": 5, "addrelu_fwdbwd": 7}
 #: on a GPU the issue counts what a two-kernel design must move: forward 3N (x read twice, y written),
 #: backward 5N (dy and x read twice, dx written); the fused modes add the residual (read forward,
-#: its gradient written backward); the 1-bit mask (N/8 each way) is not counted
-TRAFFIC_GPU = {"fwd": 3, "fwdbwd": 8, "eval": 2, "relu_fwdbwd": 8, "addrelu_fwdbwd": 10}
+#: its gradient written backward); the 1-bit mask (N/8 each way) is not counted; frozen statistics
+#: need no statistics pass: x read and y written forward, dy and x read and dx written backward
+TRAFFIC_GPU = {"fwd": 3, "fwdbwd": 8, "eval": 2, "frozen_fwdbwd": 5, "relu_fwdbwd": 8, "addrelu_fwdbwd": 10}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
@@ -127,7 +132,7 @@ def contenders(shape, layout: str, dtype: torch.dtype, mode: str, device: str, c
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 256)
         layers["torch.compile"] = torch.compile(build("torch"), dynamic=False)
     for layer in layers.values():
-        layer.train(mode != "eval")
+        layer.train(mode not in ("eval", "frozen_fwdbwd"))
     for name, layer in layers.items():
         if mode == "fwd":
             out[name] = (lambda layer: lambda: layer(x))(layer)

@@ -1,0 +1,60 @@
+"""benchmarks/bench_cases.py and bench_bn.py's command line: every contender of a case does the
+same work, and an unknown name is refused naming its option."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_bn  # noqa: E402
+import bench_cases  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd", "eval", "frozen_fwdbwd"])
+@pytest.mark.parametrize("shape,layout", [((32, 6), "nchw"), ((4, 6, 5, 5), "nchw"), ((4, 6, 5, 5), "cl")])
+def test_bnlab_and_torch_contenders_compute_the_same_thing(mode, shape, layout, monkeypatch):
+    """bnlab's and torch.nn's callables agree (outputs, or the gradients of input, weight and bias),
+    with their layers in the mode's training flag: frozen_fwdbwd trains through eval-mode layers."""
+    modes_seen = []
+    real = bench_cases._layers
+
+    def recording(*args):
+        layer = real(*args)
+        modes_seen.append(layer)
+        return layer
+
+    monkeypatch.setattr(bench_cases, "_layers", recording)
+    fns = bench_cases.contenders(shape, layout, torch.float32, mode, "cpu", compile_torch=False)
+    assert set(fns) == {"bnlab", "torch", "copy", "copy_"}
+    assert [layer.training for layer in modes_seen] == [mode in ("fwd", "fwdbwd")] * 2
+    ours, theirs = fns["bnlab"](), fns["torch"]()
+    if mode in ("fwdbwd", "frozen_fwdbwd"):
+        assert len(ours) == len(theirs) == 3  # dx, dweight, dbias
+    else:
+        ours, theirs = [ours], [theirs]
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fns["copy"](), fns["copy_"]())
+
+
+def test_frozen_fwdbwd_counts_the_traffic_of_a_forward_and_backward():
+    numel_bytes = 4 * 6 * 5 * 5 * 4
+    assert bench_cases.traffic_bytes((4, 6, 5, 5), torch.float32, "frozen_fwdbwd") == 5 * numel_bytes
+    assert bench_cases.traffic_bytes((4, 6, 5, 5), torch.float32, "frozen_fwdbwd", "cuda") == 5 * numel_bytes
+
+
+@pytest.mark.parametrize("option,value", [("--modes", "fwd,frozen"), ("--shapes", "conv-99"), ("--dtypes", "fp8"),
+                                          ("--layouts", "nhwc")])  # fmt: skip
+def test_an_unknown_name_is_refused_naming_the_option_and_the_name(option, value, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        bench_bn.main([option, value, "--out", str(tmp_path / "r.jsonl")])
+    err = capsys.readouterr().err
+    assert f"{option}: expected names from" in err and repr(value.split(",")[-1]) in err
+    assert not (tmp_path / "r.jsonl").exists()
