@@ -121,7 +121,6 @@ class CpuBackend(Backend):
         self._eval_entry = None  # bn_eval_module once set up, False when there is none
         self._train_entry = None  # bn_train_module likewise
         self._backward_entry = None  # bn_backward_module once the train entry is set up, False without
-        self._zero_buffer = None  # float64 zeros: the mean of eval_backward's dx = dy·scale (never written)
 
     def kernels(self):
         """The loaded kernels (compiled on first use), or None when unavailable."""
@@ -317,42 +316,29 @@ class CpuBackend(Backend):
 
     def eval_backward(self, dy, x, weight, mean, invstd, need_input_grad, need_weight_grad, need_bias_grad,
                       bias_dtype):  # fmt: skip
-        # dx = dy·(weight·invstd) is the normalize kernel on dy with mean 0 and no bias: the same
-        # float32 products the torch ops form (scale = float(invstd·weight), as they round it).
-        # Σdy·x̂ and Σdy are the backward kernel's reduction (accumulated in float64), written in the
-        # parameters' dtypes; without an output pointer it computes no dx.
+        # One kernel, bn_eval_backward: dx = dy·(weight·invstd) with the bits of the normalize
+        # kernel on dy with mean 0 and no bias (the float32 products the torch ops form: scale =
+        # float(invstd·weight), as they round it), and Σdy·x̂, Σdy from the backward kernel's
+        # reduction (accumulated in float64), written in the parameters' dtypes; in one pass over
+        # dy and x where that reduction walks by channel.
         found = layout_of(x) if x.numel() > 0 else None
         if found is None:
             return None
         layout, n, c, length = found
         dy = _like(dy, x)
         mean, invstd = _f64(mean), _f64(invstd)
-        code, nt = _CODE[x.dtype], threads_for(x)
+        nt = threads_for(x)
         w, wc, _w = param(weight)
-        dx = None
-        if need_input_grad:
-            dx, zeros = cpu_pool.empty_like(x), self._zeros(c)
-            self._lib.bn_normalize(
-                dy.data_ptr(), dx.data_ptr(), code, layout, n, c, length, zeros.data_ptr(), invstd.data_ptr(), w, wc,
-                0, 0, nt,
-            )  # fmt: skip
+        dx = cpu_pool.empty_like(x) if need_input_grad else None
         dw = torch.empty_like(weight) if need_weight_grad and weight is not None else None
         db = torch.empty(c, dtype=bias_dtype) if need_bias_grad and bias_dtype is not None else None
-        if dw is not None or db is not None:
-            self._lib.bn_backward(
-                dy.data_ptr(), x.data_ptr(), 0, code, layout, n, c, length, mean.data_ptr(), invstd.data_ptr(), w, wc,
-                float(n * length), 0, 0 if dw is None else dw.data_ptr(), 0 if dw is None else _CODE[dw.dtype],
-                0 if db is None else db.data_ptr(), 0 if db is None else _CODE[db.dtype], nt, WAVE_PER_THREAD * nt,
-            )  # fmt: skip
+        self._lib.bn_eval_backward(
+            dy.data_ptr(), x.data_ptr(), 0 if dx is None else dx.data_ptr(), _CODE[x.dtype], layout, n, c, length,
+            mean.data_ptr(), invstd.data_ptr(), w, wc, 0 if dw is None else dw.data_ptr(),
+            0 if dw is None else _CODE[dw.dtype], 0 if db is None else db.data_ptr(),
+            0 if db is None else _CODE[db.dtype], nt, WAVE_PER_THREAD * nt,
+        )  # fmt: skip
         return dx, dw, db
-
-    def _zeros(self, c: int) -> Tensor:
-        """At least c float64 zeros, kept for the backend's life and grown when a call needs more (the
-        caller holds the tensor during its kernel call: another thread may replace the kept one)."""
-        zeros = self._zero_buffer
-        if zeros is None or zeros.numel() < c:
-            zeros = self._zero_buffer = torch.zeros(max(c, 64), dtype=_F64)
-        return zeros
 
     def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
         if not fits(x):

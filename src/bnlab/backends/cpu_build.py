@@ -164,6 +164,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "bn_eval": [P, P, I, I, L, L, L, P, I, P, I, P, I, P, I, D, I],
         "bn_grad_input": [P, P, P, I, I, L, L, L, P, P, P, I, P, P, D, I],
         "bn_eval_stats": [P, I, P, I, D, P, L],
+        "bn_eval_backward": [P, P, P, I, I, L, L, L, P, P, P, I, P, I, P, I, I, L],
     }
     for name, argtypes in sigs.items():
         fn = getattr(lib, name)
