@@ -37,7 +37,8 @@ def contenders(shape, layout: str, threads: int) -> dict:
     x, dy = make_input(shape, layout, torch.float32, "cpu"), make_input(shape, layout, torch.float32, "cpu", seed=1)
     lay, n, c, length = layout_of(x)
     gen = torch.Generator().manual_seed(2)
-    mean, invstd = torch.randn(c, generator=gen, dtype=torch.float64), torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    mean = torch.randn(c, generator=gen, dtype=torch.float64)
+    invstd = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
     weight, zeros = torch.randn(c, generator=gen), torch.zeros(c, dtype=torch.float64)
     dx, dw, db, dst = torch.empty_like(x), torch.empty(c), torch.empty(c), torch.empty_like(x)
     f32, wave = _CODE[torch.float32], WAVE_PER_THREAD * threads

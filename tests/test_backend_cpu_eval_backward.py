@@ -58,8 +58,9 @@ SCRIPT = textwrap.dedent(
                 cd = lambda t: 0 if t is None else _CODE[t.dtype]
                 if path == "one call":
                     rc = lib.bn_eval_backward(dy.data_ptr(), x.data_ptr(), ptr(dx), code, lay, n, ch, length,
-                                              mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(), _CODE[weight.dtype],
-                                              ptr(dw), cd(dw), ptr(db), cd(db), nt, WAVE_PER_THREAD * nt)
+                                              mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(),
+                                              _CODE[weight.dtype], ptr(dw), cd(dw), ptr(db), cd(db), nt,
+                                              WAVE_PER_THREAD * nt)
                     assert rc == 0
                 else:
                     zeros = torch.zeros(c, dtype=torch.float64)

@@ -65,7 +65,8 @@ def test_eval_backward_ab_runs_and_prints_a_row_per_shape(capsys):
 
     threads = torch.get_num_threads()
     try:
-        eval_backward_ab.main(["--shapes", "2,8,48,48", "3,4,5,5", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
+        args = ["--shapes", "2,8,48,48", "3,4,5,5", "--rounds", "1", "--min-sample", "0", "--threads", "1"]
+        eval_backward_ab.main(args)
     finally:
         torch.set_num_threads(threads)
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("(")]

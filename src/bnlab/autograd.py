@@ -115,7 +115,8 @@ class BatchNormEvalFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
-        return *eval_grads(dy, x, weight, mean, invstd, ctx.needs_input_grad[:3], ctx.bias_dtype, ctx.backend), None, None, None
+        grads = eval_grads(dy, x, weight, mean, invstd, ctx.needs_input_grad[:3], ctx.bias_dtype, ctx.backend)
+        return *grads, None, None, None
 
 
 def eval_grads(dy, x, weight, mean, invstd, needs, bias_dtype, backend: Backend):
