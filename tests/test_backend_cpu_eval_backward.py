@@ -2,14 +2,16 @@
 
 dx = dy·(weight·invstd) does not depend on the parameter sums in eval mode, so where the sums walk
 by channel (NCL inputs that take neither channel groups nor flat blocks: rows of 2048 values or
-more, and the large inputs) over rows of 4 KiB or more, one pass computes both
-(ncl_eval_backward_channels). The oracle for
+more, and the large inputs) over rows of 4 KiB or more, or walk rows of C channels one by one
+(channels-last and (N, C) inputs beyond the group walk's bound), one pass computes both
+(ncl_eval_backward_channels, nlc_eval_backward). The oracle for
 its bits is what the eval backward ran before, two kernels: bn_normalize on dy with mean 0 and no
 bias, then bn_backward's reduction. Every case must equal that to the bit (dx, dweight, dbias in
 their dtypes) and the float64 formula within the dtype's tolerance, for each subset of outputs
 wanted, one and two threads, both layouts and four dtypes; in a fresh process with the walk
-bounds that send every NCL input to the per-channel walk too (rows of 1024 float32 values in
-chunks of two rows, a short last chunk).
+bounds that send every input to the walks of large inputs too (NCL rows of 1024 float32 values
+in chunks of two rows with a short last chunk; rows of C channels in blocks of whole runs, with
+odd C, several blocks per thread and a short last one).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ SCRIPT = textwrap.dedent(
     TOL = {torch.float32: 2e-6, torch.float64: 1e-13, torch.bfloat16: 1e-2, torch.float16: 2e-3}
     cases = [((2, 8, 48, 48), "nchw"), ((3, 9, 2100), "nchw"), ((4, 16, 5, 7), "nchw"), ((37, 17, 9, 9), "nchw"),
              ((5, 3, 50, 50), "nchw"), ((2, 8, 48, 48), "cl"), ((300, 24), "nchw"), ((64, 20, 14, 14), "nchw"),
-             ((5, 8, 32, 32), "nchw"), ((3, 8, 1500), "nchw")]
+             ((5, 8, 32, 32), "nchw"), ((3, 8, 1500), "nchw"), ((40, 17, 3, 3), "cl"), ((4100, 10), "nchw"),
+             ((700, 64), "nchw")]
     checked = 0
     for dtype, (shape, memory), nt in itertools.product(TOL, cases, (1, 2)):
         x = make_input(shape, memory, dtype, seed=1, mean=3.0)
@@ -93,8 +96,12 @@ SCRIPT = textwrap.dedent(
     """
 )
 
-# Default bounds, then every NCL input sent to the per-channel walk (tests/test_backend_cpu_walks.py).
-BOUNDS = {"default": {}, "channels": {"BNLAB_NCL_FLAT_MAX_BYTES": 0, "BNLAB_NCL_GROUP_BYTES": 0}}
+# Default bounds, then every input sent to the walks of large inputs: NCL by channel, rows of C
+# channels one by one (tests/test_backend_cpu_walks.py).
+BOUNDS = {
+    "default": {},
+    "large-input walks": {"BNLAB_NCL_FLAT_MAX_BYTES": 0, "BNLAB_NCL_GROUP_BYTES": 0, "BNLAB_NLC_GROUP_MAX_BYTES": 0},
+}
 
 
 @pytest.mark.parametrize("bounds", list(BOUNDS))
@@ -103,4 +110,4 @@ def test_one_call_has_the_bits_of_the_two_kernels_and_matches_float64(bounds):
     here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run([sys.executable, "-c", SCRIPT, here], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert int(out.stdout.split()[-1]) == 4 * 10 * 2 * 4  # dtypes x shapes x thread counts x output subsets
+    assert int(out.stdout.split()[-1]) == 4 * 13 * 2 * 4  # dtypes x shapes x thread counts x output subsets
