@@ -11,13 +11,19 @@ then run in eval mode with a graph). The variants are timed as bench_bn.py
 times its contenders (bench_bn.time_interleaved: interleaved samples of about --min-sample seconds,
 each round in an order of bench_timing.balanced_orders), and the medians are printed in milliseconds.
 
-    PYTHONPATH=src python benchmarks/bench_model_step.py [--batch 128] [--threads 2] [--rounds 12] [--layout cl]
+With --compile every model runs under torch.compile (inductor), and a third variant is added:
+bnlab's model compiled as it was before bnlab.custom_ops, its graph broken at every BN layer
+(the operators switched off while that variant compiles and runs).
+
+    PYTHONPATH=src python benchmarks/bench_model_step.py [--batch 128] [--threads 2] [--rounds 12] [--layout cl] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +34,41 @@ from bench_bn import time_interleaved  # noqa: E402
 from bench_cases import positive_int  # noqa: E402
 
 import bnlab  # noqa: E402
+from bnlab import custom_ops  # noqa: E402
 from bnlab.lab.models import resnet20  # noqa: E402
+
+BREAKS = "bnlab, graph breaks"
+
+
+@contextlib.contextmanager
+def operators_off():
+    """bnlab's layers as torch.compile traced them before bnlab.custom_ops: a graph break each."""
+    before = custom_ops.AVAILABLE
+    custom_ops.AVAILABLE = False
+    try:
+        yield
+    finally:
+        custom_ops.AVAILABLE = before
+
+
+def compiled_variants(make_models, make_fn) -> dict:
+    """{variant: callable to time}: each of make_models()'s fresh twins compiled, plus BREAKS;
+    make_fn(model) is the callable. Each is called once here, so that compilation stays out of the
+    samples."""
+    breaks = torch.compile(make_models()["bnlab"])
+    out = {name: make_fn(torch.compile(m)) for name, m in make_models().items()}
+    inner = make_fn(breaks)
+
+    def with_breaks():
+        with operators_off():  # while it runs too: a recompilation must not take the operators
+            return inner()
+
+    out[BREAKS] = with_breaks
+    for name, fn in out.items():
+        start = time.perf_counter()
+        fn()
+        print(f"#   first call (compilation) of {name}: {time.perf_counter() - start:.1f} s")
+    return out
 
 
 def twin_models(layout: str) -> dict[str, nn.Module]:
@@ -77,29 +117,41 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=positive_int, default=12, help="interleaved samples per variant")
     p.add_argument("--min-sample", type=float, default=1.0, help="seconds per sample (calls are repeated)")
     p.add_argument("--layout", default="nchw", choices=["nchw", "cl"])
+    p.add_argument("--compile", action="store_true", help="every model under torch.compile, plus the graph-break variant")
     args = p.parse_args(argv)
     if not args.min_sample >= 0:
         p.error(f"--min-sample: expected seconds >= 0, got {args.min_sample}")
     torch.set_num_threads(args.threads)
+    if args.compile:  # the twins share their forward's code: one cache entry per variant and mode
+        torch._dynamo.config.recompile_limit = 64
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, 32, 32, generator=gen)
     if args.layout == "cl":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch,), generator=gen)
+    print(f"# bench_model_step.py --batch {args.batch} --threads {args.threads} --layout {args.layout}"
+          f"{' --compile' if args.compile else ''}; ResNet-20, milliseconds, medians of {args.rounds} samples "
+          f"of about {args.min_sample} s")  # fmt: skip
     models = twin_models(args.layout)
-    folded = bnlab.fold(twin_models(args.layout)["bnlab"].eval())
-    print(f"# bench_model_step.py --batch {args.batch} --threads {args.threads} --layout {args.layout}; "
-          f"ResNet-20, milliseconds, medians of {args.rounds} samples of about {args.min_sample} s")  # fmt: skip
-    steps = {name: step_fn(m, images, labels) for name, m in models.items()}
-    inference = {name: inference_fn(m, images) for name, m in {**models, "bnlab folded": folded}.items()}
-    frozen_models = twin_models(args.layout)  # own copies: the frozen steps train other weights
-    frozen = {name: step_fn(m, images, labels, frozen_bn=True) for name, m in frozen_models.items()}
-    for what, fns in (("training step", steps), ("inference", inference), ("frozen-BN step", frozen)):
+    table = {
+        "training step": (lambda m: step_fn(m, images, labels), models),
+        "inference": (lambda m: inference_fn(m, images), {**twin_models(args.layout), "bnlab folded": None}),
+        # own copies: the frozen steps train other weights
+        "frozen-BN step": (lambda m: step_fn(m, images, labels, frozen_bn=True), twin_models(args.layout)),
+    }
+    for what, (make_fn, twins) in table.items():
+        if args.compile:
+            fns = compiled_variants(lambda: twin_models(args.layout), make_fn)
+        else:
+            if "bnlab folded" in twins:
+                twins["bnlab folded"] = bnlab.fold(twin_models(args.layout)["bnlab"].eval())
+            fns = {name: make_fn(m) for name, m in twins.items()}
         seconds = time_interleaved(fns, "cpu", args.rounds, args.min_sample)
         ms = {name: value * 1e3 for name, value in seconds.items()}
-        print(f"{what:14s} " + "  ".join(f"{name} {value:8.2f}" for name, value in ms.items())
-              + f"  torch.nn/bnlab {ms['torch.nn'] / ms['bnlab']:.3f}")  # fmt: skip
-
+        ratios = f"  torch.nn/bnlab {ms['torch.nn'] / ms['bnlab']:.3f}"
+        if BREAKS in ms:
+            ratios += f"  graph breaks/bnlab {ms[BREAKS] / ms['bnlab']:.3f}"
+        print(f"{what:14s} " + "  ".join(f"{name} {value:8.2f}" for name, value in ms.items()) + ratios)
 
 if __name__ == "__main__":
     main()

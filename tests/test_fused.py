@@ -113,3 +113,21 @@ def test_bad_arguments_are_named():
         layer(x, torch.randn(2, 3, 4, 5))
     with pytest.raises(TypeError, match="residual: this layer was built with residual=False"):
         bnlab.BatchNormAct2d(3)(x, x)
+
+
+def test_masked_positions_get_the_zero_relu_gives_them():
+    # Where z = BN(x) + residual <= 0, ReLU's backward gives +0.0, whatever dy there (even NaN);
+    # a product dy·mask would give -0.0 for a negative dy and NaN for a NaN.
+    gen = torch.Generator().manual_seed(11)
+    x, res, dy = (torch.randn(4, 3, 5, 5, generator=gen) for _ in range(3))
+    dy[0, 0, 0, :] = float("nan")
+    layer = bnlab.BatchNormAct2d(3, residual=True)
+    plain = bnlab.BatchNorm2d(3)
+    grads = []
+    for f in (layer, lambda a, r: torch.relu(plain(a) + r)):
+        a, r = x.clone().requires_grad_(True), res.clone().requires_grad_(True)
+        f(a, r).backward(dy)
+        grads.append(r.grad)
+    masked = grads[1] == 0
+    assert masked.any() and not torch.signbit(grads[0][masked]).any()
+    assert torch.equal(grads[0].view(torch.int32), grads[1].view(torch.int32))

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from bnlab import _checks
+from bnlab import _checks, custom_ops
 from bnlab.backends import cpu_eval_entry, cpu_train_entry, select_backend
 from bnlab.backends.cpu import COMPILED_CALLS
 from bnlab.composite import transforms_active
@@ -85,7 +85,8 @@ def module_forward(module, x: object) -> Tensor | None:
         The normalized tensor, with running statistics and num_batches_tracked updated exactly as
         the general path would; or None, with nothing changed.
     """
-    if COMPILED_CALLS["on"]:
+    compiling = custom_ops.tracing()
+    if COMPILED_CALLS["on"] and not compiling:
         # A CPU call in one compiled step, which declines anything but the plain case (then the
         # checks below run). In a network this runs right after a kernel that streamed megabytes
         # through the caches, where each Python step and tensor query costs microseconds
@@ -116,12 +117,17 @@ def module_forward(module, x: object) -> Tensor | None:
         and _plain(running_var, channels, device)
     ):
         return None
-    eps = module.eps
+    eps, momentum = module.eps, module.momentum
     if type(eps) is not float or not eps > 0 or eps == math.inf:  # NaN fails eps > 0
         return None
     if not module.training:
+        if compiling and running_mean is None and running_var is None and x.numel() > channels:
+            # eval with batch statistics (track_running_stats=False), recorded nowhere
+            return custom_ops.train(x, weight, bias, eps, None, None, None, None, False)
         if running_mean is None or running_var is None or x.numel() == 0:
             return None  # eval with batch statistics (track_running_stats=False), or an empty batch
+        if compiling:  # traced by torch.compile / torch.export: one node of the graph (bnlab.custom_ops)
+            return custom_ops.evaluate(x, running_mean, running_var, weight, bias, eps)
         backend = select_backend(x)
         if torch.is_grad_enabled() and (
             x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
@@ -132,8 +138,9 @@ def module_forward(module, x: object) -> Tensor | None:
         return backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
     if x.numel() <= channels:
         return None  # one value per channel is an error, zero an empty batch: the general path
-    momentum = module.momentum
-    if momentum is not None and not (type(momentum) in (float, int) and math.isfinite(momentum)):
+    # momentum - momentum == 0: finite (not math.isfinite, which torch.compile(dynamic=True) cannot
+    # trace on the symbol it makes of a float attribute)
+    if momentum is not None and not (type(momentum) in (float, int) and momentum - momentum == 0):
         return None
     nbt = None
     if not module.track_running_stats:
@@ -144,8 +151,10 @@ def module_forward(module, x: object) -> Tensor | None:
         nbt = buffers.get("num_batches_tracked")
     if nbt is None and momentum is None:
         momentum = 0.0  # as _momentum_factor: no counter, no cumulative average
+    guard = bool(_option(module, "skip_nonfinite", True))  # the non-finite guard, on by default
+    if compiling:
+        return custom_ops.train(x, weight, bias, eps, running_mean, running_var, nbt, momentum, guard)
     backend = select_backend(x)
     # The backend counts the batch in num_batches_tracked itself (in its kernel call), or returns
     # None having changed nothing: then the module's general path runs.
-    guard = bool(_option(module, "skip_nonfinite", True))  # the non-finite guard, on by default
     return backend.train_forward(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)

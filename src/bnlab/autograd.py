@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from bnlab import _checks
 from bnlab.stats import compute_dtype, per_channel, reduce_dims
 
 if TYPE_CHECKING:  # annotations only: the CPU backend's Functions (backends/cpu_autograd.py) import this module
@@ -146,3 +147,12 @@ def eval_grads(dy, x, weight, mean, invstd, needs, bias_dtype, backend: Backend)
         db = dy.to(dtype).sum(dims).to(bias_dtype)
     return dx, dw, db
 
+
+def eval_statistics(running_mean: Tensor, running_var: Tensor, eps: float, backend) -> tuple[Tensor, Tensor]:
+    """(mean, invstd = 1/sqrt(running_var + eps)), float64 (C,), as eval mode normalizes with them:
+    the backend's where it computes them, else torch ops. Raises for a negative running variance."""
+    stats = backend.eval_statistics(running_mean, running_var, eps)  # raises for a negative variance
+    if stats is None:
+        _checks.check_running_var_nonnegative(running_var)
+        stats = running_mean.detach().to(torch.float64), torch.rsqrt(running_var.detach().to(torch.float64) + eps)
+    return stats

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab import _checks, composite
-from bnlab.autograd import BatchNormEvalFunction, BatchNormTrainFunction
+from bnlab import _checks, composite, custom_ops
+from bnlab.autograd import BatchNormEvalFunction, BatchNormTrainFunction, eval_statistics
 from bnlab.backends.autograd_apply import direct_apply
 from bnlab.backends import select_backend
 from bnlab.stats import Moments, update_running_stats_
 
 __all__ = ["batch_norm"]
+
 
 
 def batch_norm(
@@ -57,7 +58,8 @@ def batch_norm(
     channels = x.shape[1]
     for name, vec in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _checks.check_channel_vector(vec, name, channels, x)
-    backend = select_backend(x)
+    # Traced by torch.compile / torch.export: each call one node of the graph (bnlab.custom_ops).
+    compiling = custom_ops.tracing() and not composite.transforms_active()
 
     if training:
         _checks.check_training_batch(x)
@@ -73,9 +75,12 @@ def batch_norm(
             factor = _checks.check_momentum(momentum)
             if factor is None:
                 raise TypeError("momentum: expected a float (the module turns momentum=None into 1/num_batches), got None")
+        if compiling:
+            return custom_ops.train(x, weight, bias, eps, running_mean, running_var, None, factor, True)
         if composite.transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
             y, mean, m2 = composite.train_forward(x, weight, bias, eps)
         else:
+            backend = select_backend(x)
             y = backend.train_forward(x, weight, bias, eps, running_mean, running_var, factor)
             if y is not None:  # the backend fused the step, running averages included
                 return y
@@ -90,9 +95,12 @@ def batch_norm(
             "running_mean, running_var: expected (C,) tensors in evaluation mode (training=False), got None; "
             "pass training=True to normalize with batch statistics"
         )
+    if compiling:
+        return custom_ops.evaluate(x, running_mean, running_var, weight, bias, eps)
     if composite.transforms_active():
         _checks.check_running_var_nonnegative(running_var)
         return composite.eval_forward(x, running_mean, running_var, weight, bias, eps)
+    backend = select_backend(x)
     if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
         # No graph to record (inference): the backend may normalize straight from the buffers.
         y = backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
@@ -108,11 +116,8 @@ def eval_with_graph(x, running_mean, running_var, weight, bias, eps: float, back
     (N, C, *) x, (C,) floating vectors on x's device, running statistics present, eps >= 0.
     Raises for a negative running variance, naming the channels.
     """
-    stats = backend.eval_statistics(running_mean, running_var, eps)  # raises for a negative variance
-    if stats is None:
-        _checks.check_running_var_nonnegative(running_var)
-        stats = running_mean.detach().to(torch.float64), torch.rsqrt(running_var.detach().to(torch.float64) + eps)
-    return _apply_eval(x, weight, bias, *stats, backend)
+    return _apply_eval(x, weight, bias, *eval_statistics(running_mean, running_var, eps, backend), backend)
+
 
 
 #: BatchNormEvalFunction.apply without torch's Python wrapper where it is idle (backends.autograd_apply).

@@ -16,14 +16,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bnlab import _checks, composite
+from bnlab import _checks, composite, custom_ops
+from bnlab._fastpath import module_forward
 from bnlab.autograd import differentiable_train_grads, param_grads
 from bnlab.backends import select_backend
 from bnlab.functional import batch_norm
 from bnlab.modules import BatchNorm2d
-from bnlab.stats import Moments, update_running_stats_
+from bnlab.stats import Moments, count_and_update_
 
 __all__ = ["BatchNormAct2d", "BatchNormActFunction"]
+
 
 
 def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
@@ -35,22 +37,6 @@ def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
     bits = (mask.view(rows, -1).unsqueeze(2) >> torch.arange(8, device=mask.device, dtype=torch.uint8)) & 1
     flat = bits.flatten(1)[:, :k].reshape(-1).bool()
     return flat.as_strided(like.shape, like.stride())  # like is dense: its strides index the storage
-
-
-def _update_running(running_mean, running_var, stats: Moments, momentum, counter, guard: bool) -> None:
-    """The layer's bookkeeping after a batch, as bnlab's BatchNorm layers do it: count the batch in
-    ``counter`` (num_batches_tracked), momentum None meaning 1/count, and with ``guard`` skip a batch
-    whose statistics are not finite (averages and counter unchanged)."""
-    count = stats.count
-    if guard and running_mean is not None and not isinstance(count, Tensor) and count > 1:
-        unbiased = stats.m2 / (count - 1)
-        if not bool(torch.isfinite(stats.mean).all() and torch.isfinite(unbiased).all()):
-            return
-    if counter is not None:
-        counter.add_(1)
-    factor = momentum if momentum is not None else 1.0 / float(counter)
-    if running_mean is not None:
-        update_running_stats_(running_mean, running_var, stats, factor)
 
 
 class BatchNormActFunction(torch.autograd.Function):
@@ -70,7 +56,7 @@ class BatchNormActFunction(torch.autograd.Function):
             ctx.fused = True
         else:
             z, stats, invstd = backend.forward_train(x, weight, bias, eps)
-            _update_running(running_mean, running_var, stats, momentum, counter, guard)
+            count_and_update_(running_mean, running_var, counter, stats, momentum, guard)
             if residual is not None:
                 z = z + residual
             mask = z > 0 if relu else None
@@ -94,7 +80,7 @@ class BatchNormActFunction(torch.autograd.Function):
                 mask = _unpack_bits(packed, x, p.rows, p.k) if packed is not None else None
             else:
                 mask = ctx.extra[3]
-            dz = dy * mask if mask is not None else dy
+            dz = torch.where(mask, dy, 0.0) if mask is not None else dy  # +0 where masked, as ReLU's backward
             dx, dw, db = differentiable_train_grads(dz, x, weight, eps, bias_dtype, (need_x, need_w, need_b))
             return dx, dw, db, (dz if need_res else None), None
         if ctx.fused:
@@ -103,7 +89,7 @@ class BatchNormActFunction(torch.autograd.Function):
             dx, dres = backend.act_backward(dy, x, weight, ctx.extra, need_x, need_res, dw, db)
             return dx, dw, db, dres, None
         mean, invstd, count, mask = ctx.extra
-        dz = dy * mask if mask is not None else dy
+        dz = torch.where(mask, dy, 0.0) if mask is not None else dy  # +0 where masked, as ReLU's backward
         dx, sum_dy_xhat, sum_dy = backend.backward(dz, x, mean, invstd, weight, count, need_x)
         dw, db = param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, need_w, need_b)
         return dx, dw, db, (dz if need_res else None), None
@@ -159,6 +145,13 @@ class BatchNormAct2d(BatchNorm2d):
         if self.training:
             _checks.check_training_batch(x)
         relu = self.activation == "relu"
+        if custom_ops.tracing():
+            # Traced by torch.compile / torch.export: BN as one node of the graph (bnlab.custom_ops),
+            # the add and the ReLU as torch ops, which the compiler fuses with their neighbours.
+            z = module_forward(self, x)
+            if z is not None:
+                z = z + residual if residual is not None else z
+                return torch.relu(z) if relu else z
         backend = select_backend(x)
         if self.training or (self.running_mean is None and self.running_var is None):
             track = self.training and self.track_running_stats
@@ -173,7 +166,7 @@ class BatchNormAct2d(BatchNorm2d):
             config = (_checks.check_eps(self.eps), backend, rm, rv, momentum, counter, guard, relu)
             if composite.transforms_active():  # forward-mode AD or torch.func: bnlab.composite's torch ops
                 z, mean, m2 = composite.train_forward(x, self.weight, self.bias, config[0])
-                _update_running(rm, rv, Moments(_checks.values_per_channel(x), mean, m2), momentum, counter, guard)
+                count_and_update_(rm, rv, counter, Moments(_checks.values_per_channel(x), mean, m2), momentum, guard)
                 z = z + residual if residual is not None else z
                 return torch.relu(z) if relu else z
             return BatchNormActFunction.apply(x, self.weight, self.bias, residual, config)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from torch import Tensor, nn
 
 from bnlab import _checks
 from bnlab._fastpath import module_forward
 from bnlab.functional import batch_norm
-from bnlab.stats import Moments, update_running_stats_
+from bnlab.stats import Moments, count_and_update_
 from bnlab.variants.accumulate import StatsAccumulator
 from bnlab.variants.dispatch import batch_stats_forward
 from bnlab.variants.masked import check_mask
@@ -145,22 +144,11 @@ class _BatchNormMixin:
         return accumulator
 
     def _update_running_stats(self, stats: Moments) -> None:
-        """One update of the running averages, counted in ``num_batches_tracked`` as torch.nn counts it.
-
-        Except: a batch the non-finite guard skips is not counted (the decrement is computed on
-        the device, without a host sync), so ``momentum=None`` keeps giving the k-th finite batch
-        the weight 1/k, and a Batch Renorm ramp does not advance on a step the optimizer skips.
-        """
-        tracked = self.num_batches_tracked
-        if tracked is not None:
-            tracked.add_(1)
-        # momentum=None: the k-th batch weighs 1/k, kept as a device tensor so CUDA never waits here.
-        factor = self.momentum if self.momentum is not None else 1.0 / tracked.to(torch.float64)
-        accepted = update_running_stats_(
-            self.running_mean, self.running_var, stats, factor, skip_nonfinite=self.skip_nonfinite
+        """One update of the running averages, counted in ``num_batches_tracked`` as torch.nn counts it
+        (except a batch the non-finite guard skips: bnlab.stats.count_and_update_)."""
+        count_and_update_(
+            self.running_mean, self.running_var, self.num_batches_tracked, stats, self.momentum, self.skip_nonfinite
         )
-        if tracked is not None and self.skip_nonfinite:
-            tracked.sub_((~accepted).to(tracked.dtype))
 
     def flush_accumulated_stats(self) -> bool:
         """Update the running averages now with the micro-batches accumulated so far.

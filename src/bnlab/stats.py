@@ -211,3 +211,28 @@ def update_running_stats_(
             new = torch.where(apply, new, old)
         running.copy_(new)
     return accepted
+
+
+def count_and_update_(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    stats: Moments,
+    momentum: float | None,
+    skip_nonfinite: bool,
+) -> None:
+    """A module's update for one training batch: counted in ``num_batches_tracked`` as torch.nn counts
+    it, then :func:`update_running_stats_`.
+
+    ``momentum=None`` gives the k-th batch the weight 1/k (k counted on the device, so CUDA never
+    waits here). Except torch.nn's rule: a batch the non-finite guard skips is not counted (the
+    decrement is computed on the device, without a host sync), so ``momentum=None`` keeps giving
+    the k-th finite batch the weight 1/k, and a Batch Renorm ramp does not advance on a step the
+    optimizer skips. Shared by the modules and by the custom operator of bnlab.custom_ops.
+    """
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    factor = momentum if momentum is not None else 1.0 / num_batches_tracked.to(torch.float64)
+    accepted = update_running_stats_(running_mean, running_var, stats, factor, skip_nonfinite=skip_nonfinite)
+    if num_batches_tracked is not None and skip_nonfinite:
+        num_batches_tracked.sub_((~accepted).to(num_batches_tracked.dtype))

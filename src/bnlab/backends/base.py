@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab.stats import Count, Moments, finalize
+from bnlab.stats import Count, Moments, count_and_update_, finalize
 
 
 class Backend:
@@ -107,6 +107,27 @@ class Backend:
         matters (small inputs) fuses the steps; the results must be those of the general path.
         """
         return None
+
+    def train_forward_stats(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | None,
+        num_batches_tracked: Tensor | None,
+        skip_nonfinite: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """The training forward without autograd, for bnlab.custom_ops: (y, stats), stats the float64
+        (3, C) rows mean, M2, invstd; the running averages and the counter (plain (C,) vectors and a
+        one-element int64 tensor, or None) updated in place as the modules update them
+        (bnlab.stats.count_and_update_). A fast backend does it in one kernel call."""
+        y, moments, invstd = self.forward_train(x, weight, bias, eps)
+        if running_mean is not None:
+            count_and_update_(running_mean, running_var, num_batches_tracked, moments, momentum, skip_nonfinite)
+        return y, torch.stack((moments.mean, moments.m2, invstd))
 
     def eval_forward(
         self, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float

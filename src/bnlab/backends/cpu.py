@@ -210,6 +210,20 @@ class CpuBackend(Backend):
         )  # fmt: skip
         return y, stats, (layout, n, c, length, code, nt)
 
+    def train_forward_stats(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+                            skip_nonfinite):  # fmt: skip
+        # One kernel call, the running averages and the counter updated in it, as the modules' compiled
+        # call updates them (bn_train_module); the base class's composition where it does not fit.
+        nbt = num_batches_tracked
+        plain_nbt = nbt is None or (nbt.is_cpu and nbt.dtype == torch.int64 and nbt.numel() == 1)
+        if not (fits(x) and is_plain_vector(running_mean) and is_plain_vector(running_var) and plain_nbt):
+            return super().train_forward_stats(x, weight, bias, eps, running_mean, running_var, momentum, nbt,
+                                               skip_nonfinite)  # fmt: skip
+        if nbt is None and momentum is None:
+            momentum = 0.0  # no counter, no cumulative average (as torch.nn)
+        y, stats, _ = self.forward_stats(x, weight, bias, eps, running_mean, running_var, momentum, nbt, skip_nonfinite)
+        return y, stats
+
     def backward_entry(self, dy, x, stats, weight, plan, needs, bias_dtype):
         """CpuTrainFunction's gradients (dx, dweight, dbias, None) from one compiled call
         (``bn_backward_module``, cpu_kernels_py_train.inc), or None where it is not set up or

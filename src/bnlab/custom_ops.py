@@ -1,0 +1,207 @@
+"""bnlab's BatchNorm as torch operators, so that torch.compile and torch.export keep it whole.
+
+Why: bnlab's kernels are C functions and Triton launches reading raw data pointers. TorchDynamo
+cannot trace into them, so a ``torch.compile``'d model broke its graph at every bnlab BN layer
+(with a warning per layer), ``fullgraph=True`` failed, and ``torch.export`` could not capture the
+model. Defined in the ``bnlab`` namespace of the dispatcher (``torch.library``), each BN call is
+one opaque node of the graph with a fake implementation (output shapes, strides and dtypes only)
+and a registered backward. The compiled graph then stays whole around it, and the node runs the
+eager kernels, so a compiled model computes the bits of the eager one.
+
+Eager calls do not go through these operators: even a bare dispatcher call costs microseconds
+that a small layer cannot spare. ``bnlab._fastpath``, ``bnlab.functional.batch_norm`` and
+``BatchNormAct2d`` route a call here only while :func:`tracing`. (They are defined with
+``torch.library.Library``, not the higher-level ``torch.library.custom_op``, whose Python
+wrapper cost ~60 us more per call.)
+
+The operators (x is (N, C, *); weight, bias and the running buffers are (C,); every ``stats`` is
+float64, with rows mean, M2 = Σ(x - mean)², invstd = 1/sqrt(var + eps) in training and mean,
+invstd in evaluation, so that the last row is invstd in both):
+
+- ``bnlab::batch_norm_train(x, weight?, bias?, eps, running_mean?, running_var?,
+  num_batches_tracked?, momentum?, skip_nonfinite) -> (y, stats, new_running_mean,
+  new_running_var, new_num_batches_tracked)``: batch statistics, and the buffers' next values as
+  the modules compute them (bnlab.stats.count_and_update_; ``momentum=None`` is the cumulative
+  average), which :func:`train` copies into the buffers (0-element tensors where a buffer is
+  None). Returning them, rather than writing them, keeps the operator functional: torch
+  registers no autograd formula for an operator that mutates its inputs.
+- ``bnlab::batch_norm_eval(x, running_mean, running_var, weight?, bias?, eps) -> (y, stats)``;
+- their backwards, ``bnlab::batch_norm_train_backward`` and ``bnlab::batch_norm_eval_backward``
+  ``(dy, x, weight?, stats, need_input, need_weight, bias_dtype?) -> (dx, dweight, dbias)``, with a
+  0-element tensor in place of each gradient not wanted (an operator cannot return None).
+
+A double backward (``create_graph=True``) is not supported through them; torch.compile does not
+support it either.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnlab.autograd import eval_grads, eval_statistics, param_grads
+from bnlab.backends import select_backend
+
+__all__ = ["AVAILABLE", "tracing", "train", "evaluate"]
+
+#: Whether this torch can define the operators (torch.library.register_fake/register_autograd:
+#: torch >= 2.4). On an older torch, compiled models take the modules' general path and break
+#: their graph at each layer.
+AVAILABLE = hasattr(torch.library, "register_fake") and hasattr(torch.library, "register_autograd")
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing the caller, with these operators available:
+    then the layers and ``functional.batch_norm`` call :func:`train` and :func:`evaluate`."""
+    return AVAILABLE and _is_compiling()
+
+
+def _strided_as_fake(t: Tensor, x: Tensor) -> Tensor:
+    """t, with the strides of ``torch.empty_like(x)``, which the fake implementations promise.
+
+    bnlab's kernels write outputs in x's memory format, so this is t itself in every case but a
+    layout they do not keep (then one copy): a compiled graph reads an operator's outputs with
+    the strides of its fake implementation, and different real strides would be read wrongly."""
+    want = torch.empty_like(x, device="meta").stride()
+    return t if t.stride() == want else torch.empty_like(x).copy_(t)
+
+
+def _none_as_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+def _grad_fakes(dy: Tensor, x: Tensor, weight, stats, need_input: bool, need_weight: bool, bias_dtype):
+    """The gradients' shapes and dtypes, for the two backward operators' fake implementations."""
+    c = x.shape[1]
+    dx = torch.empty_like(x) if need_input else x.new_empty(0)
+    dw = torch.empty_like(weight) if need_weight and weight is not None else x.new_empty(0)
+    db = x.new_empty(c, dtype=bias_dtype) if bias_dtype is not None else x.new_empty(0)
+    return dx, dw, db
+
+
+_SCHEMAS = {
+    "batch_norm_train": "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? running_mean, "
+    "Tensor? running_var, Tensor? num_batches_tracked, float? momentum, bool skip_nonfinite) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "batch_norm_eval": "batch_norm_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
+    "Tensor? bias, float eps) -> (Tensor, Tensor)",
+    "batch_norm_train_backward": "batch_norm_train_backward(Tensor dy, Tensor x, Tensor? weight, Tensor stats, "
+    "bool need_input, bool need_weight, ScalarType? bias_dtype) -> (Tensor, Tensor, Tensor)",
+    "batch_norm_eval_backward": "batch_norm_eval_backward(Tensor dy, Tensor x, Tensor? weight, Tensor stats, "
+    "bool need_input, bool need_weight, ScalarType? bias_dtype) -> (Tensor, Tensor, Tensor)",
+}
+
+
+def _train_impl(x, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, skip_nonfinite):
+    with torch.no_grad():
+        given = (running_mean, running_var, num_batches_tracked)
+        mean, var, count = (t.clone() if t is not None else None for t in given)  # the next values, from these
+        y, stats = select_backend(x).train_forward_stats(x, weight, bias, eps, mean, var, momentum, count, skip_nonfinite)
+        return _strided_as_fake(y, x), stats, *(_none_as_empty(t, x) for t in (mean, var, count))
+
+
+def _train_fake(x, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, skip_nonfinite):
+    buffers = [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (running_mean, running_var, num_batches_tracked)]
+    return torch.empty_like(x), x.new_empty((3, x.shape[1]), dtype=torch.float64), *buffers
+
+
+def _train_backward_impl(dy, x, weight, stats, need_input, need_weight, bias_dtype):
+    with torch.no_grad():
+        count = x.numel() // x.shape[1]
+        dx, sum_dy_xhat, sum_dy = select_backend(x).backward(dy, x, stats[0], stats[-1], weight, count, need_input)
+        dw, db = param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, need_weight, True)
+        dx = _strided_as_fake(dx, x) if dx is not None else None
+        return _none_as_empty(dx, x), _none_as_empty(dw, x), _none_as_empty(db, x)
+
+
+def _eval_impl(x, running_mean, running_var, weight, bias, eps):
+    with torch.no_grad():
+        backend = select_backend(x)
+        mean, invstd = eval_statistics(running_mean, running_var, eps, backend)  # raises for var < 0
+        y = backend.normalize(x, mean, invstd, weight, bias)
+        return _strided_as_fake(y, x), torch.stack((mean, invstd))
+
+
+def _eval_fake(x, running_mean, running_var, weight, bias, eps):
+    return torch.empty_like(x), x.new_empty((2, x.shape[1]), dtype=torch.float64)
+
+
+def _eval_backward_impl(dy, x, weight, stats, need_input, need_weight, bias_dtype):
+    with torch.no_grad():
+        needs = (need_input, need_weight, bias_dtype is not None)
+        dx, dw, db = eval_grads(dy, x, weight, stats[0], stats[-1], needs, bias_dtype, select_backend(x))
+        dx = _strided_as_fake(dx, x) if dx is not None else None
+        return _none_as_empty(dx, x), _none_as_empty(dw, x), _none_as_empty(db, x)
+
+
+def _autograd_formula(backward_op, weight_at: int, bias_at: int):
+    """(backward, setup_context) of a forward whose inputs hold weight and bias at these positions."""
+
+    def setup_context(ctx, inputs, output):
+        weight, bias = inputs[weight_at], inputs[bias_at]
+        ctx.save_for_backward(inputs[0], weight, output[1])  # x, weight, stats
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.arity = len(inputs)
+
+    def backward(ctx, dy, *_unused):  # the statistics and buffers' gradients: none
+        x, weight, stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_w = needs[weight_at] and weight is not None
+        need_b = needs[bias_at] and ctx.bias_dtype is not None
+        dx, dw, db = backward_op(dy, x, weight, stats, needs[0], need_w, ctx.bias_dtype if need_b else None)
+        grads = [None] * ctx.arity
+        grads[0] = dx if needs[0] else None
+        grads[weight_at] = dw if need_w else None
+        grads[bias_at] = db if need_b else None
+        return tuple(grads)
+
+    return backward, setup_context
+
+
+def _register():
+    """Defines the four operators in the ``bnlab`` namespace; returns (library, train op, eval op)."""
+    library = torch.library.Library("bnlab", "DEF")  # kept alive by the caller: the definitions last as long
+    impls = {
+        "batch_norm_train": (_train_impl, _train_fake),
+        "batch_norm_eval": (_eval_impl, _eval_fake),
+        "batch_norm_train_backward": (_train_backward_impl, _grad_fakes),
+        "batch_norm_eval_backward": (_eval_backward_impl, _grad_fakes),
+    }
+    for name, (impl, fake) in impls.items():
+        # flexible_layout: the kernels take any memory format (channels_last too) and write outputs
+        # in x's, so inductor hands x over as its own code laid it out. Without the tag it converted
+        # its channels-last convolution outputs to NCHW for each BN call and back after it.
+        library.define(_SCHEMAS[name], tags=(torch.Tag.flexible_layout,))
+        library.impl(name, impl, "CompositeExplicitAutograd")  # below autograd, on every device
+        torch.library.register_fake(f"bnlab::{name}", fake, lib=library)
+    ops = torch.ops.bnlab
+    for forward, backward_op, weight_at, bias_at in (
+        ("batch_norm_train", ops.batch_norm_train_backward.default, 1, 2),
+        ("batch_norm_eval", ops.batch_norm_eval_backward.default, 3, 4),
+    ):
+        backward, setup_context = _autograd_formula(backward_op, weight_at, bias_at)
+        torch.library.register_autograd(f"bnlab::{forward}", backward, setup_context=setup_context, lib=library)
+    return library, ops.batch_norm_train.default, ops.batch_norm_eval.default
+
+
+_LIBRARY, _train_op, _eval_op = _register() if AVAILABLE else (None, None, None)
+
+
+def train(x: Tensor, weight, bias, eps: float, running_mean, running_var, num_batches_tracked, momentum, skip_nonfinite):
+    """Training-mode BN through ``bnlab::batch_norm_train``: y (x's shape, dtype and strides), with
+    the running averages (and the counter, if given) updated in place. For validated arguments."""
+    y, _, mean, var, count = _train_op(
+        x, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, skip_nonfinite
+    )
+    for buffer, value in ((running_mean, mean), (running_var, var), (num_batches_tracked, count)):
+        if buffer is not None:
+            buffer.copy_(value.detach())
+    return y
+
+
+def evaluate(x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float) -> Tensor:
+    """Eval-mode BN through ``bnlab::batch_norm_eval``: y (x's shape, dtype and strides). For
+    validated arguments; raises for a negative running variance, naming the channels."""
+    return _eval_op(x, running_mean, running_var, weight, bias, eps)[0]
