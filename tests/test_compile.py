@@ -10,6 +10,7 @@ as inductor sees them, without code generation; one test runs inductor itself.
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytest
 import torch
@@ -126,11 +127,11 @@ def test_each_layer_is_one_node_of_one_graph():
     )
     x = torch.randn(2, 3, 8, 8)
     targets = _graph_targets(model, x)
-    assert "bnlab.batch_norm_train.default" in targets
+    assert f"bnlab.batch_norm_train.{custom_ops.OVERLOAD}" in targets
     assert not any("batch_norm_eval" in t for t in targets)
     torch._dynamo.reset()
     targets = _graph_targets(model.eval(), x)
-    assert "bnlab.batch_norm_eval.default" in targets and not any("train" in t for t in targets)
+    assert f"bnlab.batch_norm_eval.{custom_ops.OVERLOAD}" in targets and not any("train" in t for t in targets)
 
 
 def test_batch_norm_act_with_a_residual_compiles_to_the_eager_bits():
@@ -232,11 +233,40 @@ def test_inductor_reads_the_outputs_as_promised():
         assert _step(compiled, x, dy) == _step(model, x, dy)
 
 
+_OPERATORS = ("batch_norm_train", "batch_norm_eval", "batch_norm_train_backward", "batch_norm_eval_backward")
+
+
+def _operator(name: str):
+    return getattr(getattr(torch.ops.bnlab, name), custom_ops.OVERLOAD)
+
+
 def test_the_operators_take_any_layout():
     # Without the tag inductor converted its channels-last convolution outputs to NCHW before
     # each BN call and back after it: two extra passes per layer (docs/benchmarks.md).
-    for name in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_backward", "batch_norm_eval_backward"):
-        assert torch.Tag.flexible_layout in getattr(torch.ops.bnlab, name).default.tags, name
+    for name in _OPERATORS:
+        assert torch.Tag.flexible_layout in _operator(name).tags, name
+
+
+def test_the_overload_name_moves_with_the_operators_contract():
+    # torch.compile's on-disk caches key a graph by its code, where only the operator's name and
+    # overload appear: a graph compiled against an older definition would be reused. A change to
+    # a schema or the tags must come with a new custom_ops.OVERLOAD (then update both values here).
+    contract = "\n".join(f"{custom_ops._SCHEMAS[n]} {sorted(t.name for t in _operator(n).tags)}" for n in _OPERATORS)
+    digest = hashlib.sha256(contract.encode()).hexdigest()[:16]
+    assert (custom_ops.OVERLOAD, digest) == ("v2", "8ad9507e3de91266"), contract
+    assert not hasattr(torch.ops.bnlab.batch_norm_train, "default")  # no older overload left to call
+
+
+def test_a_compiled_graph_names_the_overload():
+    # What makes the caches' key move: the overload's name in the graph's code.
+    codes = []
+
+    def capture(gm, example_inputs):
+        codes.append(gm.code)
+        return gm
+
+    torch.compile(bnlab.BatchNorm2d(3), backend=capture, fullgraph=True)(torch.randn(2, 3, 4, 4))
+    assert f"torch.ops.bnlab.batch_norm_train.{custom_ops.OVERLOAD}(" in codes[0]
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

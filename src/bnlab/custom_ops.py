@@ -42,7 +42,7 @@ from torch import Tensor
 from bnlab.autograd import eval_grads, eval_statistics, param_grads
 from bnlab.backends import select_backend
 
-__all__ = ["AVAILABLE", "tracing", "train", "evaluate"]
+__all__ = ["AVAILABLE", "OVERLOAD", "tracing", "train", "evaluate"]
 
 #: Whether this torch can define the operators (torch.library.register_fake/register_autograd:
 #: torch >= 2.4). On an older torch, compiled models take the modules' general path and break
@@ -81,15 +81,25 @@ def _grad_fakes(dy: Tensor, x: Tensor, weight, stats, need_input: bool, need_wei
     return dx, dw, db
 
 
+#: The overload every operator is defined under, and so the name a compiled graph's code calls
+#: (``torch.ops.bnlab.batch_norm_train.v2``). torch.compile's on-disk caches (inductor's FX graph
+#: cache, AOTAutograd's) key a graph by that code and not by an operator's definition: a graph
+#: compiled against an older schema, fake implementation, tag or backward would be loaded again
+#: after bnlab changed them (a cache written before the flexible_layout tag kept the NCHW
+#: conversions it was compiled with). Move it on with any such change, or with a change to what a
+#: row of ``stats`` holds; tests/test_compile.py pins it to the schemas and tags.
+#: (v1: the ``default`` overloads of the first version, 2026-12-03.)
+OVERLOAD = "v2"
+
 _SCHEMAS = {
-    "batch_norm_train": "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? running_mean, "
+    "batch_norm_train": f"batch_norm_train.{OVERLOAD}(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? running_mean, "
     "Tensor? running_var, Tensor? num_batches_tracked, float? momentum, bool skip_nonfinite) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    "batch_norm_eval": "batch_norm_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
+    "batch_norm_eval": f"batch_norm_eval.{OVERLOAD}(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
     "Tensor? bias, float eps) -> (Tensor, Tensor)",
-    "batch_norm_train_backward": "batch_norm_train_backward(Tensor dy, Tensor x, Tensor? weight, Tensor stats, "
+    "batch_norm_train_backward": f"batch_norm_train_backward.{OVERLOAD}(Tensor dy, Tensor x, Tensor? weight, Tensor stats, "
     "bool need_input, bool need_weight, ScalarType? bias_dtype) -> (Tensor, Tensor, Tensor)",
-    "batch_norm_eval_backward": "batch_norm_eval_backward(Tensor dy, Tensor x, Tensor? weight, Tensor stats, "
+    "batch_norm_eval_backward": f"batch_norm_eval_backward.{OVERLOAD}(Tensor dy, Tensor x, Tensor? weight, Tensor stats, "
     "bool need_input, bool need_weight, ScalarType? bias_dtype) -> (Tensor, Tensor, Tensor)",
 }
 
@@ -174,16 +184,13 @@ def _register():
         # in x's, so inductor hands x over as its own code laid it out. Without the tag it converted
         # its channels-last convolution outputs to NCHW for each BN call and back after it.
         library.define(_SCHEMAS[name], tags=(torch.Tag.flexible_layout,))
-        library.impl(name, impl, "CompositeExplicitAutograd")  # below autograd, on every device
-        torch.library.register_fake(f"bnlab::{name}", fake, lib=library)
-    ops = torch.ops.bnlab
-    for forward, backward_op, weight_at, bias_at in (
-        ("batch_norm_train", ops.batch_norm_train_backward.default, 1, 2),
-        ("batch_norm_eval", ops.batch_norm_eval_backward.default, 3, 4),
-    ):
-        backward, setup_context = _autograd_formula(backward_op, weight_at, bias_at)
-        torch.library.register_autograd(f"bnlab::{forward}", backward, setup_context=setup_context, lib=library)
-    return library, ops.batch_norm_train.default, ops.batch_norm_eval.default
+        library.impl(f"{name}.{OVERLOAD}", impl, "CompositeExplicitAutograd")  # below autograd, on every device
+        torch.library.register_fake(f"bnlab::{name}.{OVERLOAD}", fake, lib=library)
+    op = {name: getattr(getattr(torch.ops.bnlab, name), OVERLOAD) for name in impls}
+    for forward, weight_at, bias_at in (("batch_norm_train", 1, 2), ("batch_norm_eval", 3, 4)):
+        backward, setup_context = _autograd_formula(op[f"{forward}_backward"], weight_at, bias_at)
+        torch.library.register_autograd(op[forward], backward, setup_context=setup_context, lib=library)
+    return library, op["batch_norm_train"], op["batch_norm_eval"]
 
 
 _LIBRARY, _train_op, _eval_op = _register() if AVAILABLE else (None, None, None)
