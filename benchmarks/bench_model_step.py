@@ -51,17 +51,17 @@ def operators_off():
         custom_ops.AVAILABLE = before
 
 
-def compiled_variants(make_models, make_fn) -> dict:
+def compiled_variants(make_models, make_fn, backend="inductor") -> dict:
     """{variant: callable to time}: each of make_models()'s fresh twins compiled, plus BREAKS;
     make_fn(model) is the callable. Each is called once here, so that compilation stays out of the
     samples."""
-    # Its own backend callable: dynamo keeps one cache per code object, and the twins share their
-    # forward's code. The graph-broken entry guards only the module types (its trace stops before
-    # the BN layer reads custom_ops.AVAILABLE), so with the same backend it also matched the
-    # "bnlab" twin, which then ran in 68 graph pieces instead of one; a different backend callable
-    # is part of every entry's guard (dynamo's BACKEND_MATCH).
-    breaks = torch.compile(make_models()["bnlab"], backend=inductor_for_breaks)
-    out = {name: make_fn(torch.compile(m)) for name, m in make_models().items()}
+    # BREAKS compiles under a backend callable of its own: dynamo keeps one cache per code object,
+    # and the twins share their forward's code. The graph-broken entry guards only the module
+    # types (its trace stops before the BN layer reads custom_ops.AVAILABLE), so under the same
+    # backend it also matched the "bnlab" twin, which then ran in 68 graph pieces instead of one;
+    # a backend callable is part of every entry's guard (dynamo's BACKEND_MATCH).
+    breaks = torch.compile(make_models()["bnlab"], backend=own_backend(backend))
+    out = {name: make_fn(torch.compile(m, backend=backend)) for name, m in make_models().items()}
     inner = make_fn(breaks)
 
     def with_breaks():
@@ -76,11 +76,14 @@ def compiled_variants(make_models, make_fn) -> dict:
     return out
 
 
-def inductor_for_breaks(gm, example_inputs):
-    """Inductor, under a callable of its own (see compiled_variants)."""
-    from torch._inductor.compile_fx import compile_fx
+def own_backend(backend):
+    """The torch.compile backend ``backend`` (a name or a callable) under a callable of its own."""
+    compile_with = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
 
-    return compile_fx(gm, example_inputs)
+    def own(gm, example_inputs):
+        return compile_with(gm, example_inputs)
+
+    return own
 
 
 def twin_models(layout: str) -> dict[str, nn.Module]:
@@ -154,6 +157,9 @@ def main(argv=None) -> None:
     for what, (make_fn, twins) in table.items():
         if args.compile:
             fns = compiled_variants(lambda: twin_models(args.layout), make_fn)
+            if "bnlab folded" in twins:  # no BN left: convolutions and inductor's code only
+                fns["bnlab folded"] = make_fn(torch.compile(bnlab.fold(twin_models(args.layout)["bnlab"].eval())))
+                fns["bnlab folded"]()
         else:
             if "bnlab folded" in twins:
                 twins["bnlab folded"] = bnlab.fold(twin_models(args.layout)["bnlab"].eval())

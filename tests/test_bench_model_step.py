@@ -62,3 +62,32 @@ def test_a_negative_sample_length_is_refused_by_name(capsys):
     else:
         raise AssertionError("--min-sample -1 was accepted")
     assert "--min-sample: expected seconds >= 0, got -1.0" in capsys.readouterr().err
+
+
+def _compiled_regions(fn) -> int:
+    """How many compiled graphs one call of fn runs through."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(row.count for row in prof.key_averages() if row.key.startswith("Torch-Compiled Region"))
+
+
+def test_the_compiled_twin_runs_as_one_graph_beside_the_graph_broken_variant(capsys):
+    # With one backend for all three, dynamo's entry for the graph-broken forward also matched the
+    # bnlab twin (the twins share their code, and that entry guards only module types): the twin
+    # ran in pieces, and the thirteenth round's table measured that.
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 64
+    try:
+        images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        fns = bench_model_step.compiled_variants(
+            lambda: bench_model_step.twin_models("nchw"),
+            lambda m: bench_model_step.inference_fn(m, images),
+            backend="aot_eager",
+        )
+        pieces = {name: _compiled_regions(fn) for name, fn in fns.items()}
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.reset()
+    assert pieces["bnlab"] == 1 and pieces["torch.nn"] == 1, pieces
+    assert pieces[bench_model_step.BREAKS] > 1, pieces
