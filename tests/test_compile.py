@@ -68,6 +68,12 @@ LAYERS = {
     "1d bias False": (lambda: bnlab.BatchNorm1d(6, bias=False), (9, 6), torch.float32, None),
     "3d, no running stats": (lambda: bnlab.BatchNorm3d(3, track_running_stats=False), (2, 3, 4, 5, 6), torch.float32, None),
     "SyncBatchNorm, one process": (lambda: bnlab.SyncBatchNorm(4), (6, 4, 3, 3), torch.float32, None),
+    # two ghost batches of 3 regrouped into one call, and a last one of 2
+    "Ghost BN, a smaller last ghost batch": (lambda: bnlab.BatchNorm2d(4, virtual_batch_size=3), (8, 4, 5, 5), torch.float32, None),
+    "Ghost BN channels_last": (lambda: bnlab.BatchNorm2d(4, virtual_batch_size=2), (6, 4, 3, 5), torch.float32, torch.channels_last),
+    "Ghost BN 1d, momentum None": (lambda: bnlab.BatchNorm1d(7, virtual_batch_size=4, momentum=None), (16, 7), torch.float32, None),
+    # the running averages move on the second step only, with both batches' statistics merged
+    "accumulated statistics": (lambda: bnlab.BatchNorm2d(4, accumulation_steps=2), (4, 4, 3, 3), torch.float32, None),
 }
 
 
@@ -85,6 +91,19 @@ def test_a_compiled_layer_computes_the_eager_bits(case):
     with torch.no_grad():  # inference
         assert _bits(compiled(x)) == _bits(eager(x))
     assert _step(compiled, x, dy) == _step(eager, x, dy)  # eval with a graph: frozen statistics
+
+
+def test_a_layer_without_an_accumulator_yet_accumulates_under_compile():
+    # As a layer unpickled from a bnlab that made the accumulator at first use: the compiled layer
+    # makes it, and must keep it across calls (it once made a new one per call, silently).
+    eager, twin, compiled = _pair(bnlab.BatchNorm2d(3, accumulation_steps=2))
+    for layer in (eager, twin):
+        del layer.__dict__["_stats_accumulator"]
+    gen = torch.Generator().manual_seed(4)
+    for step in range(4):
+        x, dy = torch.randn(4, 3, 2, 2, generator=gen) * 2 + 1, torch.randn(4, 3, 2, 2, generator=gen)
+        assert _step(compiled, x, dy) == _step(eager, x, dy), f"step {step}"
+    assert int(twin.num_batches_tracked) == 2
 
 
 def test_functional_batch_norm_compiles_to_the_eager_bits():
@@ -201,8 +220,9 @@ def test_a_negative_running_variance_raises_under_compile_naming_it():
 
 
 def test_feature_options_still_compute_the_eager_result_with_a_graph_break():
-    # Ghost BN is not an operator: its layer breaks the graph, and must still compute the same.
-    eager = bnlab.BatchNorm2d(4, virtual_batch_size=2)
+    # Batch Renorm (with ghost batches here) is not an operator: its layer breaks the graph, and
+    # must still compute the same.
+    eager = bnlab.BatchNorm2d(4, virtual_batch_size=2, renorm=True, rmax=1.5, dmax=0.5)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, backend="aot_eager")
     x, dy = torch.randn(4, 4, 3, 3), torch.randn(4, 4, 3, 3)

@@ -42,7 +42,7 @@ from torch import Tensor
 from bnlab.autograd import eval_grads, eval_statistics, param_grads
 from bnlab.backends import select_backend
 
-__all__ = ["AVAILABLE", "OVERLOAD", "tracing", "train", "evaluate"]
+__all__ = ["AVAILABLE", "OVERLOAD", "tracing", "train", "batch_moments", "evaluate"]
 
 #: Whether this torch can define the operators (torch.library.register_fake/register_autograd:
 #: torch >= 2.4). On an older torch, compiled models take the modules' general path and break
@@ -206,6 +206,14 @@ def train(x: Tensor, weight, bias, eps: float, running_mean, running_var, num_ba
         if buffer is not None:
             buffer.copy_(value.detach())
     return y
+
+
+def batch_moments(x: Tensor, weight, bias, eps: float):
+    """Training-mode BN with no running averages through ``bnlab::batch_norm_train``, for the
+    layers' variants (Ghost BN's ghost batches): (y, mean, M2), the statistics float64 (C,) rows
+    (as bnlab.autograd.BatchNormTrainFunction returns them). For validated arguments."""
+    y, stats, *_ = _train_op(x, weight, bias, eps, None, None, None, None, False)
+    return y, stats[0], stats[1]
 
 
 def evaluate(x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float) -> Tensor:

@@ -91,6 +91,7 @@ class _BatchNormMixin:
         # Plain attributes, not buffers: the state dict keeps torch.nn's keys (docs/features.md).
         for name, value in options.items():
             setattr(self, name, value)
+        self._stats_accumulator = StatsAccumulator()  # pending micro-batches (accumulation_steps > 1)
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_input_rank(input, self._ranks, type(self).__name__)
@@ -138,8 +139,11 @@ class _BatchNormMixin:
         self._update_running_stats(stats)
 
     def _accumulator(self) -> StatsAccumulator:
-        accumulator = self.__dict__.get("_stats_accumulator")
-        if accumulator is None:
+        # getattr, not self.__dict__.get: under torch.compile (2.13) a layer with no accumulator yet
+        # that looked it up in __dict__ made a new one at every compiled call, so its running
+        # averages never moved (tests/test_compile.py).
+        accumulator = getattr(self, "_stats_accumulator", None)
+        if accumulator is None:  # a layer unpickled from a bnlab that made it here, at first use
             accumulator = self.__dict__["_stats_accumulator"] = StatsAccumulator()
         return accumulator
 

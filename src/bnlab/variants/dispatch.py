@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bnlab import _checks, composite
+from bnlab import _checks, composite, custom_ops
 from bnlab.autograd import BatchNormTrainFunction
 from bnlab.backends import select_backend
 from bnlab.stats import Moments
@@ -29,10 +29,13 @@ def _repeat(v: Tensor | None, groups: int) -> Tensor | None:
 
 def _plain(layer, x: Tensor, groups: int, eps: float) -> tuple[Tensor, Moments]:
     """Plain training-mode BN through the backend's fused forward and hand-derived backward (under
-    forward-mode AD or a torch.func transform: bnlab.composite's torch ops)."""
+    forward-mode AD or a torch.func transform: bnlab.composite's torch ops; while torch.compile
+    traces: the bnlab::batch_norm_train operator)."""
     weight, bias = _repeat(layer.weight, groups), _repeat(layer.bias, groups)
     if composite.transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
         y, mean, m2 = composite.train_forward(x, weight, bias, eps)
+    elif custom_ops.tracing():  # torch.compile, torch.export: one operator node, the same kernels
+        y, mean, m2 = custom_ops.batch_moments(x, weight, bias, eps)
     else:
         y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, select_backend(x))
     return y, Moments(_checks.values_per_channel(x), mean, m2)
