@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import bnlab
-from bnlab import custom_ops
+from bnlab import custom_ops, custom_ops_batch_stats
 from bnlab.custom_ops import _strided_as_fake
 
 pytestmark = pytest.mark.skipif(not custom_ops.AVAILABLE, reason="torch.library.custom_op needs torch >= 2.4")
@@ -74,6 +74,13 @@ LAYERS = {
     "Ghost BN 1d, momentum None": (lambda: bnlab.BatchNorm1d(7, virtual_batch_size=4, momentum=None), (16, 7), torch.float32, None),
     # the running averages move on the second step only, with both batches' statistics merged
     "accumulated statistics": (lambda: bnlab.BatchNorm2d(4, accumulation_steps=2), (4, 4, 3, 3), torch.float32, None),
+    # r and d clipped: the batches (mean 1, std 3) are far from the running statistics
+    "Batch Renorm": (lambda: bnlab.BatchNorm2d(4, renorm=True, rmax=1.5, dmax=0.5), (8, 4, 5, 5), torch.float32, None),
+    "Batch Renorm, ghost batches, ramped limits": (
+        lambda: bnlab.BatchNorm2d(4, renorm=True, virtual_batch_size=3, renorm_ramp=(0, 4)), (8, 4, 3, 3), torch.float32,
+        torch.channels_last,
+    ),
+    "Batch Renorm 1d, no affine": (lambda: bnlab.BatchNorm1d(6, renorm=True, affine=False, rmax=2.0, dmax=1.0), (12, 6), torch.float32, None),
 }
 
 
@@ -219,14 +226,25 @@ def test_a_negative_running_variance_raises_under_compile_naming_it():
         torch.compile(layer, backend="aot_eager", fullgraph=True)(torch.randn(2, 3, 4, 4))
 
 
-def test_feature_options_still_compute_the_eager_result_with_a_graph_break():
-    # Batch Renorm (with ghost batches here) is not an operator: its layer breaks the graph, and
-    # must still compute the same.
-    eager = bnlab.BatchNorm2d(4, virtual_batch_size=2, renorm=True, rmax=1.5, dmax=0.5)
-    twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin, backend="aot_eager")
-    x, dy = torch.randn(4, 4, 3, 3), torch.randn(4, 4, 3, 3)
-    assert _step(compiled, x, dy) == _step(eager, x, dy)
+def test_masked_bn_compiles_to_the_eager_bits():
+    # The statistics of the selected positions only (torch ops), every position normalized with
+    # them through bnlab::batch_norm_given_stats, whose backward differentiates through them.
+    eager, twin, compiled = _pair(bnlab.BatchNorm2d(4))
+    gen = torch.Generator().manual_seed(5)
+
+    def step(layer, x, mask, dy):
+        x = x.detach().requires_grad_(True)
+        y = layer(x, mask)
+        y.backward(dy)
+        found = [y, x.grad, *(p.grad for p in layer.parameters()), *layer.buffers()]
+        layer.zero_grad(set_to_none=True)
+        return [_bits(t) for t in found]
+
+    for n in range(3):
+        x, dy = torch.randn(6, 4, 5, 5, generator=gen) * 2 + 1, torch.randn(6, 4, 5, 5, generator=gen)
+        mask = torch.rand(6, 5, 5, generator=gen) > 0.4
+        x[~mask.unsqueeze(1).expand_as(x)] = float("nan")  # padding: must not leak into anything selected
+        assert step(compiled, x, mask, dy) == step(eager, x, mask, dy), f"step {n}"
 
 
 def test_export_of_an_eval_model_holds_the_operator_and_the_eager_bits():
@@ -253,7 +271,8 @@ def test_inductor_reads_the_outputs_as_promised():
         assert _step(compiled, x, dy) == _step(model, x, dy)
 
 
-_OPERATORS = ("batch_norm_train", "batch_norm_eval", "batch_norm_train_backward", "batch_norm_eval_backward")
+_SCHEMAS = {**custom_ops._SCHEMAS, **custom_ops_batch_stats.SCHEMAS}
+_OPERATORS = tuple(_SCHEMAS)
 
 
 def _operator(name: str):
@@ -271,9 +290,9 @@ def test_the_overload_name_moves_with_the_operators_contract():
     # torch.compile's on-disk caches key a graph by its code, where only the operator's name and
     # overload appear: a graph compiled against an older definition would be reused. A change to
     # a schema or the tags must come with a new custom_ops.OVERLOAD (then update both values here).
-    contract = "\n".join(f"{custom_ops._SCHEMAS[n]} {sorted(t.name for t in _operator(n).tags)}" for n in _OPERATORS)
+    contract = "\n".join(f"{_SCHEMAS[n]} {sorted(t.name for t in _operator(n).tags)}" for n in _OPERATORS)
     digest = hashlib.sha256(contract.encode()).hexdigest()[:16]
-    assert (custom_ops.OVERLOAD, digest) == ("v2", "8ad9507e3de91266"), contract
+    assert (custom_ops.OVERLOAD, digest) == ("v2", "83a11bbb299721b4"), contract
     assert not hasattr(torch.ops.bnlab.batch_norm_train, "default")  # no older overload left to call
 
 

@@ -170,6 +170,19 @@ def _autograd_formula(backward_op, weight_at: int, bias_at: int):
     return backward, setup_context
 
 
+def define_operators(library, schemas: dict, impls: dict) -> dict:
+    """Defines each operator ``name`` of ``impls`` ({name: (implementation, fake)}) in ``library``
+    with its schema from ``schemas``; returns {name: the OpOverload under OVERLOAD}."""
+    for name, (impl, fake) in impls.items():
+        # flexible_layout: the kernels take any memory format (channels_last too) and write outputs
+        # in x's, so inductor hands x over as its own code laid it out. Without the tag it converted
+        # its channels-last convolution outputs to NCHW for each BN call and back after it.
+        library.define(schemas[name], tags=(torch.Tag.flexible_layout,))
+        library.impl(f"{name}.{OVERLOAD}", impl, "CompositeExplicitAutograd")  # below autograd, on every device
+        torch.library.register_fake(f"bnlab::{name}.{OVERLOAD}", fake, lib=library)
+    return {name: getattr(getattr(torch.ops.bnlab, name), OVERLOAD) for name in impls}
+
+
 def _register():
     """Defines the four operators in the ``bnlab`` namespace; returns (library, train op, eval op)."""
     library = torch.library.Library("bnlab", "DEF")  # kept alive by the caller: the definitions last as long
@@ -179,14 +192,7 @@ def _register():
         "batch_norm_train_backward": (_train_backward_impl, _grad_fakes),
         "batch_norm_eval_backward": (_eval_backward_impl, _grad_fakes),
     }
-    for name, (impl, fake) in impls.items():
-        # flexible_layout: the kernels take any memory format (channels_last too) and write outputs
-        # in x's, so inductor hands x over as its own code laid it out. Without the tag it converted
-        # its channels-last convolution outputs to NCHW for each BN call and back after it.
-        library.define(_SCHEMAS[name], tags=(torch.Tag.flexible_layout,))
-        library.impl(f"{name}.{OVERLOAD}", impl, "CompositeExplicitAutograd")  # below autograd, on every device
-        torch.library.register_fake(f"bnlab::{name}.{OVERLOAD}", fake, lib=library)
-    op = {name: getattr(getattr(torch.ops.bnlab, name), OVERLOAD) for name in impls}
+    op = define_operators(library, _SCHEMAS, impls)
     for forward, weight_at, bias_at in (("batch_norm_train", 1, 2), ("batch_norm_eval", 3, 4)):
         backward, setup_context = _autograd_formula(op[f"{forward}_backward"], weight_at, bias_at)
         torch.library.register_autograd(op[forward], backward, setup_context=setup_context, lib=library)

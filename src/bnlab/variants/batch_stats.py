@@ -20,7 +20,7 @@ from torch import Tensor
 from bnlab.backends import Backend
 from bnlab.stats import Count, compute_dtype, per_channel, reduce_dims
 
-__all__ = ["BatchStatsNormFunction", "expand_mask"]
+__all__ = ["BatchStatsNormFunction", "batch_stats_backward", "expand_mask"]
 
 
 def expand_mask(mask: Tensor, ndim: int) -> Tensor:
@@ -59,6 +59,23 @@ def _differentiable_backward(
     return dx.to(x.dtype), sum_dy_xhat, sum_dy
 
 
+def batch_stats_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, count: Count,
+                         mask: Tensor | None, backend: Backend, need_input: bool):  # fmt: skip
+    """The first-order backward of :class:`BatchStatsNormFunction` on the backend's kernels.
+
+    Returns (dx or None, Σdy·x̂, Σdy): dx shaped like x (None unless ``need_input``), the sums
+    float64 (C,). Also the body of ``bnlab::batch_norm_given_stats_backward`` (bnlab.custom_ops)."""
+    dx, sum_dy_xhat, sum_dy = backend.backward(dy, x, mean, invstd, weight, count, need_input)
+    if dx is not None and mask is not None:
+        # Unselected positions do not feed the statistics: only the direct path w·invstd·dy remains.
+        dtype = compute_dtype(x)
+        nd = x.dim()
+        w = weight.detach().to(torch.float64) if weight is not None else 1.0
+        direct = dy.to(dtype) * per_channel((w * invstd).to(dtype), nd)
+        dx = torch.where(expand_mask(mask, nd), dx.to(dtype), direct).to(x.dtype)
+    return dx, sum_dy_xhat, sum_dy
+
+
 class BatchStatsNormFunction(torch.autograd.Function):
     """y = (x - mean)·invstd·weight + bias, where mean and invstd are x's own (masked) batch statistics.
 
@@ -87,14 +104,7 @@ class BatchStatsNormFunction(torch.autograd.Function):
             # create_graph=True: a graph of the backward itself is wanted.
             dx, sum_dy_xhat, sum_dy = _differentiable_backward(dy, x, weight, mask, ctx.eps)
         else:
-            dx, sum_dy_xhat, sum_dy = ctx.backend.backward(dy, x, mean, invstd, weight, ctx.count, need_x)
-            if dx is not None and mask is not None:
-                # Unselected positions do not feed the statistics: only the direct path w·invstd·dy remains.
-                dtype = compute_dtype(x)
-                nd = x.dim()
-                w = weight.detach().to(torch.float64) if weight is not None else 1.0
-                direct = dy.to(dtype) * per_channel((w * invstd).to(dtype), nd)
-                dx = torch.where(expand_mask(mask, nd), dx.to(dtype), direct).to(x.dtype)
+            dx, sum_dy_xhat, sum_dy = batch_stats_backward(dy, x, weight, mean, invstd, ctx.count, mask, ctx.backend, need_x)
         dx = dx if need_x else None
         dw = sum_dy_xhat.to(weight.dtype) if (weight is not None and need_w) else None
         db = sum_dy.to(ctx.bias_dtype) if (ctx.bias_dtype is not None and need_b) else None

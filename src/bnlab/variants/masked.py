@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab import composite
+from bnlab import composite, custom_ops, custom_ops_batch_stats
 from bnlab.backends import select_backend
 from bnlab.stats import Moments, compute_dtype, finalize, per_channel, reduce_dims, split_mean
 from bnlab.variants.batch_stats import BatchStatsNormFunction, expand_mask
@@ -86,5 +86,7 @@ def masked_batch_norm(
         mean, _, invstd = finalize(stats, eps)
     if transforming:
         return composite.batch_stats_norm(x, weight, bias, mask, eps), stats
+    if custom_ops.tracing():  # torch.compile, torch.export: one operator node, the same kernels
+        return custom_ops_batch_stats.normalize_given_stats(x, weight, bias, mean, invstd, stats.count, mask, eps), stats
     y = BatchStatsNormFunction.apply(x, weight, bias, mean, invstd, stats.count, mask, eps, select_backend(x))
     return y, stats

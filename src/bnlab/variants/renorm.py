@@ -25,7 +25,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from bnlab import composite
+from bnlab import composite, custom_ops, custom_ops_batch_stats
 from bnlab.backends import select_backend
 from bnlab.stats import Moments, finalize, moments
 from bnlab.variants.batch_stats import BatchStatsNormFunction
@@ -118,16 +118,20 @@ def renorm_batch_norm(
     Returns:
         ``(y, moments)``: y shaped like x, and the batch's Moments for the running-average update.
     """
-    backend = select_backend(x)
     transforming = composite.transforms_active()  # forward-mode AD or torch.func: torch ops throughout
+    traced = not transforming and custom_ops.tracing()  # torch.compile, torch.export: operators
     with torch.no_grad():
         # Constants for autograd: BatchStatsNormFunction differentiates through the statistics
         # itself, and r, d must not carry a gradient (the paper's stop_gradient).
         # Under forward-mode AD or torch.func: torch ops (the kernels cannot read wrapped tensors) on
         # x.detach(), since no_grad does not stop forward-mode tangents and r, d must carry none.
-        stats = moments(x.detach()) if transforming else backend.moments(x)
+        if transforming:
+            stats = moments(x.detach())
+        else:
+            stats = custom_ops_batch_stats.moments(x) if traced else select_backend(x).moments(x)
         mean, _, invstd = finalize(stats, eps)
-        r, d = renorm_correction(mean, invstd, running_mean, running_var, eps, rmax, dmax)
+        correction = custom_ops_batch_stats.renorm_correction_of if traced else renorm_correction
+        r, d = correction(mean, invstd, running_mean, running_var, eps, rmax, dmax)
     # γ·r and β + γ·d in float64: r and d are constants, autograd carries dγ and dβ back through these.
     gamma = weight.to(torch.float64) if weight is not None else None
     weight_eff = r if gamma is None else gamma * r
@@ -136,5 +140,7 @@ def renorm_batch_norm(
         bias_eff = bias_eff + bias.to(torch.float64)
     if transforming:
         return composite.batch_stats_norm(x, weight_eff, bias_eff, None, eps), stats
-    y = BatchStatsNormFunction.apply(x, weight_eff, bias_eff, mean, invstd, stats.count, None, eps, backend)
+    if traced:
+        return custom_ops_batch_stats.normalize_given_stats(x, weight_eff, bias_eff, mean, invstd, stats.count, None, eps), stats
+    y = BatchStatsNormFunction.apply(x, weight_eff, bias_eff, mean, invstd, stats.count, None, eps, select_backend(x))
     return y, stats
