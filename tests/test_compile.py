@@ -170,13 +170,16 @@ def test_batch_norm_act_with_a_residual_compiles_to_the_eager_bits():
     assert _step(compiled, x, dy, res) == _step(eager, x, dy, res)
 
 
-def test_dynamic_shapes_give_the_eager_bits_at_every_batch_size():
-    eager = bnlab.BatchNorm2d(4)
+@pytest.mark.parametrize(
+    "options", [{}, {"virtual_batch_size": 2}, {"renorm": True, "rmax": 1.5, "dmax": 0.5}], ids=["plain", "ghost", "renorm"]
+)
+def test_dynamic_shapes_give_the_eager_bits_at_every_batch_size(options):
+    eager = bnlab.BatchNorm2d(4, **options)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, backend="aot_eager", dynamic=True, fullgraph=True)
     gen = torch.Generator().manual_seed(5)
     for n in (3, 5, 8):
-        x, dy = torch.randn(n, 4, 5, 5, generator=gen), torch.randn(n, 4, 5, 5, generator=gen)
+        x, dy = torch.randn(n, 4, 5, 5, generator=gen) * 2 + 1, torch.randn(n, 4, 5, 5, generator=gen)
         assert _step(compiled, x, dy) == _step(eager, x, dy), n
 
 

@@ -33,7 +33,9 @@ def check_eps(eps: object, *, allow_zero: bool = False) -> float:
         raise TypeError(f"eps: expected a finite float > 0, got {type(eps).__name__} {eps!r}")
     eps = float(eps)
     bound = "a finite float >= 0" if allow_zero else "a finite float > 0"
-    if not math.isfinite(eps) or eps < 0 or (eps == 0 and not allow_zero):
+    # eps - eps == 0, not math.isfinite: False for inf and NaN alike, and traceable where
+    # torch.compile(dynamic=True) hands a layer's eps over as a symbolic float
+    if not eps - eps == 0 or eps < 0 or (eps == 0 and not allow_zero):
         raise ValueError(f"eps: expected {bound} (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
     return eps
 

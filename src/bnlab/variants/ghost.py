@@ -93,7 +93,7 @@ def ghost_batch_norm(x: Tensor, virtual_batch_size: int, normalize: GroupNormali
     if n == 0:
         return normalize(x, 1)
     k = min(virtual_batch_size, n)
-    groups, remainder = divmod(n, k)
+    groups, remainder = n // k, n % k  # not divmod: torch.compile(dynamic=True) cannot trace it on a symbolic size
     spatial = values_per_channel(x) // max(n, 1)
     if min(k, remainder or k) * spatial == 1:
         raise ValueError(
