@@ -407,3 +407,42 @@ def test_gradients_at_a_large_mean_keep_their_precision(shape, layout):
     assert_close(y, expected_y, 2e-4, "y")
     assert_close(dx, expected_dx, 2e-4, "dx")
     assert_close(dw, expected_dw, 2e-4, "dweight")
+
+
+def _bits(t):
+    return None if t is None else (t.dtype, tuple(t.shape), t.stride(), t.detach().contiguous().view(-1).view(torch.uint8).tolist())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_a_compiled_layer_runs_the_triton_kernels_to_the_eager_bits(triton_everywhere, layout):
+    """Under torch.compile the layer's bnlab:: operators (bnlab.custom_ops) choose the backend as an
+    eager call does: with Triton's kernels, too, the compiled layer gives the eager bits (outputs,
+    gradients, running averages and counter; training steps, then eval with and without a graph)."""
+    import copy
+
+    eager = bnlab.BatchNorm2d(3)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5), eager.bias.uniform_(-1, 1)
+    twin = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+
+        def step(layer, x, dy):
+            x = x.clone().requires_grad_()
+            y = layer(x)
+            y.backward(dy)
+            found = [y, x.grad, *(p.grad for p in layer.parameters()), *layer.buffers()]
+            layer.zero_grad(set_to_none=True)
+            return [_bits(t) for t in found]
+
+        for k in range(2):
+            x = make_input((4, 3, 5, 3), layout, seed=11 + k, mean=k)
+            dy = make_input((4, 3, 5, 3), layout, seed=13 + k)
+            assert step(compiled, x, dy) == step(eager, x, dy), f"training step {k}"
+        eager.eval(), twin.eval()
+        assert step(compiled, x, dy) == step(eager, x, dy), "eval with a graph"
+        with torch.no_grad():
+            assert _bits(compiled(x)) == _bits(eager(x)), "inference"
+    finally:
+        torch._dynamo.reset()
