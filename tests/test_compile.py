@@ -274,6 +274,18 @@ def test_inductor_reads_the_outputs_as_promised():
         assert _step(compiled, x, dy) == _step(model, x, dy)
 
 
+def test_inductor_keeps_batch_renorm_gradients():
+    # Inductor's own partitioner and code for r, d and γ·r, β + γ·d: its backward must read the r
+    # and d of the forward, not values recomputed from running averages the forward has updated.
+    eager = bnlab.BatchNorm2d(4, renorm=True, rmax=1.5, dmax=0.5)
+    eager, twin, _ = _pair(eager)
+    compiled = torch.compile(twin, fullgraph=True)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(3):
+        x, dy = torch.randn(6, 4, 3, 3, generator=gen) * 3 + 1, torch.randn(6, 4, 3, 3, generator=gen)
+        assert _step(compiled, x, dy) == _step(eager, x, dy), f"step {step}"
+
+
 _SCHEMAS = {**custom_ops._SCHEMAS, **custom_ops_batch_stats.SCHEMAS}
 _OPERATORS = tuple(_SCHEMAS)
 
