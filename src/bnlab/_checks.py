@@ -6,7 +6,6 @@ the call without reading bnlab's source.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -27,15 +26,20 @@ def check_num_features(num_features: object) -> int:
     return int(num_features)
 
 
+def is_finite_number(v) -> bool:
+    """Whether the real number v is finite: v - v == 0 is False for inf and NaN alike. Not
+    math.isfinite, which torch.compile(dynamic=True) cannot trace on the symbolic float it makes
+    of a layer's float attribute (eps, momentum)."""
+    return v - v == 0
+
+
 def check_eps(eps: object, *, allow_zero: bool = False) -> float:
     """eps must be a finite real number > 0 (>= 0 where ``allow_zero``: inference may use eps = 0)."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a finite float > 0, got {type(eps).__name__} {eps!r}")
     eps = float(eps)
     bound = "a finite float >= 0" if allow_zero else "a finite float > 0"
-    # eps - eps == 0, not math.isfinite: False for inf and NaN alike, and traceable where
-    # torch.compile(dynamic=True) hands a layer's eps over as a symbolic float
-    if not eps - eps == 0 or eps < 0 or (eps == 0 and not allow_zero):
+    if not is_finite_number(eps) or eps < 0 or (eps == 0 and not allow_zero):
         raise ValueError(f"eps: expected {bound} (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
     return eps
 
@@ -50,7 +54,7 @@ def check_momentum(momentum: object) -> float | None:
             f"got {type(momentum).__name__} {momentum!r}"
         )
     momentum = float(momentum)
-    if not math.isfinite(momentum):
+    if not is_finite_number(momentum):
         raise ValueError(
             f"momentum: expected a finite float in [0, 1] (weight of the new batch) or None, got {momentum!r}"
         )

@@ -138,9 +138,7 @@ def module_forward(module, x: object) -> Tensor | None:
         return backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
     if x.numel() <= channels:
         return None  # one value per channel is an error, zero an empty batch: the general path
-    # momentum - momentum == 0: finite (not math.isfinite, which torch.compile(dynamic=True) cannot
-    # trace on the symbol it makes of a float attribute)
-    if momentum is not None and not (type(momentum) in (float, int) and momentum - momentum == 0):
+    if momentum is not None and not (type(momentum) in (float, int) and _checks.is_finite_number(momentum)):
         return None
     nbt = None
     if not module.track_running_stats:

@@ -72,6 +72,13 @@ def _none_as_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
 
+def grad_outputs(dx, dw, db, x: Tensor):
+    """A backward operator's (dx, dweight, dbias) as it returns them: dx with the strides its fake
+    promises, a 0-element tensor for each gradient not computed (None)."""
+    dx = _strided_as_fake(dx, x) if dx is not None else None
+    return _none_as_empty(dx, x), _none_as_empty(dw, x), _none_as_empty(db, x)
+
+
 def _grad_fakes(dy: Tensor, x: Tensor, weight, stats, need_input: bool, need_weight: bool, bias_dtype):
     """The gradients' shapes and dtypes, for the two backward operators' fake implementations."""
     c = x.shape[1]
@@ -122,8 +129,7 @@ def _train_backward_impl(dy, x, weight, stats, need_input, need_weight, bias_dty
         count = x.numel() // x.shape[1]
         dx, sum_dy_xhat, sum_dy = select_backend(x).backward(dy, x, stats[0], stats[-1], weight, count, need_input)
         dw, db = param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, need_weight, True)
-        dx = _strided_as_fake(dx, x) if dx is not None else None
-        return _none_as_empty(dx, x), _none_as_empty(dw, x), _none_as_empty(db, x)
+        return grad_outputs(dx, dw, db, x)
 
 
 def _eval_impl(x, running_mean, running_var, weight, bias, eps):
@@ -142,8 +148,7 @@ def _eval_backward_impl(dy, x, weight, stats, need_input, need_weight, bias_dtyp
     with torch.no_grad():
         needs = (need_input, need_weight, bias_dtype is not None)
         dx, dw, db = eval_grads(dy, x, weight, stats[0], stats[-1], needs, bias_dtype, select_backend(x))
-        dx = _strided_as_fake(dx, x) if dx is not None else None
-        return _none_as_empty(dx, x), _none_as_empty(dw, x), _none_as_empty(db, x)
+        return grad_outputs(dx, dw, db, x)
 
 
 def _autograd_formula(backward_op, weight_at: int, bias_at: int):

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from bnlab.backends import select_backend
-from bnlab.custom_ops import AVAILABLE, OVERLOAD, _grad_fakes, _none_as_empty, _strided_as_fake, define_operators
+from bnlab.autograd import param_grads
+from bnlab.custom_ops import AVAILABLE, OVERLOAD, _grad_fakes, _strided_as_fake, define_operators, grad_outputs
 from bnlab.stats import Moments
 from bnlab.variants.batch_stats import batch_stats_backward
 
@@ -78,10 +79,7 @@ def _given_backward_impl(dy, x, weight, mean, invstd, count, count_tensor, mask,
     with torch.no_grad():
         n = count_tensor if count_tensor is not None else count
         dx, sum_dy_xhat, sum_dy = batch_stats_backward(dy, x, weight, mean, invstd, n, mask, select_backend(x), need_input)
-        dw = sum_dy_xhat.to(weight.dtype) if need_weight and weight is not None else None
-        db = sum_dy.to(bias_dtype) if bias_dtype is not None else None
-        dx = _strided_as_fake(dx, x) if dx is not None else None
-        return _none_as_empty(dx, x), _none_as_empty(dw, x), _none_as_empty(db, x)
+        return grad_outputs(dx, *param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, need_weight, True), x)
 
 
 def _given_backward_fake(dy, x, weight, mean, invstd, count, count_tensor, mask, need_input, need_weight, bias_dtype):

@@ -18,7 +18,6 @@ from bnlab.stats import Moments, update_running_stats_
 __all__ = ["batch_norm"]
 
 
-
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -117,7 +116,6 @@ def eval_with_graph(x, running_mean, running_var, weight, bias, eps: float, back
     Raises for a negative running variance, naming the channels.
     """
     return _apply_eval(x, weight, bias, *eval_statistics(running_mean, running_var, eps, backend), backend)
-
 
 
 #: BatchNormEvalFunction.apply without torch's Python wrapper where it is idle (backends.autograd_apply).

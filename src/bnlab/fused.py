@@ -27,7 +27,6 @@ from bnlab.stats import Moments, count_and_update_
 __all__ = ["BatchNormAct2d", "BatchNormActFunction"]
 
 
-
 def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
     """The boolean z > 0 of the Triton kernels' 1-bit mask, shaped and strided like the input.
 

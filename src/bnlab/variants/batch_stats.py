@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bnlab.autograd import param_grads
 from bnlab.backends import Backend
 from bnlab.stats import Count, compute_dtype, per_channel, reduce_dims
 
@@ -106,6 +107,5 @@ class BatchStatsNormFunction(torch.autograd.Function):
         else:
             dx, sum_dy_xhat, sum_dy = batch_stats_backward(dy, x, weight, mean, invstd, ctx.count, mask, ctx.backend, need_x)
         dx = dx if need_x else None
-        dw = sum_dy_xhat.to(weight.dtype) if (weight is not None and need_w) else None
-        db = sum_dy.to(ctx.bias_dtype) if (ctx.bias_dtype is not None and need_b) else None
+        dw, db = param_grads(sum_dy_xhat, sum_dy, weight, ctx.bias_dtype, need_w, need_b)
         return dx, dw, db, None, None, None, None, None, None
