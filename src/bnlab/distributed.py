@@ -25,7 +25,7 @@ from torch import Tensor
 
 from bnlab.stats import Moments, merge_stacked
 
-__all__ = ["group_size", "gather_moments", "all_reduce_grad_sums", "count_collectives", "COLLECTIVE_NAMES"]
+__all__ = ["group_size", "group_name", "group_named", "gather_moments", "all_reduce_grad_sums", "count_collectives", "COLLECTIVE_NAMES"]
 
 
 def group_size(process_group=None) -> int:
@@ -49,6 +49,22 @@ def group_size(process_group=None) -> int:
             f"got a group it is not a member of; build the layer with the group of this rank's peers"
         )
     return size
+
+
+def group_name(process_group=None) -> str:
+    """The name torch.distributed gives ``process_group`` (None: the default, world group).
+
+    Operators take a group by this name (a ProcessGroup object cannot be an operator argument),
+    as torch's functional collectives do; :func:`group_named` gives the group back.
+    TorchDynamo reads it as a constant while tracing.
+    """
+    group = process_group if process_group is not None else dist.distributed_c10d._get_default_group()
+    return group.group_name
+
+
+def group_named(name: str):
+    """The process group that :func:`group_name` named ``name``."""
+    return dist.distributed_c10d._resolve_process_group(name)
 
 
 def gather_moments(local: Moments, process_group=None) -> tuple[Moments, Tensor]:

@@ -4,9 +4,10 @@ The computation is the single-process layer's, with one collective inserted afte
 phase (bnlab.distributed): in the forward, every rank's (count, mean, M2) is all-gathered and
 merged; in the backward, (Σdy, Σdy·x̂) is all-reduced before the elementwise input gradient.
 The four primitives come from ``bnlab.backends.select_backend``, so the fast CPU and Triton
-backends run here too. Works with gloo on CPU and NCCL on CUDA; torch.nn.SyncBatchNorm runs on
-accelerators only, and DistributedDataParallel refuses it on CPU, which is why this class
-derives from torch's ``_BatchNorm`` rather than from torch.nn.SyncBatchNorm.
+backends run here too. The step itself lives in bnlab.sync_steps, shared with the operators
+that torch.compile traces (bnlab.custom_ops_sync). Works with gloo on CPU and NCCL on CUDA;
+torch.nn.SyncBatchNorm runs on accelerators only, and DistributedDataParallel refuses it on CPU,
+which is why this class derives from torch's ``_BatchNorm`` rather than from torch.nn.SyncBatchNorm.
 
 Math: docs/math.md §2 (merging statistics) and §3 (backward).
 """
@@ -17,35 +18,15 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bnlab import _checks
+from bnlab import _checks, custom_ops, custom_ops_sync
 from bnlab.backends import Backend, select_backend
 from bnlab.convert import rebuild_batchnorm
-from bnlab.distributed import all_reduce_grad_sums, gather_moments, group_size
+from bnlab.distributed import group_size
 from bnlab.modules import _BatchNormMixin
-from bnlab.stats import Moments, finalize
+from bnlab.stats import Moments
+from bnlab.sync_steps import sync_backward, sync_forward
 
 __all__ = ["SyncBatchNorm"]
-
-
-def _raise_if_one_value(local_count: int, counts: Tensor) -> None:
-    """Raise the same ValueError on every rank when the group's batch has one value per channel.
-
-    Only a rank whose own batch has at most one value per channel reads the gathered counts
-    (one device-to-host copy, on CUDA a wait for the all_gather): a rank with two or more knows
-    without looking that the global count is >= 2. If the global count is 1, every rank has at
-    most one value, so every rank looks and every rank raises, after the collective that all of
-    them joined: none is left waiting in a collective that its peers never enter. The message
-    holds only what every rank knows, so it is the same everywhere.
-    """
-    if local_count > 1:
-        return
-    per_rank = [int(c) for c in counts.tolist()]
-    if sum(per_rank) == 1:
-        raise ValueError(
-            f"input: expected more than 1 value per channel when training, got 1 value per channel over "
-            f"the {len(per_rank)} processes of the group (values per channel on each rank: {per_rank}); "
-            f"every rank raises this same error; use eval mode or a larger batch"
-        )
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -58,33 +39,21 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, process_group, backend: Backend):
-        local = backend.moments(x)
-        stats, counts = gather_moments(local, process_group)  # collective 1 of 2
-        _raise_if_one_value(_checks.values_per_channel(x), counts)
-        mean, _, invstd = finalize(stats, eps)
-        y = backend.normalize(x, mean, invstd, weight, bias)
-        ctx.save_for_backward(x, weight, mean, invstd, stats.count)
+        y, count, mean, m2, invstd = sync_forward(x, weight, bias, eps, process_group, backend)
+        ctx.save_for_backward(x, weight, mean, invstd, count)
         ctx.process_group = process_group
         ctx.backend = backend
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(stats.count, stats.mean, stats.m2)
-        return y, stats.count, stats.mean, stats.m2
+        ctx.mark_non_differentiable(count, mean, m2)
+        return y, count, mean, m2
 
     @staticmethod
     @once_differentiable  # the collective is not differentiable: a double backward raises clearly
     def backward(ctx, dy: Tensor, _dcount, _dmean, _dm2):
         x, weight, mean, invstd, count = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xhat = ctx.backend.grad_sums(dy, x, mean, invstd)
-        dx = None
-        if need_x:
-            # Parameter gradients stay local (DDP reduces them); dx needs the group's sums.
-            # needs_input_grad is a property of the model, equal on every rank, so either all
-            # ranks enter this collective or none does.
-            total_dy, total_dy_xhat = all_reduce_grad_sums(sum_dy, sum_dy_xhat, ctx.process_group)  # 2 of 2
-            dx = ctx.backend.grad_input(dy, x, mean, invstd, weight, total_dy, total_dy_xhat, count)
-        dw = sum_dy_xhat.to(weight.dtype) if (weight is not None and need_w) else None
-        db = sum_dy.to(ctx.bias_dtype) if (ctx.bias_dtype is not None and need_b) else None
+        dx, dw, db = sync_backward(
+            dy, x, weight, mean, invstd, count, ctx.process_group, ctx.backend, ctx.needs_input_grad[:3], ctx.bias_dtype
+        )
         return dx, dw, db, None, None, None
 
 
@@ -112,6 +81,8 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
     uneven batches and a per-rank mean loss, DDP's average is not the global mean: scale each
     rank's summed loss by world_size / global_batch to train exactly as one process would.
     Double backward (``create_graph=True``) is not supported through the collectives.
+    Under ``torch.compile`` the synchronised step is one pair of operators
+    (bnlab.custom_ops_sync): the graph stays whole and computes the eager bits.
 
     Args:
         num_features: C.
@@ -162,14 +133,18 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         for name in ("weight", "bias", "running_mean", "running_var"):
             _checks.check_channel_vector(getattr(self, name), name, self.num_features, x)
-        y, count, mean, m2 = _SyncBatchNormFunction.apply(
-            x, self.weight, self.bias, self.eps, self.process_group, select_backend(x)
-        )
+        if custom_ops.tracing():  # the same step as one operator: the compiled graph stays whole
+            y, stats = custom_ops_sync.sync_train(x, self.weight, self.bias, self.eps, self.process_group)
+        else:
+            y, count, mean, m2 = _SyncBatchNormFunction.apply(
+                x, self.weight, self.bias, self.eps, self.process_group, select_backend(x)
+            )
+            stats = Moments(count, mean, m2)
         # After the forward succeeded: a batch rejected on every rank changes no state anywhere.
         # The local layer's update path: the non-finite guard, accumulation_steps and momentum=None
         # behave exactly as in bnlab.BatchNorm*d, with the group's statistics.
         if self.track_running_stats and self.running_mean is not None:
-            self._record_batch_stats(Moments(count, mean, m2))
+            self._record_batch_stats(stats)
         return y
 
     @classmethod
