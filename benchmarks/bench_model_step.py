@@ -76,11 +76,14 @@ def compiled_variants(make_models, make_fn, backend="inductor") -> dict:
     return out
 
 
-def own_backend(backend):
-    """The torch.compile backend ``backend`` (a name or a callable) under a callable of its own."""
+def own_backend(backend, graphs: list | None = None):
+    """The torch.compile backend ``backend`` (a name or a callable) under a callable of its own,
+    appending each graph it compiles to ``graphs`` if given."""
     compile_with = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
 
     def own(gm, example_inputs):
+        if graphs is not None:
+            graphs.append(gm)
         return compile_with(gm, example_inputs)
 
     return own

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch._dynamo.testing import CompileCounterWithBackend
+import torch.nn.functional as F
+from torch import nn
 
 import bnlab
 from bnlab.distributed import count_collectives
@@ -40,13 +41,28 @@ def _step(call, layer, x_rows, dy_rows, x_grad: bool) -> dict:
     return record
 
 
+def _recording_backend(name: str, codes: list):
+    """The torch.compile backend ``name``, appending each graph's code to ``codes`` first.
+
+    (Not torch._dynamo.testing's counter: importing that module in the test process imports
+    inductor and triton before tests/test_triton.py sets up Triton's interpreter, whose kernels
+    then fail to call their helpers.)"""
+    compile_with = torch._dynamo.lookup_backend(name)
+
+    def backend(gm, example_inputs):
+        codes.append(gm.code)
+        return compile_with(gm, example_inputs)
+
+    return backend
+
+
 def _run_case(case: dict, group, member: int) -> dict:
     eager = bnlab.SyncBatchNorm(**case["layer"], process_group=group)
     twin = bnlab.SyncBatchNorm(**case["layer"], process_group=group)
     for layer in (eager, twin):
         layer.load_state_dict(case["init"], strict=True)
-    counter = CompileCounterWithBackend(case["backend"])
-    compiled = torch.compile(twin, backend=counter, fullgraph=True)
+    codes: list = []
+    compiled = torch.compile(twin, backend=_recording_backend(case["backend"], codes), fullgraph=True)
     steps = []
     for step in case["steps"]:
         lo = sum(step["sizes"][:member])
@@ -55,10 +71,35 @@ def _run_case(case: dict, group, member: int) -> dict:
         if case.get("channels_last"):
             x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
         steps.append({"eager": _step(eager, eager, x, dy, case["x_grad"]), "compiled": _step(compiled, twin, x, dy, case["x_grad"])})
-    return {"steps": steps, "graphs": counter.frame_count, "code": [g.code for g in counter.graphs]}
+    return {"steps": steps, "graphs": len(codes), "code": codes}
 
 
-def compiled_sync_checks(rank: int, world_size: int, cases: list[dict]) -> dict:
+def _ddp_states(ddp_case: dict, rank: int, world_size: int, compiled: bool) -> tuple[dict, list, list]:
+    """A small conv net with two SyncBatchNorm layers trained under DDP, eager or compiled (the
+    model wrapped by DDP, then compiled, as torch's docs do it); its final state and each step's
+    collectives (DDP's own gradient all_reduce runs in C++ and is not counted), and the code of
+    the graphs compiled."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), bnlab.SyncBatchNorm(4), nn.ReLU(), nn.Conv2d(4, 3, 1),
+                        bnlab.SyncBatchNorm(3), nn.Flatten(), nn.Linear(27, 5)).double()  # fmt: skip
+    ddp = nn.parallel.DistributedDataParallel(net)
+    codes: list = []
+    run = torch.compile(ddp, backend=_recording_backend("aot_eager", codes)) if compiled else ddp
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    collectives = []
+    for step in ddp_case["steps"]:
+        lo = sum(step["sizes"][:rank])
+        rows = slice(lo, lo + step["sizes"][rank])
+        optimizer.zero_grad()
+        with count_collectives() as calls:
+            loss = F.cross_entropy(run(step["x"][rows]), step["target"][rows], reduction="sum")
+            (loss * (world_size / sum(step["sizes"]))).backward()
+        collectives.append(dict(calls))
+        optimizer.step()
+    return _state(net), collectives, codes
+
+
+def compiled_sync_checks(rank: int, world_size: int, cases: list[dict], ddp_case: dict) -> dict:
     """Entry point of every rank: each case on its group (the world, or a group of some ranks)."""
     groups = {}
     for case in cases:  # every rank creates every group, in the same order (torch's rule)
@@ -70,4 +111,6 @@ def compiled_sync_checks(rank: int, world_size: int, cases: list[dict]) -> dict:
         if rank in case["ranks"]:
             torch._dynamo.reset()
             results[case["name"]] = _run_case(case, groups[tuple(case["ranks"])], case["ranks"].index(rank))
+    torch._dynamo.reset()
+    results["ddp"] = {mode: _ddp_states(ddp_case, rank, world_size, mode == "compiled") for mode in ("eager", "compiled")}
     return results

@@ -58,6 +58,11 @@ CASES = [
     _case("one_value_error", [0, 1, 2], [[2, 1, 1], [0, 1, 0], [2, 1, 1]], 2, (1,)),
 ]
 CASE_BY_NAME = {case["name"]: case for case in CASES}
+DDP_CASE = {"steps": [
+    {"sizes": sizes, "x": torch.randn(sum(sizes), 2, 3, 3, generator=GEN, dtype=torch.float64),
+     "target": torch.randint(0, 5, (sum(sizes),), generator=GEN)}
+    for sizes in ([2, 5, 1], [3, 3, 2], [1, 2, 2])
+]}  # fmt: skip
 NAMES = list(CASE_BY_NAME)
 
 
@@ -65,7 +70,7 @@ NAMES = list(CASE_BY_NAME)
 def ranks_out():
     """Every rank's results of the one 3-rank job (4 minutes at most; inductor compiles in each rank)."""
     return run_local_ranks(
-        sync_compile_workers.compiled_sync_checks, WORLD, (CASES,), timeout_s=240, collective_timeout_s=180
+        sync_compile_workers.compiled_sync_checks, WORLD, (CASES, DDP_CASE), timeout_s=240, collective_timeout_s=180
     )
 
 
@@ -151,3 +156,19 @@ def test_the_error_case_raised_on_every_rank(ranks_out):
         assert step["compiled"]["error"].startswith("input: expected more than 1 value per channel"), step["compiled"]
         assert "[0, 1, 0]" in step["compiled"]["error"]
         assert "y" in member["steps"][2]["compiled"]  # and the ranks stayed in step after it
+
+
+def test_ddp_training_compiled_equals_eager(ranks_out):
+    # torch.compile(DistributedDataParallel(model)): DDP's optimizer splits the graph at its
+    # gradient buckets; the SyncBatchNorm operators inside must leave three uneven steps' weights,
+    # running averages and counters bit-equal to eager DDP's on every rank.
+    for rank in range(WORLD):
+        ddp = ranks_out[rank]["ddp"]
+        (eager, eager_calls, _), (compiled, compiled_calls, codes) = ddp["eager"], ddp["compiled"]
+        op = f"torch.ops.bnlab.sync_batch_norm_train.{custom_ops.OVERLOAD}("
+        assert sum(code.count(op) for code in codes) >= 2, f"rank {rank}: the layers were not compiled as operators"
+        assert compiled.keys() == eager.keys() and len(eager) == 16, rank
+        for key, value in eager.items():
+            assert _equal(compiled[key], value), f"rank {rank}: {key}"
+        assert eager["1.num_batches_tracked"].item() == 3, rank  # the steps ran, in training mode
+        assert compiled_calls == eager_calls == [{"all_gather": 2, "all_reduce": 2}] * 3, rank
