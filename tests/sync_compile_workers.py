@@ -99,6 +99,29 @@ def _ddp_states(ddp_case: dict, rank: int, world_size: int, compiled: bool) -> t
     return _state(net), collectives, codes
 
 
+def _exported_step(rank: int) -> dict:
+    """A conv + SyncBatchNorm + ReLU model's training step on this rank's batch, eager and through
+    torch.export (the exported program's module): outputs, input gradients, parameters'
+    gradients and state, and the exported graph's code."""
+    torch.manual_seed(3)
+    eager = nn.Sequential(nn.Conv2d(2, 3, 1), bnlab.SyncBatchNorm(3), nn.ReLU()).double()
+    twin = nn.Sequential(nn.Conv2d(2, 3, 1), bnlab.SyncBatchNorm(3), nn.ReLU()).double()
+    twin.load_state_dict(eager.state_dict())
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(3 + rank, 2, 3, 3, generator=gen, dtype=torch.float64)
+    dy = torch.randn(3 + rank, 3, 3, 3, generator=gen, dtype=torch.float64)
+    program = torch.export.export(twin, (x,))
+    exported = program.module()
+    out = {"code": program.graph_module.code}
+    for name, model in (("eager", eager), ("exported", exported)):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.backward(dy)
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        out[name] = {"y": y.detach(), "dx": xi.grad, "grads": grads, "state": _state(model)}
+    return out
+
+
 def compiled_sync_checks(rank: int, world_size: int, cases: list[dict], ddp_case: dict) -> dict:
     """Entry point of every rank: each case on its group (the world, or a group of some ranks)."""
     groups = {}
@@ -113,4 +136,5 @@ def compiled_sync_checks(rank: int, world_size: int, cases: list[dict], ddp_case
             results[case["name"]] = _run_case(case, groups[tuple(case["ranks"])], case["ranks"].index(rank))
     torch._dynamo.reset()
     results["ddp"] = {mode: _ddp_states(ddp_case, rank, world_size, mode == "compiled") for mode in ("eager", "compiled")}
+    results["export"] = _exported_step(rank)
     return results

@@ -172,3 +172,22 @@ def test_ddp_training_compiled_equals_eager(ranks_out):
             assert _equal(compiled[key], value), f"rank {rank}: {key}"
         assert eager["1.num_batches_tracked"].item() == 3, rank  # the steps ran, in training mode
         assert compiled_calls == eager_calls == [{"all_gather": 2, "all_reduce": 2}] * 3, rank
+
+
+def test_an_exported_model_gives_the_eager_bits(ranks_out):
+    # torch.export keeps the layer as the operator; running the exported program's module on
+    # each rank synchronises as the eager model does: same outputs, gradients and buffers.
+    op = f"torch.ops.bnlab.sync_batch_norm_train.{custom_ops.OVERLOAD}("
+    for rank in range(WORLD):
+        got = ranks_out[rank]["export"]
+        assert op in got["code"], rank
+        eager, exported = got["eager"], got["exported"]
+        for key in ("y", "dx"):
+            assert _equal(exported[key], eager[key]), f"rank {rank}: {key}"
+        assert exported["grads"].keys() == eager["grads"].keys() and len(eager["grads"]) == 4, rank
+        for key, value in eager["grads"].items():
+            assert _equal(exported["grads"][key], value), f"rank {rank}: gradient of {key}"
+        assert exported["state"].keys() == eager["state"].keys(), rank
+        for key, value in eager["state"].items():
+            assert _equal(exported["state"][key], value), f"rank {rank}: {key}"
+        assert eager["state"]["1.num_batches_tracked"].item() == 1, rank
