@@ -6,16 +6,12 @@ process to compare."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import bnlab
 from bnlab.distributed import count_collectives
-
-
-def _state(layer) -> dict:
-    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+from sync_workers import _state, case_groups, step_outputs
 
 
 def _step(call, layer, x_rows, dy_rows, x_grad: bool) -> dict:
@@ -29,14 +25,7 @@ def _step(call, layer, x_rows, dy_rows, x_grad: bool) -> dict:
             return {"error": str(error), "state_before": before, "state_after": _state(layer)}
     with count_collectives() as backward_calls:
         y.backward(dy_rows)
-    record = {
-        "y": y.detach(),
-        "dx": x.grad,
-        "dw": None if layer.weight is None else layer.weight.grad.clone(),
-        "db": None if layer.bias is None else layer.bias.grad.clone(),
-        "state": _state(layer),
-        "collectives": (dict(forward_calls), dict(backward_calls)),
-    }
+    record = {**step_outputs(layer, y, x), "collectives": (dict(forward_calls), dict(backward_calls))}
     layer.zero_grad(set_to_none=True)
     return record
 
@@ -123,12 +112,9 @@ def _exported_step(rank: int) -> dict:
 
 
 def compiled_sync_checks(rank: int, world_size: int, cases: list[dict], ddp_case: dict) -> dict:
-    """Entry point of every rank: each case on its group (the world, or a group of some ranks)."""
-    groups = {}
-    for case in cases:  # every rank creates every group, in the same order (torch's rule)
-        ranks = tuple(case["ranks"])
-        if ranks not in groups:
-            groups[ranks] = None if ranks == tuple(range(world_size)) else dist.new_group(list(ranks))
+    """Entry point of every rank: each case on its group (the world, or a group of some ranks),
+    then the DDP and export runs on the world."""
+    groups = case_groups(cases, world_size)
     results = {}
     for case in cases:
         if rank in case["ranks"]:

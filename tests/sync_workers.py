@@ -82,6 +82,18 @@ def _state(layer: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in layer.state_dict().items()}
 
 
+def step_outputs(layer: nn.Module, y: torch.Tensor, x: torch.Tensor) -> dict:
+    """A BN layer's step after its backward: output, input and parameter gradients (None where
+    absent) and its state."""
+    return {
+        "y": y.detach(),
+        "dx": x.grad,
+        "dw": None if layer.weight is None else layer.weight.grad.clone(),
+        "db": None if layer.bias is None else layer.bias.grad.clone(),
+        "state": _state(layer),
+    }
+
+
 def _run_step(layer, x_global, dy_global, lo, hi, spy) -> dict:
     """One training step on this rank's rows [lo, hi): forward, backward, and what each issued."""
     x = x_global[lo:hi].clone().requires_grad_()
@@ -96,11 +108,7 @@ def _run_step(layer, x_global, dy_global, lo, hi, spy) -> dict:
     with count_collectives() as backward_calls, count_host_reads() as backward_reads:
         y.backward(dy_global[lo:hi])
     record = {
-        "y": y.detach(),
-        "dx": x.grad,
-        "dw": None if layer.weight is None else layer.weight.grad.clone(),
-        "db": None if layer.bias is None else layer.bias.grad.clone(),
-        "state": _state(layer),
+        **step_outputs(layer, y, x),
         "forward_collectives": dict(forward_calls),
         "backward_collectives": dict(backward_calls),
         "host_reads": {"forward": dict(forward_reads), "backward": dict(backward_reads)},
@@ -169,15 +177,24 @@ def _ddp_train(case: dict, rank: int, world_size: int) -> dict:
     return {"state": _state(model), "collectives": collectives, "types": sorted({type(m).__name__ for m in model.modules()})}
 
 
+def case_groups(cases: list[dict], world_size: int) -> dict:
+    """{ranks: process group} for the cases' ``ranks`` lists: None (the world) for all ranks, else a new group.
+
+    Every rank must call this with the same cases: each creates every group, in the same order
+    (torch's rule for new_group)."""
+    groups = {}
+    for case in cases:
+        ranks = tuple(case["ranks"])
+        if ranks not in groups:
+            groups[ranks] = None if ranks == tuple(range(world_size)) else dist.new_group(list(ranks))
+    return groups
+
+
 def sync_checks(rank: int, world_size: int, cases: list[dict], ddp_case: dict) -> dict:
     """Entry point of every rank: each case on its group, then the DDP run on the world."""
     spy = SpyBackend()
     register_backend(spy)
-    groups = {}
-    for case in cases:  # every rank creates every group, in the same order (torch's rule)
-        ranks = tuple(case["ranks"])
-        if ranks not in groups:
-            groups[ranks] = None if ranks == tuple(range(world_size)) else dist.new_group(list(ranks))
+    groups = case_groups(cases, world_size)
     results = {}
     for case in cases:
         if rank in case["ranks"]:

@@ -3,10 +3,11 @@
 The companion of bnlab.custom_ops (read that first: why operators, the fake implementations, the
 overload name). Across processes, SyncBatchNorm's eager autograd Function calls the kernels and
 torch.distributed's collectives from Python, where TorchDynamo cannot follow: a compiled model
-broke its graph at every such layer. While torch.compile traces the layer, its step goes
-through the two operators below instead. Each runs the eager step's code (bnlab.sync_steps), so
-it issues the same collectives and computes the same bits; a group travels by its name
-(bnlab.distributed.group_name), since an operator cannot take a ProcessGroup.
+broke its graph at every such layer, and torch.export failed. While torch.compile or
+torch.export traces the layer, its step goes through the two operators below instead. Each runs
+the eager step's code (bnlab.sync_steps), so it issues the same collectives and computes the
+same bits; a group travels by its name (bnlab.distributed.group_name), since an operator cannot
+take a ProcessGroup.
 
 - ``bnlab::sync_batch_norm_train(x, weight?, bias?, eps, group) -> (y, stats, count)``: y, the
   group's float64 (3, C) rows mean, M2, invstd, and its 0-dim float64 count; one all_gather.
