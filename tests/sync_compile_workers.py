@@ -51,7 +51,9 @@ def _run_case(case: dict, group, member: int) -> dict:
     for layer in (eager, twin):
         layer.load_state_dict(case["init"], strict=True)
     codes: list = []
-    compiled = torch.compile(twin, backend=_recording_backend(case["backend"], codes), fullgraph=True)
+    compiled = torch.compile(
+        twin, backend=_recording_backend(case["backend"], codes), fullgraph=True, dynamic=case["dynamic"]
+    )
     steps = []
     for step in case["steps"]:
         lo = sum(step["sizes"][:member])
@@ -60,6 +62,7 @@ def _run_case(case: dict, group, member: int) -> dict:
         if case.get("channels_last"):
             x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
         steps.append({"eager": _step(eager, eager, x, dy, case["x_grad"]), "compiled": _step(compiled, twin, x, dy, case["x_grad"])})
+        steps[-1]["graphs_so_far"] = len(codes)
     return {"steps": steps, "graphs": len(codes), "code": codes}
 
 
