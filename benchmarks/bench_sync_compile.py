@@ -113,7 +113,8 @@ def main(argv=None) -> None:
         first = ", ".join(f"{r['first_call_s'][name]:.1f}" for r in per_rank)
         graphs = per_rank[0]["graphs"].get(name, "-")
         print(f"{name:24s} {ms:9.2f}  {per_rank[0]['collectives'][name]}  graphs {graphs}  first call {first}")
-    print(f"graph breaks / whole graph {worst[BREAKS] / worst[WHOLE]:.3f}; eager / whole graph {worst[EAGER] / worst[WHOLE]:.3f}")
+    ratios = worst[BREAKS] / worst[WHOLE], worst[EAGER] / worst[WHOLE]
+    print(f"graph breaks / whole graph {ratios[0]:.3f}; eager / whole graph {ratios[1]:.3f}")
 
 
 if __name__ == "__main__":

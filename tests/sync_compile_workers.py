@@ -61,7 +61,8 @@ def _run_case(case: dict, group, member: int) -> dict:
         x, dy = step["x"][rows], step["dy"][rows]
         if case.get("channels_last"):
             x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
-        steps.append({"eager": _step(eager, eager, x, dy, case["x_grad"]), "compiled": _step(compiled, twin, x, dy, case["x_grad"])})
+        eager_step = _step(eager, eager, x, dy, case["x_grad"])
+        steps.append({"eager": eager_step, "compiled": _step(compiled, twin, x, dy, case["x_grad"])})
         steps[-1]["graphs_so_far"] = len(codes)
     return {"steps": steps, "graphs": len(codes), "code": codes}
 

@@ -41,7 +41,8 @@ def _case(name, ranks, sizes_per_step, channels, tail, *, backend="aot_eager", d
         shape = (sum(sizes), channels) + tail
         shift = torch.linspace(-3, 3, channels, dtype=torch.float64).view(view)  # a wrong merge shows
         x = torch.randn(shape, generator=GEN, dtype=torch.float64) * 2 + shift
-        steps.append({"sizes": sizes, "x": x.to(dtype), "dy": torch.randn(shape, generator=GEN, dtype=torch.float64).to(dtype)})
+        dy = torch.randn(shape, generator=GEN, dtype=torch.float64)
+        steps.append({"sizes": sizes, "x": x.to(dtype), "dy": dy.to(dtype)})
     layer = dict(num_features=channels, momentum=momentum, affine=affine, dtype=dtype)
     return {"name": name, "ranks": ranks, "layer": layer, "init": init, "steps": steps, "backend": backend,
             "x_grad": x_grad, "channels_last": channels_last, "dynamic": dynamic}  # fmt: skip

@@ -64,6 +64,13 @@ def _backward_fake(dy, x, weight, stats, count, group, need_input, need_weight, 
     return _grad_fakes(dy, x, weight, stats, need_input, need_weight, bias_dtype)
 
 
+#: {operator: (implementation, fake implementation)}
+_IMPLEMENTATIONS = {
+    "sync_batch_norm_train": (_train_impl, _train_fake),
+    "sync_batch_norm_backward": (_backward_impl, _backward_fake),
+}
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _eps, group = inputs
     ctx.save_for_backward(x, weight, output[1], output[2])  # x, weight, stats, count
@@ -74,11 +81,7 @@ def _setup_context(ctx, inputs, output):
 def _register():
     """Defines the two operators in the ``bnlab`` namespace; returns (library, training op)."""
     library = torch.library.Library("bnlab", "FRAGMENT")  # bnlab.custom_ops holds the namespace's DEF
-    op = define_operators(
-        library,
-        SCHEMAS,
-        {"sync_batch_norm_train": (_train_impl, _train_fake), "sync_batch_norm_backward": (_backward_impl, _backward_fake)},
-    )
+    op = define_operators(library, SCHEMAS, _IMPLEMENTATIONS)
     backward_op = op["sync_batch_norm_backward"]
 
     def backward(ctx, dy, _dstats, _dcount):  # the statistics' gradients: none

@@ -25,7 +25,10 @@ from torch import Tensor
 
 from bnlab.stats import Moments, merge_stacked
 
-__all__ = ["group_size", "group_name", "group_named", "gather_moments", "all_reduce_grad_sums", "count_collectives", "COLLECTIVE_NAMES"]
+__all__ = [
+    "group_size", "group_name", "group_named", "gather_moments", "all_reduce_grad_sums", "count_collectives",
+    "COLLECTIVE_NAMES",
+]  # fmt: skip
 
 
 def group_size(process_group=None) -> int:
