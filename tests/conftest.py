@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+import os
 
-import bnlab
-from bnlab.backends import get_backend
+# Triton's interpreter runs bnlab's GPU kernels on CPU tensors in tests/test_triton*.py. Set here,
+# before any test module is collected: when Triton was imported before the variable was set (a
+# module that imported torch._dynamo.testing at collection, which imports inductor and Triton),
+# every interpreted kernel call failed ("Cannot call @triton.jit'd outside of the scope of a kernel").
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import bnlab  # noqa: E402
+from bnlab.backends import get_backend  # noqa: E402
 
 
 def _cpu_backends() -> list[str]:
