@@ -1,6 +1,6 @@
 """bnlab's Triton kernels, run by Triton's interpreter on CPU tensors, against the float64 reference.
 
-TRITON_INTERPRET=1 must be set before the kernels are defined, so this module sets it first. The
+TRITON_INTERPRET=1 must be set before Triton is imported: tests/conftest.py sets it, and so does this module (for a run without the conftest). The
 interpreter is slow: shapes are small, but odd and prime, and reach every kernel variant (NCL
 rows, channels-last tiles, several segments per channel, masked tails).
 """

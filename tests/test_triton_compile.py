@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-# Not imported here: importing triton before test_triton.py sets TRITON_INTERPRET=1 (pytest may
-# collect this file first) would leave that module's kernels compiled for a GPU the machine lacks.
+# Triton is not imported here: this process runs it interpreted (tests/conftest.py sets
+# TRITON_INTERPRET before collection); the compiling happens in worker processes without it.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 TESTS = Path(__file__).resolve().parent
@@ -25,7 +25,7 @@ WORKER = TESTS / "triton_compile_worker.py"
 
 
 def _env(cache_dir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # test_triton.py sets it here
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest.py sets it here
     src = str(TESTS.parent / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, str(TESTS), env.get("PYTHONPATH", "")) if p)
     env["TRITON_CACHE_DIR"] = str(cache_dir)  # a clean cache: every variant really compiles
