@@ -1,8 +1,9 @@
 """bnlab's Triton kernels, run by Triton's interpreter on CPU tensors, against the float64 reference.
 
-TRITON_INTERPRET=1 must be set before Triton is imported: tests/conftest.py sets it, and so does this module (for a run without the conftest). The
-interpreter is slow: shapes are small, but odd and prime, and reach every kernel variant (NCL
-rows, channels-last tiles, several segments per channel, masked tails).
+TRITON_INTERPRET=1 must be set before Triton is imported: tests/conftest.py sets it, and so does
+this module (for a run without the conftest). The interpreter is slow: shapes are small, but odd
+and prime, and reach every kernel variant (NCL rows, channels-last tiles, several segments per
+channel, masked tails).
 """
 
 from __future__ import annotations
