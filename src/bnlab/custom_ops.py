@@ -151,6 +151,25 @@ def _eval_backward_impl(dy, x, weight, stats, need_input, need_weight, bias_dtyp
         return grad_outputs(dx, dw, db, x)
 
 
+def call_backward(backward_op, ctx, dy: Tensor, operands: tuple, weight_at: int = 1, bias_at: int = 2):
+    """What a registered backward returns, one gradient per forward input: x's at 0, the weight's
+    and bias's at ``weight_at`` and ``bias_at``, None elsewhere and where not wanted.
+
+    The backward operator is called as ``backward_op(dy, *operands, need_input, need_weight,
+    bias_dtype)``, with operands = (x, weight, ...) and ``ctx.bias_dtype`` (None without a bias)
+    set by the setup_context; the bias dtype is passed as None when dbias is not wanted."""
+    weight = operands[1]
+    needs = ctx.needs_input_grad
+    need_w = needs[weight_at] and weight is not None
+    need_b = needs[bias_at] and ctx.bias_dtype is not None
+    dx, dw, db = backward_op(dy, *operands, needs[0], need_w, ctx.bias_dtype if need_b else None)
+    grads = [None] * len(needs)  # one entry per forward input
+    grads[0] = dx if needs[0] else None
+    grads[weight_at] = dw if need_w else None
+    grads[bias_at] = db if need_b else None
+    return tuple(grads)
+
+
 def _autograd_formula(backward_op, weight_at: int, bias_at: int):
     """(backward, setup_context) of a forward whose inputs hold weight and bias at these positions."""
 
@@ -158,19 +177,9 @@ def _autograd_formula(backward_op, weight_at: int, bias_at: int):
         weight, bias = inputs[weight_at], inputs[bias_at]
         ctx.save_for_backward(inputs[0], weight, output[1])  # x, weight, stats
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.arity = len(inputs)
 
     def backward(ctx, dy, *_unused):  # the statistics and buffers' gradients: none
-        x, weight, stats = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        need_w = needs[weight_at] and weight is not None
-        need_b = needs[bias_at] and ctx.bias_dtype is not None
-        dx, dw, db = backward_op(dy, x, weight, stats, needs[0], need_w, ctx.bias_dtype if need_b else None)
-        grads = [None] * ctx.arity
-        grads[0] = dx if needs[0] else None
-        grads[weight_at] = dw if need_w else None
-        grads[bias_at] = db if need_b else None
-        return tuple(grads)
+        return call_backward(backward_op, ctx, dy, ctx.saved_tensors, weight_at, bias_at)  # x, weight, stats
 
     return backward, setup_context
 

@@ -27,7 +27,9 @@ from torch import Tensor
 
 from bnlab.backends import select_backend
 from bnlab.autograd import param_grads
-from bnlab.custom_ops import AVAILABLE, OVERLOAD, _grad_fakes, _strided_as_fake, define_operators, grad_outputs
+from bnlab.custom_ops import (
+    AVAILABLE, OVERLOAD, _grad_fakes, _strided_as_fake, call_backward, define_operators, grad_outputs,
+)  # fmt: skip
 from bnlab.stats import Moments
 from bnlab.variants.batch_stats import batch_stats_backward
 
@@ -107,14 +109,8 @@ def _register():
 
     def backward(ctx, dy):
         x, weight, mean, invstd, count_tensor, mask = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        need_w = needs[1] and weight is not None
-        need_b = needs[2] and ctx.bias_dtype is not None
-        dx, dw, db = backward_op(
-            dy, x, weight, mean, invstd, ctx.count, count_tensor, mask, needs[0], need_w, ctx.bias_dtype if need_b else None
-        )
         # mean and invstd are x's own statistics: the backward has differentiated through them
-        return dx if needs[0] else None, dw if need_w else None, db if need_b else None, *([None] * 6)
+        return call_backward(backward_op, ctx, dy, (x, weight, mean, invstd, ctx.count, count_tensor, mask))
 
     torch.library.register_autograd(op["batch_norm_given_stats"], backward, setup_context=_setup_context, lib=library)
     return library, op["batch_norm_moments"], op["batch_norm_renorm_correction"], op["batch_norm_given_stats"]

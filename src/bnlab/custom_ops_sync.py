@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 from bnlab.backends import select_backend
-from bnlab.custom_ops import AVAILABLE, OVERLOAD, _grad_fakes, _strided_as_fake, define_operators, grad_outputs
+from bnlab.custom_ops import (
+    AVAILABLE, OVERLOAD, _grad_fakes, _strided_as_fake, call_backward, define_operators, grad_outputs,
+)  # fmt: skip
 from bnlab.distributed import group_name, group_named
 from bnlab.stats import Moments
 from bnlab.sync_steps import sync_backward, sync_forward
@@ -86,13 +88,7 @@ def _register():
 
     def backward(ctx, dy, _dstats, _dcount):  # the statistics' gradients: none
         x, weight, stats, count = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        need_w = needs[1] and weight is not None
-        need_b = needs[2] and ctx.bias_dtype is not None
-        dx, dw, db = backward_op(
-            dy, x, weight, stats, count, ctx.group, needs[0], need_w, ctx.bias_dtype if need_b else None
-        )
-        return dx if needs[0] else None, dw if need_w else None, db if need_b else None, None, None
+        return call_backward(backward_op, ctx, dy, (x, weight, stats, count, ctx.group))
 
     torch.library.register_autograd(op["sync_batch_norm_train"], backward, setup_context=_setup_context, lib=library)
     return library, op["sync_batch_norm_train"]
