@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import bnlab
-from bnlab.distributed import count_collectives, gather_moments
+from bnlab.distributed import count_collectives, gather_moments, group_name, group_named
 from bnlab.launch import _loopback_interface
 from bnlab.stats import Moments, moments, update_running_stats_
 
@@ -224,3 +224,18 @@ def test_world_of_one_is_local_and_counting_sees_outer_calls_only(world_of_one):
     assert dist.all_gather is original  # the wrappers are removed on exit
     assert float(merged.count) == 4 and torch.equal(merged.mean, local.mean) and torch.equal(merged.m2, local.m2)
     assert counts.tolist() == [4.0]
+
+
+def test_group_names_round_trip_and_bad_groups_are_named(world_of_one):
+    world = dist.distributed_c10d._get_default_group()
+    assert group_named(group_name(None)) is world and group_named(group_name(world)) is world
+    with pytest.raises(TypeError, match=r"process_group: expected a torch.distributed ProcessGroup or None, got str"):
+        group_name("0")
+    with pytest.raises(ValueError, match=r"name: expected the name of a process group of this process.*'nope'"):
+        group_named("nope")
+
+
+def test_the_default_group_has_no_name_before_init_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=r"process_group: None names the default group, but torch.distributed has no"):
+        group_name(None)

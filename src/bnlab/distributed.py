@@ -60,14 +60,38 @@ def group_name(process_group=None) -> str:
     Operators take a group by this name (a ProcessGroup object cannot be an operator argument),
     as torch's functional collectives do; :func:`group_named` gives the group back.
     TorchDynamo reads it as a constant while tracing.
+
+    Raises:
+        TypeError: ``process_group`` is neither None nor a ProcessGroup.
+        ValueError: ``process_group`` is None and no process group is initialised.
     """
-    group = process_group if process_group is not None else dist.distributed_c10d._get_default_group()
-    return group.group_name
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "process_group: None names the default group, but torch.distributed has no process group "
+                "initialised; call torch.distributed.init_process_group first"
+            )
+        return dist.distributed_c10d._get_default_group().group_name
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group: expected a torch.distributed ProcessGroup or None, got {type(process_group).__name__}"
+        )
+    return process_group.group_name
 
 
 def group_named(name: str):
-    """The process group that :func:`group_name` named ``name``."""
-    return dist.distributed_c10d._resolve_process_group(name)
+    """The process group that :func:`group_name` named ``name``.
+
+    Raises:
+        ValueError: no process group of this process is registered under ``name``.
+    """
+    try:
+        return dist.distributed_c10d._resolve_process_group(name)
+    except RuntimeError as error:
+        raise ValueError(
+            f"name: expected the name of a process group of this process (bnlab.distributed.group_name), "
+            f"got {name!r}: {error}"
+        ) from error
 
 
 def gather_moments(local: Moments, process_group=None) -> tuple[Moments, Tensor]:
