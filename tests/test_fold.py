@@ -1,13 +1,19 @@
-"""bnlab.fold: outputs equal (1e-10 in float64) before and after folding, and only foldable BNs go."""
+"""bnlab.fold: outputs equal (1e-10 in float64) before and after folding, and only foldable BNs go.
+
+Oracle: the same float64 model before folding. Folding into the layer before a BN and into the
+layer after it are both covered, including transposed, grouped and padded convolutions.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import bnlab
-from bnlab.fold import foldable_pairs
+from bnlab.fold import foldable_into_next, foldable_pairs
 from speed_helpers import rel_err
 
 F64 = torch.float64
@@ -110,11 +116,14 @@ def test_unfoldable_bns_are_left_alone():
     x = torch.randn(4, 3, 6, 6, dtype=F64)
     no_stats = nn.BatchNorm2d(5, track_running_stats=False, dtype=F64)
     model = _calibrated(
-        nn.Sequential(nn.Conv2d(3, 5, 1), no_stats, nn.ReLU(), nn.BatchNorm2d(5), nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5)).to(F64),
+        nn.Sequential(
+            nn.Conv2d(3, 5, 1), no_stats, nn.ReLU(), nn.BatchNorm2d(5), nn.Conv2d(5, 5, 3, padding=1), nn.BatchNorm2d(5)
+        ).to(F64),
         x,
     )
     model[5].train()  # a training-mode BN changes with every batch: never folded
-    assert foldable_pairs(model) == []
+    # model[3] -> a conv with zero padding: the padded zeros are not BN outputs
+    assert foldable_pairs(model) == [] and foldable_into_next(model) == []
     before = [m for m in model.modules()]
     assert bnlab.fold(model) is model and [m for m in model.modules()] == before
 
@@ -135,3 +144,163 @@ def test_float32_model_stays_close_and_reused_layer_is_not_folded():
 def test_fold_rejects_a_non_module():
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         bnlab.fold(lambda x: x)
+
+
+@pytest.mark.parametrize("bn_lib", [nn, bnlab])
+@pytest.mark.parametrize(
+    "make_layer,bn_name,shape",
+    [
+        (lambda: nn.ConvTranspose2d(3, 8, 4, stride=2, padding=1), "BatchNorm2d", (5, 3, 6, 6)),  # DCGAN up-block
+        (lambda: nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False), "BatchNorm2d", (5, 4, 5, 5)),
+        (lambda: nn.ConvTranspose2d(6, 6, 3, groups=6, output_padding=1, stride=2), "BatchNorm2d", (3, 6, 4, 4)),
+        (lambda: nn.ConvTranspose1d(4, 9, 5, groups=1, dilation=2), "BatchNorm1d", (5, 4, 11)),
+        (lambda: nn.ConvTranspose3d(4, 6, 2, groups=2, stride=2, bias=False), "BatchNorm3d", (2, 4, 3, 4, 3)),
+    ],
+)
+def test_transposed_conv_then_bn_folds_exactly(bn_lib, make_layer, bn_name, shape):
+    torch.manual_seed(0)
+    layer = make_layer().to(F64)
+    x = torch.randn(shape, dtype=F64)
+    model = _calibrated(nn.Sequential(layer, getattr(bn_lib, bn_name)(layer.out_channels, dtype=F64), nn.ReLU()), x)
+    assert foldable_pairs(model) == [("0", "1")]
+    _check_equal_after_fold(model, x, expect_folded=1)
+
+
+@pytest.mark.parametrize("bn_lib", [nn, bnlab])
+@pytest.mark.parametrize(
+    "bn_name,make_layer,shape",
+    [
+        ("BatchNorm1d", lambda: nn.Linear(10, 7), (9, 10)),  # BN on a network's inputs
+        ("BatchNorm1d", lambda: nn.Linear(10, 7, bias=False), (9, 10)),
+        ("BatchNorm2d", lambda: nn.Conv2d(6, 8, 3, stride=2, dilation=2), (4, 6, 11, 11)),
+        ("BatchNorm2d", lambda: nn.Conv2d(6, 4, 3, groups=2, bias=False), (4, 6, 7, 7)),
+        ("BatchNorm2d", lambda: nn.Conv2d(6, 6, 3, groups=6, padding=1, padding_mode="reflect"), (4, 6, 7, 7)),
+        ("BatchNorm2d", lambda: nn.Conv2d(6, 5, 3, padding=2, padding_mode="circular"), (4, 6, 7, 7)),
+        ("BatchNorm2d", lambda: nn.Conv2d(6, 5, 1, padding="same"), (4, 6, 7, 7)),
+        ("BatchNorm1d", lambda: nn.Conv1d(4, 6, 3, padding=1, padding_mode="replicate"), (5, 4, 12)),
+        ("BatchNorm3d", lambda: nn.Conv3d(4, 6, 2, groups=2), (2, 4, 4, 5, 3)),
+    ],
+)
+def test_bn_then_layer_folds_into_the_layer_exactly(bn_lib, bn_name, make_layer, shape):
+    torch.manual_seed(0)
+    layer = make_layer().to(F64)
+    channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    x = torch.randn(shape, dtype=F64) * 3 + 2  # inputs far from BN's outputs: the shift matters
+    model = _calibrated(nn.Sequential(getattr(bn_lib, bn_name)(channels, dtype=F64), layer, nn.ReLU()), x)
+    assert foldable_pairs(model) == [] and foldable_into_next(model) == [("0", "1")]
+    _check_equal_after_fold(model, x, expect_folded=1)
+    assert isinstance(model[0], nn.Identity) and model[1].bias is not None
+
+
+def test_into_next_false_keeps_bn_before_a_layer():
+    x = torch.randn(6, 5, dtype=F64)
+    model = _calibrated(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 3)).to(F64), x)
+    bnlab.fold(model, into_next=False)
+    assert isinstance(model[0], nn.BatchNorm1d)
+    with pytest.raises(TypeError, match="into_next: expected a bool, got int"):
+        bnlab.fold(model, into_next=1)
+
+
+class _Tabular(nn.Module):
+    """BN on the inputs, then Linear -> BN -> Linear -> BN: the first BN folds forward only, the
+    others backward, and the middle Linear takes both folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_in, self.fc1, self.bn1 = bnlab.BatchNorm1d(6), nn.Linear(6, 8), nn.BatchNorm1d(8)
+        self.fc2, self.bn2 = nn.Linear(8, 4, bias=False), bnlab.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn2(self.fc2(torch.tanh(self.bn1(self.fc1(self.bn_in(x))))))
+
+
+def test_a_layer_between_two_bns_takes_both_folds():
+    x = torch.randn(16, 6, dtype=F64) * 4 - 1
+    model = _calibrated(_Tabular().to(F64), x)
+    assert foldable_pairs(model) == [("fc1", "bn1"), ("fc2", "bn2")]
+    assert foldable_into_next(model) == [("bn_in", "fc1")]
+    _check_equal_after_fold(model, x, expect_folded=3)
+
+
+class _Shared(nn.Module):
+    """BN outputs read twice, or by a layer called twice, or a BN with an activation: none fold forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_a, self.conv_a = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+        self.bn_b, self.conv_b = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+        self.act, self.conv_c = bnlab.BatchNormAct2d(3, activation="relu"), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        a = self.bn_a(x)
+        h = self.conv_a(a) + a  # bn_a's output also feeds the sum
+        h = self.conv_b(self.bn_b(h))
+        h = self.conv_b(h)  # conv_b called twice: scaling its inputs' weights would change both calls
+        return self.conv_c(self.act(h))
+
+
+def test_shared_outputs_reused_layers_and_activations_stay():
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    model = _calibrated(_Shared().to(F64), x)
+    assert foldable_into_next(model) == []
+    assert foldable_pairs(model) == []
+
+
+def test_bn2d_never_pairs_with_a_linear():
+    # a Linear on (N, C, H, W) acts on W: BN2d's channels are not its features, whatever the counts
+    x = torch.randn(2, 4, 3, 4, dtype=F64)
+    model = _calibrated(nn.Sequential(nn.BatchNorm2d(4), nn.Linear(4, 4), nn.BatchNorm2d(4)).to(F64), x)
+    assert foldable_pairs(model) == [] and foldable_into_next(model) == []
+
+
+def test_untraceable_model_folds_forward_in_sequentials():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 3))
+
+        def forward(self, x):
+            return x[:, :3] if float(x.sum()) > 1e9 else self.body(x)
+
+    x = torch.randn(7, 5, dtype=F64) + 3
+    model = _calibrated(Gated().to(F64), x)
+    assert foldable_into_next(model) == [("body.0", "body.1")]
+    _check_equal_after_fold(model, x, expect_folded=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    transposed=st.booleans(),
+    dims=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 3]),
+    per_group=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_conv_sandwiched_between_bns_folds_exactly(
+    transposed, dims, groups, per_group, kernel, stride, dilation, padding_mode, bias, seed
+):
+    """BN -> conv -> BN for random convolutions: the second BN always folds (into the layer before
+    it), the first exactly when the conv is not transposed and has no zero padding."""
+    torch.manual_seed(seed)
+    cin, cout = groups * per_group[0], groups * per_group[1]
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+    if transposed:
+        kinds = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        conv = kinds[dims - 1](cin, cout, kernel, stride=stride, dilation=dilation, groups=groups, bias=bias)
+        first_folds = False
+    else:
+        padding = 0 if padding_mode == "zeros" and seed % 2 else 1
+        kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        conv = kinds[dims - 1](
+            cin, cout, kernel, stride=stride, dilation=dilation, groups=groups, bias=bias, padding=padding, padding_mode=padding_mode
+        )
+        first_folds = padding == 0 or padding_mode != "zeros"
+    size = (7, 6, 5)[dims - 1]
+    x = torch.randn(3, cin, *(size,) * dims, dtype=F64) * 2 + 1
+    model = _calibrated(nn.Sequential(bn(cin), conv, bn(cout)).to(F64), x)
+    _check_equal_after_fold(model, x, expect_folded=1 + first_folds)

@@ -5,7 +5,7 @@ Public names:
     BatchNormAct2d                         BatchNorm2d + residual add + ReLU, fused on GPU
     convert                                swap torch.nn BN layers for bnlab's in a model (and back)
     SyncBatchNorm                          BN over a torch.distributed group (gloo on CPU, NCCL on CUDA)
-    fold                                   fold eval-mode BN into the conv/linear layer before it
+    fold                                   fold eval-mode BN into the conv/linear layer before (or after) it
     functional.batch_norm                  torch.nn.functional.batch_norm's signature, bnlab's code
     reference                              the float64 NumPy specification (the test oracle)
     set_backend, available_backends        choose which implementation of the primitives runs

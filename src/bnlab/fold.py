@@ -1,14 +1,20 @@
-"""``bnlab.fold``: fold eval-mode BatchNorm layers into the convolution or linear layer before them.
+"""``bnlab.fold``: fold eval-mode BatchNorm layers into the convolution or linear layer beside them.
 
-In evaluation mode BN is a fixed per-channel affine map, y = s·(z - μ) + β with
-s = γ / sqrt(σ² + eps), applied to z = W·x + b. Composing the two gives one layer with
-W' = s·W (each output channel's filter scaled) and b' = s·(b - μ) + β, so at inference BN costs
-nothing (docs/math.md §5). The arithmetic is done in float64 and rounded once to the layer's dtype.
+In evaluation mode BN is a fixed per-channel affine map, y = s·x + t, so at inference it can be
+merged into a neighbouring linear layer and then costs nothing (docs/math.md §6; the arithmetic,
+in float64 rounded once to the layer's dtype, is in ``bnlab.fold_math``):
 
-Which BN follows which layer: the model is traced with torch.fx (convolutions, linear layers and
-BN layers as leaves) and a BN is folded when its input is the output of a Conv1d/2d/3d or Linear
-used by nothing else, each module being called once. Models that torch.fx cannot trace
-(data-dependent control flow) fall back to adjacency inside nn.Sequential containers.
+- into the layer **before** it: Conv1d/2d/3d, ConvTranspose1d/2d/3d (decoders, GAN generators)
+  or Linear, each output channel's weights scaled;
+- otherwise into the layer **after** it: Conv1d/2d/3d or Linear, each input channel's weights
+  scaled and the bias shifted (BN on a network's inputs, BN -> conv without an activation
+  between). A convolution with zero padding is left alone: the padded zeros would stand for
+  values BN never produced.
+
+Which BN is next to which layer: the model is traced with torch.fx (convolutions, linear layers
+and BN layers as leaves), and a pair folds when the one's output feeds the other alone, each
+module being called once. Models that torch.fx cannot trace (data-dependent control flow) fall
+back to adjacency inside nn.Sequential containers.
 """
 
 from __future__ import annotations
@@ -19,61 +25,94 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["fold", "foldable_pairs"]
+from bnlab.fold_math import fold_into_next, fold_into_previous, reads_only_bn_outputs
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+__all__ = ["fold", "foldable_pairs", "foldable_into_next"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BEFORE = _CONVS + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+_AFTER = _CONVS + (nn.Linear,)
+# BN of these kinds takes (N, C, *spatial) inputs only, whose channel dim is not a Linear's features
+_SPATIAL_BN = (nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _out_features(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
-def _can_fold(layer: nn.Module, bn: nn.Module) -> bool:
-    """An eval-mode BN with running statistics, sized for the layer's outputs, after a conv/linear layer."""
-    if not isinstance(layer, _LAYERS) or not isinstance(bn, _BatchNorm) or bn.training:
+def _is_eval_affine(bn: nn.Module) -> bool:
+    """An eval-mode BN with running statistics: a fixed per-channel affine map and nothing more."""
+    if not isinstance(bn, _BatchNorm) or bn.training:
         return False
     if getattr(bn, "residual", False) or not hasattr(bn, "running_mean"):
         return False  # a fused BN + residual add needs its second input: nothing to fold into
     if bn.running_mean is None or bn.running_var is None or isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
         return False  # eval mode without running statistics normalizes with the batch's: not affine
-    if isinstance(layer.weight, nn.parameter.UninitializedParameter):
+    return True
+
+
+def _materialized(layer: nn.Module) -> bool:
+    return not isinstance(layer.weight, nn.parameter.UninitializedParameter)
+
+
+def _can_fold(layer: nn.Module, bn: nn.Module) -> bool:
+    """bn normalizes the output of layer, and can be merged into it."""
+    if not isinstance(layer, _BEFORE) or not _is_eval_affine(bn) or not _materialized(layer):
         return False
-    return bn.num_features == _out_features(layer)
+    if isinstance(layer, nn.Linear):
+        return bn.num_features == layer.out_features and not isinstance(bn, _SPATIAL_BN)
+    return bn.num_features == layer.out_channels
+
+
+def _can_fold_into_next(bn: nn.Module, layer: nn.Module) -> bool:
+    """layer reads the output of bn, and bn can be merged into it."""
+    if not isinstance(layer, _AFTER) or not _is_eval_affine(bn) or not _materialized(layer):
+        return False
+    if hasattr(bn, "folded_replacement") and not isinstance(bn.folded_replacement(), nn.Identity):
+        return False  # BN + activation (BatchNormAct2d): the activation sits between the two
+    if isinstance(layer, nn.Linear):
+        return bn.num_features == layer.in_features and not isinstance(bn, _SPATIAL_BN)
+    return bn.num_features == layer.in_channels and reads_only_bn_outputs(layer)
 
 
 class _LeafTracer(torch.fx.Tracer):
     """Treats the layers of interest as leaves, whatever package defines them (bnlab's BN too)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_BatchNorm,) + _LAYERS) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (_BatchNorm,) + _BEFORE) or super().is_leaf_module(m, qualname)
 
 
-def _pairs_by_tracing(model: nn.Module) -> list[tuple[str, str]]:
+def _adjacent_by_tracing(model: nn.Module, first_kinds: tuple, second_kinds: tuple) -> list[tuple[str, str]]:
+    """(first, second) module names where second's only argument is first's output, used by nothing
+    else, and each module is called once, in execution order."""
     graph = _LeafTracer().trace(model)
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm) or not node.args:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), second_kinds) or not node.args:
             continue
         src = node.args[0]
-        if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(modules.get(src.target), _LAYERS)):
+        if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(modules.get(src.target), first_kinds)):
             continue
-        if len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1 and len(node.args) == 1:
+        if len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1 and len(node.args) == 1 and not node.kwargs:
             pairs.append((src.target, node.target))
     return pairs
 
 
-def _pairs_in_sequentials(model: nn.Module) -> list[tuple[str, str]]:
+def _adjacent_in_sequentials(model: nn.Module, first_kinds: tuple, second_kinds: tuple) -> list[tuple[str, str]]:
     pairs = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Sequential):
             children = list(module.named_children())
             prefix = f"{name}." if name else ""
             for (a_name, a), (b_name, b) in zip(children, children[1:]):
-                if isinstance(a, _LAYERS) and isinstance(b, _BatchNorm):
+                if isinstance(a, first_kinds) and isinstance(b, second_kinds):
                     pairs.append((prefix + a_name, prefix + b_name))
     return pairs
+
+
+def _adjacent(model: nn.Module, first_kinds: tuple, second_kinds: tuple) -> list[tuple[str, str]]:
+    try:
+        return _adjacent_by_tracing(model, first_kinds, second_kinds)
+    except Exception:  # torch.fx cannot trace every model (control flow on values): use containers
+        return _adjacent_in_sequentials(model, first_kinds, second_kinds)
 
 
 def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -85,30 +124,23 @@ def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
     Returns:
         Qualified module names, in execution order (torch.fx) or container order (fallback).
     """
-    try:
-        pairs = _pairs_by_tracing(model)
-    except Exception:  # torch.fx cannot trace every model (control flow on values): use containers
-        pairs = _pairs_in_sequentials(model)
     modules = dict(model.named_modules())
-    return [(a, b) for a, b in pairs if _can_fold(modules[a], modules[b])]
+    return [(a, b) for a, b in _adjacent(model, _BEFORE, _BatchNorm) if _can_fold(modules[a], modules[b])]
 
 
-@torch.no_grad()
-def _fold_pair(layer: nn.Module, bn: _BatchNorm) -> None:
-    f64 = torch.float64
-    scale = torch.rsqrt(bn.running_var.to(f64) + bn.eps)  # (C,)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(f64)
-    shift = -bn.running_mean.to(f64) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(f64)
-    weight = layer.weight
-    view = (-1,) + (1,) * (weight.dim() - 1)  # the output channel is dim 0 of every folded layer
-    weight.copy_((weight.to(f64) * scale.view(view)).to(weight.dtype))
-    if layer.bias is None:
-        layer.bias = nn.Parameter(shift.to(device=weight.device, dtype=weight.dtype), requires_grad=weight.requires_grad)
-    else:
-        layer.bias.copy_((layer.bias.to(f64) * scale + shift).to(layer.bias.dtype))
+def foldable_into_next(model: nn.Module) -> list[tuple[str, str]]:
+    """(BN name, layer name) of every BN that could be folded into the layer after it, the layer
+    reading that BN's output alone (:func:`fold` folds these unless the BN goes into the layer
+    before it, or ``into_next=False``).
+
+    Args:
+        model: any torch.nn.Module.
+
+    Returns:
+        Qualified module names, in execution order (torch.fx) or container order (fallback).
+    """
+    modules = dict(model.named_modules())
+    return [(a, b) for a, b in _adjacent(model, _BatchNorm, _AFTER) if _can_fold_into_next(modules[a], modules[b])]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -117,31 +149,44 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def fold(model: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm that directly follows a Conv1d/2d/3d or Linear into that layer.
+def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
+    """Fold every eval-mode BatchNorm next to a convolution or linear layer into that layer.
 
-    The layer's weight is scaled per output channel and its bias set (created if it had none);
-    the BN (torch.nn's, bnlab's, SyncBatchNorm; bnlab.BatchNormAct2d keeps its activation) is
-    replaced by nn.Identity (or the activation). Grouped and depthwise convolutions are handled:
-    their output channels are still dim 0 of the weight. Training-mode BN layers, and BN layers
-    without running statistics, are left alone. A Linear followed by BatchNorm1d is folded when
-    BN's num_features equals out_features (the usual (N, features) MLP activations).
+    First every BN directly after a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear goes into it:
+    the layer's weight is scaled per output channel and its bias set (created if it had none).
+    Then, with ``into_next``, every remaining BN whose output only a Conv1d/2d/3d (without zero
+    padding) or Linear reads goes into that layer: its weight is scaled per input channel and
+    its bias shifted. Each folded BN (torch.nn's, bnlab's, SyncBatchNorm) is replaced by
+    nn.Identity; bnlab.BatchNormAct2d keeps its activation, and so folds only into the layer
+    before it. Grouped and depthwise convolutions are handled. Training-mode BN layers, and BN
+    layers without running statistics, are left alone. A Linear pairs with a BN that is not a
+    BatchNorm2d/3d when the feature counts match: the usual (N, features) activations are
+    assumed, as torch.nn's BatchNorm1d after a Linear on (N, L, features) normalizes over L.
 
     Args:
         model: a torch.nn.Module, changed in place; put it in eval mode first (``model.eval()``).
+        into_next: also fold BN layers into the layer after them (default True).
 
     Returns:
         The same model, for chaining: ``fold(model.eval())``.
 
     Raises:
-        TypeError: model is not a torch.nn.Module.
+        TypeError: model is not a torch.nn.Module, or into_next is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(into_next, bool):
+        raise TypeError(f"into_next: expected a bool, got {type(into_next).__name__}")
     modules = dict(model.named_modules())
     for layer_name, bn_name in foldable_pairs(model):
         bn = modules[bn_name]
-        _fold_pair(modules[layer_name], bn)
-        replacement = bn.folded_replacement() if hasattr(bn, "folded_replacement") else nn.Identity()
-        _replace(model, bn_name, replacement)
+        fold_into_previous(modules[layer_name], bn)
+        _replace(model, bn_name, bn.folded_replacement() if hasattr(bn, "folded_replacement") else nn.Identity())
+    if into_next:
+        # found on the model as now changed: the BNs folded above are gone, and a layer both folds
+        # take (BN -> conv -> BN) has its weights from the first fold, which composes exactly
+        modules = dict(model.named_modules())
+        for bn_name, layer_name in foldable_into_next(model):
+            fold_into_next(modules[bn_name], modules[layer_name])
+            _replace(model, bn_name, nn.Identity())
     return model
