@@ -27,6 +27,14 @@ def _cpu_backends() -> list[str]:
 CPU_BACKENDS = _cpu_backends()
 
 
+@pytest.fixture
+def keep_threads():
+    """Restore torch's thread count after the test: benchmark scripts' main() sets it (--threads)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     """Pin bnlab to one backend for the duration of a test, then return to automatic choice."""

@@ -60,15 +60,10 @@ def test_an_unknown_name_is_refused_naming_the_option_and_the_name(option, value
     assert not (tmp_path / "r.jsonl").exists()
 
 
-def test_eval_backward_ab_runs_and_prints_a_row_per_shape(capsys):
+def test_eval_backward_ab_runs_and_prints_a_row_per_shape(capsys, keep_threads):
     import eval_backward_ab
 
-    threads = torch.get_num_threads()
-    try:
-        args = ["--shapes", "2,8,48,48", "3,4,5,5", "--rounds", "1", "--min-sample", "0", "--threads", "1"]
-        eval_backward_ab.main(args)
-    finally:
-        torch.set_num_threads(threads)
+    eval_backward_ab.main(["--shapes", "2,8,48,48", "3,4,5,5", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("(")]
     assert [r[:4] for r in rows] == [["(2,", "8,", "48,", "48)"], ["(3,", "4,", "5,", "5)"]]
     assert all(float(v) > 0 for r in rows for v in r[4:])

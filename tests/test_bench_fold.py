@@ -24,12 +24,8 @@ def test_the_dcgan_and_tabular_bns_all_fold_each_the_way_it_can():
     assert foldable_pairs(tabular) == [("1", "2"), ("4", "5")] and foldable_into_next(tabular) == [("0", "1")]
 
 
-def test_it_runs_and_reports_every_variant(capsys):
-    threads = torch.get_num_threads()  # main sets the count; the tests after this one keep theirs
-    try:
-        bench_fold.main(["--models", "tabular", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+def test_it_runs_and_reports_every_variant(capsys, keep_threads):
+    bench_fold.main(["--models", "tabular", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# bench_fold.py --threads 1 --rounds 1")
     assert lines[1].startswith("tabular") and "unfolded/bnlab.fold" in lines[1]

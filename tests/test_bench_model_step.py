@@ -28,12 +28,8 @@ def test_the_twins_agree_in_training_and_inference():
             torch.testing.assert_close(a(images), b(images), rtol=1e-4, atol=1e-4)
 
 
-def test_it_runs_and_prints_both_tables(capsys):
-    threads = torch.get_num_threads()  # main sets the count; the tests after this one keep theirs
-    try:
-        bench_model_step.main(["--batch", "2", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+def test_it_runs_and_prints_both_tables(capsys, keep_threads):
+    bench_model_step.main(["--batch", "2", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# bench_model_step.py --batch 2")
     assert lines[1].startswith("training step") and "torch.nn/bnlab" in lines[1]

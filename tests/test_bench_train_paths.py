@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -43,12 +42,8 @@ def test_the_paths_time_the_same_work_and_the_switch_comes_back_on(mode, monkeyp
             assert seen == expected, path
 
 
-def test_it_runs_and_prints_a_row_per_shape_and_call(capsys):
-    threads = torch.get_num_threads()
-    try:
-        train_paths.main(["--shapes", "6,4", "2,3,2,2", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+def test_it_runs_and_prints_a_row_per_shape_and_call(capsys, keep_threads):
+    train_paths.main(["--shapes", "6,4", "2,3,2,2", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# train_paths.py --mode train --shapes 6,4 2,3,2,2 --threads 1 --rounds 1")
     rows = lines[2:]
