@@ -30,6 +30,7 @@ from bnlab.composite import transforms_active
 from bnlab.functional import eval_with_graph
 
 _FLOATING = frozenset(_checks.FLOATING_DTYPES)
+_jit_tracing = torch._C._is_tracing
 
 
 @contextlib.contextmanager
@@ -86,7 +87,10 @@ def module_forward(module, x: object) -> Tensor | None:
         the general path would; or None, with nothing changed.
     """
     compiling = custom_ops.tracing()
-    if COMPILED_CALLS["on"] and not compiling:
+    # The compiled call reads functorch's and forward AD's state itself, not torch.jit.trace's. (The
+    # bare C query, half the cost of torch.jit.is_tracing, is reached only outside torch.compile,
+    # whose tracer cannot trace it.)
+    if COMPILED_CALLS["on"] and not compiling and not _jit_tracing():
         # A CPU call in one compiled step, which declines anything but the plain case (then the
         # checks below run). In a network this runs right after a kernel that streamed megabytes
         # through the caches, where each Python step and tensor query costs microseconds

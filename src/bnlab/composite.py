@@ -8,6 +8,12 @@ therefore computes the same formulas here in plain torch ops, in float64, and le
 differentiate and batch them. Before this path existed, forward-mode AD under ``torch.no_grad``
 silently returned no tangent from an eval-mode layer.
 
+The same holds under ``torch.jit.trace`` (and the TorchScript-based ``torch.onnx.export``), which
+records the torch operators a call runs: an output the kernels wrote through a raw pointer would
+enter the trace as a constant, and the traced model would return the example's output for every
+input. (In evaluation mode ``bnlab.functional`` records torch's own ``aten::batch_norm`` instead,
+the operator ONNX and TorchScript's optimizations know.)
+
 Shapes: x is (N, C, *); weight, bias, running_mean, running_var are (C,) or None.
 """
 
@@ -21,11 +27,15 @@ __all__ = ["transforms_active", "train_forward", "eval_forward", "batch_stats_no
 
 #: Whether a torch.func transform is active (False on a torch without the query).
 functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+#: Whether torch.jit.trace is recording (torch.jit.is_tracing: TorchDynamo folds it to a constant,
+#: where it cannot trace torch._C._is_tracing).
+jit_tracing = torch.jit.is_tracing
 
 
 def transforms_active() -> bool:
-    """Whether a forward-mode AD level or a torch.func transform is active (then: this module's path)."""
-    return functorch_active() or getattr(forward_ad, "_current_level", -1) >= 0
+    """Whether a forward-mode AD level or a torch.func transform is active, or torch.jit.trace is
+    recording (then: this module's path)."""
+    return functorch_active() or getattr(forward_ad, "_current_level", -1) >= 0 or jit_tracing()
 
 
 def _per_channel(v: Tensor, x: Tensor) -> Tensor:

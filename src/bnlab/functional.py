@@ -1,7 +1,9 @@
 """``bnlab.functional.batch_norm``: torch.nn.functional.batch_norm's signature, bnlab's implementation.
 
 The computation is bnlab's own (a reduce phase, then an elementwise phase, with a hand-derived
-backward: bnlab.autograd); nothing here calls torch.batch_norm or ATen's native BN ops.
+backward: bnlab.autograd); nothing here calls torch.batch_norm or ATen's native BN ops, except
+in evaluation mode under ``torch.jit.trace``, where the traced graph gets the operator other
+runtimes know (bnlab.composite says why a trace cannot record bnlab's kernels).
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ def batch_norm(
         )
     if compiling:
         return custom_ops.evaluate(x, running_mean, running_var, weight, bias, eps)
+    if composite.jit_tracing():  # a traced model for TorchScript or ONNX: their BatchNormalization
+        _checks.check_running_var_nonnegative(running_var)
+        return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     if composite.transforms_active():
         _checks.check_running_var_nonnegative(running_var)
         return composite.eval_forward(x, running_mean, running_var, weight, bias, eps)
