@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from bnlab import _checks, composite, custom_ops
 from bnlab._fastpath import module_forward
+from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.autograd import differentiable_train_grads, param_grads
 from bnlab.backends import select_backend
 from bnlab.functional import batch_norm
@@ -137,6 +138,8 @@ class BatchNormAct2d(BatchNorm2d):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """relu(BN(input) + residual); see the class docstring."""
+        if is_proxy(input):  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
+            return record_call(self, (input,), {} if residual is None else {"residual": residual})
         x = _checks.check_input(input)
         self._check_input_dim(x)
         self._check_channels(x)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from bnlab import _checks
 from bnlab._fastpath import module_forward
+from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.functional import batch_norm
 from bnlab.stats import Moments, count_and_update_
 from bnlab.variants.accumulate import StatsAccumulator
@@ -114,6 +115,8 @@ class _BatchNormMixin:
             y = module_forward(self, input)  # the common case, validated once (bnlab._fastpath)
             if y is not None:
                 return y
+        if is_proxy(input):  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
+            return record_call(self, (input,), {} if mask is None else {"mask": mask})
         x = _checks.check_input(input)
         self._check_input_dim(x)
         self._check_channels(x)

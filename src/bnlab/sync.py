@@ -22,6 +22,7 @@ from bnlab import _checks, custom_ops, custom_ops_sync
 from bnlab.backends import Backend, select_backend
 from bnlab.convert import rebuild_batchnorm
 from bnlab.distributed import group_size
+from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.modules import _BatchNormMixin
 from bnlab.stats import Moments
 from bnlab.sync_steps import sync_backward, sync_forward
@@ -126,6 +127,8 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` (N, C, *) with the statistics of the group's batch (see the class docstring)."""
+        if is_proxy(input):  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
+            return record_call(self, (input,), {})
         x = _checks.check_input(input)
         self._check_input_dim(x)
         self._check_channels(x)
