@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from bnlab import _checks
 from bnlab._fastpath import module_forward
 from bnlab.fx_leaf import is_proxy, record_call
+from bnlab.scripting import refuse_scripting
 from bnlab.functional import batch_norm
 from bnlab.stats import Moments, count_and_update_
 from bnlab.variants.accumulate import StatsAccumulator
@@ -96,6 +97,10 @@ class _BatchNormMixin:
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_input_rank(input, self._ranks, type(self).__name__)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script's first question: answered with a TypeError saying what works (bnlab.scripting)."""
+        refuse_scripting(self)
 
     def _check_channels(self, x: Tensor) -> None:
         if x.shape[1] != self.num_features:
