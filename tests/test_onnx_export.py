@@ -98,3 +98,22 @@ def test_the_exported_program_keeps_the_operator_until_decomposed():
     probe = torch.randn(2, 3, 6, 6) * 2
     with torch.no_grad():
         torch.testing.assert_close(lowered.module()(probe), model(probe), rtol=2e-4, atol=2e-4)
+
+
+def test_a_dynamic_batch_exports_and_runs_at_other_batch_sizes():
+    model = _prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), bnlab.BatchNorm2d(4)))
+    gen = torch.Generator().manual_seed(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (torch.randn(2, 3, 6, 6, generator=gen),), dynamo=True, verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )  # fmt: skip
+    proto = program.model_proto
+    assert "BatchNormalization" in [node.op_type for node in proto.graph.node]
+    session = ReferenceEvaluator(proto)
+    for n in (1, 5):
+        x = torch.randn(n, 3, 6, 6, generator=gen)
+        got = session.run(None, {proto.graph.input[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(x).numpy(), rtol=2e-4, atol=2e-4)
