@@ -30,7 +30,7 @@ from bnlab.composite import transforms_active
 from bnlab.functional import eval_with_graph
 
 _FLOATING = frozenset(_checks.FLOATING_DTYPES)
-_jit_tracing = torch._C._is_tracing
+_jit_tracing = getattr(torch._C, "_is_tracing", lambda: False)
 
 
 @contextlib.contextmanager

@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from bnlab import _checks, composite, custom_ops
 from bnlab._fastpath import module_forward
-from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.autograd import differentiable_train_grads, param_grads
 from bnlab.backends import select_backend
 from bnlab.functional import batch_norm
+from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.modules import BatchNorm2d
 from bnlab.stats import Moments, count_and_update_
 

@@ -16,14 +16,15 @@ Math: docs/math.md. Conventions (momentum, variance estimators): docs/convention
 from __future__ import annotations
 
 import inspect
+from typing import NoReturn
 
 from torch import Tensor, nn
 
 from bnlab import _checks
 from bnlab._fastpath import module_forward
+from bnlab.functional import batch_norm
 from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.scripting import refuse_scripting
-from bnlab.functional import batch_norm
 from bnlab.stats import Moments, count_and_update_
 from bnlab.variants.accumulate import StatsAccumulator
 from bnlab.variants.dispatch import batch_stats_forward
@@ -98,7 +99,7 @@ class _BatchNormMixin:
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_input_rank(input, self._ranks, type(self).__name__)
 
-    def __prepare_scriptable__(self) -> nn.Module:
+    def __prepare_scriptable__(self) -> NoReturn:
         """torch.jit.script's first question: answered with a TypeError saying what works (bnlab.scripting)."""
         refuse_scripting(self)
 
