@@ -304,3 +304,32 @@ def test_any_conv_sandwiched_between_bns_folds_exactly(
     x = torch.randn(3, cin, *(size,) * dims, dtype=F64) * 2 + 1
     model = _calibrated(nn.Sequential(bn(cin), conv, bn(cout)).to(F64), x)
     _check_equal_after_fold(model, x, expect_folded=1 + first_folds)
+
+
+class _Tied(nn.Module):
+    """Two branches whose layers share one weight (a siamese pair), each followed by its own BN,
+    and one BN before a layer tied to another: folding any of them would change the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+        self.b.weight = self.a.weight
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), bnlab.BatchNorm2d(4)
+        self.bn_in, self.fc, self.fc_twin = nn.BatchNorm1d(5), nn.Linear(5, 2), nn.Linear(5, 2)
+        self.fc_twin.bias = self.fc.bias
+
+    def forward(self, x, v):
+        return self.bn_a(self.a(x)) - self.bn_b(self.b(x * 2)), self.fc(self.bn_in(v)) + self.fc_twin(v)
+
+
+def test_layers_with_tied_weights_are_not_folded():
+    x, v = torch.randn(4, 3, 6, 6, dtype=F64), torch.randn(6, 5, dtype=F64) + 2
+    model = _Tied().to(F64)
+    model.train()
+    model(x, v)
+    model.eval()
+    assert foldable_pairs(model) == [] and foldable_into_next(model) == []
+    before = model(x, v)
+    bnlab.fold(model)
+    after = model(x, v)
+    assert all(torch.equal(p, q) for p, q in zip(before, after))

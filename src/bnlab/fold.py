@@ -51,6 +51,19 @@ def _materialized(layer: nn.Module) -> bool:
     return not isinstance(layer.weight, nn.parameter.UninitializedParameter)
 
 
+def _shared_tensors(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one place of the model holds (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def _owns_shared(layer: nn.Module, shared: set[int]) -> bool:
+    """Whether the layer's weight or bias is tied to another module's: folding would change that one too."""
+    return any(p is not None and id(p) in shared for p in (layer.weight, layer.bias))
+
+
 def _can_fold(layer: nn.Module, bn: nn.Module) -> bool:
     """bn normalizes the output of layer, and can be merged into it."""
     if not isinstance(layer, _BEFORE) or not _is_eval_affine(bn) or not _materialized(layer):
@@ -124,8 +137,10 @@ def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
     Returns:
         Qualified module names, in execution order (torch.fx) or container order (fallback).
     """
-    modules = dict(model.named_modules())
-    return [(a, b) for a, b in _adjacent(model, _BEFORE, _BatchNorm) if _can_fold(modules[a], modules[b])]
+    modules, shared = dict(model.named_modules()), _shared_tensors(model)
+    return [
+        (a, b) for a, b in _adjacent(model, _BEFORE, _BatchNorm) if _can_fold(modules[a], modules[b]) and not _owns_shared(modules[a], shared)
+    ]
 
 
 def foldable_into_next(model: nn.Module) -> list[tuple[str, str]]:
@@ -139,8 +154,12 @@ def foldable_into_next(model: nn.Module) -> list[tuple[str, str]]:
     Returns:
         Qualified module names, in execution order (torch.fx) or container order (fallback).
     """
-    modules = dict(model.named_modules())
-    return [(a, b) for a, b in _adjacent(model, _BatchNorm, _AFTER) if _can_fold_into_next(modules[a], modules[b])]
+    modules, shared = dict(model.named_modules()), _shared_tensors(model)
+    return [
+        (a, b)
+        for a, b in _adjacent(model, _BatchNorm, _AFTER)
+        if _can_fold_into_next(modules[a], modules[b]) and not _owns_shared(modules[b], shared)
+    ]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -158,8 +177,9 @@ def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
     padding) or Linear reads goes into that layer: its weight is scaled per input channel and
     its bias shifted. Each folded BN (torch.nn's, bnlab's, SyncBatchNorm) is replaced by
     nn.Identity; bnlab.BatchNormAct2d keeps its activation, and so folds only into the layer
-    before it. Grouped and depthwise convolutions are handled. Training-mode BN layers, and BN
-    layers without running statistics, are left alone. A Linear pairs with a BN that is not a
+    before it. Grouped and depthwise convolutions are handled. Training-mode BN layers, BN
+    layers without running statistics, and layers whose weight or bias another module shares
+    (tied weights: folding would change the other module too) are left alone. A Linear pairs with a BN that is not a
     BatchNorm2d/3d when the feature counts match: the usual (N, features) activations are
     assumed, as torch.nn's BatchNorm1d after a Linear on (N, L, features) normalizes over L.
 
