@@ -137,10 +137,7 @@ def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
     Returns:
         Qualified module names, in execution order (torch.fx) or container order (fallback).
     """
-    modules, shared = dict(model.named_modules()), _shared_tensors(model)
-    return [
-        (a, b) for a, b in _adjacent(model, _BEFORE, _BatchNorm) if _can_fold(modules[a], modules[b]) and not _owns_shared(modules[a], shared)
-    ]
+    return _foldable(model, _BEFORE, _BatchNorm, _can_fold, layer_at=0)
 
 
 def foldable_into_next(model: nn.Module) -> list[tuple[str, str]]:
@@ -154,12 +151,15 @@ def foldable_into_next(model: nn.Module) -> list[tuple[str, str]]:
     Returns:
         Qualified module names, in execution order (torch.fx) or container order (fallback).
     """
+    return _foldable(model, _BatchNorm, _AFTER, _can_fold_into_next, layer_at=1)
+
+
+def _foldable(model: nn.Module, first_kinds: tuple, second_kinds: tuple, can_fold, layer_at: int) -> list[tuple[str, str]]:
+    """The adjacent (first, second) pairs that can_fold(first, second) accepts, leaving out those
+    whose conv/linear layer (pair[layer_at]) has a weight or bias tied to another module."""
     modules, shared = dict(model.named_modules()), _shared_tensors(model)
-    return [
-        (a, b)
-        for a, b in _adjacent(model, _BatchNorm, _AFTER)
-        if _can_fold_into_next(modules[a], modules[b]) and not _owns_shared(modules[b], shared)
-    ]
+    pairs = [(modules[a], modules[b], (a, b)) for a, b in _adjacent(model, first_kinds, second_kinds)]
+    return [names for first, second, names in pairs if can_fold(first, second) and not _owns_shared((first, second)[layer_at], shared)]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
