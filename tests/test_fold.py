@@ -6,6 +6,8 @@ layer after it are both covered, including transposed, grouped and padded convol
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -125,7 +127,22 @@ def test_unfoldable_bns_are_left_alone():
     # model[3] -> a conv with zero padding: the padded zeros are not BN outputs
     assert foldable_pairs(model) == [] and foldable_into_next(model) == []
     before = [m for m in model.modules()]
-    assert bnlab.fold(model) is model and [m for m in model.modules()] == before
+    with pytest.warns(UserWarning, match=r"1 BatchNorm layer\(s\) in training mode left unfolded \(5\); call model.eval\(\)"):
+        assert bnlab.fold(model) is model
+    assert [m for m in model.modules()] == before
+
+
+def test_folding_a_model_in_training_mode_warns_and_changes_nothing():
+    model = nn.Sequential(*[m for i in range(7) for m in (nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))])
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match=r"7 BatchNorm layer\(s\) in training mode left unfolded \(1, 3, 5, 7, 9 and 2 more\)"):
+        bnlab.fold(model)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in eval mode: no warning
+        bnlab.fold(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
 def test_float32_model_stays_close_and_reused_layer_is_not_folded():

@@ -19,6 +19,7 @@ back to adjacency inside nn.Sequential containers.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
@@ -162,6 +163,25 @@ def _foldable(model: nn.Module, first_kinds: tuple, second_kinds: tuple, can_fol
     return [names for first, second, names in pairs if can_fold(first, second) and not _owns_shared((first, second)[layer_at], shared)]
 
 
+def _warn_training_layers(model: nn.Module) -> None:
+    """A UserWarning naming the BN layers with running statistics that are in training mode: fold
+    leaves them (they normalize with each batch's statistics), most likely because model.eval()
+    was not called."""
+    training = [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.training and getattr(m, "running_mean", None) is not None
+    ]
+    if training:
+        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        warnings.warn(
+            f"bnlab.fold: {len(training)} BatchNorm layer(s) in training mode left unfolded ({shown}); "
+            "call model.eval() first to fold them",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -177,9 +197,10 @@ def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
     padding) or Linear reads goes into that layer: its weight is scaled per input channel and
     its bias shifted. Each folded BN (torch.nn's, bnlab's, SyncBatchNorm) is replaced by
     nn.Identity; bnlab.BatchNormAct2d keeps its activation, and so folds only into the layer
-    before it. Grouped and depthwise convolutions are handled. Training-mode BN layers, BN
-    layers without running statistics, and layers whose weight or bias another module shares
-    (tied weights: folding would change the other module too) are left alone. A Linear pairs with a BN that is not a
+    before it. Grouped and depthwise convolutions are handled. Training-mode BN layers (with a
+    UserWarning naming them: ``model.eval()`` was most likely not called), BN layers without
+    running statistics, and layers whose weight or bias another module shares (tied weights:
+    folding would change the other module too) are left alone. A Linear pairs with a BN that is not a
     BatchNorm2d/3d when the feature counts match: the usual (N, features) activations are
     assumed, as torch.nn's BatchNorm1d after a Linear on (N, L, features) normalizes over L.
 
@@ -197,6 +218,7 @@ def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(into_next, bool):
         raise TypeError(f"into_next: expected a bool, got {type(into_next).__name__}")
+    _warn_training_layers(model)
     modules = dict(model.named_modules())
     for layer_name, bn_name in foldable_pairs(model):
         bn = modules[bn_name]
