@@ -54,10 +54,8 @@ def _materialized(layer: nn.Module) -> bool:
 
 def _shared_tensors(model: nn.Module) -> set[int]:
     """ids of the parameters that more than one place of the model holds (tied weights)."""
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {key for key, count in counts.items() if count > 1}
 
 
 def _owns_shared(layer: nn.Module, shared: set[int]) -> bool:
