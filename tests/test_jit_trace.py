@@ -20,7 +20,7 @@ from torch import nn
 
 import bnlab
 from bnlab.functional import batch_norm
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, assert_close, randomize_state_
 
 F32 = TOLERANCE[torch.float32]
 
@@ -35,11 +35,7 @@ def _prepared(model: nn.Module, training: bool) -> nn.Module:
     torch.manual_seed(0)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
+            randomize_state_(m)
     return model.train(training)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 import bnlab
 from bnlab import custom_ops
+from conftest import randomize_state_
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) needs it
@@ -32,12 +33,7 @@ def _prepared(model: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            if m.affine:
-                with torch.no_grad():
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.normal_()
+            randomize_state_(m)
     return model.eval()
 
 
