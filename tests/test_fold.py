@@ -159,8 +159,9 @@ def test_float32_model_stays_close_and_reused_layer_is_not_folded():
 
 
 def test_fold_rejects_a_non_module():
-    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
-        bnlab.fold(lambda x: x)
+    for call in (bnlab.fold, foldable_pairs, foldable_into_next):
+        with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got function"):
+            call(lambda x: x)
 
 
 @pytest.mark.parametrize("bn_lib", [nn, bnlab])

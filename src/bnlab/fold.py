@@ -135,6 +135,9 @@ def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
     Returns:
         Qualified module names, in execution order (torch.fx) or container order (fallback).
+
+    Raises:
+        TypeError: model is not a torch.nn.Module.
     """
     return _foldable(model, _BEFORE, _BatchNorm, _can_fold, layer_at=0)
 
@@ -149,6 +152,9 @@ def foldable_into_next(model: nn.Module) -> list[tuple[str, str]]:
 
     Returns:
         Qualified module names, in execution order (torch.fx) or container order (fallback).
+
+    Raises:
+        TypeError: model is not a torch.nn.Module.
     """
     return _foldable(model, _BatchNorm, _AFTER, _can_fold_into_next, layer_at=1)
 
@@ -156,9 +162,15 @@ def foldable_into_next(model: nn.Module) -> list[tuple[str, str]]:
 def _foldable(model: nn.Module, first_kinds: tuple, second_kinds: tuple, can_fold, layer_at: int) -> list[tuple[str, str]]:
     """The adjacent (first, second) pairs that can_fold(first, second) accepts, leaving out those
     whose conv/linear layer (pair[layer_at]) has a weight or bias tied to another module."""
+    _check_model(model)
     modules, shared = dict(model.named_modules()), _shared_tensors(model)
     pairs = [(modules[a], modules[b], (a, b)) for a, b in _adjacent(model, first_kinds, second_kinds)]
     return [names for first, second, names in pairs if can_fold(first, second) and not _owns_shared((first, second)[layer_at], shared)]
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
 
 def _warn_training_layers(model: nn.Module) -> None:
@@ -212,8 +224,7 @@ def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
     Raises:
         TypeError: model is not a torch.nn.Module, or into_next is not a bool.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     if not isinstance(into_next, bool):
         raise TypeError(f"into_next: expected a bool, got {type(into_next).__name__}")
     _warn_training_layers(model)
