@@ -12,6 +12,10 @@ float64 reference.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -22,7 +26,9 @@ from speed_helpers import TOL, np64, rel_err, to_layout
 
 pytestmark = pytest.mark.skipif(cpu_build.load() is None, reason="bnlab's CPU kernels did not build")
 
-SHAPES = [(1, 1, 17), (3, 5, 30), (2, 3, 49), (2, 7, 81), (1, 4, 196), (4, 2, 35), (2, 3, 1000)]
+# (rows of 130-289 values: runs on AVX-512 builds, rows one by one on AVX2 builds)
+SHAPES = [(1, 1, 17), (3, 5, 30), (2, 3, 49), (2, 7, 81), (1, 4, 196), (4, 2, 35), (2, 3, 1000), (5, 3, 196),
+          (3, 3, 130), (2, 7, 150), (3, 5, 289)]  # fmt: skip
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OFFSETS = (0, 1, 5, 15)  # values: every vector start of a 64-byte line is reached by one of them
 THREADS = (1, 2, 3)
@@ -89,20 +95,45 @@ def test_normalize_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_b
             assert torch.equal(y, expected), (nt, offset, rel_err(y, expected))
 
 
-@pytest.mark.parametrize("shape", [(16, 1024, 49), (8, 1024, 100)], ids=str)
-def test_normalize_of_rows_beyond_the_l2_is_the_channels_last_pass_to_the_bit(shape):
-    # 3.2 MB of float32, more than any core's L2: the run requests each vector's output line two
-    # rows ahead (ncl_normalize's `ahead`), which must change no value.
-    cpu, lib, x, _ = backend_and_inputs(shape, torch.float32, seed=4)
+BEYOND_L2 = [(16, 1024, 49), (8, 1024, 100), (4, 1024, 196)]  # 3.2, 3.3 and 3.2 MB of float32
+
+
+def check_normalize_beyond_the_l2(shape, dtype):
+    """Assert that the NCL normalize of a tensor larger than most cores' L2 equals the
+    channels-last pass to the bit, at every output offset and thread count."""
+    cpu, lib, x, _ = backend_and_inputs(shape, dtype, seed=4)
     mean, invstd, weight, bias, _, _ = statistics(shape[1])
     expected = cpu.normalize(to_layout(x, "cl"), mean, invstd, weight, bias)
     exact = (np64(x) - col(mean)) * col(invstd) * col(weight) + col(bias)
-    assert rel_err(expected, exact) <= TOL[torch.float32]
+    assert rel_err(expected, exact) <= TOL[dtype]
     for nt in THREADS:
         for offset in OFFSETS:
             out = placed(torch.zeros_like(x), offset)
             y = normalize_with(lib, placed(x, offset), out, mean, invstd, weight, bias, nt)
             assert torch.equal(y, expected), (nt, offset, rel_err(y, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", BEYOND_L2, ids=str)
+def test_normalize_of_rows_beyond_the_l2_is_the_channels_last_pass_to_the_bit(shape, dtype):
+    check_normalize_beyond_the_l2(shape, dtype)
+
+
+def test_normalize_with_output_lines_requested_ahead_is_the_channels_last_pass_to_the_bit():
+    # ncl_normalize requests each row's output lines two rows ahead (ncl_normalize's `ahead`)
+    # above BNLAB_WRITE_AHEAD_MIN_BYTES: by default only on Intel CPUs with AVX-512, so the bound
+    # is set to 0 here, in a fresh process (the kernels read it once), to take that code on any
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_backend_cpu_lines as t\n"
+        "for shape in t.BEYOND_L2:\n"
+        "    for dtype in (torch.float32, torch.bfloat16): t.check_normalize_beyond_the_l2(shape, dtype)\n"
+        "print('checked', len(t.BEYOND_L2) * 2)"
+    )
+    env = dict(os.environ, BNLAB_WRITE_AHEAD_MIN_BYTES="0")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", script, here], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["checked", "6"], out.stdout
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
