@@ -31,6 +31,33 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The vector extensions the CPU kernels' build (-march=native) chooses between. Recorded beside
+#: the model name because two machines named "AMD EPYC" differed in them: the ninth session's had
+#: AVX2 only, the sixteenth and seventeenth sessions' AVX-512 (docs/benchmarks.md, seventeenth session).
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_fp16")
+
+
+def cpu_identity(cpuinfo: str) -> dict:
+    """Vendor, family/model and kernel-relevant flags of the first processor listed in the text of
+    /proc/cpuinfo: {"cpu_id": "AuthenticAMD family 25 model 17", "cpu_flags": "avx2 fma ..."}
+    (KERNEL_FLAGS present, in that order). Fields the text lacks are left out ({} for "")."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block ends
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    out = {}
+    if {"vendor_id", "cpu family", "model"} <= fields.keys():
+        out["cpu_id"] = f"{fields['vendor_id']} family {fields['cpu family']} model {fields['model']}"
+    if "flags" in fields:
+        present = set(fields["flags"].split())
+        out["cpu_flags"] = " ".join(f for f in KERNEL_FLAGS if f in present)
+    return out
+
+
 def environment(device: str) -> dict:
     """A JSON-able description of the machine and the settings that change timings."""
     import bnlab
@@ -44,6 +71,7 @@ def environment(device: str) -> dict:
         "bnlab": bnlab.__version__,
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        **cpu_identity(_read("/proc/cpuinfo") or ""),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # glibc: allocations above M_MMAP_THRESHOLD (dynamic, at most 32 MiB) are fresh mmaps, whose
