@@ -53,3 +53,52 @@ def test_streamed_outputs_match_torch(shape):
     out = subprocess.run([sys.executable, "-c", SCRIPT, shape], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) <= 2e-4
+
+
+# Channels-last and (N, C) inputs: float32 rows of a multiple of 16 channels are written around the
+# caches from the same bound (cpu_kernels_nlc.inc's nlc_streams) in the eval pass, the training
+# forward, the training backward's input gradient and the eval-mode (frozen) backward. The same
+# arithmetic as the ordinary stores, so the same bits: digests of every output and gradient under
+# BNLAB_STREAM_MIN_BYTES=0 must equal those at the default bound, where these small tensors do not
+# stream. 40 channels (not a multiple of 16) never stream, and must agree as well.
+NLC_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, sys, torch, bnlab
+    torch.set_num_threads(2)
+    digest = hashlib.sha256()
+    for shape, cl in (((4, 32, 6, 7), True), ((3, 64, 5, 5), True), ((300, 48), False), ((2, 40, 9, 9), True),
+                      ((64, 64, 10, 10), True)):  # 1.6 MB: beyond the L2, eval's pass is nlc_normalize's
+        gen = torch.Generator().manual_seed(sum(shape))
+        x = torch.randn(shape, generator=gen) * 3 + 1
+        dy = torch.randn(shape, generator=gen)
+        if cl:
+            x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+        layer = (bnlab.BatchNorm2d if len(shape) == 4 else bnlab.BatchNorm1d)(shape[1])
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5, generator=gen); layer.bias.normal_(generator=gen)
+        for mode in ("train", "eval"):
+            layer.train(mode == "train")
+            xg = x.clone().requires_grad_()
+            y = layer(xg)
+            y.backward(dy)
+            for t in (y, xg.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var):
+                digest.update(t.detach().contiguous().numpy().tobytes())
+            layer.weight.grad = layer.bias.grad = None
+        with torch.no_grad():
+            digest.update(layer(x).contiguous().numpy().tobytes())
+    print(digest.hexdigest())
+    """
+)
+
+
+def test_streamed_channels_last_outputs_are_the_ordinary_stores_bits():
+    def digest(bound: str | None) -> str:
+        env = dict(os.environ, OMP_NUM_THREADS="2")
+        env.pop("BNLAB_STREAM_MIN_BYTES", None)
+        if bound is not None:
+            env["BNLAB_STREAM_MIN_BYTES"] = bound
+        out = subprocess.run([sys.executable, "-c", NLC_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert digest("0") == digest(None)
