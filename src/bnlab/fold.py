@@ -164,8 +164,12 @@ def _foldable(model: nn.Module, first_kinds: tuple, second_kinds: tuple, can_fol
     whose conv/linear layer (pair[layer_at]) has a weight or bias tied to another module."""
     _check_model(model)
     modules, shared = dict(model.named_modules()), _shared_tensors(model)
-    pairs = [(modules[a], modules[b], (a, b)) for a, b in _adjacent(model, first_kinds, second_kinds)]
-    return [names for first, second, names in pairs if can_fold(first, second) and not _owns_shared((first, second)[layer_at], shared)]
+    pairs = []
+    for names in _adjacent(model, first_kinds, second_kinds):
+        first, second = modules[names[0]], modules[names[1]]
+        if can_fold(first, second) and not _owns_shared((first, second)[layer_at], shared):
+            pairs.append(names)
+    return pairs
 
 
 def _check_model(model: object) -> None:
