@@ -80,10 +80,11 @@ def grad_input_with(lib, dy, x, out, mean, invstd, weight, sum_dy, sum_dy_xhat, 
     return out
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_normalize_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_bit(shape, dtype):
-    cpu, lib, x, _ = backend_and_inputs(shape, dtype, seed=1)
+def check_normalize_against_the_channels_last_pass(shape, dtype, seed: int):
+    """Assert that the NCL normalize of a random (N, C, L) input equals the channels-last pass to
+    the bit, at every output offset (the input at another) on 1-3 threads, and that pass is within
+    the dtype's tolerance of the float64 reference."""
+    cpu, lib, x, _ = backend_and_inputs(shape, dtype, seed)
     mean, invstd, weight, bias, _, _ = statistics(shape[1])
     expected = cpu.normalize(to_layout(x, "cl"), mean, invstd, weight, bias)
     exact = (np64(x) - col(mean)) * col(invstd) * col(weight) + col(bias)
@@ -93,6 +94,29 @@ def test_normalize_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_b
             xs = placed(x, (offset * 7) % 16)
             y = normalize_with(lib, xs, placed(torch.zeros_like(x), offset), mean, invstd, weight, bias, nt)
             assert torch.equal(y, expected), (nt, offset, rel_err(y, expected))
+
+
+def check_grad_input_against_the_channels_last_pass(shape, dtype, seed: int):
+    """The same for the input gradient from given sums (dy, x and dx at three offsets)."""
+    cpu, lib, x, dy = backend_and_inputs(shape, dtype, seed)
+    mean, invstd, weight, _, sum_dy, sum_dy_xhat = statistics(shape[1])
+    count = x.numel() // shape[1]
+    expected = cpu.grad_input(to_layout(dy, "cl"), to_layout(x, "cl"), mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+    xhat = (np64(x) - col(mean)) * col(invstd)
+    exact = col(weight) * col(invstd) * (np64(dy) - col(sum_dy) / count - xhat * col(sum_dy_xhat) / count)
+    assert rel_err(expected, exact) <= TOL[dtype]
+    for nt in THREADS:
+        for offset in OFFSETS:
+            dx = placed(torch.zeros_like(x), offset)
+            got = grad_input_with(lib, placed(dy, (offset * 3) % 16), placed(x, (offset * 7) % 16), dx, mean, invstd,
+                                  weight, sum_dy, sum_dy_xhat, count, nt)  # fmt: skip
+            assert torch.equal(got, expected), (nt, offset, rel_err(got, expected))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_normalize_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_bit(shape, dtype):
+    check_normalize_against_the_channels_last_pass(shape, dtype, seed=1)
 
 
 BEYOND_L2 = [(16, 1024, 49), (8, 1024, 100), (4, 1024, 196)]  # 3.2, 3.3 and 3.2 MB of float32
@@ -139,19 +163,7 @@ def test_normalize_with_output_lines_requested_ahead_is_the_channels_last_pass_t
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_input_gradient_of_rows_across_vector_ends_is_the_channels_last_pass_to_the_bit(shape, dtype):
-    cpu, lib, x, dy = backend_and_inputs(shape, dtype, seed=2)
-    mean, invstd, weight, _, sum_dy, sum_dy_xhat = statistics(shape[1])
-    count = x.numel() // shape[1]
-    expected = cpu.grad_input(to_layout(dy, "cl"), to_layout(x, "cl"), mean, invstd, weight, sum_dy, sum_dy_xhat, count)
-    xhat = (np64(x) - col(mean)) * col(invstd)
-    exact = col(weight) * col(invstd) * (np64(dy) - col(sum_dy) / count - xhat * col(sum_dy_xhat) / count)
-    assert rel_err(expected, exact) <= TOL[dtype]
-    for nt in THREADS:
-        for offset in OFFSETS:
-            dx = placed(torch.zeros_like(x), offset)
-            got = grad_input_with(lib, placed(dy, (offset * 3) % 16), placed(x, (offset * 7) % 16), dx, mean, invstd,
-                                  weight, sum_dy, sum_dy_xhat, count, nt)  # fmt: skip
-            assert torch.equal(got, expected), (nt, offset, rel_err(got, expected))
+    check_grad_input_against_the_channels_last_pass(shape, dtype, seed=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
