@@ -2,8 +2,10 @@
 
 Claim checked: no performance cliff outside bench_bn.py's six shapes. bench_bn.py measures the
 issue's shapes; this sweep walks the others a user meets (3 channels of a channels-last image,
-a handful of tabular features, rows of 10 or 49 values, 3-d volumes, a batch of 2) in float32,
-bf16, float16 and float64, training forward and eval, and prints every case sorted by bnlab's
+a handful of tabular features, rows of 10, 49 or 169 values, 3-d volumes, a batch of 2) in
+float32, bf16, float16 and float64, training forward, training forward and backward (the input's
+and the parameters' gradients, as a training step asks for them) and eval, and prints every case
+sorted by bnlab's
 speed relative to torch.nn (the first lines are the slowest), then how many fall below --worst.
 Each case runs both modules alternately, --samples times each, every sample the median of
 --reps calls; the table shows the medians. (It found float16 at 0.02-0.3x torch.nn's speed and
@@ -25,7 +27,9 @@ import bnlab
 SHAPES = (
     (64, 3, 32, 32), (8, 3, 112, 112), (32, 40, 28, 28), (16, 100, 10), (4096, 7), (1024, 300),
     (8, 32, 8, 16, 16), (2, 2048, 7, 7), (512, 64, 1), (64, 96, 1), (4096, 13), (256, 24, 5),
+    (32, 256, 13, 13),
 )  # fmt: skip
+MODES = ("train", "backward", "eval")  # backward: the training forward and its backward
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 
@@ -49,10 +53,16 @@ def compare(shape, dtype: torch.dtype, channels_last: bool, mode: str, samples: 
     if dtype == torch.float64:  # torch takes float32 parameters with 16-bit inputs only
         layers = [layer.double() for layer in layers]
     for layer in layers:
-        layer.train(mode == "train")
-    calls = [(lambda layer=layer: layer(x)) for layer in layers]
+        layer.train(mode != "eval")
+    if mode == "backward":
+        xg = x.detach().requires_grad_()
+        dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        dy = dy.contiguous(memory_format=torch.channels_last) if channels_last else dy
+        calls = [(lambda m=layer: torch.autograd.grad(m(xg), [xg, *m.parameters()], dy)) for layer in layers]
+    else:
+        calls = [(lambda layer=layer: layer(x)) for layer in layers]
     found: list[list[float]] = [[], []]
-    with torch.no_grad():
+    with torch.set_grad_enabled(mode == "backward"):
         for fn in calls:
             fn()
         for i in range(samples):
@@ -76,7 +86,7 @@ def main(argv=None) -> None:
     for shape in SHAPES:
         for dname, dtype in DTYPES.items():
             for channels_last in (False, True) if len(shape) == 4 else (False,):
-                for mode in ("train", "eval"):
+                for mode in MODES:
                     ours, theirs = compare(shape, dtype, channels_last, mode, args.samples, args.reps)
                     layout = "channels_last" if channels_last else "contiguous"
                     rows.append((theirs / ours, shape, dname, layout, mode, ours, theirs))
@@ -84,7 +94,7 @@ def main(argv=None) -> None:
     print(f"# shape_sweep.py --threads {args.threads} --samples {args.samples} --reps {args.reps}; torch {torch.__version__}")
     print("# speed vs torch.nn (>1: bnlab faster), shape, dtype, layout, mode, bnlab us, torch.nn us")
     for ratio, shape, dname, layout, mode, ours, theirs in rows:
-        print(f"{ratio:6.2f}  {str(shape):20s} {dname:5s} {layout:14s} {mode:5s} {ours:9.1f} {theirs:9.1f}")
+        print(f"{ratio:6.2f}  {str(shape):20s} {dname:5s} {layout:14s} {mode:8s} {ours:9.1f} {theirs:9.1f}")
     below = [r for r in rows if r[0] < args.worst]
     print(f"{len(below)} of {len(rows)} cases below {args.worst}x torch.nn")
 
