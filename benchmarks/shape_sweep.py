@@ -23,6 +23,7 @@ import time
 import torch
 
 import bnlab
+from bench_cases import make_input
 
 SHAPES = (
     (64, 3, 32, 32), (8, 3, 112, 112), (32, 40, 28, 28), (16, 100, 10), (4096, 7), (1024, 300),
@@ -45,9 +46,8 @@ def median_call_us(fn, reps: int) -> float:
 
 def compare(shape, dtype: torch.dtype, channels_last: bool, mode: str, samples: int, reps: int):
     """(bnlab us, torch.nn us) for one case, medians of alternating samples."""
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    layout = "cl" if channels_last else "nchw"
+    x = make_input(shape, layout, dtype, "cpu")
     name = MODULES[len(shape)]
     layers = [getattr(bnlab, name)(shape[1]), getattr(torch.nn, name)(shape[1])]
     if dtype == torch.float64:  # torch takes float32 parameters with 16-bit inputs only
@@ -56,8 +56,7 @@ def compare(shape, dtype: torch.dtype, channels_last: bool, mode: str, samples: 
         layer.train(mode != "eval")
     if mode == "backward":
         xg = x.detach().requires_grad_()
-        dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-        dy = dy.contiguous(memory_format=torch.channels_last) if channels_last else dy
+        dy = make_input(shape, layout, dtype, "cpu", seed=1)
         calls = [(lambda m=layer: torch.autograd.grad(m(xg), [xg, *m.parameters()], dy)) for layer in layers]
     else:
         calls = [(lambda layer=layer: layer(x)) for layer in layers]
