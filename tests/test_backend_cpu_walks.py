@@ -117,3 +117,20 @@ def test_every_walk_matches_the_float64_reference(layout):
         # too, so their backward does as well.
         assert len({digest for _, digest, _ in results.values()}) == 1, results
         assert results["groups"][2] == results["channels"][2], results
+
+
+# The elementwise pass after a reduction walks each thread's share back from the part the
+# reduction read last (NLC rows in 64 KiB blocks, row_blocks_last_first; the per-channel walk's
+# channels and chunks, ncl_normalize_channels and ncl_grad_input_channels) where the share
+# exceeds BNLAB_LAST_FIRST_MIN_BYTES: by default the L2 on Intel CPUs with AVX-512, never
+# elsewhere, and the suite's tensors are smaller than any L2. At 0 every share walks back. An
+# elementwise pass computes each value alone, so its order must not change a bit: both runs must
+# print the same digests. The NLC shapes (4100, 10) and (600, 72) give each thread two blocks; the
+# NCL flat setting sends (5, 8, 50, 50), rows of 2500 values, through the per-channel walk's two
+# passes.
+@pytest.mark.parametrize("layout,walk", [("nlc", "rows"), ("nlc", "groups"), ("ncl", "flat")])
+def test_second_passes_walked_back_give_the_same_bits(layout, walk):
+    in_order = run_walk(layout, {**WALKS[layout][walk], "BNLAB_LAST_FIRST_MIN_BYTES": 1 << 40})
+    walked_back = run_walk(layout, {**WALKS[layout][walk], "BNLAB_LAST_FIRST_MIN_BYTES": 0})
+    assert in_order[0] <= 2e-4, in_order
+    assert walked_back == in_order

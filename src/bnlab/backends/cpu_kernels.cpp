@@ -391,9 +391,10 @@ static inline int64_t split_at(int64_t total, int t, int T) { return total * t /
 
 // The items [first, last) of count that the calling thread of an OpenMP team takes: a static
 // share, so that a reduction and the elementwise pass after it give the same thread the same
-// data (the flat walk's blocks, the per-channel walk's channels). Its second pass then walks its
-// share from the last item read to the first, which are still in its L2. (Such sums do not
-// depend on the share: each item's sum is kept apart and folded in item order.)
+// data (the flat walk's blocks, the per-channel walk's channels). Its second pass can then walk its
+// share from the last item read to the first, which are still in its L2 (the flat walk always;
+// the per-channel walk where last_first_min_bytes says). (Such sums do not depend on the share:
+// each item's sum is kept apart and folded in item order.)
 struct BlockRange {
   int64_t first, last;
 };
