@@ -17,7 +17,7 @@ Cases are mode:shape:layout:dtype[:threads], mode one of fwd, stats (forward wit
 bwd, eval (the elementwise pass from given statistics, bn_normalize, with mean 0 and invstd 1),
 running (eval from running buffers of random values, bn_eval: the per-channel square roots and
 divisions too, whose time depends on the values), dx (the input gradient from given statistics
-and sums, bn_grad_input); layout nchw or cl; dtype fp32, bf16 or fp16; threads 2 unless given.
+and sums, bn_grad_input); layout nchw or cl; dtype fp32, bf16, fp16 or fp64; threads 2 unless given.
 
 With --cold, every timed call follows a write of 256 MB elsewhere, so the call finds its tensors
 in memory rather than in cache (as a layer's backward finds the tensors its forward touched,
@@ -38,7 +38,7 @@ from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
 
 MODES = ("fwd", "stats", "bwd", "eval", "running", "dx")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 DEFAULT_CASES = (
     "bwd:64,256,14,14:nchw:fp32",
     "bwd:128,16,32,32:nchw:fp32",
