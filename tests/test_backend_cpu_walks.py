@@ -125,9 +125,9 @@ def test_every_walk_matches_the_float64_reference(layout):
 # exceeds BNLAB_LAST_FIRST_MIN_BYTES: by default the L2 on Intel CPUs with AVX-512, never
 # elsewhere, and the suite's tensors are smaller than any L2. At 0 every share walks back. An
 # elementwise pass computes each value alone, so its order must not change a bit: both runs must
-# print the same digests. The NLC shapes (4100, 10) and (600, 72) give each thread two blocks; the
-# NCL flat setting sends (5, 8, 50, 50), rows of 2500 values, through the per-channel walk's two
-# passes.
+# print the same digests. The NLC shapes (4100, 10) and (600, 72) give each thread two blocks in
+# float32 (bf16 rows make one block of (4100, 10) per thread); the NCL flat setting sends
+# (5, 8, 50, 50), rows of 2500 values, through the per-channel walk's two passes.
 @pytest.mark.parametrize("layout,walk", [("nlc", "rows"), ("nlc", "groups"), ("ncl", "flat")])
 def test_second_passes_walked_back_give_the_same_bits(layout, walk):
     in_order = run_walk(layout, {**WALKS[layout][walk], "BNLAB_LAST_FIRST_MIN_BYTES": 1 << 40})

@@ -1,0 +1,57 @@
+"""benchmarks/forward_parts.py and the kernel calls it times (kernel_ab.kernel_calls): each call
+computes what its name says, and the script prints its table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import forward_parts  # noqa: E402
+import kernel_ab  # noqa: E402
+from bnlab.backends import cpu_build  # noqa: E402
+
+LIB = cpu_build.load()
+pytestmark = pytest.mark.skipif(
+    LIB is None or not hasattr(LIB, "bn_empty"), reason="the CPU kernels' extension module did not build"
+)
+
+
+def _call_and_tensors(mode: str, layout: str):
+    """A kernel call of kernel_ab.kernel_calls and the tensors it works on: (x, dy, out, stats)."""
+    (call,) = kernel_ab.kernel_calls((LIB,), mode, (4, 8, 5, 5), layout, torch.float32, 2)
+    return call, call.__defaults__[1]  # the lambda keeps its library and tensors as defaults
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_the_timed_calls_compute_the_forward_its_statistics_and_a_normalize(layout):
+    fwd, (x, _, out, stats) = _call_and_tensors("fwd", layout)
+    fwd()
+    expected = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(out, expected, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(stats[0], x.double().mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-9)
+
+    stats_only, (x, _, out, stats) = _call_and_tensors("stats", layout)
+    out.fill_(7.0)
+    stats_only()
+    torch.testing.assert_close(stats[0], x.double().mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-9)
+    assert torch.all(out == 7.0)  # no output written
+
+    normalize, (x, _, out, _) = _call_and_tensors("eval", layout)
+    normalize()  # mean 0, invstd 1, no weight or bias: y = x
+    assert torch.equal(out, x)
+
+
+def test_the_script_prints_each_part_and_their_ratio(capsys):
+    forward_parts.main(["--shape", "4,8,5,5", "--threads", "1", "--rounds", "2", "--reps", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# forward_parts.py --shape 4,8,5,5 --layout nchw --threads 1")
+    names = [line[:20].strip() for line in lines[1:]]
+    assert names == ["training forward", "statistics alone", "normalize alone", "copy_", "the two alone, added"]
+    assert all(float(line[20:].split()[0]) > 0 for line in lines[1:])
+    assert "forward / (the two added)" in lines[-1]
