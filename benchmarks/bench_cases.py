@@ -74,11 +74,12 @@ def make_input(shape, layout: str, dtype: torch.dtype, device: str, seed: int = 
     return x
 
 
-def _layers(lib, rank: int, channels: int, device: str, fused: str | None):
-    if fused is not None:
-        return bnlab.BatchNormAct2d(channels, activation="relu").to(device)
-    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[rank]
-    return getattr(lib, name)(channels).to(device)
+BN_BY_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+
+def bn_layer(lib, rank: int, channels: int, device: str = "cpu") -> nn.Module:
+    """The BatchNorm1d/2d/3d of ``lib`` (bnlab or torch.nn) that takes inputs of ``rank`` dims."""
+    return getattr(lib, BN_BY_RANK[rank])(channels).to(device)
 
 
 class _TorchSequence(nn.Module):
@@ -121,7 +122,7 @@ def contenders(shape, layout: str, dtype: torch.dtype, mode: str, device: str, c
                 return bnlab.BatchNormAct2d(channels, activation="relu", residual=(fused == "addrelu")).to(device)
             return _TorchSequence(channels, residual=(fused == "addrelu")).to(device)
         lib = bnlab if lib_name == "bnlab" else nn
-        layer = _layers(lib, x.dim(), channels, device, None)
+        layer = bn_layer(lib, x.dim(), channels, device)
         # float32 parameters serve 16-bit inputs (mixed precision); torch's kernels refuse them
         # with float64 inputs, so float64 cases run float64 layers
         return layer.double() if dtype == torch.float64 else layer

@@ -23,7 +23,7 @@ import time
 import torch
 
 import bnlab
-from bench_cases import make_input
+from bench_cases import bn_layer, make_input
 
 SHAPES = (
     (64, 3, 32, 32), (8, 3, 112, 112), (32, 40, 28, 28), (16, 100, 10), (4096, 7), (1024, 300),
@@ -32,9 +32,6 @@ SHAPES = (
 )  # fmt: skip
 MODES = ("train", "backward", "eval")  # backward: the training forward and its backward
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
-
-
 def median_call_us(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -48,8 +45,7 @@ def compare(shape, dtype: torch.dtype, channels_last: bool, mode: str, samples: 
     """(bnlab us, torch.nn us) for one case, medians of alternating samples."""
     layout = "cl" if channels_last else "nchw"
     x = make_input(shape, layout, dtype, "cpu")
-    name = MODULES[len(shape)]
-    layers = [getattr(bnlab, name)(shape[1]), getattr(torch.nn, name)(shape[1])]
+    layers = [bn_layer(bnlab, len(shape), shape[1]), bn_layer(torch.nn, len(shape), shape[1])]
     if dtype == torch.float64:  # torch takes float32 parameters with 16-bit inputs only
         layers = [layer.double() for layer in layers]
     for layer in layers:

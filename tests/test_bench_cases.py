@@ -22,14 +22,14 @@ def test_bnlab_and_torch_contenders_compute_the_same_thing(mode, shape, layout, 
     """bnlab's and torch.nn's callables agree (outputs, or the gradients of input, weight and bias),
     with their layers in the mode's training flag: frozen_fwdbwd trains through eval-mode layers."""
     modes_seen = []
-    real = bench_cases._layers
+    real = bench_cases.bn_layer
 
     def recording(*args):
         layer = real(*args)
         modes_seen.append(layer)
         return layer
 
-    monkeypatch.setattr(bench_cases, "_layers", recording)
+    monkeypatch.setattr(bench_cases, "bn_layer", recording)
     fns = bench_cases.contenders(shape, layout, torch.float32, mode, "cpu", compile_torch=False)
     assert set(fns) == {"bnlab", "torch", "copy", "copy_"}
     assert [layer.training for layer in modes_seen] == [mode in ("fwd", "fwdbwd")] * 2
