@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench_cases import positive_int, shape_parser
+from bench_cases import make_input, positive_int, shape_parser
 from bnlab.backends import cpu_build
 from kernel_ab import kernel_calls
 
@@ -38,9 +38,7 @@ def main(argv=None) -> None:
         name: kernel_calls((lib,), mode, args.shape, args.layout, torch.float32, args.threads)[0]
         for name, mode in (("training forward", "fwd"), ("statistics alone", "stats"), ("normalize alone", "eval"))
     }
-    src = torch.randn(args.shape)
-    if args.layout == "cl":
-        src = src.contiguous(memory_format=torch.channels_last)
+    src = make_input(args.shape, args.layout, torch.float32, "cpu")
     dst = torch.empty_like(src)
     calls["copy_"] = lambda: dst.copy_(src)
     times: dict[str, list[float]] = {name: [] for name in calls}
