@@ -17,7 +17,8 @@ Cases are mode:shape:layout:dtype[:threads], mode one of fwd, stats (forward wit
 bwd, eval (the elementwise pass from given statistics, bn_normalize, with mean 0 and invstd 1),
 running (eval from running buffers of random values, bn_eval: the per-channel square roots and
 divisions too, whose time depends on the values), dx (the input gradient from given statistics
-and sums, bn_grad_input); layout nchw or cl; dtype fp32, bf16, fp16 or fp64; threads 2 unless given.
+and sums, bn_grad_input), frozen (the eval-mode backward, bn_eval_backward: dx, dweight and
+dbias from fixed statistics); layout nchw or cl; dtype fp32, bf16, fp16 or fp64; threads 2 unless given.
 
 With --cold, every timed call follows a write of 256 MB elsewhere, so the call finds its tensors
 in memory rather than in cache (as a layer's backward finds the tensors its forward touched,
@@ -37,7 +38,7 @@ import torch
 from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
 
-MODES = ("fwd", "stats", "bwd", "eval", "running", "dx")
+MODES = ("fwd", "stats", "bwd", "eval", "running", "dx", "frozen")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 DEFAULT_CASES = (
     "bwd:64,256,14,14:nchw:fp32",
@@ -106,6 +107,13 @@ def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: in
         args = (dy.data_ptr(), x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0,
                 sums.data_ptr(), sums.data_ptr() + 8 * c, float(n * length), nt)  # fmt: skip
         name = "bn_grad_input"
+    elif mode == "frozen":
+        params = torch.rand(3, c, generator=gen) + 0.5  # weight; dweight and dbias written
+        keep += (params,)
+        f32, p = _CODE[torch.float32], params.data_ptr()
+        args = (dy.data_ptr(), x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, p, f32,
+                p + 4 * c, f32, p + 8 * c, f32, nt, WAVE_PER_THREAD * nt)  # fmt: skip
+        name = "bn_eval_backward"
     elif mode == "running":
         running = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5  # mean, var
         affine = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)  # weight, bias
