@@ -1,4 +1,4 @@
-"""Outputs written around the caches (non-temporal stores, cpu_kernels_ncl.inc's st_lanes_stream).
+"""Outputs written around the caches (non-temporal stores: st_lanes_stream, st16_stream).
 
 The kernels stream float32 outputs of at least half the last-level cache (counted up to 32 MiB)
 whose rows are whole 64-byte lines; BNLAB_STREAM_MIN_BYTES=0 makes every such output stream, so
@@ -61,43 +61,57 @@ def test_streamed_outputs_match_torch(shape):
 # arithmetic as the ordinary stores, so the same bits: digests of every output and gradient under
 # BNLAB_STREAM_MIN_BYTES=0 must equal those at the default bound, where these small tensors do not
 # stream. 40 channels (not a multiple of 16) never stream, and must agree as well.
-NLC_SCRIPT = textwrap.dedent(
+# NCL inputs of 16-bit values (AVX-512 builds, st16_stream) stream in the training forward, the
+# backward's input gradient and the frozen backward, from two thirds of the bound, where rows are
+# whole lines (multiples of 32 values): per channel (rows of 1280), in waves (3 channels), in
+# channel groups (rows of 256); 37x41 maps never stream. Streaming also takes them off the flat
+# walk, which sums in the same order: the same bits again.
+DIGEST_SCRIPT = textwrap.dedent(
     """
     import hashlib, sys, torch, bnlab
     torch.set_num_threads(2)
     digest = hashlib.sha256()
-    for shape, cl in (((4, 32, 6, 7), True), ((3, 64, 5, 5), True), ((300, 48), False), ((2, 40, 9, 9), True),
-                      ((64, 64, 10, 10), True)):  # 1.6 MB: beyond the L2, eval's pass is nlc_normalize's
-        gen = torch.Generator().manual_seed(sum(shape))
-        x = torch.randn(shape, generator=gen) * 3 + 1
-        dy = torch.randn(shape, generator=gen)
-        if cl:
-            x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
-        layer = (bnlab.BatchNorm2d if len(shape) == 4 else bnlab.BatchNorm1d)(shape[1])
-        with torch.no_grad():
-            layer.weight.uniform_(0.5, 1.5, generator=gen); layer.bias.normal_(generator=gen)
-        for mode in ("train", "eval"):
-            layer.train(mode == "train")
-            xg = x.clone().requires_grad_()
-            y = layer(xg)
-            y.backward(dy)
-            for t in (y, xg.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var):
-                digest.update(t.detach().contiguous().numpy().tobytes())
-            layer.weight.grad = layer.bias.grad = None
-        with torch.no_grad():
-            digest.update(layer(x).contiguous().numpy().tobytes())
+    cases = {
+        "nlc": [((4, 32, 6, 7), True), ((3, 64, 5, 5), True), ((300, 48), False), ((2, 40, 9, 9), True),
+                ((64, 64, 10, 10), True)],  # 1.6 MB: beyond the L2, eval's pass is nlc_normalize's
+        "ncl16": [((4, 16, 32, 40), False), ((8, 3, 40, 40), False), ((2, 64, 16, 16), False), ((3, 5, 37, 41), False)],
+    }[sys.argv[1]]
+    dtypes = [torch.float32] if sys.argv[1] == "nlc" else [torch.bfloat16, torch.float16]
+    for dtype in dtypes:
+        for shape, cl in cases:
+            gen = torch.Generator().manual_seed(sum(shape))
+            x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
+            dy = torch.randn(shape, generator=gen).to(dtype)
+            if cl:
+                x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+            layer = (bnlab.BatchNorm2d if len(shape) == 4 else bnlab.BatchNorm1d)(shape[1])
+            with torch.no_grad():
+                layer.weight.uniform_(0.5, 1.5, generator=gen); layer.bias.normal_(generator=gen)
+            for mode in ("train", "eval"):
+                layer.train(mode == "train")
+                xg = x.clone().requires_grad_()
+                y = layer(xg)
+                y.backward(dy)
+                for t in (y, xg.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var):
+                    digest.update(t.detach().float().contiguous().numpy().tobytes())
+                layer.weight.grad = layer.bias.grad = None
+            with torch.no_grad():
+                digest.update(layer(x).float().contiguous().numpy().tobytes())
     print(digest.hexdigest())
     """
 )
 
 
-def test_streamed_channels_last_outputs_are_the_ordinary_stores_bits():
+@pytest.mark.parametrize("inputs", ["nlc", "ncl16"])
+def test_streamed_outputs_are_the_ordinary_stores_bits(inputs):
     def digest(bound: str | None) -> str:
         env = dict(os.environ, OMP_NUM_THREADS="2")
         env.pop("BNLAB_STREAM_MIN_BYTES", None)
         if bound is not None:
             env["BNLAB_STREAM_MIN_BYTES"] = bound
-        out = subprocess.run([sys.executable, "-c", NLC_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", DIGEST_SCRIPT, inputs], env=env, capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
