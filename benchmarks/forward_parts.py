@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"bnlab's CPU kernels did not build as a module: {cpu_build.load_error()}")
     torch.set_num_threads(args.threads)
     calls = {
-        name: kernel_calls((lib,), mode, args.shape, args.layout, torch.float32, args.threads)[0]
+        name: kernel_calls((lib,), mode, args.shape, args.layout, torch.float32, args.threads).calls[0]
         for name, mode in (("training forward", "fwd"), ("statistics alone", "stats"), ("normalize alone", "eval"))
     }
     src = make_input(args.shape, args.layout, torch.float32, "cpu")

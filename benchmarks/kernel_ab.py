@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -77,7 +78,15 @@ def parse_case(spec: str) -> tuple[str, tuple[int, ...], str, torch.dtype, int]:
     return mode, shape, layout, DTYPES[dtype], threads
 
 
-def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: int):
+class KernelCalls(NamedTuple):
+    """kernel_calls' result: the calls, one per library, and the tensors they read and write,
+    (x, dy, out, stats) and the mode's extra inputs (each call keeps them alive too)."""
+
+    calls: list
+    tensors: tuple
+
+
+def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: int) -> KernelCalls:
     """Zero-argument callables, one per library of `libs`, each running the case's kernel of its
     library on the same tensors, so that the builds differ in their code only, not in where their
     data lies. (Timed against an identical copy of itself, a build came out 0.80-1.16 until the
@@ -126,7 +135,7 @@ def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: in
     else:
         args = (x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0, 0, 0, nt)
         name = "bn_normalize"
-    return [lambda fn=getattr(lib, name), keep=keep: fn(*args) for lib in libs]
+    return KernelCalls([lambda fn=getattr(lib, name), keep=keep: fn(*args) for lib in libs], keep)
 
 
 def median_us(fn, reps: int) -> float:
@@ -149,7 +158,7 @@ def cold_us(fn, evict: torch.Tensor) -> float:
 
 def compare(old, new, spec: str, samples: int, evict: torch.Tensor | None = None) -> str:
     mode, shape, layout, dtype, nt = parse_case(spec)
-    f_old, f_new = kernel_calls((old, new), mode, shape, layout, dtype, nt)
+    f_old, f_new = kernel_calls((old, new), mode, shape, layout, dtype, nt).calls
     f_old(), f_new()
     once = median_us(f_new, 3)
     reps = max(3, int(10_000 / max(once, 1.0)))

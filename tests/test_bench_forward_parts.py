@@ -1,5 +1,5 @@
-"""benchmarks/forward_parts.py and the kernel calls it times (kernel_ab.kernel_calls): each call
-computes what its name says, and the script prints its table."""
+"""benchmarks/forward_parts.py and the kernel calls it and kernel_ab.py time (kernel_ab.kernel_calls):
+each call computes what its name says, and the script prints its table."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def _call_and_tensors(mode: str, layout: str):
-    """A kernel call of kernel_ab.kernel_calls and the tensors it works on: (x, dy, out, stats)."""
-    (call,) = kernel_ab.kernel_calls((LIB,), mode, (4, 8, 5, 5), layout, torch.float32, 2)
-    return call, call.__defaults__[1]  # the lambda keeps its library and tensors as defaults
+    """A kernel call of kernel_ab.kernel_calls and the tensors it works on: (x, dy, out, stats, ...)."""
+    (call,), tensors = kernel_ab.kernel_calls((LIB,), mode, (4, 8, 5, 5), layout, torch.float32, 2)
+    return call, tensors
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
@@ -45,6 +45,18 @@ def test_the_timed_calls_compute_the_forward_its_statistics_and_a_normalize(layo
     normalize, (x, _, out, _) = _call_and_tensors("eval", layout)
     normalize()  # mean 0, invstd 1, no weight or bias: y = x
     assert torch.equal(out, x)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_the_frozen_call_computes_the_eval_mode_backward(layout):
+    frozen, (x, dy, out, _, params) = _call_and_tensors("frozen", layout)
+    weight = params[0].clone()
+    params[1:].fill_(7.0)
+    frozen()  # mean 0, invstd 1: dx = dy·weight, dweight = Σdy·x, dbias = Σdy
+    torch.testing.assert_close(out, dy * weight.view(1, -1, 1, 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(params[1], (dy.double() * x.double()).sum(dim=(0, 2, 3)).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(params[2], dy.double().sum(dim=(0, 2, 3)).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(params[0], weight)  # the weight is read, not written
 
 
 def test_the_script_prints_each_part_and_their_ratio(capsys):
