@@ -2,8 +2,9 @@
 
 dx = dy·(weight·invstd) does not depend on the parameter sums in eval mode, so where the sums walk
 by channel (NCL inputs that take neither channel groups nor flat blocks: rows of 2048 values or
-more, and the large inputs) over rows of 4 KiB or more, or walk rows of C channels one by one
-(channels-last and (N, C) inputs beyond the group walk's bound), one pass computes both
+more, and the large inputs) over rows of 4 KiB or more, or walk rows of C channels one by one or,
+for 8-64 channels, in registers (channels-last and (N, C) inputs beyond the group walk's bound),
+one pass computes both
 (ncl_eval_backward_channels, nlc_eval_backward). The oracle for
 its bits is what the eval backward ran before, two kernels: bn_normalize on dy with mean 0 and no
 bias, then bn_backward's reduction. Every case must equal that to the bit (dx, dweight, dbias in

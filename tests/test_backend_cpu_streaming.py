@@ -1,7 +1,8 @@
 """Outputs written around the caches (non-temporal stores: st_lanes_stream, st16_stream).
 
 The kernels stream float32 outputs of at least half the last-level cache (counted up to 32 MiB)
-whose rows are whole 64-byte lines; BNLAB_STREAM_MIN_BYTES=0 makes every such output stream, so
+whose rows are whole 64-byte lines (16-bit ones of training passes too, in AVX-512 builds, by the
+rule below the first test); BNLAB_STREAM_MIN_BYTES=0 makes every such output stream, so
 small tensors reach that code here. Each case runs in a fresh process (the threshold is read once
 per process) and compares with torch.nn, forward, backward and eval, on the NCL per-channel path
 (rows of 1280 values), the waves path (few channels, rows of 1600), and rows of odd length, which
@@ -61,20 +62,26 @@ def test_streamed_outputs_match_torch(shape):
 # arithmetic as the ordinary stores, so the same bits: digests of every output and gradient under
 # BNLAB_STREAM_MIN_BYTES=0 must equal those at the default bound, where these small tensors do not
 # stream. 40 channels (not a multiple of 16) never stream, and must agree as well.
-# NCL inputs of 16-bit values (AVX-512 builds, st16_stream) stream in the training forward, the
-# backward's input gradient and the frozen backward, from two thirds of the bound, where rows are
-# whole lines (multiples of 32 values): per channel (rows of 1280), in waves (3 channels), in
-# channel groups (rows of 256); 37x41 maps never stream. Streaming also takes them off the flat
-# walk, which sums in the same order: the same bits again.
+# NCL inputs of 16-bit values (AVX-512 builds, st16_stream; AVX2 builds never stream them, and
+# this case then compares two identical runs) stream in the training forward, the backward's
+# input gradient, the frozen backward and bn_grad_input, from two thirds of the bound, where rows
+# are whole lines (multiples of 32 values) and either hold 2048 values or more or the tensor is
+# beyond the flat walk's bound (BNLAB_NCL_FLAT_MAX_BYTES=0 in both runs here, so that the shorter
+# rows stream too): per channel (rows of 1280; of 2304, whose frozen backward is one pass; of
+# 4160, in chunks that start off the 64-byte lines), in waves (3 channels), in channel groups (rows
+# of 256); 37x41 maps never stream.
 DIGEST_SCRIPT = textwrap.dedent(
     """
     import hashlib, sys, torch, bnlab
+    from bnlab.backends import get_backend
+    cpu = get_backend("cpu")
     torch.set_num_threads(2)
     digest = hashlib.sha256()
     cases = {
         "nlc": [((4, 32, 6, 7), True), ((3, 64, 5, 5), True), ((300, 48), False), ((2, 40, 9, 9), True),
                 ((64, 64, 10, 10), True)],  # 1.6 MB: beyond the L2, eval's pass is nlc_normalize's
-        "ncl16": [((4, 16, 32, 40), False), ((8, 3, 40, 40), False), ((2, 64, 16, 16), False), ((3, 5, 37, 41), False)],
+        "ncl16": [((4, 16, 32, 40), False), ((8, 3, 40, 40), False), ((2, 64, 16, 16), False), ((3, 5, 37, 41), False),
+                  ((2, 8, 48, 48), False), ((1, 8, 4160), False)],
     }[sys.argv[1]]
     dtypes = [torch.float32] if sys.argv[1] == "nlc" else [torch.bfloat16, torch.float16]
     for dtype in dtypes:
@@ -97,6 +104,12 @@ DIGEST_SCRIPT = textwrap.dedent(
                 layer.weight.grad = layer.bias.grad = None
             with torch.no_grad():
                 digest.update(layer(x).float().contiguous().numpy().tobytes())
+            # the input gradient from given sums (bn_grad_input: SyncBatchNorm's backward)
+            c = shape[1]
+            stats = torch.randn(4, c, generator=gen, dtype=torch.float64)
+            invstd = stats[1].abs() + 0.5
+            dx = cpu.grad_input(dy, x, stats[0], invstd, layer.weight.detach(), stats[2], stats[3], x.numel() // c)
+            digest.update(dx.float().contiguous().numpy().tobytes())
     print(digest.hexdigest())
     """
 )
@@ -105,7 +118,7 @@ DIGEST_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("inputs", ["nlc", "ncl16"])
 def test_streamed_outputs_are_the_ordinary_stores_bits(inputs):
     def digest(bound: str | None) -> str:
-        env = dict(os.environ, OMP_NUM_THREADS="2")
+        env = dict(os.environ, OMP_NUM_THREADS="2", **({"BNLAB_NCL_FLAT_MAX_BYTES": "0"} if inputs == "ncl16" else {}))
         env.pop("BNLAB_STREAM_MIN_BYTES", None)
         if bound is not None:
             env["BNLAB_STREAM_MIN_BYTES"] = bound
