@@ -195,11 +195,12 @@ def test_wide_layers_match_torch_across_channel_blocks(shape, dtype):
 
 @pytest.mark.parametrize("shape,layout", [((24, 64, 32, 32), "cl"), ((15000, 100), "nchw")])
 def test_channels_last_rows_beyond_the_l2_match_torch(shape, layout):
-    """6 MB of NLC rows: each thread's share exceeds a 2 MiB L2 and the output stays under the
-    streaming bound, so on Intel CPUs with AVX-512 the elementwise passes walk the share in blocks
-    from the last reduced row back to the first (row_blocks_last_first; elsewhere in memory order,
-    and test_backend_cpu_walks.py takes the walk back on any machine); every row must still be
-    written, forward and backward, on two threads."""
+    """6 MB of NLC rows: each thread's share exceeds a 2 MiB L2 and the outputs stay under the
+    streaming bounds (dx's two thirds of it: on last-level caches above 18 MiB), so on Intel CPUs
+    with AVX-512 the elementwise passes walk the share in blocks from the last reduced row back to
+    the first (row_blocks_last_first; elsewhere in memory order, and test_backend_cpu_walks.py
+    takes the walk back on any machine); every row must still be written, forward and backward,
+    on two threads."""
     torch.manual_seed(4)
     x = to_layout(torch.randn(shape) * 2 + 1, layout)
     dy = to_layout(torch.randn(shape), layout)

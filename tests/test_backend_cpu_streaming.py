@@ -57,11 +57,14 @@ def test_streamed_outputs_match_torch(shape):
 
 
 # Channels-last and (N, C) inputs: float32 rows of a multiple of 16 channels are written around the
-# caches from the same bound (cpu_kernels_nlc.inc's nlc_streams) in the eval pass, the training
-# forward, the training backward's input gradient and the eval-mode (frozen) backward. The same
-# arithmetic as the ordinary stores, so the same bits: digests of every output and gradient under
-# BNLAB_STREAM_MIN_BYTES=0 must equal those at the default bound, where these small tensors do not
-# stream. 40 channels (not a multiple of 16) never stream, and must agree as well.
+# caches from the same bound (cpu_kernels_nlc.inc's nlc_streams) in the eval pass and the training
+# forward, and from two thirds of it (nlc_streams_dx) in the training backward's input gradient,
+# the eval-mode (frozen) backward and bn_grad_input. The same arithmetic as the ordinary stores,
+# so the same bits: digests of every output and gradient under BNLAB_STREAM_MIN_BYTES=0 must equal
+# those at the default bound, where these small tensors do not stream. Both runs set
+# BNLAB_NLC_GROUP_MAX_BYTES=0, so that the frozen backward takes its one pass over the rows
+# (nlc_eval_backward) rather than the normalize kernel. 40 channels (not a multiple of 16) never
+# stream, and must agree as well.
 # NCL inputs of 16-bit values (AVX-512 builds, st16_stream; AVX2 builds never stream them, and
 # this case then compares two identical runs) stream in the training forward, the backward's
 # input gradient, the frozen backward and bn_grad_input, from two thirds of the bound, where rows
@@ -118,7 +121,8 @@ DIGEST_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("inputs", ["nlc", "ncl16"])
 def test_streamed_outputs_are_the_ordinary_stores_bits(inputs):
     def digest(bound: str | None) -> str:
-        env = dict(os.environ, OMP_NUM_THREADS="2", **({"BNLAB_NCL_FLAT_MAX_BYTES": "0"} if inputs == "ncl16" else {}))
+        walks = {"ncl16": {"BNLAB_NCL_FLAT_MAX_BYTES": "0"}, "nlc": {"BNLAB_NLC_GROUP_MAX_BYTES": "0"}}[inputs]
+        env = dict(os.environ, OMP_NUM_THREADS="2", **walks)
         env.pop("BNLAB_STREAM_MIN_BYTES", None)
         if bound is not None:
             env["BNLAB_STREAM_MIN_BYTES"] = bound
