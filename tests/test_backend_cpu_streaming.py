@@ -65,11 +65,12 @@ def test_streamed_outputs_match_torch(shape):
 # BNLAB_NLC_GROUP_MAX_BYTES=0, so that the frozen backward takes its one pass over the rows
 # (nlc_eval_backward) rather than the normalize kernel. 40 channels (not a multiple of 16) never
 # stream, and must agree as well.
-# NCL inputs of 16-bit values (AVX-512 builds, st16_stream; AVX2 builds never stream them, and
-# this case then compares two identical runs) stream in the training forward, the backward's
-# input gradient, the frozen backward and bn_grad_input, from two thirds of the bound, where rows
-# are whole lines (multiples of 32 values) and either hold 2048 values or more or the tensor is
-# beyond the flat walk's bound (BNLAB_NCL_FLAT_MAX_BYTES=0 in both runs here, so that the shorter
+# NCL inputs of 16-bit values (AVX-512 builds, st16_stream; AVX2 builds never stream them) stream
+# in the training forward, the backward's input gradient, the frozen backward and bn_grad_input,
+# from two thirds of the bound, where rows are whole lines (multiples of 32 values) and either
+# hold 2048 values or more or the tensor is beyond the flat walk's bound; float32 ones in the
+# backward passes from there too (streams_dx), where rows hold 2048 values or more, and every
+# float32 output from the bound itself (BNLAB_NCL_FLAT_MAX_BYTES=0 in both runs here, so that the shorter
 # rows stream too): per channel (rows of 1280; of 2304, whose frozen backward is one pass; of
 # 4160, in chunks that start off the 64-byte lines), in waves (3 channels), in channel groups (rows
 # of 256); 37x41 maps never stream.
@@ -83,10 +84,10 @@ DIGEST_SCRIPT = textwrap.dedent(
     cases = {
         "nlc": [((4, 32, 6, 7), True), ((3, 64, 5, 5), True), ((300, 48), False), ((2, 40, 9, 9), True),
                 ((64, 64, 10, 10), True)],  # 1.6 MB: beyond the L2, eval's pass is nlc_normalize's
-        "ncl16": [((4, 16, 32, 40), False), ((8, 3, 40, 40), False), ((2, 64, 16, 16), False), ((3, 5, 37, 41), False),
+        "ncl": [((4, 16, 32, 40), False), ((8, 3, 40, 40), False), ((2, 64, 16, 16), False), ((3, 5, 37, 41), False),
                   ((2, 8, 48, 48), False), ((1, 8, 4160), False)],
     }[sys.argv[1]]
-    dtypes = [torch.float32] if sys.argv[1] == "nlc" else [torch.bfloat16, torch.float16]
+    dtypes = [torch.float32] if sys.argv[1] == "nlc" else [torch.float32, torch.bfloat16, torch.float16]
     for dtype in dtypes:
         for shape, cl in cases:
             gen = torch.Generator().manual_seed(sum(shape))
@@ -118,10 +119,10 @@ DIGEST_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("inputs", ["nlc", "ncl16"])
+@pytest.mark.parametrize("inputs", ["nlc", "ncl"])
 def test_streamed_outputs_are_the_ordinary_stores_bits(inputs):
     def digest(bound: str | None) -> str:
-        walks = {"ncl16": {"BNLAB_NCL_FLAT_MAX_BYTES": "0"}, "nlc": {"BNLAB_NLC_GROUP_MAX_BYTES": "0"}}[inputs]
+        walks = {"ncl": {"BNLAB_NCL_FLAT_MAX_BYTES": "0"}, "nlc": {"BNLAB_NLC_GROUP_MAX_BYTES": "0"}}[inputs]
         env = dict(os.environ, OMP_NUM_THREADS="2", **walks)
         env.pop("BNLAB_STREAM_MIN_BYTES", None)
         if bound is not None:
