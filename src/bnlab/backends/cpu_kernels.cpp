@@ -37,6 +37,7 @@
 #include <cstring>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
