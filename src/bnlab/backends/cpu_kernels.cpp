@@ -67,6 +67,14 @@ template <> struct Traits<double> { using F = double; };
 template <> struct Traits<bf16> { using F = float; };
 template <> struct Traits<_Float16> { using F = float; };
 
+// Whether bf16 rows take the pair forms (st32, bf16_row_in_pairs below): AVX512-BF16 builds.
+constexpr bool kBf16Pairs =
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    true;
+#else
+    false;
+#endif
+
 static inline float ld(const float* p, int64_t i) { return p[i]; }
 static inline double ld(const double* p, int64_t i) { return p[i]; }
 #if defined(__F16C__)
@@ -238,11 +246,87 @@ static inline void stream16(__m256i* p, __m256i v) {
 }
 static inline void st16_stream(bf16* p, __m512 f) { stream16((__m256i*)p, bf16_pack16(f)); }
 static inline void st16_stream(_Float16* p, __m512 f) { stream16((__m256i*)p, f16_pack16(f)); }
+// st16 or st16_stream, chosen at compile time.
+template <bool kStream>
+static inline __attribute__((always_inline)) void st16_to(bf16* p, __m512 f) {
+  if (kStream)
+    st16_stream(p, f);
+  else
+    st16(p, f);
+}
+// 32 bf16 values from two vectors (values 0-15 in f0, 16-31 in f1), rounded as st16: where neither
+// holds a NaN or a denormal (bf16_pack16's test), both in one vcvtne2ps2bf16 (AVX512-BF16). On
+// Zen 4 a vcvtneps2bf16 per 16 values bound the bf16 elementwise passes: a bf16 eval of
+// (128, 16, 32, 32) took longer than the float32 one (docs/benchmarks.md, twenty-first session).
+// With kStream, a line-aligned p is written around the caches (as stream16).
+template <bool kStream>
+static inline __attribute__((always_inline)) void st32(bf16* p, __m512 f0, __m512 f1) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+  if (!(_mm512_fpclass_ps_mask(f0, 0x01 | 0x20 | 0x80) | _mm512_fpclass_ps_mask(f1, 0x01 | 0x20 | 0x80))) {
+    const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);
+    if (kStream && ((uintptr_t)p & 63) == 0)
+      _mm512_stream_si512((__m512i*)p, v);
+    else
+      _mm512_storeu_si512((void*)p, v);
+    return;
+  }
+#endif
+  st16_to<kStream>(p, f0);
+  st16_to<kStream>(p + 16, f1);
+}
 static inline __m512 affine16(__m512 x, __m512 h, __m512 a, __m512 b) {
   return _mm512_fmadd_ps(_mm512_sub_ps(x, h), a, b);
 }
 static inline __m512 grad_input16(__m512 dy, __m512 x, __m512 h, __m512 k1, __m512 k2, __m512 k3) {
   return _mm512_add_ps(_mm512_fmadd_ps(k1, dy, _mm512_mul_ps(k2, _mm512_sub_ps(x, h))), k3);
+}
+// One bf16 row of len >= 16 values, vec(i) giving the float32 results for values i..i+15: from the
+// first 64-byte line of q on in pairs of vectors (st32), then single vectors, the last moved back
+// to end at len (as overlapped). Rows under 64 values go in single vectors only: pairs there would
+// store across two lines at almost every row (eval of bf16 (32, 512, 7, 7) took 1.3-1.8x the time
+// in pairs from the row's start). vec is a lambda taking its state by value: with lambdas by
+// reference and a run-time streaming flag, GCC kept the coefficients on the stack and called the
+// single-vector body, and the rows took 1.05-1.5x the time of the single-vector loop.
+template <bool kStream, typename Vec>
+static inline void bf16_row_in_pairs(bf16* q, int64_t len, Vec vec) {
+  int64_t i = 0;
+  if (len >= 64) {
+    const int64_t head = (int64_t)((64 - ((uintptr_t)q & 63)) & 63) / 2;  // values before q's first line
+    if (head > 0) st16_to<kStream>(q, vec(0));
+    if (head > 16) st16_to<kStream>(q + head - 16, vec(head - 16));
+    for (i = head; i + 32 <= len; i += 32) st32<kStream>(q + i, vec(i), vec(i + 16));
+    if (i == len) return;
+  }
+  const int64_t last = len - 16;
+  for (; i < last; i += 16) st16_to<kStream>(q + i, vec(i));
+  st16_to<kStream>(q + last, vec(last));
+}
+// y = affine16(x) over an NCL row (one channel's coefficients h, a, b in every lane).
+template <bool kStream>
+static inline __attribute__((always_inline)) void bf16_affine_row(const bf16* p, bf16* q, int64_t len, __m512 h,
+                                                                  __m512 a, __m512 b) {
+  bf16_row_in_pairs<kStream>(q, len, [=](int64_t i) { return affine16(ld16(p + i), h, a, b); });
+}
+// dx = grad_input16(dy, x) over an NCL row.
+template <bool kStream>
+static inline __attribute__((always_inline)) void bf16_grad_input_row(const bf16* g, const bf16* p, bf16* q,
+                                                                      int64_t len, __m512 h, __m512 k1, __m512 k2,
+                                                                      __m512 k3) {
+  bf16_row_in_pairs<kStream>(q, len, [=](int64_t i) { return grad_input16(ld16(g + i), ld16(p + i), h, k1, k2, k3); });
+}
+// The same over a channels-last row of len = C channels, the coefficients per channel (len values each).
+static inline void bf16_affine_row(const bf16* p, bf16* q, int64_t len, const float* h, const float* a,
+                                   const float* b) {
+  bf16_row_in_pairs<false>(q, len, [=](int64_t i) {
+    return affine16(ld16(p + i), _mm512_loadu_ps(h + i), _mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i));
+  });
+}
+static inline void bf16_grad_input_row(const bf16* g, const bf16* p, bf16* q, int64_t len, const float* h,
+                                       const float* k1, const float* k2, const float* k3) {
+  bf16_row_in_pairs<false>(q, len, [=](int64_t i) {
+    return grad_input16(ld16(g + i), ld16(p + i), _mm512_loadu_ps(h + i), _mm512_loadu_ps(k1 + i),
+                        _mm512_loadu_ps(k2 + i), _mm512_loadu_ps(k3 + i));
+  });
 }
 #endif
 
