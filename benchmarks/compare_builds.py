@@ -6,7 +6,7 @@ statistics and gradients equal to the previous build's" in docs/benchmarks.md. B
 loaded into this process and called on the same tensors: eval (y from running averages), the
 training forward (y, mean, M2, invstd, the running averages it updates) and the backward (dx, Σdy,
 Σdy·x̂, and the weight and bias gradients in float32), with weight and bias, over shapes that reach every
-NCL and NLC walk, float32/bfloat16/float16/float64, one and two threads, and three kinds of data
+NCL and NLC walk, float32/bfloat16/float16/float64, one to three threads (three: the waves walk merges three parts), and three kinds of data
 (normal; 1e3 ± 0.01, where the shifted sums matter; normal with NaN, inf and 3e38 values).
 Results compare as bytes, except that any NaN equals any NaN (x86 returns the first operand's
 NaN, whose sign a compiler may swap). Prints each difference and the totals; exits 1 on any.
@@ -36,7 +36,8 @@ SHAPES = (
     (128, 16, 32, 32), (64, 256, 14, 14), (256, 32, 16, 16), (64, 32, 32, 32), (32, 512, 7, 7),
     (8, 64, 56, 56), (4, 8, 64, 64), (37, 17, 9, 9), (23, 3, 10, 10), (5, 70, 30), (3, 16, 32, 32),
     (1, 24, 1024), (256, 100), (300, 72), (301, 7), (40, 13), (64, 24, 5), (33, 100, 3), (2, 2048, 7, 7),
-    (2, 8192), (3, 1000, 2, 2), (45, 17), (37, 200), (12, 64, 56, 56),
+    (2, 8192), (3, 1000, 2, 2), (45, 17), (37, 200), (12, 64, 56, 56), (2, 5, 2304), (8, 3, 1600),
+    (64, 8, 14, 14),
 )  # fmt: skip
 CHANNELS_LAST = ((64, 32, 14, 14), (16, 24, 9, 9), (8, 3, 10, 10), (12, 16, 9, 9), (6, 8, 7, 7), (5, 12, 6, 6))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -110,7 +111,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def cases():
     """(label, shape, dtype, data, channels_last, threads) of every comparison."""
-    for nt in (1, 2):
+    for nt in (1, 2, 3):
         for dtype in DTYPES:
             for data in DATA:
                 if data == "offset" and dtype in (torch.bfloat16, torch.float16):

@@ -314,15 +314,17 @@ def test_fused_update_skips_a_non_finite_batch(momentum):
     assert int(layer.num_batches_tracked) == 2
 
 
-# bf16 shapes reaching every vectorised store: NCL rows of 16+ values and shorter ones, NLC rows
-# of narrow widths (16, 24), of other widths from 16 (35, 40, 100) and of multiples of 16 (48, 64).
+# bf16 shapes reaching every vectorised store that does not stream (the streamed ones:
+# test_backend_cpu_streaming.py): NCL rows of 16+ values and shorter ones, NLC rows of narrow
+# widths (16, 24), of other widths from 16 (35, 40, 100) and of multiples of 16 (48, 64).
 BF16_STORE_SHAPES = [
     ((4, 3, 37), "nchw"), ((2, 5, 9), "nchw"), ((6, 40, 3), "cl"), ((7, 35), "nchw"), ((6, 16, 3), "cl"), ((5, 24), "nchw"),
     ((4, 48, 5), "cl"), ((3, 64, 2, 2), "cl"), ((9, 100), "nchw"), ((3, 5, 40), "nchw"),
     # bf16 pairs of vectors rounded in one conversion (st32): NCL rows of whole vectors, row by row
     # (48 values: single vectors; 64 and 80: pairs from the row's first 64-byte line), channels-last
-    # rows of 32, 80 and 264 channels (rows starting 16 to 48 bytes into a line: one or two vectors
-    # before the first pair), and rows of 16 two at a time (15 rows: the last one alone)
+    # rows of 80 and 264 channels (rows starting 16 to 48 bytes into a line: one or two vectors
+    # before the first pair), of 32 channels (a pair each) and of 16 two at a time (15 rows: the
+    # last one alone)
     ((2, 3, 64), "nchw"), ((3, 4, 48), "nchw"), ((3, 5, 80), "nchw"), ((5, 32, 3), "cl"), ((4, 80, 3), "cl"),
     ((3, 264, 2), "cl"), ((5, 16, 3), "cl"),
 ]  # fmt: skip

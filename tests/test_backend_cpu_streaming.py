@@ -134,3 +134,46 @@ def test_streamed_outputs_are_the_ordinary_stores_bits(inputs):
         return out.stdout.strip()
 
     assert digest("0") == digest(None)
+
+
+# bf16 input gradients written around the caches round as torch's float32 -> bfloat16 conversion,
+# NaN, infinities, subnormals and overflow included (as test_backend_cpu.py's
+# test_bfloat16_outputs_round_as_torch, whose small tensors do not stream): the streamed pairs of
+# vectors (st32) and, for a pair holding a special value, their per-vector fallback. The input
+# gradient with zero sums is dx = dy·(1 + 2^-10), exact in float32. Rows of 2048 and 4160 values
+# stream under BNLAB_STREAM_MIN_BYTES=0: on one thread (a second thread would take the
+# own-coefficients walk, which does not stream, for tensors within the L2), and on two threads
+# for a tensor beyond the L2; rows of 4160 values start off the 64-byte lines at odd rows.
+ROUNDING_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from bnlab.backends import get_backend
+    cpu = get_backend("cpu")
+    shape = tuple(int(v) for v in sys.argv[1].split(","))
+    gen = torch.Generator().manual_seed(3)
+    dy = (torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-40, 30, shape, generator=gen)).to(torch.bfloat16)
+    dy[dy == 0] = 1.0
+    assert bool(((dy.abs() < 1.1754944e-38) & (dy != 0)).any()), "no subnormal bf16 value in the data"
+    flat = dy.view(-1)
+    flat[:5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.38e38, -3.38e38]).to(torch.bfloat16)
+    c = shape[1]
+    scale = 1.0 + 2.0**-10
+    zeros = torch.zeros(c, dtype=torch.float64)
+    invstd = torch.full((c,), scale, dtype=torch.float64)
+    dx = cpu.grad_input(dy, torch.ones_like(dy), zeros, invstd, None, zeros, zeros, dy.numel() // c)
+    expected = (dy.float() * scale).to(torch.bfloat16)
+    nan = torch.isnan(expected)
+    ok = torch.equal(torch.isnan(dx), nan) and torch.equal(dx[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    print(int(ok), int(nan.sum()))
+    """
+)
+
+
+@pytest.mark.parametrize("shape,threads", [("3,2,2048", "1"), ("1,3,4160", "1"), ("2,64,4160", "2")])
+def test_streamed_bf16_input_gradient_rounds_as_torch(shape, threads):
+    env = dict(os.environ, BNLAB_STREAM_MIN_BYTES="0", OMP_NUM_THREADS=threads)
+    out = subprocess.run(
+        [sys.executable, "-c", ROUNDING_SCRIPT, shape], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]

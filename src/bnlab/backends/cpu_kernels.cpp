@@ -209,8 +209,9 @@ constexpr bool kHalf16 = std::is_same<S, bf16>::value || std::is_same<S, _Float1
 
 #if defined(__AVX512F__)
 // 16 bf16 values as one float32 vector in memory order, and back with st()'s rounding (the same
-// integer operations as bf16_bits, 16 lanes wide; vpmovdw narrows without a pack and a permute).
-// Not vcvtneps2bf16 (AVX512-BF16), which flushes denormals and would round differently from torch.
+// integer operations as bf16_bits, 16 lanes wide; vpmovdw narrows without a pack and a permute),
+// or vcvtneps2bf16 (AVX512-BF16) where no value is a NaN or a denormal, which that instruction
+// would encode or flush differently from torch (bf16_pack16).
 static inline __m512 ld16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
@@ -399,12 +400,16 @@ struct Part {  // (count, mean, M2) of a piece of a channel
 };
 
 // Chan et al.: fold (nb, mb, qb) into a. Equal means merge exactly (a constant channel stays exact).
+// The two FMAs are written out: left to GCC's contraction, the mean's multiply and add were fused
+// or not depending on what else the caller inlined (a change of the bf16 chunk_normalize moved the
+// waves walk's bf16 means by 1-2 ulp on 2+ threads; docs/benchmarks.md, twenty-first session).
+// These are the forms GCC had chosen at every call site before.
 static inline void chan(Part& a, double nb, double mb, double qb) {
   if (nb == 0) return;
   if (a.n == 0) { a = {nb, mb, qb}; return; }
   double n = a.n + nb, d = mb - a.mean;
-  a.mean += d * (nb / n);
-  a.m2 += qb + d * d * (a.n / n * nb);
+  a.mean = std::fma(d, nb / n, a.mean);
+  a.m2 += std::fma(d * d, a.n / n * nb, qb);
   a.n = n;
 }
 
