@@ -53,3 +53,19 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 def np64(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
+
+
+def bf16_special_values(shape, seed: int) -> torch.Tensor:
+    """A contiguous (shape) bf16 tensor of magnitudes 1e-40 .. 1e30, subnormal bf16 values among
+    them (which stores must round, not flush), and inf, -inf, NaN and ±3.38e38 as its first five
+    values, for the tests that bf16 stores round as torch's float32 -> bfloat16 conversion.
+
+    Values that underflow to zero become 1: BN's y = (x - hi)·scale + shift adds a +0 shift, which
+    makes -0 into +0 (as torch.nn's BN does), where x·scale keeps the sign.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-40, 30, shape, generator=gen)).to(torch.bfloat16)
+    x[x == 0] = 1.0
+    assert bool(((x.abs() < 1.1754944e-38) & (x != 0)).any()), "no subnormal bf16 value in the data"
+    x.view(-1)[:5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.38e38, -3.38e38]).to(torch.bfloat16)
+    return x

@@ -15,7 +15,7 @@ import torch
 import bnlab
 from bnlab import reference as ref
 from bnlab.backends import cpu_build, get_backend
-from speed_helpers import TOL, assert_close, make_input, np64, to_layout
+from speed_helpers import TOL, assert_close, bf16_special_values, make_input, np64, to_layout
 
 CPU = get_backend("cpu")
 PORTABLE = get_backend("portable")
@@ -338,16 +338,7 @@ def test_bfloat16_outputs_round_as_torch(shape, layout, kernel):
     float32 result x·(1 + 2^-10) is exact; the input gradient with zero sums, dy·(1 + 2^-10),
     likewise. (Those products are never halfway between two bf16 values: the test below makes
     the ties.)"""
-    gen = torch.Generator().manual_seed(11)
-    # magnitudes 1e-40 .. 1e30: subnormal bf16 values too, which the stores must round, not flush.
-    # Values that underflow to zero become 1: BN's y = (x - hi)·scale + shift adds a +0 shift,
-    # which makes -0 into +0 (as torch.nn's BN does), where x·scale keeps the sign.
-    x = (torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-40, 30, shape, generator=gen)).to(torch.bfloat16)
-    x[x == 0] = 1.0
-    assert bool(((x.abs() < 1.1754944e-38) & (x != 0)).any()), "no subnormal bf16 value in the data"
-    flat = x.view(-1)
-    flat[:5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.38e38, -3.38e38]).to(torch.bfloat16)
-    x = to_layout(x, layout)
+    x = to_layout(bf16_special_values(shape, seed=11), layout)
     scale = 1.0 + 2.0**-10
     mean, invstd = torch.zeros(shape[1], dtype=torch.float64), torch.full((shape[1],), scale, dtype=torch.float64)
     if kernel == "normalize":
