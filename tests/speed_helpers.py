@@ -69,3 +69,12 @@ def bf16_special_values(shape, seed: int) -> torch.Tensor:
     assert bool(((x.abs() < 1.1754944e-38) & (x != 0)).any()), "no subnormal bf16 value in the data"
     x.view(-1)[:5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.38e38, -3.38e38]).to(torch.bfloat16)
     return x
+
+
+def assert_bf16_is_scaled_as_torch(y: torch.Tensor, x: torch.Tensor, scale: float) -> None:
+    """y, a kernel's bf16 result of x·scale (x from bf16_special_values, x·scale exact in float32),
+    holds torch's float32 -> bfloat16 rounding of it bit for bit, its one NaN where torch's is."""
+    expected = (x.float() * scale).to(torch.bfloat16)
+    nan = torch.isnan(expected)  # torch's vectorised conversion may give another NaN encoding
+    assert torch.equal(torch.isnan(y), nan) and int(nan.sum()) == 1
+    assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
