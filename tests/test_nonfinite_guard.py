@@ -107,6 +107,47 @@ def test_guard_switched_off_reproduces_torch_nn():
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
 
 
+def _infinite_channels(shape, dtype, layout):
+    """Channels 0-4 of a (N, 5, *) batch: +inf as the first value (the shift of the kernels' shifted
+    sums), -inf further in, both infinities, a NaN, and finite values only."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    first, later = (0,) * (len(shape) - 2), tuple(s - 1 for s in shape[2:])
+    x[(0, 0) + first] = float("inf")
+    x[(shape[0] - 1, 1) + later] = float("-inf")
+    x[(0, 2) + first], x[(shape[0] - 1, 2) + later] = float("inf"), float("-inf")
+    x[(shape[0] // 2, 3) + first] = float("nan")
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((64, 5), "contiguous"), ((4, 5, 3000), "contiguous"), ((6, 5, 7, 7), "contiguous"), ((6, 5, 7, 7), "channels_last")],
+)
+def test_guard_off_gives_infinite_means_as_torch_nn(backend, dtype, shape, layout):
+    # A channel holding one kind of infinity has the mean ±inf (torch.nn's CPU kernel and the float64
+    # reference), also where that infinity is the channel's first value, which the shifted sums of
+    # the kernels take as their shift (inf - inf = NaN: the mean came out NaN before).
+    x = _infinite_channels(shape, dtype, layout)
+    layer_type = bnlab.BatchNorm1d if len(shape) < 4 else bnlab.BatchNorm2d
+    theirs = (torch.nn.BatchNorm1d if len(shape) < 4 else torch.nn.BatchNorm2d)(5)
+    theirs(x.float())  # float32 statistics of the same values (torch.nn's mixed-precision rule)
+    expected_mean = ref.moments(to_np(x.double())).mean
+    bnlab.set_backend(backend)
+    try:
+        ours = layer_type(5, skip_nonfinite=False)
+        ours(x)
+    finally:
+        bnlab.set_backend(None)
+    got = ours.running_mean
+    torch.testing.assert_close(got[:4], theirs.running_mean[:4], rtol=0, atol=0, equal_nan=True)
+    np.testing.assert_array_equal(to_np(got[:4]), 0.1 * expected_mean[:4])
+    assert torch.isnan(ours.running_var[:4]).all()
+    assert_close(got[4:], theirs.running_mean[4:], 1e-5, "the finite channel's running_mean")
+
+
 @contextlib.contextmanager
 def _no_host_reads():
     """Make every way of reading a tensor's value on the host raise, as a device sync would need;

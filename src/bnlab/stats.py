@@ -106,6 +106,10 @@ def moments(x: Tensor) -> Moments:
     s2 = d.square().sum(dims, dtype=acc).to(torch.float64)
     scale64 = scale.to(torch.float64)
     mean = shift.to(torch.float64) + s1 / (scale64 * count)
+    # A channel holding an infinity has no finite scale, and its shifted mean is NaN; its plain
+    # mean (the shift, a sum) is what torch.nn's CPU kernel and the reference give: ±inf where the
+    # channel holds one kind of infinity and no NaN, else NaN. (Its M2 is NaN either way.)
+    mean = torch.where(mean.isnan(), shift.to(torch.float64), mean)
     m2 = torch.clamp(s2 - s1 * s1 / count, min=0.0) / (scale64 * scale64)
     return Moments(count, mean, m2)
 
