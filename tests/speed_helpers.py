@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import bnlab
+
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
@@ -78,3 +80,31 @@ def assert_bf16_is_scaled_as_torch(y: torch.Tensor, x: torch.Tensor, scale: floa
     nan = torch.isnan(expected)  # torch's vectorised conversion may give another NaN encoding
     assert torch.equal(torch.isnan(y), nan) and int(nan.sum()) == 1
     assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+def assert_fused_relu_handles_nan_as_torch():
+    """bnlab.BatchNormAct2d with the backend now selected, on NaN inputs, against torch.nn's sequence
+    BN -> (+ residual) -> ReLU: NaN stays NaN through the ReLU (training and eval), and where the
+    pre-activation is NaN the gradient passes as in torch's ReLU backward (not z <= 0), so dx,
+    dresidual and the parameters' gradients of the channel are torch.nn's."""
+    nan = float("nan")
+    x = torch.tensor([nan, 1.0]).view(2, 1, 1, 1)
+    train_y = bnlab.BatchNormAct2d(1)(x)
+    with torch.no_grad():
+        eval_y = bnlab.BatchNormAct2d(1).eval()(x)
+    assert torch.isnan(train_y).all(), train_y  # the batch's statistics are NaN
+    assert torch.isnan(eval_y[0]).all() and abs(float(eval_y[1]) - 1.0) < 1e-4, eval_y
+
+    def step(layer, bn):
+        xg = torch.tensor([0.5, 1.0, -1.0]).view(3, 1, 1, 1).requires_grad_()
+        rg = torch.tensor([nan, 0.0, 0.0]).view(3, 1, 1, 1).requires_grad_()
+        y = layer(xg, rg)
+        y.backward(torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1))
+        return xg.grad, rg.grad, bn.weight.grad, bn.bias.grad
+
+    ours = bnlab.BatchNormAct2d(1, residual=True)
+    theirs = torch.nn.BatchNorm2d(1)
+    got = step(ours, ours)
+    want = step(lambda a, r: torch.relu(theirs(a) + r), theirs)
+    for name, g, w in zip(("dx", "dresidual", "dweight", "dbias"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

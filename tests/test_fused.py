@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import bnlab
-from speed_helpers import assert_close, make_input, rel_err
+from speed_helpers import assert_close, assert_fused_relu_handles_nan_as_torch, make_input, rel_err
 
 
 def _pair(channels, activation="relu", residual=False, **kwargs):
@@ -67,6 +67,20 @@ def test_eval_without_grad_and_batch_statistics_when_not_tracking():
     x = make_input((5, 4, 3, 3), seed=1)
     with torch.no_grad():
         assert_close(ours(x), torch.relu(theirs(x)), 2e-4, "eval with batch statistics")
+
+
+def test_nan_through_the_relu_as_torch():
+    assert_fused_relu_handles_nan_as_torch()
+
+
+def test_eval_with_batch_statistics_refuses_one_value_per_channel():
+    # track_running_stats=False: eval normalizes with the batch's statistics, which one value per
+    # channel cannot give (torch.nn raises the same ValueError)
+    layer = bnlab.BatchNormAct2d(3, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(1, 3, 1, 1))
+    with pytest.raises(ValueError):
+        nn.BatchNorm2d(3, track_running_stats=False).eval()(torch.randn(1, 3, 1, 1))
 
 
 def test_state_dict_is_a_batchnorm2d_state_dict():

@@ -24,7 +24,7 @@ import bnlab  # noqa: E402
 from bnlab import reference as ref  # noqa: E402
 from bnlab.backends import _REGISTRY, PortableBackend  # noqa: E402
 from bnlab.backends.triton_backend import TritonBackend  # noqa: E402
-from speed_helpers import TOL, assert_close, make_input, np64  # noqa: E402
+from speed_helpers import TOL, assert_close, assert_fused_relu_handles_nan_as_torch, make_input, np64  # noqa: E402
 
 TRITON = TritonBackend(allow_cpu=True)
 CASES = [((5, 3, 7, 6), "nchw"), ((11, 1, 13), "nchw"), ((9, 5), "nchw"), ((4, 6, 3, 5), "cl"), ((3, 7, 2, 3, 2), "cl")]
@@ -208,6 +208,11 @@ def test_fused_backward_reads_the_mask_under_every_tile(triton_everywhere, shape
                                         ("weight", ours.weight.grad, theirs.weight.grad),
                                         ("bias", ours.bias.grad, theirs.bias.grad)):  # fmt: skip
         assert_close(ours_grad, their_grad, 2e-4, f"grad {name}")
+
+
+def test_fused_relu_keeps_nan_and_its_gradient_as_torch(triton_everywhere):
+    # tl.maximum(z, 0) returned 0 for a NaN z, and the mask's bit of z > 0 stopped dy there
+    assert_fused_relu_handles_nan_as_torch()
 
 
 def test_mask_holds_one_bit_per_element():

@@ -1,8 +1,9 @@
 """``bnlab.BatchNormAct2d``: BatchNorm2d, an optional residual add, and ReLU, as one layer.
 
 y = relu(BN(x) + residual). On a GPU (the Triton backend) the training step is fused: the
-forward writes y and a 1-bit ReLU mask (z > 0) instead of keeping y for the backward, and the
-backward reads that mask, x and dy once per pass; eval mode is one elementwise kernel. Elsewhere
+forward writes y and a 1-bit ReLU mask (not z <= 0: z > 0 or NaN, where torch's ReLU backward
+passes dy) instead of keeping y for the backward, and the backward reads that mask, x and dy
+once per pass; eval mode is one elementwise kernel. Elsewhere
 (CPU, any backend without the fused kernels) the same layer runs BN through the selected backend
 and the add and ReLU with torch ops, saving a boolean mask (1 byte per element).
 
@@ -29,7 +30,7 @@ __all__ = ["BatchNormAct2d", "BatchNormActFunction"]
 
 
 def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
-    """The boolean z > 0 of the Triton kernels' 1-bit mask, shaped and strided like the input.
+    """The boolean not z <= 0 of the Triton kernels' 1-bit mask, shaped and strided like the input.
 
     The mask holds ``rows`` rows of ``k`` values in storage order, each row padded to whole bytes
     (bit j % 8 of byte j // 8 of its row); see bnlab.backends.triton_elementwise.
@@ -59,7 +60,8 @@ class BatchNormActFunction(torch.autograd.Function):
             count_and_update_(running_mean, running_var, counter, stats, momentum, guard)
             if residual is not None:
                 z = z + residual
-            mask = z > 0 if relu else None
+            # not z <= 0: dy passes where z is NaN too, as in torch's ReLU backward (threshold_backward)
+            mask = ~(z <= 0) if relu else None
             y = torch.relu(z) if relu else z
             ctx.extra = (stats.mean, invstd, stats.count, mask)
             ctx.fused = False
@@ -144,8 +146,8 @@ class BatchNormAct2d(BatchNorm2d):
         self._check_input_dim(x)
         self._check_channels(x)
         self._check_residual(x, residual)
-        if self.training:
-            _checks.check_training_batch(x)
+        if self.training or (self.running_mean is None and self.running_var is None):
+            _checks.check_training_batch(x)  # batch statistics: more than one value per channel, as torch.nn
         relu = self.activation == "relu"
         if custom_ops.tracing():
             # Traced by torch.compile / torch.export: BN as one node of the graph (bnlab.custom_ops),

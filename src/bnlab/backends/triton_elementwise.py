@@ -48,16 +48,18 @@ def _activate_store(z, y_ptr, res_ptr, mask_ptr, offs, ok, r, r_ok, K8B,
                     HAS_RES: tl.constexpr, RELU: tl.constexpr, WRITE_MASK: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Store the tile z (float32) of y, after the residual (HAS_RES) and ReLU (RELU), writing the
-    bits of z > 0 (WRITE_MASK)."""
+    bits of not z <= 0 (WRITE_MASK)."""
     if HAS_RES:
         z += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if WRITE_MASK:
-        bits = tl.reshape(((z > 0) & ok).to(tl.int32), (BLOCK_R, BLOCK_K // 8, 8))
+        # not z <= 0: z > 0, and NaN, where torch's ReLU backward passes dy (threshold_backward)
+        bits = tl.reshape((((z > 0) | (z != z)) & ok).to(tl.int32), (BLOCK_R, BLOCK_K // 8, 8))
         packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
         col = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
         tl.store(mask_ptr + r.to(tl.int64)[:, None] * K8B + col[None, :], packed, mask=r_ok[:, None] & (col < K8B)[None, :])
     if RELU:
-        z = tl.maximum(z, 0.0)
+        # NaN stays NaN, as torch.relu (tl.maximum's default returns the other operand, 0)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -66,7 +68,7 @@ def normalize_kernel(
     x_ptr, y_ptr,  # input and output, same strides, R rows of K values
     coef_ptr,  # (3, C) float32: hi, scale, shift of y = (x - hi)·scale + shift
     res_ptr,  # residual added before the activation (HAS_RES), same strides as x
-    mask_ptr,  # uint8 out (WRITE_MASK): bit of z > 0, rows of K8B bytes
+    mask_ptr,  # uint8 out (WRITE_MASK): bit of not z <= 0, rows of K8B bytes
     stats_ptr, rm_ptr, rv_ptr, nbt_ptr,  # the running averages' arguments (RUNNING): update_running's
     R, K, C, K8B, count, momentum,
     NCL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, WRITE_MASK: tl.constexpr,
