@@ -51,15 +51,17 @@ def _activate_store(z, y_ptr, res_ptr, mask_ptr, offs, ok, r, r_ok, K8B,
     bits of not z <= 0 (WRITE_MASK)."""
     if HAS_RES:
         z += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if WRITE_MASK:
-        # not z <= 0: z > 0, and NaN, where torch's ReLU backward passes dy (threshold_backward)
-        bits = tl.reshape((((z > 0) | (z != z)) & ok).to(tl.int32), (BLOCK_R, BLOCK_K // 8, 8))
+    if RELU:
+        # NaN stays NaN, as torch.relu (tl.maximum's default returned the other operand, 0)
+        z = tl.where(z <= 0, 0.0, z)
+    if WRITE_MASK:  # set with RELU only
+        # not z <= 0 before the ReLU, i.e. its output is not 0: z > 0, and NaN, where torch's ReLU
+        # backward passes dy (threshold_backward). (Tested after the ReLU: one comparison, as the
+        # z > 0 of before; two spilled registers of normalize_kernel on sm_90.)
+        bits = tl.reshape(((z != 0) & ok).to(tl.int32), (BLOCK_R, BLOCK_K // 8, 8))
         packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
         col = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
         tl.store(mask_ptr + r.to(tl.int64)[:, None] * K8B + col[None, :], packed, mask=r_ok[:, None] & (col < K8B)[None, :])
-    if RELU:
-        # NaN stays NaN, as torch.relu (tl.maximum's default returns the other operand, 0)
-        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=ok)
 
 
