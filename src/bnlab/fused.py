@@ -146,8 +146,9 @@ class BatchNormAct2d(BatchNorm2d):
         self._check_input_dim(x)
         self._check_channels(x)
         self._check_residual(x, residual)
-        if self.training or (self.running_mean is None and self.running_var is None):
-            _checks.check_training_batch(x)  # batch statistics: more than one value per channel, as torch.nn
+        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        if batch_statistics:
+            _checks.check_training_batch(x)  # more than one value per channel, as torch.nn
         relu = self.activation == "relu"
         if custom_ops.tracing():
             # Traced by torch.compile / torch.export: BN as one node of the graph (bnlab.custom_ops),
@@ -157,7 +158,7 @@ class BatchNormAct2d(BatchNorm2d):
                 z = z + residual if residual is not None else z
                 return torch.relu(z) if relu else z
         backend = select_backend(x)
-        if self.training or (self.running_mean is None and self.running_var is None):
+        if batch_statistics:
             track = self.training and self.track_running_stats
             rm, rv = (self.running_mean, self.running_var) if track else (None, None)
             counter = self.num_batches_tracked if track else None
