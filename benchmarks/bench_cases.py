@@ -13,6 +13,7 @@ statistics, then dx = dy·weight·invstd and the parameters' gradients (5N, as f
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Callable
 
 import torch
@@ -53,6 +54,18 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """The ``type=`` of the scripts' durations (--seconds): "argument --seconds: expected a positive
+    number, got '-5'"."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 

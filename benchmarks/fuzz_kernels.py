@@ -47,6 +47,8 @@ import time
 import numpy as np
 import torch
 
+from bench_cases import positive_float, positive_int
+
 SETTINGS = {
     "default": {},
     "stream0": {"BNLAB_STREAM_MIN_BYTES": "0"},
@@ -550,10 +552,10 @@ def _record(out_path: str, setting: str, env_update: dict, spec: dict, failures:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=600.0, help="time budget of the whole campaign (split over settings)")
+    p.add_argument("--seconds", type=positive_float, default=600.0, help="time budget of the whole campaign (split over settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", default="all", help=f"comma-separated, from: {', '.join(SETTINGS)} (default all)")
-    p.add_argument("--jobs", type=int, default=1, help="settings run at the same time")
+    p.add_argument("--jobs", type=positive_int, default=1, help="settings run at the same time")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "fuzz_kernels_failures.jsonl"))  # fmt: skip
     p.add_argument("--replay", help="a failures file written by --out: run its cases again under their settings")

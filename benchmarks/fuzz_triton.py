@@ -71,6 +71,7 @@ import torch  # noqa: E402
 
 import bnlab  # noqa: E402
 from bnlab import reference as ref  # noqa: E402
+from bench_cases import positive_float, positive_int  # noqa: E402
 
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -864,14 +865,14 @@ def _label(spec: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=600.0, help="wall-clock budget (stop drawing cases after it)")
-    p.add_argument("--cases", type=int, default=None, help="stop after this many cases (overrides --seconds)")
+    p.add_argument("--seconds", type=positive_float, default=600.0, help="wall-clock budget (stop drawing cases after it)")
+    p.add_argument("--cases", type=positive_int, default=None, help="stop after this many cases (overrides --seconds)")
     p.add_argument("--seed", type=int, default=0, help="campaign seed: case i is drawn from (seed, i)")
     p.add_argument("--start", type=int, default=0, help="index of the first case")
-    p.add_argument("--max-numel", type=int, default=24_000, help="largest input drawn (values), with big tiles")
+    p.add_argument("--max-numel", type=positive_int, default=24_000, help="largest input drawn (values), with big tiles")
     p.add_argument("--out", default=None, help="JSON lines of failing cases (default fuzz_triton_seed<seed>.jsonl)")
     p.add_argument("--replay", default=None, help="rerun the cases of a JSON-lines file (its 'spec' fields)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the interpreter is single-threaded)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (the interpreter is single-threaded)")
     args = p.parse_args(argv)
     try:
         _setup()

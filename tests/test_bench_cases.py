@@ -3,6 +3,7 @@ same work, and an unknown name is refused naming its option."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -67,3 +68,11 @@ def test_eval_backward_ab_runs_and_prints_a_row_per_shape(capsys, keep_threads):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("(")]
     assert [r[:4] for r in rows] == [["(2,", "8,", "48,", "48)"], ["(3,", "4,", "5,", "5)"]]
     assert all(float(v) > 0 for r in rows for v in r[4:])
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "nan", "inf", "soon"])
+def test_a_duration_that_is_not_a_positive_number_is_refused(text):
+    # the fuzzers' --seconds: argparse turns the ArgumentTypeError into "argument --seconds: ..."
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a positive number"):
+        bench_cases.positive_float(text)
+    assert bench_cases.positive_float("2.5") == 2.5
