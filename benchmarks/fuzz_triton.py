@@ -99,7 +99,8 @@ _L_SPECIAL = (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128,
 #: triton_tune.py's candidates, the GPU default first
 _TUNE_TILES = ((2048, 4, 2048, 4, 1024), (1024, 4, 1024, 4, 1024), (2048, 8, 2048, 8, 1024), (4096, 8, 4096, 8, 1024),
                (4096, 16, 4096, 16, 1024), (8192, 16, 8192, 16, 2048))  # fmt: skip
-_INTERP_TILES = (128, 4, 128, 4, 64)
+_INTERP_TILES = (128, 4, 128, 4, 64, 2)  # triton_plan._INTERPRETER_TILES
+_GPU_UNROLL = 2  # triton_plan.Tiles' default unroll
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,6 +129,11 @@ def _split(rng: random.Random, total: int, dims: int) -> list[int]:
     return sizes
 
 
+def _plan_unroll(tiles) -> int:
+    """The unroll of these tiles as given, else the GPU default (Tiles' sixth field)."""
+    return tiles[5] if len(tiles) > 5 else _GPU_UNROLL
+
+
 def _draw_knobs(rng: random.Random) -> dict:
     r = rng.random()
     if r < 0.55:
@@ -139,6 +145,7 @@ def _draw_knobs(rng: random.Random) -> dict:
     else:  # any tiles parse_tiles accepts: powers of two, tiles and width >= 8
         tiles = [2 ** rng.randint(3, 12), 2 ** rng.randint(0, 4), 2 ** rng.randint(3, 12), 2 ** rng.randint(0, 4),
                  2 ** rng.randint(3, 11)]  # fmt: skip
+    tiles = list(tiles)[:5] + [rng.choice([1, 2, 3, 4, 8]) if rng.random() < 0.5 else _plan_unroll(tiles)]
     r = rng.random()
     wanted = 4 if r < 0.6 else 1 if r < 0.7 else rng.choice([2, 3, 8, 16, 64]) if r < 0.85 else 4 * 132
     r = rng.random()

@@ -46,6 +46,10 @@ SHAPES = [  # (shape, channels_last)
     # backward's merge kernel (merge_in_tiles is False), which (4, 2, 300000) takes for its many segments
     ((64, 32, 3, 3), False), ((4096, 8, 2, 2), False),
 ]  # fmt: skip
+#: --quick: one shape of each way the statistics kernels see an input (NCL rows, NLC rows of a few
+#: and of many channels, few channels with long rows, odd tails), for a short lease after a change
+QUICK_SHAPES = [((32, 64, 56, 56), False), ((32, 64, 56, 56), True), ((8192, 100), False), ((4, 2, 300000), False),
+                ((128, 16, 32, 32), True), ((7, 3, 5, 9), False)]  # fmt: skip
 DRY_RUN_SHAPES = [((4, 6, 5, 7), False), ((4, 6, 5, 7), True), ((33, 5), False), ((3, 2, 301), False),
                   ((3, 5, 2, 3, 2), True)]  # fmt: skip
 DEVICE = "cuda"
@@ -191,13 +195,14 @@ def dry_run_on_cpu() -> list:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="run the checks in the interpreter on CPU")
+    parser.add_argument("--quick", action="store_true", help=f"only the shapes {[s for s, _ in QUICK_SHAPES]}")
     args = parser.parse_args()
     if args.dry_run:
         shapes, where = dry_run_on_cpu(), "CPU (Triton interpreter)"
     elif not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device (--dry-run checks the script on CPU)")
     else:
-        shapes, where = SHAPES, torch.cuda.get_device_name()
+        shapes, where = QUICK_SHAPES if args.quick else SHAPES, torch.cuda.get_device_name()
     warnings.simplefilter("error", RuntimeWarning)  # a Triton first-use failure must not pass as a fall-back
     torch.manual_seed(0)
     print(f"{where}, torch {torch.__version__}, triton {__import__('triton').__version__}")

@@ -12,11 +12,21 @@ launch itself (Triton's argument binding and the driver call) costs nothing. Med
 samples of 2000 calls; the launches are counted in a separate call.
 
     python benchmarks/triton_host_time.py [--shapes 256,100 128,16,32,32]
+
+On a GPU (--device cuda) the launches are real and counted by a wrapper: each call's time is then
+the host's whole share (small tensors are done on the device long before the host is), set beside
+torch.nn's same call; --profile K also prints where a forward+backward step's host time goes
+(cProfile of K steps, the functions with the most time of their own).
+
+    python benchmarks/triton_host_time.py --device cuda --shapes 32,64,56,56 --profile 300
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 
 import torch
 
@@ -34,17 +44,25 @@ def _count_launch(self, *args, **kwargs):
     _LAUNCHES[0] += 1
 
 
+_REAL_RUN = JITFunction.run
+
+
+def _count_and_launch(self, *args, **kwargs):
+    _LAUNCHES[0] += 1
+    return _REAL_RUN(self, *args, **kwargs)
+
+
 def launches(fn) -> int:
     _LAUNCHES[0] = 0
     fn()
     return _LAUNCHES[0]
 
 
-def measure(shape: tuple[int, ...], calls: int = 2000) -> dict[str, tuple[float, int]]:
-    """{call: (microseconds, Triton launches)} for one input shape, float32, contiguous."""
-    x, dy = torch.randn(shape), torch.randn(shape)
-    module = {2: bnlab.BatchNorm1d, 3: bnlab.BatchNorm1d, 4: bnlab.BatchNorm2d, 5: bnlab.BatchNorm3d}[len(shape)]
-    layer = module(shape[1])
+def _calls(shape: tuple[int, ...], lib, device: str):
+    """(layer, {call name: (training mode, zero-argument callable)}) of one layer of ``lib`` (bnlab
+    or torch.nn), float32; the caller sets the layer's mode before a call's timing."""
+    x, dy = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    layer = getattr(lib, "BatchNorm1d" if len(shape) <= 3 else f"BatchNorm{len(shape) - 2}d")(shape[1]).to(device)
     xg = x.clone().requires_grad_()
     params = list(layer.parameters())
 
@@ -55,19 +73,54 @@ def measure(shape: tuple[int, ...], calls: int = 2000) -> dict[str, tuple[float,
         with torch.no_grad():
             return layer(x)
 
+    return layer, {"training forward": (True, lambda: layer(x)), "forward + backward step": (True, step),
+                   "eval": (False, evaluate)}  # fmt: skip
+
+
+def measure(shape: tuple[int, ...], calls: int = 2000, device: str = "cpu", lib=bnlab) -> dict[str, tuple[float, int]]:
+    """{call: (microseconds, Triton launches)} for one input shape, float32, contiguous; on CUDA the
+    time of ``calls`` back-to-back calls and one synchronisation, per call."""
+    layer, named = _calls(shape, lib, device)
     out = {}
-    layer.train()
-    out["training forward"] = (median_us(lambda: layer(x), 7, calls), launches(lambda: layer(x)))
-    out["forward + backward step"] = (median_us(step, 7, calls), launches(step))
-    layer.eval()
-    out["eval"] = (median_us(evaluate, 7, calls), launches(evaluate))
+    for name, (training, fn) in named.items():
+        layer.train(training)
+        count = [0]
+
+        def timed(fn=fn, count=count):
+            fn()
+            count[0] += 1
+            if device == "cuda" and count[0] % calls == 0:
+                torch.cuda.synchronize()
+
+        out[name] = (median_us(timed, 7, calls), launches(fn))
     return out
+
+
+def profile(shape: tuple[int, ...], steps: int, device: str, top: int = 25) -> str:
+    """cProfile of ``steps`` forward+backward steps of bnlab's layer: the functions with the most own time."""
+    layer, named = _calls(shape, bnlab, device)
+    layer.train()
+    step = named["forward + backward step"][1]
+    for _ in range(20):
+        step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["256,100", "128,16,32,32"], help="comma-separated sizes")
     p.add_argument("--calls", type=int, default=2000, help="calls per sample (7 samples)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: launches stubbed; cuda: real")
+    p.add_argument("--profile", type=int, default=0, help="also profile this many forward+backward steps")
     args = p.parse_args(argv)
     if args.calls < 1:
         p.error(f"--calls: expected a positive number of calls, got {args.calls}")
@@ -79,6 +132,19 @@ def main(argv=None) -> int:
             p.error(f"--shapes: expected comma-separated integers such as 128,16,32,32, got {text!r}")
         if not 2 <= len(shapes[-1]) <= 5 or min(shapes[-1]) < 1:
             p.error(f"--shapes: expected 2 to 5 positive sizes, got {text!r}")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is available")
+        JITFunction.run = _count_and_launch
+        print(f"# triton_host_time.py --device cuda {' '.join(args.shapes)}; torch {torch.__version__}, "
+              f"{torch.cuda.get_device_name()}; microseconds per call (median), Triton launches per call")  # fmt: skip
+        for shape in shapes:
+            ours, theirs = measure(shape, args.calls, "cuda"), measure(shape, args.calls, "cuda", torch.nn)
+            for name, (us, n) in ours.items():
+                print(f"{str(shape):18s} {name:26s} {us:7.1f} us  {n} launches   torch.nn {theirs[name][0]:7.1f} us")
+            if args.profile:
+                print(profile(shape, args.profile, "cuda"))
+        return 0
     JITFunction.run = _count_launch
     _REGISTRY[:] = [TritonBackend(allow_cpu=True, self_check=False), PortableBackend()]
     torch.set_num_threads(1)
@@ -87,6 +153,8 @@ def main(argv=None) -> int:
     for shape in shapes:
         for name, (us, n) in measure(shape, args.calls).items():
             print(f"{str(shape):18s} {name:26s} {us:7.1f} us  {n} launches")
+        if args.profile:
+            print(profile(shape, args.profile, "cpu"))
     return 0
 
 

@@ -121,7 +121,7 @@ def test_the_check_rejects_a_launch_that_leaves_fma_fusion_to_the_default(tmp_pa
 
         recorder = worker.Recorder(GPUTarget("cuda", 90, 32))
         part = torch.empty(1, 4, 3, dtype=torch.float64)
-        recorder(red.stats_ncl_kernel, torch.empty(2, 4, 8), part, 2, 4, 8, 1, 1, BLOCK_N=2, BLOCK_L=8,
+        recorder(red.stats_ncl_kernel, torch.empty(2, 4, 8), part, 2, 4, 8, 1, 1, BLOCK_N=2, BLOCK_L=8, UNROLL=2,
                  grid=(4, 1), warmup=False)
         print("compiled", len(recorder.seen))
     '''))

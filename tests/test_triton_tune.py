@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from triton_tune import best_tiles  # noqa: E402
 
-DEFAULT, SMALL, LARGE = "2048,4,2048,4,1024", "1024,4,1024,4,1024", "4096,8,4096,8,2048"
+DEFAULT, SMALL, LARGE = "2048,4,2048,4,1024", "1024,4,1024,4,1024,4", "4096,8,4096,8,2048,1"
 
 
 def _record(ms: dict[str, dict[str, float]]) -> dict:
@@ -35,8 +35,8 @@ def test_each_family_takes_its_own_fastest_candidate():
     even = {"stats": 2.0, "grad_sums": 2.0, "normalize": 2.0, "grad_input": 2.0}
     records = [_record({DEFAULT: even, SMALL: fast_reduce, LARGE: fast_elementwise})] * 2
     chosen, ranking = best_tiles(records, [DEFAULT, SMALL, LARGE])
-    # the reduce family's tile, warps and width from SMALL; the elementwise tile and warps from LARGE
-    assert chosen == "1024,4,4096,8,1024"
+    # the reduce family's tile, warps, width and unroll from SMALL; the elementwise tile and warps from LARGE
+    assert chosen == "1024,4,4096,8,1024,4"
     assert ranking["reduce"][0] == (SMALL, 0.5) and ranking["elementwise"][0] == (LARGE, 0.5)
 
 
@@ -46,7 +46,7 @@ def test_a_candidate_missing_from_a_case_does_not_compete():
     # LARGE is fastest where it ran but was rejected in the second case
     records = [_record({DEFAULT: even, LARGE: faster}), _record({DEFAULT: even})]
     chosen, ranking = best_tiles(records, [DEFAULT, LARGE])
-    assert chosen == DEFAULT
+    assert chosen == DEFAULT + ",2"  # the unroll left out of DEFAULT: triton_plan.Tiles' default
     assert [c for c, _ in ranking["reduce"]] == [DEFAULT]
 
 
@@ -74,7 +74,7 @@ def test_dry_run_times_every_candidate_and_names_the_best(tmp_path):
     for rec in records:  # four kernels under each candidate, and the copy
         assert len(rec["results"]) == 9 and all(v["ms"] > 0 for v in rec["results"].values())
     # in the interpreter an 8-value tile is much slower than the default's: the default wins
-    assert f"best tiles: {DEFAULT} " in result.stdout
+    assert f"best tiles: {DEFAULT},2 " in result.stdout
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # resumes: nothing to time
     assert again.returncode == 0 and "copy_" not in again.stdout and "best tiles:" in again.stdout
 

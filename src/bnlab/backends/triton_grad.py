@@ -22,30 +22,36 @@ def grad_ncl_kernel(
     hi_ptr,  # (C,) float32: the mean rounded to float32
     part_ptr,  # (S, C, 2) float64 out: Σdz, Σdz·(x - hi) per segment
     N, C, L, LB, TPS, K8B,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
+    """Each lane sums its own dz and fp32 products dz·(x - hi) in float64, UNROLL tiles per step
+    (their loads issued together); the lanes are reduced once, at the end (a block-wide sum per
+    tile stalled every warp at a barrier)."""
     c, s = tl.program_id(0), tl.program_id(1)
     hi = tl.load(hi_ptr + c)
-    acc_dy = tl.full([], 0.0, tl.float64)
-    acc_dyx = tl.full([], 0.0, tl.float64)
+    acc_dy = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float64)
+    acc_dyx = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float64)
     t_end = tl.minimum((s + 1) * TPS, tl.cdiv(N, BLOCK_N) * LB)
-    for t in range(s * TPS, t_end):
-        n = (t // LB) * BLOCK_N + tl.arange(0, BLOCK_N)
-        l_ = (t % LB) * BLOCK_L + tl.arange(0, BLOCK_L)
-        ok = (n < N)[:, None] & (l_ < L)[None, :]
-        row = n.to(tl.int64) * C + c
-        offs = row[:, None] * L + l_[None, :]
-        dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            dz = relu_masked(dz, mask_ptr, row * K8B, n < N, (t % LB) * BLOCK_L, L, K8B, BLOCK_N, BLOCK_L)
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        # fp32 within a tile, float64 across tiles (the portable backend sums fp32 products in float64)
-        acc_dy += tl.sum(tl.sum(dz, axis=1), axis=0).to(tl.float64)
-        acc_dyx += tl.sum(tl.sum(tl.where(ok, dz * (x - hi), 0.0), axis=1), axis=0).to(tl.float64)
+    for t0 in range(s * TPS, t_end, UNROLL):
+        for u in tl.static_range(UNROLL):
+            t = t0 + u
+            n = (t // LB) * BLOCK_N + tl.arange(0, BLOCK_N)
+            l_ = (t % LB) * BLOCK_L + tl.arange(0, BLOCK_L)
+            row_ok = n < tl.where(t < t_end, N, 0)  # a step's tiles past the segment's end: all masked
+            ok = row_ok[:, None] & (l_ < L)[None, :]
+            row = n.to(tl.int64) * C + c
+            offs = row[:, None] * L + l_[None, :]
+            dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                dz = relu_masked(dz, mask_ptr, row * K8B, row_ok, (t % LB) * BLOCK_L, L, K8B, BLOCK_N, BLOCK_L)
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            # products in fp32, sums in float64 (as the portable backend sums fp32 products)
+            acc_dy += dz.to(tl.float64)
+            acc_dyx += tl.where(ok, dz * (x - hi), 0.0).to(tl.float64)
     one = tl.zeros([1], dtype=tl.float64)
     out = part_ptr + (s * C + c + tl.arange(0, 1)) * 2
-    tl.store(out, one + acc_dy)
-    tl.store(out + 1, one + acc_dyx)
+    tl.store(out, one + tl.sum(tl.sum(acc_dy, axis=1), axis=0))
+    tl.store(out + 1, one + tl.sum(tl.sum(acc_dyx, axis=1), axis=0))
 
 
 @triton.jit
@@ -53,29 +59,30 @@ def grad_nlc_kernel(
     dy_ptr, x_ptr,  # (M, C) rows of contiguous channels
     mask_ptr,  # ReLU mask (HAS_MASK), rows m of K8B bytes
     hi_ptr, part_ptr, M, C, SEG, K8B,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
     cb, s = tl.program_id(0), tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     hi = tl.load(hi_ptr + c, mask=c_ok, other=0.0)
-    acc_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
-    acc_dyx = tl.zeros([BLOCK_C], dtype=tl.float64)
+    acc_dy = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float64)  # per lane, reduced at the end
+    acc_dyx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float64)
     start = s * SEG
     end = tl.minimum(start + SEG, M)
-    for m0 in range(start, end, BLOCK_M):
-        m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        ok = (m < end)[:, None] & c_ok[None, :]
-        offs = m[:, None] * C + c[None, :]
-        dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            dz = relu_masked(dz, mask_ptr, m * K8B, m < end, cb * BLOCK_C, C, K8B, BLOCK_M, BLOCK_C)
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        acc_dy += tl.sum(dz, axis=0).to(tl.float64)
-        acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
+    for m0 in range(start, end, UNROLL * BLOCK_M):
+        for u in tl.static_range(UNROLL):
+            m = (m0 + u * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            ok = (m < end)[:, None] & c_ok[None, :]
+            offs = m[:, None] * C + c[None, :]
+            dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                dz = relu_masked(dz, mask_ptr, m * K8B, m < end, cb * BLOCK_C, C, K8B, BLOCK_M, BLOCK_C)
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            acc_dy += dz.to(tl.float64)
+            acc_dyx += tl.where(ok, dz * (x - hi[None, :]), 0.0).to(tl.float64)
     out = part_ptr + (s * C + c) * 2
-    tl.store(out, acc_dy, mask=c_ok)
-    tl.store(out + 1, acc_dyx, mask=c_ok)
+    tl.store(out, tl.sum(acc_dy, axis=0), mask=c_ok)
+    tl.store(out + 1, tl.sum(acc_dyx, axis=0), mask=c_ok)
 
 
 @triton.jit

@@ -44,12 +44,12 @@ def _partial_stats(x, p: Plan):
     if p.ncl:
         red.stats_ncl_kernel[(p.c, p.segments)](
             x, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment,
-            BLOCK_N=p.block_a, BLOCK_L=p.block_b, num_warps=p.warps_reduce, **_COMPILE,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, UNROLL=p.unroll, num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     else:
         red.stats_nlc_kernel[(_cdiv(p.c, p.block_b), p.segments)](
-            x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b, num_warps=p.warps_reduce,
-            **_COMPILE,
+            x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b, UNROLL=p.unroll,
+            num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     return part
 
@@ -60,12 +60,14 @@ def _partial_grads(dy, x, mask, hi, p: Plan):
     if p.ncl:
         grad.grad_ncl_kernel[(p.c, p.segments)](
             dy, x, mask_arg, hi, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment, p.k8b,
-            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, num_warps=p.warps_reduce, **_COMPILE,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=p.unroll, num_warps=p.warps_reduce,
+            **_COMPILE,
         )  # fmt: skip
     else:
         grad.grad_nlc_kernel[(_cdiv(p.c, p.block_b), p.segments)](
             dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
-            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, num_warps=p.warps_reduce, **_COMPILE,
+            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, UNROLL=p.unroll,
+            num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     return part
 

@@ -44,6 +44,7 @@ class Plan(NamedTuple):
     block_k: int
     warps_reduce: int = 4  # num_warps of the statistics and gradient-sum kernels
     warps_elementwise: int = 4  # num_warps of normalize and the input gradient
+    unroll: int = 2  # reduce kernels: tiles loaded together per step
 
     @property
     def m(self) -> int:
@@ -69,7 +70,8 @@ class Tiles(NamedTuple):
     kernels (statistics, gradient sums) and the elementwise ones (normalize, input gradient).
 
     ``width`` bounds a tile's row: NCL tiles span min(L, width) positions of a row, elementwise
-    tiles min(K, width) values. All are powers of two.
+    tiles min(K, width) values. All are powers of two. ``unroll``: how many tiles the statistics and
+    gradient-sum kernels load together per step (more bytes in flight per program).
     """
 
     reduce_tile: int = 2048
@@ -77,28 +79,33 @@ class Tiles(NamedTuple):
     elementwise_tile: int = 2048
     elementwise_warps: int = 4
     width: int = 1024
+    unroll: int = 2
 
 
 #: The tiles of every GPU launch. First guesses, not yet measured on a GPU: benchmarks/triton_tune.py
 #: times alternatives on one (each kernel family alone), and benchmarks/bench_bn.py --triton-tiles
 #: runs the benchmark under others without editing this line.
 GPU_TILES = Tiles()
-#: The interpreter's (CPU tests): small tiles, many of them, so that tails and merges are exercised.
-_INTERPRETER_TILES = Tiles(128, 4, 128, 4, 64)
+#: The interpreter's (CPU tests): small tiles, many of them, so that tails and merges are exercised;
+#: two tiles per step, so that a segment's last step often holds a tile past its end (masked).
+_INTERPRETER_TILES = Tiles(128, 4, 128, 4, 64, 2)
 
 
 def parse_tiles(text: str) -> Tiles:
-    """Tiles from "reduce_tile,reduce_warps,elementwise_tile,elementwise_warps,width", e.g. "4096,8,2048,4,1024".
+    """Tiles from "reduce_tile,reduce_warps,elementwise_tile,elementwise_warps,width[,unroll]", e.g.
+    "4096,8,2048,4,1024" or "2048,4,2048,4,1024,4" (unroll 2 when left out).
 
-    Raises ValueError naming what was expected when a value is missing or not a power of two.
+    Raises ValueError naming what was expected when a value is missing or not a power of two
+    (unroll: any positive number).
     """
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != len(Tiles._fields) or any(v < 1 or v & (v - 1) for v in values):
-        raise ValueError(f"tiles: expected {len(Tiles._fields)} comma-separated powers of two "
-                         f"({','.join(Tiles._fields)}), got {text!r}")  # fmt: skip
+    n_fields = len(Tiles._fields)
+    if len(values) not in (n_fields - 1, n_fields) or any(v < 1 or v & (v - 1) for v in values[:5]) or min(values) < 1:
+        raise ValueError(f"tiles: expected {n_fields - 1} comma-separated powers of two "
+                         f"({','.join(Tiles._fields[:-1])}) and optionally unroll (a positive number), got {text!r}")  # fmt: skip
     tiles = Tiles(*values)
     if min(tiles.reduce_tile, tiles.elementwise_tile) < 8 or tiles.width < 8:
         raise ValueError(f"tiles: tile sizes and width must be at least 8 (a mask byte per tile row), got {text!r}")
@@ -176,4 +183,4 @@ def _new_plan(x: torch.Tensor, t: Tiles, wanted: int) -> Plan | None:
     block_k = max(8, min(_pow2(k), width))
     block_r = max(1, t.elementwise_tile // block_k)
     return Plan(ncl, n, c, length, block_a, block_b, segments, per, block_r, block_k, t.reduce_warps,
-                t.elementwise_warps)  # fmt: skip
+                t.elementwise_warps, t.unroll)  # fmt: skip

@@ -143,7 +143,7 @@ def small_backward_kernel(
         ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
         dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        # fp32 within a tile, float64 across tiles (as grad_nlc_kernel)
+        # fp32 within a tile, float64 across tiles (one program over few rows: no lanes to keep)
         acc_dy += tl.sum(dz, axis=0).to(tl.float64)
         acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
     # The coefficients of dx = kk·dz + a·(x - hi) + cc (as grad_merge_kernel).

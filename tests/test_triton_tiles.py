@@ -1,0 +1,28 @@
+"""triton_plan.parse_tiles and the unroll of the reduce kernels' plans (torch only: no Triton needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnlab.backends import triton_plan
+from bnlab.backends.triton_plan import Tiles, parse_tiles
+
+
+def test_five_fields_keep_the_default_unroll_and_a_sixth_sets_it():
+    assert parse_tiles("4096,8,2048,4,1024") == Tiles(4096, 8, 2048, 4, 1024, Tiles().unroll)
+    assert parse_tiles("2048,4,2048,4,1024,3").unroll == 3  # any positive unroll, not only powers of two
+
+
+@pytest.mark.parametrize("text", ["2048,4,2048,4,1024,0", "2048,4,2048,4,1024,-2", "2048,4,2048,4,1024,2,2",
+                                  "2048,4,2048,4", "2048,4,2048,3,1024,2", "2048,4,2048,4,1024,x"])  # fmt: skip
+def test_bad_tiles_are_refused_naming_the_fields(text):
+    with pytest.raises(ValueError, match="unroll") as info:
+        parse_tiles(text)
+    assert repr(text) in str(info.value)
+
+
+def test_the_plan_carries_the_tiles_unroll():
+    x = torch.empty(8, 3, 5, 7)
+    assert triton_plan.plan(x, for_gpu=True, tiles=parse_tiles("2048,4,2048,4,1024,4")).unroll == 4
+    assert triton_plan.plan(x, for_gpu=True).unroll == triton_plan.GPU_TILES.unroll
