@@ -33,18 +33,18 @@ from bench_bn import SHAPES, save, time_interleaved  # noqa: E402
 from bench_cases import DTYPES, make_input  # noqa: E402
 
 #: (reduce_tile, reduce_warps, elementwise_tile, elementwise_warps, width, unroll): the default
-#: first, then other tiles per step of the reduce kernels (1: the lanes' sums as before unrolling;
-#: 4), then 8 or 16 values per thread (tile / (32 x warps)) in tiles from 1024 to 8192 values.
-#: 32 values per thread (4096 at 4 warps, 8192 at 8) spilled 900+ bytes in the compile check
-#: (tests/triton_compile_worker.py --tiles, Triton 3.6, sm_90) and are not tried.
+#: first, then other tiles per step of the reduce kernels (16-bit inputs only: 32- and 64-bit ones
+#: take one), then 8 or 16 values per thread (tile / (32 x warps)) in tiles from 1024 to 8192
+#: values. 32 values per thread (4096 at 4 warps, 8192 at 8) spilled 900+ bytes in the compile
+#: check (tests/triton_compile_worker.py --tiles, Triton 3.6, sm_90) and are not tried.
 CANDIDATES = (
+    "2048,4,2048,4,1024,4",
     "2048,4,2048,4,1024,2",
     "2048,4,2048,4,1024,1",
-    "2048,4,2048,4,1024,4",
     "2048,8,2048,8,1024,4",
-    "4096,8,4096,8,1024,2",
+    "4096,8,4096,8,1024,4",
     "1024,4,1024,4,1024,4",
-    "8192,16,8192,16,2048,2",
+    "8192,16,8192,16,2048,4",
 )
 #: bytes moved per element of x by each kernel alone
 KERNEL_TRAFFIC = {"stats": 1, "normalize": 2, "grad_sums": 2, "grad_input": 3, "copy_": 2}

@@ -120,7 +120,36 @@ def _infinite_channels(shape, dtype, layout):
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-@pytest.mark.parametrize("backend", ["cpu", "portable"])
+@contextlib.contextmanager
+def _backend(name):
+    """Pin bnlab to ``name``: "cpu", "portable", or the Triton kernels run by Triton's interpreter
+    on CPU tensors ("triton": the general kernels; "triton-small": the one-program ones where a
+    shape qualifies). The interpreter comes from TRITON_INTERPRET=1, which tests/conftest.py sets."""
+    if not name.startswith("triton"):
+        bnlab.set_backend(name)
+        try:
+            yield
+        finally:
+            bnlab.set_backend(None)
+        return
+    pytest.importorskip("triton")
+    from bnlab.backends import _REGISTRY, PortableBackend
+    from bnlab.backends import triton_ops
+    from bnlab.backends.triton_backend import TritonBackend
+
+    saved, small = list(_REGISTRY), triton_ops.SMALL_NUMEL
+    _REGISTRY[:] = [TritonBackend(allow_cpu=True, self_check=False), PortableBackend()]
+    triton_ops.SMALL_NUMEL = small if name == "triton-small" else 0
+    try:
+        yield
+    finally:
+        _REGISTRY[:] = saved
+        triton_ops.SMALL_NUMEL = small
+
+
+# Triton's interpreter computes inf - inf with NumPy, which warns; the NaN is the point here
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["cpu", "portable", "triton", "triton-small"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape, layout",
@@ -129,18 +158,16 @@ def _infinite_channels(shape, dtype, layout):
 def test_guard_off_gives_infinite_means_as_torch_nn(backend, dtype, shape, layout):
     # A channel holding one kind of infinity has the mean ±inf (torch.nn's CPU kernel and the float64
     # reference), also where that infinity is the channel's first value, which the shifted sums of
-    # the kernels take as their shift (inf - inf = NaN: the mean came out NaN before).
+    # the kernels take as their shift (inf - inf = NaN: the mean came out NaN before), and where a
+    # finite part merges after an infinite one (Chan's delta inf - inf, the one-program Triton kernels).
     x = _infinite_channels(shape, dtype, layout)
     layer_type = bnlab.BatchNorm1d if len(shape) < 4 else bnlab.BatchNorm2d
     theirs = (torch.nn.BatchNorm1d if len(shape) < 4 else torch.nn.BatchNorm2d)(5)
     theirs(x.float())  # float32 statistics of the same values (torch.nn's mixed-precision rule)
     expected_mean = ref.moments(to_np(x.double())).mean
-    bnlab.set_backend(backend)
-    try:
+    with _backend(backend):
         ours = layer_type(5, skip_nonfinite=False)
         ours(x)
-    finally:
-        bnlab.set_backend(None)
     got = ours.running_mean
     torch.testing.assert_close(got[:4], theirs.running_mean[:4], rtol=0, atol=0, equal_nan=True)
     np.testing.assert_array_equal(to_np(got[:4]), 0.1 * expected_mean[:4])

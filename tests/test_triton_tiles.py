@@ -22,7 +22,9 @@ def test_bad_tiles_are_refused_naming_the_fields(text):
     assert repr(text) in str(info.value)
 
 
-def test_the_plan_carries_the_tiles_unroll():
-    x = torch.empty(8, 3, 5, 7)
-    assert triton_plan.plan(x, for_gpu=True, tiles=parse_tiles("2048,4,2048,4,1024,4")).unroll == 4
-    assert triton_plan.plan(x, for_gpu=True).unroll == triton_plan.GPU_TILES.unroll
+@pytest.mark.parametrize("dtype,unrolled", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False),
+                                            (torch.float64, False)])  # fmt: skip
+def test_16_bit_plans_carry_the_tiles_unroll_and_wider_inputs_take_one_tile_per_step(dtype, unrolled):
+    x = torch.empty(8, 3, 5, 7, dtype=dtype)
+    assert triton_plan.plan(x, for_gpu=True, tiles=parse_tiles("2048,4,2048,4,1024,3")).unroll == (3 if unrolled else 1)
+    assert triton_plan.plan(x, for_gpu=True).unroll == (triton_plan.GPU_TILES.unroll if unrolled else 1)

@@ -46,7 +46,7 @@ def test_a_candidate_missing_from_a_case_does_not_compete():
     # LARGE is fastest where it ran but was rejected in the second case
     records = [_record({DEFAULT: even, LARGE: faster}), _record({DEFAULT: even})]
     chosen, ranking = best_tiles(records, [DEFAULT, LARGE])
-    assert chosen == DEFAULT + ",2"  # the unroll left out of DEFAULT: triton_plan.Tiles' default
+    assert chosen == DEFAULT + ",4"  # the unroll left out of DEFAULT: triton_plan.Tiles' default
     assert [c for c, _ in ranking["reduce"]] == [DEFAULT]
 
 
@@ -74,7 +74,7 @@ def test_dry_run_times_every_candidate_and_names_the_best(tmp_path):
     for rec in records:  # four kernels under each candidate, and the copy
         assert len(rec["results"]) == 9 and all(v["ms"] > 0 for v in rec["results"].values())
     # in the interpreter an 8-value tile is much slower than the default's: the default wins
-    assert f"best tiles: {DEFAULT},2 " in result.stdout
+    assert f"best tiles: {DEFAULT},4 " in result.stdout
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # resumes: nothing to time
     assert again.returncode == 0 and "copy_" not in again.stdout and "best tiles:" in again.stdout
 

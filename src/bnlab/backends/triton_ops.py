@@ -54,19 +54,27 @@ def _partial_stats(x, p: Plan):
     return part
 
 
+#: The gradient sums' tiles per step at most: they load two tensors per tile, and four tiles of
+#: both held 255 registers and spilled 852 bytes (grad_nlc_kernel with the ReLU mask, sm_90);
+#: measured on an H200 two gave what four did (bfloat16, 411 MB: 3772 and 3746 GB/s, against 3884
+#: and 3716).
+GRAD_UNROLL_MAX = 2
+
+
 def _partial_grads(dy, x, mask, hi, p: Plan):
     part = torch.empty(p.segments, p.c, 2, dtype=_F64, device=x.device)
+    unroll = min(p.unroll, GRAD_UNROLL_MAX)
     mask_arg = mask if mask is not None else dy
     if p.ncl:
         grad.grad_ncl_kernel[(p.c, p.segments)](
             dy, x, mask_arg, hi, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment, p.k8b,
-            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=p.unroll, num_warps=p.warps_reduce,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=unroll, num_warps=p.warps_reduce,
             **_COMPILE,
         )  # fmt: skip
     else:
         grad.grad_nlc_kernel[(_cdiv(p.c, p.block_b), p.segments)](
             dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
-            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, UNROLL=p.unroll,
+            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, UNROLL=unroll,
             num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     return part

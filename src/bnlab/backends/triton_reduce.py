@@ -37,15 +37,27 @@ def narrow(value, dtype: tl.constexpr):
 
 
 @triton.jit
+def finite_shift(first):
+    """The shift K (float64) from a channel's first value: 0 where that is infinite or NaN, so that
+    x - K stays ±inf for an infinite value (torch.nn's mean is then ±inf) instead of inf - inf = NaN."""
+    k = first.to(tl.float64)
+    return tl.where(tl.abs(k) < float("inf"), k, 0.0)
+
+
+@triton.jit
 def chan_update(n_acc, mean_acc, m2_acc, d, ok, cnt):
     """Fold a tile of shifted values d (float64, 0 where not ok; cnt valid values per channel) into the
-    running (count, mean, M2), axis 0 being the reduced axis."""
+    running (count, mean, M2), axis 0 being the reduced axis. Where either mean is infinite the new
+    mean is the weighted sum (inf stays inf; inf - inf in Chan's delta would make it NaN)."""
     t_mean = tl.sum(d, axis=0) / cnt
     dev = tl.where(ok, d - t_mean[None, :], 0.0)
     t_m2 = tl.sum(dev * dev, axis=0)
     n_new = n_acc + cnt
     delta = t_mean - mean_acc
-    return n_new, mean_acc + delta * (cnt / n_new), m2_acc + t_m2 + delta * delta * (n_acc * cnt / n_new)
+    chan = mean_acc + delta * (cnt / n_new)
+    weighted = (n_acc * mean_acc + cnt * t_mean) / n_new
+    both_finite = (tl.abs(mean_acc) < float("inf")) & (tl.abs(t_mean) < float("inf"))
+    return n_new, tl.where(both_finite, chan, weighted), m2_acc + t_m2 + delta * delta * (n_acc * cnt / n_new)
 
 
 @triton.jit
@@ -79,7 +91,7 @@ def stats_ncl_kernel(
     of copy bandwidth on an H200; one tile per step, 81 %.)"""
     c, s = tl.program_id(0), tl.program_id(1)
     base = x_ptr + c.to(tl.int64) * L
-    shift = tl.load(base).to(tl.float64)  # K = x[0, c, 0]
+    shift = finite_shift(tl.load(base))  # K = x[0, c, 0]
     s1 = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float64)
     s2 = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float64)
     cnt = tl.full([], 0.0, tl.float64)
@@ -117,7 +129,7 @@ def stats_nlc_kernel(
     cb, s = tl.program_id(0), tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    shift = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float64)  # K = x[0, c]
+    shift = finite_shift(tl.load(x_ptr + c, mask=c_ok, other=0.0))  # K = x[0, c]
     s1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float64)
     s2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float64)
     start = s * SEG
@@ -177,7 +189,7 @@ def stats_merge_kernel(
     n = tl.sum(n_s, axis=0)
     mean_d = tl.sum(n_s * mean_s, axis=0) / n  # K-way Chan: weighted means, then spread of the means
     m2 = tl.sum(m2_s, axis=0) + tl.sum(n_s * (mean_s - mean_d) * (mean_s - mean_d), axis=0)
-    mean = tl.load(x_ptr + c * sC).to(tl.float64) + mean_d
+    mean = finite_shift(tl.load(x_ptr + c * sC)) + mean_d
     invstd = 1.0 / tl.sqrt(m2 / n + eps)
     tl.store(stats_ptr + c, mean)
     tl.store(stats_ptr + C + c, m2)

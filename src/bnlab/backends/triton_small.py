@@ -27,6 +27,7 @@ from bnlab.backends.triton_reduce import (
     blend_running,
     chan_update,
     counted_factor,
+    finite_shift,
     narrow,
     nonfinite_count,
     normalize_coefficients,
@@ -55,7 +56,7 @@ def small_forward_kernel(
 ):  # fmt: skip
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
-    shift = tl.load(x_ptr + c, mask=c_ok, other=0.0).to(tl.float64)  # K = x[0, c]
+    shift = finite_shift(tl.load(x_ptr + c, mask=c_ok, other=0.0))  # K = x[0, c]
     n_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     mean_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     m2_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
