@@ -877,7 +877,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="campaign seed: case i is drawn from (seed, i)")
     p.add_argument("--start", type=int, default=0, help="index of the first case")
     p.add_argument("--max-numel", type=positive_int, default=24_000, help="largest input drawn (values), with big tiles")
-    p.add_argument("--out", default=None, help="JSON lines of failing cases (default fuzz_triton_seed<seed>.jsonl)")
+    p.add_argument("--out", default=None, help="JSON lines of failing cases (default "
+                   "benchmarks/results/fuzz_triton_seed<seed>.jsonl, beside fuzz_kernels.py's, wherever it is run from)")
     p.add_argument("--replay", default=None, help="rerun the cases of a JSON-lines file (its 'spec' fields)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (the interpreter is single-threaded)")
     args = p.parse_args(argv)
@@ -898,7 +899,8 @@ def main(argv=None) -> int:
         print(f"replayed {len(specs)} cases: {bad} failing", file=sys.stderr)
         return 1 if bad else 0
 
-    out = args.out or f"fuzz_triton_seed{args.seed}.jsonl"
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = args.out or os.path.join(results, f"fuzz_triton_seed{args.seed}.jsonl")
     open(out, "w").close()
     t_start = time.perf_counter()
     by_label: dict = defaultdict(lambda: [0, 0.0, 0])  # cases, seconds, failing

@@ -106,7 +106,8 @@ def parse_tiles(text: str) -> Tiles:
     except ValueError:
         values = []
     n_fields = len(Tiles._fields)
-    if len(values) not in (n_fields - 1, n_fields) or any(v < 1 or v & (v - 1) for v in values[:5]) or min(values) < 1:
+    counted = len(values) in (n_fields - 1, n_fields)
+    if not counted or any(v < 1 or v & (v - 1) for v in values[:5]) or min(values) < 1:
         raise ValueError(f"tiles: expected {n_fields - 1} comma-separated powers of two "
                          f"({','.join(Tiles._fields[:-1])}) and optionally unroll (a positive number), got {text!r}")  # fmt: skip
     tiles = Tiles(*values)
@@ -145,7 +146,7 @@ def plan(x: torch.Tensor, for_gpu: bool | None = None, tiles: Tiles | None = Non
     wanted = _programs_wanted(x, gpu)
     # A plan depends on nothing else (the element size: the unroll); looked up, it costs a few tenths of a microsecond of a GPU
     # call's host time instead of two (benchmarks/triton_host_time.py).
-    key = (x.shape, x.stride(), x.element_size(), t, wanted)  # 16-bit inputs unroll their reduce steps
+    key = (x.shape, x.stride(), x.element_size(), t, wanted)  # 16-bit inputs unroll reduce steps
     found = _PLANS.get(key, _NO_PLAN)
     if found is _NO_PLAN:
         if len(_PLANS) >= _PLANS_KEPT:
