@@ -48,3 +48,18 @@ def test_other_inputs_launch_the_general_kernels():
 def test_eval_of_long_rows_launches_one_kernel():
     # rows of 36 values: each tile computes its few channels' coefficients (eval_one_launch)
     assert _launches("4,8,6,6") == {"training forward": 3, "forward + backward step": 5, "eval": 1}
+
+
+def test_profile_names_the_step_functions_and_cuda_without_a_gpu_is_refused():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    script = str(ROOT / "benchmarks" / "triton_host_time.py")
+    cmd = [sys.executable, script, "--shapes", "4,8,3,3", "--calls", "3", "--profile", "5"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the cProfile table of the step, with the Triton launchers bnlab calls among its rows
+    assert "Ordered by: internal time" in out.stdout and "triton_ops.py" in out.stdout
+    if not __import__("torch").cuda.is_available():
+        refused = subprocess.run([sys.executable, script, "--device", "cuda"], env=env, capture_output=True, text=True,
+                                 timeout=300)  # fmt: skip
+        assert refused.returncode == 2 and "--device cuda: no CUDA device is available" in refused.stderr
