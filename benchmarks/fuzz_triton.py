@@ -73,7 +73,7 @@ import bnlab  # noqa: E402
 from bnlab import reference as ref  # noqa: E402
 from bench_cases import positive_float, positive_int  # noqa: E402
 
-TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+TOL = {getattr(torch, name): tol for name, tol in ref.TOLERANCE.items()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 KINDS = ("bn1d", "bn2d", "bn3d", "act", "act_res")
 MODES = ("train", "train_nograd", "eval_nograd", "eval_graph")

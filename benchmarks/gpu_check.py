@@ -36,7 +36,7 @@ import bnlab
 from bnlab import reference
 from bnlab.backends import _REGISTRY, PortableBackend, select_backend
 
-TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+TOL = {getattr(torch, name): tol for name, tol in reference.TOLERANCE.items() if name != "float64"}
 SHAPES = [  # (shape, channels_last)
     ((32, 64, 56, 56), False), ((32, 64, 56, 56), True), ((128, 16, 32, 32), True), ((256, 64, 32, 32), False),
     ((8192, 100), False), ((256, 100), False), ((7, 3, 5, 9), False), ((7, 3, 5, 9), True),

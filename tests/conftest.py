@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bnlab  # noqa: E402
+from bnlab import reference  # noqa: E402
 from bnlab.backends import get_backend  # noqa: E402
 
 
@@ -44,8 +45,8 @@ def backend(request):
 
 
 # Agreement required with torch.nn and with the float64 reference, relative to the scale of the
-# quantity compared: rounding for float64, the 2e-4 for float32, a few bf16/fp16 ulps.
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# quantity compared (bnlab.reference.TOLERANCE, keyed here by torch dtype).
+TOLERANCE = {getattr(torch, name): tol for name, tol in reference.TOLERANCE.items()}
 
 
 def rel_err(actual, expected) -> float:

@@ -11,7 +11,7 @@ import torch
 
 import bnlab
 
-TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+TOL = {getattr(torch, name): tol for name, tol in bnlab.reference.TOLERANCE.items()}
 
 
 def rel_err(actual, expected) -> float:
