@@ -76,3 +76,14 @@ def test_a_duration_that_is_not_a_positive_number_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a positive number"):
         bench_cases.positive_float(text)
     assert bench_cases.positive_float("2.5") == 2.5
+
+
+def test_report_of_gpu_results_needs_no_gpu_and_judges_cudnn_on_float32(tmp_path, capsys):
+    """--report --device cuda summarizes a GPU run's file on any machine; the cuDNN line counts
+    float32 cases only (torch.nn runs PyTorch's native kernels for bf16)."""
+    src = ROOT / "benchmarks" / "results" / "h200_s23_round2_lanes_gpu.jsonl"
+    assert bench_bn.main(["--device", "cuda", "--report", "--out", str(src)]) == 0
+    out = capsys.readouterr().out
+    # the two float32 NCHW forwards of that run: 2.729x and 1.174x torch.nn
+    expected = (2.729 * 1.174) ** 0.5
+    assert f"fwd fp32 NCHW 4D vs torch (cuDNN): geometric mean {expected:.2f}x, min 1.17x" in out
