@@ -80,13 +80,10 @@ def shape_parser(doc: str, default_shape: str) -> argparse.ArgumentParser:
 
 
 def make_input(shape, layout: str, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
-    if device == "cuda":
-        # drawn on the GPU: a CPU draw of the 411 MB GPU shapes costs seconds per case in a short lease
-        gen = torch.Generator(device=device).manual_seed(seed)
-        x = torch.randn(shape, generator=gen, dtype=torch.float32, device=device).to(dtype)
-    else:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    # drawn on the GPU for cuda: a CPU draw of the 411 MB GPU shapes costs seconds per case in a short lease
+    where = "cuda" if device == "cuda" else "cpu"
+    gen = torch.Generator(device=where).manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float32, device=where).to(device=device, dtype=dtype)
     if layout == "cl" and x.dim() in (4, 5):
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x

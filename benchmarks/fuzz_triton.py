@@ -71,6 +71,7 @@ import torch  # noqa: E402
 
 import bnlab  # noqa: E402
 from bnlab import reference as ref  # noqa: E402
+from bnlab.backends import triton_plan  # noqa: E402  (torch only: the plans' tiles)
 from bench_cases import positive_float, positive_int  # noqa: E402
 
 TOL = {getattr(torch, name): tol for name, tol in ref.TOLERANCE.items()}
@@ -99,8 +100,8 @@ _L_SPECIAL = (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128,
 #: triton_tune.py's candidates, the GPU default first
 _TUNE_TILES = ((2048, 4, 2048, 4, 1024), (1024, 4, 1024, 4, 1024), (2048, 8, 2048, 8, 1024), (4096, 8, 4096, 8, 1024),
                (4096, 16, 4096, 16, 1024), (8192, 16, 8192, 16, 2048))  # fmt: skip
-_INTERP_TILES = (128, 4, 128, 4, 64, 2)  # triton_plan._INTERPRETER_TILES
-_GPU_UNROLL = 4  # triton_plan.Tiles' default unroll
+_INTERP_TILES = tuple(triton_plan._INTERPRETER_TILES)
+_GPU_UNROLL = triton_plan.Tiles().unroll
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bn import SHAPES, save, time_interleaved  # noqa: E402
 from bench_cases import DTYPES, make_input  # noqa: E402
+from bnlab.backends.triton_plan import parse_tiles  # noqa: E402  (torch only)
 
 #: (reduce_tile, reduce_warps, elementwise_tile, elementwise_warps, width, unroll): the default
 #: first, then other tiles per step of the reduce kernels (16-bit inputs only: 32- and 64-bit ones
@@ -155,19 +156,13 @@ def best_tiles(records: list[dict], candidates: list[str]) -> tuple[str, dict]:
         ranking[family] = sorted(scores, key=lambda item: item[1])
     fields = {}
     for family, (tile_i, warps_i) in (("reduce", (0, 1)), ("elementwise", (2, 3))):
-        chosen = ops_tiles(ranking[family][0][0] if ranking[family] else candidates[0])
+        chosen = parse_tiles(ranking[family][0][0] if ranking[family] else candidates[0])  # unroll filled in
         fields[family] = (chosen[tile_i], chosen[warps_i], chosen[4], chosen[5])
     # one width serves both families: the reduce family's (its NCL tiles' row length); the unroll
     # is the reduce kernels' alone
     r, e = fields["reduce"], fields["elementwise"]
     return ",".join(str(v) for v in (r[0], r[1], e[0], e[1], r[2], r[3])), ranking
 
-
-def ops_tiles(text: str) -> tuple:
-    """The six fields of a candidate (triton_plan.parse_tiles: the unroll defaults when left out)."""
-    from bnlab.backends.triton_plan import parse_tiles
-
-    return tuple(parse_tiles(text))
 
 
 def main(argv=None) -> int:
