@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.calls < 1:
         p.error(f"--calls: expected a positive number of calls, got {args.calls}")
+    if args.profile < 0:
+        p.error(f"--profile: expected a number of steps >= 0 (0: no profile), got {args.profile}")
     shapes = []
     for text in args.shapes:
         try:

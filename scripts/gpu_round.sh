@@ -25,6 +25,9 @@ fi
 # stage runs under min(its own limit, what is left of BUDGET seconds less a reserve for the
 # report), in the order the targets need it, and is skipped when under 15 seconds are left.
 BUDGET=${BUDGET:-540}
+case "$BUDGET" in
+    '' | *[!0-9]*) echo "gpu_round.sh: BUDGET: expected a whole number of seconds, got '$BUDGET'" >&2; exit 2 ;;
+esac
 STARTED=$(date +%s)
 LOG="$OUT/log.txt"  # one log for every stage: the tool brings back at most 8 files
 limit_for() {  # limit_for WANTED: seconds this stage may take

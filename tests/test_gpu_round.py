@@ -85,3 +85,9 @@ def test_dry_run_passes_the_checks_in_the_interpreter(tmp_path):
     result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "0 failure(s)" in result.stdout
+
+
+def test_a_budget_that_is_not_a_number_is_refused_naming_it(tmp_path):
+    result, calls = _round(tmp_path, BUDGET="10m")
+    assert result.returncode == 2 and calls == []
+    assert "BUDGET: expected a whole number of seconds, got '10m'" in result.stderr

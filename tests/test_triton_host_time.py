@@ -63,3 +63,11 @@ def test_profile_names_the_step_functions_and_cuda_without_a_gpu_is_refused():
         refused = subprocess.run([sys.executable, script, "--device", "cuda"], env=env, capture_output=True, text=True,
                                  timeout=300)  # fmt: skip
         assert refused.returncode == 2 and "--device cuda: no CUDA device is available" in refused.stderr
+
+
+def test_a_negative_profile_is_refused_naming_the_option():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "triton_host_time.py"), "--profile", "-5"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--profile: expected a number of steps >= 0" in out.stderr
