@@ -110,6 +110,13 @@ def check_backend(shape, cl, dtype) -> None:
     y, stats, invstd = backend.forward_train(x, w, b, 1e-5)
     poison()
     dx, dw, db = backend.backward(dy, x, stats.mean, invstd, w, stats.count, True)
+    # The same calls again: on a GPU their launches now go straight to the compiled kernels
+    # (triton_launch), which must give the very same bits as Triton's own launch path did.
+    poison()
+    y_again, _, _ = backend.forward_train(x, w, b, 1e-5)
+    dx_again = backend.backward(dy, x, stats.mean, invstd, w, stats.count, True)[0]
+    if not (torch.equal(y_again, y) and torch.equal(dx_again, dx)):
+        failures.append(f"{tag}: a repeated call (direct launches) differs from the first")
     ry, rdx, rdw, rdb, rmean, rvar = oracle(x, dy, w, b, 1e-5)
     tol = TOL[dtype]
     check(f"backend y {tag}", y, ry, tol)
@@ -218,6 +225,12 @@ def main() -> int:
     check_stability()
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+        from bnlab.backends import triton_launch
+
+        remembered = len(triton_launch._COMPILED)
+        print(f"direct launches: {'on' if triton_launch.ENABLED else 'off'}, {remembered} compiled kernels remembered")
+        if triton_launch.ENABLED and remembered == 0:
+            failures.append("direct launches: no compiled kernel was remembered, so none was checked")
     print(f"\n{len(failures)} failure(s)" + "".join(f"\nFAIL {f}" for f in failures))
     return 1 if failures else 0
 

@@ -15,7 +15,8 @@ samples of 2000 calls; the launches are counted in a separate call.
 
 On a GPU (--device cuda) the launches are real and counted by a wrapper: each call's time is then
 the host's whole share (small tensors are done on the device long before the host is), set beside
-torch.nn's same call; --profile K also prints where a forward+backward step's host time goes
+torch.nn's same call, with bnlab's direct launches of compiled kernels (triton_launch) and with
+every launch through Triton's JITFunction.run (--launch both, the default); --profile K also prints where a forward+backward step's host time goes
 (cProfile of K steps, the functions with the most time of their own).
 
     python benchmarks/triton_host_time.py --device cuda --shapes 32,64,56,56 --profile 300
@@ -33,7 +34,7 @@ import torch
 from triton.runtime.jit import JITFunction
 
 import bnlab
-from bnlab.backends import _REGISTRY, PortableBackend
+from bnlab.backends import _REGISTRY, PortableBackend, triton_launch
 from bnlab.backends.triton_backend import TritonBackend
 from bench_timing import median_us
 
@@ -44,12 +45,13 @@ def _count_launch(self, *args, **kwargs):
     _LAUNCHES[0] += 1
 
 
-_REAL_RUN = JITFunction.run
+_REAL_LAUNCH = triton_launch.launch
 
 
-def _count_and_launch(self, *args, **kwargs):
+def _count_and_launch(kernel, grid, *args, **kwargs):
+    """bnlab's launch (direct or through Triton's JITFunction.run), counted."""
     _LAUNCHES[0] += 1
-    return _REAL_RUN(self, *args, **kwargs)
+    return _REAL_LAUNCH(kernel, grid, *args, **kwargs)
 
 
 def launches(fn) -> int:
@@ -121,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=2000, help="calls per sample (7 samples)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: launches stubbed; cuda: real")
     p.add_argument("--profile", type=int, default=0, help="also profile this many forward+backward steps")
+    p.add_argument("--launch", default="both", choices=["both", "direct", "triton"],
+                   help="cuda: time bnlab's direct launches of compiled kernels, Triton's JITFunction.run, or both")  # fmt: skip
     args = p.parse_args(argv)
     if args.calls < 1:
         p.error(f"--calls: expected a positive number of calls, got {args.calls}")
@@ -137,14 +141,23 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         if not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device is available")
-        JITFunction.run = _count_and_launch
-        print(f"# triton_host_time.py --device cuda {' '.join(args.shapes)}; torch {torch.__version__}, "
-              f"{torch.cuda.get_device_name()}; microseconds per call (median), Triton launches per call")  # fmt: skip
+        triton_launch.launch = _count_and_launch
+        ways = {"direct": True, "triton": False} if args.launch == "both" else {args.launch: args.launch == "direct"}
+        print(f"# triton_host_time.py --device cuda --launch {args.launch} {' '.join(args.shapes)}; "
+              f"torch {torch.__version__}, {torch.cuda.get_device_name()}; microseconds per call (median), "
+              "Triton launches per call; direct: compiled kernels launched by bnlab (triton_launch), "
+              "triton: every launch through JITFunction.run")  # fmt: skip
         for shape in shapes:
-            ours, theirs = measure(shape, args.calls, "cuda"), measure(shape, args.calls, "cuda", torch.nn)
-            for name, (us, n) in ours.items():
-                print(f"{str(shape):18s} {name:26s} {us:7.1f} us  {n} launches   torch.nn {theirs[name][0]:7.1f} us")
+            timed = {}
+            for way, enabled in ways.items():
+                triton_launch.ENABLED = enabled
+                timed[way] = measure(shape, args.calls, "cuda")
+            theirs = measure(shape, args.calls, "cuda", torch.nn)
+            for name, (_, n) in timed[next(iter(ways))].items():
+                cells = "  ".join(f"{way} {timed[way][name][0]:7.1f} us" for way in ways)
+                print(f"{str(shape):18s} {name:26s} {cells}  {n} launches   torch.nn {theirs[name][0]:7.1f} us")
             if args.profile:
+                triton_launch.ENABLED = ways.get("direct", False)
                 print(profile(shape, args.profile, "cuda"))
         return 0
     JITFunction.run = _count_launch

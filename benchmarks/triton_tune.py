@@ -34,10 +34,10 @@ from bench_cases import DTYPES, make_input  # noqa: E402
 from bnlab.backends.triton_plan import parse_tiles  # noqa: E402  (torch only)
 
 #: (reduce_tile, reduce_warps, elementwise_tile, elementwise_warps, width, unroll): the default
-#: first, then other tiles per step of the reduce kernels (16-bit inputs only: 32- and 64-bit ones
-#: take one), then 8 or 16 values per thread (tile / (32 x warps)) in tiles from 1024 to 8192
-#: values. 32 values per thread (4096 at 4 warps, 8192 at 8) spilled 900+ bytes in the compile
-#: check (tests/triton_compile_worker.py --tiles, Triton 3.6, sm_90) and are not tried.
+#: first, then other tiles per step of the reduce kernels (16-bit and channels-last inputs: NCL
+#: ones of 32 and 64 bits take one), then 8 or 16 values per thread (tile / (32 x warps)) in tiles
+#: from 1024 to 8192 values. 32 values per thread (4096 at 4 warps, 8192 at 8) spilled 900+ bytes
+#: in the compile check (tests/triton_compile_worker.py --tiles, Triton 3.6, sm_90): not tried.
 CANDIDATES = (
     "2048,4,2048,4,1024,4",
     "2048,4,2048,4,1024,2",

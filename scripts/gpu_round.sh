@@ -57,8 +57,8 @@ tail -1 "$OUT/env.txt"
 
 # 1. Correctness on the device: a mismatch or a silent fall-back means the timings are worthless.
 #    QUICK=1: after a change to the kernels, in a short lease: one shape of each way the statistics
-#    kernels see an input, then the 411 MB shapes, the kernels alone under other tiles, and the
-#    host's time per call; nothing else.
+#    kernels see an input, then the 411 MB shapes, each kernel's time inside module calls, the
+#    host's time per call, and the kernels alone under other tiles; nothing else.
 QUICK=${QUICK:-0}
 if [ "$QUICK" = "1" ]; then
     stage gpu_check 140 "$PY" benchmarks/gpu_check.py --quick
@@ -76,9 +76,14 @@ RESULTS="$OUT/gpu.jsonl"
 if [ "$QUICK" = "1" ]; then
     stage large 80 "$PY" benchmarks/bench_bn.py --device cuda --out "$RESULTS" --shapes gpu-112,gpu-56 \
         --dtypes fp32,bf16 --layouts nchw,cl --rounds 9 --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
+    # where a module call's time goes (each kernel inside it, the host's gaps), then the host's time
+    # per call with bnlab's direct launches and with Triton's own launch path
+    stage kernel_times 40 "$PY" benchmarks/gpu_kernel_times.py --shapes gpu-112,conv-56 --dtypes fp32,bf16 \
+        --layouts nchw,cl --modes fwdbwd
+    stage host_time 45 "$PY" benchmarks/triton_host_time.py --device cuda --calls 300 --shapes 32,64,56,56 256,100
     stage tune 75 "$PY" benchmarks/triton_tune.py --shapes gpu-112 --dtypes fp32,bf16 --out "$OUT/tune.jsonl"
     grep "^best tiles" "$LOG" | tail -1
-    stage host_time 25 "$PY" benchmarks/triton_host_time.py --device cuda --calls 300 --shapes 32,64,56,56 256,100
+    grep -E "(direct|triton) +[0-9.]+ us" "$LOG" | tail -6
     "$PY" benchmarks/bench_bn.py --device cuda --report --out "$RESULTS" 2>&1 | grep -v "^|" | tail -12
     exit 0
 fi

@@ -49,7 +49,8 @@ def _scripts(calls: list[str]) -> list[str]:
 def test_quick_round_checks_first_then_times_in_order(tmp_path):
     result, calls = _round(tmp_path, QUICK="1", BUDGET="300")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert _scripts(calls) == ["gpu_check.py", "bench_bn.py", "triton_tune.py", "triton_host_time.py", "bench_bn.py"]
+    assert _scripts(calls) == ["gpu_check.py", "bench_bn.py", "gpu_kernel_times.py", "triton_host_time.py",
+                               "triton_tune.py", "bench_bn.py"]  # fmt: skip
     assert "--quick" in calls[1] and "--report" in calls[-1]
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "stage (gpu_check) exit 0" in log and "stage (host_time) exit 0" in log

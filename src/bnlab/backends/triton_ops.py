@@ -25,6 +25,7 @@ import torch
 
 from bnlab.backends import triton_elementwise as ew
 from bnlab.backends import triton_grad as grad
+from bnlab.backends import triton_launch as _launch
 from bnlab.backends import triton_reduce as red
 from bnlab.backends import triton_small as small
 from bnlab.backends.triton_plan import Plan, Tiles, _cdiv, _pow2, parse_tiles, plan  # noqa: F401  (re-exported)
@@ -42,12 +43,12 @@ _COMPILE = {"enable_fp_fusion": True}
 def _partial_stats(x, p: Plan):
     part = torch.empty(p.segments, p.c, 3, dtype=_F64, device=x.device)
     if p.ncl:
-        red.stats_ncl_kernel[(p.c, p.segments)](
+        _launch.launch(red.stats_ncl_kernel, (p.c, p.segments),
             x, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment,
             BLOCK_N=p.block_a, BLOCK_L=p.block_b, UNROLL=p.unroll, num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     else:
-        red.stats_nlc_kernel[(_cdiv(p.c, p.block_b), p.segments)](
+        _launch.launch(red.stats_nlc_kernel, (_cdiv(p.c, p.block_b), p.segments),
             x, part, p.n, p.c, p.per_segment, BLOCK_M=p.block_a, BLOCK_C=p.block_b, UNROLL=p.unroll,
             num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
@@ -66,13 +67,13 @@ def _partial_grads(dy, x, mask, hi, p: Plan):
     unroll = min(p.unroll, GRAD_UNROLL_MAX)
     mask_arg = mask if mask is not None else dy
     if p.ncl:
-        grad.grad_ncl_kernel[(p.c, p.segments)](
+        _launch.launch(grad.grad_ncl_kernel, (p.c, p.segments),
             dy, x, mask_arg, hi, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment, p.k8b,
             BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=unroll, num_warps=p.warps_reduce,
             **_COMPILE,
         )  # fmt: skip
     else:
-        grad.grad_nlc_kernel[(_cdiv(p.c, p.block_b), p.segments)](
+        _launch.launch(grad.grad_nlc_kernel, (_cdiv(p.c, p.block_b), p.segments),
             dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
             BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, UNROLL=unroll,
             num_warps=p.warps_reduce, **_COMPILE,
@@ -105,7 +106,7 @@ def forward_train(x, weight, bias, eps, running_mean=None, running_var=None, mom
     part = _partial_stats(x, p)
     stats = torch.empty(3, c, dtype=_F64, device=x.device)
     coef = torch.empty(3, c, dtype=_F32, device=x.device)
-    red.stats_merge_kernel[(c,)](
+    _launch.launch(red.stats_merge_kernel, (c,),
         part, x, stats, coef, weight if weight is not None else x, bias if bias is not None else x,
         c, p.segments, p.length if p.ncl else 1, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_S=_pow2(p.segments), **_COMPILE,
@@ -154,7 +155,7 @@ def _small_forward(x, weight, bias, eps, running_mean, running_var, momentum, co
     y = torch.empty_like(x) if want_y else None
     update = running_mean is not None
     block_m, block_c = _small_blocks(p)
-    small.small_forward_kernel[(1,)](
+    _launch.launch(small.small_forward_kernel, (1,),
         x, y if y is not None else x, stats, coef, weight if weight is not None else x,
         bias if bias is not None else x, running_mean if update else stats, running_var if update else stats,
         counter if counter is not None else stats, p.n, p.c, float(p.n), eps,
@@ -170,7 +171,7 @@ def _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p: Plan):
     dx = torch.empty_like(x) if need_dx else None
     sums = torch.empty(2, p.c, dtype=_F64, device=x.device)
     block_m, block_c = _small_blocks(p)
-    small.small_backward_kernel[(1,)](
+    _launch.launch(small.small_backward_kernel, (1,),
         dy, x, stats, weight if weight is not None else x, dx if dx is not None else x, sums,
         dweight if dweight is not None else sums, dbias if dbias is not None else sums, p.n, p.c, float(p.n),
         HAS_W=weight is not None, HAS_DX=need_dx, WRITE_DW=dweight is not None, WRITE_DB=dbias is not None,
@@ -191,7 +192,7 @@ def _normalize(x, coef, p: Plan, residual=None, relu=False, want_mask=False, run
     y = torch.empty_like(x)
     mask = torch.empty(p.rows * p.k8b, dtype=torch.uint8, device=x.device) if want_mask else None
     stats, rm, rv, nbt, count, momentum = running or (coef, coef, coef, coef, 0.0, 0.0)
-    ew.normalize_kernel[_tiles(p)](
+    _launch.launch(ew.normalize_kernel, _tiles(p),
         x, y, coef, residual if residual is not None else x, mask if mask is not None else y,
         stats, rm, rv, nbt, p.rows, p.k, p.c, p.k8b, count, momentum,
         NCL=p.ncl, HAS_RES=residual is not None, RELU=relu, WRITE_MASK=want_mask, **flags,
@@ -217,7 +218,7 @@ def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False,
         dx, dres = _grad_input_merged(dy, x, part, stats, weight, sums, p, mask, need_dx, want_dres, dweight, dbias)
         return dx, sums, dres
     gcoef = torch.empty(4, c, dtype=_F32, device=x.device)
-    grad.grad_merge_kernel[(c,)](
+    _launch.launch(grad.grad_merge_kernel, (c,),
         part, stats, weight if weight is not None else x, sums, gcoef,
         dweight if dweight is not None else sums, dbias if dbias is not None else sums, c, p.segments, float(p.m),
         **_merge_flags(weight, dweight, dbias, p), **_COMPILE,
@@ -237,7 +238,7 @@ def _grad_input_merged(dy, x, part, stats, weight, sums, p: Plan, mask=None, nee
     (segments, C, 2) partial sums; NCL plans only (merge_in_tiles)."""
     dx = torch.empty_like(x) if need_dx else None
     dres = torch.empty_like(x) if want_dres else None
-    ew.grad_input_merged_kernel[_tiles(p)](
+    _launch.launch(ew.grad_input_merged_kernel, _tiles(p),
         dy, x, mask if mask is not None else dy, dx if dx is not None else dy, dres if dres is not None else dy,
         part, stats, weight if weight is not None else x, sums, dweight if dweight is not None else sums,
         dbias if dbias is not None else sums, p.rows, p.k, p.c, p.k8b, p.segments, float(p.m),
@@ -264,7 +265,7 @@ def _grad_input(dy, x, gcoef, p: Plan, mask=None, need_dx=True, want_dres=False)
     dres = torch.empty_like(x) if want_dres else None
     if dx is None and dres is None:
         return None, None
-    ew.grad_input_kernel[_tiles(p)](
+    _launch.launch(ew.grad_input_kernel, _tiles(p),
         dy, x, mask if mask is not None else dy, gcoef,
         dx if dx is not None else dy, dres if dres is not None else dy, p.rows, p.k, p.c, p.k8b,
         NCL=p.ncl, HAS_MASK=mask is not None, HAS_DX=dx is not None, WRITE_DRES=dres is not None,
@@ -285,7 +286,7 @@ def normalize_with(x, mean, var_or_invstd, weight, bias, eps=0.0, given_invstd=T
     if residual is None and not relu and one_program(p):
         y = torch.empty_like(x)
         block_m, block_c = _small_blocks(p)
-        small.small_eval_kernel[(1,)](
+        _launch.launch(small.small_eval_kernel, (1,),
             x, y, mean, var_or_invstd, weight if weight is not None else mean, bias if bias is not None else mean,
             ok if ok is not None else y, p.n, p.c, eps,
             HAS_W=weight is not None, HAS_B=bias is not None, GIVEN_INVSTD=given_invstd, BLOCK_M=block_m,
@@ -296,14 +297,14 @@ def normalize_with(x, mean, var_or_invstd, weight, bias, eps=0.0, given_invstd=T
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, GIVEN_INVSTD=given_invstd)
     if eval_one_launch(p):
         y = torch.empty_like(x)
-        ew.eval_kernel[_tiles(p)](
+        _launch.launch(ew.eval_kernel, _tiles(p),
             x, y, mean, var_or_invstd, w, b, ok if ok is not None else y, residual if residual is not None else x,
             p.rows, p.k, p.c, eps, NCL=p.ncl, **flags, HAS_RES=residual is not None, RELU=relu,
             BLOCK_R=p.block_r, BLOCK_K=p.block_k, BLOCK_C=_RUN_BLOCK, num_warps=p.warps_elementwise, **_COMPILE,
         )  # fmt: skip
         return y if given_invstd else (y, ok)
     coef = torch.empty(3, p.c, dtype=_F32, device=x.device)
-    ew.eval_coef_kernel[(1,)](
+    _launch.launch(ew.eval_coef_kernel, (1,),
         mean, var_or_invstd, w, b, coef, ok if ok is not None else coef, p.c, eps, **flags,
         BLOCK=min(1024, _pow2(p.c)), **_COMPILE,
     )  # fmt: skip

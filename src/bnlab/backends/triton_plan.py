@@ -71,10 +71,12 @@ class Tiles(NamedTuple):
 
     ``width`` bounds a tile's row: NCL tiles span min(L, width) positions of a row, elementwise
     tiles min(K, width) values. All are powers of two. ``unroll``: how many tiles the statistics and
-    gradient-sum kernels load together per step for 16-bit inputs (more bytes in flight per
-    program); 32- and 64-bit inputs take one tile per step. Measured on an H200 (411 MB inputs,
-    statistics and gradient sums alone, geometric mean of GB/s over NCHW and channels-last):
-    float32 3630 at one tile per step, 3276 at 2, 3502 at 4; bfloat16 2809, 3353 and 3626.
+    gradient-sum kernels load together per step (more bytes in flight per program), for 16-bit
+    inputs and channels-last (NLC) ones; NCL inputs of 32 or 64 bits take one tile per step.
+    Measured on an H200, 411 MB inputs, each kernel alone, GB/s at one / two / four tiles per
+    step (benchmarks/results/h200_s23_round4_log.txt): float32 statistics NCHW 3325 / 2990 / 2625,
+    channels-last 2949 / 2147 / 4061; bfloat16 statistics NCHW 2552 / 2658 / 3405, channels-last
+    2639 / 3372 / 3506 (the gradient sums take at most two: triton_ops.GRAD_UNROLL_MAX).
     """
 
     reduce_tile: int = 2048
@@ -90,7 +92,8 @@ class Tiles(NamedTuple):
 #: benchmarks/bench_bn.py --triton-tiles runs the benchmark under others without editing this line.
 GPU_TILES = Tiles()
 #: The interpreter's (CPU tests): small tiles, many of them, so that tails and merges are exercised;
-#: 16-bit inputs two tiles per step, so that a segment's last step often holds a tile past its end.
+#: 16-bit and channels-last inputs two tiles per step, so that a segment's last step often holds a
+#: tile past its end.
 _INTERPRETER_TILES = Tiles(128, 4, 128, 4, 64, 2)
 
 
@@ -144,7 +147,7 @@ def plan(x: torch.Tensor, for_gpu: bool | None = None, tiles: Tiles | None = Non
     gpu = x.is_cuda if for_gpu is None else for_gpu
     t = tiles or (GPU_TILES if gpu else _INTERPRETER_TILES)
     wanted = _programs_wanted(x, gpu)
-    # A plan depends on nothing else (the element size sets the unroll); looked up, it costs a few
+    # A plan depends on nothing else (the element size and layout set the unroll); looked up, it costs a few
     # tenths of a microsecond of a GPU call's host time instead of two (benchmarks/triton_host_time.py).
     key = (x.shape, x.stride(), x.element_size(), t, wanted)
     found = _PLANS.get(key, _NO_PLAN)
@@ -186,6 +189,7 @@ def _new_plan(x: torch.Tensor, t: Tiles, wanted: int) -> Plan | None:
     k = length if ncl else c
     block_k = max(8, min(_pow2(k), width))
     block_r = max(1, t.elementwise_tile // block_k)
-    unroll = t.unroll if x.element_size() == 2 else 1
+    # one tile per step for NCL float32 (see Tiles: 3325 GB/s against 2625 at four)
+    unroll = t.unroll if (x.element_size() == 2 or not ncl) else 1
     return Plan(ncl, n, c, length, block_a, block_b, segments, per, block_r, block_k, t.reduce_warps,
                 t.elementwise_warps, unroll)  # fmt: skip

@@ -1,0 +1,36 @@
+"""benchmarks/gpu_kernel_times.py refuses what it cannot run, naming the option (it times GPU kernels;
+the tests have no GPU, so what is checked here is that bad input never reaches the GPU part)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import gpu_kernel_times  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--shapes", "gpu-999"], "--shapes: expected names of"),
+    (["--dtypes", "fp8"], "--dtypes: expected names of"),
+    (["--layouts", "nhwc"], "--layouts: expected names of"),
+    (["--modes", "backward"], "--modes: expected names of"),
+    (["--contenders", "cudnn"], "--contenders: expected names of"),
+    (["--calls", "0"], "--calls: expected a positive number of calls, got 0"),
+])  # fmt: skip
+def test_bad_options_are_refused_naming_the_option_and_value(argv, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        gpu_kernel_times.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and expected in err
+    assert argv[1].split(",")[0] in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_without_a_gpu_it_says_one_is_needed(capsys):
+    with pytest.raises(SystemExit) as info:
+        gpu_kernel_times.main(["--shapes", "conv-56"])
+    assert info.value.code == 2 and "a CUDA device is needed" in capsys.readouterr().err
