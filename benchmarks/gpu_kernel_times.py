@@ -2,8 +2,9 @@
 
 Claim measured (docs/benchmarks.md, *GPU (Triton)*): whether a module call takes the time its
 kernels take alone (benchmarks/triton_tune.py times them alone), and what the rest is: for each
-case, the median wall time per call (CUDA events over back-to-back calls), the sum of its kernels'
-device times (torch.profiler), and each kernel's count and mean time per call. Wall time well
+case, the median wall time per call (CUDA events over back-to-back calls; and by the host clock
+around them and a synchronisation, as bench_bn.py times), the sum of its kernels' device times
+(torch.profiler), and each kernel's count and mean time per call. Wall time well
 over the kernels' sum means the device waits on the host (launch gaps); a kernel slower here than
 alone means its inputs or grid differ from the tuning run's.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +40,20 @@ def wall_ms(fn, calls: int, repeats: int = 5) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def host_clock_ms(fn, calls: int, repeats: int = 5) -> float:
+    """As bench_bn times a sample: the host clock around ``calls`` back-to-back calls and one
+    synchronisation, per call; median over ``repeats``, in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000 / calls)
     return statistics.median(times)
 
 
@@ -64,9 +80,10 @@ def report(case: str, name: str, fn, calls: int) -> str:
         fn()
     torch.cuda.synchronize()
     wall = wall_ms(fn, calls)
+    host = host_clock_ms(fn, calls)
     kernels = kernel_times(fn, calls)
     busy = sum(count * us for count, us in kernels.values()) / 1000
-    lines = [f"{case} {name}: wall {wall:.3f} ms/call, kernels {busy:.3f} ms/call "
+    lines = [f"{case} {name}: wall {wall:.3f} ms/call (host clock {host:.3f}), kernels {busy:.3f} ms/call "
              f"(host or idle {max(wall - busy, 0.0):.3f})"]  # fmt: skip
     for key, (count, us) in sorted(kernels.items(), key=lambda item: -item[1][0] * item[1][1]):
         lines.append(f"    {count:4.1f}x {us:9.1f} us  {key[:100]}")
