@@ -121,6 +121,7 @@ def run_case(key: dict, args) -> dict:
 def _case_id(rec: dict) -> str:
     case = "/".join(str(rec[k]) for k in ("device", "threads", "shape", "layout", "dtype", "mode"))
     case += f"/tiles={rec['triton_tiles']}" if rec.get("triton_tiles") else ""
+    case += f"/programs={rec['triton_programs']}" if "triton_programs" in rec else ""
     return case + (f"/small={rec['triton_small_numel']}" if "triton_small_numel" in rec else "")
 
 
@@ -240,7 +241,16 @@ def main(argv=None) -> int:
                    "(reduce_tile,reduce_warps,elementwise_tile,elementwise_warps,width; see triton_tune.py)")
     p.add_argument("--triton-small-numel", type=int, default=None,
                    help="largest input (values) of bnlab's one-program GPU kernels (triton_ops.SMALL_NUMEL; 0: never)")
+    p.add_argument("--triton-programs", type=int, default=None,
+                   help="reduce-kernel programs per multiprocessor (triton_plan.PROGRAMS_PER_SM; see triton_programs.py)")
     args = p.parse_args(argv)
+    if args.triton_programs is not None:
+        if args.triton_programs < 1:
+            p.error(f"--triton-programs: expected a positive number of programs per multiprocessor, "
+                    f"got {args.triton_programs}")  # fmt: skip
+        from bnlab.backends import triton_plan  # torch only
+
+        triton_plan.PROGRAMS_PER_SM = args.triton_programs
     if args.triton_tiles is not None or args.triton_small_numel is not None:
         try:
             from bnlab.backends import triton_ops, triton_plan
@@ -291,6 +301,8 @@ def main(argv=None) -> int:
             key["triton_tiles"] = args.triton_tiles  # a case of its own: resuming never mixes tiles
         if args.triton_small_numel is not None:
             key["triton_small_numel"] = args.triton_small_numel
+        if args.triton_programs is not None:
+            key["triton_programs"] = args.triton_programs
         cid = _case_id({**key, "device": args.device, "threads": torch.get_num_threads()})
         if cid in done:
             continue

@@ -57,8 +57,9 @@ tail -1 "$OUT/env.txt"
 
 # 1. Correctness on the device: a mismatch or a silent fall-back means the timings are worthless.
 #    QUICK=1: after a change to the kernels, in a short lease: one shape of each way the statistics
-#    kernels see an input, then the 411 MB shapes, each kernel's time inside module calls, the
-#    host's time per call, and the kernels alone under other tiles; nothing else.
+#    kernels see an input, then the 411 MB shapes, the reduce kernels under other program counts,
+#    each kernel's time inside module calls, the host's time per call, and the kernels alone under
+#    other tiles; nothing else.
 QUICK=${QUICK:-0}
 if [ "$QUICK" = "1" ]; then
     stage gpu_check 140 "$PY" benchmarks/gpu_check.py --quick
@@ -73,13 +74,30 @@ if [ "$check" -ne 0 ]; then
 fi
 
 RESULTS="$OUT/gpu.jsonl"
+# The reduce kernels' programs per multiprocessor (triton_plan.PROGRAMS_PER_SM = 4, a guess): the
+# kernels alone under other counts; a layout whose best count is another one runs its 411 MB
+# training cases again under it, into a file of its own.
+programs() {
+    stage programs 100 "$PY" benchmarks/triton_programs.py --shapes gpu-112,gpu-56 --per-sm 2,3,4,5,6,8,12
+    local layout best
+    for layout in nchw cl; do
+        best=$(sed -n "s/^best programs per SM, $layout: \([0-9]*\)$/\1/p" "$LOG" | tail -1)
+        grep "^best programs per SM, $layout" "$LOG" | tail -1
+        if [ -n "$best" ] && [ "$best" != "4" ]; then
+            stage "programs_$layout" 40 "$PY" benchmarks/bench_bn.py --device cuda --out "$OUT/gpu_programs.jsonl" \
+                --triton-programs "$best" --shapes gpu-112,gpu-56 --dtypes fp32,bf16 --layouts "$layout" --rounds 9 \
+                --modes fwd,fwdbwd
+        fi
+    done
+}
 if [ "$QUICK" = "1" ]; then
     stage large 80 "$PY" benchmarks/bench_bn.py --device cuda --out "$RESULTS" --shapes gpu-112,gpu-56 \
         --dtypes fp32,bf16 --layouts nchw,cl --rounds 9 --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
+    programs
     # where a module call's time goes (each kernel inside it, the host's gaps), then the host's time
     # per call with bnlab's direct launches and with Triton's own launch path
     stage kernel_times 40 "$PY" benchmarks/gpu_kernel_times.py --shapes gpu-112,conv-56 --dtypes fp32,bf16 \
-        --layouts nchw,cl --modes fwdbwd
+        --layouts nchw,cl --modes fwd,fwdbwd
     stage host_time 45 "$PY" benchmarks/triton_host_time.py --device cuda --calls 300 --shapes 32,64,56,56 256,100
     stage tune 75 "$PY" benchmarks/triton_tune.py --shapes gpu-112 --dtypes fp32,bf16 --out "$OUT/tune.jsonl"
     grep "^best tiles" "$LOG" | tail -1
@@ -115,7 +133,9 @@ if [ -n "$tiles" ] && [ "$tiles" != "2048,4,2048,4,1024,4" ]; then
         --shapes gpu-112,gpu-56 --dtypes fp32 --layouts nchw,cl --rounds 9 \
         --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
 fi
-# 7. torch.compile on the target shapes (slow to compile): last, it gets what is left.
+# 7. The reduce kernels' programs per multiprocessor (see programs above).
+programs
+# 8. torch.compile on the target shapes (slow to compile): last, it gets what is left.
 bench compile 150 --compile --shapes gpu-56,conv-56,conv-14 --dtypes fp32 --layouts nchw --modes fwdbwd --rounds 9
 
 "$PY" benchmarks/bench_bn.py --device cuda --report --out "$RESULTS" 2>&1 | tail -14

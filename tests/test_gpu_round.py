@@ -25,6 +25,7 @@ case "$*" in
   *gpu_check.py*) if [ "${CHECK_FAILS:-0}" = 1 ]; then echo "FAIL y (4, 6) float32"; echo "1 failure(s)"; exit 1; fi
                   echo "0 failure(s)";;
   *triton_tune.py*) echo "best tiles: 4096,8,2048,4,1024,4  (triton_plan.GPU_TILES = ...)";;
+  *triton_programs.py*) echo "best programs per SM, nchw: 6"; echo "best programs per SM, cl: 4";;
   *--report*) echo "summary: cuda";;
 esac
 exit 0
@@ -49,8 +50,12 @@ def _scripts(calls: list[str]) -> list[str]:
 def test_quick_round_checks_first_then_times_in_order(tmp_path):
     result, calls = _round(tmp_path, QUICK="1", BUDGET="300")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert _scripts(calls) == ["gpu_check.py", "bench_bn.py", "gpu_kernel_times.py", "triton_host_time.py",
-                               "triton_tune.py", "bench_bn.py"]  # fmt: skip
+    assert _scripts(calls) == ["gpu_check.py", "bench_bn.py", "triton_programs.py", "bench_bn.py",
+                               "gpu_kernel_times.py", "triton_host_time.py", "triton_tune.py", "bench_bn.py"]  # fmt: skip
+    # only the layout whose best count is not the default runs again, under that count
+    rerun = [line for line in calls if "--triton-programs" in line]
+    assert len(rerun) == 1 and "--triton-programs 6" in rerun[0] and "--layouts nchw" in rerun[0]
+    assert "gpu_programs.jsonl" in rerun[0]
     assert "--quick" in calls[1] and "--report" in calls[-1]
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "stage (gpu_check) exit 0" in log and "stage (host_time) exit 0" in log
@@ -70,6 +75,7 @@ def test_full_round_reruns_the_targets_under_better_tiles(tmp_path):
     tuned = [line for line in calls if "--triton-tiles 4096,8,2048,4,1024,4" in line]
     assert len(tuned) == 1 and "gpu_tuned.jsonl" in tuned[0]
     assert _scripts(calls)[0] == "gpu_check.py" and "--compile" in calls[-2]
+    assert any("triton_programs.py" in line for line in calls)
 
 
 def test_stages_past_the_budget_are_skipped(tmp_path):

@@ -123,17 +123,21 @@ def parse_tiles(text: str) -> Tiles:
 #: compile check, which compiles the kernels for a GPU target on a machine that has none
 _ASSUMED_SM_COUNT = 132
 _SM_COUNT: dict = {}  # device index -> its multiprocessors
+#: Programs of the reduce kernels (channels x segments) wanted per multiprocessor: enough loads in
+#: flight to keep the memory busy. benchmarks/triton_programs.py times other counts on a GPU, and
+#: bench_bn.py --triton-programs runs the benchmark under one.
+PROGRAMS_PER_SM = 4
 
 
 def _programs_wanted(x: torch.Tensor, gpu: bool) -> int:
     if not gpu:
         return 4  # the interpreter: a few segments, so that the merge is exercised
     if not x.is_cuda:
-        return 4 * _ASSUMED_SM_COUNT
+        return PROGRAMS_PER_SM * _ASSUMED_SM_COUNT
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _SM_COUNT[index]
+    return PROGRAMS_PER_SM * _SM_COUNT[index]
 
 
 def plan(x: torch.Tensor, for_gpu: bool | None = None, tiles: Tiles | None = None) -> Plan | None:

@@ -1,0 +1,127 @@
+"""Time bnlab's reduce kernels under other program counts on a GPU: the data for triton_plan.PROGRAMS_PER_SM.
+
+Claim measured (docs/benchmarks.md, *GPU (Triton)*): how many programs per multiprocessor the
+statistics and gradient-sum kernels need to keep the memory busy. The plan splits each channel
+into segments until channels x segments reaches PROGRAMS_PER_SM x the multiprocessors (4 so
+far, a guess); how many programs an SM holds at once depends on the compiled kernel's registers
+(printed here), so too few programs leave SMs idle or run a second, partial wave.
+
+How: for each case (shape x layout x dtype) and each count, the two reduce kernels run alone,
+interleaved across the counts as bench_bn.py interleaves contenders (GB/s: statistics read x,
+N bytes; gradient sums read dy and x, 2N). Each count's forward and backward outputs are first
+compared with the default count's (triton_tune's comparison). The best count per layout is the
+one with the least geometric mean time over that layout's cases and both kernels.
+
+    python benchmarks/triton_programs.py --shapes gpu-112,gpu-56 --per-sm 2,3,4,5,6,8,12   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bn import SHAPES, time_interleaved  # noqa: E402
+from bench_cases import DTYPES, make_input  # noqa: E402
+from triton_tune import KERNEL_TRAFFIC, _agrees, _kernels, _outputs  # noqa: E402
+
+REDUCE = ("stats", "grad_sums")
+
+
+def run_case(shape_name: str, layout: str, dtype_name: str, counts: list[int], rounds: int) -> dict:
+    """{"gbps": {count: {kernel: GB/s}}, "segments": {count: segments}, "rejected": {count: why}}."""
+    from bnlab.backends import triton_ops as ops
+    from bnlab.backends import triton_plan
+
+    x = make_input(SHAPES[shape_name], layout, DTYPES[dtype_name], "cuda")
+    dy = make_input(SHAPES[shape_name], layout, DTYPES[dtype_name], "cuda", seed=1)
+    default_count = triton_plan.PROGRAMS_PER_SM
+    plans = {}
+    try:
+        for count in counts:
+            triton_plan.PROGRAMS_PER_SM = count
+            plans[count] = ops.plan(x)
+    finally:
+        triton_plan.PROGRAMS_PER_SM = default_count
+    reference = _outputs(ops, x, dy, ops.plan(x))
+    fns, rejected = {}, {}
+    for count, p in plans.items():
+        problem = _agrees(_outputs(ops, x, dy, p), reference, x.dtype)
+        if problem is not None:
+            rejected[count] = problem
+            continue
+        kernels = _kernels(ops, x, dy, p)
+        fns.update({f"{name}@{count}": kernels[name] for name in REDUCE})
+    seconds = time_interleaved(fns, "cuda", rounds, 0.02)
+    nbytes = x.numel() * x.element_size()
+    gbps: dict = {}
+    for name, s in seconds.items():
+        kernel, count = name.split("@")
+        gbps.setdefault(int(count), {})[kernel] = KERNEL_TRAFFIC[kernel] * nbytes / s / 1e9
+    return {"gbps": gbps, "segments": {c: p.segments for c, p in plans.items()}, "rejected": rejected}
+
+
+def registers() -> list[str]:
+    """"name: registers" of each compiled reduce kernel launched so far (triton_launch remembers them)."""
+    from bnlab.backends import triton_launch
+
+    seen = set()
+    for compiled, _ in triton_launch._COMPILED.values():
+        name = getattr(compiled, "name", "?")
+        if name.startswith(("stats_n", "grad_n")):
+            seen.add(f"{name}: {getattr(compiled, 'n_regs', '?')} registers, {getattr(compiled, 'n_spills', '?')} spills")
+    return sorted(seen)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="gpu-112,gpu-56")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--layouts", default="nchw,cl")
+    p.add_argument("--per-sm", default="2,3,4,5,6,8,12", help="comma-separated program counts per multiprocessor")
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args(argv)
+    try:
+        counts = [int(v) for v in args.per_sm.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        p.error(f"--per-sm: expected comma-separated positive integers such as 2,4,8, got {args.per_sm!r}")
+    for option, allowed in (("shapes", SHAPES), ("dtypes", DTYPES), ("layouts", ("nchw", "cl"))):
+        unknown = [v for v in getattr(args, option).split(",") if v not in allowed]
+        if unknown:
+            p.error(f"--{option}: expected names from {sorted(allowed)}, got {unknown}")
+    if not torch.cuda.is_available():
+        p.error("a CUDA device is needed (this script times GPU kernels)")
+    print(f"# triton_programs.py --per-sm {args.per_sm}; torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    ratios: dict = {}  # layout -> count -> [time / the default count's time]
+    for shape_name in args.shapes.split(","):
+        for layout in args.layouts.split(","):
+            for dtype_name in args.dtypes.split(","):
+                case = run_case(shape_name, layout, dtype_name, counts, args.rounds)
+                print(f"{shape_name}/{layout}/{dtype_name}: GB/s per count (segments per channel)")
+                for count in counts:
+                    if count in case["rejected"]:
+                        print(f"  {count:3d} REJECTED {case['rejected'][count]}")
+                        continue
+                    cells = "  ".join(f"{k} {case['gbps'][count][k]:7.0f}" for k in REDUCE)
+                    print(f"  {count:3d} ({case['segments'][count]:4d})  {cells}")
+                base = case["gbps"].get(4) or next(iter(case["gbps"].values()))
+                for count, row in case["gbps"].items():
+                    ratios.setdefault(layout, {}).setdefault(count, []).extend(base[k] / row[k] for k in REDUCE)
+    print("\n".join(registers()))
+    for layout, by_count in ratios.items():
+        full = {c: r for c, r in by_count.items() if len(r) == max(len(v) for v in by_count.values())}
+        means = {c: math.exp(sum(map(math.log, r)) / len(r)) for c, r in full.items()}
+        ranked = sorted(means.items(), key=lambda item: item[1])
+        print(f"{layout}: time vs 4 per SM (geometric mean): " + "  ".join(f"{c}={m:.3f}" for c, m in ranked))
+        print(f"best programs per SM, {layout}: {ranked[0][0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

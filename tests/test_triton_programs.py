@@ -1,0 +1,99 @@
+"""The reduce kernels' program count (triton_plan.PROGRAMS_PER_SM) and the scripts that vary it
+(benchmarks/triton_programs.py, bench_bn.py --triton-programs), without a GPU: plans are made for
+a GPU from shapes alone (meta tensors), and the scripts' refusals are checked before any GPU work."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlab.backends import triton_plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+@pytest.mark.parametrize("shape,channels_last", [((32, 64, 56, 56), False), ((128, 64, 112, 112), True),
+                                                 ((65536, 100), False)])  # fmt: skip
+def test_programs_per_sm_sets_how_many_segments_the_reduce_grid_has(monkeypatch, shape, channels_last):
+    x = torch.empty(shape, device="meta")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    programs = {}
+    for per_sm in (2, 4, 8):
+        monkeypatch.setattr(triton_plan, "PROGRAMS_PER_SM", per_sm)
+        p = triton_plan.plan(x, for_gpu=True)
+        channel_blocks = p.c if p.ncl else -(-p.c // p.block_b)
+        programs[per_sm] = channel_blocks * p.segments
+        wanted = per_sm * triton_plan._ASSUMED_SM_COUNT
+        # about as many programs as wanted: segments are rounded to whole tiles (NLC: whole row
+        # blocks), which can leave up to half of them out, and never more than one extra per channel block
+        assert wanted / 2 <= programs[per_sm] <= wanted + channel_blocks, (per_sm, p)
+    assert programs[2] < programs[4] < programs[8]
+
+
+def test_the_interpreter_plans_are_unaffected(monkeypatch):
+    x = torch.empty(4, 6, 5, 7)
+    before = triton_plan.plan(x, for_gpu=False)
+    monkeypatch.setattr(triton_plan, "PROGRAMS_PER_SM", 16)
+    assert triton_plan.plan(x, for_gpu=False) == before
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--per-sm", "4,0"], "--per-sm: expected comma-separated positive integers"),
+    (["--per-sm", "four"], "--per-sm: expected comma-separated positive integers"),
+    (["--shapes", "gpu-999"], "--shapes: expected names from"),
+    (["--layouts", "nhwc"], "--layouts: expected names from"),
+])  # fmt: skip
+def test_triton_programs_refuses_bad_options_naming_them(argv, expected, capsys):
+    pytest.importorskip("triton")
+    import triton_programs
+
+    with pytest.raises(SystemExit) as info:
+        triton_programs.main(argv)
+    assert info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_bench_bn_refuses_a_program_count_below_one(capsys):
+    import bench_bn
+
+    with pytest.raises(SystemExit) as info:
+        bench_bn.main(["--device", "cuda", "--triton-programs", "0", "--report", "--out", "/nonexistent/x.jsonl"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--triton-programs: expected a positive number" in err and "got 0" in err
+
+
+def test_bench_bn_cases_under_another_program_count_are_cases_of_their_own():
+    import bench_bn
+
+    base = {"device": "cuda", "threads": 16, "shape": "gpu-112", "layout": "nchw", "dtype": "fp32", "mode": "fwd"}
+    assert bench_bn._case_id({**base, "triton_programs": 8}) != bench_bn._case_id(base)
+    assert bench_bn._case_id({**base, "triton_programs": 8}).endswith("/programs=8")
+
+
+def test_triton_programs_ranks_the_counts_per_layout_and_prints_the_lines_the_round_reads(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    import triton_programs
+
+    def fake_case(shape_name, layout, dtype_name, counts, rounds):
+        # nchw fastest at 6 programs per SM, channels-last at the default 4; 8 refused in one case
+        best = 6 if layout == "nchw" else 4
+        gbps = {c: {"stats": 3000 - 100 * abs(c - best), "grad_sums": 4000 - 50 * abs(c - best)} for c in counts}
+        rejected = {8: "y differs"} if (layout, dtype_name) == ("cl", "bf16") else {}
+        for c in rejected:
+            gbps.pop(c)
+        return {"gbps": gbps, "segments": {c: 2 * c for c in counts}, "rejected": rejected}
+
+    monkeypatch.setattr(triton_programs, "run_case", fake_case)
+    monkeypatch.setattr(triton_programs, "registers", lambda: ["stats_ncl_kernel: 96 registers, 0 spills"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    assert triton_programs.main(["--shapes", "gpu-112", "--per-sm", "2,4,6,8"]) == 0
+    out = capsys.readouterr().out
+    assert "best programs per SM, nchw: 6" in out and "best programs per SM, cl: 4" in out
+    assert "8 REJECTED y differs" in out and "stats_ncl_kernel: 96 registers" in out
+    # a count refused in one case is not ranked for that layout (it was not timed everywhere)
+    cl_line = next(line for line in out.splitlines() if line.startswith("cl: time vs 4"))
+    assert "8=" not in cl_line and "6=" in cl_line
