@@ -122,6 +122,7 @@ def _case_id(rec: dict) -> str:
     case = "/".join(str(rec[k]) for k in ("device", "threads", "shape", "layout", "dtype", "mode"))
     case += f"/tiles={rec['triton_tiles']}" if rec.get("triton_tiles") else ""
     case += f"/programs={rec['triton_programs']}" if "triton_programs" in rec else ""
+    case += "/row_fit" if rec.get("triton_row_fit") else ""
     return case + (f"/small={rec['triton_small_numel']}" if "triton_small_numel" in rec else "")
 
 
@@ -243,7 +244,13 @@ def main(argv=None) -> int:
                    help="largest input (values) of bnlab's one-program GPU kernels (triton_ops.SMALL_NUMEL; 0: never)")
     p.add_argument("--triton-programs", type=int, default=None,
                    help="reduce-kernel programs per multiprocessor (triton_plan.PROGRAMS_PER_SM; see triton_programs.py)")
+    p.add_argument("--triton-row-fit", action="store_true",
+                   help="NCHW rows in tiles fitted to their length (triton_plan.ROW_FIT; see triton_programs.py --row-fit)")
     args = p.parse_args(argv)
+    if args.triton_row_fit:
+        from bnlab.backends import triton_plan  # torch only
+
+        triton_plan.ROW_FIT = True
     if args.triton_programs is not None:
         if args.triton_programs < 1:
             p.error(f"--triton-programs: expected a positive number of programs per multiprocessor, "
@@ -303,6 +310,8 @@ def main(argv=None) -> int:
             key["triton_small_numel"] = args.triton_small_numel
         if args.triton_programs is not None:
             key["triton_programs"] = args.triton_programs
+        if args.triton_row_fit:
+            key["triton_row_fit"] = True
         cid = _case_id({**key, "device": args.device, "threads": torch.get_num_threads()})
         if cid in done:
             continue

@@ -13,6 +13,10 @@ compared with the default count's (triton_tune's comparison). The best count per
 one with the least geometric mean time over that layout's cases and both kernels.
 
     python benchmarks/triton_programs.py --shapes gpu-112,gpu-56 --per-sm 2,3,4,5,6,8,12   # on a GPU
+
+--row-fit also times the reduce kernels on NCHW rows in tiles fitted to their length
+(triton_plan.ROW_FIT: 3136-value rows in tiles of 256 instead of 1024) against the default tiles,
+after the same comparison of outputs; "row fit better: yes" when they take under 0.98 of the time.
 """
 
 from __future__ import annotations
@@ -65,6 +69,43 @@ def run_case(shape_name: str, layout: str, dtype_name: str, counts: list[int], r
     return {"gbps": gbps, "segments": {c: p.segments for c, p in plans.items()}, "rejected": rejected}
 
 
+def run_row_fit(shape_name: str, dtype_name: str, rounds: int) -> dict | None:
+    """The reduce kernels alone on NCHW rows in tiles fitted to their length (triton_plan.ROW_FIT)
+    against the default tiles: {"gbps": {"default"|"fit": {kernel: GB/s}}, "widths": (BLOCK_L, BLOCK_L),
+    "rejected": why or None}; None when the fitted plan is the default one."""
+    from bnlab.backends import triton_ops as ops
+    from bnlab.backends import triton_plan
+
+    x = make_input(SHAPES[shape_name], "nchw", DTYPES[dtype_name], "cuda")
+    dy = make_input(SHAPES[shape_name], "nchw", DTYPES[dtype_name], "cuda", seed=1)
+    default = ops.plan(x)
+    triton_plan.ROW_FIT = True
+    try:
+        fit = ops.plan(x)
+    finally:
+        triton_plan.ROW_FIT = False
+    if fit == default:
+        return None
+    widths = (default.block_b, fit.block_b)
+    try:
+        problem = _agrees(_outputs(ops, x, dy, fit), _outputs(ops, x, dy, default), x.dtype)
+    except Exception as exc:  # a variant the compiler or the GPU refuses: reported, not fatal
+        problem = f"{type(exc).__name__}: {exc}"[:300]
+    if problem is not None:
+        return {"gbps": {}, "widths": widths, "rejected": problem}
+    fns = {}
+    for label, p in (("default", default), ("fit", fit)):
+        kernels = _kernels(ops, x, dy, p)
+        fns.update({f"{name}@{label}": kernels[name] for name in REDUCE})
+    seconds = time_interleaved(fns, "cuda", rounds, 0.02)
+    nbytes = x.numel() * x.element_size()
+    gbps: dict = {}
+    for name, s in seconds.items():
+        kernel, label = name.split("@")
+        gbps.setdefault(label, {})[kernel] = KERNEL_TRAFFIC[kernel] * nbytes / s / 1e9
+    return {"gbps": gbps, "widths": widths, "rejected": None}
+
+
 def registers() -> list[str]:
     """"name: registers" of each compiled reduce kernel launched so far (triton_launch remembers them)."""
     from bnlab.backends import triton_launch
@@ -77,6 +118,29 @@ def registers() -> list[str]:
     return sorted(seen)
 
 
+def row_fit_report(args) -> None:
+    """Prints each NCHW case's reduce kernels under fitted rows against the default tiles, then the
+    geometric mean of the time ratio and "row fit better: yes" or "no" (the GPU round reads it)."""
+    ratios = []
+    for shape_name in args.shapes.split(","):
+        for dtype_name in args.dtypes.split(","):
+            case = run_row_fit(shape_name, dtype_name, args.rounds)
+            if case is None:
+                print(f"row fit {shape_name}/nchw/{dtype_name}: the same tiles")
+                continue
+            head = f"row fit {shape_name}/nchw/{dtype_name}: BLOCK_L {case['widths'][0]} -> {case['widths'][1]}"
+            if case["rejected"]:
+                print(f"{head}: REJECTED {case['rejected']}")
+                continue
+            before, after = case["gbps"]["default"], case["gbps"]["fit"]
+            print(head + "; GB/s " + "  ".join(f"{k} {before[k]:.0f} -> {after[k]:.0f}" for k in REDUCE))
+            ratios.extend(before[k] / after[k] for k in REDUCE)
+    if ratios:
+        mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        print(f"row fit: time vs the default tiles (geometric mean over the reduce kernels): {mean:.3f}")
+        print(f"row fit better: {'yes' if mean < 0.98 else 'no'}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="gpu-112,gpu-56")
@@ -84,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", default="nchw,cl")
     p.add_argument("--per-sm", default="2,3,4,5,6,8,12", help="comma-separated program counts per multiprocessor")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--row-fit", action="store_true",
+                   help="also time the reduce kernels on NCHW rows in tiles fitted to their length (triton_plan.ROW_FIT)")
     args = p.parse_args(argv)
     try:
         counts = [int(v) for v in args.per_sm.split(",")]
@@ -113,6 +179,8 @@ def main(argv=None) -> int:
                 base = case["gbps"].get(4) or next(iter(case["gbps"].values()))
                 for count, row in case["gbps"].items():
                     ratios.setdefault(layout, {}).setdefault(count, []).extend(base[k] / row[k] for k in REDUCE)
+    if args.row_fit:
+        row_fit_report(args)
     print("\n".join(registers()))
     for layout, by_count in ratios.items():
         full = {c: r for c, r in by_count.items() if len(r) == max(len(v) for v in by_count.values())}

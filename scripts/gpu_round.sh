@@ -74,11 +74,18 @@ if [ "$check" -ne 0 ]; then
 fi
 
 RESULTS="$OUT/gpu.jsonl"
-# The reduce kernels' programs per multiprocessor (triton_plan.PROGRAMS_PER_SM = 4, a guess): the
-# kernels alone under other counts; a layout whose best count is another one runs its 411 MB
-# training cases again under it, into a file of its own.
+# The reduce kernels' programs per multiprocessor (triton_plan.PROGRAMS_PER_SM = 4): the kernels
+# alone under other counts; a layout whose best count is another one runs its 411 MB training
+# cases again under it, into a file of its own. With them, the reduce kernels on NCHW rows in
+# tiles fitted to their length (triton_plan.ROW_FIT, off): if faster so, the 411 MB NCHW cases run
+# again under it, into a file of their own.
 programs() {
-    stage programs 100 "$PY" benchmarks/triton_programs.py --shapes gpu-112,gpu-56 --per-sm 2,3,4,5,6,8,12
+    stage programs 120 "$PY" benchmarks/triton_programs.py --shapes gpu-112,gpu-56 --per-sm 2,3,4,5,6,8,12 --row-fit
+    grep "^row fit better" "$LOG" | tail -1
+    if grep -q "^row fit better: yes" "$LOG"; then
+        stage row_fit 40 "$PY" benchmarks/bench_bn.py --device cuda --out "$OUT/gpu_row_fit.jsonl" --triton-row-fit \
+            --shapes gpu-112,gpu-56 --dtypes fp32,bf16 --layouts nchw --rounds 9 --modes fwd,fwdbwd,eval
+    fi
     local layout best
     for layout in nchw cl; do
         best=$(sed -n "s/^best programs per SM, $layout: \([0-9]*\)$/\1/p" "$LOG" | tail -1)

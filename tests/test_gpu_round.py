@@ -25,7 +25,8 @@ case "$*" in
   *gpu_check.py*) if [ "${CHECK_FAILS:-0}" = 1 ]; then echo "FAIL y (4, 6) float32"; echo "1 failure(s)"; exit 1; fi
                   echo "0 failure(s)";;
   *triton_tune.py*) echo "best tiles: 4096,8,2048,4,1024,4  (triton_plan.GPU_TILES = ...)";;
-  *triton_programs.py*) echo "best programs per SM, nchw: 6"; echo "best programs per SM, cl: 4";;
+  *triton_programs.py*) echo "best programs per SM, nchw: 6"; echo "best programs per SM, cl: 4"
+                        echo "row fit better: ${ROW_FIT_BETTER:-no}";;
   *--report*) echo "summary: cuda";;
 esac
 exit 0
@@ -56,6 +57,15 @@ def test_quick_round_checks_first_then_times_in_order(tmp_path):
     rerun = [line for line in calls if "--triton-programs" in line]
     assert len(rerun) == 1 and "--triton-programs 6" in rerun[0] and "--layouts nchw" in rerun[0]
     assert "gpu_programs.jsonl" in rerun[0]
+    assert not any("--triton-row-fit" in line for line in calls)  # the fitted rows were not faster
+
+
+def test_fitted_rows_that_are_faster_run_the_nchw_cases_again_under_them(tmp_path):
+    result, calls = _round(tmp_path, QUICK="1", BUDGET="600", ROW_FIT_BETTER="yes")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--row-fit" in next(line for line in calls if "triton_programs.py" in line)
+    rerun = [line for line in calls if "--triton-row-fit" in line]
+    assert len(rerun) == 1 and "--layouts nchw" in rerun[0] and "gpu_row_fit.jsonl" in rerun[0]
     assert "--quick" in calls[1] and "--report" in calls[-1]
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "stage (gpu_check) exit 0" in log and "stage (host_time) exit 0" in log

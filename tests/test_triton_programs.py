@@ -71,6 +71,8 @@ def test_bench_bn_cases_under_another_program_count_are_cases_of_their_own():
     base = {"device": "cuda", "threads": 16, "shape": "gpu-112", "layout": "nchw", "dtype": "fp32", "mode": "fwd"}
     assert bench_bn._case_id({**base, "triton_programs": 8}) != bench_bn._case_id(base)
     assert bench_bn._case_id({**base, "triton_programs": 8}).endswith("/programs=8")
+    assert bench_bn._case_id({**base, "triton_row_fit": True}).endswith("/row_fit")
+    assert bench_bn._case_id({**base, "triton_row_fit": True}) != bench_bn._case_id(base)
 
 
 def test_triton_programs_ranks_the_counts_per_layout_and_prints_the_lines_the_round_reads(monkeypatch, capsys):
@@ -97,3 +99,37 @@ def test_triton_programs_ranks_the_counts_per_layout_and_prints_the_lines_the_ro
     # a count refused in one case is not ranked for that layout (it was not timed everywhere)
     cl_line = next(line for line in out.splitlines() if line.startswith("cl: time vs 4"))
     assert "8=" not in cl_line and "6=" in cl_line
+
+
+def test_row_fit_report_says_better_only_when_the_fitted_rows_take_under_0_98_of_the_time(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    import triton_programs
+
+    monkeypatch.setattr(triton_programs, "run_case", lambda *a: {"gbps": {4: {"stats": 1, "grad_sums": 1}},
+                                                                 "segments": {4: 8}, "rejected": {}})  # fmt: skip
+    monkeypatch.setattr(triton_programs, "registers", lambda: [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    kernels = triton_programs.REDUCE
+
+    def fake_fit(speedup):
+        def run(shape_name, dtype_name, rounds):
+            if shape_name == "gpu-112" and dtype_name == "bf16":
+                return None  # the fitted plan is the default one
+            if dtype_name == "fp16":
+                return {"gbps": {}, "widths": (1024, 128), "rejected": "dx differs"}
+            gbps = {"default": {k: 3000.0 for k in kernels}, "fit": {k: 3000.0 * speedup for k in kernels}}
+            return {"gbps": gbps, "widths": (1024, 128), "rejected": None}
+
+        return run
+
+    argv = ["--shapes", "gpu-112,gpu-56", "--dtypes", "fp32,bf16,fp16", "--per-sm", "4", "--row-fit"]
+    monkeypatch.setattr(triton_programs, "run_row_fit", fake_fit(1.25))
+    assert triton_programs.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "row fit gpu-112/nchw/bf16: the same tiles" in out and "REJECTED dx differs" in out
+    assert "BLOCK_L 1024 -> 128; GB/s stats 3000 -> 3750" in out
+    assert "geometric mean over the reduce kernels): 0.800" in out and "row fit better: yes" in out
+    monkeypatch.setattr(triton_programs, "run_row_fit", fake_fit(1.01))  # within noise: not better
+    assert triton_programs.main(argv) == 0
+    assert "row fit better: no" in capsys.readouterr().out

@@ -39,3 +39,32 @@ def test_channels_last_plans_carry_the_tiles_unroll_whatever_the_element_size(dt
     assert not p.ncl and p.unroll == 3
     flat = triton_plan.plan(torch.empty(64, 3, dtype=dtype), for_gpu=True)  # (N, C): rows of channels too
     assert not flat.ncl and flat.unroll == triton_plan.GPU_TILES.unroll
+
+
+@pytest.mark.parametrize("dtype,layout,stats_unroll,grads_unroll", [
+    (torch.float32, "nchw", 1, 1), (torch.float32, "cl", 4, 1), (torch.bfloat16, "nchw", 4, 2),
+    (torch.bfloat16, "cl", 4, 2),
+])  # fmt: skip
+def test_tiles_per_step_the_reduce_kernels_are_launched_with(monkeypatch, dtype, layout, stats_unroll, grads_unroll):
+    # the launches themselves, in the interpreter: 32-bit gradient sums take one tile per step (two
+    # spilled 40 bytes under Triton 3.6), 16-bit ones at most two (triton_ops.GRAD_UNROLL_MAX)
+    pytest.importorskip("triton")
+    from bnlab.backends import triton_launch, triton_ops
+
+    launched = {}
+    launch = triton_launch.launch
+
+    def record(kernel, grid, *args, **kwargs):
+        launched[kernel.fn.__name__] = kwargs.get("UNROLL")
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(triton_launch, "launch", record)
+    monkeypatch.setattr(triton_ops, "SMALL_NUMEL", 0)  # the general kernels
+    x = torch.randn(6, 5, 4, 7).to(dtype)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    p = triton_plan.plan(x, for_gpu=False, tiles=parse_tiles("128,4,128,4,64,4"))
+    y, stats, coef, _ = triton_ops.forward_train(x, None, None, 1e-5, p=p)
+    triton_ops.backward(y, x, stats, coef[0].contiguous(), None, p=p)
+    kind = "ncl" if layout == "nchw" else "nlc"
+    assert launched[f"stats_{kind}_kernel"] == stats_unroll and launched[f"grad_{kind}_kernel"] == grads_unroll

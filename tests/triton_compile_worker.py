@@ -165,7 +165,9 @@ def main() -> int:
     parser.add_argument("--resources", action="store_true", help="also report registers and spills (ptxas -v)")
     parser.add_argument("--tiles", default=None, help="plan under these triton_plan.Tiles (as bench_bn.py --triton-tiles)")
     parser.add_argument("--part", default="0/1", help="K/N: compile every N-th distinct variant from the K-th on")
+    parser.add_argument("--row-fit", action="store_true", help="plan NCL rows in fitted tiles (triton_plan.ROW_FIT)")
     args = parser.parse_args()
+    triton_plan.ROW_FIT = args.row_fit
     try:
         part = tuple(int(v) for v in args.part.split("/"))
         if len(part) != 2 or not 0 <= part[0] < part[1]:

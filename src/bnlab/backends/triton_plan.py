@@ -76,7 +76,8 @@ class Tiles(NamedTuple):
     Measured on an H200, 411 MB inputs, each kernel alone, GB/s at one / two / four tiles per
     step (benchmarks/results/h200_s23_round4_log.txt): float32 statistics NCHW 3325 / 2990 / 2625,
     channels-last 2949 / 2147 / 4061; bfloat16 statistics NCHW 2552 / 2658 / 3405, channels-last
-    2639 / 3372 / 3506 (the gradient sums take at most two: triton_ops.GRAD_UNROLL_MAX).
+    2639 / 3372 / 3506 (the gradient sums take at most two for 16-bit inputs and one for 32-bit
+    ones: triton_ops.GRAD_UNROLL_MAX).
     """
 
     reduce_tile: int = 2048
@@ -127,6 +128,13 @@ _SM_COUNT: dict = {}  # device index -> its multiprocessors
 #: flight to keep the memory busy. benchmarks/triton_programs.py times other counts on a GPU, and
 #: bench_bn.py --triton-programs runs the benchmark under one.
 PROGRAMS_PER_SM = 4
+#: Whether the reduce kernels take NCL rows in tiles fitted to their length (:func:`row_width`)
+#: rather than the next power of two up to ``width``. Off: not yet timed on a GPU. A row of
+#: 56 x 56 = 3136 values in tiles of 1024 leaves 23 % of the lanes idle (the statistics read
+#: 2772 GB/s there on an H200, against 3174 at 112 x 112, 6 % idle); benchmarks/triton_programs.py
+#: --row-fit times both. The elementwise tiles keep their rows: fitted (16 rows of 128 values
+#: instead of 2 of 1024) they held up to 156 registers instead of 96 in the compile check.
+ROW_FIT = False
 
 
 def _programs_wanted(x: torch.Tensor, gpu: bool) -> int:
@@ -153,13 +161,34 @@ def plan(x: torch.Tensor, for_gpu: bool | None = None, tiles: Tiles | None = Non
     wanted = _programs_wanted(x, gpu)
     # A plan depends on nothing else (the element size and layout set the unroll); looked up, it costs a few
     # tenths of a microsecond of a GPU call's host time instead of two (benchmarks/triton_host_time.py).
-    key = (x.shape, x.stride(), x.element_size(), t, wanted)
+    key = (x.shape, x.stride(), x.element_size(), t, wanted, ROW_FIT)
     found = _PLANS.get(key, _NO_PLAN)
     if found is _NO_PLAN:
         if len(_PLANS) >= _PLANS_KEPT:
             _PLANS.clear()
         found = _PLANS[key] = _new_plan(x, t, wanted)
     return found
+
+
+def row_width(k: int, width: int) -> int:
+    """The tile row for rows of k values under ROW_FIT: a power of two at most min(next power of
+    two of k, width) and at least width / 16 (64 values at the GPU's width: 256 contiguous bytes
+    of float32), the widest whose idle lanes (the last tile's padding) are not more than 1/16 of
+    the row above the least of them: 3136 values (56 x 56) 256 (6 % idle instead of 23 %), 784
+    (28 x 28) 64 (6 % instead of 23 %), 12544 (112 x 112) 1024 as before (6 %). (Within 1/32, 3136
+    took 128, and the 16-bit gradient sums with a ReLU mask spilled 24-32 bytes in the compile check.)
+    """
+    top = min(_pow2(k), width)
+    floor = min(top, max(8, width // 16))
+    widths = [top >> i for i in range(top.bit_length()) if top >> i >= floor]  # widest first
+    least = min(_idle(k, b) for b in widths)
+    return next(b for b in widths if _idle(k, b) <= least + 1 / 16)
+
+
+def _idle(k: int, b: int) -> float:
+    """The fraction of a row's lanes that tiles of b values leave idle."""
+    padded = _cdiv(k, b) * b
+    return (padded - k) / padded
 
 
 _PLANS: dict = {}
@@ -178,7 +207,7 @@ def _new_plan(x: torch.Tensor, t: Tiles, wanted: int) -> Plan | None:
         return None
     tile, width = t.reduce_tile, t.width
     if ncl:
-        block_b = min(_pow2(length), width)  # BLOCK_L
+        block_b = row_width(length, width) if ROW_FIT else min(_pow2(length), width)  # BLOCK_L
         block_a = max(1, tile // block_b)  # BLOCK_N
         n_tiles = _cdiv(n, block_a) * _cdiv(length, block_b)
         segments = max(1, min(n_tiles, wanted // c, 1024))
