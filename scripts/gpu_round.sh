@@ -80,7 +80,7 @@ RESULTS="$OUT/gpu.jsonl"
 # tiles fitted to their length (triton_plan.ROW_FIT, off): if faster so, the 411 MB NCHW cases run
 # again under it, into a file of their own.
 programs() {
-    stage programs 120 "$PY" benchmarks/triton_programs.py --shapes gpu-112,gpu-56 --per-sm 2,3,4,5,6,8,12 --row-fit
+    stage programs 100 "$PY" benchmarks/triton_programs.py --shapes gpu-112,gpu-56 --per-sm 3,4,8 --row-fit
     grep "^row fit better" "$LOG" | tail -1
     if grep -q "^row fit better: yes" "$LOG"; then
         stage row_fit 40 "$PY" benchmarks/bench_bn.py --device cuda --out "$OUT/gpu_row_fit.jsonl" --triton-row-fit \

@@ -17,7 +17,9 @@ cannot tell apart from an earlier one runs the kernel Triton itself would have c
 
 Triton's path is taken instead on CPU tensors (the interpreter), when a launch hook is installed
 (profilers such as proton see every launch), and with ``BNLAB_TRITON_DIRECT_LAUNCH=0`` in the
-environment or :data:`ENABLED` set False.
+environment or :data:`ENABLED` set False. Options Triton reads from its knobs at each launch
+(debug mode, instrumentation) are not in the key: set them before the first launch, or call
+:func:`clear` after changing them.
 """
 
 from __future__ import annotations
