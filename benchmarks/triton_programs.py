@@ -52,21 +52,28 @@ def run_case(shape_name: str, layout: str, dtype_name: str, counts: list[int], r
     finally:
         triton_plan.PROGRAMS_PER_SM = default_count
     reference = _outputs(ops, x, dy, ops.plan(x))
-    fns, rejected = {}, {}
+    rejected = {}
     for count, p in plans.items():
         problem = _agrees(_outputs(ops, x, dy, p), reference, x.dtype)
         if problem is not None:
             rejected[count] = problem
-            continue
+    timed = {count: p for count, p in plans.items() if count not in rejected}
+    return {"gbps": _reduce_gbps(ops, x, dy, timed, rounds), "segments": {c: p.segments for c, p in plans.items()},
+            "rejected": rejected}  # fmt: skip
+
+
+def _reduce_gbps(ops, x, dy, plans: dict, rounds: int) -> dict:
+    """{label: {kernel: GB/s}}: the two reduce kernels alone under each labelled plan, interleaved."""
+    fns = {}
+    for label, p in plans.items():
         kernels = _kernels(ops, x, dy, p)
-        fns.update({f"{name}@{count}": kernels[name] for name in REDUCE})
-    seconds = time_interleaved(fns, "cuda", rounds, 0.02)
+        fns.update({(name, label): kernels[name] for name in REDUCE})
+    seconds = time_interleaved(fns, x.device.type, rounds, 0.02)
     nbytes = x.numel() * x.element_size()
     gbps: dict = {}
-    for name, s in seconds.items():
-        kernel, count = name.split("@")
-        gbps.setdefault(int(count), {})[kernel] = KERNEL_TRAFFIC[kernel] * nbytes / s / 1e9
-    return {"gbps": gbps, "segments": {c: p.segments for c, p in plans.items()}, "rejected": rejected}
+    for (kernel, label), s in seconds.items():
+        gbps.setdefault(label, {})[kernel] = KERNEL_TRAFFIC[kernel] * nbytes / s / 1e9
+    return gbps
 
 
 def run_row_fit(shape_name: str, dtype_name: str, rounds: int) -> dict | None:
@@ -93,16 +100,7 @@ def run_row_fit(shape_name: str, dtype_name: str, rounds: int) -> dict | None:
         problem = f"{type(exc).__name__}: {exc}"[:300]
     if problem is not None:
         return {"gbps": {}, "widths": widths, "rejected": problem}
-    fns = {}
-    for label, p in (("default", default), ("fit", fit)):
-        kernels = _kernels(ops, x, dy, p)
-        fns.update({f"{name}@{label}": kernels[name] for name in REDUCE})
-    seconds = time_interleaved(fns, "cuda", rounds, 0.02)
-    nbytes = x.numel() * x.element_size()
-    gbps: dict = {}
-    for name, s in seconds.items():
-        kernel, label = name.split("@")
-        gbps.setdefault(label, {})[kernel] = KERNEL_TRAFFIC[kernel] * nbytes / s / 1e9
+    gbps = _reduce_gbps(ops, x, dy, {"default": default, "fit": fit}, rounds)
     return {"gbps": gbps, "widths": widths, "rejected": None}
 
 

@@ -57,6 +57,30 @@ def np64(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
+def assert_backend_matches_reference(backend, shape, layout: str, dtype: torch.dtype) -> None:
+    """A backend's forward_train and backward against the float64 reference (bnlab.reference): y and
+    dx within the dtype's tolerance, the statistics within 1e-9, the parameter gradients per value
+    within 1e-6; outputs in x's strides."""
+    from bnlab import reference as ref
+
+    channels = shape[1]
+    x = make_input(shape, layout, dtype, seed=1, mean=0.5, std=2.0)
+    dy = make_input(shape, layout, dtype, seed=2)
+    w, b = torch.rand(channels) + 0.5, torch.randn(channels)
+    y, stats, invstd = backend.forward_train(x, w, b, 1e-5)
+    dx, dw, db = backend.backward(dy, x, stats.mean, invstd, w, stats.count, True)
+    expected_y, cache = ref.forward_train(np64(x), np64(w), np64(b))
+    expected_dx, expected_dw, expected_db = ref.backward(np64(dy), cache)
+    assert y.dtype == dtype and y.stride() == x.stride() and dx.stride() == x.stride()
+    assert_close(y, expected_y, TOL[dtype], "y")
+    assert_close(dx, expected_dx, TOL[dtype], "dx")
+    assert_close(stats.mean, cache.mean, 1e-9, "mean")
+    assert_close(stats.m2 / stats.count, cache.var, 1e-9, "variance")
+    n = stats.count
+    assert_close(dw / n, expected_dw / n, 1e-6, "dweight")
+    assert_close(db / n, expected_db / n, 1e-6, "dbias")
+
+
 def bf16_special_values(shape, seed: int) -> torch.Tensor:
     """A contiguous (shape) bf16 tensor of magnitudes 1e-40 .. 1e30, subnormal bf16 values among
     them (which stores must round, not flush), and inf, -inf, NaN and ±3.38e38 as its first five

@@ -24,7 +24,14 @@ import bnlab  # noqa: E402
 from bnlab import reference as ref  # noqa: E402
 from bnlab.backends import _REGISTRY, PortableBackend  # noqa: E402
 from bnlab.backends.triton_backend import TritonBackend  # noqa: E402
-from speed_helpers import TOL, assert_close, assert_fused_relu_handles_nan_as_torch, make_input, np64  # noqa: E402
+from speed_helpers import (  # noqa: E402
+    TOL,
+    assert_backend_matches_reference,
+    assert_close,
+    assert_fused_relu_handles_nan_as_torch,
+    make_input,
+    np64,
+)
 
 TRITON = TritonBackend(allow_cpu=True)
 CASES = [((5, 3, 7, 6), "nchw"), ((11, 1, 13), "nchw"), ((9, 5), "nchw"), ((4, 6, 3, 5), "cl"), ((3, 7, 2, 3, 2), "cl")]
@@ -59,22 +66,7 @@ def test_import_bnlab_never_imports_triton():
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_backward_match_reference(shape, layout, dtype):
-    channels = shape[1]
-    x = make_input(shape, layout, dtype, seed=1, mean=0.5, std=2.0)
-    dy = make_input(shape, layout, dtype, seed=2)
-    w, b = torch.rand(channels) + 0.5, torch.randn(channels)
-    y, stats, invstd = TRITON.forward_train(x, w, b, 1e-5)
-    dx, dw, db = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True)
-    expected_y, cache = ref.forward_train(np64(x), np64(w), np64(b))
-    expected_dx, expected_dw, expected_db = ref.backward(np64(dy), cache)
-    assert y.dtype == dtype and y.stride() == x.stride() and dx.stride() == x.stride()
-    assert_close(y, expected_y, TOL[dtype], "y")
-    assert_close(dx, expected_dx, TOL[dtype], "dx")
-    assert_close(stats.mean, cache.mean, 1e-9, "mean")
-    assert_close(stats.m2 / stats.count, cache.var, 1e-9, "variance")
-    n = stats.count
-    assert_close(dw / n, expected_dw / n, 1e-6, "dweight")
-    assert_close(db / n, expected_db / n, 1e-6, "dbias")
+    assert_backend_matches_reference(TRITON, shape, layout, dtype)
 
 
 @pytest.mark.parametrize("shape,layout", CASES[:2] + CASES[3:4])

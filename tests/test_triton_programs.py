@@ -133,3 +133,20 @@ def test_row_fit_report_says_better_only_when_the_fitted_rows_take_under_0_98_of
     monkeypatch.setattr(triton_programs, "run_row_fit", fake_fit(1.01))  # within noise: not better
     assert triton_programs.main(argv) == 0
     assert "row fit better: no" in capsys.readouterr().out
+
+
+def test_reduce_kernels_are_timed_under_each_labelled_plan(monkeypatch):
+    # the timing helper itself, on CPU tensors through Triton's interpreter (no GPU here)
+    pytest.importorskip("triton")
+    import triton_programs
+
+    from bnlab.backends import triton_ops
+
+    x, dy = torch.randn(4, 3, 5, 7), torch.randn(4, 3, 5, 7)
+    plans = {"default": triton_ops.plan(x, for_gpu=False)}
+    monkeypatch.setattr(triton_plan, "ROW_FIT", True)
+    plans["fit"] = triton_ops.plan(x, for_gpu=False)
+    assert plans["fit"].block_b < plans["default"].block_b
+    gbps = triton_programs._reduce_gbps(triton_ops, x, dy, plans, rounds=1)
+    assert set(gbps) == {"default", "fit"}
+    assert all(set(row) == {"stats", "grad_sums"} and min(row.values()) > 0 for row in gbps.values())

@@ -11,7 +11,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from bnlab import reference as ref  # noqa: E402
 from bnlab.backends import triton_plan  # noqa: E402
 from bnlab.backends.triton_plan import row_width  # noqa: E402
 
@@ -63,25 +62,11 @@ def fitted(monkeypatch):
 @pytest.mark.parametrize("shape", [(6, 3, 5, 7), (4, 5, 9, 5), (3, 2, 7, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_under_fitted_rows_match_the_reference(fitted, shape, dtype):
-    from speed_helpers import TOL, assert_close, make_input, np64
+    from speed_helpers import assert_backend_matches_reference, make_input
 
     p = triton_plan.plan(make_input(shape, "nchw", dtype, seed=0))
     assert p.ncl and p.block_b < 64, p  # the fitted tiles, not the default ones
-    channels = shape[1]
-    x = make_input(shape, "nchw", dtype, seed=1, mean=0.5, std=2.0)
-    dy = make_input(shape, "nchw", dtype, seed=2)
-    w, b = torch.rand(channels) + 0.5, torch.randn(channels)
-    y, stats, invstd = fitted.forward_train(x, w, b, 1e-5)
-    dx, dw, db = fitted.backward(dy, x, stats.mean, invstd, w, stats.count, True)
-    expected_y, cache = ref.forward_train(np64(x), np64(w), np64(b))
-    expected_dx, expected_dw, expected_db = ref.backward(np64(dy), cache)
-    assert_close(y, expected_y, TOL[dtype], "y")
-    assert_close(dx, expected_dx, TOL[dtype], "dx")
-    assert_close(stats.mean, cache.mean, 1e-9, "mean")
-    assert_close(stats.m2 / stats.count, cache.var, 1e-9, "variance")
-    n = stats.count
-    assert_close(dw / n, expected_dw / n, 1e-6, "dweight")
-    assert_close(db / n, expected_db / n, 1e-6, "dbias")
+    assert_backend_matches_reference(fitted, shape, "nchw", dtype)
 
 
 @pytest.mark.parametrize("residual", [False, True])
