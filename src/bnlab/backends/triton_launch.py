@@ -191,7 +191,15 @@ def _current_device() -> int:
 
 
 def _stream(device: int) -> int:
-    return torch._C._cuda_getCurrentRawStream(device)
+    return _RAW_STREAM(device)
+
+
+def _raw_stream_of_torch(device: int) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# torch's C accessor where this build has it (as Triton's driver does), else the public one
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", _raw_stream_of_torch)
 
 
 def clear() -> None:
