@@ -106,9 +106,12 @@ if [ "$QUICK" = "1" ]; then
     stage kernel_times 40 "$PY" benchmarks/gpu_kernel_times.py --shapes gpu-112,conv-56 --dtypes fp32,bf16 \
         --layouts nchw,cl --modes fwd,fwdbwd
     stage host_time 45 "$PY" benchmarks/triton_host_time.py --device cuda --calls 300 --shapes 32,64,56,56 256,100
+    # the same steps without the host: replayed from CUDA graphs (and whether bnlab's can be captured)
+    stage graphs 40 "$PY" benchmarks/gpu_graphs.py --shapes conv-56,mlp-small --dtypes fp32,bf16
     stage tune 75 "$PY" benchmarks/triton_tune.py --shapes gpu-112 --dtypes fp32,bf16 --out "$OUT/tune.jsonl"
     grep "^best tiles" "$LOG" | tail -1
     grep -E "(direct|triton) +[0-9.]+ us" "$LOG" | tail -6
+    grep -E "^[a-z0-9-]+/[a-z]+/[a-z0-9]+ (bnlab|torch\.nn) *: " "$LOG" | tail -8
     "$PY" benchmarks/bench_bn.py --device cuda --report --out "$RESULTS" 2>&1 | grep -v "^|" | tail -12
     exit 0
 fi

@@ -52,7 +52,8 @@ def test_quick_round_checks_first_then_times_in_order(tmp_path):
     result, calls = _round(tmp_path, QUICK="1", BUDGET="300")
     assert result.returncode == 0, result.stdout + result.stderr
     assert _scripts(calls) == ["gpu_check.py", "bench_bn.py", "triton_programs.py", "bench_bn.py",
-                               "gpu_kernel_times.py", "triton_host_time.py", "triton_tune.py", "bench_bn.py"]  # fmt: skip
+                               "gpu_kernel_times.py", "triton_host_time.py", "gpu_graphs.py", "triton_tune.py",
+                               "bench_bn.py"]  # fmt: skip
     # only the layout whose best count is not the default runs again, under that count
     rerun = [line for line in calls if "--triton-programs" in line]
     assert len(rerun) == 1 and "--triton-programs 6" in rerun[0] and "--layouts nchw" in rerun[0]
