@@ -57,6 +57,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def refuse_unknown_names(parser: argparse.ArgumentParser, args, allowed: dict) -> None:
+    """parser.error naming the option and the unknown names, for each comma-separated option of
+    ``allowed`` ({attribute: the names it may hold}) that holds another name."""
+    for option, known in allowed.items():
+        unknown = [v for v in getattr(args, option).split(",") if v not in known]
+        if unknown:
+            parser.error(f"--{option}: expected names from {sorted(known)}, got {unknown}")
+
+
 def positive_float(text: str) -> float:
     """The ``type=`` of the scripts' durations (--seconds): "argument --seconds: expected a positive
     number, got '-5'"."""

@@ -45,3 +45,20 @@ def balanced_orders(names: list) -> list[list]:
     if n % 2:
         rows += [row[::-1] for row in rows]
     return [[names[k] for k in row] for row in rows]
+
+
+def events_us(fn, calls: int, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the mean GPU time of ``calls`` back-to-back calls of fn, in
+    microseconds: CUDA events around them (the device's clock; the host waits only at the end)."""
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(times)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bn import SHAPES  # noqa: E402
-from bench_cases import DTYPES, make_input  # noqa: E402
+from bench_cases import DTYPES, make_input, refuse_unknown_names  # noqa: E402
+from bench_timing import events_us  # noqa: E402
 
 import bnlab  # noqa: E402
 
@@ -35,20 +35,6 @@ import bnlab  # noqa: E402
 def _layer(lib, x: torch.Tensor) -> nn.Module:
     name = "BatchNorm1d" if x.dim() <= 3 else f"BatchNorm{x.dim() - 2}d"
     return getattr(lib, name)(x.shape[1]).to(x.device)  # float32 parameters, as mixed precision keeps them
-
-
-def step_us(step, steps: int, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the mean time of ``steps`` back-to-back steps, microseconds."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / steps)
-    return statistics.median(times)
 
 
 def compare(lib, x: torch.Tensor, dy: torch.Tensor, steps: int) -> str:
@@ -90,7 +76,7 @@ def compare(lib, x: torch.Tensor, dy: torch.Tensor, steps: int) -> str:
     for fn in (eager_step, graphed_step):
         for _ in range(5):
             fn()
-    return f"eager {step_us(eager_step, steps):8.1f} us, graphed {step_us(graphed_step, steps):8.1f} us"
+    return f"eager {events_us(eager_step, steps):8.1f} us, graphed {events_us(graphed_step, steps):8.1f} us"
 
 
 def main(argv=None) -> int:
@@ -102,10 +88,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps: expected a positive number of steps, got {args.steps}")
-    for option, allowed in (("shapes", SHAPES), ("dtypes", DTYPES), ("layouts", ("nchw", "cl"))):
-        unknown = [v for v in getattr(args, option).split(",") if v not in allowed]
-        if unknown:
-            p.error(f"--{option}: expected names from {sorted(allowed)}, got {unknown}")
+    refuse_unknown_names(p, args, {"shapes": SHAPES, "dtypes": DTYPES, "layouts": ("nchw", "cl")})
     if not torch.cuda.is_available():
         p.error("a CUDA device is needed (CUDA graphs)")
     print(f"# gpu_graphs.py; torch {torch.__version__}, {torch.cuda.get_device_name()}; a training step "

@@ -26,21 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bn import SHAPES  # noqa: E402
-from bench_cases import DTYPES, MODES, contenders  # noqa: E402
-
-
-def wall_ms(fn, calls: int, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the mean time of ``calls`` back-to-back calls, in milliseconds."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+from bench_cases import DTYPES, MODES, contenders, refuse_unknown_names  # noqa: E402
+from bench_timing import events_us  # noqa: E402
 
 
 def host_clock_ms(fn, calls: int, repeats: int = 5) -> float:
@@ -79,7 +66,7 @@ def report(case: str, name: str, fn, calls: int) -> str:
     for _ in range(3):  # compile, allocator and handles out of the figures
         fn()
     torch.cuda.synchronize()
-    wall = wall_ms(fn, calls)
+    wall = events_us(fn, calls) / 1000
     host = host_clock_ms(fn, calls)
     kernels = kernel_times(fn, calls)
     busy = sum(count * us for count, us in kernels.values()) / 1000
@@ -101,27 +88,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.calls < 1:
         p.error(f"--calls: expected a positive number of calls, got {args.calls}")
-    wanted = {
-        "--shapes": (args.shapes.split(","), SHAPES),
-        "--dtypes": (args.dtypes.split(","), DTYPES),
-        "--layouts": (args.layouts.split(","), ("nchw", "cl")),
-        "--modes": (args.modes.split(","), MODES),
-        "--contenders": (args.contenders.split(","), ("bnlab", "torch", "copy", "copy_")),
-    }
-    for option, (values, known) in wanted.items():
-        unknown = [v for v in values if v not in known]
-        if unknown:
-            p.error(f"{option}: expected names of {sorted(known)}, got {unknown}")
+    refuse_unknown_names(p, args, {"shapes": SHAPES, "dtypes": DTYPES, "layouts": ("nchw", "cl"), "modes": MODES,
+                                   "contenders": ("bnlab", "torch", "copy", "copy_")})  # fmt: skip
     if not torch.cuda.is_available():
         p.error("a CUDA device is needed (this script times GPU kernels)")
     print(f"# gpu_kernel_times.py; torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    for shape_name in wanted["--shapes"][0]:
-        for dtype_name in wanted["--dtypes"][0]:
-            for layout in wanted["--layouts"][0]:
-                for mode in wanted["--modes"][0]:
+    for shape_name in args.shapes.split(","):
+        for dtype_name in args.dtypes.split(","):
+            for layout in args.layouts.split(","):
+                for mode in args.modes.split(","):
                     case = f"{shape_name}/{layout}/{dtype_name}/{mode}"
                     fns = contenders(SHAPES[shape_name], layout, DTYPES[dtype_name], mode, "cuda", False)
-                    for name in wanted["--contenders"][0]:
+                    for name in args.contenders.split(","):
                         print(report(case, name, fns[name], args.calls), flush=True)
                     del fns
                     torch.cuda.empty_cache()

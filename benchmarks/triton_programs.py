@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bn import SHAPES, time_interleaved  # noqa: E402
-from bench_cases import DTYPES, make_input  # noqa: E402
+from bench_cases import DTYPES, make_input, refuse_unknown_names  # noqa: E402
 from triton_tune import KERNEL_TRAFFIC, _agrees, _kernels, _outputs  # noqa: E402
 
 REDUCE = ("stats", "grad_sums")
@@ -155,10 +155,7 @@ def main(argv=None) -> int:
         counts = []
     if not counts or min(counts) < 1:
         p.error(f"--per-sm: expected comma-separated positive integers such as 2,4,8, got {args.per_sm!r}")
-    for option, allowed in (("shapes", SHAPES), ("dtypes", DTYPES), ("layouts", ("nchw", "cl"))):
-        unknown = [v for v in getattr(args, option).split(",") if v not in allowed]
-        if unknown:
-            p.error(f"--{option}: expected names from {sorted(allowed)}, got {unknown}")
+    refuse_unknown_names(p, args, {"shapes": SHAPES, "dtypes": DTYPES, "layouts": ("nchw", "cl")})
     if not torch.cuda.is_available():
         p.error("a CUDA device is needed (this script times GPU kernels)")
     print(f"# triton_programs.py --per-sm {args.per_sm}; torch {torch.__version__}, {torch.cuda.get_device_name()}")

@@ -16,11 +16,11 @@ import gpu_kernel_times  # noqa: E402
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["--shapes", "gpu-999"], "--shapes: expected names of"),
-    (["--dtypes", "fp8"], "--dtypes: expected names of"),
-    (["--layouts", "nhwc"], "--layouts: expected names of"),
-    (["--modes", "backward"], "--modes: expected names of"),
-    (["--contenders", "cudnn"], "--contenders: expected names of"),
+    (["--shapes", "gpu-999"], "--shapes: expected names from"),
+    (["--dtypes", "fp8"], "--dtypes: expected names from"),
+    (["--layouts", "nhwc"], "--layouts: expected names from"),
+    (["--modes", "backward"], "--modes: expected names from"),
+    (["--contenders", "cudnn"], "--contenders: expected names from"),
     (["--calls", "0"], "--calls: expected a positive number of calls, got 0"),
 ])  # fmt: skip
 def test_bad_options_are_refused_naming_the_option_and_value(argv, expected, capsys):
