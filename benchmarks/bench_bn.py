@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import DTYPES, MODES, contenders, traffic_bytes  # noqa: E402
+from bench_cases import DTYPES, MODES, contenders, refuse_unknown_names, traffic_bytes  # noqa: E402
 from bench_env import environment, first_call_seconds  # noqa: E402
 from bench_timing import balanced_orders  # noqa: E402
 
@@ -247,20 +247,18 @@ def main(argv=None) -> int:
     p.add_argument("--triton-row-fit", action="store_true",
                    help="NCHW rows in tiles fitted to their length (triton_plan.ROW_FIT; see triton_programs.py --row-fit)")
     args = p.parse_args(argv)
-    if args.triton_row_fit:
-        from bnlab.backends import triton_plan  # torch only
+    from bnlab.backends import triton_plan  # torch only: the plan settings below need no triton
 
+    if args.triton_row_fit:
         triton_plan.ROW_FIT = True
     if args.triton_programs is not None:
         if args.triton_programs < 1:
             p.error(f"--triton-programs: expected a positive number of programs per multiprocessor, "
                     f"got {args.triton_programs}")  # fmt: skip
-        from bnlab.backends import triton_plan  # torch only
-
         triton_plan.PROGRAMS_PER_SM = args.triton_programs
     if args.triton_tiles is not None or args.triton_small_numel is not None:
         try:
-            from bnlab.backends import triton_ops, triton_plan
+            from bnlab.backends import triton_ops
         except ImportError as exc:
             p.error(f"--triton-tiles and --triton-small-numel need triton (EXTRAS=triton): {exc}")
 
@@ -278,10 +276,7 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.shapes = args.shapes or ",".join(DEFAULT_SHAPES[args.device])
-    for option, allowed in (("shapes", SHAPES), ("layouts", ("nchw", "cl")), ("dtypes", DTYPES), ("modes", MODES)):
-        unknown = [v for v in getattr(args, option).split(",") if v not in allowed]
-        if unknown:
-            p.error(f"--{option}: expected names from {list(allowed)}, got {', '.join(map(repr, unknown))}")
+    refuse_unknown_names(p, args, {"shapes": SHAPES, "layouts": ("nchw", "cl"), "dtypes": DTYPES, "modes": MODES})
 
     out = Path(args.out)
     if args.report:

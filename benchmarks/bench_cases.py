@@ -63,7 +63,7 @@ def refuse_unknown_names(parser: argparse.ArgumentParser, args, allowed: dict) -
     for option, known in allowed.items():
         unknown = [v for v in getattr(args, option).split(",") if v not in known]
         if unknown:
-            parser.error(f"--{option}: expected names from {sorted(known)}, got {unknown}")
+            parser.error(f"--{option}: expected names from {list(known)}, got {', '.join(map(repr, unknown))}")
 
 
 def positive_float(text: str) -> float:

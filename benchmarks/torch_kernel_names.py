@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 import bnlab
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import DTYPES, make_input, nchw_shape  # noqa: E402
+from bench_cases import DTYPES, make_input, nchw_shape, refuse_unknown_names  # noqa: E402
 
 
 def launched(layer: nn.Module, x: torch.Tensor, device: str) -> Counter:
@@ -52,9 +52,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
-    if unknown:
-        p.error(f"--dtypes: expected names from {list(DTYPES)}, got {', '.join(map(repr, unknown))}")
+    refuse_unknown_names(p, args, {"dtypes": DTYPES})
     channels = args.shape[1]
     print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, enabled {torch.backends.cudnn.enabled}")
     for dtype_name in args.dtypes.split(","):

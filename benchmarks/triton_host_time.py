@@ -16,8 +16,9 @@ samples of 2000 calls; the launches are counted in a separate call.
 On a GPU (--device cuda) the launches are real and counted by a wrapper: each call's time is then
 the host's whole share (small tensors are done on the device long before the host is), set beside
 torch.nn's same call, with bnlab's direct launches of compiled kernels (triton_launch) and with
-every launch through Triton's JITFunction.run (--launch both, the default); --profile K also prints where a forward+backward step's host time goes
-(cProfile of K steps, the functions with the most time of their own).
+every launch through Triton's JITFunction.run (--launch both, the default); --profile K also
+prints where a forward+backward step's host time goes (cProfile of K steps, the functions with
+the most time of their own).
 
     python benchmarks/triton_host_time.py --device cuda --shapes 32,64,56,56 --profile 300
 """

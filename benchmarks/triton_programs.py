@@ -36,25 +36,31 @@ from triton_tune import KERNEL_TRAFFIC, _agrees, _kernels, _outputs  # noqa: E40
 REDUCE = ("stats", "grad_sums")
 
 
+def _plan_with(x, setting: str, value):
+    """The plan of x with triton_plan's module setting ``setting`` (PROGRAMS_PER_SM, ROW_FIT) at
+    ``value``; the setting is put back as it was."""
+    from bnlab.backends import triton_plan
+
+    before = getattr(triton_plan, setting)
+    setattr(triton_plan, setting, value)
+    try:
+        return triton_plan.plan(x)
+    finally:
+        setattr(triton_plan, setting, before)
+
+
 def run_case(shape_name: str, layout: str, dtype_name: str, counts: list[int], rounds: int) -> dict:
     """{"gbps": {count: {kernel: GB/s}}, "segments": {count: segments}, "rejected": {count: why}}."""
     from bnlab.backends import triton_ops as ops
-    from bnlab.backends import triton_plan
 
     x = make_input(SHAPES[shape_name], layout, DTYPES[dtype_name], "cuda")
     dy = make_input(SHAPES[shape_name], layout, DTYPES[dtype_name], "cuda", seed=1)
-    default_count = triton_plan.PROGRAMS_PER_SM
-    plans = {}
-    try:
-        for count in counts:
-            triton_plan.PROGRAMS_PER_SM = count
-            plans[count] = ops.plan(x)
-    finally:
-        triton_plan.PROGRAMS_PER_SM = default_count
-    reference = _outputs(ops, x, dy, ops.plan(x))
+    plans = {count: _plan_with(x, "PROGRAMS_PER_SM", count) for count in counts}
+    default = ops.plan(x)
+    reference = _outputs(ops, x, dy, default)
     rejected = {}
     for count, p in plans.items():
-        problem = _agrees(_outputs(ops, x, dy, p), reference, x.dtype)
+        problem = None if p == default else _agrees(_outputs(ops, x, dy, p), reference, x.dtype)
         if problem is not None:
             rejected[count] = problem
     timed = {count: p for count, p in plans.items() if count not in rejected}
@@ -81,16 +87,10 @@ def run_row_fit(shape_name: str, dtype_name: str, rounds: int) -> dict | None:
     against the default tiles: {"gbps": {"default"|"fit": {kernel: GB/s}}, "widths": (BLOCK_L, BLOCK_L),
     "rejected": why or None}; None when the fitted plan is the default one."""
     from bnlab.backends import triton_ops as ops
-    from bnlab.backends import triton_plan
 
     x = make_input(SHAPES[shape_name], "nchw", DTYPES[dtype_name], "cuda")
     dy = make_input(SHAPES[shape_name], "nchw", DTYPES[dtype_name], "cuda", seed=1)
-    default = ops.plan(x)
-    triton_plan.ROW_FIT = True
-    try:
-        fit = ops.plan(x)
-    finally:
-        triton_plan.ROW_FIT = False
+    default, fit = _plan_with(x, "ROW_FIT", False), _plan_with(x, "ROW_FIT", True)
     if fit == default:
         return None
     widths = (default.block_b, fit.block_b)

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bn import SHAPES, save, time_interleaved  # noqa: E402
-from bench_cases import DTYPES, make_input  # noqa: E402
+from bench_cases import DTYPES, make_input, refuse_unknown_names  # noqa: E402
 from bnlab.backends.triton_plan import parse_tiles  # noqa: E402  (torch only)
 
 #: (reduce_tile, reduce_warps, elementwise_tile, elementwise_warps, width, unroll): the default
@@ -184,9 +184,7 @@ def main(argv=None) -> int:
         p.error(f"--rounds: expected at least 1, got {args.rounds}")
     if not args.dry_run and not torch.cuda.is_available():
         p.error("no CUDA device is available (--dry-run runs the plumbing through Triton's interpreter)")
-    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
-    if unknown:
-        p.error(f"--shapes: expected names from {list(SHAPES)}, got {unknown}")
+    refuse_unknown_names(p, args, {"shapes": SHAPES})
     candidates = [c.strip() for c in args.candidates.split(";") if c.strip()]
     from bnlab.backends import triton_ops
 

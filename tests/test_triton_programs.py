@@ -75,9 +75,23 @@ def test_bench_bn_cases_under_another_program_count_are_cases_of_their_own():
     assert bench_bn._case_id({**base, "triton_row_fit": True}) != bench_bn._case_id(base)
 
 
-def test_triton_programs_ranks_the_counts_per_layout_and_prints_the_lines_the_round_reads(monkeypatch, capsys):
+@pytest.fixture
+def programs_on_a_stand_in_gpu(monkeypatch):
+    """triton_programs with torch.cuda answering as if a GPU were there (the timing functions are
+    replaced by each test) and no compiled kernels to list."""
     pytest.importorskip("triton")
     import triton_programs
+
+    monkeypatch.setattr(triton_programs, "registers", lambda: ["stats_ncl_kernel: 96 registers, 0 spills"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    return triton_programs
+
+
+def test_triton_programs_ranks_the_counts_per_layout_and_prints_the_lines_the_round_reads(
+    programs_on_a_stand_in_gpu, monkeypatch, capsys
+):
+    triton_programs = programs_on_a_stand_in_gpu
 
     def fake_case(shape_name, layout, dtype_name, counts, rounds):
         # nchw fastest at 6 programs per SM, channels-last at the default 4; 8 refused in one case
@@ -89,9 +103,6 @@ def test_triton_programs_ranks_the_counts_per_layout_and_prints_the_lines_the_ro
         return {"gbps": gbps, "segments": {c: 2 * c for c in counts}, "rejected": rejected}
 
     monkeypatch.setattr(triton_programs, "run_case", fake_case)
-    monkeypatch.setattr(triton_programs, "registers", lambda: ["stats_ncl_kernel: 96 registers, 0 spills"])
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
     assert triton_programs.main(["--shapes", "gpu-112", "--per-sm", "2,4,6,8"]) == 0
     out = capsys.readouterr().out
     assert "best programs per SM, nchw: 6" in out and "best programs per SM, cl: 4" in out
@@ -101,15 +112,13 @@ def test_triton_programs_ranks_the_counts_per_layout_and_prints_the_lines_the_ro
     assert "8=" not in cl_line and "6=" in cl_line
 
 
-def test_row_fit_report_says_better_only_when_the_fitted_rows_take_under_0_98_of_the_time(monkeypatch, capsys):
-    pytest.importorskip("triton")
-    import triton_programs
+def test_row_fit_report_says_better_only_when_the_fitted_rows_take_under_0_98_of_the_time(
+    programs_on_a_stand_in_gpu, monkeypatch, capsys
+):
+    triton_programs = programs_on_a_stand_in_gpu
 
     monkeypatch.setattr(triton_programs, "run_case", lambda *a: {"gbps": {4: {"stats": 1, "grad_sums": 1}},
                                                                  "segments": {4: 8}, "rejected": {}})  # fmt: skip
-    monkeypatch.setattr(triton_programs, "registers", lambda: [])
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
     kernels = triton_programs.REDUCE
 
     def fake_fit(speedup):

@@ -47,7 +47,7 @@ def test_channels_last_plans_carry_the_tiles_unroll_whatever_the_element_size(dt
 ])  # fmt: skip
 def test_tiles_per_step_the_reduce_kernels_are_launched_with(monkeypatch, dtype, layout, stats_unroll, grads_unroll):
     # the launches themselves, in the interpreter: 32-bit gradient sums take one tile per step (two
-    # spilled 40 bytes under Triton 3.6), 16-bit ones at most two (triton_ops.GRAD_UNROLL_MAX)
+    # spilled 40 bytes under Triton 3.6), 16-bit ones at most two (triton_plan.GRAD_UNROLL_MAX)
     pytest.importorskip("triton")
     from bnlab.backends import triton_launch, triton_ops
 
@@ -67,4 +67,5 @@ def test_tiles_per_step_the_reduce_kernels_are_launched_with(monkeypatch, dtype,
     y, stats, coef, _ = triton_ops.forward_train(x, None, None, 1e-5, p=p)
     triton_ops.backward(y, x, stats, coef[0].contiguous(), None, p=p)
     kind = "ncl" if layout == "nchw" else "nlc"
+    assert (p.unroll, p.grad_unroll) == (stats_unroll, grads_unroll)  # the plan decides both
     assert launched[f"stats_{kind}_kernel"] == stats_unroll and launched[f"grad_{kind}_kernel"] == grads_unroll

@@ -55,29 +55,19 @@ def _partial_stats(x, p: Plan):
     return part
 
 
-#: The gradient sums' tiles per step at most, for 16-bit inputs: they load two tensors per tile,
-#: and four tiles of both held 255 registers and spilled 852 bytes (grad_nlc_kernel with the ReLU
-#: mask, sm_90); measured on an H200 two gave what four did (bfloat16, 411 MB: 3772 and 3746 GB/s,
-#: against 3884 and 3716). 32-bit inputs take one tile per step: channels-last float32 read
-#: 4258-4301 GB/s at one, two or four (H200), and two spilled 40 bytes under Triton 3.6 (few
-#: channels, with the mask).
-GRAD_UNROLL_MAX = 2
-
-
 def _partial_grads(dy, x, mask, hi, p: Plan):
     part = torch.empty(p.segments, p.c, 2, dtype=_F64, device=x.device)
-    unroll = min(p.unroll, GRAD_UNROLL_MAX) if x.element_size() == 2 else 1
     mask_arg = mask if mask is not None else dy
     if p.ncl:
         _launch.launch(grad.grad_ncl_kernel, (p.c, p.segments),
             dy, x, mask_arg, hi, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment, p.k8b,
-            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=unroll, num_warps=p.warps_reduce,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll, num_warps=p.warps_reduce,
             **_COMPILE,
         )  # fmt: skip
     else:
         _launch.launch(grad.grad_nlc_kernel, (_cdiv(p.c, p.block_b), p.segments),
             dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
-            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, UNROLL=unroll,
+            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll,
             num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     return part

@@ -44,7 +44,8 @@ class Plan(NamedTuple):
     block_k: int
     warps_reduce: int = 4  # num_warps of the statistics and gradient-sum kernels
     warps_elementwise: int = 4  # num_warps of normalize and the input gradient
-    unroll: int = 1  # reduce kernels: tiles loaded together per step
+    unroll: int = 1  # statistics kernels: tiles loaded together per step
+    grad_unroll: int = 1  # gradient-sum kernels: the same, at most GRAD_UNROLL_MAX
 
     @property
     def m(self) -> int:
@@ -77,7 +78,7 @@ class Tiles(NamedTuple):
     step (benchmarks/results/h200_s23_round4_log.txt): float32 statistics NCHW 3325 / 2990 / 2625,
     channels-last 2949 / 2147 / 4061; bfloat16 statistics NCHW 2552 / 2658 / 3405, channels-last
     2639 / 3372 / 3506 (the gradient sums take at most two for 16-bit inputs and one for 32-bit
-    ones: triton_ops.GRAD_UNROLL_MAX).
+    ones: GRAD_UNROLL_MAX).
     """
 
     reduce_tile: int = 2048
@@ -87,6 +88,14 @@ class Tiles(NamedTuple):
     width: int = 1024
     unroll: int = 4
 
+
+#: The gradient sums' tiles per step at most, for 16-bit inputs: they load two tensors per tile,
+#: and four tiles of both held 255 registers and spilled 852 bytes (grad_nlc_kernel with the ReLU
+#: mask, sm_90); measured on an H200 two gave what four did (bfloat16, 411 MB: 3772 and 3746 GB/s,
+#: against 3884 and 3716). 32-bit inputs take one tile per step: channels-last float32 read
+#: 4258-4301 GB/s at one, two or four (H200), and two spilled 40 bytes under Triton 3.6 (few
+#: channels, with the mask).
+GRAD_UNROLL_MAX = 2
 
 #: The tiles of every GPU launch. benchmarks/triton_tune.py times alternatives on a GPU (each kernel
 #: family alone; on an H200 none beat these tiles, and the unroll was chosen so), and
@@ -222,7 +231,10 @@ def _new_plan(x: torch.Tensor, t: Tiles, wanted: int) -> Plan | None:
     k = length if ncl else c
     block_k = max(8, min(_pow2(k), width))
     block_r = max(1, t.elementwise_tile // block_k)
-    # one tile per step for NCL float32 (see Tiles: 3325 GB/s against 2625 at four)
-    unroll = t.unroll if (x.element_size() == 2 or not ncl) else 1
+    # one tile per step for NCL float32 statistics (see Tiles: 3325 GB/s against 2625 at four) and
+    # for 32-bit gradient sums (GRAD_UNROLL_MAX)
+    sixteen_bit = x.element_size() == 2
+    unroll = t.unroll if (sixteen_bit or not ncl) else 1
+    grad_unroll = min(t.unroll, GRAD_UNROLL_MAX) if sixteen_bit else 1
     return Plan(ncl, n, c, length, block_a, block_b, segments, per, block_r, block_k, t.reduce_warps,
-                t.elementwise_warps, unroll)  # fmt: skip
+                t.elementwise_warps, unroll, grad_unroll)  # fmt: skip
