@@ -248,6 +248,11 @@ def test_environment_variable_turns_direct_launches_off(tmp_path):
     env.pop("BNLAB_TRITON_DIRECT_LAUNCH")
     on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True")
+    assert "BNLAB_TRITON_DIRECT_LAUNCH" not in off.stderr + on.stderr
+    env["BNLAB_TRITON_DIRECT_LAUNCH"] = "false"  # not a value it takes: named in a warning, launches stay on
+    odd = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert odd.stdout.strip() == "True"
+    assert "BNLAB_TRITON_DIRECT_LAUNCH: expected 0 (off) or 1 (on), got 'false'" in odd.stderr
 
 
 def test_a_launcher_that_refuses_the_arguments_turns_direct_launches_off_with_a_warning(gpu):

@@ -29,8 +29,18 @@ import warnings
 
 import torch
 
+def _enabled_by_environment() -> bool:
+    """BNLAB_TRITON_DIRECT_LAUNCH: "0" off, "1" or unset on; anything else is named in a warning
+    and leaves them on (this module loads with the Triton backend, which must not fail over it)."""
+    value = os.environ.get("BNLAB_TRITON_DIRECT_LAUNCH", "1").strip()
+    if value not in ("0", "1", ""):
+        warnings.warn(f"BNLAB_TRITON_DIRECT_LAUNCH: expected 0 (off) or 1 (on), got {value!r}; "
+                      "direct Triton launches stay on", RuntimeWarning, stacklevel=2)  # fmt: skip
+    return value != "0"
+
+
 #: Whether launches may bypass JITFunction.run (benchmarks/triton_host_time.py times both ways).
-ENABLED = os.environ.get("BNLAB_TRITON_DIRECT_LAUNCH", "1") != "0"
+ENABLED = _enabled_by_environment()
 
 _INT32 = 1 << 31
 _UINT64 = 1 << 63
