@@ -3,8 +3,8 @@
 Shapes are chosen to reach every code path of cpu_kernels.cpp: the NCL layout with short rows
 (several rows per chunk), with long rows (rows cut in segments), per-channel tasks and
 channel x batch waves (fewer than 4 channels per thread, two threads), the NLC layout (2D
-inputs, channels_last, transposed 3D), channels outermost (run as NCL), and the portable
-hand-over for other strides.
+inputs, channels_last, transposed 3D), channels outermost (run as NCL), and inputs of other strides (run on a
+contiguous copy).
 """
 
 from __future__ import annotations
@@ -262,6 +262,79 @@ def test_gradient_may_arrive_in_another_memory_format():
     layer(x).backward(dy)
     _, cache = ref.forward_train(np64(x))
     assert_close(x.grad, ref.backward(np64(dy), cache)[0], 2e-4, "grad x with an NCHW gradient of a channels_last input")
+
+
+def _views_the_kernels_do_not_take():
+    """(name, view, its base or None): inputs in none of the kernels' layouts."""
+    base = make_input((1, 6, 5, 7), seed=20)
+    wide = make_input((4, 6, 5, 14), seed=21)
+    yield "expanded batch", base.expand(4, 6, 5, 7), base
+    yield "strided slice", wide[..., ::2], None
+    yield "permuted", make_input((4, 6, 7, 5), seed=22).transpose(2, 3), None
+    yield "expanded (N, C)", make_input((1, 9), seed=23).expand(300, 9), None
+
+
+@pytest.mark.parametrize("case", list(_views_the_kernels_do_not_take()), ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_views_in_other_strides_run_the_kernels_on_a_contiguous_copy(case, dtype):
+    """An expanded, strided or permuted input gives the kernels' bits on ``x.contiguous()``, in
+    training (outputs, gradients, running statistics) and eval (a permuted view's eval runs on the
+    view itself, elementwise, to the same bits), its outputs in the strides of
+    ``torch.empty_like(x)`` (as the portable path gave them, and bnlab's compiled operators promise),
+    and its gradient reaches the tensor it was expanded from."""
+    name, view, base = case
+    view = view.to(dtype)
+    dy = make_input(tuple(view.shape), seed=24).to(dtype)
+    results = []
+    for x in (view, view.contiguous()):
+        layer = getattr(bnlab, "BatchNorm2d" if x.dim() == 4 else "BatchNorm1d")(x.shape[1])
+        leaf = x.detach().requires_grad_()
+        y = layer(leaf)
+        grads = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], dy)
+        with torch.no_grad():
+            layer.eval()
+            y_eval = layer(x)
+        results.append((y, *grads, layer.running_mean, layer.running_var, y_eval))
+    for got, want, what in zip(*results, ("y", "dx", "dweight", "dbias", "running_mean", "running_var", "eval")):
+        assert torch.equal(got, want), (name, what)
+    promised = torch.empty_like(view).stride()
+    assert results[0][0].stride() == promised and results[0][-1].stride() == promised
+    if base is not None:  # through the expand: the batch's gradients summed into the base
+        b = base.to(dtype).detach().requires_grad_()
+        layer = bnlab.BatchNorm2d(view.shape[1])
+        (db,) = torch.autograd.grad(layer(b.expand_as(view)), [b], dy)
+        # the batch's sum of dx, up to the rounding of that sum in the input's dtype
+        assert_close(db, results[0][1].double().sum(0, keepdim=True), TOL[dtype] * view.shape[0], "base gradient")
+
+
+def test_dense_permutation_tells_permuted_tensors_from_gapped_and_expanded_ones():
+    from bnlab.backends.cpu import dense_permutation
+
+    base = torch.randn(4, 6, 5, 7)
+    assert dense_permutation(base) and dense_permutation(base.permute(2, 0, 3, 1))
+    assert dense_permutation(base[:1].transpose(0, 3))  # size-1 dims are free
+    assert not dense_permutation(base[..., ::2]) and not dense_permutation(base[:, 1:])
+    assert not dense_permutation(base[:1].expand(4, 6, 5, 7))
+
+
+def test_primitives_on_a_view_equal_the_primitives_on_its_copy():
+    """SyncBatchNorm's primitives take views in other strides the same way (bits of the copy)."""
+    view = make_input((5, 4, 3, 12), seed=25)[..., ::3]
+    copy = view.contiguous()
+    dy = make_input(tuple(view.shape), seed=26)
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    m_view, m_copy = CPU.moments(view), CPU.moments(copy)
+    assert torch.equal(m_view.mean, m_copy.mean) and torch.equal(m_view.m2, m_copy.m2)
+    invstd = torch.rsqrt(m_copy.m2 / m_copy.count + 1e-5)
+    assert torch.equal(CPU.normalize(view, m_copy.mean, invstd, w, b), CPU.normalize(copy, m_copy.mean, invstd, w, b))
+    sums_view, sums_copy = CPU.grad_sums(dy, view, m_copy.mean, invstd), CPU.grad_sums(dy, copy, m_copy.mean, invstd)
+    assert all(torch.equal(a, e) for a, e in zip(sums_view, sums_copy))
+    gi = [CPU.grad_input(dy, x, m_copy.mean, invstd, w, *sums_copy, m_copy.count) for x in (view, copy)]
+    assert torch.equal(gi[0], gi[1])
+    train = [CPU.forward_train(x, w, b, 1e-5) for x in (view, copy)]
+    assert torch.equal(train[0][0], train[1][0]) and train[0][0].stride() == torch.empty_like(view).stride()
+    back = [CPU.backward(dy, x, m_copy.mean, invstd, w, m_copy.count, True) for x in (view, copy)]
+    assert all(torch.equal(a, e) for a, e in zip(back[0], back[1]))
 
 
 def test_double_backward_through_the_fused_training_op():

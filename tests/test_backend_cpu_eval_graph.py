@@ -120,9 +120,12 @@ def test_a_gradient_in_another_memory_format_and_an_input_the_kernels_do_not_tak
     _, plain = _grads(ours, x, dy)
     _, other = _grads(ours, x, dy.contiguous(memory_format=torch.channels_last))
     assert all(torch.equal(a, b) for a, b in zip(plain, other))
-    strided = torch.randn(3, 6, 5, 8)[..., ::2]  # neither layout: the torch-op backward
-    assert CPU.eval_backward(dy, strided, ours.weight, *CPU.eval_statistics(ours.running_mean, ours.running_var,
-                                                                          ours.eps), True, True, True, torch.float32) is None  # fmt: skip
+    strided = torch.randn(3, 6, 5, 8)[..., ::2]  # neither layout: the kernels run on a contiguous copy
+    stats = CPU.eval_statistics(ours.running_mean, ours.running_var, ours.eps)
+    on_view = CPU.eval_backward(dy, strided, ours.weight, *stats, True, True, True, torch.float32)
+    on_copy = CPU.eval_backward(dy, strided.contiguous(), ours.weight, *stats, True, True, True, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(on_view, on_copy))
+    assert on_view[0].stride() == torch.empty_like(strided).stride()
     _, got = _grads(ours, strided, dy)
     xd = strided.double().requires_grad_()
     expected = torch.autograd.grad(theirs(xd), [xd, theirs.weight, theirs.bias], dy.double())

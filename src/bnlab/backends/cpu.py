@@ -3,9 +3,12 @@
 Claims CPU tensors of float32, float64, bfloat16 and float16 (statistics in float64, the
 elementwise phase in float32 for the half types, as the portable backend). The kernels run on
 memory that is either contiguous (N, C, *) or channels-last (channels innermost: channels_last,
-channels_last_3d, or a transposed (N, L, C) tensor); other strides and empty tensors are handed
-to the portable implementation inside this backend, so that pinning it (``set_backend("cpu")``)
-works for every CPU tensor. Without a compiler the backend claims nothing (see cpu_build).
+channels_last_3d, or a transposed (N, L, C) tensor); an input of other strides (an expanded,
+strided or permuted view) is copied into contiguous memory first, as torch.nn's CPU kernels do,
+and its outputs are laid out as before (:func:`kernel_input`, :func:`laid_out_as`). Empty tensors
+are handed to the portable
+implementation inside this backend, so that pinning it (``set_backend("cpu")``) works for every
+CPU tensor. Without a compiler the backend claims nothing (see cpu_build).
 
 Per-call Python work is kept to a few attribute reads and one kernel call: the small MLP shapes
 are bound by this overhead, not by memory. ``train_forward`` therefore runs the whole training
@@ -32,7 +35,7 @@ __all__ = ["CpuBackend"]
 _CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _NCL, _NLC = 0, 1
 _F64 = torch.float64
-_PORTABLE = PortableBackend()  # for what the kernels do not take: empty tensors, other strides
+_PORTABLE = PortableBackend()  # for what the kernels do not take: empty tensors
 
 #: Whether calls may take the compiled whole-call entries (eval_entry, train_entry, backward_entry);
 #: off inside bnlab._fastpath.python_path_only(), for A/B comparisons with the Python path.
@@ -70,6 +73,53 @@ def layout_of(x: Tensor) -> tuple[int, int, int, int] | None:
 def fits(x: Tensor) -> bool:
     """Whether the kernels take x: non-empty, in one of the two layouts."""
     return x.numel() > 0 and layout_of(x) is not None
+
+
+def kernel_input(x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]] | None:
+    """(x, its layout_of) if the kernels take x; for a non-empty x in other strides, a contiguous
+    copy of it and that copy's layout; None if x is empty.
+
+    Why copy rather than hand such views (an expanded batch, a strided slice, a permuted tensor) to
+    the portable implementation: its float32 sums, on an expanded batch whose channels are then
+    constant, let 1/sqrt(eps) magnify their rounding (dx 2.4e-4-1e-3 off the float64 reference in
+    the differential fuzzer, benchmarks/fuzz_kernels.py); the kernels sum in float64, and a copy
+    costs less than the portable path's passes (docs/benchmarks.md, twenty-fifth session).
+    torch.nn's CPU kernels copy such inputs too.
+    """
+    if x.numel() == 0:
+        return None
+    found = layout_of(x)
+    if found is None:
+        x = x.contiguous()
+        found = layout_of(x)
+    return x, found
+
+
+def dense_permutation(x: Tensor) -> bool:
+    """Whether x's values fill their span of storage without gaps or overlaps: a permuted
+    contiguous tensor (no stride 0 along a dimension of several values, no slice's gaps).
+
+    The elementwise passes (eval, normalize, the input gradient from given sums) take such a view
+    in the portable implementation, without copies: copied in and laid back out as permuted, a
+    (32, 64, 56, 56).transpose(2, 3) eval took 7.5 ms against its 2.9 (strided_inputs.py).
+    """
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def laid_out_as(t: Tensor | None, view: Tensor, ran_on: Tensor) -> Tensor | None:
+    """t, an output the kernels computed on ``ran_on`` (``view`` itself, or its copy from
+    :func:`kernel_input`), in the strides of ``torch.empty_like(view)``: those the portable path
+    gave such views, and those bnlab's torch.compile operators promise (custom_ops). A copy only
+    for views whose empty_like keeps a permutation; on the autograd graph when t is."""
+    if t is None or ran_on is view:
+        return t
+    want = torch.empty_like(view, device="meta").stride()
+    return t if t.stride() == want else torch.empty_like(view).copy_(t)
 
 
 def threads_for(x: Tensor) -> int:
@@ -177,11 +227,12 @@ class CpuBackend(Backend):
 
     # -- fused compositions ----------------------------------------------------------------------
     def forward_train(self, x, weight, bias, eps):
-        if not fits(x):
+        if x.numel() == 0:
             return _PORTABLE.forward_train(x, weight, bias, eps)
-        y, stats, _ = self.forward_stats(x, weight, bias, eps, None, None, 0.0)
+        xk = kernel_input(x)[0]
+        y, stats, _ = self.forward_stats(xk, weight, bias, eps, None, None, 0.0)
         mean, m2, invstd = stats.unbind()
-        return y, Moments(x.numel() // x.shape[1], mean, m2), invstd
+        return laid_out_as(y, x, xk), Moments(x.numel() // x.shape[1], mean, m2), invstd
 
     def forward_stats(self, x, weight, bias, eps, running_mean, running_var, momentum, nbt=None, guard=False,
                       want_output=True):  # fmt: skip
@@ -266,12 +317,13 @@ class CpuBackend(Backend):
         return dx
 
     def backward(self, dy, x, mean, invstd, weight, count, need_input_grad):
-        if not fits(x):
+        if x.numel() == 0:
             return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad)
+        xk = kernel_input(x)[0]
         mean, invstd = _f64(mean), _f64(invstd)
-        dx, sums = self.backward_sums(dy, x, mean.data_ptr(), invstd.data_ptr(), weight, count, need_input_grad)
+        dx, sums = self.backward_sums(dy, xk, mean.data_ptr(), invstd.data_ptr(), weight, count, need_input_grad)
         sum_dy, sum_dy_xhat = sums.unbind()
-        return dx, sum_dy_xhat, sum_dy
+        return laid_out_as(dx, x, xk), sum_dy_xhat, sum_dy
 
     def backward_sums(self, dy, x, mean_ptr, invstd_ptr, weight, count, need_input_grad):
         """(dx or None, (2, C) float64 sums Σdy, Σdy·x̂), given pointers to float64 (C,) mean and invstd."""
@@ -289,31 +341,33 @@ class CpuBackend(Backend):
 
     # -- primitives (SyncBatchNorm composes these around its collectives) -------------------------
     def moments(self, x):
-        if not fits(x):
+        if x.numel() == 0:
             return _PORTABLE.moments(x)
+        x = kernel_input(x)[0]
         _, stats, _ = self.forward_stats(x, None, None, 1.0, None, None, 0.0, want_output=False)
         return Moments(x.numel() // x.shape[1], stats[0], stats[1])
 
     def grad_sums(self, dy, x, mean, invstd):
-        if not fits(x):
+        if x.numel() == 0:
             return _PORTABLE.grad_sums(dy, x, mean, invstd)
+        x = kernel_input(x)[0]
         mean, invstd = _f64(mean), _f64(invstd)
         _, sums = self.backward_sums(dy, x, mean.data_ptr(), invstd.data_ptr(), None, 1, False)
         return sums[0], sums[1]
 
     def normalize(self, x, mean, invstd, weight, bias):
-        if not fits(x):
+        if x.numel() == 0 or (layout_of(x) is None and dense_permutation(x)):
             return _PORTABLE.normalize(x, mean, invstd, weight, bias)
-        layout, n, c, length = layout_of(x)
+        xk, (layout, n, c, length) = kernel_input(x)
         mean, invstd = _f64(mean), _f64(invstd)
-        y = cpu_pool.empty_like(x)
+        y = cpu_pool.empty_like(xk)
         w, wc, _w = param(weight)
         b, bc, _b = param(bias)
         self._lib.bn_normalize(
-            x.data_ptr(), y.data_ptr(), _CODE[x.dtype], layout, n, c, length,
-            mean.data_ptr(), invstd.data_ptr(), w, wc, b, bc, threads_for(x),
+            xk.data_ptr(), y.data_ptr(), _CODE[xk.dtype], layout, n, c, length,
+            mean.data_ptr(), invstd.data_ptr(), w, wc, b, bc, threads_for(xk),
         )  # fmt: skip
-        return y
+        return laid_out_as(y, x, xk)
 
     def eval_statistics(self, running_mean, running_var, eps):
         if not (running_mean.is_cpu and running_var.is_cpu and running_mean.stride(0) == 1 and running_var.stride(0) == 1):
@@ -335,10 +389,10 @@ class CpuBackend(Backend):
         # float(invstd·weight), as they round it), and Σdy·x̂, Σdy from the backward kernel's
         # reduction (accumulated in float64), written in the parameters' dtypes; in one pass over
         # dy and x where that reduction walks by channel.
-        found = layout_of(x) if x.numel() > 0 else None
+        found = kernel_input(x)
         if found is None:
             return None
-        layout, n, c, length = found
+        view, (x, (layout, n, c, length)) = x, found
         dy = _like(dy, x)
         mean, invstd = _f64(mean), _f64(invstd)
         nt = threads_for(x)
@@ -352,39 +406,42 @@ class CpuBackend(Backend):
             0 if dw is None else _CODE[dw.dtype], 0 if db is None else db.data_ptr(),
             0 if db is None else _CODE[db.dtype], nt, WAVE_PER_THREAD * nt,
         )  # fmt: skip
-        return dx, dw, db
+        return laid_out_as(dx, view, x), dw, db
 
     def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
-        if not fits(x):
+        if x.numel() == 0 or (layout_of(x) is None and dense_permutation(x)):
             return _PORTABLE.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
-        layout, n, c, length = layout_of(x)
-        dy = _like(dy, x)
+        xk, (layout, n, c, length) = kernel_input(x)
+        dy = _like(dy, xk)
         mean, invstd, sum_dy, sum_dy_xhat = _f64(mean), _f64(invstd), _f64(sum_dy), _f64(sum_dy_xhat)
-        dx = cpu_pool.empty_like(x)
+        dx = cpu_pool.empty_like(xk)
         w, wc, _w = param(weight)
         self._lib.bn_grad_input(
-            dy.data_ptr(), x.data_ptr(), dx.data_ptr(), _CODE[x.dtype], layout, n, c, length,
+            dy.data_ptr(), xk.data_ptr(), dx.data_ptr(), _CODE[xk.dtype], layout, n, c, length,
             mean.data_ptr(), invstd.data_ptr(), w, wc, sum_dy.data_ptr(), sum_dy_xhat.data_ptr(),
-            float(count), threads_for(x),
+            float(count), threads_for(xk),
         )  # fmt: skip
-        return dx
+        return laid_out_as(dx, x, xk)
 
     # -- whole-call hooks ----------------------------------------------------------------------------
     def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None,
                       skip_nonfinite=False):  # fmt: skip
-        if not (fits(x) and is_plain_vector(running_mean) and is_plain_vector(running_var)):
+        if not (x.numel() > 0 and is_plain_vector(running_mean) and is_plain_vector(running_var)):
             return None
         nbt = num_batches_tracked
         if nbt is not None and not (nbt.is_cpu and nbt.dtype == torch.int64 and nbt.numel() == 1):
             return None
         config = (eps, self, running_mean, running_var, momentum, nbt, skip_nonfinite)
-        return apply_train(x, weight, bias, config)
+        xk = kernel_input(x)[0]  # the copy, if any, on the autograd graph
+        return laid_out_as(apply_train(xk, weight, bias, config), x, xk)
 
     def eval_forward(self, x, running_mean, running_var, weight, bias, eps):
-        found = layout_of(x) if x.numel() > 0 else None  # fits(x), keeping the layout it finds
+        if x.numel() > 0 and layout_of(x) is None and dense_permutation(x):
+            return None  # elementwise: the general path's torch ops on the view (dense_permutation)
+        found = kernel_input(x)
         if found is None or not (is_plain_vector(running_mean) and is_plain_vector(running_var)):
             return None
-        layout, n, c, length = found
+        view, (x, (layout, n, c, length)) = x, found
         y = cpu_pool.empty_like(x)
         w, wc, _w = param(weight)
         b, bc, _b = param(bias)
@@ -395,4 +452,4 @@ class CpuBackend(Backend):
         )  # fmt: skip
         if bad:
             check_running_var_nonnegative(running_var)  # raises the error naming the channels
-        return y
+        return laid_out_as(y, view, x)
