@@ -78,9 +78,10 @@ def test_constant_channel_gives_exactly_beta(shape, layout, dtype):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_bfloat16_near_1e18_falls_back_to_float64_sums(layout):
-    """16-bit chunks are summed in float32; bf16 shares float32's range, so squares near 1e36 overflow
-    it and the chunk is summed again in float64."""
+def test_bfloat16_near_1e18_keeps_finite_statistics(layout):
+    """bf16 shares float32's range: squares near 1e36 would overflow float32 sums. NCL chunks sum in
+    float64; channels-last runs of rows sum in float32 and are summed again in float64 where that
+    overflows."""
     x = make_input((64, 3, 5, 5), layout, torch.bfloat16, seed=7, mean=2e18, std=1e18)
     y, stats, _ = CPU.forward_train(x, None, None, 1e-5)
     assert torch.isfinite(stats.m2).all() and torch.isfinite(y).all()
@@ -118,3 +119,20 @@ def test_nlc_shifted_float32_runs_keep_the_variance_within_1e6(rows, first_row_o
     assert_close(stats.m2 / stats.count / torch.as_tensor(cache.var), torch.ones(24), 1e-6, "variance")
     assert_close(stats.mean / torch.as_tensor(cache.mean), torch.ones(24), 1e-7, "mean")
     assert_close(y, expected, 2e-4, "output")
+
+
+# 16-bit NCL chunks sum in float32 lanes. Rows shorter than a vector put a whole chunk (~2048
+# values) in one tail sum, and a shift K (the chunk's first value) deviations from the mean made
+# Σd² and (Σd)²/n cancel: batch variances were 1e-5-3e-5 and means up to 1.2e-5 off the float64
+# sums of the same values (torch.nn on their float32 copy: ~5e-8). Now tails add into float64 row
+# by row and K is the median of the chunk's first three values, in every walk: up to 4e-7.
+@pytest.mark.parametrize("shape", [(124, 40, 6), (2048, 8, 3), (500, 4, 14), (60, 16, 5, 3), (54, 300, 7, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_statistics_of_short_rows_are_those_of_float64_sums(shape, dtype):
+    x = make_input(shape, "nchw", torch.float32, seed=5, mean=1.13, std=0.79).to(dtype)
+    _, stats, _ = CPU.forward_train(x, None, None, 1e-5)
+    xd = x.double()
+    dims = [0] + list(range(2, x.dim()))
+    mean, var = xd.mean(dims), xd.var(dims, unbiased=False)
+    assert_close(stats.mean, mean, 2e-6, "batch mean")
+    assert_close(stats.m2 / stats.count, var, 2e-6, "batch variance")
