@@ -9,9 +9,14 @@ How: Triton's JITFunction.run is replaced by a counter, so nothing is compiled o
 Triton backend then runs on CPU tensors (TritonBackend(allow_cpu=True)) through the same code as
 on CUDA, except that torch allocates on the CPU (cheaper than CUDA's caching allocator) and the
 launch itself (Triton's argument binding and the driver call) costs nothing. Medians of 7
-samples of 2000 calls; the launches are counted in a separate call.
+samples of 2000 calls; the launches are counted in a separate call. ``--launch direct`` (or
+``both``) also takes bnlab's direct-launch path (triton_launch) as on a GPU: the CPU tensors are
+taken for GPU ones there, the first launch of each specialization returns a stand-in compiled
+kernel whose launcher does nothing, and every later one computes its key and calls that launcher
+with Triton's arguments; so the column counts triton_launch's own Python, which the triton column
+leaves out.
 
-    python benchmarks/triton_host_time.py [--shapes 256,100 128,16,32,32]
+    python benchmarks/triton_host_time.py [--shapes 256,100 128,16,32,32] [--launch both]
 
 On a GPU (--device cuda) the launches are real and counted by a wrapper: each call's time is then
 the host's whole share (small tensors are done on the device long before the host is), set beside
@@ -44,6 +49,35 @@ _LAUNCHES = [0]
 
 def _count_launch(self, *args, **kwargs):
     _LAUNCHES[0] += 1
+
+
+class _StandInCompiled:
+    """What JITFunction.run returns under ``--launch direct`` without a GPU: a compiled kernel whose
+    launcher takes Triton's arguments (grid, stream, function, metadata, hooks, kernel arguments)
+    and only counts the launch."""
+
+    function = 0
+    packed_metadata = ()
+
+    def run(self, *launch_args):
+        _LAUNCHES[0] += 1
+
+
+_STAND_IN = _StandInCompiled()
+
+
+def _count_launch_compiled(self, *args, **kwargs):
+    _LAUNCHES[0] += 1
+    return _STAND_IN
+
+
+def _stand_in_gpu(direct: bool) -> None:
+    """Take the CPU tensors for GPU ones in triton_launch (``direct``), or leave its CPU path (Triton's)."""
+    triton_launch.clear()
+    triton_launch.ENABLED = direct
+    triton_launch._on_gpu = (lambda t: True) if direct else (lambda t: t.is_cuda)
+    triton_launch._current_device = lambda: 0
+    triton_launch._stream = lambda device: 0
 
 
 _REAL_LAUNCH = triton_launch.launch
@@ -125,7 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: launches stubbed; cuda: real")
     p.add_argument("--profile", type=int, default=0, help="also profile this many forward+backward steps")
     p.add_argument("--launch", default="both", choices=["both", "direct", "triton"],
-                   help="cuda: time bnlab's direct launches of compiled kernels, Triton's JITFunction.run, or both")  # fmt: skip
+                   help="time bnlab's direct launches of compiled kernels (without a GPU: of a stand-in one), Triton's "
+                        "JITFunction.run (without a GPU: stubbed), or both")  # fmt: skip
     args = p.parse_args(argv)
     if args.calls < 1:
         p.error(f"--calls: expected a positive number of calls, got {args.calls}")
@@ -161,16 +196,28 @@ def main(argv=None) -> int:
                 triton_launch.ENABLED = ways.get("direct", False)
                 print(profile(shape, args.profile, "cuda"))
         return 0
-    JITFunction.run = _count_launch
+    JITFunction.run = _count_launch_compiled
     _REGISTRY[:] = [TritonBackend(allow_cpu=True, self_check=False), PortableBackend()]
     torch.set_num_threads(1)
-    print(f"# triton_host_time.py {' '.join(args.shapes)}; torch {torch.__version__}, launches stubbed; "
-          "microseconds per call (median), Triton launches per call")  # fmt: skip
+    ways = {"direct": True, "triton": False} if args.launch == "both" else {args.launch: args.launch == "direct"}
+    print(f"# triton_host_time.py --launch {args.launch} {' '.join(args.shapes)}; torch {torch.__version__}, "
+          "launches stubbed; microseconds per call (median), Triton launches per call; direct: bnlab's direct "
+          "launches (triton_launch) of a stand-in compiled kernel, triton: JITFunction.run stubbed")  # fmt: skip
     for shape in shapes:
-        for name, (us, n) in measure(shape, args.calls).items():
-            print(f"{str(shape):18s} {name:26s} {us:7.1f} us  {n} launches")
+        timed = {}
+        for way, direct in ways.items():
+            _stand_in_gpu(direct)
+            timed[way] = measure(shape, args.calls)
+            if direct:
+                remembered = len(triton_launch._COMPILED)
+        for name, (_, n) in timed[next(iter(ways))].items():
+            cells = "  ".join(f"{way} {timed[way][name][0]:7.1f} us" for way in ways)
+            print(f"{str(shape):18s} {name:26s} {cells}  {n} launches")
         if args.profile:
+            _stand_in_gpu(ways.get("direct", False))
             print(profile(shape, args.profile, "cpu"))
+    if "direct" in ways:
+        print(f"# direct launches: {remembered} specializations remembered by triton_launch")
     return 0
 
 

@@ -1,6 +1,7 @@
 """benchmarks/triton_host_time.py: how many Triton kernels each GPU call launches, counted without a GPU.
 
-The launch counts are the GPU path's structure (docs/benchmarks.md, "GPU (Triton)"): small rows
+Each call is timed both ways, bnlab's direct launches (of a stand-in compiled kernel) and Triton's
+JITFunction.run (stubbed); the counts are the direct column's. The launch counts are the GPU path's structure (docs/benchmarks.md, "GPU (Triton)"): small rows
 of channels take one program per forward, backward and eval (triton_small); the rest take three
 kernels forward, two or three backward, and one or two in eval. A change that adds a launch shows up here. (The
 script's microseconds are not asserted: timings belong in benchmarks, not tests.)
@@ -28,7 +29,9 @@ def _launches(shape: str) -> dict[str, int]:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "triton_host_time.py"), "--shapes", shape, "--calls", "3"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = re.findall(r"^\(.*?\)\s+(.+?)\s+[\d.]+ us\s+(\d+) launches$", out.stdout, re.MULTILINE)
+    # "(4, 8, 3, 3)   training forward   direct  38.1 us  triton  29.3 us  3 launches"
+    rows = re.findall(r"^\(.*?\)\s+(.+?)\s+direct\s+[\d.]+ us\s+triton\s+[\d.]+ us\s+(\d+) launches$", out.stdout,
+                      re.MULTILINE)  # fmt: skip
     return {name.strip(): int(n) for name, n in rows}
 
 
@@ -43,6 +46,17 @@ def test_other_inputs_launch_the_general_kernels():
     assert _launches("4,8,3,3") == {"training forward": 3, "forward + backward step": 5, "eval": 2}
     # rows of channels beyond the one-program bound (64 Ki values): sums, merge, dx
     assert _launches("1000,100") == {"training forward": 3, "forward + backward step": 6, "eval": 2}
+
+
+def test_the_direct_column_goes_through_bnlabs_launcher():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "triton_host_time.py"), "--shapes", "4,8,3,3", "--calls", "3",
+           "--launch", "direct"]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    remembered = re.search(r"# direct launches: (\d+) specializations remembered", out.stdout)
+    assert remembered and int(remembered.group(1)) >= 5, out.stdout  # forward, backward and eval kernels
 
 
 def test_eval_of_long_rows_launches_one_kernel():
