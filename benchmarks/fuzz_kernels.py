@@ -470,8 +470,10 @@ def run_setting(name: str, env_update: dict, seconds: float, seed: int, out_path
         left = seconds - (time.monotonic() - started)
         if left <= 1 and not cases_file:
             break
+        # a replay's worker runs every case of its file whatever the time (and refuses seconds <= 0)
+        budget = "1" if cases_file else str(left)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--setting", name, "--seed", str(seed),
-               "--start", str(next_index), "--seconds", str(left)] + (["--cases", cases_file] if cases_file else [])  # fmt: skip
+               "--start", str(next_index), "--seconds", budget] + (["--cases", cases_file] if cases_file else [])  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
@@ -503,6 +505,9 @@ def run_setting(name: str, env_update: dict, seconds: float, seed: int, out_path
                         with open(cases_file, "w") as f:
                             f.writelines(rest)
                     break
+                if rc != 0:  # died before its first case or between two: nothing ran that is not counted
+                    summary["fatal"] = f"worker exited with status {rc} outside any case"
+                    tqdm.write(f"[{name}] {summary['fatal']}")
                 done = True
                 continue
             kind, _, rest = line.rstrip("\n").partition(" ")
@@ -582,7 +587,10 @@ def main(argv=None) -> None:
                    for i, n in enumerate(names)]  # fmt: skip
         summaries = [f.result() for f in futures]
     _print_summaries(summaries)
-    sys.exit(1 if any(s["failing"] for s in summaries) else 0)
+    for s in summaries:
+        if "fatal" in s:
+            print(f"[{s['setting']}] {s['fatal']}")
+    sys.exit(1 if any(s["failing"] or "fatal" in s for s in summaries) else 0)
 
 
 def _print_summaries(summaries: list) -> None:
@@ -621,11 +629,17 @@ def replay(args) -> None:
     for i, (name, group) in enumerate(by_setting.items()):
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
             f.writelines(json.dumps(e["case"]) + "\n" for e in group)
-        summaries.append(run_setting(name, group[0]["env"], 0, 0, out, 0, cases_file=f.name))
+        summary = run_setting(name, group[0]["env"], 0, 0, out, 0, cases_file=f.name)
         os.unlink(f.name)
+        if summary["cases"] + summary["crashes"] < len(group) and "fatal" not in summary:
+            summary["fatal"] = f"{summary['cases'] + summary['crashes']} of {len(group)} cases ran"
+        summaries.append(summary)
     _print_summaries(summaries)
+    for s in summaries:
+        if "fatal" in s:
+            print(f"[{s['setting']}] not every case ran: {s['fatal']}")
     print(f"failing cases (again) written to {out}")
-    sys.exit(1 if any(s["failing"] for s in summaries) else 0)
+    sys.exit(1 if any(s["failing"] or "fatal" in s for s in summaries) else 0)
 
 
 if __name__ == "__main__":
