@@ -308,7 +308,7 @@ def test_views_in_other_strides_run_the_kernels_on_a_contiguous_copy(case, dtype
 
 
 def test_dense_permutation_tells_permuted_tensors_from_gapped_and_expanded_ones():
-    from bnlab.backends.cpu import dense_permutation
+    from bnlab.backends.cpu_layout import dense_permutation
 
     base = torch.randn(4, 6, 5, 7)
     assert dense_permutation(base) and dense_permutation(base.permute(2, 0, 3, 1))

@@ -5,10 +5,9 @@ elementwise phase in float32 for the half types, as the portable backend). The k
 memory that is either contiguous (N, C, *) or channels-last (channels innermost: channels_last,
 channels_last_3d, or a transposed (N, L, C) tensor); an input of other strides (an expanded,
 strided or permuted view) is copied into contiguous memory first, as torch.nn's CPU kernels do,
-and its outputs are laid out as before (:func:`kernel_input`, :func:`laid_out_as`). Empty tensors
-are handed to the portable
-implementation inside this backend, so that pinning it (``set_backend("cpu")``) works for every
-CPU tensor. Without a compiler the backend claims nothing (see cpu_build).
+and its outputs are laid out as before (bnlab.backends.cpu_layout). Empty tensors are handed to
+the portable implementation inside this backend, so that pinning it (``set_backend("cpu")``)
+works for every CPU tensor. Without a compiler the backend claims nothing (see cpu_build).
 
 Per-call Python work is kept to a few attribute reads and one kernel call: the small MLP shapes
 are bound by this overhead, not by memory. ``train_forward`` therefore runs the whole training
@@ -27,13 +26,13 @@ from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.autograd_apply import _COMPILING
 from bnlab.backends.base import Backend
 from bnlab.backends.cpu_autograd import apply_train, eval_done_apply, kernel_done_apply
+from bnlab.backends.cpu_layout import fits, kernel_input, laid_out_as, layout_of  # noqa: F401  (re-exported)
 from bnlab.backends.portable import PortableBackend
 from bnlab.stats import Moments
 
 __all__ = ["CpuBackend"]
 
 _CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-_NCL, _NLC = 0, 1
 _F64 = torch.float64
 _PORTABLE = PortableBackend()  # for what the kernels do not take: empty tensors
 
@@ -46,80 +45,6 @@ PARALLEL_MIN_NUMEL = 1 << 15
 #: Elements per NCL wave and thread: the channels of a wave stay in the cores' L2 between the
 #: reduce and the elementwise pass (measured: docs/benchmarks.md).
 WAVE_PER_THREAD = 1 << 16
-
-
-def layout_of(x: Tensor) -> tuple[int, int, int, int] | None:
-    """(layout, N, C, L) of x for the kernels, or None if its strides are neither of the two layouts.
-
-    NCL: contiguous (N, C, *) with L = prod(spatial) > 1, or channels outermost in memory (a
-    transposed (C, N, *) tensor), seen as (1, C, N*L). NLC: rows of C contiguous channels, N*L
-    rows: (N, C) inputs, contiguous inputs with L = 1, and channels-last memory.
-    """
-    shape = x.shape
-    n, c = shape[0], shape[1]
-    rows = x.numel() // c if c else 0
-    if x.is_contiguous():
-        length = rows // n if n else 0
-        return (_NLC, rows, c, 1) if length == 1 else (_NCL, n, c, length)
-    if x.stride(1) == 1 and x.movedim(1, -1).is_contiguous():
-        return (_NLC, rows, c, 1)
-    if x.movedim(1, 0).is_contiguous():
-        # Channels outermost (e.g. h.t() of a feature-major (C, N) activation): each channel's
-        # values are contiguous, which is NCL with one batch row of all the values.
-        return (_NCL, 1, c, rows)
-    return None
-
-
-def fits(x: Tensor) -> bool:
-    """Whether the kernels take x: non-empty, in one of the two layouts."""
-    return x.numel() > 0 and layout_of(x) is not None
-
-
-def kernel_input(x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]] | None:
-    """(x, its layout_of) if the kernels take x; for a non-empty x in other strides, a contiguous
-    copy of it and that copy's layout; None if x is empty.
-
-    Why copy rather than hand such views (an expanded batch, a strided slice, a permuted tensor) to
-    the portable implementation: its float32 sums, on an expanded batch whose channels are then
-    constant, let 1/sqrt(eps) magnify their rounding (dx 2.4e-4-1e-3 off the float64 reference in
-    the differential fuzzer, benchmarks/fuzz_kernels.py); the kernels sum in float64, and a copy
-    costs less than the portable path's passes (docs/benchmarks.md, twenty-fifth session).
-    torch.nn's CPU kernels copy such inputs too.
-    """
-    if x.numel() == 0:
-        return None
-    found = layout_of(x)
-    if found is None:
-        x = x.contiguous()
-        found = layout_of(x)
-    return x, found
-
-
-def dense_permutation(x: Tensor) -> bool:
-    """Whether x's values fill their span of storage without gaps or overlaps: a permuted
-    contiguous tensor (no stride 0 along a dimension of several values, no slice's gaps).
-
-    The elementwise passes (eval, normalize, the input gradient from given sums) take such a view
-    in the portable implementation, without copies: copied in and laid back out as permuted, a
-    (32, 64, 56, 56).transpose(2, 3) eval took 7.5 ms against its 2.9 (strided_inputs.py).
-    """
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def laid_out_as(t: Tensor | None, view: Tensor, ran_on: Tensor) -> Tensor | None:
-    """t, an output the kernels computed on ``ran_on`` (``view`` itself, or its copy from
-    :func:`kernel_input`), in the strides of ``torch.empty_like(view)``: those the portable path
-    gave such views, and those bnlab's torch.compile operators promise (custom_ops). A copy only
-    for views whose empty_like keeps a permutation; on the autograd graph when t is."""
-    if t is None or ran_on is view:
-        return t
-    want = torch.empty_like(view, device="meta").stride()
-    return t if t.stride() == want else torch.empty_like(view).copy_(t)
 
 
 def threads_for(x: Tensor) -> int:
@@ -227,9 +152,10 @@ class CpuBackend(Backend):
 
     # -- fused compositions ----------------------------------------------------------------------
     def forward_train(self, x, weight, bias, eps):
-        if x.numel() == 0:
+        found = kernel_input(x)
+        if found is None:
             return _PORTABLE.forward_train(x, weight, bias, eps)
-        xk = kernel_input(x)[0]
+        xk = found[0]
         y, stats, _ = self.forward_stats(xk, weight, bias, eps, None, None, 0.0)
         mean, m2, invstd = stats.unbind()
         return laid_out_as(y, x, xk), Moments(x.numel() // x.shape[1], mean, m2), invstd
@@ -317,9 +243,10 @@ class CpuBackend(Backend):
         return dx
 
     def backward(self, dy, x, mean, invstd, weight, count, need_input_grad):
-        if x.numel() == 0:
+        found = kernel_input(x)
+        if found is None:
             return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad)
-        xk = kernel_input(x)[0]
+        xk = found[0]
         mean, invstd = _f64(mean), _f64(invstd)
         dx, sums = self.backward_sums(dy, xk, mean.data_ptr(), invstd.data_ptr(), weight, count, need_input_grad)
         sum_dy, sum_dy_xhat = sums.unbind()
@@ -341,24 +268,27 @@ class CpuBackend(Backend):
 
     # -- primitives (SyncBatchNorm composes these around its collectives) -------------------------
     def moments(self, x):
-        if x.numel() == 0:
+        found = kernel_input(x)
+        if found is None:
             return _PORTABLE.moments(x)
-        x = kernel_input(x)[0]
+        x = found[0]
         _, stats, _ = self.forward_stats(x, None, None, 1.0, None, None, 0.0, want_output=False)
         return Moments(x.numel() // x.shape[1], stats[0], stats[1])
 
     def grad_sums(self, dy, x, mean, invstd):
-        if x.numel() == 0:
+        found = kernel_input(x)
+        if found is None:
             return _PORTABLE.grad_sums(dy, x, mean, invstd)
-        x = kernel_input(x)[0]
+        x = found[0]
         mean, invstd = _f64(mean), _f64(invstd)
         _, sums = self.backward_sums(dy, x, mean.data_ptr(), invstd.data_ptr(), None, 1, False)
         return sums[0], sums[1]
 
     def normalize(self, x, mean, invstd, weight, bias):
-        if x.numel() == 0 or (layout_of(x) is None and dense_permutation(x)):
+        found = kernel_input(x, elementwise=True)
+        if found is None:
             return _PORTABLE.normalize(x, mean, invstd, weight, bias)
-        xk, (layout, n, c, length) = kernel_input(x)
+        xk, (layout, n, c, length) = found
         mean, invstd = _f64(mean), _f64(invstd)
         y = cpu_pool.empty_like(xk)
         w, wc, _w = param(weight)
@@ -409,9 +339,10 @@ class CpuBackend(Backend):
         return laid_out_as(dx, view, x), dw, db
 
     def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
-        if x.numel() == 0 or (layout_of(x) is None and dense_permutation(x)):
+        found = kernel_input(x, elementwise=True)
+        if found is None:
             return _PORTABLE.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
-        xk, (layout, n, c, length) = kernel_input(x)
+        xk, (layout, n, c, length) = found
         dy = _like(dy, xk)
         mean, invstd, sum_dy, sum_dy_xhat = _f64(mean), _f64(invstd), _f64(sum_dy), _f64(sum_dy_xhat)
         dx = cpu_pool.empty_like(xk)
@@ -426,19 +357,19 @@ class CpuBackend(Backend):
     # -- whole-call hooks ----------------------------------------------------------------------------
     def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None,
                       skip_nonfinite=False):  # fmt: skip
-        if not (x.numel() > 0 and is_plain_vector(running_mean) and is_plain_vector(running_var)):
+        if not (is_plain_vector(running_mean) and is_plain_vector(running_var)):
             return None
         nbt = num_batches_tracked
         if nbt is not None and not (nbt.is_cpu and nbt.dtype == torch.int64 and nbt.numel() == 1):
             return None
+        found = kernel_input(x)  # the copy, if any, on the autograd graph
+        if found is None:
+            return None
         config = (eps, self, running_mean, running_var, momentum, nbt, skip_nonfinite)
-        xk = kernel_input(x)[0]  # the copy, if any, on the autograd graph
-        return laid_out_as(apply_train(xk, weight, bias, config), x, xk)
+        return laid_out_as(apply_train(found[0], weight, bias, config), x, found[0])
 
     def eval_forward(self, x, running_mean, running_var, weight, bias, eps):
-        if x.numel() > 0 and layout_of(x) is None and dense_permutation(x):
-            return None  # elementwise: the general path's torch ops on the view (dense_permutation)
-        found = kernel_input(x)
+        found = kernel_input(x, elementwise=True)  # None also for a permuted view: the general path's ops
         if found is None or not (is_plain_vector(running_mean) and is_plain_vector(running_var)):
             return None
         view, (x, (layout, n, c, length)) = x, found

@@ -1,0 +1,93 @@
+"""How the CPU kernels see a tensor: its layout, and a copy in one of their layouts when it has none.
+
+The kernels (cpu_kernels.cpp) address memory of two layouts, NCL rows of one channel's values
+and NLC rows of C channels (:func:`layout_of`). A view in other strides is copied into contiguous
+memory (:func:`kernel_input`) and the outputs computed on the copy are laid out as the view's own
+would be (:func:`laid_out_as`); a permuted contiguous view's elementwise passes skip the copy
+(:func:`dense_permutation`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_NCL, _NLC = 0, 1
+
+
+def layout_of(x: Tensor) -> tuple[int, int, int, int] | None:
+    """(layout, N, C, L) of x for the kernels, or None if its strides are neither of the two layouts.
+
+    NCL: contiguous (N, C, *) with L = prod(spatial) > 1, or channels outermost in memory (a
+    transposed (C, N, *) tensor), seen as (1, C, N*L). NLC: rows of C contiguous channels, N*L
+    rows: (N, C) inputs, contiguous inputs with L = 1, and channels-last memory.
+    """
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    rows = x.numel() // c if c else 0
+    if x.is_contiguous():
+        length = rows // n if n else 0
+        return (_NLC, rows, c, 1) if length == 1 else (_NCL, n, c, length)
+    if x.stride(1) == 1 and x.movedim(1, -1).is_contiguous():
+        return (_NLC, rows, c, 1)
+    if x.movedim(1, 0).is_contiguous():
+        # Channels outermost (e.g. h.t() of a feature-major (C, N) activation): each channel's
+        # values are contiguous, which is NCL with one batch row of all the values.
+        return (_NCL, 1, c, rows)
+    return None
+
+
+def fits(x: Tensor) -> bool:
+    """Whether the kernels take x: non-empty, in one of the two layouts."""
+    return x.numel() > 0 and layout_of(x) is not None
+
+
+def kernel_input(x: Tensor, elementwise: bool = False) -> tuple[Tensor, tuple[int, int, int, int]] | None:
+    """(x, its layout_of) if the kernels take x; for a non-empty x in other strides, a contiguous
+    copy of it and that copy's layout; None if x is empty, and for an ``elementwise`` pass (eval,
+    normalize, the input gradient from given sums) if x is a permuted contiguous tensor
+    (:func:`dense_permutation`), which the portable implementation then takes as it is.
+
+    Why copy rather than hand such views (an expanded batch, a strided slice, a permuted tensor) to
+    the portable implementation: its float32 sums, on an expanded batch whose channels are then
+    constant, let 1/sqrt(eps) magnify their rounding (dx 2.4e-4-1e-3 off the float64 reference in
+    the differential fuzzer, benchmarks/fuzz_kernels.py); the kernels sum in float64, and a copy
+    costs less than the portable path's passes (docs/benchmarks.md, twenty-fifth session).
+    torch.nn's CPU kernels copy such inputs too.
+    """
+    if x.numel() == 0:
+        return None
+    found = layout_of(x)
+    if found is None:
+        if elementwise and dense_permutation(x):
+            return None
+        x = x.contiguous()
+        found = layout_of(x)
+    return x, found
+
+
+def dense_permutation(x: Tensor) -> bool:
+    """Whether x's values fill their span of storage without gaps or overlaps: a permuted
+    contiguous tensor (no stride 0 along a dimension of several values, no slice's gaps).
+
+    The elementwise passes (eval, normalize, the input gradient from given sums) leave such a view
+    to the portable implementation, without copies: copied in and laid back out as permuted, a
+    (32, 64, 56, 56).transpose(2, 3) eval took 7.5 ms against its 2.9 (strided_inputs.py).
+    """
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def laid_out_as(t: Tensor | None, view: Tensor, ran_on: Tensor) -> Tensor | None:
+    """t, an output the kernels computed on ``ran_on`` (``view`` itself, or its copy from
+    :func:`kernel_input`), in the strides of ``torch.empty_like(view)``: those the portable path
+    gave such views, and those bnlab's torch.compile operators promise (custom_ops). A copy only
+    for views whose empty_like keeps a permutation; on the autograd graph when t is."""
+    if t is None or ran_on is view:
+        return t
+    want = torch.empty_like(view, device="meta").stride()
+    return t if t.stride() == want else torch.empty_like(view).copy_(t)
