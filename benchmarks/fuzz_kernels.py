@@ -587,10 +587,12 @@ def main(argv=None) -> None:
                    for i, n in enumerate(names)]  # fmt: skip
         summaries = [f.result() for f in futures]
     _print_summaries(summaries)
-    for s in summaries:
-        if "fatal" in s:
-            print(f"[{s['setting']}] {s['fatal']}")
-    sys.exit(1 if any(s["failing"] or "fatal" in s for s in summaries) else 0)
+    sys.exit(_exit_status(summaries))
+
+
+def _exit_status(summaries: list) -> int:
+    """1 if a case failed or a setting could not run all its cases (its "fatal"), else 0."""
+    return 1 if any(s["failing"] or "fatal" in s for s in summaries) else 0
 
 
 def _print_summaries(summaries: list) -> None:
@@ -598,6 +600,9 @@ def _print_summaries(summaries: list) -> None:
     for s in summaries:
         worst = " ".join(f"{k}={v:.2g}" for k, v in sorted(s["worst"].items()))
         print(f"{s['setting']:>12} {s['cases']:>6} {s['failing']:>7} {s['crashes']:>7} {s.get('wall_s', 0):>7}  {worst}")
+    for s in summaries:
+        if "fatal" in s:
+            print(f"[{s['setting']}] not every case ran: {s['fatal']}")
     kinds: dict = {}
     for s in summaries:
         for k, v in s["kinds"].items():
@@ -635,11 +640,8 @@ def replay(args) -> None:
             summary["fatal"] = f"{summary['cases'] + summary['crashes']} of {len(group)} cases ran"
         summaries.append(summary)
     _print_summaries(summaries)
-    for s in summaries:
-        if "fatal" in s:
-            print(f"[{s['setting']}] not every case ran: {s['fatal']}")
     print(f"failing cases (again) written to {out}")
-    sys.exit(1 if any(s["failing"] or "fatal" in s for s in summaries) else 0)
+    sys.exit(_exit_status(summaries))
 
 
 if __name__ == "__main__":

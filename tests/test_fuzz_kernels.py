@@ -98,21 +98,12 @@ def test_a_replay_runs_every_case_and_reports_a_worker_that_cannot(tmp_path, kee
     time left it was handed) and said nothing failed."""
     import json
 
-    good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"setting": "default", "env": {}, "case": _plain_case(), "failures": []}) + "\n")
-    summary = fuzz_kernels.run_setting("default", {}, 0, 0, str(tmp_path / "out.jsonl"), 0,
-                                       cases_file=str(_cases_of(good, tmp_path)))  # fmt: skip
+    good = tmp_path / "good.jsonl"  # a replay's worker file: one case spec per line
+    good.write_text(json.dumps(_plain_case()) + "\n")
+    summary = fuzz_kernels.run_setting("default", {}, 0, 0, str(tmp_path / "out.jsonl"), 0, cases_file=str(good))
     assert summary["cases"] == 1 and summary["failing"] == 0 and "fatal" not in summary
     broken = tmp_path / "broken.jsonl"
     broken.write_text("not json\n")
     summary = fuzz_kernels.run_setting("default", {}, 0, 0, str(tmp_path / "out.jsonl"), 0, cases_file=str(broken))
     assert summary["cases"] == 0 and "worker exited with status" in summary["fatal"]
 
-
-def _cases_of(failures_file, tmp_path):
-    """The cases file a replay hands its worker (one spec per line)."""
-    import json
-
-    cases = tmp_path / "cases.jsonl"
-    cases.write_text("".join(json.dumps(json.loads(line)["case"]) + "\n" for line in failures_file.read_text().splitlines()))
-    return cases
