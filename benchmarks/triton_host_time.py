@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     print(f"# triton_host_time.py --launch {args.launch} {' '.join(args.shapes)}; torch {torch.__version__}, "
           "launches stubbed; microseconds per call (median), Triton launches per call; direct: bnlab's direct "
           "launches (triton_launch) of a stand-in compiled kernel, triton: JITFunction.run stubbed")  # fmt: skip
+    remembered = 0
     for shape in shapes:
         timed = {}
         for way, direct in ways.items():
