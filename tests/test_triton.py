@@ -407,6 +407,26 @@ def test_gradients_at_a_large_mean_keep_their_precision(shape, layout):
     assert_close(dw, expected_dw, 2e-4, "dweight")
 
 
+@pytest.mark.parametrize("shape,layout", [((40, 3), "nchw"), ((6, 3, 4, 5), "nchw"), ((6, 4, 4, 5), "cl")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dx_of_channels_constant_in_x_and_dy_is_exactly_zero(shape, layout, dtype):
+    """dy's mean comes off before the product (docs/math.md §4.2): a channel constant in both x and
+    dy has x̂ = 0 and dy - mean(dy) = 0, so dx = 0 exactly, in the backward and the primitive."""
+    x = make_input(shape, layout, dtype, seed=50, mean=3.0)
+    dy = make_input(shape, layout, dtype, seed=51)
+    x[:, 1], dy[:, 1] = 0.7, -1.25
+    x[:, 2], dy[:, 2] = -41.5, 96.0
+    w = torch.linspace(0.5, 2.0, shape[1])
+    y, stats, invstd = TRITON.forward_train(x, w, None, 1e-5)
+    dx, _, _ = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True)
+    sum_dy, sum_dy_xhat = TRITON.grad_sums(dy, x, stats.mean, invstd)
+    dx_primitive = TRITON.grad_input(dy, x, stats.mean, invstd, w, sum_dy, sum_dy_xhat, stats.count)
+    for what, t in (("backward", dx), ("grad_input", dx_primitive)):
+        assert float(t[:, 1:3].double().abs().max()) == 0.0, f"{what}: dx of the constant channels is not 0"
+    expected_dx = ref.backward(np64(dy), ref.forward_train(np64(x), np64(w), None)[1])[0]
+    assert_close(dx, expected_dx, TOL[dtype], "dx of the other channels")
+
+
 def _bits(t):
     return None if t is None else (t.dtype, tuple(t.shape), t.stride(), t.detach().contiguous().view(-1).view(torch.uint8).tolist())
 

@@ -71,9 +71,12 @@ def grad_input(
 ) -> Tensor:
     """The backward's elementwise phase: dx = γ·invstd·(dy - Σdy/m - x̂·Σdy·x̂/m).
 
-    Rewritten per channel as dx = k·dy + a·(x - mean_hi) + c with k = γ·invstd,
-    a = -k·invstd·Σdy·x̂/m and c = -k·Σdy/m - a·mean_lo, so one fused pass over dy and x
-    suffices. ``count`` (m) may be a tensor after a cross-process merge (SyncBatchNorm).
+    Rewritten per channel as dx = k·(dy - g_hi) + a·(x - mean_hi) + c with k = γ·invstd,
+    a = -k·invstd·Σdy·x̂/m, g_hi = Σdy/m rounded to the compute dtype and
+    c = -k·(Σdy/m - g_hi) - a·mean_lo, so one fused pass over dy and x suffices. dy's mean comes
+    off before the product, so k·dy and c do not cancel where dy is nearly constant (a channel
+    constant in both x and dy gets dx = 0 exactly). ``count`` (m) may be a tensor after a
+    cross-process merge (SyncBatchNorm).
 
     Shapes: dy, x (N, C, *); mean, invstd, sum_dy, sum_dy_xhat float64 (C,); weight (C,) or None.
     Returns dx with x's dtype.
@@ -84,8 +87,11 @@ def grad_input(
     m = torch.clamp(count, min=1.0) if isinstance(count, Tensor) else max(count, 1)
     k = _as_f64(weight, mean, 1.0) * invstd
     a = -k * invstd * sum_dy_xhat / m
-    c = -k * sum_dy / m - a * lo.to(torch.float64)
-    dx = per_channel(k.to(dtype), nd) * dy.to(dtype)
+    mean_dy = sum_dy / m
+    g_hi = mean_dy.to(dtype)
+    c = -k * (mean_dy - g_hi.to(torch.float64)) - a * lo.to(torch.float64)
+    dx = dy.to(dtype) - per_channel(g_hi, nd)  # a new tensor: dy is never written
+    dx.mul_(per_channel(k.to(dtype), nd))
     dx.addcmul_(x.to(dtype) - per_channel(hi, nd), per_channel(a.to(dtype), nd))
     dx.add_(per_channel(c.to(dtype), nd))
     return dx.to(x.dtype)

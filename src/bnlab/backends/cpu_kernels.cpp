@@ -183,12 +183,16 @@ constexpr bool kF16c = false;  // float16 keeps the portable loops
 #endif
 
 // The two elementwise formulas on 8 float32 lanes, rounded as their portable forms (GCC contracts
-// those the same way): y = (x - h)·a + b in one FMA, and dx = k1·dy + k2·(x - h), then + k3.
+// those the same way): y = (x - h)·a + b in one FMA, and dx = k1·(dy - k4) + (k2·(x - h) + k3) in
+// two. dy's channel mean (k4, rounded to float32) comes off dy before the product: k1·dy and the
+// constant then no longer cancel where dy is nearly constant, so a channel constant in both x and dy
+// gets dx = 0 exactly (the old k1·dy + ... + k3 was off by the rounding of k1·dy, 1e-4 at
+// invstd = 1/sqrt(eps)), at the same four operations.
 static inline __m256 affine8(__m256 x, __m256 h, __m256 a, __m256 b) {
   return _mm256_fmadd_ps(_mm256_sub_ps(x, h), a, b);
 }
-static inline __m256 grad_input8(__m256 dy, __m256 x, __m256 h, __m256 k1, __m256 k2, __m256 k3) {
-  return _mm256_add_ps(_mm256_fmadd_ps(k1, dy, _mm256_mul_ps(k2, _mm256_sub_ps(x, h))), k3);
+static inline __m256 grad_input8(__m256 dy, __m256 x, __m256 h, __m256 k1, __m256 k2, __m256 k3, __m256 k4) {
+  return _mm256_fmadd_ps(k1, _mm256_sub_ps(dy, k4), _mm256_fmadd_ps(k2, _mm256_sub_ps(x, h), k3));
 }
 
 // Whether values of S have the explicit AVX2 forms (float32, bf16 and float16 values, float32
@@ -278,8 +282,8 @@ static inline __attribute__((always_inline)) void st32(bf16* p, __m512 f0, __m51
 static inline __m512 affine16(__m512 x, __m512 h, __m512 a, __m512 b) {
   return _mm512_fmadd_ps(_mm512_sub_ps(x, h), a, b);
 }
-static inline __m512 grad_input16(__m512 dy, __m512 x, __m512 h, __m512 k1, __m512 k2, __m512 k3) {
-  return _mm512_add_ps(_mm512_fmadd_ps(k1, dy, _mm512_mul_ps(k2, _mm512_sub_ps(x, h))), k3);
+static inline __m512 grad_input16(__m512 dy, __m512 x, __m512 h, __m512 k1, __m512 k2, __m512 k3, __m512 k4) {
+  return _mm512_fmadd_ps(k1, _mm512_sub_ps(dy, k4), _mm512_fmadd_ps(k2, _mm512_sub_ps(x, h), k3));
 }
 // One bf16 row of len >= 16 values, vec(i) giving the float32 results for values i..i+15: from the
 // first 64-byte line of q on in pairs of vectors (st32), then single vectors, the last moved back
@@ -312,8 +316,9 @@ static inline __attribute__((always_inline)) void bf16_affine_row(const bf16* p,
 template <bool kStream>
 static inline __attribute__((always_inline)) void bf16_grad_input_row(const bf16* g, const bf16* p, bf16* q,
                                                                       int64_t len, __m512 h, __m512 k1, __m512 k2,
-                                                                      __m512 k3) {
-  bf16_row_in_pairs<kStream>(q, len, [=](int64_t i) { return grad_input16(ld16(g + i), ld16(p + i), h, k1, k2, k3); });
+                                                                      __m512 k3, __m512 k4) {
+  bf16_row_in_pairs<kStream>(q, len,
+                             [=](int64_t i) { return grad_input16(ld16(g + i), ld16(p + i), h, k1, k2, k3, k4); });
 }
 // The same over a channels-last row of len = C channels, the coefficients per channel (len values each).
 static inline void bf16_affine_row(const bf16* p, bf16* q, int64_t len, const float* h, const float* a,
@@ -323,10 +328,10 @@ static inline void bf16_affine_row(const bf16* p, bf16* q, int64_t len, const fl
   });
 }
 static inline void bf16_grad_input_row(const bf16* g, const bf16* p, bf16* q, int64_t len, const float* h,
-                                       const float* k1, const float* k2, const float* k3) {
+                                       const float* k1, const float* k2, const float* k3, const float* k4) {
   bf16_row_in_pairs<false>(q, len, [=](int64_t i) {
     return grad_input16(ld16(g + i), ld16(p + i), _mm512_loadu_ps(h + i), _mm512_loadu_ps(k1 + i),
-                        _mm512_loadu_ps(k2 + i), _mm512_loadu_ps(k3 + i));
+                        _mm512_loadu_ps(k2 + i), _mm512_loadu_ps(k3 + i), _mm512_loadu_ps(k4 + i));
   });
 }
 #endif
@@ -422,6 +427,12 @@ template <typename F> struct Split {
 template <typename F> static inline Split<F> split(double mean) {
   F hi = (F)mean;
   return {hi, (double)(F)(mean - (double)hi)};
+}
+
+// One value of dx = kk·(dy - gh) + (a·(x - hi) + cc) (grad_coef's coefficients): two FMAs, as
+// grad_input8 and grad_input16 round it, the parentheses fixing which products GCC contracts.
+template <typename F> static inline F grad_input_value(F dy, F x, F hi, F kk, F a, F cc, F gh) {
+  return kk * (dy - gh) + (a * (x - hi) + cc);
 }
 
 // ---- the two layouts -----------------------------------------------------------------------

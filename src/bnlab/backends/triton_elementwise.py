@@ -96,7 +96,7 @@ def normalize_kernel(
 def grad_input_kernel(
     dy_ptr, x_ptr,  # upstream gradient and input, same strides
     mask_ptr,  # ReLU mask from normalize_kernel (HAS_MASK)
-    coef_ptr,  # (4, C) float32: hi, kk, a, cc of dx = kk·dz + a·(x - hi) + cc
+    coef_ptr,  # (5, C) float32: hi, kk, a, cc, gh of dx = kk·(dz - gh) + (a·(x - hi) + cc)
     dx_ptr,  # input gradient out (HAS_DX)
     dres_ptr,  # residual gradient out: dz (WRITE_DRES)
     R, K, C, K8B,
@@ -110,7 +110,8 @@ def grad_input_kernel(
         kk = _coef(coef_ptr, 1, r, k, r_ok, k_ok, C, NCL)
         a = _coef(coef_ptr, 2, r, k, r_ok, k_ok, C, NCL)
         cc = _coef(coef_ptr, 3, r, k, r_ok, k_ok, C, NCL)
-        _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc)
+        gh = _coef(coef_ptr, 4, r, k, r_ok, k_ok, C, NCL)
+        _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc, gh)
 
 
 @triton.jit
@@ -127,10 +128,10 @@ def _masked_dz(dy_ptr, mask_ptr, dres_ptr, r, r_ok, ok, offs, K, K8B, HAS_MASK: 
 
 
 @triton.jit
-def _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc):
-    """dx = kk·dz + a·(x - hi) + cc over the tile (float32 coefficients broadcast to it)."""
+def _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc, gh):
+    """dx = kk·(dz - gh) + (a·(x - hi) + cc) over the tile (float32 coefficients broadcast to it)."""
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + offs, (kk * dz + a * (x - hi) + cc).to(dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(dx_ptr + offs, (kk * (dz - gh) + (a * (x - hi) + cc)).to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -150,11 +151,11 @@ def grad_input_merged_kernel(
     # rows of sample 0 (r < C) in the first column of tiles; written without a scalar & vector mask,
     # which Triton 3.9's interpreter cannot store under
     write = r_ok & (r + tl.program_id(1) * C < C)
-    hi, kk, a, cc = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, r_ok, write, C, S, count,
-                                    HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
+    hi, kk, a, cc, gh = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, r_ok, write, C, S,
+                                        count, HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
     dz = _masked_dz(dy_ptr, mask_ptr, dres_ptr, r, r_ok, ok, offs, K, K8B, HAS_MASK, WRITE_DRES, BLOCK_R, BLOCK_K)
     if HAS_DX:
-        _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi[:, None], kk[:, None], a[:, None], cc[:, None])
+        _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi[:, None], kk[:, None], a[:, None], cc[:, None], gh[:, None])
 
 
 @triton.jit

@@ -94,7 +94,9 @@ def merge_grad_sums(
 ):  # fmt: skip
     """Channels c's Σdz and Σdz·x̂ from the S segments' partials, stored (sums, and dweight/dbias
     in their dtypes) for the channels where ``write``; returns the float32 coefficients (hi, kk,
-    a, cc) of dx = kk·dz + a·(x - hi) + cc, each [B]."""
+    a, cc, gh) of dx = kk·(dz - gh) + (a·(x - hi) + cc), each [B]: gh is mean(dz) in float32 and cc
+    takes the float64 remainders, so that dz's mean comes off before the product (a channel
+    constant in x and dz gets dx = 0, where kk·dz + cc left the rounding of kk·dz)."""
     s = tl.arange(0, BLOCK_S)
     at = part_ptr + (s[None, :] * C + c[:, None]) * 2
     ok = c_ok[:, None] & (s < S)[None, :]
@@ -111,12 +113,14 @@ def merge_grad_sums(
     if HAS_W:
         kk = kk * tl.load(w_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
     a = -kk * invstd * sxh / count
-    cc = -kk * sdy / count - a * lo
+    mean_dz = sdy / count
+    gh = mean_dz.to(tl.float32)
+    cc = -kk * (mean_dz - gh.to(tl.float64)) - a * lo
     if WRITE_DW:
         tl.store(dw_ptr + c, narrow(sxh, dw_ptr.dtype.element_ty), mask=write)
     if WRITE_DB:
         tl.store(db_ptr + c, narrow(sdy, db_ptr.dtype.element_ty), mask=write)
-    return hi, kk.to(tl.float32), a.to(tl.float32), cc.to(tl.float32)
+    return hi, kk.to(tl.float32), a.to(tl.float32), cc.to(tl.float32), gh
 
 
 @triton.jit
@@ -125,16 +129,17 @@ def grad_merge_kernel(
     stats_ptr,  # (3, C) float64: mean, M2, invstd of the forward
     w_ptr,  # weight (any float) if HAS_W
     sums_ptr,  # (2, C) float64 out: Σdz, Σdz·x̂
-    coef_ptr,  # (4, C) float32 out: hi, kk, a, cc of dx = kk·dz + a·(x - hi) + cc
+    coef_ptr,  # (5, C) float32 out: hi, kk, a, cc, gh of dx = kk·(dz - gh) + (a·(x - hi) + cc)
     dw_ptr, db_ptr,  # dweight/dbias outputs in their own dtypes, if WRITE_DW/WRITE_DB
     C, S, count,
     HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0) + tl.arange(0, 1)
     ok = c < C
-    hi, kk, a, cc = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, ok, ok, C, S, count,
-                                    HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
+    hi, kk, a, cc, gh = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, ok, ok, C, S, count,
+                                        HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
     tl.store(coef_ptr + c, hi, mask=ok)
     tl.store(coef_ptr + C + c, kk, mask=ok)
     tl.store(coef_ptr + 2 * C + c, a, mask=ok)
     tl.store(coef_ptr + 3 * C + c, cc, mask=ok)
+    tl.store(coef_ptr + 4 * C + c, gh, mask=ok)

@@ -209,7 +209,7 @@ def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False,
     if (need_dx or want_dres) and merge_in_tiles(p):
         dx, dres = _grad_input_merged(dy, x, part, stats, weight, sums, p, mask, need_dx, want_dres, dweight, dbias)
         return dx, sums, dres
-    gcoef = torch.empty(4, c, dtype=_F32, device=x.device)
+    gcoef = torch.empty(5, c, dtype=_F32, device=x.device)
     _launch.launch(grad.grad_merge_kernel, (c,),
         part, stats, weight if weight is not None else x, sums, gcoef,
         dweight if dweight is not None else sums, dbias if dbias is not None else sums, c, p.segments, float(p.m),
@@ -321,6 +321,8 @@ def grad_input_with(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, p: 
     lo = (mean - hi.to(_F64)).to(_F32).to(_F64)
     kk = invstd * (weight.to(_F64) if weight is not None else 1.0)
     a = -kk * invstd * sum_dy_xhat / count
-    cc = -kk * sum_dy / count - a * lo
-    gcoef = torch.stack([hi, kk.to(_F32), a.to(_F32), cc.to(_F32)])
+    mean_dz = sum_dy / count
+    gh = mean_dz.to(_F32)
+    cc = -kk * (mean_dz - gh.to(_F64)) - a * lo
+    gcoef = torch.stack([hi, kk.to(_F32), a.to(_F32), cc.to(_F32), gh])
     return _grad_input(dy, x, gcoef, p)[0]

@@ -147,7 +147,7 @@ def small_backward_kernel(
         # fp32 within a tile, float64 across tiles (one program over few rows: no lanes to keep)
         acc_dy += tl.sum(dz, axis=0).to(tl.float64)
         acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
-    # The coefficients of dx = kk·dz + a·(x - hi) + cc (as grad_merge_kernel).
+    # The coefficients of dx = kk·(dz - gh) + (a·(x - hi) + cc) (as merge_grad_sums).
     sxh = (acc_dyx - lo * acc_dy) * invstd
     tl.store(sums_ptr + c, acc_dy, mask=c_ok)
     tl.store(sums_ptr + C + c, sxh, mask=c_ok)
@@ -160,10 +160,13 @@ def small_backward_kernel(
         if HAS_W:
             kk = kk * tl.load(w_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
         a = -kk * invstd * sxh / count
-        cc = -kk * acc_dy / count - a * lo
+        mean_dz = acc_dy / count
+        gh = mean_dz.to(tl.float32)
+        cc = -kk * (mean_dz - gh.to(tl.float64)) - a * lo
         k1, k2, k3, h = kk.to(tl.float32)[None, :], a.to(tl.float32)[None, :], cc.to(tl.float32)[None, :], hi[None, :]
+        k4 = gh[None, :]
         for m0 in range(0, M, BLOCK_M):
             ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
             dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + offs, (k1 * dz + k2 * (x - h) + k3).to(dx_ptr.dtype.element_ty), mask=ok)
+            tl.store(dx_ptr + offs, (k1 * (dz - k4) + (k2 * (x - h) + k3)).to(dx_ptr.dtype.element_ty), mask=ok)
