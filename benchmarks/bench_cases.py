@@ -88,6 +88,35 @@ def shape_parser(doc: str, default_shape: str) -> argparse.ArgumentParser:
     return p
 
 
+def shape_arg(text: str) -> tuple[int, ...]:
+    """N,C[,spatial...] of positive sizes, 2 to 5 of them (the accuracy scripts' --shapes)."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not 2 <= len(shape) <= 5 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected 2 to 5 comma-separated positive sizes such as 124,40,6, got {text!r}")
+    return shape
+
+
+def shapes_parser(doc: str, default_shapes) -> argparse.ArgumentParser:
+    """The command line the accuracy scripts open with (stats_accuracy_16bit.py, dx_accuracy.py):
+    the description from the script's docstring, --shapes (any rank) and --threads."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", type=shape_arg, default=[shape_arg(s) for s in default_shapes])
+    p.add_argument("--threads", type=positive_int, default=2, help="torch's intra-op threads (default 2)")
+    return p
+
+
+def parse_and_announce(p: argparse.ArgumentParser, argv, script: str, what: str):
+    """The parsed arguments, torch's threads set from --threads, and the first line of the output:
+    the script, its thread count, torch's version and what the figures are."""
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# {script} --threads {args.threads}; torch {torch.__version__}; {what}")
+    return args
+
+
 def make_input(shape, layout: str, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
     # drawn on the GPU for cuda: a CPU draw of the 411 MB GPU shapes costs seconds per case in a short lease
     where = "cuda" if device == "cuda" else "cpu"

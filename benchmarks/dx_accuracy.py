@@ -21,15 +21,13 @@ Run it with PYTHONPATH at another checkout's src to see that revision's figures.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import positive_int  # noqa: E402
-from stats_accuracy_16bit import shape_arg  # noqa: E402
+from bench_cases import parse_and_announce, shapes_parser  # noqa: E402
 
 from bnlab import reference  # noqa: E402
 from bnlab.backends import get_backend  # noqa: E402
@@ -80,14 +78,10 @@ def errors(shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> tuple[float
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", type=shape_arg, default=[shape_arg(s) for s in DEFAULT_SHAPES])
+    p = shapes_parser(__doc__, DEFAULT_SHAPES)
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32"])
-    p.add_argument("--threads", type=positive_int, default=2, help="torch's intra-op threads (default 2)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"# dx_accuracy.py --threads {args.threads}; torch {torch.__version__}; max |dx - exact| / max |exact| "
-          "against the float64 reference on the rounded values; torch.nn on the same tensors")  # fmt: skip
+    args = parse_and_announce(p, argv, "dx_accuracy.py", "max |dx - exact| / max |exact| against the float64 "
+                              "reference on the rounded values; torch.nn on the same tensors")  # fmt: skip
     print(f"{'shape':18s} {'dtype':5s} {'data':10s} {'bnlab':>9s} {'torch.nn':>9s}")
     for shape in args.shapes:
         for name in args.dtypes:

@@ -15,31 +15,19 @@ to see that revision's figures.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import positive_int  # noqa: E402
+from bench_cases import parse_and_announce, shapes_parser  # noqa: E402
 
 from bnlab.backends import get_backend  # noqa: E402
 
 DEFAULT_SHAPES = ("54,1100,7,2", "32,1,6", "124,40,6", "2048,8,3", "500,4,14", "300,16,5,3", "64,8,32,32",
                   "16,3,100,100", "4096,300", "64,24,7,7")  # fmt: skip
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def shape_arg(text: str) -> tuple[int, ...]:
-    """N,C[,spatial...] of positive sizes, 2 to 5 of them."""
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if not 2 <= len(shape) <= 5 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected 2 to 5 comma-separated positive sizes such as 124,40,6, got {text!r}")
-    return shape
 
 
 def errors(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[float, float, float]:
@@ -64,13 +52,9 @@ def errors(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[float, float, fl
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", type=shape_arg, default=[shape_arg(s) for s in DEFAULT_SHAPES])
-    p.add_argument("--threads", type=positive_int, default=2, help="torch's intra-op threads (default 2)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"# stats_accuracy_16bit.py --threads {args.threads}; torch {torch.__version__}; relative errors of the "
-          "batch mean and variance against float64 sums of the rounded values; torch.nn on float32 copies")  # fmt: skip
+    p = shapes_parser(__doc__, DEFAULT_SHAPES)
+    args = parse_and_announce(p, argv, "stats_accuracy_16bit.py", "relative errors of the batch mean and variance against "
+                       "float64 sums of the rounded values; torch.nn on float32 copies")  # fmt: skip
     print(f"{'shape':22s} {'dtype':5s} {'mean':>9s} {'variance':>9s} {'torch.nn variance':>18s}")
     for shape in args.shapes:
         for name, dtype in DTYPES.items():
