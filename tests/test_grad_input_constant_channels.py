@@ -6,7 +6,8 @@ before it, k·dy + ... + c, left the rounding of k·dy there (up to 3.7e-4 with 
 found by benchmarks/fuzz_kernels.py). The shapes reach each walk of the CPU kernels: NCL per
 channel, waves, long rows, rows across line ends (7x7, 14x14), whole-vector rows, rows shorter
 than a vector (by sample), channel groups; NLC narrow (8-32 channels), periodic (few channels),
-16-lane (40), wide (64) and bf16 unpacked rows.
+16-lane (40), wide (64) and bf16 unpacked rows, and the NLC channel-group sums ((92, 20), the
+case fuzz_kernels.py found: Σdy of a constant gradient in float32 runs).
 """
 
 from __future__ import annotations
@@ -36,24 +37,32 @@ SHAPES = [
     ((16, 96, 3, 3), "cl"),
     ((257, 6), "nchw"),
     ((4100, 10), "nchw"),
+    ((92, 20), "nchw"),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def _constant_channels(shape, layout, dtype):
-    """x and dy random, except channels 1 and C-1, constant in both (channel C-1 with a large dy)."""
+    """x and dy random, except channels 1 and C-1, constant in both (channel C-1 with a large dy).
+    The constants use their whole mantissa (0.1, 96.123456...), whose float32 multiples are not
+    exact: a Σdy in float32 then misses n·dy, which the dy shift (grad_shift) avoids."""
     x = make_input(shape, layout, dtype, seed=11, mean=3.0)
     dy = make_input(shape, layout, dtype, seed=12)
     last = shape[1] - 1
-    x[:, 1], dy[:, 1] = 0.7, -1.25
-    x[:, last], dy[:, last] = -41.5, 96.0
+    x[:, 1], dy[:, 1] = 0.7, 0.1
+    x[:, last], dy[:, last] = -41.53, 96.123456789
     return x, dy, [1, last]
 
 
-def _assert_zero(dx, channels, what):
+def _assert_zero(dx, channels, what, dy=None, kk=None):
+    """dx exactly 0 on the channels; for float64 (given dy and kk = w·invstd) within 4 units of
+    kk·dy: there dy's mean is not rounded to another precision, and n·g / n need not give g back."""
     for c in channels:
         worst = float(dx[:, c].double().abs().max())
-        assert worst == 0.0, f"{what}: dx of constant channel {c} is {worst}, expected exactly 0"
+        bound = 0.0
+        if dx.dtype == torch.float64 and dy is not None:
+            bound = 4 * torch.finfo(torch.float64).eps * float(kk[c]) * float(dy[:, c].abs().max())
+        assert worst <= bound, f"{what}: dx of constant channel {c} is {worst}, expected {bound or 'exactly 0'}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -63,10 +72,11 @@ def test_cpu_backward_is_exactly_zero_on_constant_channels(shape, layout, dtype)
     weight = torch.linspace(0.5, 2.0, shape[1])
     y, stats, invstd = CPU.forward_train(x, weight, None, 1e-5)
     dx, _, _ = CPU.backward(dy, x, stats.mean, invstd, weight, stats.count, True)
-    _assert_zero(dx, channels, "backward")
+    kk = weight.double() * invstd.double()
+    _assert_zero(dx, channels, "backward", dy, kk)
     sums = CPU.grad_sums(dy, x, stats.mean, invstd)
     dx_primitive = CPU.grad_input(dy, x, stats.mean, invstd, weight, sums[0], sums[1], stats.count)
-    _assert_zero(dx_primitive, channels, "grad_input primitive")
+    _assert_zero(dx_primitive, channels, "grad_input primitive", dy, kk)
     assert torch.isfinite(dx).all()
 
 

@@ -46,6 +46,9 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tens
     """The backward's reduce phase: per-channel Σdy and Σdy·x̂ (= dbeta and dgamma), float64 (C,).
 
     Σdy·x̂ = invstd · (Σdy·(x - mean_hi) - mean_lo · Σdy), so x̂ itself is never materialised.
+    Σdy sums dy - g with g a channel's first dy (0 where that is not finite), then adds n·g in
+    float64: a float32 sum of a constant gradient is then exact, so that its mean, and the input
+    gradient of a channel constant in x and dy, are too (the CPU kernels' grad_shift).
     """
     dtype = compute_dtype(x)
     dims = reduce_dims(x)
@@ -53,7 +56,13 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tens
     hi, lo = split_mean(mean, dtype)
     dyc = dy.to(dtype)
     acc = accumulate_dtype(dyc)
-    sum_dy = dyc.sum(dims, dtype=acc).to(torch.float64)
+    if dyc.numel() == 0:
+        shift = dyc.new_zeros(dyc.shape[1])
+    else:
+        first = dyc[(0, slice(None)) + (0,) * (nd - 2)]  # (C,)
+        shift = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+    count = dyc.numel() // max(dyc.shape[1], 1)
+    sum_dy = (dyc - per_channel(shift, nd)).sum(dims, dtype=acc).to(torch.float64) + count * shift.to(torch.float64)
     sum_dy_xc = (dyc * (x.to(dtype) - per_channel(hi, nd))).sum(dims, dtype=acc).to(torch.float64)
     sum_dy_xhat = (sum_dy_xc - lo.to(torch.float64) * sum_dy) * invstd
     return sum_dy, sum_dy_xhat

@@ -140,13 +140,21 @@ def small_backward_kernel(
     lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
     acc_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
     acc_dyx = tl.zeros([BLOCK_C], dtype=tl.float64)
+    # Σdz sums dz - g0, g0 the first row's dz (0 where not finite), and adds M·g0 after: a float32
+    # tile sum of a constant gradient is then exact, and so its mean (the CPU kernels' grad_shift).
+    # Rows past M load g0 itself, so that their dz - g0 is 0 without a select (a select there
+    # made the sm_90 build spill 24 bytes). (Training refuses batches of fewer than two values
+    # per channel: row 0 exists.)
+    g0 = tl.load(dy_ptr + c, mask=c_ok, other=0.0)
+    g0 = tl.where(tl.abs(g0.to(tl.float32)) < float("inf"), g0, tl.zeros_like(g0))
     for m0 in range(0, M, BLOCK_M):
         ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
-        dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        dz = tl.load(dy_ptr + offs, mask=ok, other=g0[None, :]).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         # fp32 within a tile, float64 across tiles (one program over few rows: no lanes to keep)
-        acc_dy += tl.sum(dz, axis=0).to(tl.float64)
+        acc_dy += tl.sum(dz - g0.to(tl.float32)[None, :], axis=0).to(tl.float64)
         acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
+    acc_dy += count * g0.to(tl.float64)
     # The coefficients of dx = kk·(dz - gh) + (a·(x - hi) + cc) (as merge_grad_sums).
     sxh = (acc_dyx - lo * acc_dy) * invstd
     tl.store(sums_ptr + c, acc_dy, mask=c_ok)
