@@ -13,6 +13,8 @@ bf16 errors include the output's own rounding (~2e-3). Kinds of data:
     dy-offset  dy = 8 + 0.01·normal: dy's mean 800 times its spread
     constant   normal, but every other channel constant in both x and dy (exact dx there: 0)
     offset     x = 1000 + 0.01·normal, dy normal
+    mean-loss  x normal, dy = 1/numel everywhere (the gradient of y.mean()): the exact dx is 0, so
+               the error is max |dx| over the largest |γ·invstd·dy| of a channel instead
 
 Run it with PYTHONPATH at another checkout's src to see that revision's figures.
 
@@ -34,7 +36,7 @@ from bnlab.backends import get_backend  # noqa: E402
 
 DEFAULT_SHAPES = ("256,100", "64,24,2,2", "16,64,7,7", "32,64,14,14", "128,16,8,8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
-KINDS = ("normal", "dy-offset", "constant", "offset")
+KINDS = ("normal", "dy-offset", "constant", "offset", "mean-loss")
 
 
 def data(shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +51,8 @@ def data(shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> tuple[torch.T
     elif kind == "constant":
         x[:, ::2] = 0.75
         dy[:, ::2] = -2.5
+    elif kind == "mean-loss":
+        dy = torch.full(shape, 1.0 / x.numel(), dtype=torch.float64)
     elif kind != "normal":
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     return x.to(dtype), dy.to(dtype)
@@ -64,6 +68,10 @@ def errors(shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> tuple[float
     cache = reference.forward_train(x.double().numpy(), weight.double().numpy(), None)[1]
     exact = torch.as_tensor(reference.backward(dy.double().numpy(), cache)[0])
     scale = exact.abs().max().item()
+    if kind == "mean-loss":  # exact dx 0 (up to the reference's rounding): the terms' size instead
+        dims = [0] + list(range(2, x.dim()))
+        invstd = 1.0 / torch.sqrt(x.double().var(dims, unbiased=False) + 1e-5)
+        scale = (weight.double() * invstd).max().item() * dy.double().abs().max().item()
 
     def err(t: torch.Tensor) -> float:
         return (t.double() - exact).abs().max().item() / scale
