@@ -14,7 +14,7 @@ kernels in Triton's interpreter, as tests/test_triton.py routes them), in one of
 
 Drawn per case: dtype (float32 mostly; float16/bfloat16 inputs with float32 parameters; float64,
 which the Triton backend declines and the portable backend must handle), layout (NCHW contiguous,
-channels-last, and now and then a non-dense one that must fall back), shapes that cross the plan
+channels-last, and now and then a non-dense one, which runs on a contiguous copy), shapes that cross the plan
 and tile boundaries of triton_plan/triton_small (channel counts around the block sizes, rows of 1,
 N=1, many channels with tiny rows, few channels with long rows, sizes that are not powers of two),
 momentum None/0.1/other, affine, bias, track_running_stats, skip_nonfinite, eps, and the values
@@ -523,9 +523,17 @@ def _triton_claims(x: torch.Tensor) -> bool:
     return x.is_contiguous() or x.movedim(1, -1).is_contiguous()
 
 
-def _expected_path(ck: Checker, phase: str, log: list, claims: bool, entry: str | None):
+def _triton_copies(x: torch.Tensor) -> bool:
+    """Whether the Triton backend runs x on a contiguous copy (TritonBackend.kernel_input): a
+    float32/16/bf16 tensor with elements in other strides (a permuted dense view's elementwise
+    passes excepted, which stay portable)."""
+    return x.dtype in TRITON_DTYPES and x.numel() > 0 and not _triton_claims(x)
+
+
+def _expected_path(ck: Checker, phase: str, log: list, claims: bool, entry: str | None, copies: bool = False):
     """The Triton entry point ``entry`` ran (and portable did not) when Triton claims the input;
-    no Triton launch when it does not."""
+    for a view it runs on a copy (``copies``), Triton kernels in a training step's statistics and
+    gradients; no Triton launch for the inputs it declines (float64)."""
     triton = [e for e in log if e.startswith("triton.")]
     portable = [e for e in log if e.startswith("portable.")]
     kernels = [e for e in log if "." not in e]
@@ -534,6 +542,10 @@ def _expected_path(ck: Checker, phase: str, log: list, claims: bool, entry: str 
             ck.true(f"{phase}: Triton path", "triton." + entry in triton,
                     f"expected triton_ops.{entry}; recorded {sorted(set(log))}")  # fmt: skip
         ck.true(f"{phase}: no portable fallback", not portable, f"portable ran: {sorted(set(portable))}")
+    elif copies:
+        if entry in ("forward_train", "backward"):
+            ck.true(f"{phase}: a view's training step runs Triton kernels on its copy", bool(kernels),
+                    f"recorded {sorted(set(log))}")  # fmt: skip
     else:
         ck.true(f"{phase}: declined input takes no Triton kernel", not kernels and not triton,
                 f"recorded {sorted(set(log))}")  # fmt: skip
@@ -718,7 +730,7 @@ def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch
             dy64 = dy64 * (1e4 / top)
             grads_ref = reference_grads(dy64)
     dy = _cast_layout(dy64, dtype, dy_layout)
-    claims = _triton_claims(x)
+    claims, copies = _triton_claims(x), _triton_copies(x)
 
     # --- ours -----------------------------------------------------------------------------------
     want_x_grad = backward and spec["x_grad"]
@@ -760,7 +772,7 @@ def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch
             ck.fail(f"{phase}: torch.nn raises, bnlab does not", repr(theirs_exc))
         return False
     fwd_entry = "forward_train" if batch_stats else "normalize_with"
-    _expected_path(ck, f"{phase} forward", fwd_log, claims, fwd_entry)
+    _expected_path(ck, f"{phase} forward", fwd_log, claims, fwd_entry, copies)
     ck.true(f"{phase}: y dtype", y1.dtype == x.dtype, f"{y1.dtype} != {x.dtype}")
     if claims:
         ck.true(f"{phase}: y strides", y1.stride() == x.stride(), f"{y1.stride()} != x's {x.stride()}")
@@ -785,7 +797,7 @@ def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch
             return False
         bwd_log = log[start:]
         y2.backward(dy)
-        _expected_path(ck, f"{phase} backward", bwd_log, claims, "backward" if batch_stats else None)
+        _expected_path(ck, f"{phase} backward", bwd_log, claims, "backward" if batch_stats else None, copies)
         dz, dx_ref, dw_ref, db_ref = grads_ref
         if spec["x_grad"]:
             ck.true(f"{phase}: dx dtype", x1.grad is not None and x1.grad.dtype == x.dtype,

@@ -427,6 +427,74 @@ def test_dx_of_channels_constant_in_x_and_dy_is_exactly_zero(shape, layout, dtyp
     assert_close(dx, expected_dx, TOL[dtype], "dx of the other channels")
 
 
+def _views_the_kernels_do_not_take():
+    """(name, view): inputs neither contiguous nor channels-last."""
+    yield "expanded batch", make_input((1, 4, 3, 5), seed=52).expand(5, 4, 3, 5)
+    yield "strided slice", make_input((5, 4, 3, 10), seed=53)[..., ::2]
+    yield "permuted", make_input((5, 4, 5, 3), seed=54).transpose(2, 3)
+    yield "expanded (N, C)", make_input((1, 7), seed=55).expand(40, 7)
+
+
+@pytest.mark.parametrize("case", list(_views_the_kernels_do_not_take()), ids=lambda c: c[0])
+def test_views_in_other_strides_run_the_kernels_on_a_contiguous_copy(case, monkeypatch):
+    """The primitives give the kernels' bits on ``x.contiguous()``, outputs in the strides of
+    ``torch.empty_like(x)``, without the portable path (which on CUDA summed such views in float64
+    over several passes); a permuted dense view's elementwise passes stay portable (no copies)."""
+    from bnlab.backends import triton_backend
+    from bnlab.backends.views import dense_permutation
+
+    name, view = case
+    copy = view.contiguous()
+    dy = make_input(tuple(view.shape), seed=56)
+    w, b = torch.rand(view.shape[1]) + 0.5, torch.randn(view.shape[1])
+    calls = []
+    for method in ("forward_train", "backward", "moments", "grad_sums", "normalize", "grad_input"):
+        real = getattr(triton_backend._PORTABLE, method)
+        monkeypatch.setattr(triton_backend._PORTABLE, method, lambda *a, _m=method, _r=real: calls.append(_m) or _r(*a))
+    promised = torch.empty_like(view).stride()
+    y_view, stats, invstd = TRITON.forward_train(view, w, b, 1e-5)
+    y_copy, stats_copy, _ = TRITON.forward_train(copy, w, b, 1e-5)
+    assert torch.equal(y_view, y_copy) and y_view.stride() == promised
+    assert torch.equal(stats.mean, stats_copy.mean) and torch.equal(stats.m2, stats_copy.m2)
+    back = [TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True) for x in (view, copy)]
+    assert all(torch.equal(a, e) for a, e in zip(*back)) and back[0][0].stride() == promised
+    assert torch.equal(TRITON.moments(view).m2, TRITON.moments(copy).m2)
+    sums = [TRITON.grad_sums(dy, x, stats.mean, invstd) for x in (view, copy)]
+    assert all(torch.equal(a, e) for a, e in zip(*sums))
+    assert calls == [], f"{name}: the portable path ran {calls}"
+    normalized = TRITON.normalize(view, stats.mean, invstd, w, b)
+    dx = TRITON.grad_input(dy, view, stats.mean, invstd, w, *sums[1], stats.count)
+    assert calls == (["normalize", "grad_input"] if dense_permutation(view) else []), (name, calls)
+    if not calls:  # (the portable path lays dx out as dy, here contiguous)
+        assert normalized.stride() == promised and dx.stride() == promised
+    _, cache = ref.forward_train(np64(view), np64(w), np64(b))
+    assert_close(normalized, cache.x_hat * np64(w).reshape((1, -1) + (1,) * (view.dim() - 2)) + np64(b).reshape(
+        (1, -1) + (1,) * (view.dim() - 2)), 2e-6, "normalize")  # fmt: skip
+    assert_close(dx, ref.backward(np64(dy), cache)[0], 2e-4, "grad_input")
+
+
+@pytest.mark.parametrize("case", list(_views_the_kernels_do_not_take())[:3], ids=lambda c: c[0])
+def test_a_module_trains_and_evaluates_on_views_as_torch(triton_everywhere, case):
+    """The layer on an expanded, strided or permuted input (the generic autograd path, the
+    kernels on a copy) against torch.nn: outputs, input and parameter gradients, running
+    statistics, eval; outputs in the strides of ``torch.empty_like(x)``."""
+    name, view = case
+    dy = make_input(tuple(view.shape), seed=57)
+    ours, theirs = bnlab.BatchNorm2d(view.shape[1]), torch.nn.BatchNorm2d(view.shape[1])
+    results = []
+    for layer in (ours, theirs):
+        leaf = view.detach().requires_grad_()
+        y = layer(leaf)
+        grads = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], dy)
+        layer.eval()
+        with torch.no_grad():
+            y_eval = layer(view)
+        results.append((y, *grads, layer.running_mean, layer.running_var, y_eval))
+    for got, want, what in zip(*results, ("y", "dx", "dweight", "dbias", "running_mean", "running_var", "eval")):
+        assert_close(got, want, 2e-4, f"{name} {what}")
+    assert results[0][0].stride() == torch.empty_like(view).stride()
+
+
 def _bits(t):
     return None if t is None else (t.dtype, tuple(t.shape), t.stride(), t.detach().contiguous().view(-1).view(torch.uint8).tolist())
 

@@ -3,14 +3,15 @@
 The kernels (cpu_kernels.cpp) address memory of two layouts, NCL rows of one channel's values
 and NLC rows of C channels (:func:`layout_of`). A view in other strides is copied into contiguous
 memory (:func:`kernel_input`) and the outputs computed on the copy are laid out as the view's own
-would be (:func:`laid_out_as`); a permuted contiguous view's elementwise passes skip the copy
-(:func:`dense_permutation`).
+would be (``views.laid_out_as``); a permuted contiguous view's elementwise passes skip the copy
+(``views.dense_permutation``).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from bnlab.backends.views import dense_permutation, laid_out_as  # noqa: F401  (re-exported)
 
 _NCL, _NLC = 0, 1
 
@@ -64,30 +65,3 @@ def kernel_input(x: Tensor, elementwise: bool = False) -> tuple[Tensor, tuple[in
         x = x.contiguous()
         found = layout_of(x)
     return x, found
-
-
-def dense_permutation(x: Tensor) -> bool:
-    """Whether x's values fill their span of storage without gaps or overlaps: a permuted
-    contiguous tensor (no stride 0 along a dimension of several values, no slice's gaps).
-
-    The elementwise passes (eval, normalize, the input gradient from given sums) leave such a view
-    to the portable implementation, without copies: copied in and laid back out as permuted, a
-    (32, 64, 56, 56).transpose(2, 3) eval took 7.5 ms against its 2.9 (strided_inputs.py).
-    """
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def laid_out_as(t: Tensor | None, view: Tensor, ran_on: Tensor) -> Tensor | None:
-    """t, an output the kernels computed on ``ran_on`` (``view`` itself, or its copy from
-    :func:`kernel_input`), in the strides of ``torch.empty_like(view)``: those the portable path
-    gave such views, and those bnlab's torch.compile operators promise (custom_ops). A copy only
-    for views whose empty_like keeps a permutation; on the autograd graph when t is."""
-    if t is None or ran_on is view:
-        return t
-    want = torch.empty_like(view, device="meta").stride()
-    return t if t.stride() == want else torch.empty_like(view).copy_(t)

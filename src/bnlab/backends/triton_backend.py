@@ -2,7 +2,9 @@
 
 Claims CUDA tensors of float32, float16 and bfloat16 (float32 arithmetic, float64 statistics)
 when triton imports; triton is an optional extra and is imported on the first CUDA tensor only,
-never by ``import bnlab``. Inputs that are neither contiguous nor channels-last, empty inputs,
+never by ``import bnlab``. Inputs that are neither contiguous nor channels-last (expanded, strided,
+permuted views) run on a contiguous copy, their outputs laid out as ``torch.empty_like(view)``
+(bnlab.backends.views), except the elementwise passes of a permuted dense view; empty inputs,
 float64 and cross-process (tensor) counts are handed to the portable implementation.
 ``TritonBackend(allow_cpu=True)`` also claims CPU tensors: with TRITON_INTERPRET=1 that runs the
 kernels in Triton's interpreter, which is how the tests check them without a GPU.
@@ -16,6 +18,7 @@ from torch import Tensor
 from bnlab._checks import check_running_var_nonnegative
 from bnlab.backends.base import Backend
 from bnlab.backends.portable import PortableBackend
+from bnlab.backends.views import dense_permutation, laid_out_as
 from bnlab.stats import Moments
 
 __all__ = ["TritonBackend"]
@@ -107,51 +110,76 @@ class TritonBackend(Backend):
         """The kernels' plan for x, or None when the portable implementation must run."""
         return self.ops().plan(x) if x.dtype in _DTYPES else None
 
+    def kernel_input(self, x: Tensor, elementwise: bool = False):
+        """(x, its plan) if the kernels take x; for a non-empty view in other strides, its
+        contiguous copy and that copy's plan; None for the portable implementation: empty x, other
+        dtypes, and for an ``elementwise`` pass (normalize, the input gradient from given sums) a
+        permuted contiguous view, which it takes as it is.
+
+        Why copy: the portable path sums such views in float64 on CUDA in several torch passes,
+        and float32 on other devices, where an expanded batch's constant channels let 1/sqrt(eps)
+        magnify the rounding; the CPU backend copies them too (cpu_layout.kernel_input).
+        """
+        p = self.plan(x)
+        if p is not None:
+            return x, p
+        if x.dtype not in _DTYPES or x.numel() == 0 or (elementwise and dense_permutation(x)):
+            return None
+        copy = x.contiguous()
+        p = self.plan(copy)
+        return None if p is None else (copy, p)
+
     # -- fused compositions ----------------------------------------------------------------------
     def forward_train(self, x, weight, bias, eps):
-        p = self.plan(x)
-        if p is None:
+        found = self.kernel_input(x)
+        if found is None:
             return _PORTABLE.forward_train(x, weight, bias, eps)
-        y, stats, _, _ = self.ops().forward_train(x, weight, bias, eps, p=p)
+        xk, p = found
+        y, stats, _, _ = self.ops().forward_train(xk, weight, bias, eps, p=p)
         mean, m2, invstd = stats.unbind()
-        return y, Moments(p.m, mean, m2), invstd
+        return laid_out_as(y, x, xk), Moments(p.m, mean, m2), invstd
 
     def backward(self, dy, x, mean, invstd, weight, count, need_input_grad):
-        p = self.plan(x)
-        if p is None or isinstance(count, Tensor) or int(count) != p.m:
+        found = self.kernel_input(x)
+        if found is None or isinstance(count, Tensor) or int(count) != found[1].m:
             return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad)
+        xk, p = found
         stats = torch.stack([mean, mean, invstd]).to(torch.float64)  # rows mean, (unused), invstd
-        dx, sums, _ = self.ops().backward(_like(dy, x), x, stats, mean.to(torch.float32), weight, need_input_grad, p=p)
-        return dx, sums[1], sums[0]
+        dx, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, mean.to(torch.float32), weight, need_input_grad, p=p)
+        return laid_out_as(dx, x, xk), sums[1], sums[0]
 
     # -- primitives --------------------------------------------------------------------------------
     def moments(self, x):
-        p = self.plan(x)
-        if p is None:
+        found = self.kernel_input(x)
+        if found is None:
             return _PORTABLE.moments(x)
-        _, stats, _, _ = self.ops().forward_train(x, None, None, 1.0, want_y=False, p=p)
-        return Moments(p.m, stats[0], stats[1])
+        _, stats, _, _ = self.ops().forward_train(found[0], None, None, 1.0, want_y=False, p=found[1])
+        return Moments(found[1].m, stats[0], stats[1])
 
     def grad_sums(self, dy, x, mean, invstd):
-        p = self.plan(x)
-        if p is None:
+        found = self.kernel_input(x)
+        if found is None:
             return _PORTABLE.grad_sums(dy, x, mean, invstd)
+        xk, p = found
         stats = torch.stack([mean, mean, invstd]).to(torch.float64)
-        _, sums, _ = self.ops().backward(_like(dy, x), x, stats, mean.to(torch.float32), None, need_dx=False, p=p)
+        _, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, mean.to(torch.float32), None, need_dx=False, p=p)
         return sums[0], sums[1]
 
     def normalize(self, x, mean, invstd, weight, bias):
-        p = self.plan(x)
-        if p is None:
+        found = self.kernel_input(x, elementwise=True)
+        if found is None:
             return _PORTABLE.normalize(x, mean, invstd, weight, bias)
+        xk, p = found
         mean, invstd = mean.to(torch.float64).contiguous(), invstd.to(torch.float64).contiguous()
-        return self.ops().normalize_with(x, mean, invstd, weight, bias, p=p)
+        return laid_out_as(self.ops().normalize_with(xk, mean, invstd, weight, bias, p=p), x, xk)
 
     def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
-        p = self.plan(x)
-        if p is None or isinstance(count, Tensor):
+        found = self.kernel_input(x, elementwise=True)
+        if found is None or isinstance(count, Tensor):
             return _PORTABLE.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
-        return self.ops().grad_input_with(_like(dy, x), x, mean, invstd, weight, sum_dy, sum_dy_xhat, max(count, 1), p=p)
+        xk, p = found
+        dx = self.ops().grad_input_with(_like(dy, xk), xk, mean, invstd, weight, sum_dy, sum_dy_xhat, max(count, 1), p=p)
+        return laid_out_as(dx, x, xk)
 
     # -- whole-call hooks --------------------------------------------------------------------------
     def train_forward(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked=None,

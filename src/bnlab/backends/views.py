@@ -1,0 +1,40 @@
+"""Views in strides bnlab's kernels do not address (expanded, strided, permuted): the rules both
+kernel backends (CPU, Triton) follow when they run such a view on a contiguous copy.
+
+:func:`dense_permutation` tells the views whose elementwise passes the portable implementation
+takes as they are (copying them in and back out cost more); :func:`laid_out_as` gives an output
+computed on the copy the strides of ``torch.empty_like(view)``, which the portable path gave such
+views and bnlab's torch.compile operators promise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def dense_permutation(x: Tensor) -> bool:
+    """Whether x's values fill their span of storage without gaps or overlaps: a permuted
+    contiguous tensor (no stride 0 along a dimension of several values, no slice's gaps).
+
+    The elementwise passes (eval, normalize, the input gradient from given sums) leave such a view
+    to the portable implementation, without copies: copied in and laid back out as permuted, a
+    (32, 64, 56, 56).transpose(2, 3) eval took 7.5 ms against its 2.9 (strided_inputs.py; CPU kernels).
+    """
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def laid_out_as(t: Tensor | None, view: Tensor, ran_on: Tensor) -> Tensor | None:
+    """t, an output the kernels computed on ``ran_on`` (``view`` itself, or its contiguous copy,
+    as ``cpu_layout.kernel_input`` and ``TritonBackend.kernel_input`` make it), in the strides of ``torch.empty_like(view)``: those the portable path
+    gave such views, and those bnlab's torch.compile operators promise (custom_ops). A copy only
+    for views whose empty_like keeps a permutation; on the autograd graph when t is."""
+    if t is None or ran_on is view:
+        return t
+    want = torch.empty_like(view, device="meta").stride()
+    return t if t.stride() == want else torch.empty_like(view).copy_(t)
