@@ -109,3 +109,4 @@ def test_module_backward_is_exactly_zero_on_constant_channels(memory_format):
     ref(xr).backward(dy)
     others = [c for c in range(6) if c not in channels]
     torch.testing.assert_close(xg.grad[:, others], xr.grad[:, others], rtol=2e-4, atol=2e-4)
+
