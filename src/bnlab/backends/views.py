@@ -31,9 +31,10 @@ def dense_permutation(x: Tensor) -> bool:
 
 def laid_out_as(t: Tensor | None, view: Tensor, ran_on: Tensor) -> Tensor | None:
     """t, an output the kernels computed on ``ran_on`` (``view`` itself, or its contiguous copy,
-    as ``cpu_layout.kernel_input`` and ``TritonBackend.kernel_input`` make it), in the strides of ``torch.empty_like(view)``: those the portable path
-    gave such views, and those bnlab's torch.compile operators promise (custom_ops). A copy only
-    for views whose empty_like keeps a permutation; on the autograd graph when t is."""
+    as ``cpu_layout.kernel_input`` and ``TritonBackend.kernel_input`` make it), in the strides of
+    ``torch.empty_like(view)``: those the portable path gave such views, and those bnlab's
+    torch.compile operators promise (custom_ops). A copy only for views whose empty_like keeps a
+    permutation; on the autograd graph when t is."""
     if t is None or ran_on is view:
         return t
     want = torch.empty_like(view, device="meta").stride()
