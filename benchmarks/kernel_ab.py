@@ -13,6 +13,9 @@ The old build is the compiled module of another revision, which bnlab caches und
         "from bnlab.backends import cpu_build; cpu_build.load(); print(cpu_build.library_path())"
     PYTHONPATH=src python benchmarks/kernel_ab.py --old <the printed path>
 
+--new puts another compiled module in place of this checkout's own build, e.g. two builds for
+x86-64-v3 (AVX2), to see what a change costs on machines without AVX-512.
+
 Cases are mode:shape:layout:dtype[:threads], mode one of fwd, stats (forward without output),
 bwd, eval (the elementwise pass from given statistics, bn_normalize, with mean 0 and invstd 1),
 running (eval from running buffers of random values, bn_eval: the per-channel square roots and
@@ -174,13 +177,15 @@ def compare(old, new, spec: str, samples: int, evict: torch.Tensor | None = None
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", required=True, help="path of the other build's compiled module (.so)")
+    p.add_argument("--new", help="path of a compiled module to time instead of this checkout's build (.so)")
     p.add_argument("--samples", type=int, default=15, help="alternating samples per build (default 15)")
     p.add_argument("--cold", action="store_true", help="time single calls, each after evicting the caches")
     p.add_argument("cases", nargs="*", default=list(DEFAULT_CASES), help="mode:shape:layout:dtype[:threads]")
     args = p.parse_args(argv)
     old_path = Path(args.old)
-    if not old_path.is_file():
-        p.error(f"--old: expected the path of a compiled bnlab module (.so), got {args.old!r}, which is not a file")
+    for name, given in (("--old", args.old), ("--new", args.new)):
+        if given is not None and not Path(given).is_file():
+            p.error(f"{name}: expected the path of a compiled bnlab module (.so), got {given!r}, which is not a file")
     if args.samples < 1:
         p.error(f"--samples: expected a positive integer, got {args.samples}")
     try:
@@ -191,10 +196,16 @@ def main(argv=None) -> None:
     new = cpu_build.load()
     if new is None or not hasattr(new, "bn_empty"):
         sys.exit(f"this checkout's kernels did not build as a module: {cpu_build.load_error()}")
-    if old_path.resolve() == Path(cpu_build.library_path()).resolve():
-        p.error(f"--old: {args.old!r} is this checkout's own build; give another revision's")
+    native_path = Path(cpu_build.library_path()).resolve()
+    new_path = Path(args.new) if args.new is not None else native_path
+    if old_path.resolve() == new_path.resolve() or old_path.resolve() == native_path:
+        p.error(f"--old: {args.old!r} is this checkout's build or the one timed as new; give another one")
+    # (A module already loaded, this checkout's, must not be loaded again by path: the import
+    # machinery then hands back the module loaded before it under the same name.)
+    if new_path.resolve() != native_path:
+        new = cpu_build._load_module(new_path)
     old = cpu_build._load_module(old_path)
-    print(f"old {old_path}\nnew {cpu_build.library_path()}")
+    print(f"old {old_path}\nnew {new_path}")
     evict = torch.empty(COLD_BYTES // 4) if args.cold else None
     for spec in args.cases:
         print(compare(old, new, spec, args.samples, evict), flush=True)

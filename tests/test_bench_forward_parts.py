@@ -67,3 +67,31 @@ def test_the_script_prints_each_part_and_their_ratio(capsys):
     assert names == ["training forward", "statistics alone", "normalize alone", "copy_", "the two alone, added"]
     assert all(float(line[20:].split()[0]) > 0 for line in lines[1:])
     assert "forward / (the two added)" in lines[-1]
+
+
+def test_kernel_ab_refuses_builds_it_cannot_time_apart(tmp_path, capsys):
+    missing = str(tmp_path / "missing.so")
+    with pytest.raises(SystemExit):
+        kernel_ab.main(["--old", missing, "eval:4,8,5,5:nchw:fp32"])
+    assert "--old: expected the path of a compiled bnlab module" in capsys.readouterr().err
+    other = tmp_path / "other.so"
+    other.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        kernel_ab.main(["--old", str(other), "--new", missing, "eval:4,8,5,5:nchw:fp32"])
+    assert "--new: expected the path of a compiled bnlab module" in capsys.readouterr().err
+    # this checkout's own build as the old one: loading it again by path would time one module twice
+    with pytest.raises(SystemExit):
+        kernel_ab.main(["--old", cpu_build.library_path(), "eval:4,8,5,5:nchw:fp32"])
+    assert "is this checkout's build or the one timed as new" in capsys.readouterr().err
+
+
+def test_kernel_ab_times_another_module_in_place_of_this_checkouts(tmp_path, capsys):
+    # Two copies of this checkout's build at other paths are two modules: both load, both run.
+    old, new = tmp_path / "old.so", tmp_path / "new.so"
+    data = Path(cpu_build.library_path()).read_bytes()
+    old.write_bytes(data)
+    new.write_bytes(data)
+    kernel_ab.main(["--old", str(old), "--new", str(new), "--samples", "1", "eval:4,8,5,5:nchw:fp32:1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"old {old}", f"new {new}"]
+    assert lines[2].startswith("eval:4,8,5,5:nchw:fp32:1") and "new/old" in lines[2]
