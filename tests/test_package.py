@@ -54,3 +54,4 @@ def test_selfcheck_command_reports_agreement(capsys):
     out = capsys.readouterr().out
     assert "all within tolerance" in out
     assert out.count(" yes") == 8 and " NO" not in out
+    assert out.startswith("backend for CPU tensors: ")  # which backend ran the comparison (bnlab.backends.describe)

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
+from bnlab.backends import cpu_build
 from bnlab.backends.base import Backend
 from bnlab.backends.cpu import CpuBackend
 from bnlab.backends.portable import PortableBackend
 from bnlab.backends.triton_backend import TritonBackend
 
-__all__ = ["Backend", "register_backend", "set_backend", "get_backend", "select_backend", "available_backends"]
+__all__ = [
+    "Backend",
+    "register_backend",
+    "set_backend",
+    "get_backend",
+    "select_backend",
+    "available_backends",
+    "describe",
+]
 
 # Most preferred first: the compiled CPU kernels (when they build) for CPU tensors, the Triton
 # kernels (when triton imports; imported on the first CUDA tensor) for GPU tensors, else portable.
@@ -85,3 +95,17 @@ def select_backend(x: Tensor) -> Backend:
         if backend.supports(x):
             return backend
     raise AssertionError("unreachable: the portable backend supports every tensor")
+
+
+def describe() -> str:
+    """Which backend runs where, in words (``bnlab selfcheck`` prints it): the backend a CPU tensor
+    gets and whether the compiled kernels built (:func:`bnlab.backends.cpu_build.status`), and for
+    GPU tensors whether triton imports and CUDA is there. Loads the CPU kernels if not loaded."""
+    pinned = f" (pinned by set_backend or BNLAB_BACKEND: {_PINNED!r})" if _PINNED is not None else ""
+    lines = [f"backend for CPU tensors: {select_backend(torch.empty(2, 1)).name}{pinned}", cpu_build.status()]
+    triton = get_backend("triton") if "triton" in available_backends() else None
+    if isinstance(triton, TritonBackend):
+        ops = triton.ops()
+        gpu = "a CUDA device is present" if torch.cuda.is_available() else "no CUDA device"
+        lines.append(f"Triton kernels: {'importable' if ops is not None else f'unavailable ({triton.error})'}, {gpu}")
+    return "\n".join(lines)

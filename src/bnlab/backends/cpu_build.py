@@ -63,7 +63,9 @@ SOURCES = (
 _BASE_FLAGS = ["-O3", "-falign-loops=64", "-fno-math-errno", "-fPIC", "-shared", "-std=c++17"]
 
 _lock = threading.Lock()
-_state: dict = {"lib": None, "error": None, "tried": False, "path": None, "seconds": None}
+_state: dict = {
+    "lib": None, "error": None, "tried": False, "path": None, "seconds": None, "variant": None, "skipped": []
+}
 
 
 def cache_dir() -> Path:
@@ -260,6 +262,8 @@ def _build_and_load():
             errors.append(f"loading {target}: {exc}")
             continue
         _state["path"] = str(target)
+        _state["variant"] = (kind, flags)
+        _state["skipped"] = errors  # why the variants before this one did not build or load
         return lib
     _state["error"] = "\n".join(errors)
     return None
@@ -273,6 +277,25 @@ def load_error() -> str | None:
 def library_path() -> str | None:
     """Path of the loaded library, for diagnostics."""
     return _state["path"]
+
+
+def status() -> str:
+    """What :func:`load` gave, in words, for diagnostics (``bnlab selfcheck`` prints it): the kind of
+    library and its flags, its path, the compile time if this process compiled it, and why any
+    better variant was not used (the first line of its error); or why there are no kernels."""
+    lib = load()
+    if lib is None:
+        return f"compiled CPU kernels unavailable ({load_error()}); the portable backend runs on the CPU"
+    kind, flags = _state["variant"]
+    what = "extension module" if kind == "module" else "ctypes library (no compiled whole calls)"
+    arch = next((f for f in flags if f.startswith("-march=")), "no -march (generic x86-64)")
+    text = f"compiled CPU kernels: {what}, {arch}, {_state['path']}"
+    if _state["seconds"] is not None:
+        text += f", compiled in {_state['seconds']:.1f} s by this process"
+    for err in _state["skipped"]:
+        lines = [ln for ln in err.splitlines() if "error" in ln.lower()] or err.splitlines()
+        text += f"\n  a better variant did not build: {lines[0].strip() if lines else err}"
+    return text
 
 
 def build_seconds() -> float | None:

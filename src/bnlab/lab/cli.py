@@ -22,7 +22,11 @@ from pathlib import Path
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
     from bnlab.lab.selfcheck import format_rows, run_selfcheck
 
+    from bnlab.backends import describe
+
     rows = run_selfcheck(steps=args.steps, seed=args.seed)
+    print(describe())
+    print()
     print(format_rows(rows))
     return 0 if all(r.ok for r in rows) else 1
 

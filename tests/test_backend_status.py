@@ -1,0 +1,49 @@
+"""What `bnlab selfcheck` says about the backends (bnlab.backends.describe, cpu_build.status): which
+backend a CPU tensor gets, which compiled library loaded, and why a better variant did not build,
+so that a user can tell whether the fast path runs without reading the code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnlab.backends import cpu_build, describe, select_backend
+
+LIB = cpu_build.load()
+needs_kernels = pytest.mark.skipif(LIB is None, reason=f"the CPU kernels did not build: {cpu_build.load_error()}")
+
+
+@needs_kernels
+def test_status_names_the_loaded_library_and_describe_the_cpu_backend():
+    text = cpu_build.status()
+    assert cpu_build.library_path() in text
+    kind = "extension module" if hasattr(LIB, "bn_empty") else "ctypes library"
+    assert text.startswith(f"compiled CPU kernels: {kind}")
+    lines = describe().splitlines()
+    assert select_backend(torch.empty(2, 1)).name == "cpu"
+    assert lines[0] == "backend for CPU tensors: cpu"
+    assert lines[1] == text.splitlines()[0]
+    assert lines[-1].startswith("Triton kernels: ")
+
+
+def test_status_says_why_there_are_no_kernels(monkeypatch):
+    state = dict(cpu_build._state, tried=True, lib=None, error="no C++ compiler found")
+    monkeypatch.setattr(cpu_build, "_state", state)
+    assert cpu_build.status() == (
+        "compiled CPU kernels unavailable (no C++ compiler found); the portable backend runs on the CPU"
+    )
+
+
+@needs_kernels
+def test_status_reports_a_variant_that_did_not_build(monkeypatch, tmp_path):
+    # The best variant fails to compile (a flag the compiler refuses); the next is this process's
+    # own library, already in the cache under its key, so nothing else compiles.
+    loaded_kind = "module" if hasattr(LIB, "bn_empty") else "ctypes"
+    loaded = next((kind, flags) for kind, flags in cpu_build._variants() if kind == loaded_kind)
+    monkeypatch.setattr(cpu_build, "_variants", lambda: [("module", ["-fbnlab-no-such-flag"]), loaded])
+    monkeypatch.setattr(cpu_build, "_state", dict(cpu_build._state, tried=False, lib=None, skipped=[], seconds=None))
+    assert cpu_build.load() is not None
+    text = cpu_build.status()
+    first, second = text.splitlines()
+    assert first.startswith("compiled CPU kernels:") and cpu_build.library_path() in first
+    assert second.startswith("  a better variant did not build: ") and "bnlab-no-such-flag" in second
