@@ -134,7 +134,13 @@ def main(argv=None) -> None:
         if new is None or not hasattr(new, "bn_empty"):
             sys.exit(f"this checkout's kernels did not build as a module: {cpu_build.load_error()}")
     else:
-        new, new_path = cpu_build._load_module(Path(args.new)), args.new
+        new, new_path = None, args.new
+    # The same file twice would be one module compared with itself (loaded again by path, a module
+    # comes back as the one loaded before): 0 differ, whatever the builds.
+    if Path(args.old).resolve() == Path(new_path).resolve():
+        p.error(f"--old: {args.old!r} is the build compared as new; give another one")
+    if new is None:
+        new = cpu_build._load_module(Path(args.new))
     old = cpu_build._load_module(Path(args.old))
     print(f"old {args.old}\nnew {new_path}")
     compared = differ = 0

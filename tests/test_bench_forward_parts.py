@@ -1,5 +1,6 @@
 """benchmarks/forward_parts.py and the kernel calls it and kernel_ab.py time (kernel_ab.kernel_calls):
-each call computes what its name says, and the script prints its table."""
+each call computes what its name says, and the script prints its table; kernel_ab.py and
+compare_builds.py refuse to time or compare a build against itself."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import compare_builds  # noqa: E402
 import forward_parts  # noqa: E402
 import kernel_ab  # noqa: E402
 from bnlab.backends import cpu_build  # noqa: E402
@@ -95,3 +97,15 @@ def test_kernel_ab_times_another_module_in_place_of_this_checkouts(tmp_path, cap
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"old {old}", f"new {new}"]
     assert lines[2].startswith("eval:4,8,5,5:nchw:fp32:1") and "new/old" in lines[2]
+
+
+def test_compare_builds_refuses_one_file_as_both_builds(tmp_path, capsys):
+    # Loaded twice by path, one file is one module: the comparison would find 0 differences always.
+    with pytest.raises(SystemExit):
+        compare_builds.main(["--old", cpu_build.library_path()])
+    assert "is the build compared as new" in capsys.readouterr().err
+    copy = tmp_path / "copy.so"
+    copy.write_bytes(Path(cpu_build.library_path()).read_bytes())
+    with pytest.raises(SystemExit):
+        compare_builds.main(["--old", str(copy), "--new", str(copy)])
+    assert "is the build compared as new" in capsys.readouterr().err
