@@ -47,3 +47,11 @@ def test_status_reports_a_variant_that_did_not_build(monkeypatch, tmp_path):
     first, second = text.splitlines()
     assert first.startswith("compiled CPU kernels:") and cpu_build.library_path() in first
     assert second.startswith("  a better variant did not build: ") and "bnlab-no-such-flag" in second
+
+
+def test_describe_names_a_pinned_backend_that_takes_no_cpu_tensors(monkeypatch):
+    import bnlab.backends as backends
+
+    monkeypatch.setattr(backends, "_PINNED", "triton")  # the Triton backend takes CUDA tensors only
+    first = backends.describe().splitlines()[0]
+    assert first == "backend for CPU tensors: none (pinned by set_backend or BNLAB_BACKEND: 'triton')"

@@ -102,7 +102,11 @@ def describe() -> str:
     gets and whether the compiled kernels built (:func:`bnlab.backends.cpu_build.status`), and for
     GPU tensors whether triton imports and CUDA is there. Loads the CPU kernels if not loaded."""
     pinned = f" (pinned by set_backend or BNLAB_BACKEND: {_PINNED!r})" if _PINNED is not None else ""
-    lines = [f"backend for CPU tensors: {select_backend(torch.empty(2, 1)).name}{pinned}", cpu_build.status()]
+    try:
+        cpu = select_backend(torch.empty(2, 1)).name
+    except ValueError:  # a pinned backend that takes no CPU tensors
+        cpu = "none"
+    lines = [f"backend for CPU tensors: {cpu}{pinned}", cpu_build.status()]
     triton = get_backend("triton") if "triton" in available_backends() else None
     if isinstance(triton, TritonBackend):
         ops = triton.ops()

@@ -20,9 +20,8 @@ from pathlib import Path
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
-    from bnlab.lab.selfcheck import format_rows, run_selfcheck
-
     from bnlab.backends import describe
+    from bnlab.lab.selfcheck import format_rows, run_selfcheck
 
     rows = run_selfcheck(steps=args.steps, seed=args.seed)
     print(describe())
