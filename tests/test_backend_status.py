@@ -19,6 +19,10 @@ def test_status_names_the_loaded_library_and_describe_the_cpu_backend():
     assert cpu_build.library_path() in text
     kind = "extension module" if hasattr(LIB, "bn_empty") else "ctypes library"
     assert text.startswith(f"compiled CPU kernels: {kind}")
+    if "-march=native" in text:  # what the native build could use, as /proc/cpuinfo reports it
+        flags = set(cpu_build._cpu_signature().split(":", 1)[-1].split())
+        named = text.split("vector extensions: ", 1)[1].split(")", 1)[0].split()
+        assert named == ([f for f in cpu_build._VECTOR_FLAGS if f in flags] or ["none"])
     lines = describe().splitlines()
     assert select_backend(torch.empty(2, 1)).name == "cpu"
     assert lines[0] == "backend for CPU tensors: cpu"

@@ -279,6 +279,17 @@ def library_path() -> str | None:
     return _state["path"]
 
 
+#: The vector extensions the kernels have forms for (cpu_kernels*.inc), in the order status() names them.
+_VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16")
+
+
+def _vector_extensions() -> str:
+    """Which of _VECTOR_FLAGS this CPU reports (what a -march=native build can use), or "none"."""
+    flags = set(_cpu_signature().split(":", 1)[-1].split())
+    found = [f for f in _VECTOR_FLAGS if f in flags]
+    return " ".join(found) if found else "none"
+
+
 def status() -> str:
     """What :func:`load` gave, in words, for diagnostics (``bnlab selfcheck`` prints it): the kind of
     library and its flags, its path, the compile time if this process compiled it, and why any
@@ -289,6 +300,8 @@ def status() -> str:
     kind, flags = _state["variant"]
     what = "extension module" if kind == "module" else "ctypes library (no compiled whole calls)"
     arch = next((f for f in flags if f.startswith("-march=")), "no -march (generic x86-64)")
+    if arch == "-march=native":
+        arch += f" (this CPU's vector extensions: {_vector_extensions()})"
     text = f"compiled CPU kernels: {what}, {arch}, {_state['path']}"
     if _state["seconds"] is not None:
         text += f", compiled in {_state['seconds']:.1f} s by this process"
