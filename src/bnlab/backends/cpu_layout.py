@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from bnlab.backends import views
 from bnlab.backends.views import dense_permutation, laid_out_as  # noqa: F401  (re-exported)
 
 _NCL, _NLC = 0, 1
@@ -47,7 +48,8 @@ def kernel_input(x: Tensor, elementwise: bool = False) -> tuple[Tensor, tuple[in
     """(x, its layout_of) if the kernels take x; for a non-empty x in other strides, a contiguous
     copy of it and that copy's layout; None if x is empty, and for an ``elementwise`` pass (eval,
     normalize, the input gradient from given sums) if x is a permuted contiguous tensor
-    (:func:`dense_permutation`), which the portable implementation then takes as it is.
+    (:func:`dense_permutation`), which the portable implementation then takes as it is
+    (``views.kernel_input``, the rule the Triton backend follows too).
 
     Why copy rather than hand such views (an expanded batch, a strided slice, a permuted tensor) to
     the portable implementation: its float32 sums, on an expanded batch whose channels are then
@@ -56,12 +58,4 @@ def kernel_input(x: Tensor, elementwise: bool = False) -> tuple[Tensor, tuple[in
     costs less than the portable path's passes (docs/benchmarks.md, twenty-fifth session).
     torch.nn's CPU kernels copy such inputs too.
     """
-    if x.numel() == 0:
-        return None
-    found = layout_of(x)
-    if found is None:
-        if elementwise and dense_permutation(x):
-            return None
-        x = x.contiguous()
-        found = layout_of(x)
-    return x, found
+    return views.kernel_input(x, layout_of, elementwise)

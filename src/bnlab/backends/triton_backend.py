@@ -18,7 +18,8 @@ from torch import Tensor
 from bnlab._checks import check_running_var_nonnegative
 from bnlab.backends.base import Backend
 from bnlab.backends.portable import PortableBackend
-from bnlab.backends.views import dense_permutation, laid_out_as
+from bnlab.backends import views
+from bnlab.backends.views import laid_out_as
 from bnlab.stats import Moments
 
 __all__ = ["TritonBackend"]
@@ -118,16 +119,14 @@ class TritonBackend(Backend):
 
         Why copy: the portable path sums such views in float64 on CUDA in several torch passes,
         and float32 on other devices, where an expanded batch's constant channels let 1/sqrt(eps)
-        magnify the rounding; the CPU backend copies them too (cpu_layout.kernel_input).
+        magnify the rounding; the CPU backend copies them too (the rule of views.kernel_input).
         """
         p = self.plan(x)
-        if p is not None:
+        if p is not None:  # the common case first: host time is what small GPU calls cost
             return x, p
-        if x.dtype not in _DTYPES or x.numel() == 0 or (elementwise and dense_permutation(x)):
-            return None
-        copy = x.contiguous()
-        p = self.plan(copy)
-        return None if p is None else (copy, p)
+        if x.dtype not in _DTYPES:
+            return None  # (no copy of a view whose copy the plan would decline too)
+        return views.kernel_input(x, self.plan, elementwise)
 
     # -- fused compositions ----------------------------------------------------------------------
     def forward_train(self, x, weight, bias, eps):

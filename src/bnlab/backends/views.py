@@ -1,16 +1,21 @@
 """Views in strides bnlab's kernels do not address (expanded, strided, permuted): the rules both
 kernel backends (CPU, Triton) follow when they run such a view on a contiguous copy.
 
-:func:`dense_permutation` tells the views whose elementwise passes the portable implementation
-takes as they are (copying them in and back out cost more); :func:`laid_out_as` gives an output
+:func:`kernel_input` makes the copy where a backend's plan declines a view; :func:`dense_permutation`
+tells the views whose elementwise passes the portable implementation takes as they are (copying
+them in and back out cost more); :func:`laid_out_as` gives an output
 computed on the copy the strides of ``torch.empty_like(view)``, which the portable path gave such
 views and bnlab's torch.compile operators promise.
 """
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 from torch import Tensor
+
+P = TypeVar("P")
 
 
 def dense_permutation(x: Tensor) -> bool:
@@ -29,9 +34,27 @@ def dense_permutation(x: Tensor) -> bool:
     return True
 
 
+def kernel_input(x: Tensor, plan: Callable[[Tensor], P | None], elementwise: bool = False) -> tuple[Tensor, P] | None:
+    """(x, plan(x)) if a backend's kernels take x as it is; for a non-empty view they do not take,
+    its contiguous copy and the copy's plan; None for an empty x, for a copy the kernels do not
+    take either, and for an ``elementwise`` pass (eval, normalize, the input gradient from given
+    sums) over a :func:`dense_permutation`, which the portable implementation takes as it is.
+    ``plan`` is the backend's own test: ``cpu_layout.layout_of``, ``TritonBackend.plan``."""
+    if x.numel() == 0:
+        return None
+    found = plan(x)
+    if found is not None:
+        return x, found
+    if elementwise and dense_permutation(x):
+        return None
+    copy = x.contiguous()
+    found = plan(copy)
+    return None if found is None else (copy, found)
+
+
 def laid_out_as(t: Tensor | None, view: Tensor, ran_on: Tensor) -> Tensor | None:
     """t, an output the kernels computed on ``ran_on`` (``view`` itself, or its contiguous copy,
-    as ``cpu_layout.kernel_input`` and ``TritonBackend.kernel_input`` make it), in the strides of
+    as :func:`kernel_input` makes it), in the strides of
     ``torch.empty_like(view)``: those the portable path gave such views, and those bnlab's
     torch.compile operators promise (custom_ops). A copy only for views whose empty_like keeps a
     permutation; on the autograd graph when t is."""
