@@ -31,6 +31,7 @@ import torch
 
 from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
+from kernel_ab import takes_centred
 
 SHAPES = (
     (128, 16, 32, 32), (64, 256, 14, 14), (256, 32, 16, 16), (64, 32, 32, 32), (32, 512, 7, 7),
@@ -81,8 +82,9 @@ NAN_BITS = {
 }
 
 
-def run(lib, x: torch.Tensor, dy: torch.Tensor, nt: int) -> dict[str, torch.Tensor]:
-    """Forward and backward of one build on x, dy: the named results."""
+def run(lib, x: torch.Tensor, dy: torch.Tensor, nt: int, centred: tuple = (1,)) -> dict[str, torch.Tensor]:
+    """Forward and backward of one build on x, dy: the named results. centred: bn_backward's last
+    argument, (1,) for the training backward, (0,) for fixed statistics, () for a build before it."""
     lay, n, c, length = layout_of(x)
     code = _CODE[x.dtype]
     gen = torch.Generator().manual_seed(7)
@@ -100,7 +102,7 @@ def run(lib, x: torch.Tensor, dy: torch.Tensor, nt: int) -> dict[str, torch.Tens
     ptr = stats.data_ptr()
     lib.bn_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), code, lay, n, c, length, ptr, ptr + 16 * c,
                     w.data_ptr(), fc, float(n * length), sums.data_ptr(), dw.data_ptr(), fc, db.data_ptr(), fc, nt,
-                    WAVE_PER_THREAD * nt)  # fmt: skip
+                    WAVE_PER_THREAD * nt, *centred)  # fmt: skip
     return {"y": y, "mean": stats[0], "M2": stats[1], "invstd": stats[2], "dx": dx, "sum_dy": sums[0],
             "sum_dy_xhat": sums[1], "y_eval": y_eval, "running_mean": rm, "running_var": rv, "dweight": dw,
             "dbias": db}  # fmt: skip
@@ -149,11 +151,16 @@ def main(argv=None) -> None:
         new = cpu_build._load_module(Path(args.new))
     old = cpu_build._load_module(Path(args.old))
     print(f"old {args.old}\nnew {new_path}")
+    # A build before bn_backward's `centred` argument sums as a new one does with centred = 0.
+    flags = {lib: (1,) if takes_centred(lib) else () for lib in (old, new)}
+    if not all(flags.values()):
+        print("one build predates the centred backward: both compared with fixed-statistics sums (centred = 0)")
+        flags = {lib: (0,) if takes_centred(lib) else () for lib in (old, new)}
     compared = differ = 0
     for shape, dtype, data, cl, nt in cases():
         x = make(shape, dtype, data, 1, cl)
         dy = make(shape, dtype, "normal", 2, cl)
-        a, b = run(old, x, dy, nt), run(new, x, dy, nt)
+        a, b = run(old, x, dy, nt, flags[old]), run(new, x, dy, nt, flags[new])
         for name in a:
             compared += 1
             if not same_bits(a[name], b[name]):

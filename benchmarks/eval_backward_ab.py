@@ -52,7 +52,7 @@ def contenders(shape, layout: str, threads: int) -> dict:
                          weight.data_ptr(), f32, 0, 0, threads)  # fmt: skip
         lib.bn_backward(dy.data_ptr(), x.data_ptr(), 0, f32, lay, n, c, length, mean.data_ptr(), invstd.data_ptr(),
                         weight.data_ptr(), f32, float(n * length), 0, dw.data_ptr(), f32, db.data_ptr(), f32, threads,
-                        wave)  # fmt: skip
+                        wave, 0)  # fmt: skip
 
     def copy():
         dst.copy_(x)

@@ -49,7 +49,7 @@ def kernel_step(shape, threads: int):
         lib.bn_forward_train(x.data_ptr(), y.data_ptr(), 0, layout, n, c, length, 0, 0, 0, 0, 1e-5, ptr, 0, 0, 0, 0,
                              0.1, 0, False, False, threads, wave)  # fmt: skip
         lib.bn_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), 0, layout, n, c, length, ptr, ptr + 16 * c, 0, 0,
-                        float(n * length), 0, 0, 0, 0, 0, threads, wave)  # fmt: skip
+                        float(n * length), 0, 0, 0, 0, 0, threads, wave, 1)  # fmt: skip
 
     step.keep = (x, dy, y, dx, stats)  # alive as long as the step
     return step

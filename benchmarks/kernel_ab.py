@@ -89,6 +89,20 @@ class KernelCalls(NamedTuple):
     tensors: tuple
 
 
+def takes_centred(lib) -> bool:
+    """Whether lib's bn_backward takes the last argument `centred` (builds from 2026-12-05 on; an
+    older one's extension module takes 20 arguments). A ctypes library gets the declared argument
+    types of this checkout, and an older one there ignores the extra int."""
+    fn = lib.bn_backward
+    if getattr(fn, "argtypes", None) is not None:
+        return True
+    try:
+        fn()  # no kernel runs: the argument count is checked first
+    except TypeError as exc:
+        return "expected 20 " not in str(exc)
+    return True
+
+
 def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: int) -> KernelCalls:
     """Zero-argument callables, one per library of `libs`, each running the case's kernel of its
     library on the same tensors, so that the builds differ in their code only, not in where their
@@ -113,6 +127,8 @@ def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: in
         args = (dy.data_ptr(), x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0,
                 float(n * length), 0, 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt)  # fmt: skip
         name = "bn_backward"
+        # the training backward (the forward's batch mean: centred) where a build takes the flag
+        per_lib = [args + ((1,) if takes_centred(lib) else ()) for lib in libs]
     elif mode == "dx":
         sums = torch.randn(2, c, generator=gen, dtype=torch.float64)  # Σdy, Σdy·x̂
         keep += (sums,)
@@ -138,7 +154,9 @@ def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: in
     else:
         args = (x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0, 0, 0, nt)
         name = "bn_normalize"
-    return KernelCalls([lambda fn=getattr(lib, name), keep=keep: fn(*args) for lib in libs], keep)
+    if mode != "bwd":
+        per_lib = [args] * len(libs)
+    return KernelCalls([lambda fn=getattr(lib, name), a=a, keep=keep: fn(*a) for lib, a in zip(libs, per_lib)], keep)
 
 
 def median_us(fn, reps: int) -> float:

@@ -68,7 +68,7 @@ def _kernels(ops, x, dy, p) -> dict:
     return {
         "stats": lambda: ops._partial_stats(x, p),
         "normalize": lambda: ops._normalize(x, coef, p),
-        "grad_sums": lambda: ops._partial_grads(dy, x, None, hi, p),
+        "grad_sums": lambda: ops._partial_grads(dy, x, None, hi, p, True),  # the training backward's
         "grad_input": grad_input,
     }
 

@@ -37,9 +37,9 @@ class SpyBackend(PortableBackend):
         self.calls["normalize"] += 1
         return super().normalize(x, mean, invstd, weight, bias)
 
-    def grad_sums(self, dy, x, mean, invstd):
+    def grad_sums(self, dy, x, mean, invstd, batch_mean=False):
         self.calls["grad_sums"] += 1
-        return super().grad_sums(dy, x, mean, invstd)
+        return super().grad_sums(dy, x, mean, invstd, batch_mean)
 
     def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
         self.calls["grad_input"] += 1

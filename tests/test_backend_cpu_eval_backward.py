@@ -74,7 +74,7 @@ SCRIPT = textwrap.dedent(
                     if dw is not None or db is not None:
                         lib.bn_backward(dy.data_ptr(), x.data_ptr(), 0, code, lay, n, ch, length, mean.data_ptr(),
                                         invstd.data_ptr(), weight.data_ptr(), _CODE[weight.dtype], float(n * length),
-                                        0, ptr(dw), cd(dw), ptr(db), cd(db), nt, WAVE_PER_THREAD * nt)
+                                        0, ptr(dw), cd(dw), ptr(db), cd(db), nt, WAVE_PER_THREAD * nt, 0)
                 outs[path] = (dx, dw, db)
             for got, want in zip(outs["one call"], outs["two kernels"]):
                 assert (got is None) == (want is None)

@@ -16,12 +16,14 @@ import dx_accuracy  # noqa: E402
 @pytest.mark.parametrize("kind", dx_accuracy.KINDS)
 def test_errors_stay_within_float32_rounding_and_a_wrong_dx_shows(kind, monkeypatch):
     ours, theirs = dx_accuracy.errors((64, 24, 2, 2), torch.float32, kind)
-    assert ours < 3e-5 and theirs < 1e-2  # float32 rounding; torch.nn to 4e-3 at offset
+    # A few units of float32 rounding for every kind, dy-offset included (8.2e-6 there before the
+    # training backward summed (dy - g)·x̂); torch.nn to 4e-3 at offset.
+    assert ours < 3e-7 and theirs < 1e-2
     backend = dx_accuracy.get_backend("cpu")
     real = backend.backward
 
-    def off(dy, x, mean, invstd, weight, *rest):  # dx off by 1e-3·γ·invstd·dy must read as such
-        dx, dw, db = real(dy, x, mean, invstd, weight, *rest)  # (additive: mean-loss's exact dx is 0)
+    def off(dy, x, mean, invstd, weight, *rest, **options):  # dx off by 1e-3·γ·invstd·dy must read as such
+        dx, dw, db = real(dy, x, mean, invstd, weight, *rest, **options)  # (additive: mean-loss's exact dx is 0)
         kk = (weight.double() * invstd.double()).reshape((1, -1) + (1,) * (dy.dim() - 2))
         return dx + (1e-3 * kk * dy.double()).to(dx.dtype), dw, db
 

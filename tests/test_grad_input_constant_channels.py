@@ -65,31 +65,33 @@ def _assert_zero(dx, channels, what, dy=None, kk=None):
         assert worst <= bound, f"{what}: dx of constant channel {c} is {worst}, expected {bound or 'exactly 0'}"
 
 
+@pytest.mark.parametrize("batch_mean", [True, False], ids=["centred", "whole-dy"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,layout", SHAPES)
-def test_cpu_backward_is_exactly_zero_on_constant_channels(shape, layout, dtype):
+def test_cpu_backward_is_exactly_zero_on_constant_channels(shape, layout, dtype, batch_mean):
     x, dy, channels = _constant_channels(shape, layout, dtype)
     weight = torch.linspace(0.5, 2.0, shape[1])
     y, stats, invstd = CPU.forward_train(x, weight, None, 1e-5)
-    dx, _, _ = CPU.backward(dy, x, stats.mean, invstd, weight, stats.count, True)
+    dx, _, _ = CPU.backward(dy, x, stats.mean, invstd, weight, stats.count, True, batch_mean=batch_mean)
     kk = weight.double() * invstd.double()
     _assert_zero(dx, channels, "backward", dy, kk)
-    sums = CPU.grad_sums(dy, x, stats.mean, invstd)
+    sums = CPU.grad_sums(dy, x, stats.mean, invstd, batch_mean)
     dx_primitive = CPU.grad_input(dy, x, stats.mean, invstd, weight, sums[0], sums[1], stats.count)
     _assert_zero(dx_primitive, channels, "grad_input primitive", dy, kk)
     assert torch.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("batch_mean", [True, False], ids=["centred", "whole-dy"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,layout", [((16, 8, 9, 9), "nchw"), ((40, 5, 3, 3), "cl")])
-def test_portable_grad_input_is_exactly_zero_on_constant_channels(shape, layout, dtype):
+def test_portable_grad_input_is_exactly_zero_on_constant_channels(shape, layout, dtype, batch_mean):
     x, dy, channels = _constant_channels(shape, layout, dtype)
     weight = torch.linspace(0.5, 2.0, shape[1])
     dims = [0] + list(range(2, x.dim()))
     mean = x.double().mean(dims)
     var = x.double().var(dims, unbiased=False)
     invstd = 1.0 / torch.sqrt(var + 1e-5)
-    sum_dy, sum_dy_xhat = elementwise.grad_sums(dy, x, mean, invstd)
+    sum_dy, sum_dy_xhat = elementwise.grad_sums(dy, x, mean, invstd, batch_mean)
     count = x.numel() // shape[1]
     dx = elementwise.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
     _assert_zero(dx, channels, "portable grad_input")

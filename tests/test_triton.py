@@ -19,11 +19,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import bnlab  # noqa: E402
+from bnlab import elementwise  # noqa: E402
 from bnlab import reference as ref  # noqa: E402
 from bnlab.backends import _REGISTRY, PortableBackend  # noqa: E402
 from bnlab.backends.triton_backend import TritonBackend  # noqa: E402
+from bnlab.backends.triton_grad import centre_shift  # noqa: E402
 from speed_helpers import (  # noqa: E402
     TOL,
     assert_backend_matches_reference,
@@ -31,6 +35,7 @@ from speed_helpers import (  # noqa: E402
     assert_fused_relu_handles_nan_as_torch,
     make_input,
     np64,
+    to_layout,
 )
 
 TRITON = TritonBackend(allow_cpu=True)
@@ -407,9 +412,10 @@ def test_gradients_at_a_large_mean_keep_their_precision(shape, layout):
     assert_close(dw, expected_dw, 2e-4, "dweight")
 
 
+@pytest.mark.parametrize("batch_mean", [True, False], ids=["centred", "whole-dy"])
 @pytest.mark.parametrize("shape,layout", [((40, 3), "nchw"), ((6, 3, 4, 5), "nchw"), ((6, 4, 4, 5), "cl")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_dx_of_channels_constant_in_x_and_dy_is_exactly_zero(shape, layout, dtype):
+def test_dx_of_channels_constant_in_x_and_dy_is_exactly_zero(shape, layout, dtype, batch_mean):
     """dy's mean comes off before the product (docs/math.md §4.2): a channel constant in both x and
     dy has x̂ = 0 and dy - mean(dy) = 0, so dx = 0 exactly, in the backward and the primitive."""
     x = make_input(shape, layout, dtype, seed=50, mean=3.0)
@@ -418,13 +424,69 @@ def test_dx_of_channels_constant_in_x_and_dy_is_exactly_zero(shape, layout, dtyp
     x[:, 2], dy[:, 2] = -41.53, 96.123456789
     w = torch.linspace(0.5, 2.0, shape[1])
     y, stats, invstd = TRITON.forward_train(x, w, None, 1e-5)
-    dx, _, _ = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True)
-    sum_dy, sum_dy_xhat = TRITON.grad_sums(dy, x, stats.mean, invstd)
+    dx, _, _ = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True, batch_mean=batch_mean)
+    sum_dy, sum_dy_xhat = TRITON.grad_sums(dy, x, stats.mean, invstd, batch_mean)
     dx_primitive = TRITON.grad_input(dy, x, stats.mean, invstd, w, sum_dy, sum_dy_xhat, stats.count)
     for what, t in (("backward", dx), ("grad_input", dx_primitive)):
         assert float(t[:, 1:3].double().abs().max()) == 0.0, f"{what}: dx of the constant channels is not 0"
     expected_dx = ref.backward(np64(dy), ref.forward_train(np64(x), np64(w), None)[1])[0]
     assert_close(dx, expected_dx, TOL[dtype], "dx of the other channels")
+
+
+@pytest.mark.parametrize("shape,layout", [((40, 3), "nchw"), ((6, 3, 4, 5), "nchw"), ((6, 4, 4, 5), "cl"),
+                                          ((33, 5, 7), "nchw")])  # fmt: skip
+def test_training_sums_keep_their_digits_where_dy_has_a_large_common_part(shape, layout):
+    """batch_mean=True sums Σ(dy - g)·x̂ (triton_grad's CENTRED; docs/math.md §4.2): with dy = 8 +
+    0.01·noise its error stays at float32 rounding of the centred terms, where dy·(x - hi) lost
+    about 8 bits. The oracle: the float64 sum over the exact batch mean; and dx through the whole
+    backward against the float64 reference."""
+    x = make_input(shape, layout, torch.float32, seed=60)
+    dy = (8 + 0.01 * make_input(shape, layout, torch.float64, seed=61)).float()
+    w = torch.linspace(0.5, 2.0, shape[1])
+    _, stats, invstd = TRITON.forward_train(x, w, None, 1e-5)
+    dims = [0] + list(range(2, x.dim()))
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    x_hat = (x.double() - x.double().mean(dims, keepdim=True)) * invstd.view(view)
+    exact = (dy.double() * x_hat).sum(dims)
+    scale = ((dy.double() - dy.double().mean(dims, keepdim=True)) * x_hat).square().sum(dims).sqrt()
+    errors = {bm: float(((TRITON.grad_sums(dy, x, stats.mean, invstd, bm)[1] - exact).abs() / scale).max())
+              for bm in (True, False)}  # fmt: skip
+    assert errors[True] < 2e-6 and errors[True] * 20 < errors[False], errors
+    dx, _, _ = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True, batch_mean=True)
+    expected_dx = torch.as_tensor(ref.backward(np64(dy), ref.forward_train(np64(x), np64(w), None)[1])[0])
+    assert float((dx.double() - expected_dx).abs().max() / expected_dx.abs().max()) < 3e-7
+
+
+@pytest.mark.parametrize("shape,layout", [((40, 5), "nchw"), ((6, 5, 4, 5), "nchw"), ((6, 5, 4, 5), "cl"), ((3, 5), "nchw")])
+def test_centre_shift_is_the_portable_rule(shape, layout):
+    """triton_grad.centre_shift gives the g of bnlab.elementwise.centre_shift (the CPU kernels' rule)
+    in both layouts: a constant channel's value, the mean of one with a large common part, 0 for
+    zero-mean dy, for per-sample offsets and for non-finite values, over fewer than 16 values too."""
+    gen = torch.Generator().manual_seed(65)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    per_sample = torch.randn((shape[0],) + (1,) * (len(shape) - 2), generator=gen, dtype=torch.float64)
+    dy[:, 0] = 0.1
+    dy[:, 1] = 8 + 0.01 * dy[:, 1]
+    dy[:, 3] = per_sample + 0.01 * dy[:, 3]
+    dy[::3, 4] = float("inf")
+    dy = to_layout(dy.float(), layout)
+    n, c, length = shape[0], shape[1], dy[0, 0].numel()
+    got = torch.empty(c)
+    if layout == "cl" or len(shape) == 2:  # rows of C channels
+        _centre_shifts[(1,)](dy, got, c, 1, c, n * length, BLOCK=8)
+    else:
+        _centre_shifts[(1,)](dy, got, c, length, c * length, n * length, BLOCK=8)
+    # the same rule, in float32 where the portable path works in float64: equal but for a last bit
+    torch.testing.assert_close(got, elementwise.centre_shift(dy).float(), rtol=2.4e-7, atol=0)
+    assert got[0] == torch.tensor(0.1).float() and abs(float(got[1]) - 8) < 0.01 and got[3] == 0
+
+
+@triton.jit
+def _centre_shifts(dy_ptr, out_ptr, C, RUN, STRIDE, TOTAL, BLOCK: tl.constexpr):
+    """triton_grad.centre_shift of channels 0..C-1 into out_ptr (test_centre_shift_is_the_portable_rule)."""
+    c = tl.arange(0, BLOCK)
+    ok = c < C
+    tl.store(out_ptr + c, centre_shift(dy_ptr, c.to(tl.int64) * RUN, ok, RUN, STRIDE, TOTAL), mask=ok)
 
 
 def _views_the_kernels_do_not_take():

@@ -140,8 +140,9 @@ def drive_every_launch() -> None:
             ops.normalize_with(x, mean64, invstd64, wa, ba, p=p)
             ops.normalize_with(x, rm, rv, wa, ba, 1e-5, given_invstd=False, p=p)
             stats, hi = torch.empty(3, c, dtype=torch.float64), torch.empty(c)
-            ops.backward(x, x, stats, hi, wa, p=p)
-            ops.backward(x, x, stats, hi, wa, need_dx=False, p=p)
+            for centred in (True, False):  # the training backward; SyncBatchNorm's global mean
+                ops.backward(x, x, stats, hi, wa, p=p, centred=centred)
+                ops.backward(x, x, stats, hi, wa, need_dx=False, p=p, centred=centred)
             ops.grad_input_with(x, x, mean64, invstd64, wa, mean64, mean64, 10.0, p=p)
         ops.forward_train(x, None, None, 1.0, want_y=False, p=p)  # moments
         for residual in (None, x):  # the fused layer: BN (+ residual) + ReLU with its 1-bit mask
@@ -150,12 +151,13 @@ def drive_every_launch() -> None:
             mask = torch.empty(p.rows * p.k8b, dtype=torch.uint8)
             for need_dx, want_dres in ((True, residual is not None), (False, True)):
                 ops.backward(x, x, stats, coef[0], w, need_dx, mask=mask, want_dres=want_dres, dweight=torch.empty(c),
-                             dbias=torch.empty(c), p=p)  # fmt: skip
+                             dbias=torch.empty(c), p=p, centred=True)  # fmt: skip
             ops.normalize_with(x, rm, rv, w, b, 1e-5, given_invstd=False, residual=residual, relu=True, p=p)
         if dtype != torch.float32:  # model.to(dtype): parameters and running averages in 16 bits too
             w16, b16, rm16, rv16 = (torch.empty(c, dtype=dtype) for _ in range(4))
             y, stats, coef, _ = ops.forward_train(x, w16, b16, 1e-5, rm16, rv16, 0.1, counter, True, p=p)
-            ops.backward(x, x, stats, coef[0], w16, True, dweight=torch.empty_like(w16), dbias=torch.empty_like(b16), p=p)
+            ops.backward(x, x, stats, coef[0], w16, True, dweight=torch.empty_like(w16), dbias=torch.empty_like(b16), p=p,
+                         centred=True)
             ops.normalize_with(x, rm16, rv16, w16, b16, 1e-5, given_invstd=False, p=p)
 
 

@@ -94,7 +94,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: a graph of the backward itself is wanted.
             return *differentiable_train_grads(dy, x, weight, ctx.eps, ctx.bias_dtype, (need_x, need_w, need_b)), None, None
-        dx, sum_dy_xhat, sum_dy = ctx.backend.backward(dy, x, mean, invstd, weight, ctx.count, need_x)
+        dx, sum_dy_xhat, sum_dy = ctx.backend.backward(dy, x, mean, invstd, weight, ctx.count, need_x, batch_mean=True)
         dw, db = param_grads(sum_dy_xhat, sum_dy, weight, ctx.bias_dtype, need_w, need_b)
         return dx, dw, db, None, None
 

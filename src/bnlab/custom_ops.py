@@ -128,7 +128,8 @@ def _train_fake(x, weight, bias, eps, running_mean, running_var, num_batches_tra
 def _train_backward_impl(dy, x, weight, stats, need_input, need_weight, bias_dtype):
     with torch.no_grad():
         count = x.numel() // x.shape[1]
-        dx, sum_dy_xhat, sum_dy = select_backend(x).backward(dy, x, stats[0], stats[-1], weight, count, need_input)
+        dx, sum_dy_xhat, sum_dy = select_backend(x).backward(dy, x, stats[0], stats[-1], weight, count, need_input,
+                                                             batch_mean=True)  # fmt: skip
         dw, db = param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, need_weight, True)
         return grad_outputs(dx, dw, db, x)
 

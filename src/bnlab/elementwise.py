@@ -42,13 +42,51 @@ def normalize(
     return y.to(x.dtype)
 
 
-def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+SHIFT_SAMPLE = 16  # dy values per channel centre_shift looks at (the CPU kernels' kShiftSample)
+
+
+def centre_shift(dy: Tensor) -> Tensor:
+    """The per-channel g of a centred Σ(dy - g)·x̂ (the CPU kernels' centre_shift), float64 (C,).
+
+    From 16 of a channel's dy values spread evenly over it in (sample, position) order (all of them
+    where it has fewer): their mean where it stands out of their spread (|mean| > 2·spread), the
+    value itself where the finite ones are all equal, else 0. Why a g near dy's mean, and 0 where dy
+    has no common part: Σ(dy - g)·(x - mean) = Σdy·(x - mean) only as far as Σ(x - mean) = 0, and
+    the batch mean carries its own rounding δ, which adds δ·Σ(dy - g) (docs/math.md §4.2).
+
+    Shapes: dy (N, C, *), non-empty -> (C,).
+    """
+    c = dy.shape[1]
+    per_channel_values = dy.transpose(0, 1).reshape(c, -1)  # (C, N·L) in (sample, position) order
+    total = per_channel_values.shape[1]
+    k = min(total, SHIFT_SAMPLE)
+    at = torch.arange(k, device=dy.device) * total // k
+    v = per_channel_values[:, at].to(torch.float64)  # (C, k)
+    finite = torch.isfinite(v)
+    n = finite.sum(1)
+    vf = torch.where(finite, v, 0.0)
+    mean = vf.sum(1) / n.clamp(min=1)
+    spread = torch.sqrt(torch.where(finite, (v - mean[:, None]) ** 2, 0.0).sum(1) / n.clamp(min=1))
+    high = torch.where(finite, v, -torch.inf).amax(1)
+    low = torch.where(finite, v, torch.inf).amin(1)
+    g = torch.where(mean.abs() > 2 * spread, mean, 0.0)
+    g = torch.where(high == low, high, g)
+    return torch.where(n > 0, g, 0.0)
+
+
+def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, batch_mean: bool = False) -> tuple[Tensor, Tensor]:
     """The backward's reduce phase: per-channel Σdy and Σdy·x̂ (= dbeta and dgamma), float64 (C,).
 
     Σdy·x̂ = invstd · (Σdy·(x - mean_hi) - mean_lo · Σdy), so x̂ itself is never materialised.
     Σdy sums dy - g with g a channel's first dy (0 where that is not finite), then adds n·g in
     float64: a float32 sum of a constant gradient is then exact, so that its mean, and the input
-    gradient of a channel constant in x and dy, are too (the CPU kernels' grad_shift).
+    gradient of a channel constant in x and dy, are too (the CPU kernels' grad_shift). With
+    ``batch_mean`` (mean is x's own, so Σ(x - mean) = 0), g is :func:`centre_shift`'s (near dy's
+    mean where dy has a large common part, else 0), and Σdy·x̂ sums (dy - g)·(x - mean_hi) and takes
+    mean_lo · Σ(dy - g) off: where dy has a large common part its products then round far less (the
+    CPU kernels' grad_totals).
+
+    Shapes: dy, x (N, C, *); mean, invstd float64 (C,).
     """
     dtype = compute_dtype(x)
     dims = reduce_dims(x)
@@ -58,13 +96,18 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tens
     acc = accumulate_dtype(dyc)
     if dyc.numel() == 0:
         shift = dyc.new_zeros(dyc.shape[1])
+    elif batch_mean:
+        shift = centre_shift(dyc).to(dtype)
     else:
         first = dyc[(0, slice(None)) + (0,) * (nd - 2)]  # (C,)
         shift = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
     count = dyc.numel() // max(dyc.shape[1], 1)
-    sum_dy = (dyc - per_channel(shift, nd)).sum(dims, dtype=acc).to(torch.float64) + count * shift.to(torch.float64)
-    sum_dy_xc = (dyc * (x.to(dtype) - per_channel(hi, nd))).sum(dims, dtype=acc).to(torch.float64)
-    sum_dy_xhat = (sum_dy_xc - lo.to(torch.float64) * sum_dy) * invstd
+    shifted = dyc - per_channel(shift, nd)
+    sum_shifted = shifted.sum(dims, dtype=acc).to(torch.float64)
+    sum_dy = sum_shifted + count * shift.to(torch.float64)
+    factor = shifted if batch_mean else dyc
+    sum_dy_xc = (factor * (x.to(dtype) - per_channel(hi, nd))).sum(dims, dtype=acc).to(torch.float64)
+    sum_dy_xhat = (sum_dy_xc - lo.to(torch.float64) * (sum_shifted if batch_mean else sum_dy)) * invstd
     return sum_dy, sum_dy_xhat
 
 

@@ -92,7 +92,7 @@ class BatchNormActFunction(torch.autograd.Function):
             return dx, dw, db, dres, None
         mean, invstd, count, mask = ctx.extra
         dz = torch.where(mask, dy, 0.0) if mask is not None else dy  # +0 where masked, as ReLU's backward
-        dx, sum_dy_xhat, sum_dy = backend.backward(dz, x, mean, invstd, weight, count, need_x)
+        dx, sum_dy_xhat, sum_dy = backend.backward(dz, x, mean, invstd, weight, count, need_x, batch_mean=True)
         dw, db = param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, need_w, need_b)
         return dx, dw, db, (dz if need_res else None), None
 

@@ -30,8 +30,15 @@ class Backend:
         """Per-channel (count, mean, M2) of x (N, C, *); mean and M2 float64 (C,)."""
         raise NotImplementedError
 
-    def grad_sums(self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-channel (Σdy, Σdy·x̂), float64 (C,)."""
+    def grad_sums(
+        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, batch_mean: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Per-channel (Σdy, Σdy·x̂), float64 (C,).
+
+        ``batch_mean``: mean is x's own batch mean (the training backward), so Σ(x - mean) = 0 and
+        Σdy·x̂ may be summed as Σ(dy - g)·x̂ for any per-channel g, which keeps its digits where dy
+        has a large common part (docs/math.md §4.2). False for any other mean (fixed statistics,
+        SyncBatchNorm's global mean, a masked mean): then dy enters whole."""
         raise NotImplementedError
 
     # -- elementwise phase -------------------------------------------------------------------
@@ -73,9 +80,11 @@ class Backend:
         weight: Tensor | None,
         count: Count,
         need_input_grad: bool,
+        batch_mean: bool = False,
     ) -> tuple[Tensor | None, Tensor, Tensor]:
-        """Training backward: returns (dx or None, Σdy·x̂ = dweight, Σdy = dbias); sums float64 (C,)."""
-        sum_dy, sum_dy_xhat = self.grad_sums(dy, x, mean, invstd)
+        """Training backward: returns (dx or None, Σdy·x̂ = dweight, Σdy = dbias); sums float64 (C,).
+        ``batch_mean`` as for :meth:`grad_sums`."""
+        sum_dy, sum_dy_xhat = self.grad_sums(dy, x, mean, invstd, batch_mean=batch_mean)
         dx = None
         if need_input_grad:
             dx = self.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)

@@ -238,22 +238,24 @@ class CpuBackend(Backend):
             ptr, ptr + 16 * c, w, wc, float(n * length), 0,
             0 if dweight is None else dweight.data_ptr(), 0 if dweight is None else _CODE[dweight.dtype],
             0 if dbias is None else dbias.data_ptr(), 0 if dbias is None else _CODE[dbias.dtype],
-            nt, WAVE_PER_THREAD * nt,
+            nt, WAVE_PER_THREAD * nt, 1,  # the forward's own batch mean: centred
         )  # fmt: skip
         return dx
 
-    def backward(self, dy, x, mean, invstd, weight, count, need_input_grad):
+    def backward(self, dy, x, mean, invstd, weight, count, need_input_grad, batch_mean=False):
         found = kernel_input(x)
         if found is None:
-            return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad)
+            return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad, batch_mean)
         xk = found[0]
         mean, invstd = _f64(mean), _f64(invstd)
-        dx, sums = self.backward_sums(dy, xk, mean.data_ptr(), invstd.data_ptr(), weight, count, need_input_grad)
+        dx, sums = self.backward_sums(dy, xk, mean.data_ptr(), invstd.data_ptr(), weight, count, need_input_grad,
+                                      batch_mean)  # fmt: skip
         sum_dy, sum_dy_xhat = sums.unbind()
         return laid_out_as(dx, x, xk), sum_dy_xhat, sum_dy
 
-    def backward_sums(self, dy, x, mean_ptr, invstd_ptr, weight, count, need_input_grad):
-        """(dx or None, (2, C) float64 sums Σdy, Σdy·x̂), given pointers to float64 (C,) mean and invstd."""
+    def backward_sums(self, dy, x, mean_ptr, invstd_ptr, weight, count, need_input_grad, batch_mean):
+        """(dx or None, (2, C) float64 sums Σdy, Σdy·x̂), given pointers to float64 (C,) mean and invstd
+        (``batch_mean``: as for Backend.grad_sums)."""
         layout, n, c, length = layout_of(x)
         dy = _like(dy, x)
         dx = cpu_pool.empty_like(x) if need_input_grad else None
@@ -263,6 +265,7 @@ class CpuBackend(Backend):
         self._lib.bn_backward(
             dy.data_ptr(), x.data_ptr(), 0 if dx is None else dx.data_ptr(), _CODE[x.dtype], layout, n, c, length,
             mean_ptr, invstd_ptr, w, wc, float(count), sums.data_ptr(), 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt,
+            int(batch_mean),
         )  # fmt: skip
         return dx, sums
 
@@ -275,13 +278,13 @@ class CpuBackend(Backend):
         _, stats, _ = self.forward_stats(x, None, None, 1.0, None, None, 0.0, want_output=False)
         return Moments(x.numel() // x.shape[1], stats[0], stats[1])
 
-    def grad_sums(self, dy, x, mean, invstd):
+    def grad_sums(self, dy, x, mean, invstd, batch_mean=False):
         found = kernel_input(x)
         if found is None:
-            return _PORTABLE.grad_sums(dy, x, mean, invstd)
+            return _PORTABLE.grad_sums(dy, x, mean, invstd, batch_mean)
         x = found[0]
         mean, invstd = _f64(mean), _f64(invstd)
-        _, sums = self.backward_sums(dy, x, mean.data_ptr(), invstd.data_ptr(), None, 1, False)
+        _, sums = self.backward_sums(dy, x, mean.data_ptr(), invstd.data_ptr(), None, 1, False, batch_mean)
         return sums[0], sums[1]
 
     def normalize(self, x, mean, invstd, weight, bias):

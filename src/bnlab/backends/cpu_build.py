@@ -161,7 +161,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, I, L, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
     sigs = {
         "bn_forward_train": [P, P, I, I, L, L, L, P, I, P, I, D, P, P, I, P, I, D, P, I, I, I, L],
-        "bn_backward": [P, P, P, I, I, L, L, L, P, P, P, I, D, P, P, I, P, I, I, L],
+        "bn_backward": [P, P, P, I, I, L, L, L, P, P, P, I, D, P, P, I, P, I, I, L, I],
         "bn_normalize": [P, P, I, I, L, L, L, P, P, P, I, P, I, I],
         "bn_eval": [P, P, I, I, L, L, L, P, I, P, I, P, I, P, I, D, I],
         "bn_grad_input": [P, P, P, I, I, L, L, L, P, P, P, I, P, P, D, I],

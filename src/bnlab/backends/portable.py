@@ -23,8 +23,8 @@ class PortableBackend(Backend):
     def moments(self, x):
         return stats.moments(x)
 
-    def grad_sums(self, dy, x, mean, invstd):
-        return elementwise.grad_sums(dy, x, mean, invstd)
+    def grad_sums(self, dy, x, mean, invstd, batch_mean=False):
+        return elementwise.grad_sums(dy, x, mean, invstd, batch_mean)
 
     def normalize(self, x, mean, invstd, weight, bias):
         return elementwise.normalize(x, mean, invstd, weight, bias)

@@ -41,7 +41,8 @@ class TritonTrainFunction(torch.autograd.Function):
             return *differentiable_train_grads(dy, x, weight, eps, bias_dtype, (need_x, need_w, need_b)), None
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty(p.c, dtype=bias_dtype, device=x.device) if need_b else None
-        dx, _, _ = backend.ops().backward(_like(dy, x), x, stats, coef[0], weight, need_x, dweight=dw, dbias=db, p=p)
+        dx, _, _ = backend.ops().backward(_like(dy, x), x, stats, coef[0], weight, need_x, dweight=dw, dbias=db, p=p,
+                                          centred=True)  # the forward's own batch mean
         return dx, dw, db, None
 
 

@@ -138,13 +138,14 @@ class TritonBackend(Backend):
         mean, m2, invstd = stats.unbind()
         return laid_out_as(y, x, xk), Moments(p.m, mean, m2), invstd
 
-    def backward(self, dy, x, mean, invstd, weight, count, need_input_grad):
+    def backward(self, dy, x, mean, invstd, weight, count, need_input_grad, batch_mean=False):
         found = self.kernel_input(x)
         if found is None or isinstance(count, Tensor) or int(count) != found[1].m:
-            return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad)
+            return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad, batch_mean)
         xk, p = found
         stats = torch.stack([mean, mean, invstd]).to(torch.float64)  # rows mean, (unused), invstd
-        dx, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, mean.to(torch.float32), weight, need_input_grad, p=p)
+        dx, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, mean.to(torch.float32), weight, need_input_grad, p=p,
+                                          centred=batch_mean)  # fmt: skip
         return laid_out_as(dx, x, xk), sums[1], sums[0]
 
     # -- primitives --------------------------------------------------------------------------------
@@ -155,13 +156,14 @@ class TritonBackend(Backend):
         _, stats, _, _ = self.ops().forward_train(found[0], None, None, 1.0, want_y=False, p=found[1])
         return Moments(found[1].m, stats[0], stats[1])
 
-    def grad_sums(self, dy, x, mean, invstd):
+    def grad_sums(self, dy, x, mean, invstd, batch_mean=False):
         found = self.kernel_input(x)
         if found is None:
-            return _PORTABLE.grad_sums(dy, x, mean, invstd)
+            return _PORTABLE.grad_sums(dy, x, mean, invstd, batch_mean)
         xk, p = found
         stats = torch.stack([mean, mean, invstd]).to(torch.float64)
-        _, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, mean.to(torch.float32), None, need_dx=False, p=p)
+        _, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, mean.to(torch.float32), None, need_dx=False, p=p,
+                                         centred=batch_mean)  # fmt: skip
         return sums[0], sums[1]
 
     def normalize(self, x, mean, invstd, weight, bias):
@@ -218,7 +220,8 @@ class TritonBackend(Backend):
         """(dx, dresidual) of act_forward's output; writes dweight/dbias (tensors or None) in place."""
         stats, hi, mask, p = saved
         dx, _, dres = self.ops().backward(
-            _like(dy, x), x, stats, hi, weight, need_dx, mask=mask, want_dres=need_res, dweight=dweight, dbias=dbias, p=p
+            _like(dy, x), x, stats, hi, weight, need_dx, mask=mask, want_dres=need_res, dweight=dweight, dbias=dbias, p=p,
+            centred=True,  # act_forward's own batch mean
         )
         return dx, dres
 

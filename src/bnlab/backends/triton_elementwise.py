@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from bnlab.backends.triton_grad import merge_grad_sums
+from bnlab.backends.triton_grad import centre_shift, merge_grad_sums
 from bnlab.backends.triton_mask import relu_masked
 from bnlab.backends.triton_reduce import normalize_coefficients, store_coefficients, update_running
 
@@ -141,7 +141,7 @@ def grad_input_merged_kernel(
     R, K, C, K8B, S, count,
     HAS_MASK: tl.constexpr, HAS_DX: tl.constexpr, WRITE_DRES: tl.constexpr, HAS_W: tl.constexpr,
     WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, CENTRED: tl.constexpr,
 ):  # fmt: skip
     """grad_merge_kernel and grad_input_kernel in one launch, for NCL tiles of few rows: each tile
     merges its rows' channel partials itself (BLOCK_R x S float64 pairs, from the L2), and the
@@ -151,8 +151,12 @@ def grad_input_merged_kernel(
     # rows of sample 0 (r < C) in the first column of tiles; written without a scalar & vector mask,
     # which Triton 3.9's interpreter cannot store under
     write = r_ok & (r + tl.program_id(1) * C < C)
-    hi, kk, a, cc, gh = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, r_ok, write, C, S,
-                                        count, HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
+    if CENTRED:  # channel c's first dy (sample 0, position 0)
+        g = centre_shift(dy_ptr, c.to(tl.int64) * K, r_ok, K, C * K, R // C * K)
+    else:
+        g = tl.zeros([BLOCK_R], dtype=tl.float32)
+    hi, kk, a, cc, gh = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, r_ok, write, g, C,
+                                        S, count, HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
     dz = _masked_dz(dy_ptr, mask_ptr, dres_ptr, r, r_ok, ok, offs, K, K8B, HAS_MASK, WRITE_DRES, BLOCK_R, BLOCK_K)
     if HAS_DX:
         _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi[:, None], kk[:, None], a[:, None], cc[:, None], gh[:, None])

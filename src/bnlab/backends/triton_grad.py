@@ -1,9 +1,15 @@
-"""Triton kernels of the backward's reduce phase: per-channel Σdz and Σdz·(x - hi), and their merge.
+"""Triton kernels of the backward's reduce phase: per-channel Σdz and Σdz'·(x - hi), and their merge.
 
 Imported only by bnlab.backends.triton_ops (and the tests), never by ``import bnlab``. Same
 layouts, tiles and segments as triton_reduce. dz is dy, or dy masked by the fused layer's ReLU
 mask: rows of K positions (NCL: row n*C + c, position l; NLC: row m, position c), each row padded
 to K8B = ceil(K / 8) bytes, bit k % 8 of byte row*K8B + k // 8.
+
+CENTRED (the training backward: the mean is x's own batch mean, so Σ(x - mean) = 0): dz' = dz - g,
+g from a sample of the channel's dy (centre_shift: its mean where that stands out of its spread,
+else 0), and the merge takes lo·Σ(dz - g) off instead of lo·Σdz. Where dy has a large common part,
+the float32 products (dz - g)·(x - hi) round far less than dz·(x - hi) (docs/math.md §4.2; the CPU
+kernels' grad_totals and centre_shift). Otherwise (SyncBatchNorm's global mean) dz' = dz.
 """
 
 from __future__ import annotations
@@ -16,19 +22,50 @@ from bnlab.backends.triton_reduce import narrow
 
 
 @triton.jit
+def centre_shift(dy_ptr, base, ok, run, stride, total):
+    """g of CENTRED for channels whose dy values start at ``base`` ([B]; NCL: c·L, run L, stride C·L;
+    NLC: c, run 1, stride C; total values each), float32 [B]: as the CPU kernels' centre_shift (in
+    float32 where they work in float64: the same g but for its last bit), from
+    16 values j = i·total/16 (of fewer, all of them) at base + (j // run)·stride + j % run, their
+    mean where |mean| > 2·spread, the value itself where the finite ones are all equal, else 0."""
+    k = tl.minimum(total, 16)
+    i = tl.arange(0, 16)
+    j = (i.to(tl.int64) * total) // k
+    take = (i < k)[:, None] & ok[None, :]
+    offs = base.to(tl.int64)[None, :] + (j // run * stride + j % run)[:, None]
+    # float32 (the values' own precision at most): a float64 [16, B] tile made the one-program
+    # backward spill 8-16 bytes on sm_90; g need not be dy's mean to the last bit
+    v = tl.load(dy_ptr + offs, mask=take, other=0.0).to(tl.float32)
+    fin = take & (tl.abs(v) < float("inf"))
+    n = tl.sum(fin.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(fin, v, 0.0), axis=0) / tl.maximum(n, 1.0)
+    dev = tl.where(fin, v - mean[None, :], 0.0)
+    spread = tl.sqrt(tl.sum(dev * dev, axis=0) / tl.maximum(n, 1.0))
+    high = tl.max(tl.where(fin, v, -float("inf")), axis=0)
+    low = tl.min(tl.where(fin, v, float("inf")), axis=0)
+    g = tl.where(tl.abs(mean) > 2 * spread, mean, 0.0)
+    g = tl.where(high == low, high, g)  # all equal: that value (a constant channel: Σ(dz - g) = 0)
+    return tl.where(n > 0, g, 0.0)
+
+
+@triton.jit
 def grad_ncl_kernel(
     dy_ptr, x_ptr,  # (N, C, L) contiguous
     mask_ptr,  # ReLU mask (HAS_MASK), rows n*C + c of K8B bytes
     hi_ptr,  # (C,) float32: the mean rounded to float32
-    part_ptr,  # (S, C, 2) float64 out: Σdz, Σdz·(x - hi) per segment
+    part_ptr,  # (S, C, 2) float64 out: Σdz, Σdz'·(x - hi) per segment
     N, C, L, LB, TPS, K8B,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr, UNROLL: tl.constexpr,
+    CENTRED: tl.constexpr,
 ):  # fmt: skip
     """Each lane sums its own dz and fp32 products dz·(x - hi) in float64, UNROLL tiles per step
     (their loads issued together); the lanes are reduced once, at the end (a block-wide sum per
     tile stalled every warp at a barrier)."""
     c, s = tl.program_id(0), tl.program_id(1)
     hi = tl.load(hi_ptr + c)
+    if CENTRED:
+        cv = tl.zeros([1], tl.int64) + c
+        g = tl.sum(centre_shift(dy_ptr, cv * L, cv < C, L, C * L, N * L), axis=0)
     acc_dy = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float64)
     acc_dyx = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float64)
     t_end = tl.minimum((s + 1) * TPS, tl.cdiv(N, BLOCK_N) * LB)
@@ -47,6 +84,8 @@ def grad_ncl_kernel(
             x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             # products in fp32, sums in float64 (as the portable backend sums fp32 products)
             acc_dy += dz.to(tl.float64)
+            if CENTRED:
+                dz = dz - g
             acc_dyx += tl.where(ok, dz * (x - hi), 0.0).to(tl.float64)
     one = tl.zeros([1], dtype=tl.float64)
     out = part_ptr + (s * C + c + tl.arange(0, 1)) * 2
@@ -60,11 +99,14 @@ def grad_nlc_kernel(
     mask_ptr,  # ReLU mask (HAS_MASK), rows m of K8B bytes
     hi_ptr, part_ptr, M, C, SEG, K8B,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr, UNROLL: tl.constexpr,
+    CENTRED: tl.constexpr,
 ):  # fmt: skip
     cb, s = tl.program_id(0), tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     hi = tl.load(hi_ptr + c, mask=c_ok, other=0.0)
+    if CENTRED:
+        g = centre_shift(dy_ptr, c, c_ok, 1, C, M)
     acc_dy = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float64)  # per lane, reduced at the end
     acc_dyx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float64)
     start = s * SEG
@@ -79,6 +121,8 @@ def grad_nlc_kernel(
                 dz = relu_masked(dz, mask_ptr, m * K8B, m < end, cb * BLOCK_C, C, K8B, BLOCK_M, BLOCK_C)
             x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             acc_dy += dz.to(tl.float64)
+            if CENTRED:
+                dz = dz - g[None, :]
             acc_dyx += tl.where(ok, dz * (x - hi[None, :]), 0.0).to(tl.float64)
     out = part_ptr + (s * C + c) * 2
     tl.store(out, tl.sum(acc_dy, axis=0), mask=c_ok)
@@ -89,6 +133,7 @@ def grad_nlc_kernel(
 def merge_grad_sums(
     part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr,  # as grad_merge_kernel's
     c, c_ok, write,  # [B] channels, which of them exist, and which to write the sums of
+    g,  # [B] float32: the channels' dy shifts of CENTRED partials (dy_shift), else 0
     C, S, count,
     HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
@@ -106,7 +151,7 @@ def merge_grad_sums(
     invstd = tl.load(stats_ptr + 2 * C + c, mask=c_ok, other=0.0)
     hi = mean.to(tl.float32)
     lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
-    sxh = (sdyx - lo * sdy) * invstd
+    sxh = (sdyx - lo * (sdy - count * g.to(tl.float64))) * invstd  # Σ(dz - g)·(x - mean)
     tl.store(sums_ptr + c, sdy, mask=write)
     tl.store(sums_ptr + C + c, sxh, mask=write)
     kk = invstd
@@ -131,13 +176,19 @@ def grad_merge_kernel(
     sums_ptr,  # (2, C) float64 out: Σdz, Σdz·x̂
     coef_ptr,  # (5, C) float32 out: hi, kk, a, cc, gh of dx = kk·(dz - gh) + (a·(x - hi) + cc)
     dw_ptr, db_ptr,  # dweight/dbias outputs in their own dtypes, if WRITE_DW/WRITE_DB
-    C, S, count,
+    dy_ptr,  # dz's dy, for the shift g of CENTRED partials (centre_shift: base c·RUN, RUN, STRIDE, TOTAL)
+    C, S, count, RUN, STRIDE, TOTAL,
     HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_S: tl.constexpr,
+    CENTRED: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0) + tl.arange(0, 1)
     ok = c < C
-    hi, kk, a, cc, gh = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, ok, ok, C, S, count,
-                                        HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
+    if CENTRED:
+        g = centre_shift(dy_ptr, c.to(tl.int64) * RUN, ok, RUN, STRIDE, TOTAL)
+    else:
+        g = tl.zeros([1], dtype=tl.float32)
+    hi, kk, a, cc, gh = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, ok, ok, g, C, S,
+                                        count, HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
     tl.store(coef_ptr + c, hi, mask=ok)
     tl.store(coef_ptr + C + c, kk, mask=ok)
     tl.store(coef_ptr + 2 * C + c, a, mask=ok)

@@ -55,19 +55,19 @@ def _partial_stats(x, p: Plan):
     return part
 
 
-def _partial_grads(dy, x, mask, hi, p: Plan):
+def _partial_grads(dy, x, mask, hi, p: Plan, centred: bool):
     part = torch.empty(p.segments, p.c, 2, dtype=_F64, device=x.device)
     mask_arg = mask if mask is not None else dy
     if p.ncl:
         _launch.launch(grad.grad_ncl_kernel, (p.c, p.segments),
             dy, x, mask_arg, hi, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment, p.k8b,
-            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll, num_warps=p.warps_reduce,
-            **_COMPILE,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll, CENTRED=centred,
+            num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     else:
         _launch.launch(grad.grad_nlc_kernel, (_cdiv(p.c, p.block_b), p.segments),
             dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
-            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll,
+            BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll, CENTRED=centred,
             num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     return part
@@ -159,7 +159,7 @@ def _small_forward(x, weight, bias, eps, running_mean, running_var, momentum, co
     return y, stats, coef, None
 
 
-def _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p: Plan):
+def _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p: Plan, centred: bool):
     dx = torch.empty_like(x) if need_dx else None
     sums = torch.empty(2, p.c, dtype=_F64, device=x.device)
     block_m, block_c = _small_blocks(p)
@@ -167,7 +167,7 @@ def _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p: Plan):
         dy, x, stats, weight if weight is not None else x, dx if dx is not None else x, sums,
         dweight if dweight is not None else sums, dbias if dbias is not None else sums, p.n, p.c, float(p.n),
         HAS_W=weight is not None, HAS_DX=need_dx, WRITE_DW=dweight is not None, WRITE_DB=dbias is not None,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=p.warps_elementwise, **_COMPILE,
+        BLOCK_M=block_m, BLOCK_C=block_c, CENTRED=centred, num_warps=p.warps_elementwise, **_COMPILE,
     )  # fmt: skip
     return dx, sums, None
 
@@ -194,26 +194,30 @@ def _normalize(x, coef, p: Plan, residual=None, relu=False, want_mask=False, run
 
 
 def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False, dweight=None, dbias=None,
-             p: Plan | None = None):  # fmt: skip
+             p: Plan | None = None, centred: bool = False):  # fmt: skip
     """(dx or None, sums (2, C) float64 [Σdz, Σdz·x̂], dres or None), dz = dy masked by the ReLU mask.
 
     stats: (3, C) float64 rows mean, (unused), invstd; hi: (C,) float32, the mean rounded to float32.
-    dweight/dbias, if given, receive Σdz·x̂ and Σdz in their dtypes.
+    dweight/dbias, if given, receive Σdz·x̂ and Σdz in their dtypes. centred: the mean is x's own
+    batch mean (the training backward), and Σdz·x̂ is summed with dy's shift taken off first
+    (triton_grad's CENTRED); False for any other mean (SyncBatchNorm's global one).
     """
     p = p or plan(x)
     c = p.c
     if mask is None and not want_dres and one_program(p):
-        return _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p)
-    part = _partial_grads(dy, x, mask, hi, p)
+        return _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p, centred)
+    part = _partial_grads(dy, x, mask, hi, p, centred)
     sums = torch.empty(2, c, dtype=_F64, device=x.device)
     if (need_dx or want_dres) and merge_in_tiles(p):
-        dx, dres = _grad_input_merged(dy, x, part, stats, weight, sums, p, mask, need_dx, want_dres, dweight, dbias)
+        dx, dres = _grad_input_merged(dy, x, part, stats, weight, sums, p, mask, need_dx, want_dres, dweight, dbias,
+                                      centred)  # fmt: skip
         return dx, sums, dres
     gcoef = torch.empty(5, c, dtype=_F32, device=x.device)
     _launch.launch(grad.grad_merge_kernel, (c,),
         part, stats, weight if weight is not None else x, sums, gcoef,
-        dweight if dweight is not None else sums, dbias if dbias is not None else sums, c, p.segments, float(p.m),
-        **_merge_flags(weight, dweight, dbias, p), **_COMPILE,
+        dweight if dweight is not None else sums, dbias if dbias is not None else sums, dy, c, p.segments, float(p.m),
+        *((p.length, c * p.length, p.m) if p.ncl else (1, c, p.m)), **_merge_flags(weight, dweight, dbias, p),
+        CENTRED=centred, **_COMPILE,
     )  # fmt: skip
     dx, dres = _grad_input(dy, x, gcoef, p, mask, need_dx, want_dres)
     return dx, sums, dres
@@ -225,7 +229,7 @@ def _merge_flags(weight, dweight, dbias, p: Plan) -> dict:
 
 
 def _grad_input_merged(dy, x, part, stats, weight, sums, p: Plan, mask=None, need_dx=True, want_dres=False,
-                       dweight=None, dbias=None):  # fmt: skip
+                       dweight=None, dbias=None, centred=False):  # fmt: skip
     """(dx, dres) by grad_input_merged_kernel, which also writes sums (and dweight/dbias) from the
     (segments, C, 2) partial sums; NCL plans only (merge_in_tiles)."""
     dx = torch.empty_like(x) if need_dx else None
@@ -234,7 +238,8 @@ def _grad_input_merged(dy, x, part, stats, weight, sums, p: Plan, mask=None, nee
         dy, x, mask if mask is not None else dy, dx if dx is not None else dy, dres if dres is not None else dy,
         part, stats, weight if weight is not None else x, sums, dweight if dweight is not None else sums,
         dbias if dbias is not None else sums, p.rows, p.k, p.c, p.k8b, p.segments, float(p.m),
-        HAS_MASK=mask is not None, HAS_DX=need_dx, WRITE_DRES=want_dres, **_merge_flags(weight, dweight, dbias, p),
+        HAS_MASK=mask is not None, HAS_DX=need_dx, WRITE_DRES=want_dres, CENTRED=centred,
+        **_merge_flags(weight, dweight, dbias, p),
         BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.warps_elementwise, **_COMPILE,
     )  # fmt: skip
     return dx, dres

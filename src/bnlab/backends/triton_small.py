@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from bnlab.backends.triton_elementwise import fixed_statistics
+from bnlab.backends.triton_grad import centre_shift
 from bnlab.backends.triton_reduce import (
     blend_running,
     chan_update,
@@ -130,7 +131,7 @@ def small_backward_kernel(
     dw_ptr, db_ptr,  # dweight/dbias outputs in their own dtypes, if WRITE_DW/WRITE_DB
     M, C, count,  # count: M as a float
     HAS_W: tl.constexpr, HAS_DX: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CENTRED: tl.constexpr,
 ):  # fmt: skip
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -145,18 +146,29 @@ def small_backward_kernel(
     # Rows past M load g0 itself, so that their dz - g0 is 0 without a select (a select there
     # made the sm_90 build spill 24 bytes). (Training refuses batches of fewer than two values
     # per channel: row 0 exists.)
-    g0 = tl.load(dy_ptr + c, mask=c_ok, other=0.0)
-    g0 = tl.where(tl.abs(g0.to(tl.float32)) < float("inf"), g0, tl.zeros_like(g0))
+    if CENTRED:  # the batch's own mean: g0 near dy's mean, or 0 (triton_grad's centre_shift), in
+        # dy's dtype, so that the rows past M still load g0 itself
+        g0 = centre_shift(dy_ptr, c, c_ok, 1, C, M).to(dy_ptr.dtype.element_ty)
+    else:
+        g0 = tl.load(dy_ptr + c, mask=c_ok, other=0.0)
+        g0 = tl.where(tl.abs(g0.to(tl.float32)) < float("inf"), g0, tl.zeros_like(g0))
     for m0 in range(0, M, BLOCK_M):
         ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
         dz = tl.load(dy_ptr + offs, mask=ok, other=g0[None, :]).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         # fp32 within a tile, float64 across tiles (one program over few rows: no lanes to keep)
-        acc_dy += tl.sum(dz - g0.to(tl.float32)[None, :], axis=0).to(tl.float64)
+        d = dz - g0.to(tl.float32)[None, :]
+        acc_dy += tl.sum(d, axis=0).to(tl.float64)
+        if CENTRED:  # the batch's own mean: Σ(dz - g0)·(x - mean) (triton_grad's CENTRED)
+            dz = d
         acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
-    acc_dy += count * g0.to(tl.float64)
+    shifted = acc_dy  # Σ(dz - g0)
+    acc_dy = shifted + count * g0.to(tl.float64)
     # The coefficients of dx = kk·(dz - gh) + (a·(x - hi) + cc) (as merge_grad_sums).
-    sxh = (acc_dyx - lo * acc_dy) * invstd
+    if CENTRED:
+        sxh = (acc_dyx - lo * shifted) * invstd
+    else:
+        sxh = (acc_dyx - lo * acc_dy) * invstd
     tl.store(sums_ptr + c, acc_dy, mask=c_ok)
     tl.store(sums_ptr + C + c, sxh, mask=c_ok)
     if WRITE_DW:

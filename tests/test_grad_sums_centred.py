@@ -1,0 +1,134 @@
+"""The training backward sums Σdy·x̂ with dy's shift taken off first (docs/math.md §4.2).
+
+Where the mean is x's own batch mean, Σ(x - mean) = 0, so Σdy·(x - mean) = Σ(dy - g)·(x - mean)
+for any per-channel g: the backends then sum (dy - g)·(x - hi) (``batch_mean=True``). Where dy has a
+large common part (dy = 8 + 0.01·noise, its mean 800 times its spread), the float32 products
+dy·(x - hi) carry rounding errors ~800 times larger, and Σdy·x̂ (then dx) lost about 8 bits.
+
+The identity holds only as far as the batch mean is exact: its own rounding δ adds δ·Σ(dy - g). So
+g is near dy's mean where dy has a large common part and 0 where it has none (centre_shift, from 16
+values spread over the channel); with g a channel's first value, zero-mean dy had lost up to 25x in
+float32 and 500x in float64 (fuzz_kernels.py found the float64 case).
+
+The oracle is the exact sum (long double) over the exact batch mean. The shapes reach each walk of
+the CPU kernels (as tests/test_grad_input_constant_channels.py lists them); the portable path is
+checked alongside, and through the modules, dx against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bnlab
+from bnlab import elementwise, reference
+from bnlab.backends import get_backend
+from speed_helpers import make_input
+from test_grad_input_constant_channels import SHAPES
+
+CPU = get_backend("cpu")
+
+
+def _gradient(shape, layout, dtype, kind="offset", x_offset=0.0):
+    """x normal (plus x_offset), dy of the given kind, both rounded to dtype, in the given layout:
+    offset: 8 + 0.01·normal; zero-mean: normal; per-sample: each sample its own offset (normal,
+    zero mean over the batch) plus 0.01·normal, as per-sample loss weights make."""
+    x = (x_offset + 0.01 ** (x_offset != 0) * make_input(shape, layout, torch.float64, seed=1)).to(dtype)
+    noise = make_input(shape, layout, torch.float64, seed=2)
+    if kind == "offset":
+        dy = 8 + 0.01 * noise
+    elif kind == "zero-mean":
+        dy = noise
+    else:
+        gen = torch.Generator().manual_seed(3)
+        offsets = torch.randn((shape[0],) + (1,) * (len(shape) - 1), generator=gen, dtype=torch.float64)
+        dy = offsets + 0.01 * noise
+    return x, dy.to(dtype)
+
+
+def _errors(sums_of, x, dy, mean, invstd):
+    """max |Σdy·x̂ - exact| over the channels, relative to the size of the centred terms
+    sqrt(Σ((dy - mean(dy))·x̂)²), for batch_mean True and False; exact: in long double over the
+    exact batch mean (a float64 mean of 1e3 ± 0.01 is itself off by 5.7e-12 of its spread)."""
+    dims = tuple([0] + list(range(2, x.dim())))
+    xd, dyd = (t.double().numpy().astype(np.longdouble) for t in (x, dy))
+    x_hat = (xd - xd.mean(dims, keepdims=True)) * invstd.double().numpy().reshape((1, -1) + (1,) * (x.dim() - 2))
+    exact = (dyd * x_hat).sum(dims)
+    scale = np.sqrt((((dyd - dyd.mean(dims, keepdims=True)) * x_hat) ** 2).sum(dims))
+    return [float((abs(sums_of(bm)[1].numpy().astype(np.longdouble) - exact) / scale).max()) for bm in (True, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,layout", SHAPES)
+def test_centred_sums_keep_their_digits_where_dy_has_a_large_common_part(shape, layout, dtype):
+    x, dy = _gradient(shape, layout, dtype)
+    _, stats, invstd = CPU.forward_train(x, None, None, 1e-5)
+    for name, sums_of in (
+        ("cpu", lambda bm: CPU.grad_sums(dy, x, stats.mean, invstd, bm)),
+        ("portable", lambda bm: elementwise.grad_sums(dy, x, stats.mean, invstd, bm)),
+    ):
+        centred, whole = _errors(sums_of, x, dy, stats.mean, invstd)
+        # centred: float32 rounding of the centred terms (1e-7 to 9e-6 measured); whole dy: 2e-4
+        # to 2e-3, also carrying the mean's own float64 error times 8·m
+        assert centred < 2e-5, f"{name}: centred Σdy·x̂ off by {centred:.2e} of its terms"
+        assert centred * 20 < whole, f"{name}: centred {centred:.2e} against whole-dy {whole:.2e}"
+
+
+@pytest.mark.parametrize("x_offset", [0.0, 1e3], ids=["x normal", "x 1e3 ± 0.01"])
+@pytest.mark.parametrize("kind", ["zero-mean", "per-sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,layout", [((220, 9, 588), "nchw"), ((64, 24, 2, 2), "nchw"), ((64, 40, 3, 3), "cl"),
+                                          ((4100, 10), "nchw")])  # fmt: skip
+def test_centring_costs_nothing_where_dy_has_no_common_part(shape, layout, dtype, kind, x_offset):
+    """Without a common part g = 0 and the centred sums are the whole ones: no worse than them
+    (the first dy value as g had made these up to 25x (float32) and 500x (float64) worse)."""
+    x, dy = _gradient(shape, layout, dtype, kind, x_offset)
+    _, stats, invstd = CPU.forward_train(x, None, None, 1e-5)
+    for name, sums_of in (
+        ("cpu", lambda bm: CPU.grad_sums(dy, x, stats.mean, invstd, bm)),
+        ("portable", lambda bm: elementwise.grad_sums(dy, x, stats.mean, invstd, bm)),
+    ):
+        centred, whole = _errors(sums_of, x, dy, stats.mean, invstd)
+        floor = 1e-6 if dtype == torch.float32 else 1e-14
+        assert centred <= 1.5 * whole + floor, f"{name}: centred {centred:.2e} against whole-dy {whole:.2e}"
+
+
+def test_centre_shift_takes_the_common_part_only():
+    """g: the value of a constant channel exactly, near the mean of an offset one, 0 for zero-mean
+    dy, for per-sample offsets, and where the sample holds no finite value."""
+    gen = torch.Generator().manual_seed(9)
+    dy = torch.randn(32, 5, 7, generator=gen, dtype=torch.float64)
+    dy[:, 0] = 0.1  # constant
+    dy[:, 1] = 8 + 0.01 * dy[:, 1]  # a large common part
+    dy[:, 3] = torch.randn(32, 1, generator=gen, dtype=torch.float64) + 0.01 * dy[:, 3]  # per-sample offsets
+    dy[:, 4] = float("nan")
+    g = elementwise.centre_shift(dy)
+    assert g[0] == 0.1 and abs(float(g[1]) - 8) < 0.01
+    assert g[2] == 0 and g[3] == 0 and g[4] == 0
+
+
+@pytest.mark.parametrize(
+    "layer,shape,memory_format",
+    [
+        (bnlab.BatchNorm2d, (16, 8, 9, 9), torch.contiguous_format),
+        (bnlab.BatchNorm2d, (16, 8, 9, 9), torch.channels_last),
+        (bnlab.BatchNorm2d, (4, 32, 14, 14), torch.contiguous_format),
+        (bnlab.BatchNorm1d, (256, 100), torch.contiguous_format),
+    ],
+)
+def test_module_training_backward_is_centred(layer, shape, memory_format):
+    """Through the modules (the compiled entry where it is set up, else the autograd function): dx
+    within a few float32 units of the float64 reference where dy = 8 + 0.01·noise (1.5e-5 of its
+    size before the centred sums; torch.nn 1e-5 to 7e-5)."""
+    x, dy = _gradient(shape, "nchw", torch.float32)
+    x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
+    bn = layer(shape[1])
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
+    xg = x.clone().requires_grad_(True)
+    bn(xg).backward(dy)
+    cache = reference.forward_train(x.double().numpy(), bn.weight.detach().double().numpy(), None)[1]
+    exact = torch.as_tensor(reference.backward(dy.double().numpy(), cache)[0])
+    error = float((xg.grad.double() - exact).abs().max() / exact.abs().max())
+    assert error < 3e-7, f"dx off by {error:.2e} of its size"
