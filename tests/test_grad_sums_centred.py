@@ -7,7 +7,7 @@ dy·(x - hi) carry rounding errors ~800 times larger, and Σdy·x̂ (then dx) lo
 
 The identity holds only as far as the batch mean is exact: its own rounding δ adds δ·Σ(dy - g). So
 g is near dy's mean where dy has a large common part and 0 where it has none (centre_shift, from 16
-values spread over the channel); with g a channel's first value, zero-mean dy had lost up to 25x in
+values in four places of the channel); with g a channel's first value, zero-mean dy had lost up to 25x in
 float32 and 500x in float64 (fuzz_kernels.py found the float64 case).
 
 The oracle is the exact sum (long double) over the exact batch mean. The shapes reach each walk of

@@ -48,28 +48,27 @@ SHIFT_SAMPLE = 16  # dy values per channel centre_shift looks at (the CPU kernel
 def centre_shift(dy: Tensor) -> Tensor:
     """The per-channel g of a centred Σ(dy - g)·x̂ (the CPU kernels' centre_shift), float64 (C,).
 
-    From 16 of a channel's dy values spread evenly over it in (sample, position) order (all of them
-    where it has fewer): their mean where it stands out of their spread (|mean| > 2·spread), the
-    value itself where the finite ones are all equal, else 0. Why a g near dy's mean, and 0 where dy
-    has no common part: Σ(dy - g)·(x - mean) = Σdy·(x - mean) only as far as Σ(x - mean) = 0, and
-    the batch mean carries its own rounding δ, which adds δ·Σ(dy - g) (docs/math.md §4.2).
+    From 16 of a channel's dy values in (sample, position) order, four runs of four a quarter of the
+    channel apart (all of them where it has fewer): their mean where it stands out of their range
+    (|mean| > max - min), the value itself where the finite ones are all equal, else 0. Why a g
+    near dy's mean, and 0 where dy has no common part: Σ(dy - g)·(x - mean) = Σdy·(x - mean) only as
+    far as Σ(x - mean) = 0, and the batch mean carries its own rounding δ, which adds δ·Σ(dy - g)
+    (docs/math.md §4.2).
 
     Shapes: dy (N, C, *), non-empty -> (C,).
     """
     c = dy.shape[1]
     per_channel_values = dy.transpose(0, 1).reshape(c, -1)  # (C, N·L) in (sample, position) order
     total = per_channel_values.shape[1]
-    k = min(total, SHIFT_SAMPLE)
-    at = torch.arange(k, device=dy.device) * total // k
+    i = torch.arange(min(total, SHIFT_SAMPLE), device=dy.device)
+    at = i if total < SHIFT_SAMPLE else (i // 4) * (total // 4) + i % 4
     v = per_channel_values[:, at].to(torch.float64)  # (C, k)
     finite = torch.isfinite(v)
     n = finite.sum(1)
-    vf = torch.where(finite, v, 0.0)
-    mean = vf.sum(1) / n.clamp(min=1)
-    spread = torch.sqrt(torch.where(finite, (v - mean[:, None]) ** 2, 0.0).sum(1) / n.clamp(min=1))
+    mean = torch.where(finite, v, 0.0).sum(1) / n.clamp(min=1)
     high = torch.where(finite, v, -torch.inf).amax(1)
     low = torch.where(finite, v, torch.inf).amin(1)
-    g = torch.where(mean.abs() > 2 * spread, mean, 0.0)
+    g = torch.where(mean.abs() > high - low, mean, 0.0)
     g = torch.where(high == low, high, g)
     return torch.where(n > 0, g, 0.0)
 

@@ -6,7 +6,7 @@ mask: rows of K positions (NCL: row n*C + c, position l; NLC: row m, position c)
 to K8B = ceil(K / 8) bytes, bit k % 8 of byte row*K8B + k // 8.
 
 CENTRED (the training backward: the mean is x's own batch mean, so Σ(x - mean) = 0): dz' = dz - g,
-g from a sample of the channel's dy (centre_shift: its mean where that stands out of its spread,
+g from a sample of the channel's dy (centre_shift: its mean where that stands out of its range,
 else 0), and the merge takes lo·Σ(dz - g) off instead of lo·Σdz. Where dy has a large common part,
 the float32 products (dz - g)·(x - hi) round far less than dz·(x - hi) (docs/math.md §4.2; the CPU
 kernels' grad_totals and centre_shift). Otherwise (SyncBatchNorm's global mean) dz' = dz.
@@ -24,14 +24,14 @@ from bnlab.backends.triton_reduce import narrow
 @triton.jit
 def centre_shift(dy_ptr, base, ok, run, stride, total):
     """g of CENTRED for channels whose dy values start at ``base`` ([B]; NCL: c·L, run L, stride C·L;
-    NLC: c, run 1, stride C; total values each), float32 [B]: as the CPU kernels' centre_shift (in
-    float32 where they work in float64: the same g but for its last bit), from
-    16 values j = i·total/16 (of fewer, all of them) at base + (j // run)·stride + j % run, their
-    mean where |mean| > 2·spread, the value itself where the finite ones are all equal, else 0."""
-    k = tl.minimum(total, 16)
+    NLC: c, run 1, stride C; total values each), float32 [B], by the CPU kernels' centre_shift rule
+    (in float32 where they work in float64: the same g but for its last bit): from 16 values, four
+    runs of four a quarter of the channel apart (value j at base + (j // run)·stride + j % run; all
+    of them where there are fewer), their mean where |mean| > max - min, the value itself where
+    the finite ones are all equal, else 0."""
     i = tl.arange(0, 16)
-    j = (i.to(tl.int64) * total) // k
-    take = (i < k)[:, None] & ok[None, :]
+    j = tl.where(total < 16, i, (i // 4) * (total // 4) + i % 4).to(tl.int64)
+    take = (i < total)[:, None] & ok[None, :]
     offs = base.to(tl.int64)[None, :] + (j // run * stride + j % run)[:, None]
     # float32 (the values' own precision at most): a float64 [16, B] tile made the one-program
     # backward spill 8-16 bytes on sm_90; g need not be dy's mean to the last bit
@@ -39,11 +39,9 @@ def centre_shift(dy_ptr, base, ok, run, stride, total):
     fin = take & (tl.abs(v) < float("inf"))
     n = tl.sum(fin.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(fin, v, 0.0), axis=0) / tl.maximum(n, 1.0)
-    dev = tl.where(fin, v - mean[None, :], 0.0)
-    spread = tl.sqrt(tl.sum(dev * dev, axis=0) / tl.maximum(n, 1.0))
     high = tl.max(tl.where(fin, v, -float("inf")), axis=0)
     low = tl.min(tl.where(fin, v, float("inf")), axis=0)
-    g = tl.where(tl.abs(mean) > 2 * spread, mean, 0.0)
+    g = tl.where(tl.abs(mean) > high - low, mean, 0.0)
     g = tl.where(high == low, high, g)  # all equal: that value (a constant channel: Σ(dz - g) = 0)
     return tl.where(n > 0, g, 0.0)
 
