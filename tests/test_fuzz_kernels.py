@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,21 @@ def test_a_replay_runs_every_case_and_reports_a_worker_that_cannot(tmp_path, kee
     summary = fuzz_kernels.run_setting("default", {}, 0, 0, str(tmp_path / "out.jsonl"), 0, cases_file=str(broken))
     assert summary["cases"] == 0 and "worker exited with status" in summary["fatal"]
 
+
+
+def test_nonfinite_places_unlike_torch_fail_only_where_they_are_unlike_the_reference():
+    """NaN/inf where torch.nn has finite values: torch.nn's error (a note, kept out of the failures)
+    where bnlab's places are the reference's, e.g. torch.nn's float16 dx overflowing on an expanded
+    view; bnlab's failure where the reference disagrees with bnlab."""
+    exact = np.linspace(-1.0, 1.0, 12)
+    theirs = exact.copy()
+    theirs[3] = np.inf
+    judge = fuzz_kernels.Judge("float16")
+    judge.check("step 0 (train) dx", exact.copy(), theirs, exact, 4e-3)
+    assert judge.failures == []
+    assert "torch.nn off the reference: step 0 (train) dx: finite where torch.nn has inf (1)" in judge.notes
+    ours = exact.copy()
+    ours[5] = np.nan
+    judge = fuzz_kernels.Judge("float16")
+    judge.check("step 0 (train) dx", ours, exact.copy(), exact, 4e-3)
+    assert len(judge.failures) == 1 and "NaN where torch.nn has finite (1)" in judge.failures[0]
