@@ -151,7 +151,7 @@ def grad_input_merged_kernel(
     # rows of sample 0 (r < C) in the first column of tiles; written without a scalar & vector mask,
     # which Triton 3.9's interpreter cannot store under
     write = r_ok & (r + tl.program_id(1) * C < C)
-    if CENTRED:  # channel c's first dy (sample 0, position 0)
+    if CENTRED:  # channel c's shift, from its values from sample 0, position 0 on (c·K)
         g = centre_shift(dy_ptr, c.to(tl.int64) * K, r_ok, K, C * K, R // C * K)
     else:
         g = tl.zeros([BLOCK_R], dtype=tl.float32)

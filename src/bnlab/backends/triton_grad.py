@@ -131,7 +131,7 @@ def grad_nlc_kernel(
 def merge_grad_sums(
     part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr,  # as grad_merge_kernel's
     c, c_ok, write,  # [B] channels, which of them exist, and which to write the sums of
-    g,  # [B] float32: the channels' dy shifts of CENTRED partials (dy_shift), else 0
+    g,  # [B] float32: the channels' dy shifts of CENTRED partials (centre_shift), else 0
     C, S, count,
     HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
