@@ -36,7 +36,17 @@ def test_kinds_of_data_hold_what_they_say():
     assert abs(float(dy.mean()) - 8) < 0.01
 
 
-@pytest.mark.parametrize("argv,option", [(["--shapes", "4,0"], "--shapes"), (["--threads", "0"], "--threads")])
+def test_ranks_split_the_batch_and_their_shares_are_measured():
+    assert bench.rank_sizes(16, 4) == [2, 0, 6, 8] and bench.rank_sizes(7, 2) == [2, 5]
+    centred, whole = bench.errors((64, 24, 2, 2), torch.float32, "normal", "dy-offset", ranks=4)
+    assert centred < 1e-6 < 1e-5 < whole  # the ranks' shares, summed about their own means and whole
+
+
+@pytest.mark.parametrize(
+    "argv,option",
+    [(["--shapes", "4,0"], "--shapes"), (["--threads", "0"], "--threads"), (["--ranks", "0"], "--ranks"),
+     (["--ranks", "2", "--whole-only"], "--ranks"), (["--ranks", "5", "--shapes", "4,3"], "--ranks")],
+)  # fmt: skip
 def test_bad_options_are_refused_naming_them(argv, option, capsys):
     with pytest.raises(SystemExit) as info:
         bench.main(argv)

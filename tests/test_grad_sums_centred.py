@@ -24,6 +24,7 @@ import torch
 import bnlab
 from bnlab import elementwise, reference
 from bnlab.backends import get_backend
+from bnlab.stats import finalize, merge_moments
 from speed_helpers import make_input
 from test_grad_input_constant_channels import SHAPES
 
@@ -132,3 +133,102 @@ def test_module_training_backward_is_centred(layer, shape, memory_format):
     exact = torch.as_tensor(reference.backward(dy.double().numpy(), cache)[0])
     error = float((xg.grad.double() - exact).abs().max() / exact.abs().max())
     assert error < 3e-7, f"dx off by {error:.2e} of its size"
+
+
+def _rank_parts(x, dy, sizes):
+    """(x, dy) of each rank: consecutive slices of the batch of the given sizes (0 allowed)."""
+    bounds = np.cumsum([0] + list(sizes))
+    return [(x[lo:hi], dy[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _synced_errors(impl, x, dy, sizes):
+    """(centred, whole) errors of the ranks' summed Σdy·x̂ (as _errors) for x split over ranks of
+    the given sizes; the group's statistics merged from the ranks' as SyncBatchNorm merges them."""
+    from bnlab.sync_steps import local_grad_sums
+
+    parts = _rank_parts(x, dy, sizes)
+    local = [impl.moments(xr) for xr, _ in parts]
+    stats = merge_moments(local)
+    _, _, invstd = finalize(stats, 1e-5)
+
+    def sums_of(batch_mean):
+        total = torch.zeros(x.shape[1], dtype=torch.float64)
+        for (xr, dyr), own in zip(parts, local):
+            if batch_mean:  # now: about the rank's own mean, moved in float64
+                total += local_grad_sums(dyr, xr, own.mean, stats.mean, invstd, impl)[1]
+            else:  # before: whole dy about the group's mean
+                total += impl.grad_sums(dyr, xr, stats.mean, invstd)[1]
+        return None, total
+
+    return _errors(sums_of, x, dy, stats.mean, invstd)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
+@pytest.mark.parametrize("x_offset", [0.0, 1e3], ids=["x normal", "x 1e3 ± 0.01"])
+@pytest.mark.parametrize("shape,layout", [((96, 8, 10, 10), "nchw"), ((96, 40, 3, 3), "cl"), ((4100, 10), "nchw")])
+def test_sync_ranks_sum_about_their_own_mean(shape, layout, x_offset, backend):
+    """SyncBatchNorm: each rank sums Σdy·(x - its own mean), centred, and moves it to the group's
+    mean in float64 (sync_steps.local_grad_sums); the ranks' shares add up to the group's Σdy·x̂
+    with the digits single-process training keeps (the rounding of each rank's mean cancels, the
+    group's mean being their weighted mean). Summed whole about the group's mean, as before,
+    dy = 8 + 0.01·noise lost them (6e-5 to 1e-3 of the terms). One rank holds no rows."""
+    x, dy = _gradient(shape, layout, torch.float32, x_offset=x_offset)
+    n = shape[0]
+    centred, whole = _synced_errors(get_backend(backend), x, dy, [n // 3, 0, n // 2, n - n // 3 - n // 2])
+    assert centred < 2e-5, f"ranks' Σdy·x̂ off by {centred:.2e} of its terms"
+    assert centred * 20 < whole, f"centred {centred:.2e} against whole-dy {whole:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["zero-mean", "per-sample"])
+@pytest.mark.parametrize("shape,layout,sizes", [((4, 64, 28, 28), "nchw", [1, 1, 1, 1]),
+                                                ((8, 8, 30, 30), "nchw", [2, 2, 2, 2]),
+                                                ((8, 32, 28, 28), "cl", [1, 0, 3, 4])])  # fmt: skip
+def test_sync_ranks_without_a_common_part_keep_float_rounding(shape, layout, sizes, kind, dtype):
+    """Where a rank's dy has a common part of its own (per-sample offsets, a rank of one or two
+    samples), the rounding of that rank's mean no longer cancels: it adds about m_r·δ_r·(g_r -
+    the group's mean of dy), the size of the products' own rounding. Measured up to 7x the whole
+    sums' error in float32 (1.4e-6 against 1.9e-7 of the terms) and 20x in float64 (1e-14): still
+    a few roundings, bounded here; a wrong move (another mean, a lost term) is off by far more."""
+    x, dy = _gradient(shape, layout, dtype, kind)
+    centred, whole = _synced_errors(CPU, x, dy, sizes)
+    floor = 1e-6 if dtype == torch.float32 else 1e-14
+    assert centred <= 10 * whole + floor, f"centred {centred:.2e} against whole-dy {whole:.2e}"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
+def test_an_empty_rank_adds_nothing(backend):
+    """A rank with no rows: Σdy = Σdy·x̂ = 0, even where the group's mean is not finite."""
+    from bnlab.sync_steps import local_grad_sums
+
+    impl = get_backend(backend)
+    x = torch.empty(0, 3, 4)
+    mean = torch.tensor([float("inf"), float("nan"), 1.0], dtype=torch.float64)
+    sum_dy, sum_dy_xhat = local_grad_sums(x, x, impl.moments(x).mean, mean, torch.ones(3, dtype=torch.float64), impl)
+    assert torch.equal(sum_dy, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(sum_dy_xhat, torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape,layout", [((96, 8, 10, 10), "nchw"), ((4100, 10), "nchw")])
+def test_batch_renorm_backward_is_centred_and_masked_backward_is_not(shape, layout):
+    """The backward of normalization with given statistics (Batch Renorm, masked BN): without a
+    mask the mean is x's own, so Σdy·x̂ is centred; with one, the sums run over positions the mean
+    was not taken over, so dy stays whole (the same bits as batch_mean=False)."""
+    from bnlab.variants.batch_stats import batch_stats_backward
+
+    x, dy = _gradient(shape, layout, torch.float32)
+    _, stats, invstd = CPU.forward_train(x, None, None, 1e-5)
+
+    def sums_of(batch_mean):
+        if batch_mean:
+            _, sum_dy_xhat, sum_dy = batch_stats_backward(dy, x, None, stats.mean, invstd, stats.count, None, CPU, False)
+            return sum_dy, sum_dy_xhat
+        return CPU.grad_sums(dy, x, stats.mean, invstd)
+
+    centred, whole = _errors(sums_of, x, dy, stats.mean, invstd)
+    assert centred < 2e-5 and centred * 20 < whole, f"centred {centred:.2e} against whole-dy {whole:.2e}"
+    mask = torch.ones((shape[0],) + shape[2:], dtype=torch.bool)
+    mask[::3] = False
+    masked = batch_stats_backward(dy, x, None, stats.mean, invstd, stats.count, mask, CPU, False)
+    expected = CPU.grad_sums(dy, x, stats.mean, invstd)
+    assert torch.equal(masked[1], expected[1]) and torch.equal(masked[2], expected[0])

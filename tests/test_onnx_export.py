@@ -85,8 +85,8 @@ def test_the_exported_program_keeps_the_operator_until_decomposed():
     x = torch.randn(2, 3, 6, 6)
     exported = torch.export.export(model, (x,))
     targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
-    assert "bnlab.batch_norm_eval.v2" in targets
-    ours = torch._decomp.get_decompositions([torch.ops.bnlab.batch_norm_eval.v2])
+    assert f"bnlab.batch_norm_eval.{custom_ops.OVERLOAD}" in targets
+    ours = torch._decomp.get_decompositions([getattr(torch.ops.bnlab.batch_norm_eval, custom_ops.OVERLOAD)])
     assert len(ours) == 1  # registered with torch._decomp (the whole table would lower ATen's BN too)
     lowered = exported.run_decompositions(ours)
     targets = [str(node.target) for node in lowered.graph.nodes if node.op == "call_function"]

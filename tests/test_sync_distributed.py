@@ -71,6 +71,8 @@ CASES = [
     _case("float32_2_5_1_3", [0, 1, 2, 3], [[2, 5, 1, 3]] * 2, 3, (4, 4), dtype=torch.float32),
     # docs: fp32 data at 1e3 ± 0.01 normalizes to within 2e-4 of float64 (torch.nn is off by ~1e-2).
     _case("float32_far_from_zero", [0, 1, 2], [[3, 0, 2]], 2, (6,), dtype=torch.float32, offset=1e3, spread=0.01),
+    # dy = 8 + 0.01·noise: the ranks sum Σdy·x̂ about their own means with dy's common part off.
+    _case("float32_dy_common_part", [0, 1, 2, 3], [[20, 0, 30, 14]], 3, (16, 16), dtype=torch.float32),
     _case("group_of_one", [3], [[4]] * 2, 3, (2, 2)),
     # Step 1 has one value per channel in the whole group; step 2 none at all; steps 0 and 3 are ordinary.
     _case("one_value_error", [0, 1, 2], [[2, 1, 0], [0, 1, 0], [0, 0, 0], [1, 0, 1]], 2, (1,)),
@@ -78,12 +80,17 @@ CASES = [
     _case("nonfinite_skipped", [0, 1, 2], [[2, 3, 2]] * 3, 3, (2,), momentum=None, batches_tracked=1),
 ]
 CASES[-1]["steps"][1]["x"][6, 1, 0] = float("nan")
+_COMMON = next(c for c in CASES if c["name"] == "float32_dy_common_part")["steps"][0]
+_COMMON["dy"] = 8 + 0.01 * _COMMON["dy"]
 CASE_BY_NAME = {case["name"]: case for case in CASES}
 SYNCED = [c["name"] for c in CASES if len(c["ranks"]) > 1]
 # torch.nn's fp32 BN loses the digits this case checks; the float64 reference checks it instead.
 # torch.nn has no non-finite guard: its running statistics turn NaN, so bnlab's one-process layer is the oracle.
+# With dy's common part, a rank's float32 dweight holds a share far larger than the sum (its own
+# test allows for that rounding against the float64 reference).
 ORACLE_PAIRS = [(c["name"], lib) for c in CASES for lib in ("bnlab", "torch")
-                if not (lib == "torch" and c["name"] in ("float32_far_from_zero", "nonfinite_skipped"))]  # fmt: skip
+                if c["name"] != "float32_dy_common_part"
+                and not (lib == "torch" and c["name"] in ("float32_far_from_zero", "nonfinite_skipped"))]  # fmt: skip
 
 
 def _ddp_case():
@@ -273,6 +280,28 @@ def test_float32_far_from_zero_matches_the_float64_reference(ranks_out):
     assert (dx_got - dx_want).abs().max() <= 2e-4 * dx_want.abs().max()
     _close(sum(g["dw"] for g in got), torch.from_numpy(dw), 2e-4, "summed dweight")
     _close(sum(g["db"] for g in got), torch.from_numpy(db), 2e-4, "summed dbias")
+
+
+def test_float32_gradient_with_a_common_part_keeps_its_digits(ranks_out):
+    """dy = 8 + 0.01·noise: each product dy·(x - mean) is ~800 times what survives Σdy·x̂. Summed
+    whole about the group's mean (as before), this case's dx was off by 3.9e-6 of its size and the
+    summed dweight by 27 times the float32 rounding of the ranks' shares; each rank now sums about
+    its own mean with dy's common part off (bnlab.sync_steps.local_grad_sums): 1.4e-7 and 0.38."""
+    case = CASE_BY_NAME["float32_dy_common_part"]
+    step = case["steps"][0]
+    got = [member["steps"][0] for member in _members(ranks_out, case)]
+    w, b = case["init"]["weight"].double().numpy(), case["init"]["bias"].double().numpy()
+    _, cache = reference.forward_train(step["x"].double().numpy(), w, b, eps=1e-5)
+    dx, dw, _ = (torch.from_numpy(g) for g in reference.backward(step["dy"].double().numpy(), cache))
+    dx_got = torch.cat([g["dx"] for g in got]).double()
+    dx_error = float((dx_got - dx).abs().max() / dx.abs().max())
+    assert dx_error < 1e-6, f"dx off by {dx_error:.2e} of its size"
+    # Each rank's dweight is rounded to float32 before DDP would add them, and a rank's share
+    # holds 8·m_r·(rank mean - group mean)·invstd, far larger than the sum: allow that rounding.
+    shares = [g["dw"].double() for g in got]
+    rounding = 2 ** -24 * sum(share.abs() for share in shares)
+    dw_error = float(((sum(shares) - dw).abs() / (rounding + 1e-7 * dw.abs().max())).max())
+    assert dw_error < 2, f"summed dweight off by {dw_error:.2f} times the rounding of the ranks' shares"
 
 
 def test_one_value_per_channel_raises_the_same_error_on_every_rank(ranks_out):

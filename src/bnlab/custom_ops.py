@@ -90,14 +90,15 @@ def _grad_fakes(dy: Tensor, x: Tensor, weight, stats, need_input: bool, need_wei
 
 
 #: The overload every operator is defined under, and so the name a compiled graph's code calls
-#: (``torch.ops.bnlab.batch_norm_train.v2``). torch.compile's on-disk caches (inductor's FX graph
+#: (``torch.ops.bnlab.batch_norm_train.v3``). torch.compile's on-disk caches (inductor's FX graph
 #: cache, AOTAutograd's) key a graph by that code and not by an operator's definition: a graph
 #: compiled against an older schema, fake implementation, tag or backward would be loaded again
 #: after bnlab changed them (a cache written before the flexible_layout tag kept the NCHW
 #: conversions it was compiled with). Move it on with any such change, or with a change to what a
 #: row of ``stats`` holds; tests/test_compile.py pins it to the schemas and tags.
-#: (v1: the ``default`` overloads of the first version, 2026-12-03.)
-OVERLOAD = "v2"
+#: (v1: the ``default`` overloads of the first version, 2026-12-03; v2: the flexible_layout tag;
+#: v3: SyncBatchNorm's ``stats`` gains a fourth row, the rank's own mean, 2026-12-05.)
+OVERLOAD = "v3"
 
 _SCHEMAS = {
     "batch_norm_train": f"batch_norm_train.{OVERLOAD}(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? running_mean, "

@@ -10,7 +10,8 @@ same bits; a group travels by its name (bnlab.distributed.group_name), since an 
 take a ProcessGroup.
 
 - ``bnlab::sync_batch_norm_train(x, weight?, bias?, eps, group) -> (y, stats, count)``: y, the
-  group's float64 (3, C) rows mean, M2, invstd, and its 0-dim float64 count; one all_gather.
+  float64 (4, C) rows: the group's mean, M2 and invstd, and this rank's own mean (which the
+  backward sums about); and the group's 0-dim float64 count; one all_gather.
 - ``bnlab::sync_batch_norm_backward(dy, x, weight?, stats, count, group, need_input,
   need_weight, bias_dtype?) -> (dx, dweight, dbias)``: its backward, with one all_reduce when
   the input gradient is wanted; 0-element tensors for gradients not wanted.
@@ -45,19 +46,21 @@ SCHEMAS = {
 
 def _train_impl(x, weight, bias, eps, group):
     with torch.no_grad():
-        y, count, mean, m2, invstd = sync_forward(x, weight, bias, eps, group_named(group), select_backend(x))
-        return _strided_as_fake(y, x), torch.stack((mean, m2, invstd)), count
+        group = group_named(group)
+        y, count, mean, m2, invstd, local_mean = sync_forward(x, weight, bias, eps, group, select_backend(x))
+        return _strided_as_fake(y, x), torch.stack((mean, m2, invstd, local_mean)), count
 
 
 def _train_fake(x, weight, bias, eps, group):
-    return torch.empty_like(x), x.new_empty((3, x.shape[1]), dtype=torch.float64), x.new_empty((), dtype=torch.float64)
+    return torch.empty_like(x), x.new_empty((4, x.shape[1]), dtype=torch.float64), x.new_empty((), dtype=torch.float64)
 
 
 def _backward_impl(dy, x, weight, stats, count, group, need_input, need_weight, bias_dtype):
     with torch.no_grad():
         needs = (need_input, need_weight, bias_dtype is not None)
         dx, dw, db = sync_backward(
-            dy, x, weight, stats[0], stats[-1], count, group_named(group), select_backend(x), needs, bias_dtype
+            dy, x, weight, stats[0], stats[2], count, stats[3], group_named(group), select_backend(x), needs,
+            bias_dtype,
         )
         return grad_outputs(dx, dw, db, x)
 

@@ -40,8 +40,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, process_group, backend: Backend):
-        y, count, mean, m2, invstd = sync_forward(x, weight, bias, eps, process_group, backend)
-        ctx.save_for_backward(x, weight, mean, invstd, count)
+        y, count, mean, m2, invstd, local_mean = sync_forward(x, weight, bias, eps, process_group, backend)
+        ctx.save_for_backward(x, weight, mean, invstd, count, local_mean)
         ctx.process_group = process_group
         ctx.backend = backend
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -51,9 +51,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the collective is not differentiable: a double backward raises clearly
     def backward(ctx, dy: Tensor, _dcount, _dmean, _dm2):
-        x, weight, mean, invstd, count = ctx.saved_tensors
+        x, weight, mean, invstd, count, local_mean = ctx.saved_tensors
         dx, dw, db = sync_backward(
-            dy, x, weight, mean, invstd, count, ctx.process_group, ctx.backend, ctx.needs_input_grad[:3], ctx.bias_dtype
+            dy, x, weight, mean, invstd, count, local_mean, ctx.process_group, ctx.backend, ctx.needs_input_grad[:3],
+            ctx.bias_dtype,
         )
         return dx, dw, db, None, None, None
 

@@ -5,6 +5,10 @@ the same bits.
 Each half is the single-process computation with one collective after its reduce phase
 (bnlab.distributed; docs/math.md §2 and §3): the forward all-gathers every rank's
 (count, mean, M2), the backward all-reduces (Σdy, Σdy·x̂) before the input gradient.
+
+A rank sums Σdy·x̂ about its own batch mean and moves it to the group's in float64
+(:func:`local_grad_sums`), so that, as in single-process training, dy's common part comes off
+before the products (docs/math.md §4.2).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from bnlab.backends import Backend
 from bnlab.distributed import all_reduce_grad_sums, gather_moments
 from bnlab.stats import finalize
 
-__all__ = ["sync_forward", "sync_backward"]
+__all__ = ["sync_forward", "sync_backward", "local_grad_sums"]
 
 
 def _raise_if_one_value(local_count: int, counts: Tensor) -> None:
@@ -46,20 +50,39 @@ def sync_forward(x: Tensor, weight, bias, eps: float, process_group, backend: Ba
     """y = BN(x) with the statistics of the whole group's batch; one all_gather.
 
     Returns:
-        ``(y, count, mean, m2, invstd)``: y shaped like x; the group's float64 statistics, count
-        0-dim and mean, M2, invstd (C,).
+        ``(y, count, mean, m2, invstd, local_mean)``: y shaped like x; the group's float64
+        statistics, count 0-dim and mean, M2, invstd (C,); and this rank's own float64 batch mean
+        (C,), which the backward sums about (:func:`local_grad_sums`).
     """
     local = backend.moments(x)
     stats, counts = gather_moments(local, process_group)  # collective 1 of 2
     _raise_if_one_value(_checks.values_per_channel(x), counts)
     mean, _, invstd = finalize(stats, eps)
     y = backend.normalize(x, mean, invstd, weight, bias)
-    return y, stats.count, stats.mean, stats.m2, invstd
+    return y, stats.count, stats.mean, stats.m2, invstd, local.mean
+
+
+def local_grad_sums(dy: Tensor, x: Tensor, local_mean: Tensor, mean: Tensor, invstd: Tensor, backend: Backend):
+    """This rank's share of the group's (Σdy, Σdy·x̂), with x̂ = (x - mean)·invstd about the group's mean.
+
+    Σdy·(x - mean) = Σdy·(x - local_mean) + (local_mean - mean)·Σdy. The first sum is about x's
+    own batch mean, where Σ(x - local_mean) = 0, so the kernels may take dy's common part off
+    before the products (``batch_mean``; docs/math.md §4.2): summed whole about the group's mean,
+    a gradient such as 8 + 0.01·noise lost its digits to the rounding of products 800 times
+    larger than what survives the sum. The second term is one float64 product per channel.
+
+    Shapes: dy, x (N, C, *) this rank's rows; local_mean, mean, invstd float64 (C,).
+    Returns (Σdy, Σdy·x̂), float64 (C,).
+    """
+    sum_dy, sum_dy_xhat = backend.grad_sums(dy, x, local_mean, invstd, batch_mean=True)
+    # A rank with no rows has Σdy = 0 and a placeholder local mean: it adds nothing, not 0·inf.
+    step = (local_mean - mean).mul_(invstd).masked_fill_(sum_dy == 0, 0.0)
+    return sum_dy, torch.addcmul(sum_dy_xhat, step, sum_dy)
 
 
 def sync_backward(
-    dy: Tensor, x: Tensor, weight, mean: Tensor, invstd: Tensor, count: Tensor, process_group, backend: Backend,
-    needs: tuple, bias_dtype: torch.dtype | None,
+    dy: Tensor, x: Tensor, weight, mean: Tensor, invstd: Tensor, count: Tensor, local_mean: Tensor, process_group,
+    backend: Backend, needs: tuple, bias_dtype: torch.dtype | None,
 ):  # fmt: skip
     """(dx, dweight, dbias) of :func:`sync_forward`, None where ``needs`` (x, weight, bias) says not wanted.
 
@@ -67,7 +90,7 @@ def sync_backward(
     all_reduce runs only when dx is wanted. ``needs`` is a property of the model, equal on every
     rank, so either every rank enters that collective or none does.
     """
-    sum_dy, sum_dy_xhat = backend.grad_sums(dy, x, mean, invstd)
+    sum_dy, sum_dy_xhat = local_grad_sums(dy, x, local_mean, mean, invstd, backend)
     dx = None
     if needs[0]:
         total_dy, total_dy_xhat = all_reduce_grad_sums(sum_dy, sum_dy_xhat, process_group)  # 2 of 2

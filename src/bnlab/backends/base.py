@@ -38,7 +38,8 @@ class Backend:
         ``batch_mean``: mean is x's own batch mean (the training backward), so Σ(x - mean) = 0 and
         Σdy·x̂ may be summed as Σ(dy - g)·x̂ for any per-channel g, which keeps its digits where dy
         has a large common part (docs/math.md §4.2). False for any other mean (fixed statistics,
-        SyncBatchNorm's global mean, a masked mean): then dy enters whole."""
+        a masked mean, a group's mean): then dy enters whole. (SyncBatchNorm passes each rank's
+        own mean and moves the sum to the group's: bnlab.sync_steps.local_grad_sums.)"""
         raise NotImplementedError
 
     # -- elementwise phase -------------------------------------------------------------------

@@ -9,7 +9,7 @@ CENTRED (the training backward: the mean is x's own batch mean, so Σ(x - mean) 
 g from a sample of the channel's dy (centre_shift: its mean where that stands out of its range,
 else 0), and the merge takes lo·Σ(dz - g) off instead of lo·Σdz. Where dy has a large common part,
 the float32 products (dz - g)·(x - hi) round far less than dz·(x - hi) (docs/math.md §4.2; the CPU
-kernels' grad_totals and centre_shift). Otherwise (SyncBatchNorm's global mean) dz' = dz.
+kernels' grad_totals and centre_shift). Otherwise (fixed statistics) dz' = dz.
 """
 
 from __future__ import annotations

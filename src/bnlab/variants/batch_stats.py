@@ -66,7 +66,10 @@ def batch_stats_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Ten
 
     Returns (dx or None, Σdy·x̂, Σdy): dx shaped like x (None unless ``need_input``), the sums
     float64 (C,). Also the body of ``bnlab::batch_norm_given_stats_backward`` (bnlab.custom_ops)."""
-    dx, sum_dy_xhat, sum_dy = backend.backward(dy, x, mean, invstd, weight, count, need_input)
+    # Without a mask, mean is x's own batch mean (Batch Renorm), so dy's common part may come off
+    # before Σdy·x̂'s products (Backend.grad_sums). A masked mean is not: Σ(x - mean) over every
+    # position, which the sums run over, is not 0.
+    dx, sum_dy_xhat, sum_dy = backend.backward(dy, x, mean, invstd, weight, count, need_input, batch_mean=mask is None)
     if dx is not None and mask is not None:
         # Unselected positions do not feed the statistics: only the direct path w·invstd·dy remains.
         dtype = compute_dtype(x)
