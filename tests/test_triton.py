@@ -457,6 +457,33 @@ def test_training_sums_keep_their_digits_where_dy_has_a_large_common_part(shape,
     assert float((dx.double() - expected_dx).abs().max() / expected_dx.abs().max()) < 3e-7
 
 
+@pytest.mark.parametrize("shape,layout", [((24, 3, 6, 6), "nchw"), ((24, 3, 6, 6), "cl"), ((600, 3), "nchw")])
+def test_sync_ranks_sum_about_their_own_mean(shape, layout):
+    """SyncBatchNorm on the Triton kernels (bnlab.sync_steps.local_grad_sums): ranks holding 5, 0,
+    12 and 7 parts in 24 of the batch each sum about their own mean, centred, and move the sum to
+    the group's mean; their shares add up to Σdy·x̂ at float32 rounding of the centred terms where
+    dy = 8 + 0.01·noise, where whole-dy sums about the group's mean lost about 8 bits."""
+    from bnlab.stats import finalize, merge_moments
+    from bnlab.sync_steps import local_grad_sums
+
+    x = make_input(shape, layout, torch.float32, seed=66)
+    dy = (8 + 0.01 * make_input(shape, layout, torch.float64, seed=67)).float()
+    bounds = [0] + [shape[0] * k // 24 for k in (5, 5, 17, 24)]
+    parts = [(x[lo:hi], dy[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    local = [TRITON.moments(xr) for xr, _ in parts]
+    stats = merge_moments(local)
+    _, _, invstd = finalize(stats, 1e-5)
+    centred = sum(local_grad_sums(d, xr, own.mean, stats.mean, invstd, TRITON)[1] for (xr, d), own in zip(parts, local))
+    whole = sum(TRITON.grad_sums(d, xr, stats.mean, invstd)[1] for xr, d in parts)
+    dims = [0] + list(range(2, x.dim()))
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    x_hat = (x.double() - x.double().mean(dims, keepdim=True)) * invstd.view(view)
+    exact = (dy.double() * x_hat).sum(dims)
+    scale = ((dy.double() - dy.double().mean(dims, keepdim=True)) * x_hat).square().sum(dims).sqrt()
+    errors = [float(((sums - exact).abs() / scale).max()) for sums in (centred, whole)]
+    assert errors[0] < 2e-6 and errors[0] * 20 < errors[1], errors
+
+
 @pytest.mark.parametrize("shape,layout", [((40, 5), "nchw"), ((6, 5, 4, 5), "nchw"), ((6, 5, 4, 5), "cl"), ((3, 5), "nchw")])
 def test_centre_shift_is_the_portable_rule(shape, layout):
     """triton_grad.centre_shift gives the g of bnlab.elementwise.centre_shift (the CPU kernels' rule)
