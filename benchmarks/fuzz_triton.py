@@ -18,7 +18,8 @@ channels-last, and now and then a non-dense one, which runs on a contiguous copy
 and tile boundaries of triton_plan/triton_small (channel counts around the block sizes, rows of 1,
 N=1, many channels with tiny rows, few channels with long rows, sizes that are not powers of two),
 momentum None/0.1/other, affine, bias, track_running_stats, skip_nonfinite, eps, and the values
-(randn; 1e3 + 0.01·randn; wide ranges of means and scales; constant channels; occasional inf/NaN).
+(randn; 1e3 + 0.01·randn; wide ranges of means and scales; constant channels; occasional inf/NaN),
+and the upstream gradient (randn, or with one or two inf/NaN, as an overflowing loss makes).
 Also drawn, as the command-line knobs of benchmarks/bench_bn.py and triton_tune.py allow: the
 tiles (triton_plan.Tiles: the interpreter's, the GPU's, triton_tune's candidates, random valid
 ones), the programs a plan aims at (4 in the interpreter, 4 x 132 on an H100), SMALL_NUMEL (the
@@ -240,6 +241,8 @@ def draw_case(seed: int, index: int, max_numel: int = 24_000, kind: str | None =
         "f64_params": dtype == "float64" and rng.random() < 0.5,
         "seed": rng.randrange(2**31),
         "knobs": knobs,
+        # drawn last, so that the choices above are those of campaigns before it existed
+        "dy_values": rng.choices(["randn", "nonfinite"], weights=(90, 10))[0],
     }
     unknown = set(fixed) - set(spec)
     if unknown:
@@ -682,6 +685,11 @@ def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch
                 flat[i] = [float("nan"), float("inf"), float("-inf")][int(torch.randint(3, (1,), generator=gen))]
         r = _cast_layout(r64, dtype, res_layout)
     dy64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 10 ** (2 * torch.rand((), generator=gen).item() - 1)
+    if spec.get("dy_values", "randn") == "nonfinite" and dy64.numel():  # as an overflowing loss makes
+        flat = dy64.view(-1)
+        for _ in range(int(torch.randint(1, 3, (1,), generator=gen))):
+            i = int(torch.randint(flat.numel(), (1,), generator=gen))
+            flat[i] = [float("nan"), float("inf"), float("-inf")][int(torch.randint(3, (1,), generator=gen))]
     batch_stats = training or ours.running_mean is None
     # the reference, in float64, on the values the layers see
     xn = _np(xq)

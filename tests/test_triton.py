@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -455,6 +456,28 @@ def test_training_sums_keep_their_digits_where_dy_has_a_large_common_part(shape,
     dx, _, _ = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True, batch_mean=True)
     expected_dx = torch.as_tensor(ref.backward(np64(dy), ref.forward_train(np64(x), np64(w), None)[1])[0])
     assert float((dx.double() - expected_dx).abs().max() / expected_dx.abs().max()) < 3e-7
+
+
+@pytest.mark.parametrize("shape,layout", [((24, 3, 6, 6), "nchw"), ((24, 3, 6, 6), "cl"), ((600, 3), "nchw")])
+def test_infinite_dy_gives_the_references_infinities(shape, layout):
+    """An infinite dy: Σdy·x̂ ±inf and dx NaN/±inf where the float64 reference has them, not NaN
+    everywhere (the float64 remainders, mean_lo·Σ and dy's mean's, are dropped where not finite:
+    triton_reduce.finite_or_zero; tests/test_nonfinite_gradient.py for the CPU backends)."""
+    x = make_input(shape, layout, torch.float32, seed=68)
+    dy = make_input(shape, layout, torch.float32, seed=69)
+    rest = (0,) * (len(shape) - 2)
+    dy[(3, 0) + rest], dy[(5, 1) + rest], dy[(7, 2) + rest] = float("inf"), float("inf"), -float("inf")
+    w = torch.tensor([0.5, 1.5, -2.0])
+    _, stats, invstd = TRITON.forward_train(x, w, None, 1e-5)
+    dx, dw, db = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True, batch_mean=True)
+    with np.errstate(invalid="ignore"):
+        expected = ref.backward(np64(dy), ref.forward_train(np64(x), np64(w), None)[1])
+    assert np.isinf(expected[1]).all()
+    for got, want in zip((dx, dw, db), expected):
+        got = got.double().numpy()
+        for kind in (np.isnan, np.isposinf, np.isneginf):
+            assert np.array_equal(kind(got), kind(want)), kind.__name__
+        np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("shape,layout", [((24, 3, 6, 6), "nchw"), ((24, 3, 6, 6), "cl"), ((600, 3), "nchw")])

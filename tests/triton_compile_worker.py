@@ -112,7 +112,7 @@ class Recorder:
             cause = exc.__cause__ or exc
             sys.exit(f"FAILED {kernel.fn.__name__} {constexprs} {signature}:\n{exc}\ncause: {cause!r}")
         # FMA instructions in the PTX: what enable_fp_fusion decides (unfused, a multiply and an add)
-        extra = f" fma {compiled.asm['ptx'].count('fma.rn.f32')}"
+        extra = f" fma {compiled.asm['ptx'].count('fma.rn.f32')} fma64 {compiled.asm['ptx'].count('fma.rn.f64')}"
         if self.resources is not None:
             registers, spills = ptxas_resources(compiled.asm["ptx"], self.target.arch)
             self.resources.setdefault(kernel.fn.__name__, []).append((registers, spills))

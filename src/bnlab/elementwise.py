@@ -45,6 +45,15 @@ def normalize(
 SHIFT_SAMPLE = 16  # dy values per channel centre_shift looks at (the CPU kernels' kShiftSample)
 
 
+def finite_or_zero(t: Tensor) -> Tensor:
+    """t where finite, else 0: for the remainder terms (mean_lo·Σ, the float64 remainder of dy's
+    mean), which correct a finite sum by less than its last bit. Where a sum is ±inf (an infinite
+    dy) the infinite terms' own signs are the exact answer's, and a remainder could only add
+    inf - inf = NaN (or 0·inf), where the float64 reference and torch.nn give ±inf (the CPU
+    kernels' finite_or_zero)."""
+    return torch.where(torch.isfinite(t), t, 0.0)
+
+
 def centre_shift(dy: Tensor) -> Tensor:
     """The per-channel g of a centred Σ(dy - g)·x̂ (the CPU kernels' centre_shift), float64 (C,).
 
@@ -106,7 +115,7 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, batch_mean: b
     sum_dy = sum_shifted + count * shift.to(torch.float64)
     factor = shifted if batch_mean else dyc
     sum_dy_xc = (factor * (x.to(dtype) - per_channel(hi, nd))).sum(dims, dtype=acc).to(torch.float64)
-    sum_dy_xhat = (sum_dy_xc - lo.to(torch.float64) * (sum_shifted if batch_mean else sum_dy)) * invstd
+    sum_dy_xhat = (sum_dy_xc - finite_or_zero(lo.to(torch.float64) * (sum_shifted if batch_mean else sum_dy))) * invstd
     return sum_dy, sum_dy_xhat
 
 
@@ -141,6 +150,9 @@ def grad_input(
     mean_dy = sum_dy / m
     g_hi = mean_dy.to(dtype)
     c = -k * (mean_dy - g_hi.to(torch.float64)) - a * lo.to(torch.float64)
+    # an infinite Σdy or Σdy·x̂: the remainders dropped (finite_or_zero)
+    c = torch.where(torch.isfinite(c), c, finite_or_zero(-a * lo.to(torch.float64))
+                    + finite_or_zero(-k * (mean_dy - g_hi.to(torch.float64))))
     dx = dy.to(dtype) - per_channel(g_hi, nd)  # a new tensor: dy is never written
     dx.mul_(per_channel(k.to(dtype), nd))
     dx.addcmul_(x.to(dtype) - per_channel(hi, nd), per_channel(a.to(dtype), nd))

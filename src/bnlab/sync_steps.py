@@ -75,9 +75,12 @@ def local_grad_sums(dy: Tensor, x: Tensor, local_mean: Tensor, mean: Tensor, inv
     Returns (Σdy, Σdy·x̂), float64 (C,).
     """
     sum_dy, sum_dy_xhat = backend.grad_sums(dy, x, local_mean, invstd, batch_mean=True)
-    # A rank with no rows has Σdy = 0 and a placeholder local mean: it adds nothing, not 0·inf.
-    step = (local_mean - mean).mul_(invstd).masked_fill_(sum_dy == 0, 0.0)
-    return sum_dy, torch.addcmul(sum_dy_xhat, step, sum_dy)
+    # Not finite: a rank with no rows (Σdy = 0, a placeholder local mean) where the group's mean is
+    # not finite adds nothing rather than 0·inf; with an infinite Σdy (an infinite dy) the first
+    # sum's infinite terms carry the answer's sign, as the kernels' remainders are dropped there
+    # (bnlab.elementwise.finite_or_zero).
+    moved = torch.nan_to_num_((local_mean - mean).mul_(invstd).mul_(sum_dy), nan=0.0, posinf=0.0, neginf=0.0)
+    return sum_dy, sum_dy_xhat + moved
 
 
 def sync_backward(

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from bnlab.backends.triton_mask import relu_masked
-from bnlab.backends.triton_reduce import narrow
+from bnlab.backends.triton_reduce import finite_or_zero, minus_remainder, narrow
 
 
 @triton.jit
@@ -149,7 +149,7 @@ def merge_grad_sums(
     invstd = tl.load(stats_ptr + 2 * C + c, mask=c_ok, other=0.0)
     hi = mean.to(tl.float32)
     lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
-    sxh = (sdyx - lo * (sdy - count * g.to(tl.float64))) * invstd  # Σ(dz - g)·(x - mean)
+    sxh = minus_remainder(sdyx, lo, sdy - count * g.to(tl.float64)) * invstd  # Σ(dz - g)·(x - mean)
     tl.store(sums_ptr + c, sdy, mask=write)
     tl.store(sums_ptr + C + c, sxh, mask=write)
     kk = invstd
@@ -159,6 +159,9 @@ def merge_grad_sums(
     mean_dz = sdy / count
     gh = mean_dz.to(tl.float32)
     cc = -kk * (mean_dz - gh.to(tl.float64)) - a * lo
+    # an infinite Σdz or Σdz·x̂: the remainders dropped (finite_or_zero)
+    cc = tl.where(tl.abs(cc) < float("inf"), cc,
+                  finite_or_zero(-a * lo) + finite_or_zero(-kk * (mean_dz - gh.to(tl.float64))))
     if WRITE_DW:
         tl.store(dw_ptr + c, narrow(sxh, dw_ptr.dtype.element_ty), mask=write)
     if WRITE_DB:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from bnlab.backends import triton_elementwise as ew
+from bnlab.elementwise import finite_or_zero
 from bnlab.backends import triton_grad as grad
 from bnlab.backends import triton_launch as _launch
 from bnlab.backends import triton_reduce as red
@@ -329,5 +330,7 @@ def grad_input_with(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, p: 
     mean_dz = sum_dy / count
     gh = mean_dz.to(_F32)
     cc = -kk * (mean_dz - gh.to(_F64)) - a * lo
+    # an infinite Σdy or Σdy·x̂: the remainders dropped (bnlab.elementwise.finite_or_zero)
+    cc = torch.where(torch.isfinite(cc), cc, finite_or_zero(-a * lo) + finite_or_zero(-kk * (mean_dz - gh.to(_F64))))
     gcoef = torch.stack([hi, kk.to(_F32), a.to(_F32), cc.to(_F32), gh])
     return _grad_input(dy, x, gcoef, p)[0]

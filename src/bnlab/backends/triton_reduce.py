@@ -37,6 +37,21 @@ def narrow(value, dtype: tl.constexpr):
 
 
 @triton.jit
+def finite_or_zero(value):
+    """value where finite, else 0: for the backward's remainder terms (mean_lo·Σ, the remainder of
+    dy's mean), which correct a finite sum by less than its last bit; where a sum is ±inf the
+    infinite terms' own signs are the exact answer's (bnlab.elementwise.finite_or_zero)."""
+    return tl.where(tl.abs(value) < float("inf"), value, 0.0)
+
+
+@triton.jit
+def minus_remainder(total, lo, s):
+    """total - lo·s in one rounding (as the compiler contracted it before this guard: the same
+    bits), or total where lo·s is not finite (finite_or_zero)."""
+    return tl.where(tl.abs(lo * s) < float("inf"), tl.fma(-lo, s, total), total)
+
+
+@triton.jit
 def finite_shift(first):
     """The shift K (float64) from a channel's first value: 0 where that is infinite or NaN, so that
     x - K stays ±inf for an infinite value (torch.nn's mean is then ±inf) instead of inf - inf = NaN."""

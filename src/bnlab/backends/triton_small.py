@@ -28,7 +28,9 @@ from bnlab.backends.triton_reduce import (
     blend_running,
     chan_update,
     counted_factor,
+    finite_or_zero,
     finite_shift,
+    minus_remainder,
     narrow,
     nonfinite_count,
     normalize_coefficients,
@@ -166,9 +168,9 @@ def small_backward_kernel(
     acc_dy = shifted + count * g0.to(tl.float64)
     # The coefficients of dx = kk·(dz - gh) + (a·(x - hi) + cc) (as merge_grad_sums).
     if CENTRED:
-        sxh = (acc_dyx - lo * shifted) * invstd
+        sxh = minus_remainder(acc_dyx, lo, shifted) * invstd
     else:
-        sxh = (acc_dyx - lo * acc_dy) * invstd
+        sxh = minus_remainder(acc_dyx, lo, acc_dy) * invstd
     tl.store(sums_ptr + c, acc_dy, mask=c_ok)
     tl.store(sums_ptr + C + c, sxh, mask=c_ok)
     if WRITE_DW:
@@ -183,6 +185,9 @@ def small_backward_kernel(
         mean_dz = acc_dy / count
         gh = mean_dz.to(tl.float32)
         cc = -kk * (mean_dz - gh.to(tl.float64)) - a * lo
+        # an infinite Σdz or Σdz·x̂: the remainders dropped (finite_or_zero)
+        cc = tl.where(tl.abs(cc) < float("inf"), cc,
+                      finite_or_zero(-a * lo) + finite_or_zero(-kk * (mean_dz - gh.to(tl.float64))))
         k1, k2, k3, h = kk.to(tl.float32)[None, :], a.to(tl.float32)[None, :], cc.to(tl.float32)[None, :], hi[None, :]
         k4 = gh[None, :]
         for m0 in range(0, M, BLOCK_M):
