@@ -329,8 +329,7 @@ def grad_input_with(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, p: 
     a = -kk * invstd * sum_dy_xhat / count
     mean_dz = sum_dy / count
     gh = mean_dz.to(_F32)
-    cc = -kk * (mean_dz - gh.to(_F64)) - a * lo
-    # an infinite Σdy or Σdy·x̂: the remainders dropped (bnlab.elementwise.finite_or_zero)
-    cc = torch.where(torch.isfinite(cc), cc, finite_or_zero(-a * lo) + finite_or_zero(-kk * (mean_dz - gh.to(_F64))))
+    # the remainders, dropped where not finite (an infinite Σdy or Σdy·x̂: bnlab.elementwise.finite_or_zero)
+    cc = -kk * finite_or_zero(mean_dz - gh.to(_F64)) - finite_or_zero(a * lo)
     gcoef = torch.stack([hi, kk.to(_F32), a.to(_F32), cc.to(_F32), gh])
     return _grad_input(dy, x, gcoef, p)[0]
