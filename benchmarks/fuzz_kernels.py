@@ -11,8 +11,9 @@ dtype (float32; float64; bf16 and float16 inputs with float32 parameters), a mem
 (contiguous, channels-last of any rank, channels outermost, a permuted dense layout, a slice, an
 expanded view, an unaligned storage offset), a shape (1 value to a few MB, rows of over 2048
 values, 1 to 1100 channels), 1-3 threads, the data (normal, 1e3 ± 0.01, constant channels,
-NaN/inf), the upstream gradient (normal, or with NaN/inf, as an overflowing loss makes), and 1-3 steps (training forward+backward, training under no_grad, eval under no_grad,
-eval with a graph: frozen BN), sometimes on the Python path (``python_path_only``). A failure is:
+NaN/inf), the upstream gradient (normal, or with NaN/inf, as an overflowing loss makes), and 1-3
+steps (training forward+backward, training under no_grad, eval under no_grad, eval with a graph:
+frozen BN), sometimes on the Python path (``python_path_only``). A failure is:
 a result outside tolerance of the float64 reference; a result outside tolerance of torch.nn where
 torch.nn itself is within half the tolerance of the reference (elsewhere, e.g. at 1e3 ± 0.01,
 bnlab is documented as more precise and the reference alone judges); NaN/inf in other places than

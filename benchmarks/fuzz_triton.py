@@ -662,6 +662,14 @@ def _run(spec: dict, ck: Checker, log: list) -> None:
               training=False, backward=mode == "eval_graph")  # fmt: skip
 
 
+def _place_nonfinite(t: torch.Tensor, gen: torch.Generator) -> None:
+    """NaN, +inf or -inf at one or two random places of t (in place)."""
+    flat = t.view(-1)
+    for _ in range(int(torch.randint(1, 3, (1,), generator=gen))):
+        i = int(torch.randint(flat.numel(), (1,), generator=gen))
+        flat[i] = [float("nan"), float("inf"), float("-inf")][int(torch.randint(3, (1,), generator=gen))]
+
+
 def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch, state, buf_tol, phase, training,
           backward) -> bool:  # fmt: skip
     """One call of both layers on x (and backward); compares everything. False: stop the case."""
@@ -678,18 +686,11 @@ def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch
     if residual:
         r64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5
         if spec["values"] == "nonfinite" and bool(torch.rand((), generator=gen) < 0.5):
-            # a NaN/inf in the residual too (an fp16 overflow upstream, say)
-            flat = r64.view(-1)
-            for _ in range(int(torch.randint(1, 3, (1,), generator=gen))):
-                i = int(torch.randint(flat.numel(), (1,), generator=gen))
-                flat[i] = [float("nan"), float("inf"), float("-inf")][int(torch.randint(3, (1,), generator=gen))]
+            _place_nonfinite(r64, gen)  # a NaN/inf in the residual too (an fp16 overflow upstream, say)
         r = _cast_layout(r64, dtype, res_layout)
     dy64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 10 ** (2 * torch.rand((), generator=gen).item() - 1)
     if spec.get("dy_values", "randn") == "nonfinite" and dy64.numel():  # as an overflowing loss makes
-        flat = dy64.view(-1)
-        for _ in range(int(torch.randint(1, 3, (1,), generator=gen))):
-            i = int(torch.randint(flat.numel(), (1,), generator=gen))
-            flat[i] = [float("nan"), float("inf"), float("-inf")][int(torch.randint(3, (1,), generator=gen))]
+        _place_nonfinite(dy64, gen)
     batch_stats = training or ours.running_mean is None
     # the reference, in float64, on the values the layers see
     xn = _np(xq)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from bnlab.backends.triton_mask import relu_masked
-from bnlab.backends.triton_reduce import finite_or_zero, minus_remainder, narrow
+from bnlab.backends.triton_reduce import dx_constant, minus_remainder, narrow
 
 
 @triton.jit
@@ -158,10 +158,7 @@ def merge_grad_sums(
     a = -kk * invstd * sxh / count
     mean_dz = sdy / count
     gh = mean_dz.to(tl.float32)
-    cc = -kk * (mean_dz - gh.to(tl.float64)) - a * lo
-    # an infinite Σdz or Σdz·x̂: the remainders dropped (finite_or_zero)
-    cc = tl.where(tl.abs(cc) < float("inf"), cc,
-                  finite_or_zero(-a * lo) + finite_or_zero(-kk * (mean_dz - gh.to(tl.float64))))
+    cc = dx_constant(kk, a, lo, mean_dz, gh)
     if WRITE_DW:
         tl.store(dw_ptr + c, narrow(sxh, dw_ptr.dtype.element_ty), mask=write)
     if WRITE_DB:

@@ -24,12 +24,12 @@ from __future__ import annotations
 import torch
 
 from bnlab.backends import triton_elementwise as ew
-from bnlab.elementwise import finite_or_zero
 from bnlab.backends import triton_grad as grad
 from bnlab.backends import triton_launch as _launch
 from bnlab.backends import triton_reduce as red
 from bnlab.backends import triton_small as small
 from bnlab.backends.triton_plan import Plan, Tiles, _cdiv, _pow2, parse_tiles, plan  # noqa: F401  (re-exported)
+from bnlab.elementwise import finite_or_zero
 
 _F64, _F32 = torch.float64, torch.float32
 

@@ -52,6 +52,16 @@ def minus_remainder(total, lo, s):
 
 
 @triton.jit
+def dx_constant(kk, a, lo, mean_dz, gh):
+    """cc of dx = kk·(dz - gh) + (a·(x - hi) + cc): the float64 remainders -kk·(mean(dz) - gh) and
+    -a·lo, each dropped where not finite (an infinite Σdz or Σdz·x̂: finite_or_zero); the finite
+    case's expression as before, so the compiler fuses it as before (the same bits)."""
+    cc = -kk * (mean_dz - gh.to(tl.float64)) - a * lo
+    return tl.where(tl.abs(cc) < float("inf"), cc,
+                    finite_or_zero(-a * lo) + finite_or_zero(-kk * (mean_dz - gh.to(tl.float64))))
+
+
+@triton.jit
 def finite_shift(first):
     """The shift K (float64) from a channel's first value: 0 where that is infinite or NaN, so that
     x - K stays ±inf for an infinite value (torch.nn's mean is then ±inf) instead of inf - inf = NaN."""

@@ -28,7 +28,7 @@ from bnlab.backends.triton_reduce import (
     blend_running,
     chan_update,
     counted_factor,
-    finite_or_zero,
+    dx_constant,
     finite_shift,
     minus_remainder,
     narrow,
@@ -184,10 +184,7 @@ def small_backward_kernel(
         a = -kk * invstd * sxh / count
         mean_dz = acc_dy / count
         gh = mean_dz.to(tl.float32)
-        cc = -kk * (mean_dz - gh.to(tl.float64)) - a * lo
-        # an infinite Σdz or Σdz·x̂: the remainders dropped (finite_or_zero)
-        cc = tl.where(tl.abs(cc) < float("inf"), cc,
-                      finite_or_zero(-a * lo) + finite_or_zero(-kk * (mean_dz - gh.to(tl.float64))))
+        cc = dx_constant(kk, a, lo, mean_dz, gh)
         k1, k2, k3, h = kk.to(tl.float32)[None, :], a.to(tl.float32)[None, :], cc.to(tl.float32)[None, :], hi[None, :]
         k4 = gh[None, :]
         for m0 in range(0, M, BLOCK_M):
