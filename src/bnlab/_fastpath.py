@@ -64,6 +64,14 @@ def _option(module, name: str, default):
 
 _MISSING = object()
 
+#: The slots the fast path reads from ``_parameters`` and ``_buffers`` (a slot holds None where
+#: torch.nn registers it so: affine=False, track_running_stats=False). When one is absent,
+#: torch.nn.utils.prune or torch.nn.utils.parametrize has moved it out and serves the tensor the
+#: layer must use as an attribute or a property, which only the general path reads (as the
+#: compiled whole calls decline, cpu_kernels_py_eval.inc ``registered``).
+_REGISTERED_PARAMETERS = frozenset({"weight", "bias"})
+_REGISTERED_BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
 
 def _plain_options(module) -> bool:
     """Plain BN: none of the feature options of docs/features.md that change the computation is on
@@ -111,8 +119,10 @@ def module_forward(module, x: object) -> Tensor | None:
     if (len(shape) not in ranks if ranks else len(shape) < 2) or shape[1] != channels:
         return None
     params, buffers = module._parameters, module._buffers
-    weight, bias = params.get("weight"), params.get("bias")
-    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+    if not (_REGISTERED_PARAMETERS <= params.keys() and _REGISTERED_BUFFERS <= buffers.keys()):
+        return None  # pruned or parametrized (see _REGISTERED_PARAMETERS): the general path reads the attribute
+    weight, bias = params["weight"], params["bias"]
+    running_mean, running_var = buffers["running_mean"], buffers["running_var"]
     device = x.device
     if not (
         _plain(weight, channels, device)
@@ -150,7 +160,7 @@ def module_forward(module, x: object) -> Tensor | None:
     elif (running_mean is None) != (running_var is None):
         return None
     else:
-        nbt = buffers.get("num_batches_tracked")
+        nbt = buffers["num_batches_tracked"]
     if nbt is None and momentum is None:
         momentum = 0.0  # as _momentum_factor: no counter, no cumulative average
     guard = bool(_option(module, "skip_nonfinite", True))  # the non-finite guard, on by default
