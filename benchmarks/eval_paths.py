@@ -4,9 +4,11 @@ Claim measured (docs/benchmarks.md, *Eval in one compiled call*): at the cache-r
 shapes, what separates bnlab's module eval from ``copy_`` is the Python between ``layer(x)`` and
 the kernel, and the compiled call (``bn_eval_module``) removes most of it.
 
-Contenders: the module call as shipped (the compiled call), the module call with the compiled call
-switched off (the Python path of earlier releases), the compiled call alone, and the kernel alone
-writing into a pooled output held across calls. Each sample repeats one call --reps times; each
+Contenders: the module call as shipped (``layer(x)``: the compiled layer call, thirtieth session),
+the same call through nn.Module.__call__ (its hooks check, forward and module_forward before the
+compiled eval call: the route of the eighth to twenty-ninth sessions), the module call with the
+compiled calls switched off (the Python path of earlier releases), the compiled eval call alone,
+and the kernel alone writing into a pooled output held across calls. Each sample repeats one call --reps times; each
 round runs ``copy_`` (a copy into a buffer allocated once), then every contender preceded by a
 sample of the kernel alone, with the contenders' order rotated from round to round: the call that
 follows a copy is slower for a whole sample, whichever it is, and a fixed order would credit that
@@ -31,16 +33,18 @@ from bench_cases import make_input, positive_int, shape_parser
 
 
 PYTHON_PATH = "module call, Python path"
+VIA_MODULE_CALL = "via nn.Module.__call__"
 
 
 def contenders(x) -> tuple[dict, callable]:
     """({name: zero-argument callable}, the kernel alone) for the eval of x (float32)."""
-    layers = [bnlab.BatchNorm2d(x.shape[1]).eval() for _ in range(4)]
+    layers = [bnlab.BatchNorm2d(x.shape[1]).eval() for _ in range(5)]
     entry = cpu_eval_entry()
     lib = CpuBackend().kernels()
     held = cpu_pool.empty_like(x)
     lay, n, c, length = layout_of(x)
     f32, kl = _CODE[torch.float32], layers[3]
+    module_call = torch.nn.Module.__call__
 
     def kernel():
         lib.bn_eval(x.data_ptr(), held.data_ptr(), f32, lay, n, c, length, kl.running_mean.data_ptr(), f32,
@@ -48,9 +52,10 @@ def contenders(x) -> tuple[dict, callable]:
                     threads_for(x))  # fmt: skip
 
     calls = {
-        "module call (compiled call)": lambda: layers[0](x),
+        "module call (compiled layer call)": lambda: layers[0](x),
         PYTHON_PATH: lambda: layers[1](x),  # timed inside _fastpath.python_path_only()
         "bn_eval_module alone": lambda: entry(layers[2], x),
+        VIA_MODULE_CALL: lambda: module_call(layers[4], x),
     }
     return calls, kernel
 
@@ -90,8 +95,9 @@ def main(argv=None) -> None:
     for name, value in medians.items():
         extra = f"{value - base:+8.1f}" if name in calls else ""
         print(f"{name:34s} {value:9.1f} {extra}")
-    print(f"copy_ / module call: compiled {medians['copy_ (buffer allocated once)'] / medians[names[0]]:.3f}, "
-          f"Python path {medians['copy_ (buffer allocated once)'] / medians[names[1]]:.3f}")  # fmt: skip
+    copy = medians["copy_ (buffer allocated once)"]
+    print(f"copy_ / module call: compiled layer call {copy / medians[names[0]]:.3f}, via nn.Module.__call__ "
+          f"{copy / medians[VIA_MODULE_CALL]:.3f}, Python path {copy / medians[PYTHON_PATH]:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

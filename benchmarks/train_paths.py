@@ -7,10 +7,12 @@ training call is bound by its Python, and the compiled calls (``bn_train_module`
 with ``--mode eval`` (frozen statistics while training: eval mode, parameters and input requiring
 grad), the compiled eval call making the autograd node and the kernels' backward.
 
-For each shape, three layers with the same state run the same call: bnlab as shipped, bnlab with
-the compiled calls switched off (the Python path, switched per call by a dict store), and
-torch.nn. On a checkout of an earlier revision (before/after comparisons: run the script with
-PYTHONPATH pointing at that checkout's src) the Python-path column is left out. Three calls are timed: the step (forward and torch.autograd.grad of input, weight and
+For each shape, four layers with the same state run the same call: bnlab as shipped (``layer(x)``,
+since the thirtieth session the compiled layer call), bnlab called through nn.Module.__call__ (the
+route before: hooks check, forward, module_forward, then the compiled calls), bnlab with the
+compiled calls switched off (the Python path, switched per call by a dict store), and torch.nn.
+On a checkout of an earlier revision (before/after comparisons: run the script with PYTHONPATH
+pointing at that checkout's src) the columns it lacks are left out. Three calls are timed: the step (forward and torch.autograd.grad of input, weight and
 bias), the forward alone (a graph built and dropped), and the forward under no_grad (in training
 mode statistics and running averages, in eval mode plain inference). The
 contenders of a call are timed as bench_bn.py times its own (bench_bn.time_interleaved:
@@ -40,8 +42,14 @@ except ImportError:
     COMPILED_CALLS = None
 
 DEFAULT_SHAPES = ("8,16,4,4", "256,100", "128,64,8,8", "64,256,14,14")
+try:  # the thirtieth session's layer call; without it layer(x) is nn.Module.__call__ already
+    from bnlab._fastpath import LAYER_CALL  # noqa: E402
+except ImportError:
+    LAYER_CALL = None
+
 LAYERS = {2: (bnlab.BatchNorm1d, torch.nn.BatchNorm1d), 4: (bnlab.BatchNorm2d, torch.nn.BatchNorm2d)}
-PATHS = ("bnlab", "bnlab, Python path", "torch.nn")  # bnlab as shipped: its compiled calls on
+# bnlab as shipped first (its compiled calls on); the ratios are the other paths' times over its.
+PATHS = ("bnlab", "bnlab via Module.__call__", "bnlab, Python path", "torch.nn")
 
 
 def shape_arg(text: str) -> tuple[int, ...]:
@@ -82,27 +90,38 @@ def calls(shape, mode: str = "train") -> dict[str, dict]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).requires_grad_()
     dy = torch.randn(shape, generator=gen)
-    layers = [bn_class(shape[1]), bn_class(shape[1]), torch_class(shape[1])]
+    layers = [bn_class(shape[1]), bn_class(shape[1]), bn_class(shape[1]), torch_class(shape[1])]
     for layer in layers[1:]:
         layer.load_state_dict(layers[0].state_dict())
     for layer in layers:
         layer.train(mode == "train")
     table = {"step": {}, "forward": {}, "forward, no_grad": {}}
+    module_call = torch.nn.Module.__call__
     for path, layer in zip(PATHS, layers):
-        if path == PATHS[1] and COMPILED_CALLS is None:
+        if path not in available_paths():
             continue
         wanted = (x, layer.weight, layer.bias)
+        run = (lambda layer: module_call(layer, x)) if path == PATHS[1] else (lambda layer: layer(x))
 
-        def step(layer=layer, wanted=wanted):
-            torch.autograd.grad(layer(x), wanted, dy)
+        def step(layer=layer, wanted=wanted, run=run):
+            torch.autograd.grad(run(layer), wanted, dy)
 
-        def no_grad(layer=layer):
+        def no_grad(layer=layer, run=run):
             with torch.no_grad():
-                layer(x)
+                run(layer)
 
-        for call, fn in (("step", step), ("forward", lambda layer=layer: layer(x)), ("forward, no_grad", no_grad)):
-            table[call][path] = _python_path(fn) if path == PATHS[1] else fn
+        def forward(layer=layer, run=run):
+            run(layer)
+
+        for call, fn in (("step", step), ("forward", forward), ("forward, no_grad", no_grad)):
+            table[call][path] = _python_path(fn) if path == PATHS[2] else fn
     return table
+
+
+def available_paths() -> list[str]:
+    """PATHS, less those the bnlab imported lacks (an earlier revision's)."""
+    lacking = {PATHS[1]: LAYER_CALL is None, PATHS[2]: COMPILED_CALLS is None}
+    return [path for path in PATHS if not lacking.get(path, False)]
 
 
 def main(argv=None) -> None:
@@ -117,15 +136,17 @@ def main(argv=None) -> None:
     shapes_text = " ".join(",".join(map(str, s)) for s in args.shapes)
     print(f"# train_paths.py --mode {args.mode} --shapes {shapes_text} --threads {args.threads} --rounds {args.rounds}; "
           f"microseconds, medians; the ratios: the other columns' times over bnlab's")  # fmt: skip
-    paths = [p for p in PATHS if p != PATHS[1] or COMPILED_CALLS is not None]
-    ratios = "  py/bnlab torch/bnlab" if len(paths) == 3 else "  torch/bnlab"
-    print(f"{'shape':16s} {'call':17s} " + " ".join(f"{path:>22s}" for path in paths) + ratios)
+    paths = available_paths()
+    short = {PATHS[1]: "module/bnlab", PATHS[2]: "py/bnlab", PATHS[3]: "torch/bnlab"}
+    print(f"{'shape':16s} {'call':17s} " + " ".join(f"{path:>26s}" for path in paths) + " "
+          + " ".join(f"{short[path]:>12s}" for path in paths[1:]))  # fmt: skip
     for shape in args.shapes:
         for call, fns in calls(shape, args.mode).items():
             seconds = time_interleaved(fns, "cpu", args.rounds, args.min_sample)
             us = [seconds[path] * 1e6 for path in paths]
-            ratio_text = "".join(f" {us[i] / us[0]:{w}.2f}" for i, w in ((1, 8), (2, 10))[: len(us) - 1])
-            print(f"{str(shape):16s} {call:17s} " + " ".join(f"{v:22.1f}" for v in us) + " " + ratio_text, flush=True)
+            ratio_text = " ".join(f"{v / us[0]:12.2f}" for v in us[1:])
+            values = " ".join(f"{v:26.1f}" for v in us)
+            print(f"{str(shape):16s} {call:17s} {values} {ratio_text}", flush=True)
 
 
 if __name__ == "__main__":

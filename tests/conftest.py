@@ -96,8 +96,13 @@ def memory_layouts(rank: int):
 
 def record_entry_answers(monkeypatch, getter: str) -> list:
     """Make bnlab._fastpath's ``getter`` (cpu_eval_entry or cpu_train_entry) hand out a recording
-    wrapper of the compiled entry; returns the list of its answers (None: declined)."""
+    wrapper of the compiled entry; returns the list of its answers (None: declined).
+
+    The compiled layer call (``_fastpath.LAYER_CALL``), which would reach the entry from C before
+    the getter is asked, is switched off for the test (tests/test_layer_call.py tests it)."""
     import bnlab._fastpath as fastpath
+
+    monkeypatch.setitem(fastpath.LAYER_CALL, "call", None)
 
     answers = []
     real_getter = getattr(fastpath, getter)

@@ -23,8 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from bnlab import _checks, custom_ops
-from bnlab.backends import cpu_eval_entry, cpu_train_entry, select_backend
+from bnlab import _checks, backends, custom_ops
+from bnlab.backends import cpu_eval_entry, cpu_train_entry, registered_cpu_backend, select_backend
 from bnlab.backends.cpu import COMPILED_CALLS
 from bnlab.composite import transforms_active
 from bnlab.functional import eval_with_graph
@@ -45,6 +45,30 @@ def python_path_only():
         yield
     finally:
         COMPILED_CALLS["on"] = before
+
+
+#: ``modules._BatchNormMixin.__call__``'s first try: ``LAYER_CALL["call"](layer, x)`` is ``layer(x)``, or
+#: None to go through nn.Module.__call__; the slot itself None when there is no such call. Filled by
+#: :func:`install_layer_call`.
+LAYER_CALL: dict = {"call": None}
+
+
+def install_layer_call(plain_forward) -> None:
+    """Put in LAYER_CALL a stand-in that, on its first call with a CPU backend registered, puts the
+    backend's compiled layer call for layers whose forward is ``plain_forward`` in its place
+    (:meth:`CpuBackend.layer_call`, None without the extension module), and makes the call.
+
+    The compiled call checks on every call, itself, that the CPU backend is the one chosen
+    (``set_backend``, ``register_backend``), so the slot never needs refilling."""
+
+    def first_call(layer, x):
+        backend = registered_cpu_backend()
+        if backend is None:
+            return None  # asked again at the next call: a CPU backend may be registered by then
+        call = LAYER_CALL["call"] = backend.layer_call(plain_forward, backends)
+        return call(layer, x) if call is not None else None
+
+    LAYER_CALL["call"] = first_call
 
 
 def _plain(v: Tensor | None, channels: int, device: torch.device) -> bool:

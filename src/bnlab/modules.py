@@ -21,7 +21,8 @@ from typing import NoReturn
 from torch import Tensor, nn
 
 from bnlab import _checks
-from bnlab._fastpath import module_forward
+from bnlab._fastpath import LAYER_CALL, install_layer_call, module_forward
+from bnlab.custom_ops import _is_compiling
 from bnlab.functional import batch_norm
 from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.scripting import refuse_scripting
@@ -109,6 +110,26 @@ class _BatchNormMixin:
                 f"input: expected {self.num_features} channels on dim 1 (num_features={self.num_features}), "
                 f"got input of shape {tuple(x.shape)} with {x.shape[1]}"
             )
+
+    def __call__(self, *args, **kwargs):
+        """``layer(input)``: as nn.Module.__call__, which runs hooks and then :meth:`forward`.
+
+        A call with one positional argument first tries the compiled layer call
+        (``_fastpath.LAYER_CALL``, cpu_kernels_py_call.inc), which does the whole plain CPU case
+        in one step and declines, changing nothing, whenever nn.Module.__call__ would do anything
+        but hand the input to this class's forward (hooks, tracing, a patched __call__, an
+        overridden forward) or the CPU backend is not the one chosen. The Python frames it saves
+        run right after a kernel that streamed the caches: 5-10 us of a ~105 us eval call at
+        (128, 16, 32, 32) (docs/benchmarks.md, thirtieth session). Under torch.compile / export
+        it is nn.Module.__call__ (checked first, so the tracer never reaches the compiled call).
+        """
+        if len(args) == 1 and not kwargs and not _is_compiling():
+            call = LAYER_CALL["call"]
+            if call is not None:
+                y = call(self, args[0])
+                if y is not None:
+                    return y
+        return super().__call__(*args, **kwargs)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input`` (N, C, *) per channel; see the class docstring for the accepted ranks.
@@ -254,3 +275,5 @@ class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
 
 
 BNLAB_BATCHNORM_TYPES = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+
+install_layer_call(_BatchNormMixin.forward)

@@ -75,6 +75,11 @@ def cpu_eval_entry():
     return backend.eval_entry() if backend is not None else None
 
 
+def registered_cpu_backend() -> CpuBackend | None:
+    """The CPU backend in the registry, whether or not it is the one chosen now (None if there is none)."""
+    return next((b for b in _REGISTRY if isinstance(b, CpuBackend)), None)
+
+
 def cpu_train_entry():
     """The compiled whole training call (:meth:`CpuBackend.train_entry`) when the CPU backend is in use, else None."""
     backend = _cpu_backend_in_use()

@@ -95,6 +95,7 @@ class CpuBackend(Backend):
         self._loaded = None
         self._eval_entry = None  # bn_eval_module once set up, False when there is none
         self._train_entry = None  # bn_train_module likewise
+        self._layer_call = None  # bn_layer_call likewise
         self._backward_entry = None  # bn_backward_module once the train entry is set up, False without
 
     def kernels(self):
@@ -134,6 +135,26 @@ class CpuBackend(Backend):
                 train = lib.bn_train_module
             self._eval_entry, self._train_entry = entry or False, train or False
         return self._eval_entry or None
+
+    def layer_call(self, plain_forward, backends_module):
+        """The extension module's ``bn_layer_call`` (cpu_kernels_py_call.inc), set up on first use
+        for layers whose forward is ``plain_forward``; None where :meth:`eval_entry` is None.
+
+        ``bn_layer_call(layer, x)`` is ``layer(x)`` in one compiled call when nn.Module.__call__
+        would hand x to the plain forward unchanged and this backend is the one
+        ``backends_module`` (bnlab.backends) chooses for CPU tensors; else None, having changed
+        nothing (see bnlab.modules._BatchNormMixin.__call__).
+        """
+        if self._layer_call is None:
+            lib = self._lib if self.eval_entry() is not None else None
+            call = getattr(lib, "bn_layer_call", None) if lib is not None else None
+            if call is not None:
+                lib.bn_call_setup(
+                    COMPILED_CALLS, torch._C._get_tracing_state, torch.nn.Module, torch.nn.modules.module,
+                    plain_forward, backends_module, self,
+                )  # fmt: skip
+            self._layer_call = call or False
+        return self._layer_call or None
 
     def train_entry(self):
         """The extension module's ``bn_train_module`` (cpu_kernels_py_train.inc), set up on first use;
