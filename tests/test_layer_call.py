@@ -198,9 +198,12 @@ def test_other_arguments_go_through_module_call(answers):
     torch.testing.assert_close(y_kw, expected)
 
 
-def test_jit_trace_records_the_layer(answers):
-    layer, x = _layer(), torch.randn(4, 3, 2, 2)
+@pytest.mark.parametrize("root", ["layer", "function"])
+def test_jit_trace_records_the_layer(answers, root):
+    """Traced as the root module or inside a traced function (where nothing else declines; its
+    parameters frozen, as the tracer stores them as constants)."""
+    layer, x = _layer().requires_grad_(root == "layer"), torch.randn(4, 3, 2, 2)
     with torch.no_grad():
-        traced = torch.jit.trace(layer, x, check_trace=False)
+        traced = torch.jit.trace(layer if root == "layer" else (lambda x: layer(x)), x, check_trace=False)
         torch.testing.assert_close(traced(x + 1), layer(x + 1))
     assert answers[0] is None  # the call that traced
