@@ -41,6 +41,7 @@ from triton.runtime.jit import JITFunction
 
 import bnlab
 from bnlab.backends import _REGISTRY, PortableBackend, triton_launch
+from bnlab.backends.cpu import CpuBackend
 from bnlab.backends.triton_backend import TritonBackend
 from bench_timing import median_us
 
@@ -197,7 +198,10 @@ def main(argv=None) -> int:
                 print(profile(shape, args.profile, "cuda"))
         return 0
     JITFunction.run = _count_launch_compiled
-    _REGISTRY[:] = [TritonBackend(allow_cpu=True, self_check=False), PortableBackend()]
+    # The CPU backend registered too, after Triton (which then takes these CPU tensors), as in a real
+    # session on a GPU, where it is registered first and CUDA tensors pass it by: the layers'
+    # compiled layer call is then set up and answers as it would there (forward called directly).
+    _REGISTRY[:] = [TritonBackend(allow_cpu=True, self_check=False), CpuBackend(), PortableBackend()]
     torch.set_num_threads(1)
     ways = {"direct": True, "triton": False} if args.launch == "both" else {args.launch: args.launch == "direct"}
     print(f"# triton_host_time.py --launch {args.launch} {' '.join(args.shapes)}; torch {torch.__version__}, "

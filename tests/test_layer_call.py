@@ -3,10 +3,12 @@
 bnlab's BatchNorm1d/2d/3d define ``__call__``: with one positional argument it first asks
 ``_fastpath.LAYER_CALL`` (bn_layer_call, backends/cpu_kernels_py_call.inc), which runs the
 compiled eval or training call directly, skipping nn.Module.__call__, forward and module_forward.
-It must decline, changing nothing, whenever nn.Module.__call__ would do more than hand the input to
-the plain forward: hooks (the layer's and global ones), a module.compile()'d call, an overridden or
-instance-level forward, a patched nn.Module.__call__, torch.jit.trace, another backend chosen,
-the compiled calls switched off. These tests record its answers (None: declined) and compare the
+It must decline (None), changing nothing, whenever nn.Module.__call__ would do more than hand the
+input to the plain forward: hooks (the layer's and global ones), a module.compile()'d call, an
+overridden or instance-level forward, a patched nn.Module.__call__, torch.jit.trace. Where
+nn.Module.__call__ would only call forward but no compiled call takes the input (another backend
+chosen, the compiled calls switched off, a feature option, a CUDA tensor), it answers
+NotImplemented and the layer calls forward itself. These tests record its answers and compare the
 results with the Python path's bits and torch.nn.
 """
 
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.skipif(cpu_eval_entry() is None, reason="the CPU kernel
 
 @pytest.fixture
 def answers(monkeypatch):
-    """The layer call's answers during the test, in order (None: declined)."""
+    """The layer call's answers during the test, in order (None: declined; NotImplemented: forward)."""
     layer = bnlab.BatchNorm1d(2).eval()
     with torch.no_grad():
         layer(torch.randn(3, 2))  # the slot's stand-in sets the compiled call up
@@ -70,7 +72,7 @@ def test_the_plain_call_is_taken_with_the_python_paths_bits(answers, cls, shape,
     x = torch.randn(shape, requires_grad=grad)
     with torch.set_grad_enabled(grad):
         expected, twin = _python_path(layer, x)
-        assert answers == [None]  # the switch is off there
+        assert answers == [NotImplemented]  # the switch is off there: forward, called directly
         y = layer(x)
     assert len(answers) == 2 and answers[1] is y
     assert torch.equal(y, expected)
@@ -184,7 +186,22 @@ def test_backends_and_the_switch_are_read_on_every_call(answers):
         with _fastpath.python_path_only():
             layer(x)
         layer(x)
-    assert [a is None for a in answers] == [True, False, True, False]
+    assert [a is NotImplemented for a in answers] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_a_plain_call_the_compiled_call_declines_runs_forward(answers, training):
+    """A feature option (Ghost BN), which the compiled calls leave to the Python path: forward is
+    called directly, with the Python path's results."""
+    layer = bnlab.BatchNorm2d(3, virtual_batch_size=2).train(training)
+    twin = bnlab.BatchNorm2d(3, virtual_batch_size=2).train(training)
+    x = torch.randn(4, 3, 2, 2)
+    y = layer(x)
+    assert answers == [NotImplemented]
+    with _fastpath.python_path_only():
+        expected = twin(x)
+    assert torch.equal(y, expected)
+    assert torch.equal(layer.running_mean, twin.running_mean)
 
 
 def test_other_arguments_go_through_module_call(answers):
@@ -193,7 +210,7 @@ def test_other_arguments_go_through_module_call(answers):
     y_mask, y_kw = layer(x, mask), layer(input=x)
     assert answers == []
     expected, _ = _python_path(_layer(training=True), x)
-    assert answers == [None]  # the switch is off there
+    assert answers == [NotImplemented]  # the switch is off there
     torch.testing.assert_close(y_mask, expected)
     torch.testing.assert_close(y_kw, expected)
 

@@ -47,8 +47,9 @@ def python_path_only():
         COMPILED_CALLS["on"] = before
 
 
-#: ``modules._BatchNormMixin.__call__``'s first try: ``LAYER_CALL["call"](layer, x)`` is ``layer(x)``, or
-#: None to go through nn.Module.__call__; the slot itself None when there is no such call. Filled by
+#: ``modules._BatchNormMixin.__call__``'s first try: ``LAYER_CALL["call"](layer, x)`` is ``layer(x)``;
+#: or None, to go through nn.Module.__call__; or NotImplemented, to call forward directly (all that
+#: nn.Module.__call__ would do). The slot itself None when there is no such call. Filled by
 #: :func:`install_layer_call`.
 LAYER_CALL: dict = {"call": None}
 
@@ -122,7 +123,7 @@ def module_forward(module, x: object) -> Tensor | None:
     # The compiled call reads functorch's and forward AD's state itself, not torch.jit.trace's. (The
     # bare C query, half the cost of torch.jit.is_tracing, is reached only outside torch.compile,
     # whose tracer cannot trace it.)
-    if COMPILED_CALLS["on"] and not compiling and not _jit_tracing():
+    if COMPILED_CALLS["on"] and not compiling and not _jit_tracing() and isinstance(x, Tensor) and x.is_cpu:
         # A CPU call in one compiled step, which declines anything but the plain case (then the
         # checks below run). In a network this runs right after a kernel that streamed megabytes
         # through the caches, where each Python step and tensor query costs microseconds

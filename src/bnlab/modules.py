@@ -116,11 +116,12 @@ class _BatchNormMixin:
 
         A call with one positional argument first tries the compiled layer call
         (``_fastpath.LAYER_CALL``, cpu_kernels_py_call.inc), which does the whole plain CPU case
-        in one step and declines, changing nothing, whenever nn.Module.__call__ would do anything
+        in one step, and declines, changing nothing, whenever nn.Module.__call__ would do anything
         but hand the input to this class's forward (hooks, tracing, a patched __call__, an
-        overridden forward) or the CPU backend is not the one chosen. The Python frames it saves
-        run right after a kernel that streamed the caches: 5-10 us of a ~105 us eval call at
-        (128, 16, 32, 32) (docs/benchmarks.md, thirtieth session). Under torch.compile / export
+        overridden forward); where it would only call forward but no compiled call takes the
+        input (a CUDA tensor, another backend chosen, a feature option), forward is called
+        directly. The Python frames this saves run right after a kernel that streamed the caches
+        (0.7-3.3 us a call: docs/benchmarks.md, thirtieth session). Under torch.compile / export
         it is nn.Module.__call__ (checked first, so the tracer never reaches the compiled call).
         """
         if len(args) == 1 and not kwargs and not _is_compiling():
@@ -128,7 +129,9 @@ class _BatchNormMixin:
             if call is not None:
                 y = call(self, args[0])
                 if y is not None:
-                    return y
+                    # NotImplemented: nn.Module.__call__ would only call forward (no hook, no
+                    # trace), which the compiled call does not take here (a CUDA tensor, an option)
+                    return y if y is not NotImplemented else self.forward(args[0])
         return super().__call__(*args, **kwargs)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
