@@ -141,9 +141,11 @@ class CpuBackend(Backend):
         for layers whose forward is ``plain_forward``; None where :meth:`eval_entry` is None.
 
         ``bn_layer_call(layer, x)`` is ``layer(x)`` in one compiled call when nn.Module.__call__
-        would hand x to the plain forward unchanged and this backend is the one
-        ``backends_module`` (bnlab.backends) chooses for CPU tensors; else None, having changed
-        nothing (see bnlab.modules._BatchNormMixin.__call__).
+        would only hand x to the plain forward, x is a CPU tensor and this backend is the one
+        ``backends_module`` (bnlab.backends) chooses for CPU tensors. Having changed nothing, it
+        answers NotImplemented where the call is plain but not its to make (the caller then calls
+        forward), None where nn.Module.__call__ would do more (see
+        bnlab.modules._BatchNormMixin.__call__).
         """
         if self._layer_call is None:
             lib = self._lib if self.eval_entry() is not None else None
