@@ -24,10 +24,11 @@ non-finite batch with the guard on, unlike no update); an exception torch.nn doe
 none where it does); a crash or hang; an input changed; an earlier output changed by a later
 call (the memory pool); a channels-last input without channels-last output.
 
-Known failures (about 1 case in 2,000, docs/math.md §4.2 "Infinite sums"): an infinite dy in a
-channel of float32 data at 1e3 ± 0.01 whose x equals the mean rounded to float32 at some
-positions: there x - mean_hi = 0 and dx is 0·inf = NaN, where the exact x - mean = -mean_lo makes
-the reference's ±inf.
+Known failures: none. Until the thirtieth session about 1 case in 2,000 failed (docs/math.md §4.2
+"Infinite sums"): an infinite dy in a channel of float32 data at 1e3 ± 0.01 whose x equals the
+mean rounded to float32 at some positions, where x - mean_hi = 0 made dx 0·inf = NaN and the exact
+x - mean = -mean_lo the reference's ±inf; the kernels now recompute dx there
+(dx_at_rounded_means).
 
 Each bound setting (SETTINGS) runs in its own process, as the C statics read the bounds once:
 
