@@ -154,7 +154,7 @@ def grad_input(
     dx = dy.to(dtype) - per_channel(g_hi, nd)  # a new tensor: dy is never written
     dx.mul_(per_channel(k.to(dtype), nd))
     centred = x.to(dtype) - per_channel(hi, nd)
-    if x.device.type == "cpu" and not bool(torch.isfinite(a).all()):
+    if x.device.type == "cpu":  # on a GPU three more launches per backward: the NaN is kept there
         centred = _exact_where_rounded(centred, a, lo, dtype)
     dx.addcmul_(centred, per_channel(a.to(dtype), nd))
     dx.add_(per_channel(c.to(dtype), nd))
@@ -166,9 +166,11 @@ def _exact_where_rounded(centred: Tensor, a: Tensor, lo: Tensor, dtype: torch.dt
 
     An infinite Σdy or Σdy·x̂ (an infinite dy) makes a infinite, and a·(x - mean_hi) is then
     0·inf = NaN where x equals the mean rounded to the compute dtype, while the exact x - mean =
-    -mean_lo gives the float64 reference's ±inf (as the CPU kernels' dx_at_rounded_means). Taken on
-    CPU tensors only, where the check of a costs no device synchronisation; other devices keep
-    the NaN (docs/math.md §4.2, "Infinite sums").
+    -mean_lo gives the float64 reference's ±inf (as the CPU kernels' dx_at_rounded_means). In torch
+    ops on every call, without reading a on the host (which on a GPU would synchronise the device;
+    tests/test_sync_distributed.py holds SyncBatchNorm's steps to no host reads); finite channels
+    keep their values exactly. Taken on CPU tensors only, where the portable path runs when pinned:
+    other devices keep the NaN (docs/math.md §4.2, "Infinite sums").
 
     Shapes: centred (N, C, *) in ``dtype``; a, lo float64 (C,)."""
     nd = centred.dim()
