@@ -153,26 +153,6 @@ def grad_input(
     c = -k * finite_or_zero(mean_dy - g_hi.to(torch.float64)) - finite_or_zero(a * lo.to(torch.float64))
     dx = dy.to(dtype) - per_channel(g_hi, nd)  # a new tensor: dy is never written
     dx.mul_(per_channel(k.to(dtype), nd))
-    centred = x.to(dtype) - per_channel(hi, nd)
-    if x.device.type == "cpu":  # on a GPU three more launches per backward: the NaN is kept there
-        centred = _exact_where_rounded(centred, a, lo, dtype)
-    dx.addcmul_(centred, per_channel(a.to(dtype), nd))
+    dx.addcmul_(x.to(dtype) - per_channel(hi, nd), per_channel(a.to(dtype), nd))
     dx.add_(per_channel(c.to(dtype), nd))
     return dx.to(x.dtype)
-
-
-def _exact_where_rounded(centred: Tensor, a: Tensor, lo: Tensor, dtype: torch.dtype) -> Tensor:
-    """x - mean_hi, with -mean_lo where it is 0 in the channels whose a is infinite.
-
-    An infinite Σdy or Σdy·x̂ (an infinite dy) makes a infinite, and a·(x - mean_hi) is then
-    0·inf = NaN where x equals the mean rounded to the compute dtype, while the exact x - mean =
-    -mean_lo gives the float64 reference's ±inf (as the CPU kernels' dx_at_rounded_means). In torch
-    ops on every call, without reading a on the host (which on a GPU would synchronise the device;
-    tests/test_sync_distributed.py holds SyncBatchNorm's steps to no host reads); finite channels
-    keep their values exactly. Taken on CPU tensors only, where the portable path runs when pinned:
-    other devices keep the NaN (docs/math.md §4.2, "Infinite sums").
-
-    Shapes: centred (N, C, *) in ``dtype``; a, lo float64 (C,)."""
-    nd = centred.dim()
-    infinite = per_channel(~torch.isfinite(a), nd)
-    return torch.where((centred == 0) & infinite, per_channel((-lo).to(dtype), nd), centred)
