@@ -20,6 +20,7 @@ from bnlab import _checks
 from bnlab.autograd import param_grads
 from bnlab.backends import Backend
 from bnlab.distributed import all_reduce_grad_sums, gather_moments
+from bnlab.elementwise import finite_or_zero
 from bnlab.stats import finalize
 
 __all__ = ["sync_forward", "sync_backward", "local_grad_sums"]
@@ -79,7 +80,7 @@ def local_grad_sums(dy: Tensor, x: Tensor, local_mean: Tensor, mean: Tensor, inv
     # not finite adds nothing rather than 0·inf; with an infinite Σdy (an infinite dy) the first
     # sum's infinite terms carry the answer's sign, as the kernels' remainders are dropped there
     # (bnlab.elementwise.finite_or_zero).
-    moved = torch.nan_to_num_((local_mean - mean).mul_(invstd).mul_(sum_dy), nan=0.0, posinf=0.0, neginf=0.0)
+    moved = finite_or_zero((local_mean - mean).mul_(invstd).mul_(sum_dy))
     return sum_dy, sum_dy_xhat + moved
 
 
