@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab import composite
 from bnlab._checks import check_running_var_nonnegative
 from bnlab.backends import cpu_build, cpu_pool
-from bnlab.backends.autograd_apply import _COMPILING
 from bnlab.backends.base import Backend
-from bnlab.backends.cpu_autograd import apply_train, eval_done_apply, kernel_done_apply
+from bnlab.backends.cpu_autograd import apply_train
+from bnlab.backends.cpu_entries import setup_layer_call, setup_whole_calls
 from bnlab.backends.cpu_layout import fits, kernel_input, laid_out_as, layout_of  # noqa: F401  (re-exported)
 from bnlab.backends.portable import PortableBackend
 from bnlab.stats import Moments
@@ -116,23 +115,7 @@ class CpuBackend(Backend):
         nothing, for anything but the plain case (see :func:`bnlab._fastpath.module_forward`).
         """
         if self._eval_entry is None:
-            lib = self._lib
-            entry = getattr(lib, "bn_eval_module", None) if lib is not None else None
-            if entry is not None:
-                lib.bn_eval_setup(
-                    Tensor, torch.nn.Parameter, tuple(_CODE), cpu_pool.from_capsule, torch.empty_like,
-                    torch.is_grad_enabled, torch.get_num_threads, cpu_pool.pool_state(), cpu_pool.POOL_MIN_BYTES,
-                    PARALLEL_MIN_NUMEL, composite.functorch_active, torch.autograd.forward_ad,
-                )  # fmt: skip
-            train = None
-            if entry is not None and kernel_done_apply is not None and eval_done_apply is not None:
-                # Without torch's C apply neither Function can be made here: the training call
-                # then stays on the Python path, and an eval call wanting a graph too.
-                lib.bn_train_setup(
-                    kernel_done_apply, eval_done_apply, self, torch.empty, torch.float64, torch.int64,
-                    _COMPILING or (lambda: False), WAVE_PER_THREAD,
-                )  # fmt: skip
-                train = lib.bn_train_module
+            entry, train = setup_whole_calls(self._lib, self, _CODE, PARALLEL_MIN_NUMEL, WAVE_PER_THREAD)
             self._eval_entry, self._train_entry = entry or False, train or False
         return self._eval_entry or None
 
@@ -149,12 +132,7 @@ class CpuBackend(Backend):
         """
         if self._layer_call is None:
             lib = self._lib if self.eval_entry() is not None else None
-            call = getattr(lib, "bn_layer_call", None) if lib is not None else None
-            if call is not None:
-                lib.bn_call_setup(
-                    COMPILED_CALLS, torch._C._get_tracing_state, torch.nn.Module, torch.nn.modules.module,
-                    plain_forward, backends_module, self,
-                )  # fmt: skip
+            call = setup_layer_call(lib, self, plain_forward, backends_module, COMPILED_CALLS)
             self._layer_call = call or False
         return self._layer_call or None
 
