@@ -81,6 +81,105 @@ def test_key_of_edge_values_matches_triton_within_their_kind(arg):
         assert (triton_launch.arg_key(arg) == triton_launch.arg_key(other)) == (triton_spec(arg) == triton_spec(other))
 
 
+# --- the compiled key (cpu_kernels_py_launch.inc) against the Python one -----------------------------
+
+_KWARGS = st.dictionaries(st.sampled_from(["BLOCK", "RELU", "num_warps", "enable_fp_fusion", "NCL"]),
+                          st.one_of(st.integers(-3, 300), st.booleans(), st.sampled_from([None, "x", 1.5])), max_size=4)  # fmt: skip
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass: keyed as a tensor, as isinstance(arg, torch.Tensor) does."""
+
+
+class _IntSubclass(int):
+    pass
+
+
+def _both_keys(kernel, device, kwargs, args):
+    compiled = _compiled_key()
+    if compiled is None:
+        pytest.skip("bnlab's compiled module (bn_launch_key) is unavailable here")
+    return compiled(kernel, device, kwargs, tuple(args)), triton_launch.python_launch_key(kernel, device, kwargs, tuple(args))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(kernel_args(), max_size=8), st.lists(kernel_args(), max_size=8), _KWARGS, _KWARGS,
+       st.integers(0, 1), st.integers(0, 1), st.booleans())  # fmt: skip
+def test_the_compiled_key_tells_two_launches_apart_exactly_when_the_python_key_does(a, b, kw_a, kw_b, dev_a, dev_b,
+                                                                                   same_kernel):  # fmt: skip
+    kernel_a = triton_small.small_eval_kernel
+    kernel_b = kernel_a if same_kernel else triton_small.small_forward_kernel
+    if len(b) == len(a) and a and isinstance(a[0], torch.Tensor) and isinstance(b[0], torch.Tensor):
+        b[0] = a[0]  # make equal keys likely too: the same first tensor
+    compiled_a, python_a = _both_keys(kernel_a, dev_a, kw_a, a)
+    compiled_b, python_b = _both_keys(kernel_b, dev_b, kw_b, b)
+    assert (compiled_a == compiled_b) == (python_a == python_b)
+    assert compiled_a == _both_keys(kernel_a, dev_a, dict(kw_a), list(a))[0]  # the same launch: the same key
+    if python_a == python_b:
+        assert hash(compiled_a) == hash(compiled_b)
+
+
+@pytest.mark.parametrize("arg", _INT_EDGES + [True, False, 0.5, None, "text", (1, 2)])
+def test_compiled_key_of_edge_values_matches_the_python_key(arg):
+    for other in _INT_EDGES + [True, False, 0.5, -2.0, None, "text", (1, 2), _IntSubclass(16), _IntSubclass(1)]:
+        compiled_a, python_a = _both_keys(triton_launch, 0, {}, [arg])
+        compiled_b, python_b = _both_keys(triton_launch, 0, {}, [other])
+        assert (compiled_a == compiled_b) == (python_a == python_b), (arg, other)
+
+
+def test_compiled_key_takes_parameters_and_tensor_subclasses_as_tensors():
+    x = _aligned_view(torch.float32, 0)
+    forms = [x, torch.nn.Parameter(x, requires_grad=False), x.as_subclass(_Subclass)]
+    keys = {_both_keys(triton_launch, 0, {}, [form, 3])[0] for form in forms}
+    assert len(keys) == 1
+    assert _both_keys(triton_launch, 0, {}, [_aligned_view(torch.float32, 4), 3])[0] not in keys
+
+
+def test_compiled_key_keeps_the_reference_counts_of_what_it_reads_and_raises_what_python_raises():
+    import sys
+
+    compiled = _compiled_key()
+    if compiled is None:
+        pytest.skip("bnlab's compiled module (bn_launch_key) is unavailable here")
+    class Broken(torch.Tensor):
+        def data_ptr(self):
+            raise RuntimeError("no storage")
+
+    x, value, text, broken = torch.zeros(8), object(), "a-kwarg-value", torch.zeros(4).as_subclass(Broken)
+    args, kwargs = (x, 1 << 40, value, 0.5), {"BLOCK": text}
+    with pytest.raises(RuntimeError, match="no storage"):
+        compiled(triton_launch, 0, kwargs, (x, value, broken, 3))
+    watched = (x, value, text, x.dtype, broken)
+    before = [sys.getrefcount(o) for o in watched]
+    for _ in range(1000):
+        compiled(triton_launch, 0, kwargs, args)
+    assert [sys.getrefcount(o) for o in watched] == before
+    failures = 0
+    for _ in range(1000):  # the error path: the key's items made so far released with it
+        try:
+            compiled(triton_launch, 0, kwargs, (x, value, broken, 3))
+        except RuntimeError:
+            failures += 1
+    assert failures == 1000 and [sys.getrefcount(o) for o in watched] == before
+    with pytest.raises(TypeError, match="bn_launch_key: expected"):
+        compiled(triton_launch, 0, [], args)
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(compiled(triton_launch, 0, {"BLOCK": [64]}, args))
+
+
+def test_launch_chooses_the_compiled_key_where_the_module_has_it(monkeypatch):
+    compiled = _compiled_key()
+    monkeypatch.setattr(triton_launch, "_launch_key", triton_launch._first_launch_key)
+    key = triton_launch._launch_key(triton_launch, 0, {}, (1,))
+    chosen = triton_launch._launch_key
+    assert chosen is (compiled or triton_launch.python_launch_key)
+    assert key == chosen(triton_launch, 0, {}, (1,))
+    monkeypatch.setattr(triton_launch, "_launch_key", triton_launch._first_launch_key)
+    monkeypatch.setattr(triton_launch, "_compiled_launch_key", lambda: None)  # no compiled module
+    triton_launch._launch_key(triton_launch, 0, {}, (1,))
+    assert triton_launch._launch_key is triton_launch.python_launch_key
+
+
 # The tests run Triton's interpreter (TRITON_INTERPRET=1), whose kernels are InterpretedFunctions:
 # each kernel's Python function is wrapped as the JITFunction a GPU process would launch.
 _KERNELS = [triton_reduce.stats_ncl_kernel, triton_reduce.stats_nlc_kernel, triton_reduce.stats_merge_kernel,
@@ -154,8 +253,18 @@ class FakeKernel:
         return call
 
 
-@pytest.fixture
-def gpu(monkeypatch):
+def _compiled_key():
+    """The extension module's bn_launch_key (set up), or None where bnlab's compiled module is unavailable."""
+    return triton_launch._compiled_launch_key()
+
+
+@pytest.fixture(params=["compiled key", "python key"])
+def gpu(monkeypatch, request):
+    """A stand-in GPU for launch(), with each of the two key functions."""
+    key = _compiled_key() if request.param == "compiled key" else triton_launch.python_launch_key
+    if key is None:
+        pytest.skip("bnlab's compiled module (bn_launch_key) is unavailable here")
+    monkeypatch.setattr(triton_launch, "_launch_key", key)
     monkeypatch.setattr(triton_launch, "_on_gpu", lambda t: True)
     monkeypatch.setattr(triton_launch, "_current_device", lambda: 0)
     monkeypatch.setattr(triton_launch, "_stream", lambda device: 1234 + device)

@@ -54,6 +54,7 @@ SOURCES = (
     "cpu_kernels_py_eval.inc",
     "cpu_kernels_py_train.inc",
     "cpu_kernels_py_call.inc",
+    "cpu_kernels_py_launch.inc",
     "cpu_kernels_pool.inc",
 )
 # -fno-math-errno: std::sqrt sets no errno (nothing reads it), so loops of square roots vectorise;

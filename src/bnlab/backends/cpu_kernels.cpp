@@ -557,5 +557,6 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 #include "cpu_kernels_py_eval.inc"
 #include "cpu_kernels_py_train.inc"
 #include "cpu_kernels_py_call.inc"
+#include "cpu_kernels_py_launch.inc"
 #include "cpu_kernels_py.inc"
 #endif
