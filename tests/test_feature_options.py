@@ -32,6 +32,22 @@ def test_defaults_reproduce_torch_nn(ours_cls, theirs_cls, shape, momentum):
     assert_close(ours(x), theirs(x), 2e-6, "eval")
 
 
+@pytest.mark.parametrize("options", [{}, dict(virtual_batch_size=2), dict(accumulation_steps=2), dict(renorm=True)],
+                         ids=["plain", "ghost", "accumulation", "renorm"])  # fmt: skip
+def test_no_momentum_and_no_batch_counter_leave_the_averages_as_torch_nn_does(options):
+    """momentum=None with num_batches_tracked set to None: torch.nn's factor is then 0 (no update).
+    The general path, which every option takes, divided by the missing counter before."""
+    torch.manual_seed(0)
+    ours, theirs = bnlab.BatchNorm2d(3, momentum=None, **options), torch.nn.BatchNorm2d(3, momentum=None)
+    ours.num_batches_tracked = theirs.num_batches_tracked = None
+    for _ in range(2):
+        x = torch.randn(4, 3, 3, 3) * 2 + 1
+        ours(x)
+        theirs(x)
+    assert torch.equal(ours.running_mean, theirs.running_mean) and torch.equal(ours.running_var, theirs.running_var)
+    assert torch.equal(ours.running_mean, torch.zeros(3))
+
+
 def test_state_dicts_load_both_ways_with_every_option_on():
     ours = bnlab.BatchNorm2d(3, **OPTIONS)
     for _ in range(4):

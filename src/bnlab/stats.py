@@ -236,7 +236,12 @@ def count_and_update_(
     """
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    factor = momentum if momentum is not None else 1.0 / num_batches_tracked.to(torch.float64)
+    if momentum is not None:
+        factor = momentum
+    elif num_batches_tracked is not None:
+        factor = 1.0 / num_batches_tracked.to(torch.float64)
+    else:
+        factor = 0.0  # no counter to average by: torch.nn's factor then, the averages left as they are
     accepted = update_running_stats_(running_mean, running_var, stats, factor, skip_nonfinite=skip_nonfinite)
     if num_batches_tracked is not None and skip_nonfinite:
         num_batches_tracked.sub_((~accepted).to(num_batches_tracked.dtype))
