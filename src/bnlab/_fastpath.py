@@ -66,7 +66,7 @@ def install_layer_call(plain_forward) -> None:
         backend = registered_cpu_backend()
         if backend is None:
             return None  # asked again at the next call: a CPU backend may be registered by then
-        call = LAYER_CALL["call"] = backend.layer_call(plain_forward, backends)
+        call = LAYER_CALL["call"] = backend.layer_call(plain_forward, backends, (device_eval, device_train))
         return call(layer, x) if call is not None else None
 
     LAYER_CALL["call"] = first_call
@@ -167,14 +167,10 @@ def module_forward(module, x: object) -> Tensor | None:
             return None  # eval with batch statistics (track_running_stats=False), or an empty batch
         if compiling:  # traced by torch.compile / torch.export: one node of the graph (bnlab.custom_ops)
             return custom_ops.evaluate(x, running_mean, running_var, weight, bias, eps)
-        backend = select_backend(x)
-        if torch.is_grad_enabled() and (
+        graph = torch.is_grad_enabled() and (
             x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
-        ):
-            # A graph is wanted (frozen statistics while training, or inference outside no_grad):
-            # BatchNormEvalFunction, the arguments being valid already.
-            return eval_with_graph(x, running_mean, running_var, weight, bias, eps, backend)
-        return backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
+        )
+        return device_eval(x, running_mean, running_var, weight, bias, eps, graph)
     if x.numel() <= channels:
         return None  # one value per channel is an error, zero an empty batch: the general path
     if momentum is not None and not (type(momentum) in (float, int) and _checks.is_finite_number(momentum)):
@@ -191,7 +187,28 @@ def module_forward(module, x: object) -> Tensor | None:
     guard = bool(_option(module, "skip_nonfinite", True))  # the non-finite guard, on by default
     if compiling:
         return custom_ops.train(x, weight, bias, eps, running_mean, running_var, nbt, momentum, guard)
+    return device_train(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)
+
+
+# The last step of a validated call, shared by module_forward and the compiled layer call's route
+# for calls the CPU kernels do not take (bn_device_call, backends/cpu_kernels_py_device.inc: a GPU
+# tensor, or another backend chosen), which validates with the C API and calls these directly.
+def device_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                eps: float, graph: bool) -> Tensor | None:  # fmt: skip
+    """An eval call on the chosen backend, its arguments valid already: with an autograd graph when
+    ``graph`` (grad mode on and x or a parameter requiring grad: frozen statistics while training,
+    or inference outside no_grad), through BatchNormEvalFunction; else the backend's eval_forward
+    (None: the general path runs, nothing changed)."""
     backend = select_backend(x)
+    if graph:
+        return eval_with_graph(x, running_mean, running_var, weight, bias, eps, backend)
+    return backend.eval_forward(x, running_mean, running_var, weight, bias, eps)
+
+
+def device_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, running_mean: Tensor | None,
+                 running_var: Tensor | None, momentum, nbt: Tensor | None, guard: bool) -> Tensor | None:  # fmt: skip
+    """A training call on the chosen backend, its arguments valid already (running statistics None
+    when the layer keeps none, momentum 0.0 for None without a batch counter)."""
     # The backend counts the batch in num_batches_tracked itself (in its kernel call), or returns
     # None having changed nothing: then the module's general path runs.
-    return backend.train_forward(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)
+    return select_backend(x).train_forward(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)

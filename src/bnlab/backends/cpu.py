@@ -119,20 +119,22 @@ class CpuBackend(Backend):
             self._eval_entry, self._train_entry = entry or False, train or False
         return self._eval_entry or None
 
-    def layer_call(self, plain_forward, backends_module):
+    def layer_call(self, plain_forward, backends_module, device_calls=None):
         """The extension module's ``bn_layer_call`` (cpu_kernels_py_call.inc), set up on first use
         for layers whose forward is ``plain_forward``; None where :meth:`eval_entry` is None.
 
         ``bn_layer_call(layer, x)`` is ``layer(x)`` in one compiled call when nn.Module.__call__
         would only hand x to the plain forward, x is a CPU tensor and this backend is the one
-        ``backends_module`` (bnlab.backends) chooses for CPU tensors. Having changed nothing, it
+        ``backends_module`` (bnlab.backends) chooses for CPU tensors. Other plain calls (a GPU
+        tensor, another backend chosen) it validates itself and hands to ``device_calls``,
+        (_fastpath.device_eval, _fastpath.device_train), when given. Having changed nothing, it
         answers NotImplemented where the call is plain but not its to make (the caller then calls
         forward), None where nn.Module.__call__ would do more (see
         bnlab.modules._BatchNormMixin.__call__).
         """
         if self._layer_call is None:
             lib = self._lib if self.eval_entry() is not None else None
-            call = setup_layer_call(lib, self, plain_forward, backends_module, COMPILED_CALLS)
+            call = setup_layer_call(lib, self, plain_forward, backends_module, COMPILED_CALLS, device_calls)
             self._layer_call = call or False
         return self._layer_call or None
 

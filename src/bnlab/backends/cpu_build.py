@@ -53,6 +53,7 @@ SOURCES = (
     "cpu_kernels_py.inc",
     "cpu_kernels_py_eval.inc",
     "cpu_kernels_py_train.inc",
+    "cpu_kernels_py_device.inc",
     "cpu_kernels_py_call.inc",
     "cpu_kernels_py_launch.inc",
     "cpu_kernels_pool.inc",

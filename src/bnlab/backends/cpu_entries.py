@@ -47,7 +47,7 @@ def setup_whole_calls(lib, backend, codes, parallel_min_numel: int, wave_per_thr
     return entry, lib.bn_train_module
 
 
-def setup_layer_call(lib, backend, plain_forward, backends_module, compiled_calls: dict):
+def setup_layer_call(lib, backend, plain_forward, backends_module, compiled_calls: dict, device_calls=None):
     """bn_layer_call set up on ``lib`` (whose whole calls are set up already), or None without it.
 
     Args:
@@ -56,6 +56,9 @@ def setup_layer_call(lib, backend, plain_forward, backends_module, compiled_call
         plain_forward: modules._BatchNormMixin.forward (an overridden one declines).
         backends_module: bnlab.backends.
         compiled_calls: cpu.COMPILED_CALLS, the switch _fastpath.python_path_only turns off.
+        device_calls: (_fastpath.device_eval, _fastpath.device_train), where plain calls that the
+            CPU entries do not take go once validated (cpu_kernels_py_device.inc); None: those
+            calls answer NotImplemented.
     """
     call = getattr(lib, "bn_layer_call", None) if lib is not None else None
     if call is not None:
@@ -63,4 +66,6 @@ def setup_layer_call(lib, backend, plain_forward, backends_module, compiled_call
             compiled_calls, torch._C._get_tracing_state, torch.nn.Module, torch.nn.modules.module, plain_forward,
             backends_module, backend,
         )  # fmt: skip
+        if device_calls is not None:
+            lib.bn_device_setup(*device_calls)
     return call

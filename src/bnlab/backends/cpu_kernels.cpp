@@ -556,6 +556,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 #endif
 #include "cpu_kernels_py_eval.inc"
 #include "cpu_kernels_py_train.inc"
+#include "cpu_kernels_py_device.inc"
 #include "cpu_kernels_py_call.inc"
 #include "cpu_kernels_py_launch.inc"
 #include "cpu_kernels_py.inc"
