@@ -264,6 +264,23 @@ def test_pruned_or_parametrized_slots_are_left_to_the_python_path(spy, name):
     assert [c for c in spy.calls if c[0] in ("__call__", "module_forward")] == []
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_the_route_keeps_the_reference_counts_of_what_it_reads(spy, training):
+    layer = bnlab.BatchNorm2d(3, momentum=0.25).train(training)
+    x = torch.randn(4, 3, 2, 2)
+    spy.answer = torch.zeros(1)
+    watched = [x, layer.weight, layer.bias, layer.running_mean, layer.running_var, layer.num_batches_tracked,
+               layer.momentum, layer.eps, spy.answer, x.device, x.dtype, torch.float64]  # fmt: skip
+    for _ in range(10):
+        layer(x)
+    spy.calls.clear()
+    before = [sys.getrefcount(o) for o in watched]
+    for _ in range(2000):
+        layer(x)
+    spy.calls.clear()
+    assert [sys.getrefcount(o) for o in watched] == before
+
+
 def test_no_momentum_without_a_counter_is_passed_as_zero(spy):
     layer = bnlab.BatchNorm1d(3, momentum=None)
     layer.num_batches_tracked = None
