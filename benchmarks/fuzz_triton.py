@@ -259,8 +259,15 @@ _STATE: dict = {}
 
 
 def _setup():
-    """Import the Triton modules once (needs triton); returns them."""
+    """Import the Triton modules once (needs triton); returns them.
+
+    Also sets up the layers' compiled layer call, with the CPU backend still registered: then the
+    cases' layer calls, with Triton chosen, take its route for calls the CPU kernels do not take
+    (backends/cpu_kernels_py_device.inc), as on a GPU machine, instead of nn.Module.__call__.
+    """
     if not _STATE:
+        with torch.no_grad():
+            bnlab.BatchNorm1d(2).eval()(torch.randn(3, 2))
         from bnlab.backends import PortableBackend, triton_ops, triton_plan
         from bnlab.backends import triton_elementwise, triton_grad, triton_reduce, triton_small
         from bnlab.backends.triton_backend import TritonBackend
