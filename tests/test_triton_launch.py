@@ -171,6 +171,20 @@ def test_compiled_key_keeps_the_reference_counts_of_what_it_reads_and_raises_wha
         hash(compiled(triton_launch, 0, {"BLOCK": [64]}, args))
 
 
+def test_launch_never_builds_the_module_and_waits_for_it_to_be_loaded(monkeypatch):
+    from bnlab.backends import cpu_build
+
+    def no_build():
+        raise AssertionError("a launch must not start the CPU build")
+
+    monkeypatch.setattr(triton_launch, "_launch_key", triton_launch._first_launch_key)
+    monkeypatch.setattr(cpu_build, "load_tried", lambda: False)
+    monkeypatch.setattr(cpu_build, "load", no_build)
+    key = triton_launch._launch_key(triton_launch, 0, {}, (1,))
+    assert key == triton_launch.python_launch_key(triton_launch, 0, {}, (1,))
+    assert triton_launch._launch_key is triton_launch._first_launch_key  # asked again at the next launch
+
+
 def test_launch_chooses_the_compiled_key_where_the_module_has_it(monkeypatch):
     compiled = _compiled_key()
     monkeypatch.setattr(triton_launch, "_launch_key", triton_launch._first_launch_key)

@@ -272,6 +272,12 @@ def _build_and_load():
     return None
 
 
+def load_tried() -> bool:
+    """Whether :func:`load` has run in this process (then it returns at once): for callers that use
+    the kernels only once something else has loaded them, and must not start a compile."""
+    return _state["tried"]
+
+
 def load_error() -> str | None:
     """Why :func:`load` returned None (None if it succeeded or was not tried)."""
     return _state["error"]

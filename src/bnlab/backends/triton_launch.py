@@ -32,6 +32,9 @@ import warnings
 
 import torch
 
+from bnlab.backends import cpu_build
+
+
 def _enabled_by_environment() -> bool:
     """BNLAB_TRITON_DIRECT_LAUNCH: "0" off, "1" or unset on; anything else is named in a warning
     and leaves them on (this module loads with the Triton backend, which must not fail over it)."""
@@ -107,9 +110,7 @@ def _compiled_launch_key():
     as :func:`python_launch_key` in one C call, about 2 us less per launch), or None where bnlab's
     compiled module is unavailable (no compiler, the ctypes build, BNLAB_CPU_KERNELS=0)."""
     try:
-        from bnlab.backends import cpu_build
-
-        lib = cpu_build.load()  # on a GPU machine already loaded by the layers' first call
+        lib = cpu_build.load()  # loaded already (see _first_launch_key)
         key, setup = getattr(lib, "bn_launch_key", None), getattr(lib, "bn_launch_setup", None)
         if key is None or setup is None:
             return None
@@ -120,9 +121,15 @@ def _compiled_launch_key():
 
 
 def _first_launch_key(kernel, device: int, kwargs: dict, args: tuple) -> tuple:
-    """The key function's stand-in until the first direct launch: picks the compiled key or the
-    Python one for the process, then computes the key."""
+    """The key function's stand-in: the Python key until bnlab's compiled module has been loaded
+    (on a GPU machine the layers' first call loads it), then the compiled key or the Python one for
+    the rest of the process. It never builds the module itself: a GPU process that calls only
+    bnlab.functional would otherwise wait for a CPU compile (about 25 s on the project's VM) in the
+    middle of a launch. (Keys of the two forms never match: a specialization remembered under a
+    Python key is launched through Triton once more and remembered again.)"""
     global _launch_key
+    if not cpu_build.load_tried():
+        return python_launch_key(kernel, device, kwargs, args)
     _launch_key = _compiled_launch_key() or python_launch_key
     return _launch_key(kernel, device, kwargs, args)
 
