@@ -26,6 +26,11 @@ prints where a forward+backward step's host time goes (cProfile of K steps, the 
 the most time of their own).
 
     python benchmarks/triton_host_time.py --device cuda --shapes 32,64,56,56 --profile 300
+
+--python-path also times each bnlab call with the compiled calls switched off
+(``_fastpath.python_path_only``): the layer call then leaves a GPU call to forward and
+``module_forward``'s Python checks, as before the thirty-first session's route
+(backends/cpu_kernels_py_device.inc), with direct launches; its column follows the launch count.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 from triton.runtime.jit import JITFunction
 
 import bnlab
+from bnlab import _fastpath
 from bnlab.backends import _REGISTRY, PortableBackend, triton_launch
 from bnlab.backends.cpu import CpuBackend
 from bnlab.backends.triton_backend import TritonBackend
@@ -134,6 +140,17 @@ def measure(shape: tuple[int, ...], calls: int = 2000, device: str = "cpu", lib=
     return out
 
 
+def _python_path(shape: tuple[int, ...], calls: int, device: str, ways: dict) -> dict[str, tuple[float, int]]:
+    """measure() with the compiled calls off, direct launches on where timed (module_forward's route)."""
+    direct = triton_launch.ENABLED
+    triton_launch.ENABLED = ways.get("direct", False) if device == "cuda" else triton_launch.ENABLED
+    try:
+        with _fastpath.python_path_only():
+            return measure(shape, calls, device)
+    finally:
+        triton_launch.ENABLED = direct
+
+
 def profile(shape: tuple[int, ...], steps: int, device: str, top: int = 25) -> str:
     """cProfile of ``steps`` forward+backward steps of bnlab's layer: the functions with the most own time."""
     layer, named = _calls(shape, bnlab, device)
@@ -159,6 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=2000, help="calls per sample (7 samples)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: launches stubbed; cuda: real")
     p.add_argument("--profile", type=int, default=0, help="also profile this many forward+backward steps")
+    p.add_argument("--python-path", action="store_true",
+                   help="also time bnlab's calls with the compiled calls off (module_forward's Python checks)")
     p.add_argument("--launch", default="both", choices=["both", "direct", "triton"],
                    help="time bnlab's direct launches of compiled kernels (without a GPU: of a stand-in one), Triton's "
                         "JITFunction.run (without a GPU: stubbed), or both")  # fmt: skip
@@ -190,9 +209,11 @@ def main(argv=None) -> int:
                 triton_launch.ENABLED = enabled
                 timed[way] = measure(shape, args.calls, "cuda")
             theirs = measure(shape, args.calls, "cuda", torch.nn)
+            slow = _python_path(shape, args.calls, "cuda", ways) if args.python_path else None
             for name, (_, n) in timed[next(iter(ways))].items():
                 cells = "  ".join(f"{way} {timed[way][name][0]:7.1f} us" for way in ways)
-                print(f"{str(shape):18s} {name:26s} {cells}  {n} launches   torch.nn {theirs[name][0]:7.1f} us")
+                extra = f"   python path {slow[name][0]:7.1f} us" if slow else ""
+                print(f"{str(shape):18s} {name:26s} {cells}  {n} launches   torch.nn {theirs[name][0]:7.1f} us{extra}")
             if args.profile:
                 triton_launch.ENABLED = ways.get("direct", False)
                 print(profile(shape, args.profile, "cuda"))
@@ -215,9 +236,14 @@ def main(argv=None) -> int:
             timed[way] = measure(shape, args.calls)
             if direct:
                 remembered = len(triton_launch._COMPILED)
+        slow = None
+        if args.python_path:
+            _stand_in_gpu(ways.get("direct", False))
+            slow = _python_path(shape, args.calls, "cpu", ways)
         for name, (_, n) in timed[next(iter(ways))].items():
             cells = "  ".join(f"{way} {timed[way][name][0]:7.1f} us" for way in ways)
-            print(f"{str(shape):18s} {name:26s} {cells}  {n} launches")
+            extra = f"   python path {slow[name][0]:7.1f} us" if slow else ""
+            print(f"{str(shape):18s} {name:26s} {cells}  {n} launches{extra}")
         if args.profile:
             _stand_in_gpu(ways.get("direct", False))
             print(profile(shape, args.profile, "cpu"))

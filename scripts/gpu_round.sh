@@ -102,10 +102,12 @@ if [ "$QUICK" = "1" ]; then
         --dtypes fp32,bf16 --layouts nchw,cl --rounds 9 --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
     programs
     # where a module call's time goes (each kernel inside it, the host's gaps), then the host's time
-    # per call with bnlab's direct launches and with Triton's own launch path
+    # per call with bnlab's direct launches and with Triton's own launch path, and with the compiled
+    # calls off (module_forward's Python checks instead of the layer call's route: thirty-first session)
     stage kernel_times 40 "$PY" benchmarks/gpu_kernel_times.py --shapes gpu-112,conv-56 --dtypes fp32,bf16 \
         --layouts nchw,cl --modes fwd,fwdbwd
-    stage host_time 45 "$PY" benchmarks/triton_host_time.py --device cuda --calls 300 --shapes 32,64,56,56 256,100
+    stage host_time 55 "$PY" benchmarks/triton_host_time.py --device cuda --calls 300 --shapes 32,64,56,56 256,100 \
+        --python-path
     # the same steps without the host: replayed from CUDA graphs (and whether bnlab's can be captured)
     stage graphs 40 "$PY" benchmarks/gpu_graphs.py --shapes conv-56,mlp-small --dtypes fp32,bf16
     stage tune 75 "$PY" benchmarks/triton_tune.py --shapes gpu-112 --dtypes fp32,bf16 --out "$OUT/tune.jsonl"

@@ -59,6 +59,19 @@ def test_the_direct_column_goes_through_bnlabs_launcher():
     assert remembered and int(remembered.group(1)) >= 5, out.stdout  # forward, backward and eval kernels
 
 
+def test_python_path_column_times_the_calls_with_the_compiled_calls_off():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "triton_host_time.py"), "--shapes", "40,6", "--calls", "3",
+           "--launch", "direct", "--python-path"]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\(.*?\)\s+(.+?)\s+direct\s+[\d.]+ us\s+(\d+) launches\s+python path\s+[\d.]+ us$", out.stdout,
+                      re.MULTILINE)  # fmt: skip
+    assert {name.strip(): int(n) for name, n in rows} == {"training forward": 1, "forward + backward step": 2,
+                                                           "eval": 1}, out.stdout  # fmt: skip
+
+
 def test_eval_of_long_rows_launches_one_kernel():
     # rows of 36 values: each tile computes its few channels' coefficients (eval_one_launch)
     assert _launches("4,8,6,6") == {"training forward": 3, "forward + backward step": 5, "eval": 1}
