@@ -140,15 +140,10 @@ def measure(shape: tuple[int, ...], calls: int = 2000, device: str = "cpu", lib=
     return out
 
 
-def _python_path(shape: tuple[int, ...], calls: int, device: str, ways: dict) -> dict[str, tuple[float, int]]:
-    """measure() with the compiled calls off, direct launches on where timed (module_forward's route)."""
-    direct = triton_launch.ENABLED
-    triton_launch.ENABLED = ways.get("direct", False) if device == "cuda" else triton_launch.ENABLED
-    try:
-        with _fastpath.python_path_only():
-            return measure(shape, calls, device)
-    finally:
-        triton_launch.ENABLED = direct
+def _python_path(shape: tuple[int, ...], calls: int, device: str) -> dict[str, tuple[float, int]]:
+    """measure() with the compiled calls off (module_forward's route), launches as the caller set them."""
+    with _fastpath.python_path_only():
+        return measure(shape, calls, device)
 
 
 def profile(shape: tuple[int, ...], steps: int, device: str, top: int = 25) -> str:
@@ -209,7 +204,10 @@ def main(argv=None) -> int:
                 triton_launch.ENABLED = enabled
                 timed[way] = measure(shape, args.calls, "cuda")
             theirs = measure(shape, args.calls, "cuda", torch.nn)
-            slow = _python_path(shape, args.calls, "cuda", ways) if args.python_path else None
+            slow = None
+            if args.python_path:
+                triton_launch.ENABLED = ways.get("direct", False)
+                slow = _python_path(shape, args.calls, "cuda")
             for name, (_, n) in timed[next(iter(ways))].items():
                 cells = "  ".join(f"{way} {timed[way][name][0]:7.1f} us" for way in ways)
                 extra = f"   python path {slow[name][0]:7.1f} us" if slow else ""
@@ -239,7 +237,7 @@ def main(argv=None) -> int:
         slow = None
         if args.python_path:
             _stand_in_gpu(ways.get("direct", False))
-            slow = _python_path(shape, args.calls, "cpu", ways)
+            slow = _python_path(shape, args.calls, "cpu")
         for name, (_, n) in timed[next(iter(ways))].items():
             cells = "  ".join(f"{way} {timed[way][name][0]:7.1f} us" for way in ways)
             extra = f"   python path {slow[name][0]:7.1f} us" if slow else ""
