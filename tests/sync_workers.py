@@ -214,7 +214,16 @@ def report_rank(rank: int, world_size: int, tensor: torch.Tensor) -> dict:
 
 
 def fail_on_rank_one(rank: int, world_size: int) -> None:
-    """Rank 1 raises at once; the others hang (outside any collective, so gloo cannot notice)."""
+    """Rank 1 raises once every rank has joined the group; the others hang (outside any collective,
+    so gloo cannot notice).
+
+    The barrier first: raising at once, rank 1 tore its connections down (destroy_process_group)
+    while a slower rank 0 could still be in init_process_group's connectFullMesh, which then failed
+    with "Connection closed by peer" instead of hanging (one CI run in many, under load).
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
     if rank == 1:
         raise KeyError("deliberate failure on rank 1")
     sleep_forever(rank, world_size)
