@@ -39,11 +39,14 @@ def _checked(y: Tensor, ok: Tensor, running_var: Tensor) -> Tensor:
     """y, once the eval kernels' flag says no running variance is negative (bnlab refuses those).
 
     On CUDA an asynchronous device-side assertion, so that eval never waits for the GPU; elsewhere
-    (the interpreter) the flag is read at once and the error names the channels.
+    (the interpreter) the flag is read at once and the error names the channels. A flag kept for
+    later calls (triton_ops.variance_flag; here only where a test or benchmark takes CPU tensors
+    for GPU ones) is set again first, so that the next call starts from a clear state.
     """
     if y.is_cuda:
         torch._assert_async(ok, "running_var: expected non-negative values, got negative entries")
     elif not bool(ok):
+        ok.fill_(1)
         check_running_var_nonnegative(running_var)  # raises, naming the channels
     return y
 

@@ -179,12 +179,20 @@ def fixed_statistics(mean_ptr, var_ptr, c, ok, eps, GIVEN_INVSTD: tl.constexpr):
 
 
 @triton.jit
+def flag_negative(ok_ptr, negative):
+    """Clear the negative-variance flag if ``negative`` counts any, and only then: the caller sets
+    it to 1 before the launch, and on a GPU one flag serves every eval call on a stream (see
+    triton_ops.variance_flag), so that no call may set it back once one has cleared it."""
+    tl.store(ok_ptr, tl.full([], 0, tl.uint8), mask=negative != 0)
+
+
+@triton.jit
 def eval_coef_kernel(
     mean_ptr,  # (C,) running mean (any float), or the float64 mean (GIVEN_INVSTD)
     var_ptr,  # (C,) running variance (any float), or the float64 invstd (GIVEN_INVSTD)
     w_ptr, b_ptr,  # affine parameters if HAS_W / HAS_B
     coef_ptr,  # (3, C) float32 out: hi, scale, shift
-    ok_ptr,  # uint8 out: 1 if no variance is negative, else 0 (not GIVEN_INVSTD)
+    ok_ptr,  # uint8 flag, set to 0 if a variance is negative, else left as it is (not GIVEN_INVSTD)
     C, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN_INVSTD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -200,7 +208,7 @@ def eval_coef_kernel(
         hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, ok, HAS_W, HAS_B)
         store_coefficients(coef_ptr, C, c, ok, hi, scale, shift)
     if not GIVEN_INVSTD:
-        tl.store(ok_ptr, (negative == 0).to(tl.uint8))
+        flag_negative(ok_ptr, negative)
 
 
 @triton.jit
@@ -235,8 +243,8 @@ def eval_kernel(
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Eval in one launch: each tile computes its own channels' coefficients (eval_coef_kernel's
-    float64 arithmetic, per row for NCL, per position for NLC), and the first program also writes
-    the negative-variance flag for every channel. For tiles with few channels (the launcher's
+    float64 arithmetic, per row for NCL, per position for NLC), and the first program also clears
+    the negative-variance flag if any channel's variance is negative. For tiles with few channels (the launcher's
     eval_one_launch): a float64 square root per 64 values or fewer, instead of a second launch."""
     r, k, r_ok, k_ok, ok, offs = _tile(R, K, BLOCK_R, BLOCK_K)
     hi, scale, shift = _fixed_coefficients(mean_ptr, var_ptr, w_ptr, b_ptr, r, k, r_ok, k_ok, C, eps, NCL, HAS_W,
@@ -250,4 +258,4 @@ def eval_kernel(
                 c = c0 + tl.arange(0, BLOCK_C)
                 var = tl.load(var_ptr + c, mask=c < C, other=1.0).to(tl.float64)
                 negative += tl.sum(tl.where(var < 0, 1, 0), axis=0).to(tl.int32)
-            tl.store(ok_ptr, (negative == 0).to(tl.uint8))
+            flag_negative(ok_ptr, negative)

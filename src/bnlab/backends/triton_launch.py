@@ -249,6 +249,20 @@ def _stream(device: int) -> int:
     return _RAW_STREAM(device)
 
 
+def stream_of(t: torch.Tensor) -> tuple | None:
+    """(t's device index, the current device, that device's current stream) for a GPU tensor: the
+    stream Triton launches a kernel taking t on; None for other tensors (the interpreter's)."""
+    if not _on_gpu(t):
+        return None
+    device = _current_device()
+    return t.get_device(), device, _stream(device)
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _raw_stream_of_torch(device: int) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 

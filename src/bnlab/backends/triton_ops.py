@@ -276,11 +276,12 @@ def normalize_with(x, mean, var_or_invstd, weight, bias, eps=0.0, given_invstd=T
                    p: Plan | None = None):  # fmt: skip
     """y = BN(x) with fixed statistics: float64 mean and invstd, or running mean and variance (+ eps).
 
-    Returns y, or with running statistics (given_invstd=False) (y, ok): ok a uint8 tensor of one
-    element, 0 if some variance is negative (the caller raises or asserts; y is NaN there).
+    Returns y, or with running statistics (given_invstd=False) (y, ok): ok the uint8 flag of
+    :func:`variance_flag`, 0 if some variance is negative (the caller raises or asserts at once; y
+    is NaN there).
     """
     p = p or plan(x)
-    ok = None if given_invstd else torch.empty((), dtype=torch.uint8, device=x.device)
+    ok = None if given_invstd else variance_flag(x)
     if residual is None and not relu and one_program(p):
         y = torch.empty_like(x)
         block_m, block_c = _small_blocks(p)
@@ -308,6 +309,40 @@ def normalize_with(x, mean, var_or_invstd, weight, bias, eps=0.0, given_invstd=T
     )  # fmt: skip
     y = _normalize(x, coef, p, residual, relu)[0]
     return y if given_invstd else (y, ok)
+
+
+#: triton_launch.stream_of(x) -> the negative-variance flag of eval calls on that stream (variance_flag).
+_FLAGS: dict = {}
+_FLAGS_KEPT = 256
+
+
+def variance_flag(x: torch.Tensor) -> torch.Tensor:
+    """The uint8 flag of one element that eval's kernels clear when a running variance is negative
+    (triton_elementwise.flag_negative), set to 1.
+
+    On a GPU, one flag per stream, made once and kept: every eval call on the stream launches its
+    kernel and then the asynchronous check of the flag (triton_backend._checked), in stream
+    order, and a kernel only ever clears it. So a check sees every earlier clear on its stream,
+    even when host threads interleave their calls, and a call allocates nothing for it (a
+    torch.empty per call cost about 1.5 us of host time on the project's VM, the largest single
+    part of a stubbed eval call after the launch; benchmarks/triton_host_time.py). Once cleared it
+    stays so; the failed check has then already stopped the device's work (a device-side
+    assertion ends the CUDA context). Not kept while the stream is being captured into a CUDA
+    graph: memory allocated then belongs to the graph.
+
+    Elsewhere (the interpreter, where the check reads the flag at once): a new flag each call.
+    """
+    key = _launch.stream_of(x)
+    if key is None:
+        return torch.ones((), dtype=torch.uint8, device=x.device)
+    flag = _FLAGS.get(key)
+    if flag is None:
+        flag = torch.ones((), dtype=torch.uint8, device=x.device)
+        if not _launch.capturing():
+            if len(_FLAGS) >= _FLAGS_KEPT:
+                _FLAGS.clear()
+            _FLAGS[key] = flag
+    return flag
 
 
 def eval_one_launch(p: Plan) -> bool:

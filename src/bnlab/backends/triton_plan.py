@@ -151,7 +151,7 @@ def _programs_wanted(x: torch.Tensor, gpu: bool) -> int:
         return 4  # the interpreter: a few segments, so that the merge is exercised
     if not x.is_cuda:
         return PROGRAMS_PER_SM * _ASSUMED_SM_COUNT
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    index = x.get_device()  # a CUDA tensor's device index (one call; x.device makes a device object)
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return PROGRAMS_PER_SM * _SM_COUNT[index]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from bnlab.backends.triton_elementwise import fixed_statistics
+from bnlab.backends.triton_elementwise import fixed_statistics, flag_negative
 from bnlab.backends.triton_grad import centre_shift
 from bnlab.backends.triton_reduce import (
     blend_running,
@@ -107,7 +107,7 @@ def small_eval_kernel(
     mean_ptr,  # (C,) running mean (any float), or the float64 mean (GIVEN_INVSTD)
     var_ptr,  # (C,) running variance (any float), or the float64 invstd (GIVEN_INVSTD)
     w_ptr, b_ptr,  # affine parameters if HAS_W / HAS_B
-    ok_ptr,  # uint8 out: 1 if no variance is negative, else 0 (not GIVEN_INVSTD)
+    ok_ptr,  # uint8 flag, set to 0 if a variance is negative, else left as it is (not GIVEN_INVSTD)
     M, C, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN_INVSTD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -118,7 +118,7 @@ def small_eval_kernel(
     c_ok = c < C
     mean, invstd, negative = fixed_statistics(mean_ptr, var_ptr, c, c_ok, eps, GIVEN_INVSTD)
     if not GIVEN_INVSTD:
-        tl.store(ok_ptr, (negative == 0).to(tl.uint8))
+        flag_negative(ok_ptr, negative)
     hi, scale, shift = normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, c_ok, HAS_W, HAS_B)
     _normalize_rows(x_ptr, y_ptr, M, C, c, c_ok, hi, scale, shift, BLOCK_M)
 
