@@ -10,7 +10,9 @@ channels with long rows, many segments per channel):
 - module training steps (output, input and parameter gradients, running averages, the batch
   counter) and eval against torch.nn.BatchNorm2d/1d on the same GPU;
 - the fused BatchNormAct2d (ReLU, residual + ReLU) against torch's unfused sequence;
-- data at 1e3 ± 0.01 (the variance must survive).
+- data at 1e3 ± 0.01 (the variance must survive);
+- a negative running variance in eval stops the device (a child process per eval kernel: two
+  good calls on the stream, then the bad one, whose device-side assertion ends the context).
 
 Every output buffer is preceded by a poisoning of PyTorch's caching allocator with NaN, so an
 element a kernel forgets to write shows up as NaN. Fresh random inputs for every check. A Triton
@@ -189,6 +191,60 @@ def check_stability() -> None:
     check("stability y at 1e3 ± 0.01", y, ry, 2e-4)
 
 
+#: The child of check_negative_variance: eval calls on one stream, good ones around a bad one, for
+#: the three eval kernels (one program; eval_kernel; eval_coef_kernel + normalize). It prints
+#: "good <max error>" per good call and, for the bad one, the error raised (at once in the
+#: interpreter; on CUDA at the synchronisation, as a device-side assertion ends the context).
+_NEGATIVE_VARIANCE_CHILD = """
+import sys, torch, bnlab
+from bnlab.backends import _REGISTRY, PortableBackend
+device, shape, cl = sys.argv[1], eval(sys.argv[2]), sys.argv[3] == "1"
+if device == "cpu":
+    from bnlab.backends.triton_backend import TritonBackend
+    _REGISTRY[:] = [TritonBackend(allow_cpu=True), PortableBackend()]
+x = torch.randn(shape, device=device)
+x = x.contiguous(memory_format=torch.channels_last) if cl else x
+c = shape[1]
+layer = (bnlab.BatchNorm2d if len(shape) == 4 else bnlab.BatchNorm1d)(c).to(device).eval()
+with torch.no_grad():
+    layer.running_var.uniform_(0.5, 2.0)
+    for good in range(2):
+        want = (x.double() - layer.running_mean.double().reshape(1, -1, *[1] * (x.dim() - 2))) / torch.sqrt(
+            layer.running_var.double().reshape(1, -1, *[1] * (x.dim() - 2)) + layer.eps)
+        got = layer(x)
+        print("good", float((got.double() - want).abs().max()), flush=True)
+    layer.running_var[c // 2] = -0.5
+    try:
+        layer(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        print("bad: no error")
+    except Exception as exc:
+        print("bad:", type(exc).__name__, str(exc).splitlines()[0][:200])
+"""
+
+
+def check_negative_variance() -> None:
+    """A negative running variance stops eval on the device (triton_backend._checked, with the flag
+    kept per stream, triton_ops.variance_flag): in a child process, whose CUDA context the
+    device-side assertion ends; two good calls first on the same stream must pass."""
+    import subprocess
+
+    for shape, cl in (((64, 100), False), ((32, 64, 28, 28), False), ((32, 64, 28, 28), True)):
+        done = subprocess.run([sys.executable, "-c", _NEGATIVE_VARIANCE_CHILD, DEVICE, repr(shape), str(int(cl))],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        lines = done.stdout.splitlines()
+        name = f"negative running variance {shape}{' channels-last' if cl else ''}"
+        goods = [float(line.split()[1]) for line in lines if line.startswith("good ")]
+        bad = next((line for line in lines if line.startswith("bad")), "bad: the child died: " + done.stderr[-300:])
+        # CUDA: "device-side assert triggered"; the interpreter: bnlab's ValueError naming the channel
+        expected = "assert" if DEVICE == "cuda" else f"channels [{shape[1] // 2}]"
+        ok = len(goods) == 2 and max(goods) <= 1e-5 and expected in bad
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: good calls {goods}; {bad}", flush=True)
+        if not ok:
+            failures.append(f"{name}: good calls {goods}; {bad}")
+
+
 def dry_run_on_cpu() -> list:
     """Route CPU tensors to the interpreted Triton backend; the small shapes to check."""
     global DEVICE, FUSED_SHAPE, STABILITY_SHAPE
@@ -223,6 +279,7 @@ def main() -> int:
             check_fused(cl, torch.float32, residual)
     check_fused(True, torch.bfloat16, True)
     check_stability()
+    check_negative_variance()
     if DEVICE == "cuda":
         torch.cuda.synchronize()
         from bnlab.backends import triton_launch
