@@ -408,6 +408,10 @@ BF16_STORE_SHAPES = [
     # last one alone)
     ((2, 3, 64), "nchw"), ((3, 4, 48), "nchw"), ((3, 5, 80), "nchw"), ((5, 32, 3), "cl"), ((4, 80, 3), "cl"),
     ((3, 264, 2), "cl"), ((5, 16, 3), "cl"),
+    # NCL rows of many pairs in the even/odd form (AVX512-BF16 builds: eo_split, st32_eo), whose loads
+    # run two pairs ahead: 8 pairs a row (256 values), rows of 144 starting at 0 or 32 bytes into a
+    # line (4 pairs after 0 or 16 values), rows of 96 (3 pairs: the loads ahead stop at the row's end)
+    ((2, 3, 256), "nchw"), ((3, 2, 144), "nchw"), ((3, 3, 96), "nchw"),
 ]  # fmt: skip
 
 

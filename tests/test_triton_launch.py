@@ -9,6 +9,7 @@ _stream are patched).
 
 from __future__ import annotations
 
+import gc
 import inspect
 
 import pytest
@@ -151,20 +152,27 @@ def test_compiled_key_keeps_the_reference_counts_of_what_it_reads_and_raises_wha
         compiled(triton_launch, 0, kwargs, (x, value, broken, 3))
     watched = (x, value, text, broken)
     # x's dtype is shared with every float32 tensor: other objects' garbage collection moves its
-    # count a little, where a leak would add 1000
-    dtype_before = sys.getrefcount(x.dtype)
-    before = [sys.getrefcount(o) for o in watched]
-    for _ in range(1000):
-        compiled(triton_launch, 0, kwargs, args)
-    assert [sys.getrefcount(o) for o in watched] == before
-    failures = 0
-    for _ in range(1000):  # the error path: the key's items made so far released with it
-        try:
-            compiled(triton_launch, 0, kwargs, (x, value, broken, 3))
-        except RuntimeError:
-            failures += 1
-    assert failures == 1000 and [sys.getrefcount(o) for o in watched] == before
-    assert abs(sys.getrefcount(x.dtype) - dtype_before) < 100
+    # count, where a leak would add 1000; earlier tests' garbage collected first, and none while counting
+    gc.collect()
+    gc.disable()
+    try:
+        dtype_before = sys.getrefcount(x.dtype)
+        before = [sys.getrefcount(o) for o in watched]
+        for _ in range(1000):
+            compiled(triton_launch, 0, kwargs, args)
+        after_calls = [sys.getrefcount(o) for o in watched]
+        failures = 0
+        for _ in range(1000):  # the error path: the key's items made so far released with it
+            try:
+                compiled(triton_launch, 0, kwargs, (x, value, broken, 3))
+            except RuntimeError:
+                failures += 1
+        after_failures, dtype_after = [sys.getrefcount(o) for o in watched], sys.getrefcount(x.dtype)
+    finally:
+        gc.enable()
+    assert after_calls == before
+    assert failures == 1000 and after_failures == before
+    assert abs(dtype_after - dtype_before) < 100
     with pytest.raises(TypeError, match="bn_launch_key: expected"):
         compiled(triton_launch, 0, [], args)
     with pytest.raises(TypeError, match="unhashable"):

@@ -31,6 +31,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -279,6 +280,49 @@ static inline __attribute__((always_inline)) void st32(bf16* p, __m512 f0, __m51
   st16_to<kStream>(p, f0);
   st16_to<kStream>(p + 16, f1);
 }
+// 32 bf16 values as eo_split (below) splits them: the float32 values at even offsets, and at odd ones.
+struct EvenOdd {
+  __m512 even, odd;
+};
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+// Whether bf16 rows with one set of coefficients (NCL rows) take the even/odd pair form below.
+constexpr bool kBf16EvenOdd = true;
+// 32 bf16 values (one 64-byte load) as two float32 vectors without a widening shuffle: the values
+// at even offsets (0, 2, ..., 30: the low half of each 32-bit lane, shifted up) and at odd ones
+// (the high half, masked). ld16 widens 16 values per vpmovzxwd, a cross-lane shuffle: with
+// vcvtne2ps2bf16 per pair, three shuffles per 32 values bound a bf16 NCL eval on Zen 4, at 0.49-0.59
+// of a bf16 copy_ (docs/benchmarks.md, thirty-second session). Only for elementwise work whose
+// coefficients are the same in every lane: the values come out of memory order.
+static inline EvenOdd eo_split(__m512i v) {
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+          _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)))};
+}
+// Word k of the interleave: even result k / 2 (words 0-15 of vcvtne2ps2bf16's output) or odd
+// result k / 2 (words 16-31).
+alignas(64) static const uint16_t kInterleaveWords[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+// st32 of results in eo_split's order: one vcvtne2ps2bf16 and one vpermw put them back in memory
+// order, rounded as st32 rounds them (the same bits). False, having stored nothing, where a value
+// is a NaN or a denormal (st32's test): the caller then stores the pair in memory order (st32).
+template <bool kStream>
+static inline __attribute__((always_inline)) bool st32_eo(bf16* p, EvenOdd r) {
+  if (_mm512_fpclass_ps_mask(r.even, 0x01 | 0x20 | 0x80) | _mm512_fpclass_ps_mask(r.odd, 0x01 | 0x20 | 0x80))
+    return false;
+  const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(r.odd, r.even);
+  const __m512i v = _mm512_permutexvar_epi16(_mm512_load_si512((const void*)kInterleaveWords), packed);
+  if (kStream && ((uintptr_t)p & 63) == 0)
+    _mm512_stream_si512((__m512i*)p, v);
+  else
+    _mm512_storeu_si512((void*)p, v);
+  return true;
+}
+#else
+constexpr bool kBf16EvenOdd = false;
+static inline EvenOdd eo_split(__m512i) { return {_mm512_setzero_ps(), _mm512_setzero_ps()}; }  // never called
+template <bool kStream>
+static inline bool st32_eo(bf16*, EvenOdd) { return false; }
+#endif
+static inline __m512i ld32_raw(const bf16* p) { return _mm512_loadu_si512((const void*)p); }
 static inline __m512 affine16(__m512 x, __m512 h, __m512 a, __m512 b) {
   return _mm512_fmadd_ps(_mm512_sub_ps(x, h), a, b);
 }
@@ -292,14 +336,34 @@ static inline __m512 grad_input16(__m512 dy, __m512 x, __m512 h, __m512 k1, __m5
 // in pairs from the row's start). vec is a lambda taking its state by value: with lambdas by
 // reference and a run-time streaming flag, GCC kept the coefficients on the stack and called the
 // single-vector body, and the rows took 1.05-1.5x the time of the single-vector loop.
-template <bool kStream, typename Vec>
-static inline void bf16_row_in_pairs(bf16* q, int64_t len, Vec vec) {
+// load and pair, where given (kBf16EvenOdd builds, rows of one channel): load(i) reads values
+// i..i+31 as they are in memory, pair(loaded) gives their results in eo_split's order, stored by
+// st32_eo (a pair it declines goes through vec as before). The loads run two pairs ahead of the
+// stores: a load issued after a store whose address matches it in the low 12 bits waits for that
+// store (4K aliasing), and an output 64 or 128 bytes past the input modulo 4 KiB (any two
+// tensors' placement may give that) made the pair form slower than vec's in a stand-alone test;
+// two ahead, it ran at 0.82 of vec's time at every offset.
+template <bool kStream, typename Vec, typename Load = std::nullptr_t, typename Pair = std::nullptr_t>
+static inline __attribute__((always_inline)) void bf16_row_in_pairs(bf16* q, int64_t len, Vec vec,
+                                                                    Load load = nullptr, Pair pair = nullptr) {
   int64_t i = 0;
   if (len >= 64) {
     const int64_t head = (int64_t)((64 - ((uintptr_t)q & 63)) & 63) / 2;  // values before q's first line
     if (head > 0) st16_to<kStream>(q, vec(0));
     if (head > 16) st16_to<kStream>(q + head - 16, vec(head - 16));
-    for (i = head; i + 32 <= len; i += 32) st32<kStream>(q + i, vec(i), vec(i + 16));
+    i = head;
+    if constexpr (!std::is_same<Pair, std::nullptr_t>::value) {
+      if (i + 32 <= len) {
+        auto now = load(i), next = i + 64 <= len ? load(i + 32) : now;
+        for (; i + 32 <= len; i += 32) {
+          const auto after = i + 96 <= len ? load(i + 64) : next;  // never past the row
+          if (!st32_eo<kStream>(q + i, pair(now))) st32<kStream>(q + i, vec(i), vec(i + 16));
+          now = next, next = after;
+        }
+      }
+    } else {
+      for (; i + 32 <= len; i += 32) st32<kStream>(q + i, vec(i), vec(i + 16));
+    }
     if (i == len) return;
   }
   const int64_t last = len - 16;
@@ -310,15 +374,42 @@ static inline void bf16_row_in_pairs(bf16* q, int64_t len, Vec vec) {
 template <bool kStream>
 static inline __attribute__((always_inline)) void bf16_affine_row(const bf16* p, bf16* q, int64_t len, __m512 h,
                                                                   __m512 a, __m512 b) {
-  bf16_row_in_pairs<kStream>(q, len, [=](int64_t i) { return affine16(ld16(p + i), h, a, b); });
+  const auto vec = [=](int64_t i) { return affine16(ld16(p + i), h, a, b); };
+  if constexpr (kBf16EvenOdd) {
+    if (len >= 64) {  // rows in pairs (shorter ones go as before: a separate loop kept them at their speed)
+      bf16_row_in_pairs<kStream>(
+          q, len, vec, [=](int64_t i) { return ld32_raw(p + i); },
+          [=](__m512i raw) {
+            const EvenOdd v = eo_split(raw);
+            return EvenOdd{affine16(v.even, h, a, b), affine16(v.odd, h, a, b)};
+          });
+      return;
+    }
+  }
+  bf16_row_in_pairs<kStream>(q, len, vec);
 }
 // dx = grad_input16(dy, x) over an NCL row.
+struct Raw2 {
+  __m512i dy, x;
+};
 template <bool kStream>
 static inline __attribute__((always_inline)) void bf16_grad_input_row(const bf16* g, const bf16* p, bf16* q,
                                                                       int64_t len, __m512 h, __m512 k1, __m512 k2,
                                                                       __m512 k3, __m512 k4) {
-  bf16_row_in_pairs<kStream>(q, len,
-                             [=](int64_t i) { return grad_input16(ld16(g + i), ld16(p + i), h, k1, k2, k3, k4); });
+  const auto vec = [=](int64_t i) { return grad_input16(ld16(g + i), ld16(p + i), h, k1, k2, k3, k4); };
+  if constexpr (kBf16EvenOdd) {
+    if (len >= 64) {  // as bf16_affine_row
+      bf16_row_in_pairs<kStream>(
+          q, len, vec, [=](int64_t i) { return Raw2{ld32_raw(g + i), ld32_raw(p + i)}; },
+          [=](Raw2 raw) {
+            const EvenOdd d = eo_split(raw.dy), v = eo_split(raw.x);
+            return EvenOdd{grad_input16(d.even, v.even, h, k1, k2, k3, k4),
+                           grad_input16(d.odd, v.odd, h, k1, k2, k3, k4)};
+          });
+      return;
+    }
+  }
+  bf16_row_in_pairs<kStream>(q, len, vec);
 }
 // The same over a channels-last row of len = C channels, the coefficients per channel (len values each).
 static inline void bf16_affine_row(const bf16* p, bf16* q, int64_t len, const float* h, const float* a,
