@@ -4,10 +4,13 @@
 // Claim measured (docs/benchmarks.md, thirty-second session): the widening of bf16 to float32 by
 // vpmovzxwd (ld16, two per 32 values) bounds bnlab's bf16 elementwise passes on Zen 4; splitting
 // each 64-byte load into the values at even and odd offsets (a shift and a mask: eo_split) and
-// putting the rounded results back in order with one vpermw (st32_eo) takes 0.82 of the time, once
+// putting the rounded results back in order with one vpermw (st32_eo) takes 0.81-0.89 of the time, once
 // the loads run two pairs ahead of the stores. Without that, an output 64 or 128 bytes past the
 // input modulo 4 KiB made the split form slower than the widening one (4K aliasing: a load waits
 // for an earlier store whose address has the same low 12 bits).
+// The second table: channels-last rows of 256 channels (coefficients per channel, loaded from
+// arrays; for the split form arrays split into even and odd channels), where the split form is
+// slower: with six coefficient loads per pair, the widening is not what bounds those rows.
 // y = (x - h) * a + b over N bf16 values (coefficients broadcast, as in an NCL row), rounded to
 // nearest even by vcvtne2ps2bf16 (bnlab's test for NaN and denormal results kept, never true here);
 // one thread; each figure the median of 41 samples of 10 calls, in microseconds, by the output's
@@ -71,6 +74,33 @@ __attribute__((noinline)) void even_odd_ahead(const bf16* x, bf16* y, float hh, 
   }
 }
 
+// Channels-last rows of kC channels: coefficient arrays h, a, b (and split by parity: hs, as, bs).
+constexpr long kC = 256;
+alignas(64) static float H[kC], A[kC], B[kC], HS[kC], AS[kC], BS[kC];
+__attribute__((noinline)) void rows_widened(const bf16* x, bf16* y, float, float, float) {
+  for (long r = 0; r < N; r += kC)
+    for (long i = 0; i < kC; i += 32) {
+      const __m512 f0 = affine(widen16(x + r + i), _mm512_load_ps(H + i), _mm512_load_ps(A + i), _mm512_load_ps(B + i));
+      const __m512 f1 = affine(widen16(x + r + i + 16), _mm512_load_ps(H + i + 16), _mm512_load_ps(A + i + 16),
+                               _mm512_load_ps(B + i + 16));
+      if (special(f0, f1)) std::abort();
+      _mm512_storeu_si512(y + r + i, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+    }
+}
+__attribute__((noinline)) void rows_even_odd(const bf16* x, bf16* y, float, float, float) {
+  for (long r = 0; r < N; r += kC)
+    for (long i = 0; i < kC; i += 32) {
+      const __m512i v = _mm512_loadu_si512(x + r + i);
+      const __m512 e = affine(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_load_ps(HS + i),
+                              _mm512_load_ps(AS + i), _mm512_load_ps(BS + i));
+      const __m512 o = affine(_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u))),
+                              _mm512_load_ps(HS + i + 16), _mm512_load_ps(AS + i + 16), _mm512_load_ps(BS + i + 16));
+      if (special(e, o)) std::abort();
+      _mm512_storeu_si512(y + r + i,
+                          _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), (__m512i)_mm512_cvtne2ps_pbh(o, e)));
+    }
+}
+
 template <class F>
 double median_us(F f) {
   std::vector<double> t;
@@ -108,5 +138,21 @@ int main(int argc, char** argv) {
     std::printf("%4d", offset);
     for (Form f : forms) std::printf(" | %.1f", median_us([&] { f(x, y, 0.3f, 1.7f, 0.1f); }));
     std::printf("\n");
+  }
+  N = N / kC * kC;
+  for (int c = 0; c < kC; ++c) H[c] = 0.01f * c, A[c] = 1.0f + 0.001f * c, B[c] = -0.002f * c;
+  for (int j = 0; j < kC; j += 32)
+    for (int k = 0; k < 16; ++k) {
+      HS[j + k] = H[j + 2 * k], AS[j + k] = A[j + 2 * k], BS[j + k] = B[j + 2 * k];
+      HS[j + 16 + k] = H[j + 2 * k + 1], AS[j + 16 + k] = A[j + 2 * k + 1], BS[j + 16 + k] = B[j + 2 * k + 1];
+    }
+  rows_widened(x, ref, 0, 0, 0);
+  rows_even_odd(x, yb, 0, 0, 0);
+  if (std::memcmp(ref, yb, N * 2) != 0) return std::printf("channels-last rows: other bits\n"), 1;
+  std::printf("channels-last rows of %ld channels: output offset | widened | even/odd, split coefficients (us)\n", kC);
+  for (int offset : {0, 64, 2048}) {
+    bf16* y = yb + offset / 2;
+    std::printf("%4d | %.1f | %.1f\n", offset, median_us([&] { rows_widened(x, y, 0, 0, 0); }),
+                median_us([&] { rows_even_odd(x, y, 0, 0, 0); }));
   }
 }

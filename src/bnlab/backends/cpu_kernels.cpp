@@ -342,7 +342,7 @@ static inline __m512 grad_input16(__m512 dy, __m512 x, __m512 h, __m512 k1, __m5
 // stores: a load issued after a store whose address matches it in the low 12 bits waits for that
 // store (4K aliasing), and an output 64 or 128 bytes past the input modulo 4 KiB (any two
 // tensors' placement may give that) made the pair form slower than vec's in a stand-alone test;
-// two ahead, it ran at 0.82 of vec's time at every offset.
+// two ahead, it ran at 0.81-0.89 of vec's time at every offset.
 template <bool kStream, typename Vec, typename Load = std::nullptr_t, typename Pair = std::nullptr_t>
 static inline __attribute__((always_inline)) void bf16_row_in_pairs(bf16* q, int64_t len, Vec vec,
                                                                     Load load = nullptr, Pair pair = nullptr) {
