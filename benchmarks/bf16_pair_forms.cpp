@@ -33,7 +33,9 @@ static long N = 1 << 20;
 static inline __m512 widen16(const bf16* p) {  // bnlab's ld16
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-static inline __m512 affine(__m512 x, __m512 h, __m512 a, __m512 b) { return _mm512_fmadd_ps(_mm512_sub_ps(x, h), a, b); }
+static inline __m512 affine(__m512 x, __m512 h, __m512 a, __m512 b) {
+  return _mm512_fmadd_ps(_mm512_sub_ps(x, h), a, b);
+}
 static inline bool special(__m512 f0, __m512 f1) {  // a NaN or a denormal: bnlab's integer rounding then
   return _mm512_fpclass_ps_mask(f0, 0xa1) | _mm512_fpclass_ps_mask(f1, 0xa1);
 }
