@@ -412,6 +412,9 @@ BF16_STORE_SHAPES = [
     # run two pairs ahead: 8 pairs a row (256 values), rows of 144 starting at 0 or 32 bytes into a
     # line (4 pairs after 0 or 16 values), rows of 96 (3 pairs: the loads ahead stop at the row's end)
     ((2, 3, 256), "nchw"), ((3, 2, 144), "nchw"), ((3, 3, 96), "nchw"),
+    # the input gradient's even/odd pairs in the lines walk (rows not a multiple of 16 values): rows
+    # of 196 (14x14 maps) and of 150 values, several pairs each between the rows' ends
+    ((2, 3, 196), "nchw"), ((3, 2, 150), "nchw"),
 ]  # fmt: skip
 
 
