@@ -329,6 +329,19 @@ static inline __m512 affine16(__m512 x, __m512 h, __m512 a, __m512 b) {
 static inline __m512 grad_input16(__m512 dy, __m512 x, __m512 h, __m512 k1, __m512 k2, __m512 k3, __m512 k4) {
   return _mm512_fmadd_ps(k1, _mm512_sub_ps(dy, k4), _mm512_fmadd_ps(k2, _mm512_sub_ps(x, h), k3));
 }
+// affine16 and grad_input16 over 32 values as loaded (ld32_raw), in eo_split's order: the pair
+// forms of the row walk (bf16_row_in_pairs) and the lines walk (lines_run).
+struct Raw2 {
+  __m512i dy, x;
+};
+static inline EvenOdd affine_eo(__m512i raw, __m512 h, __m512 a, __m512 b) {
+  const EvenOdd v = eo_split(raw);
+  return {affine16(v.even, h, a, b), affine16(v.odd, h, a, b)};
+}
+static inline EvenOdd grad_input_eo(Raw2 raw, __m512 h, __m512 k1, __m512 k2, __m512 k3, __m512 k4) {
+  const EvenOdd d = eo_split(raw.dy), v = eo_split(raw.x);
+  return {grad_input16(d.even, v.even, h, k1, k2, k3, k4), grad_input16(d.odd, v.odd, h, k1, k2, k3, k4)};
+}
 // One bf16 row of len >= 16 values, vec(i) giving the float32 results for values i..i+15: from the
 // first 64-byte line of q on in pairs of vectors (st32), then single vectors, the last moved back
 // to end at len (as overlapped). Rows under 64 values go in single vectors only: pairs there would
@@ -379,19 +392,13 @@ static inline __attribute__((always_inline)) void bf16_affine_row(const bf16* p,
     if (len >= 64) {  // rows in pairs (shorter ones go as before: a separate loop kept them at their speed)
       bf16_row_in_pairs<kStream>(
           q, len, vec, [=](int64_t i) { return ld32_raw(p + i); },
-          [=](__m512i raw) {
-            const EvenOdd v = eo_split(raw);
-            return EvenOdd{affine16(v.even, h, a, b), affine16(v.odd, h, a, b)};
-          });
+          [=](__m512i raw) { return affine_eo(raw, h, a, b); });
       return;
     }
   }
   bf16_row_in_pairs<kStream>(q, len, vec);
 }
 // dx = grad_input16(dy, x) over an NCL row.
-struct Raw2 {
-  __m512i dy, x;
-};
 template <bool kStream>
 static inline __attribute__((always_inline)) void bf16_grad_input_row(const bf16* g, const bf16* p, bf16* q,
                                                                       int64_t len, __m512 h, __m512 k1, __m512 k2,
@@ -401,11 +408,7 @@ static inline __attribute__((always_inline)) void bf16_grad_input_row(const bf16
     if (len >= 64) {  // as bf16_affine_row
       bf16_row_in_pairs<kStream>(
           q, len, vec, [=](int64_t i) { return Raw2{ld32_raw(g + i), ld32_raw(p + i)}; },
-          [=](Raw2 raw) {
-            const EvenOdd d = eo_split(raw.dy), v = eo_split(raw.x);
-            return EvenOdd{grad_input16(d.even, v.even, h, k1, k2, k3, k4),
-                           grad_input16(d.odd, v.odd, h, k1, k2, k3, k4)};
-          });
+          [=](Raw2 raw) { return grad_input_eo(raw, h, k1, k2, k3, k4); });
       return;
     }
   }
