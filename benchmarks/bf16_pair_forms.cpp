@@ -116,7 +116,13 @@ double median_us(F f) {
 }
 
 int main(int argc, char** argv) {
-  if (argc > 1) N = std::atol(argv[1]) / 32 * 32;
+  if (argc > 1) {
+    char* end = nullptr;
+    const long n = std::strtol(argv[1], &end, 10);
+    if (*argv[1] == '\0' || *end != '\0' || n < 256)
+      return std::fprintf(stderr, "N: expected a whole number of values >= 256, got '%s'\n", argv[1]), 2;
+    N = n / 32 * 32;
+  }
   bf16* x = (bf16*)aligned_alloc(4096, N * 2 + 8192);
   bf16* yb = (bf16*)aligned_alloc(4096, N * 2 + 8192);
   bf16* ref = (bf16*)aligned_alloc(4096, N * 2 + 8192);
