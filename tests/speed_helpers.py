@@ -83,8 +83,9 @@ def assert_backend_matches_reference(backend, shape, layout: str, dtype: torch.d
 
 def bf16_special_values(shape, seed: int) -> torch.Tensor:
     """A contiguous (shape) bf16 tensor of magnitudes 1e-40 .. 1e30, subnormal bf16 values among
-    them (which stores must round, not flush), and inf, -inf, NaN and ±3.38e38 as its first five
-    values, for the tests that bf16 stores round as torch's float32 -> bfloat16 conversion.
+    them (which stores must round, not flush), and inf, -inf, NaN, ±3.38e38 and a negative NaN as
+    its first six values, for the tests that bf16 stores round as torch's float32 -> bfloat16
+    conversion.
 
     Values that underflow to zero become 1: BN's y = (x - hi)·scale + shift adds a +0 shift, which
     makes -0 into +0 (as torch.nn's BN does), where x·scale keeps the sign.
@@ -94,16 +95,20 @@ def bf16_special_values(shape, seed: int) -> torch.Tensor:
     x[x == 0] = 1.0
     assert bool(((x.abs() < 1.1754944e-38) & (x != 0)).any()), "no subnormal bf16 value in the data"
     x.view(-1)[:5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.38e38, -3.38e38]).to(torch.bfloat16)
+    x.view(torch.int16).view(-1)[5] = torch.tensor(0xFFC0, dtype=torch.int32).to(torch.int16)  # -NaN
     return x
 
 
 def assert_bf16_is_scaled_as_torch(y: torch.Tensor, x: torch.Tensor, scale: float) -> None:
     """y, a kernel's bf16 result of x·scale (x from bf16_special_values, x·scale exact in float32),
-    holds torch's float32 -> bfloat16 rounding of it bit for bit, its one NaN where torch's is."""
+    holds torch's float32 -> bfloat16 rounding of it bit for bit, its two NaNs where torch's are,
+    each stored as 0x7fc0 (the scalar conversion's one NaN, and bnlab's for every NaN: the integer
+    rounding would carry a negative NaN's bits elsewhere)."""
     expected = (x.float() * scale).to(torch.bfloat16)
     nan = torch.isnan(expected)  # torch's vectorised conversion may give another NaN encoding
-    assert torch.equal(torch.isnan(y), nan) and int(nan.sum()) == 1
+    assert torch.equal(torch.isnan(y), nan) and int(nan.sum()) == 2
     assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    assert (y[nan].view(torch.int16) == 0x7FC0).all(), y[nan].view(torch.int16)
 
 
 def assert_fused_relu_handles_nan_as_torch():

@@ -415,6 +415,9 @@ BF16_STORE_SHAPES = [
     # the input gradient's even/odd pairs in the lines walk (rows not a multiple of 16 values): rows
     # of 196 (14x14 maps) and of 150 values, several pairs each between the rows' ends
     ((2, 3, 196), "nchw"), ((3, 2, 150), "nchw"),
+    # AVX2 builds' bf16 blocks in even/odd order (ld16_eo, st16_eo): rows of 8 channels two at a time
+    # (15 rows: the last one alone), of 24 (blocks of 48 values) and of 100 (blocks of 4 rows, 9 rows)
+    ((6, 8), "nchw"), ((5, 8, 3), "cl"), ((7, 24), "nchw"),
 ]  # fmt: skip
 
 

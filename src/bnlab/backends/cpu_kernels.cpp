@@ -132,26 +132,49 @@ static inline void st_lanes(double* p, int64_t i0, const double* v) {
 // bf16: the same rounding as st(), in AVX2 integer operations. GCC does not vectorise the scalar
 // form (the NaN select and the narrowing to 16 bits), and then the rounding costs more than the
 // memory traffic: eval of a bf16 (64, 256, 14, 14) tensor ran 15-25 % behind torch.nn.
+// bf16_rounded_high: u + 0x7fff + (bit 16 of u) for the float32 bits u of f, st()'s rounding to
+// nearest even with the bf16 bits in each lane's high half. The parity bit is taken by a compare
+// (any vector ALU port) rather than a shift: on Zen 3 the shifts, the widening and the narrowing
+// shuffles share two ports, which bound the bf16 passes (docs/benchmarks.md, thirty-third session).
+// Not for NaNs (st() stores them as 0x7fc0).
+static inline __m256i bf16_rounded_high(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f), bit = _mm256_set1_epi32(0x10000);
+  const __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(u, bit), bit);  // -1 where bit 16 is set
+  return _mm256_sub_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+}
 // bf16_bits: the bf16 bits of 8 float32 values, in the low half of each 32-bit lane.
 static inline __m256i bf16_bits(__m256 f) {
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), qnan = _mm256_set1_epi32(0x7fc0);
-  const __m256i u = _mm256_castps_si256(f);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
-  return _mm256_blendv_epi8(rounded, qnan, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  const __m256i rounded = _mm256_srli_epi32(bf16_rounded_high(f), 16);
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+// Whether either of two vectors holds a NaN (one compare for both).
+static inline bool any_nan(__m256 a, __m256 b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)) != 0; }
+// 16 values from two vectors in memory order (lo: values 0-7), rounded as st(): one pack and one
+// permute for both, and one NaN test where bf16_bits takes a compare and a blend per 8.
+static inline void st16(bf16* p, __m256 lo, __m256 hi) {
+  __m256i a, b;
+  if (any_nan(lo, hi)) {
+    a = bf16_bits(lo), b = bf16_bits(hi);
+  } else {
+    a = _mm256_srli_epi32(bf16_rounded_high(lo), 16), b = _mm256_srli_epi32(bf16_rounded_high(hi), 16);
+  }
+  // packus interleaves 128-bit lanes (a0-3 b0-3 a4-7 b4-7); the permute restores the order.
+  _mm256_storeu_si256((__m256i*)p, _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
 }
 static inline void st_lanes(bf16* p, int64_t i0, const float* v) {
-  const __m256i lo = bf16_bits(_mm256_loadu_ps(v)), hi = bf16_bits(_mm256_loadu_ps(v + 8));
-  // packus interleaves 128-bit lanes (a0-3 b0-3 a4-7 b4-7); the permute restores the order.
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
-  _mm256_storeu_si256((__m256i*)(p + i0), packed);
+  st16(p + i0, _mm256_loadu_ps(v), _mm256_loadu_ps(v + 8));
 }
 
-// One vector of 8 values: loaded as float32, stored from float32 (bf16 rounded as st()).
+// One vector of 8 values: loaded as float32, stored from float32 (bf16 rounded as st()). bf16
+// values are widened by one byte shuffle of the 16 bytes broadcast to both lanes (the broadcast
+// is a load): vpmovzxwd and a shift took two operations on Zen 3's two shift/shuffle ports, which
+// bound the bf16 statistics (docs/benchmarks.md, thirty-third session).
 static inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 ld8(const bf16* p) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+  const __m256i up = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1, -1, 8, 9, -1, -1, 10,
+                                      11, -1, -1, 12, 13, -1, -1, 14, 15);
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(b, up));
 }
 static inline void st8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 static inline void st8(bf16* p, __m256 v) {
@@ -430,19 +453,33 @@ static inline void bf16_grad_input_row(const bf16* g, const bf16* p, bf16* q, in
 }
 #endif
 
-// 16 bf16 values as two float32 vectors in the order of _mm256_unpack{lo,hi}_epi16: values 0-3 and
-// 8-11, then 4-7 and 12-15. Elementwise work whose coefficients are the same for all 16 (an NCL
-// row) does not mind the order, and st16_unpacked restores memory order with one pack (the
-// lane-wise inverse of the unpacks): one widening op per 8 values instead of two, and no permute.
-struct Unpacked16 {
-  __m256 lo, hi;
+// 16 bf16 values (one 32-byte load) as two float32 vectors without a widening shuffle: the values
+// at even offsets (0, 2, ..., 14: the low half of each 32-bit lane, shifted up) and at odd ones (the
+// high half, masked). Elementwise work whose coefficients are the same for all 16 (an NCL row), or
+// whose coefficients are laid out in the same order (to_even_odd_order), does not mind the order,
+// and st16_eo puts the rounded halves back in memory order with a shift, a mask and an or. Why: on
+// AVX2 CPUs the widening (two unpacks or vpmovzxwd per 16 values), the rounding's shifts and the
+// narrowing pack all issue on the two vector shift/shuffle ports of Zen 3, which bounded bnlab's bf16
+// passes (seven such operations per 16 values in the unpacked form before this one, two here;
+// benchmarks/bf16_avx2_forms.cpp, docs/benchmarks.md, thirty-third session).
+struct EvenOdd8 {
+  __m256 even, odd;
 };
-static inline Unpacked16 ld16_unpacked(const bf16* p) {
-  const __m256i v = _mm256_loadu_si256((const __m256i*)p), zero = _mm256_setzero_si256();
-  return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v))};
+static inline EvenOdd8 ld16_eo(const bf16* p) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)))};
 }
-static inline void st16_unpacked(bf16* p, __m256 lo, __m256 hi) {
-  _mm256_storeu_si256((__m256i*)p, _mm256_packus_epi32(bf16_bits(lo), bf16_bits(hi)));
+// Results in ld16_eo's order, stored in memory order with st()'s rounding. Where either half holds
+// a NaN, bf16_bits, which stores it as st() does.
+static inline void st16_eo(bf16* p, EvenOdd8 r) {
+  __m256i v;
+  if (any_nan(r.even, r.odd))
+    v = _mm256_or_si256(bf16_bits(r.even), _mm256_slli_epi32(bf16_bits(r.odd), 16));
+  else
+    v = _mm256_or_si256(_mm256_srli_epi32(bf16_rounded_high(r.even), 16),
+                        _mm256_and_si256(bf16_rounded_high(r.odd), _mm256_set1_epi32((int)0xffff0000u)));
+  _mm256_storeu_si256((__m256i*)p, v);
 }
 #endif
 
