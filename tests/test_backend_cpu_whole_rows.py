@@ -1,4 +1,5 @@
-"""NCL elementwise passes over float32 rows of whole vectors (cpu_kernels_ncl_passes.inc).
+"""NCL elementwise passes over rows of whole vectors (cpu_kernels_ncl_passes.inc): float32, and
+bf16 in AVX2 builds without AVX-512 (in ld16_eo's even/odd order).
 
 Rows whose length is a multiple of 16 (4x4, 8x8, 16x16, 32x32 maps) are walked by
 ``affine_whole_rows`` and ``grad_input_whole_rows``: each thread's rows in one loop, the channel
@@ -22,7 +23,7 @@ from test_backend_cpu_lines import (
 pytestmark = pytest.mark.skipif(cpu_build.load() is None, reason="bnlab's CPU kernels did not build")
 
 SHAPES = [(1, 1, 16), (3, 5, 16), (2, 7, 64), (5, 3, 32), (2, 3, 256), (3, 5, 1024)]
-DTYPES = [torch.float32, torch.bfloat16]  # float32 takes the loops; bf16 checks the dispatch leaves it alone
+DTYPES = [torch.float32, torch.bfloat16]  # bf16 takes the loops on AVX2-only CPUs, its row walk elsewhere
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
