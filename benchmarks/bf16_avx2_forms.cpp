@@ -9,13 +9,14 @@
 // by a compare instead of a shift, and merging the two halves back by a shift, a mask and an or
 // leaves two shift-port operations per 16 values instead of seven to twelve.
 //
-// Two tables, each by the number of values N (one thread; each figure the median of 41 samples
+// Two forms' families, timed at three sizes N (one thread; each figure the median of 41 samples
 // of enough calls for ~2 ms, in microseconds):
-// - rows of one channel (NCL: the coefficients broadcast): bnlab's unpacked form (ld16_unpacked,
-//   bf16_bits, st16_unpacked), its 8-value form (ld8, st8), and the even/odd form;
-// - rows of per-value coefficients (NLC rows: the coefficients loaded from arrays): bnlab's
-//   8-value form (ld8, st8, as nlc_affine_periodic), the same with 16 values per store, and the
-//   even/odd form with the coefficient arrays split into even and odd values per 16.
+// - rows of one channel (NCL: the coefficients broadcast): bnlab's form before this session (two
+//   unpacks, bf16_bits, one pack per 16 values), its 8-value form (ld8, st8), and the even/odd form;
+// - rows of per-value coefficients (NLC rows of 100 channels: coefficients loaded from arrays of
+//   a period of 400 values, as nlc_affine_periodic expands them): bnlab's 8-value form (ld8 by
+//   vpmovzxwd and a shift, st8), the same with 16 values per store, and the even/odd form with the
+//   coefficient arrays split into even and odd values per 16.
 // y = (x - h) * a + b, rounded to nearest even with every NaN stored as 0x7fc0 (torch's rounding;
 // bnlab's st()). Every form's output is checked bit for bit against the scalar form, on random
 // values and on values with NaNs, infinities, denormals and exact ties mixed in.
@@ -46,7 +47,9 @@ static inline float widen_scalar(bf16 b) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-static inline __m256 affine(__m256 x, __m256 h, __m256 a, __m256 b) { return _mm256_fmadd_ps(_mm256_sub_ps(x, h), a, b); }
+static inline __m256 affine(__m256 x, __m256 h, __m256 a, __m256 b) {
+  return _mm256_fmadd_ps(_mm256_sub_ps(x, h), a, b);
+}
 
 // ---- bnlab's current forms
 static inline __m256i bits_shift(__m256 f) {  // bnlab's bf16_bits: the bits in each lane's low half
@@ -212,7 +215,8 @@ int main(int argc, char** argv) {
     const float c1[3] = {0.25f, 1.7f, -0.3f};
     for (int special = 0; special < 2; ++special) {  // plain values, then NaN/inf/denormal/tie values mixed in
       for (long i = 0; i < N; ++i) x[i] = round_scalar(normal(gen));
-      for (long i = 0; i < 3 * P; ++i) c[i] = i < P ? normal(gen) * 0.1f : i < 2 * P ? 1.f + 0.2f * normal(gen) : normal(gen);
+      for (long i = 0; i < 3 * P; ++i)  // h near 0, a near 1, b of any size
+        c[i] = i < P ? normal(gen) * 0.1f : i < 2 * P ? 1.f + 0.2f * normal(gen) : normal(gen);
       if (special) {
         const uint16_t kinds[6] = {0x7fc0, 0xff80, 0x7f80, 0x0001, 0x8040, 0xffc1};
         for (long i = 0; i < N; i += 7) x[i] = kinds[(i / 7) % 6];
