@@ -50,13 +50,15 @@ __all__ = ["AVAILABLE", "OVERLOAD", "tracing", "train", "batch_moments", "evalua
 #: their graph at each layer.
 AVAILABLE = hasattr(torch.library, "register_fake") and hasattr(torch.library, "register_autograd")
 
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+#: ``torch.compiler.is_compiling`` where this torch has it (else always False): whether dynamo is
+#: tracing the caller. The layers' ``__call__`` asks it before taking the compiled layer call.
+is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 def tracing() -> bool:
     """Whether torch.compile or torch.export is tracing the caller, with these operators available:
     then the layers and ``functional.batch_norm`` call :func:`train` and :func:`evaluate`."""
-    return AVAILABLE and _is_compiling()
+    return AVAILABLE and is_compiling()
 
 
 def _strided_as_fake(t: Tensor, x: Tensor) -> Tensor:

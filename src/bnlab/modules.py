@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from bnlab import _checks
 from bnlab._fastpath import LAYER_CALL, install_layer_call, module_forward
-from bnlab.custom_ops import _is_compiling
+from bnlab.custom_ops import is_compiling
 from bnlab.functional import batch_norm
 from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.scripting import refuse_scripting
@@ -124,7 +124,7 @@ class _BatchNormMixin:
         (0.7-3.3 us a call: docs/benchmarks.md, thirtieth session). Under torch.compile / export
         it is nn.Module.__call__ (checked first, so the tracer never reaches the compiled call).
         """
-        if len(args) == 1 and not kwargs and not _is_compiling():
+        if len(args) == 1 and not kwargs and not is_compiling():
             call = LAYER_CALL["call"]
             if call is not None:
                 y = call(self, args[0])
