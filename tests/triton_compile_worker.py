@@ -11,20 +11,20 @@ Prints one line per distinct kernel variant compiled, then ``compiled N variants
 the compiler's message on the first failure. ``--part K/N`` compiles only every N-th distinct
 variant from the K-th on (in the order the launchers reach them, the same in every process), so
 that N processes share the compiling (test_triton_compile.py runs two, one per core). With --resources, also each variant's registers per
-thread and spill bytes (``ptxas -v``), a register range per kernel and ``spill bytes N``: a spill
+thread and spill bytes (from the log of ``ptxas -v``, which Triton runs for the cubin), a register range per kernel and ``spill bytes N``: a spill
 makes a memory-bound kernel wait on local memory, and registers bound how many warps an SM holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import io
 import itertools
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("triton_compile_worker: run with TRITON_INTERPRET unset (the interpreter compiles nothing)")
@@ -56,22 +56,28 @@ def _type_of(value) -> str:
     raise TypeError(f"unexpected kernel argument {value!r}")
 
 
-def ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers per thread, spill bytes stored + loaded) of a kernel's PTX, from ``ptxas -v``
-    (the ptxas Triton itself uses for this architecture)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)  # e.g. sm_90a
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        cmd = [get_ptxas(arch).path, f"-arch={target}", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    log = out.stdout + out.stderr
+def ptxas_resources(log: str) -> tuple[int, int]:
+    """(registers per thread, spill bytes stored + loaded) from a ``ptxas -v`` log."""
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
     return registers, spills
+
+
+def compile_variant(source: ASTSource, target: GPUTarget, options: dict, resources: bool):
+    """triton.compile(source), and with ``resources`` the log of the ptxas run that made its cubin:
+    Triton runs ptxas with -v and prints that log when asked (knobs.nvidia.dump_ptxas_log), so the
+    resources are those of the very compile, read without running ptxas again."""
+    if not resources:
+        return triton.compile(source, target=target, options=options), ""
+    log = io.StringIO()
+    previous = triton.knobs.nvidia.dump_ptxas_log
+    triton.knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=target, options=options)
+    finally:
+        triton.knobs.nvidia.dump_ptxas_log = previous
+    return compiled, log.getvalue()
 
 
 class Recorder:
@@ -107,14 +113,16 @@ class Recorder:
         self.compiled += 1
         try:
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            compiled = triton.compile(source, target=self.target, options=options)
+            compiled, log = compile_variant(source, self.target, options, self.resources is not None)
         except Exception as exc:
             cause = exc.__cause__ or exc
             sys.exit(f"FAILED {kernel.fn.__name__} {constexprs} {signature}:\n{exc}\ncause: {cause!r}")
         # FMA instructions in the PTX: what enable_fp_fusion decides (unfused, a multiply and an add)
         extra = f" fma {compiled.asm['ptx'].count('fma.rn.f32')} fma64 {compiled.asm['ptx'].count('fma.rn.f64')}"
         if self.resources is not None:
-            registers, spills = ptxas_resources(compiled.asm["ptx"], self.target.arch)
+            if "Used " not in log:  # a clean cache is expected (each part has its own): make it obvious
+                sys.exit(f"FAILED {kernel.fn.__name__} {constexprs}: no ptxas log (the variant came from a cache?)")
+            registers, spills = ptxas_resources(log)
             self.resources.setdefault(kernel.fn.__name__, []).append((registers, spills))
             extra += f" registers {registers} spills {spills}"
         print(f"ok {kernel.fn.__name__} {constexprs}{extra}", flush=True)

@@ -137,10 +137,7 @@ def small_backward_kernel(
 ):  # fmt: skip
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
-    mean = tl.load(stats_ptr + c, mask=c_ok, other=0.0)
-    invstd = tl.load(stats_ptr + 2 * C + c, mask=c_ok, other=0.0)
-    hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    hi = tl.load(stats_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     acc_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
     acc_dyx = tl.zeros([BLOCK_C], dtype=tl.float64)
     # Σdz sums dz - g0, g0 the first row's dz (0 where not finite), and adds M·g0 after: a float32
@@ -166,6 +163,11 @@ def small_backward_kernel(
         acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
     shifted = acc_dy  # Σ(dz - g0)
     acc_dy = shifted + count * g0.to(tl.float64)
+    # Loaded after the loop: held through it, the float64 mean and invstd made the sm_90 build of
+    # the bf16 centred sums (Triton 3.9's ptxas flags) spill 8 bytes.
+    mean = tl.load(stats_ptr + c, mask=c_ok, other=0.0)
+    invstd = tl.load(stats_ptr + 2 * C + c, mask=c_ok, other=0.0)
+    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
     # The coefficients of dx = kk·(dz - gh) + (a·(x - hi) + cc) (as merge_grad_sums).
     if CENTRED:
         sxh = minus_remainder(acc_dyx, lo, shifted) * invstd
