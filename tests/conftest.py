@@ -118,3 +118,28 @@ def record_entry_answers(monkeypatch, getter: str) -> list:
 
     monkeypatch.setattr(fastpath, getter, spy)
     return answers
+
+
+# -- slow checks in other processes, run niced beside the suite (tests/background_checks.py) ------
+from background_checks import CHECKS, marked_checks  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "background(name): the test reads the results of a background check (tests/background_checks.py)"
+    )
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly:
+        CHECKS.start(marked_checks(session.items))
+
+
+def pytest_sessionfinish(session):
+    CHECKS.close()
+
+
+@pytest.fixture(scope="session")
+def background():
+    """The session's background checks: ``background.result(name)`` waits for one's outputs."""
+    return CHECKS

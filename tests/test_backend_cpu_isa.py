@@ -13,17 +13,18 @@ differed, and on an AMD Zen 3 machine (the EPYC VM) 218: GCC's tuning for Zen (-
 split the multiply-add chains of loops that accumulate Σdy·(x - hi) into a multiply and an add,
 until those accumulations were written as std::fma. Another part of that tuning vectorised a
 float64 row's scalar tail differently (24 results), until the tail's product-sum was a std::fma too.
+The build and the comparison (about 60 s) are a background check (tests/background_checks.py):
+they start when collection ends and run niced beside the suite.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import background_checks
 from bnlab.backends import cpu_build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,21 +42,41 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.mark.skipif(not set(X86_64_V3) <= _cpu_flags(), reason="the CPU cannot run an x86-64-v3 build")
-def test_an_avx2_build_computes_the_native_builds_bits(tmp_path):
+CAN_RUN_V3 = set(X86_64_V3) <= _cpu_flags()
+
+# Compiles the x86-64-v3 build into the check's folder, then compares it with the native build.
+_COMPILE_THEN_COMPARE = """
+import subprocess, sys
+from pathlib import Path
+import background_checks
+from bnlab.backends import cpu_build
+target, compare, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
+error = cpu_build._compile(cpu_build._compiler(), flags, Path(target))
+if error is not None:
+    sys.exit(f"the x86-64-v3 build failed: {error}")
+sys.exit(subprocess.run([sys.executable, compare, "--old", target]).returncode)
+"""
+
+
+def _avx2_build_check(folder: Path) -> list:
+    """The one command of the "avx2-build" background check (tests/background_checks.py)."""
+    target = folder / "bnlab_cpu_module_v3.so"
+    flags = ["-march=x86-64-v3", "-fopenmp", "-DBNLAB_PYTHON_MODULE", f"-I{cpu_build._python_include()}"]
+    argv = [sys.executable, "-c", _COMPILE_THEN_COMPARE, str(target), str(ROOT / "benchmarks" / "compare_builds.py")]
+    return [(argv + flags, background_checks.environment())]
+
+
+if CAN_RUN_V3:
+    background_checks.register("avx2-build", _avx2_build_check)
+
+
+@pytest.mark.skipif(not CAN_RUN_V3, reason="the CPU cannot run an x86-64-v3 build")
+@pytest.mark.background("avx2-build")
+def test_an_avx2_build_computes_the_native_builds_bits(background):
     native = cpu_build.load()
     if native is None or not hasattr(native, "bn_empty") or cpu_build._compiler() is None:
         pytest.skip(f"no compiled kernel module here: {cpu_build.load_error()}")
-    include = cpu_build._python_include()
-    target = tmp_path / "bnlab_cpu_module_v3.so"
-    flags = ["-march=x86-64-v3", "-fopenmp", "-DBNLAB_PYTHON_MODULE", f"-I{include}"]
-    error = cpu_build._compile(cpu_build._compiler(), flags, target)
-    assert error is None, error
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(ROOT / "src"), os.environ.get("PYTHONPATH", ""))))
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare_builds.py"), "--old", str(target)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    (out,) = background.result("avx2-build")
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0 and last.endswith(" 0 differ"), out.stdout[-3000:] + out.stderr[-3000:]
     assert int(last.split()[0]) >= 2000, last  # the comparison really ran its cases

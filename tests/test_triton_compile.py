@@ -3,6 +3,8 @@
 The interpreter tests (test_triton.py) check what the kernels compute; they cannot see code the
 compiler rejects. These tests run tests/triton_compile_worker.py in a fresh process without
 TRITON_INTERPRET, so the kernels are really compiled to PTX and cubin by Triton's bundled ptxas.
+The compile of every variant (about 95 s on two cores) is a background check
+(tests/background_checks.py): it starts when collection ends and runs niced beside the suite.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import background_checks
+
 # Triton is not imported here: this process runs it interpreted (tests/conftest.py sets
 # TRITON_INTERPRET before collection); the compiling happens in worker processes without it.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -25,36 +29,36 @@ WORKER = TESTS / "triton_compile_worker.py"
 
 
 def _env(cache_dir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest.py sets it here
-    src = str(TESTS.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, str(TESTS), env.get("PYTHONPATH", "")) if p)
-    env["TRITON_CACHE_DIR"] = str(cache_dir)  # a clean cache: every variant really compiles
-    return env
-
-
-def _run(args: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=_env(cache_dir), capture_output=True, text=True, timeout=900)
+    """A worker's environment: compiling for real (no TRITON_INTERPRET), in a clean Triton cache."""
+    return background_checks.environment(TRITON_CACHE_DIR=str(cache_dir))
 
 
 PARTS = 2  # worker processes sharing the compiling, one per core of the project's machines
 
 
-def test_every_launched_kernel_variant_compiles_for_sm90(tmp_path):
-    # The parts run at once (each in its own Triton cache, writing to files: a pipe could fill and
-    # hold one part while the other is awaited); together they compile every variant.
-    logs = [(tmp_path / f"out{k}.txt", tmp_path / f"err{k}.txt") for k in range(PARTS)]
-    workers = []
-    for k, (out_path, err_path) in enumerate(logs):
-        with open(out_path, "w") as out, open(err_path, "w") as err:
-            command = [sys.executable, str(WORKER), "--arch", "90", "--resources", "--part", f"{k}/{PARTS}"]
-            workers.append(subprocess.Popen(command, env=_env(tmp_path / f"cache{k}"), stdout=out, stderr=err))
-    for worker in workers:
-        worker.wait(timeout=900)
+def _sm90_check(folder: Path) -> list:
+    """The "triton-sm90" background check (tests/background_checks.py): PARTS workers at once,
+    each in its own clean Triton cache (every variant really compiles), together every variant."""
+    return [
+        (
+            [sys.executable, str(WORKER), "--arch", "90", "--resources", "--part", f"{k}/{PARTS}"],
+            _env(folder / f"cache{k}"),
+        )
+        for k in range(PARTS)
+    ]
+
+
+if importlib.util.find_spec("triton") is not None:
+    background_checks.register("triton-sm90", _sm90_check)
+
+
+@pytest.mark.background("triton-sm90")
+def test_every_launched_kernel_variant_compiles_for_sm90(background):
+    parts = background.result("triton-sm90")
     lines, totals, compiled = [], set(), 0
-    for worker, (out_path, err_path) in zip(workers, logs):
-        out, err = out_path.read_text(), err_path.read_text()
-        assert worker.returncode == 0, out[-3000:] + err[-3000:]
-        part = out.strip().splitlines()
+    for output in parts:
+        assert output.returncode == 0, output.stdout[-3000:] + output.stderr[-3000:]
+        part = output.stdout.strip().splitlines()
         # no kernel keeps values in local memory: a spill would stall these bandwidth-bound kernels
         assert "spill bytes 0" in part, [line for line in part if "spill" in line and not line.endswith("spills 0")][:5]
         last = part[-1]
