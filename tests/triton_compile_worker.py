@@ -24,7 +24,9 @@ import io
 import itertools
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("triton_compile_worker: run with TRITON_INTERPRET unset (the interpreter compiles nothing)")
@@ -63,20 +65,41 @@ def ptxas_resources(log: str) -> tuple[int, int]:
     return registers, spills
 
 
+def separate_ptxas_log(ptx: str, arch: int) -> str:
+    """The log of ``ptxas -v`` run again on a kernel's PTX, with the ptxas Triton uses for this
+    architecture but not Triton's other flags: for a Triton whose compile cannot print its log."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)  # e.g. sm_90a
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, f"-arch={target}", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return out.stdout + out.stderr
+
+
 def compile_variant(source: ASTSource, target: GPUTarget, options: dict, resources: bool):
     """triton.compile(source), and with ``resources`` the log of the ptxas run that made its cubin:
     Triton runs ptxas with -v and prints that log when asked (knobs.nvidia.dump_ptxas_log), so the
-    resources are those of the very compile, read without running ptxas again."""
-    if not resources:
-        return triton.compile(source, target=target, options=options), ""
+    resources are those of the very compile (its flags: Triton 3.9 adds --regAllocOptLevel=2, under
+    which one variant spilled that a plain ``ptxas -v`` run did not). A Triton without that knob
+    (or whose log is not printed) gets a separate ptxas run."""
+    knobs = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    if not resources or not hasattr(knobs, "dump_ptxas_log"):
+        compiled = triton.compile(source, target=target, options=options)
+        return compiled, separate_ptxas_log(compiled.asm["ptx"], target.arch) if resources else ""
     log = io.StringIO()
-    previous = triton.knobs.nvidia.dump_ptxas_log
-    triton.knobs.nvidia.dump_ptxas_log = True
+    previous = knobs.dump_ptxas_log
+    knobs.dump_ptxas_log = True
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(source, target=target, options=options)
     finally:
-        triton.knobs.nvidia.dump_ptxas_log = previous
+        knobs.dump_ptxas_log = previous
+    if "Used " not in log.getvalue():  # the compile came from a cache, or printed no log
+        return compiled, separate_ptxas_log(compiled.asm["ptx"], target.arch)
     return compiled, log.getvalue()
 
 
@@ -120,8 +143,6 @@ class Recorder:
         # FMA instructions in the PTX: what enable_fp_fusion decides (unfused, a multiply and an add)
         extra = f" fma {compiled.asm['ptx'].count('fma.rn.f32')} fma64 {compiled.asm['ptx'].count('fma.rn.f64')}"
         if self.resources is not None:
-            if "Used " not in log:  # a clean cache is expected (each part has its own): make it obvious
-                sys.exit(f"FAILED {kernel.fn.__name__} {constexprs}: no ptxas log (the variant came from a cache?)")
             registers, spills = ptxas_resources(log)
             self.resources.setdefault(kernel.fn.__name__, []).append((registers, spills))
             extra += f" registers {registers} spills {spills}"
