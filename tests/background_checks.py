@@ -1,10 +1,12 @@
 """Slow checks that run in other processes, started when collection ends and run niced beside the suite.
 
-Why: two checks spend nearly all their time in other processes: the x86-64-v3 build of the CPU
-kernels and its comparison with the native build (test_backend_cpu_isa.py, about 60 s), and the
-sm_90 compile of every Triton kernel variant (test_triton_compile.py, about 95 s on both cores).
-Run in place they took a quarter of the suite's 10 min on the Zen 3 VM, while most other tests
-are one Python thread and leave the second core idle. Started at nice 19 once the tests are
+Why: a few checks spend nearly all their time in other processes: the x86-64-v3 build of the
+CPU kernels and its comparison with the native build (test_backend_cpu_isa.py, about 60 s), the
+sm_90 compile of every Triton kernel variant (test_triton_compile.py, about 95 s on both cores),
+and the dry runs of the GPU round and of the tile tuning in Triton's interpreter
+(test_gpu_round.py, test_triton_tune.py, 20-30 s each). Run in place they took 3.5 of the
+suite's 10 min on the Zen 3 VM, while most other tests are one Python thread and leave the
+second core idle. Started at nice 19 once the tests are
 collected, they run on that idle time; a test that wants both cores (two OpenMP threads) still
 gets them, since a niced process yields to it. The tests that own the checks then only wait for
 the results and assert on them as before.
@@ -31,11 +33,13 @@ from typing import Callable
 
 @dataclass
 class Output:
-    """One command's exit status and output, read back from its files."""
+    """One command's exit status and output, read back from its files; ``folder`` is the check's
+    own (what its commands wrote there stays until the session ends)."""
 
     returncode: int
     stdout: str
     stderr: str
+    folder: Path
 
 
 @dataclass
@@ -112,7 +116,7 @@ class Checks:
             for process in processes:
                 process.wait()
             check.outputs = [
-                Output(p.returncode, (folder / f"out{k}.txt").read_text(), (folder / f"err{k}.txt").read_text())
+                Output(p.returncode, (folder / f"out{k}.txt").read_text(), (folder / f"err{k}.txt").read_text(), folder)
                 for k, p in enumerate(processes)
             ]
         except Exception as exc:  # reported by result(), in the test that asked

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import background_checks
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_round.sh"
 
@@ -97,10 +99,22 @@ def test_stages_past_the_budget_are_skipped(tmp_path):
     assert "stage (gpu_check) skipped" in result.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_dry_run_passes_the_checks_in_the_interpreter(tmp_path):
-    env = {**os.environ, "DRY": "1", "PY": sys.executable, "OUT": str(tmp_path)}
-    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+def _dry_round(folder: Path) -> list:
+    """The "gpu-round-dry" background check (tests/background_checks.py, 20 s): the round's DRY
+    mode, its checks in Triton's interpreter."""
+    env = background_checks.environment(DRY="1", PY=sys.executable, OUT=str(folder), TRITON_INTERPRET="1")
+    return [(["bash", str(SCRIPT)], env)]
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    background_checks.register("gpu-round-dry", _dry_round)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.background("gpu-round-dry")
+def test_dry_run_passes_the_checks_in_the_interpreter(background):
+    (result,) = background.result("gpu-round-dry")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "0 failure(s)" in result.stdout
 
