@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -110,13 +111,17 @@ class Checks:
                     if self._closed:
                         raise RuntimeError("the session ended first")
                     with open(folder / f"out{k}.txt", "w") as out, open(folder / f"err{k}.txt", "w") as err:
-                        process = subprocess.Popen(self._nice + argv, env=env, stdout=out, stderr=err)
+                        # a session of its own: closing kills the command and what it started (g++'s cc1plus, ptxas)
+                        process = subprocess.Popen(
+                            self._nice + argv, env=env, stdout=out, stderr=err, start_new_session=True
+                        )
                     self._running.append(process)
                 processes.append(process)
             for process in processes:
                 process.wait()
             check.outputs = [
-                Output(p.returncode, (folder / f"out{k}.txt").read_text(), (folder / f"err{k}.txt").read_text(), folder)
+                Output(p.returncode, (folder / f"out{k}.txt").read_text(), (folder / f"err{k}.txt").read_text(),
+                       folder)
                 for k, p in enumerate(processes)
             ]
         except Exception as exc:  # reported by result(), in the test that asked
@@ -130,7 +135,10 @@ class Checks:
             self._closed = True
             for process in self._running:
                 if process.poll() is None:
-                    process.kill()
+                    try:
+                        os.killpg(process.pid, signal.SIGKILL)
+                    except OSError:  # gone meanwhile
+                        pass
         for process in self._running:
             process.wait()
         for thread in self._threads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -16,7 +17,8 @@ def _python(code: str) -> tuple[list[str], dict]:
 
 
 def test_a_started_check_gives_each_commands_output_in_order():
-    background_checks.register("runner-two", lambda folder: [_python("print('first')"), _python("import sys; sys.exit(3)")])
+    commands = [_python("print('first')"), _python("import sys; sys.exit(3)")]
+    background_checks.register("runner-two", lambda folder: commands)
     checks = Checks()
     try:
         checks.start(["runner-two", "not-registered"])  # an unknown name is no check: ignored
@@ -40,16 +42,47 @@ def test_a_check_never_started_runs_when_asked_and_a_broken_one_is_named():
         checks.close()
 
 
-def test_closing_kills_what_still_runs():
-    background_checks.register("runner-slow", lambda folder: [_python("import time; time.sleep(300)")])
+# A command that starts a process of its own (as g++ starts cc1plus), prints that one's pid and waits.
+_PARENT = (
+    "import subprocess, sys, time\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+    "print(child.pid, flush=True)\n"
+    "time.sleep(300)\n"
+)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs: a zombie (killed, not yet reaped by whoever adopted it) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # gone meanwhile, or no /proc
+        return not os.path.exists(f"/proc/{pid}")
+
+
+def test_closing_kills_what_still_runs_and_what_it_started():
+    background_checks.register("runner-slow", lambda folder: [_python(_PARENT)])
     checks = Checks()
     checks.start(["runner-slow"])
-    time.sleep(0.5)  # the process is started
+    folder = checks._root / "runner-slow"
+    deadline = time.monotonic() + 60
+    while not ((folder / "out0.txt").exists() and (folder / "out0.txt").read_text().strip()):
+        assert time.monotonic() < deadline, "the command never printed its child's pid"
+        time.sleep(0.1)
     began = time.monotonic()
     checks.close()
     assert time.monotonic() - began < 30
     (out,) = checks.result("runner-slow", timeout=1)  # recorded before close() returned
     assert out.returncode != 0  # killed, not finished
+    child = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10  # killed with the command's session; reaped by init meanwhile
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), f"the command's own child {child} outlived close()"
 
 
 class _Item:

@@ -10,9 +10,11 @@ the target given by --arch (default sm_90, the H100/H200). Nothing runs on a dev
 Prints one line per distinct kernel variant compiled, then ``compiled N variants``; exits 1 with
 the compiler's message on the first failure. ``--part K/N`` compiles only every N-th distinct
 variant from the K-th on (in the order the launchers reach them, the same in every process), so
-that N processes share the compiling (test_triton_compile.py runs two, one per core). With --resources, also each variant's registers per
-thread and spill bytes (from the log of ``ptxas -v``, which Triton runs for the cubin), a register range per kernel and ``spill bytes N``: a spill
-makes a memory-bound kernel wait on local memory, and registers bound how many warps an SM holds.
+that N processes share the compiling (test_triton_compile.py runs two, one per core). With
+--resources, also each variant's registers per thread and spill bytes (from the log of the
+``ptxas -v`` run that makes its cubin: compile_variant), a register range per kernel and
+``spill bytes N``: a spill makes a memory-bound kernel wait on local memory, and registers bound
+how many warps an SM holds.
 """
 
 from __future__ import annotations
