@@ -64,6 +64,7 @@ def _alive(pid: int) -> bool:
         return not os.path.exists(f"/proc/{pid}")
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Popen's process_group is Python 3.11's")
 def test_closing_kills_what_still_runs_and_what_it_started():
     background_checks.register("runner-slow", lambda folder: [_python(_PARENT)])
     checks = Checks()
