@@ -48,7 +48,6 @@ CAN_RUN_V3 = set(X86_64_V3) <= _cpu_flags()
 _COMPILE_THEN_COMPARE = """
 import subprocess, sys
 from pathlib import Path
-import background_checks
 from bnlab.backends import cpu_build
 target, compare, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
 error = cpu_build._compile(cpu_build._compiler(), flags, Path(target))
