@@ -44,16 +44,19 @@ class Output:
     folder: Path
 
 
+Make = Callable[[Path], list[tuple[list[str], dict]]]  # folder -> [(argv, env)], run all at once
+
+#: The checks declared by the test modules: name -> make.
+_REGISTRY: dict[str, Make] = {}
+
+
 @dataclass
-class _Check:
-    make: Callable[[Path], list[tuple[list[str], dict]]]  # folder -> [(argv, env)], run all at once
-    started: bool = False
+class _Run:
+    """One Checks object's run of one check."""
+
     done: threading.Event = field(default_factory=threading.Event)
     outputs: list[Output] = field(default_factory=list)
     error: str | None = None
-
-
-_REGISTRY: dict[str, _Check] = {}
 
 # Each command in a process group of its own, so that closing kills it with what it started (g++'s
 # cc1plus, ptxas). A group, not a session (start_new_session): Linux's autogroup scheduling shares
@@ -63,10 +66,10 @@ _REGISTRY: dict[str, _Check] = {}
 _OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {}
 
 
-def register(name: str, make: Callable[[Path], list[tuple[list[str], dict]]]) -> None:
+def register(name: str, make: Make) -> None:
     """Declare a check: ``make(folder)`` returns the commands (argv, environment) to run at once,
     with ``folder`` theirs to write in; it runs only if a selected test is marked with ``name``."""
-    _REGISTRY.setdefault(name, _Check(make))
+    _REGISTRY.setdefault(name, make)
 
 
 class Checks:
@@ -77,6 +80,7 @@ class Checks:
         self._lock = threading.Lock()
         self._running: list[subprocess.Popen] = []
         self._threads: list[threading.Thread] = []
+        self._runs: dict[str, _Run] = {}  # the checks started, by name
         self._closed = False
         # nice(1) where there is one: the checks then take only the CPU time the tests leave
         self._nice = ["nice", "-n", "19"] if shutil.which("nice") else []
@@ -84,9 +88,9 @@ class Checks:
     def start(self, names: list[str]) -> None:
         """Run the named checks one after another in a background thread."""
         with self._lock:
-            todo = [name for name in names if name in _REGISTRY and not _REGISTRY[name].started]
+            todo = [name for name in names if name in _REGISTRY and name not in self._runs]
             for name in todo:
-                _REGISTRY[name].started = True
+                self._runs[name] = _Run()
         if todo:
             thread = threading.Thread(target=lambda: [self._run(name) for name in todo], daemon=True)
             self._threads.append(thread)
@@ -95,10 +99,11 @@ class Checks:
     def result(self, name: str, timeout: float = 1500) -> list[Output]:
         """The outputs of check ``name``'s commands, in the order made; waits for them (starting
         the check here if nothing started it)."""
-        check = _REGISTRY[name]
+        if name not in _REGISTRY:
+            raise KeyError(f"name: expected a registered background check {sorted(_REGISTRY)}, got {name!r}")
         with self._lock:
-            start_here = not check.started
-            check.started = True
+            start_here = name not in self._runs
+            check = self._runs.setdefault(name, _Run())
         if start_here:
             self._run(name)
         if not check.done.wait(timeout):
@@ -108,11 +113,11 @@ class Checks:
         return check.outputs
 
     def _run(self, name: str) -> None:
-        check = _REGISTRY[name]
+        check = self._runs[name]
         try:
             folder = self._root / name
             folder.mkdir()
-            commands = check.make(folder)
+            commands = _REGISTRY[name](folder)
             processes = []
             for k, (argv, env) in enumerate(commands):
                 with self._lock:

@@ -38,6 +38,8 @@ def test_a_check_never_started_runs_when_asked_and_a_broken_one_is_named():
         assert out.stdout.strip() == "4"
         with pytest.raises(RuntimeError, match="'runner-broken' could not run: ZeroDivisionError"):
             checks.result("runner-broken", timeout=120)
+        with pytest.raises(KeyError, match="name: expected a registered background check .* got 'runner-unknown'"):
+            checks.result("runner-unknown")
     finally:
         checks.close()
 
