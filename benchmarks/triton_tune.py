@@ -56,7 +56,7 @@ def _kernels(ops, x, dy, p) -> dict:
     """{kernel name: zero-argument launch} for one plan; inputs of the right shapes, values irrelevant."""
     c = p.c
     coef = torch.rand(3, c, device=x.device)
-    gcoef = torch.rand(4, c, device=x.device)
+    gcoef = torch.rand(5, c, device=x.device)  # hi, kk, a, cc, gh (grad_input_kernel)
     hi = coef[0].contiguous()
     if ops.merge_in_tiles(p):  # NCL: the input gradient merges the partial sums in its tiles
         part = torch.rand(p.segments, c, 2, dtype=torch.float64, device=x.device)

@@ -137,3 +137,19 @@ def assert_fused_relu_handles_nan_as_torch():
     want = step(lambda a, r: torch.relu(theirs(a) + r), theirs)
     for name, g, w in zip(("dx", "dresidual", "dweight", "dbias"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def at_the_rounded_mean(seed=3):
+    """(x, dy) (40, 3, 2, 2): channel 0 holds v = 1000 at 150 of its 160 positions, v + 2 ulp at 5 and
+    v - ulp at 5, so that its mean v + ulp/32 rounds to v in float32 (mean_lo != 0); dy normal
+    with +inf at one x = v - ulp, below the mean (Σdy = +inf, Σdy·x̂ = -inf)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 3, 2, 2, generator=gen)
+    v, ulp = 1000.0, float(np.spacing(np.float32(1000.0)))
+    channel = torch.full((160,), v)
+    channel[:5], channel[5:10] = v + 2 * ulp, v - ulp
+    x[:, 0] = channel[torch.randperm(160, generator=gen)].view(40, 2, 2)
+    dy = torch.randn(40, 3, 2, 2, generator=gen)
+    below = (x[:, 0] == torch.tensor(v - ulp, dtype=torch.float32)).nonzero()[0]
+    dy[below[0], 0, below[1], below[2]] = float("inf")
+    return x, dy

@@ -20,6 +20,7 @@ import bnlab
 from bnlab import reference as ref
 from bnlab.backends import cpu_build, get_backend
 from bnlab.stats import finalize, merge_moments
+from speed_helpers import at_the_rounded_mean
 
 INF = float("inf")
 
@@ -108,32 +109,16 @@ def test_sync_ranks_with_an_infinite_dy_give_the_references_infinity(name):
         _placed_as(got, (dy.double() * x_hat).sum((0, 2)).numpy(), "Σdy·x̂")
 
 
-def _at_the_rounded_mean(seed=3):
-    """(x, dy) (40, 3, 2, 2): channel 0 holds v = 1000 at 150 of its 160 positions, v + 2 ulp at 5 and
-    v - ulp at 5, so that its mean v + ulp/32 rounds to v in float32 (mean_lo != 0); dy normal
-    with +inf at one x = v - ulp, below the mean (Σdy = +inf, Σdy·x̂ = -inf)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(40, 3, 2, 2, generator=gen)
-    v, ulp = 1000.0, float(np.spacing(np.float32(1000.0)))
-    channel = torch.full((160,), v)
-    channel[:5], channel[5:10] = v + 2 * ulp, v - ulp
-    x[:, 0] = channel[torch.randperm(160, generator=gen)].view(40, 2, 2)
-    dy = torch.randn(40, 3, 2, 2, generator=gen)
-    below = (x[:, 0] == torch.tensor(v - ulp, dtype=torch.float32)).nonzero()[0]
-    dy[below[0], 0, below[1], below[2]] = INF
-    return x, dy
-
-
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_an_infinite_dy_gives_the_references_infinity_where_x_is_the_rounded_mean(memory_format):
     """There x - mean_hi is 0, and a·0 with the infinite coefficient a was NaN (about one fuzz case
     in 2,000), where the exact x - mean = -mean_lo gives the float64 reference's -inf: the CPU
     kernels now take -mean_lo there (dx_at_rounded_means, after their vector loops, only where a
-    sum is not finite). The portable and Triton paths keep the NaN (docs/math.md §4.2): a select in
-    every call cost the portable backward 1.5-3.3x."""
+    sum is not finite); the Triton kernels too (test_triton.py). The portable path keeps the NaN
+    (docs/math.md §4.2): a select in every call cost the portable backward 1.5-3.3x."""
     if "cpu" not in bnlab.available_backends() or cpu_build.load() is None:
         pytest.skip("the CPU kernels did not build")
-    x, dy = _at_the_rounded_mean()
+    x, dy = at_the_rounded_mean()
     x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
     bn = bnlab.BatchNorm2d(3)
     xg = x.clone().requires_grad_(True)

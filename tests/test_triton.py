@@ -480,6 +480,45 @@ def test_infinite_dy_gives_the_references_infinities(shape, layout):
         np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=2e-4, atol=2e-4)
 
 
+def _placed_as_reference(got: torch.Tensor, want: np.ndarray, what: str) -> None:
+    """NaN, +inf and -inf where the reference has them, the finite values close."""
+    got = got.double().numpy()
+    for kind in (np.isnan, np.isposinf, np.isneginf):
+        assert np.array_equal(kind(got), kind(want)), f"{what}: {kind.__name__}"
+    np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=2e-4, atol=2e-4, err_msg=what)
+
+
+@pytest.mark.parametrize("path", ["nchw", "nchw, merge apart", "cl", "sync"])
+def test_infinite_dy_where_x_is_the_rounded_mean(path, monkeypatch):
+    """Where x equals the float32-rounded mean hi, x - hi is 0, and a·0 with the infinite coefficient
+    a was NaN, where the exact x - mean = -mean_lo gives the float64 reference's -inf (150 values of
+    channel 0 here): every dx kernel now takes -lo there (triton_elementwise.x_minus_hi), as the
+    CPU kernels do (test_nonfinite_gradient.py). Paths: NCL rows with the merge in the input
+    gradient's tiles and apart from them (grad_merge_kernel), channels-last rows (the one-program
+    kernel or the general ones, by the autouse fixture), and the input gradient from given sums
+    (grad_input_with, SyncBatchNorm's)."""
+    from bnlab.backends import triton_ops
+    from speed_helpers import at_the_rounded_mean
+
+    x, dy = at_the_rounded_mean()
+    if path == "cl":
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    if path == "nchw, merge apart":
+        monkeypatch.setattr(triton_ops, "merge_in_tiles", lambda p: False)
+    w = torch.tensor([0.5, 1.5, -2.0])
+    _, stats, invstd = TRITON.forward_train(x, w, None, 1e-5)
+    if path == "sync":
+        sum_dy, sum_dy_xhat = TRITON.grad_sums(dy, x, stats.mean, invstd)
+        dx = TRITON.grad_input(dy, x, stats.mean, invstd, w, sum_dy, sum_dy_xhat, int(stats.count))
+    else:
+        dx = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True, batch_mean=True)[0]
+    with np.errstate(invalid="ignore"):
+        expected = ref.backward(np64(dy), ref.forward_train(np64(x), np64(w), None)[1])[0]
+    at_mean = (x[:, 0] == 1000.0).numpy()
+    assert at_mean.sum() == 150 and np.isneginf(expected[:, 0][at_mean]).all()  # the case the test is about
+    _placed_as_reference(dx, expected, "dx")
+
+
 @pytest.mark.parametrize("shape,layout", [((24, 3, 6, 6), "nchw"), ((24, 3, 6, 6), "cl"), ((600, 3), "nchw")])
 def test_sync_ranks_sum_about_their_own_mean(shape, layout):
     """SyncBatchNorm on the Triton kernels (bnlab.sync_steps.local_grad_sums): ranks holding 5, 0,

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from bnlab.backends.triton_grad import centre_shift, merge_grad_sums
 from bnlab.backends.triton_mask import relu_masked
-from bnlab.backends.triton_reduce import normalize_coefficients, store_coefficients, update_running
+from bnlab.backends.triton_reduce import normalize_coefficients, store_coefficients, rounded_mean_term, update_running
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def normalize_kernel(
 def grad_input_kernel(
     dy_ptr, x_ptr,  # upstream gradient and input, same strides
     mask_ptr,  # ReLU mask from normalize_kernel (HAS_MASK)
-    coef_ptr,  # (5, C) float32: hi, kk, a, cc, gh of dx = kk·(dz - gh) + (a·(x - hi) + cc)
+    coef_ptr,  # (5, C) float32: hi, kk, a, cc, gh of dx = kk·(dz - gh) + (a·(x - hi) + cc) (_store_dx)
     dx_ptr,  # input gradient out (HAS_DX)
     dres_ptr,  # residual gradient out: dz (WRITE_DRES)
     R, K, C, K8B,
@@ -111,7 +111,7 @@ def grad_input_kernel(
         a = _coef(coef_ptr, 2, r, k, r_ok, k_ok, C, NCL)
         cc = _coef(coef_ptr, 3, r, k, r_ok, k_ok, C, NCL)
         gh = _coef(coef_ptr, 4, r, k, r_ok, k_ok, C, NCL)
-        _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc, gh)
+        _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc, gh, rounded_mean_term(a, cc))
 
 
 @triton.jit
@@ -128,24 +128,26 @@ def _masked_dz(dy_ptr, mask_ptr, dres_ptr, r, r_ok, ok, offs, K, K8B, HAS_MASK: 
 
 
 @triton.jit
-def _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc, gh):
-    """dx = kk·(dz - gh) + (a·(x - hi) + cc) over the tile (float32 coefficients broadcast to it)."""
+def _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc, gh, t):
+    """dx = kk·(dz - gh) + (a·((x - hi) + t) + cc) over the tile (float32 coefficients broadcast to
+    it; cc as triton_reduce.rounded_mean_constant and t as rounded_mean_term give them)."""
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + offs, (kk * (dz - gh) + (a * (x - hi) + cc)).to(dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(dx_ptr + offs, (kk * (dz - gh) + (a * ((x - hi) + t) + cc)).to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def grad_input_merged_kernel(
-    dy_ptr, x_ptr, mask_ptr, dx_ptr, dres_ptr,  # as grad_input_kernel's; NCL rows only
+    dy_ptr, x_ptr, mask_ptr, dx_ptr,  # as grad_input_kernel's; NCL rows only
     part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr,  # as grad_merge_kernel's
     R, K, C, K8B, S, count,
-    HAS_MASK: tl.constexpr, HAS_DX: tl.constexpr, WRITE_DRES: tl.constexpr, HAS_W: tl.constexpr,
-    WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr, CENTRED: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CENTRED: tl.constexpr,
 ):  # fmt: skip
     """grad_merge_kernel and grad_input_kernel in one launch, for NCL tiles of few rows: each tile
     merges its rows' channel partials itself (BLOCK_R x S float64 pairs, from the L2), and the
-    tiles of sample 0's rows in the first column write each channel's sums, dweight and dbias once."""
+    tiles of sample 0's rows in the first column write each channel's sums, dweight and dbias once.
+    Always dx; never the residual's gradient (with it, the sm_90 build of the variant with the
+    mask, dweight and dbias spilled 16 bytes: triton_ops.backward takes the two kernels then)."""
     r, k, r_ok, k_ok, ok, offs = _tile(R, K, BLOCK_R, BLOCK_K)
     c = r % C
     # rows of sample 0 (r < C) in the first column of tiles; written without a scalar & vector mask,
@@ -157,9 +159,9 @@ def grad_input_merged_kernel(
         g = tl.zeros([BLOCK_R], dtype=tl.float32)
     hi, kk, a, cc, gh = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, r_ok, write, g, C,
                                         S, count, HAS_W, WRITE_DW, WRITE_DB, BLOCK_S)  # fmt: skip
-    dz = _masked_dz(dy_ptr, mask_ptr, dres_ptr, r, r_ok, ok, offs, K, K8B, HAS_MASK, WRITE_DRES, BLOCK_R, BLOCK_K)
-    if HAS_DX:
-        _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi[:, None], kk[:, None], a[:, None], cc[:, None], gh[:, None])
+    dz = _masked_dz(dy_ptr, mask_ptr, dx_ptr, r, r_ok, ok, offs, K, K8B, HAS_MASK, False, BLOCK_R, BLOCK_K)
+    t = rounded_mean_term(a, cc)
+    _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi[:, None], kk[:, None], a[:, None], cc[:, None], gh[:, None], t[:, None])
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from bnlab.backends.triton_mask import relu_masked
-from bnlab.backends.triton_reduce import dx_constant, minus_remainder, narrow
+from bnlab.backends.triton_reduce import dx_constant, minus_remainder, narrow, rounded_mean_constant
 
 
 @triton.jit
@@ -139,7 +139,8 @@ def merge_grad_sums(
     in their dtypes) for the channels where ``write``; returns the float32 coefficients (hi, kk,
     a, cc, gh) of dx = kk·(dz - gh) + (a·(x - hi) + cc), each [B]: gh is mean(dz) in float32 and cc
     takes the float64 remainders, so that dz's mean comes off before the product (a channel
-    constant in x and dz gets dx = 0, where kk·dz + cc left the rounding of kk·dz)."""
+    constant in x and dz gets dx = 0, where kk·dz + cc left the rounding of kk·dz); where a is
+    infinite, cc is -lo instead (rounded_mean_constant, for x_minus_hi)."""
     s = tl.arange(0, BLOCK_S)
     at = part_ptr + (s[None, :] * C + c[:, None]) * 2
     ok = c_ok[:, None] & (s < S)[None, :]
@@ -163,7 +164,8 @@ def merge_grad_sums(
         tl.store(dw_ptr + c, narrow(sxh, dw_ptr.dtype.element_ty), mask=write)
     if WRITE_DB:
         tl.store(db_ptr + c, narrow(sdy, db_ptr.dtype.element_ty), mask=write)
-    return hi, kk.to(tl.float32), a.to(tl.float32), cc.to(tl.float32), gh
+    a32 = a.to(tl.float32)
+    return hi, kk.to(tl.float32), a32, rounded_mean_constant(cc.to(tl.float32), a32, lo.to(tl.float32)), gh
 
 
 @triton.jit

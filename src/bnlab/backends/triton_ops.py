@@ -7,8 +7,8 @@ the fused layer), whose first program also updates the running averages (update_
 program, as the guard needs every channel). Three launches; traffic 3N: x is read twice, y
 written once.
 Backward: grad_ncl/grad_nlc -> grad_merge (sums, dx coefficients, dweight/dbias) -> grad_input;
-for NCL tiles of few rows (merge_in_tiles), grad_ncl -> grad_input_merged, whose tiles merge
-their rows' sums themselves: two launches.
+for NCL tiles of few rows (merge_in_tiles) and no residual, grad_ncl -> grad_input_merged, whose
+tiles merge their rows' sums themselves: two launches.
 Traffic 5N: dy and x read twice, dx written once (plus the mask, N/8 bytes, when fused).
 Eval: eval_kernel, one launch whose tiles compute their own coefficients, when tiles span few
 channels (eval_one_launch); otherwise eval_coef (one program, also the negative-variance flag)
@@ -209,10 +209,10 @@ def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False,
         return _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p, centred)
     part = _partial_grads(dy, x, mask, hi, p, centred)
     sums = torch.empty(2, c, dtype=_F64, device=x.device)
-    if (need_dx or want_dres) and merge_in_tiles(p):
-        dx, dres = _grad_input_merged(dy, x, part, stats, weight, sums, p, mask, need_dx, want_dres, dweight, dbias,
-                                      centred)  # fmt: skip
-        return dx, sums, dres
+    # The residual's gradient (the fused add + ReLU layer) takes the merge kernel apart: written by
+    # the merged tiles too, it made their sm_90 build spill 16 bytes (grad_input_merged_kernel).
+    if need_dx and not want_dres and merge_in_tiles(p):
+        return _grad_input_merged(dy, x, part, stats, weight, sums, p, mask, dweight, dbias, centred), sums, None
     gcoef = torch.empty(5, c, dtype=_F32, device=x.device)
     _launch.launch(grad.grad_merge_kernel, (c,),
         part, stats, weight if weight is not None else x, sums, gcoef,
@@ -229,21 +229,19 @@ def _merge_flags(weight, dweight, dbias, p: Plan) -> dict:
                 BLOCK_S=_pow2(p.segments))  # fmt: skip
 
 
-def _grad_input_merged(dy, x, part, stats, weight, sums, p: Plan, mask=None, need_dx=True, want_dres=False,
-                       dweight=None, dbias=None, centred=False):  # fmt: skip
-    """(dx, dres) by grad_input_merged_kernel, which also writes sums (and dweight/dbias) from the
+def _grad_input_merged(dy, x, part, stats, weight, sums, p: Plan, mask=None, dweight=None, dbias=None,
+                       centred=False):  # fmt: skip
+    """dx by grad_input_merged_kernel, which also writes sums (and dweight/dbias) from the
     (segments, C, 2) partial sums; NCL plans only (merge_in_tiles)."""
-    dx = torch.empty_like(x) if need_dx else None
-    dres = torch.empty_like(x) if want_dres else None
+    dx = torch.empty_like(x)
     _launch.launch(ew.grad_input_merged_kernel, _tiles(p),
-        dy, x, mask if mask is not None else dy, dx if dx is not None else dy, dres if dres is not None else dy,
+        dy, x, mask if mask is not None else dy, dx,
         part, stats, weight if weight is not None else x, sums, dweight if dweight is not None else sums,
         dbias if dbias is not None else sums, p.rows, p.k, p.c, p.k8b, p.segments, float(p.m),
-        HAS_MASK=mask is not None, HAS_DX=need_dx, WRITE_DRES=want_dres, CENTRED=centred,
-        **_merge_flags(weight, dweight, dbias, p),
+        HAS_MASK=mask is not None, CENTRED=centred, **_merge_flags(weight, dweight, dbias, p),
         BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.warps_elementwise, **_COMPILE,
     )  # fmt: skip
-    return dx, dres
+    return dx
 
 
 #: Most float64 partial pairs a tile of grad_input_merged_kernel merges (rows per tile x segments,
@@ -359,12 +357,16 @@ def grad_input_with(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, p: 
     """dx from given float64 sums (the primitive SyncBatchNorm uses); coefficients as elementwise.grad_input."""
     p = p or plan(x)
     hi = mean.to(_F32)
-    lo = (mean - hi.to(_F64)).to(_F32).to(_F64)
+    lo32 = (mean - hi.to(_F64)).to(_F32)
+    lo = lo32.to(_F64)
     kk = invstd * (weight.to(_F64) if weight is not None else 1.0)
     a = -kk * invstd * sum_dy_xhat / count
     mean_dz = sum_dy / count
     gh = mean_dz.to(_F32)
     # the remainders, dropped where not finite (an infinite Σdy or Σdy·x̂: bnlab.elementwise.finite_or_zero)
     cc = -kk * finite_or_zero(mean_dz - gh.to(_F64)) - finite_or_zero(a * lo)
-    gcoef = torch.stack([hi, kk.to(_F32), a.to(_F32), cc.to(_F32), gh])
+    a32 = a.to(_F32)
+    # -lo for cc where a is infinite (triton_reduce.rounded_mean_constant)
+    cc32 = torch.where(a32.isinf(), -lo32, cc.to(_F32))
+    gcoef = torch.stack([hi, kk.to(_F32), a32, cc32, gh])
     return _grad_input(dy, x, gcoef, p)[0]

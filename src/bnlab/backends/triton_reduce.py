@@ -62,6 +62,31 @@ def dx_constant(kk, a, lo, mean_dz, gh):
 
 
 @triton.jit
+def rounded_mean_constant(cc, a, lo):
+    """cc of dx = kk·(dz - gh) + (a·(x - hi) + cc) as the dx kernels take it (float32): -lo (lo = mean -
+    hi, float32) in channels where a is infinite, for rounded_mean_term; cc
+    elsewhere. An infinite a makes a·(x - hi) ±inf or NaN wherever x - hi is not 0, so cc, a
+    finite value (its remainders dropped: dx_constant), changes nothing there."""
+    return tl.where(tl.abs(a) == float("inf"), -lo, cc)
+
+
+@triton.jit
+def rounded_mean_term(a, cc):
+    """t of dx's a·((x - hi) + t) (float32; a and cc as rounded_mean_constant gives them, per
+    channel): -lo (which cc then holds) where a is infinite, -0 elsewhere, with which (x - hi) + t
+    is x - hi itself (signed zeros too: the same bits as before wherever a is finite).
+
+    Why: an infinite dy makes Σdy or Σdy·x̂, and with them a, infinite. At x equal to hi (the mean
+    rounded to float32), a·(x - hi) was a·0 = NaN, where the exact x - mean = -lo gives the
+    float64 reference's ±inf (the CPU kernels' dx_at_rounded_means, docs/math.md §4.2); elsewhere
+    x - hi has the sign of x - mean (no float32 lies between hi and the mean), and (x - hi) - lo
+    keeps it. One add per value, t made per channel and -lo riding in cc: a sixth coefficient
+    row, or a compare and select per value, made the sm_90 build of the input gradient's kernels
+    spill (8-48 bytes in 1-4 variants, Triton 3.9)."""
+    return tl.where(tl.abs(a) == float("inf"), cc, -0.0)
+
+
+@triton.jit
 def finite_shift(first):
     """The shift K (float64) from a channel's first value: 0 where that is infinite or NaN, so that
     x - K stays ±inf for an infinite value (torch.nn's mean is then ±inf) instead of inf - inf = NaN."""

@@ -34,6 +34,8 @@ from bnlab.backends.triton_reduce import (
     narrow,
     nonfinite_count,
     normalize_coefficients,
+    rounded_mean_constant,
+    rounded_mean_term,
     store_coefficients,
 )
 
@@ -187,10 +189,12 @@ def small_backward_kernel(
         mean_dz = acc_dy / count
         gh = mean_dz.to(tl.float32)
         cc = dx_constant(kk, a, lo, mean_dz, gh)
-        k1, k2, k3, h = kk.to(tl.float32)[None, :], a.to(tl.float32)[None, :], cc.to(tl.float32)[None, :], hi[None, :]
-        k4 = gh[None, :]
+        a32 = a.to(tl.float32)
+        k1, k2, h, k4 = kk.to(tl.float32)[None, :], a32[None, :], hi[None, :], gh[None, :]
+        cc32 = rounded_mean_constant(cc.to(tl.float32), a32, lo.to(tl.float32))
+        k3, t = cc32[None, :], rounded_mean_term(a32, cc32)[None, :]
         for m0 in range(0, M, BLOCK_M):
             ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
             dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + offs, (k1 * (dz - k4) + (k2 * (x - h) + k3)).to(dx_ptr.dtype.element_ty), mask=ok)
+            tl.store(dx_ptr + offs, (k1 * (dz - k4) + (k2 * ((x - h) + t) + k3)).to(dx_ptr.dtype.element_ty), mask=ok)
