@@ -29,7 +29,8 @@ Oracles: the float64 reference (bnlab.reference; DEVELOPERS.md's tolerances: 2e-
 2e-2 bf16, 4e-3 fp16, 1e-9 float64, relative to max(1, max|expected|)), and torch.nn (BatchNorm*d,
 or BatchNorm2d -> (+ residual) -> ReLU with the same parameters) where torch.nn is accurate (it is
 ~1e-2 off at 1e3 ± 0.01, so it is not asked about values there). NaN/inf positions are compared
-with torch.nn's everywhere. A failure is a result outside tolerance, a NaN/inf in another place,
+with torch.nn's everywhere; where they differ, bnlab's must be the reference's (torch.nn is then off
+the reference, counted in torch_off). A failure is a result outside tolerance, a NaN/inf in another place,
 a crash or an exception torch.nn does not raise, a state difference (running averages, counter),
 a wrong dtype/strides, or a silent fallback: the Triton entry points (triton_ops.forward_train,
 backward, normalize_with) must run, and the portable backend must not, for every input the
@@ -504,6 +505,24 @@ class Checker:
             return
         self.close(what, actual, theirs, tol)
 
+    def placed(self, what: str, actual, theirs, expected):
+        """actual's NaN and ±inf where torch.nn's are; where they differ and actual's are the float64
+        reference's, torch.nn is off the reference (counted in torch_off, as fuzz_kernels.py notes
+        it), else a failure."""
+        ours, torch_nn = _nonfinite_pattern(actual), _nonfinite_pattern(theirs)
+        if ours is None or torch_nn is None or expected is None:
+            self.close(what, ours, torch_nn, 0.0)
+            return
+        self.checks += 1
+        if torch.equal(ours, torch_nn):
+            return
+        reference = torch.as_tensor(expected.detach() if isinstance(expected, torch.Tensor) else np.asarray(expected))
+        if torch.equal(ours, _nonfinite_pattern(reference)):
+            self.torch_off += 1
+            return
+        err, detail = compare(ours, torch_nn)
+        self.failures.append({"check": what, "error": str(err), "tol": 0.0, "detail": detail})
+
     def fail(self, what: str, detail: str):
         self.failures.append({"check": what, "detail": detail})
 
@@ -794,7 +813,7 @@ def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch
         ck.true(f"{phase}: y strides", y1.stride() == x.stride(), f"{y1.stride()} != x's {x.stride()}")
     lim = torch.finfo(dtype).max / 2
     ck.close(f"{phase}: y vs float64 reference", y1, out_ref, tol, lim)
-    ck.close(f"{phase}: y NaN/inf vs torch.nn", _nonfinite_pattern(y1), _nonfinite_pattern(y2), 0.0)
+    ck.placed(f"{phase}: y NaN/inf vs torch.nn", y1, y2, out_ref)
     if trust_torch:
         ck.close_torch(f"{phase}: y vs torch.nn", y1, y2, out_ref, tol)
 
@@ -823,8 +842,7 @@ def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch
                     ck.true(f"{phase}: dx strides", x1.grad.stride() == x.stride(),
                             f"{x1.grad.stride()} != x's {x.stride()}")  # fmt: skip
                 ck.close(f"{phase}: dx vs float64 reference", x1.grad, dx_ref, tol, lim)
-                ck.close(f"{phase}: dx NaN/inf vs torch.nn", _nonfinite_pattern(x1.grad), _nonfinite_pattern(x2.grad),
-                         0.0)  # fmt: skip
+                ck.placed(f"{phase}: dx NaN/inf vs torch.nn", x1.grad, x2.grad, dx_ref)
                 if trust_torch:
                     ck.close_torch(f"{phase}: dx vs torch.nn", x1.grad, x2.grad, dx_ref, tol)
         ptol = max(tol, 2e-4)
@@ -833,15 +851,13 @@ def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch
             if p1 is None or not p1.requires_grad:
                 continue
             ck.close(f"{phase}: d{name} vs float64 reference", p1.grad, ref_grad, ptol)
-            ck.close(f"{phase}: d{name} NaN/inf vs torch.nn", _nonfinite_pattern(p1.grad), _nonfinite_pattern(p2.grad),
-                     0.0)  # fmt: skip
+            ck.placed(f"{phase}: d{name} NaN/inf vs torch.nn", p1.grad, p2.grad, ref_grad)
             if trust_torch:
                 ck.close_torch(f"{phase}: d{name} vs torch.nn", p1.grad, p2.grad, ref_grad, ptol)
             p1.grad = p2.grad = None
         if residual:
             ck.close(f"{phase}: dresidual vs float64 reference", r1.grad, dz, tol, lim)
-            ck.close(f"{phase}: dresidual NaN/inf vs torch.nn", _nonfinite_pattern(r1.grad),
-                     _nonfinite_pattern(r2.grad), 0.0)  # fmt: skip
+            ck.placed(f"{phase}: dresidual NaN/inf vs torch.nn", r1.grad, r2.grad, dz)
             if trust_torch:
                 ck.close_torch(f"{phase}: dresidual vs torch.nn", r1.grad, r2.grad, dz, tol)
 

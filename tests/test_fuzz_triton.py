@@ -97,3 +97,24 @@ def test_a_case_is_rebuilt_from_its_spec():
     import json
 
     assert json.loads(json.dumps(spec)) == spec
+
+
+def test_nonfinite_values_off_torch_nn_but_on_the_reference_are_torch_nns_error():
+    """NaN/±inf placed otherwise than torch.nn's: torch.nn off the reference when bnlab's are the
+    float64 reference's (torch_off, as fuzz_kernels.py notes it), a failure when bnlab's are
+    neither; the same placement passes."""
+    import torch
+
+    inf, nan = float("inf"), float("nan")
+    reference = torch.tensor([1.0, -inf, 2.0], dtype=torch.float64)
+    cases = [  # (bnlab's, torch.nn's, failures, torch_off)
+        (torch.tensor([1.0, -inf, 2.0]), torch.tensor([1.0, nan, 2.0]), 0, 1),
+        (torch.tensor([1.0, nan, 2.0]), torch.tensor([1.0, -inf, 2.0]), 1, 0),
+        (torch.tensor([1.0, inf, 2.0]), torch.tensor([1.0, nan, 2.0]), 1, 0),
+        (torch.tensor([1.0, nan, 2.0]), torch.tensor([3.0, nan, 4.0]), 0, 0),
+    ]
+    for ours, theirs, failures, off in cases:
+        ck = fuzz_triton.Checker()
+        ck.placed("dx NaN/inf vs torch.nn", ours, theirs, reference)
+        assert (len(ck.failures), ck.torch_off, ck.checks) == (failures, off, 1), (ours, theirs, ck.failures)
+
