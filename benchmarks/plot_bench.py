@@ -1,0 +1,125 @@
+"""A figure of a bench_bn.py results file: bnlab against torch.nn and against a copy, case by case.
+
+Claim shown (README, docs/benchmarks.md): how many times faster than torch.nn's BatchNorm bnlab
+is in each benchmarked case, and what fraction of a copy's bandwidth it reaches, at a glance
+beside the tables. One row of panels per mode (training forward, forward+backward, eval): on the
+left bnlab's speed over torch.nn eager (log scale, 1 = as fast), on the right bnlab's time as a
+fraction of ``copy_`` (a copy of the same bytes into a buffer allocated once; the issue's 0.9 for
+eval drawn as a line). Bars are coloured by dtype and hatched for channels-last; the machine,
+thread count and torch version from the file's first line go in the title. Nothing is measured
+here: the figure only reads the file.
+
+    python benchmarks/plot_bench.py benchmarks/results/bench_bn_zen3_s35.jsonl --out docs/figures/speed_cpu.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.ticker import FuncFormatter
+
+from bnlab.lab.plotting import new_figure, save_figure
+
+MODE_TITLES = {"fwd": "training forward", "fwdbwd": "training forward + backward", "eval": "eval",
+               "frozen_fwdbwd": "frozen BN, forward + backward", "relu_fwdbwd": "BN + ReLU, forward + backward",
+               "addrelu_fwdbwd": "BN + add + ReLU, forward + backward"}  # fmt: skip
+DTYPE_COLORS = {"fp32": "#1f77b4", "bf16": "#ff7f0e", "fp16": "#2ca02c", "fp64": "#7f7f7f"}
+#: the issue's target for eval (a fraction of copy bandwidth)
+EVAL_TARGET = 0.9
+
+
+def load(path: str | Path) -> tuple[dict, list[dict]]:
+    """(environment, cases) of a bench_bn.py JSON-lines file: its first line's environment and
+    command, and every case line (those with "ratios"), in file order. ValueError naming the file
+    when it holds no case."""
+    path = Path(path)
+    env: dict = {}
+    cases = []
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"results: line {number} of {path} is not JSON ({exc})") from None
+            if "environment" in row:
+                env = row
+            elif "ratios" in row:
+                cases.append(row)
+    if not cases:
+        raise ValueError(f"results: expected bench_bn.py case lines (with 'ratios') in {path}, found none")
+    return env, cases
+
+
+def case_label(case: dict) -> str:
+    """'(32, 64, 56, 56) cl' style: the shape and, for channels-last, the layout."""
+    dims = case.get("shape_dims") or case["shape"]
+    shape = "(" + ", ".join(str(d) for d in dims) + ")" if isinstance(dims, list) else str(dims)
+    return shape + (" cl" if case["layout"] == "cl" else "")
+
+
+def _minor_label(value: float, _position=None) -> str:
+    """'2x', '3x', '5x' (and 20x, 30x, ...) on a log axis; the other minor ticks unlabelled."""
+    leading = f"{value:.0e}"[0]
+    return f"{value:g}x" if leading in "235" else ""
+
+
+def figure(env: dict, cases: list[dict]):
+    """The figure (matplotlib Figure): a row per mode present, in MODE_TITLES' order; in each row
+    one bar per case of that mode for bnlab/torch.nn and one for bnlab's fraction of copy_."""
+    modes = [m for m in MODE_TITLES if any(c["mode"] == m for c in cases)]
+    per_mode = {m: [c for c in cases if c["mode"] == m] for m in modes}
+    widest = max(len(v) for v in per_mode.values())
+    fig, axes = new_figure(len(modes), 2, size=(max(9.0, 0.64 * widest + 3), 3.1 * len(modes)))
+    for row, mode in enumerate(modes):
+        rows = per_mode[mode]
+        x = np.arange(len(rows))
+        labels = [f"{case_label(c)} {c['dtype']}" for c in rows]
+        colors = [DTYPE_COLORS.get(c["dtype"], "#7f7f7f") for c in rows]
+        hatches = ["//" if c["layout"] == "cl" else "" for c in rows]
+        speed = [c["ratios"]["bnlab_vs_torch"] for c in rows]
+        of_copy = [c["ratios"].get("bnlab_fraction_of_copy_", np.nan) for c in rows]
+        for ax, values, what in ((axes[row, 0], speed, "x torch.nn eager"), (axes[row, 1], of_copy, "of copy_")):
+            bars = ax.bar(x, values, color=colors, edgecolor="black", linewidth=0.4)
+            for bar, hatch in zip(bars, hatches):
+                bar.set_hatch(hatch)
+            ax.set_xticks(x, labels, rotation=70, ha="right", fontsize=7)
+            ax.set_title(f"{MODE_TITLES[mode]}: bnlab {what}")
+        axes[row, 0].set_yscale("log")
+        axes[row, 0].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))  # 10x, not 10^1
+        axes[row, 0].yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+        axes[row, 0].axhline(1.0, color="black", linewidth=0.8)
+        axes[row, 0].set_ylabel("speed-up (log)")
+        if mode == "eval":
+            axes[row, 1].axhline(EVAL_TARGET, color="red", linewidth=0.8, linestyle="--", label="target 0.9")
+            axes[row, 1].legend(loc="upper left")
+        axes[row, 1].set_ylabel("fraction of copy_")
+    environment = env.get("environment", {})
+    threads = {c.get("threads") for c in cases} - {None}
+    fig.suptitle(f"bnlab vs torch.nn BatchNorm: {environment.get('cpu_id') or environment.get('cpu', 'unknown machine')}, "
+                 f"{'/'.join(str(t) for t in sorted(threads)) or '?'} thread(s), torch {environment.get('torch', '?')} "
+                 "(blue fp32, orange bf16; hatched: channels-last)", fontsize=9)  # fmt: skip
+    return fig
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="a bench_bn.py --out file (JSON lines)")
+    p.add_argument("--out", required=True, help="the PNG to write (atomically)")
+    args = p.parse_args(argv)
+    try:
+        env, cases = load(args.results)
+    except (OSError, ValueError) as exc:
+        p.error(str(exc))
+    path = save_figure(figure(env, cases), args.out)
+    print(f"wrote {path} ({len(cases)} cases)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
