@@ -77,3 +77,26 @@ def test_a_file_without_cases_is_refused_by_name(tmp_path):
 def test_the_log_axis_labels_only_two_three_and_five_between_decades():
     labels = {v: plot_bench._minor_label(v) for v in (2, 3, 4, 5, 7, 20, 30, 40, 0.5, 0.7)}
     assert labels == {2: "2x", 3: "3x", 4: "", 5: "5x", 7: "", 20: "20x", 30: "30x", 40: "", 0.5: "0.5x", 0.7: ""}
+
+
+def test_several_gpu_files_make_one_figure_named_after_the_gpu(tmp_path):
+    gpu_env = {"environment": {"torch": "2.11.0+cu130", "cpu_id": "GenuineIntel", "gpu": "NVIDIA H200"}}
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    cases = [dict(c, device="cuda") for c in CASES]
+    out = tmp_path / "gpu.png"
+    assert plot_bench.main([str(_write(first, [gpu_env, *cases[:2]])), str(_write(second, [gpu_env, *cases[2:]])),
+                            "--out", str(out)]) == 0  # fmt: skip
+    fig = plot_bench.figure(gpu_env, cases)
+    assert "NVIDIA H200" in fig._suptitle.get_text() and "GenuineIntel" not in fig._suptitle.get_text()
+    assert sum(len(ax.patches) for ax in fig.get_axes()) == 2 * len(cases)
+
+
+def test_the_issues_bandwidth_targets_are_drawn_where_they_apply():
+    """CPU: 0.9 on the eval panel only; GPU: 0.85 on every mode's panel."""
+    def target_lines(fig):
+        return [[line.get_ydata()[0] for line in ax.get_lines()] for ax in fig.get_axes()[1::2]]
+
+    assert target_lines(plot_bench.figure(ENV, CASES)) == [[], [], [0.9]]  # fwd, fwdbwd, eval
+    gpu = plot_bench.figure({"environment": {"gpu": "NVIDIA H200"}}, [dict(c, device="cuda") for c in CASES])
+    assert target_lines(gpu) == [[0.85], [0.85], [0.85]]
