@@ -253,12 +253,16 @@ def _build_and_load():
     for kind, flags in _variants():
         target = cache_dir() / f"bnlab_cpu_{kind}_{_key(cxx, flags)}.so"
         if not target.exists():
+            _say(f"compiling its CPU kernels for this machine, once ({kind} build; about half a minute on 2 cores), "
+                 f"into {target.parent} ...")  # fmt: skip
             start = time.perf_counter()
             err = _compile(cxx, flags, target)
             if err is not None:
+                _say(f"that build failed after {time.perf_counter() - start:.1f} s")
                 errors.append(err)
                 continue
             _state["seconds"] = time.perf_counter() - start
+            _say(f"CPU kernels compiled in {_state['seconds']:.1f} s")
         try:
             lib = _load_module(target) if kind == "module" else _declare(ctypes.CDLL(str(target)))
         except (OSError, ImportError) as exc:
@@ -269,7 +273,16 @@ def _build_and_load():
         _state["skipped"] = errors  # why the variants before this one did not build or load
         return lib
     _state["error"] = "\n".join(errors)
+    _say("no build of the CPU kernels worked: the portable backend runs instead, slower "
+         "(bnlab.backends.cpu_build.load_error() says why)")  # fmt: skip
     return None
+
+
+def _say(message: str) -> None:
+    """One line on stderr while the kernels compile: the first BatchNorm call of a new machine or
+    version waits about half a minute for it, and would otherwise look hung (the lab's progress bars
+    and a script's own output go on after it)."""
+    print(f"bnlab: {message}", file=sys.stderr, flush=True)
 
 
 def load_tried() -> bool:
