@@ -253,7 +253,7 @@ def _build_and_load():
     for kind, flags in _variants():
         target = cache_dir() / f"bnlab_cpu_{kind}_{_key(cxx, flags)}.so"
         if not target.exists():
-            _say(f"compiling its CPU kernels for this machine, once ({kind} build; about half a minute on 2 cores), "
+            _say(f"compiling its CPU kernels for this machine, once ({kind} build, about half a minute), "
                  f"into {target.parent} ...")  # fmt: skip
             start = time.perf_counter()
             err = _compile(cxx, flags, target)
