@@ -14,7 +14,10 @@ split the multiply-add chains of loops that accumulate Σdy·(x - hi) into a mul
 until those accumulations were written as std::fma. Another part of that tuning vectorised a
 float64 row's scalar tail differently (24 results), until the tail's product-sum was a std::fma too.
 The build and the comparison (about 60 s) are a background check (tests/background_checks.py):
-they start when collection ends and run niced beside the suite.
+they start when collection ends and run niced beside the suite. The x86-64-v3 build is made in one
+compiler run, as cpu_build's fallback makes it, while the native one is made as cpu_build makes it
+(in parts at once on two cores or more: cpu_kernels.cpp, *Parts*): the same comparison holds the
+parts to the one file (their inlining could differ, and with it the bits).
 """
 
 from __future__ import annotations
@@ -44,13 +47,13 @@ def _cpu_flags() -> set[str]:
 
 CAN_RUN_V3 = set(X86_64_V3) <= _cpu_flags()
 
-# Compiles the x86-64-v3 build into the check's folder, then compares it with the native build.
+# Compiles the x86-64-v3 build (in one file) into the check's folder, then compares it with the native build.
 _COMPILE_THEN_COMPARE = """
 import subprocess, sys
 from pathlib import Path
 from bnlab.backends import cpu_build
 target, compare, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
-error = cpu_build._compile(cpu_build._compiler(), flags, Path(target))
+error = cpu_build._compile_whole(cpu_build._compiler(), flags, Path(target))
 if error is not None:
     sys.exit(f"the x86-64-v3 build failed: {error}")
 sys.exit(subprocess.run([sys.executable, compare, "--old", target]).returncode)

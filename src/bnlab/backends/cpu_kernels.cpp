@@ -24,6 +24,32 @@
 // too (cpu_kernels_ncl_flat.inc). Short rows of many channels, whatever the tensor's size, take
 // the fused walk by groups of adjacent channels instead (cpu_kernels_ncl_groups.inc).
 // NLC (channels innermost): threads take shares of the rows.
+//
+// Parts. cpu_build compiles this file once per dtype (BNLAB_PART_DTYPE=code: that dtype's kernels
+// only, their entry points renamed bn_*_dt<code>) and once as the main part (BNLAB_PART_MAIN: no
+// kernel, the entry points that hand each call to its dtype's part, cpu_kernels_parts.inc, and the
+// Python glue), all at once, and links the objects into one library: the four dtypes' template
+// instances are most of the compile (6-8 s each on the Zen 3 VM, 3 s for the rest: 26.8 s in one
+// file, 18.0 s in parts on its two cores; the same bits, benchmarks/compare_builds.py). Without
+// either macro, the whole library in one file (cpu_build's fallback).
+#if defined(BNLAB_PART_DTYPE) && defined(BNLAB_PART_MAIN)
+#error "cpu_kernels.cpp: BNLAB_PART_DTYPE or BNLAB_PART_MAIN, not both"
+#endif
+#if defined(BNLAB_PART_DTYPE)
+#define BNLAB_KERNELS_FOR(code) (BNLAB_PART_DTYPE == (code))
+#define BNLAB_PASTE_(name, code) name##_dt##code
+#define BNLAB_PASTE(name, code) BNLAB_PASTE_(name, code)
+#define bn_forward_train BNLAB_PASTE(bn_forward_train, BNLAB_PART_DTYPE)
+#define bn_backward BNLAB_PASTE(bn_backward, BNLAB_PART_DTYPE)
+#define bn_normalize BNLAB_PASTE(bn_normalize, BNLAB_PART_DTYPE)
+#define bn_eval_backward BNLAB_PASTE(bn_eval_backward, BNLAB_PART_DTYPE)
+#define bn_eval BNLAB_PASTE(bn_eval, BNLAB_PART_DTYPE)
+#define bn_grad_input BNLAB_PASTE(bn_grad_input, BNLAB_PART_DTYPE)
+#elif defined(BNLAB_PART_MAIN)
+#define BNLAB_KERNELS_FOR(code) 0
+#else
+#define BNLAB_KERNELS_FOR(code) 1
+#endif
 #ifdef BNLAB_PYTHON_MODULE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>  // before any standard header, as Python's documentation requires
@@ -681,7 +707,10 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 #include "cpu_kernels_nlc_rows.inc"
 #include "cpu_kernels_nlc.inc"
 #include "cpu_kernels_api.inc"
-#ifdef BNLAB_PYTHON_MODULE
+#ifdef BNLAB_PART_MAIN
+#include "cpu_kernels_parts.inc"
+#endif
+#if defined(BNLAB_PYTHON_MODULE) && !defined(BNLAB_PART_DTYPE)  // the glue: the main part's (or the whole build's)
 #if defined(__linux__)
 #include "cpu_kernels_pool.inc"
 #endif

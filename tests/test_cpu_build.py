@@ -1,0 +1,116 @@
+"""How the CPU kernels are built (bnlab.backends.cpu_build). The first use on a new machine compiles
+them: bnlab says so on stderr while it waits, and when it is done or has failed; a cached library
+loads silently. With two cores or more the compile runs in parts at once and links them; a part that
+fails, or a single core, takes the one-file build. (That both builds compute the same bits is
+test_backend_cpu_isa.py's background check.)"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bnlab.backends import cpu_build
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """cpu_build as in a new process with an empty cache in tmp_path; its state restored after."""
+    saved = dict(cpu_build._state)
+    monkeypatch.setenv("BNLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("BNLAB_CPU_KERNELS", raising=False)
+    yield tmp_path
+    cpu_build._state.clear()
+    cpu_build._state.update(saved)
+
+
+def test_a_compile_is_announced_and_timed_and_a_cached_library_loads_silently(fresh_state, monkeypatch, capsys):
+    built = cpu_build.load()
+    if built is None or cpu_build.library_path() is None:
+        pytest.skip(f"the CPU kernels did not build here: {cpu_build.load_error()}")
+    real = cpu_build.library_path()
+
+    def compile_by_copy(cxx, flags, target):  # the real library stands in for a fresh compile
+        shutil.copyfile(real, target)
+        return None
+
+    monkeypatch.setattr(cpu_build, "_variants", lambda: [("ctypes", ["-fopenmp"])])
+    monkeypatch.setattr(cpu_build, "_compile", compile_by_copy)
+    capsys.readouterr()
+    assert cpu_build._build_and_load() is not None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith("bnlab: compiling its CPU kernels for this machine, once (ctypes build")
+    assert str(fresh_state) in err[0]
+    assert err[1].startswith("bnlab: CPU kernels compiled in ") and err[1].endswith(" s")
+    assert cpu_build._build_and_load() is not None  # now cached: no compile, no message
+    assert capsys.readouterr().err == ""
+
+
+def test_failed_builds_are_announced_with_the_fallback(fresh_state, monkeypatch, capsys):
+    monkeypatch.setattr(cpu_build, "_variants", lambda: [("ctypes", ["-fopenmp"]), ("ctypes", [])])
+    monkeypatch.setattr(cpu_build, "_compiler", lambda: "g++")
+    monkeypatch.setattr(cpu_build, "_compile", lambda cxx, flags, target: f"g++ {' '.join(flags)} failed: no")
+    assert cpu_build._build_and_load() is None
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0].split(" after")[0] for line in err] == [
+        "bnlab: compiling its CPU kernels for this machine, once", "bnlab: that build failed",
+        "bnlab: compiling its CPU kernels for this machine, once", "bnlab: that build failed",
+        "bnlab: no build of the CPU kernels worked: the portable backend runs instead, slower",
+    ]  # fmt: skip
+    assert "g++ -fopenmp failed: no" in cpu_build._state["error"]
+
+
+class FakeCompiler:
+    """Stands in for cpu_build._run: records each command and writes its -o file (an object or the
+    library), or fails the commands that `fail` picks."""
+
+    def __init__(self, fail=lambda cmd: False):
+        self.commands: list[list[str]] = []
+        self.fail = fail
+
+    def __call__(self, cmd):
+        self.commands.append(cmd)
+        if self.fail(cmd):
+            return f"{' '.join(cmd)} failed:\nerror: no"
+        with open(cmd[cmd.index("-o") + 1], "wb") as f:
+            f.write(b"\x7fELF")
+        return None
+
+
+def test_two_cores_compile_the_parts_at_once_then_link_them(monkeypatch, tmp_path):
+    fake = FakeCompiler()
+    monkeypatch.setattr(cpu_build, "_run", fake)
+    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 2)
+    target = tmp_path / "lib.so"
+    assert cpu_build._compile("g++", ["-march=native", "-fopenmp"], target) is None
+    *parts, link = fake.commands
+    macros = sorted(next(f for f in cmd if f.startswith("-DBNLAB_PART")) for cmd in parts)
+    assert macros == ["-DBNLAB_PART_DTYPE=0", "-DBNLAB_PART_DTYPE=1", "-DBNLAB_PART_DTYPE=2",
+                      "-DBNLAB_PART_DTYPE=3", "-DBNLAB_PART_MAIN"]  # fmt: skip
+    for cmd in parts:
+        assert "-c" in cmd and "-shared" not in cmd and "-march=native" in cmd and cmd[-3].endswith("cpu_kernels.cpp")
+    objects = [cmd[cmd.index("-o") + 1] for cmd in parts]
+    assert link[:3] == ["g++", "-shared", "-fopenmp"] and link[3:-2] == objects
+    assert target.read_bytes() == b"\x7fELF" and sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
+
+
+def test_a_part_that_fails_falls_back_to_the_one_file_build(monkeypatch, tmp_path):
+    fake = FakeCompiler(fail=lambda cmd: "-DBNLAB_PART_DTYPE=2" in cmd)
+    monkeypatch.setattr(cpu_build, "_run", fake)
+    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 2)
+    target = tmp_path / "lib.so"
+    assert cpu_build._compile("g++", ["-fopenmp"], target) is None
+    whole = fake.commands[-1]
+    assert "-shared" in whole and "-c" not in whole and not any(f.startswith("-DBNLAB_PART") for f in whole)
+    assert len(fake.commands) == 6  # five parts (no link after the failure), then the one file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
+
+
+def test_one_core_builds_in_one_file_and_a_failure_is_reported(monkeypatch, tmp_path):
+    fake = FakeCompiler(fail=lambda cmd: True)
+    monkeypatch.setattr(cpu_build, "_run", fake)
+    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 1)
+    error = cpu_build._compile("g++", ["-fopenmp"], tmp_path / "lib.so")
+    assert len(fake.commands) == 1 and error.startswith("g++ -O3") and "error: no" in error
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
