@@ -15,6 +15,7 @@ atomically; a rerun skips the cases already there (--fresh to start over).
     python benchmarks/bench_bn.py --compile --modes fwdbwd --dtypes fp32 --layouts nchw
     python benchmarks/bench_bn.py --device cuda --compile --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
     python benchmarks/bench_bn.py --modes frozen_fwdbwd    # eval-mode layers trained through (frozen BN)
+    python benchmarks/bench_bn.py --plot speed.png         # and the figure of the results (plot_bench.py)
 """
 
 from __future__ import annotations
@@ -238,6 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--first-call", action="store_true", help="also time compiling bnlab's CPU kernels from scratch")
     p.add_argument("--markdown", action="store_true", help="print a markdown table of all results at the end")
     p.add_argument("--report", action="store_true", help="measure nothing: summarize and tabulate --out as it is")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw the results file as a figure (benchmarks/plot_bench.py) into this PNG")
     p.add_argument("--triton-tiles", default=None, help="run bnlab's GPU kernels under these triton_plan.Tiles "
                    "(reduce_tile,reduce_warps,elementwise_tile,elementwise_warps,width; see triton_tune.py)")
     p.add_argument("--triton-small-numel", type=int, default=None,
@@ -284,6 +287,7 @@ def main(argv=None) -> int:
         for threads in sorted({r.get("threads") for r in records if r["device"] == args.device}):
             print("\n".join(summarize(records, args.device, threads)))
         print(markdown(records))
+        _plot(args.plot, out)
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {} if args.fresh else load_done(out)
@@ -319,7 +323,16 @@ def main(argv=None) -> int:
     print("\n".join(summarize(records, args.device, torch.get_num_threads())))
     if args.markdown:
         print(markdown(records))
+    _plot(args.plot, out)
     return 0
+
+
+def _plot(png: str | None, results: Path) -> None:
+    """With --plot, the figure of the results file (plot_bench.py), written atomically into png."""
+    if png is not None:
+        import plot_bench
+
+        plot_bench.main([str(results), "--out", png])
 
 
 if __name__ == "__main__":

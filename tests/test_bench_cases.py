@@ -87,3 +87,11 @@ def test_report_of_gpu_results_needs_no_gpu_and_judges_cudnn_on_float32(tmp_path
     # the two float32 NCHW forwards of that run: 2.729x and 1.174x torch.nn
     expected = (2.729 * 1.174) ** 0.5
     assert f"fwd fp32 NCHW 4D vs torch (cuDNN): geometric mean {expected:.2f}x, min 1.17x" in out
+
+
+def test_plot_draws_the_results_file_after_a_report(tmp_path, capsys):
+    """--plot PNG draws the results (plot_bench.py) after the run, or after --report as here."""
+    src = ROOT / "benchmarks" / "results" / "bench_bn_zen3_s35.jsonl"
+    png = tmp_path / "speed.png"
+    assert bench_bn.main(["--report", "--out", str(src), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and "wrote " in capsys.readouterr().out
