@@ -492,7 +492,7 @@ def _placed_as_reference(got: torch.Tensor, want: np.ndarray, what: str) -> None
 def test_infinite_dy_where_x_is_the_rounded_mean(path, monkeypatch):
     """Where x equals the float32-rounded mean hi, x - hi is 0, and a·0 with the infinite coefficient
     a was NaN, where the exact x - mean = -mean_lo gives the float64 reference's -inf (150 values of
-    channel 0 here): every dx kernel now takes -lo there (triton_elementwise.x_minus_hi), as the
+    channel 0 here): every dx kernel now takes -lo there (triton_reduce.rounded_mean_term), as the
     CPU kernels do (test_nonfinite_gradient.py). Paths: NCL rows with the merge in the input
     gradient's tiles and apart from them (grad_merge_kernel), channels-last rows (the one-program
     kernel or the general ones, by the autouse fixture), and the input gradient from given sums

@@ -140,7 +140,7 @@ def merge_grad_sums(
     a, cc, gh) of dx = kk·(dz - gh) + (a·(x - hi) + cc), each [B]: gh is mean(dz) in float32 and cc
     takes the float64 remainders, so that dz's mean comes off before the product (a channel
     constant in x and dz gets dx = 0, where kk·dz + cc left the rounding of kk·dz); where a is
-    infinite, cc is -lo instead (rounded_mean_constant, for x_minus_hi)."""
+    infinite, cc is -lo instead (rounded_mean_constant, for rounded_mean_term)."""
     s = tl.arange(0, BLOCK_S)
     at = part_ptr + (s[None, :] * C + c[:, None]) * 2
     ok = c_ok[:, None] & (s < S)[None, :]
