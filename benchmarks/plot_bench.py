@@ -37,23 +37,26 @@ GPU_TARGET = 0.85
 
 def load(path: str | Path) -> tuple[dict, list[dict]]:
     """(environment, cases) of a bench_bn.py JSON-lines file: its first line's environment and
-    command, and every case line (those with "ratios"), in file order. ValueError naming the file
-    when it holds no case."""
+    command, and every case line (those with "ratios"), in file order. ValueError naming the argument
+    and the file when it cannot be read, holds a line that is not JSON, or holds no case."""
     path = Path(path)
     env: dict = {}
     cases = []
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"results: line {number} of {path} is not JSON ({exc})") from None
-            if "environment" in row:
-                env = row
-            elif "ratios" in row:
-                cases.append(row)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"results: cannot read {path} ({exc.strerror or exc})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"results: line {number} of {path} is not JSON ({exc})") from None
+        if "environment" in row:
+            env = row
+        elif "ratios" in row:
+            cases.append(row)
     if not cases:
         raise ValueError(f"results: expected bench_bn.py case lines (with 'ratios') in {path}, found none")
     return env, cases
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         loaded = [load(path) for path in args.results]
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         p.error(str(exc))
     env, cases = loaded[0][0], [case for _, file_cases in loaded for case in file_cases]
     path = save_figure(figure(env, cases), args.out)

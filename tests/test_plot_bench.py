@@ -66,12 +66,15 @@ def test_the_figure_is_written_by_the_command(tmp_path):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
-def test_a_file_without_cases_is_refused_by_name(tmp_path):
+def test_a_file_without_cases_or_unreadable_is_refused_by_name(tmp_path):
     path = _write(tmp_path, [ENV])
     with pytest.raises(ValueError, match=f"results: expected bench_bn.py case lines .* in {path}"):
         plot_bench.load(path)
     with pytest.raises(SystemExit):
         plot_bench.main([str(path), "--out", str(tmp_path / "x.png")])
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(ValueError, match=f"results: cannot read {missing} "):
+        plot_bench.load(missing)
 
 
 def test_the_log_axis_labels_only_two_three_and_five_between_decades():
