@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import DTYPES, MODES, contenders, refuse_unknown_names, traffic_bytes  # noqa: E402
+from bench_cases import DTYPES, MODES, contenders, refuse_unknown_names, sample_grad_mode, traffic_bytes  # noqa: E402
 from bench_env import environment, first_call_seconds  # noqa: E402
 from bench_timing import balanced_orders  # noqa: E402
 
@@ -99,7 +99,9 @@ def run_case(key: dict, args) -> dict:
     shape = SHAPES[key["shape"]]
     dtype = DTYPES[key["dtype"]]
     fns = contenders(shape, key["layout"], dtype, key["mode"], args.device, args.compile)
-    seconds = time_interleaved(fns, args.device, args.rounds, args.min_sample)
+    with sample_grad_mode(key["mode"]):  # eval under no_grad, entered once for all its samples
+        seconds = time_interleaved(fns, args.device, args.rounds, args.min_sample)
+        grad_enabled = torch.is_grad_enabled()
     moved = traffic_bytes(shape, dtype, key["mode"], args.device)
     copied = traffic_bytes(shape, dtype, "eval")  # a copy reads and writes N bytes once
     results = {}
@@ -116,7 +118,7 @@ def run_case(key: dict, args) -> dict:
     ratios["bnlab_fraction_of_copy"] = round(results["bnlab"]["GBps"] / results["copy"]["GBps"], 3)
     ratios["bnlab_fraction_of_copy_"] = round(results["bnlab"]["GBps"] / results["copy_"]["GBps"], 3)
     return {**key, "shape_dims": list(shape), "device": args.device, "threads": torch.get_num_threads(),
-            "results": results, "ratios": ratios}  # fmt: skip
+            "grad_enabled": grad_enabled, "results": results, "ratios": ratios}  # fmt: skip
 
 
 def _case_id(rec: dict) -> str:

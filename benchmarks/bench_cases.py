@@ -13,6 +13,7 @@ statistics, then dx = dy·weight·invstd and the parameters' gradients (5N, as f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from typing import Callable
 
@@ -162,6 +163,19 @@ def _train_step(layer, x, dy, res=None) -> Callable[[], object]:
     return step
 
 
+def sample_grad_mode(mode: str):
+    """The autograd mode a mode's calls are timed in: the context to enter around each sample.
+
+    Eval runs inside one ``torch.no_grad()`` around the whole sample, as inference runs under one
+    around the whole loop, rather than one per call: entering and leaving it costs about 2.2 us
+    per call on the Zen 3 VM (docs/benchmarks.md, thirty-sixth session), which bnlab and torch.nn
+    would pay and the copies they are measured against would not. Training modes run with
+    gradients on (a null context). Without it, eval layers with parameters that require
+    gradients build an autograd graph and time that instead.
+    """
+    return torch.no_grad() if mode == "eval" else contextlib.nullcontext()
+
+
 def contenders(shape, layout: str, dtype: torch.dtype, mode: str, device: str, compile_torch: bool) -> dict:
     """{name: zero-argument callable} for one case; every callable does the same work."""
     x = make_input(shape, layout, dtype, device)
@@ -188,15 +202,8 @@ def contenders(shape, layout: str, dtype: torch.dtype, mode: str, device: str, c
     for layer in layers.values():
         layer.train(mode not in ("eval", "frozen_fwdbwd"))
     for name, layer in layers.items():
-        if mode == "fwd":
+        if mode in ("fwd", "eval"):  # eval: timed inside sample_grad_mode("eval"), i.e. no_grad
             out[name] = (lambda layer: lambda: layer(x))(layer)
-        elif mode == "eval":
-
-            def run(layer=layer):
-                with torch.no_grad():
-                    return layer(x)
-
-            out[name] = run
         else:
             xg = x.detach().clone().requires_grad_()
             dy = make_input(shape, layout, dtype, device, seed=1)

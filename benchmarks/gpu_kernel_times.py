@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bn import SHAPES  # noqa: E402
-from bench_cases import DTYPES, MODES, contenders, refuse_unknown_names  # noqa: E402
+from bench_cases import DTYPES, MODES, contenders, refuse_unknown_names, sample_grad_mode  # noqa: E402
 from bench_timing import events_us  # noqa: E402
 
 
@@ -100,7 +100,8 @@ def main(argv=None) -> int:
                     case = f"{shape_name}/{layout}/{dtype_name}/{mode}"
                     fns = contenders(SHAPES[shape_name], layout, DTYPES[dtype_name], mode, "cuda", False)
                     for name in args.contenders.split(","):
-                        print(report(case, name, fns[name], args.calls), flush=True)
+                        with sample_grad_mode(mode):  # eval under no_grad, as bench_bn.py times it
+                            print(report(case, name, fns[name], args.calls), flush=True)
                     del fns
                     torch.cuda.empty_cache()
     return 0

@@ -34,7 +34,8 @@ def test_bnlab_and_torch_contenders_compute_the_same_thing(mode, shape, layout, 
     fns = bench_cases.contenders(shape, layout, torch.float32, mode, "cpu", compile_torch=False)
     assert set(fns) == {"bnlab", "torch", "copy", "copy_"}
     assert [layer.training for layer in modes_seen] == [mode in ("fwd", "fwdbwd")] * 2
-    ours, theirs = fns["bnlab"](), fns["torch"]()
+    with bench_cases.sample_grad_mode(mode):
+        ours, theirs = fns["bnlab"](), fns["torch"]()
     if mode in ("fwdbwd", "frozen_fwdbwd"):
         assert len(ours) == len(theirs) == 3  # dx, dweight, dbias
     else:
@@ -43,6 +44,27 @@ def test_bnlab_and_torch_contenders_compute_the_same_thing(mode, shape, layout, 
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert torch.equal(fns["copy"](), fns["copy_"]())
+
+
+@pytest.mark.parametrize("mode,grad", [("eval", False), ("fwd", True), ("fwdbwd", True)])
+def test_eval_is_timed_inside_one_no_grad_and_training_with_gradients_on(mode, grad, monkeypatch):
+    """bench_bn times eval with gradients off around the whole sample (no per-call no_grad, which
+    the copies would not pay), records it, and its calls then build no graph."""
+    seen = {}
+
+    def timing(fns, device, rounds, min_sample):
+        seen["grad"] = torch.is_grad_enabled()
+        seen["graph"] = [fns[name]() for name in ("bnlab", "torch")]
+        return {name: 1e-3 for name in fns}
+
+    monkeypatch.setattr(bench_bn, "time_interleaved", timing)
+    args = argparse.Namespace(device="cpu", compile=False, rounds=1, min_sample=0.0)
+    rec = bench_bn.run_case({"shape": "mlp-small", "layout": "nchw", "dtype": "fp32", "mode": mode}, args)
+    assert seen["grad"] is grad and rec["grad_enabled"] is grad and torch.is_grad_enabled()
+    if mode == "eval":
+        assert all(y.grad_fn is None and not y.requires_grad for y in seen["graph"])
+        outside = bench_cases.contenders((8, 6), "nchw", torch.float32, "eval", "cpu", False)["bnlab"]()
+        assert outside.requires_grad  # the same call outside it builds one: the context keeps the graph out
 
 
 def test_frozen_fwdbwd_counts_the_traffic_of_a_forward_and_backward():
