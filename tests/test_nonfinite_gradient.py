@@ -110,26 +110,58 @@ def test_sync_ranks_with_an_infinite_dy_give_the_references_infinity(name):
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_an_infinite_dy_gives_the_references_infinity_where_x_is_the_rounded_mean(memory_format):
+def test_an_infinite_dy_gives_the_references_infinity_where_x_is_the_rounded_mean(backend, memory_format):
     """There x - mean_hi is 0, and a·0 with the infinite coefficient a was NaN (about one fuzz case
     in 2,000), where the exact x - mean = -mean_lo gives the float64 reference's -inf: the CPU
-    kernels now take -mean_lo there (dx_at_rounded_means, after their vector loops, only where a
-    sum is not finite); the Triton kernels too (test_triton.py). The portable path keeps the NaN
-    (docs/math.md §4.2): a select in every call cost the portable backward 1.5-3.3x."""
-    if "cpu" not in bnlab.available_backends() or cpu_build.load() is None:
-        pytest.skip("the CPU kernels did not build")
+    kernels take -mean_lo there (dx_at_rounded_means, after their vector loops, only where a sum
+    is not finite); the Triton kernels (test_triton.py) and, since the thirty-sixth session, the
+    portable path compute a·((x - mean_hi) + t) with t = -mean_lo in such channels
+    (elementwise.rounded_mean_term)."""
     x, dy = at_the_rounded_mean()
     x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
     bn = bnlab.BatchNorm2d(3)
     xg = x.clone().requires_grad_(True)
-    bnlab.set_backend("cpu")
-    try:
-        bn(xg).backward(dy)
-    finally:
-        bnlab.set_backend(None)
+    bn(xg).backward(dy)
     cache = ref.forward_train(x.double().numpy(), bn.weight.detach().double().numpy(), None)[1]
     with np.errstate(invalid="ignore"):
         dx = ref.backward(dy.double().numpy(), cache)[0]
     at_mean = (x[:, 0] == 1000.0).numpy()
     assert at_mean.sum() == 150 and np.isneginf(dx[:, 0][at_mean]).all()  # the case the test is about
     _placed_as(xg.grad, dx, "dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(16, 5, 3, 3), (64, 7)], ids=["maps", "dense"])
+def test_the_rounded_mean_term_where_it_always_runs_keeps_the_bits_of_finite_gradients(shape, dtype, monkeypatch):
+    """Off an eager CPU call (a GPU, a traced graph) the portable input gradient adds t on every
+    call, -0 where a is finite: the bits must be those of the call that skips it, signed zeros too
+    (x = -0.0 and x = +0.0 in a channel whose mean is 0). And where a is infinite the always-run
+    form places ±inf as the skipping one does."""
+    from bnlab import elementwise, stats
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen) * 3 + 1e3).to(dtype)
+    x[:, 1] = 0.0
+    x[::2, 1] = -0.0  # mean 0: mean_hi = mean_lo = 0, x - mean_hi = ±0
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    weight = torch.rand(shape[1], generator=gen)
+    moments = stats.moments(x)
+    mean, _, invstd = finalize(moments, 1e-5)
+    sums = elementwise.grad_sums(dy, x, mean, invstd)
+    count = x.numel() // shape[1]
+    skipped = elementwise.grad_input(dy, x, mean, invstd, weight, *sums, count)
+    finite_a, lo = torch.tensor([2.0, -3.0], dtype=torch.float64), torch.tensor([1e-5, 0.0], dtype=torch.float64)
+    assert elementwise.rounded_mean_term(finite_a, lo, dtype) is None  # eager CPU, a finite: skipped
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    t = elementwise.rounded_mean_term(finite_a.neg().exp().mul(INF), lo, dtype)  # a = +inf: t = -lo
+    assert torch.equal(t.double(), (-lo).to(dtype).double()) and torch.signbit(t).all()
+    always = elementwise.grad_input(dy, x, mean, invstd, weight, *sums, count)
+    assert torch.equal(always.view(-1).view(torch.int8), skipped.view(-1).view(torch.int8))
+    dy_inf = dy.clone()
+    dy_inf[(3, 0) + (0,) * (len(shape) - 2)] = INF
+    sums_inf = elementwise.grad_sums(dy_inf, x, mean, invstd)
+    always_inf = elementwise.grad_input(dy_inf, x, mean, invstd, weight, *sums_inf, count)
+    monkeypatch.undo()
+    skipped_inf = elementwise.grad_input(dy_inf, x, mean, invstd, weight, *sums_inf, count)
+    assert torch.equal(torch.isnan(always_inf), torch.isnan(skipped_inf))
+    assert torch.equal(always_inf.nan_to_num(0.0).double(), skipped_inf.nan_to_num(0.0).double())

@@ -7,6 +7,8 @@ The formulas are derived in docs/math.md §3.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -52,6 +54,26 @@ def finite_or_zero(t: Tensor) -> Tensor:
     inf - inf = NaN (or 0·inf), where the float64 reference and torch.nn give ±inf (the CPU
     kernels' finite_or_zero). One operation: on CUDA without Triton each is a launch."""
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def rounded_mean_term(a: Tensor, lo: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The per-channel t of dx's a·((x - mean_hi) + t), (C,) in ``dtype``, or None where no a is
+    infinite (checked on the host only where that is free: an eager CPU call).
+
+    Why: with a infinite (an infinite dy), a·(x - mean_hi) is 0·inf = NaN at every x equal to
+    mean_hi, where the exact x - mean = -mean_lo gives the float64 reference's ±inf. t = -mean_lo
+    in such channels, and -0 elsewhere, where x - mean_hi + (-0) has the bits of x - mean_hi, signed
+    zeros too (the Triton kernels' rounded_mean_term; docs/math.md §4.2). Adding it costs the input
+    gradient one pass and a few (C,) operations more (1.21-1.48x on two CPU threads,
+    benchmarks/portable_rounded_mean.py), so an eager CPU call checks a on the host and skips it
+    where a is finite (1.09x at (256, 100), within the noise at the conv shapes); on other devices
+    the check would synchronise, and a traced graph cannot branch on it.
+    """
+    # a's sum is finite where every a is (a sum that overflows, or a NaN, only adds t = -0); summed
+    # in Python: after the passes over x, a torch reduction of C values cost ~15 us at (256, 100)
+    if a.device.type == "cpu" and not torch.compiler.is_compiling() and math.isfinite(sum(a.tolist())):
+        return None
+    return torch.where(torch.isinf(a), -lo.to(torch.float64), -0.0).to(dtype)
 
 
 def centre_shift(dy: Tensor) -> Tensor:
@@ -131,9 +153,10 @@ def grad_input(
 ) -> Tensor:
     """The backward's elementwise phase: dx = γ·invstd·(dy - Σdy/m - x̂·Σdy·x̂/m).
 
-    Rewritten per channel as dx = k·(dy - g_hi) + a·(x - mean_hi) + c with k = γ·invstd,
+    Rewritten per channel as dx = k·(dy - g_hi) + a·((x - mean_hi) + t) + c with k = γ·invstd,
     a = -k·invstd·Σdy·x̂/m, g_hi = Σdy/m rounded to the compute dtype and
-    c = -k·(Σdy/m - g_hi) - a·mean_lo, so one fused pass over dy and x suffices. dy's mean comes
+    c = -k·(Σdy/m - g_hi) - a·mean_lo (t: :func:`rounded_mean_term`, -0 or absent where a is
+    finite), so one fused pass over dy and x suffices. dy's mean comes
     off before the product, so k·dy and c do not cancel where dy is nearly constant (a channel
     constant in both x and dy gets dx = 0 exactly). ``count`` (m) may be a tensor after a
     cross-process merge (SyncBatchNorm).
@@ -153,6 +176,10 @@ def grad_input(
     c = -k * finite_or_zero(mean_dy - g_hi.to(torch.float64)) - finite_or_zero(a * lo.to(torch.float64))
     dx = dy.to(dtype) - per_channel(g_hi, nd)  # a new tensor: dy is never written
     dx.mul_(per_channel(k.to(dtype), nd))
-    dx.addcmul_(x.to(dtype) - per_channel(hi, nd), per_channel(a.to(dtype), nd))
+    centered = x.to(dtype) - per_channel(hi, nd)  # a new tensor too
+    t = rounded_mean_term(a, lo, dtype)
+    if t is not None:
+        centered.add_(per_channel(t, nd))
+    dx.addcmul_(centered, per_channel(a.to(dtype), nd))
     dx.add_(per_channel(c.to(dtype), nd))
     return dx.to(x.dtype)
