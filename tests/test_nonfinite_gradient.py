@@ -165,3 +165,30 @@ def test_the_rounded_mean_term_where_it_always_runs_keeps_the_bits_of_finite_gra
     skipped_inf = elementwise.grad_input(dy_inf, x, mean, invstd, weight, *sums_inf, count)
     assert torch.equal(torch.isnan(always_inf), torch.isnan(skipped_inf))
     assert torch.equal(always_inf.nan_to_num(0.0).double(), skipped_inf.nan_to_num(0.0).double())
+
+
+def test_with_a_merged_count_the_portable_input_gradient_adds_the_term_without_reading_the_host(monkeypatch):
+    """SyncBatchNorm hands the input gradient the group's count as a tensor: its steps must read
+    nothing on the host (a CUDA synchronisation), so the term is added unchecked, and the rounded
+    mean still gets the reference's -inf."""
+    from bnlab import elementwise, stats
+
+    x, dy = at_the_rounded_mean()
+    mean, _, invstd = finalize(stats.moments(x), 1e-5)
+    weight = torch.ones(3)
+    sum_dy, sum_dy_xhat = elementwise.grad_sums(dy, x, mean, invstd, batch_mean=True)
+    count = torch.tensor(float(x.numel() // 3), dtype=torch.float64)
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
+    dx = elementwise.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+    monkeypatch.undo()
+    cache = ref.forward_train(x.double().numpy(), weight.double().numpy(), None)[1]
+    with np.errstate(invalid="ignore"):
+        want = ref.backward(dy.double().numpy(), cache)[0]
+    at_mean = (x[:, 0] == 1000.0).numpy()
+    assert np.isneginf(want[:, 0][at_mean]).all() and torch.isneginf(dx[:, 0][torch.from_numpy(at_mean)]).all()
+    _placed_as(dx, want, "dx")

@@ -56,9 +56,9 @@ def finite_or_zero(t: Tensor) -> Tensor:
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def rounded_mean_term(a: Tensor, lo: Tensor, dtype: torch.dtype) -> Tensor | None:
+def rounded_mean_term(a: Tensor, lo: Tensor, dtype: torch.dtype, host_check: bool = True) -> Tensor | None:
     """The per-channel t of dx's a·((x - mean_hi) + t), (C,) in ``dtype``, or None where no a is
-    infinite (checked on the host only where that is free: an eager CPU call).
+    infinite, as checked on the host where ``host_check`` allows it and the call is eager on a CPU.
 
     Why: with a infinite (an infinite dy), a·(x - mean_hi) is 0·inf = NaN at every x equal to
     mean_hi, where the exact x - mean = -mean_lo gives the float64 reference's ±inf. t = -mean_lo
@@ -66,12 +66,15 @@ def rounded_mean_term(a: Tensor, lo: Tensor, dtype: torch.dtype) -> Tensor | Non
     zeros too (the Triton kernels' rounded_mean_term; docs/math.md §4.2). Adding it costs the input
     gradient one pass and a few (C,) operations more (1.21-1.48x on two CPU threads,
     benchmarks/portable_rounded_mean.py), so an eager CPU call checks a on the host and skips it
-    where a is finite (1.09x at (256, 100), within the noise at the conv shapes); on other devices
-    the check would synchronise, and a traced graph cannot branch on it.
+    where a is finite (1.09x at (256, 100), within the noise at the conv shapes). On other devices
+    the check would synchronise, a traced graph cannot branch on it, and SyncBatchNorm's steps read
+    no value on the host on any device (``host_check`` False; test_sync_distributed.py holds them
+    to it on the CPU, for CUDA's sake): there t is always added.
     """
     # a's sum is finite where every a is (a sum that overflows, or a NaN, only adds t = -0); summed
     # in Python: after the passes over x, a torch reduction of C values cost ~15 us at (256, 100)
-    if a.device.type == "cpu" and not torch.compiler.is_compiling() and math.isfinite(sum(a.tolist())):
+    eager_cpu = host_check and a.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager_cpu and math.isfinite(sum(a.tolist())):
         return None
     return torch.where(torch.isinf(a), -lo.to(torch.float64), -0.0).to(dtype)
 
@@ -159,7 +162,8 @@ def grad_input(
     finite), so one fused pass over dy and x suffices. dy's mean comes
     off before the product, so k·dy and c do not cancel where dy is nearly constant (a channel
     constant in both x and dy gets dx = 0 exactly). ``count`` (m) may be a tensor after a
-    cross-process merge (SyncBatchNorm).
+    cross-process merge (SyncBatchNorm), whose steps read nothing on the host: then t is always
+    added (rounded_mean_term's host_check).
 
     Shapes: dy, x (N, C, *); mean, invstd, sum_dy, sum_dy_xhat float64 (C,); weight (C,) or None.
     Returns dx with x's dtype.
@@ -177,7 +181,7 @@ def grad_input(
     dx = dy.to(dtype) - per_channel(g_hi, nd)  # a new tensor: dy is never written
     dx.mul_(per_channel(k.to(dtype), nd))
     centered = x.to(dtype) - per_channel(hi, nd)  # a new tensor too
-    t = rounded_mean_term(a, lo, dtype)
+    t = rounded_mean_term(a, lo, dtype, host_check=not isinstance(count, Tensor))  # a tensor: SyncBatchNorm's
     if t is not None:
         centered.add_(per_channel(t, nd))
     dx.addcmul_(centered, per_channel(a.to(dtype), nd))
