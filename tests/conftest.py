@@ -28,6 +28,16 @@ def _cpu_backends() -> list[str]:
 CPU_BACKENDS = _cpu_backends()
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_left_on():
+    """Fail the test that leaves autograd's grad mode off (as a benchmark script's main() that
+    calls torch.set_grad_enabled(False) did), rather than a later test that needs gradients."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left autograd's grad mode off")
+
+
 @pytest.fixture
 def keep_threads():
     """Restore torch's thread count after the test: benchmark scripts' main() sets it (--threads)."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -24,6 +25,7 @@ def test_portable_rounded_mean_prints_the_three_forms_against_the_first(capsys, 
     assert row.startswith("(256, 100): no term ") and "(1.000)" in row
     ratios = [float(v) for v in re.findall(r"\(([0-9.]+)\)", row)]
     assert len(ratios) == 3 and all(r > 0 for r in ratios)
+    assert torch.is_grad_enabled()  # the script's no_grad ends with it
 
 
 def test_eval_grad_context_prints_every_contender_and_both_fractions(capsys, keep_threads):
