@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cases import DTYPES, MODES, contenders, refuse_unknown_names, sample_grad_mode, traffic_bytes  # noqa: E402
+import bench_results  # noqa: E402
 from bench_env import environment, first_call_seconds  # noqa: E402
 from bench_timing import balanced_orders  # noqa: E402
 
@@ -130,15 +131,11 @@ def _case_id(rec: dict) -> str:
 
 
 def load_done(path: Path) -> dict:
+    """{case id: record} of the cases already in a results file ({} where there is none); the last
+    record of a case wins. ValueError naming the file (bench_results.read)."""
     if not path.exists():
         return {}
-    done = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if "results" in rec:
-                done[_case_id(rec)] = rec
-    return done
+    return {_case_id(rec): rec for rec in bench_results.read(path)[1]}
 
 
 def save(path: Path, header: dict, records: list[dict]) -> None:
@@ -284,15 +281,18 @@ def main(argv=None) -> int:
     refuse_unknown_names(p, args, {"shapes": SHAPES, "layouts": ("nchw", "cl"), "dtypes": DTYPES, "modes": MODES})
 
     out = Path(args.out)
+    try:
+        done = {} if args.fresh and not args.report else load_done(out)
+    except ValueError as exc:
+        p.error(f"--out: {exc}")
     if args.report:
-        records = list(load_done(out).values())
+        records = list(done.values())
         for threads in sorted({r.get("threads") for r in records if r["device"] == args.device}):
             print("\n".join(summarize(records, args.device, threads)))
         print(markdown(records))
         _plot(args.plot, out)
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {} if args.fresh else load_done(out)
     header = {"environment": environment(args.device), "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
     if args.first_call:
         header["bnlab_cpu_first_call"] = first_call_seconds()

@@ -16,13 +16,13 @@ reads the files.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from matplotlib.ticker import FuncFormatter
 
+import bench_results
 from bnlab.lab.plotting import new_figure, save_figure
 
 MODE_TITLES = {"fwd": "training forward", "fwdbwd": "training forward + backward", "eval": "eval",
@@ -37,26 +37,12 @@ GPU_TARGET = 0.85
 
 def load(path: str | Path) -> tuple[dict, list[dict]]:
     """(environment, cases) of a bench_bn.py JSON-lines file: its first line's environment and
-    command, and every case line (those with "ratios"), in file order. ValueError naming the argument
-    and the file when it cannot be read, holds a line that is not JSON, or holds no case."""
-    path = Path(path)
-    env: dict = {}
-    cases = []
+    command, and every case line, in file order (bench_results.read). ValueError naming the
+    argument and the file when it cannot be read, holds a line that is not JSON, or holds no case."""
     try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise ValueError(f"results: cannot read {path} ({exc.strerror or exc})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"results: line {number} of {path} is not JSON ({exc})") from None
-        if "environment" in row:
-            env = row
-        elif "ratios" in row:
-            cases.append(row)
+        env, cases = bench_results.read(path)
+    except ValueError as exc:
+        raise ValueError(f"results: {exc}") from None
     if not cases:
         raise ValueError(f"results: expected bench_bn.py case lines (with 'ratios') in {path}, found none")
     return env, cases

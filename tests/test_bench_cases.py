@@ -117,3 +117,29 @@ def test_plot_draws_the_results_file_after_a_report(tmp_path, capsys):
     png = tmp_path / "speed.png"
     assert bench_bn.main(["--report", "--out", str(src), "--plot", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG" and "wrote " in capsys.readouterr().out
+
+
+def test_a_results_file_that_is_not_json_lines_is_refused_naming_out_and_the_line(tmp_path, capsys):
+    """bench_bn.py reads its --out to resume or report (bench_results.read, plot_bench's reader too)."""
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"environment": {}, "command": "bench_bn.py"}\n{"results": \n')
+    with pytest.raises(SystemExit):
+        bench_bn.main(["--report", "--out", str(path)])
+    assert f"--out: line 2 of {path} is not JSON" in capsys.readouterr().err
+
+
+def test_resuming_keeps_the_last_record_of_each_case_in_file_order(tmp_path):
+    import json
+
+    import bench_results
+
+    key = {"device": "cpu", "threads": 2, "shape": "mlp-small", "layout": "nchw", "dtype": "fp32", "mode": "eval"}
+    rows = [{"environment": {"cpu": "x"}, "command": "c"}, {**key, "results": {"bnlab": 1}, "ratios": {}},
+            {**key, "mode": "fwd", "results": {"bnlab": 2}, "ratios": {}}, {**key, "results": {"bnlab": 3}, "ratios": {}}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    header, cases = bench_results.read(path)
+    assert header == rows[0] and cases == rows[1:]
+    done = bench_bn.load_done(path)
+    assert [rec["results"]["bnlab"] for rec in done.values()] == [3, 2]
+    assert bench_bn.load_done(tmp_path / "none.jsonl") == {}
