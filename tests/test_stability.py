@@ -43,6 +43,30 @@ def test_large_mean_small_std_float32(backend, shape):
     assert rel_err(torch_layer(x), expected) > 2e-4
 
 
+def test_many_equal_samples_at_a_large_mean_float32(backend):
+    """One sample repeated 6724 times (an expanded view, stride 0 along the batch) at 1e3 ± 0.01.
+    torch's float32 CPU sum over dims (0, 2) adds the samples' sums one by one, and with equal
+    samples their roundings add up: the portable statistics' shift came out a tenth off the mean
+    and the variance 1-2.5 % off (output 13x the tolerance; benchmarks/fuzz_kernels.py --settings
+    portable). Summed per sample first, then in float64 (stats.channel_sums), they are exact."""
+    gen = torch.Generator().manual_seed(3)
+    sample = (1000 + 0.01 * torch.randn(1, 2, 41, generator=gen, dtype=torch.float64)).float()
+    x = sample.expand(6724, 2, 41)
+    dy = torch.randn(x.shape, generator=gen)
+    layer = bnlab.BatchNorm1d(2)
+    xg = x.detach().requires_grad_()
+    y = layer(xg)
+    y.backward(dy)
+    expected, cache = ref.forward_train(x.double().numpy())
+    expected_dx, expected_dw, _ = ref.backward(dy.double().numpy(), cache)
+    assert_close(y, expected, 2e-4, "output")
+    assert_close(xg.grad, expected_dx, 2e-4, "grad x")
+    assert_close(layer.weight.grad, expected_dw, 2e-4 * np.sqrt(x.numel() / 2), "grad weight")
+    # Control: torch's float32 sum over (0, 2) of this input is 1e-4 off (float64: exact to 1e-15).
+    dims = (0, 2)
+    assert rel_err(x.sum(dims), x.double().sum(dims)) > 3e-5
+
+
 @pytest.mark.parametrize("shape", [(64, 3, 5), (64, 2, 400)])  # the second: Σ(x - mean)² > fp32 max
 def test_values_near_1e18_stay_finite(backend, shape):
     gen = torch.Generator().manual_seed(1)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from bnlab.stats import Count, accumulate_dtype, compute_dtype, per_channel, reduce_dims, split_mean
+from bnlab.stats import Count, accumulate_dtype, channel_sums, compute_dtype, per_channel, split_mean
 
 
 def _as_f64(v: Tensor | None, like: Tensor, fill: float) -> Tensor:
@@ -64,7 +64,7 @@ def rounded_mean_term(a: Tensor, lo: Tensor, dtype: torch.dtype, host_check: boo
     mean_hi, where the exact x - mean = -mean_lo gives the float64 reference's ±inf. t = -mean_lo
     in such channels, and -0 elsewhere, where x - mean_hi + (-0) has the bits of x - mean_hi, signed
     zeros too (the Triton kernels' rounded_mean_term; docs/math.md §4.2). Adding it costs the input
-    gradient one pass and a few (C,) operations more (1.21-1.48x on two CPU threads,
+    gradient one pass and a few (C,) operations more (1.11-1.48x on two CPU threads, two runs,
     benchmarks/portable_rounded_mean.py), so an eager CPU call checks a on the host and skips it
     where a is finite (1.09x at (256, 100), within the noise at the conv shapes). On other devices
     the check would synchronise, a traced graph cannot branch on it, and SyncBatchNorm's steps read
@@ -122,7 +122,6 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, batch_mean: b
     Shapes: dy, x (N, C, *); mean, invstd float64 (C,).
     """
     dtype = compute_dtype(x)
-    dims = reduce_dims(x)
     nd = x.dim()
     hi, lo = split_mean(mean, dtype)
     dyc = dy.to(dtype)
@@ -136,10 +135,10 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, batch_mean: b
         shift = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
     count = dyc.numel() // max(dyc.shape[1], 1)
     shifted = dyc - per_channel(shift, nd)
-    sum_shifted = shifted.sum(dims, dtype=acc).to(torch.float64)
+    sum_shifted = channel_sums(shifted, acc)
     sum_dy = sum_shifted + count * shift.to(torch.float64)
     factor = shifted if batch_mean else dyc
-    sum_dy_xc = (factor * (x.to(dtype) - per_channel(hi, nd))).sum(dims, dtype=acc).to(torch.float64)
+    sum_dy_xc = channel_sums(factor * (x.to(dtype) - per_channel(hi, nd)), acc)
     sum_dy_xhat = (sum_dy_xc - finite_or_zero(lo.to(torch.float64) * (sum_shifted if batch_mean else sum_dy))) * invstd
     return sum_dy, sum_dy_xhat
 

@@ -68,6 +68,25 @@ def empty_moments(channels: int, device: torch.device) -> Moments:
     return Moments(0, zeros, zeros.clone())
 
 
+def channel_sums(t: Tensor, acc: torch.dtype) -> Tensor:
+    """Σ of t (N, C, *) over every dim but the channel dim, summed in ``acc``: float64 (C,).
+
+    On the CPU with more than two dims, each sample's values first (an (N, C) tensor), then the N
+    partial sums in float64. Why: torch's CPU sum over dims (0, 2, ...) of an NCHW tensor, whose
+    kept channel dim lies between them in memory, sums each sample's row with its cascade but adds
+    the N rows' sums one after another into the float32 result: a relative error of about N·2^-24
+    (1e-4 at (6724, 2, 41)), which put the shift of float32 data at 1e3 ± 0.01 a tenth off the mean
+    and the variance 1-2.5 % off (benchmarks/fuzz_kernels.py --settings portable, thirty-sixth
+    session). Summed apart, the rows (reduced dims adjacent in memory) and the (N, C) partial sums
+    each get torch's cascade. CUDA's reductions are trees: there, one sum.
+    """
+    dims = reduce_dims(t)
+    if t.dim() > 2 and t.device.type == "cpu":
+        per_sample = t.sum(dims[1:], dtype=acc)  # (N, C)
+        return per_sample.sum(0, dtype=torch.float64)
+    return t.sum(dims, dtype=acc).to(torch.float64)
+
+
 def accumulate_dtype(x: Tensor) -> torch.dtype:
     """Dtype of the per-channel sums in the portable path.
 
@@ -97,13 +116,13 @@ def moments(x: Tensor) -> Moments:
     nd = x.dim()
     xc = x.to(compute_dtype(x))
     acc = accumulate_dtype(xc)
-    shift = xc.sum(dims, dtype=acc).div_(count).to(xc.dtype)  # (C,) approximate mean
+    shift = channel_sums(xc, acc).div_(count).to(xc.dtype)  # (C,) approximate mean
     largest = torch.linalg.vector_norm(xc, ord=float("inf"), dim=dims)  # (C,) max |x|
     _, exponent = torch.frexp(largest)  # largest < 2**exponent; 0 for largest = 0
     scale = torch.ldexp(torch.ones_like(largest), -exponent)  # (C,) exact power of two
     d = torch.addcmul(per_channel(-shift * scale, nd), xc, per_channel(scale, nd))  # (N, C, *), exact near the mean
-    s1 = d.sum(dims, dtype=acc).to(torch.float64)
-    s2 = d.square().sum(dims, dtype=acc).to(torch.float64)
+    s1 = channel_sums(d, acc)
+    s2 = channel_sums(d.square(), acc)
     scale64 = scale.to(torch.float64)
     mean = shift.to(torch.float64) + s1 / (scale64 * count)
     # A channel holding an infinity has no finite scale, and its shifted mean is NaN; its plain
