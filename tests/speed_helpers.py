@@ -139,10 +139,11 @@ def assert_fused_relu_handles_nan_as_torch():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def at_the_rounded_mean(seed=3):
+def at_the_rounded_mean(seed=3, infinity_at=None):
     """(x, dy) (40, 3, 2, 2): channel 0 holds v = 1000 at 150 of its 160 positions, v + 2 ulp at 5 and
     v - ulp at 5, so that its mean v + ulp/32 rounds to v in float32 (mean_lo != 0); dy normal
-    with +inf at one x = v - ulp, below the mean (Σdy = +inf, Σdy·x̂ = -inf)."""
+    with +inf at one x = v - ulp, below the mean (Σdy = +inf, Σdy·x̂ = -inf), or at one x = v
+    (the rounded mean itself: still below the mean) with ``infinity_at="mean"``."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(40, 3, 2, 2, generator=gen)
     v, ulp = 1000.0, float(np.spacing(np.float32(1000.0)))
@@ -150,6 +151,7 @@ def at_the_rounded_mean(seed=3):
     channel[:5], channel[5:10] = v + 2 * ulp, v - ulp
     x[:, 0] = channel[torch.randperm(160, generator=gen)].view(40, 2, 2)
     dy = torch.randn(40, 3, 2, 2, generator=gen)
-    below = (x[:, 0] == torch.tensor(v - ulp, dtype=torch.float32)).nonzero()[0]
-    dy[below[0], 0, below[1], below[2]] = float("inf")
+    target = v if infinity_at == "mean" else v - ulp
+    at = (x[:, 0] == torch.tensor(target, dtype=torch.float32)).nonzero()[0]
+    dy[at[0], 0, at[1], at[2]] = float("inf")
     return x, dy

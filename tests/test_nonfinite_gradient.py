@@ -192,3 +192,24 @@ def test_with_a_merged_count_the_portable_input_gradient_adds_the_term_without_r
     at_mean = (x[:, 0] == 1000.0).numpy()
     assert np.isneginf(want[:, 0][at_mean]).all() and torch.isneginf(dx[:, 0][torch.from_numpy(at_mean)]).all()
     _placed_as(dx, want, "dx")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_an_infinite_dy_at_the_rounded_mean_gives_the_references_infinite_weight_gradient(backend, memory_format):
+    """The infinite dy sits where x equals the rounded mean: Σ(dy - g)·(x - mean_hi) adds inf·0 =
+    NaN there, where the exact x - mean = -mean_lo makes Σdy·x̂ the reference's -inf. dweight was
+    NaN, and dx NaN across the channel (the portable backend's fuzz campaign, thirty-sixth session;
+    the CPU kernels alike): both now recompute the channel's sum from its infinite terms
+    (sums_at_rounded_means)."""
+    x, dy = at_the_rounded_mean(infinity_at="mean")
+    x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
+    bn = bnlab.BatchNorm2d(3)
+    xg = x.clone().requires_grad_(True)
+    bn(xg).backward(dy)
+    cache = ref.forward_train(x.double().numpy(), bn.weight.detach().double().numpy(), None)[1]
+    with np.errstate(invalid="ignore"):
+        dx, dw, db = ref.backward(dy.double().numpy(), cache)
+    assert np.isneginf(dw[0]) and np.isposinf(db[0])  # the case the test is about
+    _placed_as(bn.weight.grad, dw, "dweight")
+    _placed_as(bn.bias.grad, db, "dbias")
+    _placed_as(xg.grad, dx, "dx")

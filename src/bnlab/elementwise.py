@@ -143,6 +143,34 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, batch_mean: b
     return sum_dy, sum_dy_xhat
 
 
+def sums_at_rounded_means(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor
+) -> Tensor:
+    """Σdy·x̂ (C,) float64, recomputed where an infinite dy met an x equal to mean_hi (the CPU
+    kernels' sums_at_rounded_means): there (dy - g)·(x - mean_hi) = inf·0 added NaN, where the
+    exact x - mean = -mean_lo gives the float64 reference's ±inf. Such a channel has Σdy ±inf and
+    Σdy·x̂ NaN; its Σdy·x̂ is summed again from its infinite terms alone, with x - mean in float64
+    as (x - mean_hi) - mean_lo (finite terms cannot change an infinite sum; mixed signs still give
+    NaN, as in the reference). Only in an eager CPU call, where reading the sums on the host costs
+    no synchronisation, and nothing more unless Σdy is not finite (a Python sum of its C values).
+    Left as summed on other devices, in traced graphs and in SyncBatchNorm's steps.
+
+    Shapes: dy, x (N, C, *); mean, invstd, sum_dy, sum_dy_xhat float64 (C,).
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or math.isfinite(sum(sum_dy.tolist())):
+        return sum_dy_xhat
+    dtype, nd = compute_dtype(x), x.dim()
+    hi, lo = split_mean(mean, dtype)
+    lo64 = lo.to(torch.float64)
+    wanted = torch.isinf(sum_dy) & torch.isnan(sum_dy_xhat) & (lo64 != 0) & torch.isfinite(mean)
+    if not bool(wanted.any()):
+        return sum_dy_xhat
+    dy64 = dy.to(torch.float64)
+    centered = (x.to(dtype) - per_channel(hi, nd)).to(torch.float64) - per_channel(lo64, nd)
+    infinite_terms = torch.where(torch.isfinite(dy64), 0.0, dy64 * centered)
+    return torch.where(wanted, channel_sums(infinite_terms, torch.float64) * invstd, sum_dy_xhat)
+
+
 def grad_input(
     dy: Tensor,
     x: Tensor,
