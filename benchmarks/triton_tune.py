@@ -58,9 +58,9 @@ def _kernels(ops, x, dy, p) -> dict:
     coef = torch.rand(3, c, device=x.device)
     gcoef = torch.rand(5, c, device=x.device)  # hi, kk, a, cc, gh (grad_input_kernel)
     hi = coef[0].contiguous()
+    stats = torch.rand(3, c, dtype=torch.float64, device=x.device) + 0.5
     if ops.merge_in_tiles(p):  # NCL: the input gradient merges the partial sums in its tiles
         part = torch.rand(p.segments, c, 2, dtype=torch.float64, device=x.device)
-        stats = torch.rand(3, c, dtype=torch.float64, device=x.device) + 0.5
         sums = torch.empty(2, c, dtype=torch.float64, device=x.device)
         grad_input = lambda: ops._grad_input_merged(dy, x, part, stats, None, sums, p)  # noqa: E731
     else:
@@ -68,7 +68,7 @@ def _kernels(ops, x, dy, p) -> dict:
     return {
         "stats": lambda: ops._partial_stats(x, p),
         "normalize": lambda: ops._normalize(x, coef, p),
-        "grad_sums": lambda: ops._partial_grads(dy, x, None, hi, p, True),  # the training backward's
+        "grad_sums": lambda: ops._partial_grads(dy, x, None, hi, stats, p, True),  # the training backward's
         "grad_input": grad_input,
     }
 

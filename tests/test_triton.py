@@ -488,19 +488,22 @@ def _placed_as_reference(got: torch.Tensor, want: np.ndarray, what: str) -> None
     np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=2e-4, atol=2e-4, err_msg=what)
 
 
+@pytest.mark.parametrize("infinity_at", [None, "mean"], ids=["below", "at_the_mean"])
 @pytest.mark.parametrize("path", ["nchw", "nchw, merge apart", "cl", "sync"])
-def test_infinite_dy_where_x_is_the_rounded_mean(path, monkeypatch):
+def test_infinite_dy_where_x_is_the_rounded_mean(path, infinity_at, monkeypatch):
     """Where x equals the float32-rounded mean hi, x - hi is 0, and a·0 with the infinite coefficient
     a was NaN, where the exact x - mean = -mean_lo gives the float64 reference's -inf (150 values of
     channel 0 here): every dx kernel now takes -lo there (triton_reduce.rounded_mean_term), as the
     CPU kernels do (test_nonfinite_gradient.py). Paths: NCL rows with the merge in the input
     gradient's tiles and apart from them (grad_merge_kernel), channels-last rows (the one-program
     kernel or the general ones, by the autouse fixture), and the input gradient from given sums
-    (grad_input_with, SyncBatchNorm's)."""
+    (grad_input_with, SyncBatchNorm's). With the infinite dy itself where x = hi ("at_the_mean"),
+    the sums' products (dz - g)·(x - hi) added inf·0 = NaN to Σdy·x̂, where the reference has -inf,
+    and dx was NaN across the channel: the partial sums now take -lo there (centred_exactly)."""
     from bnlab.backends import triton_ops
     from speed_helpers import at_the_rounded_mean
 
-    x, dy = at_the_rounded_mean()
+    x, dy = at_the_rounded_mean(infinity_at=infinity_at)
     if path == "cl":
         x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
     if path == "nchw, merge apart":
@@ -511,11 +514,15 @@ def test_infinite_dy_where_x_is_the_rounded_mean(path, monkeypatch):
         sum_dy, sum_dy_xhat = TRITON.grad_sums(dy, x, stats.mean, invstd)
         dx = TRITON.grad_input(dy, x, stats.mean, invstd, w, sum_dy, sum_dy_xhat, int(stats.count))
     else:
-        dx = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True, batch_mean=True)[0]
+        dx, sum_dy_xhat, _ = TRITON.backward(dy, x, stats.mean, invstd, w, stats.count, True, batch_mean=True)
     with np.errstate(invalid="ignore"):
-        expected = ref.backward(np64(dy), ref.forward_train(np64(x), np64(w), None)[1])[0]
+        expected, expected_dw, _ = ref.backward(np64(dy), ref.forward_train(np64(x), np64(w), None)[1])
     at_mean = (x[:, 0] == 1000.0).numpy()
-    assert at_mean.sum() == 150 and np.isneginf(expected[:, 0][at_mean]).all()  # the case the test is about
+    if infinity_at is None:
+        assert at_mean.sum() == 150 and np.isneginf(expected[:, 0][at_mean]).all()  # the case the test is about
+    else:
+        assert np.isneginf(expected_dw[0])  # Σdy·x̂ (= dweight) is -inf in the reference
+        assert torch.isneginf(sum_dy_xhat[0])
     _placed_as_reference(dx, expected, "dx")
 
 

@@ -47,10 +47,29 @@ def centre_shift(dy_ptr, base, ok, run, stride, total):
 
 
 @triton.jit
+def centred_exactly(x, hi, nlo, dz):
+    """x - hi for dz·(x - mean), with -lo (``nlo``) where x - hi is 0 and dz infinite: there inf·0
+    added NaN to Σdz'·(x - hi), where the exact x - mean = -lo gives the float64 reference's ±inf
+    (docs/math.md §4.2; the CPU kernels' sums_at_rounded_means). Elsewhere x - hi itself, whose
+    products keep their bits: a finite dz at x = hi still adds its 0 (lo·Σdz is taken off once, in
+    the merge)."""
+    xc = x - hi
+    return tl.where((xc == 0.0) & (tl.abs(dz) == float("inf")), nlo, xc)
+
+
+@triton.jit
+def minus_lo(stats_ptr, c, hi, ok):
+    """-lo, lo = mean - hi rounded to float32, of channels c (the mean: row 0 of stats, float64)."""
+    mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
+    return -((mean - hi.to(tl.float64)).to(tl.float32))
+
+
+@triton.jit
 def grad_ncl_kernel(
     dy_ptr, x_ptr,  # (N, C, L) contiguous
     mask_ptr,  # ReLU mask (HAS_MASK), rows n*C + c of K8B bytes
     hi_ptr,  # (C,) float32: the mean rounded to float32
+    stats_ptr,  # (3, C) float64: the mean (row 0), for -lo (centred_exactly)
     part_ptr,  # (S, C, 2) float64 out: Σdz, Σdz'·(x - hi) per segment
     N, C, L, LB, TPS, K8B,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr, UNROLL: tl.constexpr,
@@ -61,6 +80,7 @@ def grad_ncl_kernel(
     tile stalled every warp at a barrier)."""
     c, s = tl.program_id(0), tl.program_id(1)
     hi = tl.load(hi_ptr + c)
+    nlo = minus_lo(stats_ptr, c, hi, True)
     if CENTRED:
         cv = tl.zeros([1], tl.int64) + c
         g = tl.sum(centre_shift(dy_ptr, cv * L, cv < C, L, C * L, N * L), axis=0)
@@ -84,7 +104,7 @@ def grad_ncl_kernel(
             acc_dy += dz.to(tl.float64)
             if CENTRED:
                 dz = dz - g
-            acc_dyx += tl.where(ok, dz * (x - hi), 0.0).to(tl.float64)
+            acc_dyx += tl.where(ok, dz * centred_exactly(x, hi, nlo, dz), 0.0).to(tl.float64)
     one = tl.zeros([1], dtype=tl.float64)
     out = part_ptr + (s * C + c + tl.arange(0, 1)) * 2
     tl.store(out, one + tl.sum(tl.sum(acc_dy, axis=1), axis=0))
@@ -95,7 +115,7 @@ def grad_ncl_kernel(
 def grad_nlc_kernel(
     dy_ptr, x_ptr,  # (M, C) rows of contiguous channels
     mask_ptr,  # ReLU mask (HAS_MASK), rows m of K8B bytes
-    hi_ptr, part_ptr, M, C, SEG, K8B,
+    hi_ptr, stats_ptr, part_ptr, M, C, SEG, K8B,  # stats_ptr: as grad_ncl_kernel's
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr, UNROLL: tl.constexpr,
     CENTRED: tl.constexpr,
 ):  # fmt: skip
@@ -103,6 +123,7 @@ def grad_nlc_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     hi = tl.load(hi_ptr + c, mask=c_ok, other=0.0)
+    nlo = minus_lo(stats_ptr, c, hi, c_ok)
     if CENTRED:
         g = centre_shift(dy_ptr, c, c_ok, 1, C, M)
     acc_dy = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float64)  # per lane, reduced at the end
@@ -121,7 +142,7 @@ def grad_nlc_kernel(
             acc_dy += dz.to(tl.float64)
             if CENTRED:
                 dz = dz - g[None, :]
-            acc_dyx += tl.where(ok, dz * (x - hi[None, :]), 0.0).to(tl.float64)
+            acc_dyx += tl.where(ok, dz * centred_exactly(x, hi[None, :], nlo[None, :], dz), 0.0).to(tl.float64)
     out = part_ptr + (s * C + c) * 2
     tl.store(out, tl.sum(acc_dy, axis=0), mask=c_ok)
     tl.store(out + 1, tl.sum(acc_dyx, axis=0), mask=c_ok)

@@ -56,18 +56,18 @@ def _partial_stats(x, p: Plan):
     return part
 
 
-def _partial_grads(dy, x, mask, hi, p: Plan, centred: bool):
+def _partial_grads(dy, x, mask, hi, stats, p: Plan, centred: bool):
     part = torch.empty(p.segments, p.c, 2, dtype=_F64, device=x.device)
     mask_arg = mask if mask is not None else dy
     if p.ncl:
         _launch.launch(grad.grad_ncl_kernel, (p.c, p.segments),
-            dy, x, mask_arg, hi, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment, p.k8b,
+            dy, x, mask_arg, hi, stats, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment, p.k8b,
             BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll, CENTRED=centred,
             num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     else:
         _launch.launch(grad.grad_nlc_kernel, (_cdiv(p.c, p.block_b), p.segments),
-            dy, x, mask_arg, hi, part, p.n, p.c, p.per_segment, p.k8b,
+            dy, x, mask_arg, hi, stats, part, p.n, p.c, p.per_segment, p.k8b,
             BLOCK_M=p.block_a, BLOCK_C=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll, CENTRED=centred,
             num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
@@ -207,7 +207,7 @@ def backward(dy, x, stats, hi, weight, need_dx=True, mask=None, want_dres=False,
     c = p.c
     if mask is None and not want_dres and one_program(p):
         return _small_backward(dy, x, stats, weight, need_dx, dweight, dbias, p, centred)
-    part = _partial_grads(dy, x, mask, hi, p, centred)
+    part = _partial_grads(dy, x, mask, hi, stats, p, centred)
     sums = torch.empty(2, c, dtype=_F64, device=x.device)
     # The residual's gradient (the fused add + ReLU layer) takes the merge kernel apart: written by
     # the merged tiles too, it made their sm_90 build spill 16 bytes (grad_input_merged_kernel).

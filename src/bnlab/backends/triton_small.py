@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from bnlab.backends.triton_elementwise import fixed_statistics, flag_negative
-from bnlab.backends.triton_grad import centre_shift
+from bnlab.backends.triton_grad import centre_shift, centred_exactly, minus_lo
 from bnlab.backends.triton_reduce import (
     blend_running,
     chan_update,
@@ -126,6 +126,20 @@ def small_eval_kernel(
 
 
 @triton.jit
+def _infinite_terms(dy_ptr, x_ptr, M, C, c, c_ok, hi, nlo, BLOCK_M: tl.constexpr):
+    """Σ dz·(x - mean) over the infinite dz of channels c, float64 [BLOCK_C]: x - mean as
+    centred_exactly takes it (-lo where x = hi). (dz - g0 is as infinite as dz.)"""
+    acc = tl.zeros(hi.shape, dtype=tl.float64)
+    for m0 in range(0, M, BLOCK_M):
+        ok, offs = _rows(m0, M, C, c, c_ok, BLOCK_M)
+        dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        xc = centred_exactly(x, hi[None, :], nlo[None, :], dz)
+        acc += tl.sum(tl.where(ok & (tl.abs(dz) == float("inf")), dz * xc, 0.0), axis=0).to(tl.float64)
+    return acc
+
+
+@triton.jit
 def small_backward_kernel(
     dy_ptr, x_ptr,  # (M, C) rows of contiguous channels, same strides
     stats_ptr,  # (3, C) float64: mean, (unused), invstd of the forward
@@ -165,6 +179,14 @@ def small_backward_kernel(
         acc_dyx += tl.sum(tl.where(ok, dz * (x - hi[None, :]), 0.0), axis=0).to(tl.float64)
     shifted = acc_dy  # Σ(dz - g0)
     acc_dy = shifted + count * g0.to(tl.float64)
+    # An infinite dz where x = hi added inf·0 = NaN to the products' sum (triton_grad's
+    # centred_exactly): such a channel (Σdz ±inf, the sum NaN) is summed again from its infinite
+    # terms, with -lo for x - hi where it is 0. After the loop and only then: -lo held through it
+    # made four variants of the sm_90 build spill 8 bytes.
+    redo = (tl.abs(acc_dy) == float("inf")) & (acc_dyx != acc_dyx)
+    if tl.max(redo.to(tl.int32), axis=0) > 0:
+        nlo = minus_lo(stats_ptr, c, hi, c_ok)
+        acc_dyx = tl.where(redo, _infinite_terms(dy_ptr, x_ptr, M, C, c, c_ok, hi, nlo, BLOCK_M), acc_dyx)
     # Loaded after the loop: held through it, the float64 mean and invstd made the sm_90 build of
     # the bf16 centred sums (Triton 3.9's ptxas flags) spill 8 bytes.
     mean = tl.load(stats_ptr + c, mask=c_ok, other=0.0)
