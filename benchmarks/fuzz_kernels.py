@@ -30,7 +30,9 @@ mean rounded to float32 at some positions, where x - mean_hi = 0 made dx 0·inf 
 x - mean = -mean_lo the reference's ±inf; the kernels now recompute dx there
 (dx_at_rounded_means).
 
-Each bound setting (SETTINGS) runs in its own process, as the C statics read the bounds once:
+Each bound setting (SETTINGS) runs in its own process, as the C statics read the bounds once;
+the setting "portable" turns the compiled kernels off (BNLAB_CPU_KERNELS=0), so that the same
+cases check the portable backend, the fallback without a compiler:
 
     PYTHONPATH=src python benchmarks/fuzz_kernels.py --seconds 600 [--seed 0] [--settings default,ncl-flat]
     PYTHONPATH=src python benchmarks/fuzz_kernels.py --replay benchmarks/results/fuzz_kernels_failures.jsonl
@@ -69,6 +71,8 @@ SETTINGS = {
     "last-first": {"BNLAB_LAST_FIRST_MIN_BYTES": "0"},
     "write-ahead": {"BNLAB_WRITE_AHEAD_MIN_BYTES": "0"},
     "no-pool": {"BNLAB_CPU_CACHE_BYTES": "0"},
+    # the compiled kernels off: the portable backend (torch ops), which runs without a compiler
+    "portable": {"BNLAB_CPU_KERNELS": "0"},
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHANNELS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 48, 56, 63, 64, 65, 72, 96, 100, 127, 128, 129,
@@ -463,8 +467,10 @@ def worker(args) -> None:
     from bnlab.backends import select_backend
 
     backend = select_backend(torch.zeros(2, 3)).name
-    if backend != "cpu":
-        print(f"FATAL the CPU backend is not selected ({backend}): the kernels did not build", flush=True)
+    expected = "portable" if SETTINGS[args.setting].get("BNLAB_CPU_KERNELS") == "0" else "cpu"
+    if backend != expected:
+        print(f"FATAL the {expected} backend is not selected ({backend})"
+              + (": the kernels did not build" if expected == "cpu" else ""), flush=True)  # fmt: skip
         sys.exit(2)
     if args.cases:
         specs = [json.loads(line) for line in open(args.cases)]
