@@ -129,11 +129,32 @@ INFINITE_GRADIENT_CASE = {
 }  # fmt: skip
 
 
+# The thirty-sixth session's portable campaign (benchmarks/results/fuzz_kernels_s36_portable_*.jsonl).
+# An infinite dy where x equals the float32-rounded mean (data at 1e3 ± 0.01): Σdy·x̂ NaN where
+# the reference has +inf, on every backend (sums_at_rounded_means, centred_exactly).
+INFINITE_DY_AT_THE_ROUNDED_MEAN_CASE = {
+    "seed": 1350155382, "layer": "BatchNorm2d", "shape": [422, 3, 215, 3], "dtype": "float32", "layout": "permuted",
+    "perm": [1, 3, 0, 2], "offset": 1, "dy_layout": "channels_last", "affine": True, "bias": True, "track": True,
+    "momentum": None, "eps": 0.09, "skip_nonfinite": False, "threads": 2, "python_path": False, "x_grad": True,
+    "data": "offset", "scale": 0.1756969340794232, "shift": 0.250992115870089, "steps": ["train"], "nbt": 1,
+    "dy_data": "nonfinite",
+}  # fmt: skip
+# One sample repeated 6724 times at 1e3 ± 0.01: the portable statistics 1-2.5 % off (stats.channel_sums).
+EXPANDED_OFFSET_CASE = {
+    "seed": 1818570851, "layer": "BatchNorm1d", "shape": [6724, 2, 41], "dtype": "float32", "layout": "expand",
+    "perm": [0, 1, 2], "offset": 0, "dy_layout": "same", "affine": True, "bias": True, "track": False,
+    "momentum": 0.1, "eps": 0.000141, "skip_nonfinite": True, "threads": 2, "python_path": True, "x_grad": True,
+    "data": "offset", "scale": 0.028460715312091153, "shift": 0.061315164343295946, "steps": ["train"], "nbt": 1,
+    "dy_data": "normal",
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "case",
-    [EXPANDED_BATCH_CASE, SHORT_BF16_ROWS_CASE, EXPANDED_GRADIENT_CASE, FLOAT64_OFFSET_CASE, INFINITE_GRADIENT_CASE],
+    [EXPANDED_BATCH_CASE, SHORT_BF16_ROWS_CASE, EXPANDED_GRADIENT_CASE, FLOAT64_OFFSET_CASE, INFINITE_GRADIENT_CASE,
+     INFINITE_DY_AT_THE_ROUNDED_MEAN_CASE],
     ids=["expanded batch", "short bf16 rows", "expanded batch and gradient", "float64 at 1e3, zero-mean dy",
-         "infinite dy"],
+         "infinite dy", "infinite dy at the rounded mean"],
 )  # fmt: skip
 def test_cases_the_campaign_found_pass(keep_threads, case):
     assert fuzz_kernels.run_case(case)["failures"] == []
@@ -153,6 +174,18 @@ def test_a_replay_runs_every_case_and_reports_a_worker_that_cannot(tmp_path, kee
     summary = fuzz_kernels.run_setting("default", {}, 0, 0, str(tmp_path / "out.jsonl"), 0, cases_file=str(broken))
     assert summary["cases"] == 0 and "worker exited with status" in summary["fatal"]
 
+
+
+def test_the_portable_setting_runs_its_cases_with_the_kernels_off(tmp_path, keep_threads):
+    """The setting "portable" (BNLAB_CPU_KERNELS=0): its worker checks that the portable backend
+    is the one selected, and the two cases its first campaign found pass there."""
+    import json
+
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps(c) + "\n" for c in (INFINITE_DY_AT_THE_ROUNDED_MEAN_CASE, EXPANDED_OFFSET_CASE)))
+    summary = fuzz_kernels.run_setting("portable", fuzz_kernels.SETTINGS["portable"], 0, 0, str(tmp_path / "out.jsonl"),
+                                       0, cases_file=str(cases))  # fmt: skip
+    assert summary["cases"] == 2 and summary["failing"] == 0 and "fatal" not in summary, summary
 
 
 def test_nonfinite_places_unlike_torch_fail_only_where_they_are_unlike_the_reference():
