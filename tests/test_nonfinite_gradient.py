@@ -109,6 +109,18 @@ def test_sync_ranks_with_an_infinite_dy_give_the_references_infinity(name):
         _placed_as(got, (dy.double() * x_hat).sum((0, 2)).numpy(), "Σdy·x̂")
 
 
+def _trained_beside_the_reference(x, dy, memory_format):
+    """(layer, x leaf, the float64 reference's (dx, dweight, dbias)) after one training step of a
+    BatchNorm2d(3) on x with upstream gradient dy, both in ``memory_format``."""
+    x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
+    bn = bnlab.BatchNorm2d(3)
+    xg = x.clone().requires_grad_(True)
+    bn(xg).backward(dy)
+    cache = ref.forward_train(x.double().numpy(), bn.weight.detach().double().numpy(), None)[1]
+    with np.errstate(invalid="ignore"):
+        return bn, xg, ref.backward(dy.double().numpy(), cache)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_an_infinite_dy_gives_the_references_infinity_where_x_is_the_rounded_mean(backend, memory_format):
     """There x - mean_hi is 0, and a·0 with the infinite coefficient a was NaN (about one fuzz case
@@ -118,13 +130,7 @@ def test_an_infinite_dy_gives_the_references_infinity_where_x_is_the_rounded_mea
     portable path compute a·((x - mean_hi) + t) with t = -mean_lo in such channels
     (elementwise.rounded_mean_term)."""
     x, dy = at_the_rounded_mean()
-    x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
-    bn = bnlab.BatchNorm2d(3)
-    xg = x.clone().requires_grad_(True)
-    bn(xg).backward(dy)
-    cache = ref.forward_train(x.double().numpy(), bn.weight.detach().double().numpy(), None)[1]
-    with np.errstate(invalid="ignore"):
-        dx = ref.backward(dy.double().numpy(), cache)[0]
+    _, xg, (dx, _, _) = _trained_beside_the_reference(x, dy, memory_format)
     at_mean = (x[:, 0] == 1000.0).numpy()
     assert at_mean.sum() == 150 and np.isneginf(dx[:, 0][at_mean]).all()  # the case the test is about
     _placed_as(xg.grad, dx, "dx")
@@ -201,14 +207,7 @@ def test_an_infinite_dy_at_the_rounded_mean_gives_the_references_infinite_weight
     NaN, and dx NaN across the channel (the portable backend's fuzz campaign, thirty-sixth session;
     the CPU kernels alike): both now recompute the channel's sum from its infinite terms
     (sums_at_rounded_means)."""
-    x, dy = at_the_rounded_mean(infinity_at="mean")
-    x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
-    bn = bnlab.BatchNorm2d(3)
-    xg = x.clone().requires_grad_(True)
-    bn(xg).backward(dy)
-    cache = ref.forward_train(x.double().numpy(), bn.weight.detach().double().numpy(), None)[1]
-    with np.errstate(invalid="ignore"):
-        dx, dw, db = ref.backward(dy.double().numpy(), cache)
+    bn, xg, (dx, dw, db) = _trained_beside_the_reference(*at_the_rounded_mean(infinity_at="mean"), memory_format)
     assert np.isneginf(dw[0]) and np.isposinf(db[0])  # the case the test is about
     _placed_as(bn.weight.grad, dw, "dweight")
     _placed_as(bn.bias.grad, db, "dbias")
