@@ -56,6 +56,12 @@ def finite_or_zero(t: Tensor) -> Tensor:
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _eager_cpu(t: Tensor) -> bool:
+    """Whether t's values may be read on the host here without cost: an eager call (not traced)
+    on a CPU tensor. Elsewhere a read synchronises a GPU, or a traced graph cannot branch on it."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def rounded_mean_term(a: Tensor, lo: Tensor, dtype: torch.dtype, host_check: bool = True) -> Tensor | None:
     """The per-channel t of dx's a·((x - mean_hi) + t), (C,) in ``dtype``, or None where no a is
     infinite, as checked on the host where ``host_check`` allows it and the call is eager on a CPU.
@@ -73,8 +79,7 @@ def rounded_mean_term(a: Tensor, lo: Tensor, dtype: torch.dtype, host_check: boo
     """
     # a's sum is finite where every a is (a sum that overflows, or a NaN, only adds t = -0); summed
     # in Python: after the passes over x, a torch reduction of C values cost ~15 us at (256, 100)
-    eager_cpu = host_check and a.device.type == "cpu" and not torch.compiler.is_compiling()
-    if eager_cpu and math.isfinite(sum(a.tolist())):
+    if host_check and _eager_cpu(a) and math.isfinite(sum(a.tolist())):
         return None
     return torch.where(torch.isinf(a), -lo.to(torch.float64), -0.0).to(dtype)
 
@@ -157,7 +162,7 @@ def sums_at_rounded_means(
 
     Shapes: dy, x (N, C, *); mean, invstd, sum_dy, sum_dy_xhat float64 (C,).
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or math.isfinite(sum(sum_dy.tolist())):
+    if not _eager_cpu(x) or math.isfinite(sum(sum_dy.tolist())):
         return sum_dy_xhat
     dtype, nd = compute_dtype(x), x.dim()
     hi, lo = split_mean(mean, dtype)
