@@ -133,6 +133,34 @@ def test_channels_last_and_non_contiguous_inputs(backend, shape, dtype):
     assert ours(inputs["channels_last"]).is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_output_keeps_a_permuted_inputs_layout_where_torch_returns_contiguous(backend, training):
+    """docs/conventions.md, *The output's memory layout*: on a dense permuted input (a transposed
+    (N, L, C) sequence, channels outermost) bnlab's output and input gradient have the input's
+    strides, as torch.empty_like(x) does, where torch.nn's are contiguous; the values agree, and
+    reshape (not view) flattens either."""
+    gen = torch.Generator().manual_seed(5)
+    inputs = {
+        "(N, L, C) transposed": torch.randn(4, 9, 6, generator=gen).transpose(1, 2),
+        "(C, N) transposed": torch.randn(6, 8, generator=gen).t(),
+        "channels outermost": torch.randn(6, 3, 4, 5, generator=gen).transpose(0, 1),
+    }
+    for name, x in inputs.items():
+        ours, theirs = _pair(tuple(x.shape), CONFIGS[0], torch.float32, seed=7)
+        ours.train(training), theirs.train(training)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()  # clone keeps the strides
+        assert x1.stride() == x.stride() and not x.is_contiguous(), name
+        y1, y2 = ours(x1), theirs(x2)
+        dy = torch.randn(x.shape, generator=gen)
+        (y1 * dy).sum().backward()
+        (y2 * dy).sum().backward()
+        assert_close(y1, y2, TOLERANCE[torch.float32], f"{name} output")
+        assert_close(x1.grad, x2.grad, TOLERANCE[torch.float32], f"{name} grad x")
+        assert y1.stride() == torch.empty_like(x).stride() == x.stride(), (name, y1.stride())
+        assert y2.is_contiguous(), f"{name}: torch.nn's output is no longer contiguous; update the docs"
+        assert torch.equal(y1.reshape(len(x), -1), y1.contiguous().view(len(x), -1)), name
+
+
 def test_half_inputs_use_float32_statistics(backend):
     """fp16 data whose squares overflow fp16 (|x| ~ 1e3) must still normalize: statistics are fp32 or better."""
     x = (torch.randn(64, 3) * 300 + 2000).to(torch.float16)

@@ -10,7 +10,8 @@ The layers also carry the features of docs/features.md (Ghost BN, Batch Renormal
 masked BN, accumulated statistics, the non-finite guard) as constructor options; the math of
 each lives in bnlab.variants, and this file only routes to it.
 
-Math: docs/math.md. Conventions (momentum, variance estimators): docs/conventions.md.
+Math: docs/math.md. Conventions (momentum, variance estimators) and the one difference in form
+from torch.nn (a permuted input's output keeps the input's strides): docs/conventions.md.
 """
 
 from __future__ import annotations
