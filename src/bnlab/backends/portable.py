@@ -32,11 +32,7 @@ class PortableBackend(Backend):
     def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
         return elementwise.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
 
-    def backward(self, dy, x, mean, invstd, weight, count, need_input_grad, batch_mean=False):
-        """Backend.backward with Σdy·x̂ mended where an infinite dy met the rounded mean
-        (elementwise.sums_at_rounded_means; SyncBatchNorm calls the primitives, which read nothing
-        on the host)."""
-        sum_dy, sum_dy_xhat = self.grad_sums(dy, x, mean, invstd, batch_mean=batch_mean)
-        sum_dy_xhat = elementwise.sums_at_rounded_means(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
-        dx = self.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count) if need_input_grad else None
-        return dx, sum_dy_xhat, sum_dy
+    def mend_sums(self, dy, x, mean, invstd, sum_dy, sum_dy_xhat):
+        """elementwise.sums_at_rounded_means (eager CPU only; SyncBatchNorm calls the primitives,
+        which read nothing on the host)."""
+        return elementwise.sums_at_rounded_means(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
