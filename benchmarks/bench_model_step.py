@@ -2,9 +2,12 @@
 
 Claim measured (docs/benchmarks.md, *Round of 2026-12-03*): what bnlab's BN changes in the time
 of a real network's step on the CPU, where the convolutions take most of it. The network is the
-lab's ResNet-20 (19 convs, 19 BN layers, `bnlab.lab.models.resnet20`), built twice with the same
-weights, once with each BN; a step is forward, cross-entropy, backward and an SGD update on one
-batch of random CIFAR-sized images; inference is the eval-mode forward under no_grad, also of a
+lab's ResNet-20 (19 convs, 19 BN layers, `bnlab.lab.models.resnet20`), or with ``--model mlp``
+the init-sweep's MLP (784-100x5-10, a BN after each hidden layer, `bnlab.lab.models.MLP`: five
+(batch, 100) BN calls a step, where a call's fixed cost is most of its time; docs/benchmarks.md,
+*thirty-seventh session*), built twice with the same weights, once with each BN; a step is
+forward, cross-entropy, backward and an SGD update on one batch of random CIFAR-sized images (for
+the MLP, random (batch, 784) rows); inference is the eval-mode forward under no_grad, also of a
 third copy with every BN folded into its conv (`bnlab.fold`); a frozen-BN step is a training step
 with every BN layer in eval mode (fixed statistics, as when fine-tuning: BN's forward and backward
 then run in eval mode with a graph). The variants are timed as bench_bn.py
@@ -16,6 +19,7 @@ bnlab's model compiled as it was before bnlab.custom_ops, its graph broken at ev
 (the operators switched off while that variant compiles and runs).
 
     PYTHONPATH=src python benchmarks/bench_model_step.py [--batch 128] [--threads 2] [--rounds 12] [--layout cl] [--compile]
+    PYTHONPATH=src python benchmarks/bench_model_step.py --model mlp --batch 100
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from bench_cases import positive_int  # noqa: E402
 
 import bnlab  # noqa: E402
 from bnlab import custom_ops  # noqa: E402
-from bnlab.lab.models import resnet20  # noqa: E402
+from bnlab.lab.models import MLP, resnet20  # noqa: E402
 
 BREAKS = "bnlab, graph breaks"
 
@@ -89,10 +93,17 @@ def own_backend(backend, graphs: list | None = None):
     return own
 
 
-def twin_models(layout: str) -> dict[str, nn.Module]:
-    """{"bnlab": ResNet-20 with bnlab BN, "torch.nn": the same weights with torch.nn BN}."""
+#: the models --model names: each builds the network with the BN of bn_impl ("bnlab" or "torch")
+MODELS = {
+    "resnet20": lambda bn_impl: resnet20(bn_impl=bn_impl),
+    "mlp": lambda bn_impl: MLP([784, 100, 100, 100, 100, 100, 10], batchnorm=True, bn_impl=bn_impl),
+}
+
+
+def twin_models(layout: str, model: str = "resnet20") -> dict[str, nn.Module]:
+    """{"bnlab": the model (MODELS) with bnlab BN, "torch.nn": the same weights with torch.nn BN}."""
     torch.manual_seed(0)
-    models = {"bnlab": resnet20(bn_impl="bnlab"), "torch.nn": resnet20(bn_impl="torch")}
+    models = {"bnlab": MODELS[model]("bnlab"), "torch.nn": MODELS[model]("torch")}
     models["torch.nn"].load_state_dict(models["bnlab"].state_dict())
     if layout == "cl":
         models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
@@ -135,6 +146,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=positive_int, default=12, help="interleaved samples per variant")
     p.add_argument("--min-sample", type=float, default=1.0, help="seconds per sample (calls are repeated)")
     p.add_argument("--layout", default="nchw", choices=["nchw", "cl"])
+    p.add_argument("--model", default="resnet20", choices=sorted(MODELS), help="the network (default resnet20)")
     p.add_argument("--compile", action="store_true", help="every model under torch.compile, plus the graph-break variant")
     args = p.parse_args(argv)
     if not args.min_sample >= 0:
@@ -142,30 +154,38 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.compile:  # the twins share their forward's code: one cache entry per variant and mode
         torch._dynamo.config.recompile_limit = 64
+    if args.model == "mlp" and args.layout != "nchw":
+        p.error("--layout: the MLP's inputs are (batch, 784) rows, which have no channels-last form")
+
+    def make_twins():
+        return twin_models(args.layout, args.model)
+
     gen = torch.Generator().manual_seed(1)
-    images = torch.randn(args.batch, 3, 32, 32, generator=gen)
+    shape = (args.batch, 784) if args.model == "mlp" else (args.batch, 3, 32, 32)
+    images = torch.randn(shape, generator=gen)
     if args.layout == "cl":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch,), generator=gen)
-    print(f"# bench_model_step.py --batch {args.batch} --threads {args.threads} --layout {args.layout}"
-          f"{' --compile' if args.compile else ''}; ResNet-20, milliseconds, medians of {args.rounds} samples "
+    network = {"resnet20": "ResNet-20", "mlp": "MLP 784-100x5-10"}[args.model]
+    print(f"# bench_model_step.py --model {args.model} --batch {args.batch} --threads {args.threads} --layout "
+          f"{args.layout}{' --compile' if args.compile else ''}; {network}, milliseconds, medians of {args.rounds} samples "
           f"of about {args.min_sample} s")  # fmt: skip
-    models = twin_models(args.layout)
+    models = make_twins()
     table = {
         "training step": (lambda m: step_fn(m, images, labels), models),
-        "inference": (lambda m: inference_fn(m, images), {**twin_models(args.layout), "bnlab folded": None}),
+        "inference": (lambda m: inference_fn(m, images), {**make_twins(), "bnlab folded": None}),
         # own copies: the frozen steps train other weights
-        "frozen-BN step": (lambda m: step_fn(m, images, labels, frozen_bn=True), twin_models(args.layout)),
+        "frozen-BN step": (lambda m: step_fn(m, images, labels, frozen_bn=True), make_twins()),
     }
     for what, (make_fn, twins) in table.items():
         if args.compile:
-            fns = compiled_variants(lambda: twin_models(args.layout), make_fn)
+            fns = compiled_variants(make_twins, make_fn)
             if "bnlab folded" in twins:  # no BN left: convolutions and inductor's code only
-                fns["bnlab folded"] = make_fn(torch.compile(bnlab.fold(twin_models(args.layout)["bnlab"].eval())))
+                fns["bnlab folded"] = make_fn(torch.compile(bnlab.fold(make_twins()["bnlab"].eval())))
                 fns["bnlab folded"]()
         else:
             if "bnlab folded" in twins:
-                twins["bnlab folded"] = bnlab.fold(twin_models(args.layout)["bnlab"].eval())
+                twins["bnlab folded"] = bnlab.fold(make_twins()["bnlab"].eval())
             fns = {name: make_fn(m) for name, m in twins.items()}
         seconds = time_interleaved(fns, "cpu", args.rounds, args.min_sample)
         ms = {name: value * 1e3 for name, value in seconds.items()}
@@ -173,6 +193,7 @@ def main(argv=None) -> None:
         if BREAKS in ms:
             ratios += f"  graph breaks/bnlab {ms[BREAKS] / ms['bnlab']:.3f}"
         print(f"{what:14s} " + "  ".join(f"{name} {value:8.2f}" for name, value in ms.items()) + ratios)
+
 
 if __name__ == "__main__":
     main()

@@ -31,10 +31,35 @@ def test_the_twins_agree_in_training_and_inference():
 def test_it_runs_and_prints_both_tables(capsys, keep_threads):
     bench_model_step.main(["--batch", "2", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("# bench_model_step.py --batch 2")
+    assert lines[0].startswith("# bench_model_step.py --model resnet20 --batch 2")
     assert lines[1].startswith("training step") and "torch.nn/bnlab" in lines[1]
     assert lines[2].startswith("inference") and "bnlab folded" in lines[2]
     assert lines[3].startswith("frozen-BN step") and "torch.nn/bnlab" in lines[3]
+
+
+def test_the_mlp_twins_agree_and_the_mlp_runs(capsys, keep_threads):
+    """--model mlp: the init-sweep's MLP twice with the same weights (five BatchNorm1d of 100
+    features each), and the three tables; its rows have no channels-last form (refused by name)."""
+    models = bench_model_step.twin_models("nchw", "mlp")
+    a, b = models["bnlab"], models["torch.nn"]
+    assert [type(m).__name__ for m in a if "BatchNorm" in type(m).__name__] == ["BatchNorm1d"] * 5
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    rows = torch.randn(8, 784, generator=torch.Generator().manual_seed(0))
+    for mode in (True, False):
+        a.train(mode), b.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(a(rows), b(rows), rtol=1e-4, atol=1e-4)
+    bench_model_step.main(["--model", "mlp", "--batch", "4", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# bench_model_step.py --model mlp --batch 4") and "MLP 784-100x5-10" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["training", "inference", "frozen-BN"]
+    try:
+        bench_model_step.main(["--model", "mlp", "--layout", "cl"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--model mlp --layout cl was accepted")
+    assert "--layout: the MLP's inputs are (batch, 784) rows" in capsys.readouterr().err
 
 
 def test_a_frozen_bn_step_keeps_the_statistics_and_trains_the_affine_parameters():
