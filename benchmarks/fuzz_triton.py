@@ -49,7 +49,8 @@ campaign with --seed S --start I --cases 1.
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/fuzz_triton.py --replay fuzz_triton_failures.jsonl
 
 Without a GPU, TRITON_INTERPRET=1 must be set before triton is imported (this script sets it by
-default when it is absent). tests/test_fuzz_triton.py runs a few cases of it.
+default when it is absent). tests/test_fuzz_triton.py runs a few cases of it. The cases are drawn in
+fuzz_triton_cases.py, their inputs made and their results checked in fuzz_triton_oracle.py.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -73,13 +73,10 @@ import torch  # noqa: E402
 
 import bnlab  # noqa: E402
 from bnlab import reference as ref  # noqa: E402
-from bnlab.backends import triton_plan  # noqa: E402  (torch only: the plans' tiles)
 from bench_cases import positive_float, positive_int  # noqa: E402
+from fuzz_triton_cases import DTYPES, draw_case  # noqa: E402
+from fuzz_triton_oracle import TOL, Checker, _cast_layout, _np, make_x  # noqa: E402
 
-TOL = {getattr(torch, name): tol for name, tol in ref.TOLERANCE.items()}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-KINDS = ("bn1d", "bn2d", "bn3d", "act", "act_res")
-MODES = ("train", "train_nograd", "eval_nograd", "eval_graph")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: kernels launched by bnlab.backends.triton_ops, recorded per case
 KERNELS = {
@@ -91,165 +88,6 @@ KERNELS = {
 }  # fmt: skip
 ENTRY_POINTS = ("forward_train", "backward", "normalize_with", "grad_input_with")
 PORTABLE_METHODS = ("moments", "grad_sums", "normalize", "grad_input", "forward_train", "backward")
-
-#: channel counts around the kernels' blocks: NLC BLOCK_C (<= 64), the one-program kernels'
-#: pow2(C) and SMALL_MAX_C (1024), the running averages' 256-channel loop, eval_coef's 1024
-_C_SMALL = (1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65)
-_C_LARGE = (96, 100, 127, 128, 129, 200, 255, 256, 257, 300, 511, 512, 513, 700, 1023, 1024, 1025, 1100)
-#: positions per row around NCL BLOCK_L (min(pow2(L), width)) and the mask's bytes
-_L_SPECIAL = (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 513, 1023,
-              1024, 1025, 2047, 2049)  # fmt: skip
-#: triton_tune.py's candidates, the GPU default first
-_TUNE_TILES = ((2048, 4, 2048, 4, 1024), (1024, 4, 1024, 4, 1024), (2048, 8, 2048, 8, 1024), (4096, 8, 4096, 8, 1024),
-               (4096, 16, 4096, 16, 1024), (8192, 16, 8192, 16, 2048))  # fmt: skip
-_INTERP_TILES = tuple(triton_plan._INTERPRETER_TILES)
-_GPU_UNROLL = triton_plan.Tiles().unroll
-
-
-# ------------------------------------------------------------------------------------------------
-# Drawing a case
-# ------------------------------------------------------------------------------------------------
-
-
-def _log_uniform_int(rng: random.Random, lo: int, hi: int) -> int:
-    lo, hi = max(1, lo), max(1, hi)
-    if hi <= lo:
-        return lo
-    return min(hi, max(lo, int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))))
-
-
-def _split(rng: random.Random, total: int, dims: int) -> list[int]:
-    """dims sizes whose product is about total (each >= 1)."""
-    sizes = []
-    left = total
-    for i in range(dims - 1):
-        s = max(1, round(left ** rng.uniform(0, 1 / (dims - i) * 2))) if left > 1 else 1
-        s = min(s, left)
-        sizes.append(s)
-        left = max(1, left // s)
-    sizes.append(left)
-    rng.shuffle(sizes)
-    return sizes
-
-
-def _plan_unroll(tiles) -> int:
-    """The unroll of these tiles as given, else the GPU default (Tiles' sixth field)."""
-    return tiles[5] if len(tiles) > 5 else _GPU_UNROLL
-
-
-def _draw_knobs(rng: random.Random) -> dict:
-    r = rng.random()
-    if r < 0.55:
-        tiles = list(_INTERP_TILES)
-    elif r < 0.65:
-        tiles = [128, 4, 1024, 4, 64]  # tests/test_triton_paths.py's wide tiles
-    elif r < 0.8:
-        tiles = list(rng.choice(_TUNE_TILES))
-    else:  # any tiles parse_tiles accepts: powers of two, tiles and width >= 8
-        tiles = [2 ** rng.randint(3, 12), 2 ** rng.randint(0, 4), 2 ** rng.randint(3, 12), 2 ** rng.randint(0, 4),
-                 2 ** rng.randint(3, 11)]  # fmt: skip
-    tiles = list(tiles)[:5] + [rng.choice([1, 2, 3, 4, 8]) if rng.random() < 0.5 else _plan_unroll(tiles)]
-    r = rng.random()
-    wanted = 4 if r < 0.6 else 1 if r < 0.7 else rng.choice([2, 3, 8, 16, 64]) if r < 0.85 else 4 * 132
-    r = rng.random()
-    small = "default" if r < 0.65 else 0 if r < 0.85 else "edge"  # edge: the input's own n*c, or one less
-    r = rng.random()
-    merge = "default" if r < 0.8 else rng.choice([0, 1 << 20])
-    r = rng.random()
-    eval_one = "default" if r < 0.8 else rng.choice([True, False])
-    return {"tiles": tiles, "wanted": wanted, "small_numel": small, "merge_max": merge, "eval_one": eval_one}
-
-
-def draw_case(seed: int, index: int, max_numel: int = 24_000, kind: str | None = None, mode: str | None = None,
-              dtype: str | None = None, **fixed) -> dict:  # fmt: skip
-    """The spec of case ``index`` of campaign ``seed``: a JSON-able dict that rebuilds every tensor.
-
-    kind, mode, dtype and ``fixed`` (any other key of the spec, e.g. layout or values) pin those
-    fields instead of drawing them (the rest is drawn as it would be)."""
-    rng = random.Random(seed * 1_000_003 + index)
-    kind = kind or rng.choices(KINDS, weights=(3, 4, 2, 2, 2))[0]
-    mode = mode or rng.choices(MODES, weights=(6, 1, 2, 2))[0]
-    if dtype is None:
-        dtype = rng.choices(list(DTYPES), weights=(70, 12, 12, 6))[0]
-    knobs = _draw_knobs(rng)
-    # interpreter time grows with the programs launched: bigger inputs only with bigger tiles
-    cap = max_numel if knobs["tiles"][2] >= 1024 and knobs["tiles"][0] >= 512 else max(64, max_numel // 3)
-    rank = {"bn1d": rng.choice([2, 3]), "bn2d": 4, "bn3d": 5, "act": 4, "act_res": 4}[kind]
-    r = rng.random()
-    if r < 0.6:
-        c = rng.choice(_C_SMALL)
-    elif r < 0.8:
-        c = rng.choice(_C_LARGE)
-    else:
-        c = rng.randint(1, 300)
-    c = min(c, max(1, cap // 2))
-    budget = _log_uniform_int(rng, max(8, 2 * c), max(8, cap))
-    m_max = max(1, budget // c)
-    if rank == 2:
-        n, spatial = _log_uniform_int(rng, 1, m_max), []
-    else:
-        r = rng.random()
-        if r < 0.1:  # rows of 1: every spatial size 1
-            length = 1
-        elif r < 0.4:
-            fits = [v for v in _L_SPECIAL if v <= m_max]
-            length = rng.choice(fits) if fits else 1
-        else:
-            length = _log_uniform_int(rng, 1, m_max)
-        r = rng.random()
-        n = 1 if r < 0.12 else rng.choice([2, 3]) if r < 0.25 else _log_uniform_int(rng, 1, max(1, m_max // length))
-        spatial = _split(rng, length, rank - 2)
-    training = mode.startswith("train")
-    if training and n * math.prod(spatial) == 1 and rng.random() < 0.9:
-        n = 2  # one value per channel in training is refused by both; rarely drawn
-    layout_draw = rng.random()
-    ncl = rank > 2 and math.prod(spatial) > 1 and layout_draw < 0.5
-    if ncl and c > 128 and rng.random() < 0.85:
-        # NCL inputs launch programs per channel: many channels are slow in the interpreter
-        c = rng.choice([v for v in _C_SMALL + (96, 100, 127, 128) if v <= c])
-    shape = [n, c] + spatial
-    r = layout_draw
-    layout = "nchw" if r < 0.5 else "cl" if r < 0.93 else rng.choice(["cf", "strided"])
-    values = rng.choices(["randn", "large_mean", "wide", "constant", "nonfinite", "tiny", "huge"],
-                         weights=(40, 12, 14, 10, 10, 8, 3))[0]  # fmt: skip
-    if dtype in ("float16", "bfloat16") and values in ("large_mean", "huge"):
-        values = "wide"
-    affine = rng.random() < 0.8
-    r = rng.random()
-    momentum = 0.1 if r < 0.5 else None if r < 0.8 else rng.choice([0.0, 1.0, round(rng.uniform(0, 1), 6)])
-    spec = {
-        "kind": kind,
-        "mode": mode,
-        "dtype": dtype,
-        "shape": shape,
-        "layout": layout,
-        "dy_layout": rng.choice(["same", "nchw", "cl"]),
-        "res_layout": rng.choice(["same", "nchw", "cl"]),
-        "values": values,
-        "eps": float(f"{10 ** rng.uniform(-7, -1):.3g}"),
-        "momentum": momentum,
-        "affine": affine,
-        "bias": (rng.random() < 0.85) if affine else True,
-        "track": rng.random() < 0.8,
-        "guard": rng.random() < 0.8,
-        "nbt0": rng.choice([0, 0, 0, 1, 5]),
-        "steps": rng.choice([1, 1, 2]) if mode == "train" else 1,
-        "then_eval": mode == "train" and rng.random() < 0.3,
-        "x_grad": True if mode != "eval_graph" else rng.random() < 0.85,
-        "frozen_params": mode == "eval_graph" and rng.random() < 0.3,
-        "zero_var": rng.random() < 0.1,
-        "negative_var": mode.startswith("eval") and rng.random() < 0.03,
-        "f64_params": dtype == "float64" and rng.random() < 0.5,
-        "seed": rng.randrange(2**31),
-        "knobs": knobs,
-        # drawn last, so that the choices above are those of campaigns before it existed
-        "dy_values": rng.choices(["randn", "nonfinite"], weights=(90, 10))[0],
-    }
-    unknown = set(fixed) - set(spec)
-    if unknown:
-        raise ValueError(f"draw_case: unknown spec fields {sorted(unknown)}")
-    spec.update(fixed)
-    return spec
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,175 +194,6 @@ def triton_session(knobs: dict, spec_shape_numel: int, log: list):
             stack.enter_context(_patched(portable, name, method))
         stack.enter_context(_patched(plan_mod, "_PLANS", {}))
         yield
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-
-
-def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "nchw":
-        return x.contiguous()
-    if layout == "cl":  # channels innermost, any rank
-        return x.movedim(1, -1).contiguous().movedim(-1, 1)
-    if layout == "cf":  # channels outermost in memory (a transposed (C, N, *) tensor)
-        return x.movedim(1, 0).contiguous().movedim(0, 1)
-    if layout == "strided":  # every other element of a wider tensor
-        wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
-        wide[..., ::2] = x
-        return wide[..., ::2]
-    raise ValueError(layout)
-
-
-def _per_channel(v: torch.Tensor, nd: int) -> torch.Tensor:
-    return v.view([1, -1] + [1] * (nd - 2))
-
-
-def make_x(spec: dict, gen: torch.Generator) -> torch.Tensor:
-    """The input, in float64 (before the cast to the case's dtype), by the case's kind of values."""
-    shape, c, nd = spec["shape"], spec["shape"][1], len(spec["shape"])
-    dtype = DTYPES[spec["dtype"]]
-    kind = spec["values"]
-    z = torch.randn(shape, generator=gen, dtype=torch.float64)
-    u = torch.rand(2, c, generator=gen, dtype=torch.float64)
-    if kind == "large_mean":
-        x = 1000.0 + 0.01 * z
-    elif kind == "huge":
-        x = 1e18 + 3e17 * z
-    elif kind == "tiny":
-        x = _per_channel(10 ** (-6 + 3 * u[0]), nd) * z
-    elif kind == "wide":
-        limit = 4.0 if dtype in (torch.float16,) else 4.5 if dtype is torch.bfloat16 else 6.0
-        mean = torch.sign(u[0] - 0.5) * 10 ** (-3 + (limit + 3) * u[1])
-        std = 10 ** (-4 + 6 * torch.rand(c, generator=gen, dtype=torch.float64))
-        x = _per_channel(mean, nd) + _per_channel(std, nd) * z
-        if dtype is torch.float16:
-            x = x.clamp(-6e4, 6e4)
-    else:
-        x = _per_channel(4 * u[0] - 2, nd) + _per_channel(10 ** (2 * u[1] - 1), nd) * z
-    if kind == "constant":
-        which = torch.rand(c, generator=gen) < 0.5
-        if not bool(which.any()):
-            which[int(torch.randint(c, (1,), generator=gen))] = True
-        value = (torch.randn(c, generator=gen, dtype=torch.float64) * 10).to(dtype).to(torch.float64)
-        x = torch.where(_per_channel(which, nd), _per_channel(value, nd).expand_as(x), x)
-    if kind == "nonfinite":
-        flat = x.reshape(-1)
-        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
-            i = int(torch.randint(flat.numel(), (1,), generator=gen))
-            flat[i] = [float("nan"), float("inf"), float("-inf")][int(torch.randint(3, (1,), generator=gen))]
-        x = flat.view(shape)
-    return x
-
-
-def _cast_layout(t64: torch.Tensor, dtype, layout: str) -> torch.Tensor:
-    """A new tensor (never t64 itself, nor one sharing its storage) of dtype in the layout."""
-    return to_layout(t64.to(dtype, copy=True), layout)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    """A float64 NumPy copy (never a view of a buffer the layers update in place)."""
-    return t.detach().double().cpu().numpy().copy()
-
-
-# ------------------------------------------------------------------------------------------------
-# Comparison
-# ------------------------------------------------------------------------------------------------
-
-
-def compare(actual, expected) -> tuple[float, str]:
-    """(error, detail): max |a - e| / max(1, max |e|) over finite expected values, inf when NaN or
-    infinite values sit in different places or differ in sign."""
-    a = torch.as_tensor(actual.detach() if isinstance(actual, torch.Tensor) else np.asarray(actual)).double().cpu()
-    e = expected.detach() if isinstance(expected, torch.Tensor) else np.asarray(expected)
-    e = torch.as_tensor(e).double().cpu()
-    if a.shape != e.shape:
-        return math.inf, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    if a.numel() == 0:
-        return 0.0, ""
-    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
-    if bool((nan_a != nan_e).any()):
-        where = torch.nonzero(nan_a != nan_e)
-        return math.inf, (f"NaN in different places: {int((nan_a & ~nan_e).sum())} NaN where expected is not, "
-                          f"{int((nan_e & ~nan_a).sum())} expected NaN missing; first at {where[0].tolist()}: "
-                          f"got {a[tuple(where[0])].item()!r}, expected {e[tuple(where[0])].item()!r}")  # fmt: skip
-    inf_e = torch.isinf(e)
-    inf_a = torch.isinf(a)
-    if bool((inf_a != inf_e).any()) or bool((a[inf_e] != e[inf_e]).any()):
-        where = torch.nonzero((inf_a != inf_e) | (inf_e & (a != e)))
-        return math.inf, (f"inf in different places; first at {where[0].tolist()}: got {a[tuple(where[0])].item()!r}, "
-                          f"expected {e[tuple(where[0])].item()!r}")  # fmt: skip
-    finite = torch.isfinite(e)
-    if not bool(finite.any()):
-        return 0.0, ""
-    diff = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
-    scale = max(1.0, float(e[finite].abs().max()))
-    err = float(diff.max()) / scale
-    i = int(diff.reshape(-1).argmax())
-    idx = list(np.unravel_index(i, tuple(a.shape))) if a.dim() else []
-    detail = f"max at {[int(v) for v in idx]}: got {a.reshape(-1)[i].item()!r}, expected {e.reshape(-1)[i].item()!r}"
-    return err, detail
-
-
-class Checker:
-    def __init__(self):
-        self.failures: list[dict] = []
-        self.checks = 0
-        self.skipped = 0
-        self.torch_off = 0
-
-    def close(self, what: str, actual, expected, tol: float, limit: float | None = None):
-        """actual within tol of expected (see compare); skipped when expected's finite values pass
-        ``limit`` (the output dtype's overflow, where any result is as good as another)."""
-        self.checks += 1
-        if limit is not None and expected is not None:
-            e = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected.detach())
-            e = e.double()
-            if bool((e[torch.isfinite(e)].abs() > limit).any()):
-                self.skipped += 1
-                return
-        if actual is None or expected is None:
-            if (actual is None) != (expected is None):
-                self.fail(what, f"got {'None' if actual is None else 'a tensor'}, expected "
-                                f"{'None' if expected is None else 'a tensor'}")  # fmt: skip
-            return
-        err, detail = compare(actual, expected)
-        if not err <= tol:
-            self.failures.append({"check": what, "error": err if math.isfinite(err) else str(err), "tol": tol,
-                                  "detail": detail})  # fmt: skip
-
-    def close_torch(self, what: str, actual, theirs, expected, tol: float):
-        """actual within tol of torch.nn's result, where torch.nn's is within tol of the float64
-        reference (elsewhere torch.nn is not an oracle: counted in torch_off)."""
-        if theirs is None or expected is None:
-            return
-        err, _ = compare(theirs, expected)
-        if not err <= tol:
-            self.torch_off += 1
-            return
-        self.close(what, actual, theirs, tol)
-
-    def placed(self, what: str, actual, theirs, expected):
-        """actual's NaN and ±inf where torch.nn's are; where they differ and actual's are the float64
-        reference's, torch.nn is off the reference (counted in torch_off, as fuzz_kernels.py notes
-        it), else a failure."""
-        ours, torch_nn = _nonfinite_pattern(actual), _nonfinite_pattern(theirs)
-        if ours is not None and torch_nn is not None and expected is not None and not torch.equal(ours, torch_nn):
-            e = expected.detach() if isinstance(expected, torch.Tensor) else np.asarray(expected)
-            if torch.equal(ours, _nonfinite_pattern(torch.as_tensor(e))):
-                self.checks += 1
-                self.torch_off += 1
-                return
-        self.close(what, ours, torch_nn, 0.0)
-
-    def fail(self, what: str, detail: str):
-        self.failures.append({"check": what, "detail": detail})
-
-    def true(self, what: str, ok: bool, detail: str = ""):
-        self.checks += 1
-        if not ok:
-            self.fail(what, detail)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -891,14 +560,6 @@ def _step(spec, ck, log, ours, theirs, x64, gen, w64, b64, eps, tol, trust_torch
         ck.close(f"{phase}: eval leaves running_mean", ours.running_mean, state[0], 0.0)
         ck.close(f"{phase}: eval leaves running_var", ours.running_var, state[1], 0.0)
     return True
-
-
-def _nonfinite_pattern(t: torch.Tensor | None):
-    """0 finite, 1 NaN, 2 +inf, 3 -inf: where the non-finite values are."""
-    if t is None:
-        return None
-    t = t.detach().double()
-    return torch.where(torch.isnan(t), 1.0, torch.where(t == math.inf, 2.0, torch.where(t == -math.inf, 3.0, 0.0)))
 
 
 # ------------------------------------------------------------------------------------------------
