@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -130,6 +132,20 @@ def step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, frozen
     return step
 
 
+def page_faults(fn) -> int:
+    """Minor page faults of one call of fn: pages the allocator took fresh from the system (glibc
+    hands freed blocks above its mmap threshold back, and their next use faults every page in)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def allocator_setting() -> str:
+    """glibc's two settings that decide whether freed memory goes back to the system, as set."""
+    names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    return ", ".join(f"{n}={os.environ.get(n, 'unset (glibc default, dynamic)')}" for n in names)
+
+
 def inference_fn(model: nn.Module, images: torch.Tensor):
     def infer():
         model.eval()
@@ -169,7 +185,7 @@ def main(argv=None) -> None:
     network = {"resnet20": "ResNet-20", "mlp": "MLP 784-100x5-10"}[args.model]
     print(f"# bench_model_step.py --model {args.model} --batch {args.batch} --threads {args.threads} --layout "
           f"{args.layout}{' --compile' if args.compile else ''}; {network}, milliseconds, medians of {args.rounds} samples "
-          f"of about {args.min_sample} s")  # fmt: skip
+          f"of about {args.min_sample} s; {allocator_setting()}")  # fmt: skip
     models = make_twins()
     table = {
         "training step": (lambda m: step_fn(m, images, labels), models),
@@ -192,7 +208,9 @@ def main(argv=None) -> None:
         ratios = f"  torch.nn/bnlab {ms['torch.nn'] / ms['bnlab']:.3f}"
         if BREAKS in ms:
             ratios += f"  graph breaks/bnlab {ms[BREAKS] / ms['bnlab']:.3f}"
+        faults = ", ".join(f"{name} {page_faults(fn)}" for name, fn in fns.items())
         print(f"{what:14s} " + "  ".join(f"{name} {value:8.2f}" for name, value in ms.items()) + ratios)
+        print(f"{'':14s} page faults in one call: {faults}")
 
 
 if __name__ == "__main__":

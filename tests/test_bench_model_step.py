@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -32,9 +33,14 @@ def test_it_runs_and_prints_both_tables(capsys, keep_threads):
     bench_model_step.main(["--batch", "2", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# bench_model_step.py --model resnet20 --batch 2")
+    assert "MALLOC_MMAP_THRESHOLD_=" in lines[0] and "MALLOC_TRIM_THRESHOLD_=" in lines[0]
     assert lines[1].startswith("training step") and "torch.nn/bnlab" in lines[1]
-    assert lines[2].startswith("inference") and "bnlab folded" in lines[2]
-    assert lines[3].startswith("frozen-BN step") and "torch.nn/bnlab" in lines[3]
+    assert lines[3].startswith("inference") and "bnlab folded" in lines[3]
+    assert lines[5].startswith("frozen-BN step") and "torch.nn/bnlab" in lines[5]
+    for faults, times in zip(lines[2::2], lines[1::2]):  # a whole number per variant timed above
+        counts = faults.strip().removeprefix("page faults in one call: ").split(", ")
+        assert faults.strip().startswith("page faults in one call:") and all(c.split()[-1].isdigit() for c in counts)
+        assert len(counts) == len(re.findall(r"\d\.\d\d(?!\d)", times))  # the times, not the 3-decimal ratios
 
 
 def test_the_mlp_twins_agree_and_the_mlp_runs(capsys, keep_threads):
@@ -52,7 +58,7 @@ def test_the_mlp_twins_agree_and_the_mlp_runs(capsys, keep_threads):
     bench_model_step.main(["--model", "mlp", "--batch", "4", "--rounds", "1", "--min-sample", "0", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# bench_model_step.py --model mlp --batch 4") and "MLP 784-100x5-10" in lines[0]
-    assert [line.split()[0] for line in lines[1:]] == ["training", "inference", "frozen-BN"]
+    assert [line.split()[0] for line in lines[1::2]] == ["training", "inference", "frozen-BN"]
     try:
         bench_model_step.main(["--model", "mlp", "--layout", "cl"])
     except SystemExit as exc:
