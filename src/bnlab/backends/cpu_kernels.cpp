@@ -656,6 +656,32 @@ thread_local Scratch tls_scratch;
 
 static inline int64_t split_at(int64_t total, int t, int T) { return total * t / T; }
 
+// body() on a team of nt threads (an OpenMP parallel region), or for nt <= 1 on the calling thread
+// alone, outside any region. The body's worksharing and barriers (omp for, omp barrier,
+// omp_get_thread_num) mean the same on one thread either way, but libgomp makes a wake-up system
+// call (futex) at every barrier of a team, even a team of one: three per training forward and
+// backward of a small input, each as long as a small kernel's work (docs/benchmarks.md,
+// thirty-seventh session). Small inputs run on one thread (cpu.PARALLEL_MIN_NUMEL).
+// How the old code's speed is kept: the body runs in a function of its own, called from both
+// places (inlined twice, GCC's growth limits stopped inlining the row functions into it: the
+// normalize pass of a (64, 256, 14, 14) eval took 1.11-1.29x its time), and the bodies capture
+// by value ([=]) into a local copy, as OpenMP's outlining passed them (captured by reference,
+// every bf16 store, which may alias anything, made the loops load them again: bf16 eval 1.06x).
+template <typename Body>
+__attribute__((noinline)) static void region_body(const Body& body) {
+  const Body local = body;
+  local();
+}
+template <typename Body>
+static inline void parallel_region(int nt, Body&& body) {
+  if (nt <= 1) {
+    region_body(body);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  region_body(body);
+}
+
 // The items [first, last) of count that the calling thread of an OpenMP team takes: a static
 // share, so that a reduction and the elementwise pass after it give the same thread the same
 // data (the flat walk's blocks, the per-channel walk's channels). Its second pass can then walk its
