@@ -672,9 +672,11 @@ __attribute__((noinline)) static void region_body(const Body& body) {
   const Body local = body;
   local();
 }
+// Inside an enclosing OpenMP region (a caller's own team) the body's worksharing and barriers
+// would bind to that team, so there a team of one is made as before.
 template <typename Body>
 static inline void parallel_region(int nt, Body&& body) {
-  if (nt <= 1) {
+  if (nt <= 1 && !omp_in_parallel()) {
     region_body(body);
     return;
   }
