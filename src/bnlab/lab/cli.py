@@ -104,10 +104,12 @@ def _run_reporting_argument_errors(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bnlab.lab.allocator import keep_freed_memory
     from bnlab.lab.experiments import registry
     from bnlab.lab.runner import RunOptions, default_out, main_progress_note, newest_run, run_experiment
     from bnlab.lab.world import current_world
 
+    keep_freed_memory()  # before any tensor: the convolutions' outputs need not fault in at every step
     opts = RunOptions(quick=args.quick, seeds=_parse_seeds(args.seeds), device=args.device, resume=args.resume,
                       bn=args.bn, dataset=args.dataset, data_dir=args.data_dir, command=args.command_line,
                       nproc=args.nproc, sync_bn=args.sync_bn, timeout_s=args.timeout)

@@ -53,6 +53,7 @@ def _how_it_was_made(folder: RunFolder, summary: dict) -> list[str]:
         f"- {'quick' if c['quick'] else 'full'} version; seeds {c['seeds']}; BatchNorm implementation: {c['bn']}; data: {data}",
         *_processes(c),
         f"- versions: {versions}; git commit: {c.get('git_commit') or 'none'}",
+        *([f"- memory allocator: {c['allocator']}"] if c.get("allocator") else []),
         "- parameters: " + ", ".join(f"`{k}` = {_short(v)}" for k, v in c["params"].items()),
     ]
     return lines

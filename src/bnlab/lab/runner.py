@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bnlab.lab import allocator
 from bnlab.lab import data as lab_data
 from bnlab.lab.experiments import Experiment, get
 from bnlab.lab.models import BN_IMPLS
@@ -124,7 +125,7 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {"versions": versions, "machine": f"{platform.system()} {platform.machine()}",
-            "torch_threads": torch.get_num_threads(), "git_commit": _git_commit()}
+            "torch_threads": torch.get_num_threads(), "allocator": allocator.setting(), "git_commit": _git_commit()}
 
 
 def _world_size(exp: Experiment, opts: RunOptions, quick: bool, launched: int | None) -> int:
