@@ -2,7 +2,9 @@
 
 Each case runs in a fresh process (the setting is process-wide and read at glibc's start) and
 counts the minor page faults of a cycle that allocates, writes and frees four 8 MiB tensors: with
-glibc's defaults such tensors come back from the system as fresh pages, which fault in.
+glibc's defaults such tensors come back from the system as fresh pages, which fault in (819 a
+cycle on the project's VM, not asserted: glibc's dynamic thresholds decide). A fresh anonymous
+mapping, written page by page, shows that the counter counts.
 """
 
 from __future__ import annotations
@@ -31,8 +33,14 @@ for _ in range(3):
 before = faults()
 for _ in range(10):
     cycle()
+cycle_faults = (faults() - before) / 10
+import mmap  # the counter's control: a fresh anonymous mapping faults every page it writes
+region = mmap.mmap(-1, 8 << 20)
+before = faults()
+for at in range(0, 8 << 20, 4096):
+    region[at] = 1
 print(json.dumps({"answer": answer, "again": allocator.keep_freed_memory(), "setting": allocator.setting(),
-                  "faults": (faults() - before) / 10,
+                  "faults": cycle_faults, "control_faults": faults() - before,
                   "env": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}}))
 """
 
@@ -51,13 +59,12 @@ def test_freed_tensors_are_kept_and_the_processes_started_later_inherit_it():
     got = _probe()
     assert "glibc keeps freed memory" in got["answer"] and "32 MiB" in got["answer"], got
     assert got["again"] == got["answer"] == got["setting"]
-    assert got["faults"] <= 16, got  # the cycle's pages stay mapped
+    assert got["faults"] <= 16 and got["control_faults"] >= 1000, got  # the cycle's pages stay mapped
     assert got["env"] == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def test_a_users_own_setting_is_left_alone_and_reported():
-    # Every allocation mapped afresh: the counter sees the faults the other case avoids.
-    got = _probe(MALLOC_MMAP_THRESHOLD_="0")
-    assert got["answer"] == "glibc as the environment sets it (MALLOC_MMAP_THRESHOLD_=0)", got
-    assert got["env"] == {"MALLOC_MMAP_THRESHOLD_": "0", "MALLOC_TRIM_THRESHOLD_": None}
-    assert got["faults"] >= 1000, got
+    got = _probe(MALLOC_MMAP_THRESHOLD_="65536")
+    assert got["answer"] == "glibc as the environment sets it (MALLOC_MMAP_THRESHOLD_=65536)", got
+    assert got["answer"] == got["again"] == got["setting"]
+    assert got["env"] == {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": None}
