@@ -58,6 +58,18 @@ def cpu_identity(cpuinfo: str) -> dict:
     return out
 
 
+def allocator_settings() -> dict:
+    """glibc's settings that decide whether freed memory goes back to the system, as this process
+    has them. Allocations above M_MMAP_THRESHOLD (dynamic, at most 32 MiB) are fresh mmaps, whose
+    pages fault in on first write, and freed memory beyond M_TRIM_THRESHOLD at the heap's top is
+    returned; a variable unset means glibc's default behaviour."""
+    return {
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset (glibc default, dynamic up to 32 MiB)"),
+        "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "unset (glibc default)"),
+        "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset (glibc default, dynamic)"),
+    }
+
+
 def environment(device: str) -> dict:
     """A JSON-able description of the machine and the settings that change timings."""
     import bnlab
@@ -74,11 +86,7 @@ def environment(device: str) -> dict:
         **cpu_identity(_read("/proc/cpuinfo") or ""),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        # glibc: allocations above M_MMAP_THRESHOLD (dynamic, at most 32 MiB) are fresh mmaps, whose
-        # pages fault in on first write; MALLOC_MMAP_THRESHOLD_ unset means the default behaviour.
-        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset (glibc default, dynamic up to 32 MiB)"),
-        "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "unset (glibc default)"),
-        "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset (glibc default, dynamic)"),
+        **allocator_settings(),
         "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

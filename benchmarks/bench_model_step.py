@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import resource
 import sys
 import time
@@ -38,6 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bn import time_interleaved  # noqa: E402
 from bench_cases import positive_int  # noqa: E402
+from bench_env import allocator_settings  # noqa: E402
 
 import bnlab  # noqa: E402
 from bnlab import custom_ops  # noqa: E402
@@ -140,12 +140,6 @@ def page_faults(fn) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def allocator_setting() -> str:
-    """glibc's two settings that decide whether freed memory goes back to the system, as set."""
-    names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-    return ", ".join(f"{n}={os.environ.get(n, 'unset (glibc default, dynamic)')}" for n in names)
-
-
 def inference_fn(model: nn.Module, images: torch.Tensor):
     def infer():
         model.eval()
@@ -183,9 +177,10 @@ def main(argv=None) -> None:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch,), generator=gen)
     network = {"resnet20": "ResNet-20", "mlp": "MLP 784-100x5-10"}[args.model]
+    allocator = ", ".join(f"{name}={value}" for name, value in allocator_settings().items())
     print(f"# bench_model_step.py --model {args.model} --batch {args.batch} --threads {args.threads} --layout "
-          f"{args.layout}{' --compile' if args.compile else ''}; {network}, milliseconds, medians of {args.rounds} samples "
-          f"of about {args.min_sample} s; {allocator_setting()}")  # fmt: skip
+          f"{args.layout}{' --compile' if args.compile else ''}; {network}, milliseconds, medians of "
+          f"{args.rounds} samples of about {args.min_sample} s; {allocator}")  # fmt: skip
     models = make_twins()
     table = {
         "training step": (lambda m: step_fn(m, images, labels), models),
