@@ -79,12 +79,15 @@ def positive_float(text: str) -> float:
     return value
 
 
-def shape_parser(doc: str, default_shape: str) -> argparse.ArgumentParser:
+def shape_parser(doc: str, default_shape: str, any_rank: bool = False) -> argparse.ArgumentParser:
     """The command line the per-shape scripts open with (eval_overhead.py, step_overhead.py,
-    cold_call.py, eval_order.py, idle_ramp.py): the description from the script's docstring,
-    --shape (N,C,H,W) and --threads (torch's intra-op threads, which bnlab's kernels follow)."""
+    cold_call.py, eval_order.py, idle_ramp.py, eval_paths.py): the description from the script's
+    docstring, --shape (N,C,H,W; N,C[,spatial...] where any_rank) and --threads (torch's intra-op
+    threads, which bnlab's kernels follow)."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
-    p.add_argument("--shape", type=nchw_shape, default=default_shape, help=f"N,C,H,W (default {default_shape})")
+    form = "N,C[,spatial...]" if any_rank else "N,C,H,W"
+    p.add_argument("--shape", type=shape_arg if any_rank else nchw_shape, default=default_shape,
+                   help=f"{form} (default {default_shape})")  # fmt: skip
     p.add_argument("--threads", type=positive_int, default=2, help="torch's intra-op threads (default 2)")
     return p
 
@@ -168,7 +171,7 @@ def sample_grad_mode(mode: str):
 
     Eval runs inside one ``torch.no_grad()`` around the whole sample, as inference runs under one
     around the whole loop, rather than one per call: entering and leaving it costs about 2.2 us
-    per call on the Zen 3 VM (docs/benchmarks.md, thirty-sixth session), which bnlab and torch.nn
+    per call on the Zen 3 VM (docs/benchmark_rounds.md, thirty-sixth session), which bnlab and torch.nn
     would pay and the copies they are measured against would not. Training modes run with
     gradients on (a null context). Without it, eval layers with parameters that require
     gradients build an autograd graph and time that instead.

@@ -1,6 +1,6 @@
 """An eval call's cost beyond its kernel, by path, with every path in every position.
 
-Claim measured (docs/benchmarks.md, *Eval in one compiled call*): at the cache-resident conv
+Claim measured (docs/benchmark_rounds.md, eighth session): at the cache-resident conv
 shapes, what separates bnlab's module eval from ``copy_`` is the Python between ``layer(x)`` and
 the kernel, and the compiled call (``bn_eval_module``) removes most of it.
 
@@ -14,7 +14,7 @@ sample of the kernel alone, with the contenders' order rotated from round to rou
 follows a copy is slower for a whole sample, whichever it is, and a fixed order would credit that
 to one path. Prints the median of each, in microseconds, and each path's excess over the kernel.
 
-    PYTHONPATH=src python benchmarks/eval_paths.py [--shape 128,16,32,32] [--layout cl] [--rounds 24]
+    PYTHONPATH=src python benchmarks/eval_paths.py [--shape 128,16,32,32 | 8192,100] [--layout cl] [--rounds 24]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import bnlab
 from bnlab import _fastpath
 from bnlab.backends import cpu_eval_entry, cpu_pool
 from bnlab.backends.cpu import _CODE, CpuBackend, layout_of, threads_for
-from bench_cases import make_input, positive_int, shape_parser
+from bench_cases import bn_layer, make_input, positive_int, shape_parser
 
 
 PYTHON_PATH = "module call, Python path"
@@ -38,7 +38,7 @@ VIA_MODULE_CALL = "via nn.Module.__call__"
 
 def contenders(x) -> tuple[dict, callable]:
     """({name: zero-argument callable}, the kernel alone) for the eval of x (float32)."""
-    layers = [bnlab.BatchNorm2d(x.shape[1]).eval() for _ in range(5)]
+    layers = [bn_layer(bnlab, x.dim(), x.shape[1]).eval() for _ in range(5)]
     entry = cpu_eval_entry()
     lib = CpuBackend().kernels()
     held = cpu_pool.empty_like(x)
@@ -61,7 +61,7 @@ def contenders(x) -> tuple[dict, callable]:
 
 
 def main(argv=None) -> None:
-    p = shape_parser(__doc__, "128,16,32,32")
+    p = shape_parser(__doc__, "128,16,32,32", any_rank=True)
     p.add_argument("--layout", default="nchw", choices=["nchw", "cl"])
     p.add_argument("--rounds", type=positive_int, default=24)
     p.add_argument("--reps", type=positive_int, default=60, help="calls per sample")
@@ -72,9 +72,15 @@ def main(argv=None) -> None:
     x = make_input(args.shape, args.layout, torch.float32, "cpu")
     dst = torch.empty_like(x)
     calls, kernel = contenders(x)
+    with torch.no_grad():  # inference, as a user's; main() leaves grad mode as it found it
+        times = time_paths(args, calls, kernel, dst, x)
+    report(args, calls, times)
+
+
+def time_paths(args, calls: dict, kernel, dst, x) -> dict:
+    """{name: [microseconds per call, one per sample]}: the rounds of main's docstring."""
     names = list(calls)
     times = {name: [] for name in [*names, "kernel alone, held output", "copy_ (buffer allocated once)"]}
-    torch.set_grad_enabled(False)
     for r in range(args.rounds):
         sequence = [("copy_ (buffer allocated once)", lambda: dst.copy_(x))]
         for name in names[r % len(names):] + names[: r % len(names)]:
@@ -86,6 +92,12 @@ def main(argv=None) -> None:
                 for _ in range(args.reps):
                     fn()
                 times[name].append((time.perf_counter() - start) / args.reps * 1e6)
+    return times
+
+
+def report(args, calls: dict, times: dict) -> None:
+    """Prints the medians, each path's excess over the kernel and copy_'s ratio to the module calls."""
+    names = list(calls)
     skip = len(names)  # the first rotation warms up
     medians = {name: statistics.median(v[skip:] if len(v) > skip else v) for name, v in times.items()}
     base = medians["kernel alone, held output"]

@@ -143,3 +143,21 @@ def test_resuming_keeps_the_last_record_of_each_case_in_file_order(tmp_path):
     done = bench_bn.load_done(path)
     assert [rec["results"]["bnlab"] for rec in done.values()] == [3, 2]
     assert bench_bn.load_done(tmp_path / "none.jsonl") == {}
+
+
+def test_eval_paths_takes_an_input_of_any_rank_and_prints_every_path(capsys, keep_threads):
+    # eval_paths.py --shape takes the MLP shapes too (shape_parser(any_rank=True)); the per-shape
+    # scripts that walk N,C,H,W keep refusing other ranks, naming the option
+    import eval_paths
+
+    eval_paths.main(["--shape", "16,5", "--rounds", "5", "--reps", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("# eval_paths.py --shape 16,5 --layout nchw --threads 1")
+    times = {line[:34].strip(): float(line[34:].split()[0]) for line in out.splitlines()[1:-1]}
+    assert set(times) == {"module call (compiled layer call)", "module call, Python path", "bn_eval_module alone",
+                          "via nn.Module.__call__", "kernel alone, held output", "copy_ (buffer allocated once)"}
+    assert all(t > 0 for t in times.values())
+    parser = bench_cases.shape_parser("doc", "2,3,4,4")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--shape", "16,5"])
+    assert "--shape: expected 4 positive sizes" in capsys.readouterr().err
