@@ -33,7 +33,7 @@ def cpu_model() -> str:
 
 #: The vector extensions the CPU kernels' build (-march=native) chooses between. Recorded beside
 #: the model name because two machines named "AMD EPYC" differed in them: the ninth session's had
-#: AVX2 only, the sixteenth and seventeenth sessions' AVX-512 (docs/benchmarks.md, seventeenth session).
+#: AVX2 only, the sixteenth and seventeenth sessions' AVX-512 (docs/benchmark_rounds.md, seventeenth session).
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_fp16")
 
 

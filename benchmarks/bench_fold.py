@@ -1,6 +1,6 @@
 """What ``bnlab.fold`` takes out of a model's inference, against torch's own fuser.
 
-Claim measured (docs/benchmarks.md, *Round of 2026-12-03, sixteenth session*): bnlab.fold removes
+Claim measured (docs/benchmark_rounds.md, *Round of 2026-12-03, sixteenth session*): bnlab.fold removes
 BN layers that ``torch.fx.experimental.optimization.fuse`` leaves (after a transposed convolution,
 before a linear layer), with the same outputs, and the model's inference is faster by what those
 layers cost. Three models, built with torch.nn's BN so that torch's fuser applies as designed, their

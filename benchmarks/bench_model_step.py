@@ -1,10 +1,10 @@
 """A whole model's training step and inference with bnlab's BatchNorm against torch.nn's.
 
-Claim measured (docs/benchmarks.md, *Round of 2026-12-03*): what bnlab's BN changes in the time
+Claim measured (docs/benchmark_rounds.md, *Round of 2026-12-03*): what bnlab's BN changes in the time
 of a real network's step on the CPU, where the convolutions take most of it. The network is the
 lab's ResNet-20 (19 convs, 19 BN layers, `bnlab.lab.models.resnet20`), or with ``--model mlp``
 the init-sweep's MLP (784-100x5-10, a BN after each hidden layer, `bnlab.lab.models.MLP`: five
-(batch, 100) BN calls a step, where a call's fixed cost is most of its time; docs/benchmarks.md,
+(batch, 100) BN calls a step, where a call's fixed cost is most of its time; docs/benchmark_rounds.md,
 *thirty-seventh session*), built twice with the same weights, once with each BN; a step is
 forward, cross-entropy, backward and an SGD update on one batch of random CIFAR-sized images (for
 the MLP, random (batch, 784) rows); inference is the eval-mode forward under no_grad, also of a

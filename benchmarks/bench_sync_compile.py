@@ -1,6 +1,6 @@
 """A compiled ResNet-20 training step with bnlab.SyncBatchNorm across processes: whole graph vs broken.
 
-Claim measured (docs/benchmarks.md, *Round of 2026-12-03, fifteenth session*): what compiling
+Claim measured (docs/benchmark_rounds.md, *Round of 2026-12-03, fifteenth session*): what compiling
 SyncBatchNorm whole (its step as bnlab::sync_batch_norm_* operators, bnlab.custom_ops_sync)
 changes in a compiled network's training step, against the same model compiled as before,
 with its graph broken at every SyncBatchNorm layer, and against the eager model. The network is

@@ -1,7 +1,7 @@
 // What a bf16 elementwise loop costs in each form on an AVX2 CPU without AVX-512 (Zen 2/3, Intel
 // client cores): a standalone C++ microbenchmark, no bnlab, no Python.
 //
-// Claim measured (docs/benchmarks.md, thirty-third session): on AVX2, bnlab's bf16 elementwise
+// Claim measured (docs/benchmark_rounds.md, thirty-third session): on AVX2, bnlab's bf16 elementwise
 // passes are bound by the vector shift and shuffle ports, not by memory. The widening (vpmovzxwd
 // or two unpacks per 16 values), the rounding to nearest even (two shifts per 8 values) and the
 // narrowing (a pack, and a permute in memory order) all issue there. Splitting each 32-byte load

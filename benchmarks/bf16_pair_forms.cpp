@@ -1,7 +1,7 @@
 // What a bf16 NCL eval loop costs in each form of its pairs of vectors, against a bf16 copy: a
 // standalone C++ microbenchmark (AVX512-BF16), no bnlab, no Python.
 //
-// Claim measured (docs/benchmarks.md, thirty-second session): the widening of bf16 to float32 by
+// Claim measured (docs/benchmark_rounds.md, thirty-second session): the widening of bf16 to float32 by
 // vpmovzxwd (ld16, two per 32 values) bounds bnlab's bf16 elementwise passes on Zen 4; splitting
 // each 64-byte load into the values at even and odd offsets (a shift and a mask: eo_split) and
 // putting the rounded results back in order with one vpermw (st32_eo) takes 0.81-0.89 of the time, once

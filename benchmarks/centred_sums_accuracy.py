@@ -1,6 +1,6 @@
 """How far the training backward's Σdy·x̂ lies from the exact sum, centred against dy whole.
 
-Claim measured (docs/math.md §4.2, docs/benchmarks.md *twenty-eighth session*): the training
+Claim measured (docs/math.md §4.2, docs/benchmark_rounds.md *twenty-eighth session*): the training
 backward sums Σ(dy - g)·(x - hi) with g near dy's mean where dy has a large common part, and g = 0
 (dy whole) where it has none; that keeps Σdy·x̂ at float32 rounding of the centred terms where dy
 has a common part, and costs nothing where it has none. For each kind of x and dy, float32 and

@@ -1,6 +1,6 @@
 """What a BN eval call costs around its kernel, right after a large memory operation.
 
-Claim measured (docs/benchmarks.md, *Round of 2026-12-02*): at cache-resident shapes the eval
+Claim measured (docs/benchmark_rounds.md, *Round of 2026-12-02*): at cache-resident shapes the eval
 kernel alone runs at the speed of `copy_`, and the module call's extra time is Python and torch
 work that runs with cold caches, because the kernel before it streamed megabytes through them.
 Three tables, medians of --rounds samples of --reps calls:

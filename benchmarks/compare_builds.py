@@ -2,7 +2,7 @@
 
 Claim checked: a kernel change that only reorders the work (a new walk, new blocks, registers
 instead of memory) leaves every output, statistic and gradient as it was, e.g. "816 outputs,
-statistics and gradients equal to the previous build's" in docs/benchmarks.md. Both builds are
+statistics and gradients equal to the previous build's" in docs/benchmark_rounds.md. Both builds are
 loaded into this process and called on the same tensors: eval (y from running averages), the
 training forward (y, mean, M2, invstd, the running averages it updates) and the backward (dx, Σdy,
 Σdy·x̂, and the weight and bias gradients in float32), with weight and bias, over shapes that reach every

@@ -1,8 +1,8 @@
 """A/B of bnlab's CPU output pool: module calls with the pool off and on, in alternating processes.
 
 Claim measured: outputs of 4 MiB or more taken from the pool (reused, huge-page memory) make a
-call faster than outputs on fresh pages, which the OS zeroes first (docs/benchmarks.md, "What
-changed in this round"). The pool is configured once per process (BNLAB_CPU_CACHE_BYTES=0 turns it
+call faster than outputs on fresh pages, which the OS zeroes first (docs/benchmark_rounds.md, "What
+changed in the round of 2026-11-22"). The pool is configured once per process (BNLAB_CPU_CACHE_BYTES=0 turns it
 off), so each sample is a separate process; off and on alternate, --pairs times. Each process
 times the module's training forward, forward+backward and eval at the conv shapes on 2 threads
 (median of 15 samples of 4 calls each) and prints one JSON line; this script prints, per case,

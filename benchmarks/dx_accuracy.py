@@ -1,6 +1,6 @@
 """How far the CPU kernels' input gradient lies from the float64 reference, beside torch.nn's.
 
-Claim measured (docs/benchmarks.md, *twenty-sixth session*): with dy's channel mean taken off
+Claim measured (docs/benchmark_rounds.md, *twenty-sixth session*): with dy's channel mean taken off
 before the product (dx = k·(dy - g_hi) + (a·(x - hi) + c), docs/math.md §4.2), dx keeps its
 digits where dy has a large common part, and is 0 exactly on channels constant in both x and dy;
 elsewhere it is as close as before. For each shape and kind of data, one training forward and

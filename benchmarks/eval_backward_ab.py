@@ -1,6 +1,6 @@
 """The eval-mode backward (frozen BN) in one pass against the two kernels it replaced, interleaved.
 
-Claim measured (docs/benchmarks.md, twelfth session): where the parameter sums walk by channel
+Claim measured (docs/benchmark_rounds.md, twelfth session): where the parameter sums walk by channel
 (the large NCL inputs), ``bn_eval_backward`` reads dy and x once, writing dx as it goes (3N bytes),
 where the earlier eval backward ran ``bn_normalize`` on dy (dx) and then ``bn_backward``'s reduction
 over dy and x (5N). Contenders, all kernel calls into outputs allocated once, on the same tensors:

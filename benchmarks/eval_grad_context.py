@@ -1,6 +1,6 @@
 """What a ``with torch.no_grad()`` around every eval call costs, next to the eval and a copy.
 
-Claim measured (docs/benchmarks.md, thirty-sixth session): bench_bn.py timed each eval call
+Claim measured (docs/benchmark_rounds.md, thirty-sixth session): bench_bn.py timed each eval call
 inside its own ``torch.no_grad()``, whose entry and exit cost about 2 us per call, paid by bnlab
 and torch.nn and not by the copies their fraction of copy bandwidth is measured against; it now
 enters one around the whole sample (bench_cases.sample_grad_mode), as inference runs under one

@@ -1,7 +1,7 @@
 // What an NLC eval loop costs against a copy, by the form of its coefficient loads: a standalone
 // C++ microbenchmark, no bnlab, no Python.
 //
-// Claim measured (docs/benchmarks.md, thirty-first session): at (8192, 100) float32 (3.3 MB, in
+// Claim measured (docs/benchmark_rounds.md, thirty-first session): at (8192, 100) float32 (3.3 MB, in
 // the L3) bnlab's eval kernel runs at about 0.88 of torch's copy_; how much of that the three
 // coefficient vectors loaded per 16 values cost (arrays of one period, as the periodic rows walk
 // them), against the same loop with the coefficients broadcast from registers, a plain copy, and

@@ -1,6 +1,6 @@
 """Where an eval call's time goes beyond the kernel, with the caches as the benchmark leaves them.
 
-Claim measured (docs/benchmarks.md, *Round of 2026-12-02, fourth session*): at the
+Claim measured (docs/benchmark_rounds.md, *Round of 2026-12-02, fourth session*): at the
 cache-resident conv shapes the eval kernel alone runs at the speed of ``copy_``, and what keeps
 bnlab's eval below 90 % of a copy is the Python on the way to it, which runs with cold caches
 after the other contenders' calls: ``nn.Module.__call__``, the module's checks, the backend's

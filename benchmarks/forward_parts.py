@@ -1,6 +1,6 @@
 """A training forward's kernel call against its two passes called alone, and a copy.
 
-Claim measured (docs/benchmarks.md, *nineteenth session*): how the fused training forward's time
+Claim measured (docs/benchmark_rounds.md, *nineteenth session*): how the fused training forward's time
 compares with its statistics pass alone plus its normalize pass alone, at one shape. Each kernel
 runs on its own tensors of the shape (``kernel_ab.kernel_calls``: the forward into an output, the
 statistics without one, ``bn_normalize`` from given statistics), and ``copy_`` copies another

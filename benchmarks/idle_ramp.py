@@ -1,6 +1,6 @@
 """How long BN calls take right after the process did something else for a while.
 
-Claim measured (docs/benchmarks.md, *Round of 2026-12-02, second session*): on the Xeon VM the
+Claim measured (docs/benchmark_rounds.md, *Round of 2026-12-02, second session*): on the Xeon VM the
 benchmark's contenders find their tensors partly evicted whenever another contender ran before
 them, even when that one touched no memory at all, and it takes several calls to get back to the
 steady speed. Each row: a pause of --pause seconds spent one of three ways (sleeping, a Python busy

@@ -1,7 +1,7 @@
 """A/B of two builds of bnlab's CPU kernels: kernel calls alone, interleaved in one process.
 
 Claim measured: how a kernel change moves the time of the kernel calls themselves (no Python
-module, no allocation), e.g. "backward (64, 256, 14, 14) 1.42 -> 0.99 ms" in docs/benchmarks.md.
+module, no allocation), e.g. "backward (64, 256, 14, 14) 1.42 -> 0.99 ms" in docs/benchmark_rounds.md.
 Both libraries are loaded into this process and called on the same tensors, old and new
 alternating sample by sample (the order flipping every sample), so a busy machine slows both
 alike; each sample repeats the call for ~10 ms and the table shows medians.

@@ -1,6 +1,6 @@
 """bnlab's training step under two thresholds of its CPU output pool, between torch.nn steps.
 
-Claim measured (docs/benchmarks.md, *Round of 2026-12-02, second session*): outputs of a few
+Claim measured (docs/benchmark_rounds.md, *Round of 2026-12-02, second session*): outputs of a few
 hundred KB to 4 MiB, which bnlab used to take from malloc, often came back on fresh pages (zeroed
 by the OS, page by page) whenever other work ran between two BN calls, as torch.nn's layer does in
 bench_bn.py's rotation and any network's other layers do in training; from the pool they do not.

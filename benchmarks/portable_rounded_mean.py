@@ -1,6 +1,6 @@
 """What the rounded-mean term costs the portable input gradient (elementwise.grad_input).
 
-Claim measured (docs/math.md §4.2, docs/benchmarks.md, thirty-sixth session): the portable path
+Claim measured (docs/math.md §4.2, docs/benchmark_rounds.md, thirty-sixth session): the portable path
 computes a·((x - mean_hi) + t), with t = -mean_lo where a is infinite; adding t on every call
 (as on a GPU or in a traced graph) costs the input gradient one pass more, while an eager CPU call
 checks a's sum on the host and skips the pass when it is finite.

@@ -1,6 +1,6 @@
 """Where a ResNet-20 training step's time goes, eager and compiled, with bnlab's BN and torch.nn's.
 
-Claim supported (docs/benchmarks.md, fourteenth session): in a compiled step, bnlab's BN operators
+Claim supported (docs/benchmark_rounds.md, fourteenth session): in a compiled step, bnlab's BN operators
 plus the elementwise code inductor generates around them take less time than inductor's code for
 torch.nn's BN (which it fuses with the ReLU and the residual add), and the convolutions take the
 same time in both models. Each variant's step (bench_model_step.step_fn, batch of random

@@ -1,6 +1,6 @@
 """How far the CPU kernels' bf16 and float16 batch statistics lie from float64 sums of the same values.
 
-Claim measured (docs/benchmarks.md, *twenty-fifth session*): the NCL walks' 16-bit statistics were
+Claim measured (docs/benchmark_rounds.md, *twenty-fifth session*): the NCL walks' 16-bit statistics were
 1e-5-3.3e-5 off in the variance and up to 1.2e-5 in the mean at rows shorter than a vector; with
 each row's tail added in float64 and the median-of-three shift they are within ~4e-7 (7x7 maps:
 the float32 lanes, ~2e-6). For each shape and dtype: normal data (mean 1.13, deviation 0.79,

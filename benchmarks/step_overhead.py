@@ -1,6 +1,6 @@
 """Where a training step's time goes outside bnlab's kernels, and what torch.nn's step pays for the same.
 
-Claim measured (docs/benchmarks.md, *Round of 2026-12-02, second session*): at the
+Claim measured (docs/benchmark_rounds.md, *Round of 2026-12-02, second session*): at the
 cache-resident conv shapes about 0.45 ms of a bnlab training step (forward + backward through
 torch.autograd.grad) is spent outside the two kernel calls, in Python, torch and autograd steps
 that run with cold caches right after a kernel; and a step's fixed cost after the caches were

@@ -1,7 +1,7 @@
 """BN of inputs in none of the kernels' layouts: bnlab's kernels on a contiguous copy against the
 portable path such views took before, and torch.nn.
 
-Claim measured (docs/benchmarks.md, *twenty-fifth session*): an expanded batch, a strided slice
+Claim measured (docs/benchmark_rounds.md, *twenty-fifth session*): an expanded batch, a strided slice
 or a permuted tensor costs bnlab a copy into contiguous memory and then the kernels' time, less
 than the portable path's several passes of torch ops, and the kernels' float64 sums replace that
 path's float32 ones (cpu.kernel_input).

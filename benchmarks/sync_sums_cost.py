@@ -1,6 +1,6 @@
 """What a SyncBatchNorm rank's backward sums cost, centred about its own mean, against the whole sums.
 
-Claim measured (docs/benchmarks.md, *twenty-ninth session*): bnlab.sync_steps.local_grad_sums (the
+Claim measured (docs/benchmark_rounds.md, *twenty-ninth session*): bnlab.sync_steps.local_grad_sums (the
 CPU kernels' centred sums about the rank's own mean, then four float64 operations on (C,) tensors
 that move them to the group's mean) costs a few microseconds more than the kernels' sums alone.
 Contenders, on one rank's float32 (x, dy) with dy = 8 + 0.01·noise and a group mean 1e-3 off the

@@ -1,7 +1,7 @@
 """A BN call's cost by path, training mode or eval mode with a graph: the compiled whole calls
 against the Python path and torch.nn.
 
-Claims measured (docs/benchmarks.md, *A training call in one compiled step*): on small inputs a
+Claims measured (docs/benchmark_rounds.md, eleventh session): on small inputs a
 training call is bound by its Python, and the compiled calls (``bn_train_module`` for the forward,
 ``bn_backward_module`` for the backward, backends/cpu_kernels_py_train.inc) remove most of it;
 with ``--mode eval`` (frozen statistics while training: eval mode, parameters and input requiring

@@ -1,6 +1,6 @@
 """Module-level BN times under the kernels' size bounds: which walk, and whether outputs stream.
 
-Claim measured (docs/benchmarks.md, *Round of 2026-12-02*): on the Xeon VM, streaming outputs of
+Claim measured (docs/benchmark_rounds.md, *Round of 2026-12-02*): on the Xeon VM, streaming outputs of
 16 MiB and more (with the channel walk) made the 25 and 67 MB forward+backward faster, while
 streaming rows that split cache lines ((128, 256, 14, 14)) made it several times slower. Each
 setting runs in its own process (the kernels read the bounds once), optionally on another

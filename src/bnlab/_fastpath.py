@@ -127,7 +127,7 @@ def module_forward(module, x: object) -> Tensor | None:
         # A CPU call in one compiled step, which declines anything but the plain case (then the
         # checks below run). In a network this runs right after a kernel that streamed megabytes
         # through the caches, where each Python step and tensor query costs microseconds
-        # (docs/benchmarks.md, *Eval in one compiled call*); on small inputs the Python is most
+        # (docs/benchmark_rounds.md, eighth session); on small inputs the Python is most
         # of a training call (*A training call in one compiled step*).
         entry = cpu_train_entry() if module.training else cpu_eval_entry()
         if entry is not None:

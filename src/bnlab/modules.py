@@ -122,7 +122,7 @@ class _BatchNormMixin:
         overridden forward); where it would only call forward but no compiled call takes the
         input (a CUDA tensor, another backend chosen, a feature option), forward is called
         directly. The Python frames this saves run right after a kernel that streamed the caches
-        (0.7-3.3 us a call: docs/benchmarks.md, thirtieth session). Under torch.compile / export
+        (0.7-3.3 us a call: docs/benchmark_rounds.md, thirtieth session). Under torch.compile / export
         it is nn.Module.__call__ (checked first, so the tracer never reaches the compiled call).
         """
         if len(args) == 1 and not kwargs and not is_compiling():

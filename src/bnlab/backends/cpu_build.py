@@ -63,7 +63,7 @@ SOURCES = (
 # the results are the same correctly rounded values. -falign-loops=64: every loop starts on a cache
 # line, so that a kernel's speed does not hang on where unrelated code moved it. Without it, an
 # edit of the by-sample passes alone made the untouched channel-group forward of (64, 512, 3, 3)
-# 1.11-1.17x slower; with it, the same edit changed nothing (docs/benchmarks.md, seventh session).
+# 1.11-1.17x slower; with it, the same edit changed nothing (docs/benchmark_rounds.md, seventh session).
 _BASE_FLAGS = ["-O3", "-falign-loops=64", "-fno-math-errno", "-fPIC", "-shared", "-std=c++17"]
 
 _lock = threading.Lock()

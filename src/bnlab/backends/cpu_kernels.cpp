@@ -161,7 +161,7 @@ static inline void st_lanes(double* p, int64_t i0, const double* v) {
 // bf16_rounded_high: u + 0x7fff + (bit 16 of u) for the float32 bits u of f, st()'s rounding to
 // nearest even with the bf16 bits in each lane's high half. The parity bit is taken by a compare
 // (any vector ALU port) rather than a shift: on Zen 3 the shifts, the widening and the narrowing
-// shuffles share two ports, which bound the bf16 passes (docs/benchmarks.md, thirty-third session).
+// shuffles share two ports, which bound the bf16 passes (docs/benchmark_rounds.md, thirty-third session).
 // Not for NaNs (st() stores them as 0x7fc0).
 static inline __m256i bf16_rounded_high(__m256 f) {
   const __m256i u = _mm256_castps_si256(f), bit = _mm256_set1_epi32(0x10000);
@@ -194,7 +194,7 @@ static inline void st_lanes(bf16* p, int64_t i0, const float* v) {
 // One vector of 8 values: loaded as float32, stored from float32 (bf16 rounded as st()). bf16
 // values are widened by one byte shuffle of the 16 bytes broadcast to both lanes (the broadcast
 // is a load): vpmovzxwd and a shift took two operations on Zen 3's two shift/shuffle ports, which
-// bound the bf16 statistics (docs/benchmarks.md, thirty-third session).
+// bound the bf16 statistics (docs/benchmark_rounds.md, thirty-third session).
 static inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 ld8(const bf16* p) {
   const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
@@ -312,7 +312,7 @@ static inline __attribute__((always_inline)) void st16_to(bf16* p, __m512 f) {
 // 32 bf16 values from two vectors (values 0-15 in f0, 16-31 in f1), rounded as st16: where neither
 // holds a NaN or a denormal (bf16_pack16's test), both in one vcvtne2ps2bf16 (AVX512-BF16). On
 // Zen 4 a vcvtneps2bf16 per 16 values bound the bf16 elementwise passes: a bf16 eval of
-// (128, 16, 32, 32) took longer than the float32 one (docs/benchmarks.md, twenty-first session).
+// (128, 16, 32, 32) took longer than the float32 one (docs/benchmark_rounds.md, twenty-first session).
 // With kStream, a line-aligned p is written around the caches (as stream16).
 template <bool kStream>
 static inline __attribute__((always_inline)) void st32(bf16* p, __m512 f0, __m512 f1) {
@@ -340,7 +340,7 @@ constexpr bool kBf16EvenOdd = true;
 // at even offsets (0, 2, ..., 30: the low half of each 32-bit lane, shifted up) and at odd ones
 // (the high half, masked). ld16 widens 16 values per vpmovzxwd, a cross-lane shuffle: with
 // vcvtne2ps2bf16 per pair, three shuffles per 32 values bound a bf16 NCL eval on Zen 4, at 0.49-0.59
-// of a bf16 copy_ (docs/benchmarks.md, thirty-second session). Only for elementwise work whose
+// of a bf16 copy_ (docs/benchmark_rounds.md, thirty-second session). Only for elementwise work whose
 // coefficients are the same in every lane: the values come out of memory order.
 static inline EvenOdd eo_split(__m512i v) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
@@ -487,7 +487,7 @@ static inline void bf16_grad_input_row(const bf16* g, const bf16* p, bf16* q, in
 // AVX2 CPUs the widening (two unpacks or vpmovzxwd per 16 values), the rounding's shifts and the
 // narrowing pack all issue on the two vector shift/shuffle ports of Zen 3, which bounded bnlab's bf16
 // passes (seven such operations per 16 values in the unpacked form before this one, two here;
-// benchmarks/bf16_avx2_forms.cpp, docs/benchmarks.md, thirty-third session).
+// benchmarks/bf16_avx2_forms.cpp, docs/benchmark_rounds.md, thirty-third session).
 struct EvenOdd8 {
   __m256 even, odd;
 };
@@ -564,7 +564,7 @@ struct Part {  // (count, mean, M2) of a piece of a channel
 // Chan et al.: fold (nb, mb, qb) into a. Equal means merge exactly (a constant channel stays exact).
 // The two FMAs are written out: left to GCC's contraction, the mean's multiply and add were fused
 // or not depending on what else the caller inlined (a change of the bf16 chunk_normalize moved the
-// waves walk's bf16 means by 1-2 ulp on 2+ threads; docs/benchmarks.md, twenty-first session).
+// waves walk's bf16 means by 1-2 ulp on 2+ threads; docs/benchmark_rounds.md, twenty-first session).
 // These are the forms GCC had chosen at every call site before.
 static inline void chan(Part& a, double nb, double mb, double qb) {
   if (nb == 0) return;
@@ -660,7 +660,7 @@ static inline int64_t split_at(int64_t total, int t, int T) { return total * t /
 // alone, outside any region. The body's worksharing and barriers (omp for, omp barrier,
 // omp_get_thread_num) mean the same on one thread either way, but libgomp makes a wake-up system
 // call (futex) at every barrier of a team, even a team of one: three per training forward and
-// backward of a small input, each as long as a small kernel's work (docs/benchmarks.md,
+// backward of a small input, each as long as a small kernel's work (docs/benchmark_rounds.md,
 // thirty-seventh session). Small inputs run on one thread (cpu.PARALLEL_MIN_NUMEL).
 // How the old code's speed is kept: the body runs in a function of its own, called from both
 // places (inlined twice, GCC's growth limits stopped inlining the row functions into it: the

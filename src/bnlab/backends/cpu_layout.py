@@ -55,7 +55,7 @@ def kernel_input(x: Tensor, elementwise: bool = False) -> tuple[Tensor, tuple[in
     the portable implementation: its float32 sums, on an expanded batch whose channels are then
     constant, let 1/sqrt(eps) magnify their rounding (dx 2.4e-4-1e-3 off the float64 reference in
     the differential fuzzer, benchmarks/fuzz_kernels.py); the kernels sum in float64, and a copy
-    costs less than the portable path's passes (docs/benchmarks.md, twenty-fifth session).
+    costs less than the portable path's passes (docs/benchmark_rounds.md, twenty-fifth session).
     torch.nn's CPU kernels copy such inputs too.
     """
     return views.kernel_input(x, layout_of, elementwise)
