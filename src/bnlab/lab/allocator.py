@@ -5,8 +5,8 @@ threshold back to the system (and trims freed memory at the top of its heap), so
 of that size faults each of its pages in again, zeroed by the kernel. A ResNet-20 training step at
 batch 128 took 12,700-28,000 minor page faults and 274-301 ms with glibc's defaults, 0-768 faults
 and 256-290 ms with the thresholds below, on the project's 2-core VM (docs/benchmark_rounds.md,
-thirty-seventh session; benchmarks/results/allocator_s37.txt). bnlab's own outputs come from its pool (bnlab.backends.cpu_pool); the
-convolutions' do not. Only the lab's command does this, for its own process and the processes it
+thirty-seventh session; benchmarks/results/allocator_s37.txt). bnlab's own outputs come from its
+pool (bnlab.backends.cpu_pool); the convolutions' do not. Only the lab's command does this, for its own process and the processes it
 starts: the library never changes the allocator of a program that imports it.
 """
 
