@@ -1,16 +1,20 @@
 """bnlab.lab.allocator: `bnlab run` keeps freed memory in glibc's heap, unless the user chose.
 
 Each case runs in a fresh process (the setting is process-wide and read at glibc's start) and
-counts the minor page faults of a cycle that allocates, writes and frees four 8 MiB tensors: with
-glibc's defaults such tensors come back from the system as fresh pages, which fault in (819 a
-cycle on the project's VM, not asserted: glibc's dynamic thresholds decide). A fresh anonymous
-mapping, written page by page, shows that the counter counts.
+counts the minor page faults of each of ten cycles that allocate, write and free four 8 MiB
+tensors: with glibc's defaults such tensors often come back from the system as fresh pages, which
+fault in (not asserted: glibc's dynamic thresholds decide, and some processes fault in none).
+With the setting the heap reaches its size in the first cycles and then keeps it; in about one
+process in five that took one cycle more than the warm-up (6,144 faults in the first measured
+cycle, none after), so the test takes the median cycle. A fresh anonymous mapping, written page
+by page, shows that the counter counts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +34,11 @@ def cycle():
     del tensors
 for _ in range(3):
     cycle()
-before = faults()
+cycle_faults = []
 for _ in range(10):
+    before = faults()
     cycle()
-cycle_faults = (faults() - before) / 10
+    cycle_faults.append(faults() - before)
 import mmap  # the counter's control: a fresh anonymous mapping faults every page it writes
 region = mmap.mmap(-1, 8 << 20)
 before = faults()
@@ -59,7 +64,7 @@ def test_freed_tensors_are_kept_and_the_processes_started_later_inherit_it():
     got = _probe()
     assert "glibc keeps freed memory" in got["answer"] and "32 MiB" in got["answer"], got
     assert got["again"] == got["answer"] == got["setting"]
-    assert got["faults"] <= 16 and got["control_faults"] >= 1000, got  # the cycle's pages stay mapped
+    assert statistics.median(got["faults"]) <= 16 and got["control_faults"] >= 1000, got  # pages stay mapped
     assert got["env"] == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
