@@ -54,14 +54,17 @@ def main(argv=None) -> None:
     def bn(layer):
         return lambda: layer(x)
 
-    torch.set_grad_enabled(False)
-    for fn in (copy_, bn(layers[0]), bn(layers[1])):
-        for _ in range(5):
-            fn()
-    after_copy = _median_us([("copy_", copy_), ("bnlab", bn(layers[0]))], {"copy_", "bnlab"}, args.rounds, args.reps)
-    after_bnlab = _median_us(
-        [("copy_", copy_), ("warm", bn(layers[1])), ("bnlab", bn(layers[0]))], {"copy_", "bnlab"}, args.rounds, args.reps
-    )
+    with torch.no_grad():  # inference; main() leaves grad mode as it found it
+        for fn in (copy_, bn(layers[0]), bn(layers[1])):
+            for _ in range(5):
+                fn()
+        after_copy = _median_us(
+            [("copy_", copy_), ("bnlab", bn(layers[0]))], {"copy_", "bnlab"}, args.rounds, args.reps
+        )
+        after_bnlab = _median_us(
+            [("copy_", copy_), ("warm", bn(layers[1])), ("bnlab", bn(layers[0]))], {"copy_", "bnlab"}, args.rounds,
+            args.reps,
+        )
     print(f"shape {shape} {args.layout}, {args.threads} thread(s), medians of {args.rounds} samples x {args.reps} calls")
     for label, m in (("after-copy", after_copy), ("after-bnlab", after_bnlab)):
         print(f"{label:12s} copy_ {m['copy_']:7.1f} us  bnlab {m['bnlab']:7.1f} us  "

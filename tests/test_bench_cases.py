@@ -161,3 +161,15 @@ def test_eval_paths_takes_an_input_of_any_rank_and_prints_every_path(capsys, kee
     with pytest.raises(SystemExit):
         parser.parse_args(["--shape", "16,5"])
     assert "--shape: expected 4 positive sizes" in capsys.readouterr().err
+
+
+def test_eval_order_prints_both_orders_and_leaves_grad_mode_on(capsys, keep_threads):
+    # eval_order.main() times inference inside a no_grad block; it used to switch grad mode off for
+    # the rest of the process (conftest's _grad_mode_left_on fails a test that leaves it off)
+    import eval_order
+
+    eval_order.main(["--shape", "2,4,3,3", "--rounds", "2", "--reps", "1", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("shape (2, 4, 3, 3) nchw, 1 thread(s)")
+    assert [line.split()[0] for line in lines[1:]] == ["after-copy", "after-bnlab"]
+    assert torch.is_grad_enabled()
