@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=positive_int, default=24)
     p.add_argument("--reps", type=positive_int, default=60, help="calls per sample")
     args = p.parse_args(argv)
+    if args.layout == "cl" and len(args.shape) not in (4, 5):
+        p.error(f"--layout cl: channels-last needs a 4D or 5D --shape, got {len(args.shape)}D {args.shape}")
     if cpu_eval_entry() is None:
         raise SystemExit("bnlab's compiled eval call is unavailable (the extension module did not build)")
     torch.set_num_threads(args.threads)

@@ -161,6 +161,9 @@ def test_eval_paths_takes_an_input_of_any_rank_and_prints_every_path(capsys, kee
     with pytest.raises(SystemExit):
         parser.parse_args(["--shape", "16,5"])
     assert "--shape: expected 4 positive sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # rows have no channels-last form: refused, not timed as NCHW
+        eval_paths.main(["--shape", "16,5", "--layout", "cl"])
+    assert "--layout cl: channels-last needs a 4D or 5D --shape, got 2D (16, 5)" in capsys.readouterr().err
 
 
 def test_eval_order_prints_both_orders_and_leaves_grad_mode_on(capsys, keep_threads):
