@@ -58,13 +58,10 @@ def main(argv=None) -> None:
         for fn in (copy_, bn(layers[0]), bn(layers[1])):
             for _ in range(5):
                 fn()
-        after_copy = _median_us(
-            [("copy_", copy_), ("bnlab", bn(layers[0]))], {"copy_", "bnlab"}, args.rounds, args.reps
-        )
-        after_bnlab = _median_us(
-            [("copy_", copy_), ("warm", bn(layers[1])), ("bnlab", bn(layers[0]))], {"copy_", "bnlab"}, args.rounds,
-            args.reps,
-        )
+        after_copy_order = [("copy_", copy_), ("bnlab", bn(layers[0]))]
+        after_bnlab_order = [("copy_", copy_), ("warm", bn(layers[1])), ("bnlab", bn(layers[0]))]
+        after_copy = _median_us(after_copy_order, {"copy_", "bnlab"}, args.rounds, args.reps)
+        after_bnlab = _median_us(after_bnlab_order, {"copy_", "bnlab"}, args.rounds, args.reps)
     print(f"shape {shape} {args.layout}, {args.threads} thread(s), medians of {args.rounds} samples x {args.reps} calls")
     for label, m in (("after-copy", after_copy), ("after-bnlab", after_bnlab)):
         print(f"{label:12s} copy_ {m['copy_']:7.1f} us  bnlab {m['bnlab']:7.1f} us  "
