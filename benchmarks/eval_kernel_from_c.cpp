@@ -46,8 +46,17 @@ int main(int argc, char** argv) {
     return 1;
   }
   const auto eval = (EvalFn)dlsym(lib, "bn_eval");
+  if (eval == nullptr) {
+    std::fprintf(stderr, "module: %s has no bn_eval (not bnlab's compiled CPU kernels?)\n", argv[1]);
+    return 1;
+  }
   const int layout = std::atoi(argv[2]), nt = std::atoi(argv[6]);
   const int64_t N = std::atoll(argv[3]), C = std::atoll(argv[4]), L = std::atoll(argv[5]), n = N * C * L;
+  if ((layout != 0 && layout != 1) || N < 1 || C < 1 || L < 1 || nt < 1 || (layout == 1 && L != 1)) {
+    std::fprintf(stderr, "expected layout 0 (NCL) or 1 (NLC, L = 1) and positive N, C, L, threads; "
+                 "got %s %s %s %s %s\n", argv[2], argv[3], argv[4], argv[5], argv[6]);
+    return 2;
+  }
   float* x = (float*)std::aligned_alloc(64, (size_t)(n * 4 + 63) / 64 * 64);
   float* y = (float*)std::aligned_alloc(64, (size_t)(n * 4 + 63) / 64 * 64);
   for (int64_t i = 0; i < n; ++i) x[i] = (float)(i % 7) * 0.3f, y[i] = 0;

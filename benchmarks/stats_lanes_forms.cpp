@@ -68,6 +68,10 @@ static void sums_f64_lanes(const float* x, int64_t a0, int64_t a1) {
 
 int main(int argc, char** argv) {
   const int64_t n = argc > 1 ? std::atoll(argv[1]) / 64 * 64 : 3211264;
+  if (n < 64) {
+    std::fprintf(stderr, "values: expected a count of float32 values, 64 or more, got %s\n", argc > 1 ? argv[1] : "");
+    return 2;
+  }
   float* x = (float*)std::aligned_alloc(64, (size_t)n * 4);
   float* y = (float*)std::aligned_alloc(64, (size_t)n * 4);
   for (int64_t i = 0; i < n; ++i) x[i] = (float)(i % 7) * 0.3f, y[i] = 0;
@@ -87,7 +91,8 @@ int main(int argc, char** argv) {
           if (form == 3) sums_f64_lanes(x, a0, a1);
         }
       }
-      t[form].push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() / 10);
+      const auto spent = std::chrono::steady_clock::now() - start;
+      t[form].push_back(std::chrono::duration<double, std::micro>(spent).count() / 10);
     }
   for (int form = 0; form < 4; ++form) {
     std::sort(t[form].begin(), t[form].end());
