@@ -17,10 +17,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnlab
 from bnlab import _fastpath
-from bnlab.backends import cpu_eval_entry, cpu_train_entry
+from bnlab.backends import cpu_build, cpu_eval_entry, cpu_train_entry
 from bnlab.backends.cpu import PARALLEL_MIN_NUMEL, layout_of
 from conftest import TOLERANCE, memory_layouts, randomize_state_, record_entry_answers, rel_err
 
@@ -241,6 +243,46 @@ def _declines():
 @pytest.mark.parametrize("name,args,kwargs", list(_declines()), ids=[d[0] for d in _declines()])
 def test_each_unusual_call_is_declined(name, args, kwargs):
     assert _call(*args, **kwargs) is None
+
+
+class _CountingFunctionMode(TorchFunctionMode):
+    """Counts the torch functions (and tensor methods and attributes) that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountingDispatchMode(TorchDispatchMode):
+    """Counts the ATen operators that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode_class", [_CountingFunctionMode, _CountingDispatchMode])
+def test_a_torch_function_or_dispatch_mode_sees_the_call_and_gets_the_same_bits(mode_class, taken):
+    # The torch build reads tensors beneath torch's Python layer, where a mode would see nothing,
+    # so under a mode it declines and the Python path, whose torch operations the mode sees, runs.
+    layer = _layer(4, 3)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        expected = _python_path(layer, x)
+        mode = mode_class()
+        with mode:
+            y = layer(x)
+    assert torch.equal(y, expected) and mode.count > 0
+    if cpu_build._state["variant"][0] == "torch":
+        assert taken == [None]
 
 
 def test_a_declined_call_leaves_no_error_behind():

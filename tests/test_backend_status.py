@@ -42,8 +42,7 @@ def test_status_says_why_there_are_no_kernels(monkeypatch):
 def test_status_reports_a_variant_that_did_not_build(monkeypatch, tmp_path):
     # The best variant fails to compile (a flag the compiler refuses); the next is this process's
     # own library, already in the cache under its key, so nothing else compiles.
-    loaded_kind = "module" if hasattr(LIB, "bn_empty") else "ctypes"
-    loaded = next((kind, flags) for kind, flags in cpu_build._variants() if kind == loaded_kind)
+    loaded = cpu_build._state["variant"]
     monkeypatch.setattr(cpu_build, "_variants", lambda: [("module", ["-fbnlab-no-such-flag"]), loaded])
     monkeypatch.setattr(cpu_build, "_state", dict(cpu_build._state, tried=False, lib=None, skipped=[], seconds=None))
     assert cpu_build.load() is not None
@@ -59,3 +58,14 @@ def test_describe_names_a_pinned_backend_that_takes_no_cpu_tensors(monkeypatch):
     monkeypatch.setattr(backends, "_PINNED", "triton")  # the Triton backend takes CUDA tensors only
     first = backends.describe().splitlines()[0]
     assert first == "backend for CPU tensors: none (pinned by set_backend or BNLAB_BACKEND: 'triton')"
+
+
+@needs_kernels
+def test_the_torch_build_is_the_one_loaded_where_torch_ships_its_headers():
+    # A compile error in cpu_kernels_torch.cpp would only cost speed (the plain extension module
+    # is built instead, and every other test passes on it): this test is what notices.
+    if cpu_build._python_include() is None or not cpu_build._torch_flags():
+        pytest.skip("no Python.h or no torch headers here: the torch build is not tried")
+    kind, flags = cpu_build._state["variant"]
+    assert kind == "torch" and cpu_build.TORCH_API in flags, cpu_build.status()
+    assert cpu_build._state["skipped"] == []

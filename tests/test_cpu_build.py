@@ -114,3 +114,45 @@ def test_one_core_builds_in_one_file_and_a_failure_is_reported(monkeypatch, tmp_
     error = cpu_build._compile("g++", ["-fopenmp"], tmp_path / "lib.so")
     assert len(fake.commands) == 1 and error.startswith("g++ -O3") and "error: no" in error
     assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_the_torch_build_compiles_its_extra_file_in_cpp20_and_links_torch(monkeypatch, tmp_path):
+    fake = FakeCompiler()
+    monkeypatch.setattr(cpu_build, "_run", fake)
+    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 2)
+    target = tmp_path / "lib.so"
+    flags = ["-march=native", "-fopenmp", cpu_build.TORCH_API, "-I/torch/include"]
+    assert cpu_build._compile("g++", flags, target) is None
+    torch_part, *parts, link = fake.commands
+    assert torch_part[-3].endswith(cpu_build.TORCH_SOURCE) and "-c" in torch_part
+    assert torch_part.index("-std=c++20") > torch_part.index("-std=c++17")  # the later flag is the one g++ takes
+    assert len(parts) == 5 and all(cmd[-3].endswith("cpu_kernels.cpp") and cpu_build.TORCH_API in cmd for cmd in parts)
+    objects = [cmd[cmd.index("-o") + 1] for cmd in [torch_part, *parts]]
+    lib_dir = cpu_build._torch_paths()[1]
+    assert link[3 : 3 + len(objects)] == objects
+    assert {"-ltorch_python", "-ltorch_cpu", "-lc10", f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}"} <= set(link)
+
+
+def test_a_torch_build_that_fails_is_reported_without_a_one_file_retry(monkeypatch, tmp_path):
+    # The one file cannot hold the torch build's extra part: the failure goes to _build_and_load,
+    # which then builds the plain extension module.
+    fake = FakeCompiler(fail=lambda cmd: cmd[-3].endswith(cpu_build.TORCH_SOURCE))
+    monkeypatch.setattr(cpu_build, "_run", fake)
+    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 1)
+    error = cpu_build._compile("g++", ["-fopenmp", cpu_build.TORCH_API], tmp_path / "lib.so")
+    assert error is not None and cpu_build.TORCH_SOURCE in error and "error: no" in error
+    assert all("-c" in cmd for cmd in fake.commands)  # six parts, no link, no one-file build
+    assert len(fake.commands) == 6 and list(tmp_path.iterdir()) == []
+
+
+def test_the_torch_build_comes_first_and_its_key_follows_torch(monkeypatch):
+    kinds = [kind for kind, _ in cpu_build._variants()]
+    if cpu_build._python_include() is None or not cpu_build._torch_flags():
+        pytest.skip("no Python.h or no torch headers here: no torch build to try")
+    assert kinds[:2] == ["torch", "module"] and set(kinds[2:]) == {"ctypes"}
+    torch_flags = cpu_build._variants()[0][1]
+    before = cpu_build._key("g++", torch_flags)
+    monkeypatch.setattr(cpu_build, "_torch_identity", lambda: ("9.9.9", "/elsewhere/libtorch_python.so", "1:2"))
+    assert cpu_build._key("g++", torch_flags) != before
+    module_flags = cpu_build._variants()[1][1]
+    assert cpu_build.TORCH_API not in module_flags  # the plain module's key does not depend on torch's build

@@ -38,7 +38,7 @@ def test_library_modules_never_import_the_lab():
 def test_the_cpu_build_key_covers_every_kernel_source():
     # The compiled kernels are cached under a hash of cpu_build.SOURCES: a source missing there
     # would leave a changed kernel running its stale build.
-    sources = {p.name for p in (SRC / "backends").iterdir() if p.suffix in (".cpp", ".inc")}
+    sources = {p.name for p in (SRC / "backends").iterdir() if p.suffix in (".cpp", ".inc", ".h")}
     assert set(cpu_build.SOURCES) == sources
 
 

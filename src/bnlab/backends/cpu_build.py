@@ -4,7 +4,10 @@ Why this way (measurements in docs/benchmarks.md): a plain C++ file with OpenMP 
 headers compiles in a few seconds with the system's g++ and needs no package beyond numpy and
 torch. It is built as a CPython extension module when Python.h is available (argument conversion
 ~20 ns each), else as a plain shared library loaded through ctypes (~250 ns each; the same
-functions, called the same way). The library is cached under
+functions, called the same way). The best build, "torch", is that extension module with one more
+file, cpu_kernels_torch.cpp, compiled against the installed torch's C++ headers, through which the
+compiled layer calls read their tensors and make their outputs (2-3 us less a call); where that
+file does not compile (no headers, an older compiler) the plain extension module is built instead. The library is cached under
 ``$BNLAB_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnlab`` or ``~/.cache/bnlab``), keyed by a hash
 of the sources, the compiler, the flags and the CPU's instruction set, so it is built once per
 machine and rebuilt when any of these change. It is written to a temporary name and renamed into
@@ -58,7 +61,12 @@ SOURCES = (
     "cpu_kernels_py_call.inc",
     "cpu_kernels_py_launch.inc",
     "cpu_kernels_pool.inc",
+    "cpu_kernels_torch.h",
+    "cpu_kernels_torch.cpp",
 )
+TORCH_SOURCE = "cpu_kernels_torch.cpp"
+#: The flag that makes a variant the "torch" build: the glue reads tensors through cpu_kernels_torch.h.
+TORCH_API = "-DBNLAB_TORCH_API"
 # -fno-math-errno: std::sqrt sets no errno (nothing reads it), so loops of square roots vectorise;
 # the results are the same correctly rounded values. -falign-loops=64: every loop starts on a cache
 # line, so that a kernel's speed does not hang on where unrelated code moved it. Without it, an
@@ -121,6 +129,8 @@ def _key(cxx: str, variant: list[str]) -> str:
     for name in SOURCES:
         h.update((_HERE / name).read_bytes())
     parts = (_compiler_identity(cxx), " ".join(_BASE_FLAGS + variant), _cpu_signature(), platform.platform(), sys.version)
+    if TORCH_API in variant:  # the torch build is bound to the torch it was compiled against
+        parts += _torch_identity()
     for part in parts:
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -132,12 +142,57 @@ def _python_include() -> str | None:
     return include if include and (Path(include) / "Python.h").exists() else None
 
 
+def _torch_paths() -> tuple[Path, Path]:
+    """The installed torch's C++ headers and its libraries."""
+    import torch
+
+    root = Path(torch.__file__).resolve().parent
+    return root / "include", root / "lib"
+
+
+def _torch_identity() -> tuple[str, ...]:
+    """torch's version and its Python binding library's size and time: what the torch build binds to."""
+    import torch
+
+    lib = _torch_paths()[1] / "libtorch_python.so"
+    try:
+        st = os.stat(lib)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        stamp = "missing"
+    return (torch.__version__, str(lib), stamp)
+
+
+def _torch_flags() -> list[str]:
+    """What the torch build adds to the extension module's flags: the glue's switch, torch's
+    headers and torch's C++ ABI (it is told to every part, so that the library agrees with itself).
+    Empty when torch ships no headers (then the torch build is not tried)."""
+    import torch
+
+    include = _torch_paths()[0]
+    if not (include / "torch" / "csrc" / "autograd" / "python_variable.h").exists():
+        return []
+    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
+    return [TORCH_API, f"-I{include}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+
+
+def _torch_link_flags() -> list[str]:
+    """The torch libraries cpu_kernels_torch.cpp calls into, found at run time where they were at build time."""
+    lib = _torch_paths()[1]
+    return [f"-L{lib}", "-ltorch_python", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
+
+
 def _variants() -> list[tuple[str, list[str]]]:
-    """(kind, flags) to try, best first: an extension module, then ctypes libraries."""
+    """(kind, flags) to try, best first: the torch build of the extension module, the plain
+    extension module, then ctypes libraries."""
     out = []
     include = _python_include()
     if include is not None:
-        out.append(("module", ["-march=native", "-fopenmp", "-DBNLAB_PYTHON_MODULE", f"-I{include}"]))
+        module = ["-march=native", "-fopenmp", "-DBNLAB_PYTHON_MODULE", f"-I{include}"]
+        torch_flags = _torch_flags()
+        if torch_flags:
+            out.append(("torch", module + torch_flags))
+        out.append(("module", module))
     out += [("ctypes", ["-march=native", "-fopenmp"]), ("ctypes", ["-fopenmp"]), ("ctypes", [])]
     return out
 
@@ -150,6 +205,8 @@ def _compile(cxx: str, flags: list[str], target: Path) -> str | None:
     one core, or when the parts do not build or link (the one file then says why, if it fails too).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    if TORCH_API in flags:  # its extra file is a part of its own: parts only, even on one core
+        return _compile_parts(cxx, flags, target)
     if _parallel_jobs() > 1 and _compile_parts(cxx, flags, target) is None:
         return None
     return _compile_whole(cxx, flags, target)
@@ -177,20 +234,26 @@ def _parallel_jobs() -> int:
 
 def _compile_parts(cxx: str, flags: list[str], target: Path) -> str | None:
     """The library from its parts: each compiled to an object at once (up to _parallel_jobs() at a
-    time), then linked into target (through a temporary file). Returns an error or None; leaves no
-    file behind either way."""
+    time), then linked into target (through a temporary file). The torch build has one more part,
+    cpu_kernels_torch.cpp in C++20 (as torch's headers need), compiled first (the slowest), and
+    links torch's libraries. Returns an error or None; leaves no file behind either way."""
     from concurrent.futures import ThreadPoolExecutor
 
     compile_flags = [f for f in _BASE_FLAGS if f != "-shared"] + flags
+    link_extra = []
     with tempfile.TemporaryDirectory(prefix=target.stem + ".parts.", dir=target.parent) as folder:
         objects = [str(Path(folder) / f"part{i}.o") for i in range(len(_PARTS))]
         commands = [[cxx, *compile_flags, *part, "-c", str(_HERE / SOURCES[0]), "-o", obj]
                     for part, obj in zip(_PARTS, objects)]  # fmt: skip
-        with ThreadPoolExecutor(max_workers=_parallel_jobs()) as pool:
+        if TORCH_API in flags:
+            objects.insert(0, str(Path(folder) / "torch.o"))
+            commands.insert(0, [cxx, *compile_flags, "-std=c++20", "-c", str(_HERE / TORCH_SOURCE), "-o", objects[0]])
+            link_extra = _torch_link_flags()
+        with ThreadPoolExecutor(max_workers=max(1, min(_parallel_jobs(), len(commands)))) as pool:
             errors = [err for err in pool.map(_run, commands) if err is not None]
         if errors:
             return errors[0]
-        return _run_to(target, [cxx, "-shared", *[f for f in flags if f == "-fopenmp"], *objects])
+        return _run_to(target, [cxx, "-shared", *[f for f in flags if f == "-fopenmp"], *objects, *link_extra])
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -322,7 +385,7 @@ def _build_and_load():
             _state["seconds"] = time.perf_counter() - start
             _say(f"CPU kernels compiled in {_state['seconds']:.1f} s")
         try:
-            lib = _load_module(target) if kind == "module" else _declare(ctypes.CDLL(str(target)))
+            lib = _load_module(target) if kind in ("torch", "module") else _declare(ctypes.CDLL(str(target)))
         except (OSError, ImportError) as exc:
             errors.append(f"loading {target}: {exc}")
             continue
@@ -378,7 +441,10 @@ def status() -> str:
     if lib is None:
         return f"compiled CPU kernels unavailable ({load_error()}); the portable backend runs on the CPU"
     kind, flags = _state["variant"]
-    what = "extension module" if kind == "module" else "ctypes library (no compiled whole calls)"
+    what = {
+        "torch": "extension module on torch's C++ API",
+        "module": "extension module (torch's C++ API unused: its build failed or torch ships no headers)",
+    }.get(kind, "ctypes library (no compiled whole calls)")
     arch = next((f for f in flags if f.startswith("-march=")), "no -march (generic x86-64)")
     if arch == "-march=native":
         arch += f" (this CPU's vector extensions: {_vector_extensions()})"

@@ -1,0 +1,64 @@
+// What the compiled calls read of tensors and how they make their outputs, through torch's C++ API:
+// the declarations both sides of the module share (cpu_kernels_torch.cpp defines them; the
+// Python glue of cpu_kernels.cpp calls them where BNLAB_TORCH_API is defined).
+//
+// Why: through the Python C API each fact of a tensor is a Python call (x.dtype, x.shape,
+// x.stride(), x.is_cpu, x.data_ptr(): 30-110 ns each, with a tuple or an int made and freed, and
+// torch's check for __torch_function__ in each), and an eval call reads five tensors; a new output
+// through torch.empty_like is 1.2 us of argument parsing and dispatch. Read from the C++ tensor
+// they are a few nanoseconds, and a new tensor ~0.5 us (docs/benchmark_rounds.md,
+// thirty-ninth session). Only ints and pointers cross this boundary, so the rest of the module
+// needs none of torch's headers and keeps C++17 and its compile time; this file alone is compiled
+// against the installed torch (cpu_build: the "torch" build, which falls back to the plain
+// extension module when torch's headers do not compile here).
+#pragma once
+
+#include <Python.h>
+
+#include <cstdint>
+
+namespace bnlab_torch {
+
+constexpr int kMaxDims = 8;
+
+// A dense tensor as the kernels see it. code: the dtype code (0 float32, 1 float64, 2 bfloat16,
+// 3 float16; -1 another dtype); ptr: the address of its first element (0 when it has none, as off
+// the CPU may be).
+struct Facts {
+  int code = -1;
+  bool cpu = false;
+  bool requires_grad = false;
+  int ndim = 0;
+  int64_t numel = 1;
+  int64_t size[kMaxDims] = {};
+  int64_t stride[kMaxDims] = {};
+  int64_t ptr = 0;
+};
+
+// Fills *f for o, a torch.Tensor (the caller has checked its exact type). False, with no Python
+// error set, for a tensor the kernels must not read as plain memory: not strided, a negative or
+// conjugate bit, no storage or a storage torch refuses to expose (wrapper tensors), more than
+// kMaxDims dims.
+bool read(PyObject* o, Facts* f);
+
+// Whether a torch function mode or a torch dispatch mode is active (a user's
+// TorchFunctionMode, FlopCounterMode, FakeTensorMode...): such modes expect to see the call's
+// tensor operations, so the compiled calls leave it to the Python path.
+bool modes_active();
+
+// torch.is_grad_enabled() and torch.get_num_threads().
+bool grad_enabled();
+int num_threads();
+
+// New CPU tensors, as new references with *ptr their data, or nullptr with a Python error set:
+//   empty_like: torch.empty_like(x), x a tensor read() accepted;
+//   empty: torch.empty(size, dtype=code), contiguous;
+//   adopt: a tensor on memory the caller owns (a pooled block of `bytes`), which calls
+//          give(block, bytes) when its storage dies, in whatever thread, without the GIL (and
+//          at once when the tensor cannot be made).
+PyObject* empty_like(PyObject* x, int64_t* ptr);
+PyObject* empty(const int64_t* size, int ndim, int code, int64_t* ptr);
+PyObject* adopt(void* block, int64_t bytes, void (*give)(void*, int64_t), const int64_t* size, const int64_t* stride,
+                int ndim, int code);
+
+}  // namespace bnlab_torch
