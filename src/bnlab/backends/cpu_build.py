@@ -7,7 +7,8 @@ torch. It is built as a CPython extension module when Python.h is available (arg
 functions, called the same way). The best build, "torch", is that extension module with one more
 file, cpu_kernels_torch.cpp, compiled against the installed torch's C++ headers, through which the
 compiled layer calls read their tensors and make their outputs (2-3 us less a call); where that
-file does not compile (no headers, an older compiler) the plain extension module is built instead. The library is cached under
+file does not compile (no headers, an older compiler), or with ``BNLAB_TORCH_API=0``, the plain
+extension module is built instead. The library is cached under
 ``$BNLAB_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnlab`` or ``~/.cache/bnlab``), keyed by a hash
 of the sources, the compiler, the flags and the CPU's instruction set, so it is built once per
 machine and rebuilt when any of these change. It is written to a temporary name and renamed into
@@ -166,9 +167,12 @@ def _torch_identity() -> tuple[str, ...]:
 def _torch_flags() -> list[str]:
     """What the torch build adds to the extension module's flags: the glue's switch, torch's
     headers and torch's C++ ABI (it is told to every part, so that the library agrees with itself).
-    Empty when torch ships no headers (then the torch build is not tried)."""
+    Empty, and the torch build not tried, when torch ships no headers or ``BNLAB_TORCH_API=0``
+    (for a machine where the torch build misbehaves, and for the tests of the plain build)."""
     import torch
 
+    if os.environ.get("BNLAB_TORCH_API", "1") == "0":
+        return []
     include = _torch_paths()[0]
     if not (include / "torch" / "csrc" / "autograd" / "python_variable.h").exists():
         return []
@@ -443,7 +447,7 @@ def status() -> str:
     kind, flags = _state["variant"]
     what = {
         "torch": "extension module on torch's C++ API",
-        "module": "extension module (torch's C++ API unused: its build failed or torch ships no headers)",
+        "module": "extension module on the Python C API (the torch build failed, is off, or torch has no headers)",
     }.get(kind, "ctypes library (no compiled whole calls)")
     arch = next((f for f in flags if f.startswith("-march=")), "no -march (generic x86-64)")
     if arch == "-march=native":
