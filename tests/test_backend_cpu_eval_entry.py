@@ -285,6 +285,21 @@ def test_a_torch_function_or_dispatch_mode_sees_the_call_and_gets_the_same_bits(
         assert taken == [None]
 
 
+def test_a_default_device_set_leaves_the_call_compiled(taken):
+    # torch.set_default_device's mode only fills in the device of factory functions called from
+    # Python; the torch build makes its outputs on the CPU itself, so it does not decline there.
+    layer = _layer(4, 3)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        expected = _python_path(layer, x)
+        torch.set_default_device("cpu")
+        try:
+            y = layer(x)
+        finally:
+            torch.set_default_device(None)
+    assert torch.equal(y, expected) and taken[-1] is y
+
+
 def test_a_declined_call_leaves_no_error_behind():
     assert _call(torch.randn(3, 4).long(), torch.zeros(4), torch.ones(4), None, None) is None
     assert _call(torch.randn(3, 4), torch.zeros(4), torch.ones(4), None, None) is not None  # no stale error

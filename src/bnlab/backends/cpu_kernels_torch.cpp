@@ -11,12 +11,26 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/PyInterpreter.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <new>
 
 namespace bnlab_torch {
 namespace {
+
+struct Ref {  // owns one reference, released at scope exit
+  PyObject* p;
+  explicit Ref(PyObject* o) : p(o) {}
+  Ref(const Ref&) = delete;
+  Ref& operator=(const Ref&) = delete;
+  ~Ref() { Py_XDECREF(p); }
+};
+
+PyObject* name_of_device_module() {
+  static PyObject* name = PyUnicode_InternFromString("torch.utils._device");
+  return name;
+}
 
 int code_of(c10::ScalarType type) {
   switch (type) {
@@ -85,7 +99,34 @@ bool read(PyObject* o, Facts* f) {
   }
 }
 
-bool modes_active() { return at::impl::torch_function_mode_enabled() || c10::impl::dispatch_mode_enabled(); }
+// The type of torch.set_default_device's mode, torch.utils._device.DeviceContext (borrowed), or
+// nullptr while that module is not imported (then no such mode can be active). Looked up in
+// sys.modules without importing, so the GIL is never released here.
+static PyObject* device_context_type() {
+  static PyObject* type = nullptr;  // a reference kept for the process's life
+  if (type == nullptr) {
+    Ref module(PyImport_GetModule(name_of_device_module()));
+    if (module.p != nullptr) type = PyObject_GetAttrString(module.p, "DeviceContext");
+    if (type == nullptr) PyErr_Clear();
+  }
+  return type;
+}
+
+// torch.set_default_device's mode does not count: it only fills in the device of torch's factory
+// functions called from Python, and the compiled calls make their outputs here, on the CPU.
+// (Declining under it would send every call of a program that set a default device to the
+// Python path.)
+bool modes_active() {
+  if (c10::impl::dispatch_mode_enabled()) return true;
+  if (!at::impl::torch_function_mode_enabled()) return false;
+  PyObject* device_context = device_context_type();
+  const int64_t depth = at::impl::PythonTorchFunctionTLS::stack_len();
+  for (int64_t i = 0; i < depth; ++i) {
+    PyObject* mode = at::impl::PythonTorchFunctionTLS::get_stack_at(i)->ptr(getPyInterpreter());
+    if (device_context == nullptr || (PyObject*)Py_TYPE(mode) != device_context) return true;
+  }
+  return false;
+}
 
 bool grad_enabled() { return c10::GradMode::is_enabled(); }
 

@@ -42,8 +42,9 @@ struct Facts {
 bool read(PyObject* o, Facts* f);
 
 // Whether a torch function mode or a torch dispatch mode is active (a user's
-// TorchFunctionMode, FlopCounterMode, FakeTensorMode...): such modes expect to see the call's
-// tensor operations, so the compiled calls leave it to the Python path.
+// TorchFunctionMode, FlopCounterMode, FakeTensorMode...; not torch.set_default_device's, which
+// only fills in the device of factory functions called from Python): such modes expect to see the
+// call's tensor operations, so the compiled calls leave it to the Python path.
 bool modes_active();
 
 // torch.is_grad_enabled() and torch.get_num_threads().
