@@ -245,31 +245,22 @@ def test_each_unusual_call_is_declined(name, args, kwargs):
     assert _call(*args, **kwargs) is None
 
 
-class _CountingFunctionMode(TorchFunctionMode):
-    """Counts the torch functions (and tensor methods and attributes) that run under it."""
+def _counting_mode(base: type, hook: str) -> type:
+    """A subclass of the mode class `base` whose handler `hook` counts what runs under it (in
+    .count: torch functions, tensor methods and attributes for a function mode, ATen operators for
+    a dispatch mode), then runs it."""
 
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def handler(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
 
-
-class _CountingDispatchMode(TorchDispatchMode):
-    """Counts the ATen operators that run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+    return type(f"Counting{base.__name__}", (base,), {"count": 0, hook: handler})
 
 
-@pytest.mark.parametrize("mode_class", [_CountingFunctionMode, _CountingDispatchMode])
+MODES = [_counting_mode(TorchFunctionMode, "__torch_function__"), _counting_mode(TorchDispatchMode, "__torch_dispatch__")]
+
+
+@pytest.mark.parametrize("mode_class", MODES, ids=lambda m: m.__name__)
 def test_a_torch_function_or_dispatch_mode_sees_the_call_and_gets_the_same_bits(mode_class, taken):
     # The torch build reads tensors beneath torch's Python layer, where a mode would see nothing,
     # so under a mode it declines and the Python path, whose torch operations the mode sees, runs.
