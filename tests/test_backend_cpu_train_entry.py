@@ -165,6 +165,25 @@ def test_double_backward_goes_through_the_differentiable_closed_form(taken):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_a_default_device_does_not_move_the_statistics(device, taken):
+    # The plain build made its (3, C) statistics with torch.empty, which torch.set_default_device
+    # sends to that device ("a new output has no data" on meta); both builds make them on the CPU.
+    layer, twin = bnlab.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    x = torch.randn(8, 4, requires_grad=True)
+    torch.set_default_device(device)
+    try:
+        y = layer(x)
+        (dx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+    finally:
+        torch.set_default_device(None)
+    y_nn = twin(x)
+    (dx_nn,) = torch.autograd.grad(y_nn, [x], torch.ones_like(y_nn))
+    assert taken[-1] is y and y.device.type == "cpu"
+    assert rel_err(y, y_nn) <= TOLERANCE[torch.float32] and rel_err(dx, dx_nn) <= TOLERANCE[torch.float32]
+    assert torch.allclose(layer.running_mean, twin.running_mean)
+
+
 def test_one_value_per_channel_still_raises(taken):
     layer = _layer(2, 4)
     before = _state(layer)
