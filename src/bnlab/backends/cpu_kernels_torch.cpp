@@ -19,19 +19,6 @@
 namespace bnlab_torch {
 namespace {
 
-struct Ref {  // owns one reference, released at scope exit
-  PyObject* p;
-  explicit Ref(PyObject* o) : p(o) {}
-  Ref(const Ref&) = delete;
-  Ref& operator=(const Ref&) = delete;
-  ~Ref() { Py_XDECREF(p); }
-};
-
-PyObject* name_of_device_module() {
-  static PyObject* name = PyUnicode_InternFromString("torch.utils._device");
-  return name;
-}
-
 int code_of(c10::ScalarType type) {
   switch (type) {
     case c10::ScalarType::Float: return 0;
@@ -104,11 +91,13 @@ bool read(PyObject* o, Facts* f) {
 // sys.modules without importing, so the GIL is never released here.
 static PyObject* device_context_type() {
   static PyObject* type = nullptr;  // a reference kept for the process's life
-  if (type == nullptr) {
-    Ref module(PyImport_GetModule(name_of_device_module()));
-    if (module.p != nullptr) type = PyObject_GetAttrString(module.p, "DeviceContext");
-    if (type == nullptr) PyErr_Clear();
+  static PyObject* module_name = PyUnicode_InternFromString("torch.utils._device");
+  if (type == nullptr && module_name != nullptr) {
+    PyObject* module = PyImport_GetModule(module_name);
+    if (module != nullptr) type = PyObject_GetAttrString(module, "DeviceContext");
+    Py_XDECREF(module);
   }
+  if (type == nullptr) PyErr_Clear();
   return type;
 }
 
