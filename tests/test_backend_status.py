@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnlab.backends import cpu_build, describe, select_backend
+from bnlab.backends import cpu_build, cpu_build_torch, describe, select_backend
 
 LIB = cpu_build.load()
 needs_kernels = pytest.mark.skipif(LIB is None, reason=f"the CPU kernels did not build: {cpu_build.load_error()}")
@@ -64,7 +64,7 @@ def test_describe_names_a_pinned_backend_that_takes_no_cpu_tensors(monkeypatch):
 def test_the_torch_build_is_the_one_loaded_where_torch_ships_its_headers():
     # A compile error in cpu_kernels_torch.cpp would only cost speed (the plain extension module
     # is built instead, and every other test passes on it): this test is what notices.
-    if cpu_build._python_include() is None or not cpu_build._torch_flags():
+    if cpu_build._python_include() is None or not cpu_build_torch.compile_flags():
         pytest.skip("no Python.h or no torch headers here: the torch build is not tried")
     kind, flags = cpu_build._state["variant"]
     assert kind == "torch" and cpu_build.TORCH_API in flags, cpu_build.status()

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from bnlab.backends import cpu_build
+from bnlab.backends import cpu_build, cpu_build_torch
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_the_torch_build_compiles_its_extra_file_in_cpp20_and_links_torch(monkey
     assert torch_part.index("-std=c++20") > torch_part.index("-std=c++17")  # the later flag is the one g++ takes
     assert len(parts) == 5 and all(cmd[-3].endswith("cpu_kernels.cpp") and cpu_build.TORCH_API in cmd for cmd in parts)
     objects = [cmd[cmd.index("-o") + 1] for cmd in [torch_part, *parts]]
-    lib_dir = cpu_build._torch_paths()[1]
+    lib_dir = cpu_build_torch.paths()[1]
     assert link[3 : 3 + len(objects)] == objects
     assert {"-ltorch_python", "-ltorch_cpu", "-lc10", f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}"} <= set(link)
 
@@ -147,12 +147,12 @@ def test_a_torch_build_that_fails_is_reported_without_a_one_file_retry(monkeypat
 
 def test_the_torch_build_comes_first_and_its_key_follows_torch(monkeypatch):
     kinds = [kind for kind, _ in cpu_build._variants()]
-    if cpu_build._python_include() is None or not cpu_build._torch_flags():
+    if cpu_build._python_include() is None or not cpu_build_torch.compile_flags():
         pytest.skip("no Python.h or no torch headers here: no torch build to try")
     assert kinds[:2] == ["torch", "module"] and set(kinds[2:]) == {"ctypes"}
     torch_flags = cpu_build._variants()[0][1]
     before = cpu_build._key("g++", torch_flags)
-    monkeypatch.setattr(cpu_build, "_torch_identity", lambda: ("9.9.9", "/elsewhere/libtorch_python.so", "1:2"))
+    monkeypatch.setattr(cpu_build_torch, "identity", lambda: ("9.9.9", "/elsewhere/libtorch_python.so", "1:2"))
     assert cpu_build._key("g++", torch_flags) != before
     module_flags = cpu_build._variants()[1][1]
     assert cpu_build.TORCH_API not in module_flags  # the plain module's key does not depend on torch's build

@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from bnlab.backends import cpu_build_torch as torch_build
+
 __all__ = ["load", "load_error", "library_path", "build_seconds", "check_environment", "env_bytes"]
 
 _HERE = Path(__file__).resolve().parent
@@ -65,9 +67,7 @@ SOURCES = (
     "cpu_kernels_torch.h",
     "cpu_kernels_torch.cpp",
 )
-TORCH_SOURCE = "cpu_kernels_torch.cpp"
-#: The flag that makes a variant the "torch" build: the glue reads tensors through cpu_kernels_torch.h.
-TORCH_API = "-DBNLAB_TORCH_API"
+TORCH_SOURCE, TORCH_API = torch_build.SOURCE, torch_build.API
 # -fno-math-errno: std::sqrt sets no errno (nothing reads it), so loops of square roots vectorise;
 # the results are the same correctly rounded values. -falign-loops=64: every loop starts on a cache
 # line, so that a kernel's speed does not hang on where unrelated code moved it. Without it, an
@@ -131,7 +131,7 @@ def _key(cxx: str, variant: list[str]) -> str:
         h.update((_HERE / name).read_bytes())
     parts = (_compiler_identity(cxx), " ".join(_BASE_FLAGS + variant), _cpu_signature(), platform.platform(), sys.version)
     if TORCH_API in variant:  # the torch build is bound to the torch it was compiled against
-        parts += _torch_identity()
+        parts += torch_build.identity()
     for part in parts:
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -143,49 +143,6 @@ def _python_include() -> str | None:
     return include if include and (Path(include) / "Python.h").exists() else None
 
 
-def _torch_paths() -> tuple[Path, Path]:
-    """The installed torch's C++ headers and its libraries."""
-    import torch
-
-    root = Path(torch.__file__).resolve().parent
-    return root / "include", root / "lib"
-
-
-def _torch_identity() -> tuple[str, ...]:
-    """torch's version and its Python binding library's size and time: what the torch build binds to."""
-    import torch
-
-    lib = _torch_paths()[1] / "libtorch_python.so"
-    try:
-        st = os.stat(lib)
-        stamp = f"{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        stamp = "missing"
-    return (torch.__version__, str(lib), stamp)
-
-
-def _torch_flags() -> list[str]:
-    """What the torch build adds to the extension module's flags: the glue's switch, torch's
-    headers and torch's C++ ABI (it is told to every part, so that the library agrees with itself).
-    Empty, and the torch build not tried, when torch ships no headers or ``BNLAB_TORCH_API=0``
-    (for a machine where the torch build misbehaves, and for the tests of the plain build)."""
-    import torch
-
-    if os.environ.get("BNLAB_TORCH_API", "1") == "0":
-        return []
-    include = _torch_paths()[0]
-    if not (include / "torch" / "csrc" / "autograd" / "python_variable.h").exists():
-        return []
-    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
-    return [TORCH_API, f"-I{include}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-
-
-def _torch_link_flags() -> list[str]:
-    """The torch libraries cpu_kernels_torch.cpp calls into, found at run time where they were at build time."""
-    lib = _torch_paths()[1]
-    return [f"-L{lib}", "-ltorch_python", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
-
-
 def _variants() -> list[tuple[str, list[str]]]:
     """(kind, flags) to try, best first: the torch build of the extension module, the plain
     extension module, then ctypes libraries."""
@@ -193,7 +150,7 @@ def _variants() -> list[tuple[str, list[str]]]:
     include = _python_include()
     if include is not None:
         module = ["-march=native", "-fopenmp", "-DBNLAB_PYTHON_MODULE", f"-I{include}"]
-        torch_flags = _torch_flags()
+        torch_flags = torch_build.compile_flags()
         if torch_flags:
             out.append(("torch", module + torch_flags))
         out.append(("module", module))
@@ -252,7 +209,7 @@ def _compile_parts(cxx: str, flags: list[str], target: Path) -> str | None:
         if TORCH_API in flags:
             objects.insert(0, str(Path(folder) / "torch.o"))
             commands.insert(0, [cxx, *compile_flags, "-std=c++20", "-c", str(_HERE / TORCH_SOURCE), "-o", objects[0]])
-            link_extra = _torch_link_flags()
+            link_extra = torch_build.link_flags()
         with ThreadPoolExecutor(max_workers=max(1, min(_parallel_jobs(), len(commands)))) as pool:
             errors = [err for err in pool.map(_run, commands) if err is not None]
         if errors:
