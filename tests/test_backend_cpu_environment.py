@@ -37,6 +37,20 @@ def test_unset_variables_are_accepted(monkeypatch):
     cpu_build.check_environment()
 
 
+@pytest.mark.parametrize("value", ["no", "off", "", "2", "true"])
+def test_a_switch_other_than_0_or_1_is_an_error_naming_it(monkeypatch, value):
+    monkeypatch.setenv("BNLAB_TORCH_API", value)
+    expected = f"^BNLAB_TORCH_API: expected 0 \\(off\\) or 1 \\(on\\), got {value!r}$"
+    with pytest.raises(ValueError, match=expected):
+        cpu_build.check_environment()
+
+
+@pytest.mark.parametrize("value", ["0", "1", " 0 "])
+def test_a_switch_of_0_or_1_is_accepted(monkeypatch, value):
+    monkeypatch.setenv("BNLAB_TORCH_API", value)
+    cpu_build.check_environment()  # raises nothing
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300)

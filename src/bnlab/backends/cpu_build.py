@@ -291,13 +291,22 @@ def env_bytes(name: str) -> int | None:
     return int(value)
 
 
+#: Switches read as "0" (off) or "1" (on): anything else is an error, not a guess.
+SWITCH_VARIABLES = ("BNLAB_TORCH_API",)  # the torch build (cpu_build_torch.compile_flags), on by default
+
+
 def check_environment() -> None:
     """Raise ValueError naming the variable if one of BYTE_VARIABLES is set to anything but a whole
-    number of bytes that fits the kernels' 64-bit integers."""
+    number of bytes that fits the kernels' 64-bit integers, or one of SWITCH_VARIABLES to anything
+    but 0 or 1."""
     for name in BYTE_VARIABLES:
         value = os.environ.get(name)
         if value is not None and env_bytes(name) is None:
             raise ValueError(f"{name}: expected a whole number of bytes such as 33554432, got {value!r}")
+    for name in SWITCH_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and value.strip() not in ("0", "1"):
+            raise ValueError(f"{name}: expected 0 (off) or 1 (on), got {value!r}")
 
 
 def load():
