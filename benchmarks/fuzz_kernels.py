@@ -9,7 +9,8 @@ random case (seeded) draws a layer (1d on (N, C) and (N, C, L), 2d, 3d), its opt
 bias, track_running_stats, momentum 0.1 / random / None, eps in [1e-5, 1e-1], skip_nonfinite), a
 dtype (float32; float64; bf16 and float16 inputs with float32 parameters), a memory layout
 (contiguous, channels-last of any rank, channels outermost, a permuted dense layout, a slice, an
-expanded view, an unaligned storage offset), a shape (1 value to a few MB, rows of over 2048
+expanded view, an unaligned storage offset; sometimes input or gradient a view with torch's negative
+bit, torch._neg_view, whose memory holds -t), a shape (1 value to a few MB, rows of over 2048
 values, 1 to 1100 channels), 1-3 threads, the data (normal, 1e3 ± 0.01, constant channels,
 NaN/inf), the upstream gradient (normal, or with NaN/inf, as an overflowing loss makes), and 1-3
 steps (training forward+backward, training under no_grad, eval under no_grad, eval with a graph:
@@ -139,6 +140,7 @@ def draw_case(seed: int, index: int, salt: str = "") -> dict:
         "nbt": rng.choice((0, 0, 1, 5)),
         # drawn last, so that the choices above are those of campaigns before it existed
         "dy_data": rng.choices(("normal", "nonfinite"), weights=(90, 10))[0],
+        "negative": rng.choices((None, "x", "dy"), weights=(90, 5, 5))[0],  # (fortieth session)
     }  # fmt: skip
 
 
@@ -390,7 +392,12 @@ def _run_steps(spec: dict, judge: Judge) -> None:
             int(ours.num_batches_tracked)]  # fmt: skip
         pre_state = {k: v.clone() for k, v in ours.state_dict().items()}
         xa, dya = arrange(values, spec["layout"], spec), arrange(dyv, dy_layout, spec)
-        values, dyv = xa.contiguous(), dya.contiguous()  # what they hold (an expanded view repeats sample 0)
+        if spec.get("negative") == "x":  # the same values, with torch's negative bit: -x in memory
+            xa = torch._neg_view(arrange(-values, spec["layout"], spec))
+        elif spec.get("negative") == "dy":
+            dya = torch._neg_view(arrange(-dyv, dy_layout, spec))
+        # what they hold (an expanded view repeats sample 0)
+        values, dyv = xa.contiguous().resolve_neg(), dya.contiguous().resolve_neg()
         a = _call(ours, xa, dya, mode, spec["x_grad"], spec["python_path"])
         b = _call(theirs, arrange(values, spec["layout"], spec), arrange(dyv, dy_layout, spec), mode, spec["x_grad"],
                   False)  # fmt: skip

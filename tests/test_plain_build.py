@@ -27,6 +27,7 @@ FILES = [
     "test_backend_cpu_eval_graph.py",
     "test_backend_cpu_pool.py",
     "test_layer_call.py",
+    "test_resolved_views.py",
 ]
 
 

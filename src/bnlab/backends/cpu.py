@@ -54,33 +54,36 @@ def threads_for(x: Tensor) -> int:
 def param(v: Tensor | None) -> tuple[int, int, Tensor | None]:
     """(pointer, dtype code, owner) of an optional (C,) parameter or buffer; (0, 0, None) for None.
 
-    The caller keeps ``owner`` alive during the kernel call: it is a copy when v has a stride.
+    The caller keeps ``owner`` alive during the kernel call: it is a copy when v has a stride or
+    torch's negative bit (whose memory holds -v: the kernels read memory as it is).
     """
     if v is None:
         return 0, 0, None
-    if v.stride(0) != 1:
-        v = v.contiguous()
+    if v.stride(0) != 1 or v.is_neg():
+        v = v.resolve_neg().contiguous()
     return v.data_ptr(), _CODE[v.dtype], v
 
 
 def is_plain_vector(v: Tensor | None) -> bool:
-    """None, or a CPU (C,) floating tensor with unit stride that the kernels may read and write directly.
+    """None, or a CPU (C,) floating tensor with unit stride that the kernels may read and write directly
+    (not a view with torch's negative bit, whose memory holds -v).
 
     (Callers have validated the shape and the floating dtype.)
     """
-    return v is None or (v.is_cpu and v.stride(0) == 1)
+    return v is None or (v.is_cpu and v.stride(0) == 1 and not v.is_neg())
 
 
 def _f64(v: Tensor) -> Tensor:
     """A float64 contiguous (C,) statistic (the forward's own outputs already are)."""
-    if v.dtype != _F64 or not v.is_contiguous():
-        v = v.to(_F64).contiguous()
+    if v.dtype != _F64 or not v.is_contiguous() or v.is_neg():
+        v = v.resolve_neg().to(_F64).contiguous()
     return v
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
-    """t with x's dtype and strides: a gradient may arrive in another memory format."""
-    if t.dtype == x.dtype and t.stride() == x.stride():
+    """t with x's dtype and strides: a gradient may arrive in another memory format (or with
+    torch's negative bit, whose memory holds -t: copy_ resolves it)."""
+    if t.dtype == x.dtype and t.stride() == x.stride() and not t.is_neg():
         return t
     return cpu_pool.empty_like(x).copy_(t)
 
@@ -231,8 +234,7 @@ class CpuBackend(Backend):
         dweight/dbias: fresh contiguous (C,) tensors in the parameters' dtypes, or None.
         """
         layout, n, c, length, code, nt = plan
-        if dy.dtype != x.dtype or dy.stride() != x.stride():
-            dy = cpu_pool.empty_like(x).copy_(dy)  # a gradient may arrive in another memory format
+        dy = _like(dy, x)
         dx = cpu_pool.empty_like(x) if need_input_grad else None
         w, wc, _w = param(weight)
         ptr = stats.data_ptr()  # rows: mean, M2, invstd (float64)
@@ -306,7 +308,7 @@ class CpuBackend(Backend):
         return laid_out_as(y, x, xk)
 
     def eval_statistics(self, running_mean, running_var, eps):
-        if not (running_mean.is_cpu and running_var.is_cpu and running_mean.stride(0) == 1 and running_var.stride(0) == 1):
+        if not (is_plain_vector(running_mean) and is_plain_vector(running_var)):
             return None
         c = running_mean.shape[0]
         stats = torch.empty(2, c, dtype=_F64)

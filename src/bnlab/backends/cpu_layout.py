@@ -24,6 +24,8 @@ def layout_of(x: Tensor) -> tuple[int, int, int, int] | None:
     transposed (C, N, *) tensor), seen as (1, C, N*L). NLC: rows of C contiguous channels, N*L
     rows: (N, C) inputs, contiguous inputs with L = 1, and channels-last memory.
     """
+    if x.is_neg():  # torch's negative bit: the memory holds -x (kernel_input copies it resolved)
+        return None
     shape = x.shape
     n, c = shape[0], shape[1]
     rows = x.numel() // c if c else 0

@@ -29,8 +29,9 @@ _PORTABLE = PortableBackend()
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
-    """t with x's dtype and strides: the flat kernels address both tensors by the same offsets."""
-    if t.dtype == x.dtype and t.stride() == x.stride():
+    """t with x's dtype and strides: the flat kernels address both tensors by the same offsets (a
+    view with torch's negative bit, whose memory holds -t, is copied resolved too)."""
+    if t.dtype == x.dtype and t.stride() == x.stride() and not t.is_neg():
         return t
     return torch.empty_like(x).copy_(t)
 
@@ -51,11 +52,23 @@ def _checked(y: Tensor, ok: Tensor, running_var: Tensor) -> Tensor:
     return y
 
 
+def _vector(v: Tensor | None) -> Tensor | None:
+    """A (C,) vector as the kernels address it, by pointer and channel index: v itself when
+    contiguous and without torch's negative bit (whose memory holds -v), else its resolved
+    contiguous copy (a parameter sliced with a step, say); None stays None. For the compositions'
+    read-only vectors: the whole calls, which write running statistics in place, decline instead
+    (_all_plain)."""
+    if v is None or (v.is_contiguous() and not v.is_neg()):
+        return v
+    return v.resolve_neg().contiguous()
+
+
 def _all_plain(x: Tensor, *vectors: Tensor | None) -> bool:
-    """Each vector None, or contiguous on x's device (what the kernels address by pointer)."""
+    """Each vector None, or contiguous on x's device (what the kernels address by pointer) without
+    torch's negative bit (whose memory holds -v)."""
     device = x.device
     for v in vectors:
-        if v is not None and not (v.device == device and v.is_contiguous()):
+        if v is not None and not (v.device == device and v.is_contiguous() and not v.is_neg()):
             return False
     return True
 
@@ -111,8 +124,9 @@ class TritonBackend(Backend):
         return ok
 
     def plan(self, x: Tensor):
-        """The kernels' plan for x, or None when the portable implementation must run."""
-        return self.ops().plan(x) if x.dtype in _DTYPES else None
+        """The kernels' plan for x, or None when the portable implementation must run (or, for a view
+        with torch's negative bit, whose memory holds -x, the resolved copy: views.kernel_input)."""
+        return self.ops().plan(x) if x.dtype in _DTYPES and not x.is_neg() else None
 
     def kernel_input(self, x: Tensor, elementwise: bool = False):
         """(x, its plan) if the kernels take x; for a non-empty view in other strides, its
@@ -137,7 +151,7 @@ class TritonBackend(Backend):
         if found is None:
             return _PORTABLE.forward_train(x, weight, bias, eps)
         xk, p = found
-        y, stats, _, _ = self.ops().forward_train(xk, weight, bias, eps, p=p)
+        y, stats, _, _ = self.ops().forward_train(xk, _vector(weight), _vector(bias), eps, p=p)
         mean, m2, invstd = stats.unbind()
         return laid_out_as(y, x, xk), Moments(p.m, mean, m2), invstd
 
@@ -147,8 +161,8 @@ class TritonBackend(Backend):
             return _PORTABLE.backward(dy, x, mean, invstd, weight, count, need_input_grad, batch_mean)
         xk, p = found
         stats = torch.stack([mean, mean, invstd]).to(torch.float64)  # rows mean, (unused), invstd
-        dx, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, mean.to(torch.float32), weight, need_input_grad, p=p,
-                                          centred=batch_mean)  # fmt: skip
+        dx, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, _vector(mean.to(torch.float32)), _vector(weight),
+                                          need_input_grad, p=p, centred=batch_mean)  # fmt: skip
         return laid_out_as(dx, x, xk), sums[1], sums[0]
 
     # -- primitives --------------------------------------------------------------------------------
@@ -165,8 +179,8 @@ class TritonBackend(Backend):
             return _PORTABLE.grad_sums(dy, x, mean, invstd, batch_mean)
         xk, p = found
         stats = torch.stack([mean, mean, invstd]).to(torch.float64)
-        _, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, mean.to(torch.float32), None, need_dx=False, p=p,
-                                         centred=batch_mean)  # fmt: skip
+        _, sums, _ = self.ops().backward(_like(dy, xk), xk, stats, _vector(mean.to(torch.float32)), None, need_dx=False,
+                                         p=p, centred=batch_mean)  # fmt: skip
         return sums[0], sums[1]
 
     def normalize(self, x, mean, invstd, weight, bias):
@@ -174,8 +188,8 @@ class TritonBackend(Backend):
         if found is None:
             return _PORTABLE.normalize(x, mean, invstd, weight, bias)
         xk, p = found
-        mean, invstd = mean.to(torch.float64).contiguous(), invstd.to(torch.float64).contiguous()
-        return laid_out_as(self.ops().normalize_with(xk, mean, invstd, weight, bias, p=p), x, xk)
+        mean, invstd = _vector(mean.to(torch.float64)), _vector(invstd.to(torch.float64))
+        return laid_out_as(self.ops().normalize_with(xk, mean, invstd, _vector(weight), _vector(bias), p=p), x, xk)
 
     def grad_input(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
         found = self.kernel_input(x, elementwise=True)

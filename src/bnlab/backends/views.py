@@ -42,6 +42,10 @@ def kernel_input(x: Tensor, plan: Callable[[Tensor], P | None], elementwise: boo
     ``plan`` is the backend's own test: ``cpu_layout.layout_of``, ``TritonBackend.plan``."""
     if x.numel() == 0:
         return None
+    if x.is_neg():
+        # A view with torch's negative bit (torch._neg_view, resolved lazily by torch's ops) has -x
+        # in its memory, which the kernels would read as it is: they take the resolved copy.
+        x = x.resolve_neg()
     found = plan(x)
     if found is not None:
         return x, found
