@@ -1,4 +1,4 @@
-"""The byte-count environment variables of the CPU kernels: a malformed value is an error naming
+"""The environment variables of the CPU kernels (cpu_environment): a malformed value is an error naming
 the variable, never a silent setting (the kernels read them with C's atoll, which takes "4G" for
 4 and "1e9" for 1)."""
 
@@ -10,31 +10,31 @@ import sys
 
 import pytest
 
-from bnlab.backends import cpu_build
+from bnlab.backends import cpu_environment
 
 MALFORMED = ["4G", "1e9", "-5", "", "0x10", "1_000", "12 MB", "\u0663", str(2**63)]
 WELL_FORMED = ["0", "33554432", " 4096 ", str(2**63 - 1)]
 
 
-@pytest.mark.parametrize("name", cpu_build.BYTE_VARIABLES)
+@pytest.mark.parametrize("name", cpu_environment.BYTE_VARIABLES)
 @pytest.mark.parametrize("value", MALFORMED)
 def test_malformed_value_is_an_error_naming_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"^{name}: expected a whole number of bytes.*got {value!r}"):
-        cpu_build.check_environment()
+        cpu_environment.check_environment()
 
 
-@pytest.mark.parametrize("name", cpu_build.BYTE_VARIABLES)
+@pytest.mark.parametrize("name", cpu_environment.BYTE_VARIABLES)
 @pytest.mark.parametrize("value", WELL_FORMED)
 def test_whole_numbers_are_accepted(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
-    cpu_build.check_environment()  # raises nothing
+    cpu_environment.check_environment()  # raises nothing
 
 
 def test_unset_variables_are_accepted(monkeypatch):
-    for name in cpu_build.BYTE_VARIABLES:
+    for name in cpu_environment.BYTE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    cpu_build.check_environment()
+    cpu_environment.check_environment()
 
 
 @pytest.mark.parametrize("value", ["no", "off", "", "2", "true"])
@@ -42,13 +42,13 @@ def test_a_switch_other_than_0_or_1_is_an_error_naming_it(monkeypatch, value):
     monkeypatch.setenv("BNLAB_TORCH_API", value)
     expected = f"^BNLAB_TORCH_API: expected 0 \\(off\\) or 1 \\(on\\), got {value!r}$"
     with pytest.raises(ValueError, match=expected):
-        cpu_build.check_environment()
+        cpu_environment.check_environment()
 
 
 @pytest.mark.parametrize("value", ["0", "1", " 0 "])
 def test_a_switch_of_0_or_1_is_accepted(monkeypatch, value):
     monkeypatch.setenv("BNLAB_TORCH_API", value)
-    cpu_build.check_environment()  # raises nothing
+    cpu_environment.check_environment()  # raises nothing
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

@@ -48,7 +48,7 @@ def compile_flags() -> list[str]:
     (for a machine where the torch build misbehaves, and for the tests of the plain build)."""
     import torch
 
-    if os.environ.get("BNLAB_TORCH_API", "1").strip() == "0":  # its other values: cpu_build.check_environment
+    if os.environ.get("BNLAB_TORCH_API", "1").strip() == "0":  # its other values: cpu_environment.check_environment
         return []
     include = paths()[0]
     if not (include / "torch" / "csrc" / "autograd" / "python_variable.h").exists():

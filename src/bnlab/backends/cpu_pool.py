@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.dlpack import from_dlpack
 
-from bnlab.backends import cpu_build
+from bnlab.backends import cpu_build, cpu_environment
 
 __all__ = ["POOL_MIN_BYTES", "empty_like", "empty_cpu_cache", "cpu_cache_info", "set_cpu_cache_limit"]
 
@@ -36,8 +36,8 @@ POOL_MIN_BYTES = 512 << 10
 _CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 # A limit of 0 turns the pool off altogether: outputs come from torch's allocator again (so that,
 # e.g., their storage can grow with resize_, which torch refuses for memory it did not allocate).
-# (A malformed value is an error at the first kernel use: cpu_build.check_environment.)
-_state = {"enabled": cpu_build.env_bytes("BNLAB_CPU_CACHE_BYTES") != 0}
+# (A malformed value is an error at the first kernel use: cpu_environment.check_environment.)
+_state = {"enabled": cpu_environment.env_bytes("BNLAB_CPU_CACHE_BYTES") != 0}
 
 
 def _pool():
