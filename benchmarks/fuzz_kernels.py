@@ -10,7 +10,8 @@ bias, track_running_stats, momentum 0.1 / random / None, eps in [1e-5, 1e-1], sk
 dtype (float32; float64; bf16 and float16 inputs with float32 parameters), a memory layout
 (contiguous, channels-last of any rank, channels outermost, a permuted dense layout, a slice, an
 expanded view, an unaligned storage offset; sometimes input or gradient a view with torch's negative
-bit, torch._neg_view, whose memory holds -t), a shape (1 value to a few MB, rows of over 2048
+bit, torch._neg_view, whose memory holds -t; sometimes the parameters and running statistics
+step-sliced, negative-bit or unaligned views: odd_vectors), a shape (1 value to a few MB, rows of over 2048
 values, 1 to 1100 channels), 1-3 threads, the data (normal, 1e3 ± 0.01, constant channels,
 NaN/inf), the upstream gradient (normal, or with NaN/inf, as an overflowing loss makes), and 1-3
 steps (training forward+backward, training under no_grad, eval under no_grad, eval with a graph:
@@ -60,6 +61,7 @@ import numpy as np
 import torch
 
 from bench_cases import positive_float, positive_int
+from fuzz_odd_vectors import ODD_VECTORS, odd_vectors
 
 SETTINGS = {
     "default": {},
@@ -141,6 +143,7 @@ def draw_case(seed: int, index: int, salt: str = "") -> dict:
         # drawn last, so that the choices above are those of campaigns before it existed
         "dy_data": rng.choices(("normal", "nonfinite"), weights=(90, 10))[0],
         "negative": rng.choices((None, "x", "dy"), weights=(90, 5, 5))[0],  # (fortieth session)
+        "vectors": rng.choices((None, *ODD_VECTORS), weights=(88, 4, 4, 4))[0],  # (fortieth session)
     }  # fmt: skip
 
 
@@ -203,7 +206,7 @@ def make_values(spec: dict, gen: torch.Generator) -> torch.Tensor:
 
 # -- comparing -----------------------------------------------------------------------------------
 def _np(t) -> np.ndarray:
-    return t.detach().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+    return t.detach().resolve_neg().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
 
 
 def _masks(a: np.ndarray) -> tuple:
@@ -295,7 +298,9 @@ def _layers(spec: dict, gen: torch.Generator):
             ours.running_var.copy_(sd**2 * (0.5 + 1.5 * torch.rand(c, generator=gen, dtype=torch.float64)))
             ours.num_batches_tracked.fill_(spec["nbt"])
     theirs.load_state_dict(ours.state_dict())
+    odd_vectors(ours, spec.get("vectors"))
     return ours, theirs
+
 
 
 def _call(layer, x: torch.Tensor, dy: torch.Tensor, mode: str, x_grad: bool, python_path: bool) -> dict:
@@ -386,9 +391,9 @@ def _run_steps(spec: dict, judge: Judge) -> None:
         dy_layout = spec["layout"] if spec["dy_layout"] == "same" else spec["dy_layout"]
         theirs.load_state_dict(ours.state_dict())  # each step from the same state
         buffers = lambda m: (m.running_mean, m.running_var, m.num_batches_tracked)  # noqa: E731
-        pre = [None if v is None else v.detach().double().numpy().copy() for v in (ours.weight, ours.bias)]
+        pre = [None if v is None else _np(v).copy() for v in (ours.weight, ours.bias)]
         pre += [None, None, 0] if ours.running_mean is None else [
-            ours.running_mean.double().numpy().copy(), ours.running_var.double().numpy().copy(),
+            _np(ours.running_mean).copy(), _np(ours.running_var).copy(),
             int(ours.num_batches_tracked)]  # fmt: skip
         pre_state = {k: v.clone() for k, v in ours.state_dict().items()}
         xa, dya = arrange(values, spec["layout"], spec), arrange(dyv, dy_layout, spec)

@@ -17,7 +17,8 @@ which the Triton backend declines and the portable backend must handle), layout 
 channels-last, and now and then a non-dense one, which runs on a contiguous copy), shapes that cross the plan
 and tile boundaries of triton_plan/triton_small (channel counts around the block sizes, rows of 1,
 N=1, many channels with tiny rows, few channels with long rows, sizes that are not powers of two),
-momentum None/0.1/other, affine, bias, track_running_stats, skip_nonfinite, eps, and the values
+parameters and running statistics now and then in views (fuzz_odd_vectors: step-sliced, negative
+bit, unaligned), momentum None/0.1/other, affine, bias, track_running_stats, skip_nonfinite, eps, and the values
 (randn; 1e3 + 0.01·randn; wide ranges of means and scales; constant channels; occasional inf/NaN),
 and the upstream gradient (randn, or with one or two inf/NaN, as an overflowing loss makes).
 Also drawn, as the command-line knobs of benchmarks/bench_bn.py and triton_tune.py allow: the
@@ -75,6 +76,7 @@ import bnlab  # noqa: E402
 from bnlab import reference as ref  # noqa: E402
 from bench_cases import positive_float, positive_int  # noqa: E402
 from fuzz_triton_cases import DTYPES, draw_case  # noqa: E402
+from fuzz_odd_vectors import odd_vectors  # noqa: E402
 from fuzz_triton_oracle import TOL, Checker, _cast_layout, _np, make_x  # noqa: E402
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -316,6 +318,7 @@ def _run(spec: dict, ck: Checker, log: list) -> None:
     if spec["frozen_params"]:
         for p in list(ours.parameters()) + list(theirs.parameters()):
             p.requires_grad_(False)
+    odd_vectors(ours, spec.get("vectors"))  # the same values in views the kernels must not take as they are
     # float64 copies of the state, updated by the reference as the steps go
     state = None
     if ours.running_mean is not None:

@@ -14,6 +14,7 @@ import random
 import torch
 
 from bnlab.backends import triton_plan  # torch only: the plans' tiles
+from fuzz_odd_vectors import ODD_VECTORS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 KINDS = ("bn1d", "bn2d", "bn3d", "act", "act_res")
@@ -165,6 +166,7 @@ def draw_case(seed: int, index: int, max_numel: int = 24_000, kind: str | None =
         "knobs": knobs,
         # drawn last, so that the choices above are those of campaigns before it existed
         "dy_values": rng.choices(["randn", "nonfinite"], weights=(90, 10))[0],
+        "vectors": rng.choices((None, *ODD_VECTORS), weights=(88, 4, 4, 4))[0],  # (fortieth session)
     }
     unknown = set(fixed) - set(spec)
     if unknown:

@@ -81,7 +81,7 @@ def _cast_layout(t64: torch.Tensor, dtype, layout: str) -> torch.Tensor:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     """A float64 NumPy copy (never a view of a buffer the layers update in place)."""
-    return t.detach().double().cpu().numpy().copy()
+    return t.detach().resolve_neg().double().cpu().numpy().copy()
 
 
 # ------------------------------------------------------------------------------------------------

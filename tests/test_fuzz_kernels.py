@@ -34,6 +34,30 @@ def test_fixed_cases_match_torch_and_the_reference(keep_threads):
     assert not failing, {i: (specs[i], f) for i, f in failing.items()}
 
 
+@pytest.mark.parametrize("form", ["strided", "negative", "offset"])
+def test_odd_vectors_hold_the_same_values_in_their_form(form):
+    """The fuzzers' "vectors" field (fuzz_odd_vectors): the layer's parameters and running
+    statistics keep their values, requires_grad and dtype, in views of the form named."""
+    from fuzz_odd_vectors import ODD_VECTORS, odd_vectors
+
+    import bnlab
+
+    assert form in ODD_VECTORS
+    layer = bnlab.BatchNorm2d(5, dtype=torch.float64)
+    with torch.no_grad():
+        for t in (layer.weight, layer.bias, layer.running_mean, layer.running_var):
+            t.copy_(torch.randn(5, dtype=torch.float64))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    odd_vectors(layer, form)
+    vectors = (layer.weight, layer.bias, layer.running_mean, layer.running_var)
+    for name, t in zip(("weight", "bias", "running_mean", "running_var"), vectors):
+        assert torch.equal(t, before[name]) and t.dtype == torch.float64, name
+        assert {"strided": t.stride() == (2,), "negative": t.is_neg(), "offset": t.storage_offset() == 1}[form], name
+    assert layer.weight.requires_grad and isinstance(layer.weight, torch.nn.Parameter)
+    draws = {fuzz_kernels.draw_case(SEED, i, "default")["vectors"] for i in range(400)}
+    assert draws == {None, *ODD_VECTORS}
+
+
 def _plain_case() -> dict:
     spec = fuzz_kernels.draw_case(SEED, 0, "default")
     spec.update(layer="BatchNorm2d", shape=[6, 5, 7, 3], dtype="float32", layout="channels_last", offset=0,
