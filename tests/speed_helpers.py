@@ -53,6 +53,23 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(layout)
 
 
+#: The results of step_and_eval, in order.
+STEP_AND_EVAL = ("y", "dx", "dweight", "dbias", "running_mean", "running_var", "eval")
+
+
+def step_and_eval(layer, x: torch.Tensor, dy: torch.Tensor) -> tuple:
+    """(y, dx, dweight, dbias, running mean, running variance, eval output) of a training step of
+    ``layer`` (an affine BN layer in training mode) on a leaf copy of x with upstream gradient dy,
+    then an eval call on x under no_grad; the layer is left in eval mode."""
+    leaf = x.detach().requires_grad_()
+    y = layer(leaf)
+    grads = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], dy)
+    layer.eval()
+    with torch.no_grad():
+        y_eval = layer(x)
+    return (y, *grads, layer.running_mean.clone(), layer.running_var.clone(), y_eval)
+
+
 def np64(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 

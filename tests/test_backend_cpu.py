@@ -16,12 +16,14 @@ import bnlab
 from bnlab import reference as ref
 from bnlab.backends import cpu_build, get_backend
 from speed_helpers import (
+    STEP_AND_EVAL,
     TOL,
     assert_bf16_is_scaled_as_torch,
     assert_close,
     bf16_special_values,
     make_input,
     np64,
+    step_and_eval,
     to_layout,
 )
 
@@ -285,17 +287,9 @@ def test_views_in_other_strides_run_the_kernels_on_a_contiguous_copy(case, dtype
     name, view, base = case
     view = view.to(dtype)
     dy = make_input(tuple(view.shape), seed=24).to(dtype)
-    results = []
-    for x in (view, view.contiguous()):
-        layer = getattr(bnlab, "BatchNorm2d" if x.dim() == 4 else "BatchNorm1d")(x.shape[1])
-        leaf = x.detach().requires_grad_()
-        y = layer(leaf)
-        grads = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], dy)
-        with torch.no_grad():
-            layer.eval()
-            y_eval = layer(x)
-        results.append((y, *grads, layer.running_mean, layer.running_var, y_eval))
-    for got, want, what in zip(*results, ("y", "dx", "dweight", "dbias", "running_mean", "running_var", "eval")):
+    layer_class = getattr(bnlab, "BatchNorm2d" if view.dim() == 4 else "BatchNorm1d")
+    results = [step_and_eval(layer_class(view.shape[1]), x, dy) for x in (view, view.contiguous())]
+    for got, want, what in zip(*results, STEP_AND_EVAL):
         assert torch.equal(got, want), (name, what)
     promised = torch.empty_like(view).stride()
     assert results[0][0].stride() == promised and results[0][-1].stride() == promised

@@ -18,7 +18,7 @@ import torch
 
 import bnlab
 from bnlab._fastpath import python_path_only
-from speed_helpers import assert_close, make_input, to_layout
+from speed_helpers import STEP_AND_EVAL, assert_close, make_input, step_and_eval, to_layout
 
 SHAPES = {"(N, C)": ((64, 12), "nchw"), "NCHW": ((4, 6, 5, 5), "nchw"), "channels_last": ((4, 6, 5, 5), "cl")}
 WHERE = ["input", "gradient", "parameters", "running statistics", "strided vectors"]
@@ -49,20 +49,9 @@ def _layer(cls, state, where: str | None = None):
 
 
 def _run(layer, x, dy, path):
-    """(y, dx, dweight, dbias, running mean, running variance, eval output) of one training step and
-    an eval call."""
+    """speed_helpers.step_and_eval within ``path`` (the compiled calls, or the Python path)."""
     with path():
-        leaf = x.detach().requires_grad_()
-        y = layer(leaf)
-        grads = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], dy)
-        layer.eval()
-        with torch.no_grad():
-            y_eval = layer(x)
-        layer.train()
-    return (y, *grads, layer.running_mean.clone(), layer.running_var.clone(), y_eval)
-
-
-NAMES = ("y", "dx", "dweight", "dbias", "running_mean", "running_var", "eval")
+        return step_and_eval(layer, x, dy)
 
 
 @pytest.mark.parametrize("path", ["compiled calls", "Python path"])
@@ -86,10 +75,10 @@ def test_odd_tensors_give_the_bits_of_their_resolved_contiguous_values(shape_nam
     assert torch.equal(odd_layer.weight, state[0]) and torch.equal(odd_layer.running_var, state[3])
     got = _run(odd_layer, x_neg, dy_neg, run_in)
     want = _run(_layer(cls, state), x, dy, run_in)
-    for a, b, what in zip(got, want, NAMES):
+    for a, b, what in zip(got, want, STEP_AND_EVAL):
         assert torch.equal(a, b), (shape_name, where, path, what)
     theirs = _layer(getattr(torch.nn, cls.__name__), state)
-    for a, b, what in zip(got, _run(theirs, x, dy, torch.enable_grad), NAMES):
+    for a, b, what in zip(got, _run(theirs, x, dy, torch.enable_grad), STEP_AND_EVAL):
         assert_close(a, b, 2e-4, f"{shape_name} {where} {path} {what} vs torch.nn")
 
 

@@ -30,12 +30,14 @@ from bnlab.backends import _REGISTRY, PortableBackend  # noqa: E402
 from bnlab.backends.triton_backend import TritonBackend  # noqa: E402
 from bnlab.backends.triton_grad import centre_shift  # noqa: E402
 from speed_helpers import (  # noqa: E402
+    STEP_AND_EVAL,
     TOL,
     assert_backend_matches_reference,
     assert_close,
     assert_fused_relu_handles_nan_as_torch,
     make_input,
     np64,
+    step_and_eval,
     to_layout,
 )
 
@@ -639,16 +641,8 @@ def test_a_module_trains_and_evaluates_on_views_as_torch(triton_everywhere, case
     name, view = case
     dy = make_input(tuple(view.shape), seed=57)
     ours, theirs = bnlab.BatchNorm2d(view.shape[1]), torch.nn.BatchNorm2d(view.shape[1])
-    results = []
-    for layer in (ours, theirs):
-        leaf = view.detach().requires_grad_()
-        y = layer(leaf)
-        grads = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], dy)
-        layer.eval()
-        with torch.no_grad():
-            y_eval = layer(view)
-        results.append((y, *grads, layer.running_mean, layer.running_var, y_eval))
-    for got, want, what in zip(*results, ("y", "dx", "dweight", "dbias", "running_mean", "running_var", "eval")):
+    results = [step_and_eval(layer, view, dy) for layer in (ours, theirs)]
+    for got, want, what in zip(*results, STEP_AND_EVAL):
         assert_close(got, want, 2e-4, f"{name} {what}")
     assert results[0][0].stride() == torch.empty_like(view).stride()
 
@@ -673,15 +667,9 @@ def test_odd_tensors_give_the_bits_of_their_resolved_contiguous_values(triton_ev
         layer.weight, layer.bias = torch.nn.Parameter(vector(state[0])), torch.nn.Parameter(vector(state[1]))
         layer.running_mean, layer.running_var = vector(state[2]), vector(state[3])
         assert torch.equal(layer.weight, state[0]) and torch.equal(layer.running_var, state[3])
-        leaf = (x if plain or where != "input" else neg(x)).detach().requires_grad_()
-        y = layer(leaf)
-        gradient = dy if plain or where != "gradient" else neg(dy)
-        grads = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], gradient)
-        layer.eval()
-        with torch.no_grad():
-            y_eval = layer(leaf)
-        results.append((y, *grads, layer.running_mean.clone(), layer.running_var.clone(), y_eval))
-    for got, want, what in zip(*results, ("y", "dx", "dweight", "dbias", "running_mean", "running_var", "eval")):
+        given = (x if plain or where != "input" else neg(x), dy if plain or where != "gradient" else neg(dy))
+        results.append(step_and_eval(layer, *given))
+    for got, want, what in zip(*results, STEP_AND_EVAL):
         assert torch.equal(got, want), (where, what, (got - want).abs().max().item())
 
 
