@@ -272,7 +272,9 @@ def test_a_torch_function_or_dispatch_mode_sees_the_call_and_gets_the_same_bits(
         with mode:
             y = layer(x)
     assert torch.equal(y, expected) and mode.count > 0
-    if cpu_build._state["variant"][0] == "torch":
+    # Both builds decline under a dispatch mode (make_fx records what runs under its mode); the
+    # plain build's reads of the tensors are what a function mode sees of it.
+    if cpu_build._state["variant"][0] == "torch" or issubclass(mode_class, TorchDispatchMode):
         assert taken == [None]
 
 

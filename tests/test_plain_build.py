@@ -28,6 +28,7 @@ FILES = [
     "test_backend_cpu_pool.py",
     "test_layer_call.py",
     "test_resolved_views.py",
+    "test_fake_and_traced.py",
 ]
 
 

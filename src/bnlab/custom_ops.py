@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from bnlab.autograd import eval_grads, eval_statistics, param_grads
 from bnlab.backends import select_backend
@@ -55,10 +56,31 @@ AVAILABLE = hasattr(torch.library, "register_fake") and hasattr(torch.library, "
 is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
-def tracing() -> bool:
-    """Whether torch.compile or torch.export is tracing the caller, with these operators available:
-    then the layers and ``functional.batch_norm`` call :func:`train` and :func:`evaluate`."""
-    return AVAILABLE and is_compiling()
+#: The dispatch modes of tracing outside torch.compile: FakeTensorMode, make_fx's proxy mode,
+#: AOTAutograd's functionalization (absent from a torch without the keys).
+_TRACING_MODES = tuple(
+    getattr(torch._C._TorchDispatchModeKey, name)
+    for name in ("FAKE", "PROXY", "FUNCTIONAL")
+    if hasattr(getattr(torch._C, "_TorchDispatchModeKey", None), name)
+)
+
+
+def tracing_mode_active() -> bool:
+    """Whether a fake, proxy or functional dispatch mode is active (FakeTensorMode, make_fx, AOTAutograd
+    called directly): their tensors have no memory for the kernels, and a kernel call would be missing
+    from the graph they record (make_fx of the Python path recorded only the output's empty_like)."""
+    if not _TRACING_MODES or not torch._C._len_torch_dispatch_stack():
+        return False
+    return any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)
+
+
+def tracing(x: object = None) -> bool:
+    """Whether torch.compile or torch.export is tracing the caller, or another tracer records it
+    (:func:`tracing_mode_active`), or the input ``x`` is a FakeTensor used outside its mode, with
+    these operators available: then the layers and ``functional.batch_norm`` call :func:`train`
+    and :func:`evaluate`, which such tracers record as one node each (and whose fake
+    implementations give fake tensors their outputs)."""
+    return AVAILABLE and (is_compiling() or type(x) is FakeTensor or tracing_mode_active())
 
 
 def _strided_as_fake(t: Tensor, x: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from bnlab._memory import memory_readable
 from bnlab.stats import Count, accumulate_dtype, channel_sums, compute_dtype, per_channel, split_mean
 
 
@@ -58,8 +59,9 @@ def finite_or_zero(t: Tensor) -> Tensor:
 
 def _eager_cpu(t: Tensor) -> bool:
     """Whether t's values may be read on the host here without cost: an eager call (not traced)
-    on a CPU tensor. Elsewhere a read synchronises a GPU, or a traced graph cannot branch on it."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    on a CPU tensor that holds its values (not a FakeTensor or other subclass handling its operations
+    in Python: bnlab._memory). Elsewhere a read synchronises a GPU, or a traced graph cannot branch on it."""
+    return t.device.type == "cpu" and memory_readable(t) and not torch.compiler.is_compiling()
 
 
 def rounded_mean_term(a: Tensor, lo: Tensor, dtype: torch.dtype, host_check: bool = True) -> Tensor | None:

@@ -60,7 +60,7 @@ def batch_norm(
     for name, vec in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _checks.check_channel_vector(vec, name, channels, x)
     # Traced by torch.compile / torch.export: each call one node of the graph (bnlab.custom_ops).
-    compiling = custom_ops.tracing() and not composite.transforms_active()
+    compiling = custom_ops.tracing(x) and not composite.transforms_active()
 
     if training:
         _checks.check_training_batch(x)

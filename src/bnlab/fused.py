@@ -150,7 +150,7 @@ class BatchNormAct2d(BatchNorm2d):
         if batch_statistics:
             _checks.check_training_batch(x)  # more than one value per channel, as torch.nn
         relu = self.activation == "relu"
-        if custom_ops.tracing():
+        if custom_ops.tracing(x):
             # Traced by torch.compile / torch.export: BN as one node of the graph (bnlab.custom_ops),
             # the add and the ReLU as torch ops, which the compiler fuses with their neighbours.
             z = module_forward(self, x)

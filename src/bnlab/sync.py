@@ -137,7 +137,7 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         for name in ("weight", "bias", "running_mean", "running_var"):
             _checks.check_channel_vector(getattr(self, name), name, self.num_features, x)
-        if custom_ops.tracing():  # the same step as one operator: the compiled graph stays whole
+        if custom_ops.tracing(x):  # the same step as one operator: the compiled graph stays whole
             y, stats = custom_ops_sync.sync_train(x, self.weight, self.bias, self.eps, self.process_group)
         else:
             y, count, mean, m2 = _SyncBatchNormFunction.apply(

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from bnlab._checks import check_running_var_nonnegative
+from bnlab._memory import memory_readable, readable_vector
 from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.base import Backend
 from bnlab.backends.cpu_autograd import apply_train
@@ -57,7 +58,7 @@ def param(v: Tensor | None) -> tuple[int, int, Tensor | None]:
     The caller keeps ``owner`` alive during the kernel call: it is a copy when v has a stride or
     torch's negative bit (whose memory holds -v: the kernels read memory as it is).
     """
-    if v is None:
+    if readable_vector(v) is None:
         return 0, 0, None
     if v.stride(0) != 1 or v.is_neg():
         v = v.resolve_neg().contiguous()
@@ -66,11 +67,12 @@ def param(v: Tensor | None) -> tuple[int, int, Tensor | None]:
 
 def is_plain_vector(v: Tensor | None) -> bool:
     """None, or a CPU (C,) floating tensor with unit stride that the kernels may read and write directly
-    (not a view with torch's negative bit, whose memory holds -v).
+    (not a view with torch's negative bit, whose memory holds -v, nor a tensor subclass that handles
+    its operations in Python: bnlab._memory).
 
     (Callers have validated the shape and the floating dtype.)
     """
-    return v is None or (v.is_cpu and v.stride(0) == 1 and not v.is_neg())
+    return v is None or (v.is_cpu and v.stride(0) == 1 and not v.is_neg() and memory_readable(v))
 
 
 def _f64(v: Tensor) -> Tensor:
@@ -154,7 +156,9 @@ class CpuBackend(Backend):
         return self._train_entry or None
 
     def supports(self, x: Tensor) -> bool:
-        return x.is_cpu and x.dtype in _CODE and self._lib is not None
+        # (a tensor subclass that handles its operations in Python, such as FakeTensor, has no
+        # memory the kernels could read: it takes the portable backend's torch operators)
+        return x.is_cpu and x.dtype in _CODE and self._lib is not None and memory_readable(x)
 
     # -- fused compositions ----------------------------------------------------------------------
     def forward_train(self, x, weight, bias, eps):

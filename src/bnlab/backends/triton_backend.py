@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from bnlab._checks import check_running_var_nonnegative
+from bnlab._memory import memory_readable, readable_vector
 from bnlab.backends.base import Backend
 from bnlab.backends.portable import PortableBackend
 from bnlab.backends import views
@@ -58,7 +59,7 @@ def _vector(v: Tensor | None) -> Tensor | None:
     contiguous copy (a parameter sliced with a step, say); None stays None. For the compositions'
     read-only vectors: the whole calls, which write running statistics in place, decline instead
     (_all_plain)."""
-    if v is None or (v.is_contiguous() and not v.is_neg()):
+    if readable_vector(v) is None or (v.is_contiguous() and not v.is_neg()):
         return v
     return v.resolve_neg().contiguous()
 
@@ -68,7 +69,7 @@ def _all_plain(x: Tensor, *vectors: Tensor | None) -> bool:
     torch's negative bit (whose memory holds -v)."""
     device = x.device
     for v in vectors:
-        if v is not None and not (v.device == device and v.is_contiguous() and not v.is_neg()):
+        if v is not None and not (v.device == device and v.is_contiguous() and not v.is_neg() and memory_readable(v)):
             return False
     return True
 
@@ -100,8 +101,8 @@ class TritonBackend(Backend):
         return self._ops
 
     def supports(self, x: Tensor) -> bool:
-        if not (x.is_cuda or (self.allow_cpu and x.is_cpu)) or x.dtype not in _DTYPES:
-            return False
+        if not (x.is_cuda or (self.allow_cpu and x.is_cpu)) or x.dtype not in _DTYPES or not memory_readable(x):
+            return False  # (a subclass handling its operations in Python, e.g. FakeTensor: bnlab._memory)
         if self.ops() is None:
             return False
         return self._device_usable(x.device)

@@ -34,7 +34,7 @@ def _plain(layer, x: Tensor, groups: int, eps: float) -> tuple[Tensor, Moments]:
     weight, bias = _repeat(layer.weight, groups), _repeat(layer.bias, groups)
     if composite.transforms_active():  # forward-mode AD or torch.func: differentiable torch ops
         y, mean, m2 = composite.train_forward(x, weight, bias, eps)
-    elif custom_ops.tracing():  # torch.compile, torch.export: one operator node, the same kernels
+    elif custom_ops.tracing(x):  # torch.compile, torch.export: one operator node, the same kernels
         y, mean, m2 = custom_ops.batch_moments(x, weight, bias, eps)
     else:
         y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, select_backend(x))

@@ -86,7 +86,7 @@ def masked_batch_norm(
         mean, _, invstd = finalize(stats, eps)
     if transforming:
         return composite.batch_stats_norm(x, weight, bias, mask, eps), stats
-    if custom_ops.tracing():  # torch.compile, torch.export: one operator node, the same kernels
+    if custom_ops.tracing(x):  # torch.compile, torch.export: one operator node, the same kernels
         return custom_ops_batch_stats.normalize_given_stats(x, weight, bias, mean, invstd, stats.count, mask, eps), stats
     y = BatchStatsNormFunction.apply(x, weight, bias, mean, invstd, stats.count, mask, eps, select_backend(x))
     return y, stats

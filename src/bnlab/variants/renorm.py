@@ -119,7 +119,7 @@ def renorm_batch_norm(
         ``(y, moments)``: y shaped like x, and the batch's Moments for the running-average update.
     """
     transforming = composite.transforms_active()  # forward-mode AD or torch.func: torch ops throughout
-    traced = not transforming and custom_ops.tracing()  # torch.compile, torch.export: operators
+    traced = not transforming and custom_ops.tracing(x)  # torch.compile, torch.export: operators
     with torch.no_grad():
         # Constants for autograd: BatchStatsNormFunction differentiates through the statistics
         # itself, and r, d must not carry a gradient (the paper's stop_gradient).
