@@ -104,3 +104,47 @@ def test_the_primitives_resolve_negative_bit_views():
     back = cpu.backward(dy, x, mean, invstd, w, m.count, True)
     back_neg = cpu.backward(neg(dy), neg(x), neg(mean), neg(invstd), neg(w), m.count, True)
     assert all(torch.equal(a, e) for a, e in zip(back, back_neg))
+
+
+def _vectors():
+    """(name, tensor): (C,) vectors and near-misses for the compiled vector check."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Tagged(torch.Tensor):
+        pass
+
+    base = torch.randn(8)
+    with FakeTensorMode():
+        fake = torch.randn(8)
+    yield "plain", base
+    yield "parameter", torch.nn.Parameter(torch.randn(8))
+    yield "float64", base.double()
+    yield "bfloat16", base.bfloat16()
+    yield "offset", torch.randn(9)[1:]
+    yield "step-sliced", torch.randn(16)[::2]
+    yield "negative bit", torch._neg_view(base)
+    yield "plain subclass", base.as_subclass(Tagged)
+    yield "fake", fake
+    yield "meta", torch.empty(8, device="meta")
+    yield "two dims", torch.randn(2, 4)
+    yield "integers", torch.arange(8)
+    yield "empty", torch.empty(0)
+
+
+@pytest.mark.parametrize("name,v", list(_vectors()), ids=lambda v: v if isinstance(v, str) else "")
+def test_the_compiled_vector_check_agrees_with_the_python_checks(name, v):
+    """cpu.param and cpu.is_plain_vector ask the extension module's bn_plain_vector first (one
+    call instead of 0.6-0.8 us of tensor queries); it must take exactly the vectors the Python
+    checks take as they are, and give their pointer and dtype code."""
+    from bnlab._memory import memory_readable
+    from bnlab.backends import cpu
+
+    bnlab.BatchNorm1d(3)(torch.randn(4, 3))  # the whole calls set up
+    if cpu._plain_vector is cpu._no_plain_vector_check:
+        pytest.skip("no extension module here")
+    plain = (type(v) in (torch.Tensor, torch.nn.Parameter) and v.is_cpu and v.dim() == 1 and v.stride(0) == 1
+             and not v.is_neg() and memory_readable(v) and v.dtype in cpu._CODE)  # fmt: skip
+    got = cpu._plain_vector(v)
+    assert (got is not None) == plain, name
+    if plain:
+        assert got == (v.data_ptr(), cpu._CODE[v.dtype]), name

@@ -52,14 +52,27 @@ def threads_for(x: Tensor) -> int:
     return torch.get_num_threads() if x.numel() >= PARALLEL_MIN_NUMEL else 1
 
 
+def _no_plain_vector_check(v: Tensor) -> None:
+    return None
+
+
+#: The extension module's ``bn_plain_vector`` once its whole calls are set up (CpuBackend.eval_entry):
+#: (pointer, dtype code) of a plain (C,) CPU vector in one call, else None (then the checks below).
+_plain_vector = _no_plain_vector_check
+
+
 def param(v: Tensor | None) -> tuple[int, int, Tensor | None]:
     """(pointer, dtype code, owner) of an optional (C,) parameter or buffer; (0, 0, None) for None.
 
     The caller keeps ``owner`` alive during the kernel call: it is a copy when v has a stride or
     torch's negative bit (whose memory holds -v: the kernels read memory as it is).
     """
-    if readable_vector(v) is None:
+    if v is None:
         return 0, 0, None
+    plain = _plain_vector(v)
+    if plain is not None:
+        return plain[0], plain[1], v
+    readable_vector(v)
     if v.stride(0) != 1 or v.is_neg():
         v = v.resolve_neg().contiguous()
     return v.data_ptr(), _CODE[v.dtype], v
@@ -72,7 +85,9 @@ def is_plain_vector(v: Tensor | None) -> bool:
 
     (Callers have validated the shape and the floating dtype.)
     """
-    return v is None or (v.is_cpu and v.stride(0) == 1 and not v.is_neg() and memory_readable(v))
+    if v is None or _plain_vector(v) is not None:
+        return True
+    return v.is_cpu and v.stride(0) == 1 and not v.is_neg() and memory_readable(v)
 
 
 def _f64(v: Tensor) -> Tensor:
@@ -103,9 +118,12 @@ class CpuBackend(Backend):
         self._backward_entry = None  # bn_backward_module once the train entry is set up, False without
 
     def kernels(self):
-        """The loaded kernels (compiled on first use), or None when unavailable."""
+        """The loaded kernels (compiled on first use), or None when unavailable; the extension
+        module's whole calls set up with them (:meth:`eval_entry`)."""
         if self._loaded is None:
             self._loaded = cpu_build.load()
+            if self._loaded is not None and _plain_vector is _no_plain_vector_check:
+                self.eval_entry()  # (the first to load: the Python path's vector checks want its setup)
         return self._loaded
 
     @property
@@ -122,6 +140,9 @@ class CpuBackend(Backend):
         if self._eval_entry is None:
             entry, train = setup_whole_calls(self._lib, self, _CODE, PARALLEL_MIN_NUMEL, WAVE_PER_THREAD)
             self._eval_entry, self._train_entry = entry or False, train or False
+            if entry is not None:  # (set up now: its checks read what bn_eval_setup gave it)
+                global _plain_vector
+                _plain_vector = getattr(self._lib, "bn_plain_vector", None) or _no_plain_vector_check
         return self._eval_entry or None
 
     def layer_call(self, plain_forward, backends_module, device_calls=None):

@@ -24,8 +24,6 @@ def layout_of(x: Tensor) -> tuple[int, int, int, int] | None:
     transposed (C, N, *) tensor), seen as (1, C, N*L). NLC: rows of C contiguous channels, N*L
     rows: (N, C) inputs, contiguous inputs with L = 1, and channels-last memory.
     """
-    if x.is_neg():  # torch's negative bit: the memory holds -x (kernel_input copies it resolved)
-        return None
     shape = x.shape
     n, c = shape[0], shape[1]
     rows = x.numel() // c if c else 0
@@ -42,8 +40,9 @@ def layout_of(x: Tensor) -> tuple[int, int, int, int] | None:
 
 
 def fits(x: Tensor) -> bool:
-    """Whether the kernels take x: non-empty, in one of the two layouts."""
-    return x.numel() > 0 and layout_of(x) is not None
+    """Whether the kernels take x as it is: non-empty, in one of the two layouts, without torch's
+    negative bit (whose memory holds -x; :func:`kernel_input` takes the resolved copy)."""
+    return x.numel() > 0 and not x.is_neg() and layout_of(x) is not None
 
 
 def kernel_input(x: Tensor, elementwise: bool = False) -> tuple[Tensor, tuple[int, int, int, int]] | None:
