@@ -66,7 +66,8 @@ def _vector(v: Tensor | None) -> Tensor | None:
 
 def _all_plain(x: Tensor, *vectors: Tensor | None) -> bool:
     """Each vector None, or contiguous on x's device (what the kernels address by pointer) without
-    torch's negative bit (whose memory holds -v)."""
+    torch's negative bit (whose memory holds -v), of a class that leaves its operations to torch
+    (bnlab._memory)."""
     device = x.device
     for v in vectors:
         if v is not None and not (v.device == device and v.is_contiguous() and not v.is_neg() and memory_readable(v)):
