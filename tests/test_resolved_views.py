@@ -2,11 +2,11 @@
 
 Tensors with torch's negative bit (``torch._neg_view``): a view whose memory holds -t, which
 torch's own operators resolve as they read it. bnlab's kernels read memory by pointer, so every
-path must resolve such a tensor first (views.kernel_input, cpu_layout.layout_of, cpu.param,
-cpu._like; the compiled calls decline it: cpu_kernels_torch.cpp, and facts_of in the plain build).
+path must resolve such a tensor first (views.kernel_input, cpu_layout.fits, cpu_arguments.param
+and _like; the compiled calls decline it: cpu_kernels_torch.cpp, and facts_of in the plain build).
 Before the fortieth session a contiguous one was normalised without its sign (outputs 6-13 off
-torch.nn). Also (C,) parameters and running statistics sliced with a step (cpu.param copies them;
-the compiled calls and the running averages' in-place update decline them).
+torch.nn). Also (C,) parameters and running statistics sliced with a step (cpu_arguments.param
+copies them; the compiled calls and the running averages' in-place update decline them).
 
 The oracle: the same layer state and calls on the plain tensors (bits), and torch.nn.
 """
@@ -133,14 +133,14 @@ def _vectors():
 
 @pytest.mark.parametrize("name,v", list(_vectors()), ids=lambda v: v if isinstance(v, str) else "")
 def test_the_compiled_vector_check_agrees_with_the_python_checks(name, v):
-    """cpu.param and cpu.is_plain_vector ask the extension module's bn_plain_vector first (one
+    """cpu_arguments.param and is_plain_vector ask the extension module's bn_plain_vector first (one
     call instead of 0.6-0.8 us of tensor queries); it must take exactly the vectors the Python
     checks take as they are, and give their pointer and dtype code."""
     from bnlab._memory import memory_readable
-    from bnlab.backends import cpu
+    from bnlab.backends import cpu_arguments as cpu
 
     bnlab.BatchNorm1d(3)(torch.randn(4, 3))  # the whole calls set up
-    if cpu._plain_vector is cpu._no_plain_vector_check:
+    if not cpu.compiled_vector_check():
         pytest.skip("no extension module here")
     plain = (type(v) in (torch.Tensor, torch.nn.Parameter) and v.is_cpu and v.dim() == 1 and v.stride(0) == 1
              and not v.is_neg() and memory_readable(v) and v.dtype in cpu._CODE)  # fmt: skip

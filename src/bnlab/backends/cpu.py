@@ -21,19 +21,19 @@ import torch
 from torch import Tensor
 
 from bnlab._checks import check_running_var_nonnegative
-from bnlab._memory import memory_readable, readable_vector
+from bnlab._memory import memory_readable
 from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.base import Backend
 from bnlab.backends.cpu_autograd import apply_train
 from bnlab.backends.cpu_entries import setup_layer_call, setup_whole_calls
+from bnlab.backends import cpu_arguments
+from bnlab.backends.cpu_arguments import _CODE, _F64, _f64, _like, is_plain_vector, param  # noqa: F401  (re-exported)
 from bnlab.backends.cpu_layout import fits, kernel_input, laid_out_as, layout_of  # noqa: F401  (re-exported)
 from bnlab.backends.portable import PortableBackend
 from bnlab.stats import Moments
 
 __all__ = ["CpuBackend"]
 
-_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-_F64 = torch.float64
 _PORTABLE = PortableBackend()  # for what the kernels do not take: empty tensors
 
 #: Whether calls may take the compiled whole-call entries (eval_entry, train_entry, backward_entry);
@@ -50,59 +50,6 @@ WAVE_PER_THREAD = 1 << 16
 def threads_for(x: Tensor) -> int:
     """torch's intra-op thread count, or 1 for inputs too small to share."""
     return torch.get_num_threads() if x.numel() >= PARALLEL_MIN_NUMEL else 1
-
-
-def _no_plain_vector_check(v: Tensor) -> None:
-    return None
-
-
-#: The extension module's ``bn_plain_vector`` once its whole calls are set up (CpuBackend.eval_entry):
-#: (pointer, dtype code) of a plain (C,) CPU vector in one call, else None (then the checks below).
-_plain_vector = _no_plain_vector_check
-
-
-def param(v: Tensor | None) -> tuple[int, int, Tensor | None]:
-    """(pointer, dtype code, owner) of an optional (C,) parameter or buffer; (0, 0, None) for None.
-
-    The caller keeps ``owner`` alive during the kernel call: it is a copy when v has a stride or
-    torch's negative bit (whose memory holds -v: the kernels read memory as it is).
-    """
-    if v is None:
-        return 0, 0, None
-    plain = _plain_vector(v)
-    if plain is not None:
-        return plain[0], plain[1], v
-    readable_vector(v)
-    if v.stride(0) != 1 or v.is_neg():
-        v = v.resolve_neg().contiguous()
-    return v.data_ptr(), _CODE[v.dtype], v
-
-
-def is_plain_vector(v: Tensor | None) -> bool:
-    """None, or a CPU (C,) floating tensor with unit stride that the kernels may read and write directly
-    (not a view with torch's negative bit, whose memory holds -v, nor a tensor subclass that handles
-    its operations in Python: bnlab._memory).
-
-    (Callers have validated the shape and the floating dtype.)
-    """
-    if v is None or _plain_vector(v) is not None:
-        return True
-    return v.is_cpu and v.stride(0) == 1 and not v.is_neg() and memory_readable(v)
-
-
-def _f64(v: Tensor) -> Tensor:
-    """A float64 contiguous (C,) statistic (the forward's own outputs already are)."""
-    if v.dtype != _F64 or not v.is_contiguous() or v.is_neg():
-        v = v.resolve_neg().to(_F64).contiguous()
-    return v
-
-
-def _like(t: Tensor, x: Tensor) -> Tensor:
-    """t with x's dtype and strides: a gradient may arrive in another memory format (or with
-    torch's negative bit, whose memory holds -t: copy_ resolves it)."""
-    if t.dtype == x.dtype and t.stride() == x.stride() and not t.is_neg():
-        return t
-    return cpu_pool.empty_like(x).copy_(t)
 
 
 class CpuBackend(Backend):
@@ -122,7 +69,7 @@ class CpuBackend(Backend):
         module's whole calls set up with them (:meth:`eval_entry`)."""
         if self._loaded is None:
             self._loaded = cpu_build.load()
-            if self._loaded is not None and _plain_vector is _no_plain_vector_check:
+            if self._loaded is not None and not cpu_arguments.compiled_vector_check():
                 self.eval_entry()  # (the first to load: the Python path's vector checks want its setup)
         return self._loaded
 
@@ -141,8 +88,7 @@ class CpuBackend(Backend):
             entry, train = setup_whole_calls(self._lib, self, _CODE, PARALLEL_MIN_NUMEL, WAVE_PER_THREAD)
             self._eval_entry, self._train_entry = entry or False, train or False
             if entry is not None:  # (set up now: its checks read what bn_eval_setup gave it)
-                global _plain_vector
-                _plain_vector = getattr(self._lib, "bn_plain_vector", None) or _no_plain_vector_check
+                cpu_arguments.use_compiled_vector_check(getattr(self._lib, "bn_plain_vector", None))
         return self._eval_entry or None
 
     def layer_call(self, plain_forward, backends_module, device_calls=None):

@@ -32,7 +32,7 @@ _PORTABLE = PortableBackend()
 def _like(t: Tensor, x: Tensor) -> Tensor:
     """t with x's dtype and strides: the flat kernels address both tensors by the same offsets (a
     view with torch's negative bit, whose memory holds -t, is copied resolved too)."""
-    if t.dtype == x.dtype and t.stride() == x.stride() and not t.is_neg():
+    if views.addressed_like(t, x):
         return t
     return torch.empty_like(x).copy_(t)
 

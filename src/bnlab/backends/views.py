@@ -56,6 +56,13 @@ def kernel_input(x: Tensor, plan: Callable[[Tensor], P | None], elementwise: boo
     return None if found is None else (copy, found)
 
 
+def addressed_like(t: Tensor, x: Tensor) -> bool:
+    """Whether a kernel may read t (a gradient, a residual) at x's offsets as it is: x's dtype and
+    strides, and no negative bit (whose memory holds -t). Otherwise both backends copy t into
+    x's layout first (their ``_like``)."""
+    return t.dtype == x.dtype and t.stride() == x.stride() and not t.is_neg()
+
+
 def laid_out_as(t: Tensor | None, view: Tensor, ran_on: Tensor) -> Tensor | None:
     """t, an output the kernels computed on ``ran_on`` (``view`` itself, or its contiguous copy,
     as :func:`kernel_input` makes it), in the strides of
