@@ -2,8 +2,9 @@
 
 The torch build (cpu_kernels_torch.cpp, tried first) is what every other test runs on wherever
 torch ships its headers; the plain build is what runs where that file does not compile. Its
-glue differs (cpu_kernels_py_eval.inc and cpu_kernels_py_train.inc without BNLAB_TORCH_API: the
-tensors read through Python calls, outputs from torch.empty_like and DLPack), so the tests of the
+glue differs (cpu_kernels_py_tensors.inc, cpu_kernels_py_eval.inc and cpu_kernels_py_train.inc
+without BNLAB_TORCH_API: the tensors read through Python calls, outputs from torch.empty_like
+and DLPack), so the tests of the
 compiled calls and of the pool run once more here, on it, in a process started with
 BNLAB_TORCH_API=0 (which builds it, once per source version, into the same cache).
 """
