@@ -19,7 +19,9 @@ x86-64-v3 (AVX2), to see what a change costs on machines without AVX-512.
 Cases are mode:shape:layout:dtype[:threads], mode one of fwd, stats (forward without output),
 bwd, eval (the elementwise pass from given statistics, bn_normalize, with mean 0 and invstd 1),
 running (eval from running buffers of random values, bn_eval: the per-channel square roots and
-divisions too, whose time depends on the values), dx (the input gradient from given statistics
+divisions too, whose time depends on the values; since the forty-first session computed once per
+build and thread and then reused from the kept coefficients, cpu_kernels_eval_cache.inc, unless
+BNLAB_EVAL_CACHE_BYTES=0), dx (the input gradient from given statistics
 and sums, bn_grad_input), frozen (the eval-mode backward, bn_eval_backward: dx, dweight and
 dbias from fixed statistics); layout nchw or cl; dtype fp32, bf16, fp16 or fp64; threads 2 unless given.
 

@@ -45,6 +45,7 @@ SOURCES = (
     "cpu_kernels_sums.inc",
     "cpu_kernels_ncl.inc",
     "cpu_kernels_coef.inc",
+    "cpu_kernels_eval_cache.inc",
     "cpu_kernels_ncl_lines.inc",
     "cpu_kernels_ncl_channels.inc",
     "cpu_kernels_ncl_passes.inc",

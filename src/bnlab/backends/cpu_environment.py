@@ -23,6 +23,7 @@ BYTE_VARIABLES = (
     "BNLAB_NLC_GROUP_MAX_BYTES",  # tuning: channel-group NLC walk below this input size
     "BNLAB_WRITE_AHEAD_MIN_BYTES",  # tuning: NCL normalize requests output lines ahead above this size
     "BNLAB_LAST_FIRST_MIN_BYTES",  # tuning: second passes walk a thread's share back from this size
+    "BNLAB_EVAL_CACHE_BYTES",  # eval's kept coefficient rows, per thread (0: none kept)
 )
 _WHOLE_NUMBER = re.compile(r"\s*[0-9]+\s*", re.ASCII)
 
