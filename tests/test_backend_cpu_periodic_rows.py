@@ -1,0 +1,67 @@
+"""bf16 rows whose width is not a whole number of vectors (cpu_kernels_nlc_short.inc: C % 16 != 0,
+lcm(C, 16) <= 512 values; the lab's 100 hidden units) go in periods of whole pairs of vectors on
+AVX512-BF16 builds, two periods at a time with each coefficient vector loaded once for both, then
+in runs of two blocks, then block by block. Whatever the split, each value gets the same
+operations: the normalize pass and the input gradient of an (N, C) input must have the bits of the
+same values as (1, C, N), channel c's N values contiguous, walked in the other layout (NCL) by
+other loops. Row counts that leave every kind of
+remainder, one and two threads, NaN inputs and a denormal-making weight (whose pairs are rounded
+one vector at a time)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnlab.backends import get_backend
+from bnlab.backends.cpu import layout_of
+
+CPU = get_backend("cpu")
+pytestmark = pytest.mark.skipif(CPU.kernels() is None, reason="the CPU kernels did not build")
+
+# C, rows: (100: blocks of 4 rows, periods of 8) 16 rows = one pair of periods, 29 = a pair, a run and a block
+# and 1 row; 40 (blocks of 2 rows, periods of 4); 7 (blocks of 16 rows: a block is whole pairs); 72
+CASES = [(100, 16), (100, 29), (100, 3), (40, 21), (7, 70), (72, 37)]
+
+
+def _inputs(rows: int, c: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x, dy = (torch.randn(rows, c, generator=gen).to(torch.bfloat16) for _ in range(2))
+    x[rows // 2, c - 1] = float("nan")
+    mean = torch.randn(c, generator=gen, dtype=torch.float64)
+    invstd = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    weight[1], bias[1] = 1e-39, 0.0  # channel 1's outputs denormal
+    sums = (torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64))
+    return x, dy, mean, invstd, weight, bias, sums
+
+
+def _as_ncl(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().unsqueeze(0)  # (1, C, N): layout NCL
+
+
+def _from_ncl(t: torch.Tensor) -> torch.Tensor:
+    return t.squeeze(0).t()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("c,rows", CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_periodic_rows_have_the_bits_of_the_ncl_walk(c, rows, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, dy, mean, invstd, weight, bias, (sum_dy, sum_dy_xhat) = _inputs(rows, c, seed=c + rows)
+        y = CPU.normalize(x, mean, invstd, weight, bias)
+        y_ncl = _from_ncl(CPU.normalize(_as_ncl(x), mean, invstd, weight, bias))
+        assert layout_of(x)[0] == 1 and layout_of(_as_ncl(x))[0] == 0  # NLC against NCL
+        assert 0 < y[:, 1].float().abs().max() < 1.2e-38 and y.isnan().any()
+        assert _same(y, y_ncl)
+        dx = CPU.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, rows)
+        dx_ncl = _from_ncl(CPU.grad_input(_as_ncl(dy), _as_ncl(x), mean, invstd, weight, sum_dy, sum_dy_xhat, rows))
+        assert _same(dx, dx_ncl)
+    finally:
+        torch.set_num_threads(before)
