@@ -6,8 +6,10 @@ coefficients computed from unchanged running statistics (cpu_kernels_eval_cache.
 the call away. The environment switch (BNLAB_EVAL_CACHE_BYTES=0: off) is read once per process,
 so each round runs two child processes, the cache off and on, in alternating order; each child
 times, per shape, bnlab's module call, torch.nn's and a ``copy_`` of the input into a buffer
-allocated once (medians of --samples samples of --reps calls, inside torch.no_grad). Prints the
-medians over the rounds in microseconds, and bnlab's ratios.
+allocated once inside torch.no_grad, and both module calls outside it, where the parameters'
+requires_grad makes an output with a graph (inference without no_grad; frozen statistics while
+training), which keeps the mean and invstd for its backward (medians of --samples samples of
+--reps calls). Prints the medians over the rounds in microseconds, and bnlab's ratios.
 
     PYTHONPATH=src python benchmarks/eval_cache_ab.py [--rounds 3] [--threads 2]
 """
@@ -30,21 +32,26 @@ SHAPES = ((2, 8192), (8, 2048), (1, 2048, 7, 7), (1, 512, 14, 14), (16, 100), (2
 
 
 def child(threads: int, samples: int, reps: int) -> dict:
-    """{shape text: {"bnlab": us, "torch.nn": us, "copy_": us}} in this process (its cache setting)."""
+    """{shape text: {"bnlab": us, "torch.nn": us, "copy_": us, "bnlab graph": us, "torch.nn graph": us}} in
+    this process (its cache setting)."""
     import bnlab
 
     torch.set_num_threads(threads)
     out = {}
-    with torch.no_grad():
-        for shape in SHAPES:
-            x = make_input(shape, "nchw", torch.float32, "cpu")
-            ours, theirs = bn_layer(bnlab, x.dim(), shape[1]).eval(), bn_layer(torch.nn, x.dim(), shape[1]).eval()
+    for shape in SHAPES:
+        x = make_input(shape, "nchw", torch.float32, "cpu")
+        ours, theirs = bn_layer(bnlab, x.dim(), shape[1]).eval(), bn_layer(torch.nn, x.dim(), shape[1]).eval()
+        with torch.no_grad():
             for layer in (ours, theirs):
                 layer.running_var.uniform_(0.5, 2.0)
                 layer.running_mean.normal_()
-            dst = torch.empty_like(x)
-            calls = {"bnlab": lambda: ours(x), "torch.nn": lambda: theirs(x), "copy_": lambda: dst.copy_(x)}
-            out[",".join(map(str, shape))] = {name: median_us(fn, samples, reps) for name, fn in calls.items()}
+        dst = torch.empty_like(x)
+        calls = {"bnlab": lambda: ours(x), "torch.nn": lambda: theirs(x), "copy_": lambda: dst.copy_(x)}
+        with torch.no_grad():
+            row = {name: median_us(fn, samples, reps) for name, fn in calls.items()}
+        for name in ("bnlab", "torch.nn"):  # outside no_grad: outputs with a graph
+            row[name + " graph"] = median_us(calls[name], samples, reps)
+        out[",".join(map(str, shape))] = row
     return out
 
 
@@ -73,13 +80,15 @@ def main(argv=None) -> None:
             runs[on].append(run_child(on, args))
     print(f"# eval_cache_ab.py --rounds {args.rounds} --threads {args.threads}; torch {torch.__version__}; "
           f"microseconds, medians over the rounds of each child's medians")  # fmt: skip
-    print(f"{'shape':18s} {'off':>8s} {'on':>8s} {'on/off':>7s} {'torch.nn':>9s} {'copy_':>7s} {'vs torch':>9s}")
-    for key in runs[True][0]:
-        med = {on: {n: statistics.median(run[key][n] for run in runs[on]) for n in runs[on][0][key]} for on in runs}
-        off, on = med[False]["bnlab"], med[True]["bnlab"]
-        torch_us, copy_us = med[True]["torch.nn"], med[True]["copy_"]
-        print(f"({key}){'':{16 - len(key)}s} {off:8.2f} {on:8.2f} {on / off:7.2f} {torch_us:9.2f} {copy_us:7.2f} "
-              f"{torch_us / on:8.2f}x")  # fmt: skip
+    for graph in ("", " graph"):
+        print(("with a graph" if graph else "in no_grad") + ": bnlab with the cache off and on, torch.nn, copy_")
+        print(f"{'shape':18s} {'off':>8s} {'on':>8s} {'on/off':>7s} {'torch.nn':>9s} {'copy_':>7s} {'vs torch':>9s}")
+        for key in runs[True][0]:
+            med = {on: {n: statistics.median(run[key][n] for run in runs[on]) for n in runs[on][0][key]} for on in runs}
+            off, on = med[False]["bnlab" + graph], med[True]["bnlab" + graph]
+            torch_us, copy_us = med[True]["torch.nn" + graph], med[True]["copy_"]
+            print(f"({key}){'':{16 - len(key)}s} {off:8.2f} {on:8.2f} {on / off:7.2f} {torch_us:9.2f} {copy_us:7.2f} "
+                  f"{torch_us / on:8.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

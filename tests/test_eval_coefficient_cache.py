@@ -3,7 +3,8 @@ statistics, affine parameters, eps and dtypes are, to the byte, those they were 
 
 The oracle is the same scenario run in a process with the cache off (BNLAB_EVAL_CACHE_BYTES=0):
 every output of this process, where entries are made, reused, replaced and outgrown, must have its
-bits. The scenario changes the vectors in every way that bumps no version counter or keeps an
+bits, and so must the gradients of eval outputs with a graph (whose backward reads the kept mean
+and invstd). The scenario changes the vectors in every way that bumps no version counter or keeps an
 address (writes through ``.data``, a layer freed and another made in its memory, eps changed in
 place), cycles more layers than the cache holds, and runs layers in two Python threads at once.
 """
@@ -71,6 +72,15 @@ def scenario() -> list[torch.Tensor]:
         inputs = [torch.randn(4, m.num_features, generator=gen) for m in many]
         for _ in range(2):
             out += [m(t) for m, t in zip(many, inputs)]
+    # outputs with a graph (inference outside no_grad, frozen statistics while training): the mean
+    # and invstd kept with the coefficients go to the backward
+    frozen = _layer(512, 4)
+    xg = torch.randn(64, 512, generator=gen, requires_grad=True)  # two threads, each its own coefficients
+    for step in range(3):
+        for _ in range(2):  # made, then reused
+            y = frozen(xg)
+            out += [y.detach(), *torch.autograd.grad(y.square().sum(), [xg, frozen.weight, frozen.bias])]
+        frozen.running_var.data[step] += 0.5
     return out
 
 

@@ -44,6 +44,7 @@
 #define bn_normalize BNLAB_PASTE(bn_normalize, BNLAB_PART_DTYPE)
 #define bn_eval_backward BNLAB_PASTE(bn_eval_backward, BNLAB_PART_DTYPE)
 #define bn_eval BNLAB_PASTE(bn_eval, BNLAB_PART_DTYPE)
+#define bn_eval_graph BNLAB_PASTE(bn_eval_graph, BNLAB_PART_DTYPE)
 #define bn_grad_input BNLAB_PASTE(bn_grad_input, BNLAB_PART_DTYPE)
 #elif defined(BNLAB_PART_MAIN)
 #define BNLAB_KERNELS_FOR(code) 0
