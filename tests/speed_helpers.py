@@ -32,6 +32,11 @@ def assert_close(actual, expected, tol: float, what: str) -> None:
     assert err <= tol, f"{what}: relative error {err:.3g} exceeds {tol:.1g}"
 
 
+def assert_same_values(actual, expected, what: str = "") -> None:
+    """The same values to the bit, NaN where the other has NaN (any NaN payload)."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
 def make_input(shape, layout="nchw", dtype=torch.float32, seed=0, mean=0.0, std=1.0) -> torch.Tensor:
     """Random input of the given memory layout: nchw (contiguous), cl (channels-last), cf (channels first), strided."""
     gen = torch.Generator().manual_seed(seed)

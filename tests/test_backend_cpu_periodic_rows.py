@@ -15,6 +15,7 @@ import torch
 
 from bnlab.backends import get_backend
 from bnlab.backends.cpu import layout_of
+from speed_helpers import assert_same_values
 
 CPU = get_backend("cpu")
 pytestmark = pytest.mark.skipif(CPU.kernels() is None, reason="the CPU kernels did not build")
@@ -44,24 +45,16 @@ def _from_ncl(t: torch.Tensor) -> torch.Tensor:
     return t.squeeze(0).t()
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
-
-
 @pytest.mark.parametrize("c,rows", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bf16_periodic_rows_have_the_bits_of_the_ncl_walk(c, rows, threads):
-    before = torch.get_num_threads()
+def test_bf16_periodic_rows_have_the_bits_of_the_ncl_walk(c, rows, threads, keep_threads):
     torch.set_num_threads(threads)
-    try:
-        x, dy, mean, invstd, weight, bias, (sum_dy, sum_dy_xhat) = _inputs(rows, c, seed=c + rows)
-        y = CPU.normalize(x, mean, invstd, weight, bias)
-        y_ncl = _from_ncl(CPU.normalize(_as_ncl(x), mean, invstd, weight, bias))
-        assert layout_of(x)[0] == 1 and layout_of(_as_ncl(x))[0] == 0  # NLC against NCL
-        assert 0 < y[:, 1].float().abs().max() < 1.2e-38 and y.isnan().any()
-        assert _same(y, y_ncl)
-        dx = CPU.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, rows)
-        dx_ncl = _from_ncl(CPU.grad_input(_as_ncl(dy), _as_ncl(x), mean, invstd, weight, sum_dy, sum_dy_xhat, rows))
-        assert _same(dx, dx_ncl)
-    finally:
-        torch.set_num_threads(before)
+    x, dy, mean, invstd, weight, bias, (sum_dy, sum_dy_xhat) = _inputs(rows, c, seed=c + rows)
+    y = CPU.normalize(x, mean, invstd, weight, bias)
+    y_ncl = _from_ncl(CPU.normalize(_as_ncl(x), mean, invstd, weight, bias))
+    assert layout_of(x)[0] == 1 and layout_of(_as_ncl(x))[0] == 0  # NLC against NCL
+    assert 0 < y[:, 1].float().abs().max() < 1.2e-38 and y.isnan().any()
+    assert_same_values(y, y_ncl, "y")
+    dx = CPU.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, rows)
+    dx_ncl = _from_ncl(CPU.grad_input(_as_ncl(dy), _as_ncl(x), mean, invstd, weight, sum_dy, sum_dy_xhat, rows))
+    assert_same_values(dx, dx_ncl, "dx")
