@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+import bnlab
 from bench_cases import bn_layer, make_input, positive_int
 from bench_timing import median_us
 
@@ -34,8 +35,6 @@ SHAPES = ((2, 8192), (8, 2048), (1, 2048, 7, 7), (1, 512, 14, 14), (16, 100), (2
 def child(threads: int, samples: int, reps: int) -> dict:
     """{shape text: {"bnlab": us, "torch.nn": us, "copy_": us, "bnlab graph": us, "torch.nn graph": us}} in
     this process (its cache setting)."""
-    import bnlab
-
     torch.set_num_threads(threads)
     out = {}
     for shape in SHAPES:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import eval_cache_ab  # noqa: E402
 
 
-def test_the_child_times_each_shape_five_ways(monkeypatch):
+def test_the_child_times_each_shape_five_ways(monkeypatch, keep_threads):
     monkeypatch.setattr(eval_cache_ab, "SHAPES", ((2, 64), (1, 8, 3, 3)))
     out = eval_cache_ab.child(threads=1, samples=1, reps=2)
     assert list(out) == ["2,64", "1,8,3,3"]

@@ -40,7 +40,8 @@ def _layer(c: int, seed: int, dtype=torch.float32, affine: bool = True, cls=bnla
 
 
 def scenario() -> list[torch.Tensor]:
-    """The outputs of a fixed sequence of eval calls (torch.no_grad), in order."""
+    """The outputs of a fixed sequence of eval calls (torch.no_grad), in order, on two threads (its
+    caller restores the count: keep_threads)."""
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(SCENARIO_SEED)
     out = []
@@ -115,7 +116,7 @@ def _outputs_with_the_cache_off(tmp_path) -> list[torch.Tensor]:
     return torch.load(path)
 
 
-def test_outputs_have_the_bits_of_the_calls_without_the_cache(tmp_path):
+def test_outputs_have_the_bits_of_the_calls_without_the_cache(tmp_path, keep_threads):
     assert os.environ.get("BNLAB_EVAL_CACHE_BYTES") != "0", "this process must keep coefficients"
     off, off_threads = _outputs_with_the_cache_off(tmp_path)
     on, on_threads = scenario(), _run_threads()
