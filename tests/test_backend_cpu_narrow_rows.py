@@ -1,0 +1,77 @@
+"""A call on one thread with at most 16 rows of channels (NLC: (N, C) inputs and channels-last ones
+with N·H·W <= 16) takes the narrow walks of cpu_kernels_nlc.inc (nlc_forward_narrow,
+nlc_backward_narrow): blocks of 256 channels through the whole per-channel work at once, where the
+general walks make C-long passes through per-thread arrays. Each channel gets the same operations
+in the same order, so every result must have the general walks' bits. BNLAB_NLC_NARROW_MAX_BYTES=0
+sends every call to the general walks; the kernels read it once per process, so each side runs in
+a process of its own, over benchmarks/compare_builds.py's results (eval, the training forward
+with its statistics and running averages, the backward with its sums and parameter gradients),
+centred and not, four dtypes, and its three kinds of data (normal; 1e3 ± 0.01; NaN, inf and 3e38
+values, NaNs of other signs and payloads among them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bnlab.backends import get_backend
+
+pytestmark = pytest.mark.skipif(get_backend("cpu").kernels() is None, reason="the CPU kernels did not build")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Rows 1 to 16; channels in whole blocks of 256 and with remainders, widths that the general walk
+# takes with its sums in registers (8 to 64 in steps of 8), odd widths; channels-last (N, C, H, W).
+SHAPES = [
+    (1, 40), (2, 1000), (3, 300), (5, 33), (16, 520), (7, 8), (4, 64), (9, 112), (16, 17), (2, 512),
+    (1, 24, 3, 3), (2, 16, 2, 2), (3, 300, 1, 5),
+]  # fmt: skip
+
+SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    from compare_builds import DATA, DTYPES, make, run
+    from bnlab.backends import cpu_build
+    lib = cpu_build.load()
+    out = {}
+    for shape in json.loads(sys.argv[2]):
+        for dtype in DTYPES:
+            for data in DATA:
+                if data == "offset" and dtype in (torch.bfloat16, torch.float16):
+                    continue  # 16-bit floats hold 1e3 ± 0.01 as a constant
+                cl = len(shape) == 4
+                x, dy = make(tuple(shape), dtype, data, 1, cl), make(tuple(shape), dtype, "normal", 2, cl)
+                for centred in ((1,), (0,)):
+                    for name, t in run(lib, x, dy, 1, centred).items():
+                        t = t.contiguous()
+                        nan = torch.isnan(t)  # any NaN as any NaN, as compare_builds.same_bits
+                        raw = t.masked_fill(nan, 0).view(torch.uint8).numpy().tobytes() + nan.numpy().tobytes()
+                        out[f"{shape} {dtype} {data} centred={centred[0]} {name}"] = hashlib.sha256(raw).hexdigest()
+    print(json.dumps(out))
+    """
+)
+
+
+def _digests(narrow_bound: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "BNLAB_NLC_NARROW_MAX_BYTES"}
+    if narrow_bound is not None:
+        env["BNLAB_NLC_NARROW_MAX_BYTES"] = narrow_bound
+    argv = [sys.executable, "-c", SCRIPT, str(ROOT / "benchmarks"), json.dumps(SHAPES)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_narrow_walks_have_the_general_walks_bits():
+    narrow, general = _digests(None), _digests("0")
+    assert narrow.keys() == general.keys() and len(narrow) == len(SHAPES) * 10 * 2 * 12  # 10 dtype-data pairs, 12 results
+    differ = sorted(key for key in narrow if narrow[key] != general[key])
+    assert not differ, f"{len(differ)} results differ, e.g. {differ[:8]}"
