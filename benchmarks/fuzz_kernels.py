@@ -71,6 +71,8 @@ SETTINGS = {
     "ncl-groups": {"BNLAB_NCL_FLAT_MAX_BYTES": "0", "BNLAB_NCL_GROUP_BYTES": str(1 << 20)},
     "nlc-rows": {"BNLAB_NLC_GROUP_MAX_BYTES": "0"},
     "nlc-groups": {"BNLAB_NLC_GROUP_MAX_BYTES": str(1 << 40)},
+    # inputs of at most 16 rows on one thread through the general NLC walks, not the narrow ones
+    "nlc-general": {"BNLAB_NLC_NARROW_MAX_BYTES": "0"},
     "last-first": {"BNLAB_LAST_FIRST_MIN_BYTES": "0"},
     "write-ahead": {"BNLAB_WRITE_AHEAD_MIN_BYTES": "0"},
     "no-pool": {"BNLAB_CPU_CACHE_BYTES": "0"},
