@@ -1,13 +1,14 @@
-"""A call on one thread with at most 16 rows of channels (NLC: (N, C) inputs and channels-last ones
-with N·H·W <= 16) takes the narrow walks of cpu_kernels_nlc.inc (nlc_forward_narrow,
+"""Calls with at most 16 rows of channels (NLC: (N, C) inputs, and channels-last ones with
+N·H·W <= 16) take the narrow walks of cpu_kernels_nlc.inc (nlc_forward_narrow,
 nlc_backward_narrow): blocks of 256 channels through the whole per-channel work at once, where the
-general walks make C-long passes through per-thread arrays. Each channel gets the same operations
-in the same order, so every result must have the general walks' bits. BNLAB_NLC_NARROW_MAX_BYTES=0
-sends every call to the general walks; the kernels read it once per process, so each side runs in
-a process of its own, over benchmarks/compare_builds.py's results (eval, the training forward
-with its statistics and running averages, the backward with its sums and parameter gradients),
-centred and not, four dtypes, and its three kinds of data (normal; 1e3 ± 0.01; NaN, inf and 3e38
-values, NaNs of other signs and payloads among them)."""
+general walks make C-long passes through per-thread arrays; on several threads the narrow walks
+split the channels, not the rows. Each channel gets the operations of the general walks on one
+thread, in the same order, so every result must have their one-thread bits, on one to three
+threads. BNLAB_NLC_NARROW_MAX_BYTES=0 sends every call to the general walks; the kernels read it
+once per process, so each side runs in a process of its own, over benchmarks/compare_builds.py's
+results (eval, the training forward with its statistics and running averages, the backward with
+its sums and parameter gradients), centred and not, four dtypes, and its three kinds of data
+(normal; 1e3 ± 0.01; NaN, inf and 3e38 values, NaNs of other signs and payloads among them)."""
 
 from __future__ import annotations
 
@@ -50,28 +51,38 @@ SCRIPT = textwrap.dedent(
                 cl = len(shape) == 4
                 x, dy = make(tuple(shape), dtype, data, 1, cl), make(tuple(shape), dtype, "normal", 2, cl)
                 for centred in ((1,), (0,)):
-                    for name, t in run(lib, x, dy, 1, centred).items():
-                        t = t.contiguous()
-                        nan = torch.isnan(t)  # any NaN as any NaN, as compare_builds.same_bits
-                        raw = t.masked_fill(nan, 0).view(torch.uint8).numpy().tobytes() + nan.numpy().tobytes()
-                        out[f"{shape} {dtype} {data} centred={centred[0]} {name}"] = hashlib.sha256(raw).hexdigest()
+                    for nt in json.loads(sys.argv[3]):
+                        for name, t in run(lib, x, dy, nt, centred).items():
+                            t = t.contiguous()
+                            nan = torch.isnan(t)  # any NaN as any NaN, as compare_builds.same_bits
+                            raw = t.masked_fill(nan, 0).view(torch.uint8).numpy().tobytes() + nan.numpy().tobytes()
+                            key = f"{shape} {dtype} {data} centred={centred[0]} {name}"
+                            out[f"{key} threads={nt}"] = hashlib.sha256(raw).hexdigest()
     print(json.dumps(out))
     """
 )
 
 
-def _digests(narrow_bound: str | None) -> dict:
+def _digests(narrow_bound: str | None, threads: list[int]) -> dict:
+    """{case and result name: digest} of every case on each of ``threads``, keys ending " threads=N"."""
     env = {k: v for k, v in os.environ.items() if k != "BNLAB_NLC_NARROW_MAX_BYTES"}
     if narrow_bound is not None:
         env["BNLAB_NLC_NARROW_MAX_BYTES"] = narrow_bound
-    argv = [sys.executable, "-c", SCRIPT, str(ROOT / "benchmarks"), json.dumps(SHAPES)]
+    argv = [sys.executable, "-c", SCRIPT, str(ROOT / "benchmarks"), json.dumps(SHAPES), json.dumps(threads)]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_narrow_walks_have_the_general_walks_bits():
-    narrow, general = _digests(None), _digests("0")
-    assert narrow.keys() == general.keys() and len(narrow) == len(SHAPES) * 10 * 2 * 12  # 10 dtype-data pairs, 12 results
-    differ = sorted(key for key in narrow if narrow[key] != general[key])
+def test_the_narrow_walks_have_the_general_walks_bits_on_one_thread_whatever_their_threads():
+    # The general walk on 2-3 threads splits the rows into blocks merged per channel, other sums
+    # than on one; the narrow walks split the channels, each summed as on one thread.
+    narrow, general = _digests(None, [1, 2, 3]), _digests("0", [1])
+    assert len(general) == len(SHAPES) * 10 * 2 * 12  # 10 dtype-data pairs, centred or not, 12 results
+    differ = []
+    for threads in (1, 2, 3):
+        for key, digest in general.items():
+            narrow_key = key.replace(" threads=1", f" threads={threads}")
+            if narrow[narrow_key] != digest:
+                differ.append(narrow_key)
     assert not differ, f"{len(differ)} results differ, e.g. {differ[:8]}"
