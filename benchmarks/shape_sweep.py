@@ -3,7 +3,7 @@
 Claim checked: no performance cliff outside bench_bn.py's six shapes. bench_bn.py measures the
 issue's shapes; this sweep walks the others a user meets (3 channels of a channels-last image,
 a handful of tabular features, rows of 10, 49 or 169 values, 3-d volumes, a batch of 2, a wide
-layer of 8192 units at batch 2) in
+layer of 8192 units at batch 2 and 8) in
 float32, bf16, float16 and float64, training forward, training forward and backward (the input's
 and the parameters' gradients, as a training step asks for them) and eval, and prints every case
 sorted by bnlab's
@@ -29,7 +29,7 @@ from bench_cases import bn_layer, make_input
 SHAPES = (
     (64, 3, 32, 32), (8, 3, 112, 112), (32, 40, 28, 28), (16, 100, 10), (4096, 7), (1024, 300),
     (8, 32, 8, 16, 16), (2, 2048, 7, 7), (512, 64, 1), (64, 96, 1), (4096, 13), (256, 24, 5), (2, 8192),
-    (32, 256, 13, 13),
+    (32, 256, 13, 13), (8, 8192),
 )  # fmt: skip
 MODES = ("train", "backward", "eval")  # backward: the training forward and its backward
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
