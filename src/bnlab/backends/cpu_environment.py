@@ -21,7 +21,7 @@ BYTE_VARIABLES = (
     "BNLAB_NCL_FLAT_MAX_BYTES",  # tuning: two-pass NCL walk below this input size
     "BNLAB_NCL_GROUP_BYTES",  # tuning: NCL channel groups of at most this many input bytes
     "BNLAB_NLC_GROUP_MAX_BYTES",  # tuning: channel-group NLC walk below this input size
-    "BNLAB_NLC_NARROW_MAX_BYTES",  # tuning: narrow NLC walks (at most 16 rows, one thread) up to this size
+    "BNLAB_NLC_NARROW_MAX_BYTES",  # tuning: narrow NLC walks (inputs of at most 16 rows) up to this size
     "BNLAB_WRITE_AHEAD_MIN_BYTES",  # tuning: NCL normalize requests output lines ahead above this size
     "BNLAB_LAST_FIRST_MIN_BYTES",  # tuning: second passes walk a thread's share back from this size
     "BNLAB_EVAL_CACHE_BYTES",  # eval's kept coefficient rows, per thread (0: none kept)
