@@ -1,10 +1,12 @@
 """Quotients by a power-of-two count (cpu_kernels.cpp, with_count): the kernels multiply by the exact
-reciprocal, which must give the bits of the division, subnormals and signs included, and must not
-be fused into the addition after it (GCC contracts a product into a following sum in C++). The
-outside oracle is NumPy's float64 arithmetic, which rounds every operation: invstd must be
-1/sqrt(M2/n + eps) of the kernel's own M2, to the bit, for counts that are powers of two and
-counts that are not, on the narrow, general and NCL walks, one and two threads, with eps 0
-(the quotient alone) and quotients down to subnormal."""
+reciprocal, which must give the bits of the division, subnormals and signs included. The outside
+oracle is NumPy's float64 arithmetic, which rounds every operation: invstd must be
+1/sqrt(M2/n + eps) of the kernel's own M2, to the bit, for counts that are powers of two and counts
+that are not (divided), on the narrow and general NLC walks and the NCL ones (which divide), one and
+two threads, with eps 0 (the quotient alone) and quotients down to subnormal. It fails with every
+count multiplied by its rounded reciprocal. (Whether the product is kept apart from the sum after
+it, with_count's fma form, it cannot see: a power-of-two product is exact, fused or not, but for
+subnormal quotients, which an added eps swamps.)"""
 
 from __future__ import annotations
 
