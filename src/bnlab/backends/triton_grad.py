@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from bnlab.backends.triton_mask import relu_masked
-from bnlab.backends.triton_reduce import dx_constant, minus_remainder, narrow, rounded_mean_constant
+from bnlab.backends.triton_reduce import dx_constant, mean_remainder, minus_remainder, narrow, rounded_mean_constant
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def centred_exactly(x, hi, nlo, dz):
 def minus_lo(stats_ptr, c, hi, ok):
     """-lo, lo = mean - hi rounded to float32, of channels c (the mean: row 0 of stats, float64)."""
     mean = tl.load(stats_ptr + c, mask=ok, other=0.0)
-    return -((mean - hi.to(tl.float64)).to(tl.float32))
+    return -mean_remainder(mean, hi)
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def merge_grad_sums(
     mean = tl.load(stats_ptr + c, mask=c_ok, other=0.0)
     invstd = tl.load(stats_ptr + 2 * C + c, mask=c_ok, other=0.0)
     hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    lo = mean_remainder(mean, hi).to(tl.float64)
     sxh = minus_remainder(sdyx, lo, sdy - count * g.to(tl.float64)) * invstd  # Σ(dz - g)·(x - mean)
     tl.store(sums_ptr + c, sdy, mask=write)
     tl.store(sums_ptr + C + c, sxh, mask=write)

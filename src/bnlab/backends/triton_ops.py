@@ -30,6 +30,7 @@ from bnlab.backends import triton_reduce as red
 from bnlab.backends import triton_small as small
 from bnlab.backends.triton_plan import Plan, Tiles, _cdiv, _pow2, parse_tiles, plan  # noqa: F401  (re-exported)
 from bnlab.elementwise import finite_or_zero
+from bnlab.stats import split_mean
 
 _F64, _F32 = torch.float64, torch.float32
 
@@ -356,8 +357,7 @@ def eval_one_launch(p: Plan) -> bool:
 def grad_input_with(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, p: Plan | None = None):
     """dx from given float64 sums (the primitive SyncBatchNorm uses); coefficients as elementwise.grad_input."""
     p = p or plan(x)
-    hi = mean.to(_F32)
-    lo32 = (mean - hi.to(_F64)).to(_F32)
+    hi, lo32 = split_mean(mean, _F32)
     lo = lo32.to(_F64)
     kk = invstd * (weight.to(_F64) if weight is not None else 1.0)
     a = -kk * invstd * sum_dy_xhat / count

@@ -197,12 +197,20 @@ def stats_nlc_kernel(
 
 
 @triton.jit
+def mean_remainder(mean, hi):
+    """lo of bnlab.stats.split_mean, as float32: the float64 mean less hi, its rounding to float32,
+    rounded to float32 (.to(tl.float64) where float64 arithmetic follows). The one definition the
+    kernels share (the normalize and input-gradient coefficients, the rounded-mean fix-ups)."""
+    return (mean - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
 def normalize_coefficients(mean, invstd, w_ptr, b_ptr, c, ok, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """(hi, scale, shift) of y = (x - hi)·scale + shift for float64 mean and invstd of channels c:
     hi the mean rounded to float32 and the rest of it (lo) folded into the shift, as
     bnlab.stats.split_mean, so that x - hi is exact near the mean. hi float32, the others float64."""
     hi = mean.to(tl.float32)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    lo = mean_remainder(mean, hi).to(tl.float64)
     scale = invstd
     if HAS_W:
         scale = scale * tl.load(w_ptr + c, mask=ok, other=1.0).to(tl.float64)

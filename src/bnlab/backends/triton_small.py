@@ -30,6 +30,7 @@ from bnlab.backends.triton_reduce import (
     counted_factor,
     dx_constant,
     finite_shift,
+    mean_remainder,
     minus_remainder,
     narrow,
     nonfinite_count,
@@ -191,7 +192,7 @@ def small_backward_kernel(
     # the bf16 centred sums (Triton 3.9's ptxas flags) spill 8 bytes.
     mean = tl.load(stats_ptr + c, mask=c_ok, other=0.0)
     invstd = tl.load(stats_ptr + 2 * C + c, mask=c_ok, other=0.0)
-    lo = (mean - hi.to(tl.float64)).to(tl.float32).to(tl.float64)
+    lo = mean_remainder(mean, hi).to(tl.float64)
     # The coefficients of dx = kk·(dz - gh) + (a·(x - hi) + cc) (as merge_grad_sums).
     if CENTRED:
         sxh = minus_remainder(acc_dyx, lo, shifted) * invstd
