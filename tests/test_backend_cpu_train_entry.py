@@ -321,6 +321,35 @@ def test_the_plain_stand_in_is_taken_and_counts_the_batch():
     assert rel_err(layer._buffers["running_mean"], 0.1 * x.mean((0, 2))) <= TOLERANCE[torch.float32]
 
 
+def _versions(layer) -> list[int]:
+    return [layer.running_mean._version, layer.running_var._version, layer.num_batches_tracked._version]
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_buffer_versions_move_as_torch_nns(path, momentum, taken):
+    """The kernels count the batch in num_batches_tracked through its data pointer; its version
+    counter must move as torch.nn's `add_(1)` moves it (the running averages' as torch.nn's kernel
+    leaves theirs: unmoved), and not at all for a batch the non-finite guard skips (nothing
+    counted). With and without a graph, on the compiled call and on the Python path."""
+    x = torch.randn(8, 5, 3)
+    ours, theirs = bnlab.BatchNorm1d(5, momentum=momentum), torch.nn.BatchNorm1d(5, momentum=momentum)
+    with _fastpath.python_path_only() if path == "python" else contextlib.nullcontext():
+        for grad in (True, False, True):
+            with torch.set_grad_enabled(grad):
+                ours(x.clone().requires_grad_(grad))
+                theirs(x.clone().requires_grad_(grad))
+            assert _versions(ours) == _versions(theirs)
+        assert _versions(ours)[2] > 1 and int(ours.num_batches_tracked) == 3
+        bad = x.clone()
+        bad[0, 0, 0] = float("nan")
+        with torch.no_grad():
+            ours(bad)
+        assert _versions(ours) == _versions(theirs) and int(ours.num_batches_tracked) == 3  # skipped
+    # the compiled call took all four calls; python_path_only keeps the Python path off it
+    assert len(taken) == (0 if path == "python" else 4) and None not in taken
+
+
 def test_a_declined_call_leaves_no_error_behind():
     x = torch.randn(3, 4)
     assert ENTRY(_stand_in(x, momentum=10**400), x) is None

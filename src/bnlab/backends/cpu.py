@@ -157,11 +157,14 @@ class CpuBackend(Backend):
         rv, rvc = (running_var.data_ptr(), _CODE[running_var.dtype]) if running_var is not None else (0, 0)
         code = _CODE[x.dtype]
         nt = threads_for(x)
-        self._lib.bn_forward_train(
+        skipped = self._lib.bn_forward_train(
             x.data_ptr(), 0 if y is None else y.data_ptr(), code, layout, n, c, length, w, wc, b, bc, eps,
             stats.data_ptr(), rm, rmc, rv, rvc, 0.0 if momentum is None else momentum,
             0 if nbt is None else nbt.data_ptr(), momentum is None, guard, nt, WAVE_PER_THREAD * nt,
         )  # fmt: skip
+        if nbt is not None and skipped == 0:
+            # counted through its data pointer: its version bumped, as torch.nn's add_(1) bumps it
+            torch.autograd.graph.increment_version(nbt)
         return y, stats, (layout, n, c, length, code, nt)
 
     def train_forward_stats(self, x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,

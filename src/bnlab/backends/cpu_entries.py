@@ -42,7 +42,7 @@ def setup_whole_calls(lib, backend, codes, parallel_min_numel: int, wave_per_thr
         return entry, None
     lib.bn_train_setup(
         kernel_done_apply, eval_done_apply, backend, torch.empty, torch.float64, torch.int64,
-        _COMPILING or (lambda: False), wave_per_thread,
+        _COMPILING or (lambda: False), torch.autograd.graph.increment_version, wave_per_thread,
     )  # fmt: skip
     return entry, lib.bn_train_module
 

@@ -121,6 +121,17 @@ bool grad_enabled() { return c10::GradMode::is_enabled(); }
 
 int num_threads() { return at::get_num_threads(); }
 
+bool increment_version(PyObject* o) {
+  try {
+    if (!THPVariable_Check(o)) return false;
+    const at::Tensor& t = THPVariable_Unpack(o);
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
 PyObject* empty_like(PyObject* x, int64_t* ptr) {
   return guarded([&] { return wrap(at::empty_like(THPVariable_Unpack(x)), ptr); });
 }

@@ -51,6 +51,11 @@ bool modes_active();
 bool grad_enabled();
 int num_threads();
 
+// torch.autograd.graph.increment_version(o) for a tensor o the kernels wrote through its data
+// pointer (none for an inference tensor, which has no version counter). False, with nothing
+// done, where o is not a tensor.
+bool increment_version(PyObject* o);
+
 // New CPU tensors, as new references with *ptr their data, or nullptr with a Python error set:
 //   empty_like: torch.empty_like(x), x a tensor read() accepted;
 //   empty: torch.empty(size, dtype=code), contiguous;
