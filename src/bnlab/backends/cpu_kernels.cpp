@@ -685,6 +685,10 @@ struct Scratch {
 thread_local Scratch tls_scratch;
 
 static inline int64_t split_at(int64_t total, int t, int T) { return total * t / T; }
+// Thread t's first channel of T where the threads split rows of C channels among them (the narrow
+// NLC walks, the centred backward's dy shifts): a static share rounded down to a multiple of 16
+// channels, so that two threads never write one cache line of float32 values (t = T: C).
+static inline int64_t channel_share(int64_t C, int t, int T) { return t >= T ? C : split_at(C, t, T) / 16 * 16; }
 
 // body() on a team of nt threads (an OpenMP parallel region), or for nt <= 1 on the calling thread
 // alone, outside any region. The body's worksharing and barriers (omp for, omp barrier,
