@@ -235,3 +235,31 @@ def sleep_forever(rank: int, world_size: int) -> None:
 
     while True:
         time.sleep(1)
+
+
+class _GroupWitness:
+    """Writes, when it is collected, whether the default process group still existed then.
+
+    It holds itself (a reference cycle, as DistributedDataParallel and its reducer do), so only the
+    garbage collector frees it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.itself = self
+
+    def __del__(self) -> None:
+        import torch.distributed as dist
+
+        with open(self.path, "w") as f:
+            f.write(str(dist.is_initialized()))
+
+
+def leave_a_cycle(rank: int, world_size: int, folder: str) -> int:
+    """Leaves a _GroupWitness in a cycle, with automatic collection off: only a collection the
+    launcher asks for reaches it before the process ends (then, with the group destroyed)."""
+    import gc
+
+    gc.disable()
+    _GroupWitness(f"{folder}/witness{rank}")
+    return rank

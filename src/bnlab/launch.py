@@ -10,6 +10,7 @@ stopped shortly after the first failure, and one error reports what happened on 
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -20,7 +21,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-__all__ = ["run_local_ranks", "LocalRanksError"]
+__all__ = ["run_local_ranks", "LocalRanksError", "leave_process_group"]
 
 
 class LocalRanksError(RuntimeError):
@@ -51,6 +52,23 @@ def _write_atomically(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def leave_process_group() -> None:
+    """``torch.distributed.destroy_process_group()``, after collecting the garbage that may still hold the group.
+
+    DistributedDataParallel and its reducer sit in reference cycles, and the reducer holds the
+    group: after ``destroy_process_group`` alone the group lives on until the garbage collector
+    finds the cycle, which may be at interpreter exit, when the group's gloo threads are torn down
+    with the interpreter half gone. Rank processes of the lab's ``small-batch-sync`` then died now
+    and then with "terminate called without an active exception" (SIGABRT) after reporting their
+    results: 13 of 240 rank processes that had trained a small DDP model, none of 240 with the
+    collection first (benchmarks/rank_exit_aborts.py; docs/benchmark_rounds.md, forty-third session).
+    """
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def _rank_main(rank, world_size, folder, backend, collective_timeout_s, threads, fn, args) -> None:
     """Body of one spawned process: join the group, run fn, write ("ok", value) or ("error", traceback)."""
     try:
@@ -68,7 +86,7 @@ def _rank_main(rank, world_size, folder, backend, collective_timeout_s, threads,
         try:
             payload = ("ok", fn(rank, world_size, *args))
         finally:
-            dist.destroy_process_group()
+            leave_process_group()
         data = pickle.dumps(payload)  # by value: the parent reads it after this process is gone
     except BaseException:  # noqa: BLE001 - everything, including SystemExit, is reported to the parent
         data = pickle.dumps(("error", traceback.format_exc()))

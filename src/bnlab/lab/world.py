@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from bnlab.launch import leave_process_group
+
 __all__ = ["World", "SINGLE", "torchrun_world_size", "current_world", "torchrun_group", "share_from_main",
            "parallel", "default_timeout_s"]
 
@@ -117,7 +119,7 @@ def torchrun_group(device: str, timeout_s: float) -> Iterator[None]:
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        leave_process_group()  # the group may outlive destroy_process_group alone (bnlab.launch)
 
 
 _SHARED_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, FileExistsError)}
