@@ -2,6 +2,7 @@
 
 Public names:
     BatchNorm1d, BatchNorm2d, BatchNorm3d  drop-in replacements for torch.nn's layers
+    LazyBatchNorm1d, LazyBatchNorm2d, ...  their lazy forms, C taken from the first input (as torch.nn's)
     BatchNormAct2d                         BatchNorm2d + residual add + ReLU, fused on GPU
     convert                                swap torch.nn BN layers for bnlab's in a model (and back)
     SyncBatchNorm                          BN over a torch.distributed group (gloo on CPU, NCCL on CUDA)
@@ -24,6 +25,7 @@ from bnlab.backends.cpu_pool import cpu_cache_info, empty_cpu_cache, set_cpu_cac
 from bnlab.convert import convert
 from bnlab.fold import fold
 from bnlab.fused import BatchNormAct2d
+from bnlab.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.sync import SyncBatchNorm
 from bnlab.tools.diagnose import diagnose
@@ -36,6 +38,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "SyncBatchNorm",
     "BatchNormAct2d",
     "convert",

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from torch import nn
 
+from bnlab.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["convert", "rebuild_batchnorm"]
 
-_TORCH_TO_BNLAB = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_TORCH_TO_BNLAB = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    # Lazy layers not yet called: left as they are, they would turn into torch.nn's at the first call.
+    nn.LazyBatchNorm1d: LazyBatchNorm1d,
+    nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    nn.LazyBatchNorm3d: LazyBatchNorm3d,
+}
 _BNLAB_TO_TORCH = {v: k for k, v in _TORCH_TO_BNLAB.items()}
 _TARGETS = {"bnlab": _TORCH_TO_BNLAB, "torch": _BNLAB_TO_TORCH}
 
@@ -22,10 +31,12 @@ def rebuild_batchnorm(old: nn.Module, new_type: type, **extra) -> nn.Module:
     """A layer of ``new_type`` with old's configuration and mode, holding old's parameters and buffers.
 
     The Parameter and buffer objects are shared, not copied. ``extra`` goes to ``new_type``'s
-    constructor (e.g. ``process_group`` for SyncBatchNorm).
+    constructor (e.g. ``process_group`` for SyncBatchNorm). A lazy ``new_type`` (LazyBatchNorm2d)
+    takes no num_features: it gets old's, 0 until old was sized, with old's uninitialized tensors.
     """
+    lazy = issubclass(new_type, nn.modules.lazy.LazyModuleMixin)
     new = new_type(
-        old.num_features,
+        *(() if lazy else (old.num_features,)),
         eps=old.eps,
         momentum=old.momentum,
         affine=old.affine,
@@ -38,12 +49,15 @@ def rebuild_batchnorm(old: nn.Module, new_type: type, **extra) -> nn.Module:
         new.register_parameter(name, getattr(old, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new.register_buffer(name, getattr(old, name))
+    if lazy:
+        new.num_features = old.num_features
     new.train(old.training)
     return new
 
 
 def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d in ``module`` with the other implementation, keeping its state.
+    """Replace every BatchNorm1d/2d/3d (and LazyBatchNorm1d/2d/3d) in ``module`` with the other implementation,
+    keeping its state.
 
     ``convert(model)`` swaps torch.nn's layers for bnlab's; ``convert(model, to="torch")`` swaps
     bnlab's back. Layers are matched by exact type, so subclasses (and SyncBatchNorm, see

@@ -39,6 +39,20 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNLAB_BATCHNORM_TYPES"]
 _TORCH_HAS_BIAS_KWARG = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
 
 
+def checked_layer_arguments(eps, momentum, dtype, **feature_options) -> tuple[float, float | None, dict]:
+    """A bnlab BN layer's constructor arguments checked: (eps, momentum, the feature options).
+
+    ``feature_options``: the options of docs/features.md and track_running_stats; raises naming
+    the argument that is wrong.
+    """
+    options = check_feature_options(**feature_options)
+    eps = _checks.check_eps(eps)
+    momentum = _checks.check_momentum(momentum)
+    if dtype is not None and dtype not in _checks.FLOATING_DTYPES:
+        raise TypeError(f"dtype: expected a floating-point dtype for the parameters and statistics, got {dtype}")
+    return eps, momentum, options
+
+
 class _BatchNormMixin:
     """Shared state checks and forward for bnlab's BatchNorm classes (put before the torch.nn base)."""
 
@@ -75,7 +89,10 @@ class _BatchNormMixin:
         skip_nonfinite: bool = True,
     ) -> None:
         num_features = _checks.check_num_features(num_features)
-        options = check_feature_options(
+        eps, momentum, options = checked_layer_arguments(
+            eps,
+            momentum,
+            dtype,
             virtual_batch_size=virtual_batch_size,
             renorm=renorm,
             rmax=rmax,
@@ -85,14 +102,13 @@ class _BatchNormMixin:
             skip_nonfinite=skip_nonfinite,
             track_running_stats=track_running_stats,
         )
-        eps = _checks.check_eps(eps)
-        momentum = _checks.check_momentum(momentum)
-        if dtype is not None and dtype not in _checks.FLOATING_DTYPES:
-            raise TypeError(f"dtype: expected a floating-point dtype for the parameters and statistics, got {dtype}")
         kwargs = {"bias": bias} if _TORCH_HAS_BIAS_KWARG else {}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         if not _TORCH_HAS_BIAS_KWARG and affine and not bias:
             self.register_parameter("bias", None)
+        self._set_feature_options(options)
+
+    def _set_feature_options(self, options: dict) -> None:
         # Plain attributes, not buffers: the state dict keeps torch.nn's keys (docs/features.md).
         for name, value in options.items():
             setattr(self, name, value)
