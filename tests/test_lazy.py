@@ -107,7 +107,9 @@ def test_a_layer_with_nothing_to_size_still_learns_its_channel_count():
 
 
 def test_convert_swaps_lazy_layers_that_have_not_run_yet():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LazyBatchNorm2d(eps=1e-3), nn.ReLU(), nn.Flatten(), nn.LazyBatchNorm1d())
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.LazyBatchNorm2d(eps=1e-3), nn.ReLU(), nn.Flatten(), nn.LazyBatchNorm1d()
+    )
     weight = model[1].weight
     bnlab.convert(model)
     assert type(model[1]) is bnlab.LazyBatchNorm2d and type(model[4]) is bnlab.LazyBatchNorm1d
@@ -130,3 +132,23 @@ def test_convert_keeps_a_checkpoints_channel_count_both_ways():
     assert type(model[0]) is bnlab.LazyBatchNorm2d and model[0].num_features == 7
     model(torch.randn(2, 7, 3, 3))
     assert type(model[0]) is bnlab.BatchNorm2d and model[0].num_features == 7
+
+
+@pytest.mark.parametrize("lazy", [bnlab.LazyBatchNorm2d, nn.LazyBatchNorm2d])
+@pytest.mark.parametrize(
+    "tool",
+    [
+        lambda model, data: bnlab.freeze(model),
+        lambda model, data: bnlab.recalibrate(model, data),
+        lambda model, data: bnlab.diagnose(model, data),
+    ],
+    ids=["freeze", "recalibrate", "diagnose"],
+)
+def test_the_tools_name_a_lazy_layer_that_has_not_run_and_work_once_it_has(lazy, tool):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), lazy(), nn.ReLU())
+    data = [torch.randn(4, 3, 6, 6) for _ in range(2)]
+    expected = f"model: expected BN layers whose num_features is known, got an uninitialized {lazy.__name__} at '1'"
+    with pytest.raises(ValueError, match=expected):
+        tool(model, data)
+    model(data[0])
+    tool(model, data)

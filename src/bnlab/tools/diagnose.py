@@ -151,7 +151,7 @@ def diagnose(
     """
     check_module(model)
     num_batches = check_num_batches(num_batches)
-    layers = batchnorm_layers(model)
+    layers = batchnorm_layers(model, sized=True)
     probes = {name: _LayerProbe(layer) for name, layer in layers}
 
     def on_input(name, layer, x, mask):

@@ -50,7 +50,7 @@ def freeze(model: nn.Module, affine: bool = True) -> nn.Module:
     """
     if not isinstance(affine, bool):
         raise TypeError(f"affine: expected a bool, got {type(affine).__name__} {affine!r}")
-    for _, layer in batchnorm_layers(model):
+    for _, layer in batchnorm_layers(model, sized=True):
         state = getattr(layer, _STATE, None)
         if state is None:
             handles = [

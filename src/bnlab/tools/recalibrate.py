@@ -106,7 +106,7 @@ def recalibrate(
     num_batches = check_num_batches(num_batches)
     layers = [
         (name, layer)
-        for name, layer in batchnorm_layers(model)
+        for name, layer in batchnorm_layers(model, sized=True)
         if layer.track_running_stats and layer.running_mean is not None and not is_frozen(layer)
     ]
     totals = {name: empty_moments(layer.num_features, layer.running_mean.device) for name, layer in layers}
