@@ -100,3 +100,23 @@ def test_convert_still_round_trips():
 def test_bool_options_are_checked_by_name(name, value):
     with pytest.raises(TypeError, match=name):
         bnlab.BatchNorm1d(3, **{name: value})
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"virtual_batch_size": 2}, "virtual_batch_size=2"),
+        ({"renorm": True, "rmax": 2.0}, "renorm=True"),
+        ({"accumulation_steps": 3}, "accumulation_steps=3"),
+    ],
+)
+def test_convert_to_torch_warns_of_the_training_options_it_drops(options, named):
+    model = torch.nn.Sequential(bnlab.BatchNorm1d(4, **options))
+    with pytest.warns(UserWarning, match=rf"convert: BatchNorm1d\(4\) with {named} becomes torch.nn.BatchNorm1d"):
+        bnlab.convert(model, to="torch")
+    assert type(model[0]) is torch.nn.BatchNorm1d
+
+
+def test_convert_to_torch_is_silent_without_such_options(recwarn):
+    bnlab.convert(torch.nn.Sequential(bnlab.BatchNorm2d(3), bnlab.BatchNorm1d(3, skip_nonfinite=False)), to="torch")
+    assert not [w for w in recwarn if "convert" in str(w.message)]

@@ -7,10 +7,13 @@ state changes: only which code computes BN.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from bnlab.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.variants.options import FEATURE_DEFAULTS
 
 __all__ = ["convert", "rebuild_batchnorm"]
 
@@ -24,6 +27,9 @@ _TORCH_TO_BNLAB = {
     nn.LazyBatchNorm3d: LazyBatchNorm3d,
 }
 _BNLAB_TO_TORCH = {v: k for k, v in _TORCH_TO_BNLAB.items()}
+# bnlab's options that change what a training step computes (docs/features.md); torch.nn has none.
+# (skip_nonfinite, on by default, only matters for a batch torch.nn would let poison its statistics.)
+_TRAINING_OPTIONS = ("virtual_batch_size", "renorm", "accumulation_steps")
 _TARGETS = {"bnlab": _TORCH_TO_BNLAB, "torch": _BNLAB_TO_TORCH}
 
 
@@ -63,6 +69,8 @@ def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
     bnlab's back. Layers are matched by exact type, so subclasses (and SyncBatchNorm, see
     bnlab.SyncBatchNorm.convert_sync_batchnorm) are left alone. Parameters and buffers are
     shared, not copied; forward hooks registered on a replaced layer are not carried over.
+    torch.nn's layers have none of bnlab's options (docs/features.md): converting a layer with
+    Ghost BN, Batch Renormalization or accumulated statistics to torch warns that they are dropped.
 
     Args:
         module: a model, or a single BN layer.
@@ -79,9 +87,23 @@ def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
     mapping = _TARGETS[to]
     new_type = mapping.get(type(module))
     if new_type is not None:
+        if to == "torch":
+            _warn_of_dropped_options(module, new_type)
         return rebuild_batchnorm(module, new_type)
     for name, child in module.named_children():
         converted = convert(child, to)
         if converted is not child:
             setattr(module, name, converted)
     return module
+
+
+def _warn_of_dropped_options(old: nn.Module, new_type: type) -> None:
+    dropped = [f"{n}={getattr(old, n)!r}" for n in _TRAINING_OPTIONS if getattr(old, n) != FEATURE_DEFAULTS[n]]
+    if dropped:
+        warnings.warn(
+            f"convert: {type(old).__name__}({old.num_features}) with {', '.join(dropped)} becomes "
+            f"torch.nn.{new_type.__name__}, which has no such option: in training it normalizes each "
+            f"batch as plain BN",
+            UserWarning,
+            stacklevel=3,
+        )
