@@ -30,6 +30,7 @@ def test_list_names_every_experiment_with_a_runtime(capsys):
     (["run", "nope", "--quick"], "experiment: expected one of"),
     (["run", "conv", "--quick", "--seeds", "a,b"], "--seeds"),
     (["run", "conv", "--quick", "--seeds", "1,1"], "--seeds"),
+    (["run", "init-sweep", "--quick", "--seeds", "0,-1"], "--seeds: expected non-negative integers"),
     (["run", "init-sweep", "--quick", "--dataset", "cifar10"], "--dataset"),
     (["run", "resnet", "--quick", "--dataset", "cifar10"], "data_dir"),
     (["report", "missing-dir"], "config.json"),

@@ -50,6 +50,8 @@ def _parse_seeds(text: str | None) -> list[int] | None:
         raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
     if not seeds:
         raise ValueError(f"--seeds: expected at least one integer, got {text!r}")
+    if min(seeds) < 0:  # numpy's and torch's generators take none (numpy's error named no option)
+        raise ValueError(f"--seeds: expected non-negative integers such as 0,1,2, got {text!r}")
     return seeds
 
 
