@@ -18,24 +18,21 @@ Two things differ from torch.nn, both where torch.nn's lazy layer goes wrong:
 
 from __future__ import annotations
 
-import inspect
 
 from torch import Tensor, nn
 
 from bnlab import _checks
-from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin, checked_layer_arguments
-from bnlab.variants.options import FEATURE_DEFAULTS
+from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
 
 __all__ = ["LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
 _HELD = ("weight", "bias", "running_mean", "running_var")
-_LazyNormBase = nn.modules.batchnorm._LazyNormBase
-# torch added the keyword-only ``bias`` argument to the lazy layers in 2.x, as to the others.
-_LAZY_HAS_BIAS_KWARG = "bias" in inspect.signature(_LazyNormBase.__init__).parameters
 
 
 class _LazyBatchNormMixin(_BatchNormMixin):
     """bnlab's BN (forward, options, checks) on torch.nn's lazy base (put before the torch.nn class)."""
+
+    _lazy = True
 
     def __init__(
         self,
@@ -45,35 +42,11 @@ class _LazyBatchNormMixin(_BatchNormMixin):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
-        *,
-        bias: bool = True,
-        virtual_batch_size: int | None = FEATURE_DEFAULTS["virtual_batch_size"],
-        renorm: bool = FEATURE_DEFAULTS["renorm"],
-        rmax: float = FEATURE_DEFAULTS["rmax"],
-        dmax: float = FEATURE_DEFAULTS["dmax"],
-        renorm_ramp: tuple[int, int] | None = FEATURE_DEFAULTS["renorm_ramp"],
-        accumulation_steps: int = FEATURE_DEFAULTS["accumulation_steps"],
-        skip_nonfinite: bool = FEATURE_DEFAULTS["skip_nonfinite"],
+        **keywords,
     ) -> None:
-        eps, momentum, options = checked_layer_arguments(
-            eps,
-            momentum,
-            dtype,
-            virtual_batch_size=virtual_batch_size,
-            renorm=renorm,
-            rmax=rmax,
-            dmax=dmax,
-            renorm_ramp=renorm_ramp,
-            accumulation_steps=accumulation_steps,
-            skip_nonfinite=skip_nonfinite,
-            track_running_stats=track_running_stats,
-        )
-        # torch.nn's lazy constructor, not _BatchNormMixin's (which wants num_features first).
-        kwargs = {"bias": bias} if _LAZY_HAS_BIAS_KWARG else {}
-        _LazyNormBase.__init__(self, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-        if not _LAZY_HAS_BIAS_KWARG and affine and not bias:
-            self.register_parameter("bias", None)
-        self._set_feature_options(options)
+        """torch.nn.LazyBatchNorm*d's arguments; ``keywords``: ``bias`` and the feature options of
+        :class:`bnlab.BatchNorm1d` (keyword only), checked there."""
+        super().__init__(None, eps, momentum, affine, track_running_stats, device, dtype, **keywords)
 
     def initialize_parameters(self, input: Tensor, mask: Tensor | None = None) -> None:
         """The first call's pre-hook (LazyModuleMixin): size and initialize from ``input`` (N, C, *)."""

@@ -58,6 +58,8 @@ class _BatchNormMixin:
 
     #: input ranks accepted by the class, e.g. (2, 3) for BatchNorm1d.
     _ranks: tuple[int, ...] = ()
+    #: built without num_features, on torch.nn's lazy base (bnlab.lazy).
+    _lazy: bool = False
 
     # Feature options (docs/features.md), set per layer by __init__; these class-level values are the
     # defaults, so a layer unpickled from before the options existed behaves as torch.nn's.
@@ -88,7 +90,8 @@ class _BatchNormMixin:
         accumulation_steps: int = 1,
         skip_nonfinite: bool = True,
     ) -> None:
-        num_features = _checks.check_num_features(num_features)
+        # A lazy layer (bnlab.lazy) has no num_features yet, and torch.nn's lazy base takes none.
+        sized = () if self._lazy else (_checks.check_num_features(num_features),)
         eps, momentum, options = checked_layer_arguments(
             eps,
             momentum,
@@ -103,7 +106,7 @@ class _BatchNormMixin:
             track_running_stats=track_running_stats,
         )
         kwargs = {"bias": bias} if _TORCH_HAS_BIAS_KWARG else {}
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        super().__init__(*sized, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         if not _TORCH_HAS_BIAS_KWARG and affine and not bias:
             self.register_parameter("bias", None)
         self._set_feature_options(options)
