@@ -18,7 +18,6 @@ Two things differ from torch.nn, both where torch.nn's lazy layer goes wrong:
 
 from __future__ import annotations
 
-
 from torch import Tensor, nn
 
 from bnlab import _checks

@@ -39,20 +39,6 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNLAB_BATCHNORM_TYPES"]
 _TORCH_HAS_BIAS_KWARG = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
 
 
-def checked_layer_arguments(eps, momentum, dtype, **feature_options) -> tuple[float, float | None, dict]:
-    """A bnlab BN layer's constructor arguments checked: (eps, momentum, the feature options).
-
-    ``feature_options``: the options of docs/features.md and track_running_stats; raises naming
-    the argument that is wrong.
-    """
-    options = check_feature_options(**feature_options)
-    eps = _checks.check_eps(eps)
-    momentum = _checks.check_momentum(momentum)
-    if dtype is not None and dtype not in _checks.FLOATING_DTYPES:
-        raise TypeError(f"dtype: expected a floating-point dtype for the parameters and statistics, got {dtype}")
-    return eps, momentum, options
-
-
 class _BatchNormMixin:
     """Shared state checks and forward for bnlab's BatchNorm classes (put before the torch.nn base)."""
 
@@ -92,10 +78,7 @@ class _BatchNormMixin:
     ) -> None:
         # A lazy layer (bnlab.lazy) has no num_features yet, and torch.nn's lazy base takes none.
         sized = () if self._lazy else (_checks.check_num_features(num_features),)
-        eps, momentum, options = checked_layer_arguments(
-            eps,
-            momentum,
-            dtype,
+        options = check_feature_options(
             virtual_batch_size=virtual_batch_size,
             renorm=renorm,
             rmax=rmax,
@@ -105,13 +88,14 @@ class _BatchNormMixin:
             skip_nonfinite=skip_nonfinite,
             track_running_stats=track_running_stats,
         )
+        eps = _checks.check_eps(eps)
+        momentum = _checks.check_momentum(momentum)
+        if dtype is not None and dtype not in _checks.FLOATING_DTYPES:
+            raise TypeError(f"dtype: expected a floating-point dtype for the parameters and statistics, got {dtype}")
         kwargs = {"bias": bias} if _TORCH_HAS_BIAS_KWARG else {}
         super().__init__(*sized, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         if not _TORCH_HAS_BIAS_KWARG and affine and not bias:
             self.register_parameter("bias", None)
-        self._set_feature_options(options)
-
-    def _set_feature_options(self, options: dict) -> None:
         # Plain attributes, not buffers: the state dict keeps torch.nn's keys (docs/features.md).
         for name, value in options.items():
             setattr(self, name, value)
