@@ -145,6 +145,23 @@ def test_folding_a_model_in_training_mode_warns_and_changes_nothing():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+@pytest.mark.parametrize("lazy", [bnlab.LazyBatchNorm2d, nn.LazyBatchNorm2d])
+def test_a_lazy_layer_not_yet_run_is_named_and_folds_once_it_has(lazy):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), lazy(), nn.ReLU()).eval()
+    with pytest.warns(UserWarning, match=r"1 BatchNorm layer\(s\) lazy and not yet run left unfolded \(1\); run one"):
+        bnlab.fold(model)
+    assert isinstance(model[1], lazy)
+    x = torch.randn(2, 3, 5, 5)
+    model.train()(x)
+    model.eval()
+    before = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bnlab.fold(model)
+    assert isinstance(model[1], nn.Identity)
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
 def test_float32_model_stays_close_and_reused_layer_is_not_folded():
     torch.manual_seed(1)
     conv = nn.Conv2d(3, 3, 3, padding=1)

@@ -177,23 +177,29 @@ def _check_model(model: object) -> None:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
 
-def _warn_training_layers(model: nn.Module) -> None:
-    """A UserWarning naming the BN layers with running statistics that are in training mode: fold
-    leaves them (they normalize with each batch's statistics), most likely because model.eval()
-    was not called."""
-    training = [
-        name or type(m).__name__
-        for name, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and m.training and getattr(m, "running_mean", None) is not None
-    ]
-    if training:
-        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
-        warnings.warn(
-            f"bnlab.fold: {len(training)} BatchNorm layer(s) in training mode left unfolded ({shown}); "
-            "call model.eval() first to fold them",
-            UserWarning,
-            stacklevel=3,
-        )
+def _warn_of_layers_left(model: nn.Module) -> None:
+    """A UserWarning naming the BN layers with running statistics that fold leaves because of their
+    state: in training mode (they normalize with each batch's statistics; most likely model.eval()
+    was not called), or lazy and not yet run (no statistics yet: LazyBatchNorm2d)."""
+    training, unsized = [], []
+    for name, m in model.named_modules():
+        if not isinstance(m, _BatchNorm) or getattr(m, "running_mean", None) is None:
+            continue
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            unsized.append(name or type(m).__name__)
+        elif m.training:
+            training.append(name or type(m).__name__)
+    for names, state, remedy in (
+        (training, "in training mode", "call model.eval() first to fold them"),
+        (unsized, "lazy and not yet run", "run one batch through the model first, then model.eval()"),
+    ):
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            warnings.warn(
+                f"bnlab.fold: {len(names)} BatchNorm layer(s) {state} left unfolded ({shown}); {remedy}",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -212,7 +218,8 @@ def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
     its bias shifted. Each folded BN (torch.nn's, bnlab's, SyncBatchNorm) is replaced by
     nn.Identity; bnlab.BatchNormAct2d keeps its activation, and so folds only into the layer
     before it. Grouped and depthwise convolutions are handled. Training-mode BN layers (with a
-    UserWarning naming them: ``model.eval()`` was most likely not called), BN layers without
+    UserWarning naming them: ``model.eval()`` was most likely not called), lazy BN layers that
+    have not run yet (with a UserWarning too), BN layers without
     running statistics, and layers whose weight or bias another module shares (tied weights:
     folding would change the other module too) are left alone. A Linear pairs with a BN that is not a
     BatchNorm2d/3d when the feature counts match: the usual (N, features) activations are
@@ -231,7 +238,7 @@ def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
     _check_model(model)
     if not isinstance(into_next, bool):
         raise TypeError(f"into_next: expected a bool, got {type(into_next).__name__}")
-    _warn_training_layers(model)
+    _warn_of_layers_left(model)
     modules = dict(model.named_modules())
     for layer_name, bn_name in foldable_pairs(model):
         bn = modules[bn_name]
