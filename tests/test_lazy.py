@@ -152,3 +152,16 @@ def test_the_tools_name_a_lazy_layer_that_has_not_run_and_work_once_it_has(lazy,
         tool(model, data)
     model(data[0])
     tool(model, data)
+
+
+@pytest.mark.parametrize("lazy_base_takes_bias", [True, False])
+def test_bias_false_on_a_torch_whose_lazy_base_lacks_the_argument(monkeypatch, lazy_base_takes_bias):
+    # torch releases before the keyword: the layer drops the bias itself (bnlab.modules).
+    from bnlab import modules
+
+    monkeypatch.setattr(modules, "_LAZY_HAS_BIAS_KWARG", lazy_base_takes_bias)
+    layer = bnlab.LazyBatchNorm2d(bias=False)
+    assert layer.bias is None and "bias" not in layer.state_dict()
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(layer(x), bnlab.BatchNorm2d(3, bias=False)(x), atol=0, rtol=0)
+    assert layer.bias is None and layer.weight.shape == (3,)

@@ -37,6 +37,8 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNLAB_BATCHNORM_TYPES"]
 
 # torch added the keyword-only ``bias`` argument to _NormBase in 2.x; older releases lack it.
 _TORCH_HAS_BIAS_KWARG = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
+# and to the lazy layers' base (bnlab.lazy), asked separately: nothing ties the two in older releases.
+_LAZY_HAS_BIAS_KWARG = "bias" in inspect.signature(nn.modules.batchnorm._LazyNormBase.__init__).parameters
 
 
 class _BatchNormMixin:
@@ -92,9 +94,10 @@ class _BatchNormMixin:
         momentum = _checks.check_momentum(momentum)
         if dtype is not None and dtype not in _checks.FLOATING_DTYPES:
             raise TypeError(f"dtype: expected a floating-point dtype for the parameters and statistics, got {dtype}")
-        kwargs = {"bias": bias} if _TORCH_HAS_BIAS_KWARG else {}
+        takes_bias = _LAZY_HAS_BIAS_KWARG if self._lazy else _TORCH_HAS_BIAS_KWARG
+        kwargs = {"bias": bias} if takes_bias else {}
         super().__init__(*sized, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-        if not _TORCH_HAS_BIAS_KWARG and affine and not bias:
+        if not takes_bias and affine and not bias:
             self.register_parameter("bias", None)
         # Plain attributes, not buffers: the state dict keeps torch.nn's keys (docs/features.md).
         for name, value in options.items():
