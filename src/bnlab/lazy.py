@@ -10,7 +10,9 @@ first call.
 Two things differ from torch.nn, both where torch.nn's lazy layer goes wrong:
 
 - the first input is checked (type, rank) before it sizes anything, so a wrong input raises
-  the layers' usual errors instead of an IndexError;
+  the layers' usual errors and leaves the layer lazy (torch.nn's LazyBatchNorm2d sizes itself
+  from a 2-D (4, 5) input, becoming a BatchNorm2d of 5 channels, before it raises; a 1-D input
+  to LazyBatchNorm1d raises an IndexError);
 - ``num_features`` follows what the layer holds: loaded from a checkpoint, it is the
   checkpoint's channel count; without parameters or statistics (affine=False,
   track_running_stats=False), the first input's. torch.nn's lazy layers keep 0 in both cases.
