@@ -130,3 +130,28 @@ def test_convert_a_single_layer_returns_its_replacement():
     layer = nn.BatchNorm1d(3)
     new = bnlab.convert(layer)
     assert type(new) is bnlab.BatchNorm1d and new.weight is layer.weight and new.running_var is layer.running_var
+
+
+def test_convert_swaps_sync_batchnorm_both_ways_keeping_its_group_and_tensors():
+    group = object()  # stands for a process group: only its identity is carried over
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.SyncBatchNorm(6, momentum=0.3, eps=1e-3, process_group=group))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2)
+        model[1].bias.uniform_(-1, 1)
+    reference = copy.deepcopy(model)
+    tensors = [model[1].weight, model[1].bias, model[1].running_mean, model[1].running_var]
+    bnlab.convert(model)
+    layer = model[1]
+    assert type(layer) is bnlab.SyncBatchNorm and layer.process_group is group
+    assert (layer.momentum, layer.eps, layer.training) == (0.3, 1e-3, True)
+    assert all(a is b for a, b in zip([layer.weight, layer.bias, layer.running_mean, layer.running_var], tensors))
+    x = torch.randn(10, 4, dtype=torch.float32)
+    # No process group exists here: both layers are local BN, in training and in eval.
+    assert_close(model(x), reference(x), 2e-4, "training")
+    assert_close(layer.running_var, reference[1].running_var, 1e-6, "running_var")
+    model.eval()
+    reference.eval()
+    assert_close(model(x), reference(x), 2e-6, "eval")
+    bnlab.convert(model, to="torch")
+    assert type(model[1]) is nn.SyncBatchNorm and model[1].process_group is group and model[1].weight is tensors[0]

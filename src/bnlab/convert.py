@@ -62,13 +62,15 @@ def rebuild_batchnorm(old: nn.Module, new_type: type, **extra) -> nn.Module:
 
 
 def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d (and LazyBatchNorm1d/2d/3d) in ``module`` with the other implementation,
-    keeping its state.
+    """Replace every BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d and SyncBatchNorm in ``module`` with the other
+    implementation, keeping its state.
 
     ``convert(model)`` swaps torch.nn's layers for bnlab's; ``convert(model, to="torch")`` swaps
-    bnlab's back. Layers are matched by exact type, so subclasses (and SyncBatchNorm, see
-    bnlab.SyncBatchNorm.convert_sync_batchnorm) are left alone. Parameters and buffers are
-    shared, not copied; forward hooks registered on a replaced layer are not carried over.
+    bnlab's back. torch.nn.SyncBatchNorm and bnlab.SyncBatchNorm are swapped too, keeping their
+    process group (bnlab's also trains on CPU, over gloo). Layers are matched by exact type, so
+    subclasses are left alone (bnlab.SyncBatchNorm.convert_sync_batchnorm makes every BN layer a
+    synchronised one). Parameters and buffers are shared, not copied; forward hooks registered on
+    a replaced layer are not carried over.
     torch.nn's layers have none of bnlab's options (docs/features.md): converting a layer with
     Ghost BN, Batch Renormalization or accumulated statistics to torch warns that they are dropped.
 
@@ -86,10 +88,13 @@ def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
         raise ValueError(f"to: expected 'bnlab' or 'torch', got {to!r}")
     mapping = _TARGETS[to]
     new_type = mapping.get(type(module))
+    if new_type is None:
+        new_type = _sync_counterpart(type(module), to)
     if new_type is not None:
         if to == "torch":
             _warn_of_dropped_options(module, new_type)
-        return rebuild_batchnorm(module, new_type)
+        extra = {"process_group": module.process_group} if hasattr(module, "process_group") else {}
+        return rebuild_batchnorm(module, new_type, **extra)
     for name, child in module.named_children():
         converted = convert(child, to)
         if converted is not child:
@@ -107,3 +112,15 @@ def _warn_of_dropped_options(old: nn.Module, new_type: type) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def _sync_counterpart(kind: type, to: str) -> type | None:
+    """torch.nn.SyncBatchNorm's and bnlab.SyncBatchNorm's counterpart for ``to``, or None for other types.
+
+    Looked up here, not in the tables: bnlab.sync imports this module (rebuild_batchnorm).
+    """
+    from bnlab.sync import SyncBatchNorm
+
+    pairs = {"bnlab": (nn.SyncBatchNorm, SyncBatchNorm), "torch": (SyncBatchNorm, nn.SyncBatchNorm)}
+    old, new = pairs[to]
+    return new if kind is old else None
