@@ -7,6 +7,7 @@ state changes: only which code computes BN.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 from torch import nn
@@ -26,11 +27,22 @@ _TORCH_TO_BNLAB = {
     nn.LazyBatchNorm2d: LazyBatchNorm2d,
     nn.LazyBatchNorm3d: LazyBatchNorm3d,
 }
-_BNLAB_TO_TORCH = {v: k for k, v in _TORCH_TO_BNLAB.items()}
 # bnlab's options that change what a training step computes (docs/features.md); torch.nn has none.
 # (skip_nonfinite, on by default, only matters for a batch torch.nn would let poison its statistics.)
 _TRAINING_OPTIONS = ("virtual_batch_size", "renorm", "accumulation_steps")
-_TARGETS = {"bnlab": _TORCH_TO_BNLAB, "torch": _BNLAB_TO_TORCH}
+_TARGETS = ("bnlab", "torch")
+
+
+@functools.cache
+def _mapping(to: str) -> dict:
+    """{old type: new type} for ``to``: the table above and the SyncBatchNorm pair, both ways.
+
+    Completed at the first call: bnlab.sync imports this module (rebuild_batchnorm).
+    """
+    from bnlab.sync import SyncBatchNorm
+
+    to_bnlab = {**_TORCH_TO_BNLAB, nn.SyncBatchNorm: SyncBatchNorm}
+    return to_bnlab if to == "bnlab" else {new: old for old, new in to_bnlab.items()}
 
 
 def rebuild_batchnorm(old: nn.Module, new_type: type, **extra) -> nn.Module:
@@ -86,10 +98,7 @@ def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     if to not in _TARGETS:
         raise ValueError(f"to: expected 'bnlab' or 'torch', got {to!r}")
-    mapping = _TARGETS[to]
-    new_type = mapping.get(type(module))
-    if new_type is None:
-        new_type = _sync_counterpart(type(module), to)
+    new_type = _mapping(to).get(type(module))
     if new_type is not None:
         if to == "torch":
             _warn_of_dropped_options(module, new_type)
@@ -112,15 +121,3 @@ def _warn_of_dropped_options(old: nn.Module, new_type: type) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def _sync_counterpart(kind: type, to: str) -> type | None:
-    """torch.nn.SyncBatchNorm's and bnlab.SyncBatchNorm's counterpart for ``to``, or None for other types.
-
-    Looked up here, not in the tables: bnlab.sync imports this module (rebuild_batchnorm).
-    """
-    from bnlab.sync import SyncBatchNorm
-
-    pairs = {"bnlab": (nn.SyncBatchNorm, SyncBatchNorm), "torch": (SyncBatchNorm, nn.SyncBatchNorm)}
-    old, new = pairs[to]
-    return new if kind is old else None
