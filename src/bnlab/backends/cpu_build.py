@@ -55,6 +55,7 @@ SOURCES = (
     "cpu_kernels_nlc_half.inc",
     "cpu_kernels_nlc_short.inc",
     "cpu_kernels_nlc_rows.inc",
+    "cpu_kernels_nlc_tree.inc",
     "cpu_kernels_nlc.inc",
     "cpu_kernels_api.inc",
     "cpu_kernels_parts.inc",

@@ -768,6 +768,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 #include "cpu_kernels_nlc_half.inc"
 #include "cpu_kernels_nlc_short.inc"
 #include "cpu_kernels_nlc_rows.inc"
+#include "cpu_kernels_nlc_tree.inc"
 #include "cpu_kernels_nlc.inc"
 #include "cpu_kernels_api.inc"
 #ifdef BNLAB_PART_MAIN
