@@ -41,25 +41,19 @@ SCRIPT = textwrap.dedent(
     import hashlib, json, sys
     import torch
     sys.path.insert(0, sys.argv[1])
-    from compare_builds import DATA, DTYPES, make, run
+    from compare_builds import inputs, run
     from bnlab.backends import cpu_build
     lib = cpu_build.load()
     out = {}
-    for shape in json.loads(sys.argv[2]):
-        for dtype in DTYPES:
-            for data in DATA:
-                if data == "offset" and dtype in (torch.bfloat16, torch.float16):
-                    continue  # 16-bit floats hold 1e3 ± 0.01 as a constant
-                cl = len(shape) == 4
-                x, dy = make(tuple(shape), dtype, data, 1, cl), make(tuple(shape), dtype, "normal", 2, cl)
-                for centred in ((1,), (0,)):
-                    for nt in json.loads(sys.argv[3]):
-                        for name, t in run(lib, x, dy, nt, centred).items():
-                            t = t.contiguous()
-                            nan = torch.isnan(t)  # any NaN as any NaN, as compare_builds.same_bits
-                            raw = t.masked_fill(nan, 0).view(torch.uint8).numpy().tobytes() + nan.numpy().tobytes()
-                            key = f"{shape} {dtype} {data} centred={centred[0]} {name}"
-                            out[f"{key} threads={nt}"] = hashlib.sha256(raw).hexdigest()
+    for shape, dtype, data, x, dy in inputs(json.loads(sys.argv[2])):
+        for centred in ((1,), (0,)):
+            for nt in json.loads(sys.argv[3]):
+                for name, t in run(lib, x, dy, nt, centred).items():
+                    t = t.contiguous()
+                    nan = torch.isnan(t)  # any NaN as any NaN, as compare_builds.same_bits
+                    raw = t.masked_fill(nan, 0).view(torch.uint8).numpy().tobytes() + nan.numpy().tobytes()
+                    key = f"{shape} {dtype} {data} centred={centred[0]} {name}"
+                    out[f"{key} threads={nt}"] = hashlib.sha256(raw).hexdigest()
     print(json.dumps(out))
     """
 )
