@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (9000, 40): 9 segments, whole segments to each of two threads, blocks of channels on three;
 # (3000, 100), (300, 200), (2500, 300), (17, 2048): fewer segments than four a thread, blocks of
-# channels from two threads up, remainders of 4 and 8 channels; leaves of four runs from 2048 rows
+# channels from two threads up, remainders of 4 and 8 channels; leaves of four runs from 512 rows
 # up, of two below (one, part of a leaf, for 17 rows), the backward by channels for (17, 2048) on
 # two threads and (300, 200) on three; (1100, 9): one channel past a group of 8; channels-last
 # (8, 64, 20, 20) and (4, 24, 30, 30): rows in registers, whole or in blocks.
