@@ -1,4 +1,4 @@
-"""NLC results (channels-last inputs and (N, C) ones) do not depend on the thread count.
+"""Results do not depend on the thread count: NLC inputs (channels-last, (N, C)) and NCL ones of few channels.
 
 The general NLC walks (cpu_kernels_nlc.inc) used to give each thread a share of the rows and
 reduce it as one sequence, so that from 17 rows up the statistics and gradient sums, and all that
@@ -11,6 +11,11 @@ channel groups with a remainder and row by row (BNLAB_NLC_GROUP_MAX_BYTES=0, rea
 process: hence a process per setting), and the eval-mode backward's fused walk beyond that bound,
 in four dtypes and compare_builds.py's three kinds of data (normal; 1e3 ± 0.01; NaN, inf and
 3e38 values).
+
+NCL inputs of too few channels to give each thread whole channels are walked in waves of chunks
+shared among the threads (cpu_kernels_waves.inc), whose partial statistics were merged in thread
+order: inputs of 3 to 8 channels moved with the thread count too. Each chunk's statistics are now
+merged in chunk order.
 
 The channel groups' remainder of fewer than 8 channels is summed as the last 8 channels' group,
 of which only those channels' sums are kept; the test below holds it to the single channels'
@@ -121,3 +126,26 @@ def test_a_remainder_of_the_channel_groups_has_the_bits_of_single_channels(width
         # each width): compare what depends on the data alone
         for name in ("mean", "M2", "invstd", "sum_dy", "sum_dy_xhat", "dweight", "dbias"):
             assert torch.equal(whole[name][width - tail :], part[name]), (name, nt)
+
+
+# NCL shapes that the waves walk takes on two to four threads ((64, 8, 14, 14) on three), and whose
+# results differed between thread counts before each chunk's statistics were kept apart
+WAVE_SHAPES = [(8, 3, 1600), (2, 5, 2304), (4, 8, 64, 64), (64, 8, 14, 14)]
+
+
+@pytest.mark.parametrize("shape", WAVE_SHAPES)
+def test_ncl_waves_have_the_one_thread_bits_on_two_to_four_threads(shape, keep_threads):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare_builds import dtype_data, make, run, same_bits
+
+    lib = get_backend("cpu").kernels()
+    differ = []
+    for dtype, data in dtype_data():
+        x, dy = make(shape, dtype, data, 1, False), make(shape, dtype, "normal", 2, False)
+        for centred in ((1,), (0,)):
+            first = run(lib, x, dy, 1, centred)
+            for nt in (2, 3, 4):
+                got = run(lib, x, dy, nt, centred)
+                differ += [f"{name} {dtype} {data} centred={centred[0]} threads={nt}" for name in got
+                           if not same_bits(got[name], first[name])]
+    assert not differ, f"{len(differ)} results differ, e.g. {differ[:8]}"
