@@ -44,6 +44,7 @@ SOURCES = (
     "cpu_kernels.cpp",
     "cpu_kernels_sums.inc",
     "cpu_kernels_ncl.inc",
+    "cpu_kernels_ncl_tails.inc",
     "cpu_kernels_coef.inc",
     "cpu_kernels_eval_cache.inc",
     "cpu_kernels_ncl_lines.inc",

@@ -757,6 +757,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 
 #include "cpu_kernels_sums.inc"
 #include "cpu_kernels_ncl.inc"
+#include "cpu_kernels_ncl_tails.inc"
 #include "cpu_kernels_coef.inc"
 #include "cpu_kernels_eval_cache.inc"
 #include "cpu_kernels_ncl_lines.inc"
