@@ -1,17 +1,19 @@
 """NCL rows shorter than a vector: the sums across channels give the per-channel walk's bits.
 
-A float32 row of fewer than 16 values (2x2 and 3x3 maps, a Conv1d output of length 10) has no
-whole vector: every value is in its row's scalar tail, one float64 chain per channel. The channel
+A row of fewer than 16 values (2x2 and 3x3 maps, a Conv1d output of length 10) has no whole
+vector: every value is in its row's scalar tail, one chain of additions per channel. The channel
 groups and the flat walk sum such rows for 8 channels at once (4 with AVX2), one channel per
 vector lane, gathering value l of each row (cpu_kernels_ncl_tails.inc); the per-channel walk
 still sums each channel's rows one after another (chunk_sums, add_grad_row). Each lane does what
 the scalar tail did, in the same order, so every result of the three walks must agree to the
-bit: the statistics and everything normalized with them, the gradient sums, dx, dweight and dbias.
+bit: the statistics and everything normalized with them, the gradient sums, dx, dweight and dbias,
+in float32, bfloat16 and float16 (16-bit values are gathered as the 32-bit word that ends with
+them; the first value of a sample's rows as the word it begins).
 
 The cases cover rows of 2 to 15 values, groups of one and two blocks with remainders (channel
 counts that leave 1 to 7 channels in the last block), one and two threads, the three kinds of
-data of compare_builds.py for x (normal; 1e3 ± 0.01; NaN, inf and 3e38 values), and dy both
-normal and at 1e3 ± 0.01, where the centred backward's shift of dy is not 0 and the sums of
+data of compare_builds.py for x (normal; 1e3 ± 0.01, float32 only; NaN, inf and 3e38 values, with
+NaNs of other bits), and dy both normal and at 1e3 ± 0.01 (float32), where the centred backward's shift of dy is not 0 and the sums of
 dy - shift and of (dy - shift)·(x - mean) differ from those of dy. Each walk runs in a process of
 its own: the walk bounds (BNLAB_NCL_*) are read once per process.
 """
@@ -46,18 +48,19 @@ SCRIPT = textwrap.dedent(
     from compare_builds import make, run
     from bnlab.backends import cpu_build
     lib = cpu_build.load()
+    f32, b16, f16 = torch.float32, torch.bfloat16, torch.float16
+    CASES = [(f32, x, dy) for x in ("normal", "offset", "nonfinite") for dy in ("normal", "offset")]
+    CASES += [(t, x, "normal") for t in (b16, f16) for x in ("normal", "nonfinite")]
     digests = {}
     for shape in json.loads(sys.argv[2]):
-        for data in ("normal", "offset", "nonfinite"):
-            x = make(tuple(shape), torch.float32, data, 1, False)
-            for dy_data in ("normal", "offset"):
-                dy = make(tuple(shape), torch.float32, dy_data, 2, False)
-                for centred in (1, 0):
-                    for nt in (1, 2):
-                        for name, t in run(lib, x, dy, nt, (centred,)).items():
-                            t = t.masked_fill(torch.isnan(t), float("nan"))  # any NaN as any NaN
-                            key = f"{name} {tuple(shape)} x={data} dy={dy_data} centred={centred} threads={nt}"
-                            digests[key] = hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+        for dtype, data, dy_data in CASES:
+            x, dy = make(tuple(shape), dtype, data, 1, False), make(tuple(shape), dtype, dy_data, 2, False)
+            for centred in (1, 0):
+                for nt in (1, 2):
+                    for name, t in run(lib, x, dy, nt, (centred,)).items():
+                        t = t.masked_fill(torch.isnan(t), float("nan")).float()  # any NaN as any NaN
+                        key = f"{name} {tuple(shape)} {dtype} x={data} dy={dy_data} centred={centred} threads={nt}"
+                        digests[key] = hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
     print(json.dumps(digests))
     """
 )
@@ -88,7 +91,59 @@ def by_channel() -> dict[str, str]:
 @pytest.mark.parametrize("walk", ["flat", "groups"])
 def test_short_rows_summed_across_channels_give_the_per_channel_walks_bits(walk, by_channel):
     across = walk_digests(walk)
-    # 8 shapes x 3 kinds of x x 2 of dy x centred or not x 2 thread counts, 12 results each
-    assert len(across) == len(by_channel) == len(SHAPES) * 3 * 2 * 2 * 2 * 12
+    # 8 shapes x 10 pairs of data (6 float32, 2 each 16-bit) x centred or not x 2 thread counts,
+    # 12 results each
+    assert len(across) == len(by_channel) == len(SHAPES) * 10 * 2 * 2 * 12
     differ = [key for key, digest in across.items() if by_channel[key] != digest]
     assert not differ, f"{len(differ)} of {len(across)} results differ, e.g. {differ[:8]}"
+
+
+# Tensors between unreadable pages: one that begins a page and one that ends one. A gather of the
+# word before a 16-bit row's first value, or past the last row, would read the page next to it
+# and kill the process (SIGSEGV), which the test reports.
+GUARDED = textwrap.dedent(
+    """
+    import ctypes, math, mmap, sys
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    from compare_builds import run
+    from bnlab.backends import cpu_build
+    lib = cpu_build.load()
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page, keep = mmap.PAGESIZE, []
+
+    def guarded(shape, dtype, at_end, seed):
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        pages = -(-size // page)
+        buf = mmap.mmap(-1, (pages + 2) * page)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        assert libc.mprotect(base, page, 0) == 0 and libc.mprotect(base + (pages + 1) * page, page, 0) == 0
+        start = base + page + (pages * page - size if at_end else 0)
+        t = torch.frombuffer((ctypes.c_uint8 * size).from_address(start), dtype=dtype).view(shape)
+        t.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype))
+        keep.append(buf)
+        return t
+
+    done = 0
+    for shape in ((33, 20, 10), (50, 3, 2), (40, 37, 3), (128, 70, 4)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for x_at_end in (False, True):
+                x, dy = guarded(shape, dtype, x_at_end, 1), guarded(shape, dtype, not x_at_end, 2)
+                for nt in (1, 2):
+                    got = run(lib, x, dy, nt)
+                    assert all(bool(torch.isfinite(t).all()) for t in got.values()), (shape, dtype)
+                    done += 1
+    print(done)
+    """
+)
+
+
+@pytest.mark.parametrize("walk", ["flat", "groups"])
+def test_short_rows_read_nothing_outside_their_tensors(walk):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BNLAB_NCL_")}
+    env.update(WALKS[walk])
+    done = subprocess.run([sys.executable, "-c", GUARDED, str(ROOT / "benchmarks")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, f"exit {done.returncode} (-11: a read outside the tensor): {done.stderr[-2000:]}"
+    assert done.stdout.split()[-1] == str(4 * 3 * 2 * 2)
