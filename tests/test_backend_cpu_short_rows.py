@@ -37,8 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (rows of L values): (6, 70, 5) groups of 9 channels on one thread (a block of 8 and one of 1);
 # (40, 37, 3), (33, 20, 10), (17, 13, 15): remainders of 5, 4 and 5; (64, 11, 9), (50, 3, 2);
-# (300, 24, 5) and (128, 70, 4): 2^15 values or more, so two threads share them
-SHAPES = [(6, 70, 5), (40, 37, 3), (33, 20, 10), (17, 13, 15), (64, 11, 9), (50, 3, 2), (300, 24, 5), (128, 70, 4)]
+# (300, 24, 5), (128, 70, 4) and (160, 64, 3, 3): 2^15 values or more, so two threads share them,
+# and (in float32; (160, 64, 3, 3) in every dtype) 128 KiB or more, which by default take the
+# groups' sums and then one elementwise pass in memory order (short_rows_two_passes)
+SHAPES = [
+    (6, 70, 5), (40, 37, 3), (33, 20, 10), (17, 13, 15), (64, 11, 9), (50, 3, 2), (300, 24, 5), (128, 70, 4),
+    (160, 64, 3, 3),
+]  # fmt: skip
 
 SCRIPT = textwrap.dedent(
     """
@@ -66,8 +71,10 @@ SCRIPT = textwrap.dedent(
 )
 
 # Every input by channel (or waves of channels), flat (statistics and gradient sums by blocks of
-# samples x channels in memory order), and by channel groups of at most 1 MiB.
+# samples x channels in memory order), by channel groups of at most 1 MiB (fused: the flat bound
+# at 0), and as the default bounds choose (the groups' sums, then a pass in memory order).
 WALKS = {
+    "default": {},
     "channels": {"BNLAB_NCL_FLAT_MAX_BYTES": "0", "BNLAB_NCL_GROUP_BYTES": "0"},
     "flat": {"BNLAB_NCL_FLAT_MAX_BYTES": str(1 << 40), "BNLAB_NCL_GROUP_BYTES": "0"},
     "groups": {"BNLAB_NCL_FLAT_MAX_BYTES": "0", "BNLAB_NCL_GROUP_BYTES": str(1 << 20)},
@@ -88,10 +95,10 @@ def by_channel() -> dict[str, str]:
     return walk_digests("channels")
 
 
-@pytest.mark.parametrize("walk", ["flat", "groups"])
+@pytest.mark.parametrize("walk", ["flat", "groups", "default"])
 def test_short_rows_summed_across_channels_give_the_per_channel_walks_bits(walk, by_channel):
     across = walk_digests(walk)
-    # 8 shapes x 10 pairs of data (6 float32, 2 each 16-bit) x centred or not x 2 thread counts,
+    # 9 shapes x 10 pairs of data (6 float32, 2 each 16-bit) x centred or not x 2 thread counts,
     # 12 results each
     assert len(across) == len(by_channel) == len(SHAPES) * 10 * 2 * 2 * 12
     differ = [key for key, digest in across.items() if by_channel[key] != digest]
@@ -126,7 +133,7 @@ GUARDED = textwrap.dedent(
         return t
 
     done = 0
-    for shape in ((33, 20, 10), (50, 3, 2), (40, 37, 3), (128, 70, 4)):
+    for shape in ((33, 20, 10), (50, 3, 2), (40, 37, 3), (128, 70, 4), (160, 64, 3, 3)):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for x_at_end in (False, True):
                 x, dy = guarded(shape, dtype, x_at_end, 1), guarded(shape, dtype, not x_at_end, 2)
@@ -139,11 +146,11 @@ GUARDED = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("walk", ["flat", "groups"])
+@pytest.mark.parametrize("walk", ["flat", "groups", "default"])
 def test_short_rows_read_nothing_outside_their_tensors(walk):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNLAB_NCL_")}
     env.update(WALKS[walk])
     done = subprocess.run([sys.executable, "-c", GUARDED, str(ROOT / "benchmarks")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, f"exit {done.returncode} (-11: a read outside the tensor): {done.stderr[-2000:]}"
-    assert done.stdout.split()[-1] == str(4 * 3 * 2 * 2)
+    assert done.stdout.split()[-1] == str(5 * 3 * 2 * 2)
