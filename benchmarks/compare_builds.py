@@ -38,8 +38,11 @@ SHAPES = (
     (8, 64, 56, 56), (4, 8, 64, 64), (37, 17, 9, 9), (23, 3, 10, 10), (5, 70, 30), (3, 16, 32, 32),
     (1, 24, 1024), (256, 100), (300, 72), (301, 7), (40, 13), (64, 24, 5), (33, 100, 3), (2, 2048, 7, 7),
     (2, 8192), (3, 1000, 2, 2), (45, 17), (37, 200), (12, 64, 56, 56), (2, 5, 2304), (8, 3, 1600),
-    (64, 8, 14, 14), (21, 96), (9, 112), (6, 24, 8, 8), (7, 5, 4, 8), (5, 300), (16, 520),
+    (64, 8, 14, 14), (21, 96), (9, 112), (6, 24, 8, 8), (7, 5, 4, 8), (5, 300), (16, 520), (160, 64, 3, 3),
 )  # fmt: skip
+# (160, 64, 3, 3), like (64, 24, 5), (33, 100, 3) and (3, 1000, 2, 2): rows shorter than a vector, summed
+# across channels (cpu_kernels_ncl_tails.inc); at 128 KiB or more, the groups' sums then one pass
+# (forty-fifth session)
 # (5, 300) and (16, 520), like (2, 8192) and (9, 112): at most 16 rows, which one thread takes by the
 # narrow NLC walks (forty-second session), two and three threads by the general ones
 # (6, 24, 8, 8) and (7, 5, 4, 8): bf16 rows of 2 and 1 whole 64-byte lines, run across the rows' ends
