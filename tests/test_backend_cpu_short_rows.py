@@ -5,17 +5,19 @@ vector: every value is in its row's scalar tail, one chain of additions per chan
 groups and the flat walk sum such rows for 8 channels at once (4 with AVX2), one channel per
 vector lane, gathering value l of each row (cpu_kernels_ncl_tails.inc); the per-channel walk
 still sums each channel's rows one after another (chunk_sums, add_grad_row). Each lane does what
-the scalar tail did, in the same order, so every result of the three walks must agree to the
-bit: the statistics and everything normalized with them, the gradient sums, dx, dweight and dbias,
+the scalar tail did, in the same order, so every result of the flat walk, of the fused channel
+groups and of the default bounds (from 128 KiB in cache the groups' sums, then one elementwise pass
+in memory order) must equal the per-channel walk's to the bit: the statistics and everything
+normalized with them, the gradient sums, dx, dweight and dbias,
 in float32, bfloat16 and float16 (16-bit values are gathered as the 32-bit word that ends with
 them; the first value of a sample's rows as the word it begins).
 
 The cases cover rows of 2 to 15 values, groups of one and two blocks with remainders (channel
-counts that leave 1 to 7 channels in the last block), one and two threads, the three kinds of
-data of compare_builds.py for x (normal; 1e3 ± 0.01, float32 only; NaN, inf and 3e38 values, with
-NaNs of other bits), and dy both normal and at 1e3 ± 0.01 (float32), where the centred backward's shift of dy is not 0 and the sums of
-dy - shift and of (dy - shift)·(x - mean) differ from those of dy. Each walk runs in a process of
-its own: the walk bounds (BNLAB_NCL_*) are read once per process.
+counts that leave 1 to 7 channels in the last block), one and two threads, the three kinds of data
+of compare_builds.py for x (normal; 1e3 ± 0.01, float32 only; NaN, inf and 3e38 values, with NaNs
+of other bits), and dy both normal and at 1e3 ± 0.01 (float32), where the centred backward's shift
+of dy is not 0 and the sums of dy - shift and of (dy - shift)·(x - mean) differ from those of dy.
+Each walk runs in a process of its own: the walk bounds (BNLAB_NCL_*) are read once per process.
 """
 
 from __future__ import annotations
