@@ -24,6 +24,7 @@ on its own, e.g. BNLAB_NCL_GROUP_BYTES=0 BNLAB_NCL_FLAT_MAX_BYTES=0 for the per-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -122,6 +123,15 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     a, b = a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)
     return a.contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8))
+
+
+def bits_digest(t: torch.Tensor) -> str:
+    """A sha256 of t's bytes under same_bits' rule (any NaN equal to any NaN): for comparing
+    results computed in other processes."""
+    t = t.contiguous()
+    nan = torch.isnan(t)
+    raw = t.masked_fill(nan, 0).view(torch.uint8).numpy().tobytes() + nan.numpy().tobytes()
+    return hashlib.sha256(raw).hexdigest()
 
 
 def dtype_data():
