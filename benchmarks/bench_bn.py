@@ -6,8 +6,8 @@ targets of issue 5; results and discussion in docs/benchmarks.md).
 How: for each case (shape x layout x dtype x mode), every contender runs in interleaved rounds and
 the median of the rounds is reported, so that load from other processes shifts every contender
 alike; each round takes another order, in which every contender follows every other equally often
-(bench_timing.balanced_orders). Milliseconds per call, effective GB/s under the minimal
-traffic of the mode (bench_cases.TRAFFIC: forward and eval 2N bytes, forward+backward 5N), and the
+(balanced_orders in bnlab.lab.speed_timing). Milliseconds per call, effective GB/s under the minimal
+traffic of the mode (bnlab.lab.speed_cases.TRAFFIC: forward and eval 2N bytes, forward+backward 5N), and the
 ratios bnlab/each baseline. Results go to a JSON-lines file, one line per case, written
 atomically; a rerun skips the cases already there (--fresh to start over).
 
@@ -26,100 +26,27 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import DTYPES, MODES, contenders, refuse_unknown_names, sample_grad_mode, traffic_bytes  # noqa: E402
+from bench_cases import DTYPES, MODES, refuse_unknown_names  # noqa: E402
 import bench_results  # noqa: E402
 from bench_env import environment, first_call_seconds  # noqa: E402
-from bench_timing import balanced_orders  # noqa: E402
 
-SHAPES = {
-    "mlp-small": (256, 100),
-    "mlp-large": (8192, 100),
-    "conv-56": (32, 64, 56, 56),
-    "conv-14": (64, 256, 14, 14),
-    "conv-32s": (128, 16, 32, 32),
-    "conv-32l": (256, 64, 32, 32),
-    # 25.7 MB with rows of 196 values, which split cache lines: the case that must not stream
-    "conv-14l": (128, 256, 14, 14),
-    # the lab's ResNet-20 at batch 128, last stage: 2 MB with rows of 64 values
-    "conv-8": (128, 64, 8, 8),
-    # GPU-sized (the issue's GPU target is stated for tensors of 200 MB or more): 411 MB in fp32
-    "gpu-112": (128, 64, 112, 112),
-    "gpu-56": (128, 256, 56, 56),
-}
-CONV = ("conv-56", "conv-14", "conv-32s", "conv-32l")
-GPU_LARGE = ("gpu-112", "gpu-56")
+from bnlab.lab.speed_cases import CONV, GPU_LARGE, SHAPES, measure_case  # noqa: E402
+# time_interleaved: the scripts that time as this one does import it from here
+from bnlab.lab.speed_timing import time_interleaved  # noqa: E402,F401
+
 DEFAULT_SHAPES = {"cpu": [s for s in SHAPES if s not in GPU_LARGE], "cuda": list(SHAPES)}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns: dict, device: str, rounds: int, min_sample_s: float) -> dict:
-    """Median seconds per call of each callable, over ``rounds`` interleaved samples.
-
-    Each sample repeats a call enough times to last about ``min_sample_s`` (small shapes take
-    tens of microseconds), measured with the host clock around a device synchronisation. Round r
-    runs the contenders in the order r of bench_timing.balanced_orders (cyclically): 4 orders for
-    4 contenders, 10 for 5 (with torch.compile), so the balance is exact when ``rounds`` is a
-    multiple of that count and nearly so otherwise.
-    """
-    inner = {}
-    for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        one = max(time.perf_counter() - start, 1e-7)
-        inner[name] = max(1, math.ceil(min_sample_s / one))
-    names = list(fns)
-    samples = {name: [] for name in names}
-    orders = balanced_orders(names)
-    for r in range(rounds):
-        for name in orders[r % len(orders)]:
-            fn, k = fns[name], inner[name]
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(k):
-                fn()
-            _sync(device)
-            samples[name].append((time.perf_counter() - start) / k)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def run_case(key: dict, args) -> dict:
     shape = SHAPES[key["shape"]]
-    dtype = DTYPES[key["dtype"]]
-    fns = contenders(shape, key["layout"], dtype, key["mode"], args.device, args.compile)
-    with sample_grad_mode(key["mode"]):  # eval under no_grad, entered once for all its samples
-        seconds = time_interleaved(fns, args.device, args.rounds, args.min_sample)
-        grad_enabled = torch.is_grad_enabled()
-    moved = traffic_bytes(shape, dtype, key["mode"], args.device)
-    copied = traffic_bytes(shape, dtype, "eval")  # a copy reads and writes N bytes once
-    results = {}
-    for name, s in seconds.items():
-        gbs = (copied if name.startswith("copy") else moved) / s / 1e9
-        results[name] = {"ms": round(s * 1e3, 4), "GBps": round(gbs, 2)}
-    ratios = {
-        f"bnlab_vs_{name}": round(seconds[name] / seconds["bnlab"], 3)
-        for name in seconds
-        if name != "bnlab" and not name.startswith("copy")
-    }
-    # Fractions of two ceilings: a copy into a new tensor (allocates its output, as BN must) and a
-    # copy into a buffer allocated once (the machine's bandwidth, without page faults).
-    ratios["bnlab_fraction_of_copy"] = round(results["bnlab"]["GBps"] / results["copy"]["GBps"], 3)
-    ratios["bnlab_fraction_of_copy_"] = round(results["bnlab"]["GBps"] / results["copy_"]["GBps"], 3)
-    return {**key, "shape_dims": list(shape), "device": args.device, "threads": torch.get_num_threads(),
-            "grad_enabled": grad_enabled, "results": results, "ratios": ratios}  # fmt: skip
+    measured = measure_case(shape, key["layout"], key["dtype"], key["mode"], args.device, args.rounds, args.min_sample,
+                            args.compile)
+    return {**key, "shape_dims": list(shape), "device": args.device, "threads": torch.get_num_threads(), **measured}
 
 
 def _case_id(rec: dict) -> str:

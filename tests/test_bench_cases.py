@@ -1,5 +1,6 @@
-"""benchmarks/bench_cases.py and bench_bn.py's command line: every contender of a case does the
-same work, and an unknown name is refused naming its option."""
+"""The benchmark's cases (bnlab.lab.speed_cases, re-exported by benchmarks/bench_cases.py) and
+bench_bn.py's command line: every contender of a case does the same work, and an unknown name is
+refused naming its option."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_bn  # noqa: E402
 import bench_cases  # noqa: E402
 
+from bnlab.lab import speed_cases  # noqa: E402
+
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd", "eval", "frozen_fwdbwd"])
 @pytest.mark.parametrize("shape,layout", [((32, 6), "nchw"), ((4, 6, 5, 5), "nchw"), ((4, 6, 5, 5), "cl")])
@@ -23,14 +26,14 @@ def test_bnlab_and_torch_contenders_compute_the_same_thing(mode, shape, layout, 
     """bnlab's and torch.nn's callables agree (outputs, or the gradients of input, weight and bias),
     with their layers in the mode's training flag: frozen_fwdbwd trains through eval-mode layers."""
     modes_seen = []
-    real = bench_cases.bn_layer
+    real = speed_cases.bn_layer
 
     def recording(*args):
         layer = real(*args)
         modes_seen.append(layer)
         return layer
 
-    monkeypatch.setattr(bench_cases, "bn_layer", recording)
+    monkeypatch.setattr(speed_cases, "bn_layer", recording)
     fns = bench_cases.contenders(shape, layout, torch.float32, mode, "cpu", compile_torch=False)
     assert set(fns) == {"bnlab", "torch", "copy", "copy_"}
     assert [layer.training for layer in modes_seen] == [mode in ("fwd", "fwdbwd")] * 2
@@ -57,7 +60,7 @@ def test_eval_is_timed_inside_one_no_grad_and_training_with_gradients_on(mode, g
         seen["graph"] = [fns[name]() for name in ("bnlab", "torch")]
         return {name: 1e-3 for name in fns}
 
-    monkeypatch.setattr(bench_bn, "time_interleaved", timing)
+    monkeypatch.setattr(speed_cases, "time_interleaved", timing)
     args = argparse.Namespace(device="cpu", compile=False, rounds=1, min_sample=0.0)
     rec = bench_bn.run_case({"shape": "mlp-small", "layout": "nchw", "dtype": "fp32", "mode": mode}, args)
     assert seen["grad"] is grad and rec["grad_enabled"] is grad and torch.is_grad_enabled()

@@ -1,4 +1,5 @@
-"""benchmarks/bench_timing.balanced_orders: the orders in which bench_bn.py interleaves its contenders.
+"""balanced_orders (bnlab.lab.speed_timing, re-exported by benchmarks/bench_timing.py): the orders in
+which bench_bn.py and the lab's speed experiment interleave their contenders.
 
 The property that matters for the benchmark: no contender always follows the same other one (the
 call after a large copy pays for the copy's cache state for a whole sample), checked by counting.
@@ -42,12 +43,16 @@ def test_a_rotation_is_not_balanced():
 
 
 def test_the_bench_uses_the_balanced_orders():
-    """bench_bn.time_interleaved runs each round in the next of balanced_orders' orders."""
+    """time_interleaved (bench_bn.py's and the lab's speed experiment's) runs each round in the next
+    of balanced_orders' orders."""
     import bench_bn
 
+    from bnlab.lab import speed_timing
+
+    assert bench_bn.time_interleaved is speed_timing.time_interleaved
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c", "d")}
-    bench_bn.time_interleaved(fns, "cpu", rounds=4, min_sample_s=0.0)
+    speed_timing.time_interleaved(fns, "cpu", rounds=4, min_sample_s=0.0)
     warmup = 4 * len(fns)  # three warm-up calls and one timing call each, in dict order
     timed = calls[warmup:]
     assert [timed[i * 4 : (i + 1) * 4] for i in range(4)] == balanced_orders(list(fns))

@@ -16,6 +16,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 pytest.importorskip("matplotlib")
 import plot_bench  # noqa: E402
 
+from bnlab.lab import speed_plot  # noqa: E402
+
 ENV = {"environment": {"torch": "2.13.0+cpu", "cpu_id": "AuthenticAMD family 25 model 1"}, "command": "bench_bn.py"}
 
 
@@ -48,7 +50,7 @@ def test_each_mode_gets_a_row_whose_bars_are_the_files_ratios(tmp_path):
     expected = {"fwd": CASES[:2], "fwdbwd": CASES[4:], "eval": CASES[2:4]}
     for row, mode in enumerate(("fwd", "fwdbwd", "eval")):
         speed, of_copy = axes[2 * row], axes[2 * row + 1]
-        assert speed.get_title().startswith(plot_bench.MODE_TITLES[mode])
+        assert speed.get_title().startswith(speed_plot.MODE_TITLES[mode])
         heights = [bar.get_height() for bar in speed.patches]
         assert heights == [c["ratios"]["bnlab_vs_torch"] for c in expected[mode]]
         assert [bar.get_height() for bar in of_copy.patches] == [c["ratios"]["bnlab_fraction_of_copy_"]
@@ -78,7 +80,7 @@ def test_a_file_without_cases_or_unreadable_is_refused_by_name(tmp_path):
 
 
 def test_the_log_axis_labels_only_two_three_and_five_between_decades():
-    labels = {v: plot_bench._minor_label(v) for v in (2, 3, 4, 5, 7, 20, 30, 40, 0.5, 0.7)}
+    labels = {v: speed_plot._minor_label(v) for v in (2, 3, 4, 5, 7, 20, 30, 40, 0.5, 0.7)}
     assert labels == {2: "2x", 3: "3x", 4: "", 5: "5x", 7: "", 20: "20x", 30: "30x", 40: "", 0.5: "0.5x", 0.7: ""}
 
 

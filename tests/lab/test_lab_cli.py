@@ -22,7 +22,7 @@ def test_list_names_every_experiment_with_a_runtime(capsys):
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines]
     assert names == ["init-sweep", "lr-sweep", "activations", "inference", "conv", "resnet", "regularization",
-                     "batch-size", "small-batch-sync", "all"]
+                     "batch-size", "small-batch-sync", "speed", "all"]
     assert all("[" in line and "s" in line.split("[")[-1] for line in lines[:-1])
 
 

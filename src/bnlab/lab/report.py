@@ -42,15 +42,17 @@ def _processes(c: dict) -> list[str]:
     return [f"- {world} processes (DistributedDataParallel over {backend}; rank 0 evaluates and writes this folder){sync}"]
 
 
-def _how_it_was_made(folder: RunFolder, summary: dict) -> list[str]:
+def _how_it_was_made(folder: RunFolder, summary: dict, trains: bool) -> list[str]:
     c = folder.config
     versions = ", ".join(f"{k} {v}" for k, v in c.get("versions", {}).items() if v)
     data = c["dataset"] + (f" from {c['data_dir']}" if c.get("data_dir") else " (bundled 5,000-image subset)")
+    version = f"- {'quick' if c['quick'] else 'full'} version"
     lines = [
         f"- command: `{c.get('command') or 'bnlab run ' + c['experiment']}`",
         f"- started {c.get('created')}; units finished: {len(summary['units_done'])} of {len(c['units'])}; "
-        f"training wall time {summary['wall_s']:.1f} s on {c.get('device')} ({_threads(c.get('torch_threads'))}, {c.get('machine')})",
-        f"- {'quick' if c['quick'] else 'full'} version; seeds {c['seeds']}; BatchNorm implementation: {c['bn']}; data: {data}",
+        f"{'training ' if trains else ''}wall time {summary['wall_s']:.1f} s on {c.get('device')} "
+        f"({_threads(c.get('torch_threads'))}, {c.get('machine')})",
+        f"{version}; seeds {c['seeds']}; BatchNorm implementation: {c['bn']}; data: {data}" if trains else version,
         *_processes(c),
         f"- versions: {versions}; git commit: {c.get('git_commit') or 'none'}",
         *([f"- memory allocator: {c['allocator']}"] if c.get("allocator") else []),
@@ -75,9 +77,9 @@ def write_report(folder: RunFolder | str | Path) -> Path:
         md += ["## Figures", ""]
         for file, caption in figures:
             md += [f"![{caption}]({file})", "", f"*{caption}*", ""]
-    md += ["## How this run was made", "", *_how_it_was_made(folder, summary), "",
+    md += ["## How this run was made", "", *_how_it_was_made(folder, summary, exp.trains), "",
            "## Files", "",
-           "`summary.json` (key `rows`: one record per trained network) and `summary.csv`; "
+           f"`summary.json` (key `rows`: one record per {'trained ' if exp.trains else ''}{exp.row_noun}) and `summary.csv`; "
            "`metrics.jsonl` (the curves); `config.json`; `units/` (one file per finished unit); "
            "the figures; this report (`bnlab report DIR` rebuilds figures and report from these files).", ""]
     path = folder.path / "report.md"

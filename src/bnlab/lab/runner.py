@@ -202,7 +202,8 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
     else:
         config = _resolve(exp, opts, launched)
         RunFolder.ensure_new(out)
-        data = lab_data.load(config["dataset"], config["data_dir"])  # a missing file fails before any folder exists
+        if exp.trains:  # a missing file fails before any folder exists
+            data = lab_data.load(config["dataset"], config["data_dir"])
         folder = RunFolder.create(out, config)
     return folder, config, data, [u for u in config["units"] if not folder.is_done(u)]
 
@@ -289,4 +290,5 @@ def _shareable(folder: RunFolder, config: dict, data, todo: list[str]) -> tuple[
 def main_progress_note(folder: RunFolder) -> str:
     """The line `bnlab run` prints at the end: where the report is, and the wall time."""
     summary = folder.summary()
-    return f"{summary['experiment']}: {len(summary['rows'])} networks in {summary['wall_s']:.1f} s -> {folder.path / 'report.md'}"
+    n, noun = len(summary["rows"]), get(summary["experiment"]).row_noun
+    return f"{summary['experiment']}: {n} {noun}{'' if n == 1 else 's'} in {summary['wall_s']:.1f} s -> {folder.path / 'report.md'}"

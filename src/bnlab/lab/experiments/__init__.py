@@ -40,6 +40,10 @@ class Experiment:
             with ``ctx.world.shard`` and evaluates on ``ctx.is_main`` only. False: one process only.
         world_sizes: (full, quick) number of processes the runner starts when neither ``--nproc`` nor
             torchrun says; more than 1 only for experiments that compare processes (small-batch-sync).
+        row_noun: what one row of the summary is, for the report and the line `bnlab run` ends with
+            ("96 networks in 10.7 s"): "network" for the experiments that train, "case" for speed.
+        trains: False for an experiment that trains nothing (speed): the runner loads no dataset for
+            it, and its report names no seeds, BN implementation or data.
     """
 
     name: str
@@ -55,10 +59,12 @@ class Experiment:
     datasets: tuple[str, ...] = ("mnist",)
     distributed: bool = False
     world_sizes: tuple[int, int] = (1, 1)
+    row_noun: str = "network"
+    trains: bool = True
 
 
 _MODULES = ["init_sweep", "lr_sweep", "activations", "inference", "conv", "resnet", "regularization",
-            "batch_size", "small_batch_sync"]
+            "batch_size", "small_batch_sync", "speed"]
 
 
 def registry() -> dict[str, Experiment]:

@@ -1,0 +1,153 @@
+"""speed: bnlab's BatchNorm against torch.nn's on this machine, and against a copy of the same bytes.
+
+Issue 5's benchmark in the lab, so that a user who installed bnlab sees with one command how it
+compares with the BatchNorm they use today, on their own machine. Each case is a shape (the MLP
+activations (256, 100) and (8192, 100), the conv activations of docs/benchmarks.md), a memory
+layout, a dtype and a mode (training forward, training forward+backward, eval); its contenders,
+bnlab's layer, torch.nn's and two copies of the same bytes, run in interleaved samples and the
+medians are kept (bnlab.lab.speed_cases, bnlab.lab.speed_timing: the code benchmarks/bench_bn.py
+runs too, with torch.compile and more shapes). A case is a unit: a killed run keeps the cases
+it finished, and ``--resume`` times the rest.
+
+Timings depend on the machine and on what else runs on it; the numbers are this machine's, at
+torch's thread count (``torch.get_num_threads()``, which bnlab's kernels follow).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+
+import torch
+
+from bnlab.lab.experiments import Experiment
+from bnlab.lab.runner import RunContext
+from bnlab.lab.runs import RunFolder
+from bnlab.lab.speed_cases import SHAPES, measure_case
+from bnlab.lab.tables import markdown_table
+
+FULL_SHAPES = ("mlp-small", "mlp-large", "conv-56", "conv-14", "conv-32s", "conv-32l")
+QUICK_SHAPES = ("mlp-small", "conv-8")
+MODES = ("fwd", "fwdbwd", "eval")
+MODE_NAMES = {"fwd": "training forward", "fwdbwd": "training forward+backward", "eval": "eval"}
+
+
+def _params(config: dict) -> dict:
+    quick = config["quick"]
+    return {"shapes": {name: list(SHAPES[name]) for name in (QUICK_SHAPES if quick else FULL_SHAPES)},
+            "layouts": ["nchw"] if quick else ["nchw", "cl"], "dtypes": ["fp32"] if quick else ["fp32", "bf16"],
+            "modes": list(MODES), "rounds": 4 if quick else 9, "min_sample_s": 0.005 if quick else 0.02}
+
+
+def _units(config: dict) -> list[str]:
+    """Case ids "SHAPE/LAYOUT/DTYPE/MODE"; channels-last only for 4-d shapes."""
+    p = config["params"]
+    return [f"{shape}/{layout}/{dtype}/{mode}" for shape, dims in p["shapes"].items() for layout in p["layouts"]
+            for dtype in p["dtypes"] for mode in p["modes"] if layout == "nchw" or len(dims) == 4]
+
+
+def _machine(device: torch.device) -> str:
+    """The processor that ran the case: the GPU's name, or the CPU's model name from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _run_unit(unit: str, ctx: RunContext) -> dict:
+    shape_name, layout, dtype, mode = unit.split("/")
+    p, device = ctx.params, ctx.device
+    dims = p["shapes"][shape_name]
+    m = measure_case(tuple(dims), layout, dtype, mode, device.type, p["rounds"], p["min_sample_s"])
+    res, ratios = m["results"], m["ratios"]
+    row = {"case": unit, "shape": shape_name, "dims": "x".join(str(d) for d in dims), "layout": layout,
+           "dtype": dtype, "mode": mode, "threads": torch.get_num_threads(), "machine": _machine(device),
+           "bnlab_ms": res["bnlab"]["ms"], "torch_ms": res["torch"]["ms"], "copy_ms": res["copy_"]["ms"],
+           "new_copy_ms": res["copy"]["ms"], "bnlab_GBps": res["bnlab"]["GBps"], "copy_GBps": res["copy_"]["GBps"],
+           "speedup": ratios["bnlab_vs_torch"], "fraction_of_copy": ratios["bnlab_fraction_of_copy_"]}
+    return {"rows": [row]}
+
+
+def _as_cases(rows: list[dict], device: str) -> list[dict]:
+    """The rows in the form bnlab.lab.speed_plot.figure draws (bench_bn.py's records)."""
+    return [{"shape": r["shape"], "shape_dims": [int(d) for d in r["dims"].split("x")], "layout": r["layout"],
+             "dtype": r["dtype"], "mode": r["mode"], "threads": r["threads"], "device": device,
+             "ratios": {"bnlab_vs_torch": r["speedup"], "bnlab_fraction_of_copy_": r["fraction_of_copy"]}}
+            for r in rows]
+
+
+def _figures(folder: RunFolder) -> list[tuple[str, str]]:
+    from bnlab.lab.plotting import save_figure
+    from bnlab.lab.speed_plot import figure
+
+    rows, config = folder.rows(), folder.config
+    cases = _as_cases(rows, "cuda" if str(config.get("device", "cpu")).startswith("cuda") else "cpu")
+    machine = rows[0]["machine"]
+    env = {"environment": {"cpu": machine, "gpu": machine, "torch": config.get("versions", {}).get("torch", "?")}}
+    save_figure(figure(env, cases), folder.path / "speed.png")
+    return [("speed.png", "Left: how many times faster than torch.nn's BatchNorm bnlab ran, per case (log scale; "
+                          "1 = as fast). Right: bnlab's speed as a fraction of a copy of the same bytes into a buffer "
+                          "allocated once (`copy_`). Blue float32, orange bf16; hatched: channels-last.")]
+
+
+def _geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _findings(folder: RunFolder) -> str:
+    rows, p = folder.rows(), folder.config["params"]
+    threads = sorted({r["threads"] for r in rows})
+    lines = [f"{len(rows)} cases on {rows[0]['machine']} ({'/'.join(map(str, threads))} torch thread(s)): the time of "
+             f"a call of bnlab's BatchNorm against torch.nn's, and against a copy of the same bytes, as medians of "
+             f"{p['rounds']} interleaved samples. GB/s count the bytes a mode must move at least (forward and eval "
+             "2N: x read, y written; forward+backward 5N), a copy 2N.", ""]
+    for mode in p["modes"]:
+        of_mode = [r for r in rows if r["mode"] == mode]
+        if not of_mode:
+            continue
+        slowest = min(of_mode, key=lambda r: r["speedup"])
+        fastest = max(of_mode, key=lambda r: r["speedup"])
+        lines.append(f"- **{MODE_NAMES[mode]}**: bnlab {_geometric_mean([r['speedup'] for r in of_mode]):.2f}x "
+                     f"torch.nn's speed (geometric mean of {len(of_mode)} cases), from {slowest['speedup']:.2f}x "
+                     f"({slowest['case']}) to {fastest['speedup']:.2f}x ({fastest['case']}); at "
+                     f"{min(r['fraction_of_copy'] for r in of_mode):.2f}-{max(r['fraction_of_copy'] for r in of_mode):.2f} "
+                     "of a copy's bandwidth.")
+    behind = [r for r in rows if r["speedup"] < 1]
+    lines.append("- Cases where torch.nn was faster: " +
+                 (", ".join(f"{r['case']} ({r['speedup']:.2f}x)" for r in behind) if behind else "none") + ".")
+    lines += ["", "Per case (milliseconds per call; `copy_`: a copy of the same bytes into a buffer allocated once):", "",
+              markdown_table(rows, [("case", lambda r: f"`{r['case']}`"), ("shape", lambda r: r["dims"]),
+                                    ("bnlab ms", lambda r: f"{r['bnlab_ms']:.4g}"),
+                                    ("torch.nn ms", lambda r: f"{r['torch_ms']:.4g}"),
+                                    ("speed-up", lambda r: f"{r['speedup']:.2f}x"),
+                                    ("bnlab GB/s", lambda r: f"{r['bnlab_GBps']:.1f}"),
+                                    ("copy_ ms", lambda r: f"{r['copy_ms']:.4g}"),
+                                    ("of copy_", lambda r: f"{r['fraction_of_copy']:.2f}")]),
+              "", "The full benchmark (torch.compile as a third contender, more shapes, resumable JSON lines) is "
+              "`benchmarks/bench_bn.py` in the repository; docs/benchmarks.md has its results and the machines."]
+    return "\n".join(lines)
+
+
+EXPERIMENT = Experiment(
+    name="speed",
+    summary="bnlab's BatchNorm against torch.nn's and a copy of the same bytes on this machine (issue 5's benchmark)",
+    runtime="full ~1 min (60 cases, 2 threads), quick ~2 s",
+    claim="bnlab's BatchNorm is faster than torch.nn's in training (forward, forward+backward) and in eval, and "
+          "runs close to the speed of copying the same bytes (issue 5: on the CPU at least 2.5x torch.nn's "
+          "forward+backward over the conv shapes, eval at 90 % of a copy's bandwidth, no case more than 10 % "
+          "behind torch.nn).",
+    params=_params,
+    seeds=((0,), (0,)),
+    units=_units,
+    run_unit=_run_unit,
+    figures=_figures,
+    findings=_findings,
+    row_noun="case",
+    trains=False,
+)

@@ -1,0 +1,80 @@
+"""Timing of contenders that do the same work: interleaved samples, medians.
+
+Used by the lab's ``speed`` experiment and by the benchmark scripts (benchmarks/bench_bn.py and
+the scripts that time as it does).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+__all__ = ["balanced_orders", "time_interleaved"]
+
+
+def balanced_orders(names: list) -> list[list]:
+    """Orders of ``names`` in which every name directly follows every other equally often.
+
+    Why: the call that follows a large copy starts from caches full of the copy's lines and is
+    slower for a whole sample, whichever call it is. A rotation (round r starts at name r) keeps
+    the cyclic order, so the same name follows the copy in every round and alone pays for it.
+    These are the rows of a Williams square: n orders for an even number of names, each ordered
+    pair adjacent exactly once; 2n for an odd number (the rows and their reverses), each pair twice.
+    Every name also comes first equally often.
+    """
+    n = len(names)
+    # 0, 1, n-1, 2, n-2, ...: successive differences 1, -2, 3, -4, ... are distinct modulo n
+    first, low, high = [0][:n], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(k + i) % n for k in first] for i in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [[names[k] for k in row] for row in rows]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int, min_sample_s: float) -> dict:
+    """Median seconds per call of each callable, over ``rounds`` interleaved samples.
+
+    Each sample repeats a call enough times to last about ``min_sample_s`` (small shapes take
+    tens of microseconds), measured with the host clock around a device synchronisation. Round r
+    runs the contenders in the order r of balanced_orders (cyclically): 4 orders for 4
+    contenders, 10 for 5 (with torch.compile), so the balance is exact when ``rounds`` is a
+    multiple of that count and nearly so otherwise.
+    """
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        one = max(time.perf_counter() - start, 1e-7)
+        inner[name] = max(1, math.ceil(min_sample_s / one))
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    orders = balanced_orders(names)
+    for r in range(rounds):
+        for name in orders[r % len(orders)]:
+            fn, k = fns[name], inner[name]
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(k):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / k)
+    return {name: statistics.median(v) for name, v in samples.items()}

@@ -1,0 +1,109 @@
+"""The lab's speed experiment (`bnlab run speed`): its cases, the arithmetic of its rows, what its
+report says, and a resumed run timing only the cases a failed one left.
+
+The timer is replaced by one returning fixed seconds, so the rows' ratios and GB/s can be checked
+exactly; nothing here asserts how fast anything runs (tests/lab/test_lab_experiments.py runs the
+real quick version).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bnlab.lab import speed_cases
+from bnlab.lab.cli import main
+from bnlab.lab.experiments import get
+from bnlab.lab.speed_cases import SHAPES, traffic_bytes
+
+SECONDS = {"bnlab": 1e-3, "torch": 3e-3, "copy": 0.5e-3, "copy_": 0.4e-3}
+EVAL_TORCH_SECONDS = 0.5e-3  # torch.nn "faster" in eval: the report must name those cases
+
+
+def _fixed_timer(calls: list):
+    def timer(fns, device, rounds, min_sample_s):
+        assert set(fns) == {"bnlab", "torch", "copy", "copy_"} and device == "cpu"
+        for fn in fns.values():  # the contenders are built and run; only their clock is fixed
+            fn()
+        calls.append(torch.is_grad_enabled())
+        return {**SECONDS, "torch": SECONDS["torch"] if torch.is_grad_enabled() else EVAL_TORCH_SECONDS}
+
+    return timer
+
+
+@pytest.fixture
+def quick_speed_run(tmp_path, monkeypatch, capsys, keep_threads):
+    torch.set_num_threads(1)
+    calls: list = []
+    monkeypatch.setattr(speed_cases, "time_interleaved", _fixed_timer(calls))
+    out = tmp_path / "speed"
+    assert main(["run", "speed", "--quick", "--out", str(out)]) == 0
+    return out, calls, capsys.readouterr().out
+
+
+def test_the_full_version_times_every_shape_layout_dtype_and_mode_of_the_issue():
+    exp = get("speed")
+    config = {"quick": False, "device": "cpu"}
+    config["params"] = exp.params(config)
+    units = exp.units(config)
+    assert len(units) == len(set(units)) == 2 * 2 * 3 + 4 * 2 * 2 * 3  # 2 MLP shapes in one layout, 4 conv in two
+    assert {u.split("/")[0] for u in units} == {"mlp-small", "mlp-large", "conv-56", "conv-14", "conv-32s", "conv-32l"}
+    assert all(len(SHAPES[u.split("/")[0]]) == 4 for u in units if "/cl/" in u)
+    assert {tuple(u.split("/")[2:]) for u in units} == {(d, m) for d in ("fp32", "bf16") for m in ("fwd", "fwdbwd", "eval")}
+
+
+def test_rows_hold_the_ratios_and_bandwidths_of_the_measured_times(quick_speed_run):
+    out, calls, printed = quick_speed_run
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == get("speed").units(json.loads((out / "config.json").read_text()))
+    assert calls == [r["mode"] != "eval" for r in rows]  # eval timed with gradients off, training with them on
+    for r in rows:
+        dims = tuple(int(d) for d in r["dims"].split("x"))
+        assert dims == SHAPES[r["shape"]] and r["threads"] == 1 and r["machine"]
+        moved = traffic_bytes(dims, torch.float32, r["mode"])
+        copied = traffic_bytes(dims, torch.float32, "eval")
+        torch_s = EVAL_TORCH_SECONDS if r["mode"] == "eval" else SECONDS["torch"]
+        assert r["bnlab_ms"] == 1.0 and r["torch_ms"] == round(torch_s * 1e3, 4) and r["copy_ms"] == 0.4
+        assert r["speedup"] == pytest.approx(torch_s / SECONDS["bnlab"])
+        assert r["bnlab_GBps"] == round(moved / 1e-3 / 1e9, 2)
+        assert r["fraction_of_copy"] == pytest.approx((moved / 1e-3) / (copied / 0.4e-3), rel=1e-3)
+    assert "speed: 6 cases in" in printed
+
+
+def test_the_report_states_the_speedups_and_names_the_cases_where_torch_was_faster(quick_speed_run):
+    out, _, _ = quick_speed_run
+    report = (out / "report.md").read_text()
+    assert "- **training forward**: bnlab 3.00x torch.nn's speed (geometric mean of 2 cases)" in report
+    assert "- **eval**: bnlab 0.50x torch.nn's speed" in report
+    assert ("Cases where torch.nn was faster: mlp-small/nchw/fp32/eval (0.50x), conv-8/nchw/fp32/eval (0.50x)."
+            in report)
+    # forward+backward moves 5N bytes in bnlab's millisecond, the copy 2N in 0.4 ms: 1.00 of its bandwidth
+    assert "at 1.00-1.00 of a copy's bandwidth" in report
+    assert "| `conv-8/nchw/fp32/fwd` | 128x64x8x8 | 1 | 3 | 3.00x |" in report
+    assert "](speed.png)" in report and (out / "speed.png").stat().st_size > 0
+    # it trains nothing: no seeds, BN implementation or dataset in how the run was made
+    assert "seeds" not in report and "data:" not in report and "one record per case" in report
+
+
+def test_a_resumed_run_times_only_the_cases_a_failed_run_left(tmp_path, monkeypatch, keep_threads):
+    torch.set_num_threads(1)
+    calls: list = []
+    timer = _fixed_timer(calls)
+
+    def failing_on_the_third(*args):
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return timer(*args)
+
+    out = tmp_path / "speed"
+    monkeypatch.setattr(speed_cases, "time_interleaved", failing_on_the_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["run", "speed", "--quick", "--out", str(out)])
+    assert len(list((out / "units").iterdir())) == 2
+    monkeypatch.setattr(speed_cases, "time_interleaved", timer)
+    assert main(["run", "speed", "--resume", "--out", str(out)]) == 0
+    assert len(calls) == 6  # 2 before the failure, then the 4 cases left
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and len(summary["rows"]) == 6
