@@ -107,3 +107,44 @@ def test_a_resumed_run_times_only_the_cases_a_failed_run_left(tmp_path, monkeypa
     assert len(calls) == 6  # 2 before the failure, then the 4 cases left
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and len(summary["rows"]) == 6
+
+
+def test_shapes_replace_the_benchmark_s_and_a_resume_keeps_them(tmp_path, monkeypatch, keep_threads):
+    torch.set_num_threads(1)
+    calls: list = []
+    monkeypatch.setattr(speed_cases, "time_interleaved", _fixed_timer(calls))
+    out = tmp_path / "mine"
+    assert main(["run", "speed", "--shapes", "8,6", "4,6,5,5", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["shapes"] == [[8, 6], [4, 6, 5, 5]]
+    assert config["params"]["shapes"] == {"8x6": [8, 6], "4x6x5x5": [4, 6, 5, 5]}
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    # the full version's layouts and dtypes: channels-last for the 4-d shape only
+    assert sorted({(r["dims"], r["layout"]) for r in rows}) == [("4x6x5x5", "cl"), ("4x6x5x5", "nchw"), ("8x6", "nchw")]
+    assert len(rows) == 3 * 2 * 3
+    assert main(["run", "speed", "--resume", "--out", str(out)]) == 0  # nothing left: nothing timed again
+    assert len(calls) == len(rows)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "speed", "--shapes", "8"], "--shapes: expected 2 to 5 comma-separated positive sizes"),
+    (["run", "speed", "--shapes", "8,0"], "--shapes: expected 2 to 5 comma-separated positive sizes"),
+    (["run", "speed", "--shapes", "4,6,x"], "--shapes: expected 2 to 5 comma-separated positive sizes"),
+    (["run", "speed", "--shapes", "1,6,1,1"], "--shapes: expected more than one value per channel"),
+    (["run", "speed", "--shapes", "8,6", "8,6"], "--shapes: expected distinct shapes, got '8,6' twice"),
+    (["run", "init-sweep", "--shapes", "8,6"], "--shapes: init-sweep runs its own models"),
+    (["run", "all", "--quick", "--shapes", "8,6"], "--shapes: `run all` times the benchmark's shapes"),
+])  # fmt: skip
+def test_bad_shapes_are_refused_naming_the_option_before_any_folder(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_other_shapes_is_refused(tmp_path, monkeypatch, capsys, keep_threads):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(speed_cases, "time_interleaved", _fixed_timer([]))
+    out = tmp_path / "mine"
+    assert main(["run", "speed", "--quick", "--shapes", "8,6", "--out", str(out)]) == 0
+    assert main(["run", "speed", "--resume", "--shapes", "8,7", "--out", str(out)]) == 2
+    assert "shapes: stored [[8, 6]], given [[8, 7]]" in capsys.readouterr().err

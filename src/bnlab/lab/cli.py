@@ -12,6 +12,7 @@ Errors in the arguments print one line naming the option (set BNLAB_DEBUG=1 for 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -53,6 +54,28 @@ def _parse_seeds(text: str | None) -> list[int] | None:
     if min(seeds) < 0:  # numpy's and torch's generators take none (numpy's error named no option)
         raise ValueError(f"--seeds: expected non-negative integers such as 0,1,2, got {text!r}")
     return seeds
+
+
+def _parse_shapes(texts: list[str] | None) -> list[list[int]] | None:
+    """--shapes of `run speed`: each N,C[,L], N,C,H,W or N,C,D,H,W, with more than one value per channel."""
+    if texts is None:
+        return None
+    shapes: list[list[int]] = []
+    for text in texts:
+        try:
+            dims = [int(part) for part in text.split(",")]
+        except ValueError:
+            dims = []
+        if not 2 <= len(dims) <= 5 or min(dims) < 1:
+            raise ValueError(f"--shapes: expected 2 to 5 comma-separated positive sizes (N,C[,L], N,C,H,W or "
+                             f"N,C,D,H,W) such as 64,128,28,28, got {text!r}")
+        if math.prod(dims) // dims[1] < 2:  # training mode normalizes over N and the spatial sizes
+            raise ValueError(f"--shapes: expected more than one value per channel (N times the spatial sizes), "
+                             f"got {text!r}")
+        if dims in shapes:
+            raise ValueError(f"--shapes: expected distinct shapes, got {text!r} twice")
+        shapes.append(dims)
+    return shapes
 
 
 def _check_device(text: str | None) -> None:
@@ -114,7 +137,8 @@ def _run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # before any tensor: the convolutions' outputs need not fault in at every step
     opts = RunOptions(quick=args.quick, seeds=_parse_seeds(args.seeds), device=args.device, resume=args.resume,
                       bn=args.bn, dataset=args.dataset, data_dir=args.data_dir, command=args.command_line,
-                      nproc=args.nproc, sync_bn=args.sync_bn, timeout_s=args.timeout)
+                      nproc=args.nproc, sync_bn=args.sync_bn, timeout_s=args.timeout,
+                      shapes=_parse_shapes(args.shapes))
     if args.name != "all":
         folder = run_experiment(args.name, RunOptions(**{**opts.__dict__, "out": Path(args.out) if args.out else None}))
         if current_world("cpu").is_main:
@@ -123,6 +147,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         raise ValueError(f"--dataset: `run all` runs each experiment on its default dataset, got {args.dataset!r}; "
                          "pass --dataset to a single experiment")
+    if args.shapes is not None:
+        raise ValueError(f"--shapes: `run all` times the benchmark's shapes, got {' '.join(args.shapes)}; "
+                         "pass --shapes to `bnlab run speed`")
     # `all` writes runs/all-TIMESTAMP/NAME/ for each experiment; --resume continues the newest such folder.
     root = Path(args.out) if args.out else (newest_run("all", need_config=False) if args.resume else None) or default_out("all")
     start = time.perf_counter()
@@ -170,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="distributed runs: seconds a process waits in one collective before it fails "
                         "(default 600, 60 with --quick)")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="N,C[,H,W]",
+                   help="speed only: the input shapes to time instead of the benchmark's, e.g. 64,128,28,28 256,512")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("report", help="rebuild the figures and report.md of a run folder from its files")

@@ -35,8 +35,9 @@ from bnlab.lab.world import SINGLE, World, current_world, default_timeout_s, par
 __all__ = ["RunOptions", "RunContext", "run_experiment", "run_units", "default_out", "newest_run", "environment"]
 
 # The options that define what a run computes: a resumed run must agree with the stored ones.
-_IDENTITY = ("quick", "seeds", "bn", "dataset", "data_dir", "world_size", "sync_bn")
-_STORED_DEFAULTS = {"world_size": 1, "sync_bn": False}  # for run folders made before these options existed
+_IDENTITY = ("quick", "seeds", "bn", "dataset", "data_dir", "world_size", "sync_bn", "shapes")
+# for run folders made before these options existed
+_STORED_DEFAULTS = {"world_size": 1, "sync_bn": False, "shapes": None}
 
 
 @dataclass
@@ -55,6 +56,7 @@ class RunOptions:
     nproc: int | None = None
     sync_bn: bool | None = None
     timeout_s: float | None = None
+    shapes: list[list[int]] | None = None
 
 
 class RunContext:
@@ -165,9 +167,15 @@ def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> 
         raise ValueError(f"--seeds: expected distinct integers, got {seeds}")
     world_size, sync_bn = _world_size(exp, opts, quick, launched), bool(opts.sync_bn)
     _check_world(exp, world_size, sync_bn)
+    if opts.shapes is not None and not exp.takes_shapes:
+        from bnlab.lab.experiments import registry
+
+        able = [name for name, e in registry().items() if e.takes_shapes]
+        raise ValueError(f"--shapes: {exp.name} runs its own models, got --shapes for it; experiments that take "
+                         f"shapes: {', '.join(able)}")
     config = {"experiment": exp.name, "quick": quick, "seeds": seeds, "bn": bn, "dataset": dataset,
               "data_dir": str(opts.data_dir) if opts.data_dir else None, "device": opts.device or "cpu",
-              "world_size": world_size, "sync_bn": sync_bn, "params": {}}
+              "world_size": world_size, "sync_bn": sync_bn, "shapes": opts.shapes, "params": {}}
     config["params"] = exp.params(config)
     config["units"] = exp.units(config)
     config["command"] = opts.command
@@ -179,7 +187,7 @@ def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> 
 def _check_resume(stored: dict, opts: RunOptions, launched: int | None = None) -> None:
     given = {"quick": opts.quick, "seeds": opts.seeds, "bn": opts.bn, "dataset": opts.dataset,
              "data_dir": str(opts.data_dir) if opts.data_dir else None,
-             "world_size": launched or opts.nproc, "sync_bn": opts.sync_bn or None}
+             "world_size": launched or opts.nproc, "sync_bn": opts.sync_bn or None, "shapes": opts.shapes}
     diffs = [f"{k}: stored {stored.get(k, _STORED_DEFAULTS.get(k))!r}, given {v!r}" for k, v in given.items()
              if v is not None and k in _IDENTITY and v != stored.get(k, _STORED_DEFAULTS.get(k))]
     if diffs:

@@ -44,6 +44,8 @@ class Experiment:
             ("96 networks in 10.7 s"): "network" for the experiments that train, "case" for speed.
         trains: False for an experiment that trains nothing (speed): the runner loads no dataset for
             it, and its report names no seeds, BN implementation or data.
+        takes_shapes: whether ``bnlab run NAME --shapes ...`` applies (config["shapes"]: a list of
+            shapes, or None); the others refuse the option.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Experiment:
     world_sizes: tuple[int, int] = (1, 1)
     row_noun: str = "network"
     trains: bool = True
+    takes_shapes: bool = False
 
 
 _MODULES = ["init_sweep", "lr_sweep", "activations", "inference", "conv", "resnet", "regularization",

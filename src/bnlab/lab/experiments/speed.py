@@ -6,8 +6,9 @@ activations (256, 100) and (8192, 100), the conv activations of docs/benchmarks.
 layout, a dtype and a mode (training forward, training forward+backward, eval); its contenders,
 bnlab's layer, torch.nn's and two copies of the same bytes, run in interleaved samples and the
 medians are kept (bnlab.lab.speed_cases, bnlab.lab.speed_timing: the code benchmarks/bench_bn.py
-runs too, with torch.compile and more shapes). A case is a unit: a killed run keeps the cases
-it finished, and ``--resume`` times the rest.
+runs too, with torch.compile and more shapes). ``--shapes 64,128,28,28 256,512`` times the
+user's own shapes instead. A case is a unit: a killed run keeps the cases it finished, and
+``--resume`` times the rest.
 
 Timings depend on the machine and on what else runs on it; the numbers are this machine's, at
 torch's thread count (``torch.get_num_threads()``, which bnlab's kernels follow).
@@ -33,17 +34,23 @@ MODE_NAMES = {"fwd": "training forward", "fwdbwd": "training forward+backward", 
 
 
 def _params(config: dict) -> dict:
-    quick = config["quick"]
-    return {"shapes": {name: list(SHAPES[name]) for name in (QUICK_SHAPES if quick else FULL_SHAPES)},
+    """The cases' parameters; ``--shapes`` (config["shapes"]) replaces the benchmark's shapes, each
+    named by its sizes ("64x128x28x28")."""
+    quick, given = config["quick"], config.get("shapes")
+    if given:
+        shapes = {"x".join(str(d) for d in dims): list(dims) for dims in given}
+    else:
+        shapes = {name: list(SHAPES[name]) for name in (QUICK_SHAPES if quick else FULL_SHAPES)}
+    return {"shapes": shapes,
             "layouts": ["nchw"] if quick else ["nchw", "cl"], "dtypes": ["fp32"] if quick else ["fp32", "bf16"],
             "modes": list(MODES), "rounds": 4 if quick else 9, "min_sample_s": 0.005 if quick else 0.02}
 
 
 def _units(config: dict) -> list[str]:
-    """Case ids "SHAPE/LAYOUT/DTYPE/MODE"; channels-last only for 4-d shapes."""
+    """Case ids "SHAPE/LAYOUT/DTYPE/MODE"; channels-last ("cl") only for 4-d and 5-d shapes."""
     p = config["params"]
     return [f"{shape}/{layout}/{dtype}/{mode}" for shape, dims in p["shapes"].items() for layout in p["layouts"]
-            for dtype in p["dtypes"] for mode in p["modes"] if layout == "nchw" or len(dims) == 4]
+            for dtype in p["dtypes"] for mode in p["modes"] if layout == "nchw" or len(dims) >= 4]
 
 
 def _machine(device: torch.device) -> str:
@@ -150,4 +157,5 @@ EXPERIMENT = Experiment(
     findings=_findings,
     row_noun="case",
     trains=False,
+    takes_shapes=True,
 )
