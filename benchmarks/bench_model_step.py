@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bn import time_interleaved  # noqa: E402
@@ -41,7 +40,8 @@ from bench_env import allocator_settings  # noqa: E402
 
 import bnlab  # noqa: E402
 from bnlab import custom_ops  # noqa: E402
-from bnlab.lab.models import MLP, resnet20  # noqa: E402
+# MODELS, twin_models, step_fn and inference_fn: the tests and other scripts import them from here too
+from bnlab.lab.speed_models import MODELS, inference_fn, model_input, step_fn, twin_models  # noqa: E402,F401
 
 BREAKS = "bnlab, graph breaks"
 
@@ -95,58 +95,12 @@ def own_backend(backend, graphs: list | None = None):
     return own
 
 
-#: the models --model names: each builds the network with the BN of bn_impl ("bnlab" or "torch")
-MODELS = {
-    "resnet20": lambda bn_impl: resnet20(bn_impl=bn_impl),
-    "mlp": lambda bn_impl: MLP([784, 100, 100, 100, 100, 100, 10], batchnorm=True, bn_impl=bn_impl),
-}
-
-
-def twin_models(layout: str, model: str = "resnet20") -> dict[str, nn.Module]:
-    """{"bnlab": the model (MODELS) with bnlab BN, "torch.nn": the same weights with torch.nn BN}."""
-    torch.manual_seed(0)
-    models = {"bnlab": MODELS[model]("bnlab"), "torch.nn": MODELS[model]("torch")}
-    models["torch.nn"].load_state_dict(models["bnlab"].state_dict())
-    if layout == "cl":
-        models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
-    return models
-
-
-def step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, frozen_bn: bool = False):
-    """One SGD training step of model on (images, labels), as a zero-argument callable. With
-    ``frozen_bn`` every BN layer stays in eval mode (fixed statistics, as when fine-tuning) while
-    the rest trains, its weight and bias included."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-    bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def step():
-        model.train()
-        if frozen_bn:
-            for layer in bn_layers:
-                layer.eval()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
-        optimizer.step()
-
-    return step
-
-
 def page_faults(fn) -> int:
     """Minor page faults of one call of fn: pages the allocator took fresh from the system (glibc
     hands freed blocks above its mmap threshold back, and their next use faults every page in)."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     fn()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
-def inference_fn(model: nn.Module, images: torch.Tensor):
-    def infer():
-        model.eval()
-        with torch.no_grad():
-            return model(images)
-
-    return infer
 
 
 def main(argv=None) -> None:
@@ -170,12 +124,7 @@ def main(argv=None) -> None:
     def make_twins():
         return twin_models(args.layout, args.model)
 
-    gen = torch.Generator().manual_seed(1)
-    shape = (args.batch, 784) if args.model == "mlp" else (args.batch, 3, 32, 32)
-    images = torch.randn(shape, generator=gen)
-    if args.layout == "cl":
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (args.batch,), generator=gen)
+    images, labels = model_input(args.model, args.batch, args.layout)
     network = {"resnet20": "ResNet-20", "mlp": "MLP 784-100x5-10"}[args.model]
     allocator = ", ".join(f"{name}={value}" for name, value in allocator_settings().items())
     print(f"# bench_model_step.py --model {args.model} --batch {args.batch} --threads {args.threads} --layout "

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_bn  # noqa: E402
 import bench_cases  # noqa: E402
 
-from bnlab.lab import speed_cases  # noqa: E402
+from bnlab.lab import speed_cases, speed_timing  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd", "eval", "frozen_fwdbwd"])
@@ -60,7 +60,7 @@ def test_eval_is_timed_inside_one_no_grad_and_training_with_gradients_on(mode, g
         seen["graph"] = [fns[name]() for name in ("bnlab", "torch")]
         return {name: 1e-3 for name in fns}
 
-    monkeypatch.setattr(speed_cases, "time_interleaved", timing)
+    monkeypatch.setattr(speed_timing, "time_interleaved", timing)
     args = argparse.Namespace(device="cpu", compile=False, rounds=1, min_sample=0.0)
     rec = bench_bn.run_case({"shape": "mlp-small", "layout": "nchw", "dtype": "fp32", "mode": mode}, args)
     assert seen["grad"] is grad and rec["grad_enabled"] is grad and torch.is_grad_enabled()

@@ -34,7 +34,7 @@ EXPECTED = {
     "small-batch-sync": (["small_batch_sync.png"], 6, {"mode", "batch", "global_batch", "seed", "test_acc"},
                          {"early_loss": 60}),
     "speed": (["speed.png"], 6, {"case", "shape", "layout", "dtype", "mode", "threads", "machine", "bnlab_ms",
-                                 "torch_ms", "copy_ms", "speedup", "fraction_of_copy"}, {}),
+                                 "torch_ms", "copy_ms", "speedup", "fraction_of_copy"}, {"models": 2}),
 }
 
 

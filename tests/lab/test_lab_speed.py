@@ -13,22 +13,26 @@ import json
 import pytest
 import torch
 
-from bnlab.lab import speed_cases
+from bnlab.lab import speed_timing
 from bnlab.lab.cli import main
 from bnlab.lab.experiments import get
 from bnlab.lab.speed_cases import SHAPES, traffic_bytes
 
-SECONDS = {"bnlab": 1e-3, "torch": 3e-3, "copy": 0.5e-3, "copy_": 0.4e-3}
+SECONDS = {"bnlab": 1e-3, "torch": 3e-3, "copy": 0.5e-3, "copy_": 0.4e-3, "bnlab folded": 0.8e-3}
 EVAL_TORCH_SECONDS = 0.5e-3  # torch.nn "faster" in eval: the report must name those cases
+LAYER_CONTENDERS = {"bnlab", "torch", "copy", "copy_"}
 
 
 def _fixed_timer(calls: list):
+    """A time_interleaved that runs each contender once and returns fixed seconds; calls gets
+    (contenders, whether gradients were on) per case or network."""
     def timer(fns, device, rounds, min_sample_s):
-        assert set(fns) == {"bnlab", "torch", "copy", "copy_"} and device == "cpu"
+        assert device == "cpu"
         for fn in fns.values():  # the contenders are built and run; only their clock is fixed
             fn()
-        calls.append(torch.is_grad_enabled())
-        return {**SECONDS, "torch": SECONDS["torch"] if torch.is_grad_enabled() else EVAL_TORCH_SECONDS}
+        calls.append((set(fns), torch.is_grad_enabled()))
+        eval_layer = set(fns) == LAYER_CONTENDERS and not torch.is_grad_enabled()
+        return {name: EVAL_TORCH_SECONDS if name == "torch" and eval_layer else SECONDS[name] for name in fns}
 
     return timer
 
@@ -37,7 +41,7 @@ def _fixed_timer(calls: list):
 def quick_speed_run(tmp_path, monkeypatch, capsys, keep_threads):
     torch.set_num_threads(1)
     calls: list = []
-    monkeypatch.setattr(speed_cases, "time_interleaved", _fixed_timer(calls))
+    monkeypatch.setattr(speed_timing, "time_interleaved", _fixed_timer(calls))
     out = tmp_path / "speed"
     assert main(["run", "speed", "--quick", "--out", str(out)]) == 0
     return out, calls, capsys.readouterr().out
@@ -48,6 +52,8 @@ def test_the_full_version_times_every_shape_layout_dtype_and_mode_of_the_issue()
     config = {"quick": False, "device": "cpu"}
     config["params"] = exp.params(config)
     units = exp.units(config)
+    assert units[-4:] == ["model/resnet20/step", "model/resnet20/inference", "model/mlp/step", "model/mlp/inference"]
+    units = units[:-4]
     assert len(units) == len(set(units)) == 2 * 2 * 3 + 4 * 2 * 2 * 3  # 2 MLP shapes in one layout, 4 conv in two
     assert {u.split("/")[0] for u in units} == {"mlp-small", "mlp-large", "conv-56", "conv-14", "conv-32s", "conv-32l"}
     assert all(len(SHAPES[u.split("/")[0]]) == 4 for u in units if "/cl/" in u)
@@ -57,8 +63,11 @@ def test_the_full_version_times_every_shape_layout_dtype_and_mode_of_the_issue()
 def test_rows_hold_the_ratios_and_bandwidths_of_the_measured_times(quick_speed_run):
     out, calls, printed = quick_speed_run
     rows = json.loads((out / "summary.json").read_text())["rows"]
-    assert [r["case"] for r in rows] == get("speed").units(json.loads((out / "config.json").read_text()))
-    assert calls == [r["mode"] != "eval" for r in rows]  # eval timed with gradients off, training with them on
+    units = get("speed").units(json.loads((out / "config.json").read_text()))
+    assert [r["case"] for r in rows] + ["model/mlp/step", "model/mlp/inference"] == units
+    # eval timed with gradients off, training with them on; then the MLP's step and inference
+    assert calls == [(LAYER_CONTENDERS, r["mode"] != "eval") for r in rows] + [
+        ({"bnlab", "torch"}, True), ({"bnlab", "torch", "bnlab folded"}, True)]
     for r in rows:
         dims = tuple(int(d) for d in r["dims"].split("x"))
         assert dims == SHAPES[r["shape"]] and r["threads"] == 1 and r["machine"]
@@ -85,6 +94,8 @@ def test_the_report_states_the_speedups_and_names_the_cases_where_torch_was_fast
     assert "](speed.png)" in report and (out / "speed.png").stat().st_size > 0
     # it trains nothing: no seeds, BN implementation or dataset in how the run was made
     assert "seeds" not in report and "data:" not in report and "one record per case" in report
+    assert "| MLP 784-100x5-10 | 100 | training step | 1 | 3 | 3.00x | – |" in report
+    assert "| MLP 784-100x5-10 | 100 | inference | 1 | 3 | 3.00x | 0.8 |" in report
 
 
 def test_a_resumed_run_times_only_the_cases_a_failed_run_left(tmp_path, monkeypatch, keep_threads):
@@ -98,27 +109,29 @@ def test_a_resumed_run_times_only_the_cases_a_failed_run_left(tmp_path, monkeypa
         return timer(*args)
 
     out = tmp_path / "speed"
-    monkeypatch.setattr(speed_cases, "time_interleaved", failing_on_the_third)
+    monkeypatch.setattr(speed_timing, "time_interleaved", failing_on_the_third)
     with pytest.raises(RuntimeError, match="killed"):
         main(["run", "speed", "--quick", "--out", str(out)])
     assert len(list((out / "units").iterdir())) == 2
-    monkeypatch.setattr(speed_cases, "time_interleaved", timer)
+    monkeypatch.setattr(speed_timing, "time_interleaved", timer)
     assert main(["run", "speed", "--resume", "--out", str(out)]) == 0
-    assert len(calls) == 6  # 2 before the failure, then the 4 cases left
+    assert len(calls) == 8  # 2 before the failure, then the 4 cases and 2 network calls left
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] and len(summary["rows"]) == 6
+    assert summary["complete"] and len(summary["rows"]) == 6 and len(summary["tables"]["models"]) == 2
 
 
 def test_shapes_replace_the_benchmark_s_and_a_resume_keeps_them(tmp_path, monkeypatch, keep_threads):
     torch.set_num_threads(1)
     calls: list = []
-    monkeypatch.setattr(speed_cases, "time_interleaved", _fixed_timer(calls))
+    monkeypatch.setattr(speed_timing, "time_interleaved", _fixed_timer(calls))
     out = tmp_path / "mine"
     assert main(["run", "speed", "--shapes", "8,6", "4,6,5,5", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["shapes"] == [[8, 6], [4, 6, 5, 5]]
     assert config["params"]["shapes"] == {"8x6": [8, 6], "4x6x5x5": [4, 6, 5, 5]}
-    rows = json.loads((out / "summary.json").read_text())["rows"]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert "models" not in summary["tables"]  # the user's layers only
     # the full version's layouts and dtypes: channels-last for the 4-d shape only
     assert sorted({(r["dims"], r["layout"]) for r in rows}) == [("4x6x5x5", "cl"), ("4x6x5x5", "nchw"), ("8x6", "nchw")]
     assert len(rows) == 3 * 2 * 3
@@ -143,7 +156,7 @@ def test_bad_shapes_are_refused_naming_the_option_before_any_folder(argv, messag
 
 def test_a_resume_with_other_shapes_is_refused(tmp_path, monkeypatch, capsys, keep_threads):
     torch.set_num_threads(1)
-    monkeypatch.setattr(speed_cases, "time_interleaved", _fixed_timer([]))
+    monkeypatch.setattr(speed_timing, "time_interleaved", _fixed_timer([]))
     out = tmp_path / "mine"
     assert main(["run", "speed", "--quick", "--shapes", "8,6", "--out", str(out)]) == 0
     assert main(["run", "speed", "--resume", "--shapes", "8,7", "--out", str(out)]) == 2

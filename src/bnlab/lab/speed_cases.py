@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import bnlab
-from bnlab.lab.speed_timing import time_interleaved
+from bnlab.lab import speed_timing
 
 MODES = ("fwd", "fwdbwd", "eval", "frozen_fwdbwd", "relu_fwdbwd", "addrelu_fwdbwd")
 #: bytes moved per element of x, for the minimal-traffic GB/s of each mode (CPU: a channel's slice
@@ -164,7 +164,7 @@ def traffic_bytes(shape, dtype: torch.dtype, mode: str, device: str = "cpu") -> 
 
 def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "cpu", rounds: int = 15,
                  min_sample_s: float = 0.02, compile_torch: bool = False) -> dict:
-    """Times one case's contenders (time_interleaved) and returns
+    """Times one case's contenders (speed_timing.time_interleaved) and returns
     {"results": {name: {"ms", "GBps"}}, "ratios": {...}, "grad_enabled": bool}.
 
     GB/s count the mode's minimal traffic (``traffic_bytes``; a copy's is 2N). Ratios:
@@ -178,7 +178,7 @@ def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "
     dtype = DTYPES[dtype_name]
     fns = contenders(shape, layout, dtype, mode, device, compile_torch)
     with sample_grad_mode(mode):  # eval under no_grad, entered once for all its samples
-        seconds = time_interleaved(fns, device, rounds, min_sample_s)
+        seconds = speed_timing.time_interleaved(fns, device, rounds, min_sample_s)
         grad_enabled = torch.is_grad_enabled()
     moved = traffic_bytes(shape, dtype, mode, device)
     copied = traffic_bytes(shape, dtype, "eval")  # a copy reads and writes N bytes once

@@ -6,9 +6,11 @@ activations (256, 100) and (8192, 100), the conv activations of docs/benchmarks.
 layout, a dtype and a mode (training forward, training forward+backward, eval); its contenders,
 bnlab's layer, torch.nn's and two copies of the same bytes, run in interleaved samples and the
 medians are kept (bnlab.lab.speed_cases, bnlab.lab.speed_timing: the code benchmarks/bench_bn.py
-runs too, with torch.compile and more shapes). ``--shapes 64,128,28,28 256,512`` times the
-user's own shapes instead. A case is a unit: a killed run keeps the cases it finished, and
-``--resume`` times the rest.
+runs too, with torch.compile and more shapes). Then two whole networks, ResNet-20 and the
+init-sweep's MLP, the same weights with each BN (bnlab.lab.speed_models): a training step and
+inference, where the other layers take most of the time. ``--shapes 64,128,28,28 256,512`` times
+the user's own shapes instead (and no network). A case is a unit: a killed run keeps the cases
+it finished, and ``--resume`` times the rest.
 
 Timings depend on the machine and on what else runs on it; the numbers are this machine's, at
 torch's thread count (``torch.get_num_threads()``, which bnlab's kernels follow).
@@ -21,16 +23,25 @@ import platform
 
 import torch
 
+import bnlab
+from bnlab.lab import speed_timing
 from bnlab.lab.experiments import Experiment
 from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder
 from bnlab.lab.speed_cases import SHAPES, measure_case
+from bnlab.lab.speed_models import inference_fn, model_input, step_fn, twin_models
 from bnlab.lab.tables import markdown_table
 
 FULL_SHAPES = ("mlp-small", "mlp-large", "conv-56", "conv-14", "conv-32s", "conv-32l")
 QUICK_SHAPES = ("mlp-small", "conv-8")
 MODES = ("fwd", "fwdbwd", "eval")
 MODE_NAMES = {"fwd": "training forward", "fwdbwd": "training forward+backward", "eval": "eval"}
+#: whole networks (bnlab.lab.speed_models.MODELS) and their batch: ResNet-20 on CIFAR-sized images, the
+#: init-sweep's MLP 784-100x5-10
+FULL_MODELS = {"resnet20": 128, "mlp": 100}
+QUICK_MODELS = {"mlp": 100}
+NETWORK_NAMES = {"resnet20": "ResNet-20", "mlp": "MLP 784-100x5-10"}
+CALLS = {"step": "training step", "inference": "inference"}
 
 
 def _params(config: dict) -> dict:
@@ -41,16 +52,19 @@ def _params(config: dict) -> dict:
         shapes = {"x".join(str(d) for d in dims): list(dims) for dims in given}
     else:
         shapes = {name: list(SHAPES[name]) for name in (QUICK_SHAPES if quick else FULL_SHAPES)}
-    return {"shapes": shapes,
+    models = {} if given else dict(QUICK_MODELS if quick else FULL_MODELS)  # --shapes: the user's layers only
+    return {"shapes": shapes, "models": models,
             "layouts": ["nchw"] if quick else ["nchw", "cl"], "dtypes": ["fp32"] if quick else ["fp32", "bf16"],
             "modes": list(MODES), "rounds": 4 if quick else 9, "min_sample_s": 0.005 if quick else 0.02}
 
 
 def _units(config: dict) -> list[str]:
-    """Case ids "SHAPE/LAYOUT/DTYPE/MODE"; channels-last ("cl") only for 4-d and 5-d shapes."""
+    """Case ids "SHAPE/LAYOUT/DTYPE/MODE" (channels-last, "cl", only for 4-d and 5-d shapes), then
+    "model/NAME/step" and "model/NAME/inference" for each whole network."""
     p = config["params"]
-    return [f"{shape}/{layout}/{dtype}/{mode}" for shape, dims in p["shapes"].items() for layout in p["layouts"]
-            for dtype in p["dtypes"] for mode in p["modes"] if layout == "nchw" or len(dims) >= 4]
+    cases = [f"{shape}/{layout}/{dtype}/{mode}" for shape, dims in p["shapes"].items() for layout in p["layouts"]
+             for dtype in p["dtypes"] for mode in p["modes"] if layout == "nchw" or len(dims) >= 4]
+    return cases + [f"model/{name}/{call}" for name in p.get("models", {}) for call in CALLS]
 
 
 def _machine(device: torch.device) -> str:
@@ -67,7 +81,33 @@ def _machine(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def _run_model_unit(unit: str, ctx: RunContext) -> dict:
+    """One whole network's training step (SGD, cross-entropy) or inference (eval mode, no_grad), the
+    same weights with each BN (and, for inference, bnlab's model with every BN folded into its
+    conv or linear layer): a record of the table "models"."""
+    _, name, call = unit.split("/")
+    p, device = ctx.params, ctx.device
+    batch = p["models"][name]
+    images, labels = (t.to(device) for t in model_input(name, batch))
+    twins = {key: m.to(device) for key, m in twin_models("nchw", name).items()}
+    if call == "step":
+        fns = {"bnlab": step_fn(twins["bnlab"], images, labels), "torch": step_fn(twins["torch.nn"], images, labels)}
+    else:
+        folded = bnlab.fold(twin_models("nchw", name)["bnlab"].eval()).to(device)
+        fns = {"bnlab": inference_fn(twins["bnlab"], images), "torch": inference_fn(twins["torch.nn"], images),
+               "bnlab folded": inference_fn(folded, images)}
+    seconds = speed_timing.time_interleaved(fns, device.type, p["rounds"], p["min_sample_s"])
+    record = {"model": name, "network": NETWORK_NAMES[name], "batch": batch, "call": CALLS[call],
+              "threads": torch.get_num_threads(), "machine": _machine(device),
+              "bnlab_ms": round(seconds["bnlab"] * 1e3, 4), "torch_ms": round(seconds["torch"] * 1e3, 4),
+              "speedup": round(seconds["torch"] / seconds["bnlab"], 3),
+              "folded_ms": round(seconds["bnlab folded"] * 1e3, 4) if "bnlab folded" in seconds else None}
+    return {"rows": [], "tables": {"models": [record]}}
+
+
 def _run_unit(unit: str, ctx: RunContext) -> dict:
+    if unit.startswith("model/"):
+        return _run_model_unit(unit, ctx)
     shape_name, layout, dtype, mode = unit.split("/")
     p, device = ctx.params, ctx.device
     dims = p["shapes"][shape_name]
@@ -107,8 +147,26 @@ def _geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _model_findings(models: list[dict]) -> list[str]:
+    """The whole networks' paragraph and table (empty where no network was timed)."""
+    if not models:
+        return []
+    lines = ["", "Whole networks, the same weights with each BN (a training step: forward, cross-entropy, backward "
+             "and an SGD update on one batch of random inputs; inference: eval mode under `no_grad`, also of "
+             "bnlab's model with every BN folded into its layer, `bnlab.fold`). There the other layers take most of "
+             "the time, so a faster BN moves the whole by less:", "",
+             markdown_table(models, [("network", lambda r: r["network"]), ("batch", lambda r: str(r["batch"])),
+                                     ("call", lambda r: r["call"]), ("bnlab ms", lambda r: f"{r['bnlab_ms']:.4g}"),
+                                     ("torch.nn ms", lambda r: f"{r['torch_ms']:.4g}"),
+                                     ("speed-up", lambda r: f"{r['speedup']:.2f}x"),
+                                     ("folded ms", lambda r: "–" if r["folded_ms"] is None else f"{r['folded_ms']:.4g}")])]
+    return lines
+
+
 def _findings(folder: RunFolder) -> str:
-    rows, p = folder.rows(), folder.config["params"]
+    rows, p, models = folder.rows(), folder.config["params"], folder.table("models")
+    if not rows:
+        return "No case has finished yet." + "\n".join(_model_findings(models))
     threads = sorted({r["threads"] for r in rows})
     lines = [f"{len(rows)} cases on {rows[0]['machine']} ({'/'.join(map(str, threads))} torch thread(s)): the time of "
              f"a call of bnlab's BatchNorm against torch.nn's, and against a copy of the same bytes, as medians of "
@@ -136,6 +194,7 @@ def _findings(folder: RunFolder) -> str:
                                     ("bnlab GB/s", lambda r: f"{r['bnlab_GBps']:.1f}"),
                                     ("copy_ ms", lambda r: f"{r['copy_ms']:.4g}"),
                                     ("of copy_", lambda r: f"{r['fraction_of_copy']:.2f}")]),
+              *_model_findings(models),
               "", "The full benchmark (torch.compile as a third contender, more shapes, resumable JSON lines) is "
               "`benchmarks/bench_bn.py` in the repository; docs/benchmarks.md has its results and the machines."]
     return "\n".join(lines)
@@ -144,7 +203,7 @@ def _findings(folder: RunFolder) -> str:
 EXPERIMENT = Experiment(
     name="speed",
     summary="bnlab's BatchNorm against torch.nn's and a copy of the same bytes on this machine (issue 5's benchmark)",
-    runtime="full ~1 min (60 cases, 2 threads), quick ~2 s",
+    runtime="full ~1.5 min (60 cases and 2 networks, 2 threads), quick ~3 s",
     claim="bnlab's BatchNorm is faster than torch.nn's in training (forward, forward+backward) and in eval, and "
           "runs close to the speed of copying the same bytes (issue 5: on the CPU at least 2.5x torch.nn's "
           "forward+backward over the conv shapes, eval at 90 % of a copy's bandwidth, no case more than 10 % "
