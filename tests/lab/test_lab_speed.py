@@ -57,7 +57,8 @@ def test_the_full_version_times_every_shape_layout_dtype_and_mode_of_the_issue()
     assert len(units) == len(set(units)) == 2 * 2 * 3 + 4 * 2 * 2 * 3  # 2 MLP shapes in one layout, 4 conv in two
     assert {u.split("/")[0] for u in units} == {"mlp-small", "mlp-large", "conv-56", "conv-14", "conv-32s", "conv-32l"}
     assert all(len(SHAPES[u.split("/")[0]]) == 4 for u in units if "/cl/" in u)
-    assert {tuple(u.split("/")[2:]) for u in units} == {(d, m) for d in ("fp32", "bf16") for m in ("fwd", "fwdbwd", "eval")}
+    modes = ("fwd", "fwdbwd", "eval")
+    assert {tuple(u.split("/")[2:]) for u in units} == {(d, m) for d in ("fp32", "bf16") for m in modes}
 
 
 def test_rows_hold_the_ratios_and_bandwidths_of_the_measured_times(quick_speed_run):

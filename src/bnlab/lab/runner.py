@@ -299,4 +299,5 @@ def main_progress_note(folder: RunFolder) -> str:
     """The line `bnlab run` prints at the end: where the report is, and the wall time."""
     summary = folder.summary()
     n, noun = len(summary["rows"]), get(summary["experiment"]).row_noun
-    return f"{summary['experiment']}: {n} {noun}{'' if n == 1 else 's'} in {summary['wall_s']:.1f} s -> {folder.path / 'report.md'}"
+    counted = f"{n} {noun}{'' if n == 1 else 's'}"
+    return f"{summary['experiment']}: {counted} in {summary['wall_s']:.1f} s -> {folder.path / 'report.md'}"

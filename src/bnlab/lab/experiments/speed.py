@@ -147,6 +147,10 @@ def _geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _folded_ms(record: dict) -> str:
+    return "–" if record["folded_ms"] is None else f"{record['folded_ms']:.4g}"
+
+
 def _model_findings(models: list[dict]) -> list[str]:
     """The whole networks' paragraph and table (empty where no network was timed)."""
     if not models:
@@ -159,7 +163,7 @@ def _model_findings(models: list[dict]) -> list[str]:
                                      ("call", lambda r: r["call"]), ("bnlab ms", lambda r: f"{r['bnlab_ms']:.4g}"),
                                      ("torch.nn ms", lambda r: f"{r['torch_ms']:.4g}"),
                                      ("speed-up", lambda r: f"{r['speedup']:.2f}x"),
-                                     ("folded ms", lambda r: "–" if r["folded_ms"] is None else f"{r['folded_ms']:.4g}")])]
+                                     ("folded ms", _folded_ms)])]
     return lines
 
 
@@ -177,16 +181,18 @@ def _findings(folder: RunFolder) -> str:
         if not of_mode:
             continue
         slowest = min(of_mode, key=lambda r: r["speedup"])
+        of_copy = [r["fraction_of_copy"] for r in of_mode]
         fastest = max(of_mode, key=lambda r: r["speedup"])
         lines.append(f"- **{MODE_NAMES[mode]}**: bnlab {_geometric_mean([r['speedup'] for r in of_mode]):.2f}x "
                      f"torch.nn's speed (geometric mean of {len(of_mode)} cases), from {slowest['speedup']:.2f}x "
                      f"({slowest['case']}) to {fastest['speedup']:.2f}x ({fastest['case']}); at "
-                     f"{min(r['fraction_of_copy'] for r in of_mode):.2f}-{max(r['fraction_of_copy'] for r in of_mode):.2f} "
+                     f"{min(of_copy):.2f}-{max(of_copy):.2f} "
                      "of a copy's bandwidth.")
     behind = [r for r in rows if r["speedup"] < 1]
     lines.append("- Cases where torch.nn was faster: " +
                  (", ".join(f"{r['case']} ({r['speedup']:.2f}x)" for r in behind) if behind else "none") + ".")
-    lines += ["", "Per case (milliseconds per call; `copy_`: a copy of the same bytes into a buffer allocated once):", "",
+    lines += ["", "Per case (milliseconds per call; `copy_`: a copy of the same bytes into a buffer allocated once):",
+              "",
               markdown_table(rows, [("case", lambda r: f"`{r['case']}`"), ("shape", lambda r: r["dims"]),
                                     ("bnlab ms", lambda r: f"{r['bnlab_ms']:.4g}"),
                                     ("torch.nn ms", lambda r: f"{r['torch_ms']:.4g}"),
