@@ -28,7 +28,7 @@ from bnlab.backends.cpu_autograd import apply_train
 from bnlab.backends.cpu_entries import setup_layer_call, setup_whole_calls
 from bnlab.backends import cpu_arguments
 from bnlab.backends.cpu_arguments import _CODE, _F64, _f64, _like, is_plain_vector, param  # noqa: F401  (re-exported)
-from bnlab.backends.cpu_layout import fits, kernel_input, laid_out_as, layout_of  # noqa: F401  (re-exported)
+from bnlab.backends.cpu_layout import _NLC, fits, kernel_input, laid_out_as, layout_of  # noqa: F401  (re-exported)
 from bnlab.backends.portable import PortableBackend
 from bnlab.stats import Moments
 
@@ -42,14 +42,31 @@ COMPILED_CALLS = {"on": True}
 
 #: Below this many elements one thread is faster than waking the others.
 PARALLEL_MIN_NUMEL = 1 << 15
+#: But a training call that the narrow NLC walks take (at most NARROW_ROWS rows: a wide layer at a
+#: small batch, (2, 8192); cpu_kernels_nlc.inc, kRunRows) is mostly per-channel float64 work (the
+#: statistics, a square root and a division per channel; the backward's coefficients), so there a
+#: channel counts as NARROW_CHANNEL_VALUES values towards PARALLEL_MIN_NUMEL. Layer calls with the
+#: rule against without it (docs/benchmark_rounds.md, forty-sixth session): training steps of
+#: (2, 8192) and (4, 4096) 0.85 and 0.90 of the time; the rule leaves (8, 2048) and (2, 4096) on one
+#: thread, where two made steps 1.03-1.05x as long. Eval keeps PARALLEL_MIN_NUMEL: its kernel calls
+#: took 1.05-2.1x as long on two threads at every such shape.
+NARROW_ROWS = 16
+NARROW_CHANNEL_VALUES = 4
 #: Elements per NCL wave and thread: the channels of a wave stay in the cores' L2 between the
 #: reduce and the elementwise pass (measured: docs/benchmarks.md).
 WAVE_PER_THREAD = 1 << 16
 
 
-def threads_for(x: Tensor) -> int:
-    """torch's intra-op thread count, or 1 for inputs too small to share."""
-    return torch.get_num_threads() if x.numel() >= PARALLEL_MIN_NUMEL else 1
+def threads_for(x: Tensor, training_layout: tuple[int, int, int, int] | None = None) -> int:
+    """torch's intra-op thread count, or 1 for inputs too small to share.
+
+    ``training_layout``: x's layout_of in a training call (forward or backward), where the narrow
+    walks' inputs count their channels too (NARROW_CHANNEL_VALUES).
+    """
+    work = x.numel()
+    if training_layout is not None and training_layout[0] == _NLC and training_layout[1] <= NARROW_ROWS:
+        work += NARROW_CHANNEL_VALUES * training_layout[2]
+    return torch.get_num_threads() if work >= PARALLEL_MIN_NUMEL else 1
 
 
 class CpuBackend(Backend):
@@ -85,7 +102,8 @@ class CpuBackend(Backend):
         nothing, for anything but the plain case (see :func:`bnlab._fastpath.module_forward`).
         """
         if self._eval_entry is None:
-            entry, train = setup_whole_calls(self._lib, self, _CODE, PARALLEL_MIN_NUMEL, WAVE_PER_THREAD)
+            entry, train = setup_whole_calls(self._lib, self, _CODE, PARALLEL_MIN_NUMEL, WAVE_PER_THREAD,
+                                             (NARROW_ROWS, NARROW_CHANNEL_VALUES))
             self._eval_entry, self._train_entry = entry or False, train or False
             if entry is not None:  # (set up now: its checks read what bn_eval_setup gave it)
                 cpu_arguments.use_compiled_vector_check(getattr(self._lib, "bn_plain_vector", None))
@@ -156,7 +174,7 @@ class CpuBackend(Backend):
         rm, rmc = (running_mean.data_ptr(), _CODE[running_mean.dtype]) if running_mean is not None else (0, 0)
         rv, rvc = (running_var.data_ptr(), _CODE[running_var.dtype]) if running_var is not None else (0, 0)
         code = _CODE[x.dtype]
-        nt = threads_for(x)
+        nt = threads_for(x, (layout, n, c, length))
         skipped = self._lib.bn_forward_train(
             x.data_ptr(), 0 if y is None else y.data_ptr(), code, layout, n, c, length, w, wc, b, bc, eps,
             stats.data_ptr(), rm, rmc, rv, rvc, 0.0 if momentum is None else momentum,
@@ -240,7 +258,7 @@ class CpuBackend(Backend):
         dx = cpu_pool.empty_like(x) if need_input_grad else None
         sums = torch.empty(2, c, dtype=_F64)
         w, wc, _w = param(weight)
-        nt = threads_for(x)
+        nt = threads_for(x, (layout, n, c, length))
         self._lib.bn_backward(
             dy.data_ptr(), x.data_ptr(), 0 if dx is None else dx.data_ptr(), _CODE[x.dtype], layout, n, c, length,
             mean_ptr, invstd_ptr, w, wc, float(count), sums.data_ptr(), 0, 0, 0, 0, nt, WAVE_PER_THREAD * nt,

@@ -19,7 +19,8 @@ from bnlab.backends.autograd_apply import _COMPILING
 from bnlab.backends.cpu_autograd import eval_done_apply, kernel_done_apply
 
 
-def setup_whole_calls(lib, backend, codes, parallel_min_numel: int, wave_per_thread: int) -> tuple:
+def setup_whole_calls(lib, backend, codes, parallel_min_numel: int, wave_per_thread: int,
+                      narrow: tuple[int, int]) -> tuple:
     """(bn_eval_module, bn_train_module) set up on ``lib``, each None where it cannot be.
 
     Args:
@@ -27,6 +28,8 @@ def setup_whole_calls(lib, backend, codes, parallel_min_numel: int, wave_per_thr
         backend: the CpuBackend, which the training call's autograd Function calls back.
         codes: torch's four floating dtypes in the kernels' code order.
         parallel_min_numel, wave_per_thread: cpu.PARALLEL_MIN_NUMEL and cpu.WAVE_PER_THREAD.
+        narrow: (cpu.NARROW_ROWS, cpu.NARROW_CHANNEL_VALUES): training calls of the narrow walks
+            count their channels towards parallel_min_numel (cpu.threads_for).
     """
     entry = getattr(lib, "bn_eval_module", None) if lib is not None else None
     if entry is None:
@@ -42,7 +45,7 @@ def setup_whole_calls(lib, backend, codes, parallel_min_numel: int, wave_per_thr
         return entry, None
     lib.bn_train_setup(
         kernel_done_apply, eval_done_apply, backend, torch.empty, torch.float64, torch.int64,
-        _COMPILING or (lambda: False), torch.autograd.graph.increment_version, wave_per_thread,
+        _COMPILING or (lambda: False), torch.autograd.graph.increment_version, wave_per_thread, *narrow,
     )  # fmt: skip
     return entry, lib.bn_train_module
 

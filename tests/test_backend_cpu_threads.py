@@ -1,0 +1,77 @@
+"""How many threads a CPU call runs on (cpu.threads_for, and the compiled training call's
+training_work in cpu_kernels_py_train.inc): inputs below PARALLEL_MIN_NUMEL run on one thread,
+except training calls of the narrow NLC walks (a wide layer at a small batch), whose channels
+count NARROW_CHANNEL_VALUES values each. The thread count changes no bit of the results; it is
+the backward's plan that shows the compiled call's choice, and it must be the Python path's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnlab
+from bnlab.backends.cpu import NARROW_CHANNEL_VALUES, NARROW_ROWS, PARALLEL_MIN_NUMEL, layout_of, threads_for
+
+pytestmark = pytest.mark.skipif(bnlab.backends.get_backend("cpu")._lib is None, reason="no compiled CPU kernels")
+
+# (shape, memory format): threads in a training call with torch on 2 threads
+CASES = [
+    ((2, 8192), None, 2),  # 16,384 values + 4 x 8,192 channels
+    ((4, 4096), None, 2),  # exactly PARALLEL_MIN_NUMEL with its channels
+    ((8, 2048), None, 1),  # 16,384 + 8,192: one thread
+    ((2, 4096), None, 1),
+    ((256, 100), None, 1),  # more rows than the narrow walks take
+    ((2, 8192, 1, 1), torch.channels_last, 2),  # NLC rows of a 4-d input: N x H x W = 2
+    ((1, 4096, 2, 2), torch.channels_last, 2),  # 4 rows
+    ((1, 2048, 4, 4), torch.channels_last, 1),  # 16 rows, 32,768 + 8,192 values: PARALLEL_MIN_NUMEL anyway
+    ((2, 4096, 2), None, 1),  # NCL (L = 2): not the narrow walks
+]
+
+
+def _input(shape, memory_format):
+    x = torch.randn(shape)
+    return x.contiguous(memory_format=memory_format) if memory_format is not None else x
+
+
+@pytest.mark.parametrize("shape,memory_format,threads", CASES)
+def test_training_calls_of_the_narrow_walks_count_their_channels(shape, memory_format, threads, keep_threads):
+    torch.set_num_threads(2)
+    x = _input(shape, memory_format)
+    layout = layout_of(x)
+    narrow = layout[0] == 1 and layout[1] <= NARROW_ROWS
+    work = x.numel() + (NARROW_CHANNEL_VALUES * shape[1] if narrow else 0)
+    if x.numel() >= PARALLEL_MIN_NUMEL:
+        threads = 2
+    assert threads == (2 if work >= PARALLEL_MIN_NUMEL else 1)  # the table above agrees with the rule
+    assert threads_for(x, layout) == threads
+    assert threads_for(x) == (2 if x.numel() >= PARALLEL_MIN_NUMEL else 1)  # eval and the others: values only
+
+
+@pytest.mark.parametrize("shape,memory_format,threads", CASES)
+def test_the_compiled_training_call_plans_the_python_path_s_threads(shape, memory_format, threads, keep_threads):
+    """The plan the backward runs on (ctx.config[3], its last entry the thread count) is the same
+    from the compiled layer call (training_work, in C) and from the Python path (threads_for)."""
+    torch.set_num_threads(2)
+    x = _input(shape, memory_format).requires_grad_()
+    layer = bnlab.BatchNorm2d(shape[1]) if x.dim() == 4 else bnlab.BatchNorm1d(shape[1])
+    backend = bnlab.backends.get_backend("cpu")
+    if backend.train_entry() is None:
+        pytest.skip("the compiled training call is not set up here")
+    compiled = layer(x).grad_fn.config[3]
+    with bnlab._fastpath.python_path_only():
+        python = layer(x).grad_fn.config[3]
+    assert compiled == python and compiled[-1] == threads_for(x.detach(), layout_of(x.detach()))
+
+
+def test_a_narrow_input_gives_the_same_bits_on_one_thread_and_two(keep_threads):
+    """(2, 8192) now trains on torch's threads: the narrow walks' results do not depend on it."""
+    x = torch.randn(2, 8192, dtype=torch.float64).float().requires_grad_()
+    dy = torch.randn(2, 8192)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        layer = bnlab.BatchNorm1d(8192)
+        y = layer(x)
+        results.append((y, *torch.autograd.grad(y, [x, layer.weight, layer.bias], dy), layer.running_var.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
