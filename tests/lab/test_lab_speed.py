@@ -162,3 +162,23 @@ def test_a_resume_with_other_shapes_is_refused(tmp_path, monkeypatch, capsys, ke
     assert main(["run", "speed", "--quick", "--shapes", "8,6", "--out", str(out)]) == 0
     assert main(["run", "speed", "--resume", "--shapes", "8,7", "--out", str(out)]) == 2
     assert "shapes: stored [[8, 6]], given [[8, 7]]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,counted", [("cpu", "forward+backward 5N"), ("cuda", "on a GPU forward 3N")])
+def test_the_report_counts_the_traffic_of_the_device_that_ran(tmp_path, device, counted):
+    """The GB/s of a GPU run count what speed_cases.TRAFFIC_GPU counts, and the report says so."""
+    from bnlab.lab.runs import RunFolder
+
+    exp = get("speed")
+    config = {"experiment": "speed", "quick": True, "device": device, "seeds": [0],
+              "units": ["mlp-small/nchw/fp32/fwd"]}
+    config["params"] = exp.params(config)
+    folder = RunFolder.create(tmp_path / "run", config)
+    row = {"case": "mlp-small/nchw/fp32/fwd", "shape": "mlp-small", "dims": "256x100", "layout": "nchw",
+           "dtype": "fp32", "mode": "fwd", "threads": 2, "machine": "a machine", "bnlab_ms": 0.01, "torch_ms": 0.03,
+           "copy_ms": 0.004, "new_copy_ms": 0.005, "bnlab_GBps": 20.5, "copy_GBps": 51.2, "speedup": 3.0,
+           "fraction_of_copy": 0.4}  # fmt: skip
+    folder.save_unit("mlp-small/nchw/fp32/fwd", {"rows": [row]})
+    findings = exp.findings(folder)
+    assert counted in findings and "1 case on a machine" in findings
+    assert "bnlab 3.00x torch.nn's speed (geometric mean of 1 case)" in findings

@@ -143,6 +143,10 @@ def _figures(folder: RunFolder) -> list[tuple[str, str]]:
                           "allocated once (`copy_`). Blue float32, orange bf16; hatched: channels-last.")]
 
 
+def _cases(n: int) -> str:
+    return f"{n} case{'' if n == 1 else 's'}"
+
+
 def _geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -167,15 +171,21 @@ def _model_findings(models: list[dict]) -> list[str]:
     return lines
 
 
+#: the minimal traffic speed_cases counts (TRAFFIC, TRAFFIC_GPU), N = the input's bytes
+_TRAFFIC_TEXT = {"cpu": "forward and eval 2N (x read, y written), forward+backward 5N",
+                 "cuda": "on a GPU forward 3N (x read twice, y written), forward+backward 8N, eval 2N"}
+
+
 def _findings(folder: RunFolder) -> str:
     rows, p, models = folder.rows(), folder.config["params"], folder.table("models")
+    on_gpu = str(folder.config.get("device", "cpu")).startswith("cuda")
     if not rows:
         return "No case has finished yet." + "\n".join(_model_findings(models))
     threads = sorted({r["threads"] for r in rows})
-    lines = [f"{len(rows)} cases on {rows[0]['machine']} ({'/'.join(map(str, threads))} torch thread(s)): the time of "
-             f"a call of bnlab's BatchNorm against torch.nn's, and against a copy of the same bytes, as medians of "
-             f"{p['rounds']} interleaved samples. GB/s count the bytes a mode must move at least (forward and eval "
-             "2N: x read, y written; forward+backward 5N), a copy 2N.", ""]
+    lines = [f"{_cases(len(rows))} on {rows[0]['machine']} ({'/'.join(map(str, threads))} torch thread(s)): the time "
+             f"of a call of bnlab's BatchNorm against torch.nn's, and against a copy of the same bytes, as medians of "
+             f"{p['rounds']} interleaved samples. GB/s count the bytes a mode must move at least, "
+             f"{_TRAFFIC_TEXT['cuda' if on_gpu else 'cpu']}, a copy 2N.", ""]
     for mode in p["modes"]:
         of_mode = [r for r in rows if r["mode"] == mode]
         if not of_mode:
@@ -184,7 +194,7 @@ def _findings(folder: RunFolder) -> str:
         of_copy = [r["fraction_of_copy"] for r in of_mode]
         fastest = max(of_mode, key=lambda r: r["speedup"])
         lines.append(f"- **{MODE_NAMES[mode]}**: bnlab {_geometric_mean([r['speedup'] for r in of_mode]):.2f}x "
-                     f"torch.nn's speed (geometric mean of {len(of_mode)} cases), from {slowest['speedup']:.2f}x "
+                     f"torch.nn's speed (geometric mean of {_cases(len(of_mode))}), from {slowest['speedup']:.2f}x "
                      f"({slowest['case']}) to {fastest['speedup']:.2f}x ({fastest['case']}); at "
                      f"{min(of_copy):.2f}-{max(of_copy):.2f} "
                      "of a copy's bandwidth.")
