@@ -23,7 +23,9 @@ divisions too, whose time depends on the values; since the forty-first session c
 build and thread and then reused from the kept coefficients, cpu_kernels_eval_cache.inc, unless
 BNLAB_EVAL_CACHE_BYTES=0), dx (the input gradient from given statistics
 and sums, bn_grad_input), frozen (the eval-mode backward, bn_eval_backward: dx, dweight and
-dbias from fixed statistics); layout nchw or cl; dtype fp32, bf16, fp16 or fp64; threads 2 unless given.
+dbias from fixed statistics), train (fwd as a layer's training call makes it: float32 running
+averages updated, the non-finite guard on, the batch counted; the averages drift over the calls);
+layout nchw or cl; dtype fp32, bf16, fp16 or fp64; threads 2 unless given.
 
 With --cold, every timed call follows a write of 256 MB elsewhere, so the call finds its tensors
 in memory rather than in cache (as a layer's backward finds the tensors its forward touched,
@@ -44,7 +46,7 @@ import torch
 from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
 
-MODES = ("fwd", "stats", "bwd", "eval", "running", "dx", "frozen")
+MODES = ("fwd", "stats", "bwd", "eval", "running", "dx", "frozen", "train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 DEFAULT_CASES = (
     "bwd:64,256,14,14:nchw:fp32",
@@ -124,6 +126,15 @@ def kernel_calls(libs, mode: str, shape, layout: str, dtype: torch.dtype, nt: in
         y_ptr = out.data_ptr() if mode == "fwd" else 0
         args = (x.data_ptr(), y_ptr, code, lay, n, c, length, 0, 0, 0, 0, 1e-5, stats.data_ptr(), 0, 0, 0, 0,
                 0.1, 0, False, False, nt, WAVE_PER_THREAD * nt)  # fmt: skip
+        name = "bn_forward_train"
+    elif mode == "train":
+        running = torch.zeros(c), torch.ones(c)  # mean, var: float32, as a layer's
+        counter = torch.zeros(1, dtype=torch.int64)
+        keep += (*running, counter)
+        f32 = _CODE[torch.float32]
+        args = (x.data_ptr(), out.data_ptr(), code, lay, n, c, length, 0, 0, 0, 0, 1e-5, stats.data_ptr(),
+                running[0].data_ptr(), f32, running[1].data_ptr(), f32, 0.1, counter.data_ptr(), False, True, nt,
+                WAVE_PER_THREAD * nt)  # fmt: skip
         name = "bn_forward_train"
     elif mode == "bwd":
         args = (dy.data_ptr(), x.data_ptr(), out.data_ptr(), code, lay, n, c, length, mean_ptr, invstd_ptr, 0, 0,

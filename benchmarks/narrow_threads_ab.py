@@ -30,7 +30,7 @@ from bench_cases import positive_int  # noqa: E402
 import bnlab  # noqa: E402
 from bnlab.backends import _REGISTRY, cpu, cpu_entries  # noqa: E402
 
-SHAPES = [(2, 8192), (3, 8192), (4, 4096), (8, 2048), (2, 4096), (16, 1024), (256, 100)]
+SHAPES = [(2, 8192), (3, 8192), (4, 4096), (8, 2048), (2, 4096), (4, 2048), (16, 1024), (2, 2048), (256, 100)]
 
 
 def _set_rule(backend, channel_values: int) -> None:

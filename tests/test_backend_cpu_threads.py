@@ -17,14 +17,15 @@ pytestmark = pytest.mark.skipif(bnlab.backends.get_backend("cpu")._lib is None, 
 
 # (shape, memory format): threads in a training call with torch on 2 threads
 CASES = [
-    ((2, 8192), None, 2),  # 16,384 values + 4 x 8,192 channels
-    ((4, 4096), None, 2),  # exactly PARALLEL_MIN_NUMEL with its channels
-    ((8, 2048), None, 1),  # 16,384 + 8,192: one thread
-    ((2, 4096), None, 1),
+    ((2, 8192), None, 2),  # 16,384 values + 8 x 8,192 for the channels
+    ((8, 2048), None, 2),  # exactly PARALLEL_MIN_NUMEL with its channels
+    ((2, 4096), None, 2),
+    ((4, 2048), None, 1),  # 8,192 + 16,384: one thread
+    ((16, 1024), None, 1),
     ((256, 100), None, 1),  # more rows than the narrow walks take
-    ((2, 8192, 1, 1), torch.channels_last, 2),  # NLC rows of a 4-d input: N x H x W = 2
+    ((2, 4096, 1, 1), torch.channels_last, 2),  # NLC rows of a 4-d input: N x H x W = 2
     ((1, 4096, 2, 2), torch.channels_last, 2),  # 4 rows
-    ((1, 2048, 4, 4), torch.channels_last, 1),  # 16 rows, 32,768 + 8,192 values: PARALLEL_MIN_NUMEL anyway
+    ((1, 1024, 4, 4), torch.channels_last, 1),  # 16 rows, 16,384 + 8,192
     ((2, 4096, 2), None, 1),  # NCL (L = 2): not the narrow walks
 ]
 
@@ -75,3 +76,31 @@ def test_a_narrow_input_gives_the_same_bits_on_one_thread_and_two(keep_threads):
         y = layer(x)
         results.append((y, *torch.autograd.grad(y, [x, layer.weight, layer.bias], dy), layer.running_var.clone()))
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("shape", [(4, 4096), (2, 8192), (4, 2048, 4, 4)])
+@pytest.mark.parametrize("data", ["normal", "nan", "inf"])
+@pytest.mark.parametrize("guard,momentum", [(True, 0.1), (False, 0.1), (True, None)])
+def test_the_shared_finish_of_a_wide_forward_keeps_the_serial_bits(shape, data, guard, momentum, keep_threads):
+    """From 2048 channels a forward on several threads shares what follows its walk (the plain means
+    of channels with an infinity, the guard's verdict, the batch count, the running averages;
+    finish_forward_shares): outputs, statistics, running averages and counter must be those of one
+    thread, whose tail does it serially; a NaN or an infinity (its channel's variance is not finite)
+    makes the guard skip the batch on both."""
+    x = torch.randn(shape)
+    if data != "normal":
+        x.view(-1)[x.numel() // 2 + 3] = float("nan") if data == "nan" else float("inf")
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        layer = bnlab.BatchNorm2d(shape[1], momentum=momentum, skip_nonfinite=guard) if x.dim() == 4 else \
+            bnlab.BatchNorm1d(shape[1], momentum=momentum, skip_nonfinite=guard)
+        for _ in range(2):  # the second batch's cumulative factor comes from the counter
+            y = layer(x)
+        state = [t.clone() for t in (layer.running_mean, layer.running_var, layer.num_batches_tracked)]
+        results.append((y, *state))
+        assert threads_for(x, layout_of(x)) == threads  # the call ran on as many threads as asked
+    same = [torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(*results)]
+    assert all(same), same
+    skipped = guard and data != "normal"
+    assert int(results[1][3]) == (0 if skipped else 2)

@@ -44,14 +44,15 @@ COMPILED_CALLS = {"on": True}
 PARALLEL_MIN_NUMEL = 1 << 15
 #: But a training call that the narrow NLC walks take (at most NARROW_ROWS rows: a wide layer at a
 #: small batch, (2, 8192); cpu_kernels_nlc.inc, kRunRows) is mostly per-channel float64 work (the
-#: statistics, a square root and a division per channel; the backward's coefficients), so there a
-#: channel counts as NARROW_CHANNEL_VALUES values towards PARALLEL_MIN_NUMEL. Layer calls with the
-#: rule against without it (docs/benchmark_rounds.md, forty-sixth session): training steps of
-#: (2, 8192) and (4, 4096) 0.85 and 0.90 of the time; the rule leaves (8, 2048) and (2, 4096) on one
-#: thread, where two made steps 1.03-1.05x as long. Eval keeps PARALLEL_MIN_NUMEL: its kernel calls
-#: took 1.05-2.1x as long on two threads at every such shape.
+#: statistics, a square root and a division per channel, the running averages; the backward's
+#: coefficients), so there a channel counts as NARROW_CHANNEL_VALUES values towards
+#: PARALLEL_MIN_NUMEL. Layer calls with the rule against without it (benchmarks/narrow_threads_ab.py;
+#: docs/benchmark_rounds.md, forty-sixth session): training steps of (2, 8192), (3, 8192), (4, 4096)
+#: and (2, 4096) 0.69-0.88 of the time, (8, 2048) 0.94-1.01 (its forward 0.85-0.92); counting 16
+#: values a channel, (4, 2048) and (16, 1024) steps took 1.04-1.07x as long. Eval keeps
+#: PARALLEL_MIN_NUMEL: its kernel calls took 1.05-2.1x as long on two threads at every such shape.
 NARROW_ROWS = 16
-NARROW_CHANNEL_VALUES = 4
+NARROW_CHANNEL_VALUES = 8
 #: Elements per NCL wave and thread: the channels of a wave stay in the cores' L2 between the
 #: reduce and the elementwise pass (measured: docs/benchmarks.md).
 WAVE_PER_THREAD = 1 << 16

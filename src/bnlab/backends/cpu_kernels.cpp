@@ -56,6 +56,7 @@
 #include <Python.h>  // before any standard header, as Python's documentation requires
 #endif
 
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstddef>
