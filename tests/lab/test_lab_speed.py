@@ -148,6 +148,9 @@ def test_shapes_replace_the_benchmark_s_and_a_resume_keeps_them(tmp_path, monkey
     (["run", "speed", "--shapes", "8,6", "8,6"], "--shapes: expected distinct shapes, got '8,6' twice"),
     (["run", "init-sweep", "--shapes", "8,6"], "--shapes: init-sweep runs its own models"),
     (["run", "all", "--quick", "--shapes", "8,6"], "--shapes: `run all` times the benchmark's shapes"),
+    (["run", "speed", "--quick", "--bn", "torch"], "--bn: speed trains no network"),
+    (["run", "speed", "--quick", "--seeds", "1,2"], "--seeds: speed trains no network"),
+    (["run", "speed", "--quick", "--data-dir", "/tmp"], "--data-dir: speed trains no network"),
 ])  # fmt: skip
 def test_bad_shapes_are_refused_naming_the_option_before_any_folder(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2
@@ -182,3 +185,21 @@ def test_the_report_counts_the_traffic_of_the_device_that_ran(tmp_path, device, 
     findings = exp.findings(folder)
     assert counted in findings and "1 case on a machine" in findings
     assert "bnlab 3.00x torch.nn's speed (geometric mean of 1 case)" in findings
+
+
+def test_run_all_gives_speed_none_of_the_training_options(tmp_path, monkeypatch, keep_threads):
+    """`run all --bn torch --seeds 1` trains every network with torch.nn's BN and seed 1, and still
+    runs speed, which refuses those options on its own, without them."""
+    from bnlab.lab import experiments
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(speed_timing, "time_interleaved", _fixed_timer([]))
+    only = {name: get(name) for name in ("activations", "speed")}
+    monkeypatch.setattr(experiments, "registry", lambda: only)
+    out = tmp_path / "all"
+    assert main(["run", "all", "--quick", "--bn", "torch", "--seeds", "1", "--out", str(out)]) == 0
+    trained = json.loads((out / "activations" / "config.json").read_text())
+    timed = json.loads((out / "speed" / "config.json").read_text())
+    assert (trained["bn"], trained["seeds"]) == ("torch", [1])
+    assert (timed["bn"], timed["seeds"]) == ("bnlab", [0])
+    assert json.loads((out / "speed" / "summary.json").read_text())["complete"]

@@ -153,8 +153,10 @@ def _run(args: argparse.Namespace) -> int:
     # `all` writes runs/all-TIMESTAMP/NAME/ for each experiment; --resume continues the newest such folder.
     root = Path(args.out) if args.out else (newest_run("all", need_config=False) if args.resume else None) or default_out("all")
     start = time.perf_counter()
-    for name in registry():
-        folder = run_experiment(name, RunOptions(**{**opts.__dict__, "out": root / name}))
+    for name, exp in registry().items():
+        # an experiment that trains nothing (speed) takes none of the options choosing what trains
+        chosen = {} if exp.trains else {"bn": None, "seeds": None, "data_dir": None}
+        folder = run_experiment(name, RunOptions(**{**opts.__dict__, "out": root / name, **chosen}))
         print(main_progress_note(folder), flush=True)
     print(f"all: {time.perf_counter() - start:.1f} s in total; reports under {root}/*/report.md")
     return 0

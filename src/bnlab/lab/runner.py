@@ -154,7 +154,20 @@ def _check_world(exp: Experiment, world_size: int, sync_bn: bool) -> None:
                          "process, where SyncBatchNorm is plain BN")
 
 
+def _check_training_options(exp: Experiment, opts: RunOptions) -> None:
+    """An experiment that trains nothing (speed) refuses the options that choose what trains."""
+    if exp.trains:
+        return
+    given = {"--bn": opts.bn, "--seeds": opts.seeds, "--dataset": opts.dataset, "--data-dir": opts.data_dir}
+    for option, value in given.items():
+        if value is not None:
+            raise ValueError(f"{option}: {exp.name} trains no network (it times bnlab's BatchNorm against torch.nn's), "
+                             f"got {option} {value if not isinstance(value, list) else ','.join(map(str, value))}; "
+                             "drop it")
+
+
 def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> dict:
+    _check_training_options(exp, opts)
     quick = bool(opts.quick)
     seeds = list(opts.seeds) if opts.seeds is not None else list(exp.seeds[1] if quick else exp.seeds[0])
     dataset = opts.dataset or exp.datasets[0]
