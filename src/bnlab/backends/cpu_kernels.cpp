@@ -81,6 +81,7 @@
 #else  // a compiler without OpenMP still builds the kernels, single-threaded
 static inline int omp_get_num_threads() { return 1; }
 static inline int omp_get_thread_num() { return 0; }
+static inline int omp_in_parallel() { return 0; }  // (parallel_region's; without it this build failed)
 #endif
 
 namespace {
