@@ -85,8 +85,9 @@ def test_the_shared_finish_of_a_wide_forward_keeps_the_serial_bits(shape, data, 
     """From 2048 channels a forward on several threads shares what follows its walk (the plain means
     of channels with an infinity, the guard's verdict, the batch count, the running averages;
     finish_forward_shares): outputs, statistics, running averages and counter must be those of one
-    thread, whose tail does it serially; a NaN or an infinity (its channel's variance is not finite)
-    makes the guard skip the batch on both."""
+    thread, which does it on that thread alone; a NaN or an infinity (its channel's variance is not
+    finite) makes the guard skip the batch on both; with finite data the running averages are
+    torch.nn's (the same code on both thread counts, so torch.nn is the outside check)."""
     x = torch.randn(shape)
     if data != "normal":
         x.view(-1)[x.numel() // 2 + 3] = float("nan") if data == "nan" else float("inf")
@@ -104,3 +105,10 @@ def test_the_shared_finish_of_a_wide_forward_keeps_the_serial_bits(shape, data, 
     assert all(same), same
     skipped = guard and data != "normal"
     assert int(results[1][3]) == (0 if skipped else 2)
+    if data == "normal":
+        torch.set_num_threads(1)
+        theirs = (torch.nn.BatchNorm2d if x.dim() == 4 else torch.nn.BatchNorm1d)(shape[1], momentum=momentum)
+        for _ in range(2):
+            theirs(x)
+        for ours, want in zip(results[1][1:3], (theirs.running_mean, theirs.running_var)):
+            torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
