@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from bnlab.lab.speed_timing import cpu_model
+
 
 def _read(path: str) -> str | None:
     try:
@@ -24,11 +26,6 @@ def _read(path: str) -> str | None:
         return None
 
 
-def cpu_model() -> str:
-    for line in (_read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 #: The vector extensions the CPU kernels' build (-march=native) chooses between. Recorded beside

@@ -10,7 +10,15 @@ import time
 
 from bnlab.lab.speed_timing import balanced_orders
 
-__all__ = ["balanced_orders", "median_us", "events_us"]
+__all__ = ["balanced_orders", "sample_seconds", "median_us", "events_us"]
+
+
+def sample_seconds(fn, calls: int) -> float:
+    """One sample: the mean time of ``calls`` back-to-back calls of fn, in seconds (no warm-up)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
 
 
 def median_us(fn, rounds: int, reps: int) -> float:
@@ -18,13 +26,7 @@ def median_us(fn, rounds: int, reps: int) -> float:
     ``reps`` warm-up calls; microseconds."""
     for _ in range(reps):
         fn()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        samples.append((time.perf_counter() - start) / reps * 1e6)
-    return statistics.median(samples)
+    return statistics.median(sample_seconds(fn, reps) * 1e6 for _ in range(rounds))
 
 
 def events_us(fn, calls: int, repeats: int = 5) -> float:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cases import positive_int  # noqa: E402
+from bench_timing import sample_seconds  # noqa: E402
 
 import bnlab  # noqa: E402
 from bnlab.backends import _REGISTRY, cpu, cpu_entries  # noqa: E402
@@ -36,13 +36,6 @@ SHAPES = [(2, 8192), (3, 8192), (4, 4096), (8, 2048), (2, 4096), (4, 2048), (16,
 def _set_rule(backend, channel_values: int) -> None:
     cpu_entries.setup_whole_calls(backend._lib, backend, cpu._CODE, cpu.PARALLEL_MIN_NUMEL, cpu.WAVE_PER_THREAD,
                                   (cpu.NARROW_ROWS, channel_values))
-
-
-def _sample_us(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main(argv=None) -> int:
@@ -72,7 +65,7 @@ def main(argv=None) -> int:
                     for key in ("off", "on") if r % 2 else ("on", "off"):
                         _set_rule(backend, 0 if key == "off" else cpu.NARROW_CHANNEL_VALUES)
                         fn(), fn()
-                        found[key].append(_sample_us(fn, n))
+                        found[key].append(sample_seconds(fn, n) * 1e6)
                 off, on = statistics.median(found["off"]), statistics.median(found["on"])
                 cells.append(f"{name} {off:6.1f} / {on:6.1f} / {on / off:.2f}")
             print(f"{str(shape):12s} " + "  ".join(cells), flush=True)

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-import bnlab
-from bnlab.backends import cpu_build, cpu_pool
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import sample_seconds  # noqa: E402
+
+import bnlab  # noqa: E402
+from bnlab.backends import cpu_build, cpu_pool  # noqa: E402
 
 SHAPES = [(256, 100), (1024, 64), (2048, 100), (8192, 100), (8, 64, 16, 16), (16, 64, 16, 16), (64, 64, 8, 8),
           (32, 256, 14, 14)]  # fmt: skip
@@ -38,13 +42,6 @@ def train_step(lib, shape):
         return torch.autograd.grad(layer(x), [x] + params, dy)
 
     return step
-
-
-def sample_ms(step, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        step()
-    return (time.perf_counter() - start) / calls * 1e3
 
 
 def main(argv=None) -> None:
@@ -75,9 +72,9 @@ def main(argv=None) -> None:
                 ours(), ours()
             for _ in range(args.rounds):
                 for which in ("high", "low"):
-                    times["torch"].append(sample_ms(theirs, args.calls))
+                    times["torch"].append(sample_seconds(theirs, args.calls) * 1e3)
                     cpu_pool.POOL_MIN_BYTES = getattr(args, which)
-                    times[which].append(sample_ms(ours, args.calls))
+                    times[which].append(sample_seconds(ours, args.calls) * 1e3)
             med = {k: statistics.median(v) for k, v in times.items()}
             mb = torch.zeros(shape).numel() * 4 / 1e6
             print(f"{str(shape):20s} {mb:6.2f} {med['torch']:9.3f} {med['high']:12.3f} {med['low']:12.3f} "

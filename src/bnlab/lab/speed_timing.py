@@ -7,13 +7,26 @@ the scripts that time as it does).
 from __future__ import annotations
 
 import math
+import platform
 import statistics
 import time
 from typing import Callable
 
 import torch
 
-__all__ = ["balanced_orders", "time_interleaved"]
+__all__ = ["balanced_orders", "time_interleaved", "cpu_model"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what platform says (possibly empty)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def balanced_orders(names: list) -> list[list]:
