@@ -112,3 +112,18 @@ def test_the_shared_finish_of_a_wide_forward_keeps_the_serial_bits(shape, data, 
             theirs(x)
         for ours, want in zip(results[1][1:3], (theirs.running_mean, theirs.running_var)):
             torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_call_refuses_a_narrow_bound_other_than_the_kernels():
+    """cpu.NARROW_ROWS is the narrow walks' own bound (kRunRows in the kernels); a setup with any
+    other is refused, naming it, and leaves the call as it was."""
+    from bnlab.backends import cpu, cpu_entries
+
+    backend = bnlab.backends.get_backend("cpu")
+    if backend.train_entry() is None:
+        pytest.skip("the compiled training call is not set up here")
+    with pytest.raises(ValueError, match=r"narrow_rows: expected 16 \(kRunRows"):
+        cpu_entries.setup_whole_calls(backend._lib, backend, cpu._CODE, PARALLEL_MIN_NUMEL, cpu.WAVE_PER_THREAD,
+                                      (NARROW_ROWS + 1, NARROW_CHANNEL_VALUES))
+    x = torch.randn(2, 8192, requires_grad=True)
+    assert bnlab.BatchNorm1d(8192)(x).grad_fn.config[3][-1] == threads_for(x.detach(), layout_of(x.detach()))

@@ -131,7 +131,8 @@ def _run_reporting_argument_errors(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from bnlab.lab.allocator import keep_freed_memory
     from bnlab.lab.experiments import registry
-    from bnlab.lab.runner import RunOptions, default_out, main_progress_note, newest_run, run_experiment
+    from bnlab.lab.runner import (TRAINING_OPTIONS, RunOptions, default_out, main_progress_note, newest_run,
+                                  run_experiment)
     from bnlab.lab.world import current_world
 
     keep_freed_memory()  # before any tensor: the convolutions' outputs need not fault in at every step
@@ -155,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     for name, exp in registry().items():
         # an experiment that trains nothing (speed) takes none of the options choosing what trains
-        chosen = {} if exp.trains else {"bn": None, "seeds": None, "data_dir": None}
+        chosen = {} if exp.trains else dict.fromkeys(TRAINING_OPTIONS)
         folder = run_experiment(name, RunOptions(**{**opts.__dict__, "out": root / name, **chosen}))
         print(main_progress_note(folder), flush=True)
     print(f"all: {time.perf_counter() - start:.1f} s in total; reports under {root}/*/report.md")

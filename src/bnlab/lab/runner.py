@@ -32,7 +32,8 @@ from bnlab.lab.models import BN_IMPLS
 from bnlab.lab.runs import RunFolder, progress
 from bnlab.lab.world import SINGLE, World, current_world, default_timeout_s, parallel, rank_device, share_from_main
 
-__all__ = ["RunOptions", "RunContext", "run_experiment", "run_units", "default_out", "newest_run", "environment"]
+__all__ = ["RunOptions", "RunContext", "run_experiment", "run_units", "default_out", "newest_run", "environment",
+           "TRAINING_OPTIONS"]
 
 # The options that define what a run computes: a resumed run must agree with the stored ones.
 _IDENTITY = ("quick", "seeds", "bn", "dataset", "data_dir", "world_size", "sync_bn", "shapes")
@@ -154,12 +155,17 @@ def _check_world(exp: Experiment, world_size: int, sync_bn: bool) -> None:
                          "process, where SyncBatchNorm is plain BN")
 
 
+#: The RunOptions that choose what trains: an experiment that trains nothing refuses them, and
+#: `run all` runs it without them.
+TRAINING_OPTIONS = ("bn", "seeds", "dataset", "data_dir")
+
+
 def _check_training_options(exp: Experiment, opts: RunOptions) -> None:
     """An experiment that trains nothing (speed) refuses the options that choose what trains."""
     if exp.trains:
         return
-    given = {"--bn": opts.bn, "--seeds": opts.seeds, "--dataset": opts.dataset, "--data-dir": opts.data_dir}
-    for option, value in given.items():
+    for name in TRAINING_OPTIONS:
+        value, option = getattr(opts, name), "--" + name.replace("_", "-")
         if value is not None:
             raise ValueError(f"{option}: {exp.name} trains no network (it times bnlab's BatchNorm against torch.nn's), "
                              f"got {option} {value if not isinstance(value, list) else ','.join(map(str, value))}; "
