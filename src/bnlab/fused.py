@@ -3,9 +3,12 @@
 y = relu(BN(x) + residual). On a GPU (the Triton backend) the training step is fused: the
 forward writes y and a 1-bit ReLU mask (not z <= 0: z > 0 or NaN, where torch's ReLU backward
 passes dy) instead of keeping y for the backward, and the backward reads that mask, x and dy
-once per pass; eval mode is one elementwise kernel. Elsewhere
-(CPU, any backend without the fused kernels) the same layer runs BN through the selected backend
-and the add and ReLU with torch ops, saving a boolean mask (1 byte per element).
+once per pass; eval mode is one elementwise kernel. On the CPU kernels (backends/cpu_act.py) BN is
+one kernel call, then the add and the ReLU one pass in place on its output, and the backward masks
+dy from the saved output in one pass before the BN backward kernel: 1.2-4.3x torch's unfused
+sequence (docs/benchmarks.md). Elsewhere (any backend without such kernels) the same layer runs BN
+through the selected backend and the add and ReLU with torch ops. Off the Triton kernels the
+output is saved for ReLU's mask, as torch's ReLU saves its result.
 
 The layer subclasses bnlab.BatchNorm2d and adds no parameter or buffer: its state dict is a
 BatchNorm2d state dict, and loads both ways. bnlab.fold folds it into a preceding convolution
@@ -43,7 +46,14 @@ def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
 class BatchNormActFunction(torch.autograd.Function):
     """y = act(BN(x) + residual) with batch statistics; config = (eps, backend, running_mean,
     running_var, momentum, num_batches_tracked, skip_nonfinite, relu). Uses the backend's fused
-    kernels (act_forward/act_backward) when it has them, else the backend's BN plus torch ops."""
+    kernels (act_forward/act_backward) when it has them, else the backend's BN plus torch ops.
+
+    ReLU's mask, not z <= 0, is the Triton kernels' 1-bit mask where the backend keeps one
+    (``act_bit_mask``); elsewhere the output y is saved, as torch's ReLU keeps its result, and the
+    backward masks dy with torch's ReLU backward (threshold_backward): not y <= 0 is not z <= 0,
+    NaN included. As after torch's ReLU, y then must not be changed in place before the backward
+    (autograd's version check says so).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, config):
@@ -60,38 +70,40 @@ class BatchNormActFunction(torch.autograd.Function):
             count_and_update_(running_mean, running_var, counter, stats, momentum, guard)
             if residual is not None:
                 z = z + residual
-            # not z <= 0: dy passes where z is NaN too, as in torch's ReLU backward (threshold_backward)
-            mask = ~(z <= 0) if relu else None
             y = torch.relu(z) if relu else z
-            ctx.extra = (stats.mean, invstd, stats.count, mask)
+            ctx.extra = (stats.mean, invstd, stats.count)
             ctx.fused = False
-        ctx.save_for_backward(x, weight)
+        if relu and not (ctx.fused and getattr(backend, "act_bit_mask", False)):
+            ctx.save_for_backward(x, weight, y)
+        else:
+            ctx.save_for_backward(x, weight)
         ctx.config = (eps, backend, None if bias is None else bias.dtype, relu)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x, weight, *output = ctx.saved_tensors
         need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
         eps, backend, bias_dtype, relu = ctx.config
         if torch.is_grad_enabled():
             # create_graph=True: ReLU's mask is a constant; BN's backward in differentiable torch ops.
-
-            if ctx.fused:
+            mask = None
+            if output:
+                mask = ~(output[0] <= 0)
+            elif relu:
                 _, _, packed, p = ctx.extra
-                mask = _unpack_bits(packed, x, p.rows, p.k) if packed is not None else None
-            else:
-                mask = ctx.extra[3]
+                mask = _unpack_bits(packed, x, p.rows, p.k)
             dz = torch.where(mask, dy, 0.0) if mask is not None else dy  # +0 where masked, as ReLU's backward
             dx, dw, db = differentiable_train_grads(dz, x, weight, eps, bias_dtype, (need_x, need_w, need_b))
             return dx, dw, db, (dz if need_res else None), None
         if ctx.fused:
             dw = torch.empty_like(weight) if need_w else None
             db = torch.empty(x.shape[1], dtype=bias_dtype, device=x.device) if need_b else None
-            dx, dres = backend.act_backward(dy, x, weight, ctx.extra, need_x, need_res, dw, db)
+            dx, dres = backend.act_backward(dy, x, weight, ctx.extra, need_x, need_res, dw, db, *output)
             return dx, dw, db, dres, None
-        mean, invstd, count, mask = ctx.extra
-        dz = torch.where(mask, dy, 0.0) if mask is not None else dy  # +0 where masked, as ReLU's backward
+        # torch's ReLU backward on the saved output: +0 where y <= 0, whatever dy there
+        dz = torch.ops.aten.threshold_backward(dy, output[0], 0) if output else dy
+        mean, invstd, count = ctx.extra
         dx, sum_dy_xhat, sum_dy = backend.backward(dz, x, mean, invstd, weight, count, need_x, batch_mean=True)
         dw, db = param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, need_w, need_b)
         return dx, dw, db, (dz if need_res else None), None

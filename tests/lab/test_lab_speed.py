@@ -54,10 +54,11 @@ def test_the_full_version_times_every_shape_layout_dtype_and_mode_of_the_issue()
     units = exp.units(config)
     assert units[-4:] == ["model/resnet20/step", "model/resnet20/inference", "model/mlp/step", "model/mlp/inference"]
     units = units[:-4]
-    assert len(units) == len(set(units)) == 2 * 2 * 3 + 4 * 2 * 2 * 3  # 2 MLP shapes in one layout, 4 conv in two
+    # 2 MLP shapes in one layout and 3 modes, 4 conv shapes in two layouts and 5 (BatchNormAct2d's two too)
+    assert len(units) == len(set(units)) == 2 * 2 * 3 + 4 * 2 * 2 * 5
     assert {u.split("/")[0] for u in units} == {"mlp-small", "mlp-large", "conv-56", "conv-14", "conv-32s", "conv-32l"}
-    assert all(len(SHAPES[u.split("/")[0]]) == 4 for u in units if "/cl/" in u)
-    modes = ("fwd", "fwdbwd", "eval")
+    assert all(len(SHAPES[u.split("/")[0]]) == 4 for u in units if "/cl/" in u or "relu_" in u)
+    modes = ("fwd", "fwdbwd", "eval", "relu_fwdbwd", "addrelu_fwdbwd")
     assert {tuple(u.split("/")[2:]) for u in units} == {(d, m) for d in ("fp32", "bf16") for m in modes}
 
 
@@ -79,7 +80,7 @@ def test_rows_hold_the_ratios_and_bandwidths_of_the_measured_times(quick_speed_r
         assert r["speedup"] == pytest.approx(torch_s / SECONDS["bnlab"])
         assert r["bnlab_GBps"] == round(moved / 1e-3 / 1e9, 2)
         assert r["fraction_of_copy"] == pytest.approx((moved / 1e-3) / (copied / 0.4e-3), rel=1e-3)
-    assert "speed: 6 cases in" in printed
+    assert "speed: 8 cases in" in printed  # conv-8's 5 modes, mlp-small's 3
 
 
 def test_the_report_states_the_speedups_and_names_the_cases_where_torch_was_faster(quick_speed_run):
@@ -116,9 +117,9 @@ def test_a_resumed_run_times_only_the_cases_a_failed_run_left(tmp_path, monkeypa
     assert len(list((out / "units").iterdir())) == 2
     monkeypatch.setattr(speed_timing, "time_interleaved", timer)
     assert main(["run", "speed", "--resume", "--out", str(out)]) == 0
-    assert len(calls) == 8  # 2 before the failure, then the 4 cases and 2 network calls left
+    assert len(calls) == 10  # 2 before the failure, then the 6 cases and 2 network calls left
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] and len(summary["rows"]) == 6 and len(summary["tables"]["models"]) == 2
+    assert summary["complete"] and len(summary["rows"]) == 8 and len(summary["tables"]["models"]) == 2
 
 
 def test_shapes_replace_the_benchmark_s_and_a_resume_keeps_them(tmp_path, monkeypatch, keep_threads):
@@ -135,7 +136,7 @@ def test_shapes_replace_the_benchmark_s_and_a_resume_keeps_them(tmp_path, monkey
     assert "models" not in summary["tables"]  # the user's layers only
     # the full version's layouts and dtypes: channels-last for the 4-d shape only
     assert sorted({(r["dims"], r["layout"]) for r in rows}) == [("4x6x5x5", "cl"), ("4x6x5x5", "nchw"), ("8x6", "nchw")]
-    assert len(rows) == 3 * 2 * 3
+    assert len(rows) == 3 * 2 * 3 + 2 * 2 * 2  # and BatchNormAct2d's two modes for the 4-d shape (2 layouts, 2 dtypes)
     assert main(["run", "speed", "--resume", "--out", str(out)]) == 0  # nothing left: nothing timed again
     assert len(calls) == len(rows)
 

@@ -59,6 +59,7 @@ SOURCES = (
     "cpu_kernels_nlc_tree.inc",
     "cpu_kernels_nlc.inc",
     "cpu_kernels_api.inc",
+    "cpu_kernels_relu.inc",
     "cpu_kernels_parts.inc",
     "cpu_kernels_py.inc",
     "cpu_kernels_py_tensors.inc",
@@ -256,6 +257,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "bn_grad_input": [P, P, P, I, I, L, L, L, P, P, P, I, P, P, D, I],
         "bn_eval_stats": [P, I, P, I, D, P, L],
         "bn_eval_backward": [P, P, P, I, I, L, L, L, P, P, P, I, P, I, P, I, I, L],
+        "bn_relu": [P, I, L, I],
+        "bn_relu_backward": [P, P, P, I, L, I],
+        "bn_add_relu": [P, P, I, L, I, I],
     }
     for name, argtypes in sigs.items():
         fn = getattr(lib, name)

@@ -774,6 +774,9 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 #include "cpu_kernels_nlc_tree.inc"
 #include "cpu_kernels_nlc.inc"
 #include "cpu_kernels_api.inc"
+#if !defined(BNLAB_PART_DTYPE)  // no dtype part needs them
+#include "cpu_kernels_relu.inc"
+#endif
 #ifdef BNLAB_PART_MAIN
 #include "cpu_kernels_parts.inc"
 #endif

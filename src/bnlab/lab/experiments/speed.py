@@ -3,7 +3,8 @@
 Issue 5's benchmark in the lab, so that a user who installed bnlab sees with one command how it
 compares with the BatchNorm they use today, on their own machine. Each case is a shape (the MLP
 activations (256, 100) and (8192, 100), the conv activations of docs/benchmarks.md), a memory
-layout, a dtype and a mode (training forward, training forward+backward, eval); its contenders,
+layout, a dtype and a mode (training forward, training forward+backward, eval, and for 4-d shapes
+forward+backward of bnlab.BatchNormAct2d against torch.nn's BN then (add and) ReLU); its contenders,
 bnlab's layer, torch.nn's and two copies of the same bytes, run in interleaved samples and the
 medians are kept (bnlab.lab.speed_cases, bnlab.lab.speed_timing: the code benchmarks/bench_bn.py
 runs too, with torch.compile and more shapes). Then two whole networks, ResNet-20 and the
@@ -34,8 +35,12 @@ from bnlab.lab.tables import markdown_table
 
 FULL_SHAPES = ("mlp-small", "mlp-large", "conv-56", "conv-14", "conv-32s", "conv-32l")
 QUICK_SHAPES = ("mlp-small", "conv-8")
-MODES = ("fwd", "fwdbwd", "eval")
-MODE_NAMES = {"fwd": "training forward", "fwdbwd": "training forward+backward", "eval": "eval"}
+MODES = ("fwd", "fwdbwd", "eval", "relu_fwdbwd", "addrelu_fwdbwd")
+MODE_NAMES = {"fwd": "training forward", "fwdbwd": "training forward+backward", "eval": "eval",
+              "relu_fwdbwd": "BN+ReLU forward+backward (`bnlab.BatchNormAct2d` against torch.nn's BN, then ReLU)",
+              "addrelu_fwdbwd": "BN+add+ReLU forward+backward (`BatchNormAct2d(residual=True)` against BN, add, ReLU)"}
+#: the modes of bnlab.BatchNormAct2d, a 2-d layer: timed on 4-d shapes only
+FUSED_MODES = ("relu_fwdbwd", "addrelu_fwdbwd")
 #: whole networks (bnlab.lab.speed_models.MODELS) and their batch: ResNet-20 on CIFAR-sized images, the
 #: init-sweep's MLP 784-100x5-10
 FULL_MODELS = {"resnet20": 128, "mlp": 100}
@@ -59,11 +64,12 @@ def _params(config: dict) -> dict:
 
 
 def _units(config: dict) -> list[str]:
-    """Case ids "SHAPE/LAYOUT/DTYPE/MODE" (channels-last, "cl", only for 4-d and 5-d shapes), then
-    "model/NAME/step" and "model/NAME/inference" for each whole network."""
+    """Case ids "SHAPE/LAYOUT/DTYPE/MODE" (channels-last, "cl", only for 4-d and 5-d shapes; the fused
+    modes only for 4-d ones), then "model/NAME/step" and "model/NAME/inference" for each whole network."""
     p = config["params"]
     cases = [f"{shape}/{layout}/{dtype}/{mode}" for shape, dims in p["shapes"].items() for layout in p["layouts"]
-             for dtype in p["dtypes"] for mode in p["modes"] if layout == "nchw" or len(dims) >= 4]
+             for dtype in p["dtypes"] for mode in p["modes"]
+             if (layout == "nchw" or len(dims) >= 4) and (mode not in FUSED_MODES or len(dims) == 4)]
     return cases + [f"model/{name}/{call}" for name in p.get("models", {}) for call in CALLS]
 
 
@@ -165,8 +171,9 @@ def _model_findings(models: list[dict]) -> list[str]:
 
 
 #: the minimal traffic speed_cases counts (TRAFFIC, TRAFFIC_GPU), N = the input's bytes
-_TRAFFIC_TEXT = {"cpu": "forward and eval 2N (x read, y written), forward+backward 5N",
-                 "cuda": "on a GPU forward 3N (x read twice, y written), forward+backward 8N, eval 2N"}
+_TRAFFIC_TEXT = {"cpu": "forward and eval 2N (x read, y written), forward+backward 5N (7N with a residual)",
+                 "cuda": "on a GPU forward 3N (x read twice, y written), forward+backward 8N (10N with a residual), "
+                         "eval 2N"}
 
 
 def _findings(folder: RunFolder) -> str:
@@ -212,9 +219,10 @@ def _findings(folder: RunFolder) -> str:
 EXPERIMENT = Experiment(
     name="speed",
     summary="bnlab's BatchNorm against torch.nn's and a copy of the same bytes on this machine (issue 5's benchmark)",
-    runtime="full ~1.5 min (60 cases and 2 networks, 2 threads), quick ~3 s",
+    runtime="full ~2 min (92 cases and 2 networks, 2 threads), quick ~3 s",
     claim="bnlab's BatchNorm is faster than torch.nn's in training (forward, forward+backward) and in eval, and "
-          "runs close to the speed of copying the same bytes (issue 5: on the CPU at least 2.5x torch.nn's "
+          "runs close to the speed of copying the same bytes; its BN+ReLU layer (BatchNormAct2d) is faster than "
+          "torch.nn's BN followed by ReLU (issue 5: on the CPU at least 2.5x torch.nn's "
           "forward+backward over the conv shapes, eval at 90 % of a copy's bandwidth, no case more than 10 % "
           "behind torch.nn).",
     params=_params,

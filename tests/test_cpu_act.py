@@ -1,0 +1,137 @@
+"""bnlab.BatchNormAct2d on the CPU kernels (backends/cpu_act.py, cpu_kernels_relu.inc).
+
+The ReLU kernels work on raw bits; they are held to torch's own ops over every 16-bit pattern and
+over random and special 32/64-bit ones (NaN payloads of 16-bit types aside, which torch rewrites).
+The layer is held to the bits of bnlab.BatchNorm2d followed by torch's add and ReLU: the same BN
+kernels, then the same add, ReLU and ReLU backward, in one pass each.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnlab
+from bnlab.backends.cpu_arguments import _CODE
+from speed_helpers import make_input
+
+CPU = bnlab.backends.get_backend("cpu")
+pytestmark = pytest.mark.skipif(CPU._lib is None, reason="no compiled CPU kernels")
+
+BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+SPECIALS = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1e-45, -1e-45, 5e-324, -5e-324,
+            1.0, -1.0]
+
+
+def _values(dtype, seed=0):
+    """Every bit pattern of a 16-bit dtype; random patterns and special values of a wider one."""
+    ints = BITS[dtype]
+    if ints == torch.int16:
+        return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    info = torch.iinfo(ints)
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(info.min, info.max, (1 << 16,), dtype=ints, generator=gen)
+    return torch.cat([bits.view(dtype), torch.tensor(SPECIALS, dtype=torch.float64).to(dtype)])
+
+
+def _same_bits(ours, theirs, dtype):
+    """Equal bits, NaNs aside, and NaN at the same places (torch rewrites 16-bit NaN payloads)."""
+    nan = torch.isnan(theirs)
+    assert torch.equal(torch.isnan(ours), nan)
+    assert torch.equal(ours[~nan].view(BITS[dtype]), theirs[~nan].view(BITS[dtype]))
+
+
+@pytest.mark.parametrize("dtype", list(BITS))
+def test_relu_kernels_give_torchs_bits(dtype):
+    v = _values(dtype)
+    y = v.clone()
+    assert CPU._lib.bn_relu(y.data_ptr(), _CODE[dtype], y.numel(), 2) == 0
+    _same_bits(y, torch.relu(v), dtype)
+    assert torch.signbit(y[(v == 0) & torch.signbit(v)]).all()  # -0.0 stays, as torch.relu keeps it
+    # the backward from any output, negative and NaN ones included (y <= 0: +0, whatever dy there)
+    dy = _values(dtype, seed=1)[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(2))]
+    dy = torch.where(torch.isnan(dy), 1.0, dy)  # (a NaN dy passes as NaN; its payload is torch's to rewrite)
+    dz = torch.empty_like(dy)
+    assert CPU._lib.bn_relu_backward(dy.data_ptr(), v.data_ptr(), dz.data_ptr(), _CODE[dtype], dz.numel(), 2) == 0
+    theirs = torch.ops.aten.threshold_backward(dy, v, 0)
+    _same_bits(dz, theirs, dtype)
+    assert not torch.signbit(dz[v <= 0]).any()
+
+
+@pytest.mark.parametrize("relu", [0, 1])
+@pytest.mark.parametrize("dtype", list(BITS))
+def test_add_relu_kernel_gives_torchs_add_then_relu(dtype, relu):
+    gen = torch.Generator().manual_seed(3)
+    n = 1 << 16
+    a, b = ((torch.randn(n, generator=gen, dtype=torch.float64) * torch.exp(20 * torch.randn(n, generator=gen,
+            dtype=torch.float64))).to(dtype) for _ in range(2))  # fmt: skip
+    b[:500] = -a[:500]  # exact cancellations (+0) and near ones (tiny values, -0.0 after rounding)
+    b[500:1000] = (-a[500:1000].double() * (1 + 1e-9)).to(dtype)
+    y = a.clone()
+    assert CPU._lib.bn_add_relu(y.data_ptr(), b.data_ptr(), _CODE[dtype], n, relu, 1) == 0
+    _same_bits(y, torch.relu(a + b) if relu else a + b, dtype)
+
+
+def _sequence_pair(channels, residual, dtype):
+    ours = bnlab.BatchNormAct2d(channels, residual=residual)
+    plain = bnlab.BatchNorm2d(channels)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    plain.load_state_dict(ours.state_dict())
+    if dtype == torch.float64:
+        ours.double(), plain.double()
+    return ours, plain
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", list(BITS))
+def test_layer_has_the_bits_of_bnlab_bn_then_torch_add_and_relu(dtype, layout, residual):
+    ours, plain = _sequence_pair(6, residual, dtype)
+    shape = (8, 6, 9, 7)
+    for step, training in enumerate([True, True, False]):
+        ours.train(training), plain.train(training)
+        x = make_input(shape, layout, dtype, seed=step, mean=0.2 * step)
+        res = make_input(shape, layout, dtype, seed=10 + step) if residual else None
+        dy = make_input(shape, layout, dtype, seed=20 + step)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        r1 = res.clone().requires_grad_() if residual else None
+        r2 = res.clone().requires_grad_() if residual else None
+        y1 = ours(x1, r1) if residual else ours(x1)
+        z2 = plain(x2) + r2 if residual else plain(x2)
+        y2 = torch.relu(z2)
+        if training:
+            assert y1.grad_fn.fused  # the CPU kernels' route (act_forward), not the generic one
+        assert torch.equal(y1, y2) and y1.stride() == x.stride()
+        y1.backward(dy), y2.backward(dy)
+        assert torch.equal(x1.grad, x2.grad)
+        if residual:
+            assert torch.equal(r1.grad, r2.grad)
+        for name in ("weight", "bias"):
+            assert torch.equal(getattr(ours, name).grad, getattr(plain, name).grad)
+            getattr(ours, name).grad = getattr(plain, name).grad = None
+        assert torch.equal(ours.running_mean, plain.running_mean) and torch.equal(ours.running_var, plain.running_var)
+        assert int(ours.num_batches_tracked) == int(plain.num_batches_tracked)
+    with torch.no_grad():  # eval without a graph: act_eval
+        x, res = make_input(shape, layout, dtype, seed=30), make_input(shape, layout, dtype, seed=31)
+        ours_y = ours(x, res) if residual else ours(x)
+        assert torch.equal(ours_y, torch.relu(plain(x) + res) if residual else torch.relu(plain(x)))
+
+
+def test_output_changed_in_place_is_refused_as_after_torchs_relu():
+    # The backward reads ReLU's mask from the saved output, as torch's ReLU does: changing the
+    # output in place before the backward is the same error there and here.
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    for make in (lambda: bnlab.BatchNormAct2d(3)(x), lambda: torch.relu(torch.nn.BatchNorm2d(3)(x))):
+        y = make()
+        y.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_a_residual_in_another_layout_is_added_by_torch():
+    ours, plain = _sequence_pair(5, True, torch.float32)
+    x = make_input((4, 5, 6, 6), "cl", seed=1)
+    res = make_input((4, 5, 6, 6), "nchw", seed=2)  # other strides than x's output
+    assert torch.equal(ours(x, res), torch.relu(plain(x) + res))
