@@ -5,7 +5,7 @@ forward writes y and a 1-bit ReLU mask (not z <= 0: z > 0 or NaN, where torch's 
 passes dy) instead of keeping y for the backward, and the backward reads that mask, x and dy
 once per pass; eval mode is one elementwise kernel. On the CPU kernels (backends/cpu_act.py) BN is
 one kernel call, then the add and the ReLU one pass in place on its output, and the backward masks
-dy from the saved output in one pass before the BN backward kernel: 1.2-4.3x torch's unfused
+dy from the saved output in one pass before the BN backward kernel: 1.25-4.15x torch's unfused
 sequence (docs/benchmarks.md). Elsewhere (any backend without such kernels) the same layer runs BN
 through the selected backend and the add and ReLU with torch ops. Off the Triton kernels the
 output is saved for ReLU's mask, as torch's ReLU saves its result.

@@ -6,8 +6,8 @@ output (cpu_kernels_relu.inc): no intermediate tensor, no mask. BatchNormActFunc
 output instead, as torch's ReLU keeps its result, and the backward masks dy from it (ReLU's
 backward, +0 where y <= 0 whatever dy there) in one pass into pooled memory before the backward
 kernel. The torch ops this replaced were the slow part: ``torch.where(mask, dy, 0.0)`` alone took
-4-5 ms on a (128, 16, 32, 32) tensor, and torch's bf16 relu_ 2.3x a copy's time; the layer's
-forward+backward took 0.28-0.97x the time of torch.nn's BN then ReLU, 1.2-4.3x since
+4 ms on a (128, 16, 32, 32) tensor, 14-27x a copy's time, and torch's bf16 relu_ 2x; the layer's
+forward+backward ran at 0.28-0.97x the speed of torch.nn's BN then ReLU, 1.25-4.15x since
 (docs/benchmark_rounds.md, forty-seventh session).
 """
 
