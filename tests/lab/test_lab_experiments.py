@@ -33,7 +33,7 @@ EXPECTED = {
                    {"batch_size", "norm", "seed", "train_acc", "test_acc", "test_acc_batch_stats", "diverged"}, {"diagnose": 21}),
     "small-batch-sync": (["small_batch_sync.png"], 6, {"mode", "batch", "global_batch", "seed", "test_acc"},
                          {"early_loss": 60}),
-    "speed": (["speed.png"], 6, {"case", "shape", "layout", "dtype", "mode", "threads", "machine", "bnlab_ms",
+    "speed": (["speed.png"], 8, {"case", "shape", "layout", "dtype", "mode", "threads", "machine", "bnlab_ms",
                                  "torch_ms", "copy_ms", "speedup", "fraction_of_copy"}, {"models": 2}),
 }
 

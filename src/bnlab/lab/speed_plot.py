@@ -57,7 +57,9 @@ def figure(env: dict, cases: list[dict]):
     gpu = any(c.get("device") == "cuda" for c in cases)
     per_mode = {m: [c for c in cases if c["mode"] == m] for m in modes}
     widest = max(len(v) for v in per_mode.values())
-    fig, axes = new_figure(len(modes), 2, size=(max(9.0, 0.64 * widest + 3), 3.1 * len(modes)))
+    # 3.1 in a row, but at most 12.6 in all (five modes: the fused layer's two with the three), so
+    # that the figure stays within a screen's height (tests/lab: at most 1,400 pixels)
+    fig, axes = new_figure(len(modes), 2, size=(max(9.0, 0.64 * widest + 3), min(3.1 * len(modes), 12.6)))
     for row, mode in enumerate(modes):
         rows = per_mode[mode]
         x = np.arange(len(rows))
