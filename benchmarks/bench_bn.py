@@ -15,6 +15,8 @@ atomically; a rerun skips the cases already there (--fresh to start over).
     python benchmarks/bench_bn.py --compile --modes fwdbwd --dtypes fp32 --layouts nchw
     python benchmarks/bench_bn.py --device cuda --compile --modes fwd,fwdbwd,eval,relu_fwdbwd,addrelu_fwdbwd
     python benchmarks/bench_bn.py --modes frozen_fwdbwd    # eval-mode layers trained through (frozen BN)
+    python benchmarks/bench_bn.py --modes relu_fwdbwd,addrelu_fwdbwd --shapes conv-56,conv-14,conv-32s,conv-32l
+                                                           # bnlab.BatchNormAct2d against BN, (add,) ReLU
     python benchmarks/bench_bn.py --plot speed.png         # and the figure of the results (plot_bench.py)
 """
 
