@@ -135,3 +135,20 @@ def test_a_residual_in_another_layout_is_added_by_torch():
     x = make_input((4, 5, 6, 6), "cl", seed=1)
     res = make_input((4, 5, 6, 6), "nchw", seed=2)  # other strides than x's output
     assert torch.equal(ours(x, res), torch.relu(plain(x) + res))
+
+
+@pytest.mark.parametrize("options", [{"affine": False}, {"momentum": None}, {"track_running_stats": False},
+                                     {"bias": False}])
+def test_the_layer_s_options_keep_the_bits_of_the_sequence(options):
+    ours, plain = bnlab.BatchNormAct2d(4, residual=True, **options), bnlab.BatchNorm2d(4, **options)
+    plain.load_state_dict(ours.state_dict())
+    for step in range(3):  # momentum None: the cumulative average over the three batches
+        x, res, dy = (make_input((5, 4, 6, 6), seed=10 * step + k) for k in range(3))
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1, res), torch.relu(plain(x2) + res)
+        assert y1.grad_fn.fused and torch.equal(y1, y2)
+        y1.backward(dy), y2.backward(dy)
+        assert torch.equal(x1.grad, x2.grad)
+        if ours.running_mean is not None:
+            assert torch.equal(ours.running_mean, plain.running_mean)
+            assert torch.equal(ours.running_var, plain.running_var)
