@@ -3,12 +3,13 @@
 y = relu(BN(x) + residual). On a GPU (the Triton backend) the training step is fused: the
 forward writes y and a 1-bit ReLU mask (not z <= 0: z > 0 or NaN, where torch's ReLU backward
 passes dy) instead of keeping y for the backward, and the backward reads that mask, x and dy
-once per pass; eval mode is one elementwise kernel. On the CPU kernels (backends/cpu_act.py) BN is
-one kernel call, then the add and the ReLU one pass in place on its output, and the backward masks
-dy from the saved output in one pass before the BN backward kernel: 1.25-4.15x torch's unfused
-sequence (docs/benchmarks.md). Elsewhere (any backend without such kernels) the same layer runs BN
-through the selected backend and the add and ReLU with torch ops. Off the Triton kernels the
-output is saved for ReLU's mask, as torch's ReLU saves its result.
+once per pass; eval mode is one elementwise kernel. Elsewhere (the CPU backends, any backend
+without fused kernels) the layer is bnlab.BatchNorm2d's own call, on the CPU its compiled call,
+followed by the add and the ReLU: on the CPU kernels one pass in place on the BN output
+(:class:`AddReluFunction`, backends/cpu_act.py), whose backward reads ReLU's mask from the saved
+output in one pass, as torch's ReLU reads it; forward+backward 1.21-4.15x torch.nn's BN then ReLU
+on the benchmark's conv shapes (docs/benchmarks.md), with the bits of bnlab.BatchNorm2d followed
+by torch's add and ReLU. Elsewhere torch's ops do the add and the ReLU.
 
 The layer subclasses bnlab.BatchNorm2d and adds no parameter or buffer: its state dict is a
 BatchNorm2d state dict, and loads both ways. bnlab.fold folds it into a preceding convolution
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 from bnlab import _checks, composite, custom_ops
 from bnlab._fastpath import module_forward
 from bnlab.autograd import differentiable_train_grads, param_grads
-from bnlab.backends import select_backend
+from bnlab.backends import cpu_act, select_backend
+from bnlab.backends.autograd_apply import direct_apply
 from bnlab.functional import batch_norm
 from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.modules import BatchNorm2d
@@ -44,11 +46,12 @@ def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
 
 
 class BatchNormActFunction(torch.autograd.Function):
-    """y = act(BN(x) + residual) with batch statistics; config = (eps, backend, running_mean,
-    running_var, momentum, num_batches_tracked, skip_nonfinite, relu). Uses the backend's fused
-    kernels (act_forward/act_backward) when it has them, else the backend's BN plus torch ops.
+    """y = act(BN(x) + residual) with batch statistics, for backends with fused kernels (the Triton
+    backend's act_forward/act_backward); config = (eps, backend, running_mean, running_var,
+    momentum, num_batches_tracked, skip_nonfinite, relu). Where those kernels decline an input, the
+    backend's BN plus torch ops.
 
-    ReLU's mask, not z <= 0, is the Triton kernels' 1-bit mask where the backend keeps one
+    ReLU's mask, not z <= 0, is the fused kernels' 1-bit mask where the backend keeps one
     (``act_bit_mask``); elsewhere the output y is saved, as torch's ReLU keeps its result, and the
     backward masks dy with torch's ReLU backward (threshold_backward): not y <= 0 is not z <= 0,
     NaN included. As after torch's ReLU, y then must not be changed in place before the backward
@@ -107,6 +110,59 @@ class BatchNormActFunction(torch.autograd.Function):
         dx, sum_dy_xhat, sum_dy = backend.backward(dz, x, mean, invstd, weight, count, need_x, batch_mean=True)
         dw, db = param_grads(sum_dy_xhat, sum_dy, weight, bias_dtype, need_w, need_b)
         return dx, dw, db, (dz if need_res else None), None
+
+
+#: BatchNormActFunction.apply without torch's Python wrapper where it is idle (about 3 us a call)
+_apply_act = direct_apply(BatchNormActFunction)
+
+
+class AddReluFunction(torch.autograd.Function):
+    """y = act(z + residual) in place on z, a BN output of this call, by the CPU kernels
+    (bnlab.backends.cpu_act); the ReLU's mask read from the saved output in the backward, as
+    torch's ReLU reads it (so the output must not be changed in place before the backward).
+
+    forward(z, residual, relu) -> y (z itself, marked dirty).
+    """
+
+    @staticmethod
+    def forward(ctx, z, residual, relu):
+        cpu_act.add_relu_(z, residual, relu)
+        ctx.mark_dirty(z)
+        if relu:
+            ctx.save_for_backward(z)
+        ctx.with_residual = residual is not None
+        return z
+
+    @staticmethod
+    def backward(ctx, dy):
+        dz = dy
+        if ctx.saved_tensors:
+            (y,) = ctx.saved_tensors
+            # torch's ReLU backward: +0 where y <= 0, whatever dy there; under create_graph torch's
+            # own op, differentiable in dy
+            if torch.is_grad_enabled():
+                dz = torch.ops.aten.threshold_backward(dy, y, 0)
+            else:
+                dz = cpu_act.relu_backward(dy, y)
+        return dz, (dz if ctx.with_residual else None), None
+
+
+_apply_add_relu = direct_apply(AddReluFunction)
+
+
+def _then_add_relu(z: Tensor, x: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+    """act(z + residual) for z = BN(x) computed by bnlab.BatchNorm2d's call: in place by the CPU
+    kernels where they take z (a fresh output, not x's memory) and nothing traces or transforms the
+    call; else torch's ops."""
+    if residual is None and not relu:
+        return z
+    # (transforms_active: forward-mode AD, torch.func and torch.jit.trace take torch's ops)
+    if cpu_act.takes(z) and z._base is None and z.data_ptr() != x.data_ptr() and not composite.transforms_active():
+        if torch.is_grad_enabled() and (z.requires_grad or (residual is not None and residual.requires_grad)):
+            return _apply_add_relu(z, residual, relu)
+        return cpu_act.add_relu_(z, residual, relu)
+    z = z + residual if residual is not None else z
+    return torch.relu(z) if relu else z
 
 
 class BatchNormAct2d(BatchNorm2d):
@@ -170,6 +226,12 @@ class BatchNormAct2d(BatchNorm2d):
                 z = z + residual if residual is not None else z
                 return torch.relu(z) if relu else z
         backend = select_backend(x)
+        if getattr(backend, "act_forward", None) is None:
+            # No fused kernels (the CPU backends): BN as bnlab.BatchNorm2d computes it (on the CPU
+            # its compiled call), then the add and the ReLU, in one kernel pass in place on that
+            # output where the kernels take it (bnlab.backends.cpu_act); the same bits as
+            # bnlab.BatchNorm2d followed by torch's add and ReLU
+            return _then_add_relu(super().forward(x), x, residual, relu)
         if batch_statistics:
             track = self.training and self.track_running_stats
             rm, rv = (self.running_mean, self.running_var) if track else (None, None)
@@ -186,7 +248,7 @@ class BatchNormAct2d(BatchNorm2d):
                 count_and_update_(rm, rv, counter, Moments(_checks.values_per_channel(x), mean, m2), momentum, guard)
                 z = z + residual if residual is not None else z
                 return torch.relu(z) if relu else z
-            return BatchNormActFunction.apply(x, self.weight, self.bias, residual, config)
+            return _apply_act(x, self.weight, self.bias, residual, config)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias, residual))
         if not grads and hasattr(backend, "act_eval") and not composite.transforms_active():
             y = backend.act_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, residual, relu)

@@ -24,7 +24,6 @@ from bnlab._checks import check_running_var_nonnegative
 from bnlab._memory import memory_readable
 from bnlab.backends import cpu_build, cpu_pool
 from bnlab.backends.base import Backend
-from bnlab.backends.cpu_act import CpuActMixin
 from bnlab.backends.cpu_autograd import apply_train
 from bnlab.backends.cpu_entries import setup_layer_call, setup_whole_calls
 from bnlab.backends import cpu_arguments
@@ -71,11 +70,10 @@ def threads_for(x: Tensor, training_layout: tuple[int, int, int, int] | None = N
     return torch.get_num_threads() if work >= PARALLEL_MIN_NUMEL else 1
 
 
-class CpuBackend(CpuActMixin, Backend):
+class CpuBackend(Backend):
     """Compiled, cache-blocked, multi-threaded kernels for CPU tensors (see the module docstring)."""
 
     name = "cpu"
-    parallel_min_numel = PARALLEL_MIN_NUMEL  # (threads_for's bound, for CpuActMixin)
 
     def __init__(self) -> None:
         self._loaded = None
