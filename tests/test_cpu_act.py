@@ -96,7 +96,7 @@ def _assert_kernels_route(y, training):
 @pytest.mark.parametrize("dtype", list(BITS))
 def test_layer_has_the_bits_of_bnlab_bn_then_torch_add_and_relu(dtype, layout, residual):
     ours, plain = _sequence_pair(6, residual, dtype)
-    shape = (8, 6, 9, 7)
+    shape = (8, 6, 64, 48)  # 147,456 values: the kernels' route (cpu_act.KERNEL_MIN_NUMEL)
     for step, training in enumerate([True, True, False]):
         ours.train(training), plain.train(training)
         x = make_input(shape, layout, dtype, seed=step, mean=0.2 * step)
@@ -128,18 +128,19 @@ def test_layer_has_the_bits_of_bnlab_bn_then_torch_add_and_relu(dtype, layout, r
 def test_output_changed_in_place_is_refused_as_after_torchs_relu():
     # The backward reads ReLU's mask from the saved output, as torch's ReLU does: changing the
     # output in place before the backward is the same error there and here.
-    x = torch.randn(4, 3, 5, 5, requires_grad=True)
-    for make in (lambda: bnlab.BatchNormAct2d(3)(x), lambda: torch.relu(torch.nn.BatchNorm2d(3)(x))):
-        y = make()
-        y.add_(1.0)
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            y.sum().backward()
+    for shape in ((4, 3, 5, 5), (8, 3, 128, 64)):  # torch's ops, and the kernels' node
+        x = torch.randn(shape, requires_grad=True)
+        for make in (lambda: bnlab.BatchNormAct2d(3)(x), lambda: torch.relu(torch.nn.BatchNorm2d(3)(x))):
+            y = make()
+            y.add_(1.0)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
 
 
 def test_a_residual_in_another_layout_is_added_by_torch():
     ours, plain = _sequence_pair(5, True, torch.float32)
-    x = make_input((4, 5, 6, 6), "cl", seed=1)
-    res = make_input((4, 5, 6, 6), "nchw", seed=2)  # other strides than x's output
+    x = make_input((32, 5, 32, 32), "cl", seed=1)  # 163,840 values: the kernels' route
+    res = make_input((32, 5, 32, 32), "nchw", seed=2)  # other strides than x's output
     assert torch.equal(ours(x, res), torch.relu(plain(x) + res))
 
 
@@ -149,7 +150,7 @@ def test_the_layer_s_options_keep_the_bits_of_the_sequence(options):
     ours, plain = bnlab.BatchNormAct2d(4, residual=True, **options), bnlab.BatchNorm2d(4, **options)
     plain.load_state_dict(ours.state_dict())
     for step in range(3):  # momentum None: the cumulative average over the three batches
-        x, res, dy = (make_input((5, 4, 6, 6), seed=10 * step + k) for k in range(3))
+        x, res, dy = (make_input((8, 4, 64, 64), seed=10 * step + k) for k in range(3))  # 131,072 values
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y1, y2 = ours(x1, res), torch.relu(plain(x2) + res)
         _assert_kernels_route(y1, True)
@@ -159,3 +160,24 @@ def test_the_layer_s_options_keep_the_bits_of_the_sequence(options):
         if ours.running_mean is not None:
             assert torch.equal(ours.running_mean, plain.running_mean)
             assert torch.equal(ours.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_small_outputs_take_torchs_ops_with_the_same_bits(residual):
+    # Below cpu_act's bounds torch's own add and ReLU nodes cost less than the kernels' Python one.
+    from bnlab.backends.cpu_act import KERNEL_MIN_NUMEL as least
+
+    ours, plain = _sequence_pair(4, residual, torch.float32)
+    cases = (((4, 4, 32, 32), False), ((least // 64, 4, 4, 4), True), ((least // 64 - 1, 4, 4, 4), False))
+    for shape, kernels in cases:
+        x, res, dy = (make_input(shape, seed=k) for k in range(3))
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1 = ours(x1, res) if residual else ours(x1)
+        y2 = torch.relu(plain(x2) + res) if residual else torch.relu(plain(x2))
+        if kernels:
+            _assert_kernels_route(y1, True)
+        else:
+            assert type(y1.grad_fn).__name__.startswith("Relu")  # torch's node
+        assert torch.equal(y1, y2)
+        y1.backward(dy), y2.backward(dy)
+        assert torch.equal(x1.grad, x2.grad)

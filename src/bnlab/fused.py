@@ -5,9 +5,9 @@ forward writes y and a 1-bit ReLU mask (not z <= 0: z > 0 or NaN, where torch's 
 passes dy) instead of keeping y for the backward, and the backward reads that mask, x and dy
 once per pass; eval mode is one elementwise kernel. Elsewhere (the CPU backends, any backend
 without fused kernels) the layer is bnlab.BatchNorm2d's own call, on the CPU its compiled call,
-followed by the add and the ReLU: on the CPU kernels one pass in place on the BN output
-(:class:`AddReluFunction`, backends/cpu_act.py), whose backward reads ReLU's mask from the saved
-output in one pass, as torch's ReLU reads it; forward+backward 1.21-4.15x torch.nn's BN then ReLU
+followed by the add and the ReLU: on the CPU kernels, from 131,072 values, one pass in place on
+the BN output (:class:`AddReluFunction`, backends/cpu_act.py), whose backward reads ReLU's mask
+from the saved output in one pass, as torch's ReLU reads it; forward+backward 1.21-4.15x torch.nn's BN then ReLU
 on the benchmark's conv shapes (docs/benchmarks.md), with the bits of bnlab.BatchNorm2d followed
 by torch's add and ReLU. Elsewhere torch's ops do the add and the ReLU.
 
@@ -152,12 +152,13 @@ _apply_add_relu = direct_apply(AddReluFunction)
 
 def _then_add_relu(z: Tensor, x: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
     """act(z + residual) for z = BN(x) computed by bnlab.BatchNorm2d's call: in place by the CPU
-    kernels where they take z (a fresh output, not x's memory) and nothing traces or transforms the
-    call; else torch's ops."""
+    kernels where they take z (a fresh output, not x's memory, large enough: cpu_act.takes) and
+    nothing traces or transforms the call; else torch's ops (the same bits)."""
     if residual is None and not relu:
         return z
     # (transforms_active: forward-mode AD, torch.func and torch.jit.trace take torch's ops)
-    if cpu_act.takes(z) and z._base is None and z.data_ptr() != x.data_ptr() and not composite.transforms_active():
+    fresh = z._base is None and z.data_ptr() != x.data_ptr()
+    if fresh and cpu_act.takes(z) and not composite.transforms_active():
         if torch.is_grad_enabled() and (z.requires_grad or (residual is not None and residual.requires_grad)):
             return _apply_add_relu(z, residual, relu)
         return cpu_act.add_relu_(z, residual, relu)

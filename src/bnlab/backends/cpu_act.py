@@ -38,15 +38,24 @@ def _lib():
     return lib
 
 
+#: Below this many values torch's own add and ReLU (C++ autograd nodes) cost about as much as, or
+#: less than, the kernels' Python node: forward+backward of BatchNormAct2d with the node against
+#: bnlab.BatchNorm2d then torch's ops, two threads (benchmarks/act_node_crossover.py, two runs,
+#: results/act_node_crossover_xeon_s47.txt): 0.67-0.96x without a residual and 0.79-1.17x with one
+#: up to 65,536 values; from 262,144 1.00-1.96x and 1.14-1.60x.
+KERNEL_MIN_NUMEL = 1 << 17
+
+
 def takes(z: Tensor) -> bool:
-    """Whether the kernels take z in place: a dense CPU tensor of a kernel dtype, in either layout."""
-    return z.is_cpu and z.dtype in _CODE and fits(z) and _lib() is not None
+    """Whether the kernels do act(z + residual) in place: z a dense CPU tensor of a kernel dtype, in
+    either layout, large enough (KERNEL_MIN_NUMEL) for a pass to gain more than the call costs."""
+    return z.numel() >= KERNEL_MIN_NUMEL and z.is_cpu and z.dtype in _CODE and fits(z) and _lib() is not None
 
 
 def add_relu_(z: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
     """z = act(z + residual) in place, in one pass (torch's add and relu to the bit, NaN payloads of
-    16-bit types aside); z: a call's own fresh BN output that :func:`takes`; residual None or like
-    z (one in other strides is added by torch first)."""
+    16-bit types aside); z: a call's own fresh BN output that the kernels take (:func:`takes`);
+    residual None or like z (one in other strides is added by torch first)."""
     lib, code, nt = _lib(), _CODE[z.dtype], threads_for(z)
     if residual is not None and not addressed_like(residual, z):
         z.add_(residual)
