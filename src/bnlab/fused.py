@@ -51,11 +51,10 @@ class BatchNormActFunction(torch.autograd.Function):
     momentum, num_batches_tracked, skip_nonfinite, relu). Where those kernels decline an input, the
     backend's BN plus torch ops.
 
-    ReLU's mask, not z <= 0, is the fused kernels' 1-bit mask where the backend keeps one
-    (``act_bit_mask``); elsewhere the output y is saved, as torch's ReLU keeps its result, and the
-    backward masks dy with torch's ReLU backward (threshold_backward): not y <= 0 is not z <= 0,
-    NaN included. As after torch's ReLU, y then must not be changed in place before the backward
-    (autograd's version check says so).
+    ReLU's mask, not z <= 0, is the fused kernels' 1-bit mask; where they decline, the output y is
+    saved, as torch's ReLU keeps its result, and the backward masks dy with torch's ReLU backward
+    (threshold_backward): not y <= 0 is not z <= 0, NaN included. As after torch's ReLU, y then
+    must not be changed in place before the backward (autograd's version check says so).
     """
 
     @staticmethod
@@ -76,7 +75,7 @@ class BatchNormActFunction(torch.autograd.Function):
             y = torch.relu(z) if relu else z
             ctx.extra = (stats.mean, invstd, stats.count)
             ctx.fused = False
-        if relu and not (ctx.fused and getattr(backend, "act_bit_mask", False)):
+        if relu and not ctx.fused:
             ctx.save_for_backward(x, weight, y)
         else:
             ctx.save_for_backward(x, weight)
@@ -102,7 +101,7 @@ class BatchNormActFunction(torch.autograd.Function):
         if ctx.fused:
             dw = torch.empty_like(weight) if need_w else None
             db = torch.empty(x.shape[1], dtype=bias_dtype, device=x.device) if need_b else None
-            dx, dres = backend.act_backward(dy, x, weight, ctx.extra, need_x, need_res, dw, db, *output)
+            dx, dres = backend.act_backward(dy, x, weight, ctx.extra, need_x, need_res, dw, db)
             return dx, dw, db, dres, None
         # torch's ReLU backward on the saved output: +0 where y <= 0, whatever dy there
         dz = torch.ops.aten.threshold_backward(dy, output[0], 0) if output else dy

@@ -24,20 +24,6 @@ from bnlab.backends.cpu_layout import fits
 __all__ = ["takes", "add_relu_", "relu_backward"]
 
 
-_LOADED: list = []  # the compiled kernels once found to have the ReLU kernels (load() is not free)
-
-
-def _lib():
-    """The compiled kernels when they have the ReLU kernels, else None."""
-    if _LOADED:
-        return _LOADED[0]
-    lib = cpu_build.load()
-    if lib is None or not hasattr(lib, "bn_add_relu"):
-        return None
-    _LOADED.append(lib)
-    return lib
-
-
 #: Below this many values torch's own add and ReLU (C++ autograd nodes) cost about as much as, or
 #: less than, the kernels' Python node: forward+backward of BatchNormAct2d with the node against
 #: bnlab.BatchNorm2d then torch's ops, two threads (benchmarks/act_node_crossover.py, two runs,
@@ -49,14 +35,14 @@ KERNEL_MIN_NUMEL = 1 << 17
 def takes(z: Tensor) -> bool:
     """Whether the kernels do act(z + residual) in place: z a dense CPU tensor of a kernel dtype, in
     either layout, large enough (KERNEL_MIN_NUMEL) for a pass to gain more than the call costs."""
-    return z.numel() >= KERNEL_MIN_NUMEL and z.is_cpu and z.dtype in _CODE and fits(z) and _lib() is not None
+    return z.numel() >= KERNEL_MIN_NUMEL and z.is_cpu and z.dtype in _CODE and fits(z) and cpu_build.load() is not None
 
 
 def add_relu_(z: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
     """z = act(z + residual) in place, in one pass (torch's add and relu to the bit, NaN payloads of
     16-bit types aside); z: a call's own fresh BN output that the kernels take (:func:`takes`);
     residual None or like z (one in other strides is added by torch first)."""
-    lib, code, nt = _lib(), _CODE[z.dtype], threads_for(z)
+    lib, code, nt = cpu_build.load(), _CODE[z.dtype], threads_for(z)
     if residual is not None and not addressed_like(residual, z):
         z.add_(residual)
         residual = None
@@ -73,5 +59,6 @@ def relu_backward(dy: Tensor, y: Tensor) -> Tensor:
     fresh (32, 64, 56, 56) output from malloc faulted its pages in: 2-3 ms of a step)."""
     dy = _like(dy, y)
     dz = cpu_pool.empty_like(y)
-    _lib().bn_relu_backward(dy.data_ptr(), y.data_ptr(), dz.data_ptr(), _CODE[y.dtype], dz.numel(), threads_for(y))
+    code, nt = _CODE[y.dtype], threads_for(y)
+    cpu_build.load().bn_relu_backward(dy.data_ptr(), y.data_ptr(), dz.data_ptr(), code, dz.numel(), nt)
     return dz

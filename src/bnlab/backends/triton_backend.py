@@ -79,9 +79,6 @@ class TritonBackend(Backend):
     """Triton kernels for GPU tensors (see the module docstring)."""
 
     name = "triton"
-    #: act_forward keeps ReLU's mask as bits for act_backward (bnlab.fused.BatchNormActFunction
-    #: saves the output instead for backends without one)
-    act_bit_mask = True
 
     def __init__(self, allow_cpu: bool = False, self_check: bool | None = None) -> None:
         self.allow_cpu = allow_cpu
@@ -238,9 +235,8 @@ class TritonBackend(Backend):
         )  # fmt: skip
         return y, (stats, coef[0], mask, p)
 
-    def act_backward(self, dy, x, weight, saved, need_dx, need_res, dweight, dbias, output=None):
-        """(dx, dresidual) of act_forward's output; writes dweight/dbias (tensors or None) in place.
-        (output: never given here, since ReLU's mask is in ``saved``; see act_bit_mask.)"""
+    def act_backward(self, dy, x, weight, saved, need_dx, need_res, dweight, dbias):
+        """(dx, dresidual) of act_forward's output; writes dweight/dbias (tensors or None) in place."""
         stats, hi, mask, p = saved
         dx, _, dres = self.ops().backward(
             _like(dy, x), x, stats, hi, weight, need_dx, mask=mask, want_dres=need_res, dweight=dweight, dbias=dbias, p=p,
