@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from bnlab.lab.shape_text import parse_shape
 from bnlab.lab.speed_cases import (BN_BY_RANK, DTYPES, MODES, TRAFFIC, TRAFFIC_GPU, bn_layer, contenders,
                                    make_input, sample_grad_mode, traffic_bytes)
 
@@ -24,12 +25,9 @@ def nchw_shape(text: str) -> tuple[int, int, int, int]:
     """An (N, C, H, W) shape from "64,256,14,14": the ``type=`` of the scripts' --shape options
     (argparse turns the error into "argument --shape: expected ...")."""
     try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,256,14,14, got {text!r}")
-    if len(shape) != 4 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected 4 positive sizes (N, C, H, W), got {text!r}")
-    return shape
+        return parse_shape(text, rank=4)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_int(text: str) -> int:
@@ -81,12 +79,9 @@ def shape_parser(doc: str, default_shape: str, any_rank: bool = False) -> argpar
 def shape_arg(text: str) -> tuple[int, ...]:
     """N,C[,spatial...] of positive sizes, 2 to 5 of them (the accuracy scripts' --shapes)."""
     try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if not 2 <= len(shape) <= 5 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected 2 to 5 comma-separated positive sizes such as 124,40,6, got {text!r}")
-    return shape
+        return parse_shape(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def shapes_parser(doc: str, default_shapes) -> argparse.ArgumentParser:

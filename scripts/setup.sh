@@ -23,7 +23,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing bnlab[$EXTRAS] (editable)"
 "${PIP[@]}" install -q -e ".[$EXTRAS]"
-# bnlab compiles its CPU kernels at first use (about 20 seconds, once per machine and version):
+# bnlab compiles its CPU kernels at first use (25-30 seconds on 2 cores, once per machine and version):
 # done here, the first BatchNorm call does not wait. A failed build is not fatal (the portable backend runs).
 "$VENV/bin/python" -c "from bnlab.backends import cpu_build; print('[setup]', cpu_build.status().splitlines()[0])"
 "$VENV/bin/python" -c "import bnlab, torch; print(f'[setup] bnlab {bnlab.__version__} with torch {torch.__version__} ready in $VENV')"

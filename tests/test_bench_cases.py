@@ -163,7 +163,7 @@ def test_eval_paths_takes_an_input_of_any_rank_and_prints_every_path(capsys, kee
     parser = bench_cases.shape_parser("doc", "2,3,4,4")
     with pytest.raises(SystemExit):
         parser.parse_args(["--shape", "16,5"])
-    assert "--shape: expected 4 positive sizes" in capsys.readouterr().err
+    assert "--shape: expected 4 comma-separated positive sizes (N,C,H,W)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # rows have no channels-last form: refused, not timed as NCHW
         eval_paths.main(["--shape", "16,5", "--layout", "cl"])
     assert "--layout cl: channels-last needs a 4D or 5D --shape, got 2D (16, 5)" in capsys.readouterr().err

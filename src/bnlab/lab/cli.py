@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bnlab.lab.shape_text import parse_shape
+
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
     from bnlab.backends import describe
@@ -63,12 +65,9 @@ def _parse_shapes(texts: list[str] | None) -> list[list[int]] | None:
     shapes: list[list[int]] = []
     for text in texts:
         try:
-            dims = [int(part) for part in text.split(",")]
-        except ValueError:
-            dims = []
-        if not 2 <= len(dims) <= 5 or min(dims) < 1:
-            raise ValueError(f"--shapes: expected 2 to 5 comma-separated positive sizes (N,C[,L], N,C,H,W or "
-                             f"N,C,D,H,W) such as 64,128,28,28, got {text!r}")
+            dims = list(parse_shape(text))
+        except ValueError as err:
+            raise ValueError(f"--shapes: {err}") from None
         if math.prod(dims) // dims[1] < 2:  # training mode normalizes over N and the spatial sizes
             raise ValueError(f"--shapes: expected more than one value per channel (N times the spatial sizes), "
                              f"got {text!r}")

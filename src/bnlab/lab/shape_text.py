@@ -1,0 +1,30 @@
+"""Shapes written on a command line, "64,128,28,28" -> (64, 128, 28, 28): the lab's ``run speed
+--shapes`` and the benchmark scripts' ``--shape``/``--shapes`` read them alike. No torch import, so
+that the CLI's parser stays quick to load."""
+
+from __future__ import annotations
+
+__all__ = ["parse_shape"]
+
+_FORMS = {2: "N,C", 3: "N,C,L", 4: "N,C,H,W", 5: "N,C,D,H,W"}
+_EXAMPLES = {2: "256,100", 3: "32,16,100", 4: "64,128,28,28", 5: "8,16,4,28,28"}
+
+
+def parse_shape(text: str, rank: int | None = None) -> tuple[int, ...]:
+    """The sizes of ``text``, comma-separated positive integers: 2 to 5 of them (N,C[,L], N,C,H,W or
+    N,C,D,H,W), or exactly ``rank``. Raises ValueError saying what was expected and what was given
+    (the caller prefixes the option's name)."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if rank is not None and rank not in _FORMS:
+        raise ValueError(f"rank: expected one of {list(_FORMS)} or None, got {rank!r}")
+    ranks = (rank,) if rank is not None else tuple(_FORMS)
+    if len(shape) not in ranks or min(shape) < 1:
+        if rank is not None:
+            wanted = f"{rank} comma-separated positive sizes ({_FORMS[rank]}) such as {_EXAMPLES[rank]}"
+        else:
+            wanted = "2 to 5 comma-separated positive sizes (N,C[,L], N,C,H,W or N,C,D,H,W) such as 64,128,28,28"
+        raise ValueError(f"expected {wanted}, got {text!r}")
+    return shape
