@@ -243,3 +243,29 @@ def test_the_host_read_patch_is_effective():
         bool(torch.ones(()))
     with pytest.raises(AssertionError, match="host-to-device"), _no_host_reads():
         torch.tensor(1.0)
+
+
+# Triton's interpreter computes inf - inf with NumPy, which warns; the NaN is the point here
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend,compiled", [("cpu", False), ("portable", False), ("triton", False),
+                                              ("triton-small", False), ("cpu", True)])
+def test_functional_batch_norm_skips_a_nonfinite_batch_on_every_path(backend, compiled):
+    # docs/features.md: functional.batch_norm guards its running statistics as the layers do. The
+    # CPU and Triton backends' fused calls were made without the guard, so a batch holding an
+    # infinity entered the averages there, and not on the portable backend or under torch.compile.
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    bad = x.clone()
+    bad[0, 1, 0, 0] = float("inf")
+    fn = bnlab.functional.batch_norm
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with _backend(backend):
+        fn(bad, rm, rv, training=True)
+        torch.testing.assert_close(rm, torch.zeros(3), rtol=0, atol=0)
+        torch.testing.assert_close(rv, torch.ones(3), rtol=0, atol=0)
+        fn(x, rm, rv, training=True)  # a finite batch still moves them
+    expected = ref.moments(to_np(x.double()))
+    assert_close(rm, 0.1 * expected.mean, 1e-6, "running_mean after a finite batch")
+    assert_close(rv, 0.9 + 0.1 * expected.m2 / (expected.count - 1), 1e-6, "running_var after a finite batch")

@@ -35,7 +35,9 @@ def batch_norm(
     In training mode each channel is normalized with the mean and biased variance of the batch
     over every dim but dim 1, and, when ``running_mean``/``running_var`` are given, they are
     updated in place: ``running = (1 - momentum)·running + momentum·batch`` with the unbiased
-    batch variance. In evaluation mode (``training=False``) the running statistics are used.
+    batch variance, unless the batch's mean or variance is not finite: then they stay as they were
+    (bnlab's non-finite guard, docs/features.md; torch.nn.functional.batch_norm lets NaN in). In
+    evaluation mode (``training=False``) the running statistics are used.
     Then ``y = (x - mean) / sqrt(var + eps) · weight + bias``. Math: docs/math.md.
 
     Args:
@@ -82,7 +84,8 @@ def batch_norm(
             y, mean, m2 = composite.train_forward(x, weight, bias, eps)
         else:
             backend = select_backend(x)
-            y = backend.train_forward(x, weight, bias, eps, running_mean, running_var, factor)
+            # the guard, as on every other path here (update_running_stats_ below, custom_ops.train)
+            y = backend.train_forward(x, weight, bias, eps, running_mean, running_var, factor, skip_nonfinite=True)
             if y is not None:  # the backend fused the step, running averages included
                 return y
             y, mean, m2 = BatchNormTrainFunction.apply(x, weight, bias, eps, backend)
