@@ -114,6 +114,24 @@ def test_masked_inputs_count_their_selected_positions_only():
     assert_close(layer.running_var, s.m2 / (s.count - 1), 1e-12, "running_var")
 
 
+@pytest.mark.parametrize("passed", ["positional", "keyword"])
+def test_a_residual_input_is_not_taken_for_a_mask(passed):
+    # BatchNormAct2d's second argument is the residual, added after BN: its statistics are those
+    # of the first input alone. The hook had read it as a mask (and torch.where refused a float one).
+    layer = bnlab.BatchNormAct2d(3, residual=True, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, 3, 4, 4, generator=gen, dtype=torch.float64) * 2 + 1 for n in (4, 7)]
+    if passed == "positional":
+        forward = lambda model, x: model(x, -x)  # noqa: E731
+    else:
+        forward = lambda model, x: model(x, residual=-x)  # noqa: E731
+    bnlab.recalibrate(layer, batches, forward=forward)
+    s = ref.moments(np.concatenate([to_np(x) for x in batches]))
+    assert_close(layer.running_mean, s.mean, 1e-12, "running_mean")
+    assert_close(layer.running_var, s.m2 / (s.count - 1), 1e-12, "running_var")
+    assert bnlab.diagnose(layer, batches, forward=forward).to_dict()["layers"][0]["samples"] == 11 * 16
+
+
 def test_empty_data_is_refused_by_name():
     with pytest.raises(ValueError, match="batches"):
         bnlab.recalibrate(_model(), [])

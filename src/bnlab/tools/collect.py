@@ -10,6 +10,8 @@ also when the pass raises.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import numbers
 import sys
@@ -61,6 +63,21 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
             raise ValueError("batches: expected each batch to be a tensor, a non-empty tuple/list or a dict, got ()")
         batch = batch[0]
     return model(_to(batch, device))
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_mask(layer_type: type) -> bool:
+    """Whether the layer's forward has a ``mask`` argument (bnlab.BatchNorm*d's masked BN)."""
+    return "mask" in inspect.signature(layer_type.forward).parameters
+
+
+def call_mask(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+    """The ``mask`` of a call of a BN layer: its second positional argument or ``mask=`` where its
+    forward takes one (bnlab.BatchNorm*d), else None: BatchNormAct2d's second argument is the
+    residual, which is added after BN and leaves its statistics alone."""
+    if not _takes_mask(type(layer)):
+        return None
+    return args[1] if len(args) > 1 else kwargs.get("mask")
 
 
 def input_moments(x: Tensor, mask: Tensor | None) -> Moments:
@@ -125,8 +142,7 @@ def collect_inputs(
 
         def hook(module, args, kwargs, name=name):
             x = args[0] if args else kwargs.get("input")
-            mask = args[1] if len(args) > 1 else kwargs.get("mask")
-            on_input(name, module, x, mask)
+            on_input(name, module, x, call_mask(module, args, kwargs))
 
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     count = 0
