@@ -73,6 +73,26 @@ def test_pending_statistics_are_not_state():
     assert [name for name, _ in layer.named_buffers()] == ["running_mean", "running_var", "num_batches_tracked"]
 
 
+@pytest.mark.parametrize("how", ["reset_running_stats", "load_state_dict"])
+def test_pending_micro_batches_go_with_the_statistics_they_belong_to(how):
+    # A reset or a loaded checkpoint starts the running statistics afresh: micro-batches collected
+    # before it (here far from zero) must not be merged into the first group after it.
+    layer = bnlab.BatchNorm2d(3, accumulation_steps=2)
+    layer(torch.randn(4, 3, 2, 2) + 10)
+    if how == "reset_running_stats":
+        layer.reset_running_stats()
+    else:
+        layer.load_state_dict(bnlab.BatchNorm2d(3).state_dict())
+    gen = torch.Generator().manual_seed(4)
+    micro = [torch.randn(4, 3, 2, 2, generator=gen) for _ in range(2)]
+    for x in micro:
+        layer(x)
+    mean, var, _ = ref.update_running_stats(np.zeros(3), np.ones(3), ref.moments(np.concatenate([to_np(x) for x in micro])), 0.1)
+    assert_close(layer.running_mean, mean, 2e-6, "running_mean")
+    assert_close(layer.running_var, var, 2e-6, "running_var")
+    assert int(layer.num_batches_tracked) == 1
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, None, True])
 def test_bad_accumulation_steps_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="accumulation_steps"):

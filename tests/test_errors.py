@@ -123,8 +123,19 @@ def test_negative_running_var_in_eval_is_refused():
 def test_state_dict_with_wrong_shape_names_the_layer_size():
     layer = bnlab.BatchNorm2d(3)
     bad = bnlab.BatchNorm2d(4).state_dict()
-    with pytest.raises(RuntimeError, match=r"running_mean: expected shape \(3,\) for BatchNorm2d\(num_features=3\), got \(4,\)"):
+    with pytest.raises(RuntimeError, match=r"running_mean: expected shape \(3,\) for BatchNorm2d\(num_features=3\), got \(4,\)") as err:
         layer.load_state_dict(bad)
+    message = str(err.value)
+    # one message per key: torch's own "size mismatch" for the same keys is left out
+    assert "size mismatch" not in message and message.count("running_var: expected shape") == 1, message
+    assert "different number of channels" in message
+
+
+def test_state_dict_with_a_tensor_of_another_rank_is_not_blamed_on_the_channel_count():
+    bad = bnlab.BatchNorm2d(3).state_dict()
+    bad["weight"] = bad["weight"].unsqueeze(1)
+    with pytest.raises(RuntimeError, match=r"weight: expected shape \(3,\) .* got \(3, 1\): a BN layer holds one value per channel"):
+        bnlab.BatchNorm2d(3).load_state_dict(bad)
 
 
 def test_state_dict_with_missing_keys():

@@ -214,19 +214,40 @@ class _BatchNormMixin:
         ]
         return ", ".join([super().extra_repr()] + changed)
 
+    def reset_running_stats(self) -> None:
+        """torch.nn's reset (running averages 0 and 1, the counter 0), which also drops the
+        micro-batches ``accumulation_steps`` had collected: they belong to the statistics reset."""
+        super().reset_running_stats()
+        self._drop_pending_stats()
+
+    def _drop_pending_stats(self) -> None:
+        # __dict__: torch.nn's __init__ resets the statistics before this class makes its accumulator
+        accumulator = self.__dict__.get("_stats_accumulator")
+        if accumulator is not None:
+            accumulator.pop()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # torch reports a shape mismatch in terms of tensors; say which layer size the checkpoint had.
+        # torch reports a shape mismatch in terms of tensors; say which layer size the checkpoint
+        # had, in place of torch's message for that key (one message per key, not two).
+        reported = []
         for key in ("weight", "bias", "running_mean", "running_var"):
             value = state_dict.get(prefix + key)
             if isinstance(value, Tensor) and getattr(self, key, None) is not None and value.shape != (self.num_features,):
+                what = ("the checkpoint was saved from a layer with a different number of channels" if value.dim() == 1
+                        else "a BN layer holds one value per channel")  # fmt: skip
                 error_msgs.append(
                     f"{prefix}{key}: expected shape ({self.num_features},) for {type(self).__name__}"
-                    f"(num_features={self.num_features}), got {tuple(value.shape)}: the checkpoint was saved "
-                    f"from a layer with a different number of channels"
+                    f"(num_features={self.num_features}), got {tuple(value.shape)}: {what}"
                 )
+                reported.append(f"size mismatch for {prefix}{key}:")
+        before = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if reported:  # torch's own messages for those keys say the same in terms of tensors
+            error_msgs[before:] = [m for m in error_msgs[before:] if not m.startswith(tuple(reported))]
+        if any(prefix + key in state_dict for key in ("running_mean", "running_var", "num_batches_tracked")):
+            self._drop_pending_stats()  # micro-batches collected before describe other statistics
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
