@@ -40,13 +40,17 @@ def test_all_true_mask_is_plain_bn():
         assert_close(ours.state_dict()[key], value, 2e-6, key)
 
 
-def test_selected_elements_get_exactly_bn_of_the_selection():
+# NaN and infinities too: the docs say the padding may hold anything (0·NaN in Σdy·x̂ had made
+# dweight and every selected dx NaN); create_graph takes the differentiable backward
+@pytest.mark.parametrize("padding", [1e6, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_selected_elements_get_exactly_bn_of_the_selection(padding, create_graph):
     """Padded sequences (N, C, L): the valid steps are normalized, and trained, as BN over the valid steps alone."""
     torch.manual_seed(1)
     lengths = [7, 3, 5, 1]
     x = torch.randn(4, 3, 7, dtype=torch.float64) * 2 + 1
     mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]  # (N, L)
-    x[~mask.unsqueeze(1).expand_as(x)] = 1e6  # padding holding garbage must not matter
+    x[~mask.unsqueeze(1).expand_as(x)] = padding  # padding holding garbage must not matter
     ours = _affine(bnlab.BatchNorm1d(3, dtype=torch.float64))
     dense = torch.nn.BatchNorm1d(3, dtype=torch.float64)
     dense.load_state_dict(ours.state_dict())
@@ -57,13 +61,13 @@ def test_selected_elements_get_exactly_bn_of_the_selection():
     dy = torch.zeros_like(x)
     dy.permute(0, 2, 1)[mask] = dy_sel  # downstream ignores padding: no gradient from it
     y = ours(x1, mask=mask)
-    y.backward(dy)
+    dx, dw, db = torch.autograd.grad(y, (x1, ours.weight, ours.bias), dy, create_graph=create_graph)
     y_dense = dense(xs)
     y_dense.backward(dy_sel)
     assert_close(y.permute(0, 2, 1)[mask], y_dense, 1e-10, "y on the selection")
-    assert_close(x1.grad.permute(0, 2, 1)[mask], xs.grad, 1e-10, "dx on the selection")
-    assert_close(ours.weight.grad, dense.weight.grad, 1e-10, "dgamma")
-    assert_close(ours.bias.grad, dense.bias.grad, 1e-10, "dbeta")
+    assert_close(dx.permute(0, 2, 1)[mask], xs.grad, 1e-10, "dx on the selection")
+    assert_close(dw, dense.weight.grad, 1e-10, "dgamma")
+    assert_close(db, dense.bias.grad, 1e-10, "dbeta")
     for key, value in dense.state_dict().items():
         assert_close(ours.state_dict()[key], value, 1e-12, key)
 

@@ -50,13 +50,14 @@ def check_momentum(momentum: object) -> float | None:
         return None
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(
-            f"momentum: expected a float in [0, 1] (weight of the new batch) or None, "
+            f"momentum: expected a float (the weight of the new batch, usually in [0, 1]) or None, "
             f"got {type(momentum).__name__} {momentum!r}"
         )
     momentum = float(momentum)
     if not is_finite_number(momentum):
         raise ValueError(
-            f"momentum: expected a finite float in [0, 1] (weight of the new batch) or None, got {momentum!r}"
+            f"momentum: expected a finite float (the weight of the new batch, usually in [0, 1]) or None, "
+            f"got {momentum!r}"
         )
     return momentum
 

@@ -21,12 +21,24 @@ from bnlab.autograd import param_grads
 from bnlab.backends import Backend
 from bnlab.stats import Count, compute_dtype, per_channel, reduce_dims
 
-__all__ = ["BatchStatsNormFunction", "batch_stats_backward", "expand_mask"]
+__all__ = ["BatchStatsNormFunction", "batch_stats_backward", "expand_mask", "padding_out_of_the_sums"]
 
 
 def expand_mask(mask: Tensor, ndim: int) -> Tensor:
     """View a (N, *spatial) mask as (N, 1, *spatial) so that it broadcasts against (N, C, *spatial)."""
     return mask.unsqueeze(1) if ndim > 1 else mask
+
+
+def padding_out_of_the_sums(x: Tensor, dy: Tensor, mask: Tensor) -> Tensor:
+    """x with 0 at the unselected positions whose upstream gradient is exactly 0 (shapes of x).
+
+    Unselected positions may hold anything, NaN and ±inf included (docs/features.md). Where the
+    layer's output there feeds nothing downstream (dy = 0), its terms dy·x̂ of Σdy·x̂ are 0 in exact
+    arithmetic, but 0·NaN and 0·inf are NaN in IEEE arithmetic: that NaN reached dweight and every
+    selected position's dx. With 0 there the terms are 0·finite; where dy is not 0, x stays
+    and a non-finite value counts, as it must."""
+    keep = expand_mask(mask, x.dim()) | (dy != 0)
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _differentiable_backward(
@@ -44,6 +56,7 @@ def _differentiable_backward(
     if mask is None:
         sel = torch.ones_like(xc)
     else:
+        xc = padding_out_of_the_sums(xc, dyc, mask)
         sel = expand_mask(mask, nd).to(dtype).expand_as(xc)
     m = torch.clamp(sel.sum(dims, keepdim=True), min=1.0)  # (1, C, 1, ...)
     # where, not multiplication: padded positions may hold anything, NaN included.
@@ -69,7 +82,9 @@ def batch_stats_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Ten
     # Without a mask, mean is x's own batch mean (Batch Renorm), so dy's common part may come off
     # before Σdy·x̂'s products (Backend.grad_sums). A masked mean is not: Σ(x - mean) over every
     # position, which the sums run over, is not 0.
-    dx, sum_dy_xhat, sum_dy = backend.backward(dy, x, mean, invstd, weight, count, need_input, batch_mean=mask is None)
+    x_sums = x if mask is None else padding_out_of_the_sums(x, dy, mask)
+    dx, sum_dy_xhat, sum_dy = backend.backward(dy, x_sums, mean, invstd, weight, count, need_input,
+                                               batch_mean=mask is None)  # fmt: skip
     if dx is not None and mask is not None:
         # Unselected positions do not feed the statistics: only the direct path w·invstd·dy remains.
         dtype = compute_dtype(x)
