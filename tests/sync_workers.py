@@ -153,10 +153,25 @@ def build_model(norm: type, dtype=torch.float64) -> nn.Module:
     ).to(dtype)
 
 
-def _ddp_train(case: dict, rank: int, world_size: int) -> dict:
-    """Train build_model with SyncBatchNorm under DDP; return the final state dict and per-step collectives."""
-    model = build_model(bnlab.BatchNorm2d)
-    model.load_state_dict(case["init"], strict=True)
+class ResidualEnd(nn.Module):
+    """conv -> BatchNormAct2d(residual=True) with the block's input as the residual -> linear: the
+    end of a ResNet block, for the DDP test of SyncBatchNormAct2d (and its oracle in the tests)."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.bn = bnlab.BatchNormAct2d(2, residual=True)
+        self.head = nn.Linear(2 * 3 * 3, 5)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x), x).flatten(1))
+
+
+def _ddp_train(case: dict, rank: int, world_size: int, model: nn.Module, init: str = "init") -> dict:
+    """Train ``model`` (its state from case[init]) with its BN layers made SyncBatchNorm under DDP;
+    return the final state dict and per-step collectives."""
+    model.load_state_dict(case[init], strict=True)
     model = bnlab.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=case["lr"], momentum=0.9)
@@ -199,7 +214,8 @@ def sync_checks(rank: int, world_size: int, cases: list[dict], ddp_case: dict) -
     for case in cases:
         if rank in case["ranks"]:
             results[case["name"]] = _run_scenario(case, groups[tuple(case["ranks"])], rank, spy)
-    results["ddp"] = _ddp_train(ddp_case, rank, world_size)
+    results["ddp"] = _ddp_train(ddp_case, rank, world_size, build_model(bnlab.BatchNorm2d))
+    results["ddp_act"] = _ddp_train(ddp_case, rank, world_size, ResidualEnd(), "act_init")
     return results
 
 

@@ -100,7 +100,8 @@ def _ddp_case():
         steps.append({"sizes": sizes, "x": x, "target": torch.randint(0, 5, (sum(sizes),), generator=GEN)})
     torch.manual_seed(7)
     init = sync_workers.build_model(nn.BatchNorm2d).state_dict()
-    return {"init": init, "steps": steps, "lr": 0.1}
+    act_init = sync_workers.ResidualEnd().state_dict()
+    return {"init": init, "act_init": act_init, "steps": steps, "lr": 0.1}
 
 
 DDP_CASE = _ddp_case()
@@ -335,6 +336,26 @@ def test_ddp_training_with_sync_bn_equals_one_process_on_the_global_batch(ranks_
         assert "SyncBatchNorm" in got["types"] and "BatchNorm2d" not in got["types"], got["types"]
         assert got["collectives"] == [{"all_gather": 2, "all_reduce": 2}] * len(DDP_CASE["steps"]), rank
         sync_workers.build_model(norm).load_state_dict(got["state"], strict=True)  # SyncBN's state loads here
+        assert got["state"].keys() == want.keys()
+        for key, value in want.items():
+            _close(got["state"][key], value, 1e-9, f"DDP rank {rank}: {key}")
+
+
+def test_ddp_training_with_a_converted_batchnormact2d_keeps_its_relu_and_residual(ranks_out):
+    # convert_sync_batchnorm made BatchNormAct2d a plain SyncBatchNorm: the ReLU was gone and the
+    # residual call a TypeError. Now a SyncBatchNormAct2d, trained as one process on the global batch.
+    model = sync_workers.ResidualEnd()
+    model.load_state_dict(DDP_CASE["act_init"], strict=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=DDP_CASE["lr"], momentum=0.9)
+    for step in DDP_CASE["steps"]:
+        optimizer.zero_grad()
+        F.cross_entropy(model(step["x"]), step["target"]).backward()
+        optimizer.step()
+    want = model.state_dict()
+    for rank in range(WORLD):
+        got = ranks_out[rank]["ddp_act"]
+        assert "SyncBatchNormAct2d" in got["types"] and "BatchNormAct2d" not in got["types"], got["types"]
+        assert got["collectives"] == [{"all_gather": 1, "all_reduce": 1}] * len(DDP_CASE["steps"]), rank
         assert got["state"].keys() == want.keys()
         for key, value in want.items():
             _close(got["state"][key], value, 1e-9, f"DDP rank {rank}: {key}")

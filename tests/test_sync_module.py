@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import warnings
 
 import pytest
 import torch
@@ -181,6 +182,61 @@ def test_convert_a_single_layer_returns_its_replacement_and_leaves_other_modules
         bnlab.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.LazyBatchNorm1d()))
     with pytest.raises(TypeError, match="module: expected a torch.nn.Module, got str"):
         bnlab.SyncBatchNorm.convert_sync_batchnorm("model")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("activation", ["relu", None])
+def test_convert_makes_batchnormact2d_a_sync_layer_with_its_relu_and_residual(activation, residual):
+    # It had become a plain SyncBatchNorm: the ReLU gone, and a residual call a TypeError.
+    fused = _randomize(bnlab.BatchNormAct2d(3, activation=activation, residual=residual, dtype=torch.float64), 6)
+    twin = bnlab.BatchNormAct2d(3, activation=activation, residual=residual, dtype=torch.float64)
+    twin.load_state_dict(fused.state_dict())
+    sync = bnlab.SyncBatchNorm.convert_sync_batchnorm(fused)
+    assert type(sync) is bnlab.SyncBatchNormAct2d and sync.weight is fused.weight
+    assert (sync.activation, sync.residual) == (activation, residual)
+    assert bnlab.SyncBatchNorm.convert_sync_batchnorm(sync).activation == activation  # converting again keeps it
+    gen = torch.Generator().manual_seed(8)
+    for training in (True, False):  # without a process group: the local layer's bits, then the add and ReLU
+        sync.train(training)
+        twin.train(training)
+        x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64) * 2 - 1
+        res = torch.randn(x.shape, generator=gen, dtype=torch.float64) if residual else None
+        args = (x, res) if residual else (x,)
+        xs, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yt = sync(xs, *args[1:]), twin(xt, *args[1:])
+        assert torch.equal(ys, yt) and (activation is None or ys.min() >= 0)
+        ys.backward(torch.ones_like(ys))
+        yt.backward(torch.ones_like(yt))
+        assert torch.equal(xs.grad, xt.grad)
+    assert all(torch.equal(a, b) for a, b in zip(sync.state_dict().values(), twin.state_dict().values()))
+    assert sync.state_dict().keys() == nn.BatchNorm2d(3).state_dict().keys()
+
+
+def test_sync_batchnormact2d_checks_its_arguments_and_input_by_name():
+    with pytest.raises(ValueError, match="activation: expected 'relu' or None, got 'gelu'"):
+        bnlab.SyncBatchNormAct2d(3, activation="gelu")
+    layer = bnlab.SyncBatchNormAct2d(3, residual=True)
+    x = torch.randn(4, 3, 2, 2)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(TypeError, match="residual: this layer was built with residual=True"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"residual: expected a tensor like the input, \(4, 3, 2, 2\)"):
+        layer(x, torch.randn(4, 3, 2, 1))
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())  # refused before BN ran
+    with pytest.raises(ValueError, match=r"input: SyncBatchNormAct2d expected 4D \(N, C, H, W\) input, got 3D"):
+        layer(torch.randn(4, 3, 2), torch.randn(4, 3, 2))
+
+
+def test_convert_keeps_the_options_the_sync_layer_honours_and_warns_of_the_others():
+    layer = bnlab.BatchNorm2d(3, accumulation_steps=3, skip_nonfinite=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dropped, nothing said
+        sync = bnlab.SyncBatchNorm.convert_sync_batchnorm(layer)
+    assert (sync.accumulation_steps, sync.skip_nonfinite) == (3, False)
+    for options, named in (({"virtual_batch_size": 2}, "virtual_batch_size=2"), ({"renorm": True}, "renorm=True")):
+        with pytest.warns(UserWarning, match=rf"convert_sync_batchnorm: BatchNorm2d\(3\) with {named} becomes "
+                                             rf"bnlab.SyncBatchNorm, which has no such option"):
+            bnlab.SyncBatchNorm.convert_sync_batchnorm(bnlab.BatchNorm2d(3, **options))
 
 
 def test_running_stats_update_takes_a_tensor_momentum_like_a_float():

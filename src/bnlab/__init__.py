@@ -6,6 +6,7 @@ Public names:
     BatchNormAct2d                         BatchNorm2d + residual add + ReLU, fused on GPU
     convert                                swap torch.nn BN layers for bnlab's in a model (and back)
     SyncBatchNorm                          BN over a torch.distributed group (gloo on CPU, NCCL on CUDA)
+    SyncBatchNormAct2d                     BatchNormAct2d over a torch.distributed group
     fold                                   fold eval-mode BN into the conv/linear layer before (or after) it
     functional.batch_norm                  torch.nn.functional.batch_norm's signature, bnlab's code
     reference                              the float64 NumPy specification (the test oracle)
@@ -28,6 +29,7 @@ from bnlab.fused import BatchNormAct2d
 from bnlab.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.sync import SyncBatchNorm
+from bnlab.sync_act import SyncBatchNormAct2d
 from bnlab.tools.diagnose import diagnose
 from bnlab.tools.freeze import freeze, unfreeze
 from bnlab.tools.recalibrate import recalibrate
@@ -42,6 +44,7 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "SyncBatchNorm",
+    "SyncBatchNormAct2d",
     "BatchNormAct2d",
     "convert",
     "fold",

@@ -101,7 +101,7 @@ def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
     new_type = _mapping(to).get(type(module))
     if new_type is not None:
         if to == "torch":
-            _warn_of_dropped_options(module, new_type)
+            warn_of_dropped_options(module, "convert", f"torch.nn.{new_type.__name__}", _TRAINING_OPTIONS)
         extra = {"process_group": module.process_group} if hasattr(module, "process_group") else {}
         return rebuild_batchnorm(module, new_type, **extra)
     for name, child in module.named_children():
@@ -111,13 +111,14 @@ def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
     return module
 
 
-def _warn_of_dropped_options(old: nn.Module, new_type: type) -> None:
-    dropped = [f"{n}={getattr(old, n)!r}" for n in _TRAINING_OPTIONS if getattr(old, n) != FEATURE_DEFAULTS[n]]
+def warn_of_dropped_options(old: nn.Module, caller: str, becomes: str, options: tuple[str, ...]) -> None:
+    """A UserWarning from ``caller`` where ``old`` has any of ``options`` (feature options of
+    docs/features.md) set, which the layer it ``becomes`` does not have."""
+    dropped = [f"{n}={getattr(old, n)!r}" for n in options if getattr(old, n, FEATURE_DEFAULTS[n]) != FEATURE_DEFAULTS[n]]
     if dropped:
         warnings.warn(
-            f"convert: {type(old).__name__}({old.num_features}) with {', '.join(dropped)} becomes "
-            f"torch.nn.{new_type.__name__}, which has no such option: in training it normalizes each "
-            f"batch as plain BN",
+            f"{caller}: {type(old).__name__}({old.num_features}) with {', '.join(dropped)} becomes "
+            f"{becomes}, which has no such option: in training it normalizes each batch as plain BN",
             UserWarning,
             stacklevel=3,
         )

@@ -149,7 +149,7 @@ class AddReluFunction(torch.autograd.Function):
 _apply_add_relu = direct_apply(AddReluFunction)
 
 
-def _then_add_relu(z: Tensor, x: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+def then_add_relu(z: Tensor, x: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
     """act(z + residual) for z = BN(x) computed by bnlab.BatchNorm2d's call: in place by the CPU
     kernels where they take z (a fresh output, not x's memory, large enough: cpu_act.takes) and
     nothing traces or transforms the call; else torch's ops (the same bits)."""
@@ -163,6 +163,29 @@ def _then_add_relu(z: Tensor, x: Tensor, residual: Tensor | None, relu: bool) ->
         return cpu_act.add_relu_(z, residual, relu)
     z = z + residual if residual is not None else z
     return torch.relu(z) if relu else z
+
+
+def check_act_options(activation: object, residual: object) -> tuple[str | None, bool]:
+    """The ``activation`` and ``residual`` arguments of the BN + activation layers, checked."""
+    if activation not in ("relu", None):
+        raise ValueError(f"activation: expected 'relu' or None, got {activation!r}")
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual: expected a bool, got {type(residual).__name__} {residual!r}")
+    return activation, residual
+
+
+def check_residual(expected: bool, x: Tensor, residual: object) -> None:
+    """A call's residual against the layer's ``residual`` option: given exactly when the layer was
+    built with residual=True, and then a tensor of x's shape, dtype and device."""
+    if not expected:
+        if residual is not None:
+            raise TypeError("residual: this layer was built with residual=False; got a residual input")
+        return
+    if residual is None:
+        raise TypeError("residual: this layer was built with residual=True; forward(x, residual) needs it, got None")
+    if not isinstance(residual, Tensor) or residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        got = f"{tuple(residual.shape)} {residual.dtype} on {residual.device}" if isinstance(residual, Tensor) else type(residual).__name__
+        raise ValueError(f"residual: expected a tensor like the input, {tuple(x.shape)} {x.dtype} on {x.device}; got {got}")
 
 
 class BatchNormAct2d(BatchNorm2d):
@@ -181,12 +204,7 @@ class BatchNormAct2d(BatchNorm2d):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
                  dtype=None, *, bias=True, activation="relu", residual=False):  # fmt: skip
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        if activation not in ("relu", None):
-            raise ValueError(f"activation: expected 'relu' or None, got {activation!r}")
-        if not isinstance(residual, bool):
-            raise TypeError(f"residual: expected a bool, got {type(residual).__name__} {residual!r}")
-        self.activation = activation
-        self.residual = residual
+        self.activation, self.residual = check_act_options(activation, residual)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}, residual={self.residual}"
@@ -195,17 +213,6 @@ class BatchNormAct2d(BatchNorm2d):
         """What bnlab.fold leaves in this layer's place once BN is folded into the convolution."""
         return nn.ReLU() if self.activation == "relu" else nn.Identity()
 
-    def _check_residual(self, x: Tensor, residual) -> None:
-        if not self.residual:
-            if residual is not None:
-                raise TypeError("residual: this layer was built with residual=False; got a residual input")
-            return
-        if residual is None:
-            raise TypeError("residual: this layer was built with residual=True; forward(x, residual) needs it, got None")
-        if not isinstance(residual, Tensor) or residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            got = f"{tuple(residual.shape)} {residual.dtype} on {residual.device}" if isinstance(residual, Tensor) else type(residual).__name__
-            raise ValueError(f"residual: expected a tensor like the input, {tuple(x.shape)} {x.dtype} on {x.device}; got {got}")
-
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """relu(BN(input) + residual); see the class docstring."""
         if is_proxy(input):  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
@@ -213,7 +220,7 @@ class BatchNormAct2d(BatchNorm2d):
         x = _checks.check_input(input)
         self._check_input_dim(x)
         self._check_channels(x)
-        self._check_residual(x, residual)
+        check_residual(self.residual, x, residual)
         batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
         if batch_statistics:
             _checks.check_training_batch(x)  # more than one value per channel, as torch.nn
@@ -231,7 +238,7 @@ class BatchNormAct2d(BatchNorm2d):
             # its compiled call), then the add and the ReLU, in one kernel pass in place on that
             # output where the kernels take it (bnlab.backends.cpu_act); the same bits as
             # bnlab.BatchNorm2d followed by torch's add and ReLU
-            return _then_add_relu(super().forward(x), x, residual, relu)
+            return then_add_relu(super().forward(x), x, residual, relu)
         if batch_statistics:
             track = self.training and self.track_running_stats
             rm, rv = (self.running_mean, self.running_var) if track else (None, None)

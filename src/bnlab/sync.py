@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from bnlab import _checks, custom_ops, custom_ops_sync
 from bnlab.backends import Backend, select_backend
-from bnlab.convert import rebuild_batchnorm
+from bnlab.convert import rebuild_batchnorm, warn_of_dropped_options
 from bnlab.distributed import group_size
 from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.modules import _BatchNormMixin
@@ -28,6 +28,10 @@ from bnlab.stats import Moments
 from bnlab.sync_steps import sync_backward, sync_forward
 
 __all__ = ["SyncBatchNorm"]
+
+#: feature options (docs/features.md) that convert_sync_batchnorm carries over, and those it drops
+_SYNCED = ("skip_nonfinite", "accumulation_steps")
+_NOT_SYNCED = ("virtual_batch_size", "renorm")
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -157,8 +161,12 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
 
         Converts torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm, bnlab's BatchNorm layers and
         any other subclass of torch's ``_BatchNorm``, as torch.nn.SyncBatchNorm.convert_sync_batchnorm
-        does. The new layer takes over the old one's Parameter and buffer objects (no copy: an
-        optimizer built before the conversion keeps working), its training flag and its qconfig.
+        does; a ``bnlab.BatchNormAct2d`` becomes a ``bnlab.SyncBatchNormAct2d``, keeping its ReLU
+        and residual add. The new layer takes over the old one's Parameter and buffer objects (no
+        copy: an optimizer built before the conversion keeps working), its training flag and its
+        qconfig, and bnlab's ``skip_nonfinite`` and ``accumulation_steps``, which it honours too;
+        Ghost BN and Batch Renormalization it has not, and a layer with either set is converted
+        with a UserWarning saying so (as ``bnlab.convert(..., to="torch")`` warns).
 
         Args:
             module: a model, or a single BN layer.
@@ -188,7 +196,17 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
                 f"module: expected BN layers whose num_features is known, got an uninitialized "
                 f"{type(old).__name__}; run one batch through the model before converting it"
             )
-        new = rebuild_batchnorm(old, cls, process_group=process_group)
+        from bnlab.fused import BatchNormAct2d  # here: bnlab.sync_act imports this module
+        from bnlab.sync_act import SyncBatchNormAct2d
+
+        target, extra = cls, {}
+        if isinstance(old, (BatchNormAct2d, SyncBatchNormAct2d)):
+            target, extra = SyncBatchNormAct2d, {"activation": old.activation, "residual": old.residual}
+        warn_of_dropped_options(old, "convert_sync_batchnorm", f"bnlab.{target.__name__}", _NOT_SYNCED)
+        new = rebuild_batchnorm(old, target, process_group=process_group, **extra)
+        for name in _SYNCED:  # options the synchronised layer's running-average update honours
+            if name in old.__dict__:
+                setattr(new, name, old.__dict__[name])
         if hasattr(old, "qconfig"):
             new.qconfig = old.qconfig
         return new
