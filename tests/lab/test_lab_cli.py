@@ -58,7 +58,7 @@ def test_same_seed_same_numbers_and_report_rebuilds(tmp_path, capsys):
     assert (tmp_path / "a" / "init_sweep_grid.png").stat().st_size > 10_000
 
 
-def test_resume_redoes_only_unfinished_units(tmp_path, monkeypatch):
+def test_resume_redoes_only_unfinished_units(tmp_path, monkeypatch, capsys):
     exp = get("conv")
     ran = []
 
@@ -69,8 +69,8 @@ def test_resume_redoes_only_unfinished_units(tmp_path, monkeypatch):
         return exp.run_unit(unit, ctx)
 
     monkeypatch.setattr(runner, "get", lambda name: dataclasses.replace(exp, run_unit=killed_after_first))
-    with pytest.raises(KeyboardInterrupt):
-        main(["run", "conv", "--quick"])
+    assert main(["run", "conv", "--quick"]) == 130  # Ctrl-C: one line saying how to go on, no traceback
+    assert "interrupted; every unit that finished is saved" in capsys.readouterr().err
     [folder] = list((tmp_path / "runs").iterdir())
     assert [p.name for p in (folder / "units").iterdir()] == ["channel,seed=0.json"]
     assert not json.loads((folder / "summary.json").read_text())["complete"]
@@ -81,7 +81,9 @@ def test_resume_redoes_only_unfinished_units(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "get", lambda name: dataclasses.replace(exp, run_unit=counting))
     assert main(["run", "conv", "--quick", "--bn", "torch", "--resume"]) == 2  # options differ from the stored run
+    capsys.readouterr()
     assert main(["run", "conv", "--quick", "--resume"]) == 0  # no --out: the newest runs/conv-*
+    assert f"conv: resuming runs/{folder.name} (quick version): 1 of 3 units already done" in capsys.readouterr().err
     assert ran == ["channel,seed=0", "activation,seed=0", "none,seed=0"]
     monkeypatch.undo()
     assert main(["run", "conv", "--quick", "--out", str(tmp_path / "whole")]) == 0
@@ -112,10 +114,11 @@ def test_data_dir_runs_an_experiment_on_mnist_files(tmp_path):
         array = rng.integers(0, 256, (n, 28, 28)) if key.endswith("images") else rng.integers(0, 10, n)
         header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
         (raw / f"{name}.gz").write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-    assert main(["run", "regularization", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    # a relative --data-dir is stored absolute, so that a resume from elsewhere finds the files
+    assert main(["run", "regularization", "--quick", "--data-dir", ".", "--out", str(tmp_path / "r")]) == 0
     config = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert config["data_dir"] == str(tmp_path)
-    assert "from " + str(tmp_path) in (tmp_path / "r" / "report.md").read_text()
+    assert config["data_dir"] == str(tmp_path.resolve())
+    assert "from " + str(tmp_path.resolve()) in (tmp_path / "r" / "report.md").read_text()
     assert len(_rows(tmp_path / "r")) == 12
 
 
@@ -137,3 +140,55 @@ def test_missing_data_files_leave_no_run_folder(tmp_path, capsys):
     assert main(["run", "resnet", "--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing")]) == 2
     assert "data_batch_1" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_a_folder_of_another_experiment(tmp_path, capsys):
+    assert main(["run", "init-sweep", "--quick", "--out", str(tmp_path / "a")]) == 0
+    units = sorted(p.name for p in (tmp_path / "a" / "units").iterdir())
+    capsys.readouterr()
+    assert main(["run", "lr-sweep", "--quick", "--resume", "--out", str(tmp_path / "a")]) == 2
+    assert (f"--out: {tmp_path / 'a'} holds a run of init-sweep, not of lr-sweep; resume it with "
+            f"`bnlab run init-sweep --resume --out {tmp_path / 'a'}`") in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "a" / "units").iterdir()) == units
+
+
+def test_resume_without_a_run_says_it_starts_a_new_one(tmp_path, capsys):
+    assert main(["run", "init-sweep", "--quick", "--resume", "--out", str(tmp_path / "new")]) == 0
+    assert f"--resume found no run to continue (no run folder at {tmp_path / 'new'}); starting a new one" in \
+        capsys.readouterr().err
+    assert (tmp_path / "new" / "report.md").is_file()
+
+
+def test_a_report_of_a_partial_run_with_a_condition_missing(tmp_path):
+    # init-sweep with the BN networks not trained yet: its figures had no rows for them (and failed)
+    assert main(["run", "init-sweep", "--quick", "--out", str(tmp_path / "p")]) == 0
+    (tmp_path / "p" / "units" / "bn.json").unlink()
+    assert main(["report", str(tmp_path / "p")]) == 0
+    assert "**Partial run**: 1 of 2 units finished" in (tmp_path / "p" / "report.md").read_text()
+
+
+def test_an_out_folder_that_cannot_be_made_is_named(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["run", "init-sweep", "--quick", "--out", str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out: expected a folder bnlab can create and write, got {tmp_path / 'afile' / 'sub'}" in err
+    assert "Traceback" not in err
+
+
+def test_processes_that_cannot_share_the_batch_are_refused_before_any_folder(tmp_path, capsys):
+    assert main(["run", "conv", "--quick", "--nproc", "3", "--out", str(tmp_path / "n3")]) == 2
+    assert "--nproc: conv trains with a global batch of 64, which the processes share equally; expected a number " \
+           "of processes that divides it (such as 2, 4, 8, 16), got 3" in capsys.readouterr().err
+    assert not (tmp_path / "n3").exists()
+
+
+@pytest.mark.parametrize("steps", ["0", "-1", "two"])
+def test_selfcheck_needs_at_least_one_step(steps, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["selfcheck", "--steps", steps])
+    assert exit_.value.code == 2
+    assert f"argument --steps: expected a positive integer, got '{steps}'" in capsys.readouterr().err
+    from bnlab.lab.selfcheck import run_selfcheck
+
+    with pytest.raises(ValueError, match="steps: expected a positive int"):
+        run_selfcheck(steps=0)

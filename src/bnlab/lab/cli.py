@@ -169,6 +169,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(option: str):
+    """An argparse ``type=`` for an integer of at least 1 (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        return value
+
+    parse.__name__ = option  # what argparse calls the type in other messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="bnlab", description="Batch Normalization: the layer, the reference, the lab.")
@@ -208,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("selfcheck", help="compare bnlab's BatchNorm with torch.nn's on random data")
-    p.add_argument("--steps", type=int, default=3, help="training steps per case (default 3)")
+    p.add_argument("--steps", type=_positive_int("--steps"), default=3, help="training steps per case (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_selfcheck)
     return parser
@@ -225,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _ARGUMENT_ERRORS as err:
         return _argument_error(err)
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is on disk; one line, not a traceback
+        if os.environ.get("BNLAB_DEBUG"):
+            raise
+        again = args.command_line if getattr(args, "resume", True) else f"{args.command_line} --resume"
+        print(f"\nbnlab: interrupted; every unit that finished is saved in its run folder: continue with `{again}`"
+              if args.command == "run" else "\nbnlab: interrupted", file=sys.stderr)
+        return 130
     except LocalRanksError as err:  # a rank of `--nproc N` failed: one line per rank, tracebacks with BNLAB_DEBUG=1
         if os.environ.get("BNLAB_DEBUG"):
             raise

@@ -68,6 +68,8 @@ def band(ax, x: Sequence[float], runs: np.ndarray, color: str, label: str | None
     NaN entries (e.g. a diverged run) are ignored; a column with no finite value is not drawn.
     """
     runs = np.atleast_2d(np.asarray(runs, dtype=float))
+    if runs.shape[0] == 0:  # a condition with no finished run yet (a partial run's report)
+        return
     finite = np.isfinite(runs)
     count = finite.sum(0)
     safe = np.where(finite, runs, 0.0)

@@ -17,6 +17,7 @@ import datetime as _dt
 import math
 import platform
 import subprocess
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -193,9 +194,10 @@ def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> 
         raise ValueError(f"--shapes: {exp.name} runs its own models, got --shapes for it; experiments that take "
                          f"shapes: {', '.join(able)}")
     config = {"experiment": exp.name, "quick": quick, "seeds": seeds, "bn": bn, "dataset": dataset,
-              "data_dir": str(opts.data_dir) if opts.data_dir else None, "device": opts.device or "cpu",
+              "data_dir": _data_dir(opts), "device": opts.device or "cpu",
               "world_size": world_size, "sync_bn": sync_bn, "shapes": opts.shapes, "params": {}}
     config["params"] = exp.params(config)
+    _check_batch_shares(exp, config)
     config["units"] = exp.units(config)
     config["command"] = opts.command
     config["created"] = _dt.datetime.now().isoformat(timespec="seconds")
@@ -203,9 +205,28 @@ def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> 
     return config
 
 
-def _check_resume(stored: dict, opts: RunOptions, launched: int | None = None) -> None:
+def _data_dir(opts: RunOptions) -> str | None:
+    """--data-dir as an absolute path: a run resumed from another working directory finds it too."""
+    return str(Path(opts.data_dir).expanduser().resolve()) if opts.data_dir else None
+
+
+def _check_batch_shares(exp: Experiment, config: dict) -> None:
+    """Several processes share each global batch equally: refused before any folder exists (the
+    run would fail at its first unit, every time it was resumed)."""
+    batch, world = config["params"].get("batch_size"), config["world_size"]
+    if isinstance(batch, int) and world > 1 and batch % world:
+        fits = [n for n in range(2, min(batch, 16) + 1) if batch % n == 0]
+        raise ValueError(f"--nproc: {exp.name} trains with a global batch of {batch}, which the processes share "
+                         f"equally; expected a number of processes that divides it (such as "
+                         f"{', '.join(map(str, fits))}), got {world}")
+
+
+def _check_resume(stored: dict, opts: RunOptions, exp: Experiment, out, launched: int | None = None) -> None:
+    if stored.get("experiment", exp.name) != exp.name:
+        raise ValueError(f"--out: {out} holds a run of {stored['experiment']}, not of {exp.name}; resume it with "
+                         f"`bnlab run {stored['experiment']} --resume --out {out}`, or choose another --out")
     given = {"quick": opts.quick, "seeds": opts.seeds, "bn": opts.bn, "dataset": opts.dataset,
-             "data_dir": str(opts.data_dir) if opts.data_dir else None,
+             "data_dir": _data_dir(opts),
              "world_size": launched or opts.nproc, "sync_bn": opts.sync_bn or None, "shapes": opts.shapes}
     diffs = [f"{k}: stored {stored.get(k, _STORED_DEFAULTS.get(k))!r}, given {v!r}" for k, v in given.items()
              if v is not None and k in _IDENTITY and v != stored.get(k, _STORED_DEFAULTS.get(k))]
@@ -224,15 +245,26 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
         out = default_out(exp.name)
     if opts.resume and (Path(out) / "config.json").is_file():
         folder = RunFolder.open(out)
-        _check_resume(folder.config, opts, launched)
+        _check_resume(folder.config, opts, exp, out, launched)
         config = folder.config
+        done = sum(folder.is_done(u) for u in config["units"])
+        _note(f"{exp.name}: resuming {out} ({'quick' if config['quick'] else 'full'} version): {done} of "
+              f"{len(config['units'])} units already done")
     else:
+        if opts.resume:
+            where = f"no run folder at {out}" if opts.out else f"no runs/{exp.name}-*"
+            _note(f"{exp.name}: --resume found no run to continue ({where}); starting a new one")
         config = _resolve(exp, opts, launched)
         RunFolder.ensure_new(out)
         if exp.trains:  # a missing file fails before any folder exists
             data = lab_data.load(config["dataset"], config["data_dir"])
         folder = RunFolder.create(out, config)
     return folder, config, data, [u for u in config["units"] if not folder.is_done(u)]
+
+
+def _note(text: str) -> None:
+    """A line for the user on stderr (where the progress bars go), shown whatever stdout is."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def run_units(exp: Experiment, ctx: RunContext, todo: list[str]) -> None:

@@ -101,8 +101,13 @@ class RunFolder:
     def create(cls, path: str | os.PathLike, config: dict) -> "RunFolder":
         """A new run folder holding ``config``; refuses a folder that already holds a run."""
         folder = cls.ensure_new(path)
-        folder.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder.path / "config.json", config)
+        try:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder.path / "config.json", config)
+        except OSError as err:  # a file in the way, a read-only or forbidden place: say which option
+            reason = err.strerror or type(err).__name__
+            raise ValueError(f"--out: expected a folder bnlab can create and write, got {folder.path} ({reason}"
+                             f"{': ' + str(err.filename) if err.filename else ''})") from err
         return folder
 
     @classmethod

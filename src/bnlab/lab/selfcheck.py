@@ -89,7 +89,10 @@ def _check_case(layer: str, shape: tuple, dtype: torch.dtype, steps: int, seed: 
 
 
 def run_selfcheck(steps: int = 3, seed: int = 0) -> list[CheckRow]:
-    """Compare bnlab with torch.nn over every case and dtype; returns one row per case."""
+    """Compare bnlab with torch.nn over every case and dtype; returns one row per case. ``steps``
+    training steps (at least 1: with none, nothing would be compared) precede the eval check."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected a positive int (training steps per case), got {steps!r}")
     return [
         _check_case(layer, shape, dtype, steps, seed)
         for layer, shape in _CASES
