@@ -126,8 +126,42 @@ def test_cifar_pickle_cannot_run_code(tmp_path):
     folder.mkdir()
     (folder / "train").write_bytes(pickle.dumps({"data": Evil(), "fine_labels": []}))
     (folder / "test").write_bytes(pickle.dumps({"data": Evil(), "fine_labels": []}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(ValueError, match=r"cannot be read as one \(UnpicklingError: refusing to load builtins.print"):
         data.load("cifar100", tmp_path)
+
+
+def test_damaged_or_wrong_files_are_named_before_training(tmp_path):
+    # each failed only mid-run before (an EOFError or UnpicklingError traceback, or a loss that
+    # refused label 10, or a linear layer that refused 20x20 images), after the run folder existed
+    _write_mnist(tmp_path / "m", gz=True)
+    name = disk_data.MNIST_FILES["train_images"]
+    whole = (tmp_path / "m" / f"{name}.gz").read_bytes()
+    (tmp_path / "m" / f"{name}.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=rf"{name}.gz: expected a complete gzip file, got one that cannot be read"):
+        data.load("mnist", tmp_path / "m")
+    (tmp_path / "m" / f"{name}.gz").write_bytes(whole)
+    labels = tmp_path / "m" / f"{disk_data.MNIST_FILES['test_labels']}.gz"
+    labels.write_bytes(gzip.compress(_idx_bytes(np.array([1, 10, 3, 4]))))
+    with pytest.raises(ValueError, match=r"data_dir: expected MNIST test labels in 0..9, got values from 1 to 10"):
+        data.load("mnist", tmp_path / "m")
+    labels.write_bytes(gzip.compress(_idx_bytes(np.array([1, 2, 3, 4]))))
+    (tmp_path / "m" / f"{name}.gz").write_bytes(gzip.compress(_idx_bytes(np.zeros((6, 20, 20)))))
+    with pytest.raises(ValueError, match=r"data_dir: expected MNIST train images of 28x28 pixels, got \(20, 20\)"):
+        data.load("mnist", tmp_path / "m")
+
+    folder = tmp_path / "c" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        (folder / name).write_bytes(pickle.dumps(_cifar_batch(3, "labels", True, i), protocol=2))
+    whole = (folder / "test_batch").read_bytes()
+    (folder / "test_batch").write_bytes(whole[:100])
+    with pytest.raises(ValueError, match=r"test_batch: expected a CIFAR python batch \(a pickled dict of arrays\)"):
+        data.load("cifar10", tmp_path / "c")
+    batch = _cifar_batch(3, "labels", True, 0)
+    batch[b"labels"][1] = 12
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match=r"data_dir: expected CIFAR-10 test labels in 0..9, got values from \d+ to 12"):
+        data.load("cifar10", tmp_path / "c")
 
 
 def test_bad_dataset_arguments():

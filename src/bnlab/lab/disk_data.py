@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # a truncated or damaged download
+        raise ValueError(f"{path}: expected a complete gzip file, got one that cannot be read ({err})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: expected an IDX file (magic 0x0000TTNN), got header bytes {raw[:4].hex()}")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
@@ -83,6 +87,10 @@ def load_mnist_idx(data_dir: str | Path) -> tuple[tuple[np.ndarray, np.ndarray],
             raise ValueError(
                 f"data_dir: MNIST {part} files disagree: images of shape {images.shape}, labels of shape {labels.shape}"
             )
+        # checked here, not by the first training step, which would fail after the run folder exists
+        if images.shape[1:] != (28, 28):
+            raise ValueError(f"data_dir: expected MNIST {part} images of 28x28 pixels, got {images.shape[1:]}")
+        _check_labels(labels, 10, f"MNIST {part} labels")
     return (arrays["train_images"], arrays["train_labels"]), (arrays["test_images"], arrays["test_labels"])
 
 
@@ -103,9 +111,21 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
+def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
+    """Class labels in 0..num_classes-1 (a label out of range fails only inside the loss, mid-run)."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"data_dir: expected {what} in 0..{num_classes - 1}, got values from {labels.min()} "
+                         f"to {labels.max()}")
+
+
 def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = _ArrayUnpickler(f, encoding="bytes").load()
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+        # truncated, not a pickle, or holding other objects than a CIFAR batch's
+        raise ValueError(f"{path}: expected a CIFAR python batch (a pickled dict of arrays), got a file that "
+                         f"cannot be read as one ({type(err).__name__}: {err})") from err
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a pickled dict with 'data' and '{label_key}', got {type(batch).__name__}")
     batch = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in batch.items()}
@@ -144,4 +164,6 @@ def load_cifar(data_dir: str | Path, num_classes: int = 10) -> tuple[tuple[np.nd
     parts = [_read_batch(path_of(name), label_key) for name in train_names]
     train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     test = _read_batch(path_of(test_name), label_key)
+    for part, labels in (("train", train[1]), ("test", test[1])):
+        _check_labels(labels, num_classes, f"CIFAR-{num_classes} {part} labels")
     return train, test
