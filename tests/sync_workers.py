@@ -8,6 +8,7 @@ as an ordinary assertion there.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import Counter
 
 import torch
@@ -242,6 +243,14 @@ def fail_on_rank_one(rank: int, world_size: int) -> None:
     dist.barrier()
     if rank == 1:
         raise KeyError("deliberate failure on rank 1")
+    sleep_forever(rank, world_size)
+
+
+def write_pid_and_sleep(rank: int, world_size: int, folder: str) -> None:
+    """Writes this rank's pid to folder/rank{rank}.pid, then never returns on its own."""
+    with open(os.path.join(folder, f"rank{rank}.pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(folder, f"rank{rank}.pid.tmp"), os.path.join(folder, f"rank{rank}.pid"))
     sleep_forever(rank, world_size)
 
 

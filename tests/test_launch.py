@@ -40,6 +40,46 @@ def test_a_run_past_its_time_limit_is_stopped_and_reported():
     assert set(info.value.failures) == {0}
 
 
+def _running(pid: int) -> bool:
+    """Whether pid is a live process (a zombie, which nobody may reap in a container, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
+def test_ranks_end_when_the_process_that_started_them_is_killed(tmp_path):
+    # A caller killed outright cannot stop its ranks: they went on alone (a lab run's kept training
+    # and saving units, and a --resume then trained the same units twice at once).
+    import signal
+    import subprocess
+    import time
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import sync_workers; from bnlab.launch import run_local_ranks; "
+            f"run_local_ranks(sync_workers.write_pid_and_sleep, 2, ({str(tmp_path)!r},), timeout_s=300)")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"rank{r}.pid").exists() for r in range(2)):
+            assert parent.poll() is None and time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.2)
+        pids = [int((tmp_path / f"rank{r}.pid").read_text()) for r in range(2)]
+        assert all(_running(pid) for pid in pids)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in pids if _running(pid)]
+    for pid in left:  # do not leave them behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks {left} outlived the process that started them"
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

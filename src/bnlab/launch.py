@@ -69,8 +69,36 @@ def leave_process_group() -> None:
     dist.destroy_process_group()
 
 
-def _rank_main(rank, world_size, folder, backend, collective_timeout_s, threads, fn, args) -> None:
+#: exit status of a rank that ended because the process that started it died
+ORPHANED_EXIT = 75
+#: how often a rank looks whether the process that started it is still there (seconds)
+_PARENT_POLL_S = 0.5
+
+
+def _end_with_parent(parent: int) -> None:
+    """End this process as soon as ``parent``, the process that started it, is gone.
+
+    Why: a caller killed outright (SIGKILL, an out-of-memory kill) cannot stop its ranks, which
+    would go on alone: a lab run's ranks kept training and saving units, and a rerun with
+    ``--resume`` then trained the same units twice at once, each at half speed. A daemon thread
+    polls the parent's pid (portable, and immune to prctl's death signal firing when the
+    *thread* that started the process exits); os._exit ends the process even inside a collective.
+    Units already saved stay (each is written atomically).
+    """
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(ORPHANED_EXIT)
+
+    threading.Thread(target=watch, name="bnlab-parent-watch", daemon=True).start()
+
+
+def _rank_main(rank, world_size, folder, backend, collective_timeout_s, threads, fn, args, parent=None) -> None:
     """Body of one spawned process: join the group, run fn, write ("ok", value) or ("error", traceback)."""
+    if parent is not None:
+        _end_with_parent(parent)
     try:
         import torch
         import torch.distributed as dist
@@ -147,7 +175,8 @@ def run_local_ranks(
             for rank in range(world_size):
                 process = context.Process(
                     target=_rank_main,
-                    args=(rank, world_size, folder, backend, collective_timeout_s, threads_per_rank, fn, tuple(args)),
+                    args=(rank, world_size, folder, backend, collective_timeout_s, threads_per_rank, fn, tuple(args),
+                          os.getpid()),
                     name=f"bnlab-rank{rank}",
                 )
                 process.start()
