@@ -59,7 +59,10 @@ def figure(env: dict, cases: list[dict]):
     widest = max(len(v) for v in per_mode.values())
     # 3.1 in a row, but at most 12.6 in all (five modes: the fused layer's two with the three), so
     # that the figure stays within a screen's height (tests/lab: at most 1,400 pixels)
-    fig, axes = new_figure(len(modes), 2, size=(max(9.0, 0.64 * widest + 3), min(3.1 * len(modes), 12.6)))
+    width = max(9.0, 0.64 * widest + 3)
+    fig, axes = new_figure(len(modes), 2, size=(width, min(3.1 * len(modes), 12.6)))
+    # a panel's title on two lines where one would run into its neighbour's (a few cases per mode)
+    joint = ":\n" if width < 13 else ": "
     for row, mode in enumerate(modes):
         rows = per_mode[mode]
         x = np.arange(len(rows))
@@ -73,7 +76,7 @@ def figure(env: dict, cases: list[dict]):
             for bar, hatch in zip(bars, hatches):
                 bar.set_hatch(hatch)
             ax.set_xticks(x, labels, rotation=70, ha="right", fontsize=7)
-            ax.set_title(f"{MODE_TITLES[mode]}: bnlab {what}")
+            ax.set_title(f"{MODE_TITLES[mode]}{joint}bnlab {what}", fontsize=10)
         axes[row, 0].set_yscale("log")
         axes[row, 0].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))  # 10x, not 10^1
         axes[row, 0].yaxis.set_minor_formatter(FuncFormatter(_minor_label))
