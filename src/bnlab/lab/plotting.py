@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from bnlab.lab.runs import new_file_mode
 
-__all__ = ["new_figure", "save_figure", "band", "COLORS", "LABELS"]
+__all__ = ["new_figure", "save_figure", "band", "empty_note", "COLORS", "LABELS"]
 
 #: one colour per kind of network, the same in every figure of the lab.
 COLORS = {True: "#1f77b4", False: "#ff7f0e", "bn": "#1f77b4", "plain": "#ff7f0e",
@@ -79,3 +79,9 @@ def band(ax, x: Sequence[float], runs: np.ndarray, color: str, label: str | None
     ax.plot(x, mean, color=color, label=label, **line_kwargs)
     if runs.shape[0] > 1:
         ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+
+
+def empty_note(ax, text: str) -> None:
+    """Say inside a panel why it shows nothing (in a quick run, say, no network reaches the
+    accuracy the panel zooms to or counts steps to), rather than leave a blank frame."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="#555555", wrap=True)

@@ -43,7 +43,7 @@ def _log2_axis(ax, sizes: list[int]) -> None:
 
 
 def figures(folder: RunFolder) -> list[tuple[str, str]]:
-    from bnlab.lab.plotting import band, new_figure, save_figure
+    from bnlab.lab.plotting import band, empty_note, new_figure, save_figure
 
     rows, p = folder.rows(), folder.config["params"]
     sizes = sorted({r["batch_size"] for r in rows})
@@ -63,6 +63,8 @@ def figures(folder: RunFolder) -> list[tuple[str, str]]:
     accs = [r["test_acc"] for r in rows if r["norm"] in METHODS and r["batch_size"] >= 4 and r.get("test_acc") is not None]
     low = max(0.8, math.floor(20 * min(accs)) / 20) if accs else 0.9
     axes[0, 1].set(ylim=(low, 1.0), title=f"the same, zoomed to {100 * low:.0f}–100 %")
+    if not accs or max(accs) < low:
+        empty_note(axes[0, 1], f"no network reached {100 * low:.0f} % in this run")
     axes[0, 0].legend(loc="lower right")
     save_figure(fig, folder.path / "batch_size.png")
     out = [("batch_size.png", f"Test accuracy of the small CNN against the per-step batch size for each normalization"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from bnlab.lab.experiments import Experiment
@@ -75,19 +76,23 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
 
 
 def _figures(folder: RunFolder) -> list[tuple[str, str]]:
-    from bnlab.lab.plotting import COLORS, band, new_figure, save_figure
+    from bnlab.lab.plotting import COLORS, band, empty_note, new_figure, save_figure
 
     metrics, rows = folder.metrics(), folder.rows()
     fig, axes = new_figure(1, 2, size=(10, 3.6))
+    best = 0.0
     for norm in NORMS:
         steps, runs = curves(metrics, {"norm": norm}, "step", "test_acc")
         if len(steps):
+            best = max(best, float(np.nanmax(runs)) if np.isfinite(runs).any() else 0.0)
             n_bn = next((r["bn_params"] for r in rows if r["norm"] == norm), 0)
             label = f"{_NAMES[norm]} ({n_bn:,} BN parameters)" if n_bn else _NAMES[norm]
             band(axes[0, 0], steps, runs, COLORS[norm], label)
             band(axes[0, 1], steps, runs, COLORS[norm], label)
     axes[0, 0].set(xlabel="step", ylabel="test accuracy", ylim=(0, 1.0), title="test accuracy during training")
     axes[0, 1].set(xlabel="step", ylim=(0.9, 1.0), title="the same, zoomed to 90–100 %")
+    if best < 0.9:
+        empty_note(axes[0, 1], f"no network reached 90 % in this run (best {100 * best:.0f} %)")
     axes[0, 0].legend(loc="lower right")
     save_figure(fig, folder.path / "conv.png")
     return [("conv.png", "Test accuracy of the small CNN with per-channel BN, per-activation BN and no BN "

@@ -70,7 +70,7 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
 
 
 def _figures(folder: RunFolder) -> list[tuple[str, str]]:
-    from bnlab.lab.plotting import COLORS, LABELS, band, new_figure, save_figure
+    from bnlab.lab.plotting import COLORS, LABELS, band, empty_note, new_figure, save_figure
 
     rows, metrics, p = folder.rows(), folder.metrics(), folder.config["params"]
     lrs = p["learning_rates"]
@@ -86,6 +86,9 @@ def _figures(folder: RunFolder) -> list[tuple[str, str]]:
                    title="final test accuracy (× = diverged)")
     if any(r["steps_to_90"] for r in rows):
         axes[0, 1].set_yscale("log")
+    else:
+        axes[0, 1].set_yticks([])
+        empty_note(axes[0, 1], f"no network reached {p['target_acc']:.0%} test accuracy in this run")
     axes[0, 1].set(xscale="log", xlabel="learning rate", ylabel="steps",
                    title=f"steps to {p['target_acc']:.0%} test accuracy (missing = never)")
     axes[0, 1].set_xlim(axes[0, 0].get_xlim())
