@@ -204,9 +204,11 @@ class RunFolder:
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", leave: bool = False):
-    """A tqdm progress bar, shown only when stdout is a terminal (never in logs, pipes or tests)."""
+    """A tqdm progress bar on stderr, shown only when stderr, where it draws, is a terminal: never in
+    logs or tests, and still there when stdout goes through a pipe (``bnlab run ... | tee log``)."""
     import sys
 
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not sys.stdout.isatty(), dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not sys.stderr.isatty(), dynamic_ncols=True,
+                file=sys.stderr)
