@@ -67,3 +67,15 @@ def test_save_unit_requires_rows(tmp_path):
         folder.save_unit("a", {"metrics": []})
     with pytest.raises(FileNotFoundError, match="config.json"):
         RunFolder.open(tmp_path / "nothing")
+
+
+def test_a_damaged_file_is_named(tmp_path):
+    folder = RunFolder.create(tmp_path / "r", {"experiment": "x", "units": ["a"]})
+    folder.save_unit("a", {"rows": [{"v": 1}]})
+    folder.unit_file("a").write_text('{"unit": "a", "rows": [')
+    with pytest.raises(ValueError, match=r"units/a\.json: expected the JSON bnlab wrote, got a damaged file .*"
+                                         r"delete it to run that unit again with --resume"):
+        folder.rows()
+    (tmp_path / "r" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"config\.json: expected the JSON bnlab wrote, got a damaged file"):
+        folder.config

@@ -131,8 +131,7 @@ class RunFolder:
     @property
     def config(self) -> dict:
         """The resolved configuration written when the run was created."""
-        with open(self.path / "config.json", encoding="utf-8") as f:
-            return json.load(f)
+        return _read_json(self.path / "config.json")
 
     # -- units of work ------------------------------------------------------------------------
     def unit_file(self, unit: str) -> Path:
@@ -153,8 +152,7 @@ class RunFolder:
         done = []
         for unit in self.config.get("units", []):
             if self.is_done(unit):
-                with open(self.unit_file(unit), encoding="utf-8") as f:
-                    done.append(json.load(f))
+                done.append(_read_json(self.unit_file(unit)))
         return done
 
     # -- what the units produced --------------------------------------------------------------
@@ -199,8 +197,18 @@ class RunFolder:
 
     def summary(self) -> dict:
         """summary.json as written by :meth:`write_summary`."""
-        with open(self.path / "summary.json", encoding="utf-8") as f:
+        return _read_json(self.path / "summary.json")
+
+
+def _read_json(path: Path) -> dict:
+    """A file this module wrote (atomically, so only a hand edit or a damaged disk breaks one),
+    named in the error where it cannot be parsed."""
+    with open(path, encoding="utf-8") as f:
+        try:
             return json.load(f)
+        except json.JSONDecodeError as err:
+            hint = " (delete it to run that unit again with --resume)" if path.parent.name == "units" else ""
+            raise ValueError(f"{path}: expected the JSON bnlab wrote, got a damaged file ({err}){hint}") from err
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", leave: bool = False):
