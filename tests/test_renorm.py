@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,15 @@ def test_ghost_batches_are_renormalized_one_by_one():
 def test_bad_options_are_refused_by_name(kwargs, name):
     with pytest.raises(ValueError, match=name):
         bnlab.BatchNorm1d(3, renorm=True, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"rmax": 2.0}, {"dmax": 1.0}, {"renorm_ramp": (1, 5)}])
+def test_renorm_options_without_renorm_are_refused_by_name(kwargs):
+    # they had been kept silently, doing nothing, and hidden from the layer's repr
+    [(name, value)] = kwargs.items()
+    with pytest.raises(ValueError, match=re.escape(f"{name}: an option of Batch Renormalization, used only with "
+                                                   f"renorm=True; got {name}={value!r} with renorm=False")):
+        bnlab.BatchNorm2d(3, **kwargs)
 
 
 def test_gradcheck_and_gradgradcheck_where_the_clipping_saturates():

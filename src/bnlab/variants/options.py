@@ -44,6 +44,11 @@ def check_feature_options(
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
     rmax, dmax, renorm_ramp = check_renorm_options(rmax, dmax, renorm_ramp)
+    if not renorm:  # they would be kept, and do nothing, and the layer's repr would not show them
+        for name, value in (("rmax", rmax), ("dmax", dmax), ("renorm_ramp", renorm_ramp)):
+            if value != FEATURE_DEFAULTS[name]:
+                raise ValueError(f"{name}: an option of Batch Renormalization, used only with renorm=True; got "
+                                 f"{name}={value!r} with renorm=False (pass renorm=True, or leave {name} out)")
     if renorm and not track_running_stats:
         raise ValueError(
             "renorm: Batch Renormalization corrects batch statistics towards the running ones, so it needs "
