@@ -122,7 +122,9 @@ def _findings(folder: RunFolder) -> str:
             stats = train[bn]
             band_ = learning_band([s["weight_init_std"] for s in stats], [s["mean"] for s in stats], thr)
             name = "with BN" if bn else "without BN"
-            if band_ is None:
+            if not stats:  # a partial run: this condition has not trained yet
+                parts.append(f"{name} no network has finished yet")
+            elif band_ is None:
                 parts.append(f"{name} no init scale reaches a mean final training accuracy of {thr:.0%}")
             else:
                 parts.append(f"{name} the mean final training accuracy reaches {thr:.0%} for w from {band_[0]:.2g} to "
