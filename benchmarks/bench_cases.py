@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from bnlab.lab.shape_text import parse_shape
+from bnlab.lab.arg_text import parse_shape, positive_int
 from bnlab.lab.speed_cases import (BN_BY_RANK, DTYPES, MODES, TRAFFIC, TRAFFIC_GPU, bn_layer, contenders,
                                    make_input, sample_grad_mode, traffic_bytes)
 
@@ -28,18 +28,6 @@ def nchw_shape(text: str) -> tuple[int, int, int, int]:
         return parse_shape(text, rank=4)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def positive_int(text: str) -> int:
-    """The ``type=`` of the scripts' counts (--threads, --steps): argparse turns the error into
-    "argument --threads: expected a positive integer, got '0'"."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def refuse_unknown_names(parser: argparse.ArgumentParser, args, allowed: dict) -> None:

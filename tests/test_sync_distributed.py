@@ -321,41 +321,40 @@ def test_one_value_per_channel_raises_the_same_error_on_every_rank(ranks_out):
     assert all("y" in member["steps"][3] for member in _members(ranks_out, case))
 
 
-@pytest.mark.parametrize("norm", [bnlab.BatchNorm2d, nn.BatchNorm2d], ids=["bnlab", "torch"])
-def test_ddp_training_with_sync_bn_equals_one_process_on_the_global_batch(ranks_out, norm):
-    model = sync_workers.build_model(norm)
-    model.load_state_dict(DDP_CASE["init"], strict=True)
+def _one_process_final_state(model: nn.Module, init: dict) -> dict:
+    """The state of ``model`` trained as one process on each step's whole global batch: the DDP runs' oracle."""
+    model.load_state_dict(init, strict=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=DDP_CASE["lr"], momentum=0.9)
     for step in DDP_CASE["steps"]:
         optimizer.zero_grad()
         F.cross_entropy(model(step["x"]), step["target"]).backward()
         optimizer.step()
-    want = model.state_dict()
+    return model.state_dict()
+
+
+def _check_ddp_ranks(ranks_out, run: str, want: dict, synced: str, local: str, collectives: dict) -> None:
+    """Every rank of the DDP run ``run`` holds layers of type ``synced`` (none of ``local``), issued
+    ``collectives`` at each step, and ended at ``want`` (1e-9)."""
     for rank in range(WORLD):
-        got = ranks_out[rank]["ddp"]
-        assert "SyncBatchNorm" in got["types"] and "BatchNorm2d" not in got["types"], got["types"]
-        assert got["collectives"] == [{"all_gather": 2, "all_reduce": 2}] * len(DDP_CASE["steps"]), rank
-        sync_workers.build_model(norm).load_state_dict(got["state"], strict=True)  # SyncBN's state loads here
+        got = ranks_out[rank][run]
+        assert synced in got["types"] and local not in got["types"], got["types"]
+        assert got["collectives"] == [collectives] * len(DDP_CASE["steps"]), rank
         assert got["state"].keys() == want.keys()
         for key, value in want.items():
             _close(got["state"][key], value, 1e-9, f"DDP rank {rank}: {key}")
+
+
+@pytest.mark.parametrize("norm", [bnlab.BatchNorm2d, nn.BatchNorm2d], ids=["bnlab", "torch"])
+def test_ddp_training_with_sync_bn_equals_one_process_on_the_global_batch(ranks_out, norm):
+    want = _one_process_final_state(sync_workers.build_model(norm), DDP_CASE["init"])
+    _check_ddp_ranks(ranks_out, "ddp", want, "SyncBatchNorm", "BatchNorm2d", {"all_gather": 2, "all_reduce": 2})
+    for rank in range(WORLD):  # SyncBN's state loads into the model it came from
+        sync_workers.build_model(norm).load_state_dict(ranks_out[rank]["ddp"]["state"], strict=True)
 
 
 def test_ddp_training_with_a_converted_batchnormact2d_keeps_its_relu_and_residual(ranks_out):
     # convert_sync_batchnorm made BatchNormAct2d a plain SyncBatchNorm: the ReLU was gone and the
     # residual call a TypeError. Now a SyncBatchNormAct2d, trained as one process on the global batch.
-    model = sync_workers.ResidualEnd()
-    model.load_state_dict(DDP_CASE["act_init"], strict=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=DDP_CASE["lr"], momentum=0.9)
-    for step in DDP_CASE["steps"]:
-        optimizer.zero_grad()
-        F.cross_entropy(model(step["x"]), step["target"]).backward()
-        optimizer.step()
-    want = model.state_dict()
-    for rank in range(WORLD):
-        got = ranks_out[rank]["ddp_act"]
-        assert "SyncBatchNormAct2d" in got["types"] and "BatchNormAct2d" not in got["types"], got["types"]
-        assert got["collectives"] == [{"all_gather": 1, "all_reduce": 1}] * len(DDP_CASE["steps"]), rank
-        assert got["state"].keys() == want.keys()
-        for key, value in want.items():
-            _close(got["state"][key], value, 1e-9, f"DDP rank {rank}: {key}")
+    want = _one_process_final_state(sync_workers.ResidualEnd(), DDP_CASE["act_init"])
+    _check_ddp_ranks(ranks_out, "ddp_act", want, "SyncBatchNormAct2d", "BatchNormAct2d",
+                     {"all_gather": 1, "all_reduce": 1})

@@ -188,7 +188,31 @@ def check_residual(expected: bool, x: Tensor, residual: object) -> None:
         raise ValueError(f"residual: expected a tensor like the input, {tuple(x.shape)} {x.dtype} on {x.device}; got {got}")
 
 
-class BatchNormAct2d(BatchNorm2d):
+class ActLayerMixin:
+    """What the BN + activation layers share (BatchNormAct2d, bnlab.sync_act.SyncBatchNormAct2d):
+    their options in the repr, their fold, and the checks of a call. Put before the BN base class."""
+
+    activation: str | None
+    residual: bool
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}, residual={self.residual}"
+
+    def folded_replacement(self) -> nn.Module:
+        """What bnlab.fold leaves in this layer's place once BN is folded into the convolution."""
+        return nn.ReLU() if self.activation == "relu" else nn.Identity()
+
+    def _checked_call(self, input: object, residual: object) -> Tensor:
+        """The input of a call, checked with its residual before anything runs (a refused call
+        changes no state)."""
+        x = _checks.check_input(input)
+        self._check_input_dim(x)
+        self._check_channels(x)
+        check_residual(self.residual, x, residual)
+        return x
+
+
+class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
     """BatchNorm2d followed by an optional residual add and ReLU: ``y = relu(BN(x) + residual)``.
 
     Args:
@@ -206,21 +230,11 @@ class BatchNormAct2d(BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.activation, self.residual = check_act_options(activation, residual)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation!r}, residual={self.residual}"
-
-    def folded_replacement(self) -> nn.Module:
-        """What bnlab.fold leaves in this layer's place once BN is folded into the convolution."""
-        return nn.ReLU() if self.activation == "relu" else nn.Identity()
-
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """relu(BN(input) + residual); see the class docstring."""
         if is_proxy(input):  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
             return record_call(self, (input,), {} if residual is None else {"residual": residual})
-        x = _checks.check_input(input)
-        self._check_input_dim(x)
-        self._check_channels(x)
-        check_residual(self.residual, x, residual)
+        x = self._checked_call(input, residual)
         batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
         if batch_statistics:
             _checks.check_training_batch(x)  # more than one value per channel, as torch.nn

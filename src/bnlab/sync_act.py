@@ -11,17 +11,17 @@ bits as SyncBatchNorm followed by torch's add and ReLU.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bnlab import _checks, custom_ops
-from bnlab.fused import check_act_options, check_residual, then_add_relu
+from bnlab.fused import ActLayerMixin, check_act_options, then_add_relu
 from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.sync import SyncBatchNorm
 
 __all__ = ["SyncBatchNormAct2d"]
 
 
-class SyncBatchNormAct2d(SyncBatchNorm):
+class SyncBatchNormAct2d(ActLayerMixin, SyncBatchNorm):
     """SyncBatchNorm over (N, C, H, W) followed by an optional residual add and ReLU:
     ``y = relu(SyncBN(x) + residual)``.
 
@@ -45,21 +45,11 @@ class SyncBatchNormAct2d(SyncBatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_input_rank(input, self._ranks, type(self).__name__)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation!r}, residual={self.residual}"
-
-    def folded_replacement(self) -> nn.Module:
-        """What bnlab.fold leaves in this layer's place once BN is folded into the convolution."""
-        return nn.ReLU() if self.activation == "relu" else nn.Identity()
-
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """relu(SyncBN(input) + residual); see the class docstring."""
         if is_proxy(input):  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
             return record_call(self, (input,), {} if residual is None else {"residual": residual})
-        x = _checks.check_input(input)
-        self._check_input_dim(x)
-        self._check_channels(x)
-        check_residual(self.residual, x, residual)  # before BN: a refused call changes no state
+        x = self._checked_call(input, residual)
         z = super().forward(x)
         relu = self.activation == "relu"
         if custom_ops.tracing(x):  # torch.compile / export: torch's ops, which the compiler fuses

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bnlab.lab.shape_text import parse_shape
+from bnlab.lab.arg_text import parse_shape, positive_int
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
@@ -169,22 +169,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(option: str):
-    """An argparse ``type=`` for an integer of at least 1 (argparse names the option in its error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return value
-
-    parse.__name__ = option  # what argparse calls the type in other messages
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="bnlab", description="Batch Normalization: the layer, the reference, the lab.")
@@ -224,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("selfcheck", help="compare bnlab's BatchNorm with torch.nn's on random data")
-    p.add_argument("--steps", type=_positive_int("--steps"), default=3, help="training steps per case (default 3)")
+    p.add_argument("--steps", type=positive_int, default=3, help="training steps per case (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_selfcheck)
     return parser

@@ -1,10 +1,13 @@
-"""Shapes written on a command line, "64,128,28,28" -> (64, 128, 28, 28): the lab's ``run speed
---shapes`` and the benchmark scripts' ``--shape``/``--shapes`` read them alike. No torch import, so
-that the CLI's parser stays quick to load."""
+"""Values written on a command line, read alike by the lab's ``bnlab`` command and the benchmark
+scripts: shapes, "64,128,28,28" -> (64, 128, 28, 28) (``run speed --shapes``, the scripts'
+``--shape``/``--shapes``), and counts (``selfcheck --steps``, the scripts' ``--threads``). No torch
+import, so that the CLI's parser stays quick to load."""
 
 from __future__ import annotations
 
-__all__ = ["parse_shape"]
+import argparse
+
+__all__ = ["parse_shape", "positive_int"]
 
 _FORMS = {2: "N,C", 3: "N,C,L", 4: "N,C,H,W", 5: "N,C,D,H,W"}
 _EXAMPLES = {2: "256,100", 3: "32,16,100", 4: "64,128,28,28", 5: "8,16,4,28,28"}
@@ -28,3 +31,15 @@ def parse_shape(text: str, rank: int | None = None) -> tuple[int, ...]:
             wanted = "2 to 5 comma-separated positive sizes (N,C[,L], N,C,H,W or N,C,D,H,W) such as 64,128,28,28"
         raise ValueError(f"expected {wanted}, got {text!r}")
     return shape
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type=`` for a count of at least 1: argparse turns the error into "argument
+    --steps: expected a positive integer, got '0'"."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

@@ -1,9 +1,9 @@
-"""bnlab.lab.shape_text.parse_shape: the one reader of shapes written on a command line (the lab's
+"""bnlab.lab.arg_text.parse_shape: the one reader of shapes written on a command line (the lab's
 run speed --shapes, the benchmark scripts' --shape/--shapes)."""
 
 import pytest
 
-from bnlab.lab.shape_text import parse_shape
+from bnlab.lab.arg_text import parse_shape
 
 
 @pytest.mark.parametrize("text,rank,shape", [("256,100", None, (256, 100)), ("8,16,4,28,28", None, (8, 16, 4, 28, 28)),
