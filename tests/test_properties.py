@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -75,3 +77,32 @@ def test_merged_partial_statistics_equal_whole_batch(shape, seed, loc, cuts):
     assert_close(merged_ref.m2, whole.m2, 1e-9, "merged M2 (reference)")
     direct = stats.moments(x)
     assert_close(direct.m2, whole.m2, 1e-9, "torch moments vs reference")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=2, max_size=4).map(lambda s: [max(s[0], 2)] + s[1:]),
+    seed=st.integers(0, 2**31 - 1),
+    exponent=st.sampled_from([-44, -41, -39, -30, 0, 30, 36, 37, 38]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_portable_statistics_at_the_ends_of_the_float_range(shape, seed, exponent, dtype):
+    # The portable backend's moments (bnlab.stats): channels whose largest value is subnormal got an
+    # infinite scale (NaN statistics), and float32 data near 1e37 overflowed the sums of the shift
+    # (NaN statistics, the batch then skipped by the guard); float64 down to its own subnormals too.
+    gen = torch.Generator().manual_seed(seed)
+    x64 = (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5) * 10.0**exponent
+    if dtype == torch.float64:
+        x64 = x64 * 10.0**-270 if exponent < -30 else x64
+    x = x64.to(dtype)
+    if not torch.isfinite(x).all() or not x.abs().max() > 0:
+        return  # overflowed or flushed to zero in the dtype: nothing to compare
+    got = stats.moments(x)
+    # the reference on the values scaled to about 1 (a power of two: exact), whose squares neither
+    # overflow nor underflow float64, then scaled back
+    k = -math.frexp(float(x.double().abs().max()))[1]
+    want = ref.moments(np.ldexp(x.double().numpy(), k))
+    assert torch.isfinite(got.mean).all() and torch.isfinite(got.m2).all()
+    assert_close(np.ldexp(got.mean.numpy(), k), want.mean, 1e-6)
+    if dtype == torch.float32:  # float64 subnormals' squares underflow: their M2 is 0 either way
+        assert_close(np.ldexp(got.m2.sqrt().numpy(), k), np.sqrt(want.m2), 1e-5)

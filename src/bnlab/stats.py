@@ -9,6 +9,7 @@ the elementwise phase centre fp32 data whose |mean| is 1e5 times its std without
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence, Union
 
 import torch
@@ -116,19 +117,27 @@ def moments(x: Tensor) -> Moments:
     nd = x.dim()
     xc = x.to(compute_dtype(x))
     acc = accumulate_dtype(xc)
-    shift = channel_sums(xc, acc).div_(count).to(xc.dtype)  # (C,) approximate mean
     largest = torch.linalg.vector_norm(xc, ord=float("inf"), dim=dims)  # (C,) max |x|
     _, exponent = torch.frexp(largest)  # largest < 2**exponent; 0 for largest = 0
+    # at most the largest finite power of two: a channel of subnormal values (max |x| below 2**-127
+    # in float32) would get an infinite scale, and NaN statistics
+    exponent = torch.clamp(exponent, min=1 - math.frexp(torch.finfo(xc.dtype).max)[1])
     scale = torch.ldexp(torch.ones_like(largest), -exponent)  # (C,) exact power of two
-    d = torch.addcmul(per_channel(-shift * scale, nd), xc, per_channel(scale, nd))  # (N, C, *), exact near the mean
+    xs = xc * per_channel(scale, nd)  # (N, C, *): exact
+    # The approximate mean from the scaled values: the same bits (a power of two commutes with
+    # the sums' roundings), but the float32 sums of large data (1e37 in 100 values) cannot
+    # overflow, which made the shift infinite and the statistics NaN.
+    shift_scaled = channel_sums(xs, acc).div_(count).to(xc.dtype)  # (C,) approximate mean · scale
+    d = xs.sub_(per_channel(shift_scaled, nd))  # exact near the mean
     s1 = channel_sums(d, acc)
     s2 = channel_sums(d.square(), acc)
     scale64 = scale.to(torch.float64)
-    mean = shift.to(torch.float64) + s1 / (scale64 * count)
+    shift = shift_scaled.to(torch.float64) / scale64  # exact
+    mean = shift + s1 / (scale64 * count)
     # A channel holding an infinity has no finite scale, and its shifted mean is NaN; its plain
     # mean (the shift, a sum) is what torch.nn's CPU kernel and the reference give: ±inf where the
     # channel holds one kind of infinity and no NaN, else NaN. (Its M2 is NaN either way.)
-    mean = torch.where(mean.isnan(), shift.to(torch.float64), mean)
+    mean = torch.where(mean.isnan(), shift, mean)
     m2 = torch.clamp(s2 - s1 * s1 / count, min=0.0) / (scale64 * scale64)
     return Moments(count, mean, m2)
 
