@@ -97,3 +97,30 @@ def test_pending_micro_batches_go_with_the_statistics_they_belong_to(how):
 def test_bad_accumulation_steps_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="accumulation_steps"):
         bnlab.BatchNorm1d(3, accumulation_steps=bad)
+
+
+@pytest.mark.parametrize("options", [{"accumulation_steps": 2}, {"virtual_batch_size": 3}])
+def test_an_infinite_part_merges_to_the_whole_batchs_infinite_mean(options):
+    # With the guard off, a channel holding +inf and no NaN has the mean +inf (torch.nn, the
+    # reference); merging a part with an infinite mean gave inf - inf = NaN.
+    x = torch.tensor([[1.0], [float("inf")], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0]])
+    layer = bnlab.BatchNorm1d(1, skip_nonfinite=False, **options)
+    for part in (x[:2], x[2:4]) if "accumulation_steps" in options else (x,):
+        layer(part)
+    theirs = torch.nn.BatchNorm1d(1)
+    theirs(x[:4] if "accumulation_steps" in options else x)
+    assert torch.equal(layer.running_mean, theirs.running_mean) and layer.running_mean.item() == float("inf")
+
+
+def test_compiled_micro_batches_keep_no_graph_across_steps():
+    # Under torch.compile the pending statistics came out attached to the step's graph: with three
+    # micro-batches the second one's backward ran into the first one's freed graph (a RuntimeError).
+    ours, eager = bnlab.BatchNorm2d(4, accumulation_steps=3), bnlab.BatchNorm2d(4, accumulation_steps=3)
+    compiled = torch.compile(ours, backend="aot_eager")
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(6):
+        x = torch.randn(8, 4, 5, 5, generator=gen)
+        compiled(x.clone().requires_grad_()).sum().backward()
+        eager(x.clone().requires_grad_()).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), eager.state_dict().values()))
+    assert int(ours.num_batches_tracked) == 2

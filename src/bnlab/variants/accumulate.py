@@ -35,7 +35,13 @@ def merge_pair(a: Moments, b: Moments) -> Moments:
         if n == 0:
             return a
         delta = b.mean - a.mean
-        return Moments(n, a.mean + delta * (b.count / n), a.m2 + b.m2 + delta.square() * (a.count * b.count / n))
+        mean = a.mean + delta * (b.count / n)
+        # A channel with an infinite mean in one part: delta is ±inf and a.mean + delta·w is
+        # inf - inf = NaN, where the whole batch's mean is that infinity (the guard off; as
+        # merge_stacked's weighted sum gives it). The weighted sum there, the delta form elsewhere
+        # (its bits, and its accuracy for close means).
+        mean = torch.where(delta.isfinite(), mean, a.mean * (a.count / n) + b.mean * (b.count / n))
+        return Moments(n, mean, a.m2 + b.m2 + delta.square() * (a.count * b.count / n))
     device = a.mean.device
     counts = torch.stack(
         [c.to(torch.float64) if isinstance(c, Tensor) else torch.full((), float(c), dtype=torch.float64, device=device)
@@ -62,6 +68,10 @@ class StatsAccumulator:
 
     def add(self, stats: Moments, steps: int) -> Moments | None:
         """Add one micro-batch; return the merged Moments when this makes ``steps`` of them, else None."""
+        # detached: kept across steps, they must not hold the step's graph (under torch.compile
+        # the statistics came out attached, and the next micro-batch's backward ran into the
+        # previous, freed graph)
+        stats = Moments(stats.count, stats.mean.detach(), stats.m2.detach())
         self.pending = stats if self.pending is None else merge_pair(self.pending, stats)
         self.micro_batches += 1
         if self.micro_batches >= steps:
