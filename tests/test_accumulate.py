@@ -124,3 +124,19 @@ def test_compiled_micro_batches_keep_no_graph_across_steps():
         eager(x.clone().requires_grad_()).sum().backward()
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), eager.state_dict().values()))
     assert int(ours.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_of_a_training_layer_that_accumulates_is_refused_and_changes_nothing(strict):
+    # Tracing had left fake tensors in the eager layer's accumulator (which then stayed a micro-batch
+    # out of step), and the exported program never updated the running statistics.
+    layer = bnlab.BatchNorm2d(3, accumulation_steps=2)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(Exception, match="keeps its pending micro-batches in Python between training calls") as err:
+        torch.export.export(layer, (torch.randn(4, 3, 3, 3),), strict=strict)
+    assert "export the model in eval mode" in str(err.value)
+    assert layer._stats_accumulator.pending is None
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+    program = torch.export.export(layer.eval(), (torch.randn(4, 3, 3, 3),), strict=strict).module()
+    x = torch.randn(4, 3, 3, 3)
+    assert torch.equal(program(x), layer(x))

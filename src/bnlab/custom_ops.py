@@ -54,6 +54,9 @@ AVAILABLE = hasattr(torch.library, "register_fake") and hasattr(torch.library, "
 #: ``torch.compiler.is_compiling`` where this torch has it (else always False): whether dynamo is
 #: tracing the caller. The layers' ``__call__`` asks it before taking the compiled layer call.
 is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+#: ``torch.compiler.is_exporting`` where this torch has it (else always False): torch.export
+#: tracing the caller, strict or not
+is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", lambda: False)
 
 
 #: The dispatch modes of tracing outside torch.compile: FakeTensorMode, make_fx's proxy mode,

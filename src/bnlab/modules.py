@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bnlab import _checks
 from bnlab._fastpath import LAYER_CALL, install_layer_call, module_forward
-from bnlab.custom_ops import is_compiling
+from bnlab.custom_ops import is_compiling, is_exporting
 from bnlab.functional import batch_norm
 from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.scripting import refuse_scripting
@@ -173,6 +173,15 @@ class _BatchNormMixin:
     def _record_batch_stats(self, stats: Moments) -> None:
         """A training batch's statistics: into the running averages now, or after ``accumulation_steps``."""
         if self.accumulation_steps > 1:
+            if is_exporting():
+                # The micro-batches wait in Python between calls, which an exported program cannot
+                # hold: tracing had left fake tensors in the eager layer's accumulator, and the
+                # program never updated its running statistics.
+                raise RuntimeError(
+                    f"accumulation_steps: {type(self).__name__} with accumulation_steps={self.accumulation_steps} "
+                    "keeps its pending micro-batches in Python between training calls, which an exported "
+                    "program cannot; export the model in eval mode (model.eval()), or with accumulation_steps=1"
+                )
             stats = self._accumulator().add(stats, self.accumulation_steps)
             if stats is None:
                 return
