@@ -113,6 +113,8 @@ def ghost_batch_norm(x: Tensor, virtual_batch_size: int, normalize: GroupNormali
         merged = merge_pair(merged, stats_rest)
     else:
         y = y_full
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        y = y.contiguous(memory_format=torch.channels_last)  # keep the layout plain BN would keep
+    # keep the layout plain BN would keep (channels-last 4-D and 5-D inputs)
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if layout is not None and x.is_contiguous(memory_format=layout):
+        y = y.contiguous(memory_format=layout)
     return y, merged
