@@ -223,6 +223,11 @@ class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
             device as x) before the activation, as at the end of a ResNet block.
 
     Shape: x and residual (N, C, H, W); output the same, in x's memory format.
+
+    It is a ``torch.nn.BatchNorm2d`` (state dict, ``isinstance``), so torch's own tools that take
+    BatchNorm2d layers see plain BN: ``torch.nn.utils.fusion.fuse_conv_bn_eval`` and
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` drop its ReLU and residual add. Use
+    ``bnlab.fold`` and ``bnlab.SyncBatchNorm.convert_sync_batchnorm``, which keep them.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
