@@ -45,10 +45,6 @@ MODELS = {
     "bn-act": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), bnlab.BatchNormAct2d(4, activation="relu")), (2, 3, 5, 5)),
     "linear-bn1d": (lambda: nn.Sequential(nn.Linear(5, 6), bnlab.BatchNorm1d(6)), (8, 5)),
     "bn3d": (lambda: nn.Sequential(nn.Conv3d(2, 3, 2), nn.ReLU(), bnlab.BatchNorm3d(3)), (2, 2, 4, 5, 3)),
-    # without running statistics: batch statistics in eval mode too (the default export stopped at
-    # bnlab's training operator, which torch.nn's such layer does not meet)
-    "no-running-stats": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4, track_running_stats=False)),
-                         (2, 3, 6, 6)),
 }
 
 

@@ -42,7 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from bnlab.autograd import eval_grads, eval_statistics, param_grads
 from bnlab.backends import select_backend
-from bnlab.custom_ops_export import register_eval_decomposition, register_train_decomposition
+from bnlab.custom_ops_export import register_eval_decomposition
 
 __all__ = ["AVAILABLE", "OVERLOAD", "tracing", "train", "batch_moments", "evaluate"]
 
@@ -246,7 +246,6 @@ def _register():
 _LIBRARY, _train_op, _eval_op = _register() if AVAILABLE else (None, None, None)
 if AVAILABLE:  # for torch.onnx.export and other lowerings to ATen (bnlab.custom_ops_export)
     register_eval_decomposition(_eval_op)
-    register_train_decomposition(_train_op)
 
 
 def train(x: Tensor, weight, bias, eps: float, running_mean, running_var, num_batches_tracked, momentum, skip_nonfinite):

@@ -15,12 +15,9 @@ one node running bnlab's kernels, with their bits (tests/test_compile.py). A dec
 computes torch's eval-mode BN, equal to bnlab's within float32 rounding; the negative-variance
 check, which reads values, is not part of it.
 
-The training operator has a decomposition only where it updates no running statistics: a layer
-with ``track_running_stats=False`` normalizes with its batch's statistics in eval mode too, which
-is ATen's BN without statistics (``aten._native_batch_norm_legit.no_stats``; torch.nn's such
-layers export so). With running statistics it has none (their updates are bnlab's, and ONNX's
-training-mode BatchNormalization is not what a deployed model runs): export a model for
-inference in eval mode.
+The training operators have no decomposition (their statistics and buffer updates are bnlab's,
+and ONNX's training-mode BatchNormalization is not what a deployed model runs): export a model
+for inference in eval mode.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["register_eval_decomposition", "register_train_decomposition"]
+__all__ = ["register_eval_decomposition"]
 
 
 def _eval_in_aten(x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float):
@@ -45,25 +42,3 @@ def register_eval_decomposition(eval_op) -> None:
     from torch._decomp import register_decomposition
 
     register_decomposition(eval_op)(_eval_in_aten)
-
-
-def _train_in_aten(x: Tensor, weight, bias, eps: float, running_mean, running_var, num_batches_tracked, momentum,
-                   skip_nonfinite):  # fmt: skip
-    """``bnlab::batch_norm_train``'s outputs from ATen's BN without statistics, where there are no
-    running statistics to update: (y, stats rows mean, M2, invstd in float64, and three empty
-    tensors for the buffers); NotImplemented (the operator stays) otherwise."""
-    if running_mean is not None or running_var is not None or num_batches_tracked is not None:
-        return NotImplemented
-    y, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(x, weight, bias, True, 0.0, eps)
-    count = x.numel() // x.shape[1]
-    invstd64 = invstd.to(torch.float64)
-    m2 = (invstd64.square().reciprocal() - eps) * count  # M2 = count · var, var = 1/invstd² - eps
-    empty = x.new_empty(0)
-    return y, torch.stack((mean.to(torch.float64), m2, invstd64)), empty, empty, empty
-
-
-def register_train_decomposition(train_op) -> None:
-    """Registers :func:`_train_in_aten` as ``train_op``'s decomposition in torch._decomp's table."""
-    from torch._decomp import register_decomposition
-
-    register_decomposition(train_op)(_train_in_aten)
