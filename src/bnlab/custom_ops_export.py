@@ -17,7 +17,11 @@ check, which reads values, is not part of it.
 
 The training operators have no decomposition (their statistics and buffer updates are bnlab's,
 and ONNX's training-mode BatchNormalization is not what a deployed model runs): export a model
-for inference in eval mode.
+for inference in eval mode. A layer with ``track_running_stats=False`` runs the training operator
+in eval mode too, so ``dynamo=True`` stops there (``dynamo=False`` exports it). A decomposition of
+that operator without statistics, tried in the forty-eighth session, could not be registered:
+in torch._decomp's table FakeTensorMode takes it for every call of the operator, and one that
+declines (NotImplemented, for the calls with running statistics) broke torch.compile.
 """
 
 from __future__ import annotations
