@@ -109,3 +109,25 @@ def test_freeze_checks_its_arguments():
         bnlab.freeze("not a model")
     with pytest.raises(TypeError, match="affine"):
         bnlab.freeze(_model(), affine="yes")
+
+
+@pytest.mark.parametrize("convert", ["to torch", "to bnlab", "sync"])
+def test_a_conversion_keeps_the_freeze(convert):
+    # bnlab.convert and convert_sync_batchnorm rebuild each layer; the freeze (its hooks on the old
+    # layer) had been lost: the new layers updated their statistics again under model.train().
+    model = _model(nn.BatchNorm2d if convert == "to bnlab" else bnlab.BatchNorm2d)
+    bnlab.freeze(model)
+    if convert == "sync":
+        model = bnlab.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        model = bnlab.convert(model, to=convert.split()[-1])
+    layers = [model[1], model[4]]
+    assert all(is_frozen(layer) for layer in layers)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    _train_step(model, torch.randn(5, 3, 8, 8))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(not p.requires_grad for layer in layers for p in layer.parameters())
+    bnlab.unfreeze(model)
+    assert all(p.requires_grad for layer in layers for p in layer.parameters())
+    _train_step(model, torch.randn(5, 3, 8, 8))
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])

@@ -14,6 +14,7 @@ from torch import nn
 
 from bnlab.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from bnlab.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.tools.freeze import carry_freeze
 from bnlab.variants.options import FEATURE_DEFAULTS
 
 __all__ = ["convert", "rebuild_batchnorm"]
@@ -70,6 +71,7 @@ def rebuild_batchnorm(old: nn.Module, new_type: type, **extra) -> nn.Module:
     if lazy:
         new.num_features = old.num_features
     new.train(old.training)
+    carry_freeze(old, new)
     return new
 
 
@@ -82,7 +84,8 @@ def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
     process group (bnlab's also trains on CPU, over gloo). Layers are matched by exact type, so
     subclasses are left alone (bnlab.SyncBatchNorm.convert_sync_batchnorm makes every BN layer a
     synchronised one). Parameters and buffers are shared, not copied; forward hooks registered on
-    a replaced layer are not carried over.
+    a replaced layer are not carried over, but for ``bnlab.freeze``'s: a frozen layer's
+    replacement is frozen.
     torch.nn's layers have none of bnlab's options (docs/features.md): converting a layer with
     Ghost BN, Batch Renormalization or accumulated statistics to torch warns that they are dropped.
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from bnlab.tools.layers import batchnorm_layers
 
-__all__ = ["freeze", "unfreeze", "is_frozen"]
+__all__ = ["freeze", "unfreeze", "is_frozen", "carry_freeze"]
 
 _STATE = "_bnlab_frozen"  # attribute on a frozen layer: its hook handles and parameters' requires_grad
 
@@ -63,6 +63,18 @@ def freeze(model: nn.Module, affine: bool = True) -> nn.Module:
         for name, p in layer.named_parameters(recurse=False):
             p.requires_grad_(state["requires_grad"][name] and not affine)
     return model
+
+
+def carry_freeze(old: nn.Module, new: nn.Module) -> None:
+    """Freeze ``new``, the layer that replaces ``old`` (bnlab.convert, convert_sync_batchnorm), as
+    ``old`` was, where it was: they share their parameters, whose requires_grad freeze already
+    set; the hooks are the new layer's own, and unfreeze restores what ``old`` had before. (The
+    freeze had been lost in a conversion, the statistics updating again under model.train().)"""
+    state = getattr(old, _STATE, None)
+    if state is None:
+        return
+    handles = [new.register_forward_pre_hook(_enter_eval), new.register_forward_hook(_restore_mode, always_call=True)]
+    new.__dict__[_STATE] = {"handles": handles, "requires_grad": dict(state["requires_grad"])}
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
