@@ -45,6 +45,14 @@ def _unpack_bits(mask: Tensor, like: Tensor, rows: int, k: int) -> Tensor:
     return flat.as_strided(like.shape, like.stride())  # like is dense: its strides index the storage
 
 
+def add_relu_ops(z: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+    """act(z + residual) in torch's own ops (differentiable, traceable): every path of the BN +
+    activation layers but the fused kernels' and the CPU kernels' in-place pass (then_add_relu),
+    which give the same bits."""
+    z = z + residual if residual is not None else z
+    return torch.relu(z) if relu else z
+
+
 class BatchNormActFunction(torch.autograd.Function):
     """y = act(BN(x) + residual) with batch statistics, for backends with fused kernels (the Triton
     backend's act_forward/act_backward); config = (eps, backend, running_mean, running_var,
@@ -70,9 +78,7 @@ class BatchNormActFunction(torch.autograd.Function):
         else:
             z, stats, invstd = backend.forward_train(x, weight, bias, eps)
             count_and_update_(running_mean, running_var, counter, stats, momentum, guard)
-            if residual is not None:
-                z = z + residual
-            y = torch.relu(z) if relu else z
+            y = add_relu_ops(z, residual, relu)
             ctx.extra = (stats.mean, invstd, stats.count)
             ctx.fused = False
         if relu and not ctx.fused:
@@ -161,8 +167,7 @@ def then_add_relu(z: Tensor, x: Tensor, residual: Tensor | None, relu: bool) -> 
         if torch.is_grad_enabled() and (z.requires_grad or (residual is not None and residual.requires_grad)):
             return _apply_add_relu(z, residual, relu)
         return cpu_act.add_relu_(z, residual, relu)
-    z = z + residual if residual is not None else z
-    return torch.relu(z) if relu else z
+    return add_relu_ops(z, residual, relu)
 
 
 def check_act_options(activation: object, residual: object) -> tuple[str | None, bool]:
@@ -249,8 +254,7 @@ class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
             # the add and the ReLU as torch ops, which the compiler fuses with their neighbours.
             z = module_forward(self, x)
             if z is not None:
-                z = z + residual if residual is not None else z
-                return torch.relu(z) if relu else z
+                return add_relu_ops(z, residual, relu)
         backend = select_backend(x)
         if getattr(backend, "act_forward", None) is None:
             # No fused kernels (the CPU backends): BN as bnlab.BatchNorm2d computes it (on the CPU
@@ -272,8 +276,7 @@ class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
             if composite.transforms_active():  # forward-mode AD or torch.func: bnlab.composite's torch ops
                 z, mean, m2 = composite.train_forward(x, self.weight, self.bias, config[0])
                 count_and_update_(rm, rv, counter, Moments(_checks.values_per_channel(x), mean, m2), momentum, guard)
-                z = z + residual if residual is not None else z
-                return torch.relu(z) if relu else z
+                return add_relu_ops(z, residual, relu)
             return _apply_act(x, self.weight, self.bias, residual, config)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias, residual))
         if not grads and hasattr(backend, "act_eval") and not composite.transforms_active():
@@ -281,6 +284,4 @@ class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
             if y is not None:
                 return y
         y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        if residual is not None:
-            y = y + residual
-        return torch.relu(y) if relu else y
+        return add_relu_ops(y, residual, relu)

@@ -196,11 +196,11 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
                 f"module: expected BN layers whose num_features is known, got an uninitialized "
                 f"{type(old).__name__}; run one batch through the model before converting it"
             )
-        from bnlab.fused import BatchNormAct2d  # here: bnlab.sync_act imports this module
+        from bnlab.fused import ActLayerMixin  # here: bnlab.sync_act imports this module
         from bnlab.sync_act import SyncBatchNormAct2d
 
         target, extra = cls, {}
-        if isinstance(old, (BatchNormAct2d, SyncBatchNormAct2d)):
+        if isinstance(old, ActLayerMixin):  # BatchNormAct2d, or a SyncBatchNormAct2d converted again
             target, extra = SyncBatchNormAct2d, {"activation": old.activation, "residual": old.residual}
         warn_of_dropped_options(old, "convert_sync_batchnorm", f"bnlab.{target.__name__}", _NOT_SYNCED)
         new = rebuild_batchnorm(old, target, process_group=process_group, **extra)

@@ -10,12 +10,12 @@ bits as SyncBatchNorm followed by torch's add and ReLU.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from bnlab import _checks, custom_ops
-from bnlab.fused import ActLayerMixin, check_act_options, then_add_relu
+from bnlab import custom_ops
+from bnlab.fused import ActLayerMixin, add_relu_ops, check_act_options, then_add_relu
 from bnlab.fx_leaf import is_proxy, record_call
+from bnlab.modules import _BatchNormMixin
 from bnlab.sync import SyncBatchNorm
 
 __all__ = ["SyncBatchNormAct2d"]
@@ -42,8 +42,8 @@ class SyncBatchNormAct2d(ActLayerMixin, SyncBatchNorm):
                          bias=bias)  # fmt: skip
         self.activation, self.residual = check_act_options(activation, residual)
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        _checks.check_input_rank(input, self._ranks, type(self).__name__)
+    # 4-D inputs only, as BatchNorm2d (SyncBatchNorm's own check takes any rank from 2)
+    _check_input_dim = _BatchNormMixin._check_input_dim
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """relu(SyncBN(input) + residual); see the class docstring."""
@@ -53,6 +53,5 @@ class SyncBatchNormAct2d(ActLayerMixin, SyncBatchNorm):
         z = super().forward(x)
         relu = self.activation == "relu"
         if custom_ops.tracing(x):  # torch.compile / export: torch's ops, which the compiler fuses
-            z = z + residual if residual is not None else z
-            return torch.relu(z) if relu else z
+            return add_relu_ops(z, residual, relu)
         return then_add_relu(z, x, residual, relu)

@@ -32,6 +32,11 @@ def _restore_mode(module: nn.Module, args, output) -> None:
     module.training = module.__dict__.pop("_bnlab_mode_outside_forward", module.training)
 
 
+def _mode_hooks(layer: nn.Module) -> list:
+    """The two hooks that hold a frozen layer in eval mode during its forward; their handles."""
+    return [layer.register_forward_pre_hook(_enter_eval), layer.register_forward_hook(_restore_mode, always_call=True)]
+
+
 def is_frozen(layer: nn.Module) -> bool:
     """Whether ``bnlab.freeze`` froze this layer (and no ``unfreeze`` undid it)."""
     return getattr(layer, _STATE, None) is not None
@@ -53,10 +58,7 @@ def freeze(model: nn.Module, affine: bool = True) -> nn.Module:
     for _, layer in batchnorm_layers(model, sized=True):
         state = getattr(layer, _STATE, None)
         if state is None:
-            handles = [
-                layer.register_forward_pre_hook(_enter_eval),
-                layer.register_forward_hook(_restore_mode, always_call=True),
-            ]
+            handles = _mode_hooks(layer)
             params = {name: p.requires_grad for name, p in layer.named_parameters(recurse=False)}
             state = {"handles": handles, "requires_grad": params}
             layer.__dict__[_STATE] = state
@@ -73,8 +75,7 @@ def carry_freeze(old: nn.Module, new: nn.Module) -> None:
     state = getattr(old, _STATE, None)
     if state is None:
         return
-    handles = [new.register_forward_pre_hook(_enter_eval), new.register_forward_hook(_restore_mode, always_call=True)]
-    new.__dict__[_STATE] = {"handles": handles, "requires_grad": dict(state["requires_grad"])}
+    new.__dict__[_STATE] = {"handles": _mode_hooks(new), "requires_grad": dict(state["requires_grad"])}
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
