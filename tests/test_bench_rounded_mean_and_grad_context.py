@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import eval_grad_context  # noqa: E402
 import portable_rounded_mean  # noqa: E402
+import portable_underflow_check  # noqa: E402
 
 
 def test_portable_rounded_mean_prints_the_three_forms_against_the_first(capsys, keep_threads):
@@ -28,6 +29,15 @@ def test_portable_rounded_mean_prints_the_three_forms_against_the_first(capsys, 
     assert torch.is_grad_enabled()  # the script's no_grad ends with it
 
 
+def test_portable_underflow_check_prints_both_forms_against_the_first(capsys, keep_threads):
+    argv = ["--shapes", "mlp-small", "--threads", "1", "--repeats", "2", "--rounds", "1"]
+    assert portable_underflow_check.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# portable_underflow_check.py --threads 1")
+    assert out[1].startswith("(256, 100): no check ") and "(1.000)" in out[1] and "checked (eager CPU) " in out[1]
+    assert torch.is_grad_enabled()
+
+
 def test_eval_grad_context_prints_every_contender_and_both_fractions(capsys, keep_threads):
     argv = ["--shapes", "mlp-small", "--threads", "1", "--rounds", "2", "--min-sample", "0.001"]
     assert eval_grad_context.main(argv) == 0
@@ -37,7 +47,7 @@ def test_eval_grad_context_prints_every_contender_and_both_fractions(capsys, kee
     assert re.search(r"fraction of copy_: no_grad per call [0-9.]+, per sample [0-9.]+", out)
 
 
-@pytest.mark.parametrize("script", [portable_rounded_mean, eval_grad_context])
+@pytest.mark.parametrize("script", [portable_rounded_mean, portable_underflow_check, eval_grad_context])
 def test_an_unknown_shape_is_refused_naming_the_option(script, capsys):
     with pytest.raises(SystemExit):
         script.main(["--shapes", "conv-99"])

@@ -18,7 +18,7 @@ import torch
 
 import bnlab
 from bnlab import reference as ref
-from bnlab.backends import cpu_build, get_backend
+from bnlab.backends import get_backend
 from bnlab.stats import finalize, merge_moments
 from speed_helpers import at_the_rounded_mean
 
@@ -214,14 +214,14 @@ def test_an_infinite_dy_at_the_rounded_mean_gives_the_references_infinite_weight
     _placed_as(xg.grad, dx, "dx")
 
 
-@pytest.mark.skipif(cpu_build.load() is None, reason="the CPU kernels did not build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize("shape", [(2, 3, 1, 1), (8, 3, 5, 5), (64, 2, 1, 1)], ids=["two", "maps", "rows"])
-def test_finite_data_near_the_float32_limit_gives_the_references_finite_gradients(dtype, memory_format, shape):
-    # x up to 3e38 (finite in float32 and bf16): the kernels' float32 products dy·(x - hi) and runs
+def test_finite_data_near_the_float32_limit_gives_the_references_finite_gradients(backend, dtype, memory_format, shape):
+    # x up to 3e38 (finite in float32 and bf16): the float32 products dy·(x - hi) and their runs
     # overflowed, and dweight came out ±inf and dx ±inf or NaN where the float64 reference is finite
-    # (torch.nn gives NaN). Now such a channel's sums are taken again in float64.
+    # (torch.nn gives NaN). Now such a channel's sums are taken again in float64 (the CPU kernels
+    # since the forty-eighth session, the portable backend since the forty-ninth).
     gen = torch.Generator().manual_seed(11)
     x = ((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * 3e38).to(dtype)
     x.view(-1)[0], x.view(-1)[1] = 3e38, -3e38  # at least one pair at the limit
@@ -229,11 +229,7 @@ def test_finite_data_near_the_float32_limit_gives_the_references_finite_gradient
     x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
     layer = bnlab.BatchNorm2d(shape[1])
     xg = x.clone().requires_grad_()
-    bnlab.set_backend("cpu")
-    try:
-        layer(xg).backward(dy)
-    finally:
-        bnlab.set_backend(None)
+    layer(xg).backward(dy)
     _, cache = ref.forward_train(x.double().numpy(), np.ones(shape[1]), np.zeros(shape[1]), layer.eps)
     dx64, dw64, db64 = ref.backward(dy.double().numpy(), cache)
     assert np.isfinite(dw64).all()

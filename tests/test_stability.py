@@ -7,6 +7,8 @@ test is known to be able to fail.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,30 @@ def test_large_mean_small_std_float32(backend, shape):
     assert rel_err(naive_var, stats.m2 / stats.count) > 1e-3
     torch_layer = torch.nn.BatchNorm1d(shape[1]) if len(shape) == 2 else torch.nn.BatchNorm2d(shape[1])
     assert rel_err(torch_layer(x), expected) > 2e-4
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_large_mean_input_gradient_with_dy_correlated_with_x_float32(backend, shape):
+    """dx at 1e3 ± 0.01 where dy follows x (as the gradient of a loss on y², the usual case): Σdy·x̂
+    is then large, and dx's float64 remainders (the mean's part that float32 cannot hold, the
+    rounding of dy's mean) matter. The test above draws dy independent of x, which keeps Σdy·x̂
+    ~1/sqrt(m) of its size: dropping the remainders there left dx 1.2e-5 off, inside its 2e-4, and
+    the forty-ninth session's audit found that no test failed without them; here they give 1.6e-7
+    and without them 6.8e-4 (portable backend)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (1000 + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    dy = torch.randn(shape, generator=gen) + 100 * (x.double() - 1000).float()
+    layer = bnlab.BatchNorm1d(shape[1]) if len(shape) == 2 else bnlab.BatchNorm2d(shape[1])
+    xg = x.clone().requires_grad_()
+    layer(xg).backward(dy)
+    _, cache = ref.forward_train(x.double().numpy())
+    expected_dx = ref.backward(dy.double().numpy(), cache)[0]
+    assert_close(xg.grad, expected_dx, 1e-5, "grad x")
+    # Control: torch.nn's input gradient is far outside that bound here.
+    theirs = torch.nn.BatchNorm1d(shape[1]) if len(shape) == 2 else torch.nn.BatchNorm2d(shape[1])
+    xt = x.clone().requires_grad_()
+    theirs(xt).backward(dy)
+    assert rel_err(xt.grad, expected_dx) > 1e-4  # (5.9e-4 to 8.6e-4 in the three shapes)
 
 
 def test_many_equal_samples_at_a_large_mean_float32(backend):
@@ -123,3 +149,26 @@ def test_reference_two_pass_variance_control():
     stats = ref.moments(x)
     exact = np.array([sum((v - sum(col) / len(col)) ** 2 for v in col) for col in x.T.tolist()])
     assert_close(stats.m2, exact, 1e-9, "two-pass M2")
+
+
+def test_float64_data_beyond_two_to_the_537_keeps_exact_statistics(backend):
+    """Float64 data from about 3e161 (2**537): the portable statistics' scale s (a power of two
+    below 1/max|x|) then has s² below float64's range, and M2 = (Σd² - (Σd)²/m)/s² was 0/0 = NaN,
+    also for a constant channel (the forty-ninth session's audit); the guard then skipped every
+    such batch. Compared with the exact rational M2 of the same values; torch.nn is far off."""
+    from fractions import Fraction
+
+    x = torch.tensor([[1e200, 3e161], [1e200, 3e161 + 2e150], [1e200, 3e161 - 1e150]], dtype=torch.float64)
+    layer = bnlab.BatchNorm1d(2, dtype=torch.float64)
+    y = layer(x)
+    column = [Fraction(v) for v in x[:, 1].tolist()]
+    mean = sum(column) / 3
+    exact_m2 = float(sum((v - mean) ** 2 for v in column))
+    assert layer.running_var.tolist() == [0.9, pytest.approx(0.9 + 0.1 * exact_m2 / 2, rel=1e-15)]
+    assert torch.equal(y[:, 0], torch.zeros(3, dtype=torch.float64))  # a constant channel: beta exactly
+    # x - mean with the mean rounded to float64 (its ulp, 1e146, is 1.5e-4 of the smallest deviation here)
+    mean64 = Fraction(float(mean))
+    expected = np.array([float((v - mean64) / Fraction(math.sqrt(exact_m2 / 3 + 1e-5))) for v in column])
+    np.testing.assert_allclose(y[:, 1].detach().numpy(), expected, rtol=1e-14)
+    theirs = torch.nn.BatchNorm1d(2, dtype=torch.float64)(x)  # control: torch.nn's constant channel is not 0
+    assert not torch.equal(theirs[:, 0], torch.zeros(3, dtype=torch.float64))

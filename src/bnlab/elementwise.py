@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -150,6 +151,33 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, batch_mean: b
     return sum_dy, sum_dy_xhat
 
 
+def sums_overflowed_in_float(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(Σdy, Σdy·x̂), float64 (C,), summed again in float64 where :func:`grad_sums`' sums in the
+    compute dtype overflowed although every value is finite (the CPU kernels'
+    sums_overflowed_in_float): float32 data near the top of its range (|x| from about 2e36) made
+    the products dy·(x - mean_hi) or their float32 sums ±inf, and dweight and dx ±inf or NaN where
+    the float64 reference is finite. Only a sum that was not finite is replaced, and only where
+    the float64 one is finite (an infinite or NaN value keeps its sums, for
+    :func:`sums_at_rounded_means`). As that function, only in an eager CPU call, and nothing more
+    unless a sum is not finite (a Python sum of the 2C values).
+
+    Shapes: dy, x (N, C, *); mean, invstd, sum_dy, sum_dy_xhat float64 (C,).
+    """
+    if compute_dtype(x) == torch.float64 or not _eager_cpu(x):
+        return sum_dy, sum_dy_xhat
+    if math.isfinite(sum(sum_dy.tolist()) + sum(sum_dy_xhat.tolist())):
+        return sum_dy, sum_dy_xhat
+    nd = x.dim()
+    dy64 = dy.to(torch.float64)
+    s1 = channel_sums(dy64, torch.float64)
+    sxh = channel_sums(dy64 * (x.to(torch.float64) - per_channel(mean, nd)), torch.float64) * invstd
+    redone = torch.isfinite(s1) & torch.isfinite(sxh) & torch.isfinite(mean) & torch.isfinite(invstd)
+    return (torch.where(redone & ~torch.isfinite(sum_dy), s1, sum_dy),
+            torch.where(redone & ~torch.isfinite(sum_dy_xhat), sxh, sum_dy_xhat))
+
+
 def sums_at_rounded_means(
     dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor
 ) -> Tensor:
@@ -208,6 +236,8 @@ def grad_input(
     m = torch.clamp(count, min=1.0) if isinstance(count, Tensor) else max(count, 1)
     k = _as_f64(weight, mean, 1.0) * invstd
     a = -k * invstd * sum_dy_xhat / m
+    # (not with SyncBatchNorm's merged count: its steps read nothing on the host)
+    lost = None if isinstance(count, Tensor) else _coefficients_below_normal(x, dtype, k, a, mean, sum_dy, sum_dy_xhat)
     mean_dy = sum_dy / m
     g_hi = mean_dy.to(dtype)
     # the remainders, dropped where not finite (an infinite Σdy or Σdy·x̂: finite_or_zero)
@@ -220,4 +250,52 @@ def grad_input(
         centered.add_(per_channel(t, nd))
     dx.addcmul_(centered, per_channel(a.to(dtype), nd))
     dx.add_(per_channel(c.to(dtype), nd))
+    if lost is not None:
+        dx = _dx_in_float64_where(lost, dx, dy, x, mean, invstd, k, sum_dy, sum_dy_xhat, m)
     return dx.to(x.dtype)
+
+
+#: The smallest normal value of each compute dtype below float64 (torch.finfo per call cost ~0.2 us)
+_TINY = {dtype: torch.finfo(dtype).tiny for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _coefficients_below_normal(
+    x: Tensor, dtype: torch.dtype, k: Tensor, a: Tensor, mean: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor
+) -> np.ndarray | None:
+    """The (C,) bool channels whose input-gradient coefficient a = -k·invstd·Σdy·x̂/m (or k = γ·invstd)
+    is below the compute dtype's normal range, or None where there is none (the usual case), for
+    :func:`_dx_in_float64_where` (the CPU kernels' dx_where_coefficients_underflow): float32 data of a
+    spread from about 1e19 rounded a to a subnormal or 0, which dropped the x̂ term (dx 4.5 % off the
+    float64 reference at a spread of 1e22). Only in an eager CPU call: the (C,) coefficients are read
+    on the host, through NumPy: ~20 us of a 90 us input gradient at (256, 100), 1.04-1.08x its
+    time at the conv shapes and (8192, 100) (benchmarks/portable_underflow_check.py, two runs).
+
+    Shapes: x (N, C, *); k, a, mean, sum_dy, sum_dy_xhat float64 (C,).
+    """
+    if dtype == torch.float64 or not _eager_cpu(x):
+        return None
+    magnitudes = np.abs(np.concatenate((k.detach().numpy(), a.detach().numpy())))  # k and a at once
+    below = (magnitudes < _TINY[dtype]) & (magnitudes > 0)
+    if not below.any():
+        return None
+    lost = below[: k.shape[0]] | below[k.shape[0] :]
+    for v in (mean, sum_dy, sum_dy_xhat):
+        lost &= np.isfinite(v.detach().numpy())
+    return lost if lost.any() else None
+
+
+def _dx_in_float64_where(
+    lost: np.ndarray, dx: Tensor, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, k: Tensor,
+    sum_dy: Tensor, sum_dy_xhat: Tensor, m: float,
+) -> Tensor:
+    """dx (compute dtype) with the ``lost`` channels computed again in float64 from the sums,
+    dx = k·((dy - Σdy/m) - (x - mean)·invstd·Σdy·x̂/m).
+
+    Shapes: lost (C,) bool; dx, dy, x (N, C, *); mean, invstd, k, sum_dy, sum_dy_xhat float64 (C,).
+    """
+    nd = x.dim()
+    dx64 = (dy.to(torch.float64) - per_channel(sum_dy / m, nd)) - (
+        (x.to(torch.float64) - per_channel(mean, nd)) * per_channel(invstd * (sum_dy_xhat / m), nd)
+    )
+    dx64.mul_(per_channel(k, nd))
+    return torch.where(per_channel(torch.from_numpy(lost), nd), dx64.to(dx.dtype), dx)

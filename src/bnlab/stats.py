@@ -138,7 +138,8 @@ def moments(x: Tensor) -> Moments:
     # mean (the shift, a sum) is what torch.nn's CPU kernel and the reference give: ±inf where the
     # channel holds one kind of infinity and no NaN, else NaN. (Its M2 is NaN either way.)
     mean = torch.where(mean.isnan(), shift, mean)
-    m2 = torch.clamp(s2 - s1 * s1 / count, min=0.0) / (scale64 * scale64)
+    # divided by the scale twice: its square underflows in float64 for data beyond 2**537 (0/0 = NaN)
+    m2 = torch.clamp(s2 - s1 * s1 / count, min=0.0) / scale64 / scale64
     return Moments(count, mean, m2)
 
 

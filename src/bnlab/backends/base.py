@@ -86,7 +86,7 @@ class Backend:
         """Training backward: returns (dx or None, Σdy·x̂ = dweight, Σdy = dbias); sums float64 (C,).
         ``batch_mean`` as for :meth:`grad_sums`."""
         sum_dy, sum_dy_xhat = self.grad_sums(dy, x, mean, invstd, batch_mean=batch_mean)
-        sum_dy_xhat = self.mend_sums(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
+        sum_dy, sum_dy_xhat = self.mend_sums(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
         dx = None
         if need_input_grad:
             dx = self.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
@@ -94,11 +94,12 @@ class Backend:
 
     def mend_sums(
         self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor
-    ) -> Tensor:
-        """Σdy·x̂ (float64 (C,)) as :meth:`backward` hands it on: a backend whose :meth:`grad_sums`
-        can give NaN where the reference has ±inf (an infinite dy where x equals the mean rounded to
-        its dtype, docs/math.md §4.2) mends it here; the default returns it unchanged."""
-        return sum_dy_xhat
+    ) -> tuple[Tensor, Tensor]:
+        """(Σdy, Σdy·x̂) (float64 (C,)) as :meth:`backward` hands them on: a backend whose
+        :meth:`grad_sums` can give NaN where the reference has ±inf (an infinite dy where x equals
+        the mean rounded to its dtype, docs/math.md §4.2), or overflow in its compute dtype where the
+        reference is finite, mends them here; the default returns them unchanged."""
+        return sum_dy, sum_dy_xhat
 
     # -- whole-call hooks: a fast backend may fold a whole call into one kernel launch ---------------
     def train_forward(

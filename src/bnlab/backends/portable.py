@@ -33,6 +33,7 @@ class PortableBackend(Backend):
         return elementwise.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
 
     def mend_sums(self, dy, x, mean, invstd, sum_dy, sum_dy_xhat):
-        """elementwise.sums_at_rounded_means (eager CPU only; SyncBatchNorm calls the primitives,
-        which read nothing on the host)."""
-        return elementwise.sums_at_rounded_means(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
+        """elementwise.sums_overflowed_in_float, then sums_at_rounded_means (eager CPU only;
+        SyncBatchNorm calls the primitives, which read nothing on the host)."""
+        sum_dy, sum_dy_xhat = elementwise.sums_overflowed_in_float(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
+        return sum_dy, elementwise.sums_at_rounded_means(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
