@@ -30,14 +30,18 @@ def expand_mask(mask: Tensor, ndim: int) -> Tensor:
 
 
 def padding_out_of_the_sums(x: Tensor, dy: Tensor, mask: Tensor) -> Tensor:
-    """x with 0 at the unselected positions whose upstream gradient is exactly 0 (shapes of x).
+    """x with 0 at the unselected positions that hold NaN or ±inf and whose upstream gradient is
+    exactly 0 (shapes of x).
 
     Unselected positions may hold anything, NaN and ±inf included (docs/features.md). Where the
     layer's output there feeds nothing downstream (dy = 0), its terms dy·x̂ of Σdy·x̂ are 0 in exact
     arithmetic, but 0·NaN and 0·inf are NaN in IEEE arithmetic: that NaN reached dweight and every
     selected position's dx. With 0 there the terms are 0·finite; where dy is not 0, x stays
-    and a non-finite value counts, as it must."""
-    keep = expand_mask(mask, x.dim()) | (dy != 0)
+    and a non-finite value counts, as it must. A finite x stays too: under create_graph the
+    derivative of Σdy·x̂ in dy at such a position is its own x̂, which the double-backward trick of
+    torch.autograd.functional.jvp (dy = 0) reads (zeroing every padded x gave -mean·invstd there:
+    the forty-ninth session's audit)."""
+    keep = expand_mask(mask, x.dim()) | (dy != 0) | torch.isfinite(x)
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
