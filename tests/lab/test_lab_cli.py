@@ -32,9 +32,11 @@ def test_list_names_every_experiment_with_a_runtime(capsys):
     (["run", "conv", "--quick", "--seeds", "1,1"], "--seeds"),
     (["run", "init-sweep", "--quick", "--seeds", "0,-1"], "--seeds: expected non-negative integers"),
     (["run", "init-sweep", "--quick", "--dataset", "cifar10"], "--dataset"),
-    (["run", "resnet", "--quick", "--dataset", "cifar10"], "data_dir"),
+    (["run", "resnet", "--quick", "--dataset", "cifar10"], "error: --data-dir: cifar10 is not bundled"),
     (["report", "missing-dir"], "config.json"),
     (["run", "conv", "--quick", "--device", "tpu"], "--device: expected a torch device"),
+    (["run", "all", "--quick", "--sync-bn"], "error: --sync-bn: `run all` runs every experiment as it comes"),
+    (["run", "all", "--quick", "--nproc", "2"], "error: --nproc: `run all` runs every experiment as it comes"),
     (["run", "conv", "--quick", "--device", "cuda:7"] if torch.cuda.is_available() else
      ["run", "conv", "--quick", "--device", "cuda"], "--device: got"),
 ])
@@ -70,8 +72,10 @@ def test_resume_redoes_only_unfinished_units(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(runner, "get", lambda name: dataclasses.replace(exp, run_unit=killed_after_first))
     assert main(["run", "conv", "--quick"]) == 130  # Ctrl-C: one line saying how to go on, no traceback
-    assert "interrupted; every unit that finished is saved" in capsys.readouterr().err
+    err = capsys.readouterr().err
     [folder] = list((tmp_path / "runs").iterdir())
+    assert err.strip() == (f"bnlab: interrupted; every unit that finished is saved in runs/{folder.name}: continue "
+                           f"with `bnlab run conv --quick --resume --out runs/{folder.name}`")
     assert [p.name for p in (folder / "units").iterdir()] == ["channel,seed=0.json"]
     assert not json.loads((folder / "summary.json").read_text())["complete"]
 
@@ -122,6 +126,31 @@ def test_data_dir_runs_an_experiment_on_mnist_files(tmp_path):
     assert len(_rows(tmp_path / "r")) == 12
 
 
+def test_resume_of_a_run_that_stored_a_relative_data_dir_takes_the_same_data_dir(tmp_path, monkeypatch):
+    # runs made before the forty-ninth session kept --data-dir as typed; given again, it is the same
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist").mkdir()
+    stored = {"experiment": "conv", "quick": True, "seeds": [0], "bn": "bnlab", "dataset": "mnist",
+              "data_dir": "mnist", "device": "cpu", "world_size": 1, "sync_bn": False, "shapes": None}
+    opts = runner.RunOptions(resume=True, data_dir="mnist", out=tmp_path / "run")
+    runner._check_resume(stored, opts, get("conv"), opts.out)  # no error
+    other = runner.RunOptions(resume=True, data_dir=str(tmp_path), out=tmp_path / "run")
+    with pytest.raises(ValueError, match="data_dir: stored"):
+        runner._check_resume(stored, other, get("conv"), other.out)
+
+
+def test_ctrl_c_before_the_run_folder_exists_gives_no_advice_to_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the data loads, before the folder is made
+
+    monkeypatch.setattr(runner.lab_data, "load", interrupted)
+    assert main(["run", "conv", "--quick"]) == 130
+    assert capsys.readouterr().err.strip() == "bnlab: interrupted before any unit ran; no run folder was made"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_run_all_resume_continues_the_newest_all_folder(tmp_path, monkeypatch):
     import bnlab.lab.experiments as experiments
 
@@ -138,7 +167,9 @@ def test_run_all_resume_continues_the_newest_all_folder(tmp_path, monkeypatch):
 
 def test_missing_data_files_leave_no_run_folder(tmp_path, capsys):
     assert main(["run", "resnet", "--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing")]) == 2
-    assert "data_batch_1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data_batch_1" in err
+    assert err.startswith("bnlab: error: --data-dir: no CIFAR-10 file data_batch_1 under"), err  # the option typed
     assert not (tmp_path / "runs").exists()
 
 

@@ -85,6 +85,11 @@ def test_quick_run_writes_figures_rows_and_report(quick_runs, name):
         assert f"]({fig})" in report
 
 
+def test_quick_batch_size_report_counts_its_one_epoch_in_the_singular(quick_runs):
+    report = (quick_runs / "batch-size" / "report.md").read_text()
+    assert ", 1 epoch but at least " in report and "1 epochs" not in report
+
+
 def test_small_batch_sync_quick_run_separates_local_bn_from_sync_bn(quick_runs):
     """2 processes: SyncBN reproduces one process on the global batch (float32 rounding), local BN does not."""
     summary = json.loads((quick_runs / "small-batch-sync" / "summary.json").read_text())

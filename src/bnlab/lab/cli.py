@@ -107,9 +107,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--timeout: expected a positive number of seconds, got {args.timeout!r}")
     launched = torchrun_world_size()
     if args.name == "all" and (args.nproc is not None or args.sync_bn or launched > 1):
-        raise ValueError("--nproc: `run all` runs every experiment as it comes (most in one process); got "
-                         f"--nproc {args.nproc}, --sync-bn {bool(args.sync_bn)}, WORLD_SIZE {launched}; "
-                         "run the distributed experiments one by one instead")
+        given = [f"--nproc {args.nproc}"] if args.nproc is not None else []
+        given += ["--sync-bn"] if args.sync_bn else []
+        given += [f"torchrun's WORLD_SIZE {launched}"] if launched > 1 else []
+        option = "--nproc" if args.nproc is not None else "--sync-bn" if args.sync_bn else "torchrun"
+        raise ValueError(f"{option}: `run all` runs every experiment as it comes (most in one process), without "
+                         f"processes or SyncBatchNorm chosen for all; got {', '.join(given)}; run the distributed "
+                         "experiments one by one instead")
     timeout = args.timeout or default_timeout_s(bool(args.quick))
     with torchrun_group(args.device or "cpu", timeout):
         if launched > 1:
@@ -199,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="distributed runs: seconds a process waits in one collective before it fails "
                         "(default 600, 60 with --quick)")
-    p.add_argument("--shapes", nargs="+", default=None, metavar="N,C[,H,W]",
-                   help="speed only: the input shapes to time instead of the benchmark's, e.g. 64,128,28,28 256,512")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="N,C[,...]",
+                   help="speed only: the input shapes to time instead of the benchmark's, each N,C[,L], N,C,H,W "
+                        "or N,C,D,H,W, e.g. 64,128,28,28 256,512")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("report", help="rebuild the figures and report.md of a run folder from its files")
@@ -225,12 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _ARGUMENT_ERRORS as err:
         return _argument_error(err)
-    except KeyboardInterrupt:  # Ctrl-C: what was finished is on disk; one line, not a traceback
+    except KeyboardInterrupt as err:  # Ctrl-C: what was finished is on disk; one line, not a traceback
         if os.environ.get("BNLAB_DEBUG"):
             raise
-        again = args.command_line if getattr(args, "resume", True) else f"{args.command_line} --resume"
-        print(f"\nbnlab: interrupted; every unit that finished is saved in its run folder: continue with `{again}`"
-              if args.command == "run" else "\nbnlab: interrupted", file=sys.stderr)
+        print(_interrupted_note(args, argv, getattr(err, "folder", None)), file=sys.stderr)
         return 130
     except LocalRanksError as err:  # a rank of `--nproc N` failed: one line per rank, tracebacks with BNLAB_DEBUG=1
         if os.environ.get("BNLAB_DEBUG"):
@@ -244,12 +247,33 @@ def main(argv: list[str] | None = None) -> int:
 _ARGUMENT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
+def _interrupted_note(args: argparse.Namespace, argv: list[str], folder: Path | None) -> str:
+    """The line Ctrl-C leaves: where the finished units are and the command that continues them
+    (naming the folder: without --out, --resume takes the newest run, which may be another), or
+    that nothing was started, where the run folder did not exist yet (runner.RunInterrupted)."""
+    if args.command != "run":
+        return "\nbnlab: interrupted"
+    if folder is None:
+        return "\nbnlab: interrupted before any unit ran; no run folder was made"
+    out = folder.parent if args.name == "all" else folder
+    again = ["bnlab", *argv, *([] if args.resume else ["--resume"]), *([] if args.out else ["--out", str(out)])]
+    return f"\nbnlab: interrupted; every unit that finished is saved in {out}: continue with `{shlex.join(again)}`"
+
+
 def _argument_error(err: Exception) -> int:
     """Print an argument error as one line (re-raise it with BNLAB_DEBUG=1); the exit status is 2."""
     if os.environ.get("BNLAB_DEBUG"):
         raise err
-    print(f"bnlab: error{_rank_tag()}: {err}", file=sys.stderr)
+    text = str(err)
+    for name, option in _OPTION_OF_ARGUMENT.items():  # the option the user typed, not the loader's argument
+        if text.startswith(f"{name}:"):
+            text = option + text[len(name):]
+    print(f"bnlab: error{_rank_tag()}: {text}", file=sys.stderr)
     return 2
+
+
+#: The library arguments whose errors reach the command line, and the options that set them
+_OPTION_OF_ARGUMENT = {"data_dir": "--data-dir"}
 
 
 def _rank_tag() -> str:

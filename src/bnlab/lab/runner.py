@@ -31,6 +31,7 @@ from bnlab.lab import data as lab_data
 from bnlab.lab.experiments import Experiment, get
 from bnlab.lab.models import BN_IMPLS
 from bnlab.lab.runs import RunFolder, progress
+from bnlab.lab.tables import counted
 from bnlab.lab.world import SINGLE, World, current_world, default_timeout_s, parallel, rank_device, share_from_main
 
 __all__ = ["RunOptions", "RunContext", "run_experiment", "run_units", "default_out", "newest_run", "environment",
@@ -228,6 +229,9 @@ def _check_resume(stored: dict, opts: RunOptions, exp: Experiment, out, launched
     given = {"quick": opts.quick, "seeds": opts.seeds, "bn": opts.bn, "dataset": opts.dataset,
              "data_dir": _data_dir(opts),
              "world_size": launched or opts.nproc, "sync_bn": opts.sync_bn or None, "shapes": opts.shapes}
+    stored = dict(stored)
+    if stored.get("data_dir"):  # runs made before the forty-ninth session kept --data-dir as typed
+        stored["data_dir"] = str(Path(stored["data_dir"]).expanduser().resolve())
     diffs = [f"{k}: stored {stored.get(k, _STORED_DEFAULTS.get(k))!r}, given {v!r}" for k, v in given.items()
              if v is not None and k in _IDENTITY and v != stored.get(k, _STORED_DEFAULTS.get(k))]
     if diffs:
@@ -312,6 +316,15 @@ def _launch_ranks(exp: Experiment, folder: RunFolder, config: dict, todo: list[s
                     collective_timeout_s=opts.timeout_s or default_timeout_s(config["quick"]))
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a run's units trained: ``folder`` holds the units that finished (the command
+    line names it in its advice; before the folder exists a plain KeyboardInterrupt goes up)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(str(folder))
+        self.folder = Path(folder)
+
+
 def run_experiment(name: str, opts: RunOptions) -> RunFolder:
     """Run (or resume) experiment ``name`` and write its summary, figures and report.
 
@@ -331,10 +344,15 @@ def run_experiment(name: str, opts: RunOptions) -> RunFolder:
     else:
         folder, config, data, todo = _prepare(exp, opts)
         world = World(device=torch.device(opts.device or config["device"]))
-    if world.size == 1 and config.get("world_size", 1) > 1:
-        _launch_ranks(exp, folder, config, todo, opts)
-    else:
-        run_units(exp, RunContext(folder, config, world.device, data, world), todo)
+    try:
+        if world.size == 1 and config.get("world_size", 1) > 1:
+            _launch_ranks(exp, folder, config, todo, opts)
+        else:
+            run_units(exp, RunContext(folder, config, world.device, data, world), todo)
+    except KeyboardInterrupt as err:
+        if isinstance(err, RunInterrupted):
+            raise
+        raise RunInterrupted(folder.path) from err
     if world.is_main:
         from bnlab.lab.report import write_report
 
@@ -350,5 +368,4 @@ def main_progress_note(folder: RunFolder) -> str:
     """The line `bnlab run` prints at the end: where the report is, and the wall time."""
     summary = folder.summary()
     n, noun = len(summary["rows"]), get(summary["experiment"]).row_noun
-    counted = f"{n} {noun}{'' if n == 1 else 's'}"
-    return f"{summary['experiment']}: {counted} in {summary['wall_s']:.1f} s -> {folder.path / 'report.md'}"
+    return f"{summary['experiment']}: {counted(n, noun)} in {summary['wall_s']:.1f} s -> {folder.path / 'report.md'}"

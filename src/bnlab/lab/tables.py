@@ -43,6 +43,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def counted(n: int, noun: str) -> str:
+    """n with the noun in the number it takes: 1 epoch, 2 epochs (an English plural in -s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def pct(value: Any, digits: int = 1) -> str:
     """A fraction in [0, 1] as a percentage, e.g. 0.9731 -> '97.3 %'; None/NaN as '–'."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -127,7 +127,7 @@ def _findings(folder: RunFolder) -> str:
 EXPERIMENT = Experiment(
     name="activations",
     summary="sigmoid inputs (15/50/85th percentiles) and test accuracy during training, with vs without BN (BN paper Fig. 1)",
-    runtime="full ~35 s with 3 seeds, quick ~1 s",
+    runtime="full ~20 s with 3 seeds, quick ~1 s",
     claim="Without BN the distribution of each layer's inputs keeps shifting during training (internal covariate "
           "shift) and sigmoids saturate; with BN it stays stable and training converges faster (seed 000; Ioffe & Szegedy 2015, Figure 1).",
     params=lambda config: _params(config["quick"]),

@@ -245,7 +245,7 @@ def _findings(folder):
 EXPERIMENT = Experiment(
     name="batch-size",
     summary="accuracy against batch size 2…256: BN, Ghost BN, Batch Renorm, GroupNorm, none, BN + recalibrate",
-    runtime="full ~6 min with 3 seeds, quick ~5 s",
+    runtime="full ~4 min with 3 seeds, quick ~5 s",
     claim="BN needs enough values per channel in a batch: with tiny batches its statistics are noisy, training and "
           "evaluation disagree and accuracy falls, while GroupNorm and no normalization do not depend on the batch; "
           "Batch Renorm and recalibrated statistics recover part of the loss, and Ghost BN keeps the normalization "

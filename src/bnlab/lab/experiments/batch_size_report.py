@@ -8,7 +8,7 @@ import numpy as np
 
 from bnlab.lab.experiments._common import row_grid
 from bnlab.lab.runs import RunFolder
-from bnlab.lab.tables import group_stats, markdown_table
+from bnlab.lab.tables import counted, group_stats, markdown_table
 
 #: the methods of the main figure, in legend order; "ghost-control" is the control of the second figure.
 METHODS = ("bn", "bn-recal", "ghost", "renorm", "gn", "none")
@@ -144,7 +144,7 @@ def findings(folder: RunFolder) -> str:
                 for b in sizes]
     lines = [f"{len(rows)} rows: {len([r for r in rows if r['norm'] != 'bn-recal'])} trained networks "
              f"({len(seeds)} seed(s)) plus the BN networks again after `bnlab.recalibrate`. Small CNN on "
-             f"{p['train_size']} training images ({p['image_size']}×{p['image_size']}), {p['epochs']} epochs but at least "
+             f"{p['train_size']} training images ({p['image_size']}×{p['image_size']}), {counted(p['epochs'], 'epoch')} but at least "
              f"{p['min_steps']} steps, lr = {p['lr_base']}·B/{p['lr_ref_batch']} capped at {p['lr_cap']}, "
              f"linear decay to 0. Test accuracy (%, eval mode, {p['test_size']} test images, mean ± std over seeds):", "",
              markdown_table(table, columns), ""]

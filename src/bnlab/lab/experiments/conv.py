@@ -122,7 +122,7 @@ def _findings(folder: RunFolder) -> str:
 EXPERIMENT = Experiment(
     name="conv",
     summary="small CNN on MNIST: per-channel BN vs per-activation BN (the book's flattening) vs no BN",
-    runtime="full ~4 min with 3 seeds, quick ~2 s",
+    runtime="full ~2 min with 3 seeds, quick ~2 s",
     claim="For conv layers BN normalizes per channel, over the batch and every position of the feature map "
           "(seed 000); that trains as well as or better than per-activation BN with a tiny fraction of its parameters, "
           "and faster than no BN.",

@@ -25,7 +25,7 @@ from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder, progress
 from bnlab.lab.stacked import StackedMLP
 from bnlab.lab.stacked_train import StackedTrainer
-from bnlab.lab.tables import group_stats, markdown_table, mean_spread
+from bnlab.lab.tables import counted, group_stats, markdown_table, mean_spread
 
 SCALES = [float(w) for w in np.logspace(0, -4, 16)]
 
@@ -114,7 +114,7 @@ def _findings(folder: RunFolder) -> str:
     train = {bn: group_stats([r for r in rows if r["batchnorm"] == bn], ["weight_init_std"], "train_acc") for bn in (True, False)}
     test = {bn: group_stats([r for r in rows if r["batchnorm"] == bn], ["weight_init_std"], "test_acc") for bn in (True, False)}
     lines = [f"{len(rows)} networks (16 init scales × with/without BN × {len(seeds)} seed(s)), each trained for "
-             f"{p['epochs']} epochs of {p['train_size'] // p['batch_size']} SGD updates (batch {p['batch_size']}, lr {p['lr']}) "
+             f"{counted(p['epochs'], 'epoch')} of {p['train_size'] // p['batch_size']} SGD updates (batch {p['batch_size']}, lr {p['lr']}) "
              f"on the first {p['train_size']} training images."]
     for thr in (0.9, 0.5):
         parts = []
@@ -150,7 +150,7 @@ def _findings(folder: RunFolder) -> str:
 EXPERIMENT = Experiment(
     name="init-sweep",
     summary="MLP 784-100x5-10, 16 weight-init scales, with vs without BN (the book's figure 6-19)",
-    runtime="full ~15 s with 3 seeds (2 threads), quick ~2 s",
+    runtime="full ~20 s with 3 seeds (2 threads), quick ~2 s",
     claim="With BN a network learns from a wide range of initial weight scales (about two decades), "
           "where the same network without BN learns only in a narrow band (seed 004, *Deep Learning from Scratch* §6.3).",
     params=lambda config: _params(config["quick"]),

@@ -153,7 +153,7 @@ def _findings(folder: RunFolder) -> str:
 EXPERIMENT = Experiment(
     name="lr-sweep",
     summary="BN paper's MNIST net (784-100x3-10, sigmoid), 12 learning rates 0.01..50, with vs without BN",
-    runtime="full ~1.5 min with 3 seeds, quick ~2 s",
+    runtime="full ~1 min with 3 seeds, quick ~2 s",
     claim="BN allows much higher learning rates and converges faster, where the network without BN diverges "
           "(seed 000; Ioffe & Szegedy 2015).",
     params=lambda config: _params(config["quick"]),

@@ -18,7 +18,7 @@ from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder, progress
 from bnlab.lab.stacked import StackedMLP
 from bnlab.lab.stacked_train import StackedTrainer
-from bnlab.lab.tables import group_stats, markdown_table, mean_spread
+from bnlab.lab.tables import counted, group_stats, markdown_table, mean_spread
 
 _NAMES = {(False, False): "neither", (True, False): "BN", (False, True): "dropout", (True, True): "BN + dropout"}
 
@@ -97,7 +97,7 @@ def _findings(folder: RunFolder) -> str:
     rows, p = folder.rows(), folder.config["params"]
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"{len(rows)} networks (4 versions × {len(p['learning_rates'])} learning rates × {len(seeds)} seed(s)), "
-             f"each trained for {p['epochs']} epochs on {p['train_size']} training images (batch {p['batch_size']}); "
+             f"each trained for {counted(p['epochs'], 'epoch')} on {p['train_size']} training images (batch {p['batch_size']}); "
              f"dropout p = {p['dropout']}. Mean ± std (min–max) over seeds:", ""]
     table = []
     for lr in p["learning_rates"]:
@@ -133,7 +133,7 @@ def _findings(folder: RunFolder) -> str:
 EXPERIMENT = Experiment(
     name="regularization",
     summary="train/test gap with BN, dropout, both, neither (MLP on 500 images, 3 learning rates)",
-    runtime="full ~40 s with 3 seeds, quick ~1 s",
+    runtime="full ~30 s with 3 seeds, quick ~1 s",
     claim="BN has a slight regularizing effect (the noise of mini-batch statistics), and it can be combined with "
           "dropout (seed 002).",
     params=lambda config: _params(config["quick"]),

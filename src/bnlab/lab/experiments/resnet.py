@@ -153,7 +153,7 @@ def _findings(folder: RunFolder) -> str:
 EXPERIMENT = Experiment(
     name="resnet",
     summary="ResNet-20 with vs without BN: bundled MNIST at 32x32 by default, CIFAR-10/100 with --data-dir",
-    runtime="full ~9 min on the bundled MNIST (days on CIFAR without a GPU), quick ~2 s",
+    runtime="full ~5 min on the bundled MNIST (days on CIFAR without a GPU), quick ~2 s",
     claim="BN makes a 20-layer residual network train quickly and stably with a high learning rate; without BN it "
           "needs a gentler recipe and still trains more slowly (seed 003; He et al. 2016).",
     params=_params,

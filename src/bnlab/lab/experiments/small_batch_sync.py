@@ -168,7 +168,7 @@ def _findings(folder: RunFolder) -> str:
 EXPERIMENT = Experiment(
     name="small-batch-sync",
     summary="local BN vs SyncBN vs one process on the global batch, 2-16 images per process, CPU processes",
-    runtime="full ~3.5 min with 4 processes and 3 seeds, quick ~10 s (2 processes)",
+    runtime="full ~2.5 min with 4 processes and 3 seeds, quick ~10 s (2 processes)",
     claim="When each process holds only a few examples, BN's batch statistics are too noisy and accuracy drops; "
           "synchronising the statistics across processes (SyncBatchNorm) restores the accuracy of one process "
           "training on the whole global batch.",
