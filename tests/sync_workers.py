@@ -230,6 +230,16 @@ def report_rank(rank: int, world_size: int, tensor: torch.Tensor) -> dict:
     return {"rank": rank, "world_size": world_size, "sum": total}
 
 
+def leave_the_group_first(rank: int, world_size: int) -> int:
+    """A rank function that leaves its group itself (as a script's own teardown would), before
+    run_local_ranks' rank leaves it again; returns the rank."""
+    from bnlab.launch import leave_process_group
+
+    dist.barrier()
+    leave_process_group()
+    return rank
+
+
 def fail_on_rank_one(rank: int, world_size: int) -> None:
     """Rank 1 raises once every rank has joined the group; the others hang (outside any collective,
     so gloo cannot notice).

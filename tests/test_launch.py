@@ -101,3 +101,12 @@ def test_garbage_holding_the_group_is_collected_before_the_group_is_destroyed(tm
     assert run_local_ranks(sync_workers.leave_a_cycle, 2, (str(tmp_path),), timeout_s=120) == [0, 1]
     for rank in (0, 1):
         assert (tmp_path / f"witness{rank}").read_text() == "True"
+
+
+def test_leaving_the_group_twice_or_without_one_does_nothing_more():
+    # torch's destroy_process_group raised an AssertionError without a group; a rank function that
+    # left the group itself then failed after returning, in run_local_ranks' own leave
+    from bnlab.launch import leave_process_group
+
+    leave_process_group()  # no group in this process
+    assert run_local_ranks(sync_workers.leave_the_group_first, 2, timeout_s=120) == [0, 1]

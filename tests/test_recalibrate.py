@@ -139,6 +139,22 @@ def test_empty_data_is_refused_by_name():
         bnlab.recalibrate(_model(), _batches(), num_batches=0)
 
 
+@pytest.mark.parametrize("tool", [bnlab.recalibrate, bnlab.diagnose], ids=["recalibrate", "diagnose"])
+@pytest.mark.parametrize("batches,message", [
+    ([torch.randn(4, 2, 5, 5)],
+     r"input: expected 3 channels on dim 1 \(num_features=3\), got input of shape \(4, 2, 5, 5\)"),
+    (torch.randn(4, 3, 5, 5), r"input: BatchNorm2d expected 4D \(N, C, H, W\) input, got 3D input"),  # iterated by rows
+    ([torch.randn(3)], r"input: BatchNorm2d expected 4D \(N, C, H, W\) input, got 1D"),
+], ids=["channels", "rows-of-one-tensor", "rank"])
+def test_a_wrong_input_names_the_layer_and_what_it_expected(tool, batches, message):
+    # the pass read a layer's statistics before the layer's checks: torch.stack's size error or an
+    # IndexError came out instead (the forty-ninth session's audit)
+    model = nn.Sequential(bnlab.BatchNorm2d(3))
+    with pytest.raises(ValueError, match="batches: at BN layer '0': " + message):
+        tool(model, batches)
+    assert model[0].training and model[0].track_running_stats  # restored
+
+
 def test_recalibration_repairs_eval_accuracy_drift():
     """The point of it all: after recalibration eval outputs match a full-batch train-mode pass."""
     torch.manual_seed(3)
@@ -150,5 +166,9 @@ def test_recalibration_repairs_eval_accuracy_drift():
     model.train()
     model[1].track_running_stats = False
     y_train = model(data)
-    # Only the unbiased n/(n - 1) = 64/63 of running_var separates them.
-    assert_close(y_eval, y_train, 0.02, "eval after recalibration vs whole-data batch statistics")
+    # Only the unbiased n/(n - 1) = 64/63 of running_var separates them: undone exactly here.
+    bn = model[1]
+    var = model[0](data).var(0, unbiased=False)
+    rescaled = (y_train - bn.bias) * torch.sqrt((var + bn.eps) / (var * 64 / 63 + bn.eps)) + bn.bias
+    assert_close(y_eval, rescaled, 1e-12, "eval after recalibration vs whole-data batch statistics")
+    assert not torch.allclose(y_eval, y_train, rtol=1e-4, atol=0)  # (the factor is there to undo)

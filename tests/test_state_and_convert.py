@@ -126,6 +126,15 @@ def test_convert_back_to_torch_round_trip():
     assert sum(isinstance(m, bnlab.modules.BNLAB_BATCHNORM_TYPES) for m in again.modules()) == 4
 
 
+def test_convert_names_the_layer_it_cannot_convert():
+    # torch.nn takes eps=0; bnlab refuses it, and the error says which layer of the model it is
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4, eps=0.0)))
+    with pytest.raises(ValueError, match=r"module: layer '1\.0', a torch\.nn\.BatchNorm2d, cannot become a "
+                                         r"bnlab\.BatchNorm2d: eps: expected a finite float > 0"):
+        bnlab.convert(model)
+    assert type(model[1][0]) is nn.BatchNorm2d  # left as it was
+
+
 def test_convert_a_single_layer_returns_its_replacement():
     layer = nn.BatchNorm1d(3)
     new = bnlab.convert(layer)

@@ -101,14 +101,31 @@ def convert(module: nn.Module, to: str = "bnlab") -> nn.Module:
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     if to not in _TARGETS:
         raise ValueError(f"to: expected 'bnlab' or 'torch', got {to!r}")
+    return _convert_tree(module, to, "")
+
+
+def _library_name(layer_type: type) -> str:
+    """'bnlab.BatchNorm2d' or 'torch.nn.BatchNorm2d': the two libraries' classes share their names."""
+    return ("bnlab." if layer_type.__module__.startswith("bnlab") else "torch.nn.") + layer_type.__name__
+
+
+def _convert_tree(module: nn.Module, to: str, path: str) -> nn.Module:
+    """convert's walk: ``path`` is module's name in the model (its qualified name; "" at the top),
+    which an error of a layer's conversion names (bnlab refuses some configurations torch.nn takes,
+    such as eps=0)."""
     new_type = _mapping(to).get(type(module))
     if new_type is not None:
         if to == "torch":
             warn_of_dropped_options(module, "convert", f"torch.nn.{new_type.__name__}", _TRAINING_OPTIONS)
         extra = {"process_group": module.process_group} if hasattr(module, "process_group") else {}
-        return rebuild_batchnorm(module, new_type, **extra)
+        try:
+            return rebuild_batchnorm(module, new_type, **extra)
+        except ValueError as err:
+            where = f"layer {path!r}" if path else "the layer"
+            raise ValueError(f"module: {where}, a {_library_name(type(module))}, cannot become a "
+                             f"{_library_name(new_type)}: {err}") from None
     for name, child in module.named_children():
-        converted = convert(child, to)
+        converted = _convert_tree(child, to, f"{path}.{name}" if path else name)
         if converted is not child:
             setattr(module, name, converted)
     return module

@@ -62,11 +62,14 @@ def leave_process_group() -> None:
     and then with "terminate called without an active exception" (SIGABRT) after reporting their
     results: 13 of 240 rank processes that had trained a small DDP model, none of 240 with the
     collection first (benchmarks/rank_exit_aborts.py; docs/benchmark_rounds.md, forty-third session).
+    Does nothing where no default group exists (never made, or left already: a ``fn`` of
+    :func:`run_local_ranks` that leaves it itself, before the rank's own call).
     """
     import torch.distributed as dist
 
     gc.collect()
-    dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 #: exit status of a rank that ended because the process that started it died

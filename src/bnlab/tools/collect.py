@@ -24,7 +24,7 @@ from bnlab.stats import Moments
 from bnlab.backends import select_backend
 from bnlab.variants.masked import masked_moments
 
-__all__ = ["check_num_batches", "run_batch", "input_moments", "collect_inputs"]
+__all__ = ["check_num_batches", "run_batch", "check_layer_input", "input_moments", "collect_inputs"]
 
 #: on_input(name, layer, x, mask) is called with each BN layer's input during the pass.
 OnInput = Callable[[str, nn.Module, Tensor, "Tensor | None"], None]
@@ -78,6 +78,23 @@ def call_mask(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
     if not _takes_mask(type(layer)):
         return None
     return args[1] if len(args) > 1 else kwargs.get("mask")
+
+
+def check_layer_input(name: str, layer: nn.Module, x: object) -> None:
+    """The layer's own input checks (rank, channel count), made before the pass reads the input's
+    statistics, with the layer named: the statistics came first, and a wrong input failed inside
+    them (torch.stack of unequal sizes, an IndexError) instead of with the layer's message."""
+    where = f"batches: at BN layer {name!r}" if name else "batches: at the BN layer"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: expected a tensor input, got {type(x).__name__}")
+    try:
+        if hasattr(layer, "_check_input_dim"):  # torch.nn's and bnlab's rank check
+            layer._check_input_dim(x)
+        if x.dim() < 2 or x.shape[1] != layer.num_features:
+            raise ValueError(f"input: expected {layer.num_features} channels on dim 1 (num_features="
+                             f"{layer.num_features}), got input of shape {tuple(x.shape)}")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def input_moments(x: Tensor, mask: Tensor | None) -> Moments:
@@ -142,6 +159,7 @@ def collect_inputs(
 
         def hook(module, args, kwargs, name=name):
             x = args[0] if args else kwargs.get("input")
+            check_layer_input(name, module, x)
             on_input(name, module, x, call_mask(module, args, kwargs))
 
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
