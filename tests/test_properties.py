@@ -31,6 +31,8 @@ def test_invariant_to_positive_affine_maps_of_the_input(shape, seed, a, c):
     y = batch_norm(x, None, None, training=True, eps=eps)
     y_mapped = batch_norm(a * x + c, None, None, training=True, eps=eps * a * a)
     assert_close(y_mapped, y, 1e-8, "BN(a x + c)")
+    # and BN(x) itself is the reference's: an output wrong in an invariant way (all zeros) fails here
+    assert_close(y, ref.forward_train(x.numpy(), None, None, eps)[0], 1e-10, "BN(x)")
 
 
 @settings(max_examples=40, deadline=None)

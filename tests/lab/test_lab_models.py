@@ -54,6 +54,9 @@ def test_per_activation_bn_normalizes_each_position_over_the_batch():
     conv_out = model.convs[0](x)
     normed = model.norms[0](conv_out.flatten(1)).view_as(conv_out)
     torch.testing.assert_close(normed.mean(0), torch.zeros_like(normed[0]), atol=1e-5, rtol=0)
+    # and scaled by each position's own batch variance: torch's batch norm of the (N, C·H·W) view
+    expected = torch.nn.functional.batch_norm(conv_out.flatten(1), None, None, training=True).view_as(conv_out)
+    torch.testing.assert_close(normed, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl,cls", [("bnlab", bnlab.BatchNorm1d), ("torch", nn.BatchNorm1d)])
