@@ -15,7 +15,7 @@ Public names:
     recalibrate                            running statistics recomputed as population statistics over data
     diagnose                               per-layer report: train/eval gap, stale statistics, dead channels
     empty_cpu_cache, cpu_cache_info,       the pool of reused memory for large CPU outputs
-    set_cpu_cache_limit                    (torch.cuda.empty_cache's counterpart: docs/benchmarks.md)
+    set_cpu_cache_limit                    (torch.cuda.empty_cache's counterpart: README.md, section "Fast")
 (Ghost BN, Batch Renormalization, masked BN, accumulated statistics and the non-finite guard are
 options of the BatchNorm layers: docs/features.md.)
 """
