@@ -72,6 +72,20 @@ def test_virtual_batch_equal_to_or_larger_than_the_batch_is_plain_bn(k):
         assert_close(ghost.state_dict()[key], value, 2e-6, key)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_virtual_batch_of_the_whole_batch_gives_plain_bnlab_bns_bits(backend, dtype):
+    # "k = N is plain BN exactly" (docs/features.md), the running averages too: in float64 the CPU
+    # kernels' had been an ulp off the Python update's (a product fused into the sum)
+    torch.manual_seed(6)
+    ghost = bnlab.BatchNorm2d(3, virtual_batch_size=6, dtype=dtype)
+    plain = bnlab.BatchNorm2d(3, dtype=dtype)
+    for _ in range(3):
+        x = torch.randn(6, 3, 5, 5, dtype=dtype) * 3 + 2
+        assert torch.equal(ghost(x), plain(x))
+    for key, value in plain.state_dict().items():
+        assert torch.equal(ghost.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("n", [1, 3, 16])
 def test_eval_uses_running_statistics_whatever_the_batch_size(n):
     ghost, plain = bnlab.BatchNorm2d(3, virtual_batch_size=4), torch.nn.BatchNorm2d(3)

@@ -102,6 +102,28 @@ def test_rmax_1_dmax_0_is_plain_bn():
     assert_train_steps_match(ours, theirs, batches)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rmax_1_dmax_0_gives_plain_bnlab_bns_bits(backend, dtype):
+    # "rmax=1, dmax=0 is plain BN exactly" (docs/features.md): the outputs, gradients and running
+    # averages, bit for bit; in float64 the CPU kernels' running averages were an ulp off (their
+    # update fused a product into the sum, the renorm path's torch ops do not)
+    torch.manual_seed(5)
+    ours = bnlab.BatchNorm2d(3, renorm=True, rmax=1.0, dmax=0.0, dtype=dtype)
+    plain = bnlab.BatchNorm2d(3, dtype=dtype)
+    for _ in range(3):
+        x = torch.randn(6, 3, 5, 5, dtype=dtype) * 3 + 2
+        dy = torch.randn_like(x)
+        grads = []
+        for layer in (ours, plain):
+            xg = x.clone().requires_grad_()
+            y = layer(xg)
+            y.backward(dy)
+            grads.append((y, xg.grad))
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    for key, value in plain.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
 def test_eval_mode_is_plain_bn_with_the_running_statistics():
     layer = _layer(3, dtype=torch.float32, rmax=2.0, dmax=1.0)
     plain = torch.nn.BatchNorm1d(3)
