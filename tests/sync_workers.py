@@ -217,7 +217,24 @@ def sync_checks(rank: int, world_size: int, cases: list[dict], ddp_case: dict) -
             results[case["name"]] = _run_scenario(case, groups[tuple(case["ranks"])], rank, spy)
     results["ddp"] = _ddp_train(ddp_case, rank, world_size, build_model(bnlab.BatchNorm2d))
     results["ddp_act"] = _ddp_train(ddp_case, rank, world_size, ResidualEnd(), "act_init")
+    results["gradient_penalty"] = _gradient_penalty_error(rank)
     return results
+
+
+def _gradient_penalty_error(rank: int) -> str | None:
+    """The error of a gradient penalty through SyncBatchNorm (create_graph=True, BN's incoming
+    gradient a constant, which once_differentiable let through with a wrong second derivative),
+    or None where it ran; the group stays aligned either way (it fails before any collective)."""
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bn = bnlab.SyncBatchNorm(3).double()
+    out = (bn(x) * torch.randn(4, 3, generator=gen, dtype=torch.float64)).sum()
+    try:
+        (g,) = torch.autograd.grad(out, x, create_graph=True)
+        (g**2).sum().backward()
+    except RuntimeError as err:
+        return str(err)
+    return None
 
 
 # -- functions for tests/test_launch.py -----------------------------------------------------------

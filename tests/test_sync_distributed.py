@@ -321,6 +321,11 @@ def test_one_value_per_channel_raises_the_same_error_on_every_rank(ranks_out):
     assert all("y" in member["steps"][3] for member in _members(ranks_out, case))
 
 
+def test_a_backward_with_create_graph_is_refused_on_every_rank(ranks_out):
+    messages = [member["gradient_penalty"] for member in ranks_out]
+    assert all(m is not None and m.startswith("SyncBatchNorm: a backward with create_graph=True") for m in messages), messages
+
+
 def _one_process_final_state(model: nn.Module, init: dict) -> dict:
     """The state of ``model`` trained as one process on each step's whole global batch: the DDP runs' oracle."""
     model.load_state_dict(init, strict=True)

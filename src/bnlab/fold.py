@@ -14,7 +14,9 @@ in float64 rounded once to the layer's dtype, is in ``bnlab.fold_math``):
 Which BN is next to which layer: the model is traced with torch.fx (convolutions, linear layers
 and BN layers as leaves), and a pair folds when the one's output feeds the other alone, each
 module being called once. Models that torch.fx cannot trace (data-dependent control flow) fall
-back to adjacency inside nn.Sequential containers.
+back to adjacency inside nn.Sequential containers, with a warning. A pair where either module
+computes otherwise than its tensors say (parametrized or pruned weights, weight norm, forward
+hooks, a subclass with its own forward) is left, with a warning naming it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlab.fold_math import fold_into_next, fold_into_previous, reads_only_bn_outputs
+from bnlab.tools.freeze import MODE_HOOKS
 
 __all__ = ["fold", "foldable_pairs", "foldable_into_next"]
 
@@ -50,6 +53,31 @@ def _is_eval_affine(bn: nn.Module) -> bool:
 
 def _materialized(layer: nn.Module) -> bool:
     return not isinstance(layer.weight, nn.parameter.UninitializedParameter)
+
+
+#: the methods through which these layers compute; a subclass that overrides one computes something else
+_COMPUTING = ("forward", "_conv_forward")
+
+
+def _why_not_foldable(module: nn.Module) -> str | None:
+    """Why folding would not change what ``module`` computes as it changes its tensors, or None.
+
+    Found by the forty-ninth session's audit, each folded without a word into outputs 0.4-6.7 off:
+    a weight computed at each access (torch.nn.utils.parametrize, weight_norm's parametrization),
+    so the scaled copy was thrown away; one recomputed by a forward pre-hook (torch.nn.utils.prune,
+    the legacy weight_norm and spectral_norm hooks), or any hook that may change the inputs or
+    outputs; and a subclass computing with its own forward (a weight-standardised convolution, a
+    BN that applies an activation)."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "its parameters are parametrized (torch.nn.utils.parametrize)"
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    if any(hook not in MODE_HOOKS for hook in hooks):  # (bnlab.freeze's only switch the mode)
+        return "it has forward hooks (torch.nn.utils.prune, weight_norm and spectral_norm add them)"
+    for method in _COMPUTING:
+        defined = getattr(type(module), method, None)
+        if defined is not None and not getattr(defined, "__module__", "").startswith(("torch.nn.", "bnlab.")):
+            return f"its class {type(module).__name__} computes with its own {method}"
+    return None
 
 
 def _shared_tensors(model: nn.Module) -> set[int]:
@@ -120,11 +148,20 @@ def _adjacent_in_sequentials(model: nn.Module, first_kinds: tuple, second_kinds:
     return pairs
 
 
-def _adjacent(model: nn.Module, first_kinds: tuple, second_kinds: tuple) -> list[tuple[str, str]]:
+def _adjacent(model: nn.Module, first_kinds: tuple, second_kinds: tuple,
+              notes: list[str] | None = None) -> list[tuple[str, str]]:
+    """The adjacent pairs by tracing, or else by nn.Sequential order, which ``notes`` then records
+    (a member the model's forward also calls elsewhere folds all the same: fold warns of it)."""
     try:
         return _adjacent_by_tracing(model, first_kinds, second_kinds)
-    except Exception:  # torch.fx cannot trace every model (control flow on values): use containers
-        return _adjacent_in_sequentials(model, first_kinds, second_kinds)
+    except Exception as err:  # torch.fx cannot trace every model (control flow on values): use containers
+        pairs = _adjacent_in_sequentials(model, first_kinds, second_kinds)
+        if notes is not None and pairs:
+            notes.append(f"torch.fx could not trace the model ({type(err).__name__}: {err}), so adjacent members "
+                         f"of nn.Sequential containers were taken to feed each other and nothing else "
+                         f"({', '.join(' -> '.join(map(repr, pair)) for pair in pairs)}): a member the forward "
+                         "also calls elsewhere would compute otherwise after the fold")
+        return pairs
 
 
 def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -159,16 +196,24 @@ def foldable_into_next(model: nn.Module) -> list[tuple[str, str]]:
     return _foldable(model, _BatchNorm, _AFTER, _can_fold_into_next, layer_at=1)
 
 
-def _foldable(model: nn.Module, first_kinds: tuple, second_kinds: tuple, can_fold, layer_at: int) -> list[tuple[str, str]]:
+def _foldable(model: nn.Module, first_kinds: tuple, second_kinds: tuple, can_fold, layer_at: int,
+              refused: list[str] | None = None) -> list[tuple[str, str]]:
     """The adjacent (first, second) pairs that can_fold(first, second) accepts, leaving out those
-    whose conv/linear layer (pair[layer_at]) has a weight or bias tied to another module."""
+    whose conv/linear layer (pair[layer_at]) has a weight or bias tied to another module, and those
+    where either module computes otherwise than its tensors say (:func:`_why_not_foldable`: such a
+    pair is described in ``refused`` where given)."""
     _check_model(model)
     modules, shared = dict(model.named_modules()), _shared_tensors(model)
     pairs = []
-    for names in _adjacent(model, first_kinds, second_kinds):
+    for names in _adjacent(model, first_kinds, second_kinds, refused):
         first, second = modules[names[0]], modules[names[1]]
-        if can_fold(first, second) and not _owns_shared((first, second)[layer_at], shared):
+        if not can_fold(first, second) or _owns_shared((first, second)[layer_at], shared):
+            continue
+        why = next(((name, reason) for name, m in zip(names, (first, second)) if (reason := _why_not_foldable(m))), None)
+        if why is None:
             pairs.append(names)
+        elif refused is not None:
+            refused.append(f"{names[0]!r} and {names[1]!r} left unfolded: at {why[0]!r}, {why[1]}")
     return pairs
 
 
@@ -221,7 +266,10 @@ def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
     UserWarning naming them: ``model.eval()`` was most likely not called), lazy BN layers that
     have not run yet (with a UserWarning too), BN layers without
     running statistics, and layers whose weight or bias another module shares (tied weights:
-    folding would change the other module too) are left alone. A Linear pairs with a BN that is not a
+    folding would change the other module too) are left alone, and so are, with a UserWarning
+    naming them, pairs where either module computes otherwise than its tensors say (parametrized or
+    pruned weights, weight norm, forward hooks, a subclass with its own forward); models torch.fx
+    cannot trace fold by nn.Sequential order, with a UserWarning. A Linear pairs with a BN that is not a
     BatchNorm2d/3d when the feature counts match: the usual (N, features) activations are
     assumed, as torch.nn's BatchNorm1d after a Linear on (N, L, features) normalizes over L.
 
@@ -239,8 +287,9 @@ def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
     if not isinstance(into_next, bool):
         raise TypeError(f"into_next: expected a bool, got {type(into_next).__name__}")
     _warn_of_layers_left(model)
+    notes: list[str] = []
     modules = dict(model.named_modules())
-    for layer_name, bn_name in foldable_pairs(model):
+    for layer_name, bn_name in _foldable(model, _BEFORE, _BatchNorm, _can_fold, 0, notes):
         bn = modules[bn_name]
         fold_into_previous(modules[layer_name], bn)
         _replace(model, bn_name, bn.folded_replacement() if hasattr(bn, "folded_replacement") else nn.Identity())
@@ -248,7 +297,9 @@ def fold(model: nn.Module, *, into_next: bool = True) -> nn.Module:
         # found on the model as now changed: the BNs folded above are gone, and a layer both folds
         # take (BN -> conv -> BN) has its weights from the first fold, which composes exactly
         modules = dict(model.named_modules())
-        for bn_name, layer_name in foldable_into_next(model):
+        for bn_name, layer_name in _foldable(model, _BatchNorm, _AFTER, _can_fold_into_next, 1, notes):
             fold_into_next(modules[bn_name], modules[layer_name])
             _replace(model, bn_name, nn.Identity())
+    for note in dict.fromkeys(notes):  # (each once: both walks find the same)
+        warnings.warn(f"bnlab.fold: {note}", UserWarning, stacklevel=2)
     return model

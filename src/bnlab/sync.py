@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from bnlab import _checks, custom_ops, custom_ops_sync
 from bnlab.backends import Backend, select_backend
@@ -53,8 +52,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return y, count, mean, m2
 
     @staticmethod
-    @once_differentiable  # the collective is not differentiable: a double backward raises clearly
     def backward(ctx, dy: Tensor, _dcount, _dmean, _dm2):
+        # The collectives are not differentiable. once_differentiable raised only where dy itself
+        # required grad; with a dy that did not (a gradient penalty through BN and a constant
+        # scale), create_graph=True returned an input gradient without BN's dependence on x, and
+        # the second derivative came out wrong without a word (the forty-ninth session's audit).
+        if torch.is_grad_enabled():  # a backward with create_graph=True
+            raise RuntimeError("SyncBatchNorm: a backward with create_graph=True (double backward, gradient "
+                               "penalties) is not supported through its collectives; for such a step use "
+                               "bnlab.BatchNorm*d on each rank's batch, or one process")
         x, weight, mean, invstd, count, local_mean = ctx.saved_tensors
         dx, dw, db = sync_backward(
             dy, x, weight, mean, invstd, count, local_mean, ctx.process_group, ctx.backend, ctx.needs_input_grad[:3],
@@ -86,7 +92,8 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
     Parameter gradients are those of this rank's loss (DDP averages them over the ranks). With
     uneven batches and a per-rank mean loss, DDP's average is not the global mean: scale each
     rank's summed loss by world_size / global_batch to train exactly as one process would.
-    Double backward (``create_graph=True``) is not supported through the collectives.
+    A backward with ``create_graph=True`` (double backward) raises a RuntimeError: the
+    collectives are not differentiable.
     Under ``torch.compile`` the synchronised step is one pair of operators
     (bnlab.custom_ops_sync): the graph stays whole and computes the eager bits.
 

@@ -32,6 +32,10 @@ def _restore_mode(module: nn.Module, args, output) -> None:
     module.training = module.__dict__.pop("_bnlab_mode_outside_forward", module.training)
 
 
+#: the hooks freeze registers: they switch the layer's mode for its forward and change nothing else
+MODE_HOOKS = (_enter_eval, _restore_mode)
+
+
 def _mode_hooks(layer: nn.Module) -> list:
     """The two hooks that hold a frozen layer in eval mode during its forward; their handles."""
     return [layer.register_forward_pre_hook(_enter_eval), layer.register_forward_hook(_restore_mode, always_call=True)]
