@@ -140,6 +140,7 @@ def grad_input_merged_kernel(
     dy_ptr, x_ptr, mask_ptr, dx_ptr,  # as grad_input_kernel's; NCL rows only
     part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr,  # as grad_merge_kernel's
     R, K, C, K8B, S, count,
+    STRIDE, TOTAL,  # C·K and R/C·K for centre_shift, from the host (grad_ncl_kernel says why)
     HAS_MASK: tl.constexpr, HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CENTRED: tl.constexpr,
 ):  # fmt: skip
@@ -154,7 +155,7 @@ def grad_input_merged_kernel(
     # which Triton 3.9's interpreter cannot store under
     write = r_ok & (r + tl.program_id(1) * C < C)
     if CENTRED:  # channel c's shift, from its values from sample 0, position 0 on (c·K)
-        g = centre_shift(dy_ptr, c.to(tl.int64) * K, r_ok, K, C * K, R // C * K)
+        g = centre_shift(dy_ptr, c.to(tl.int64) * K, r_ok, K, STRIDE, TOTAL)  # (grad_ncl_kernel's)
     else:
         g = tl.zeros([BLOCK_R], dtype=tl.float32)
     hi, kk, a, cc, gh = merge_grad_sums(part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr, c, r_ok, write, g, C,

@@ -72,6 +72,7 @@ def grad_ncl_kernel(
     stats_ptr,  # (3, C) float64: the mean (row 0), for -lo (centred_exactly)
     part_ptr,  # (S, C, 2) float64 out: Σdz, Σdz'·(x - hi) per segment
     N, C, L, LB, TPS, K8B,
+    STRIDE, TOTAL,  # C·L and N·L for centre_shift, from the host: int64 where they pass 2**31 (see below)
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr, UNROLL: tl.constexpr,
     CENTRED: tl.constexpr,
 ):  # fmt: skip
@@ -83,7 +84,11 @@ def grad_ncl_kernel(
     nlo = minus_lo(stats_ptr, c, hi, True)
     if CENTRED:
         cv = tl.zeros([1], tl.int64) + c
-        g = tl.sum(centre_shift(dy_ptr, cv * L, cv < C, L, C * L, N * L), axis=0)
+        # (C·L and N·L computed here in int32 wrapped where one sample holds 2**31 values, and sent
+        # the samples after the first before dy's start: the forty-ninth session's audit. Widened
+        # here, the variant with the mask spilled 8 bytes on sm_90: the host's Python ints instead,
+        # which Triton types int64 where they need it, as grad_merge_kernel's.)
+        g = tl.sum(centre_shift(dy_ptr, cv * L, cv < C, L, STRIDE, TOTAL), axis=0)
     acc_dy = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float64)
     acc_dyx = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float64)
     t_end = tl.minimum((s + 1) * TPS, tl.cdiv(N, BLOCK_N) * LB)

@@ -247,7 +247,8 @@ def stats_merge_kernel(
     n = tl.sum(n_s, axis=0)
     mean_d = tl.sum(n_s * mean_s, axis=0) / n  # K-way Chan: weighted means, then spread of the means
     m2 = tl.sum(m2_s, axis=0) + tl.sum(n_s * (mean_s - mean_d) * (mean_s - mean_d), axis=0)
-    mean = finite_shift(tl.load(x_ptr + c * sC)) + mean_d
+    # (the offset in int64, as the statistics kernels read K: c·sC passes 2**31 in large inputs)
+    mean = finite_shift(tl.load(x_ptr + tl.cast(c, tl.int64) * sC)) + mean_d
     invstd = 1.0 / tl.sqrt(m2 / n + eps)
     tl.store(stats_ptr + c, mean)
     tl.store(stats_ptr + C + c, m2)
