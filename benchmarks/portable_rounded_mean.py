@@ -38,16 +38,23 @@ def arguments(shape, seed=0):
     return (dy, x, mean, *vectors, *sums, x.numel() // channels)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def forms_arguments(argv, doc: str) -> argparse.Namespace:
+    """The options of a script that times forms of the portable input gradient (this one,
+    portable_underflow_check.py), parsed; torch's threads set."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--shapes", default="conv-14,conv-32s,mlp-large,mlp-small",
                    help=f"comma-separated, of {list(SHAPES)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--rounds", type=int, default=3, help="the three forms timed in turn this many times")
+    p.add_argument("--rounds", type=int, default=3, help="the forms timed in turn this many times")
     args = p.parse_args(argv)
     refuse_unknown_names(p, args, {"shapes": SHAPES})
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv=None) -> int:
+    args = forms_arguments(argv, __doc__)
     real = elementwise.rounded_mean_term
     forms = {
         "no term": lambda a, lo, dtype, host_check=True: None,
@@ -55,19 +62,27 @@ def main(argv=None) -> int:
         "always added": lambda a, lo, dtype, host_check=True: real(a, lo, dtype, host_check=False),
     }
     print(f"# portable_rounded_mean.py --threads {args.threads}; microseconds per call, best of {args.repeats}")
+    print_forms("rounded_mean_term", forms, args)
+    return 0
+
+
+def print_forms(replaced: str, forms: dict, args: argparse.Namespace) -> None:
+    """For each of ``args.shapes``: elementwise.grad_input timed with elementwise's function
+    ``replaced`` standing in each of ``forms`` (name: function), best of ``args.repeats`` timings of
+    a few calls, the forms in turn ``args.rounds`` times; one line of microseconds per call and
+    their ratios to the first form."""
     for shape in [SHAPES[name] for name in args.shapes.split(",")]:
         call_args = arguments(shape)
         number = max(3, int(2e6 / (call_args[0].numel() + 20_000)))
         best = {name: float("inf") for name in forms}
         for _ in range(args.rounds):
             for name, form in forms.items():
-                with mock.patch.object(elementwise, "rounded_mean_term", form), torch.no_grad():
+                with mock.patch.object(elementwise, replaced, form), torch.no_grad():
                     call = lambda: elementwise.grad_input(*call_args)  # noqa: E731
                     t = min(timeit.repeat(call, number=number, repeat=args.repeats))
                 best[name] = min(best[name], t / number * 1e6)
-        base = best["no term"]
+        base = next(iter(best.values()))
         print(f"{shape}: " + "  ".join(f"{n} {us:.1f} ({us / base:.3f})" for n, us in best.items()), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
