@@ -29,6 +29,17 @@ def flat_data(ctx: RunContext, train_size: int | None = None, test_size: int | N
     return train.flat().to(d), train.y.to(d), test.flat().to(d), test.y.to(d)
 
 
+def data_words(config: dict) -> tuple[str, str]:
+    """How a report names the training and test images of a run that used them whole: the bundled
+    subset's sizes, or the folder of the full dataset (--data-dir), whose sizes the run does not keep."""
+    if config.get("data_dir"):
+        return f"the training images in {config['data_dir']}", "its test images"
+    from bnlab.lab.data import BUNDLED_TEST_SIZE, load_bundled_mnist
+
+    total = len(load_bundled_mnist()[1])
+    return f"the {total - BUNDLED_TEST_SIZE:,} training images", f"the {BUNDLED_TEST_SIZE:,} test images"
+
+
 def per_net(values: Tensor) -> list[float]:
     """A (G,) tensor as a list of Python floats (NaN for non-finite values)."""
     return [float(v) if math.isfinite(float(v)) else math.nan for v in values.detach().cpu()]
@@ -67,9 +78,23 @@ def row_grid(rows: list[dict], match: dict, x_key: str, xs: list, y_key: str, ru
 
 
 def learning_band(xs: list[float], values: list[float], threshold: float) -> tuple[float, float] | None:
-    """The smallest and largest x whose value reaches ``threshold``, or None if none does."""
-    hits = [x for x, v in zip(xs, values) if v is not None and not math.isnan(v) and v >= threshold]
-    return (min(hits), max(hits)) if hits else None
+    """The smallest and largest x of the longest run of consecutive xs (in their order) whose value
+    reaches ``threshold`` (the first such run where several are as long), or None if none does: a
+    scale that fails between two that pass ends the band, which the smallest and largest passing x
+    alone would have stretched over it."""
+    runs, current = [], []
+    for x, v in zip(xs, values):
+        if v is not None and not math.isnan(v) and v >= threshold:
+            current.append(x)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    if not runs:
+        return None
+    longest = max(runs, key=len)
+    return min(longest), max(longest)
 
 
 def decades(band: tuple[float, float] | None) -> float:

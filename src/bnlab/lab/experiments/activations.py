@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from bnlab.lab.experiments import Experiment
-from bnlab.lab.experiments._common import curves, flat_data, net_seed, per_net
+from bnlab.lab.experiments._common import curves, data_words, flat_data, net_seed, per_net
 from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder, progress
 from bnlab.lab.stacked import StackedMLP
@@ -109,8 +109,10 @@ def _findings(folder: RunFolder) -> str:
     stats = {key: {s["batchnorm"]: s for s in group_stats(rows, ["batchnorm"], key)}
              for key in ("test_acc", "steps_to_90", "median_drift", "saturated_frac", "spread_final")}
     lines = [f"{len(rows)} networks (with/without BN × {len(seeds)} seed(s)), SGD at lr {p['lr']} for {p['steps']} steps of "
-             f"batch {p['batch_size']}; the percentiles are over the 1,000 test images, measured every {p['eval_every']} steps.",
-             "", "Median drift: the mean over the 100 sigmoids of the last hidden layer of |median input at the end − at the "
+             f"batch {p['batch_size']}; the percentiles are over {data_words(folder.config)[1]}, measured every "
+             f"{p['eval_every']} steps.",
+             "", f"Median drift: the mean over the {p['sizes'][-2]} sigmoids of the last hidden layer of |median input at "
+             "the end − at the "
              "start|, the start taken at 10 % of the steps. Saturated: the fraction of those inputs with |z| > " f"{p['saturation']:g} at the end.", ""]
     table = [{"bn": bn, **{k: stats[k].get(bn) for k in stats}} for bn in (True, False) if bn in stats["test_acc"]]
     cell = lambda k, pc=True: (lambda r: mean_spread(r[k], as_pct=pc) if r[k] else "–")  # noqa: E731

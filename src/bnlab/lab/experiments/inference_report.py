@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnlab.lab.experiments._common import data_words
 from bnlab.lab.runs import RunFolder
 from bnlab.lab.tables import group_stats, markdown_table, mean_spread
 
@@ -55,9 +56,10 @@ def findings(folder: RunFolder) -> str:
     seeds = sorted({r["seed"] for r in rows})
     g = lambda rs, key: group_stats([{**r, "k": 0} for r in rs], ["k"], key)[0]  # noqa: E731
     error = next((r.get("batch1_error") for r in bn_rows if r.get("batch1_error")), None)
+    train_words, test_words = data_words(folder.config)
     lines = [f"Per seed ({len(seeds)} seed(s)) one BN network and one plain network were trained for {p['steps']} SGD "
-             f"steps (batch {p['batch_size']}, lr {p['lr']}) on the 4,000 training images; accuracies are on the 1,000 "
-             "test images (mean ± std (min–max) over seeds).", ""]
+             f"steps (batch {p['batch_size']}, lr {p['lr']}) on {train_words}; accuracies are on {test_words} "
+             "(mean ± std (min–max) over seeds).", ""]
     by_size = group_stats(batch_rows, ["batch_size"], "test_acc")
     lines += ["**(a) Batch statistics at test time.** Each test batch normalized with its own mean and variance:", "",
               markdown_table(by_size, [("test batch size", "batch_size"), ("test accuracy", mean_spread)]), ""]
