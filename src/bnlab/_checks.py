@@ -83,6 +83,15 @@ def check_input_rank(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
         raise ValueError(f"input: {layer} expected {expected} input, got {x.dim()}D input of shape {tuple(x.shape)}")
 
 
+def check_input_channels(x: Tensor, num_features: int) -> None:
+    """The input's dim 1 holds the layer's ``num_features`` channels (x of rank >= 2)."""
+    if x.shape[1] != num_features:
+        raise ValueError(
+            f"input: expected {num_features} channels on dim 1 (num_features={num_features}), "
+            f"got input of shape {tuple(x.shape)} with {x.shape[1]}"
+        )
+
+
 def check_channel_vector(v: Tensor | None, name: str, channels: int, x: Tensor) -> None:
     """weight, bias, running_mean and running_var must be floating (C,) tensors on x's device."""
     if v is None:

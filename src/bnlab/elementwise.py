@@ -151,6 +151,13 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, batch_mean: b
     return sum_dy, sum_dy_xhat
 
 
+def sums_need_mending(x: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor) -> bool:
+    """Whether :func:`sums_overflowed_in_float` or :func:`sums_at_rounded_means` may change the
+    sums: an eager CPU call whose Σdy or Σdy·x̂ is not finite, read on the host in one pass of
+    Python sums over the 2C values (the backward's usual case: finite, and nothing more to do)."""
+    return _eager_cpu(x) and not math.isfinite(sum(sum_dy.tolist()) + sum(sum_dy_xhat.tolist()))
+
+
 def sums_overflowed_in_float(
     dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -161,13 +168,11 @@ def sums_overflowed_in_float(
     the float64 reference is finite. Only a sum that was not finite is replaced, and only where
     the float64 one is finite (an infinite or NaN value keeps its sums, for
     :func:`sums_at_rounded_means`). As that function, only in an eager CPU call, and nothing more
-    unless a sum is not finite (a Python sum of the 2C values).
+    unless a sum is not finite (:func:`sums_need_mending`).
 
     Shapes: dy, x (N, C, *); mean, invstd, sum_dy, sum_dy_xhat float64 (C,).
     """
-    if compute_dtype(x) == torch.float64 or not _eager_cpu(x):
-        return sum_dy, sum_dy_xhat
-    if math.isfinite(sum(sum_dy.tolist()) + sum(sum_dy_xhat.tolist())):
+    if compute_dtype(x) == torch.float64 or not sums_need_mending(x, sum_dy, sum_dy_xhat):
         return sum_dy, sum_dy_xhat
     nd = x.dim()
     dy64 = dy.to(torch.float64)
@@ -255,8 +260,8 @@ def grad_input(
     return dx.to(x.dtype)
 
 
-#: The smallest normal value of each compute dtype below float64 (torch.finfo per call cost ~0.2 us)
-_TINY = {dtype: torch.finfo(dtype).tiny for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+#: The smallest normal float32, the compute dtype of every input but float64 (stats.compute_dtype)
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 def _coefficients_below_normal(
@@ -275,7 +280,7 @@ def _coefficients_below_normal(
     if dtype == torch.float64 or not _eager_cpu(x):
         return None
     magnitudes = np.abs(np.concatenate((k.detach().numpy(), a.detach().numpy())))  # k and a at once
-    below = (magnitudes < _TINY[dtype]) & (magnitudes > 0)
+    below = (magnitudes < _FLOAT32_TINY) & (magnitudes > 0)
     if not below.any():
         return None
     lost = below[: k.shape[0]] | below[k.shape[0] :]

@@ -197,23 +197,23 @@ def foldable_into_next(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _foldable(model: nn.Module, first_kinds: tuple, second_kinds: tuple, can_fold, layer_at: int,
-              refused: list[str] | None = None) -> list[tuple[str, str]]:
+              notes: list[str] | None = None) -> list[tuple[str, str]]:
     """The adjacent (first, second) pairs that can_fold(first, second) accepts, leaving out those
     whose conv/linear layer (pair[layer_at]) has a weight or bias tied to another module, and those
-    where either module computes otherwise than its tensors say (:func:`_why_not_foldable`: such a
-    pair is described in ``refused`` where given)."""
+    where either module computes otherwise than its tensors say (:func:`_why_not_foldable`). Where
+    ``notes`` is given, such a pair is described there, and so is the fallback of :func:`_adjacent`."""
     _check_model(model)
     modules, shared = dict(model.named_modules()), _shared_tensors(model)
     pairs = []
-    for names in _adjacent(model, first_kinds, second_kinds, refused):
+    for names in _adjacent(model, first_kinds, second_kinds, notes):
         first, second = modules[names[0]], modules[names[1]]
         if not can_fold(first, second) or _owns_shared((first, second)[layer_at], shared):
             continue
         why = next(((name, reason) for name, m in zip(names, (first, second)) if (reason := _why_not_foldable(m))), None)
         if why is None:
             pairs.append(names)
-        elif refused is not None:
-            refused.append(f"{names[0]!r} and {names[1]!r} left unfolded: at {why[0]!r}, {why[1]}")
+        elif notes is not None:
+            notes.append(f"{names[0]!r} and {names[1]!r} left unfolded: at {why[0]!r}, {why[1]}")
     return pairs
 
 

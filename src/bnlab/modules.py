@@ -112,11 +112,7 @@ class _BatchNormMixin:
         refuse_scripting(self)
 
     def _check_channels(self, x: Tensor) -> None:
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"input: expected {self.num_features} channels on dim 1 (num_features={self.num_features}), "
-                f"got input of shape {tuple(x.shape)} with {x.shape[1]}"
-            )
+        _checks.check_input_channels(x, self.num_features)
 
     def __call__(self, *args, **kwargs):
         """``layer(input)``: as nn.Module.__call__, which runs hooks and then :meth:`forward`.

@@ -34,6 +34,9 @@ class PortableBackend(Backend):
 
     def mend_sums(self, dy, x, mean, invstd, sum_dy, sum_dy_xhat):
         """elementwise.sums_overflowed_in_float, then sums_at_rounded_means (eager CPU only;
-        SyncBatchNorm calls the primitives, which read nothing on the host)."""
+        SyncBatchNorm calls the primitives, which read nothing on the host), where a sum is not
+        finite: one read of the sums on the host decides for both."""
+        if not elementwise.sums_need_mending(x, sum_dy, sum_dy_xhat):
+            return sum_dy, sum_dy_xhat
         sum_dy, sum_dy_xhat = elementwise.sums_overflowed_in_float(dy, x, mean, invstd, sum_dy, sum_dy_xhat)
         return sum_dy, elementwise.sums_at_rounded_means(dy, x, mean, invstd, sum_dy, sum_dy_xhat)

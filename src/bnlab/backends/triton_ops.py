@@ -63,7 +63,8 @@ def _partial_grads(dy, x, mask, hi, stats, p: Plan, centred: bool):
     if p.ncl:
         _launch.launch(grad.grad_ncl_kernel, (p.c, p.segments),
             dy, x, mask_arg, hi, stats, part, p.n, p.c, p.length, _cdiv(p.length, p.block_b), p.per_segment, p.k8b,
-            p.c * p.length, p.n * p.length, BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll, CENTRED=centred,
+            p.c * p.length, p.n * p.length,
+            BLOCK_N=p.block_a, BLOCK_L=p.block_b, HAS_MASK=mask is not None, UNROLL=p.grad_unroll, CENTRED=centred,
             num_warps=p.warps_reduce, **_COMPILE,
         )  # fmt: skip
     else:
@@ -239,7 +240,8 @@ def _grad_input_merged(dy, x, part, stats, weight, sums, p: Plan, mask=None, dwe
         dy, x, mask if mask is not None else dy, dx,
         part, stats, weight if weight is not None else x, sums, dweight if dweight is not None else sums,
         dbias if dbias is not None else sums, p.rows, p.k, p.c, p.k8b, p.segments, float(p.m),
-        p.c * p.k, p.rows // p.c * p.k, HAS_MASK=mask is not None, CENTRED=centred, **_merge_flags(weight, dweight, dbias, p),
+        p.c * p.k, p.rows // p.c * p.k,
+        HAS_MASK=mask is not None, CENTRED=centred, **_merge_flags(weight, dweight, dbias, p),
         BLOCK_R=p.block_r, BLOCK_K=p.block_k, num_warps=p.warps_elementwise, **_COMPILE,
     )  # fmt: skip
     return dx

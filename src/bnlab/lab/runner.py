@@ -195,7 +195,7 @@ def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> 
         raise ValueError(f"--shapes: {exp.name} runs its own models, got --shapes for it; experiments that take "
                          f"shapes: {', '.join(able)}")
     config = {"experiment": exp.name, "quick": quick, "seeds": seeds, "bn": bn, "dataset": dataset,
-              "data_dir": _data_dir(opts), "device": opts.device or "cpu",
+              "data_dir": _absolute(opts.data_dir), "device": opts.device or "cpu",
               "world_size": world_size, "sync_bn": sync_bn, "shapes": opts.shapes, "params": {}}
     config["params"] = exp.params(config)
     _check_batch_shares(exp, config)
@@ -206,9 +206,9 @@ def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> 
     return config
 
 
-def _data_dir(opts: RunOptions) -> str | None:
+def _absolute(data_dir: str | None) -> str | None:
     """--data-dir as an absolute path: a run resumed from another working directory finds it too."""
-    return str(Path(opts.data_dir).expanduser().resolve()) if opts.data_dir else None
+    return str(Path(data_dir).expanduser().resolve()) if data_dir else None
 
 
 def _check_batch_shares(exp: Experiment, config: dict) -> None:
@@ -227,11 +227,10 @@ def _check_resume(stored: dict, opts: RunOptions, exp: Experiment, out, launched
         raise ValueError(f"--out: {out} holds a run of {stored['experiment']}, not of {exp.name}; resume it with "
                          f"`bnlab run {stored['experiment']} --resume --out {out}`, or choose another --out")
     given = {"quick": opts.quick, "seeds": opts.seeds, "bn": opts.bn, "dataset": opts.dataset,
-             "data_dir": _data_dir(opts),
+             "data_dir": _absolute(opts.data_dir),
              "world_size": launched or opts.nproc, "sync_bn": opts.sync_bn or None, "shapes": opts.shapes}
-    stored = dict(stored)
-    if stored.get("data_dir"):  # runs made before the forty-ninth session kept --data-dir as typed
-        stored["data_dir"] = str(Path(stored["data_dir"]).expanduser().resolve())
+    # (runs made before the forty-ninth session kept --data-dir as typed)
+    stored = {**stored, "data_dir": _absolute(stored.get("data_dir"))}
     diffs = [f"{k}: stored {stored.get(k, _STORED_DEFAULTS.get(k))!r}, given {v!r}" for k, v in given.items()
              if v is not None and k in _IDENTITY and v != stored.get(k, _STORED_DEFAULTS.get(k))]
     if diffs:
@@ -350,8 +349,6 @@ def run_experiment(name: str, opts: RunOptions) -> RunFolder:
         else:
             run_units(exp, RunContext(folder, config, world.device, data, world), todo)
     except KeyboardInterrupt as err:
-        if isinstance(err, RunInterrupted):
-            raise
         raise RunInterrupted(folder.path) from err
     if world.is_main:
         from bnlab.lab.report import write_report

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from bnlab._checks import check_input_channels
 from bnlab.stats import Moments
 from bnlab.backends import select_backend
 from bnlab.variants.masked import masked_moments
@@ -90,9 +91,9 @@ def check_layer_input(name: str, layer: nn.Module, x: object) -> None:
     try:
         if hasattr(layer, "_check_input_dim"):  # torch.nn's and bnlab's rank check
             layer._check_input_dim(x)
-        if x.dim() < 2 or x.shape[1] != layer.num_features:
-            raise ValueError(f"input: expected {layer.num_features} channels on dim 1 (num_features="
-                             f"{layer.num_features}), got input of shape {tuple(x.shape)}")
+        if x.dim() < 2:
+            raise ValueError(f"input: expected (N, C, *) input, got {x.dim()}D input of shape {tuple(x.shape)}")
+        check_input_channels(x, layer.num_features)  # (the layers' own message; torch.nn's has none)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 
