@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="portable,cpu,torch", help="comma-separated: bnlab backends and/or torch")
     args = p.parse_args(argv)
     contenders = args.backends.split(",")
+    known = ["torch", *bnlab.available_backends()]
+    if unknown := [c for c in contenders if c not in known]:
+        p.error(f"--backends: expected names from {known}, got {unknown}")
     print("spread  " + "  ".join(f"{c:>9s}" for c in contenders))
     for spread in SPREADS:
         print(f"{spread:6.0e}  " + "  ".join(f"{relative_dx_error(c, spread):9.1e}" for c in contenders))

@@ -17,6 +17,7 @@ import argparse
 import torch
 
 import bnlab
+from bnlab.lab.arg_text import positive_int
 
 
 def differing_layers(dtype: torch.dtype, buffers: torch.dtype, draws: int) -> int:
@@ -40,7 +41,7 @@ def differing_layers(dtype: torch.dtype, buffers: torch.dtype, draws: int) -> in
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--draws", type=int, default=300)
+    p.add_argument("--draws", type=positive_int, default=300, help="random layer pairs per dtype (default 300)")
     args = p.parse_args(argv)
     bnlab.set_backend("cpu")
     try:

@@ -20,3 +20,9 @@ def test_every_layer_pair_has_the_same_running_averages(capsys):
     assert lines == [f"{kind}: 0 of 20 layers differ" for kind in (
         "float32 input, float32 running averages", "bfloat16 input, float32 running averages",
         "float64 input, float64 running averages")]
+
+
+def test_no_draws_is_refused_naming_the_option(capsys):
+    with pytest.raises(SystemExit):
+        running_update_paths.main(["--draws", "0"])
+    assert "argument --draws: expected a positive integer, got '0'" in capsys.readouterr().err
