@@ -133,3 +133,42 @@ def test_the_check_rejects_a_launch_that_leaves_fma_fusion_to_the_default(tmp_pa
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0, result.stdout + result.stderr
     assert "FAILED stats_ncl_kernel: launched without enable_fp_fusion=True" in result.stderr, result.stderr[-3000:]
+
+
+def test_the_check_compiles_what_tritons_launcher_would_and_rejects_an_untyped_float(tmp_path):
+    """The worker takes each launch's signature from Triton's own binder: a Python float is fp32
+    there unless the parameter is typed (on a GPU eps = 1e-5 became 9.99999974738e-06 and a count
+    past 2**24 was rounded, where the interpreter computed with the float64 values), integers equal
+    to 1 are constants and pointers divisible by 16 are marked so (the variant a GPU compiles: one
+    of them spilled 20 bytes where the unmarked one had spilled none)."""
+    (tmp_path / "untyped_kernel.py").write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def untyped(ptr, eps):
+            tl.store(ptr, tl.load(ptr) + eps)
+    '''))
+    (tmp_path / "drive.py").write_text(textwrap.dedent('''
+        import torch
+        from triton.backends.compiler import GPUTarget
+        import triton_compile_worker as worker
+        from bnlab.backends import triton_reduce as red
+        from untyped_kernel import untyped
+
+        recorder = worker.Recorder(GPUTarget("cuda", 90, 32))
+        c = 16
+        args = (torch.empty(1, c, 3, dtype=torch.float64), torch.empty(2, c, 8), torch.empty(3, c, dtype=torch.float64),
+                torch.empty(3, c), torch.empty(c), torch.empty(c), c, 1, 8, 1e-5)
+        signature, constexprs, attrs = recorder.specialize(red.stats_merge_kernel, args,
+                                                           dict(HAS_W=True, HAS_B=True, BLOCK_S=1))
+        print("eps", signature["eps"], "S", signature["S"], "C", signature["C"], "x_ptr", attrs[(1,)])
+        recorder(untyped, torch.empty(1, dtype=torch.float64), 1e-5, grid=(1,), warmup=False, enable_fp_fusion=True)
+    '''))
+    env = _env(tmp_path / "cache")
+    env["PYTHONPATH"] = os.pathsep.join((str(tmp_path), env["PYTHONPATH"]))
+    result = subprocess.run([sys.executable, str(tmp_path / "drive.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "eps fp64 S constexpr C i32 x_ptr [['tt.divisibility', 16]]" in result.stdout, result.stdout + result.stderr
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "FAILED untyped: float argument eps=1e-05 reaches a parameter without a type" in result.stderr, result.stderr

@@ -37,29 +37,14 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from bnlab.backends import triton_ops, triton_plan  # noqa: E402
 from speed_helpers import to_layout  # noqa: E402  (tests/ is on the path: the caller's PYTHONPATH)
 
 # Launch keywords that are compile options rather than kernel arguments.
 COMPILE_OPTIONS = ("enable_fp_fusion", "num_warps", "num_stages")
-_POINTER = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-            torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
-
-
-def _type_of(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _POINTER[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument {value!r}")
-
-
 def ptxas_resources(log: str) -> tuple[int, int]:
     """(registers per thread, spill bytes stored + loaded) from a ``ptxas -v`` log."""
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -105,6 +90,19 @@ def compile_variant(source: ASTSource, target: GPUTarget, options: dict, resourc
     return compiled, log.getvalue()
 
 
+def _check_float_arguments(kernel: JITFunction, args, kwargs) -> None:
+    """Exit if a Python float reaches a kernel parameter without a type: Triton's launcher types it
+    fp32 on a GPU, where the interpreter (the tests) computes with its float64 value, so eps = 1e-5
+    or a count past 2**24 would give other results there. Such a parameter is annotated instead
+    (``eps: tl.float64``)."""
+    bound = inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in COMPILE_OPTIONS})
+    for param in kernel.params:
+        value = bound.arguments.get(param.name)
+        if isinstance(value, float) and not param.is_constexpr and not param.annotation_type:
+            sys.exit(f"FAILED {kernel.fn.__name__}: float argument {param.name}={value!r} reaches a parameter without "
+                     f"a type, which Triton makes fp32 on a GPU; annotate it ({param.name}: tl.float64)")
+
+
 class Recorder:
     """Stands in for JITFunction.run: compiles each distinct (kernel, signature, constexprs) once;
     with ``resources``, also records each variant's registers and spills."""
@@ -115,21 +113,30 @@ class Recorder:
         self.compiled = 0
         self.part = part  # (K, N): compile the distinct variants whose ordinal is K modulo N
         self.resources: dict[str, list[tuple[int, int]]] | None = {} if resources else None
+        self.backend = make_backend(target)
+        self.binders: dict = {}
+
+    def specialize(self, kernel: JITFunction, args, kwargs) -> tuple[dict, dict, dict]:
+        """(signature, constexprs, attrs) of this launch as Triton's own launcher makes them for the
+        target: its types (annotations first, a Python float as fp32), the integers equal to 1 made
+        constants, and the pointers and integers divisible by 16 marked so (tt.divisibility), which
+        the compiler uses to vectorise loads: the variant a GPU would compile for these arguments."""
+        binder = self.binders.get(kernel)
+        if binder is None:
+            binder = self.binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, self.backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        _options, signature, constexprs, attrs = kernel._pack_args(self.backend, options, bound_args, specialization,
+                                                                   options)  # fmt: skip
+        return signature, constexprs, attrs
 
     def __call__(self, kernel: JITFunction, *args, grid, warmup, **kwargs):
-        options = {name: kwargs.pop(name) for name in list(kwargs) if name in COMPILE_OPTIONS}
+        options = {name: kwargs[name] for name in kwargs if name in COMPILE_OPTIONS}
         if options.get("enable_fp_fusion") is not True:
             # Every launch pins FMA fusion (triton_ops._COMPILE): Triton's default changes in 3.10.
             sys.exit(f"FAILED {kernel.fn.__name__}: launched without enable_fp_fusion=True, got options {options}")
-        bound = inspect.signature(kernel.fn).bind(*args, **kwargs)
-        constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
-        signature, constexprs = {}, {}
-        for name, value in bound.arguments.items():
-            if name in constexpr_names:
-                signature[name], constexprs[name] = "constexpr", value
-            else:
-                signature[name] = _type_of(value)
-        key = (kernel.fn.__name__, tuple(signature.items()), tuple(constexprs.items()))
+        _check_float_arguments(kernel, args, kwargs)
+        signature, constexprs, attrs = self.specialize(kernel, args, kwargs)
+        key = (kernel.fn.__name__, tuple(signature.items()), tuple(constexprs.items()), repr(sorted(attrs.items())))
         if key in self.seen:
             return None
         self.seen.add(key)
@@ -137,7 +144,7 @@ class Recorder:
             return None  # another part's
         self.compiled += 1
         try:
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled, log = compile_variant(source, self.target, options, self.resources is not None)
         except Exception as exc:
             cause = exc.__cause__ or exc
@@ -148,7 +155,8 @@ class Recorder:
             registers, spills = ptxas_resources(log)
             self.resources.setdefault(kernel.fn.__name__, []).append((registers, spills))
             extra += f" registers {registers} spills {spills}"
-        print(f"ok {kernel.fn.__name__} {constexprs}{extra}", flush=True)
+        names = [p.name for p in kernel.params]
+        print(f"ok {kernel.fn.__name__} { {names[path[0]]: v for path, v in constexprs.items()} }{extra}", flush=True)
         return None
 
 

@@ -72,7 +72,7 @@ def normalize_kernel(
     res_ptr,  # residual added before the activation (HAS_RES), same strides as x
     mask_ptr,  # uint8 out (WRITE_MASK): bit of not z <= 0, rows of K8B bytes
     stats_ptr, rm_ptr, rv_ptr, nbt_ptr,  # the running averages' arguments (RUNNING): update_running's
-    R, K, C, K8B, count, momentum,
+    R, K, C, K8B, count: tl.float64, momentum: tl.float64,
     NCL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, WRITE_MASK: tl.constexpr,
     RUNNING: tl.constexpr, UPDATE: tl.constexpr, COUNT: tl.constexpr, CUMULATIVE: tl.constexpr,
     GUARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RUN: tl.constexpr,
@@ -139,7 +139,7 @@ def _store_dx(dx_ptr, x_ptr, offs, ok, dz, hi, kk, a, cc, gh, t):
 def grad_input_merged_kernel(
     dy_ptr, x_ptr, mask_ptr, dx_ptr,  # as grad_input_kernel's; NCL rows only
     part_ptr, stats_ptr, w_ptr, sums_ptr, dw_ptr, db_ptr,  # as grad_merge_kernel's
-    R, K, C, K8B, S, count,
+    R, K, C, K8B, S, count: tl.float64,
     STRIDE, TOTAL,  # C·K and R/C·K for centre_shift, from the host (grad_ncl_kernel says why)
     HAS_MASK: tl.constexpr, HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CENTRED: tl.constexpr,
@@ -196,7 +196,7 @@ def eval_coef_kernel(
     w_ptr, b_ptr,  # affine parameters if HAS_W / HAS_B
     coef_ptr,  # (3, C) float32 out: hi, scale, shift
     ok_ptr,  # uint8 flag, set to 0 if a variance is negative, else left as it is (not GIVEN_INVSTD)
-    C, eps,
+    C, eps: tl.float64,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN_INVSTD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program over every channel: it also decides whether any running variance is negative,
@@ -240,7 +240,7 @@ def eval_kernel(
     x_ptr, y_ptr,  # input and output, same strides, R rows of K values
     mean_ptr, var_ptr, w_ptr, b_ptr, ok_ptr,  # as eval_coef_kernel
     res_ptr,  # residual added before the activation (HAS_RES)
-    R, K, C, eps,
+    R, K, C, eps: tl.float64,
     NCL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN_INVSTD: tl.constexpr,
     HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,

@@ -203,7 +203,7 @@ def grad_merge_kernel(
     coef_ptr,  # (5, C) float32 out: hi, kk, a, cc, gh of dx = kk·(dz - gh) + (a·(x - hi) + cc)
     dw_ptr, db_ptr,  # dweight/dbias outputs in their own dtypes, if WRITE_DW/WRITE_DB
     dy_ptr,  # dz's dy, for the shift g of CENTRED partials (centre_shift: base c·RUN, RUN, STRIDE, TOTAL)
-    C, S, count, RUN, STRIDE, TOTAL,
+    C, S, count: tl.float64, RUN, STRIDE, TOTAL,
     HAS_W: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_S: tl.constexpr,
     CENTRED: tl.constexpr,
 ):  # fmt: skip

@@ -55,7 +55,7 @@ def small_forward_kernel(
     coef_ptr,  # (3, C) float32 out: hi, scale, shift of y = (x - hi)·scale + shift
     w_ptr, b_ptr,  # weight, bias (any float) if HAS_W / HAS_B
     rm_ptr, rv_ptr, nbt_ptr,  # running mean/var if UPDATE, num_batches_tracked if COUNT
-    M, C, count, eps, momentum,  # count: M as a float
+    M, C, count: tl.float64, eps: tl.float64, momentum: tl.float64,  # count: M as a float
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, COUNT: tl.constexpr,
     CUMULATIVE: tl.constexpr, GUARD: tl.constexpr, WANT_Y: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -111,7 +111,7 @@ def small_eval_kernel(
     var_ptr,  # (C,) running variance (any float), or the float64 invstd (GIVEN_INVSTD)
     w_ptr, b_ptr,  # affine parameters if HAS_W / HAS_B
     ok_ptr,  # uint8 flag, set to 0 if a variance is negative, else left as it is (not GIVEN_INVSTD)
-    M, C, eps,
+    M, C, eps: tl.float64,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN_INVSTD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -148,7 +148,7 @@ def small_backward_kernel(
     dx_ptr,  # input gradient out if HAS_DX
     sums_ptr,  # (2, C) float64 out: Σdz, Σdz·x̂
     dw_ptr, db_ptr,  # dweight/dbias outputs in their own dtypes, if WRITE_DW/WRITE_DB
-    M, C, count,  # count: M as a float
+    M, C, count: tl.float64,  # count: M as a float
     HAS_W: tl.constexpr, HAS_DX: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CENTRED: tl.constexpr,
 ):  # fmt: skip
