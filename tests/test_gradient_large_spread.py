@@ -56,10 +56,16 @@ def test_layer_input_gradient_at_a_large_spread_is_the_references(backend, sprea
 
 
 @pytest.mark.parametrize("name", ["cpu", "portable"])
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_grad_input_primitive_at_a_large_spread_is_the_references(name, memory_format):
+@pytest.mark.parametrize("layout", ["nchw", "cl", "transposed"])
+@pytest.mark.parametrize("count_type", [int, torch.tensor], ids=["int", "tensor"])
+def test_grad_input_primitive_at_a_large_spread_is_the_references(name, layout, count_type):
+    """Also with a tensor count (SyncBatchNorm's merged one; masked BN's) and a permuted input, which
+    the CPU backend hands to the portable path: the check had been skipped for a tensor count."""
     backend = get_backend(name)
+    memory_format = torch.channels_last if layout == "cl" else torch.contiguous_format
     x, dy = _data((12, 5, 4, 4), 1e24, torch.float32, memory_format)
+    if layout == "transposed":
+        x, dy = x.transpose(2, 3), dy.transpose(2, 3)
     if not backend.supports(x):
         pytest.skip(f"the {name} backend is not available here")
     x64, dy64 = x.double(), dy.double()
@@ -70,7 +76,23 @@ def test_grad_input_primitive_at_a_large_spread_is_the_references(name, memory_f
     sum_dy, sum_dy_xhat = dy64.sum(dims), (dy64 * xhat).sum(dims)
     weight = torch.linspace(0.5, 2.0, 5)
     count = x.numel() // 5
-    dx = backend.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+    given = count_type(float(count), dtype=torch.float64) if count_type is torch.tensor else count
+    dx = backend.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, given)
     k = (weight.double() * invstd)[:, None, None]
     expected = k * (dy64 - (sum_dy / count)[:, None, None] - xhat * (sum_dy_xhat / count)[:, None, None])
     _close_to_the_largest(dx, expected.numpy(), 2e-6, "dx")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_masked_layer_input_gradient_at_a_large_spread_is_the_references(backend, memory_format):
+    """Masked BN's count is a tensor: its portable backward had kept the underflowed coefficient
+    (dx 5.3e-2 off at a spread of 1e25, before the fiftieth session)."""
+    x, dy = _data((8, 3, 5, 5), 1e25, torch.float32, memory_format)
+    mask = torch.rand(8, 5, 5, generator=torch.Generator().manual_seed(5)) < 0.7
+    layer = bnlab.BatchNorm2d(3)
+    xg = x.clone().requires_grad_()
+    layer(xg, mask=mask).backward(dy * mask[:, None])
+    selected = x.permute(1, 0, 2, 3)[:, mask].T.double().numpy()  # (M, C) of the selected positions
+    _, cache = ref.forward_train(selected, np.ones(3), np.zeros(3), layer.eps)
+    dx64, _, _ = ref.backward(dy.permute(1, 0, 2, 3)[:, mask].T.double().numpy(), cache)
+    _close_to_the_largest(xg.grad.permute(1, 0, 2, 3)[:, mask].T, dx64, 2e-6, "dx at the selected positions")

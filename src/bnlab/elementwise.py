@@ -241,8 +241,8 @@ def grad_input(
     m = torch.clamp(count, min=1.0) if isinstance(count, Tensor) else max(count, 1)
     k = _as_f64(weight, mean, 1.0) * invstd
     a = -k * invstd * sum_dy_xhat / m
-    # (not with SyncBatchNorm's merged count: its steps read nothing on the host)
-    lost = None if isinstance(count, Tensor) else _coefficients_below_normal(x, dtype, k, a, mean, sum_dy, sum_dy_xhat)
+    # (also with a tensor count, masked BN's or SyncBatchNorm's merged one: the check reads only in an eager CPU call)
+    lost = _coefficients_below_normal(x, dtype, k, a, mean, sum_dy, sum_dy_xhat)
     mean_dy = sum_dy / m
     g_hi = mean_dy.to(dtype)
     # the remainders, dropped where not finite (an infinite Σdy or Σdy·x̂: finite_or_zero)
