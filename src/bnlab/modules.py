@@ -41,11 +41,22 @@ _TORCH_HAS_BIAS_KWARG = "bias" in inspect.signature(nn.modules.batchnorm._NormBa
 _LAZY_HAS_BIAS_KWARG = "bias" in inspect.signature(nn.modules.batchnorm._LazyNormBase.__init__).parameters
 
 
+def rank_check(check):
+    """Mark ``check`` (a ``_check_input_dim``) as bnlab's own test of the input's rank, which the
+    fast paths make themselves from ``_ranks``; any other a class defines is called as torch.nn calls
+    it (:meth:`_BatchNormMixin.__init_subclass__`)."""
+    check._bnlab_rank_check = True
+    return check
+
+
 class _BatchNormMixin:
     """Shared state checks and forward for bnlab's BatchNorm classes (put before the torch.nn base)."""
 
     #: input ranks accepted by the class, e.g. (2, 3) for BatchNorm1d.
     _ranks: tuple[int, ...] = ()
+    #: the class has a _check_input_dim of its own (a user's subclass adding a condition), which
+    #: the fast paths would not call: such a layer takes the general path (set by __init_subclass__)
+    _own_input_check: bool = False
     #: built without num_features, on torch.nn's lazy base (bnlab.lazy).
     _lazy: bool = False
 
@@ -104,6 +115,18 @@ class _BatchNormMixin:
             setattr(self, name, value)
         self._stats_accumulator = StatsAccumulator()  # pending micro-batches (accumulation_steps > 1)
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A subclass overriding ``_check_input_dim`` (torch.nn's place for a subclass's own input
+        condition) gets it called on every input, as torch.nn's forward calls it: the fast paths test
+        only the rank, so module_forward declines such a class, and its forward, where inherited, is
+        put under another function, which the compiled layer call (taking only this class's forward)
+        leaves to nn.Module.__call__. Before, the override ran on no input a fast path took."""
+        super().__init_subclass__(**kwargs)
+        cls._own_input_check = not getattr(cls._check_input_dim, "_bnlab_rank_check", False)
+        if cls._own_input_check and cls.forward is _BatchNormMixin.forward:
+            cls.forward = _forward_with_own_input_check
+
+    @rank_check
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_input_rank(input, self._ranks, type(self).__name__)
 
@@ -233,7 +256,8 @@ class _BatchNormMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # torch reports a shape mismatch in terms of tensors; say which layer size the checkpoint
-        # had, in place of torch's message for that key (one message per key, not two).
+        # had, in place of torch's message for that key (one message per key, not two), under
+        # torch's own opening words, which loaders search for (Hugging Face's "size mismatch").
         reported = []
         for key in ("weight", "bias", "running_mean", "running_var"):
             value = state_dict.get(prefix + key)
@@ -241,7 +265,7 @@ class _BatchNormMixin:
                 what = ("the checkpoint was saved from a layer with a different number of channels" if value.dim() == 1
                         else "a BN layer holds one value per channel")  # fmt: skip
                 error_msgs.append(
-                    f"{prefix}{key}: expected shape ({self.num_features},) for {type(self).__name__}"
+                    f"size mismatch for {prefix}{key}: expected shape ({self.num_features},) for {type(self).__name__}"
                     f"(num_features={self.num_features}), got {tuple(value.shape)}: {what}"
                 )
                 reported.append(f"size mismatch for {prefix}{key}:")
@@ -253,6 +277,12 @@ class _BatchNormMixin:
             error_msgs[before:] = [m for m in error_msgs[before:] if not m.startswith(tuple(reported))]
         if any(prefix + key in state_dict for key in ("running_mean", "running_var", "num_batches_tracked")):
             self._drop_pending_stats()  # micro-batches collected before describe other statistics
+
+
+def _forward_with_own_input_check(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+    """_BatchNormMixin.forward, for a class with its own ``_check_input_dim`` (see
+    ``_BatchNormMixin.__init_subclass__``)."""
+    return _BatchNormMixin.forward(self, input, mask)
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):

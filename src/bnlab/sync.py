@@ -22,7 +22,7 @@ from bnlab.backends import Backend, select_backend
 from bnlab.convert import rebuild_batchnorm, warn_of_dropped_options
 from bnlab.distributed import group_size
 from bnlab.fx_leaf import is_proxy, record_call
-from bnlab.modules import _BatchNormMixin
+from bnlab.modules import _BatchNormMixin, rank_check
 from bnlab.stats import Moments
 from bnlab.sync_steps import sync_backward, sync_forward
 
@@ -126,6 +126,7 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
 
+    @rank_check  # any rank from 2: module_forward's empty _ranks
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(
