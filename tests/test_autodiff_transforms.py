@@ -118,6 +118,36 @@ def test_vmap_matches_torch_nn(training):
     assert rel_err(got, expected) <= TOL
 
 
+def _ensemble(lib, members: int = 4):
+    """A vmap over ``members`` eval-mode BatchNorm1d(3) of different running statistics
+    (torch.func.stack_module_state): a function of (params, buffers, x)."""
+    torch.manual_seed(7)
+    layers = [lib.BatchNorm1d(3).eval() for _ in range(members)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.running_mean.normal_()
+            layer.running_var.uniform_(0.5, 2.0)
+            layer.weight.normal_()
+    params, buffers = torch.func.stack_module_state(layers)
+    base = copy.deepcopy(layers[0]).to("meta")
+    call = torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))
+    return call, params, buffers
+
+
+def test_vmap_over_an_ensemble_of_eval_layers_matches_torch_nn():
+    """The running-variance check read a vmapped buffer in a Python `if`: vmap raised (data-dependent
+    control flow) where torch.nn computes."""
+    x = torch.randn(6, 3)
+    call_ref, params_ref, buffers_ref = _ensemble(torch.nn)
+    call, params, buffers = _ensemble(bnlab)
+    expected = call_ref(params_ref, buffers_ref, x)
+    assert expected.shape == (4, 6, 3)
+    assert rel_err(call(params, buffers, x), expected) <= TOL
+    buffers["running_var"][2, 1] = -1.0  # one member's corrupted variance is still refused, by channel
+    with pytest.raises(ValueError, match=r"running_var: expected non-negative .* at channels \[1\]"):
+        call(params, buffers, x)
+
+
 def test_jacrev_matches_torch_nn():
     ref, ours = _pair(1, 2, training=True, track=False)
     x = _input(1, 2)

@@ -132,8 +132,12 @@ def check_running_var_nonnegative(running_var: Tensor) -> None:
     On CUDA this is an asynchronous device-side assertion, so that eval mode never waits for the GPU.
     """
     if running_var.device.type == "cpu":
+        # the values under torch.func's wrappers: vmap's batched tensor cannot decide a Python `if`
+        # (an ensemble of layers in eval under vmap raised), its whole (B, C) stack can
+        while torch._C._functorch.is_functorch_wrapped_tensor(running_var):
+            running_var = torch._C._functorch.get_unwrapped(running_var)
         if bool((running_var < 0).any()):
-            bad = torch.nonzero(running_var < 0).flatten().tolist()[:8]
+            bad = torch.nonzero((running_var < 0).reshape(-1, running_var.shape[-1]).any(0)).flatten().tolist()[:8]
             raise ValueError(
                 f"running_var: expected non-negative values (variances), got negative entries at channels {bad}; "
                 f"the buffer was corrupted, e.g. by a bad checkpoint or an in-place edit"
