@@ -67,13 +67,15 @@ def _why_not_foldable(module: nn.Module) -> str | None:
     so the scaled copy was thrown away; one recomputed by a forward pre-hook (torch.nn.utils.prune,
     the legacy weight_norm and spectral_norm hooks), or any hook that may change the inputs or
     outputs; and a subclass computing with its own forward (a weight-standardised convolution, a
-    BN that applies an activation)."""
+    BN that applies an activation), or such a forward set on the instance (the fiftieth session's)."""
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "its parameters are parametrized (torch.nn.utils.parametrize)"
     hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
     if any(hook not in MODE_HOOKS for hook in hooks):  # (bnlab.freeze's only switch the mode)
         return "it has forward hooks (torch.nn.utils.prune, weight_norm and spectral_norm add them)"
     for method in _COMPUTING:
+        if method in module.__dict__:  # set on the instance (accelerate's add_hook_to_module, a patch)
+            return f"its {method} is replaced on the instance"
         defined = getattr(type(module), method, None)
         if defined is not None and not getattr(defined, "__module__", "").startswith(("torch.nn.", "bnlab.")):
             return f"its class {type(module).__name__} computes with its own {method}"
