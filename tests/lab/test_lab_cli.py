@@ -165,6 +165,48 @@ def test_run_all_resume_continues_the_newest_all_folder(tmp_path, monkeypatch):
     assert unit_file.stat().st_mtime_ns == before  # finished units are not redone
 
 
+def test_ctrl_c_while_the_report_is_written_names_the_folder_and_resume_reports(tmp_path, monkeypatch, capsys):
+    """Every unit had finished; the note said no run folder was made (the fiftieth session's audit)."""
+    import bnlab.lab.report as report
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    write_report = report.write_report
+    monkeypatch.setattr(report, "write_report", interrupted)
+    out = tmp_path / "r"
+    assert main(["run", "regularization", "--quick", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"bnlab: interrupted; every unit that finished is saved in {out}: continue with "
+        f"`bnlab run regularization --quick --out {out} --resume`")
+    units = {p.name: p.stat().st_mtime_ns for p in (out / "units").iterdir()}
+    assert units and not (out / "report.md").exists()
+    monkeypatch.setattr(report, "write_report", write_report)
+    assert main(["run", "regularization", "--quick", "--out", str(out), "--resume"]) == 0
+    assert (out / "report.md").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "units").iterdir()} == units  # nothing trained again
+
+
+def test_run_all_ctrl_c_before_the_next_experiments_folder_names_the_finished_ones(tmp_path, monkeypatch, capsys):
+    import bnlab.lab.experiments as experiments
+
+    only = {"regularization": get("regularization"), "conv": get("conv")}
+    monkeypatch.setattr(experiments, "registry", lambda: only)
+    load = runner.lab_data.load
+
+    def interrupted_for_conv(*args, **kwargs):
+        if (tmp_path / "all" / "regularization" / "report.md").exists():
+            raise KeyboardInterrupt  # Ctrl-C while conv's data loads, regularization done
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(runner.lab_data, "load", interrupted_for_conv)
+    assert main(["run", "all", "--quick", "--out", str(tmp_path / "all")]) == 130
+    assert capsys.readouterr().err.strip().endswith(
+        f"bnlab: interrupted; every unit that finished is saved in {tmp_path / 'all'}: continue with "
+        f"`bnlab run all --quick --out {tmp_path / 'all'} --resume`")
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["regularization"]
+
+
 def test_missing_data_files_leave_no_run_folder(tmp_path, capsys):
     assert main(["run", "resnet", "--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err

@@ -134,8 +134,8 @@ def _run_reporting_argument_errors(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from bnlab.lab.allocator import keep_freed_memory
     from bnlab.lab.experiments import registry
-    from bnlab.lab.runner import (TRAINING_OPTIONS, RunOptions, default_out, main_progress_note, newest_run,
-                                  run_experiment)
+    from bnlab.lab.runner import (TRAINING_OPTIONS, RunInterrupted, RunOptions, default_out, main_progress_note,
+                                  newest_run, run_experiment)
     from bnlab.lab.world import current_world
 
     keep_freed_memory()  # before any tensor: the convolutions' outputs need not fault in at every step
@@ -160,7 +160,14 @@ def _run(args: argparse.Namespace) -> int:
     for name, exp in registry().items():
         # an experiment that trains nothing (speed) takes none of the options choosing what trains
         chosen = {} if exp.trains else dict.fromkeys(TRAINING_OPTIONS)
-        folder = run_experiment(name, RunOptions(**{**opts.__dict__, "out": root / name, **chosen}))
+        try:
+            folder = run_experiment(name, RunOptions(**{**opts.__dict__, "out": root / name, **chosen}))
+        except KeyboardInterrupt as err:
+            if isinstance(err, RunInterrupted) or not (root.is_dir() and any(root.iterdir())):
+                raise
+            # before this experiment's folder exists (its data loading), after earlier ones ran:
+            # their units are under root, which the advice names (_interrupted_note)
+            raise RunInterrupted(root / name) from err
         print(main_progress_note(folder), flush=True)
     print(f"all: {time.perf_counter() - start:.1f} s in total; reports under {root}/*/report.md")
     return 0

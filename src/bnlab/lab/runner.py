@@ -316,8 +316,9 @@ def _launch_ranks(exp: Experiment, folder: RunFolder, config: dict, todo: list[s
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C while a run's units trained: ``folder`` holds the units that finished (the command
-    line names it in its advice; before the folder exists a plain KeyboardInterrupt goes up)."""
+    """Ctrl-C while a run's units trained or its report was written: ``folder`` holds the units that
+    finished (the command line names it in its advice; before the folder exists a plain
+    KeyboardInterrupt goes up, which `run all` turns into this once an earlier experiment ran)."""
 
     def __init__(self, folder: Path):
         super().__init__(str(folder))
@@ -348,12 +349,12 @@ def run_experiment(name: str, opts: RunOptions) -> RunFolder:
             _launch_ranks(exp, folder, config, todo, opts)
         else:
             run_units(exp, RunContext(folder, config, world.device, data, world), todo)
+        if world.is_main:
+            from bnlab.lab.report import write_report
+
+            write_report(folder)  # (Ctrl-C here too leaves the units, which --resume reports)
     except KeyboardInterrupt as err:
         raise RunInterrupted(folder.path) from err
-    if world.is_main:
-        from bnlab.lab.report import write_report
-
-        write_report(folder)
     return folder
 
 
