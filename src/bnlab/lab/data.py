@@ -66,6 +66,14 @@ def load_bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
             return data["images"], data["labels"]
 
 
+def bundled_mnist_size() -> int:
+    """How many images the bundled MNIST subset holds: the length of its labels, read without
+    decompressing the images (a report's data sizes, lab/experiments/_common.data_words)."""
+    with resources.files("bnlab.lab").joinpath("assets/mnist_5k.npz").open("rb") as f:
+        with np.load(f) as data:
+            return len(data["labels"])
+
+
 def _to_split(images: np.ndarray, labels: np.ndarray, num_classes: int, name: str) -> Split:
     """uint8 images (N, H, W) or (N, C, H, W) -> a Split with float32 pixels in [0, 1]."""
     if images.ndim == 3:

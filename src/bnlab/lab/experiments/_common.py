@@ -34,9 +34,9 @@ def data_words(config: dict) -> tuple[str, str]:
     subset's sizes, or the folder of the full dataset (--data-dir), whose sizes the run does not keep."""
     if config.get("data_dir"):
         return f"the training images in {config['data_dir']}", "its test images"
-    from bnlab.lab.data import BUNDLED_TEST_SIZE, load_bundled_mnist
+    from bnlab.lab.data import BUNDLED_TEST_SIZE, bundled_mnist_size
 
-    total = len(load_bundled_mnist()[1])
+    total = bundled_mnist_size()
     return f"the {total - BUNDLED_TEST_SIZE:,} training images", f"the {BUNDLED_TEST_SIZE:,} test images"
 
 
