@@ -114,6 +114,17 @@ def test_report_of_gpu_results_needs_no_gpu_and_judges_cudnn_on_float32(tmp_path
     assert f"fwd fp32 NCHW 4D vs torch (cuDNN): geometric mean {expected:.2f}x, min 1.17x" in out
 
 
+def test_report_judges_the_eval_target_at_every_case_of_each_dtype(capsys):
+    """The summary lists each dtype's eval cases below 0.90 of copy_: the forty-ninth session's
+    notes named (256, 100) alone, where its files hold four such float32 cases."""
+    src = ROOT / "benchmarks" / "results" / "bench_bn_zen4_s49_b.jsonl"
+    assert bench_bn.main(["--report", "--out", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "eval fp32 cases below 0.90 of copy_: 4 of 14\n  cpu/2/mlp-small/nchw/fp32/eval: 0.63\n" in out
+    assert "  cpu/2/conv-14/cl/fp32/eval: 0.85\n" in out
+    assert "fwd fp32 NCHW conv-56: 29.64 GB/s effective" in out
+
+
 def test_plot_draws_the_results_file_after_a_report(tmp_path, capsys):
     """--plot PNG draws the results (plot_bench.py) after the run, or after --report as here."""
     src = ROOT / "benchmarks" / "results" / "bench_bn_zen3_s35.jsonl"
