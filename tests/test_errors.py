@@ -157,3 +157,32 @@ def test_convert_argument_errors():
 def test_set_backend_unknown_name():
     with pytest.raises(ValueError, match="name: expected one of the registered backends.*'nope'"):
         bnlab.set_backend("nope")
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_channel_vector_on_another_device_is_refused_by_name(name, training):
+    """Guards _checks.check_channel_vector's device check: a (C,) vector on another device than the
+    input ("meta" stands in for a GPU, so that this runs anywhere) is refused by name, by
+    functional.batch_norm and by an eval-mode layer (its path) whose parameter or buffer alone moved."""
+    x = torch.randn(4, 3, 5)
+    vectors = {"running_mean": torch.zeros(3), "running_var": torch.ones(3),
+               "weight": torch.ones(3), "bias": torch.zeros(3)}
+    # a meta input first, whose failure is a clean one: without the check, a CPU input with a meta
+    # running_var crashes the CPU kernels (eval), and a meta weight is ignored without an error
+    on_meta = {key: v.to("meta") if key != name else v for key, v in vectors.items()}
+    with pytest.raises(ValueError, match=f"{name}: expected a tensor on the input's device meta, got one on cpu"):
+        batch_norm(x.to("meta"), **on_meta, training=training)
+    vectors[name] = vectors[name].to("meta")
+    message = f"{name}: expected a tensor on the input's device cpu, got one on meta"
+    with pytest.raises(ValueError, match=message):
+        batch_norm(x, **vectors, training=training)
+    # the layer, in either mode, with and without a mask (a training layer's own path: before the
+    # fiftieth session it took a meta weight as no weight, and gave BN without it)
+    layer = bnlab.BatchNorm1d(3).train(training)
+    # (a meta tensor cannot be given to a CPU parameter's .data: a new Parameter instead)
+    setattr(layer, name, vectors[name] if name.startswith("running") else torch.nn.Parameter(vectors[name]))
+    with pytest.raises(ValueError, match=message):
+        layer(x)
+    with pytest.raises(ValueError, match=message):
+        layer(x, mask=torch.rand(4, 5) < 0.5)

@@ -183,6 +183,10 @@ class _BatchNormMixin:
             return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         # Validate before any state moves, so a rejected batch changes nothing.
         _checks.check_training_batch(x)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            # (C,) on x's device, as eval's batch_norm checks: the kernels took a weight on another
+            # device (a meta one: no memory) as no weight at all, and gave BN without it
+            _checks.check_channel_vector(getattr(self, name), name, x.shape[1], x)
         y, stats = batch_stats_forward(self, x, mask)
         if self.training and self.track_running_stats and self.running_mean is not None:
             self._record_batch_stats(stats)
