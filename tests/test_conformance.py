@@ -193,6 +193,25 @@ def test_bias_false_keyword(backend):
     assert repr(ours) == repr(theirs)
 
 
+@pytest.mark.parametrize("variant", ["plain", "ghost", "renorm", "masked"])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_a_trainable_bias_beside_a_frozen_weight_gets_its_gradient(backend, variant, create_graph):
+    """Guards autograd.param_grads: β's gradient is asked for by β alone, so with γ frozen
+    (requires_grad False) β still gets Σdy over N and the spatial positions, and γ nothing."""
+    options = {"ghost": dict(virtual_batch_size=2), "renorm": dict(renorm=True)}.get(variant, {})
+    layer = bnlab.BatchNorm2d(3, dtype=torch.float64, **options)
+    layer.weight.requires_grad_(False)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 5, 6, generator=gen, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(4, 3, 5, 6, generator=gen, dtype=torch.float64)
+    mask = torch.rand(4, 5, 6, generator=gen) > 0.4 if variant == "masked" else None
+    [grad] = torch.autograd.grad(layer(x, mask=mask), [layer.bias], dy, create_graph=create_graph)
+    assert_close(grad, dy.sum((0, 2, 3)), 1e-12, f"{variant} bias grad")
+    layer(x, mask=mask).backward(dy)
+    assert layer.weight.grad is None
+    assert_close(layer.bias.grad, dy.sum((0, 2, 3)), 1e-12, f"{variant} bias.grad")
+
+
 def test_repr_matches_torch():
     for kwargs in ({}, dict(momentum=None, affine=False, track_running_stats=False), dict(eps=1e-3)):
         assert repr(bnlab.BatchNorm2d(8, **kwargs)) == repr(nn.BatchNorm2d(8, **kwargs))

@@ -11,6 +11,7 @@ from torch import nn
 
 import bnlab
 from bnlab import reference as ref
+from bnlab.tools import diagnosis
 from features_util import to_np
 
 
@@ -66,6 +67,34 @@ def test_a_recalibrated_layer_is_not_stale():
     d = bnlab.diagnose(layer, batches, show=False)[""]
     assert d.worst_mean_shift < 1e-10 and abs(d.worst_var_ratio - 1) < 1e-10
     assert not any("recalibrate" in hint for hint in d.advice)
+
+
+@pytest.mark.parametrize("factor", [0.25, 4.0])
+def test_a_running_variance_off_either_way_is_stale(factor):
+    """Guards the stale-variance check of diagnosis.advise on both sides: a running variance a
+    quarter of the population's (below 1/STALE_VAR) is as stale as one four times it."""
+    layer, batches = _layer(), _batches()
+    bnlab.recalibrate(layer, batches, progress=False)
+    with torch.no_grad():
+        layer.running_var *= factor
+    d = bnlab.diagnose(layer, batches, show=False)[""]
+    assert d.worst_mean_shift < 1e-10
+    assert abs(d.worst_var_ratio - factor) < 1e-3 * factor
+    assert "stale running stats: bnlab.recalibrate" in d.advice
+
+
+def test_worst_var_ratio_is_the_one_farthest_from_one_on_a_log_scale():
+    """Guards LayerDiagnosis.worst_var_ratio: 0.5 (half) is farther from 1 than 1.1 or 1.9, though smaller."""
+    d = diagnosis.LayerDiagnosis("", "BatchNorm1d", 3, 10, 0.0, np.zeros(3), np.array([1.1, 0.5, 1.9]), np.zeros(3),
+                                 np.zeros(3), np.ones(3), [], [])
+    assert d.worst_var_ratio == 0.5 and d.to_dict()["worst_var_ratio"] == 0.5
+    assert "stale running stats: bnlab.recalibrate" in diagnosis.advise(d)
+    d.var_ratio = np.array([0.9, 1.15, 1.0])  # both within 20 %
+    assert d.worst_var_ratio == 1.15 and diagnosis.advise(d) == []
+    d.var_ratio = np.array([3.0, 0.25])  # 1/4 is farther from 1 than 3
+    assert d.worst_var_ratio == 0.25
+    d.var_ratio = np.zeros(0)
+    assert d.worst_var_ratio == 1.0
 
 
 def test_dead_and_eps_dominated_channels_are_found():

@@ -443,3 +443,38 @@ def test_layers_with_tied_weights_are_not_folded():
     bnlab.fold(model)
     after = model(x, v)
     assert all(torch.equal(p, q) for p, q in zip(before, after))
+
+
+@pytest.mark.parametrize("bn_lib", [nn, bnlab])
+def test_a_same_padded_conv_after_a_bn_reads_padded_zeros_and_is_left(bn_lib):
+    """Guards fold_math.reads_only_bn_outputs for padding="same": a kernel wider than 1 pads with
+    zeros, which the folded layer would read as BN's shift t; only kernel_size=1 (no padding) folds."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, 6, dtype=F64) * 3 + 2  # far from BN's outputs: the shift matters
+    model = _calibrated(nn.Sequential(bn_lib.BatchNorm2d(4), nn.Conv2d(4, 5, 3, padding="same")).to(F64), x)
+    assert foldable_pairs(model) == [] and foldable_into_next(model) == []
+    before = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bnlab.fold(model)
+    assert isinstance(model[0], nn.BatchNorm2d)
+    assert torch.equal(model(x), before)
+    one = _calibrated(nn.Sequential(bn_lib.BatchNorm2d(4), nn.Conv2d(4, 5, 1, padding="same")).to(F64), x)
+    assert foldable_into_next(one) == [("0", "1")]
+    _check_equal_after_fold(one, x, expect_folded=1)
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_a_bias_that_fold_creates_is_a_parameter_that_trains_as_the_weight(trainable):
+    """Guards fold_math._set_bias: a layer without a bias gets one that is a registered Parameter
+    with the weight's requires_grad (fine-tuning a folded model trains it; a frozen one stays so)."""
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    model = _calibrated(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)).to(F64), x)
+    model[0].weight.requires_grad_(trainable)
+    bnlab.fold(model)
+    assert isinstance(model[0].bias, nn.Parameter)
+    assert model[0].bias.requires_grad == model[0].weight.requires_grad == trainable
+    assert any(p is model[0].bias for p in model.parameters())
+    if trainable:
+        model(x).sum().backward()
+        assert model[0].bias.grad is not None and model[0].bias.grad.shape == (4,)

@@ -69,6 +69,19 @@ def test_affine_false_freezes_statistics_only():
     assert not torch.equal(model[1].weight, weight_before), "γ should still train with affine=False"
 
 
+@pytest.mark.parametrize("bn", [bnlab.BatchNorm2d, nn.BatchNorm2d])
+def test_affine_false_keeps_a_parameter_the_user_froze_frozen(bn):
+    """Guards freeze's requires_grad rule: with affine=False γ and β keep the requires_grad they had
+    (a β frozen by the user stays frozen, and γ trains), through freeze, a second freeze and unfreeze."""
+    layer = bn(3)
+    layer.bias.requires_grad_(False)
+    for affine in (False, False, True, False):  # freezing a frozen layer again only updates affine
+        bnlab.freeze(layer, affine=affine)
+        assert layer.weight.requires_grad == (not affine) and not layer.bias.requires_grad
+    bnlab.unfreeze(layer)
+    assert layer.weight.requires_grad and not layer.bias.requires_grad
+
+
 def test_unfreeze_restores_training_behaviour_and_requires_grad():
     model = _model()
     model[4].bias.requires_grad_(False)  # a user choice that unfreeze must not override

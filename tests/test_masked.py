@@ -173,6 +173,25 @@ def test_nan_in_the_padding_does_not_reach_the_statistics():
     assert int(layer.num_batches_tracked) == 1
 
 
+def test_an_all_false_mask_normalizes_with_mean_0_and_variance_0_and_leaves_the_averages():
+    """Guards masked_moments' clamp of the count: with no position selected the statistics are
+    mean 0 and M2 0 (not 0/0 = NaN), so y = x / sqrt(eps) · γ + β, finite; the batch is counted in
+    num_batches_tracked (as torch.nn counts any training batch) but leaves the running averages."""
+    layer = _affine(bnlab.BatchNorm1d(3, dtype=torch.float64, eps=0.25))
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        layer.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    y = layer(x, mask=torch.zeros(4, 6, dtype=torch.bool))
+    expected = x / 0.5 * layer.weight.view(1, 3, 1) + layer.bias.view(1, 3, 1)
+    assert torch.isfinite(y).all()
+    assert_close(y, expected.detach(), 1e-15, "output of an all-False mask")
+    assert int(layer.num_batches_tracked) == 1
+    for key in ("running_mean", "running_var"):
+        assert torch.equal(getattr(layer, key), before[key]), key
+
+
 def test_eval_mode_ignores_the_mask():
     layer = bnlab.BatchNorm1d(3).eval()
     x = torch.randn(4, 3, 6)

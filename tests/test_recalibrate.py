@@ -114,6 +114,24 @@ def test_masked_inputs_count_their_selected_positions_only():
     assert_close(layer.running_var, s.m2 / (s.count - 1), 1e-12, "running_var")
 
 
+def test_a_mask_passed_positionally_counts_its_selected_positions_only():
+    """Guards collect.call_mask: layer(x, m) is masked BN as layer(x, mask=m) is, and the pass takes
+    the statistics of the selected positions (it had taken every position's for a positional mask)."""
+    layer = bnlab.BatchNorm1d(3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(4, 3, 8, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(3)]
+    masks = [torch.rand(4, 8, generator=gen) > 0.5 for _ in range(3)]
+    for x in xs:
+        x[:, :, ::2] += 5.0  # positions that differ, so that counting the unselected ones shows
+    bnlab.recalibrate(layer, list(zip(xs, masks)), forward=lambda model, b: model(b[0], b[1]))
+    selected = np.concatenate([to_np(x.permute(0, 2, 1)[m]) for x, m in zip(xs, masks)])
+    s = ref.moments(selected)
+    assert_close(layer.running_mean, s.mean, 1e-12, "running_mean")
+    assert_close(layer.running_var, s.m2 / (s.count - 1), 1e-12, "running_var")
+    d = bnlab.diagnose(layer, list(zip(xs, masks)), forward=lambda model, b: model(b[0], b[1]), show=False)[""]
+    assert d.samples == int(sum(m.sum() for m in masks)) and d.worst_mean_shift < 1e-10
+
+
 @pytest.mark.parametrize("passed", ["positional", "keyword"])
 def test_a_residual_input_is_not_taken_for_a_mask(passed):
     # BatchNormAct2d's second argument is the residual, added after BN: its statistics are those
