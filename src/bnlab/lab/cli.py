@@ -55,6 +55,8 @@ def _parse_seeds(text: str | None) -> list[int] | None:
         raise ValueError(f"--seeds: expected at least one integer, got {text!r}")
     if min(seeds) < 0:  # numpy's and torch's generators take none (numpy's error named no option)
         raise ValueError(f"--seeds: expected non-negative integers such as 0,1,2, got {text!r}")
+    if max(seeds) >= 2**64:  # torch's generators take 64 bits (beyond, their error named no option)
+        raise ValueError(f"--seeds: expected integers below 2**64, got {text!r}")
     return seeds
 
 
@@ -103,8 +105,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     _check_device(args.device)
 
-    if args.timeout is not None and not args.timeout > 0:
-        raise ValueError(f"--timeout: expected a positive number of seconds, got {args.timeout!r}")
+    if args.timeout is not None and not 0 < args.timeout <= _MAX_TIMEOUT_S:  # (NaN fails too)
+        # the bound: a process group's timedelta overflowed on inf or 1e300 in every rank
+        raise ValueError(f"--timeout: expected a positive number of seconds up to {_MAX_TIMEOUT_S:.0e} (three "
+                         f"years), got {args.timeout!r}")
+    for option, value in (("--out", args.out), ("--data-dir", args.data_dir)):
+        if value is not None and not value.strip():
+            # an unset shell variable ($OUT, $DATA) had fallen back to the default folder or data
+            raise ValueError(f"{option}: expected a folder, got {value!r}")
     launched = torchrun_world_size()
     if args.name == "all" and (args.nproc is not None or args.sync_bn or launched > 1):
         given = [f"--nproc {args.nproc}"] if args.nproc is not None else []
@@ -252,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _ARGUMENT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+#: The largest --timeout taken (seconds): beyond, nothing is gained, and timedelta overflows from ~1e14
+_MAX_TIMEOUT_S = 1e8
 
 
 def _interrupted_note(args: argparse.Namespace, argv: list[str], folder: Path | None) -> str:

@@ -54,7 +54,8 @@ def _how_it_was_made(folder: RunFolder, summary: dict, trains: bool) -> list[str
         f"({_threads(c.get('torch_threads'))}, {c.get('machine')})",
         f"{version}; seeds {c['seeds']}; BatchNorm implementation: {c['bn']}; data: {data}" if trains else version,
         *_processes(c),
-        f"- versions: {versions}; git commit: {c.get('git_commit') or 'none'}",
+        f"- versions: {versions}; git commit: {c.get('git_commit') or 'none'}"
+        + (f", resumed at {', '.join(c['resumed_with'])}" if c.get("resumed_with") else ""),
         *([f"- memory allocator: {c['allocator']}"] if c.get("allocator") else []),
         "- parameters: " + ", ".join(f"`{k}` = {_short(v)}" for k, v in c["params"].items()),
     ]
@@ -71,7 +72,10 @@ def write_report(folder: RunFolder | str | Path) -> Path:
     if not summary["complete"]:
         md += [f"> **Partial run**: {len(summary['units_done'])} of {len(folder.config['units'])} units finished. "
                f"Continue it with `bnlab run {exp.name} --resume --out {folder.path}`.", ""]
-    md += [f"**The claim.** {exp.claim}", "", "## What was measured", "", exp.findings(folder).strip(), ""]
+    # no finished unit (a run stopped before its first): nothing measured, which every experiment's
+    # findings need not handle (the inference report's raised IndexError)
+    measured = exp.findings(folder).strip() if summary["units_done"] else "Nothing yet: no unit has finished."
+    md += [f"**The claim.** {exp.claim}", "", "## What was measured", "", measured, ""]
     figures = exp.figures(folder) if summary["rows"] else []
     if figures:
         md += ["## Figures", ""]

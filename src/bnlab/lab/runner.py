@@ -13,9 +13,12 @@ folder; every wait on another process times out.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
+import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -30,7 +33,7 @@ from bnlab.lab import allocator
 from bnlab.lab import data as lab_data
 from bnlab.lab.experiments import Experiment, get
 from bnlab.lab.models import BN_IMPLS
-from bnlab.lab.runs import RunFolder, progress
+from bnlab.lab.runs import RunFolder, atomic_write_json, progress
 from bnlab.lab.tables import counted
 from bnlab.lab.world import SINGLE, World, current_world, default_timeout_s, parallel, rank_device, share_from_main
 
@@ -103,8 +106,11 @@ def default_out(name: str, root: str | Path = "runs") -> Path:
 
 def newest_run(name: str, root: str | Path = "runs", need_config: bool = True) -> Path | None:
     """The most recent runs/NAME-* folder holding a run (or, without ``need_config``, any such folder), or None."""
-    candidates = sorted(p for p in Path(root).glob(f"{name}-*")
-                        if (p / "config.json").is_file() or (not need_config and p.is_dir()))
+    # only the folders default_out names (NAME-YYYYmmdd-HHMMSS), whose names sort by time: a folder
+    # named by hand (runs/NAME-baseline) sorted after every stamp and was resumed instead
+    stamped = re.compile(re.escape(name) + r"-\d{8}-\d{6}")
+    candidates = sorted(p for p in Path(root).glob(f"{name}-*") if stamped.fullmatch(p.name)
+                        and ((p / "config.json").is_file() or (not need_config and p.is_dir())))
     return candidates[-1] if candidates else None
 
 
@@ -250,6 +256,8 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
         folder = RunFolder.open(out)
         _check_resume(folder.config, opts, exp, out, launched)
         config = folder.config
+        _check_writable(folder)
+        _note_other_code(exp.name, folder, config)
         done = sum(folder.is_done(u) for u in config["units"])
         _note(f"{exp.name}: resuming {out} ({'quick' if config['quick'] else 'full'} version): {done} of "
               f"{len(config['units'])} units already done")
@@ -263,6 +271,27 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
             data = lab_data.load(config["dataset"], config["data_dir"])
         folder = RunFolder.create(out, config)
     return folder, config, data, [u for u in config["units"] if not folder.is_done(u)]
+
+
+def _check_writable(folder: RunFolder) -> None:
+    """Refuse to resume into a folder this process cannot write, before any unit trains: the
+    first finished unit failed to save, with a traceback, its work lost."""
+    for place in (folder.path, folder.path / "units"):
+        if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
+            raise ValueError(f"--out: expected a folder bnlab can write to continue the run, got {folder.path} "
+                             f"({place} is not writable)")
+
+
+def _note_other_code(name: str, folder: RunFolder, config: dict) -> None:
+    """Where the run being resumed was made by other code, say so and add this commit to the
+    config's ``resumed_with`` (the report's provenance line names it): a resumed run's report named
+    only the first commit, though its later units came from another."""
+    made, now = config.get("git_commit"), _git_commit()
+    if made and now and now != made and now not in config.get("resumed_with", []):
+        _note(f"{name}: the run was made at commit {made[:12]}, this is {now[:12]}: the units trained now "
+              "come from other code than the finished ones")
+        config["resumed_with"] = [*config.get("resumed_with", []), now]
+        atomic_write_json(folder.path / "config.json", config)
 
 
 def _note(text: str) -> None:
@@ -344,17 +373,19 @@ def run_experiment(name: str, opts: RunOptions) -> RunFolder:
     else:
         folder, config, data, todo = _prepare(exp, opts)
         world = World(device=torch.device(opts.device or config["device"]))
-    try:
-        if world.size == 1 and config.get("world_size", 1) > 1:
-            _launch_ranks(exp, folder, config, todo, opts)
-        else:
-            run_units(exp, RunContext(folder, config, world.device, data, world), todo)
-        if world.is_main:
-            from bnlab.lab.report import write_report
+    # one process writes a folder at a time (under torchrun, the ranks share rank 0's)
+    with folder.writing() if world.size == 1 else contextlib.nullcontext():
+        try:
+            if world.size == 1 and config.get("world_size", 1) > 1:
+                _launch_ranks(exp, folder, config, todo, opts)
+            else:
+                run_units(exp, RunContext(folder, config, world.device, data, world), todo)
+            if world.is_main:
+                from bnlab.lab.report import write_report
 
-            write_report(folder)  # (Ctrl-C here too leaves the units, which --resume reports)
-    except KeyboardInterrupt as err:
-        raise RunInterrupted(folder.path) from err
+                write_report(folder)  # (Ctrl-C here too leaves the units, which --resume reports)
+        except KeyboardInterrupt as err:
+            raise RunInterrupted(folder.path) from err
     return folder
 
 

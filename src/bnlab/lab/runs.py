@@ -8,6 +8,7 @@ A run folder holds
     summary.json     {"rows": [one flat record per trained network], "tables": {...}, ...}
     summary.csv      the rows as CSV (and table_NAME.csv for each extra table)
     *.png, report.md the figures and the report, rebuilt from the files above alone
+    .lock            held (flock) by the process writing the folder, so that no second one trains beside it
 
 Every file is written atomically (a temporary file, then ``os.replace``), and a unit's results
 are written only when the unit has finished, so a run killed at any moment loses nothing that
@@ -16,6 +17,7 @@ finished; run again with ``--resume`` it skips the units that have a file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -99,11 +101,16 @@ class RunFolder:
     # -- creation -----------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, config: dict) -> "RunFolder":
-        """A new run folder holding ``config``; refuses a folder that already holds a run."""
+        """A new run folder holding ``config``; refuses a folder that already holds a run, also one
+        that another process made meanwhile (config.json is linked into place, which fails where
+        one exists: two runs started on one --out at once had both written theirs and reported
+        success, one run's results lost)."""
         folder = cls.ensure_new(path)
         try:
             folder.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(folder.path / "config.json", config)
+            _exclusive_write_json(folder.path / "config.json", config)
+        except FileExistsError:
+            raise cls._holds_a_run(folder.path) from None
         except OSError as err:  # a file in the way, a read-only or forbidden place: say which option
             reason = err.strerror or type(err).__name__
             raise ValueError(f"--out: expected a folder bnlab can create and write, got {folder.path} ({reason}"
@@ -115,10 +122,17 @@ class RunFolder:
         """The folder at ``path``, which must not hold a run yet (nothing is created)."""
         folder = cls(path)
         if (folder.path / "config.json").exists():
-            raise FileExistsError(
-                f"--out: {folder.path} already holds a run; pass --resume to continue it, or choose another --out"
-            )
+            raise cls._holds_a_run(folder.path)
+        units = folder.path / "units"
+        if units.is_dir() and any(units.glob("*.json")):
+            # results without the configuration that made them: a new run would take them as its own
+            raise FileExistsError(f"--out: {folder.path} holds unit results but no config.json (a run whose "
+                                  "configuration was deleted); choose another --out, or delete the folder")
         return folder
+
+    @staticmethod
+    def _holds_a_run(path: Path) -> FileExistsError:
+        return FileExistsError(f"--out: {path} already holds a run; pass --resume to continue it, or choose another --out")
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "RunFolder":
@@ -131,7 +145,34 @@ class RunFolder:
     @property
     def config(self) -> dict:
         """The resolved configuration written when the run was created."""
-        return _read_json(self.path / "config.json")
+        path = self.path / "config.json"
+        config = _read_json(path)
+        if not isinstance(config, dict) or not isinstance(config.get("units"), list) or "experiment" not in config:
+            raise ValueError(f"{path}: expected the configuration bnlab wrote (an object with 'experiment' and "
+                             f"'units'), got {type(config).__name__}{' without them' if isinstance(config, dict) else ''}")
+        return config
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the folder for one process while it trains and reports: another `bnlab run` on it
+        (a second --resume, a fresh run racing this one) is refused instead of training the same
+        units. An advisory lock (flock) on .lock, let go when the process ends, however it ends;
+        where flock does not exist (Windows), nothing is held."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on the project's machines
+            yield self
+            return
+        with open(self.path / ".lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FileExistsError(f"--out: another bnlab process is running in {self.path}; wait for it, or "
+                                      "choose another --out") from None
+            try:
+                yield self
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- units of work ------------------------------------------------------------------------
     def unit_file(self, unit: str) -> Path:
@@ -150,9 +191,17 @@ class RunFolder:
     def units(self) -> list[dict]:
         """The results of the finished units, in the order the configuration lists them."""
         done = []
-        for unit in self.config.get("units", []):
+        for unit in self.config["units"]:
             if self.is_done(unit):
-                done.append(_read_json(self.unit_file(unit)))
+                path = self.unit_file(unit)
+                result = _read_json(path)
+                if not isinstance(result, dict) or result.get("unit") != unit or not isinstance(result.get("rows"), list):
+                    # a file copied or renamed from another unit was taken as this one's results
+                    held = result.get("unit") if isinstance(result, dict) else None
+                    raise ValueError(f"{path}: expected the results of unit {unit!r}, got "
+                                     f"{'those of ' + repr(held) if held else 'no unit results'} (delete it to run "
+                                     "that unit again with --resume)")
+                done.append(result)
         return done
 
     # -- what the units produced --------------------------------------------------------------
@@ -198,6 +247,23 @@ class RunFolder:
     def summary(self) -> dict:
         """summary.json as written by :meth:`write_summary`."""
         return _read_json(self.path / "summary.json")
+
+
+def _exclusive_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` as atomic_write_json does, but fail with FileExistsError where
+    ``path`` exists: the file is written aside, then hard-linked into place (atomic, and never
+    over another process's file)."""
+    aside = path.with_name(f".{path.name}.{os.getpid()}.new")
+    atomic_write_json(aside, obj)
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        os.unlink(aside)
+        raise
+    except OSError:  # no hard links on this file system (some network or FUSE ones): a plain atomic replace
+        os.replace(aside, path)
+        return
+    os.unlink(aside)
 
 
 def _read_json(path: Path) -> dict:
