@@ -58,10 +58,17 @@ HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__
 def count_host_reads():
     """Count Python-level reads of tensor values (.item(), bool(t), ...): each one syncs the host on CUDA.
 
-    A CPU stand-in for torch.cuda.set_sync_debug_mode, which needs a GPU.
+    A CPU stand-in for torch.cuda.set_sync_debug_mode, which needs a GPU. The checks bnlab makes
+    only in an eager CPU call, where a read costs no synchronisation (elementwise._eager_cpu: the
+    large-spread dx, the overflowed sums), are switched off meanwhile, as on CUDA, where they never
+    run: what is counted is what a CUDA step would read.
     """
+    import bnlab.elementwise
+
     calls: Counter = Counter()
     saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    eager_cpu = bnlab.elementwise._eager_cpu
+    bnlab.elementwise._eager_cpu = lambda t: False
 
     def wrap(name, fn):
         def counted(self, *args, **kwargs):
@@ -77,6 +84,7 @@ def count_host_reads():
     finally:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)
+        bnlab.elementwise._eager_cpu = eager_cpu
 
 
 def _state(layer: nn.Module) -> dict:

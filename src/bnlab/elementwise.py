@@ -230,7 +230,8 @@ def grad_input(
     off before the product, so k·dy and c do not cancel where dy is nearly constant (a channel
     constant in both x and dy gets dx = 0 exactly). ``count`` (m) may be a tensor after a
     cross-process merge (SyncBatchNorm), whose steps read nothing on the host: then t is always
-    added (rounded_mean_term's host_check).
+    added (rounded_mean_term's host_check); only the large-spread check reads, and only in an eager
+    CPU call, where a read synchronises nothing (_coefficients_below_normal).
 
     Shapes: dy, x (N, C, *); mean, invstd, sum_dy, sum_dy_xhat float64 (C,); weight (C,) or None.
     Returns dx with x's dtype.
