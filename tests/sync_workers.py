@@ -250,9 +250,12 @@ def _gradient_penalty_error(rank: int) -> str | None:
 
 def report_rank(rank: int, world_size: int, tensor: torch.Tensor) -> dict:
     """Returns what this rank sees: its rank, the world size and the all_reduce of rank·tensor."""
+    import signal
+
     total = tensor * rank
     dist.all_reduce(total)
-    return {"rank": rank, "world_size": world_size, "sum": total}
+    return {"rank": rank, "world_size": world_size, "sum": total,
+            "ctrl_c_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
 
 
 def leave_the_group_first(rank: int, world_size: int) -> int:

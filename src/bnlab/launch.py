@@ -14,8 +14,10 @@ import gc
 import multiprocessing
 import os
 import pickle
+import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -174,6 +176,12 @@ def run_local_ranks(
         if backend == "gloo" and loopback is not None and saved_env is None:
             os.environ["GLOO_SOCKET_IFNAME"] = loopback  # children inherit it: stay on 127.0.0.1
         processes = []
+        # The ranks start with Ctrl-C ignored (the disposition survives their exec, and Python then
+        # installs no KeyboardInterrupt handler): the terminal's SIGINT reaches every process of its
+        # group, and each rank printed its own traceback, some forty lines from within `import torch`
+        # before this process's one-line advice; this process stops them itself (_stop, below).
+        ignoring = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignoring else None
         try:
             for rank in range(world_size):
                 process = context.Process(
@@ -185,6 +193,8 @@ def run_local_ranks(
                 process.start()
                 processes.append(process)
         finally:
+            if ignoring:
+                signal.signal(signal.SIGINT, previous)
             if saved_env is None:
                 os.environ.pop("GLOO_SOCKET_IFNAME", None)
         try:
