@@ -146,6 +146,14 @@ def test_vmap_over_an_ensemble_of_eval_layers_matches_torch_nn():
     buffers["running_var"][2, 1] = -1.0  # one member's corrupted variance is still refused, by channel
     with pytest.raises(ValueError, match=r"running_var: expected non-negative .* at channels \[1\]"):
         call(params, buffers, x)
+    # the members along dim 1 of the stacked buffers: still the channel named, not the member
+    base = copy.deepcopy(bnlab.BatchNorm1d(3).eval()).to("meta")
+    buffer_dims = {name: 1 if t.dim() == 2 else 0 for name, t in buffers.items()}  # (the counter: (members,))
+    across = torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)),
+                             in_dims=(dict.fromkeys(params, 1), buffer_dims, None))
+    moved = {name: t.movedim(0, 1) if t.dim() == 2 else t for name, t in buffers.items()}
+    with pytest.raises(ValueError, match=r"running_var: expected non-negative .* at channels \[1\]"):
+        across({k: v.movedim(0, 1) for k, v in params.items()}, moved, x)
 
 
 def test_jacrev_matches_torch_nn():

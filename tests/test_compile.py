@@ -261,6 +261,27 @@ def test_export_of_an_eval_model_holds_the_operator_and_the_eager_bits():
         assert _bits(exported.module()(x)) == _bits(model(x))
 
 
+@pytest.mark.parametrize("base", [bnlab.BatchNorm2d, bnlab.BatchNormAct2d])
+def test_a_subclass_with_its_own_input_check_exports_with_the_operator(base):
+    """A subclass's own _check_input_dim takes the eager general path (modules.py); the fused
+    layer's traced route must stay the operator (the fiftieth session's first version sent it to
+    the eager kernels, and export failed on their data pointers)."""
+
+    class FourDimensional(base):
+        def _check_input_dim(self, input):
+            if input.dim() != 4:
+                raise ValueError("custom: 4D only")
+
+    layer = FourDimensional(4).eval()
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1), layer.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 5, 5)
+    exported = torch.export.export(layer, (x,))
+    assert any("bnlab.batch_norm_eval" in str(n.target) for n in exported.graph.nodes)
+    with torch.no_grad():
+        assert _bits(exported.module()(x)) == _bits(layer(x))
+
+
 def test_inductor_reads_the_outputs_as_promised():
     # Inductor generates code for the ReLU after BN (and the ReLU's backward), reading BN's output with the
     # strides of the fake implementation: wrong strides there would scramble the values.

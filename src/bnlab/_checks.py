@@ -133,9 +133,14 @@ def check_running_var_nonnegative(running_var: Tensor) -> None:
     """
     if running_var.device.type == "cpu":
         # the values under torch.func's wrappers: vmap's batched tensor cannot decide a Python `if`
-        # (an ensemble of layers in eval under vmap raised), its whole (B, C) stack can
-        while torch._C._functorch.is_functorch_wrapped_tensor(running_var):
-            running_var = torch._C._functorch.get_unwrapped(running_var)
+        # (an ensemble of layers in eval under vmap raised), its whole (B, C) stack can; each vmap
+        # level's batch dimension is moved to the front, so that the channels stay last
+        functorch = torch._C._functorch
+        while functorch.is_functorch_wrapped_tensor(running_var):
+            batch_dim = functorch.maybe_get_bdim(running_var) if functorch.is_batchedtensor(running_var) else None
+            running_var = functorch.get_unwrapped(running_var)
+            if batch_dim is not None:
+                running_var = running_var.movedim(batch_dim, 0)
         if bool((running_var < 0).any()):
             bad = torch.nonzero((running_var < 0).reshape(-1, running_var.shape[-1]).any(0)).flatten().tolist()[:8]
             raise ValueError(

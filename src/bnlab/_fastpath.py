@@ -119,8 +119,6 @@ def module_forward(module, x: object) -> Tensor | None:
         The normalized tensor, with running statistics and num_batches_tracked updated exactly as
         the general path would; or None, with nothing changed.
     """
-    if module._own_input_check:
-        return None  # a subclass's own _check_input_dim, which the general path calls (modules.py)
     compiling = custom_ops.tracing(x)
     # The compiled call reads functorch's and forward AD's state itself, not torch.jit.trace's. (The
     # bare C query, half the cost of torch.jit.is_tracing, is reached only outside torch.compile,

@@ -118,9 +118,11 @@ class _BatchNormMixin:
     def __init_subclass__(cls, **kwargs) -> None:
         """A subclass overriding ``_check_input_dim`` (torch.nn's place for a subclass's own input
         condition) gets it called on every input, as torch.nn's forward calls it: the fast paths test
-        only the rank, so module_forward declines such a class, and its forward, where inherited, is
-        put under another function, which the compiled layer call (taking only this class's forward)
-        leaves to nn.Module.__call__. Before, the override ran on no input a fast path took."""
+        only the rank, so this class's forward takes its general path for such a class, and that
+        forward, where inherited, is put under another function, which the compiled layer call
+        (taking only this class's forward) leaves to nn.Module.__call__. (A layer with a forward of
+        its own that checks first, BatchNormAct2d's, keeps module_forward, and so its traced route.)
+        Before, the override ran on no input a fast path took."""
         super().__init_subclass__(**kwargs)
         cls._own_input_check = not getattr(cls._check_input_dim, "_bnlab_rank_check", False)
         if cls._own_input_check and cls.forward is _BatchNormMixin.forward:
@@ -167,7 +169,7 @@ class _BatchNormMixin:
         batch statistics (masked BN); every position is normalized. Ignored when the running
         statistics are used (evaluation mode).
         """
-        if mask is None:
+        if mask is None and not self._own_input_check:  # (a subclass's own check: the general path)
             y = module_forward(self, input)  # the common case, validated once (bnlab._fastpath)
             if y is not None:
                 return y

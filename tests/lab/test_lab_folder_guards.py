@@ -40,6 +40,25 @@ def test_a_second_run_on_a_folder_held_by_a_running_one_is_refused(finished, cap
     assert main([*ARGV, "--resume", "--out", str(finished)]) == 0  # let go when the first ends
 
 
+def test_a_refused_resume_writes_nothing(finished, capsys, monkeypatch):
+    """The lock is taken before the resume reads which units are left or notes other code in
+    config.json (a refused resume had written its commit into the running run's config)."""
+    (finished / "units" / "bn.json").unlink()
+    before = (finished / "config.json").read_text()
+    monkeypatch.setattr(runner, "_git_commit", lambda: "f" * 40)
+    with RunFolder(finished).writing():
+        assert main([*ARGV, "--resume", "--out", str(finished)]) == 2
+    assert (finished / "config.json").read_text() == before
+    assert "other code" not in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([*ARGV, "--out", str(tmp_path / "notes.txt")]) == 2
+    assert _error(capsys).startswith(f"bnlab: error: --out: expected a folder bnlab can create and write, got "
+                                     f"{tmp_path / 'notes.txt'} (File exists")
+
+
 def test_a_run_made_meanwhile_by_another_process_is_not_overwritten(tmp_path, monkeypatch):
     """Two fresh runs on one --out at once had both passed the check and both written their config."""
     out = tmp_path / "raced"

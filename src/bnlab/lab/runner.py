@@ -13,7 +13,6 @@ folder; every wait on another process times out.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import math
 import os
@@ -255,8 +254,9 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
     if opts.resume and (Path(out) / "config.json").is_file():
         folder = RunFolder.open(out)
         _check_resume(folder.config, opts, exp, out, launched)
-        config = folder.config
         _check_writable(folder)
+        folder.hold()  # before reading which units are left, and before writing anything
+        config = folder.config
         _note_other_code(exp.name, folder, config)
         done = sum(folder.is_done(u) for u in config["units"])
         _note(f"{exp.name}: resuming {out} ({'quick' if config['quick'] else 'full'} version): {done} of "
@@ -270,6 +270,7 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
         if exp.trains:  # a missing file fails before any folder exists
             data = lab_data.load(config["dataset"], config["data_dir"])
         folder = RunFolder.create(out, config)
+        folder.hold()
     return folder, config, data, [u for u in config["units"] if not folder.is_done(u)]
 
 
@@ -373,19 +374,19 @@ def run_experiment(name: str, opts: RunOptions) -> RunFolder:
     else:
         folder, config, data, todo = _prepare(exp, opts)
         world = World(device=torch.device(opts.device or config["device"]))
-    # one process writes a folder at a time (under torchrun, the ranks share rank 0's)
-    with folder.writing() if world.size == 1 else contextlib.nullcontext():
-        try:
-            if world.size == 1 and config.get("world_size", 1) > 1:
-                _launch_ranks(exp, folder, config, todo, opts)
-            else:
-                run_units(exp, RunContext(folder, config, world.device, data, world), todo)
-            if world.is_main:
-                from bnlab.lab.report import write_report
+    try:  # the folder is held from _prepare on (by rank 0 under torchrun), and let go here
+        if world.size == 1 and config.get("world_size", 1) > 1:
+            _launch_ranks(exp, folder, config, todo, opts)
+        else:
+            run_units(exp, RunContext(folder, config, world.device, data, world), todo)
+        if world.is_main:
+            from bnlab.lab.report import write_report
 
-                write_report(folder)  # (Ctrl-C here too leaves the units, which --resume reports)
-        except KeyboardInterrupt as err:
-            raise RunInterrupted(folder.path) from err
+            write_report(folder)  # (Ctrl-C here too leaves the units, which --resume reports)
+    except KeyboardInterrupt as err:
+        raise RunInterrupted(folder.path) from err
+    finally:
+        folder.release()
     return folder
 
 

@@ -108,13 +108,14 @@ class RunFolder:
         folder = cls.ensure_new(path)
         try:
             folder.path.mkdir(parents=True, exist_ok=True)
-            _exclusive_write_json(folder.path / "config.json", config)
-        except FileExistsError:
-            raise cls._holds_a_run(folder.path) from None
         except OSError as err:  # a file in the way, a read-only or forbidden place: say which option
-            reason = err.strerror or type(err).__name__
-            raise ValueError(f"--out: expected a folder bnlab can create and write, got {folder.path} ({reason}"
-                             f"{': ' + str(err.filename) if err.filename else ''})") from err
+            raise _not_writable(folder.path, err) from err
+        try:
+            _exclusive_write_json(folder.path / "config.json", config)
+        except FileExistsError:  # made meanwhile by another process (only the link fails so)
+            raise cls._holds_a_run(folder.path) from None
+        except OSError as err:
+            raise _not_writable(folder.path, err) from err
         return folder
 
     @classmethod
@@ -152,27 +153,43 @@ class RunFolder:
                              f"'units'), got {type(config).__name__}{' without them' if isinstance(config, dict) else ''}")
         return config
 
-    @contextlib.contextmanager
-    def writing(self):
-        """Hold the folder for one process while it trains and reports: another `bnlab run` on it
-        (a second --resume, a fresh run racing this one) is refused instead of training the same
-        units. An advisory lock (flock) on .lock, let go when the process ends, however it ends;
-        where flock does not exist (Windows), nothing is held."""
+    def hold(self) -> None:
+        """Hold the folder for this process until :meth:`release`: another `bnlab run` on it (a
+        second --resume, a fresh run racing this one) is refused instead of training the same units
+        (the runner holds it from before it reads which units are left until the report is
+        written). An advisory lock (flock) on .lock, let go when the process ends, however it ends;
+        where flock does not exist (Windows) or the file system refuses it (some NFS and FUSE
+        mounts), nothing is held."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not on the project's machines
-            yield self
             return
-        with open(self.path / ".lock", "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FileExistsError(f"--out: another bnlab process is running in {self.path}; wait for it, or "
-                                      "choose another --out") from None
-            try:
-                yield self
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        f = open(self.path / ".lock", "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise FileExistsError(f"--out: another bnlab process is running in {self.path}; wait for it, or "
+                                  "choose another --out") from None
+        except OSError:  # no locks on this file system: run as before locks existed
+            f.close()
+            return
+        _HELD[self.path.resolve()] = f
+
+    def release(self) -> None:
+        """Let go of what :meth:`hold` took (nothing, where it took nothing)."""
+        f = _HELD.pop(self.path.resolve(), None)
+        if f is not None:
+            f.close()  # (closing the file lets go of its flock)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """:meth:`hold` for the block, then :meth:`release`."""
+        self.hold()
+        try:
+            yield self
+        finally:
+            self.release()
 
     # -- units of work ------------------------------------------------------------------------
     def unit_file(self, unit: str) -> Path:
@@ -247,6 +264,16 @@ class RunFolder:
     def summary(self) -> dict:
         """summary.json as written by :meth:`write_summary`."""
         return _read_json(self.path / "summary.json")
+
+
+def _not_writable(path: Path, err: OSError) -> ValueError:
+    reason = err.strerror or type(err).__name__
+    return ValueError(f"--out: expected a folder bnlab can create and write, got {path} ({reason}"
+                      f"{': ' + str(err.filename) if err.filename else ''})")
+
+
+#: The run folders this process holds (RunFolder.hold), by resolved path: the open .lock files.
+_HELD: dict[Path, Any] = {}
 
 
 def _exclusive_write_json(path: Path, obj: Any) -> None:
