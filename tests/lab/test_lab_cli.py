@@ -322,3 +322,27 @@ def test_selfcheck_needs_at_least_one_step(steps, capsys):
 
     with pytest.raises(ValueError, match="steps: expected a positive int"):
         run_selfcheck(steps=0)
+
+
+@pytest.mark.parametrize("broken", ["nan_output", "no_count"])
+def test_selfcheck_fails_a_layer_that_gives_nan_or_counts_no_batch(broken, monkeypatch, capsys):
+    """Python's max drops a NaN that is not first: a layer of NaN outputs had passed with every
+    row at 0.0 and exit status 0; the batch counter was not compared at all."""
+    import bnlab
+    from bnlab.lab.selfcheck import _CASES
+
+    layers = {getattr(bnlab, layer) for layer, _ in _CASES}
+    for cls in layers:
+        forward = cls.forward
+
+        def broken_forward(self, input, *args, _forward=forward, **kwargs):
+            y = _forward(self, input, *args, **kwargs)
+            if broken == "no_count":
+                self.num_batches_tracked.zero_()
+                return y
+            return y * float("nan")
+
+        monkeypatch.setattr(cls, "forward", broken_forward)
+    assert main(["selfcheck", "--steps", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "SOME CASES EXCEED TOLERANCE" in out and " yes" not in out

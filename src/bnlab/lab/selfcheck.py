@@ -7,6 +7,7 @@ in outputs, input gradients, parameter gradients and running statistics.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +43,14 @@ class CheckRow:
 
     @property
     def ok(self) -> bool:
-        worst = max(self.output, self.grad_input, self.grad_params, self.running_stats, self.vs_reference)
-        return worst <= self.tolerance
+        worst = _worst(self.output, self.grad_input, self.grad_params, self.running_stats, self.vs_reference)
+        return worst <= self.tolerance  # (False for NaN)
+
+
+def _worst(*values: float) -> float:
+    """The largest of ``values``, NaN if any is NaN: Python's max drops a NaN that is not first,
+    and NaN outputs had passed the check as 0.0."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,18 +80,20 @@ def _check_case(layer: str, shape: tuple, dtype: torch.dtype, steps: int, seed: 
         ref_y, cache = reference.forward_train(x.detach().double().numpy(), ours.weight.detach().double().numpy(),
                                                ours.bias.detach().double().numpy(), ours.eps)
         ref_dx, _, _ = reference.backward(dy.double().numpy(), cache)
-        diffs["output"] = max(diffs["output"], _rel(y, y2))
-        diffs["grad_input"] = max(diffs["grad_input"], _rel(x.grad, x2.grad))
-        diffs["grad_params"] = max(diffs["grad_params"], _rel(ours.weight.grad, theirs.weight.grad),
-                                   _rel(ours.bias.grad, theirs.bias.grad))
-        diffs["running_stats"] = max(diffs["running_stats"], _rel(ours.running_mean, theirs.running_mean),
-                                     _rel(ours.running_var, theirs.running_var))
-        diffs["vs_reference"] = max(diffs["vs_reference"], _rel(y, torch.from_numpy(ref_y)),
-                                    _rel(x.grad, torch.from_numpy(np.asarray(ref_dx))))
+        diffs["output"] = _worst(diffs["output"], _rel(y, y2))
+        diffs["grad_input"] = _worst(diffs["grad_input"], _rel(x.grad, x2.grad))
+        diffs["grad_params"] = _worst(diffs["grad_params"], _rel(ours.weight.grad, theirs.weight.grad),
+                                      _rel(ours.bias.grad, theirs.bias.grad))
+        # the counter too: a layer that counted no batch had passed
+        counted = 0.0 if int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) else math.inf
+        diffs["running_stats"] = _worst(diffs["running_stats"], _rel(ours.running_mean, theirs.running_mean),
+                                        _rel(ours.running_var, theirs.running_var), counted)
+        diffs["vs_reference"] = _worst(diffs["vs_reference"], _rel(y, torch.from_numpy(ref_y)),
+                                       _rel(x.grad, torch.from_numpy(np.asarray(ref_dx))))
     ours.eval()
     theirs.eval()
     x = torch.randn(shape, generator=gen, dtype=dtype)
-    diffs["output"] = max(diffs["output"], _rel(ours(x), theirs(x)))
+    diffs["output"] = _worst(diffs["output"], _rel(ours(x), theirs(x)))
     return CheckRow(layer, shape, str(dtype).replace("torch.", ""), tolerance=_TOLERANCE[dtype], **diffs)
 
 
