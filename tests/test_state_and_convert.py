@@ -164,3 +164,39 @@ def test_convert_swaps_sync_batchnorm_both_ways_keeping_its_group_and_tensors():
     assert_close(model(x), reference(x), 2e-6, "eval")
     bnlab.convert(model, to="torch")
     assert type(model[1]) is nn.SyncBatchNorm and model[1].process_group is group and model[1].weight is tensors[0]
+
+
+class _Siamese(nn.Module):
+    """One BN layer held under two names, called on both branches (a siamese network's tied layer)."""
+
+    def __init__(self, bn_type):
+        super().__init__()
+        self.bn = bn_type(3)
+        self.other = self.bn
+
+    def forward(self, a, b):
+        return self.bn(a) + self.other(b)
+
+
+@pytest.mark.parametrize("convert", ["to_bnlab", "to_torch", "sync"])
+def test_a_layer_held_in_two_places_becomes_one_layer_held_in_both(convert):
+    """named_children() gives a module held twice once: the second place kept the old layer,
+    beside its replacement sharing its buffers, and recalibrate then wrote the statistics of one
+    branch over the other's (the fiftieth session's audit: running_var 72.5 where 36.2)."""
+    model = _Siamese(bnlab.BatchNorm1d if convert == "to_torch" else nn.BatchNorm1d)
+    if convert == "sync":
+        converted = bnlab.SyncBatchNorm.convert_sync_batchnorm(model)
+        expected = bnlab.SyncBatchNorm
+    else:
+        converted = bnlab.convert(model, to="torch" if convert == "to_torch" else "bnlab")
+        expected = nn.BatchNorm1d if convert == "to_torch" else bnlab.BatchNorm1d
+    assert converted.bn is converted.other and type(converted.bn) is expected
+    assert len({id(m) for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}) == 1
+    if convert == "to_bnlab":  # the statistics of both branches, as the unconverted model's
+        gen = torch.Generator().manual_seed(0)
+        batches = [(torch.randn(8, 3, generator=gen, dtype=torch.float64) * 6,
+                    torch.randn(8, 3, generator=gen, dtype=torch.float64) + 4) for _ in range(3)]
+        converted.double()
+        bnlab.recalibrate(converted, batches, forward=lambda m, batch: m(*batch))
+        values = torch.cat([torch.cat(batch) for batch in batches])
+        assert_close(converted.bn.running_var, values.var(0), 1e-12, "running_var")

@@ -109,23 +109,34 @@ def _library_name(layer_type: type) -> str:
     return ("bnlab." if layer_type.__module__.startswith("bnlab") else "torch.nn.") + layer_type.__name__
 
 
-def _convert_tree(module: nn.Module, to: str, path: str) -> nn.Module:
+def _convert_tree(module: nn.Module, to: str, path: str, done: dict | None = None) -> nn.Module:
     """convert's walk: ``path`` is module's name in the model (its qualified name; "" at the top),
     which an error of a layer's conversion names (bnlab refuses some configurations torch.nn takes,
-    such as eps=0)."""
+    such as eps=0). ``done`` maps id(module) to its replacement, so that a module the model holds in
+    two places becomes one replacement held in both (two had shared one set of buffers, and
+    recalibrate then wrote the statistics of one use over the other's)."""
+    done = {} if done is None else done
+    if id(module) in done:
+        return done[id(module)]
     new_type = _mapping(to).get(type(module))
     if new_type is not None:
         if to == "torch":
             warn_of_dropped_options(module, "convert", f"torch.nn.{new_type.__name__}", _TRAINING_OPTIONS)
         extra = {"process_group": module.process_group} if hasattr(module, "process_group") else {}
         try:
-            return rebuild_batchnorm(module, new_type, **extra)
+            done[id(module)] = rebuild_batchnorm(module, new_type, **extra)
         except ValueError as err:
             where = f"layer {path!r}" if path else "the layer"
             raise ValueError(f"module: {where}, a {_library_name(type(module))}, cannot become a "
                              f"{_library_name(new_type)}: {err}") from None
-    for name, child in module.named_children():
-        converted = _convert_tree(child, to, f"{path}.{name}" if path else name)
+        return done[id(module)]
+    done[id(module)] = module
+    # every name a child is held under: named_children() gives a module held twice once only, and
+    # the second place had kept the old layer beside its replacement
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        converted = _convert_tree(child, to, f"{path}.{name}" if path else name, done)
         if converted is not child:
             setattr(module, name, converted)
     return module

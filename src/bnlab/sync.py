@@ -189,11 +189,22 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+        return cls._convert_tree(module, process_group, {})
+
+    @classmethod
+    def _convert_tree(cls, module: nn.Module, process_group, done: dict) -> nn.Module:
+        """convert_sync_batchnorm's walk; ``done`` maps id(module) to its replacement, so that a
+        layer the model holds in two places becomes one layer held in both (the walk by
+        named_children() left the second place the old layer, beside the new one sharing its buffers)."""
+        if id(module) in done:
+            return done[id(module)]
         converted = module
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             converted = cls._from_batchnorm(module, process_group)
-        for name, child in module.named_children():
-            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        done[id(module)] = converted
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                converted.add_module(name, cls._convert_tree(child, process_group, done))
         return converted
 
     @classmethod
