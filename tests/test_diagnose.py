@@ -45,6 +45,22 @@ def test_output_gap_equals_real_train_and_eval_forwards():
     assert abs(d.output_gap - np.sqrt(num / den)) < 1e-10
 
 
+def test_a_frozen_layer_has_no_gap_and_the_advice_unfreezes_before_recalibrating():
+    """A frozen layer trains with its running statistics: its real train/eval gap is 0 (diagnose
+    had reported 5.4 here), and recalibrate leaves it, so the advice unfreezes it first."""
+    layer, batches = _layer(), _batches()
+    bnlab.freeze(layer)
+    with torch.no_grad():
+        layer.running_mean.add_(3.0)  # stale
+        layer.train()
+        y_train = torch.cat([layer(x) for x in batches])
+        y_eval = torch.cat([layer.eval()(x) for x in batches])
+    assert torch.equal(y_train, y_eval)  # (the oracle: what freeze promises)
+    d = bnlab.diagnose(layer, batches, show=False)[""]
+    assert d.output_gap == 0.0
+    assert d.advice == ["stale running stats: bnlab.unfreeze, then bnlab.recalibrate", "frozen"]
+
+
 def test_staleness_and_batch_noise_equal_numpy_statistics():
     layer, batches = _layer(), _batches()
     d = bnlab.diagnose(layer, batches, show=False)[""]

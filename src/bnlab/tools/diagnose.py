@@ -95,6 +95,8 @@ class _LayerProbe:
             ratio = (running_var + eps) / (var + eps)
             den = float(self.gap_den)
             gap = float(np.sqrt(float(self.gap_num) / den)) if den > 0 else float("nan")
+            if is_frozen(layer):  # it trains with its running statistics (bnlab.freeze): no gap
+                gap = 0.0
         else:  # no running statistics: evaluation mode uses batch statistics too
             shift = ratio = np.full_like(mean, np.nan)
             gap = float("nan")

@@ -31,7 +31,8 @@ class LayerDiagnosis:
         samples: values per channel seen (N·H·W summed over batches; selected positions if masked).
         output_gap: ‖y_eval - y_train‖ / ‖y_train - β‖ over all batches: how far evaluation mode's
             outputs are from training mode's on the same inputs (0 = identical); training mode as
-            the layer does it: Ghost BN's ghost batches, Batch Renorm's r and d at its current step.
+            the layer does it: Ghost BN's ghost batches, Batch Renorm's r and d at its current step,
+            and a frozen layer's running statistics (its gap is 0).
         mean_shift: per channel |running_mean - population mean| / sqrt(population var + eps).
         var_ratio: per channel (running_var + eps) / (population var + eps).
         batch_noise: per channel RMS over batches (ghost batches for a Ghost BN layer) of
@@ -91,7 +92,8 @@ def advise(d: LayerDiagnosis) -> list[str]:
     """Hints for one layer from its numbers (thresholds above)."""
     hints = []
     if d.worst_mean_shift > STALE_MEAN or not (1 / STALE_VAR <= d.worst_var_ratio <= STALE_VAR):
-        hints.append("stale running stats: bnlab.recalibrate")
+        # (recalibrate leaves a frozen layer as it is)
+        hints.append("stale running stats: " + ("bnlab.unfreeze, then bnlab.recalibrate" if d.frozen else "bnlab.recalibrate"))
     if d.rms_batch_noise > NOISY_BATCHES:
         hints.append("noisy batch stats (small batches?): larger batch, Ghost BN or renorm")
     if d.near_zero_var:
