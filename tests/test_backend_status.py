@@ -60,6 +60,20 @@ def test_describe_names_a_pinned_backend_that_takes_no_cpu_tensors(monkeypatch):
     assert first == "backend for CPU tensors: none (pinned by set_backend or BNLAB_BACKEND: 'triton')"
 
 
+def test_an_unknown_backend_from_the_environment_is_blamed_on_the_variable(monkeypatch):
+    """BNLAB_BACKEND is read unchecked at import (a backend of that name may be registered after);
+    an unknown one had been named as set_backend's argument 'name'."""
+    import bnlab.backends as backends
+
+    monkeypatch.setattr(backends, "_PINNED", "bogus")
+    monkeypatch.setattr(backends, "_PINNED_BY_ENVIRONMENT", True)
+    with pytest.raises(ValueError, match=r"^BNLAB_BACKEND: expected one of the registered backends .*, got 'bogus'$"):
+        backends.select_backend(torch.randn(4, 3))
+    monkeypatch.setattr(backends, "_PINNED_BY_ENVIRONMENT", False)  # pinned in code: the argument's name
+    with pytest.raises(ValueError, match=r"^name: expected one of the registered backends"):
+        backends.select_backend(torch.randn(4, 3))
+
+
 @needs_kernels
 def test_the_torch_build_is_the_one_loaded_where_torch_ships_its_headers():
     # A compile error in cpu_kernels_torch.cpp would only cost speed (the plain extension module

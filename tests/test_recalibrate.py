@@ -190,3 +190,30 @@ def test_recalibration_repairs_eval_accuracy_drift():
     rescaled = (y_train - bn.bias) * torch.sqrt((var + bn.eps) / (var * 64 / 63 + bn.eps)) + bn.bias
     assert_close(y_eval, rescaled, 1e-12, "eval after recalibration vs whole-data batch statistics")
     assert not torch.allclose(y_eval, y_train, rtol=1e-4, atol=0)  # (the factor is there to undo)
+
+
+@pytest.mark.parametrize("tool", ["recalibrate", "diagnose"])
+def test_arguments_that_cannot_work_are_refused_by_name_before_the_pass(tool):
+    """A meta model had failed after the whole pass on reading its count; batches=None and a
+    forward that is not callable had given Python's own errors."""
+    run = getattr(bnlab, tool)
+    extra = {"show": False} if tool == "diagnose" else {}
+    with torch.device("meta"):
+        on_meta = nn.Sequential(bnlab.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="model: BN layer '0' is on the meta device"):
+        run(on_meta, [torch.randn(4, 3)], **extra)
+    model = nn.Sequential(bnlab.BatchNorm1d(3))
+    with pytest.raises(TypeError, match="batches: expected an iterable of batches .* got NoneType"):
+        run(model, None, **extra)
+    with pytest.raises(TypeError, match="forward: expected None or a callable forward\\(model, batch\\), got int 3"):
+        run(model, [torch.randn(4, 3)], forward=3, **extra)
+
+
+@pytest.mark.parametrize("model", [nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False)],
+                         ids=["no-bn", "untracked"])
+def test_recalibrate_says_so_when_there_is_nothing_to_recalibrate(model):
+    """It had run the whole pass and returned without a word."""
+    ran = []
+    with pytest.warns(UserWarning, match="recalibrate: the model has no BN layer to recalibrate"):
+        assert bnlab.recalibrate(model, [torch.randn(4, 3)], forward=lambda m, b: ran.append(b)) is model
+    assert ran == []

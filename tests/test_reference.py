@@ -135,6 +135,12 @@ def test_momentum_decay_conversion():
             ref.decay_to_momentum(bad)
         with pytest.raises(ValueError, match="momentum"):
             ref.momentum_to_decay(bad)
+    # not numbers: named (a string and None had given Python's comparison error, True passed as 1)
+    for bad, shown in (("0.9", "str '0.9'"), (None, "NoneType None"), (True, "bool True")):
+        with pytest.raises(TypeError, match=f"decay: expected a number in \\[0, 1\\], got {shown}"):
+            ref.decay_to_momentum(bad)
+        with pytest.raises(TypeError, match=f"momentum: expected a number in \\[0, 1\\], got {shown}"):
+            ref.momentum_to_decay(bad)
 
 
 def test_rank_one_input_is_rejected():

@@ -296,13 +296,22 @@ def update_running_stats(
 
 def decay_to_momentum(decay: float) -> float:
     """Keras/Flax/seed-004 "momentum" (weight of the *old* average, e.g. 0.9 or 0.99) to PyTorch's (0.1, 0.01)."""
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay: expected a number in [0, 1], got {decay!r}")
+    _check_fraction(decay, "decay")
     return 1.0 - decay
 
 
 def momentum_to_decay(momentum: float) -> float:
     """PyTorch momentum (weight of the *new* batch, e.g. 0.1) to the Keras/Flax "decay" (0.9)."""
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
+    _check_fraction(momentum, "momentum")
     return 1.0 - momentum
+
+
+def _check_fraction(value: object, name: str) -> None:
+    """A real number in [0, 1], else an error naming ``name`` (a string, None or a bool had given
+    Python's own comparison error, or passed as 0/1). momentum=None, PyTorch's cumulative average,
+    has no decay."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        extra = " (momentum=None, the cumulative average, has no decay)" if value is None else ""
+        raise TypeError(f"{name}: expected a number in [0, 1], got {type(value).__name__} {value!r}{extra}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")

@@ -35,6 +35,7 @@ def test_list_names_every_experiment_with_a_runtime(capsys):
     (["run", "init-sweep", "--quick", "--dataset", "cifar10"], "--dataset"),
     (["run", "resnet", "--quick", "--dataset", "cifar10"], "error: --data-dir: cifar10 is not bundled"),
     (["report", "missing-dir"], "config.json"),
+    (["report", ""], "error: DIR: expected a run folder, got ''"),
     (["run", "conv", "--quick", "--device", "tpu"], "--device: expected a torch device"),
     (["run", "all", "--quick", "--sync-bn"], "error: --sync-bn: `run all` runs every experiment as it comes"),
     (["run", "all", "--quick", "--nproc", "2"], "error: --nproc: `run all` runs every experiment as it comes"),
@@ -346,3 +347,11 @@ def test_selfcheck_fails_a_layer_that_gives_nan_or_counts_no_batch(broken, monke
     assert main(["selfcheck", "--steps", "1"]) == 1
     out = capsys.readouterr().out
     assert "SOME CASES EXCEED TOLERANCE" in out and " yes" not in out
+
+
+
+def test_selfcheck_seed_past_64_bits_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["selfcheck", "--seed", str(2**64)])
+    assert exit_.value.code == 2
+    assert f"argument --seed: expected an integer from 0 to 2**64 - 1, got '{2**64}'" in capsys.readouterr().err

@@ -32,6 +32,9 @@ __all__ = [
 # kernels (when triton imports; imported on the first CUDA tensor) for GPU tensors, else portable.
 _REGISTRY: list[Backend] = [CpuBackend(), TritonBackend(), PortableBackend()]
 _PINNED: str | None = os.environ.get("BNLAB_BACKEND") or None
+# whether _PINNED came from BNLAB_BACKEND (read unchecked at import: a backend of that name may be
+# registered after), so that an unknown name is blamed on the variable, not on set_backend's argument
+_PINNED_BY_ENVIRONMENT = _PINNED is not None
 
 
 def register_backend(backend: Backend) -> None:
@@ -57,9 +60,10 @@ def get_backend(name: str) -> Backend:
 
 def set_backend(name: str | None) -> None:
     """Pin every BN call to the backend ``name``; ``None`` restores the automatic choice."""
-    global _PINNED
+    global _PINNED, _PINNED_BY_ENVIRONMENT
     if name is not None:
         get_backend(name)  # validates the name now rather than at the next forward
+    _PINNED_BY_ENVIRONMENT = False
     _PINNED = name
 
 
@@ -89,7 +93,13 @@ def cpu_train_entry():
 def select_backend(x: Tensor) -> Backend:
     """The backend that runs for input x: the pinned one if set, else the first that supports x."""
     if _PINNED is not None:
-        backend = get_backend(_PINNED)
+        try:
+            backend = get_backend(_PINNED)
+        except ValueError:
+            if not _PINNED_BY_ENVIRONMENT:
+                raise
+            raise ValueError(f"BNLAB_BACKEND: expected one of the registered backends {available_backends()}, "
+                             f"got {_PINNED!r}") from None
         if not backend.supports(x):
             raise ValueError(
                 f"input: the pinned backend {_PINNED!r} does not support a {x.dtype} tensor on {x.device} "

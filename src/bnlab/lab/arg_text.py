@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["parse_shape", "positive_int"]
+__all__ = ["parse_shape", "positive_int", "seed_int"]
 
 _FORMS = {2: "N,C", 3: "N,C,L", 4: "N,C,H,W", 5: "N,C,D,H,W"}
 _EXAMPLES = {2: "256,100", 3: "32,16,100", 4: "64,128,28,28", 5: "8,16,4,28,28"}
@@ -42,4 +42,16 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """An argparse ``type=`` for a random seed torch's generators take: 0 to 2**64 - 1 (beyond,
+    torch's overflow error named no option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}")
     return value

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bnlab.lab.arg_text import parse_shape, positive_int
+from bnlab.lab.arg_text import parse_shape, positive_int, seed_int
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
@@ -184,6 +184,8 @@ def _run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from bnlab.lab.report import write_report
 
+    if not args.dir.strip():  # Path("") is the working directory, as `run` refuses an empty --out
+        raise ValueError(f"DIR: expected a run folder, got {args.dir!r}")
     print(write_report(Path(args.dir)))
     return 0
 
@@ -229,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("selfcheck", help="compare bnlab's BatchNorm with torch.nn's on random data")
     p.add_argument("--steps", type=positive_int, default=3, help="training steps per case (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0; 0 to 2**64 - 1)")
     p.set_defaults(func=_cmd_selfcheck)
     return parser
 

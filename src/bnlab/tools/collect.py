@@ -10,6 +10,7 @@ also when the pass raises.
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
 import itertools
@@ -153,6 +154,16 @@ def collect_inputs(
     Returns:
         The number of batches run.
     """
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward: expected None or a callable forward(model, batch), got {type(forward).__name__} "
+                        f"{forward!r}")
+    if not isinstance(batches, collections.abc.Iterable):
+        raise TypeError(f"batches: expected an iterable of batches (a DataLoader, a list of tensors), got "
+                        f"{type(batches).__name__}")
+    for name, layer in layers:  # before the pass: a meta layer had failed after it, on reading its count
+        if any(t is not None and t.is_meta for t in (layer.running_mean, layer.weight)):
+            raise ValueError(f"model: BN layer {name or type(layer).__name__!r} is on the meta device (no values to "
+                             "compute with); materialize or load the model's tensors first")
     forward = forward or run_batch
     saved = [(layer, layer.training, layer.track_running_stats) for _, layer in layers]
     handles = []

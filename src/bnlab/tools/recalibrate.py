@@ -109,6 +109,10 @@ def recalibrate(
         for name, layer in batchnorm_layers(model, sized=True)
         if layer.track_running_stats and layer.running_mean is not None and not is_frozen(layer)
     ]
+    if not layers:  # nothing to update: say so rather than run the whole pass for nothing
+        warnings.warn("recalibrate: the model has no BN layer to recalibrate (none that tracks running statistics "
+                      "and is not frozen); nothing was run", stacklevel=2)
+        return model
     totals = {name: empty_moments(layer.num_features, layer.running_mean.device) for name, layer in layers}
 
     def on_input(name, layer, x, mask):
