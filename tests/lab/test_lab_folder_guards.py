@@ -166,3 +166,15 @@ def test_a_report_of_a_run_stopped_before_its_first_unit_says_nothing_was_measur
     assert main(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "Nothing yet: no unit has finished." in report and "**Partial run**: 0 of" in report
+
+
+def test_resume_on_another_kind_of_device_is_refused(finished, capsys):
+    """--device was no part of a run's identity: a CPU run continued on a GPU (or back) mixed its units."""
+    config = json.loads((finished / "config.json").read_text())
+    config["device"] = "cuda:0"  # as if made on a GPU
+    (finished / "config.json").write_text(json.dumps(config))
+    (finished / "units" / "bn.json").unlink()
+    capsys.readouterr()
+    assert main([*ARGV, "--resume", "--device", "cpu", "--out", str(finished)]) == 2
+    assert "device: stored 'cuda:0', given 'cpu'" in _error(capsys)
+    assert not (finished / "units" / "bn.json").exists()

@@ -238,6 +238,10 @@ def _check_resume(stored: dict, opts: RunOptions, exp: Experiment, out, launched
     stored = {**stored, "data_dir": _absolute(stored.get("data_dir"))}
     diffs = [f"{k}: stored {stored.get(k, _STORED_DEFAULTS.get(k))!r}, given {v!r}" for k, v in given.items()
              if v is not None and k in _IDENTITY and v != stored.get(k, _STORED_DEFAULTS.get(k))]
+    # the kind of device, not its index: units of a GPU run continued on the CPU (or back) had mixed
+    # in one report that names one device; another GPU of the same kind computes alike
+    if opts.device is not None and torch.device(opts.device).type != torch.device(stored.get("device") or "cpu").type:
+        diffs.append(f"device: stored {stored.get('device') or 'cpu'!r}, given {opts.device!r}")
     if diffs:
         raise ValueError("--resume: the options differ from the run being resumed (" + "; ".join(diffs) +
                          "); drop them to continue as stored, or start a new run with another --out")
