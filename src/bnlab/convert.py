@@ -109,37 +109,50 @@ def _library_name(layer_type: type) -> str:
     return ("bnlab." if layer_type.__module__.startswith("bnlab") else "torch.nn.") + layer_type.__name__
 
 
-def _convert_tree(module: nn.Module, to: str, path: str, done: dict | None = None) -> nn.Module:
-    """convert's walk: ``path`` is module's name in the model (its qualified name; "" at the top),
-    which an error of a layer's conversion names (bnlab refuses some configurations torch.nn takes,
-    such as eps=0). ``done`` maps id(module) to its replacement, so that a module the model holds in
-    two places becomes one replacement held in both (two had shared one set of buffers, and
-    recalibrate then wrote the statistics of one use over the other's)."""
-    done = {} if done is None else done
-    if id(module) in done:
-        return done[id(module)]
-    new_type = _mapping(to).get(type(module))
-    if new_type is not None:
+def _convert_tree(module: nn.Module, to: str, path: str) -> nn.Module:
+    """convert's walk (replace_layers): ``path`` is module's name in the model (its qualified name;
+    "" at the top), which an error of a layer's conversion names (bnlab refuses some configurations
+    torch.nn takes, such as eps=0)."""
+
+    def replacement(layer: nn.Module, where: str) -> nn.Module | None:
+        new_type = _mapping(to).get(type(layer))
+        if new_type is None:
+            return None
         if to == "torch":
-            warn_of_dropped_options(module, "convert", f"torch.nn.{new_type.__name__}", _TRAINING_OPTIONS)
-        extra = {"process_group": module.process_group} if hasattr(module, "process_group") else {}
+            warn_of_dropped_options(layer, "convert", f"torch.nn.{new_type.__name__}", _TRAINING_OPTIONS)
+        extra = {"process_group": layer.process_group} if hasattr(layer, "process_group") else {}
         try:
-            done[id(module)] = rebuild_batchnorm(module, new_type, **extra)
+            return rebuild_batchnorm(layer, new_type, **extra)
         except ValueError as err:
-            where = f"layer {path!r}" if path else "the layer"
-            raise ValueError(f"module: {where}, a {_library_name(type(module))}, cannot become a "
+            named = f"layer {where!r}" if where else "the layer"
+            raise ValueError(f"module: {named}, a {_library_name(type(layer))}, cannot become a "
                              f"{_library_name(new_type)}: {err}") from None
-        return done[id(module)]
-    done[id(module)] = module
-    # every name a child is held under: named_children() gives a module held twice once only, and
-    # the second place had kept the old layer beside its replacement
-    for name, child in list(module._modules.items()):
-        if child is None:
-            continue
-        converted = _convert_tree(child, to, f"{path}.{name}" if path else name, done)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+
+    return replace_layers(module, replacement, path)
+
+
+def replace_layers(module: nn.Module, replacement, path: str = "") -> nn.Module:
+    """``module`` with each module for which ``replacement(module, qualified name)`` gives a new one
+    put in its place (convert, SyncBatchNorm.convert_sync_batchnorm); returns module's own
+    replacement, or module. A module held in two places becomes one replacement held in both: the
+    walk keeps what it replaced by id, and reads every name a child is held under, where
+    named_children() gives a module held twice once only (the second place had kept the old layer
+    beside its replacement sharing its buffers, and recalibrate then wrote the statistics of one use
+    over the other's). A replaced module's children, converted too, go to its replacement."""
+    done: dict[int, nn.Module] = {}
+
+    def walk(current: nn.Module, where: str) -> nn.Module:
+        if id(current) in done:
+            return done[id(current)]
+        result = done[id(current)] = replacement(current, where) or current
+        for name, child in list(current._modules.items()):
+            if child is not None:
+                converted = walk(child, f"{where}.{name}" if where else name)
+                if converted is not child or result is not current:
+                    setattr(result, name, converted)
+        return result
+
+    return walk(module, path)
 
 
 def warn_of_dropped_options(old: nn.Module, caller: str, becomes: str, options: tuple[str, ...]) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from bnlab import _checks, custom_ops, custom_ops_sync
 from bnlab.backends import Backend, select_backend
-from bnlab.convert import rebuild_batchnorm, warn_of_dropped_options
+from bnlab.convert import rebuild_batchnorm, replace_layers, warn_of_dropped_options
 from bnlab.distributed import group_size
 from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.modules import _BatchNormMixin, rank_check
@@ -189,23 +189,11 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
-        return cls._convert_tree(module, process_group, {})
 
-    @classmethod
-    def _convert_tree(cls, module: nn.Module, process_group, done: dict) -> nn.Module:
-        """convert_sync_batchnorm's walk; ``done`` maps id(module) to its replacement, so that a
-        layer the model holds in two places becomes one layer held in both (the walk by
-        named_children() left the second place the old layer, beside the new one sharing its buffers)."""
-        if id(module) in done:
-            return done[id(module)]
-        converted = module
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            converted = cls._from_batchnorm(module, process_group)
-        done[id(module)] = converted
-        for name, child in list(module._modules.items()):
-            if child is not None:
-                converted.add_module(name, cls._convert_tree(child, process_group, done))
-        return converted
+        def replacement(layer: nn.Module, _where: str) -> nn.Module | None:
+            return cls._from_batchnorm(layer, process_group) if isinstance(layer, nn.modules.batchnorm._BatchNorm) else None
+
+        return replace_layers(module, replacement)
 
     @classmethod
     def _from_batchnorm(cls, old: nn.modules.batchnorm._BatchNorm, process_group) -> "SyncBatchNorm":
