@@ -139,6 +139,13 @@ class _BatchNormMixin:
     def _check_channels(self, x: Tensor) -> None:
         _checks.check_input_channels(x, self.num_features)
 
+    def _check_vectors(self, x: Tensor) -> None:
+        """weight, bias and the running statistics: floating (C,) tensors on x's device (or None),
+        as eval's batch_norm checks them; a training path's kernels had taken a weight on another
+        device (a meta one: no memory) as no weight at all, and given BN without it."""
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            _checks.check_channel_vector(getattr(self, name), name, self.num_features, x)
+
     def __call__(self, *args, **kwargs):
         """``layer(input)``: as nn.Module.__call__, which runs hooks and then :meth:`forward`.
 
@@ -185,10 +192,7 @@ class _BatchNormMixin:
             return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         # Validate before any state moves, so a rejected batch changes nothing.
         _checks.check_training_batch(x)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            # (C,) on x's device, as eval's batch_norm checks: the kernels took a weight on another
-            # device (a meta one: no memory) as no weight at all, and gave BN without it
-            _checks.check_channel_vector(getattr(self, name), name, x.shape[1], x)
+        self._check_vectors(x)
         y, stats = batch_stats_forward(self, x, mask)
         if self.training and self.track_running_stats and self.running_mean is not None:
             self._record_batch_stats(stats)

@@ -147,8 +147,7 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         self._check_channels(x)
         if not self._needs_sync():
             return super().forward(x)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            _checks.check_channel_vector(getattr(self, name), name, self.num_features, x)
+        self._check_vectors(x)
         if custom_ops.tracing(x):  # the same step as one operator: the compiled graph stays whole
             y, stats = custom_ops_sync.sync_train(x, self.weight, self.bias, self.eps, self.process_group)
         else:
