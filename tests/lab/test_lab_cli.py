@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import bnlab.lab.resume as resume
 import bnlab.lab.runner as runner
 from bnlab.lab.cli import main
 from bnlab.lab.experiments import get
@@ -135,10 +136,10 @@ def test_resume_of_a_run_that_stored_a_relative_data_dir_takes_the_same_data_dir
     stored = {"experiment": "conv", "quick": True, "seeds": [0], "bn": "bnlab", "dataset": "mnist",
               "data_dir": "mnist", "device": "cpu", "world_size": 1, "sync_bn": False, "shapes": None}
     opts = runner.RunOptions(resume=True, data_dir="mnist", out=tmp_path / "run")
-    runner._check_resume(stored, opts, get("conv"), opts.out)  # no error
+    resume.check_resume(stored, opts, get("conv"), opts.out)  # no error
     other = runner.RunOptions(resume=True, data_dir=str(tmp_path), out=tmp_path / "run")
     with pytest.raises(ValueError, match="data_dir: stored"):
-        runner._check_resume(stored, other, get("conv"), other.out)
+        resume.check_resume(stored, other, get("conv"), other.out)
 
 
 _STORED_CONV = {"experiment": "conv", "quick": True, "seeds": [0], "bn": "bnlab", "dataset": "mnist", "data_dir": None,
@@ -155,19 +156,19 @@ _STORED_CONV = {"experiment": "conv", "quick": True, "seeds": [0], "bn": "bnlab"
     ("shapes", [[8, 4]], "None"),
 ])
 def test_resume_refuses_every_option_that_defines_the_run(tmp_path, option, value, stored):
-    """Guards runner._IDENTITY: each option that defines what a run computes, given otherwise than
+    """Guards resume._IDENTITY: each option that defines what a run computes, given otherwise than
     stored, refuses the resume and is named (a run resumed with other --seeds had mixed two runs' units)."""
     key = "world_size" if option == "nproc" else option
     same = runner.RunOptions(resume=True, out=tmp_path / "run", **{option: _STORED_CONV.get(option, 1)})
-    runner._check_resume(_STORED_CONV, same, get("conv"), same.out)  # as stored: no error
+    resume.check_resume(_STORED_CONV, same, get("conv"), same.out)  # as stored: no error
     other = runner.RunOptions(resume=True, out=tmp_path / "run", **{option: value})
     message = rf"--resume: the options differ .*\({key}: stored {re.escape(stored)}, given "
     with pytest.raises(ValueError, match=message):
-        runner._check_resume(_STORED_CONV, other, get("conv"), other.out)
+        resume.check_resume(_STORED_CONV, other, get("conv"), other.out)
 
 
 def test_resume_with_other_seeds_is_refused_before_any_unit_runs(tmp_path, capsys):
-    """Guards runner._IDENTITY's "seeds" end to end: `bnlab run --resume --seeds` that differ from the
+    """Guards resume._IDENTITY's "seeds" end to end: `bnlab run --resume --seeds` that differ from the
     stored run exits 2 with the option named, and the folder is left as it was."""
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({**_STORED_CONV, "units": ["channel,seed=0"]}))
@@ -178,7 +179,7 @@ def test_resume_with_other_seeds_is_refused_before_any_unit_runs(tmp_path, capsy
 
 @pytest.mark.parametrize("need_config", [True, False])
 def test_newest_run_is_the_latest_stamped_folder(tmp_path, need_config):
-    """Guards runner.newest_run: of runs/NAME-YYYYmmdd-HHMMSS folders the latest stamp (sorted last)
+    """Guards resume.newest_run: of runs/NAME-YYYYmmdd-HHMMSS folders the latest stamp (sorted last)
     is taken; with need_config only folders holding a config.json count, without it any folder."""
     root = tmp_path / "runs"
     for stamp in ("20250101-000000", "20240101-000000", "20240601-000000"):
@@ -187,11 +188,11 @@ def test_newest_run_is_the_latest_stamped_folder(tmp_path, need_config):
             (root / f"conv-{stamp}" / "config.json").write_text("{}")
     (root / "conv-20990101-000000.json").write_text("{}")  # a file, not a run folder
     (root / "resnet-20260101-000000").mkdir()  # another experiment's
-    assert runner.newest_run("conv", root, need_config=need_config) == root / "conv-20250101-000000"
+    assert resume.newest_run("conv", root, need_config=need_config) == root / "conv-20250101-000000"
     (root / "conv-20251231-000000").mkdir()  # newest, but holding no run yet
     expected = "conv-20250101-000000" if need_config else "conv-20251231-000000"
-    assert runner.newest_run("conv", root, need_config=need_config) == root / expected
-    assert runner.newest_run("speed", root, need_config=need_config) is None
+    assert resume.newest_run("conv", root, need_config=need_config) == root / expected
+    assert resume.newest_run("speed", root, need_config=need_config) is None
 
 
 def test_ctrl_c_before_the_run_folder_exists_gives_no_advice_to_resume(tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+import bnlab.lab.resume as resume
 import bnlab.lab.runner as runner
 from bnlab.lab.cli import main
 from bnlab.lab.runs import RunFolder
@@ -105,7 +106,7 @@ def test_resuming_into_a_folder_that_cannot_be_written_fails_before_training(fin
     (finished / "units" / "bn.json").unlink()
     trained = []
     monkeypatch.setattr(runner, "run_units", lambda *args: trained.append(args))
-    monkeypatch.setattr(runner.os, "access", lambda path, mode: str(path) != str(finished / "units"))
+    monkeypatch.setattr(resume.os, "access", lambda path, mode: str(path) != str(finished / "units"))
     capsys.readouterr()
     assert main([*ARGV, "--resume", "--out", str(finished)]) == 2
     assert _error(capsys) == (f"bnlab: error: --out: expected a folder bnlab can write to continue the run, got "

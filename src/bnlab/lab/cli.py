@@ -142,8 +142,9 @@ def _run_reporting_argument_errors(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from bnlab.lab.allocator import keep_freed_memory
     from bnlab.lab.experiments import registry
+    from bnlab.lab.resume import newest_run
     from bnlab.lab.runner import (TRAINING_OPTIONS, RunInterrupted, RunOptions, default_out, main_progress_note,
-                                  newest_run, run_experiment)
+                                  run_experiment)
     from bnlab.lab.world import current_world
 
     keep_freed_memory()  # before any tensor: the convolutions' outputs need not fault in at every step

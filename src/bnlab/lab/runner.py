@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -32,18 +30,12 @@ from bnlab.lab import allocator
 from bnlab.lab import data as lab_data
 from bnlab.lab.experiments import Experiment, get
 from bnlab.lab.models import BN_IMPLS
-from bnlab.lab.runs import RunFolder, atomic_write_json, progress
+from bnlab.lab.resume import absolute_dir, check_resume, check_writable, newest_run, note_other_code
+from bnlab.lab.runs import RunFolder, progress
 from bnlab.lab.tables import counted
 from bnlab.lab.world import SINGLE, World, current_world, default_timeout_s, parallel, rank_device, share_from_main
 
-__all__ = ["RunOptions", "RunContext", "run_experiment", "run_units", "default_out", "newest_run", "environment",
-           "TRAINING_OPTIONS"]
-
-# The options that define what a run computes: a resumed run must agree with the stored ones.
-_IDENTITY = ("quick", "seeds", "bn", "dataset", "data_dir", "world_size", "sync_bn", "shapes")
-# for run folders made before these options existed
-_STORED_DEFAULTS = {"world_size": 1, "sync_bn": False, "shapes": None}
-
+__all__ = ["RunOptions", "RunContext", "run_experiment", "run_units", "default_out", "environment", "TRAINING_OPTIONS"]
 
 @dataclass
 class RunOptions:
@@ -101,16 +93,6 @@ class RunContext:
 def default_out(name: str, root: str | Path = "runs") -> Path:
     """runs/NAME-YYYYmmdd-HHMMSS (relative to the working directory)."""
     return Path(root) / f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def newest_run(name: str, root: str | Path = "runs", need_config: bool = True) -> Path | None:
-    """The most recent runs/NAME-* folder holding a run (or, without ``need_config``, any such folder), or None."""
-    # only the folders default_out names (NAME-YYYYmmdd-HHMMSS), whose names sort by time: a folder
-    # named by hand (runs/NAME-baseline) sorted after every stamp and was resumed instead
-    stamped = re.compile(re.escape(name) + r"-\d{8}-\d{6}")
-    candidates = sorted(p for p in Path(root).glob(f"{name}-*") if stamped.fullmatch(p.name)
-                        and ((p / "config.json").is_file() or (not need_config and p.is_dir())))
-    return candidates[-1] if candidates else None
 
 
 def _git_commit() -> str | None:
@@ -200,7 +182,7 @@ def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> 
         raise ValueError(f"--shapes: {exp.name} runs its own models, got --shapes for it; experiments that take "
                          f"shapes: {', '.join(able)}")
     config = {"experiment": exp.name, "quick": quick, "seeds": seeds, "bn": bn, "dataset": dataset,
-              "data_dir": _absolute(opts.data_dir), "device": opts.device or "cpu",
+              "data_dir": absolute_dir(opts.data_dir), "device": opts.device or "cpu",
               "world_size": world_size, "sync_bn": sync_bn, "shapes": opts.shapes, "params": {}}
     config["params"] = exp.params(config)
     _check_batch_shares(exp, config)
@@ -209,11 +191,6 @@ def _resolve(exp: Experiment, opts: RunOptions, launched: int | None = None) -> 
     config["created"] = _dt.datetime.now().isoformat(timespec="seconds")
     config.update(environment())
     return config
-
-
-def _absolute(data_dir: str | None) -> str | None:
-    """--data-dir as an absolute path: a run resumed from another working directory finds it too."""
-    return str(Path(data_dir).expanduser().resolve()) if data_dir else None
 
 
 def _check_batch_shares(exp: Experiment, config: dict) -> None:
@@ -227,26 +204,6 @@ def _check_batch_shares(exp: Experiment, config: dict) -> None:
                          f"{', '.join(map(str, fits))}), got {world}")
 
 
-def _check_resume(stored: dict, opts: RunOptions, exp: Experiment, out, launched: int | None = None) -> None:
-    if stored.get("experiment", exp.name) != exp.name:
-        raise ValueError(f"--out: {out} holds a run of {stored['experiment']}, not of {exp.name}; resume it with "
-                         f"`bnlab run {stored['experiment']} --resume --out {out}`, or choose another --out")
-    given = {"quick": opts.quick, "seeds": opts.seeds, "bn": opts.bn, "dataset": opts.dataset,
-             "data_dir": _absolute(opts.data_dir),
-             "world_size": launched or opts.nproc, "sync_bn": opts.sync_bn or None, "shapes": opts.shapes}
-    # (runs made before the forty-ninth session kept --data-dir as typed)
-    stored = {**stored, "data_dir": _absolute(stored.get("data_dir"))}
-    diffs = [f"{k}: stored {stored.get(k, _STORED_DEFAULTS.get(k))!r}, given {v!r}" for k, v in given.items()
-             if v is not None and k in _IDENTITY and v != stored.get(k, _STORED_DEFAULTS.get(k))]
-    # the kind of device, not its index: units of a GPU run continued on the CPU (or back) had mixed
-    # in one report that names one device; another GPU of the same kind computes alike
-    if opts.device is not None and torch.device(opts.device).type != torch.device(stored.get("device") or "cpu").type:
-        diffs.append(f"device: stored {stored.get('device') or 'cpu'!r}, given {opts.device!r}")
-    if diffs:
-        raise ValueError("--resume: the options differ from the run being resumed (" + "; ".join(diffs) +
-                         "); drop them to continue as stored, or start a new run with another --out")
-
-
 def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
     """(folder, config, data or None, unfinished units): a new run folder, or the one to resume."""
     data = None
@@ -257,11 +214,13 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
         out = default_out(exp.name)
     if opts.resume and (Path(out) / "config.json").is_file():
         folder = RunFolder.open(out)
-        _check_resume(folder.config, opts, exp, out, launched)
-        _check_writable(folder)
+        check_resume(folder.config, opts, exp, out, launched)
+        check_writable(folder)
         folder.hold()  # before reading which units are left, and before writing anything
         config = folder.config
-        _note_other_code(exp.name, folder, config)
+        other_code = note_other_code(exp.name, folder, config, _git_commit())
+        if other_code:
+            _note(other_code)
         done = sum(folder.is_done(u) for u in config["units"])
         _note(f"{exp.name}: resuming {out} ({'quick' if config['quick'] else 'full'} version): {done} of "
               f"{len(config['units'])} units already done")
@@ -276,27 +235,6 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
         folder = RunFolder.create(out, config)
         folder.hold()
     return folder, config, data, [u for u in config["units"] if not folder.is_done(u)]
-
-
-def _check_writable(folder: RunFolder) -> None:
-    """Refuse to resume into a folder this process cannot write, before any unit trains: the
-    first finished unit failed to save, with a traceback, its work lost."""
-    for place in (folder.path, folder.path / "units"):
-        if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
-            raise ValueError(f"--out: expected a folder bnlab can write to continue the run, got {folder.path} "
-                             f"({place} is not writable)")
-
-
-def _note_other_code(name: str, folder: RunFolder, config: dict) -> None:
-    """Where the run being resumed was made by other code, say so and add this commit to the
-    config's ``resumed_with`` (the report's provenance line names it): a resumed run's report named
-    only the first commit, though its later units came from another."""
-    made, now = config.get("git_commit"), _git_commit()
-    if made and now and now != made and now not in config.get("resumed_with", []):
-        _note(f"{name}: the run was made at commit {made[:12]}, this is {now[:12]}: the units trained now "
-              "come from other code than the finished ones")
-        config["resumed_with"] = [*config.get("resumed_with", []), now]
-        atomic_write_json(folder.path / "config.json", config)
 
 
 def _note(text: str) -> None:
