@@ -190,7 +190,9 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
 
         def replacement(layer: nn.Module, _where: str) -> nn.Module | None:
-            return cls._from_batchnorm(layer, process_group) if isinstance(layer, nn.modules.batchnorm._BatchNorm) else None
+            if not isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                return None
+            return cls._from_batchnorm(layer, process_group)
 
         return replace_layers(module, replacement)
 
