@@ -59,19 +59,23 @@ class Split:
         return Split(self.x.to(device), self.y.to(device), self.num_classes, self.name)
 
 
-def load_bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """The bundled 5,000-image MNIST subset as stored: images uint8 (5000, 28, 28), labels uint8 (5000,), sorted by class."""
+def _bundled_arrays(*names: str) -> tuple[np.ndarray, ...]:
+    """The arrays ``names`` of the bundled assets/mnist_5k.npz, each read (decompressed) only if asked for."""
     with resources.files("bnlab.lab").joinpath("assets/mnist_5k.npz").open("rb") as f:
         with np.load(f) as data:
-            return data["images"], data["labels"]
+            return tuple(data[name] for name in names)
+
+
+def load_bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled 5,000-image MNIST subset as stored: images uint8 (5000, 28, 28), labels uint8 (5000,), sorted by class."""
+    return _bundled_arrays("images", "labels")
 
 
 def bundled_mnist_size() -> int:
     """How many images the bundled MNIST subset holds: the length of its labels, read without
     decompressing the images (a report's data sizes, lab/experiments/_common.data_words)."""
-    with resources.files("bnlab.lab").joinpath("assets/mnist_5k.npz").open("rb") as f:
-        with np.load(f) as data:
-            return len(data["labels"])
+    (labels,) = _bundled_arrays("labels")
+    return len(labels)
 
 
 def _to_split(images: np.ndarray, labels: np.ndarray, num_classes: int, name: str) -> Split:
