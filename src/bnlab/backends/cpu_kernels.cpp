@@ -378,6 +378,9 @@ template <bool kStream>
 static inline bool st32_eo(bf16*, EvenOdd) { return false; }
 #endif
 static inline __m512i ld32_raw(const bf16* p) { return _mm512_loadu_si512((const void*)p); }
+// Pins a loaded vector to a register (an empty asm that may change it): GCC otherwise folds a
+// vector loaded once for several blocks back into each use as a memory operand, one load per use.
+static inline void in_register(__m512& v) { __asm__("" : "+v"(v)); }
 static inline __m512 affine16(__m512 x, __m512 h, __m512 a, __m512 b) {
   return _mm512_fmadd_ps(_mm512_sub_ps(x, h), a, b);
 }
