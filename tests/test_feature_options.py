@@ -87,6 +87,50 @@ def test_whole_layer_pickles_and_a_pre_feature_pickle_still_works():
     assert_close(loaded(x), theirs(x), 2e-4, "class-level defaults")
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: bnlab.BatchNorm2d(3),
+        lambda: bnlab.BatchNorm2d(3, accumulation_steps=2),
+        lambda: bnlab.BatchNormAct2d(3),
+        lambda: bnlab.SyncBatchNorm(3),
+    ],
+)
+def test_a_layer_saved_whole_loads_with_weights_only_and_its_class_allowed(make):
+    # as torch.nn's: allowing the layer's class is enough (its empty accumulator was pickled, and
+    # torch.load(weights_only=True) refused bnlab.variants.accumulate.StatsAccumulator)
+    layer = make()
+    for _ in range(2):  # two steps: no micro-batch left pending
+        layer(torch.randn(4, 3, 2, 2))
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    with torch.serialization.safe_globals([type(layer)]):
+        loaded = torch.load(buffer, weights_only=True)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # the accumulator is made again on loading: accumulated steps go on as in the layer saved
+    layer.train(), loaded.train()
+    x = torch.randn(6, 3, 2, 2)
+    for _ in range(2):
+        layer(x), loaded(x)
+    assert torch.equal(loaded.running_var, layer.running_var)
+
+
+def test_pending_micro_batches_are_kept_by_pickling_and_deepcopy():
+    import copy
+
+    layer = bnlab.BatchNorm1d(3, accumulation_steps=2)
+    first, second = torch.randn(4, 3), torch.randn(5, 3) + 2
+    layer(first)  # pending: the running averages wait for the second micro-batch
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        clone(second)
+        whole = torch.nn.BatchNorm1d(3)
+        whole(torch.cat([first, second]))
+        assert_close(clone.running_mean, whole.running_mean, 1e-6, "the pending micro-batch merged")
+        assert_close(clone.running_var, whole.running_var, 1e-6, "the pending micro-batch merged")
+
+
 def test_convert_still_round_trips():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3))
     bnlab.convert(model)

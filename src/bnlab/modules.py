@@ -216,6 +216,23 @@ class _BatchNormMixin:
                 return
         self._update_running_stats(stats)
 
+    def __getstate__(self) -> dict:
+        """torch.nn's state, less an accumulator with nothing pending (``accumulation_steps``), which
+        :meth:`__setstate__` makes again: a layer saved whole (``torch.save(model)``) then loads under
+        ``torch.load(weights_only=True)`` with its own class allowed, as torch.nn's layers do, where the
+        accumulator's class had to be allowed too. (Pending micro-batches are kept, and need
+        ``bnlab.variants.accumulate.StatsAccumulator`` and ``bnlab.stats.Moments`` allowed.)"""
+        state = super().__getstate__()
+        accumulator = state.get("_stats_accumulator")
+        if isinstance(accumulator, StatsAccumulator) and accumulator.pending is None and not accumulator.micro_batches:
+            state = {name: value for name, value in state.items() if name != "_stats_accumulator"}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_stats_accumulator" not in self.__dict__:
+            self.__dict__["_stats_accumulator"] = StatsAccumulator()
+
     def _accumulator(self) -> StatsAccumulator:
         # getattr, not self.__dict__.get: under torch.compile (2.13) a layer with no accumulator yet
         # that looked it up in __dict__ made a new one at every compiled call, so its running
