@@ -20,6 +20,7 @@ their gradients back. A smaller last ghost batch is one more such call.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Callable
 
 import torch
@@ -90,6 +91,19 @@ def ghost_batch_norm(x: Tensor, virtual_batch_size: int, normalize: GroupNormali
         ValueError naming virtual_batch_size when a ghost batch would hold one value per channel.
     """
     n = x.shape[0]
+    if torch.jit.is_tracing():
+        # The split below is Python arithmetic and branches on the batch size: a trace keeps this
+        # batch's split, and run at another batch size the traced module normalized wrongly and
+        # silently (whole-batch statistics, traced at n <= k) or failed on a shape (torch.jit.script
+        # refuses the layer; torch.compile and torch.export follow the batch size).
+        warnings.warn(
+            f"virtual_batch_size: torch.jit.trace records the split of this batch of {n} sample(s) into ghost "
+            f"batches of {virtual_batch_size}; the traced module is right only for batches of {n} in training "
+            f"mode (eval mode does not split). Trace with the batch size it will run, or use torch.compile or "
+            f"torch.export",
+            torch.jit.TracerWarning,
+            stacklevel=2,
+        )
     if n == 0:
         return normalize(x, 1)
     k = min(virtual_batch_size, n)
