@@ -7,6 +7,11 @@ test_backend_cpu_isa.py's background check.)"""
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +161,66 @@ def test_the_torch_build_comes_first_and_its_key_follows_torch(monkeypatch):
     assert cpu_build._key("g++", torch_flags) != before
     module_flags = cpu_build._variants()[1][1]
     assert cpu_build.TORCH_API not in module_flags  # the plain module's key does not depend on torch's build
+
+
+class RecordingPopen(subprocess.Popen):
+    """subprocess.Popen that keeps every process it starts (to see that each ended)."""
+
+    started: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        RecordingPopen.started.append(self)
+
+
+def _ctrl_c_in(seconds: float) -> threading.Timer:
+    """SIGINT to the main thread after ``seconds``, as Ctrl-C at a terminal (a blocked wait there
+    wakes; _thread.interrupt_main would wait for it to end)."""
+    timer = threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid runs (a zombie, ended but not reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes' states in /proc")
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_during_the_parts_kills_the_compilers_at_once(monkeypatch, tmp_path, jobs):
+    # before: the executor's exit ran every queued part, and Ctrl-C acted after about 23 s; and a
+    # compiler driver killed alone left its cc1plus running, holding the pipes the wait read
+    monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
+    monkeypatch.setattr(RecordingPopen, "started", [])
+    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: jobs)
+    # each "compiler" a driver running a child, as g++ runs cc1plus; the child's pid in a file
+    commands = [["sh", "-c", f"sleep 20 & echo $! > {tmp_path}/child{i}; wait"] for i in range(5)]
+    start = time.monotonic()
+    timer = _ctrl_c_in(0.5)
+    with pytest.raises(KeyboardInterrupt):
+        cpu_build._run_all(commands)
+    timer.join()
+    assert time.monotonic() - start < 5
+    assert 1 <= len(RecordingPopen.started) <= jobs  # the parts not started never start
+    children = [int(path.read_text()) for path in tmp_path.iterdir()]
+    assert len(children) == len(RecordingPopen.started)
+    time.sleep(0.2)
+    assert not any(_alive(pid) for pid in children)
+    assert all(proc.poll() is not None for proc in RecordingPopen.started) and not cpu_build._RUNNING
+    assert cpu_build._run(["true"]) is None  # and the next build runs (a retry, the link)
+
+
+def test_ctrl_c_during_the_link_kills_it_and_leaves_no_temporary_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
+    monkeypatch.setattr(RecordingPopen, "started", [])
+    timer = _ctrl_c_in(0.5)
+    with pytest.raises(KeyboardInterrupt):
+        cpu_build._run_to(tmp_path / "lib.so", ["sh", "-c", "sleep 20", "link"])
+    timer.join()
+    assert [proc.poll() is not None for proc in RecordingPopen.started] == [True]
+    assert list(tmp_path.iterdir()) == []

@@ -203,8 +203,6 @@ def _compile_parts(cxx: str, flags: list[str], target: Path) -> str | None:
     time), then linked into target (through a temporary file). The torch build has one more part,
     cpu_kernels_torch.cpp in C++20 (as torch's headers need), compiled first (the slowest), and
     links torch's libraries. Returns an error or None; leaves no file behind either way."""
-    from concurrent.futures import ThreadPoolExecutor
-
     compile_flags = [f for f in _BASE_FLAGS if f != "-shared"] + flags
     link_extra = []
     with tempfile.TemporaryDirectory(prefix=target.stem + ".parts.", dir=target.parent) as folder:
@@ -215,21 +213,81 @@ def _compile_parts(cxx: str, flags: list[str], target: Path) -> str | None:
             objects.insert(0, str(Path(folder) / "torch.o"))
             commands.insert(0, [cxx, *compile_flags, "-std=c++20", "-c", str(_HERE / TORCH_SOURCE), "-o", objects[0]])
             link_extra = torch_build.link_flags()
-        with ThreadPoolExecutor(max_workers=max(1, min(_parallel_jobs(), len(commands)))) as pool:
-            errors = [err for err in pool.map(_run, commands) if err is not None]
+        errors = [err for err in _run_all(commands) if err is not None]
         if errors:
             return errors[0]
         return _run_to(target, [cxx, "-shared", *[f for f in flags if f == "-fopenmp"], *objects, *link_extra])
 
 
-def _run(cmd: list[str]) -> str | None:
-    """Run a compiler command; its error (the command and the end of its stderr), or None."""
+def _run_all(commands: list[list[str]]) -> list[str | None]:
+    """Each command's error or None (:func:`_run`), up to _parallel_jobs() of them at a time.
+
+    Interrupted (Ctrl-C reaches the main thread waiting here), the compilers running are killed and
+    the commands not started are dropped before the interrupt goes on: the pool's own exit had run
+    every queued part first, and Ctrl-C took about 23 s to act (the fifty-first session's audit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(_parallel_jobs(), len(commands))))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as exc:
+        return list(pool.map(_run, commands))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        with _RUNNING_LOCK:
+            _INTERRUPTED.set()  # a part between its turn and its start does not start (_run)
+            for proc in _RUNNING:
+                _kill(proc)
+        raise
+    finally:
+        pool.shutdown(wait=True)  # the killed compilers' threads, at once
+        _INTERRUPTED.clear()  # no part is left to stop: a later build (a retry, the link) runs
+
+
+#: The compiler processes running now (:func:`_run`), which an interrupted build kills (:func:`_run_all`).
+_RUNNING: set = set()
+_RUNNING_LOCK = threading.Lock()
+_INTERRUPTED = threading.Event()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Ends a compiler that _run started, with the processes it started (its process group)."""
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, 9)  # SIGKILL (signal.SIGKILL is absent on Windows)
+        else:
+            proc.kill()
+    except (ProcessLookupError, PermissionError):
+        pass  # ended already
+
+
+def _run(cmd: list[str]) -> str | None:
+    """Run a compiler command; its error (the command and the end of its stderr), or None. An
+    interrupt while it runs (a KeyboardInterrupt in this thread) kills the compiler first."""
+    with _RUNNING_LOCK:
+        if _INTERRUPTED.is_set():
+            return f"{' '.join(cmd)}: not started, the build was interrupted"
+        try:
+            # a process group of its own, which _kill ends whole: killed alone, the g++ driver left
+            # cc1plus running (and holding the pipes, so the wait went on till it ended)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=os.name == "posix")  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"{' '.join(cmd)}: {exc}"
+        _RUNNING.add(proc)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired as exc:
+        _kill(proc)
+        proc.communicate()
         return f"{' '.join(cmd)}: {exc}"
+    except BaseException:
+        _kill(proc)
+        proc.communicate()
+        raise
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
     if proc.returncode != 0:
-        return f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}"
+        return f"{' '.join(cmd)} failed:\n{stderr.strip()[-2000:]}"
     return None
 
 
@@ -238,7 +296,11 @@ def _run_to(target: Path, cmd: list[str]) -> str | None:
     concurrent first use never loads half a file). Returns an error or None."""
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
-    err = _run([*cmd, "-o", tmp])
+    try:
+        err = _run([*cmd, "-o", tmp])
+    except BaseException:  # interrupted: no half-written file left in the cache
+        os.unlink(tmp)
+        raise
     if err is not None:
         os.unlink(tmp)
         return err
