@@ -40,7 +40,11 @@ SHAPES = (
     (1, 24, 1024), (256, 100), (300, 72), (301, 7), (40, 13), (64, 24, 5), (33, 100, 3), (2, 2048, 7, 7),
     (2, 8192), (3, 1000, 2, 2), (45, 17), (37, 200), (12, 64, 56, 56), (2, 5, 2304), (8, 3, 1600),
     (64, 8, 14, 14), (21, 96), (9, 112), (6, 24, 8, 8), (7, 5, 4, 8), (5, 300), (16, 520), (160, 64, 3, 3),
+    (10, 80), (6, 128),
 )  # fmt: skip
+# (10, 80) and (6, 128), with (21, 96), (9, 112), (3, 48, 7, 7) and (4, 64, 5, 5): float32 rows of 48
+# to 128 channels, whose coefficients the AVX-512 register forms hold (nlc_affine_registers: 48-128,
+# nlc_grad_input_registers: 48-80; fifty-first session)
 # (160, 64, 3, 3), like (64, 24, 5), (33, 100, 3) and (3, 1000, 2, 2): rows shorter than a vector, summed
 # across channels (cpu_kernels_ncl_tails.inc); at 128 KiB or more, the groups' sums then one pass
 # (forty-fifth session)
