@@ -103,6 +103,34 @@ def assert_backend_matches_reference(backend, shape, layout: str, dtype: torch.d
     assert_close(db / n, expected_db / n, 1e-6, "dbias")
 
 
+def row_walk_inputs(rows: int, c: int, seed: int, dtype=torch.float32, offset: float = 0.0, infinity: bool = False):
+    """(x, dy, mean, invstd, weight, bias, (Σdy, Σdy·x̂)) for the NLC row forms' tests: (rows, C) x and
+    dy of dtype (at offset ± 0.01 where offset), x with a NaN (and an infinity), float64 statistics
+    and sums, and a weight of 1e-39 at channel 1 (denormal outputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 0.01 if offset else 1.0
+    x, dy = ((torch.randn(rows, c, generator=gen) * scale + offset).to(dtype) for _ in range(2))
+    x[rows // 2, c - 1] = float("nan")
+    if infinity:
+        x[0, c // 2] = float("inf")
+    mean = torch.randn(c, generator=gen, dtype=torch.float64) + offset
+    invstd = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    weight[1], bias[1] = 1e-39, 0.0  # channel 1's outputs denormal
+    sums = (torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64))
+    return x, dy, mean, invstd, weight, bias, sums
+
+
+def as_ncl(t: torch.Tensor) -> torch.Tensor:
+    """(N, C) -> (1, C, N), contiguous: the same values in layout NCL."""
+    return t.t().contiguous().unsqueeze(0)
+
+
+def from_ncl(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`as_ncl`."""
+    return t.squeeze(0).t()
+
+
 def bf16_special_values(shape, seed: int) -> torch.Tensor:
     """A contiguous (shape) bf16 tensor of magnitudes 1e-40 .. 1e30, subnormal bf16 values among
     them (which stores must round, not flush), and inf, -inf, NaN, ±3.38e38 and a negative NaN as

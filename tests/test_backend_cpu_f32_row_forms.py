@@ -20,33 +20,13 @@ import bnlab
 from bnlab.backends import get_backend
 from bnlab.backends.cpu import layout_of
 from conftest import assert_close
+from speed_helpers import as_ncl, from_ncl, row_walk_inputs
 
 CPU = get_backend("cpu")
 pytestmark = pytest.mark.skipif(CPU.kernels() is None, reason="the CPU kernels did not build")
 
 WIDTHS = [48, 64, 80, 96, 112, 128]
 PERIODIC = [7, 40, 100]  # blocks of 16, 2 and 4 rows
-
-
-def _inputs(rows: int, c: int, seed: int, offset: float):
-    gen = torch.Generator().manual_seed(seed)
-    x, dy = (torch.randn(rows, c, generator=gen) * (0.01 if offset else 1) + offset for _ in range(2))
-    x[rows // 2, c - 1] = float("nan")
-    x[0, c // 2] = float("inf")
-    mean = torch.randn(c, generator=gen, dtype=torch.float64) + offset
-    invstd = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
-    weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
-    weight[1], bias[1] = 1e-39, 0.0  # channel 1's outputs denormal
-    sums = (torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64))
-    return x, dy, mean, invstd, weight, bias, sums
-
-
-def _as_ncl(t: torch.Tensor) -> torch.Tensor:
-    return t.t().contiguous().unsqueeze(0)  # (1, C, N): layout NCL
-
-
-def _from_ncl(t: torch.Tensor) -> torch.Tensor:
-    return t.squeeze(0).t()
 
 
 def _same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -59,13 +39,14 @@ def _same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_f32_rows_have_the_bits_of_the_ncl_walk(c, rows, offset, threads, keep_threads):
     torch.set_num_threads(threads)
-    x, dy, mean, invstd, weight, bias, (sum_dy, sum_dy_xhat) = _inputs(rows, c, c + rows, offset)
-    assert layout_of(x)[0] == 1 and layout_of(_as_ncl(x))[0] == 0  # NLC against NCL
+    inputs = row_walk_inputs(rows, c, c + rows, offset=offset, infinity=True)
+    x, dy, mean, invstd, weight, bias, (sum_dy, sum_dy_xhat) = inputs
+    assert layout_of(x)[0] == 1 and layout_of(as_ncl(x))[0] == 0  # NLC against NCL
     y = CPU.normalize(x, mean, invstd, weight, bias)
     assert y.isnan().any() and 0 < y[:, 1].abs().max() < 1.2e-38
-    _same_bits(y, _from_ncl(CPU.normalize(_as_ncl(x), mean, invstd, weight, bias)), "y")
+    _same_bits(y, from_ncl(CPU.normalize(as_ncl(x), mean, invstd, weight, bias)), "y")
     dx = CPU.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, rows)
-    dx_ncl = _from_ncl(CPU.grad_input(_as_ncl(dy), _as_ncl(x), mean, invstd, weight, sum_dy, sum_dy_xhat, rows))
+    dx_ncl = from_ncl(CPU.grad_input(as_ncl(dy), as_ncl(x), mean, invstd, weight, sum_dy, sum_dy_xhat, rows))
     _same_bits(dx, dx_ncl, "dx")
 
 

@@ -15,7 +15,7 @@ import torch
 
 from bnlab.backends import get_backend
 from bnlab.backends.cpu import layout_of
-from speed_helpers import assert_same_values
+from speed_helpers import as_ncl, assert_same_values, from_ncl, row_walk_inputs
 
 CPU = get_backend("cpu")
 pytestmark = pytest.mark.skipif(CPU.kernels() is None, reason="the CPU kernels did not build")
@@ -25,36 +25,17 @@ pytestmark = pytest.mark.skipif(CPU.kernels() is None, reason="the CPU kernels d
 CASES = [(100, 16), (100, 29), (100, 3), (40, 21), (7, 70), (72, 37)]
 
 
-def _inputs(rows: int, c: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    x, dy = (torch.randn(rows, c, generator=gen).to(torch.bfloat16) for _ in range(2))
-    x[rows // 2, c - 1] = float("nan")
-    mean = torch.randn(c, generator=gen, dtype=torch.float64)
-    invstd = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
-    weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
-    weight[1], bias[1] = 1e-39, 0.0  # channel 1's outputs denormal
-    sums = (torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64))
-    return x, dy, mean, invstd, weight, bias, sums
-
-
-def _as_ncl(t: torch.Tensor) -> torch.Tensor:
-    return t.t().contiguous().unsqueeze(0)  # (1, C, N): layout NCL
-
-
-def _from_ncl(t: torch.Tensor) -> torch.Tensor:
-    return t.squeeze(0).t()
-
-
 @pytest.mark.parametrize("c,rows", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bf16_periodic_rows_have_the_bits_of_the_ncl_walk(c, rows, threads, keep_threads):
     torch.set_num_threads(threads)
-    x, dy, mean, invstd, weight, bias, (sum_dy, sum_dy_xhat) = _inputs(rows, c, seed=c + rows)
+    inputs = row_walk_inputs(rows, c, seed=c + rows, dtype=torch.bfloat16)
+    x, dy, mean, invstd, weight, bias, (sum_dy, sum_dy_xhat) = inputs
     y = CPU.normalize(x, mean, invstd, weight, bias)
-    y_ncl = _from_ncl(CPU.normalize(_as_ncl(x), mean, invstd, weight, bias))
-    assert layout_of(x)[0] == 1 and layout_of(_as_ncl(x))[0] == 0  # NLC against NCL
+    y_ncl = from_ncl(CPU.normalize(as_ncl(x), mean, invstd, weight, bias))
+    assert layout_of(x)[0] == 1 and layout_of(as_ncl(x))[0] == 0  # NLC against NCL
     assert 0 < y[:, 1].float().abs().max() < 1.2e-38 and y.isnan().any()
     assert_same_values(y, y_ncl, "y")
     dx = CPU.grad_input(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, rows)
-    dx_ncl = _from_ncl(CPU.grad_input(_as_ncl(dy), _as_ncl(x), mean, invstd, weight, sum_dy, sum_dy_xhat, rows))
+    dx_ncl = from_ncl(CPU.grad_input(as_ncl(dy), as_ncl(x), mean, invstd, weight, sum_dy, sum_dy_xhat, rows))
     assert_same_values(dx, dx_ncl, "dx")
