@@ -222,7 +222,8 @@ class _BatchNormMixin:
         ``torch.load(weights_only=True)`` with its own class allowed, as torch.nn's layers do, where the
         accumulator's class had to be allowed too. (Pending micro-batches are kept, and need
         ``bnlab.variants.accumulate.StatsAccumulator`` and ``bnlab.stats.Moments`` allowed.)"""
-        state = super().__getstate__()
+        parent = getattr(super(), "__getstate__", None)  # absent on Python 3.10 with a torch without one
+        state = parent() if parent is not None else self.__dict__
         accumulator = state.get("_stats_accumulator")
         if isinstance(accumulator, StatsAccumulator) and accumulator.pending is None and not accumulator.micro_batches:
             state = {name: value for name, value in state.items() if name != "_stats_accumulator"}
