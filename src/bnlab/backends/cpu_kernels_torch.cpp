@@ -10,9 +10,11 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/PyInterpreter.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <new>
 
@@ -118,6 +120,16 @@ bool modes_active() {
 }
 
 bool grad_enabled() { return c10::GradMode::is_enabled(); }
+
+bool jit_tracing() { return torch::jit::tracer::isTracing(); }
+
+// What torch._C._are_functorch_transforms_active answers (torch/csrc/functorch/init.cpp): whether
+// functorch's dynamic-layer keys are in this thread's included dispatch keys.
+bool functorch_active() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
 
 int num_threads() { return at::get_num_threads(); }
 
