@@ -244,6 +244,12 @@ def _run_all(commands: list[list[str]]) -> list[str | None]:
 
 #: The compiler processes running now (:func:`_run`), which an interrupted build kills (:func:`_run_all`).
 _RUNNING: set = set()
+#: Each compiler in a process group of its own (Python 3.11+ on POSIX), which _kill ends whole: killed
+#: alone, the g++ driver left cc1plus running (and holding the pipes, so the wait went on till it
+#: ended). A group, not a session: Linux's autogroup shares the CPU between sessions first, and a
+#: compile in a session of its own took as much CPU as the test suite however niced
+#: (tests/background_checks.py). On Python 3.10, no group: the driver alone is killed.
+_OWN_GROUP = {"process_group": 0} if os.name == "posix" and sys.version_info >= (3, 11) else {}
 _RUNNING_LOCK = threading.Lock()
 _INTERRUPTED = threading.Event()
 
@@ -251,7 +257,7 @@ _INTERRUPTED = threading.Event()
 def _kill(proc: subprocess.Popen) -> None:
     """Ends a compiler that _run started, with the processes it started (its process group)."""
     try:
-        if os.name == "posix":
+        if _OWN_GROUP:
             os.killpg(proc.pid, 9)  # SIGKILL (signal.SIGKILL is absent on Windows)
         else:
             proc.kill()
@@ -262,30 +268,30 @@ def _kill(proc: subprocess.Popen) -> None:
 def _run(cmd: list[str]) -> str | None:
     """Run a compiler command; its error (the command and the end of its stderr), or None. An
     interrupt while it runs (a KeyboardInterrupt in this thread) kills the compiler first."""
-    with _RUNNING_LOCK:
-        if _INTERRUPTED.is_set():
-            return f"{' '.join(cmd)}: not started, the build was interrupted"
-        try:
-            # a process group of its own, which _kill ends whole: killed alone, the g++ driver left
-            # cc1plus running (and holding the pipes, so the wait went on till it ended)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=os.name == "posix")  # fmt: skip
-        except (OSError, subprocess.SubprocessError) as exc:
-            return f"{' '.join(cmd)}: {exc}"
-        _RUNNING.add(proc)
+    proc = None
     try:
+        with _RUNNING_LOCK:
+            if _INTERRUPTED.is_set():
+                return f"{' '.join(cmd)}: not started, the build was interrupted"
+            try:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **_OWN_GROUP)
+            except (OSError, subprocess.SubprocessError) as exc:
+                return f"{' '.join(cmd)}: {exc}"
+            _RUNNING.add(proc)
         _, stderr = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired as exc:
         _kill(proc)
         proc.communicate()
         return f"{' '.join(cmd)}: {exc}"
-    except BaseException:
-        _kill(proc)
-        proc.communicate()
+    except BaseException:  # an interrupt, at any point once the compiler started
+        if proc is not None:
+            _kill(proc)
+            proc.communicate()
         raise
     finally:
-        with _RUNNING_LOCK:
-            _RUNNING.discard(proc)
+        if proc is not None:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     if proc.returncode != 0:
         return f"{' '.join(cmd)} failed:\n{stderr.strip()[-2000:]}"
     return None

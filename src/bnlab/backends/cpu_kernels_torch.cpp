@@ -123,8 +123,8 @@ bool grad_enabled() { return c10::GradMode::is_enabled(); }
 
 bool jit_tracing() { return torch::jit::tracer::isTracing(); }
 
-// What torch._C._are_functorch_transforms_active answers (torch/csrc/functorch/init.cpp): whether
-// functorch's dynamic-layer keys are in this thread's included dispatch keys.
+// What torch._C._are_functorch_transforms_active answers, computed as torch's binding computes it:
+// whether functorch's dynamic-layer keys are in this thread's included dispatch keys.
 bool functorch_active() {
   const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
   return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
