@@ -51,9 +51,9 @@ CAN_RUN_V3 = set(X86_64_V3) <= _cpu_flags()
 _COMPILE_THEN_COMPARE = """
 import subprocess, sys
 from pathlib import Path
-from bnlab.backends import cpu_build
+from bnlab.backends import cpu_build, cpu_compile
 target, compare, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
-error = cpu_build._compile_whole(cpu_build._compiler(), flags, Path(target))
+error = cpu_compile._compile_whole(cpu_build._compiler(), flags, Path(target))
 if error is not None:
     sys.exit(f"the x86-64-v3 build failed: {error}")
 sys.exit(subprocess.run([sys.executable, compare, "--old", target]).returncode)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bnlab.backends import cpu_build, cpu_build_torch
+from bnlab.backends import cpu_build, cpu_build_torch, cpu_compile
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_a_compile_is_announced_and_timed_and_a_cached_library_loads_silently(fr
         return None
 
     monkeypatch.setattr(cpu_build, "_variants", lambda: [("ctypes", ["-fopenmp"])])
-    monkeypatch.setattr(cpu_build, "_compile", compile_by_copy)
+    monkeypatch.setattr(cpu_build, "compile_library", compile_by_copy)
     capsys.readouterr()
     assert cpu_build._build_and_load() is not None
     err = capsys.readouterr().err.splitlines()
@@ -55,7 +55,7 @@ def test_a_compile_is_announced_and_timed_and_a_cached_library_loads_silently(fr
 def test_failed_builds_are_announced_with_the_fallback(fresh_state, monkeypatch, capsys):
     monkeypatch.setattr(cpu_build, "_variants", lambda: [("ctypes", ["-fopenmp"]), ("ctypes", [])])
     monkeypatch.setattr(cpu_build, "_compiler", lambda: "g++")
-    monkeypatch.setattr(cpu_build, "_compile", lambda cxx, flags, target: f"g++ {' '.join(flags)} failed: no")
+    monkeypatch.setattr(cpu_build, "compile_library", lambda cxx, flags, target: f"g++ {' '.join(flags)} failed: no")
     assert cpu_build._build_and_load() is None
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" (")[0].split(" after")[0] for line in err] == [
@@ -67,7 +67,7 @@ def test_failed_builds_are_announced_with_the_fallback(fresh_state, monkeypatch,
 
 
 class FakeCompiler:
-    """Stands in for cpu_build._run: records each command and writes its -o file (an object or the
+    """Stands in for cpu_compile._run: records each command and writes its -o file (an object or the
     library), or fails the commands that `fail` picks."""
 
     def __init__(self, fail=lambda cmd: False):
@@ -85,10 +85,10 @@ class FakeCompiler:
 
 def test_two_cores_compile_the_parts_at_once_then_link_them(monkeypatch, tmp_path):
     fake = FakeCompiler()
-    monkeypatch.setattr(cpu_build, "_run", fake)
-    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 2)
+    monkeypatch.setattr(cpu_compile, "_run", fake)
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 2)
     target = tmp_path / "lib.so"
-    assert cpu_build._compile("g++", ["-march=native", "-fopenmp"], target) is None
+    assert cpu_compile.compile_library("g++", ["-march=native", "-fopenmp"], target) is None
     *parts, link = fake.commands
     macros = sorted(next(f for f in cmd if f.startswith("-DBNLAB_PART")) for cmd in parts)
     assert macros == ["-DBNLAB_PART_DTYPE=0", "-DBNLAB_PART_DTYPE=1", "-DBNLAB_PART_DTYPE=2",
@@ -102,10 +102,10 @@ def test_two_cores_compile_the_parts_at_once_then_link_them(monkeypatch, tmp_pat
 
 def test_a_part_that_fails_falls_back_to_the_one_file_build(monkeypatch, tmp_path):
     fake = FakeCompiler(fail=lambda cmd: "-DBNLAB_PART_DTYPE=2" in cmd)
-    monkeypatch.setattr(cpu_build, "_run", fake)
-    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 2)
+    monkeypatch.setattr(cpu_compile, "_run", fake)
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 2)
     target = tmp_path / "lib.so"
-    assert cpu_build._compile("g++", ["-fopenmp"], target) is None
+    assert cpu_compile.compile_library("g++", ["-fopenmp"], target) is None
     whole = fake.commands[-1]
     assert "-shared" in whole and "-c" not in whole and not any(f.startswith("-DBNLAB_PART") for f in whole)
     assert len(fake.commands) == 6  # five parts (no link after the failure), then the one file
@@ -114,22 +114,22 @@ def test_a_part_that_fails_falls_back_to_the_one_file_build(monkeypatch, tmp_pat
 
 def test_one_core_builds_in_one_file_and_a_failure_is_reported(monkeypatch, tmp_path):
     fake = FakeCompiler(fail=lambda cmd: True)
-    monkeypatch.setattr(cpu_build, "_run", fake)
-    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 1)
-    error = cpu_build._compile("g++", ["-fopenmp"], tmp_path / "lib.so")
+    monkeypatch.setattr(cpu_compile, "_run", fake)
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 1)
+    error = cpu_compile.compile_library("g++", ["-fopenmp"], tmp_path / "lib.so")
     assert len(fake.commands) == 1 and error.startswith("g++ -O3") and "error: no" in error
     assert list(tmp_path.iterdir()) == []  # no temporary file left
 
 
 def test_the_torch_build_compiles_its_extra_file_in_cpp20_and_links_torch(monkeypatch, tmp_path):
     fake = FakeCompiler()
-    monkeypatch.setattr(cpu_build, "_run", fake)
-    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 2)
+    monkeypatch.setattr(cpu_compile, "_run", fake)
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 2)
     target = tmp_path / "lib.so"
     flags = ["-march=native", "-fopenmp", cpu_build.TORCH_API, "-I/torch/include"]
-    assert cpu_build._compile("g++", flags, target) is None
+    assert cpu_compile.compile_library("g++", flags, target) is None
     torch_part, *parts, link = fake.commands
-    assert torch_part[-3].endswith(cpu_build.TORCH_SOURCE) and "-c" in torch_part
+    assert torch_part[-3].endswith(cpu_compile.TORCH_SOURCE) and "-c" in torch_part
     assert torch_part.index("-std=c++20") > torch_part.index("-std=c++17")  # the later flag is the one g++ takes
     assert len(parts) == 5 and all(cmd[-3].endswith("cpu_kernels.cpp") and cpu_build.TORCH_API in cmd for cmd in parts)
     objects = [cmd[cmd.index("-o") + 1] for cmd in [torch_part, *parts]]
@@ -141,11 +141,11 @@ def test_the_torch_build_compiles_its_extra_file_in_cpp20_and_links_torch(monkey
 def test_a_torch_build_that_fails_is_reported_without_a_one_file_retry(monkeypatch, tmp_path):
     # The one file cannot hold the torch build's extra part: the failure goes to _build_and_load,
     # which then builds the plain extension module.
-    fake = FakeCompiler(fail=lambda cmd: cmd[-3].endswith(cpu_build.TORCH_SOURCE))
-    monkeypatch.setattr(cpu_build, "_run", fake)
-    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: 1)
-    error = cpu_build._compile("g++", ["-fopenmp", cpu_build.TORCH_API], tmp_path / "lib.so")
-    assert error is not None and cpu_build.TORCH_SOURCE in error and "error: no" in error
+    fake = FakeCompiler(fail=lambda cmd: cmd[-3].endswith(cpu_compile.TORCH_SOURCE))
+    monkeypatch.setattr(cpu_compile, "_run", fake)
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 1)
+    error = cpu_compile.compile_library("g++", ["-fopenmp", cpu_build.TORCH_API], tmp_path / "lib.so")
+    assert error is not None and cpu_compile.TORCH_SOURCE in error and "error: no" in error
     assert all("-c" in cmd for cmd in fake.commands)  # six parts, no link, no one-file build
     assert len(fake.commands) == 6 and list(tmp_path.iterdir()) == []
 
@@ -197,13 +197,13 @@ def test_ctrl_c_during_the_parts_kills_the_compilers_at_once(monkeypatch, tmp_pa
     # compiler driver killed alone left its cc1plus running, holding the pipes the wait read
     monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
     monkeypatch.setattr(RecordingPopen, "started", [])
-    monkeypatch.setattr(cpu_build, "_parallel_jobs", lambda: jobs)
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: jobs)
     # each "compiler" a driver running a child, as g++ runs cc1plus; the child's pid in a file
     commands = [["sh", "-c", f"sleep 20 & echo $! > {tmp_path}/child{i}; wait"] for i in range(5)]
     start = time.monotonic()
     timer = _ctrl_c_in(0.5)
     with pytest.raises(KeyboardInterrupt):
-        cpu_build._run_all(commands)
+        cpu_compile._run_all(commands)
     timer.join()
     assert time.monotonic() - start < 5
     assert 1 <= len(RecordingPopen.started) <= jobs  # the parts not started never start
@@ -211,8 +211,8 @@ def test_ctrl_c_during_the_parts_kills_the_compilers_at_once(monkeypatch, tmp_pa
     assert len(children) == len(RecordingPopen.started)
     time.sleep(0.2)
     assert not any(_alive(pid) for pid in children)
-    assert all(proc.poll() is not None for proc in RecordingPopen.started) and not cpu_build._RUNNING
-    assert cpu_build._run(["true"]) is None  # and the next build runs (a retry, the link)
+    assert all(proc.poll() is not None for proc in RecordingPopen.started) and not cpu_compile._RUNNING
+    assert cpu_compile._run(["true"]) is None  # and the next build runs (a retry, the link)
 
 
 def test_ctrl_c_during_the_link_kills_it_and_leaves_no_temporary_file(monkeypatch, tmp_path):
@@ -220,7 +220,7 @@ def test_ctrl_c_during_the_link_kills_it_and_leaves_no_temporary_file(monkeypatc
     monkeypatch.setattr(RecordingPopen, "started", [])
     timer = _ctrl_c_in(0.5)
     with pytest.raises(KeyboardInterrupt):
-        cpu_build._run_to(tmp_path / "lib.so", ["sh", "-c", "sleep 20", "link"])
+        cpu_compile._run_to(tmp_path / "lib.so", ["sh", "-c", "sleep 20", "link"])
     timer.join()
     assert [proc.poll() is not None for proc in RecordingPopen.started] == [True]
     assert list(tmp_path.iterdir()) == []

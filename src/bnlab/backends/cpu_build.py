@@ -26,22 +26,21 @@ import importlib.util
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from bnlab.backends import cpu_build_torch as torch_build
+from bnlab.backends.cpu_compile import BASE_FLAGS, MAIN_SOURCE, compile_library
 from bnlab.backends.cpu_environment import check_environment
 
 __all__ = ["load", "load_error", "library_path", "build_seconds"]
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = (
-    "cpu_kernels.cpp",
+    MAIN_SOURCE,
     "cpu_kernels_sums.inc",
     "cpu_kernels_ncl.inc",
     "cpu_kernels_ncl_tails.inc",
@@ -72,13 +71,7 @@ SOURCES = (
     "cpu_kernels_torch.h",
     "cpu_kernels_torch.cpp",
 )
-TORCH_SOURCE, TORCH_API = torch_build.SOURCE, torch_build.API
-# -fno-math-errno: std::sqrt sets no errno (nothing reads it), so loops of square roots vectorise;
-# the results are the same correctly rounded values. -falign-loops=64: every loop starts on a cache
-# line, so that a kernel's speed does not hang on where unrelated code moved it. Without it, an
-# edit of the by-sample passes alone made the untouched channel-group forward of (64, 512, 3, 3)
-# 1.11-1.17x slower; with it, the same edit changed nothing (docs/benchmark_rounds.md, seventh session).
-_BASE_FLAGS = ["-O3", "-falign-loops=64", "-fno-math-errno", "-fPIC", "-shared", "-std=c++17"]
+TORCH_API = torch_build.API
 
 _lock = threading.Lock()
 _state: dict = {
@@ -134,7 +127,8 @@ def _key(cxx: str, variant: list[str]) -> str:
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((_HERE / name).read_bytes())
-    parts = (_compiler_identity(cxx), " ".join(_BASE_FLAGS + variant), _cpu_signature(), platform.platform(), sys.version)
+    flags = " ".join(BASE_FLAGS + variant)
+    parts = (_compiler_identity(cxx), flags, _cpu_signature(), platform.platform(), sys.version)
     if TORCH_API in variant:  # the torch build is bound to the torch it was compiled against
         parts += torch_build.identity()
     for part in parts:
@@ -161,157 +155,6 @@ def _variants() -> list[tuple[str, list[str]]]:
         out.append(("module", module))
     out += [("ctypes", ["-march=native", "-fopenmp"]), ("ctypes", ["-fopenmp"]), ("ctypes", [])]
     return out
-
-
-def _compile(cxx: str, flags: list[str], target: Path) -> str | None:
-    """Compile to a temporary file next to target, then rename it into place. Returns an error or None.
-
-    With two cores or more, in parts at once (:func:`_compile_parts`: 18.0 s against 26.8 s in one
-    file on the project's 2-core Zen 3 VM, less with more cores; the same bits); in one file with
-    one core, or when the parts do not build or link (the one file then says why, if it fails too).
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if TORCH_API in flags:  # its extra file is a part of its own: parts only, even on one core
-        return _compile_parts(cxx, flags, target)
-    if _parallel_jobs() > 1 and _compile_parts(cxx, flags, target) is None:
-        return None
-    return _compile_whole(cxx, flags, target)
-
-
-def _compile_whole(cxx: str, flags: list[str], target: Path) -> str | None:
-    """The library from cpu_kernels.cpp in one compiler run (through a temporary file). Error or None."""
-    return _run_to(target, [cxx, *_BASE_FLAGS, *flags, str(_HERE / SOURCES[0])])
-
-
-#: the parts (cpu_kernels.cpp, *Parts*): each dtype's kernels (the dtype codes of cpu.py's _CODE),
-#: the slowest first, then the main part (entry points and Python glue, a few seconds)
-_PARTS = (("-DBNLAB_PART_DTYPE=0",), ("-DBNLAB_PART_DTYPE=2",), ("-DBNLAB_PART_DTYPE=1",), ("-DBNLAB_PART_DTYPE=3",),
-          ("-DBNLAB_PART_MAIN",))  # fmt: skip
-
-
-def _parallel_jobs() -> int:
-    """Compiler processes to run at once: the cores this process may use, at most one per part."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, len(_PARTS)))
-
-
-def _compile_parts(cxx: str, flags: list[str], target: Path) -> str | None:
-    """The library from its parts: each compiled to an object at once (up to _parallel_jobs() at a
-    time), then linked into target (through a temporary file). The torch build has one more part,
-    cpu_kernels_torch.cpp in C++20 (as torch's headers need), compiled first (the slowest), and
-    links torch's libraries. Returns an error or None; leaves no file behind either way."""
-    compile_flags = [f for f in _BASE_FLAGS if f != "-shared"] + flags
-    link_extra = []
-    with tempfile.TemporaryDirectory(prefix=target.stem + ".parts.", dir=target.parent) as folder:
-        objects = [str(Path(folder) / f"part{i}.o") for i in range(len(_PARTS))]
-        commands = [[cxx, *compile_flags, *part, "-c", str(_HERE / SOURCES[0]), "-o", obj]
-                    for part, obj in zip(_PARTS, objects)]  # fmt: skip
-        if TORCH_API in flags:
-            objects.insert(0, str(Path(folder) / "torch.o"))
-            commands.insert(0, [cxx, *compile_flags, "-std=c++20", "-c", str(_HERE / TORCH_SOURCE), "-o", objects[0]])
-            link_extra = torch_build.link_flags()
-        errors = [err for err in _run_all(commands) if err is not None]
-        if errors:
-            return errors[0]
-        return _run_to(target, [cxx, "-shared", *[f for f in flags if f == "-fopenmp"], *objects, *link_extra])
-
-
-def _run_all(commands: list[list[str]]) -> list[str | None]:
-    """Each command's error or None (:func:`_run`), up to _parallel_jobs() of them at a time.
-
-    Interrupted (Ctrl-C reaches the main thread waiting here), the compilers running are killed and
-    the commands not started are dropped before the interrupt goes on: the pool's own exit had run
-    every queued part first, and Ctrl-C took about 23 s to act (the fifty-first session's audit)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=max(1, min(_parallel_jobs(), len(commands))))
-    try:
-        return list(pool.map(_run, commands))
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        with _RUNNING_LOCK:
-            _INTERRUPTED.set()  # a part between its turn and its start does not start (_run)
-            for proc in _RUNNING:
-                _kill(proc)
-        raise
-    finally:
-        pool.shutdown(wait=True)  # the killed compilers' threads, at once
-        _INTERRUPTED.clear()  # no part is left to stop: a later build (a retry, the link) runs
-
-
-#: The compiler processes running now (:func:`_run`), which an interrupted build kills (:func:`_run_all`).
-_RUNNING: set = set()
-#: Each compiler in a process group of its own (Python 3.11+ on POSIX), which _kill ends whole: killed
-#: alone, the g++ driver left cc1plus running (and holding the pipes, so the wait went on till it
-#: ended). A group, not a session: Linux's autogroup shares the CPU between sessions first, and a
-#: compile in a session of its own took as much CPU as the test suite however niced
-#: (tests/background_checks.py). On Python 3.10, no group: the driver alone is killed.
-_OWN_GROUP = {"process_group": 0} if os.name == "posix" and sys.version_info >= (3, 11) else {}
-_RUNNING_LOCK = threading.Lock()
-_INTERRUPTED = threading.Event()
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """Ends a compiler that _run started, with the processes it started (its process group)."""
-    try:
-        if _OWN_GROUP:
-            os.killpg(proc.pid, 9)  # SIGKILL (signal.SIGKILL is absent on Windows)
-        else:
-            proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass  # ended already
-
-
-def _run(cmd: list[str]) -> str | None:
-    """Run a compiler command; its error (the command and the end of its stderr), or None. An
-    interrupt while it runs (a KeyboardInterrupt in this thread) kills the compiler first."""
-    proc = None
-    try:
-        with _RUNNING_LOCK:
-            if _INTERRUPTED.is_set():
-                return f"{' '.join(cmd)}: not started, the build was interrupted"
-            try:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **_OWN_GROUP)
-            except (OSError, subprocess.SubprocessError) as exc:
-                return f"{' '.join(cmd)}: {exc}"
-            _RUNNING.add(proc)
-        _, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired as exc:
-        _kill(proc)
-        proc.communicate()
-        return f"{' '.join(cmd)}: {exc}"
-    except BaseException:  # an interrupt, at any point once the compiler started
-        if proc is not None:
-            _kill(proc)
-            proc.communicate()
-        raise
-    finally:
-        if proc is not None:
-            with _RUNNING_LOCK:
-                _RUNNING.discard(proc)
-    if proc.returncode != 0:
-        return f"{' '.join(cmd)} failed:\n{stderr.strip()[-2000:]}"
-    return None
-
-
-def _run_to(target: Path, cmd: list[str]) -> str | None:
-    """Run cmd with ``-o`` a temporary file next to target, then rename it into place (so that a
-    concurrent first use never loads half a file). Returns an error or None."""
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
-    os.close(fd)
-    try:
-        err = _run([*cmd, "-o", tmp])
-    except BaseException:  # interrupted: no half-written file left in the cache
-        os.unlink(tmp)
-        raise
-    if err is not None:
-        os.unlink(tmp)
-        return err
-    os.replace(tmp, target)
-    return None
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -382,7 +225,7 @@ def _build_and_load():
             _say(f"compiling its CPU kernels for this machine, once ({kind} build, up to half a minute), "
                  f"into {target.parent} ...")  # fmt: skip
             start = time.perf_counter()
-            err = _compile(cxx, flags, target)
+            err = compile_library(cxx, flags, target)
             if err is not None:
                 _say(f"that build failed after {time.perf_counter() - start:.1f} s")
                 errors.append(err)
