@@ -62,6 +62,7 @@ SOURCES = (
     "cpu_kernels_parts.inc",
     "cpu_kernels_py.inc",
     "cpu_kernels_py_tensors.inc",
+    "cpu_kernels_py_attrs.inc",
     "cpu_kernels_py_eval.inc",
     "cpu_kernels_py_train.inc",
     "cpu_kernels_py_device.inc",

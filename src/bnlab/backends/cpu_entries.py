@@ -37,7 +37,7 @@ def setup_whole_calls(lib, backend, codes, parallel_min_numel: int, wave_per_thr
     lib.bn_eval_setup(
         Tensor, torch.nn.Parameter, tuple(codes), cpu_pool.from_capsule, torch.empty_like,
         torch.is_grad_enabled, torch.get_num_threads, cpu_pool.pool_state(), cpu_pool.POOL_MIN_BYTES,
-        parallel_min_numel, composite.functorch_active, torch.autograd.forward_ad,
+        parallel_min_numel, composite.functorch_active, torch.autograd.forward_ad, torch.nn.Module,
     )  # fmt: skip
     if kernel_done_apply is None or eval_done_apply is None:
         # Without torch's C apply neither Function can be made here: the training call then stays

@@ -789,6 +789,7 @@ static void advise_huge_pages(void* p, int64_t bytes) {
 #include "cpu_kernels_pool.inc"
 #endif
 #include "cpu_kernels_py_tensors.inc"
+#include "cpu_kernels_py_attrs.inc"
 #include "cpu_kernels_py_eval.inc"
 #include "cpu_kernels_py_train.inc"
 #include "cpu_kernels_py_device.inc"

@@ -5,6 +5,7 @@
 #include "cpu_kernels_torch.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -144,12 +145,23 @@ bool increment_version(PyObject* o) {
   }
 }
 
+bool g_direct_outputs = true;
+
 PyObject* empty_like(PyObject* x, int64_t* ptr) {
-  return guarded([&] { return wrap(at::empty_like(THPVariable_Unpack(x)), ptr); });
+  return guarded([&] {
+    const at::Tensor& t = THPVariable_Unpack(x);
+    if (g_direct_outputs && t.is_non_overlapping_and_dense())
+      return wrap(at::Tensor(at::detail::empty_strided_cpu(t.sizes(), t.strides(), t.scalar_type())), ptr);
+    return wrap(at::empty_like(t), ptr);
+  });
 }
 
 PyObject* empty(const int64_t* size, int ndim, int code, int64_t* ptr) {
-  return guarded([&] { return wrap(at::empty(c10::IntArrayRef(size, ndim), at::TensorOptions(type_of(code))), ptr); });
+  return guarded([&] {
+    const c10::IntArrayRef sizes(size, ndim);
+    if (g_direct_outputs) return wrap(at::Tensor(at::detail::empty_cpu(sizes, type_of(code))), ptr);
+    return wrap(at::empty(sizes, at::TensorOptions(type_of(code))), ptr);
+  });
 }
 
 PyObject* adopt(void* block, int64_t bytes, void (*give)(void*, int64_t), const int64_t* size, const int64_t* stride,
