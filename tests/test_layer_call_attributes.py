@@ -12,6 +12,8 @@ taken it, against torch.nn.functional.batch_norm in float64 with the eps Python 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,6 +136,71 @@ def test_a_changed_class_of_the_instance_is_read():
     _check_eval(layer, 1e-5)
     layer.__class__ = _PropertyEps
     _check_eval(layer, 0.25)
+
+
+def test_a_class_attribute_whose_class_gains_get_later_is_read_as_python_reads_it():
+    """A tuple subclass's instance as the class's _ranks (the input ranks it takes): its class may
+    become a descriptor later, which changes neither the layer's type nor its version tag."""
+
+    class Ranks(tuple):
+        pass
+
+    class Sub(bnlab.BatchNorm1d):
+        _ranks = Ranks((2, 3))
+
+    layer = _layer(Sub).eval()
+    _check_eval(layer, 1e-5)
+    Ranks.__get__ = lambda self, obj, objtype=None: (5,)  # now only 5D inputs, as Python reads it
+    assert layer._ranks == (5,)
+    with torch.no_grad():
+        assert _fastpath.LAYER_CALL["call"](layer, torch.randn(8, 3)) is NotImplemented
+        with pytest.raises(ValueError, match="5D"):
+            layer(torch.randn(8, 3))
+
+
+def test_a_class_in_a_custom_mro_changed_after_calls_is_read_anew():
+    """A metaclass's mro() may name a class that is not a base; CPython does not pass its changes
+    on to the layer type's version tag (up to 3.12)."""
+
+    class Defaults:
+        eps = 0.5
+
+    class Meta(type(bnlab.BatchNorm1d)):
+        def mro(cls):
+            order = super().mro()
+            return [order[0], Defaults, *order[1:]]
+
+    class WithDefaults(bnlab.BatchNorm1d, metaclass=Meta):
+        pass
+
+    layer = _layer(WithDefaults).eval()
+    del layer.__dict__["eps"]
+    _check_eval(layer, 0.5)
+    Defaults.eps = 0.125
+    sys._clear_type_cache()  # CPython's own cache of the old answer goes; a record kept it
+    assert layer.eps == 0.125
+    _check_eval(layer, 0.125)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_a_profile_shows_the_new_tensors_as_the_python_path_does(training):
+    """While a profiler records, outputs are made through the dispatcher: aten::empty* events."""
+    layer = _layer(bnlab.BatchNorm2d, training=training)
+    x = torch.randn(4, 3, 5, 6)
+    _compiled_call(layer, x)
+
+    def made(python_path: bool) -> list:
+        with torch.no_grad(), torch.autograd.profiler.profile() as profile:
+            if python_path:
+                with _fastpath.python_path_only():
+                    layer(x)
+            else:
+                assert isinstance(_fastpath.LAYER_CALL["call"](layer, x), torch.Tensor)
+        return sorted(e.name for e in profile.function_events if e.name.startswith("aten::empty"))
+
+    compiled = made(False)
+    assert "aten::empty_like" in compiled
+    assert set(compiled) <= set(made(True))
 
 
 class _PropertyMomentum(bnlab.BatchNorm1d):

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/record_function.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
@@ -147,10 +148,16 @@ bool increment_version(PyObject* o) {
 
 bool g_direct_outputs = true;
 
+namespace {
+// Whether new tensors skip the dispatcher now: not while a profiler or another observer of
+// torch's operators records (RecordFunction callbacks), which would miss their aten::empty*.
+bool direct_outputs() { return g_direct_outputs && !at::hasCallbacks(); }
+}  // namespace
+
 PyObject* empty_like(PyObject* x, int64_t* ptr) {
   return guarded([&] {
     const at::Tensor& t = THPVariable_Unpack(x);
-    if (g_direct_outputs && t.is_non_overlapping_and_dense())
+    if (direct_outputs() && t.is_non_overlapping_and_dense())
       return wrap(at::Tensor(at::detail::empty_strided_cpu(t.sizes(), t.strides(), t.scalar_type())), ptr);
     return wrap(at::empty_like(t), ptr);
   });
@@ -159,7 +166,7 @@ PyObject* empty_like(PyObject* x, int64_t* ptr) {
 PyObject* empty(const int64_t* size, int ndim, int code, int64_t* ptr) {
   return guarded([&] {
     const c10::IntArrayRef sizes(size, ndim);
-    if (g_direct_outputs) return wrap(at::Tensor(at::detail::empty_cpu(sizes, type_of(code))), ptr);
+    if (direct_outputs()) return wrap(at::Tensor(at::detail::empty_cpu(sizes, type_of(code))), ptr);
     return wrap(at::empty(sizes, at::TensorOptions(type_of(code))), ptr);
   });
 }

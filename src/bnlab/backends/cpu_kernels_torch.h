@@ -70,7 +70,9 @@ bool increment_version(PyObject* o);
 // without going through the dispatcher twice, which cost ~0.3 us of a 2 us eval layer call
 // (benchmarks/layer_call_ab.py, fifty-second session): the compiled calls decline under every mode
 // and transform that dispatch would have run, and their kernels write every value, so torch's
-// filling of new memory under torch.use_deterministic_algorithms has nothing to show. For an x
+// filling of new memory under torch.use_deterministic_algorithms has nothing to show. While a
+// profiler records (RecordFunction callbacks), both go through the dispatcher, so that its
+// aten::empty_like / aten::empty events stay in the profile as torch.nn's do. For an x
 // that is not dense and non-overlapping, empty_like takes at::empty_like (which for a dense x
 // gives x's strides, as here);
 //   adopt: a tensor on memory the caller owns (a pooled block of `bytes`), which calls
