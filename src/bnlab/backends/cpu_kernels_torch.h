@@ -66,18 +66,18 @@ bool increment_version(PyObject* o);
 // New CPU tensors, as new references with *ptr their data, or nullptr with a Python error set:
 //   empty_like: torch.empty_like(x), x a tensor read() accepted;
 //   empty: torch.empty(size, dtype=code), contiguous;
-// both made as torch's CPU kernels for them make them (at::detail::empty_strided_cpu, empty_cpu)
-// without going through the dispatcher twice, which cost ~0.3 us of a 2 us eval layer call
-// (benchmarks/layer_call_ab.py, fifty-second session): the compiled calls decline under every mode
-// and transform that dispatch would have run, and their kernels write every value, so torch's
-// filling of new memory under torch.use_deterministic_algorithms has nothing to show. While a
-// profiler records (RecordFunction callbacks), both go through the dispatcher, so that its
-// aten::empty_like / aten::empty events stay in the profile as torch.nn's do. For an x
-// that is not dense and non-overlapping, empty_like takes at::empty_like (which for a dense x
-// gives x's strides, as here);
 //   adopt: a tensor on memory the caller owns (a pooled block of `bytes`), which calls
 //          give(block, bytes) when its storage dies, in whatever thread, without the GIL (and
 //          at once when the tensor cannot be made).
+// empty_like and empty make their tensors as torch's CPU kernels for those operators do
+// (at::detail::empty_strided_cpu with x's strides, empty_cpu), without going through the
+// dispatcher twice, which cost ~0.3 us of a 2 us eval layer call (benchmarks/layer_call_ab.py,
+// fifty-second session). The compiled calls decline under every mode and transform that dispatch
+// would have run, and their kernels write every value, so torch's filling of new memory under
+// torch.use_deterministic_algorithms has nothing to show. While a profiler records (RecordFunction
+// callbacks), both go through the dispatcher, so that the profile keeps their aten::empty_like /
+// aten::empty events as torch.nn's calls do. An x that is not dense and non-overlapping takes
+// at::empty_like (which for a dense x gives x's strides, as the direct way does).
 PyObject* empty_like(PyObject* x, int64_t* ptr);
 PyObject* empty(const int64_t* size, int ndim, int code, int64_t* ptr);
 PyObject* adopt(void* block, int64_t bytes, void (*give)(void*, int64_t), const int64_t* size, const int64_t* stride,
