@@ -37,6 +37,19 @@ def assert_same_values(actual, expected, what: str = "") -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
+def seeded_layer(cls, channels: int = 3, training: bool = False, var=(0.5, 2.0)):
+    """A bnlab layer of ``channels`` with seeded non-trivial state: weight in [0.5, 1.5], bias and
+    running_mean in [-1, 1], running_var in ``var``; in training or eval mode."""
+    torch.manual_seed(0)
+    layer = cls(channels)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(*var)
+    return layer.train(training)
+
+
 def make_input(shape, layout="nchw", dtype=torch.float32, seed=0, mean=0.0, std=1.0) -> torch.Tensor:
     """Random input of the given memory layout: nchw (contiguous), cl (channels-last), cf (channels first), strided."""
     gen = torch.Generator().manual_seed(seed)

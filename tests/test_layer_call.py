@@ -21,6 +21,7 @@ from torch import nn
 import bnlab
 from bnlab import _fastpath
 from bnlab.backends import cpu_eval_entry
+from speed_helpers import seeded_layer
 
 pytestmark = pytest.mark.skipif(cpu_eval_entry() is None, reason="the CPU kernels' extension module did not build")
 
@@ -44,14 +45,7 @@ def answers(monkeypatch):
 
 
 def _layer(cls=bnlab.BatchNorm2d, channels=3, training=False):
-    torch.manual_seed(0)
-    layer = cls(channels)
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.uniform_(-1, 1)
-        layer.running_mean.uniform_(-1, 1)
-        layer.running_var.uniform_(0.5, 2)
-    return layer.train(training)
+    return seeded_layer(cls, channels, training)
 
 
 def _python_path(layer, x):

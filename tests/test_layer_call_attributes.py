@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import bnlab
 from bnlab import _fastpath
 from bnlab.backends import cpu_eval_entry, registered_cpu_backend
+from speed_helpers import seeded_layer
 
 pytestmark = pytest.mark.skipif(cpu_eval_entry() is None, reason="the CPU kernels' extension module did not build")
 
@@ -35,14 +36,7 @@ def _compiled_call(layer, x):
 
 
 def _layer(cls, channels=3, training=False):
-    torch.manual_seed(0)
-    layer = cls(channels)
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.uniform_(-1, 1)
-        layer.running_mean.uniform_(-1, 1)
-        layer.running_var.uniform_(0.01, 0.05)  # small: eps moves the output visibly
-    return layer.train(training)
+    return seeded_layer(cls, channels, training, var=(0.01, 0.05))  # small variances: eps moves the output
 
 
 def _expected_eval(layer, x, eps):
