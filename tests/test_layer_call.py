@@ -14,6 +14,10 @@ results with the Python path's bits and torch.nn.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch import nn
@@ -109,12 +113,13 @@ def test_a_layer_with_hooks_is_declined_and_its_hooks_run(answers, kind):
     assert answers == [None] and seen == ["hook"]
 
 
-@pytest.mark.parametrize("kind", ["forward", "forward_pre", "backward"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "backward", "backward_pre"])
 def test_a_global_hook_is_declined_and_runs(answers, kind):
     register = {
         "forward": nn.modules.module.register_module_forward_hook,
         "forward_pre": nn.modules.module.register_module_forward_pre_hook,
         "backward": nn.modules.module.register_module_full_backward_hook,
+        "backward_pre": nn.modules.module.register_module_full_backward_pre_hook,
     }[kind]
     seen = []
     handle = register(lambda *args: seen.append(kind) and None)
@@ -181,17 +186,51 @@ def test_other_bnlab_layers_keep_their_forward(answers):
     assert answers[0] is None and answers[1] is None
 
 
-def test_a_compiled_call_or_patched_module_call_is_used(answers, monkeypatch):
+def test_a_compiled_call_or_patched_module_call_is_used(answers):
     layer, x = _layer(), torch.randn(4, 3, 2, 2)
     layer._compiled_call_impl = lambda *args: "compiled"  # what module.compile() sets
     with torch.no_grad():
         assert layer(x) == "compiled"
     del layer._compiled_call_impl
     original = nn.Module.__call__
-    monkeypatch.setattr(nn.Module, "__call__", lambda self, *a, **k: ("patched", original(self, *a, **k))[0])
-    with torch.no_grad():
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(nn.Module, "__call__", lambda self, *a, **k: ("patched", original(self, *a, **k))[0])
         assert layer(x) == "patched"
-    assert answers == [None, None]
+    with torch.no_grad():
+        assert torch.is_tensor(layer(x))  # taken again once the patch is gone
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(nn.Module, "_call_impl", lambda self, *a, **k: "patched _call_impl")
+        assert layer(x) == "patched _call_impl"
+    assert answers[:2] == [None, None] and torch.is_tensor(answers[2]) and answers[3:] == [None]
+
+
+# A patch of nn.Module._call_impl made before bnlab is imported, or after but before its first
+# layer call, which sets the compiled call up: the layers must go through the patch.
+PATCHED_BEFORE = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from torch import nn
+
+    def patched(self, *args, **kwargs):
+        return "patched"
+
+    if sys.argv[1] == "before import":
+        nn.Module._call_impl = patched
+    import bnlab
+    if sys.argv[1] == "before the first call":
+        nn.Module._call_impl = patched
+    with torch.no_grad():
+        print(bnlab.BatchNorm1d(3).eval()(torch.randn(4, 3)), nn.BatchNorm1d(3).eval()(torch.randn(4, 3)))
+    """
+)
+
+
+@pytest.mark.parametrize("when", ["before import", "before the first call"])
+def test_a_module_call_patched_before_the_first_call_is_used(when):
+    out = subprocess.run([sys.executable, "-c", PATCHED_BEFORE, when], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["patched", "patched"]
 
 
 def test_backends_and_the_switch_are_read_on_every_call(answers):

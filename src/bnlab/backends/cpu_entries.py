@@ -10,7 +10,11 @@ keeps what they return.
 
 from __future__ import annotations
 
+import os
+import types
+
 import torch
+import torch.nn.modules.module as torch_module
 from torch import Tensor
 
 from bnlab import composite
@@ -50,6 +54,31 @@ def setup_whole_calls(lib, backend, codes, parallel_min_numel: int, wave_per_thr
     return entry, lib.bn_train_module
 
 
+def _torch_module_calls() -> tuple:
+    """(nn.Module.__call__, nn.Module._call_impl) as torch defines them, read when bnlab is imported;
+    (None, None) when either is already something else (a tool that patched it before bnlab was
+    imported): the compiled layer call then never takes a call, and every call goes through
+    nn.Module.__call__ as patched.
+
+    The compiled layer call compares the class's current two with these on every call, and leaves a
+    call to nn.Module.__call__ when they differ (torch.fx patches __call__ while it traces, profilers
+    may patch either). Read at import, not at the first layer call, so that a patch made in between
+    is not taken for torch's own; checked by where their code was written (a wrapper made with
+    functools.wraps copies the name, not the code)."""
+    own_file = os.path.normcase(os.path.abspath(torch_module.__file__))
+    found = tuple(torch.nn.Module.__dict__.get(name) for name in ("__call__", "_call_impl"))
+    for function in found:
+        if not isinstance(function, types.FunctionType):
+            return None, None
+        if os.path.normcase(os.path.abspath(function.__code__.co_filename)) != own_file:
+            return None, None
+    return found
+
+
+#: nn.Module's own __call__ and _call_impl (see :func:`_torch_module_calls`).
+TORCH_MODULE_CALLS = _torch_module_calls()
+
+
 def setup_layer_call(lib, backend, plain_forward, backends_module, compiled_calls: dict, device_calls=None):
     """bn_layer_call set up on ``lib`` (whose whole calls are set up already), or None without it.
 
@@ -66,8 +95,8 @@ def setup_layer_call(lib, backend, plain_forward, backends_module, compiled_call
     call = getattr(lib, "bn_layer_call", None) if lib is not None else None
     if call is not None:
         lib.bn_call_setup(
-            compiled_calls, torch._C._get_tracing_state, torch.nn.Module, torch.nn.modules.module, plain_forward,
-            backends_module, backend,
+            compiled_calls, torch._C._get_tracing_state, torch.nn.Module, torch_module, plain_forward,
+            backends_module, backend, *TORCH_MODULE_CALLS,
         )  # fmt: skip
         if device_calls is not None:
             lib.bn_device_setup(*device_calls)
