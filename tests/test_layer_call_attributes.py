@@ -152,9 +152,11 @@ def test_a_class_attribute_whose_class_gains_get_later_is_read_as_python_reads_i
             layer(torch.randn(8, 3))
 
 
-def test_a_class_in_a_custom_mro_changed_after_calls_is_read_anew():
+@pytest.mark.parametrize("mro_kept", [True, False], ids=["metaclass_mro", "metaclass_mro_deleted"])
+def test_a_class_in_a_custom_mro_changed_after_calls_is_read_anew(mro_kept):
     """A metaclass's mro() may name a class that is not a base; CPython does not pass its changes
-    on to the layer type's version tag (up to 3.12)."""
+    on to the layer type's version tag (up to 3.12). The class keeps that MRO after the metaclass
+    loses its mro()."""
 
     class Defaults:
         eps = 0.5
@@ -167,6 +169,9 @@ def test_a_class_in_a_custom_mro_changed_after_calls_is_read_anew():
     class WithDefaults(bnlab.BatchNorm1d, metaclass=Meta):
         pass
 
+    if not mro_kept:
+        del Meta.mro
+    assert WithDefaults.__mro__[1] is Defaults
     layer = _layer(WithDefaults).eval()
     del layer.__dict__["eps"]
     _check_eval(layer, 0.5)
