@@ -4,8 +4,8 @@
 // Python error (the constructors).
 #include "cpu_kernels_torch.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
 #include <ATen/ops/empty.h>
