@@ -15,13 +15,13 @@ differences, round by round, of each way off against both on (median and quartil
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 import bnlab
 from bnlab.backends import registered_cpu_backend
 from bench_cases import positive_int, shape_parser
+from bench_timing import sample_seconds
 
 #: setting name -> (attrs_kept, direct_outputs)
 SETTINGS = {
@@ -30,13 +30,6 @@ SETTINGS = {
     "outputs through the dispatcher": (True, False),
     "both off": (False, False),
 }
-
-
-def per_call_us(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main() -> None:
@@ -63,8 +56,8 @@ def main() -> None:
             for name in list(SETTINGS)[:: 1 if r % 2 else -1]:
                 switches(*SETTINGS[name])
                 layer(x)
-                times[name].append(per_call_us(lambda: layer(x), args.calls))
-            times["copy_"].append(per_call_us(lambda: out.copy_(x), args.calls))
+                times[name].append(sample_seconds(lambda: layer(x), args.calls) * 1e6)
+            times["copy_"].append(sample_seconds(lambda: out.copy_(x), args.calls) * 1e6)
     finally:
         switches(True, True)
     print(f"layer{tuple(args.shape)} {args.mode}, {args.threads} thread(s), {args.rounds} rounds of {args.calls} calls;"

@@ -52,16 +52,13 @@ def _check_eval(layer, eps):
     torch.testing.assert_close(y, _expected_eval(layer, x, eps), rtol=2e-6, atol=2e-6)
 
 
-class _PropertyEps(bnlab.BatchNorm1d):
-    """eps a property: a data descriptor, which Python reads before the instance's dict."""
+def _with_property(name: str, value: float) -> type:
+    """A BatchNorm1d subclass whose ``name`` is a property answering ``value`` (setting it does
+    nothing): a data descriptor, which Python reads before the instance's dict."""
+    return type(f"_Property_{name}", (bnlab.BatchNorm1d,), {name: property(lambda self: value, lambda self, v: None)})
 
-    @property
-    def eps(self):
-        return 0.25
 
-    @eps.setter
-    def eps(self, value):
-        pass
+_PropertyEps = _with_property("eps", 0.25)
 
 
 def test_a_property_comes_before_the_instance_dict():
@@ -202,20 +199,8 @@ def test_a_profile_shows_the_new_tensors_as_the_python_path_does(training):
     assert set(compiled) <= set(made(True))
 
 
-class _PropertyMomentum(bnlab.BatchNorm1d):
-    """momentum a property: read by the training call."""
-
-    @property
-    def momentum(self):
-        return 0.75
-
-    @momentum.setter
-    def momentum(self, value):
-        pass
-
-
 def test_a_training_call_reads_a_property_momentum():
-    layer = _layer(_PropertyMomentum, training=True)
+    layer = _layer(_with_property("momentum", 0.75), training=True)
     layer.__dict__["momentum"] = 0.1
     before = layer.running_mean.clone()
     x = torch.randn(16, 3)
