@@ -261,7 +261,7 @@ class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
             # its compiled call), then the add and the ReLU, in one kernel pass in place on that
             # output where the kernels take it (bnlab.backends.cpu_act); the same bits as
             # bnlab.BatchNorm2d followed by torch's add and ReLU
-            return then_add_relu(super().forward(x), x, residual, relu)
+            return then_add_relu(self._forward_after_input_check(x), x, residual, relu)
         if batch_statistics:
             track = self.training and self.track_running_stats
             rm, rv = (self.running_mean, self.running_var) if track else (None, None)

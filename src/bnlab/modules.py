@@ -184,6 +184,20 @@ class _BatchNormMixin:
             return record_call(self, (input,), {} if mask is None else {"mask": mask})
         x = _checks.check_input(input)
         self._check_input_dim(x)
+        return self._forward_checked(x, mask)
+
+    def _forward_after_input_check(self, x: Tensor) -> Tensor:
+        """:meth:`forward` of a tensor ``x`` (N, C, *) that this layer's ``_check_input_dim`` has
+        passed: for the layers whose forward checks first and then hands on to BN's
+        (BatchNormAct2d, SyncBatchNorm, SyncBatchNormAct2d), so that a subclass's own check runs once
+        per call, as in torch.nn (BN's forward ran it a second time). Takes the fast paths whatever
+        the class's check: they do not call it."""
+        y = module_forward(self, x)
+        return y if y is not None else self._forward_checked(x, None)
+
+    def _forward_checked(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """The general path of :meth:`forward`, from after ``_check_input_dim``: x (N, C, *), mask
+        (N, *spatial) bool or None."""
         self._check_channels(x)
         if mask is not None:
             check_mask(mask, x)

@@ -144,9 +144,15 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
             return record_call(self, (input,), {})
         x = _checks.check_input(input)
         self._check_input_dim(x)
-        self._check_channels(x)
+        return self._forward_after_input_check(x)
+
+    def _forward_after_input_check(self, x: Tensor) -> Tensor:
+        """:meth:`forward` of a tensor ``x`` (N, C, *) that ``_check_input_dim`` has passed (also
+        SyncBatchNormAct2d's, which checks first): BN's forward without a group to synchronise over,
+        else the synchronised step."""
         if not self._needs_sync():
-            return super().forward(x)
+            return super()._forward_after_input_check(x)
+        self._check_channels(x)
         self._check_vectors(x)
         if custom_ops.tracing(x):  # the same step as one operator: the compiled graph stays whole
             y, stats = custom_ops_sync.sync_train(x, self.weight, self.bias, self.eps, self.process_group)

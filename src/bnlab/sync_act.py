@@ -50,7 +50,7 @@ class SyncBatchNormAct2d(ActLayerMixin, SyncBatchNorm):
         if is_proxy(input):  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
             return record_call(self, (input,), {} if residual is None else {"residual": residual})
         x = self._checked_call(input, residual)
-        z = super().forward(x)
+        z = self._forward_after_input_check(x)  # SyncBatchNorm's, after the checks made above
         relu = self.activation == "relu"
         if custom_ops.tracing(x):  # torch.compile / export: torch's ops, which the compiler fuses
             return add_relu_ops(z, residual, relu)
