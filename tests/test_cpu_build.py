@@ -70,16 +70,20 @@ class FakeCompiler:
     """Stands in for cpu_compile._run: records each command and writes its -o file (an object or the
     library), or fails the commands that `fail` picks."""
 
-    def __init__(self, fail=lambda cmd: False):
+    def __init__(self, fail=lambda cmd: False, content=b"\x7fELF"):
         self.commands: list[list[str]] = []
         self.fail = fail
+        self.content = content
+        self.linked: dict[str, bytes] = {}  # the objects of the last link command: name -> content
 
     def __call__(self, cmd):
         self.commands.append(cmd)
+        if "-shared" in cmd and "-c" not in cmd:
+            self.linked = {Path(a).name: Path(a).read_bytes() for a in cmd if a.endswith(".o")}
         if self.fail(cmd):
             return f"{' '.join(cmd)} failed:\nerror: no"
         with open(cmd[cmd.index("-o") + 1], "wb") as f:
-            f.write(b"\x7fELF")
+            f.write(self.content)
         return None
 
 
@@ -109,6 +113,93 @@ def test_a_part_that_fails_falls_back_to_the_one_file_build(monkeypatch, tmp_pat
     whole = fake.commands[-1]
     assert "-shared" in whole and "-c" not in whole and not any(f.startswith("-DBNLAB_PART") for f in whole)
     assert len(fake.commands) == 6  # five parts (no link after the failure), then the one file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
+
+
+class InterruptedCompiler(FakeCompiler):
+    """A FakeCompiler during whose command that `interrupt` picks Ctrl-C reaches the main thread: the
+    command then waits, as a compiler runs, until the interrupted build stops it (as _run's killed
+    compiler, it answers an error)."""
+
+    def __init__(self, interrupt):
+        super().__init__(content=b"kept")
+        self.interrupt = interrupt
+
+    def __call__(self, cmd):
+        if not self.interrupt(cmd):
+            return super().__call__(cmd)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        assert cpu_compile._INTERRUPTED.wait(10)
+        return f"{' '.join(cmd)}: killed"
+
+
+def _object(cmd: list[str]) -> str:
+    return Path(cmd[cmd.index("-o") + 1]).name
+
+
+def _interrupted_build(monkeypatch, target: Path, flags: list[str]) -> set[str]:
+    """A parts build of target that Ctrl-C interrupts during the DTYPE=1 part; the parts it finished."""
+    interrupted = InterruptedCompiler(interrupt=lambda cmd: "-DBNLAB_PART_DTYPE=1" in cmd)
+    monkeypatch.setattr(cpu_compile, "_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cpu_compile.compile_library("g++", flags, target)
+    finished = {_object(cmd) for cmd in interrupted.commands}
+    assert "part0.o" in finished and "part2.o" not in finished  # DTYPE=0 before, DTYPE=1 interrupted
+    kept = {cpu_compile._kept_path(target.with_suffix(".parts"), cmd[: cmd.index("-o")]).name
+            for cmd in interrupted.commands}  # fmt: skip
+    assert {p.name for p in target.with_suffix(".parts").iterdir()} == kept and len(kept) == len(finished)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["lib.parts"]  # no temporary file or folder
+    return finished
+
+
+@pytest.mark.parametrize("torch_build", [False, True], ids=["module", "torch"])
+def test_an_interrupted_build_keeps_its_finished_parts_and_the_next_compiles_only_the_rest(
+    monkeypatch, tmp_path, torch_build
+):
+    # before: the parts folder was a temporary one, and Ctrl-C during the first call lost every part
+    # compiled (up to half a minute of compiling)
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 2)
+    flags = ["-fopenmp", *([cpu_build.TORCH_API] if torch_build else [])]
+    target = tmp_path / "lib.so"
+    finished = _interrupted_build(monkeypatch, target, flags)
+
+    fake = FakeCompiler()
+    monkeypatch.setattr(cpu_compile, "_run", fake)
+    assert cpu_compile.compile_library("g++", flags, target) is None
+    *parts, link = fake.commands
+    everything = {*(["torch.o"] if torch_build else []), *(f"part{i}.o" for i in range(5))}
+    assert sorted(_object(cmd) for cmd in parts) == sorted(everything - finished)
+    linked = fake.linked
+    assert list(linked) == [*(["torch.o"] if torch_build else []), *[f"part{i}.o" for i in range(5)]]
+    assert {name for name, content in linked.items() if content == b"kept"} == finished
+    assert target.read_bytes() == b"\x7fELF" and sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
+
+    # kept parts are taken only by the same command: another build (other flags, as if another
+    # bnlab's parts had other macros) of a library of the same name compiles them all
+    target.unlink()
+    _interrupted_build(monkeypatch, target, flags)
+    other = FakeCompiler()
+    monkeypatch.setattr(cpu_compile, "_run", other)
+    assert cpu_compile.compile_library("g++", [*flags, "-DOTHER"], target) is None
+    assert len(other.commands) == len(everything) + 1
+
+
+def test_kept_parts_stay_this_builds_when_another_build_removes_them(monkeypatch, tmp_path):
+    # two processes building the same library at once: the first to finish removes the kept parts
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 2)
+    target = tmp_path / "lib.so"
+    finished = _interrupted_build(monkeypatch, target, ["-fopenmp"])
+
+    class OtherBuildFinishes(FakeCompiler):
+        def __call__(self, cmd):
+            shutil.rmtree(tmp_path / "lib.parts", ignore_errors=True)
+            return super().__call__(cmd)
+
+    fake = OtherBuildFinishes()
+    monkeypatch.setattr(cpu_compile, "_run", fake)
+    assert cpu_compile.compile_library("g++", ["-fopenmp"], target) is None
+    assert len(fake.commands) == 5 - len(finished) + 1  # the parts not kept, and the link
+    assert {name for name, content in fake.linked.items() if content == b"kept"} == finished and len(fake.linked) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
 
 

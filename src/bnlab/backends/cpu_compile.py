@@ -2,13 +2,16 @@
 
 In one compiler run, or in parts at once on two cores or more, then linked; each through a
 temporary file renamed into place. The compilers run in processes of their own groups, which an
-interrupted build (Ctrl-C while the first call waits) kills, with the parts not started dropped.
+interrupted build (Ctrl-C while the first call waits) kills, with the parts not started dropped;
+the parts it finished are kept for the next build (:func:`_compile_parts`).
 Every function returns an error (the command and the end of its stderr) or None.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,25 +73,81 @@ def _compile_parts(cxx: str, flags: list[str], target: Path) -> str | None:
     """The library from its parts: each compiled to an object at once (up to _parallel_jobs() at a
     time), then linked into target (through a temporary file). The torch build has one more part,
     cpu_kernels_torch.cpp in C++20 (as torch's headers need), compiled first (the slowest), and
-    links torch's libraries. Returns an error or None; leaves no file behind either way."""
+    links torch's libraries. Returns an error or None.
+
+    Each part, once compiled, is also kept in ``<target stem>.parts`` beside target, under a name
+    made from its command (:func:`_kept_path`), which an interrupted build (Ctrl-C during the first
+    call) leaves: the next build of the same library (the same file name: the same sources, flags,
+    compiler and torch) takes the parts of the same commands from there and compiles only the rest.
+    Built or failed, the build leaves no file but the library: the parts folder goes too (a failed
+    part means no part is worth keeping)."""
     compile_flags = [f for f in BASE_FLAGS if f != "-shared"] + flags
     link_extra = []
-    with tempfile.TemporaryDirectory(prefix=target.stem + ".parts.", dir=target.parent) as folder:
-        objects = [str(Path(folder) / f"part{i}.o") for i in range(len(_PARTS))]
-        commands = [[cxx, *compile_flags, *part, "-c", str(_HERE / MAIN_SOURCE), "-o", obj]
-                    for part, obj in zip(_PARTS, objects)]  # fmt: skip
+    kept = target.parent / f"{target.stem}.parts"
+    with tempfile.TemporaryDirectory(prefix=target.stem + ".building.", dir=target.parent) as folder:
+        names = [f"part{i}.o" for i in range(len(_PARTS))]
+        commands = [[cxx, *compile_flags, *part, "-c", str(_HERE / MAIN_SOURCE)] for part in _PARTS]
         if TORCH_API in flags:
-            objects.insert(0, str(Path(folder) / "torch.o"))
-            commands.insert(0, [cxx, *compile_flags, "-std=c++20", "-c", str(_HERE / TORCH_SOURCE), "-o", objects[0]])
+            names.insert(0, "torch.o")
+            commands.insert(0, [cxx, *compile_flags, "-std=c++20", "-c", str(_HERE / TORCH_SOURCE)])
             link_extra = torch_build.link_flags()
-        errors = [err for err in _run_all(commands) if err is not None]
+        objects = [Path(folder) / name for name in names]
+        # parts an interrupted build kept, linked into this build's folder: they stay this build's
+        # even if another process finishing the same library removes the kept folder meanwhile
+        todo = [(cmd, obj) for cmd, obj in zip(commands, objects) if not _take_kept(_kept_path(kept, cmd), obj)]
+        runs = [[*cmd, "-o", str(obj)] for cmd, obj in todo]
+        errors = [err for err in _run_all(runs, [_kept_path(kept, cmd) for cmd, _ in todo]) if err is not None]
         if errors:
+            shutil.rmtree(kept, ignore_errors=True)
             return errors[0]
-        return _run_to(target, [cxx, "-shared", *[f for f in flags if f == "-fopenmp"], *objects, *link_extra])
+        openmp = [f for f in flags if f == "-fopenmp"]
+        error = _run_to(target, [cxx, "-shared", *openmp, *map(str, objects), *link_extra])
+        shutil.rmtree(kept, ignore_errors=True)  # built (or failed to link): nothing is left to resume
+        return error
 
 
-def _run_all(commands: list[list[str]]) -> list[str | None]:
-    """Each command's error or None (:func:`_run`), up to _parallel_jobs() of them at a time.
+def _kept_path(kept: Path, cmd: list[str]) -> Path:
+    """Where a part compiled by ``cmd`` (without its ``-o``) is kept: named by a digest of the
+    command, so that only the same command, never a part of another layout, takes it."""
+    return kept / (hashlib.sha256("\0".join(cmd).encode()).hexdigest()[:16] + ".o")
+
+
+def _take_kept(kept: Path, obj: Path) -> bool:
+    """Whether a part kept by an interrupted build is now at obj (a hard link, else a copy)."""
+    try:
+        os.link(kept, obj)
+    except FileNotFoundError:
+        return False  # none kept (or another build removed it just now)
+    except OSError:  # no hard links here
+        try:
+            shutil.copyfile(kept, obj)
+        except OSError:
+            return False
+    return True
+
+
+def _keep(obj: Path, kept: Path) -> None:
+    """Keep a compiled part for a build after an interrupted one (:func:`_compile_parts`): put in
+    under a temporary name, then renamed, so the folder never holds half an object. Best effort:
+    a part that cannot be kept is compiled again if the build is interrupted."""
+    tmp = kept.with_name(f".{kept.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        kept.parent.mkdir(exist_ok=True)
+        try:
+            os.link(obj, tmp)
+        except FileNotFoundError:
+            return
+        except OSError:  # no hard links here
+            shutil.copyfile(obj, tmp)
+        os.replace(tmp, kept)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_all(commands: list[list[str]], keep_as: list[Path] | None = None) -> list[str | None]:
+    """Each command's error or None (:func:`_run`), up to _parallel_jobs() of them at a time; with
+    ``keep_as``, the object each command compiled (its ``-o``) is kept at its path there as soon as
+    the command succeeds (:func:`_keep`).
 
     Interrupted (Ctrl-C reaches the main thread waiting here), the compilers running are killed and
     the commands not started are dropped before the interrupt goes on: the pool's own exit had run
@@ -97,7 +156,7 @@ def _run_all(commands: list[list[str]]) -> list[str | None]:
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(_parallel_jobs(), len(commands))))
     try:
-        return list(pool.map(_run, commands))
+        return list(pool.map(_run_and_keep, commands, keep_as or [None] * len(commands)))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         with _RUNNING_LOCK:
@@ -120,6 +179,14 @@ _RUNNING: set = set()
 _OWN_GROUP = {"process_group": 0} if os.name == "posix" and sys.version_info >= (3, 11) else {}
 _RUNNING_LOCK = threading.Lock()
 _INTERRUPTED = threading.Event()
+
+
+def _run_and_keep(cmd: list[str], kept: Path | None) -> str | None:
+    """_run(cmd), then, with ``kept`` and no error, the object it wrote (its ``-o``) kept there (:func:`_keep`)."""
+    error = _run(cmd)
+    if error is None and kept is not None:
+        _keep(Path(cmd[cmd.index("-o") + 1]), kept)
+    return error
 
 
 def _kill(proc: subprocess.Popen) -> None:
