@@ -175,7 +175,8 @@ _RUNNING: set = set()
 #: alone, the g++ driver left cc1plus running (and holding the pipes, so the wait went on till it
 #: ended). A group, not a session: Linux's autogroup shares the CPU between sessions first, and a
 #: compile in a session of its own took as much CPU as the test suite however niced
-#: (tests/background_checks.py). On Python 3.10, no group: the driver alone is killed.
+#: (tests/background_checks.py). On Python 3.10, no group: _kill stops the driver and ends the
+#: processes it started, found in /proc.
 _OWN_GROUP = {"process_group": 0} if os.name == "posix" and sys.version_info >= (3, 11) else {}
 _RUNNING_LOCK = threading.Lock()
 _INTERRUPTED = threading.Event()
@@ -190,14 +191,43 @@ def _run_and_keep(cmd: list[str], kept: Path | None) -> str | None:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """Ends a compiler that _run started, with the processes it started (its process group)."""
+    """Ends a compiler that _run started, with the processes it started: its process group, or,
+    without one (Python 3.10), the driver stopped first (so that it starts nothing more) and every
+    process under it that /proc shows."""
     try:
         if _OWN_GROUP:
             os.killpg(proc.pid, 9)  # SIGKILL (signal.SIGKILL is absent on Windows)
-        else:
-            proc.kill()
+            return
+        if os.name == "posix" and os.path.isdir("/proc"):
+            os.kill(proc.pid, 19)  # SIGSTOP
+            for pid in _descendants(proc.pid):
+                try:
+                    os.kill(pid, 9)
+                except (ProcessLookupError, PermissionError):
+                    pass  # ended already
+        proc.kill()
     except (ProcessLookupError, PermissionError):
         pass  # ended already
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes under process ``root`` (children, their children, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])  # after the name: state, ppid
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _run(cmd: list[str]) -> str | None:
