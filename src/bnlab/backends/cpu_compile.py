@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -198,11 +199,11 @@ def _kill(proc: subprocess.Popen) -> None:
         if _OWN_GROUP:
             os.killpg(proc.pid, 9)  # SIGKILL (signal.SIGKILL is absent on Windows)
             return
-        if os.name == "posix" and os.path.isdir("/proc"):
-            os.kill(proc.pid, 19)  # SIGSTOP
+        if os.name == "posix" and os.path.isdir("/proc"):  # Linux: POSIX signals, and /proc to read
+            os.kill(proc.pid, signal.SIGSTOP)
             for pid in _descendants(proc.pid):
                 try:
-                    os.kill(pid, 9)
+                    os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass  # ended already
         proc.kill()
