@@ -226,7 +226,40 @@ def sync_checks(rank: int, world_size: int, cases: list[dict], ddp_case: dict) -
     results["ddp"] = _ddp_train(ddp_case, rank, world_size, build_model(bnlab.BatchNorm2d))
     results["ddp_act"] = _ddp_train(ddp_case, rank, world_size, ResidualEnd(), "act_init")
     results["gradient_penalty"] = _gradient_penalty_error(rank)
+    results["own_input_check"] = _own_input_check_calls(rank)
+    results["outsider_channels"] = _outsider_channel_error(rank)
     return results
+
+
+def _own_input_check_calls(rank: int) -> list[int]:
+    """How many times a subclass's own _check_input_dim ran in one synchronised training call of
+    SyncBatchNorm and of SyncBatchNormAct2d (torch.nn: once)."""
+    counts = []
+    for base in (bnlab.SyncBatchNorm, bnlab.SyncBatchNormAct2d):
+        calls = []
+
+        class OwnCheck(base):
+            def _check_input_dim(self, input):
+                calls.append(1)
+                super()._check_input_dim(input)
+
+        OwnCheck(3)(torch.randn(2 + rank, 3, 2, 2))
+        counts.append(len(calls))
+    return counts
+
+
+def _outsider_channel_error(rank: int) -> str | None:
+    """The error of a training call with the wrong channel count on a rank outside the layer's
+    group (the group of rank 0; every rank makes it, as torch's new_group asks): the channel
+    count's, as torch.nn reports first; None on rank 0."""
+    group = dist.new_group([0])
+    if rank == 0:
+        return None
+    try:
+        bnlab.SyncBatchNorm(3, process_group=group)(torch.randn(2, 5, 2, 2))
+    except ValueError as err:
+        return str(err)
+    return "no error"
 
 
 def _gradient_penalty_error(rank: int) -> str | None:

@@ -116,13 +116,16 @@ def test_a_part_that_fails_falls_back_to_the_one_file_build(monkeypatch, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
 
 
+KEPT = b"\x7fELF, compiled before an interrupt"
+
+
 class InterruptedCompiler(FakeCompiler):
     """A FakeCompiler during whose command that `interrupt` picks Ctrl-C reaches the main thread: the
     command then waits, as a compiler runs, until the interrupted build stops it (as _run's killed
     compiler, it answers an error)."""
 
     def __init__(self, interrupt):
-        super().__init__(content=b"kept")
+        super().__init__(content=KEPT)
         self.interrupt = interrupt
 
     def __call__(self, cmd):
@@ -171,7 +174,7 @@ def test_an_interrupted_build_keeps_its_finished_parts_and_the_next_compiles_onl
     assert sorted(_object(cmd) for cmd in parts) == sorted(everything - finished)
     linked = fake.linked
     assert list(linked) == [*(["torch.o"] if torch_build else []), *[f"part{i}.o" for i in range(5)]]
-    assert {name for name, content in linked.items() if content == b"kept"} == finished
+    assert {name for name, content in linked.items() if content == KEPT} == finished
     assert target.read_bytes() == b"\x7fELF" and sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
 
     # kept parts are taken only by the same command: another build (other flags, as if another
@@ -199,8 +202,34 @@ def test_kept_parts_stay_this_builds_when_another_build_removes_them(monkeypatch
     monkeypatch.setattr(cpu_compile, "_run", fake)
     assert cpu_compile.compile_library("g++", ["-fopenmp"], target) is None
     assert len(fake.commands) == 5 - len(finished) + 1  # the parts not kept, and the link
-    assert {name for name, content in fake.linked.items() if content == b"kept"} == finished and len(fake.linked) == 5
+    assert {name for name, content in fake.linked.items() if content == KEPT} == finished and len(fake.linked) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
+
+
+def test_a_kept_part_that_is_not_an_object_is_compiled_again(monkeypatch, tmp_path):
+    # an empty file (a crash right after the part was kept) linked into a library that failed to
+    # load, and stayed in the cache (a reviewer's reproduction); the linker takes empty files
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 2)
+    target = tmp_path / "lib.so"
+    finished = _interrupted_build(monkeypatch, target, ["-fopenmp"])
+    emptied = sorted(target.with_suffix(".parts").iterdir())[0]
+    emptied.write_bytes(b"")
+    fake = FakeCompiler()
+    monkeypatch.setattr(cpu_compile, "_run", fake)
+    assert cpu_compile.compile_library("g++", ["-fopenmp"], target) is None
+    assert len(fake.commands) == 5 - len(finished) + 1 + 1  # the parts not kept, the emptied one, the link
+    assert sorted(fake.linked.values()).count(KEPT) == len(finished) - 1 and b"" not in fake.linked.values()
+
+
+def test_kept_parts_go_once_a_one_file_build_made_the_library(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 2)
+    target = tmp_path / "lib.so"
+    _interrupted_build(monkeypatch, target, ["-fopenmp"])
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 1)  # one core now: the one-file build
+    fake = FakeCompiler()
+    monkeypatch.setattr(cpu_compile, "_run", fake)
+    assert cpu_compile.compile_library("g++", ["-fopenmp"], target) is None
+    assert len(fake.commands) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
 
 
 def test_one_core_builds_in_one_file_and_a_failure_is_reported(monkeypatch, tmp_path):

@@ -176,6 +176,34 @@ def test_a_subclass_input_check_runs_on_every_input_as_in_torch_nn(answers, base
                                                      bnlab.BatchNormAct2d, bnlab.SyncBatchNorm, bnlab.LazyBatchNorm2d))
 
 
+@pytest.mark.parametrize("act", [bnlab.BatchNormAct2d, bnlab.SyncBatchNormAct2d])
+def test_a_forward_further_along_the_class_order_is_still_called(act):
+    """A user's class overriding forward that comes after the BN + activation layer in a class's
+    MRO: the layer hands on to it, as super().forward did (and its own check still runs once)."""
+    log = []
+    base = bnlab.BatchNorm2d if act is bnlab.BatchNormAct2d else bnlab.SyncBatchNorm
+
+    class Logged(base):
+        def forward(self, x, *args):
+            log.append("Logged.forward")
+            return super().forward(x, *args)
+
+    class Act(act, Logged):
+        pass
+
+    class ActOwnCheck(act):
+        def _check_input_dim(self, input):
+            log.append("check")
+            super()._check_input_dim(input)
+
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(Act(3)(x), torch.relu(bnlab.BatchNorm2d(3)(x)))
+    assert log == ["Logged.forward"]
+    log.clear()
+    torch.testing.assert_close(ActOwnCheck(3)(x), torch.relu(bnlab.BatchNorm2d(3)(x)))
+    assert log == ["check"]
+
+
 def test_other_bnlab_layers_keep_their_forward(answers):
     x = torch.randn(8, 3, 2, 2)
     act = bnlab.BatchNormAct2d(3).eval()

@@ -326,6 +326,17 @@ def test_a_backward_with_create_graph_is_refused_on_every_rank(ranks_out):
     assert all(m is not None and m.startswith("SyncBatchNorm: a backward with create_graph=True") for m in messages), messages
 
 
+def test_a_subclass_input_check_runs_once_per_synchronised_call(ranks_out):
+    # SyncBatchNormAct2d's forward checks, then hands on to SyncBatchNorm's, which checked again
+    assert [member["own_input_check"] for member in ranks_out] == [[1, 1]] * WORLD
+
+
+def test_a_rank_outside_the_group_hears_of_the_channel_count_first(ranks_out):
+    messages = [member["outsider_channels"] for member in ranks_out]
+    assert messages[0] is None
+    assert all(m.startswith("input: expected 3 channels on dim 1") for m in messages[1:]), messages
+
+
 def _one_process_final_state(model: nn.Module, init: dict) -> dict:
     """The state of ``model`` trained as one process on each step's whole global batch: the DDP runs' oracle."""
     model.load_state_dict(init, strict=True)

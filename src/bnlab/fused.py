@@ -28,7 +28,7 @@ from bnlab.backends import cpu_act, select_backend
 from bnlab.backends.autograd_apply import direct_apply
 from bnlab.functional import batch_norm
 from bnlab.fx_leaf import is_proxy, record_call
-from bnlab.modules import BatchNorm2d
+from bnlab.modules import BatchNorm2d, forward_after_input_check
 from bnlab.stats import Moments, count_and_update_
 
 __all__ = ["BatchNormAct2d", "BatchNormActFunction"]
@@ -235,6 +235,9 @@ class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
     ``bnlab.fold`` and ``bnlab.SyncBatchNorm.convert_sync_batchnorm``, which keep them.
     """
 
+    #: its forward checks the input, then hands on (modules.forward_after_input_check)
+    _asks_after_input_check = True
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
                  dtype=None, *, bias=True, activation="relu", residual=False):  # fmt: skip
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
@@ -261,7 +264,7 @@ class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
             # its compiled call), then the add and the ReLU, in one kernel pass in place on that
             # output where the kernels take it (bnlab.backends.cpu_act); the same bits as
             # bnlab.BatchNorm2d followed by torch's add and ReLU
-            return then_add_relu(self._forward_after_input_check(x), x, residual, relu)
+            return then_add_relu(forward_after_input_check(BatchNormAct2d, self, x), x, residual, relu)
         if batch_statistics:
             track = self.training and self.track_running_stats
             rm, rv = (self.running_mean, self.running_var) if track else (None, None)

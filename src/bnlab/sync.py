@@ -22,7 +22,7 @@ from bnlab.backends import Backend, select_backend
 from bnlab.convert import rebuild_batchnorm, replace_layers, warn_of_dropped_options
 from bnlab.distributed import group_size
 from bnlab.fx_leaf import is_proxy, record_call
-from bnlab.modules import _BatchNormMixin, rank_check
+from bnlab.modules import _BatchNormMixin, forward_after_input_check, rank_check
 from bnlab.stats import Moments
 from bnlab.sync_steps import sync_backward, sync_forward
 
@@ -110,6 +110,9 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
     Shape: input (N, C, *) with rank >= 2; output the same. N may differ between ranks.
     """
 
+    #: its forward checks the input, then hands on (modules.forward_after_input_check)
+    _asks_after_input_check = True
+
     def __init__(
         self,
         num_features: int,
@@ -148,11 +151,11 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
 
     def _forward_after_input_check(self, x: Tensor) -> Tensor:
         """:meth:`forward` of a tensor ``x`` (N, C, *) that ``_check_input_dim`` has passed (also
-        SyncBatchNormAct2d's, which checks first): BN's forward without a group to synchronise over,
-        else the synchronised step."""
+        SyncBatchNormAct2d's, which checks first: modules.forward_after_input_check): BN's forward
+        without a group to synchronise over, else the synchronised step."""
+        self._check_channels(x)  # first, as torch.nn (before the group's membership is asked)
         if not self._needs_sync():
-            return super()._forward_after_input_check(x)
-        self._check_channels(x)
+            return forward_after_input_check(SyncBatchNorm, self, x)
         self._check_vectors(x)
         if custom_ops.tracing(x):  # the same step as one operator: the compiled graph stays whole
             y, stats = custom_ops_sync.sync_train(x, self.weight, self.bias, self.eps, self.process_group)
@@ -224,3 +227,7 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         if hasattr(old, "qconfig"):
             new.qconfig = old.qconfig
         return new
+
+
+# what SyncBatchNorm's forward does once the input has passed _check_input_dim (modules.forward_after_input_check)
+SyncBatchNorm.forward._after_input_check = SyncBatchNorm._forward_after_input_check

@@ -15,7 +15,7 @@ from torch import Tensor
 from bnlab import custom_ops
 from bnlab.fused import ActLayerMixin, add_relu_ops, check_act_options, then_add_relu
 from bnlab.fx_leaf import is_proxy, record_call
-from bnlab.modules import _BatchNormMixin
+from bnlab.modules import _BatchNormMixin, forward_after_input_check
 from bnlab.sync import SyncBatchNorm
 
 __all__ = ["SyncBatchNormAct2d"]
@@ -34,6 +34,9 @@ class SyncBatchNormAct2d(ActLayerMixin, SyncBatchNorm):
     BatchNorm2d's, so it loads into and from BatchNormAct2d, BatchNorm2d and SyncBatchNorm.
     """
 
+    #: its forward checks the input, then hands on (modules.forward_after_input_check)
+    _asks_after_input_check = True
+
     _ranks = (4,)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, process_group=None,
@@ -50,7 +53,7 @@ class SyncBatchNormAct2d(ActLayerMixin, SyncBatchNorm):
         if is_proxy(input):  # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers
             return record_call(self, (input,), {} if residual is None else {"residual": residual})
         x = self._checked_call(input, residual)
-        z = self._forward_after_input_check(x)  # SyncBatchNorm's, after the checks made above
+        z = forward_after_input_check(SyncBatchNormAct2d, self, x)  # SyncBatchNorm's, after the checks above
         relu = self.activation == "relu"
         if custom_ops.tracing(x):  # torch.compile / export: torch's ops, which the compiler fuses
             return add_relu_ops(z, residual, relu)

@@ -47,7 +47,10 @@ def compile_library(cxx: str, flags: list[str], target: Path) -> str | None:
         return _compile_parts(cxx, flags, target)
     if _parallel_jobs() > 1 and _compile_parts(cxx, flags, target) is None:
         return None
-    return _compile_whole(cxx, flags, target)
+    error = _compile_whole(cxx, flags, target)
+    if error is None:  # parts an interrupted parts build kept are of no more use
+        shutil.rmtree(_kept_folder(target), ignore_errors=True)
+    return error
 
 
 def _compile_whole(cxx: str, flags: list[str], target: Path) -> str | None:
@@ -84,7 +87,7 @@ def _compile_parts(cxx: str, flags: list[str], target: Path) -> str | None:
     part means no part is worth keeping)."""
     compile_flags = [f for f in BASE_FLAGS if f != "-shared"] + flags
     link_extra = []
-    kept = target.parent / f"{target.stem}.parts"
+    kept = _kept_folder(target)
     with tempfile.TemporaryDirectory(prefix=target.stem + ".building.", dir=target.parent) as folder:
         names = [f"part{i}.o" for i in range(len(_PARTS))]
         commands = [[cxx, *compile_flags, *part, "-c", str(_HERE / MAIN_SOURCE)] for part in _PARTS]
@@ -93,18 +96,28 @@ def _compile_parts(cxx: str, flags: list[str], target: Path) -> str | None:
             commands.insert(0, [cxx, *compile_flags, "-std=c++20", "-c", str(_HERE / TORCH_SOURCE)])
             link_extra = torch_build.link_flags()
         objects = [Path(folder) / name for name in names]
+        interrupted = False
         # parts an interrupted build kept, linked into this build's folder: they stay this build's
         # even if another process finishing the same library removes the kept folder meanwhile
         todo = [(cmd, obj) for cmd, obj in zip(commands, objects) if not _take_kept(_kept_path(kept, cmd), obj)]
         runs = [[*cmd, "-o", str(obj)] for cmd, obj in todo]
-        errors = [err for err in _run_all(runs, [_kept_path(kept, cmd) for cmd, _ in todo]) if err is not None]
-        if errors:
-            shutil.rmtree(kept, ignore_errors=True)
-            return errors[0]
-        openmp = [f for f in flags if f == "-fopenmp"]
-        error = _run_to(target, [cxx, "-shared", *openmp, *map(str, objects), *link_extra])
-        shutil.rmtree(kept, ignore_errors=True)  # built (or failed to link): nothing is left to resume
-        return error
+        try:
+            errors = [err for err in _run_all(runs, [_kept_path(kept, cmd) for cmd, _ in todo]) if err is not None]
+            if errors:
+                return errors[0]
+            openmp = [f for f in flags if f == "-fopenmp"]
+            return _run_to(target, [cxx, "-shared", *openmp, *map(str, objects), *link_extra])
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:  # built, failed or broken off by an error: nothing is left to resume
+            if not interrupted:
+                shutil.rmtree(kept, ignore_errors=True)
+
+
+def _kept_folder(target: Path) -> Path:
+    """Where the parts of target's build are kept for a build after an interrupted one."""
+    return target.parent / f"{target.stem}.parts"
 
 
 def _kept_path(kept: Path, cmd: list[str]) -> Path:
@@ -114,7 +127,11 @@ def _kept_path(kept: Path, cmd: list[str]) -> Path:
 
 
 def _take_kept(kept: Path, obj: Path) -> bool:
-    """Whether a part kept by an interrupted build is now at obj (a hard link, else a copy)."""
+    """Whether a part kept by an interrupted build is now at obj (a hard link, else a copy). Only
+    an object file is taken (on Linux an ELF file; elsewhere any file not empty): the linker takes
+    an empty file, and a library linked from one would stay in the cache, failing to load."""
+    if not _an_object(kept):
+        return False
     try:
         os.link(kept, obj)
     except FileNotFoundError:
@@ -127,12 +144,24 @@ def _take_kept(kept: Path, obj: Path) -> bool:
     return True
 
 
+def _an_object(path: Path) -> bool:
+    """Whether path is a file that can be an object file (see :func:`_take_kept`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"\x7fELF" if sys.platform.startswith("linux") else len(head) > 0
+
+
 def _keep(obj: Path, kept: Path) -> None:
     """Keep a compiled part for a build after an interrupted one (:func:`_compile_parts`): put in
     under a temporary name, then renamed, so the folder never holds half an object. Best effort:
     a part that cannot be kept is compiled again if the build is interrupted."""
     tmp = kept.with_name(f".{kept.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
+        with open(obj, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it is kept (a crash must not leave it empty)
         kept.parent.mkdir(exist_ok=True)
         try:
             os.link(obj, tmp)
@@ -201,12 +230,24 @@ def _kill(proc: subprocess.Popen) -> None:
             return
         if os.name == "posix" and os.path.isdir("/proc"):  # Linux: POSIX signals, and /proc to read
             os.kill(proc.pid, signal.SIGSTOP)
-            for pid in _descendants(proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass  # ended already
+            stopped: set[int] = set()
+            for _ in range(8):  # each process found stopped, until no new one shows (one started
+                found = set(_descendants(proc.pid)) - stopped  # between a scan and a kill lives on)
+                if not found:
+                    break
+                for pid in found:
+                    _signal(pid, signal.SIGSTOP)
+                stopped |= found
+            for pid in stopped:
+                _signal(pid, signal.SIGKILL)
         proc.kill()
+    except (ProcessLookupError, PermissionError):
+        pass  # ended already
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass  # ended already
 
