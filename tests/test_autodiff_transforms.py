@@ -210,6 +210,30 @@ def test_fused_bn_relu_under_forward_mode_ad(training, residual):
         assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("layer", [bnlab.BatchNormAct2d, bnlab.SyncBatchNormAct2d])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_bn_relu_under_vmap_matches_torch_nn(layer, training, residual):
+    """In eval, vmap had raised: the in-place ReLU's check compared data pointers, which vmap's
+    batched tensors do not have (the check now asks for a transform first)."""
+    ref, _ = _pair(2, 3, training, track=not training)
+    ours = layer(3, track_running_stats=not training, residual=residual)
+    ours.load_state_dict(ref.state_dict())
+    ours.train(training)
+    xs = torch.randn(5, 4, 3, 2, 2)  # five independent batches
+    rs = torch.randn(5, 4, 3, 2, 2) if residual else None
+
+    def torch_sequence(x, r=None):
+        z = ref(x)
+        return torch.relu(z + r if r is not None else z)
+
+    args = (xs, rs) if residual else (xs,)
+    with torch.no_grad():
+        expected = torch.vmap(torch_sequence)(*args)
+        got = torch.vmap(ours)(*args)
+    assert rel_err(got, expected) <= TOL
+
+
 @pytest.mark.parametrize("variant", ["renorm", "masked", "ghost"])
 def test_variant_tangents_match_their_reverse_mode_jacobian(variant):
     """No torch.nn counterpart: the oracle is the same layer outside any transform (its

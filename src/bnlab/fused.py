@@ -161,9 +161,12 @@ def then_add_relu(z: Tensor, x: Tensor, residual: Tensor | None, relu: bool) -> 
     nothing traces or transforms the call; else torch's ops (the same bits)."""
     if residual is None and not relu:
         return z
-    # (transforms_active: forward-mode AD, torch.func and torch.jit.trace take torch's ops)
+    # (transforms_active: forward-mode AD, torch.func and torch.jit.trace take torch's ops; asked
+    # first, as vmap's batched tensors have no data pointer to compare)
+    if composite.transforms_active():
+        return add_relu_ops(z, residual, relu)
     fresh = z._base is None and z.data_ptr() != x.data_ptr()
-    if fresh and cpu_act.takes(z) and not composite.transforms_active():
+    if fresh and cpu_act.takes(z):
         if torch.is_grad_enabled() and (z.requires_grad or (residual is not None and residual.requires_grad)):
             return _apply_add_relu(z, residual, relu)
         return cpu_act.add_relu_(z, residual, relu)
