@@ -4,11 +4,11 @@
 //
 // Claim measured (docs/benchmark_rounds.md, fifty-third session): the eval of (8192, 100) runs at
 // 0.79-0.86 of torch's copy_ in bnlab's benchmark, at about 1.0 for rows of 96, 112 or 128
-// channels (the register rows); the walk itself, apart from Python, is 1.07-1.3x the copy, by
+// channels (the register rows); the walk itself, apart from Python, is 1.03-1.23x the copy, by
 // where the output lies against the input modulo 4 KiB (4K aliasing of the later loads with
-// stores still in the store buffer), 1.1-1.2x at the layout of a bnlab process (input 64 bytes
+// stores still in the store buffer), 1.08-1.12x at the layout of a bnlab process (input 64 bytes
 // past a page, output at a page: y - x = -16 floats). Also the same walk one block at a time in
-// memory order (1.0-1.6x) and torch-like 256-bit copy loop (flat at every offset).
+// memory order (1.03-1.53x) and a torch-like 256-bit copy loop (flat at every offset).
 // y = (x - h) * a + b over 819,200 float32 values, one thread; medians of 15 samples of 100 calls,
 // microseconds.
 //
