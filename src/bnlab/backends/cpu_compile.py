@@ -99,10 +99,11 @@ def _compile_parts(cxx: str, flags: list[str], target: Path) -> str | None:
         interrupted = False
         # parts an interrupted build kept, linked into this build's folder: they stay this build's
         # even if another process finishing the same library removes the kept folder meanwhile
-        todo = [(cmd, obj) for cmd, obj in zip(commands, objects) if not _take_kept(_kept_path(kept, cmd), obj)]
-        runs = [[*cmd, "-o", str(obj)] for cmd, obj in todo]
+        parts = [(cmd, obj, _kept_path(kept, cmd)) for cmd, obj in zip(commands, objects)]
+        todo = [(cmd, obj, at) for cmd, obj, at in parts if not _take_kept(at, obj)]
+        runs = [[*cmd, "-o", str(obj)] for cmd, obj, _ in todo]
         try:
-            errors = [err for err in _run_all(runs, [_kept_path(kept, cmd) for cmd, _ in todo]) if err is not None]
+            errors = [err for err in _run_all(runs, [at for _, _, at in todo]) if err is not None]
             if errors:
                 return errors[0]
             openmp = [f for f in flags if f == "-fopenmp"]
@@ -133,15 +134,21 @@ def _take_kept(kept: Path, obj: Path) -> bool:
     if not _an_object(kept):
         return False
     try:
-        os.link(kept, obj)
-    except FileNotFoundError:
-        return False  # none kept (or another build removed it just now)
-    except OSError:  # no hard links here
-        try:
-            shutil.copyfile(kept, obj)
-        except OSError:
-            return False
+        _link_or_copy(kept, obj)
+    except OSError:  # none kept (or another build removed it just now), or no copy
+        return False
     return True
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """dst a hard link to src, or a copy where this file system has no hard links.
+    FileNotFoundError where src is not there."""
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _an_object(path: Path) -> bool:
@@ -163,12 +170,7 @@ def _keep(obj: Path, kept: Path) -> None:
         with open(obj, "rb") as f:
             os.fsync(f.fileno())  # on disk before it is kept (a crash must not leave it empty)
         kept.parent.mkdir(exist_ok=True)
-        try:
-            os.link(obj, tmp)
-        except FileNotFoundError:
-            return
-        except OSError:  # no hard links here
-            shutil.copyfile(obj, tmp)
+        _link_or_copy(obj, tmp)
         os.replace(tmp, kept)
     except OSError:
         tmp.unlink(missing_ok=True)
