@@ -26,9 +26,10 @@ from bnlab._fastpath import module_forward
 from bnlab.autograd import differentiable_train_grads, param_grads
 from bnlab.backends import cpu_act, select_backend
 from bnlab.backends.autograd_apply import direct_apply
+from bnlab.forward_handoff import forward_after_input_check
 from bnlab.functional import batch_norm
 from bnlab.fx_leaf import is_proxy, record_call
-from bnlab.modules import BatchNorm2d, forward_after_input_check
+from bnlab.modules import BatchNorm2d
 from bnlab.stats import Moments, count_and_update_
 
 __all__ = ["BatchNormAct2d", "BatchNormActFunction"]
@@ -238,7 +239,7 @@ class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
     ``bnlab.fold`` and ``bnlab.SyncBatchNorm.convert_sync_batchnorm``, which keep them.
     """
 
-    #: its forward checks the input, then hands on (modules.forward_after_input_check)
+    #: its forward checks the input, then hands on (bnlab.forward_handoff)
     _asks_after_input_check = True
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from bnlab import _checks
 from bnlab._fastpath import LAYER_CALL, install_layer_call, module_forward
 from bnlab.custom_ops import is_compiling, is_exporting
+from bnlab.forward_handoff import find_forwards_after_input_check, mark_after_check
 from bnlab.functional import batch_norm
 from bnlab.fx_leaf import is_proxy, record_call
 from bnlab.scripting import refuse_scripting
@@ -127,7 +128,7 @@ class _BatchNormMixin:
         cls._own_input_check = not getattr(cls._check_input_dim, "_bnlab_rank_check", False)
         if cls._own_input_check and cls.forward is _BatchNormMixin.forward:
             cls.forward = _forward_with_own_input_check
-        _find_forwards_after_input_check(cls)
+        find_forwards_after_input_check(cls)
 
     @rank_check
     def _check_input_dim(self, input: Tensor) -> None:
@@ -189,7 +190,7 @@ class _BatchNormMixin:
 
     def _forward_after_input_check(self, x: Tensor) -> Tensor:
         """:meth:`forward` of a tensor ``x`` (N, C, *) that this layer's ``_check_input_dim`` has
-        passed (see :func:`forward_after_input_check`). Takes the fast paths whatever the class's
+        passed (see bnlab.forward_handoff). Takes the fast paths whatever the class's
         check: they do not call it."""
         y = module_forward(self, x)
         return y if y is not None else self._forward_checked(x, None)
@@ -326,40 +327,9 @@ def _forward_with_own_input_check(self, input: Tensor, mask: Tensor | None = Non
     return _BatchNormMixin.forward(self, input, mask)
 
 
-# BN's forwards and what each does once the input has passed _check_input_dim (sync.py adds
-# SyncBatchNorm's): read by _find_forwards_after_input_check.
-_BatchNormMixin.forward._after_input_check = _BatchNormMixin._forward_after_input_check
-_forward_with_own_input_check._after_input_check = _BatchNormMixin._forward_after_input_check
-
-
-def _after_input_check_attribute(asker: type) -> str:
-    return "_after_input_check_" + asker.__name__
-
-
-def _find_forwards_after_input_check(cls: type) -> None:
-    """For each class along cls's MRO whose forward checks the input first and then hands on to
-    the next forward (``_asks_after_input_check``: BatchNormAct2d, SyncBatchNorm,
-    SyncBatchNormAct2d), what that next forward does after its own check, if it is one of BN's
-    (a class attribute of cls, read by :func:`forward_after_input_check`); None where it is
-    another (a user's class overriding forward further along the MRO). Found when the class is
-    made, so that torch.compile traces a class attribute, not the MRO."""
-    mro = cls.__mro__
-    for i, asker in enumerate(mro):
-        if not asker.__dict__.get("_asks_after_input_check", False):
-            continue
-        following = next((k.__dict__["forward"] for k in mro[i + 1 :] if "forward" in k.__dict__), None)
-        setattr(cls, _after_input_check_attribute(asker), getattr(following, "_after_input_check", None))
-
-
-def forward_after_input_check(cls: type, layer: nn.Module, x: Tensor) -> Tensor:
-    """``super(cls, layer).forward(x)`` for a tensor ``x`` that ``layer._check_input_dim`` has
-    passed: for the layers whose forward checks first and then hands on to BN's (BatchNormAct2d,
-    SyncBatchNorm, SyncBatchNormAct2d; ``cls`` the class whose forward asks). Where the next forward
-    along the layer's MRO is one of BN's own, what it does after its check, so that a subclass's
-    own check runs once per call, as in torch.nn (BN's forward ran it a second time); any other
-    forward there (a user's class overriding it further along the MRO) is called as it is."""
-    after = getattr(type(layer), _after_input_check_attribute(cls), None)
-    return super(cls, layer).forward(x) if after is None else after(layer, x)
+# what BN's forwards do once the input has passed _check_input_dim (bnlab.forward_handoff)
+mark_after_check(_BatchNormMixin.forward, _BatchNormMixin._forward_after_input_check)
+mark_after_check(_forward_with_own_input_check, _BatchNormMixin._forward_after_input_check)
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):

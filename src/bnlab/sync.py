@@ -21,8 +21,9 @@ from bnlab import _checks, custom_ops, custom_ops_sync
 from bnlab.backends import Backend, select_backend
 from bnlab.convert import rebuild_batchnorm, replace_layers, warn_of_dropped_options
 from bnlab.distributed import group_size
+from bnlab.forward_handoff import forward_after_input_check, mark_after_check
 from bnlab.fx_leaf import is_proxy, record_call
-from bnlab.modules import _BatchNormMixin, forward_after_input_check, rank_check
+from bnlab.modules import _BatchNormMixin, rank_check
 from bnlab.stats import Moments
 from bnlab.sync_steps import sync_backward, sync_forward
 
@@ -110,7 +111,7 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
     Shape: input (N, C, *) with rank >= 2; output the same. N may differ between ranks.
     """
 
-    #: its forward checks the input, then hands on (modules.forward_after_input_check)
+    #: its forward checks the input, then hands on (bnlab.forward_handoff)
     _asks_after_input_check = True
 
     def __init__(
@@ -151,7 +152,7 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
 
     def _forward_after_input_check(self, x: Tensor) -> Tensor:
         """:meth:`forward` of a tensor ``x`` (N, C, *) that ``_check_input_dim`` has passed (also
-        SyncBatchNormAct2d's, which checks first: modules.forward_after_input_check): BN's forward
+        SyncBatchNormAct2d's, which checks first: bnlab.forward_handoff): BN's forward
         without a group to synchronise over, else the synchronised step."""
         self._check_channels(x)  # first, as torch.nn (before the group's membership is asked)
         if not self._needs_sync():
@@ -229,5 +230,5 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         return new
 
 
-# what SyncBatchNorm's forward does once the input has passed _check_input_dim (modules.forward_after_input_check)
-SyncBatchNorm.forward._after_input_check = SyncBatchNorm._forward_after_input_check
+# what SyncBatchNorm's forward does once the input has passed _check_input_dim (bnlab.forward_handoff)
+mark_after_check(SyncBatchNorm.forward, SyncBatchNorm._forward_after_input_check)

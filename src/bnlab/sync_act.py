@@ -13,9 +13,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from bnlab import custom_ops
+from bnlab.forward_handoff import forward_after_input_check
 from bnlab.fused import ActLayerMixin, add_relu_ops, check_act_options, then_add_relu
 from bnlab.fx_leaf import is_proxy, record_call
-from bnlab.modules import _BatchNormMixin, forward_after_input_check
+from bnlab.modules import _BatchNormMixin
 from bnlab.sync import SyncBatchNorm
 
 __all__ = ["SyncBatchNormAct2d"]
@@ -34,7 +35,7 @@ class SyncBatchNormAct2d(ActLayerMixin, SyncBatchNorm):
     BatchNorm2d's, so it loads into and from BatchNormAct2d, BatchNorm2d and SyncBatchNorm.
     """
 
-    #: its forward checks the input, then hands on (modules.forward_after_input_check)
+    #: its forward checks the input, then hands on (bnlab.forward_handoff)
     _asks_after_input_check = True
 
     _ranks = (4,)
