@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `bnlab` console script."""
+    """The `bnlab` command line (the console script enters through src/bnlab_console.py, which imports this)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["bnlab", *argv])
