@@ -6,6 +6,7 @@ test_backend_cpu_isa.py's background check.)"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -350,3 +351,35 @@ def test_ctrl_c_during_the_link_kills_it_and_leaves_no_temporary_file(monkeypatc
     timer.join()
     assert [proc.poll() is not None for proc in RecordingPopen.started] == [True]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_removes_what_unfinished_builds_left_a_week_ago(monkeypatch, tmp_path):
+    # before: kept parts of a library never built again (a new bnlab or torch came first), and what a
+    # killed build left, stayed in the cache for good (about 2 MB each)
+    monkeypatch.setattr(cpu_compile, "_parallel_jobs", lambda: 2)
+    week_ago = time.time() - cpu_compile.STALE_BUILD_SECONDS - 60
+    entries = {
+        "bnlab_cpu_torch_0123456789abcdef.parts": ("dir", week_ago),  # a Ctrl-C'd build of another library
+        "bnlab_cpu_module_0123456789abcdef.building.k2j4x": ("dir", week_ago),  # a killed build's folder
+        "bnlab_cpu_torch_0123456789abcdef.a8f3.tmp.so": ("file", week_ago),  # a killed link's output
+        "bnlab_cpu_torch_fedcba9876543210.parts": ("dir", time.time() - 3600),  # an hour ago: resumed soon, kept
+        "bnlab_cpu_torch_fedcba9876543210.so": ("file", week_ago),  # a built library: never removed here
+        "notes.parts": ("dir", week_ago),  # not bnlab's
+    }
+    for name, (kind, mtime) in entries.items():
+        path = tmp_path / name
+        if kind == "dir":
+            path.mkdir()
+            (path / "part0.o").write_bytes(b"\x7fELF")
+        else:
+            path.write_bytes(b"\x7fELF")
+        os.utime(path, (mtime, mtime))
+    failing = FakeCompiler(fail=lambda cmd: True)
+    monkeypatch.setattr(cpu_compile, "_run", failing)
+    assert cpu_compile.compile_library("g++", ["-fopenmp"], tmp_path / "bnlab_cpu_module_1111.so") is not None
+    assert {p.name for p in tmp_path.iterdir()} == set(entries)  # a failed build removes nothing
+    monkeypatch.setattr(cpu_compile, "_run", FakeCompiler())
+    assert cpu_compile.compile_library("g++", ["-fopenmp"], tmp_path / "bnlab_cpu_module_1111.so") is None
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"bnlab_cpu_module_1111.so", "bnlab_cpu_torch_fedcba9876543210.parts",
+                    "bnlab_cpu_torch_fedcba9876543210.so", "notes.parts"}  # fmt: skip

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from bnlab.backends import cpu_build_torch as torch_build
@@ -43,6 +44,13 @@ def compile_library(cxx: str, flags: list[str], target: Path) -> str | None:
     one core, or when the parts do not build or link (the one file then says why, if it fails too).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    error = _compile(cxx, flags, target)
+    if error is None:
+        _drop_stale_builds(target.parent)
+    return error
+
+
+def _compile(cxx: str, flags: list[str], target: Path) -> str | None:
     if TORCH_API in flags:  # its extra file is a part of its own: parts only, even on one core
         return _compile_parts(cxx, flags, target)
     if _parallel_jobs() > 1 and _compile_parts(cxx, flags, target) is None:
@@ -51,6 +59,31 @@ def compile_library(cxx: str, flags: list[str], target: Path) -> str | None:
     if error is None:  # parts an interrupted parts build kept are of no more use
         shutil.rmtree(_kept_folder(target), ignore_errors=True)
     return error
+
+
+#: Age after which what an unfinished build left in the cache goes: an interrupted build is taken up
+#: again at the next first call, within days, or never (a new bnlab or torch builds another library).
+STALE_BUILD_SECONDS = 7 * 24 * 3600
+
+
+def _drop_stale_builds(cache: Path) -> None:
+    """Remove from ``cache`` what builds of any bnlab library left there more than
+    STALE_BUILD_SECONDS ago without finishing: kept parts (``*.parts``, about 2 MB; a Ctrl-C keeps
+    them for the next build of the same library, which removes them), and the temporary build
+    folders and half-linked libraries (``*.building.*``, ``*.tmp.so``) a killed process leaves.
+    Called after a build succeeded; a build in progress elsewhere is minutes old, never touched."""
+    now = time.time()
+    for pattern in ("bnlab_cpu_*.parts", "bnlab_cpu_*.building.*", "bnlab_cpu_*.tmp.so"):
+        for entry in cache.glob(pattern):
+            try:
+                if now - entry.lstat().st_mtime <= STALE_BUILD_SECONDS:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError:  # gone meanwhile (another process cleaning up), or not ours to remove
+                continue
 
 
 def _compile_whole(cxx: str, flags: list[str], target: Path) -> str | None:
