@@ -387,3 +387,26 @@ def test_takes_exactly_the_layouts_that_layout_of_takes(sizes, data):
         assert torch.equal(y, expected) and y.stride() == x.stride()
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             assert torch.equal(stand_in._buffers[name], getattr(layer, name)), name
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_buffers_made_under_inference_mode_are_declined_outside_it_and_refused_unchanged(grad, taken):
+    """A layer built under torch.inference_mode() (its buffers inference tensors) and then trained
+    outside it: torch.nn's num_batches_tracked.add_(1) raises, where the kernel had written the
+    buffers through their pointers and counted the batch, silently (a reviewer's reproduction).
+    Declined, and the Python path raises torch's error before any state moves; inside the mode the
+    call is taken and agrees with torch.nn."""
+    x = torch.randn(6, 4, 3)
+    with torch.inference_mode():
+        layer, twin = bnlab.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    before = _state(layer)
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="^Inplace update to inference tensor"):
+        layer(x)
+    assert taken == [None] and _same_state(before, _state(layer))
+    with pytest.raises(RuntimeError, match="^Inplace update to inference tensor"):
+        twin(x)  # the oracle refuses too
+    with torch.inference_mode():
+        y, y_nn = layer(x), twin(x)
+    assert isinstance(taken[-1], torch.Tensor) and int(layer.num_batches_tracked) == 1
+    assert rel_err(y, y_nn) <= TOLERANCE[torch.float32]
+    assert rel_err(layer.running_var, twin.running_var) <= TOLERANCE[torch.float32]

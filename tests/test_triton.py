@@ -710,3 +710,24 @@ def test_a_compiled_layer_runs_the_triton_kernels_to_the_eager_bits(triton_every
             assert _bits(compiled(x)) == _bits(eager(x)), "inference"
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make", [lambda: bnlab.BatchNorm2d(3), lambda: bnlab.BatchNormAct2d(3, residual=True)],
+                         ids=["BatchNorm2d", "BatchNormAct2d"])  # fmt: skip
+def test_buffers_made_under_inference_mode_are_refused_outside_it_unchanged(triton_everywhere, make):
+    """The Triton kernels (fused or not) write the running statistics in place; a layer built under
+    torch.inference_mode() and trained outside it is refused first, as torch.nn refuses it
+    (tests/test_inference_tensors.py for the CPU routes), and inside the mode it trains."""
+    with torch.inference_mode():
+        layer = make()
+    x = make_input((4, 3, 5, 3), "cl", seed=11)
+    call = (lambda: layer(x, torch.zeros_like(x))) if isinstance(layer, bnlab.BatchNormAct2d) else (lambda: layer(x))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad(), pytest.raises(RuntimeError, match="^Inplace update to inference tensor outside InferenceMode"):
+        call()
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    with torch.inference_mode():
+        y = call()
+    assert int(layer.num_batches_tracked) == 1 and torch.isfinite(y).all()
+    mean = x.double().mean((0, 2, 3))
+    assert_close(layer.running_mean, 0.1 * mean, 2e-4, "running mean")

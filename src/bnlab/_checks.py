@@ -149,3 +149,32 @@ def check_running_var_nonnegative(running_var: Tensor) -> None:
             )
     elif running_var.device.type == "cuda":
         torch._assert_async(~(running_var < 0).any(), "running_var: expected non-negative values, got negative entries")
+
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+def inference_buffers(running_mean: Tensor | None, running_var: Tensor | None,
+                      num_batches_tracked: Tensor | None) -> list[str]:  # fmt: skip
+    """The names of a layer's running buffers (None where it has none) that are inference tensors
+    (made under torch.inference_mode()) while that mode is off now, where torch refuses to update a
+    tensor in place; [] under torch.compile's tracing, whose tensors stand for the real ones."""
+    if torch.is_inference_mode_enabled() or _is_compiling():
+        return []
+    buffers = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": num_batches_tracked}
+    return [name for name, t in buffers.items() if t is not None and t.is_inference()]
+
+
+def check_buffers_updatable(running_mean: Tensor | None, running_var: Tensor | None,
+                            num_batches_tracked: Tensor | None) -> None:  # fmt: skip
+    """A training call's running buffers must be updatable in place: not inference tensors outside
+    torch.inference_mode() (a layer built inside it, then trained outside), which torch.nn refuses
+    in its ``num_batches_tracked.add_(1)``. Raised before any state moves."""
+    frozen = inference_buffers(running_mean, running_var, num_batches_tracked)
+    if frozen:
+        raise RuntimeError(
+            "Inplace update to inference tensor outside InferenceMode is not allowed: the layer's "
+            f"{', '.join(frozen)} were made under torch.inference_mode() (inference tensors), and a training "
+            "call updates them in place; call the layer inside torch.inference_mode(), or give it normal "
+            f"tensors first, outside it (e.g. layer.{frozen[0]} = layer.{frozen[0]}.clone())"
+        )

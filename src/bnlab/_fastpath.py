@@ -210,5 +210,8 @@ def device_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: flo
     """A training call on the chosen backend, its arguments valid already (running statistics None
     when the layer keeps none, momentum 0.0 for None without a batch counter)."""
     # The backend counts the batch in num_batches_tracked itself (in its kernel call), or returns
-    # None having changed nothing: then the module's general path runs.
+    # None having changed nothing: then the module's general path runs. Its kernels would write
+    # inference tensors outside inference mode, which the general path refuses as torch.nn does.
+    if running_mean is not None and _checks.inference_buffers(running_mean, running_var, nbt):
+        return None
     return select_backend(x).train_forward(x, weight, bias, eps, running_mean, running_var, momentum, nbt, guard)

@@ -275,6 +275,7 @@ class BatchNormAct2d(ActLayerMixin, BatchNorm2d):
             counter = self.num_batches_tracked if track else None
             for name, v in (("weight", self.weight), ("bias", self.bias), ("running_mean", rm), ("running_var", rv)):
                 _checks.check_channel_vector(v, name, x.shape[1], x)
+            _checks.check_buffers_updatable(rm, rv, counter)  # the fused kernels would write them in place
             momentum = _checks.check_momentum(self.momentum)
             if momentum is None and counter is None:
                 momentum = 0.0  # no counter, no cumulative average (as torch.nn)

@@ -207,6 +207,8 @@ class _BatchNormMixin:
         # Validate before any state moves, so a rejected batch changes nothing.
         _checks.check_training_batch(x)
         self._check_vectors(x)
+        if self.training and self.track_running_stats:  # first, as torch.nn's num_batches_tracked.add_(1)
+            _checks.check_buffers_updatable(self.running_mean, self.running_var, self.num_batches_tracked)
         y, stats = batch_stats_forward(self, x, mask)
         if self.training and self.track_running_stats and self.running_mean is not None:
             self._record_batch_stats(stats)

@@ -49,7 +49,8 @@ def setup_whole_calls(lib, backend, codes, parallel_min_numel: int, wave_per_thr
         return entry, None
     lib.bn_train_setup(
         kernel_done_apply, eval_done_apply, backend, torch.empty, torch.float64, torch.int64,
-        _COMPILING or (lambda: False), torch.autograd.graph.increment_version, wave_per_thread, *narrow,
+        _COMPILING or (lambda: False), torch.autograd.graph.increment_version, torch.is_inference_mode_enabled,
+        wave_per_thread, *narrow,
     )  # fmt: skip
     return entry, lib.bn_train_module
 

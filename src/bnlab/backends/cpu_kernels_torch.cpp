@@ -12,6 +12,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/PyInterpreter.h>
@@ -122,6 +123,10 @@ bool modes_active() {
 }
 
 bool grad_enabled() { return c10::GradMode::is_enabled(); }
+
+bool inference_tensor(PyObject* o) { return THPVariable_Check(o) && THPVariable_Unpack(o).is_inference(); }
+
+bool inference_mode() { return c10::InferenceMode::is_enabled(); }
 
 bool jit_tracing() { return torch::jit::tracer::isTracing(); }
 

@@ -58,6 +58,11 @@ bool functorch_active();
 bool grad_enabled();
 int num_threads();
 
+// Whether o is a tensor made under torch.inference_mode() (x.is_inference()), and whether that mode
+// is on now (torch.is_inference_mode_enabled()).
+bool inference_tensor(PyObject* o);
+bool inference_mode();
+
 // torch.autograd.graph.increment_version(o) for a tensor o the kernels wrote through its data
 // pointer (none for an inference tensor, which has no version counter). False, with nothing
 // done, where o is not a tensor.
