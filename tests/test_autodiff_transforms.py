@@ -258,3 +258,40 @@ def test_variant_tangents_match_their_reverse_mode_jacobian(variant):
     assert rel_err(out.tangent, (jac @ t.reshape(-1)).reshape(x.shape)) <= f64
     assert rel_err(dual_layer.running_var, plain_layer.running_var) <= f64
     assert int(dual_layer.num_batches_tracked) == int(plain_layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("make", [lambda lib: lib.BatchNorm2d(3), lambda lib: bnlab.BatchNormAct2d(3)],
+                         ids=["BatchNorm2d", "BatchNormAct2d"])  # fmt: skip
+def test_vmap_of_a_training_layer_with_unbatched_running_statistics_says_so(make):
+    """torch.nn's layers answer this call with an error about the running statistics not being
+    batched; bnlab's had answered with vmap's generic message about in-place arithmetic. Now the
+    error names the buffers and the ways out (one of which is checked), and nothing has moved."""
+    xs = torch.randn(5, 4, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="running_mean or running_var.*were not batched"):
+        torch.vmap(torch.nn.BatchNorm2d(3))(xs)  # the oracle's wording, for the record
+    layer = make(bnlab)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="^running_mean, running_var: a training call under torch.func.vmap"):
+        torch.vmap(layer)(xs)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    torch.func.replace_all_batch_norm_modules_(layer)  # the way out the message names first
+    ref = torch.nn.BatchNorm2d(3, track_running_stats=False)
+    expected = torch.vmap(ref)(xs)
+    got = torch.vmap(layer)(xs)
+    assert rel_err(got, torch.relu(expected) if isinstance(layer, bnlab.BatchNormAct2d) else expected) <= TOL
+
+
+def test_vmap_over_an_ensemble_of_training_layers_updates_each_members_statistics_as_torch_nn():
+    def ensemble(lib):
+        torch.manual_seed(3)
+        layers = [lib.BatchNorm1d(3) for _ in range(4)]
+        params, buffers = torch.func.stack_module_state(layers)
+        base = copy.deepcopy(layers[0]).to("meta")
+        return torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,))), params, buffers
+
+    xs = torch.randn(4, 6, 3)
+    (call_ref, p_ref, b_ref), (call, p, b) = ensemble(torch.nn), ensemble(bnlab)
+    assert rel_err(call(p, b, xs), call_ref(p_ref, b_ref, xs)) <= TOL
+    for name in ("running_mean", "running_var"):
+        assert rel_err(b[name], b_ref[name]) <= TOL
+    assert b["num_batches_tracked"].tolist() == b_ref["num_batches_tracked"].tolist() == [1, 1, 1, 1]

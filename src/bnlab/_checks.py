@@ -178,3 +178,24 @@ def check_buffers_updatable(running_mean: Tensor | None, running_var: Tensor | N
             "call updates them in place; call the layer inside torch.inference_mode(), or give it normal "
             f"tensors first, outside it (e.g. layer.{frozen[0]} = layer.{frozen[0]}.clone())"
         )
+
+
+_is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", lambda t: False)
+
+
+def check_vmapped_update(running_mean: Tensor | None, running_var: Tensor | None, batch_mean: Tensor) -> None:
+    """Under torch.func.vmap, the statistics of a batched input cannot go into running statistics
+    that are not batched (an in-place update of an unbatched tensor): said in terms of BN, as
+    torch.nn's layers say it, where vmap's own message spoke of in-place arithmetic."""
+    if running_mean is None or not _is_batched(batch_mean):
+        return
+    unbatched = [name for name, t in (("running_mean", running_mean), ("running_var", running_var))
+                 if t is not None and not _is_batched(t)]  # fmt: skip
+    if unbatched:
+        raise RuntimeError(
+            f"{', '.join(unbatched)}: a training call under torch.func.vmap got an input batched by vmap, while the "
+            "layer's running statistics, which the call updates in place, are not batched. Set "
+            "track_running_stats=False if the layer needs no eval mode (torch.func.replace_all_batch_norm_modules_"
+            "(model) does so for a whole model), give it batched buffers (torch.func.stack_module_state and "
+            "functional_call), or call it in eval mode"
+        )

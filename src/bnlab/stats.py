@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
-from bnlab._checks import check_buffers_updatable, values_per_channel
+from bnlab._checks import check_buffers_updatable, check_vmapped_update, values_per_channel
 
 Count = Union[int, Tensor]
 
@@ -262,10 +262,11 @@ def count_and_update_(
     decrement is computed on the device, without a host sync), so ``momentum=None`` keeps giving
     the k-th finite batch the weight 1/k, and a Batch Renorm ramp does not advance on a step the
     optimizer skips. Shared by the modules and by the custom operator of bnlab.custom_ops.
-    Inference tensors outside torch.inference_mode() are refused first, with nothing changed
-    (_checks.check_buffers_updatable).
+    Inference tensors outside torch.inference_mode(), and unbatched statistics under vmap, are
+    refused first, with nothing changed (_checks.check_buffers_updatable, check_vmapped_update).
     """
     check_buffers_updatable(running_mean, running_var, num_batches_tracked)
+    check_vmapped_update(running_mean, running_var, stats.mean)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if momentum is not None:
