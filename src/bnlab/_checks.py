@@ -159,7 +159,7 @@ def inference_buffers(running_mean: Tensor | None, running_var: Tensor | None,
     """The names of a layer's running buffers (None where it has none) that are inference tensors
     (made under torch.inference_mode()) while that mode is off now, where torch refuses to update a
     tensor in place; [] under torch.compile's tracing, whose tensors stand for the real ones."""
-    if torch.is_inference_mode_enabled() or _is_compiling():
+    if _is_compiling() or torch.is_inference_mode_enabled():  # (in this order: dynamo cannot trace the second)
         return []
     buffers = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": num_batches_tracked}
     return [name for name, t in buffers.items() if t is not None and t.is_inference()]
@@ -187,7 +187,7 @@ def check_vmapped_update(running_mean: Tensor | None, running_var: Tensor | None
     """Under torch.func.vmap, the statistics of a batched input cannot go into running statistics
     that are not batched (an in-place update of an unbatched tensor): said in terms of BN, as
     torch.nn's layers say it, where vmap's own message spoke of in-place arithmetic."""
-    if running_mean is None or not _is_batched(batch_mean):
+    if running_mean is None or _is_compiling() or not _is_batched(batch_mean):  # (dynamo traces no functorch query)
         return
     unbatched = [name for name, t in (("running_mean", running_mean), ("running_var", running_var))
                  if t is not None and not _is_batched(t)]  # fmt: skip
