@@ -356,3 +356,21 @@ def test_selfcheck_seed_past_64_bits_is_refused_by_name(capsys):
         main(["selfcheck", "--seed", str(2**64)])
     assert exit_.value.code == 2
     assert f"argument --seed: expected an integer from 0 to 2**64 - 1, got '{2**64}'" in capsys.readouterr().err
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch, capsys):
+    # two `bnlab run NAME` (no --out) started in one second: the second had been refused, naming an
+    # --out that was never given (a reviewer saw it in 2 of 3 tries)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "default_out", lambda name, root="runs": tmp_path / "runs" / f"{name}-20261207-225247")
+    argv = ["run", "activations", "--quick", "--seeds", "0"]
+    for _ in range(3):
+        assert main(argv) == 0
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert names == ["activations-20261207-225247", "activations-20261207-225247-2", "activations-20261207-225247-3"]
+    assert all((tmp_path / "runs" / n / "report.md").is_file() for n in names)
+    assert resume.newest_run("activations", tmp_path / "runs") == tmp_path / "runs" / "activations-20261207-225247-3"
+    (tmp_path / "runs" / "activations-20261207-225247-10").mkdir()  # numbers compare as numbers, not text
+    ((tmp_path / "runs" / "activations-20261207-225247-10") / "config.json").write_text("{}")
+    assert resume.newest_run("activations", tmp_path / "runs").name == "activations-20261207-225247-10"
+    assert resume.newest_run("activations", tmp_path / "runs", need_config=False).name.endswith("-10")

@@ -179,3 +179,15 @@ def test_resume_on_another_kind_of_device_is_refused(finished, capsys):
     assert main([*ARGV, "--resume", "--device", "cpu", "--out", str(finished)]) == 2
     assert "device: stored 'cuda:0', given 'cpu'" in _error(capsys)
     assert not (finished / "units" / "bn.json").exists()
+
+
+def test_a_resume_removes_the_temporary_files_of_interrupted_writes(finished):
+    # a Ctrl-C or a kill during an atomic write left its hidden temporary file, which stayed for good
+    leftovers = [finished / ".table_early_loss.csv.k2j4x.tmp", finished / "units" / ".seed=0.json.a8f3.tmp",
+                 finished / ".regularization.x9q1.png"]  # fmt: skip
+    for path in leftovers:
+        path.write_bytes(b"half")
+    (finished / "notes.txt").write_text("mine")  # not the run's: stays
+    assert main([*ARGV, "--out", str(finished), "--resume"]) == 0
+    assert not any(path.exists() for path in leftovers)
+    assert (finished / "notes.txt").read_text() == "mine" and (finished / "report.md").is_file()

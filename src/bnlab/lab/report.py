@@ -75,7 +75,13 @@ def write_report(folder: RunFolder | str | Path) -> Path:
     # no finished unit (a run stopped before its first): nothing measured, which every experiment's
     # findings need not handle (the inference report's raised IndexError)
     measured = exp.findings(folder).strip() if summary["units_done"] else "Nothing yet: no unit has finished."
-    md += [f"**The claim.** {exp.claim}", "", "## What was measured", "", measured, ""]
+    md += [f"**The claim.** {exp.claim}", ""]
+    if folder.config["quick"] and exp.trains:
+        # a reviewer's reading of `bnlab run all --quick`: numbers that contradict the claim, no word why
+        md += [f"> **Quick version**: a few networks trained for a few steps, to try the command; too little to "
+               f"show the claim, and its numbers may contradict it. Run `bnlab run {exp.name}` without `--quick` "
+               "for the measurement (docs/experiments.md shows what the full run gives).", ""]
+    md += ["## What was measured", "", measured, ""]
     figures = exp.figures(folder) if summary["rows"] else []
     if figures:
         md += ["## Figures", ""]

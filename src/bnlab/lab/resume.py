@@ -30,12 +30,16 @@ _STORED_DEFAULTS = {"world_size": 1, "sync_bn": False, "shapes": None}
 
 def newest_run(name: str, root: str | Path = "runs", need_config: bool = True) -> Path | None:
     """The most recent runs/NAME-* folder holding a run (or, without ``need_config``, any such folder), or None."""
-    # only the folders default_out names (NAME-YYYYmmdd-HHMMSS), whose names sort by time: a folder
-    # named by hand (runs/NAME-baseline) sorted after every stamp and was resumed instead
-    stamped = re.compile(re.escape(name) + r"-\d{8}-\d{6}")
-    candidates = sorted(p for p in Path(root).glob(f"{name}-*") if stamped.fullmatch(p.name)
-                        and ((p / "config.json").is_file() or (not need_config and p.is_dir())))
-    return candidates[-1] if candidates else None
+    # only the folders default_out names (NAME-YYYYmmdd-HHMMSS, and -2, -3, ... for runs started in the
+    # same second: runner._create_stamped), in order of time: a folder named by hand (runs/NAME-baseline)
+    # sorted after every stamp and was resumed instead
+    stamped = re.compile(re.escape(name) + r"-(\d{8}-\d{6})(?:-(\d+))?")
+    found = []
+    for p in Path(root).glob(f"{name}-*"):
+        match = stamped.fullmatch(p.name)
+        if match and ((p / "config.json").is_file() or (not need_config and p.is_dir())):
+            found.append(((match.group(1), int(match.group(2) or 1)), p))
+    return max(found)[1] if found else None
 
 
 def absolute_dir(data_dir: str | None) -> str | None:

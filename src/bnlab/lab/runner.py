@@ -95,6 +95,18 @@ def default_out(name: str, root: str | Path = "runs") -> Path:
     return Path(root) / f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _create_stamped(out: Path, config: dict) -> RunFolder:
+    """The new run folder at ``out`` (a default_out name), or at ``out``-2, -3, ... where runs started
+    in the same second took it: two `bnlab run NAME` started at once had the second refused, its
+    --out named though none was given."""
+    for k in range(1, 100):
+        try:
+            return RunFolder.create(out if k == 1 else out.with_name(f"{out.name}-{k}"), config)
+        except FileExistsError:
+            continue
+    return RunFolder.create(out, config)  # a hundred taken: the usual refusal, naming the folder
+
+
 def _git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
@@ -210,7 +222,8 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
     out = opts.out
     if opts.resume and out is None:
         out = newest_run(exp.name)
-    if out is None:
+    stamped = out is None  # the folder is ours to name: another run started in the same second gets -2
+    if stamped:
         out = default_out(exp.name)
     if opts.resume and (Path(out) / "config.json").is_file():
         folder = RunFolder.open(out)
@@ -229,10 +242,11 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
             where = f"no run folder at {out}" if opts.out else f"no runs/{exp.name}-*"
             _note(f"{exp.name}: --resume found no run to continue ({where}); starting a new one")
         config = _resolve(exp, opts, launched)
-        RunFolder.ensure_new(out)
+        if not stamped:
+            RunFolder.ensure_new(out)
         if exp.trains:  # a missing file fails before any folder exists
             data = lab_data.load(config["dataset"], config["data_dir"])
-        folder = RunFolder.create(out, config)
+        folder = _create_stamped(out, config) if stamped else RunFolder.create(out, config)
         folder.hold()
     return folder, config, data, [u for u in config["units"] if not folder.is_done(u)]
 

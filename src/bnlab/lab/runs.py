@@ -175,6 +175,17 @@ class RunFolder:
             f.close()
             return
         _HELD[self.path.resolve()] = f
+        self._drop_interrupted_writes()
+
+    def _drop_interrupted_writes(self) -> None:
+        """Remove the temporary files of atomic writes that a killed or interrupted run left (hidden
+        ``.NAME.*.tmp`` of atomic_write_text, ``.STEM.*.png`` of plotting.save_figure): with the folder
+        held, no other process is writing them. They had stayed after a --resume."""
+        for pattern in (".*.tmp", ".*.png"):
+            for leftover in self.path.rglob(pattern):
+                with contextlib.suppress(OSError):
+                    if leftover.is_file():
+                        leftover.unlink()
 
     def release(self) -> None:
         """Let go of what :meth:`hold` took (nothing, where it took nothing)."""

@@ -56,14 +56,17 @@ def pct(value: Any, digits: int = 1) -> str:
 
 
 def mean_spread(stats: dict, as_pct: bool = True) -> str:
-    """'mean ± std (min–max)' of a group_stats record; percentages by default."""
+    """'mean ± std (min–max)' of a group_stats record; percentages by default. Where some runs of the
+    group have no value (a diverged network, a target never reached), the figures are over the others,
+    and the cell says how many: '…, 2 of 3 runs'."""
     if stats["n_finite"] == 0:
         return "–"
     f = (lambda v: f"{100 * v:.1f}") if as_pct else (lambda v: f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")
     unit = " %" if as_pct else ""
+    of = f", {stats['n_finite']} of {stats['n']} runs" if stats["n_finite"] < stats["n"] else ""
     if stats["n_finite"] == 1:
-        return f"{f(stats['mean'])}{unit}"
-    return f"{f(stats['mean'])} ± {f(stats['std'])}{unit} ({f(stats['min'])}–{f(stats['max'])})"
+        return f"{f(stats['mean'])}{unit}{of}"
+    return f"{f(stats['mean'])} ± {f(stats['std'])}{unit} ({f(stats['min'])}–{f(stats['max'])}){of}"
 
 
 def markdown_table(records: list[dict], columns: Sequence[tuple[str, str | Callable[[dict], str]]]) -> str:

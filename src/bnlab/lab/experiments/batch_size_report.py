@@ -149,12 +149,17 @@ def findings(folder: RunFolder) -> str:
              f"linear decay to 0. Test accuracy (%, eval mode, {p['test_size']} test images, mean ± std over seeds):", "",
              markdown_table(table, columns), ""]
     bn, gn = {b: _mean_of(rows, "bn", b) for b in sizes}, {b: _mean_of(rows, "gn", b) for b in sizes}
-    below = [b for b in sizes if bn[b] < gn[b] - 0.01]
-    if below:
+    # only where both trained (a partial run's report: NaN compares False, which had read as "never below")
+    both = [b for b in sizes if not math.isnan(bn[b]) and not math.isnan(gn[b])]
+    below = [b for b in both if bn[b] < gn[b] - 0.01]
+    if not both:
+        lines.append("- BN against GroupNorm: no batch size where both have finished yet.")
+    elif below:
         lines.append(f"- BN is more than 1 point below GroupNorm at B = {', '.join(map(str, below))} "
-                     f"(at B = {sizes[0]}: BN {100 * bn[sizes[0]]:.1f} %, GroupNorm {100 * gn[sizes[0]]:.1f} %).")
+                     f"(at B = {below[0]}: BN {100 * bn[below[0]]:.1f} %, GroupNorm {100 * gn[below[0]]:.1f} %).")
     else:
-        lines.append("- BN is never more than 1 point below GroupNorm.")
+        at = "" if len(both) == len(sizes) else f" (at B = {', '.join(map(str, both))}, where both have finished)"
+        lines.append(f"- BN is never more than 1 point below GroupNorm{at}.")
     gaps = {b: _mean_of(rows, "bn", b, "eval_minus_batch_stats") for b in sizes}
     lines.append("- BN's test accuracy in eval mode minus in train mode (each test batch of B normalized with its own "
                  "statistics), points: " + ", ".join(f"B = {b}: {100 * gaps[b]:+.1f}" for b in sizes) + ".")

@@ -135,7 +135,8 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
     for b in p["test_batch_sizes"]:
         acc, err = _batch_stats_accuracy(bn_net, xt, yt, b)
         error = error or err
-        batch_rows.append({"seed": seed, "batch_size": b, "test_acc": acc, "refused_by_library": err is not None})
+        batch_rows.append({"seed": seed, "batch_size": b, "test_acc": acc, "refused_by_library": err is not None,
+                           "images": (len(yt) // b) * b})  # the whole batches scored (_batch_stats_accuracy)
     stat_rows = []
     for m in [*p["momenta"], None]:
         acc = evaluate(_with_stats(bn_net, trackers.stats[m]), xt, yt)[1]

@@ -61,8 +61,14 @@ def findings(folder: RunFolder) -> str:
              f"steps (batch {p['batch_size']}, lr {p['lr']}) on {train_words}; accuracies are on {test_words} "
              "(mean ± std (min–max) over seeds).", ""]
     by_size = group_stats(batch_rows, ["batch_size"], "test_acc")
-    lines += ["**(a) Batch statistics at test time.** Each test batch normalized with its own mean and variance:", "",
-              markdown_table(by_size, [("test batch size", "batch_size"), ("test accuracy", mean_spread)]), ""]
+    columns = [("test batch size", "batch_size"), ("test accuracy", mean_spread)]
+    scored = {r["batch_size"]: r["images"] for r in batch_rows if "images" in r}  # (not in folders before it was kept)
+    if scored:
+        columns.append(("images scored", lambda r: str(scored.get(r["batch_size"], "–"))))
+    lines += ["**(a) Batch statistics at test time.** Each test batch normalized with its own mean and variance"
+              + (" (whole batches only: a last, smaller batch is left out, so fewer images are scored where the batch "
+                 "size does not divide the test set):" if scored else ":"), "",
+              markdown_table(by_size, columns), ""]
     if error:
         lines += [f"At batch size 1 the library refuses to normalize (`{error}`); the number shown is what the formula "
                   "gives: x − mean = 0, so every BN layer outputs β and the network predicts one class for every image.", ""]

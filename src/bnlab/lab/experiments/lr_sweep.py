@@ -124,6 +124,9 @@ def _findings(folder: RunFolder) -> str:
               if all(not r["diverged"] and (r["test_acc"] or 0) >= p["target_acc"] for r in rs)]
         bad = [lr for lr, rs in sorted(by_lr.items()) if any(r["diverged"] for r in rs)]
         name = "With BN" if bn else "Without BN"
+        if not by_lr:  # a partial run (bnlab report of an interrupted folder): nothing to say of them yet
+            lines.append(f"{name}, no network has finished yet.")
+            continue
         reach = f"every seed reaches {p['target_acc']:.0%} test accuracy at lr {', '.join(f'{v:g}' for v in ok)}" if ok \
             else f"no learning rate reaches {p['target_acc']:.0%} test accuracy"
         div = f"it diverges at lr {', '.join(f'{v:g}' for v in bad)}" if bad else "it never diverges"
@@ -140,7 +143,8 @@ def _findings(folder: RunFolder) -> str:
             rec[f"{tag}_div"] = next((s for s in div if s["lr"] == lr and s["batchnorm"] == bn), None)
         table.append(rec)
     acc_cell = lambda k: (lambda r: mean_spread(r[k]) if r[k] else "–")  # noqa: E731
-    steps_cell = lambda k: (lambda r: mean_spread(r[k], as_pct=False) if r[k] and r[k]["n_finite"] else "never")  # noqa: E731
+    steps_cell = lambda k: (lambda r: "–" if not r[k] else mean_spread(r[k], as_pct=False) if r[k]["n_finite"]  # noqa: E731
+                            else "never")
     div_cell = lambda k: (lambda r: f"{round(r[k]['mean'] * r[k]['n'])}/{r[k]['n']}" if r[k] else "–")  # noqa: E731
     lines += ["", "Per learning rate, mean ± std (min–max) over seeds; 'diverged' counts seeds:", "",
               markdown_table(table, [("lr", lambda r: f"{r['lr']:g}"), ("test acc, BN", acc_cell("bn_acc")),

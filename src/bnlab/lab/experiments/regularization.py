@@ -106,12 +106,14 @@ def _findings(folder: RunFolder) -> str:
             mine = [r for r in rows if r["lr"] == lr and r["batchnorm"] == bn and r["dropout"] == d]
             if mine:
                 stat = lambda key: group_stats([{**r, "k": 0} for r in mine], ["k"], key)[0]  # noqa: E731
-                table.append({"lr": lr, "name": name, **{k: stat(k) for k in ("train_acc", "test_acc", "gap", "test_loss")}})
+                table.append({"lr": lr, "name": name, "diverged": sum(bool(r.get("diverged")) for r in mine),
+                              "runs": len(mine), **{k: stat(k) for k in ("train_acc", "test_acc", "gap", "test_loss")}})
     lines.append(markdown_table(table, [("lr", lambda r: f"{r['lr']:g}"), ("version", "name"),
                                         ("train accuracy", lambda r: mean_spread(r["train_acc"])),
                                         ("test accuracy", lambda r: mean_spread(r["test_acc"])),
                                         ("train − test", lambda r: mean_spread(r["gap"])),
-                                        ("test loss", lambda r: mean_spread(r["test_loss"], as_pct=False))]))
+                                        ("test loss", lambda r: mean_spread(r["test_loss"], as_pct=False)),
+                                        ("diverged", lambda r: f"{r['diverged']}/{r['runs']}")]))
     best = {}
     for r in table:
         if r["name"] not in best or r["test_acc"]["mean"] > best[r["name"]]["test_acc"]["mean"]:
@@ -120,11 +122,14 @@ def _findings(folder: RunFolder) -> str:
     for lr in p["learning_rates"]:
         pair = {r["name"]: r for r in table if r["lr"] == lr}
         if "BN" in pair and "neither" in pair:
+            # a diverged network has an accuracy but no test loss: say when the losses compared are fewer
+            partial = any(pair[v]["test_loss"]["n_finite"] < pair[v]["test_loss"]["n"] for v in ("BN", "neither"))
             compare.append((lr, pair["BN"]["test_acc"]["mean"] - pair["neither"]["test_acc"]["mean"],
-                            pair["BN"]["test_loss"]["mean"] - pair["neither"]["test_loss"]["mean"]))
+                            pair["BN"]["test_loss"]["mean"] - pair["neither"]["test_loss"]["mean"],
+                            " (the losses of the runs that did not diverge)" if partial else ""))
     if compare:
         lines += ["", "BN against neither, per learning rate (test accuracy in points, test loss): " + "; ".join(
-            f"lr {lr:g}: {100 * da:+.1f} points, {dl:+.3f}" for lr, da, dl in compare) + "."]
+            f"lr {lr:g}: {100 * da:+.1f} points, {dl:+.3f}{note}" for lr, da, dl, note in compare) + "."]
     lines += ["", "Best learning rate of each version: " + "; ".join(
         f"{name} {mean_spread(r['test_acc'])} at lr {r['lr']:g}" for name, r in best.items()) + "."]
     return "\n".join(lines)
