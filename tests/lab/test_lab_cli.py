@@ -264,10 +264,22 @@ def test_run_all_ctrl_c_before_the_next_experiments_folder_names_the_finished_on
 
 
 def test_missing_data_files_leave_no_run_folder(tmp_path, capsys):
-    assert main(["run", "resnet", "--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["run", "resnet", "--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "data_batch_1" in err
     assert err.startswith("bnlab: error: --data-dir: no CIFAR-10 file data_batch_1 under"), err  # the option typed
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("where, what", [("nothing", "not there"), ("a-file", "a file, not a folder")])
+def test_a_data_dir_that_is_not_a_folder_is_said_so_first(tmp_path, monkeypatch, capsys, where, what):
+    # before: the seven paths looked for under it, as if the folder were there but empty
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    assert main(["run", "init-sweep", "--quick", "--data-dir", where]) == 2
+    assert capsys.readouterr().err.strip() == (f"bnlab: error: --data-dir: expected a folder holding the mnist files, "
+                                               f"got {str(tmp_path / where)!r}, which is {what}")
     assert not (tmp_path / "runs").exists()
 
 

@@ -191,3 +191,39 @@ def test_a_resume_removes_the_temporary_files_of_interrupted_writes(finished):
     assert main([*ARGV, "--out", str(finished), "--resume"]) == 0
     assert not any(path.exists() for path in leftovers)
     assert (finished / "notes.txt").read_text() == "mine" and (finished / "report.md").is_file()
+
+
+def test_a_resume_with_another_thread_count_says_so_and_the_report_names_both(tmp_path, monkeypatch, capsys):
+    # torch's convolutions round differently on 1 and 2 threads: a run resumed with another count had
+    # mixed both into one report that named the first count only
+    import dataclasses
+
+    import torch
+
+    exp = runner.get("regularization")
+
+    def interrupted(unit, ctx):
+        if unit != exp.units({"quick": True})[0]:
+            raise KeyboardInterrupt
+        return exp.run_unit(unit, ctx)
+
+    out = tmp_path / "mixed"
+    threads = torch.get_num_threads()
+    with monkeypatch.context() as patched:
+        patched.setattr(runner, "get", lambda _: dataclasses.replace(exp, run_unit=interrupted))
+        assert main([*ARGV, "--out", str(out)]) == 130
+    capsys.readouterr()
+    other = 1 if threads != 1 else 2
+    torch.set_num_threads(other)
+    try:
+        assert main([*ARGV, "--out", str(out), "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert f"the run was made with {threads} torch thread(s), this process has {other}" in err
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_threads"] == threads and config["resumed_threads"] == [other]
+    assert f"({threads} torch thread{'s' if threads != 1 else ''}; units after a resume with {other}," in (
+        out / "report.md").read_text()
+    assert main([*ARGV, "--out", str(out), "--resume"]) == 0  # the first count again: nothing to say
+    assert "torch thread(s)" not in capsys.readouterr().err

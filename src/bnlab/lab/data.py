@@ -117,6 +117,11 @@ def load(dataset: str = "mnist", data_dir: str | Path | None = None) -> tuple[Sp
                 f"data_dir: {dataset} is not bundled with bnlab; expected --data-dir pointing at its files, got None"
             )
         return _bundled_splits()
+    folder = Path(data_dir).expanduser()
+    if not folder.is_dir():  # said first, rather than listing the files looked for under it
+        what = "a file, not a folder" if folder.exists() else "not there"
+        raise FileNotFoundError(f"data_dir: expected a folder holding the {dataset} files, got {str(data_dir)!r}, "
+                                f"which is {what}")
     from bnlab.lab import disk_data
 
     if dataset == "mnist":

@@ -84,9 +84,29 @@ def note_other_code(name: str, folder: RunFolder, config: dict, now: str | None)
     so (None where nothing differs): a resumed run's report named only the first commit, though its
     later units came from another."""
     made = config.get("git_commit")
-    if not (made and now and now != made and now not in config.get("resumed_with", [])):
+    if not (made and now and now != made and _record_resumed(folder, config, "resumed_with", now)):
         return None
-    config["resumed_with"] = [*config.get("resumed_with", []), now]
-    atomic_write_json(folder.path / "config.json", config)
     return (f"{name}: the run was made at commit {made[:12]}, this is {now[:12]}: the units trained now come "
             "from other code than the finished ones")
+
+
+def note_other_threads(name: str, folder: RunFolder, config: dict, now: int) -> str | None:
+    """The same for torch's thread count (``now``, this process's): a resumed run's units trained with
+    another count than the finished ones, which torch's convolutions and matrix products round
+    differently (bnlab's own layers give the same bits on any count), had mixed into one report that
+    named the first count only. Recorded in ``resumed_threads``; None where nothing differs."""
+    made = config.get("torch_threads")
+    if not (made and now != made and _record_resumed(folder, config, "resumed_threads", now)):
+        return None
+    return (f"{name}: the run was made with {made} torch thread(s), this process has {now}: torch's convolutions "
+            f"and matrix products round differently, so the units trained now may differ in the last digits from "
+            f"an uninterrupted run (OMP_NUM_THREADS={made} resumes as it was made)")
+
+
+def _record_resumed(folder: RunFolder, config: dict, key: str, value) -> bool:
+    """Add ``value`` to the config's list ``key`` (and write the config) unless it is there; whether it was added."""
+    if value in config.get(key, []):
+        return False
+    config[key] = [*config.get(key, []), value]
+    atomic_write_json(folder.path / "config.json", config)
+    return True

@@ -30,7 +30,8 @@ from bnlab.lab import allocator
 from bnlab.lab import data as lab_data
 from bnlab.lab.experiments import Experiment, get
 from bnlab.lab.models import BN_IMPLS
-from bnlab.lab.resume import absolute_dir, check_resume, check_writable, newest_run, note_other_code
+from bnlab.lab.resume import (absolute_dir, check_resume, check_writable, newest_run, note_other_code,
+                              note_other_threads)
 from bnlab.lab.runs import RunFolder, progress
 from bnlab.lab.tables import counted
 from bnlab.lab.world import SINGLE, World, current_world, default_timeout_s, parallel, rank_device, share_from_main
@@ -231,9 +232,10 @@ def _prepare(exp: Experiment, opts: RunOptions, launched: int | None = None):
         check_writable(folder)
         folder.hold()  # before reading which units are left, and before writing anything
         config = folder.config
-        other_code = note_other_code(exp.name, folder, config, _git_commit())
-        if other_code:
-            _note(other_code)
+        for other in (note_other_code(exp.name, folder, config, _git_commit()),
+                      note_other_threads(exp.name, folder, config, torch.get_num_threads())):
+            if other:
+                _note(other)
         done = sum(folder.is_done(u) for u in config["units"])
         _note(f"{exp.name}: resuming {out} ({'quick' if config['quick'] else 'full'} version): {done} of "
               f"{len(config['units'])} units already done")
