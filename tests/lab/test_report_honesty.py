@@ -78,6 +78,13 @@ def test_a_quick_training_run_says_it_cannot_show_the_claim(tmp_path):
     assert "bnlab run regularization` without `--quick`" in report
 
 
+def test_a_quick_speed_run_says_its_samples_are_few(tmp_path):
+    # a reviewer's quick speed run on a busy machine read a 1,694x speed-up, with no word of caution
+    assert main(["run", "speed", "--quick", "--shapes", "8,4", "--out", str(tmp_path / "s")]) == 0
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "> **Quick version**: few, short samples per case" in report and "without `--quick`" in report
+
+
 def test_regularization_counts_diverged_networks_and_says_whose_losses_are_compared(tmp_path):
     assert main(["run", "regularization", "--quick", "--out", str(tmp_path / "r")]) == 0
     folder = RunFolder.open(tmp_path / "r")

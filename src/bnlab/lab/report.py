@@ -78,11 +78,14 @@ def write_report(folder: RunFolder | str | Path) -> Path:
     # findings need not handle (the inference report's raised IndexError)
     measured = exp.findings(folder).strip() if summary["units_done"] else "Nothing yet: no unit has finished."
     md += [f"**The claim.** {exp.claim}", ""]
-    if folder.config["quick"] and exp.trains:
+    if folder.config["quick"]:
         # a reviewer's reading of `bnlab run all --quick`: numbers that contradict the claim, no word why
-        md += [f"> **Quick version**: a few networks trained for a few steps, to try the command; too little to "
-               f"show the claim, and its numbers may contradict it. Run `bnlab run {exp.name}` without `--quick` "
-               "for the measurement (docs/experiments.md shows what the full run gives).", ""]
+        what = ("a few networks trained for a few steps, to try the command; too little to show the claim, and its "
+                "numbers may contradict it" if exp.trains else
+                "few, short samples per case, to try the command; on a busy machine a case can read far off "
+                "(one read a 1,694x speed-up)")
+        md += [f"> **Quick version**: {what}. Run `bnlab run {exp.name}` without `--quick` for the measurement "
+               "(docs/experiments.md shows what the full run gives).", ""]
     md += ["## What was measured", "", measured, ""]
     figures = exp.figures(folder) if summary["rows"] else []
     if figures:
