@@ -109,7 +109,8 @@ def test_inside_inference_mode_training_and_outside_it_eval_agree_with_torch_nn(
 @pytest.mark.parametrize("route", ["compiled", "python", "portable"])
 def test_without_running_statistics_a_training_call_outside_the_mode_runs(route):
     with torch.inference_mode():
-        layer, twin = bnlab.BatchNorm2d(4, track_running_stats=False), torch.nn.BatchNorm2d(4, track_running_stats=False)
+        layer = bnlab.BatchNorm2d(4, track_running_stats=False)
+        twin = torch.nn.BatchNorm2d(4, track_running_stats=False)
     x = _input((3, 4, 5, 5))
     with _route(route), torch.no_grad():
         assert rel_err(layer(x), twin(x)) <= TOLERANCE[torch.float32]

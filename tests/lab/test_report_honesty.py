@@ -128,7 +128,10 @@ def test_the_activations_report_reads_both_parts_of_its_claim_from_the_measureme
     assert main(["run", "activations", "--quick", "--out", str(tmp_path / "a")]) == 0
     folder = RunFolder.open(tmp_path / "a")
     rows = folder.rows()
-    mean = lambda key, bn: sum(r[key] for r in rows if r["batchnorm"] == bn) / sum(r["batchnorm"] == bn for r in rows)  # noqa: E731
+    def mean(key, bn):
+        values = [r[key] for r in rows if r["batchnorm"] == bn]
+        return sum(values) / len(values)
+
     drift, sat = ({bn: mean(key, bn) for bn in (True, False)} for key in ("median_drift", "saturated_frac"))
     line = next(line for line in (folder.path / "report.md").read_text().splitlines() if line.startswith("Measured"))
     assert f"drifted {drift[False]:.3g} without BN against {drift[True]:.3g} with it" in line

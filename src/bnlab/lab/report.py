@@ -32,6 +32,12 @@ def _threads(n) -> str:
     return f"{n} torch thread{'' if n == 1 else 's'}"
 
 
+def _resumed_threads(c: dict) -> str:
+    """'; units after a resume with N' where a resume ran with another thread count (resume.note_other_threads)."""
+    counts = c.get("resumed_threads")
+    return f"; units after a resume with {', '.join(map(str, counts))}" if counts else ""
+
+
 def _processes(c: dict) -> list[str]:
     """The line on a distributed run's processes (none for a one-process run)."""
     world = c.get("world_size", 1)
@@ -51,9 +57,7 @@ def _how_it_was_made(folder: RunFolder, summary: dict, trains: bool) -> list[str
         f"- command: `{c.get('command') or 'bnlab run ' + c['experiment']}`",
         f"- started {c.get('created')}; units finished: {len(summary['units_done'])} of {len(c['units'])}; "
         f"{'training ' if trains else ''}wall time {summary['wall_s']:.1f} s on {c.get('device')} "
-        f"({_threads(c.get('torch_threads'))}"
-        + (f"; units after a resume with {', '.join(map(str, c['resumed_threads']))}" if c.get("resumed_threads") else "")
-        + f", {c.get('machine')})",
+        f"({_threads(c.get('torch_threads'))}{_resumed_threads(c)}, {c.get('machine')})",
         f"{version}; seeds {c['seeds']}; BatchNorm implementation: {c['bn']}; data: {data}" if trains else version,
         *_processes(c),
         f"- versions: {versions}; git commit: {c.get('git_commit') or 'none'}"

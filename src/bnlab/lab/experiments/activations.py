@@ -141,13 +141,15 @@ def _compare(plain: float, bn: float) -> str:
 def _against_the_claim(stats: dict) -> str | None:
     """The two parts of the claim read from the measurement (the claim itself is the seed's words, which
     a run need not bear out: on the bundled subset the plain network's sigmoids saturate little)."""
-    means = {k: {bn: stats[k][bn]["mean"] for bn in (True, False) if bn in stats[k]} for k in ("median_drift", "saturated_frac")}
+    means = {k: {bn: stats[k][bn]["mean"] for bn in (True, False) if bn in stats[k]}
+             for k in ("median_drift", "saturated_frac")}
     if any(len(m) < 2 or any(math.isnan(v) for v in m.values()) for m in means.values()):
         return None  # a partial run, or a diverged network's missing figures
     drift, sat = means["median_drift"], means["saturated_frac"]
     return (f"Measured against the claim: the median input drifted {drift[False]:.3g} without BN against "
-            f"{drift[True]:.3g} with it ({_compare(drift[False], drift[True])}); {100 * sat[False]:.1f} % of the inputs "
-            f"ended saturated without BN against {100 * sat[True]:.1f} % with it ({_compare(sat[False], sat[True])}).")
+            f"{drift[True]:.3g} with it ({_compare(drift[False], drift[True])}); {100 * sat[False]:.1f} % of the "
+            f"inputs ended saturated without BN against {100 * sat[True]:.1f} % with it "
+            f"({_compare(sat[False], sat[True])}).")
 
 
 EXPERIMENT = Experiment(

@@ -143,8 +143,10 @@ def _findings(folder: RunFolder) -> str:
             rec[f"{tag}_div"] = next((s for s in div if s["lr"] == lr and s["batchnorm"] == bn), None)
         table.append(rec)
     acc_cell = lambda k: (lambda r: mean_spread(r[k]) if r[k] else "–")  # noqa: E731
-    steps_cell = lambda k: (lambda r: "–" if not r[k] else mean_spread(r[k], as_pct=False) if r[k]["n_finite"]  # noqa: E731
-                            else "never")
+
+    def steps_cell(k):  # "–": no such network finished (a partial run); "never": none reached the target
+        return lambda r: "–" if not r[k] else mean_spread(r[k], as_pct=False) if r[k]["n_finite"] else "never"
+
     div_cell = lambda k: (lambda r: f"{round(r[k]['mean'] * r[k]['n'])}/{r[k]['n']}" if r[k] else "–")  # noqa: E731
     lines += ["", "Per learning rate, mean ± std (min–max) over seeds; 'diverged' counts seeds:", "",
               markdown_table(table, [("lr", lambda r: f"{r['lr']:g}"), ("test acc, BN", acc_cell("bn_acc")),
