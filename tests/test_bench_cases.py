@@ -58,9 +58,9 @@ def test_eval_is_timed_inside_one_no_grad_and_training_with_gradients_on(mode, g
     def timing(fns, device, rounds, min_sample):
         seen["grad"] = torch.is_grad_enabled()
         seen["graph"] = [fns[name]() for name in ("bnlab", "torch")]
-        return {name: 1e-3 for name in fns}
+        return {name: [1e-3] for name in fns}
 
-    monkeypatch.setattr(speed_timing, "time_interleaved", timing)
+    monkeypatch.setattr(speed_timing, "interleaved_samples", timing)
     args = argparse.Namespace(device="cpu", compile=False, rounds=1, min_sample=0.0)
     rec = bench_bn.run_case({"shape": "mlp-small", "layout": "nchw", "dtype": "fp32", "mode": mode}, args)
     assert seen["grad"] is grad and rec["grad_enabled"] is grad and torch.is_grad_enabled()

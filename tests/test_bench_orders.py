@@ -56,3 +56,16 @@ def test_the_bench_uses_the_balanced_orders():
     warmup = 4 * len(fns)  # three warm-up calls and one timing call each, in dict order
     timed = calls[warmup:]
     assert [timed[i * 4 : (i + 1) * 4] for i in range(4)] == balanced_orders(list(fns))
+
+
+def test_ratio_quartiles_are_those_of_the_ratios_round_by_round():
+    """[q1, q3] of numerator / denominator taken in each round, not of either time's spread: here
+    the rounds read 2, 1, 0.5, 2, 1, whose inclusive quartiles are 1 and 2."""
+    from bnlab.lab import speed_timing
+
+    samples = {"torch": [2.0, 2.0, 2.0, 2.0, 2.0], "bnlab": [1.0, 2.0, 4.0, 1.0, 2.0]}
+    assert speed_timing.ratio_quartiles(samples, "torch", "bnlab") == [1.0, 2.0]
+    assert speed_timing.ratio_quartiles({"a": [3.0], "b": [2.0]}, "a", "b") == [1.5, 1.5]
+    # the same spread in both times but in opposite rounds widens the ratios' spread
+    wide = speed_timing.ratio_quartiles({"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, 1.0]}, "a", "b")
+    assert wide == pytest.approx([2 / 3, 2.0])

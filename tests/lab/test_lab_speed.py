@@ -23,16 +23,24 @@ EVAL_TORCH_SECONDS = 0.5e-3  # torch.nn "faster" in eval: the report must name t
 LAYER_CONTENDERS = {"bnlab", "torch", "copy", "copy_"}
 
 
+#: bnlab's samples over three rounds, as multiples of its median (SECONDS["bnlab"]); the others'
+#: samples are the same in every round, so the speed-ups the rounds read are the median's 1, 2 and
+#: 0.5 times, whose middle half (inclusive quartiles of 0.5, 1, 2 times) is 0.75-1.5 times
+BNLAB_ROUNDS = (1.0, 0.5, 2.0)
+
+
 def _fixed_timer(calls: list):
-    """A time_interleaved that runs each contender once and returns fixed seconds; calls gets
-    (contenders, whether gradients were on) per case or network."""
+    """An interleaved_samples that runs each contender once and returns fixed seconds for three
+    rounds; calls gets (contenders, whether gradients were on) per case or network."""
     def timer(fns, device, rounds, min_sample_s):
         assert device == "cpu"
         for fn in fns.values():  # the contenders are built and run; only their clock is fixed
             fn()
         calls.append((set(fns), torch.is_grad_enabled()))
         eval_layer = set(fns) == LAYER_CONTENDERS and not torch.is_grad_enabled()
-        return {name: EVAL_TORCH_SECONDS if name == "torch" and eval_layer else SECONDS[name] for name in fns}
+        median = {name: EVAL_TORCH_SECONDS if name == "torch" and eval_layer else SECONDS[name] for name in fns}
+        return {name: [s * k for k in BNLAB_ROUNDS] if name == "bnlab" else [s] * len(BNLAB_ROUNDS)
+                for name, s in median.items()}
 
     return timer
 
@@ -41,7 +49,7 @@ def _fixed_timer(calls: list):
 def quick_speed_run(tmp_path, monkeypatch, capsys, keep_threads):
     torch.set_num_threads(1)
     calls: list = []
-    monkeypatch.setattr(speed_timing, "time_interleaved", _fixed_timer(calls))
+    monkeypatch.setattr(speed_timing, "interleaved_samples", _fixed_timer(calls))
     out = tmp_path / "speed"
     assert main(["run", "speed", "--quick", "--out", str(out)]) == 0
     return out, calls, capsys.readouterr().out
@@ -78,6 +86,7 @@ def test_rows_hold_the_ratios_and_bandwidths_of_the_measured_times(quick_speed_r
         torch_s = EVAL_TORCH_SECONDS if r["mode"] == "eval" else SECONDS["torch"]
         assert r["bnlab_ms"] == 1.0 and r["torch_ms"] == round(torch_s * 1e3, 4) and r["copy_ms"] == 0.4
         assert r["speedup"] == pytest.approx(torch_s / SECONDS["bnlab"])
+        assert r["speedup_iqr"] == pytest.approx([0.75 * r["speedup"], 1.5 * r["speedup"]], abs=1e-3)
         assert r["bnlab_GBps"] == round(moved / 1e-3 / 1e9, 2)
         assert r["fraction_of_copy"] == pytest.approx((moved / 1e-3) / (copied / 0.4e-3), rel=1e-3)
     assert "speed: 8 cases in" in printed  # conv-8's 5 modes, mlp-small's 3
@@ -92,12 +101,15 @@ def test_the_report_states_the_speedups_and_names_the_cases_where_torch_was_fast
             in report)
     # forward+backward moves 5N bytes in bnlab's millisecond, the copy 2N in 0.4 ms: 1.00 of its bandwidth
     assert "at 1.00-1.00 of a copy's bandwidth" in report
-    assert "| `conv-8/nchw/fp32/fwd` | 128x64x8x8 | 1 | 3 | 3.00x |" in report
+    # the median speed-up, then the middle half of the rounds' (3 times 0.5, 1, 2: 2.25-4.5)
+    assert "| `conv-8/nchw/fp32/fwd` | 128x64x8x8 | 1 | 3 | 3.00x (2.25-4.50) |" in report
+    assert "| `conv-8/nchw/fp32/eval` | 128x64x8x8 | 1 | 0.5 | 0.50x (0.38-0.75) |" in report
+    assert "a speed-up's brackets: the middle half of the speed-ups the rounds read one by one" in report
     assert "](speed.png)" in report and (out / "speed.png").stat().st_size > 0
     # it trains nothing: no seeds, BN implementation or dataset in how the run was made
     assert "seeds" not in report and "data:" not in report and "one record per case" in report
-    assert "| MLP 784-100x5-10 | 100 | training step | 1 | 3 | 3.00x | – |" in report
-    assert "| MLP 784-100x5-10 | 100 | inference | 1 | 3 | 3.00x | 0.8 |" in report
+    assert "| MLP 784-100x5-10 | 100 | training step | 1 | 3 | 3.00x (2.25-4.50) | – |" in report
+    assert "| MLP 784-100x5-10 | 100 | inference | 1 | 3 | 3.00x (2.25-4.50) | 0.8 |" in report
 
 
 def test_a_resumed_run_times_only_the_cases_a_failed_run_left(tmp_path, monkeypatch, keep_threads):
@@ -111,11 +123,11 @@ def test_a_resumed_run_times_only_the_cases_a_failed_run_left(tmp_path, monkeypa
         return timer(*args)
 
     out = tmp_path / "speed"
-    monkeypatch.setattr(speed_timing, "time_interleaved", failing_on_the_third)
+    monkeypatch.setattr(speed_timing, "interleaved_samples", failing_on_the_third)
     with pytest.raises(RuntimeError, match="killed"):
         main(["run", "speed", "--quick", "--out", str(out)])
     assert len(list((out / "units").iterdir())) == 2
-    monkeypatch.setattr(speed_timing, "time_interleaved", timer)
+    monkeypatch.setattr(speed_timing, "interleaved_samples", timer)
     assert main(["run", "speed", "--resume", "--out", str(out)]) == 0
     assert len(calls) == 10  # 2 before the failure, then the 6 cases and 2 network calls left
     summary = json.loads((out / "summary.json").read_text())
@@ -125,7 +137,7 @@ def test_a_resumed_run_times_only_the_cases_a_failed_run_left(tmp_path, monkeypa
 def test_shapes_replace_the_benchmark_s_and_a_resume_keeps_them(tmp_path, monkeypatch, keep_threads):
     torch.set_num_threads(1)
     calls: list = []
-    monkeypatch.setattr(speed_timing, "time_interleaved", _fixed_timer(calls))
+    monkeypatch.setattr(speed_timing, "interleaved_samples", _fixed_timer(calls))
     out = tmp_path / "mine"
     assert main(["run", "speed", "--shapes", "8,6", "4,6,5,5", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
@@ -161,7 +173,7 @@ def test_bad_shapes_are_refused_naming_the_option_before_any_folder(argv, messag
 
 def test_a_resume_with_other_shapes_is_refused(tmp_path, monkeypatch, capsys, keep_threads):
     torch.set_num_threads(1)
-    monkeypatch.setattr(speed_timing, "time_interleaved", _fixed_timer([]))
+    monkeypatch.setattr(speed_timing, "interleaved_samples", _fixed_timer([]))
     out = tmp_path / "mine"
     assert main(["run", "speed", "--quick", "--shapes", "8,6", "--out", str(out)]) == 0
     assert main(["run", "speed", "--resume", "--shapes", "8,7", "--out", str(out)]) == 2
@@ -194,7 +206,7 @@ def test_run_all_gives_speed_none_of_the_training_options(tmp_path, monkeypatch,
     from bnlab.lab import experiments
 
     torch.set_num_threads(1)
-    monkeypatch.setattr(speed_timing, "time_interleaved", _fixed_timer([]))
+    monkeypatch.setattr(speed_timing, "interleaved_samples", _fixed_timer([]))
     only = {name: get(name) for name in ("activations", "speed")}
     monkeypatch.setattr(experiments, "registry", lambda: only)
     out = tmp_path / "all"

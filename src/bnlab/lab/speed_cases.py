@@ -18,6 +18,7 @@ statistics, then dx = dy·weight·invstd and the parameters' gradients (5N, as f
 from __future__ import annotations
 
 import contextlib
+import statistics
 from typing import Callable
 
 import torch
@@ -164,12 +165,14 @@ def traffic_bytes(shape, dtype: torch.dtype, mode: str, device: str = "cpu") -> 
 
 def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "cpu", rounds: int = 15,
                  min_sample_s: float = 0.02, compile_torch: bool = False) -> dict:
-    """Times one case's contenders (speed_timing.time_interleaved) and returns
-    {"results": {name: {"ms", "GBps"}}, "ratios": {...}, "grad_enabled": bool}.
+    """Times one case's contenders (speed_timing.interleaved_samples) and returns
+    {"results": {name: {"ms", "GBps"}}, "ratios": {...}, "spread": {...}, "grad_enabled": bool}.
 
-    GB/s count the mode's minimal traffic (``traffic_bytes``; a copy's is 2N). Ratios:
-    ``bnlab_vs_NAME`` is NAME's time over bnlab's (above 1: bnlab faster), and
-    ``bnlab_fraction_of_copy`` / ``bnlab_fraction_of_copy_`` bnlab's GB/s over each copy's.
+    Times are medians over the rounds. GB/s count the mode's minimal traffic (``traffic_bytes``; a
+    copy's is 2N). Ratios: ``bnlab_vs_NAME`` is NAME's time over bnlab's (above 1: bnlab faster),
+    and ``bnlab_fraction_of_copy`` / ``bnlab_fraction_of_copy_`` bnlab's GB/s over each copy's.
+    ``spread["bnlab_vs_NAME"]`` is [first, third] quartile of that ratio taken round by round
+    (speed_timing.ratio_quartiles).
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
@@ -178,8 +181,9 @@ def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "
     dtype = DTYPES[dtype_name]
     fns = contenders(shape, layout, dtype, mode, device, compile_torch)
     with sample_grad_mode(mode):  # eval under no_grad, entered once for all its samples
-        seconds = speed_timing.time_interleaved(fns, device, rounds, min_sample_s)
+        samples = speed_timing.interleaved_samples(fns, device, rounds, min_sample_s)
         grad_enabled = torch.is_grad_enabled()
+    seconds = {name: statistics.median(v) for name, v in samples.items()}
     moved = traffic_bytes(shape, dtype, mode, device)
     copied = traffic_bytes(shape, dtype, "eval")  # a copy reads and writes N bytes once
     gbps = {name: (copied if name.startswith("copy") else moved) / s / 1e9 for name, s in seconds.items()}
@@ -189,4 +193,6 @@ def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "
     # from the unrounded figures: a GB/s rounded to 0.01 is off by up to 5 % at 0.1 GB/s
     ratios["bnlab_fraction_of_copy"] = round(gbps["bnlab"] / gbps["copy"], 3)
     ratios["bnlab_fraction_of_copy_"] = round(gbps["bnlab"] / gbps["copy_"], 3)
-    return {"results": results, "ratios": ratios, "grad_enabled": grad_enabled}
+    spread = {f"bnlab_vs_{name}": [round(q, 3) for q in speed_timing.ratio_quartiles(samples, name, "bnlab")]
+              for name in samples if name != "bnlab" and not name.startswith("copy")}
+    return {"results": results, "ratios": ratios, "spread": spread, "grad_enabled": grad_enabled}

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["balanced_orders", "time_interleaved", "cpu_model"]
+__all__ = ["balanced_orders", "interleaved_samples", "time_interleaved", "ratio_quartiles", "cpu_model"]
 
 
 def cpu_model() -> str:
@@ -59,8 +59,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int, min_sample_s: float) -> dict:
-    """Median seconds per call of each callable, over ``rounds`` interleaved samples.
+def interleaved_samples(fns: dict[str, Callable[[], object]], device: str, rounds: int,
+                        min_sample_s: float) -> dict[str, list[float]]:
+    """Seconds per call of each callable in each of ``rounds`` interleaved samples: {name: [rounds]}.
 
     Each sample repeats a call enough times to last about ``min_sample_s`` (small shapes take
     tens of microseconds), measured with the host clock around a device synchronisation. Round r
@@ -90,4 +91,22 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: 
                 fn()
             _sync(device)
             samples[name].append((time.perf_counter() - start) / k)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int, min_sample_s: float) -> dict:
+    """Median seconds per call of each callable over ``rounds`` interleaved samples
+    (:func:`interleaved_samples`): {name: seconds}."""
+    return {name: statistics.median(v) for name, v in interleaved_samples(fns, device, rounds, min_sample_s).items()}
+
+
+def ratio_quartiles(samples: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """[first quartile, third quartile] of the per-round ratios samples[numerator][r] /
+    samples[denominator][r]: the middle half of what one round would have said (the same value
+    twice for one round). Why per round: the contenders of a round ran side by side, so a round the
+    machine was busy slows both and moves their ratio less than either time."""
+    ratios = sorted(n / d for n, d in zip(samples[numerator], samples[denominator]))
+    if len(ratios) == 1:
+        return [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q1, q3]

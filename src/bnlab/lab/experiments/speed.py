@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 
 import torch
 
@@ -95,11 +96,13 @@ def _run_model_unit(unit: str, ctx: RunContext) -> dict:
         folded = bnlab.fold(copy.deepcopy(twins["bnlab"]).eval())  # (fold changes its model in place)
         fns = {"bnlab": inference_fn(twins["bnlab"], images), "torch": inference_fn(twins["torch.nn"], images),
                "bnlab folded": inference_fn(folded, images)}
-    seconds = speed_timing.time_interleaved(fns, device.type, p["rounds"], p["min_sample_s"])
+    samples = speed_timing.interleaved_samples(fns, device.type, p["rounds"], p["min_sample_s"])
+    seconds = {name: statistics.median(v) for name, v in samples.items()}
     record = {"model": name, "network": NETWORK_NAMES[name], "batch": batch, "call": CALLS[call],
               "threads": torch.get_num_threads(), "machine": _machine(device),
               "bnlab_ms": round(seconds["bnlab"] * 1e3, 4), "torch_ms": round(seconds["torch"] * 1e3, 4),
               "speedup": round(seconds["torch"] / seconds["bnlab"], 3),
+              "speedup_iqr": [round(q, 3) for q in speed_timing.ratio_quartiles(samples, "torch", "bnlab")],
               "folded_ms": round(seconds["bnlab folded"] * 1e3, 4) if "bnlab folded" in seconds else None}
     return {"rows": [], "tables": {"models": [record]}}
 
@@ -116,7 +119,8 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
            "dtype": dtype, "mode": mode, "threads": torch.get_num_threads(), "machine": _machine(device),
            "bnlab_ms": res["bnlab"]["ms"], "torch_ms": res["torch"]["ms"], "copy_ms": res["copy_"]["ms"],
            "new_copy_ms": res["copy"]["ms"], "bnlab_GBps": res["bnlab"]["GBps"], "copy_GBps": res["copy_"]["GBps"],
-           "speedup": ratios["bnlab_vs_torch"], "fraction_of_copy": ratios["bnlab_fraction_of_copy_"]}
+           "speedup": ratios["bnlab_vs_torch"], "speedup_iqr": m["spread"]["bnlab_vs_torch"],
+           "fraction_of_copy": ratios["bnlab_fraction_of_copy_"]}
     return {"rows": [row]}
 
 
@@ -150,6 +154,13 @@ def _geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _speedup(record: dict) -> str:
+    """The median speed-up, then the middle half of the per-round speed-ups where the record has
+    them (records of runs made before they were kept have not)."""
+    iqr = record.get("speedup_iqr")
+    return f"{record['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+
+
 def _folded_ms(record: dict) -> str:
     return "–" if record["folded_ms"] is None else f"{record['folded_ms']:.4g}"
 
@@ -165,8 +176,7 @@ def _model_findings(models: list[dict]) -> list[str]:
              markdown_table(models, [("network", lambda r: r["network"]), ("batch", lambda r: str(r["batch"])),
                                      ("call", lambda r: r["call"]), ("bnlab ms", lambda r: f"{r['bnlab_ms']:.4g}"),
                                      ("torch.nn ms", lambda r: f"{r['torch_ms']:.4g}"),
-                                     ("speed-up", lambda r: f"{r['speedup']:.2f}x"),
-                                     ("folded ms", _folded_ms)])]
+                                     ("speed-up", _speedup), ("folded ms", _folded_ms)])]
     return lines
 
 
@@ -184,7 +194,9 @@ def _findings(folder: RunFolder) -> str:
     threads = sorted({r["threads"] for r in rows})
     lines = [f"{_cases(len(rows))} on {rows[0]['machine']} ({'/'.join(map(str, threads))} torch thread(s)): the time "
              f"of a call of bnlab's BatchNorm against torch.nn's, and against a copy of the same bytes, as medians of "
-             f"{p['rounds']} interleaved samples. GB/s count the bytes a mode must move at least, "
+             f"{p['rounds']} interleaved samples (a speed-up's brackets: the middle half of the speed-ups the rounds "
+             f"read one by one, torch.nn's sample over bnlab's beside it; a bracket that does not hold its median "
+             f"speed-up marks a case whose rounds disagreed, worth timing again). GB/s count the bytes a mode must move at least, "
              f"{_TRAFFIC_TEXT['cuda' if on_gpu else 'cpu']}, a copy 2N.", ""]
     for mode in p["modes"]:
         of_mode = [r for r in rows if r["mode"] == mode]
@@ -206,8 +218,7 @@ def _findings(folder: RunFolder) -> str:
               markdown_table(rows, [("case", lambda r: f"`{r['case']}`"), ("shape", lambda r: r["dims"]),
                                     ("bnlab ms", lambda r: f"{r['bnlab_ms']:.4g}"),
                                     ("torch.nn ms", lambda r: f"{r['torch_ms']:.4g}"),
-                                    ("speed-up", lambda r: f"{r['speedup']:.2f}x"),
-                                    ("bnlab GB/s", lambda r: f"{r['bnlab_GBps']:.1f}"),
+                                    ("speed-up", _speedup), ("bnlab GB/s", lambda r: f"{r['bnlab_GBps']:.1f}"),
                                     ("copy_ ms", lambda r: f"{r['copy_ms']:.4g}"),
                                     ("of copy_", lambda r: f"{r['fraction_of_copy']:.2f}")]),
               *_model_findings(models),
