@@ -220,10 +220,11 @@ def test_a_resume_with_another_thread_count_says_so_and_the_report_names_both(tm
     finally:
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
-    assert f"the run was made with {threads} torch thread(s), this process has {other}" in err
+    made = f"{threads} torch {'thread' if threads == 1 else 'threads'}"
+    assert f"the run was made with {made}, this process has {other}" in err
     config = json.loads((out / "config.json").read_text())
     assert config["torch_threads"] == threads and config["resumed_threads"] == [other]
     assert f"({threads} torch thread{'s' if threads != 1 else ''}; units after a resume with {other}," in (
         out / "report.md").read_text()
     assert main([*ARGV, "--out", str(out), "--resume"]) == 0  # the first count again: nothing to say
-    assert "torch thread(s)" not in capsys.readouterr().err
+    assert "the run was made with" not in capsys.readouterr().err

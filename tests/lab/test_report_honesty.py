@@ -138,3 +138,12 @@ def test_the_activations_report_reads_both_parts_of_its_claim_from_the_measureme
     assert f"{100 * sat[False]:.1f} % of the inputs ended saturated without BN against {100 * sat[True]:.1f} %" in line
     assert activations._compare(0.052, 0.043) == "about the same"
     assert activations._compare(0.6, 0.19) == "more without BN" and activations._compare(0.1, 0.4) == "less without BN"
+
+
+def test_a_learning_band_of_one_scale_is_named_as_one():
+    """init-sweep's band sentence: one scale is "only at w = …", not "from 0.29 to 0.29 (0.0
+    decades)" (a quick run's report, fifty-fifth session); a band of several keeps its decades."""
+    from bnlab.lab.experiments.init_sweep import _band_words
+
+    assert _band_words((0.2929, 0.2929)) == "only at w = 0.29"
+    assert _band_words((0.004, 0.2929)) == "for w from 0.004 to 0.29 (1.9 decades)"

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bnlab.lab.arg_text import parse_shape, positive_int, seed_int
+from bnlab.lab.tables import counted
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
@@ -95,7 +96,8 @@ def _check_device(text: str | None) -> None:
             raise ValueError(f"--device: got {text!r}, but torch {torch.__version__} sees no CUDA GPU on this machine; "
                              "use --device cpu")
         if device.index is not None and device.index >= count:
-            raise ValueError(f"--device: got {text!r}, but this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+            raise ValueError(f"--device: got {text!r}, but this machine has {counted(count, 'CUDA GPU')} "
+                             f"(cuda:0..cuda:{count - 1})")
     elif device.type != "cpu":
         raise ValueError(f"--device: expected cpu or cuda, got {text!r}")
 
@@ -257,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("BNLAB_DEBUG"):
             raise
         lines = [f"  rank {rank}: {_last_line(text)}" for rank, text in sorted(err.failures.items())]
-        print(f"bnlab: error: the distributed run failed ({len(err.failures)} rank(s)); finished units are kept, "
-              "continue with --resume (BNLAB_DEBUG=1 shows the tracebacks)\n" + "\n".join(lines), file=sys.stderr)
+        print(f"bnlab: error: the distributed run failed ({counted(len(err.failures), 'rank')}); finished units are "
+              "kept, continue with --resume (BNLAB_DEBUG=1 shows the tracebacks)\n" + "\n".join(lines), file=sys.stderr)
         return 1
 
 

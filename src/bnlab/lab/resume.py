@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bnlab.lab.runs import RunFolder, atomic_write_json
+from bnlab.lab.tables import counted
 
 if TYPE_CHECKING:
     from bnlab.lab.experiments import Experiment
@@ -98,9 +99,9 @@ def note_other_threads(name: str, folder: RunFolder, config: dict, now: int) -> 
     made = config.get("torch_threads")
     if not (made and now != made and _record_resumed(folder, config, "resumed_threads", now)):
         return None
-    return (f"{name}: the run was made with {made} torch thread(s), this process has {now}: torch's convolutions "
-            f"and matrix products round differently, so the units trained now may differ in the last digits from "
-            f"an uninterrupted run (OMP_NUM_THREADS={made} resumes as it was made)")
+    return (f"{name}: the run was made with {counted(made, 'torch thread')}, this process has {now}: torch's "
+            "convolutions and matrix products round differently, so the units trained now may differ in the last "
+            f"digits from an uninterrupted run (OMP_NUM_THREADS={made} resumes as it was made)")
 
 
 def _record_resumed(folder: RunFolder, config: dict, key: str, value) -> bool:

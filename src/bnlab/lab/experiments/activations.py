@@ -24,7 +24,7 @@ from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder, progress
 from bnlab.lab.stacked import StackedMLP
 from bnlab.lab.stacked_train import StackedTrainer
-from bnlab.lab.tables import group_stats, markdown_table, mean_spread
+from bnlab.lab.tables import counted, group_stats, markdown_table, mean_spread
 
 PERCENTILES = (15, 50, 85)
 
@@ -110,7 +110,8 @@ def _findings(folder: RunFolder) -> str:
     seeds = sorted({r["seed"] for r in rows})
     stats = {key: {s["batchnorm"]: s for s in group_stats(rows, ["batchnorm"], key)}
              for key in ("test_acc", "steps_to_90", "median_drift", "saturated_frac", "spread_final")}
-    lines = [f"{len(rows)} networks (with/without BN × {len(seeds)} seed(s)), SGD at lr {p['lr']} for {p['steps']} steps of "
+    seed_count = counted(len(seeds), 'seed')
+    lines = [f"{len(rows)} networks (with/without BN × {seed_count}), SGD at lr {p['lr']} for {p['steps']} steps of "
              f"batch {p['batch_size']}; the percentiles are over {data_words(folder.config)[1]}, measured every "
              f"{p['eval_every']} steps.",
              "", f"Median drift: the mean over the {p['sizes'][-2]} sigmoids of the last hidden layer of |median input at "

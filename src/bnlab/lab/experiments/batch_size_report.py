@@ -143,7 +143,7 @@ def findings(folder: RunFolder) -> str:
     columns += [(f"B = {b}", lambda r, b=b: _pct(r[b]) if r[b] else "=BN" if r["norm"].startswith("ghost") else "–")
                 for b in sizes]
     lines = [f"{len(rows)} rows: {len([r for r in rows if r['norm'] != 'bn-recal'])} trained networks "
-             f"({len(seeds)} seed(s)) plus the BN networks again after `bnlab.recalibrate`. Small CNN on "
+             f"({counted(len(seeds), 'seed')}) plus the BN networks again after `bnlab.recalibrate`. Small CNN on "
              f"{p['train_size']} training images ({p['image_size']}×{p['image_size']}), {counted(p['epochs'], 'epoch')} but at least "
              f"{p['min_steps']} steps, lr = {p['lr_base']}·B/{p['lr_ref_batch']} capped at {p['lr_cap']}, "
              f"linear decay to 0. Test accuracy (%, eval mode, {p['test_size']} test images, mean ± std over seeds):", "",

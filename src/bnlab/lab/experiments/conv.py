@@ -24,7 +24,7 @@ from bnlab.lab.experiments._common import curves
 from bnlab.lab.models import SmallCNN
 from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder
-from bnlab.lab.tables import group_stats, markdown_table, mean_spread
+from bnlab.lab.tables import counted, group_stats, markdown_table, mean_spread
 from bnlab.lab.train import evaluate, tensor_batches, train_loop
 
 NORMS = ["channel", "activation", "none"]
@@ -106,7 +106,8 @@ def _findings(folder: RunFolder) -> str:
     hit = {s["norm"]: s for s in group_stats(rows, ["norm"], "steps_to_target")}
     table = [{"norm": n, "acc": acc[n], "hit": hit[n], "bn_params": next(r["bn_params"] for r in rows if r["norm"] == n),
               "params": next(r["params"] for r in rows if r["norm"] == n)} for n in NORMS if n in acc]
-    lines = [f"{len(rows)} networks (3 normalizations × {len(seeds)} seed(s)), SGD lr {p['lr']} "
+    seed_count = counted(len(seeds), 'seed')
+    lines = [f"{len(rows)} networks (3 normalizations × {seed_count}), SGD lr {p['lr']} "
              f"(momentum {p['momentum']}), batch {p['batch_size']}, {p['steps']} steps; test accuracy on "
              f"{p['test_size']} held-out images (mean ± std (min–max) over seeds).", "",
              markdown_table(table, [("normalization", lambda r: _NAMES[r["norm"]]), ("final test accuracy", lambda r: mean_spread(r["acc"])),

@@ -6,7 +6,7 @@ import numpy as np
 
 from bnlab.lab.experiments._common import data_words
 from bnlab.lab.runs import RunFolder
-from bnlab.lab.tables import group_stats, markdown_table, mean_spread
+from bnlab.lab.tables import counted, group_stats, markdown_table, mean_spread
 
 
 def figures(folder: RunFolder) -> list[tuple[str, str]]:
@@ -46,7 +46,7 @@ def figures(folder: RunFolder) -> list[tuple[str, str]]:
     return [("inference.png", f"(a) Test accuracy when each test batch is normalized with its own statistics, against "
              f"the batch size; (b) eval-mode test accuracy with the statistics kept by running averages of several "
              f"momenta, the cumulative average, and population statistics recomputed after training "
-             f"(mean{' and min–max' if len(seeds) > 1 else ''} over {len(seeds)} seed(s)).")]
+             f"(mean{' and min–max' if len(seeds) > 1 else ''} over {counted(len(seeds), 'seed')}).")]
 
 
 def findings(folder: RunFolder) -> str:
@@ -57,7 +57,8 @@ def findings(folder: RunFolder) -> str:
     g = lambda rs, key: group_stats([{**r, "k": 0} for r in rs], ["k"], key)[0]  # noqa: E731
     error = next((r.get("batch1_error") for r in bn_rows if r.get("batch1_error")), None)
     train_words, test_words = data_words(folder.config)
-    lines = [f"Per seed ({len(seeds)} seed(s)) one BN network and one plain network were trained for {p['steps']} SGD "
+    lines = [f"Per seed ({counted(len(seeds), 'seed')}) one BN network and one plain network were trained for "
+             f"{p['steps']} SGD "
              f"steps (batch {p['batch_size']}, lr {p['lr']}) on {train_words}; accuracies are on {test_words} "
              "(mean ± std (min–max) over seeds).", ""]
     by_size = group_stats(batch_rows, ["batch_size"], "test_acc")

@@ -104,8 +104,17 @@ def _figures(folder: RunFolder) -> list[tuple[str, str]]:
     fig.legend(handles, labels, loc="outside upper center", ncols=2, frameon=False)
     save_figure(fig, folder.path / "init_sweep_final.png")
     n = len(seeds)
-    return [("init_sweep_final.png", f"Final accuracy against the init scale w, with and without BN (mean and min–max over {n} seed(s))."),
+    return [("init_sweep_final.png", "Final accuracy against the init scale w, with and without BN (mean and min–max "
+                                     f"over {counted(n, 'seed')})."),
             ("init_sweep_grid.png", "Training accuracy per epoch, one panel per init scale (the book's figure 6-19).")]
+
+
+def _band_words(band: tuple[float, float]) -> str:
+    """Where a learning band lies: "only at w = 0.29" for one scale, else "for w from 0.0046 to
+    0.29 (1.8 decades)"."""
+    if band[0] == band[1]:
+        return f"only at w = {band[0]:.2g}"
+    return f"for w from {band[0]:.2g} to {band[1]:.2g} ({decades(band):.1f} decades)"
 
 
 def _findings(folder: RunFolder) -> str:
@@ -113,7 +122,8 @@ def _findings(folder: RunFolder) -> str:
     seeds = sorted({r["seed"] for r in rows})
     train = {bn: group_stats([r for r in rows if r["batchnorm"] == bn], ["weight_init_std"], "train_acc") for bn in (True, False)}
     test = {bn: group_stats([r for r in rows if r["batchnorm"] == bn], ["weight_init_std"], "test_acc") for bn in (True, False)}
-    lines = [f"{len(rows)} networks ({len(p['weight_init_stds'])} init scales × with/without BN × {len(seeds)} seed(s)), each trained for "
+    lines = [f"{len(rows)} networks ({len(p['weight_init_stds'])} init scales × with/without BN × "
+             f"{counted(len(seeds), 'seed')}), each trained for "
              f"{counted(p['epochs'], 'epoch')} of {p['train_size'] // p['batch_size']} SGD updates (batch {p['batch_size']}, lr {p['lr']}) "
              f"on the first {p['train_size']} training images."]
     for thr in (0.9, 0.5):
@@ -127,13 +137,12 @@ def _findings(folder: RunFolder) -> str:
             elif band_ is None:
                 parts.append(f"{name} no init scale reaches a mean final training accuracy of {thr:.0%}")
             else:
-                parts.append(f"{name} the mean final training accuracy reaches {thr:.0%} for w from {band_[0]:.2g} to "
-                             f"{band_[1]:.2g} ({decades(band_):.1f} decades)")
+                parts.append(f"{name} the mean final training accuracy reaches {thr:.0%} {_band_words(band_)}")
         text = "; ".join(parts) + "."
         lines.append(text[0].upper() + text[1:])
     diverged = sum(1 for r in rows if r["diverged"])
     if diverged:
-        lines.append(f"{diverged} network(s) diverged (non-finite loss; they then predict a single class).")
+        lines.append(f"{counted(diverged, 'network')} diverged (non-finite loss; they then predict a single class).")
     def pick(stats: list[dict], w: float) -> dict | None:
         return next((s for s in stats if s["weight_init_std"] == w), None)
 

@@ -23,7 +23,7 @@ from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder, progress
 from bnlab.lab.stacked import StackedMLP
 from bnlab.lab.stacked_train import StackedTrainer
-from bnlab.lab.tables import group_stats, markdown_table, mean_spread
+from bnlab.lab.tables import counted, group_stats, markdown_table, mean_spread
 
 LEARNING_RATES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
 
@@ -113,7 +113,8 @@ def _figures(folder: RunFolder) -> list[tuple[str, str]]:
 def _findings(folder: RunFolder) -> str:
     rows, p = folder.rows(), folder.config["params"]
     seeds = sorted({r["seed"] for r in rows})
-    lines = [f"{len(rows)} networks ({len(p['learning_rates'])} learning rates × with/without BN × {len(seeds)} seed(s)), "
+    lines = [f"{len(rows)} networks ({len(p['learning_rates'])} learning rates × with/without BN × "
+             f"{counted(len(seeds), 'seed')}), "
              f"each trained for {p['steps']} SGD steps of batch {p['batch_size']}."]
     for bn in (True, False):
         by_lr: dict[float, list[dict]] = {}

@@ -96,7 +96,8 @@ def _figures(folder: RunFolder) -> list[tuple[str, str]]:
 def _findings(folder: RunFolder) -> str:
     rows, p = folder.rows(), folder.config["params"]
     seeds = sorted({r["seed"] for r in rows})
-    lines = [f"{len(rows)} networks (4 versions × {len(p['learning_rates'])} learning rates × {len(seeds)} seed(s)), "
+    lines = [f"{len(rows)} networks (4 versions × {len(p['learning_rates'])} learning rates × "
+             f"{counted(len(seeds), 'seed')}), "
              f"each trained for {counted(p['epochs'], 'epoch')} on {p['train_size']} training images (batch {p['batch_size']}); "
              f"dropout p = {p['dropout']}. Mean ± std (min–max) over seeds:", ""]
     table = []

@@ -29,7 +29,7 @@ from bnlab.lab.experiments._common import curves
 from bnlab.lab.models import resnet20
 from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder
-from bnlab.lab.tables import group_stats, markdown_table, mean_spread
+from bnlab.lab.tables import counted, group_stats, markdown_table, mean_spread
 from bnlab.lab.train import evaluate, tensor_batches, train_loop
 
 
@@ -136,7 +136,7 @@ def _findings(folder: RunFolder) -> str:
     err = {s["batchnorm"]: s for s in group_stats(rows, ["batchnorm"], "test_error")}
     loss = {s["batchnorm"]: s for s in group_stats(rows, ["batchnorm"], "train_loss")}
     data = c["dataset"] + (" (bundled MNIST subset, padded to 32×32)" if c["dataset"] == "mnist" and not c["data_dir"] else "")
-    lines = [f"ResNet-20 on {data}, {len(seeds)} seed(s), {p['steps']} SGD steps of batch {p['batch_size']} "
+    lines = [f"ResNet-20 on {data}, {counted(len(seeds), 'seed')}, {p['steps']} SGD steps of batch {p['batch_size']} "
              f"(momentum {p['momentum']}, weight decay {p['weight_decay']}, lr ÷10 at steps {p['lr_drops']}). "
              f"With BN: lr {p['lr']}. Without BN: lr {p['plain_lr']}"
              + (", last conv of every residual branch initialised to zero" if p["zero_init_residual_without_bn"] else "")

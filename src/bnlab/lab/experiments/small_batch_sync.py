@@ -27,7 +27,7 @@ from bnlab.lab.experiments._common import curves, flat_data, net_seed, row_grid
 from bnlab.lab.models import MLP
 from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder
-from bnlab.lab.tables import group_stats, markdown_table, mean_spread
+from bnlab.lab.tables import counted, group_stats, markdown_table, mean_spread
 from bnlab.lab.train import evaluate, tensor_batches, train_loop
 from bnlab.lab.world import parallel
 
@@ -161,7 +161,7 @@ def _findings(folder: RunFolder) -> str:
                       "diff": max(diffs, key=abs) if diffs else None})
     cell = lambda m: lambda r: mean_spread(r[m]) if r[m] else "–"  # noqa: E731
     lines = [f"{len(rows)} networks (MLP {'–'.join(map(str, p['sizes']))}, BN after each hidden layer), "
-             f"{p['world_size']} CPU processes (DDP over gloo), {len(seeds)} seed(s), {p['steps']} SGD steps "
+             f"{p['world_size']} CPU processes (DDP over gloo), {counted(len(seeds), 'seed')}, {p['steps']} SGD steps "
              f"(lr {p['lr']}, momentum {p['momentum']}); test accuracy in eval mode on {p['test_size']} held-out "
              "images (mean ± std (min–max) over seeds).", "",
              markdown_table(table, [("images per process", "batch"),

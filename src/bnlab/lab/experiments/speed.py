@@ -102,7 +102,7 @@ def _run_model_unit(unit: str, ctx: RunContext) -> dict:
               "threads": torch.get_num_threads(), "machine": _machine(device),
               "bnlab_ms": round(seconds["bnlab"] * 1e3, 4), "torch_ms": round(seconds["torch"] * 1e3, 4),
               "speedup": round(seconds["torch"] / seconds["bnlab"], 3),
-              "speedup_iqr": [round(q, 3) for q in speed_timing.ratio_quartiles(samples, "torch", "bnlab")],
+              **_quartiles(speed_timing.ratio_quartiles(samples, "torch", "bnlab")),
               "folded_ms": round(seconds["bnlab folded"] * 1e3, 4) if "bnlab folded" in seconds else None}
     return {"rows": [], "tables": {"models": [record]}}
 
@@ -119,7 +119,7 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
            "dtype": dtype, "mode": mode, "threads": torch.get_num_threads(), "machine": _machine(device),
            "bnlab_ms": res["bnlab"]["ms"], "torch_ms": res["torch"]["ms"], "copy_ms": res["copy_"]["ms"],
            "new_copy_ms": res["copy"]["ms"], "bnlab_GBps": res["bnlab"]["GBps"], "copy_GBps": res["copy_"]["GBps"],
-           "speedup": ratios["bnlab_vs_torch"], "speedup_iqr": m["spread"]["bnlab_vs_torch"],
+           "speedup": ratios["bnlab_vs_torch"], **_quartiles(m["spread"]["bnlab_vs_torch"]),
            "fraction_of_copy": ratios["bnlab_fraction_of_copy_"]}
     return {"rows": [row]}
 
@@ -154,11 +154,18 @@ def _geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _quartiles(quartiles: list[float]) -> dict:
+    """A record's speedup_q1 and speedup_q3 (flat: rows are CSV records): the middle half of the
+    per-round speed-ups (speed_timing.ratio_quartiles)."""
+    return {"speedup_q1": round(quartiles[0], 3), "speedup_q3": round(quartiles[1], 3)}
+
+
 def _speedup(record: dict) -> str:
     """The median speed-up, then the middle half of the per-round speed-ups where the record has
     them (records of runs made before they were kept have not)."""
-    iqr = record.get("speedup_iqr")
-    return f"{record['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+    if "speedup_q1" not in record:
+        return f"{record['speedup']:.2f}x"
+    return f"{record['speedup']:.2f}x ({record['speedup_q1']:.2f}-{record['speedup_q3']:.2f})"
 
 
 def _folded_ms(record: dict) -> str:
@@ -192,7 +199,8 @@ def _findings(folder: RunFolder) -> str:
     if not rows:
         return "No case has finished yet." + "\n".join(_model_findings(models))
     threads = sorted({r["threads"] for r in rows})
-    lines = [f"{_cases(len(rows))} on {rows[0]['machine']} ({'/'.join(map(str, threads))} torch thread(s)): the time "
+    lines = [f"{_cases(len(rows))} on {rows[0]['machine']} ({'/'.join(map(str, threads))} torch "
+             f"thread{'' if threads == [1] else 's'}): the time "
              f"of a call of bnlab's BatchNorm against torch.nn's, and against a copy of the same bytes, as medians of "
              f"{p['rounds']} interleaved samples (a speed-up's brackets: the middle half of the speed-ups the rounds "
              f"read one by one, torch.nn's sample over bnlab's beside it; a bracket that does not hold its median "
