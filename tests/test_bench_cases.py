@@ -190,3 +190,16 @@ def test_eval_order_prints_both_orders_and_leaves_grad_mode_on(capsys, keep_thre
     assert lines[0].startswith("shape (2, 4, 3, 3) nchw, 1 thread(s)")
     assert [line.split()[0] for line in lines[1:]] == ["after-copy", "after-bnlab"]
     assert torch.is_grad_enabled()
+
+
+def test_the_markdown_gives_the_per_round_spread_where_a_record_has_it():
+    """bench_bn's table: "2.5x (2.1-2.9)" from measure_case's spread; records written before the
+    spread was kept (the results files of earlier sessions) keep "2.5x"."""
+    results = {name: {"ms": 1.0, "GBps": 2.0} for name in ("bnlab", "torch", "copy", "copy_")}
+    record = {"threads": 2, "shape_dims": [8, 6], "layout": "nchw", "dtype": "fp32", "mode": "eval",
+              "results": results, "ratios": {"bnlab_vs_torch": 2.5, "bnlab_fraction_of_copy": 0.5,
+                                             "bnlab_fraction_of_copy_": 0.4}}  # fmt: skip
+    old = bench_bn.markdown([record]).splitlines()[-1]
+    new = bench_bn.markdown([{**record, "spread": {"bnlab_vs_torch": [2.1, 2.9]}}]).splitlines()[-1]
+    assert "| 2.5x |  | 0.5 / 0.4 |" in old
+    assert "| 2.5x (2.1-2.9) |  | 0.5 / 0.4 |" in new
