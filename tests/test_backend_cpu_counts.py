@@ -1,4 +1,4 @@
-"""Quotients by a power-of-two count (cpu_kernels.cpp, with_count): the kernels multiply by the exact
+"""Quotients by a power-of-two count (cpu_kernels_stats.inc, with_count): the kernels multiply by the exact
 reciprocal, which must give the bits of the division, subnormals and signs included. The outside
 oracle is NumPy's float64 arithmetic, which rounds every operation: invstd must be
 1/sqrt(M2/n + eps) of the kernel's own M2, to the bit, for counts that are powers of two and counts

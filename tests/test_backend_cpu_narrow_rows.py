@@ -1,6 +1,6 @@
 """Calls with at most 16 rows of channels (NLC: (N, C) inputs, and channels-last ones with
-N·H·W <= 16) take the narrow walks of cpu_kernels_nlc.inc (nlc_forward_narrow,
-nlc_backward_narrow): blocks of 256 channels through the whole per-channel work at once, where the
+N·H·W <= 16) take the narrow walks of cpu_kernels_nlc_forward.inc and cpu_kernels_nlc_backward.inc
+(nlc_forward_narrow, nlc_backward_narrow): blocks of 256 channels through the whole per-channel work at once, where the
 general walks make C-long passes through per-thread arrays; on several threads the narrow walks
 split the channels, not the rows. Each channel gets the operations of the general walks on one
 thread, in the same order, so every result must have their one-thread bits, on one to three
@@ -34,7 +34,7 @@ SHAPES = [
     (1, 24, 3, 3), (2, 16, 2, 2), (3, 300, 1, 5), (3, 2060),
 ]  # fmt: skip
 # (3, 2060): from 2048 channels the centred backward's dy shifts are split over the threads too
-# (cpu_kernels_ncl.inc, kParallelShiftChannels), in shares of 8 channels with a remainder
+# (cpu_kernels_grad_shifts.inc, kParallelShiftChannels), in shares of 8 channels with a remainder
 
 SCRIPT = textwrap.dedent(
     """

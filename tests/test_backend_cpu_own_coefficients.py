@@ -1,4 +1,4 @@
-"""Elementwise passes of cache-sized tensors on several threads (cpu_kernels_api.inc's
+"""Elementwise passes of cache-sized tensors on several threads (cpu_kernels_own_coef.inc's
 with_own_coefficients): eval from the running buffers, normalize from given statistics, and the
 input gradient.
 

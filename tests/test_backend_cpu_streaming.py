@@ -57,7 +57,7 @@ def test_streamed_outputs_match_torch(shape):
 
 
 # Channels-last and (N, C) inputs: float32 rows of a multiple of 16 channels are written around the
-# caches from the same bound (cpu_kernels_nlc.inc's nlc_streams) in the eval pass and the training
+# caches from the same bound (cpu_kernels_nlc_choices.inc's nlc_streams) in the eval pass and the training
 # forward, and from two thirds of it (nlc_streams_dx) in the training backward's input gradient,
 # the eval-mode (frozen) backward and bn_grad_input. The same arithmetic as the ordinary stores,
 # so the same bits: digests of every output and gradient under BNLAB_STREAM_MIN_BYTES=0 must equal

@@ -1,6 +1,6 @@
 """Results do not depend on the thread count: NLC inputs (channels-last, (N, C)) and NCL ones of few channels.
 
-The general NLC walks (cpu_kernels_nlc.inc) used to give each thread a share of the rows and
+The general NLC walks (cpu_kernels_nlc_forward.inc, _backward.inc) used to give each thread a share of the rows and
 reduce it as one sequence, so that from 17 rows up the statistics and gradient sums, and all that
 follows from them, moved with the thread count (NCL inputs never did). Now the forward reduces
 segments of rows fixed by the row count alone and folds them in order, and the backward adds up

@@ -2,7 +2,7 @@
 
 Both layouts choose how to walk a tensor by its size, against bounds read once per process:
 
-* NLC (rows of C channels, cpu_kernels_nlc.inc): inputs below BNLAB_NLC_GROUP_MAX_BYTES (half the
+* NLC (rows of C channels, cpu_kernels_nlc*.inc): inputs below BNLAB_NLC_GROUP_MAX_BYTES (half the
   last-level cache) have their statistics and gradient sums walked by channel groups, larger ones
   row by row; rows of 8 to 64 channels in steps of 8 take neither, but one pass with the sums in
   registers (test_backend_cpu_register_rows.py holds it to the other walks' bits).

@@ -118,7 +118,7 @@ SHORT_BF16_ROWS_CASE = {
 # twenty-fifth: an expanded (92, 20) batch and gradient, every channel constant in x and dy. Σdy in
 # float32 runs of rows was not exact for 92 equal values, so dy's mean came out a unit off dy and
 # dx = kk·(dy - gh) was 2.3e-4 off the exact 0 (tolerance 2e-4; torch.nn 1.2e-4). Σdy now sums
-# dy - dy[0] (grad_shift, cpu_kernels_ncl.inc): 0 there.
+# dy - dy[0] (grad_shift, cpu_kernels_grad_shifts.inc): 0 there.
 EXPANDED_GRADIENT_CASE = {
     "seed": 760985246, "layer": "BatchNorm1d", "shape": [92, 20], "dtype": "float32", "layout": "expand",
     "perm": [1, 0], "offset": 15, "dy_layout": "same", "affine": True, "bias": True, "track": False, "momentum": None,
@@ -132,7 +132,7 @@ EXPANDED_GRADIENT_CASE = {
 # centred training sums, Σ(dy - g)·(x - hi) with g a channel's first dy: float64 x at 1e3 ± 0.01,
 # zero-mean dy. The mean's own rounding δ (half a unit at 1e3) added δ·m·g, and dweight was 6.2x
 # its tolerance off the reference (torch.nn 0.013x). g is now 0 where dy has no common part
-# (centre_shift, cpu_kernels_ncl.inc).
+# (centre_shift, cpu_kernels_grad_shifts.inc).
 FLOAT64_OFFSET_CASE = {
     "seed": 441765119, "layer": "BatchNorm1d", "shape": [220, 9, 588], "dtype": "float64", "layout": "channels_last",
     "perm": [1, 0, 2], "offset": 0, "dy_layout": "same", "affine": True, "bias": True, "track": True,
@@ -144,7 +144,7 @@ FLOAT64_OFFSET_CASE = {
 # One of 618 the twenty-ninth session's campaign found once the fuzzer drew infinite upstream
 # gradients: dweight NaN where torch.nn and the reference have -inf, and dx NaN where they have
 # inf (a float64 remainder, lo·Σdy, made inf - inf). Remainders that are not finite are now dropped
-# (finite_or_zero, cpu_kernels_ncl.inc).
+# (finite_or_zero, cpu_kernels_grad_coef.inc).
 INFINITE_GRADIENT_CASE = {
     "seed": 129725712, "layer": "BatchNorm1d", "shape": [1, 3, 3], "dtype": "float32", "layout": "contiguous",
     "perm": [2, 0, 1], "offset": 0, "dy_layout": "same", "affine": True, "bias": True, "track": True, "momentum": None,

@@ -43,7 +43,7 @@ COMPILED_CALLS = {"on": True}
 #: Below this many elements one thread is faster than waking the others.
 PARALLEL_MIN_NUMEL = 1 << 15
 #: But a training call that the narrow NLC walks take (at most NARROW_ROWS rows: a wide layer at a
-#: small batch, (2, 8192); cpu_kernels_nlc.inc, kRunRows) is mostly per-channel float64 work (the
+#: small batch, (2, 8192); cpu_kernels_nlc_choices.inc, nlc_narrow_walk) is mostly per-channel float64 work (the
 #: statistics, a square root and a division per channel, the running averages; the backward's
 #: coefficients), so there a channel counts as NARROW_CHANNEL_VALUES values towards
 #: PARALLEL_MIN_NUMEL. Layer calls with the rule against without it (benchmarks/narrow_threads_ab.py;
