@@ -14,7 +14,11 @@ NaN, whose sign a compiler may swap). Prints each difference and the totals; exi
     PYTHONPATH=src python benchmarks/compare_builds.py --old <the other revision's compiled module>
 
 (--new <a compiled module> compares that build instead of this checkout's, e.g. two builds of
-one source with different compiler flags.)
+one source with different compiler flags. --within K takes results that differ in their bits as
+close enough when their NaNs and infinities are where the other build's are and no finite value is
+further off than K times the dtype's epsilon times the largest finite magnitude of the result: for
+a build whose arithmetic differs by design, e.g. one without FMA instructions, where a multiply
+and an add round twice. It exits 1 only on results beyond that.)
 
 (kernel_ab.py's docstring says how to build another revision's module.) BNLAB_* tuning variables
 set in the environment apply to both builds alike, which reaches the walks a shape would not take
@@ -129,6 +133,17 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8))
 
 
+def within(a: torch.Tensor, b: torch.Tensor, k: float) -> bool:
+    """Whether a is b up to k epsilons of b's dtype, scaled by b's largest finite magnitude, with
+    NaN, +inf and -inf at the same places (a result of another rounding, not of another walk)."""
+    for where in (torch.isnan, torch.isposinf, torch.isneginf):
+        if not torch.equal(where(a), where(b)):
+            return False
+    finite = torch.isfinite(b)
+    a64, b64 = a.double().where(finite, 0.0), b.double().where(finite, 0.0)
+    return (a64 - b64).abs().max().item() <= k * torch.finfo(b.dtype).eps * b64.abs().max().item()
+
+
 def bits_digest(t: torch.Tensor) -> str:
     """A sha256 of t's bytes under same_bits' rule (any NaN equal to any NaN): for comparing
     results computed in other processes."""
@@ -168,7 +183,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", required=True, help="path of the other build's compiled module (.so)")
     p.add_argument("--new", help="path of a compiled module to compare instead of this checkout's build")
+    p.add_argument("--within", type=float, metavar="K",
+                   help="accept results that differ in bits by at most K epsilons of the result's scale")
     args = p.parse_args(argv)
+    if args.within is not None and not args.within > 0:
+        p.error(f"--within: expected a positive number of epsilons, got {args.within}")
     for option, value in (("--old", args.old), ("--new", args.new)):
         if value is not None and not Path(value).is_file():
             p.error(f"{option}: expected the path of a compiled bnlab module (.so), got {value!r}, which is not a file")
@@ -191,7 +210,7 @@ def main(argv=None) -> None:
     if not all(flags.values()):
         print("one build predates the centred backward: both compared with fixed-statistics sums (centred = 0)")
         flags = {lib: (0,) if takes_centred(lib) else () for lib in (old, new)}
-    compared = differ = 0
+    compared = differ = beyond = 0
     for shape, dtype, data, cl, nt in cases():
         x = make(shape, dtype, data, 1, cl)
         dy = make(shape, dtype, "normal", 2, cl)
@@ -200,9 +219,15 @@ def main(argv=None) -> None:
             compared += 1
             if not same_bits(a[name], b[name]):
                 differ += 1
+                if args.within is not None and within(a[name], b[name], args.within):
+                    continue
+                beyond += 1
                 print(f"differs: {name} of {shape} {'channels_last ' if cl else ''}{dtype} {data}, {nt} thread(s)")
-    print(f"{compared} results compared, {differ} differ")
-    sys.exit(1 if differ else 0)
+    if args.within is None:
+        print(f"{compared} results compared, {differ} differ")
+        sys.exit(1 if differ else 0)
+    print(f"{compared} results compared, {differ} differ in bits, {beyond} by more than {args.within:g} epsilons")
+    sys.exit(1 if beyond else 0)
 
 
 if __name__ == "__main__":

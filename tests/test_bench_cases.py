@@ -203,3 +203,17 @@ def test_the_markdown_gives_the_per_round_spread_where_a_record_has_it():
     new = bench_bn.markdown([{**record, "spread": {"bnlab_vs_torch": [2.1, 2.9]}}]).splitlines()[-1]
     assert "| 2.5x |  | 0.5 / 0.4 |" in old
     assert "| 2.5x (2.1-2.9) |  | 0.5 / 0.4 |" in new
+
+
+def test_within_takes_another_rounding_and_refuses_other_values_or_nonfinite_places():
+    """compare_builds.within (the generic build's check, test_backend_cpu_isa.py): a few epsilons
+    of the result's scale pass, more do not, nor a NaN or an infinity where the other has none."""
+    import compare_builds
+
+    b = torch.tensor([1.0, -4.0, float("nan"), float("inf")])
+    eps4 = 4 * torch.finfo(torch.float32).eps  # of the scale: 4 epsilons of 4.0 is 16 of 1.0
+    near = torch.tensor([1.0 + 4 * eps4, -4.0, float("nan"), float("inf")])
+    assert compare_builds.within(near, b, 4.0) and not compare_builds.within(near, b, 3.9)
+    assert not compare_builds.within(torch.tensor([1.0, -4.0, 0.0, float("inf")]), b, 1e6)
+    assert not compare_builds.within(torch.tensor([1.0, -4.0, float("nan"), -float("inf")]), b, 1e6)
+    assert compare_builds.within(b.clone(), b, 1.0)
