@@ -202,7 +202,7 @@ class CpuBackend(Backend):
 
     def backward_entry(self, dy, x, stats, weight, plan, needs, bias_dtype):
         """CpuTrainFunction's gradients (dx, dweight, dbias, None) from one compiled call
-        (``bn_backward_module``, cpu_kernels_py_train.inc), or None where it is not set up or
+        (``bn_backward_module``, cpu_kernels_py_backward.inc), or None where it is not set up or
         declines (dy in another dtype or memory format, a strided weight): then :meth:`backward_fused`."""
         if not COMPILED_CALLS["on"]:
             return None
@@ -213,7 +213,7 @@ class CpuBackend(Backend):
 
     def eval_backward_entry(self, dy, x, stats, weight, plan, needs, bias_dtype):
         """CpuEvalFromKernel's first-order gradients (dx, dweight, dbias, None) from one compiled call
-        (``bn_eval_backward_module``, cpu_kernels_py_train.inc: the kernel of :meth:`eval_backward`,
+        (``bn_eval_backward_module``, cpu_kernels_py_backward.inc: the kernel of :meth:`eval_backward`,
         bn_eval_backward), or None where it is not set up or declines as :meth:`backward_entry`.
         stats: the (2, C) float64 rows mean, invstd the compiled eval call saved."""
         # Only the compiled eval call makes a CpuEvalFromKernel node, so the module is set up here.
