@@ -51,8 +51,9 @@ def scenario() -> list[torch.Tensor]:
         x = torch.randn(256, 100, generator=gen)
         out += [layer(x), layer(x)]
         for name in ("running_mean", "running_var", "weight", "bias"):
-            getattr(layer, name).data[7] += 0.25  # .data: a write no version counter sees
-            out += [layer(x), layer(x)]
+            for channel in (7, 99):  # the last too: a comparison of the vectors cut short misses it
+                getattr(layer, name).data[channel] += 0.25  # .data: a write no version counter sees
+                out += [layer(x), layer(x)]
         layer.eps = 1e-3
         out += [layer(x)]
         layer.running_var.data[3] = 0.0  # a zero variance: invstd from eps alone
@@ -61,7 +62,11 @@ def scenario() -> list[torch.Tensor]:
         wide = _layer(2048, 2, cls=bnlab.BatchNorm2d)
         x4 = torch.randn(2, 2048, 3, 3, generator=gen)
         out += [wide(x4), wide(x4.to(memory_format=torch.channels_last)), wide(x4)]
-        out += [wide.to(torch.bfloat16)(x4.to(torch.bfloat16)), wide.to(torch.float64)(x4.double())]
+        out += [wide.to(torch.bfloat16)(x4.to(torch.bfloat16))]
+        wide.running_var.data[-1] += 0.25  # the last channel of 2-byte and 8-byte vectors
+        out += [wide(x4.to(torch.bfloat16)), wide.to(torch.float64)(x4.double())]
+        wide.bias.data[-1] += 0.25
+        out += [wide(x4.double())]
         # a layer freed and another made, likely in the same memory, with other values
         for seed in range(3):
             fresh = _layer(64, 10 + seed)
