@@ -170,9 +170,10 @@ def inputs(shapes):
             yield shape, dtype, data, make(tuple(shape), dtype, data, 1, cl), make(tuple(shape), dtype, "normal", 2, cl)
 
 
-def cases():
-    """(label, shape, dtype, data, channels_last, threads) of every comparison."""
-    for nt in (1, 2, 3):
+def cases(threads=(1, 2, 3)):
+    """(shape, dtype, data, channels_last, threads) of every comparison, on each thread count of
+    ``threads``."""
+    for nt in threads:
         for dtype, data in dtype_data():
             for cl, shapes in ((False, SHAPES), (True, CHANNELS_LAST)):
                 for shape in shapes:
@@ -183,9 +184,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", required=True, help="path of the other build's compiled module (.so)")
     p.add_argument("--new", help="path of a compiled module to compare instead of this checkout's build")
+    p.add_argument("--threads", default="1,2,3", metavar="N,N",
+                   help="the thread counts to compare on (default 1,2,3: three for the waves walk's merge)")
     p.add_argument("--within", type=float, metavar="K",
                    help="accept results that differ in bits by at most K epsilons of the result's scale")
     args = p.parse_args(argv)
+    try:
+        threads = tuple(int(t) for t in args.threads.split(","))
+    except ValueError:
+        threads = ()
+    if not threads or min(threads) < 1:
+        p.error(f"--threads: expected positive thread counts separated by commas, got {args.threads!r}")
     if args.within is not None and not args.within > 0:
         p.error(f"--within: expected a positive number of epsilons, got {args.within}")
     for option, value in (("--old", args.old), ("--new", args.new)):
@@ -211,7 +220,7 @@ def main(argv=None) -> None:
         print("one build predates the centred backward: both compared with fixed-statistics sums (centred = 0)")
         flags = {lib: (0,) if takes_centred(lib) else () for lib in (old, new)}
     compared = differ = beyond = 0
-    for shape, dtype, data, cl, nt in cases():
+    for shape, dtype, data, cl, nt in cases(threads):
         x = make(shape, dtype, data, 1, cl)
         dy = make(shape, dtype, "normal", 2, cl)
         a, b = run(old, x, dy, nt, flags[old]), run(new, x, dy, nt, flags[new])

@@ -217,3 +217,12 @@ def test_within_takes_another_rounding_and_refuses_other_values_or_nonfinite_pla
     assert not compare_builds.within(torch.tensor([1.0, -4.0, 0.0, float("inf")]), b, 1e6)
     assert not compare_builds.within(torch.tensor([1.0, -4.0, float("nan"), -float("inf")]), b, 1e6)
     assert compare_builds.within(b.clone(), b, 1.0)
+
+
+@pytest.mark.parametrize("value", ["0", "1,x", ""])
+def test_compare_builds_refuses_thread_counts_that_are_not_positive_numbers(value, capsys, tmp_path):
+    import compare_builds
+
+    with pytest.raises(SystemExit):
+        compare_builds.main(["--old", str(tmp_path / "none.so"), "--threads", value])
+    assert f"--threads: expected positive thread counts separated by commas, got {value!r}" in capsys.readouterr().err
