@@ -18,7 +18,6 @@ statistics, then dx = dy·weight·invstd and the parameters' gradients (5N, as f
 from __future__ import annotations
 
 import contextlib
-import statistics
 from typing import Callable
 
 import torch
@@ -183,7 +182,7 @@ def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "
     with sample_grad_mode(mode):  # eval under no_grad, entered once for all its samples
         samples = speed_timing.interleaved_samples(fns, device, rounds, min_sample_s)
         grad_enabled = torch.is_grad_enabled()
-    seconds = {name: statistics.median(v) for name, v in samples.items()}
+    seconds = speed_timing.medians(samples)
     moved = traffic_bytes(shape, dtype, mode, device)
     copied = traffic_bytes(shape, dtype, "eval")  # a copy reads and writes N bytes once
     gbps = {name: (copied if name.startswith("copy") else moved) / s / 1e9 for name, s in seconds.items()}

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["balanced_orders", "interleaved_samples", "time_interleaved", "ratio_quartiles", "cpu_model"]
+__all__ = ["balanced_orders", "interleaved_samples", "medians", "time_interleaved", "ratio_quartiles", "cpu_model"]
 
 
 def cpu_model() -> str:
@@ -94,10 +94,15 @@ def interleaved_samples(fns: dict[str, Callable[[], object]], device: str, round
     return samples
 
 
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """{name: median of its samples}: the figure each contender is reported by."""
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int, min_sample_s: float) -> dict:
     """Median seconds per call of each callable over ``rounds`` interleaved samples
     (:func:`interleaved_samples`): {name: seconds}."""
-    return {name: statistics.median(v) for name, v in interleaved_samples(fns, device, rounds, min_sample_s).items()}
+    return medians(interleaved_samples(fns, device, rounds, min_sample_s))
 
 
 def ratio_quartiles(samples: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 
 import torch
 
@@ -97,7 +96,7 @@ def _run_model_unit(unit: str, ctx: RunContext) -> dict:
         fns = {"bnlab": inference_fn(twins["bnlab"], images), "torch": inference_fn(twins["torch.nn"], images),
                "bnlab folded": inference_fn(folded, images)}
     samples = speed_timing.interleaved_samples(fns, device.type, p["rounds"], p["min_sample_s"])
-    seconds = {name: statistics.median(v) for name, v in samples.items()}
+    seconds = speed_timing.medians(samples)
     record = {"model": name, "network": NETWORK_NAMES[name], "batch": batch, "call": CALLS[call],
               "threads": torch.get_num_threads(), "machine": _machine(device),
               "bnlab_ms": round(seconds["bnlab"] * 1e3, 4), "torch_ms": round(seconds["torch"] * 1e3, 4),
@@ -204,7 +203,8 @@ def _findings(folder: RunFolder) -> str:
              f"of a call of bnlab's BatchNorm against torch.nn's, and against a copy of the same bytes, as medians of "
              f"{p['rounds']} interleaved samples (a speed-up's brackets: the middle half of the speed-ups the rounds "
              f"read one by one, torch.nn's sample over bnlab's beside it; a bracket that does not hold its median "
-             f"speed-up marks a case whose rounds disagreed, worth timing again). GB/s count the bytes a mode must move at least, "
+             f"speed-up marks a case whose rounds disagreed, worth timing again). GB/s count the bytes a mode must "
+             f"move at least, "
              f"{_TRAFFIC_TEXT['cuda' if on_gpu else 'cpu']}, a copy 2N.", ""]
     for mode in p["modes"]:
         of_mode = [r for r in rows if r["mode"] == mode]
