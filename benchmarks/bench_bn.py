@@ -110,7 +110,8 @@ def summarize(records: list[dict], device: str, threads: int) -> list[str]:
         short = [r for r in ev if r["ratios"]["bnlab_fraction_of_copy_"] < 0.9]
         if ev:
             lines.append(f"eval {dtype} cases below 0.90 of copy_: {len(short)} of {len(ev)}"
-                         + "".join(f"\n  {_case_id(r)}: {r['ratios']['bnlab_fraction_of_copy_']:.2f}" for r in short))
+                         + "".join(f"\n  {_case_id(r)}: {_with_spread(r, 'bnlab_fraction_of_copy_', spec='.2f')}"
+                                   for r in short))
     if device == "cuda":
         lines += _gpu_summary(records, geo)
     slow = [r for r in records if r["device"] == device and r["ratios"].get("bnlab_vs_torch", 1) < 1 / 1.1]
@@ -145,27 +146,34 @@ def _gpu_summary(records: list[dict], geo) -> list[str]:
     return lines
 
 
-def _versus(rec: dict, name: str) -> str:
-    """bnlab's speed-up over contender ``name``, then in brackets the middle half of the per-round
-    speed-ups (measure_case's spread; not in records written before it was kept); "" if not timed."""
-    ratio = rec["ratios"].get(f"bnlab_vs_{name}")
+def _with_spread(rec: dict, key: str, unit: str = "", spec: str = "") -> str:
+    """Ratio ``key`` of a record (formatted by ``spec``), then in brackets the middle half of its
+    per-round values (measure_case's spread; not in records written before it was kept); "" if
+    not timed."""
+    ratio = rec["ratios"].get(key)
     if ratio is None:
         return ""
-    spread = rec.get("spread", {}).get(f"bnlab_vs_{name}")
-    return f"{ratio}x" + (f" ({spread[0]}-{spread[1]})" if spread else "")
+    spread = rec.get("spread", {}).get(key)
+    return f"{ratio:{spec}}{unit}" + (f" ({spread[0]:{spec}}-{spread[1]:{spec}})" if spread else "")
+
+
+def _versus(rec: dict, name: str) -> str:
+    """bnlab's speed-up over contender ``name``, with its spread (_with_spread)."""
+    return _with_spread(rec, f"bnlab_vs_{name}", "x")
 
 
 def markdown(records: list[dict]) -> str:
     rows = ["| threads | shape | layout | dtype | mode | bnlab ms | GB/s | torch ms | compile ms | copy / copy_ GB/s | vs torch | vs compile | of copy / copy_ |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
-        res, rat = r["results"], r["ratios"]
+        res = r["results"]
         comp = res.get("torch.compile", {}).get("ms", "")
         rows.append(f"| {r.get('threads', '')} | {tuple(r['shape_dims'])} | {r['layout']} | {r['dtype']} | {r['mode']} | "
                     f"{res['bnlab']['ms']} | {res['bnlab']['GBps']} | {res['torch']['ms']} | {comp} | "
                     f"{res['copy']['GBps']} / {res['copy_']['GBps']} | {_versus(r, 'torch')} | "
                     f"{_versus(r, 'torch.compile')} | "
-                    f"{rat['bnlab_fraction_of_copy']} / {rat['bnlab_fraction_of_copy_']} |")  # fmt: skip
+                    f"{_with_spread(r, 'bnlab_fraction_of_copy')} / "
+                    f"{_with_spread(r, 'bnlab_fraction_of_copy_')} |")  # fmt: skip
     return "\n".join(rows)
 
 

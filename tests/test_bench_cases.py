@@ -200,9 +200,29 @@ def test_the_markdown_gives_the_per_round_spread_where_a_record_has_it():
               "results": results, "ratios": {"bnlab_vs_torch": 2.5, "bnlab_fraction_of_copy": 0.5,
                                              "bnlab_fraction_of_copy_": 0.4}}  # fmt: skip
     old = bench_bn.markdown([record]).splitlines()[-1]
-    new = bench_bn.markdown([{**record, "spread": {"bnlab_vs_torch": [2.1, 2.9]}}]).splitlines()[-1]
+    spread = {"bnlab_vs_torch": [2.1, 2.9], "bnlab_fraction_of_copy": [0.45, 0.6],
+              "bnlab_fraction_of_copy_": [0.3, 0.5]}
+    new = bench_bn.markdown([{**record, "spread": spread}]).splitlines()[-1]
     assert "| 2.5x |  | 0.5 / 0.4 |" in old
-    assert "| 2.5x (2.1-2.9) |  | 0.5 / 0.4 |" in new
+    assert "| 2.5x (2.1-2.9) |  | 0.5 (0.45-0.6) / 0.4 (0.3-0.5) |" in new
+
+
+def test_the_fractions_of_a_copy_carry_their_per_round_spread_scaled_by_the_traffic(monkeypatch):
+    """measure_case keeps the middle half of every ratio read round by round, the fractions of
+    each copy's GB/s too: a copy moves 2N bytes and a forward+backward 5N, so a round whose copy
+    took bnlab's time reads a fraction of 2.5."""
+    bnlab_rounds = [2.0, 1.0, 4.0]  # against copies of 2 s in every round: copy / bnlab of 1, 2 and 0.5
+
+    def timing(fns, device, rounds, min_sample_s):
+        return {name: list(bnlab_rounds) if name == "bnlab" else [2.0] * 3 for name in fns}
+
+    monkeypatch.setattr(speed_timing, "interleaved_samples", timing)
+    rec = speed_cases.measure_case((8, 6), "nchw", "fp32", "fwdbwd")
+    # per-round fractions 2.5 * (0.5, 1, 2): inclusive quartiles 2.5 * 0.75 and 2.5 * 1.5
+    for key in ("bnlab_fraction_of_copy", "bnlab_fraction_of_copy_"):
+        assert rec["ratios"][key] == 2.5
+        assert rec["spread"][key] == [1.875, 3.75]
+    assert rec["spread"]["bnlab_vs_torch"] == [0.75, 1.5]
 
 
 def test_within_takes_another_rounding_and_refuses_other_values_or_nonfinite_places():

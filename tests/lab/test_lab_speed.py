@@ -90,6 +90,8 @@ def test_rows_hold_the_ratios_and_bandwidths_of_the_measured_times(quick_speed_r
         assert quartiles == pytest.approx([0.75 * r["speedup"], 1.5 * r["speedup"]], abs=1e-3)
         assert r["bnlab_GBps"] == round(moved / 1e-3 / 1e9, 2)
         assert r["fraction_of_copy"] == pytest.approx((moved / 1e-3) / (copied / 0.4e-3), rel=1e-3)
+        quartiles = [r["fraction_of_copy_q1"], r["fraction_of_copy_q3"]]
+        assert quartiles == pytest.approx([0.75 * r["fraction_of_copy"], 1.5 * r["fraction_of_copy"]], abs=1e-3)
     assert "speed: 8 cases in" in printed  # conv-8's 5 modes, mlp-small's 3
 
 
@@ -105,6 +107,9 @@ def test_the_report_states_the_speedups_and_names_the_cases_where_torch_was_fast
     # the median speed-up, then the middle half of the rounds' (3 times 0.5, 1, 2: 2.25-4.5)
     assert "| `conv-8/nchw/fp32/fwd` | 128x64x8x8 | 1 | 3 | 3.00x (2.25-4.50) |" in report
     assert "| `conv-8/nchw/fp32/eval` | 128x64x8x8 | 1 | 0.5 | 0.50x (0.38-0.75) |" in report
+    # and its fraction of copy_'s bandwidth: 0.4 ms over bnlab's 1 ms, the rounds' middle half 0.3-0.6
+    assert next(line for line in report.splitlines() if "`conv-8/nchw/fp32/eval`" in line).endswith(
+        "| 0.4 | 0.40 (0.30-0.60) |")
     assert "a speed-up's brackets: the middle half of the speed-ups the rounds read one by one" in report
     assert "](speed.png)" in report and (out / "speed.png").stat().st_size > 0
     # it trains nothing: no seeds, BN implementation or dataset in how the run was made

@@ -170,8 +170,8 @@ def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "
     Times are medians over the rounds. GB/s count the mode's minimal traffic (``traffic_bytes``; a
     copy's is 2N). Ratios: ``bnlab_vs_NAME`` is NAME's time over bnlab's (above 1: bnlab faster),
     and ``bnlab_fraction_of_copy`` / ``bnlab_fraction_of_copy_`` bnlab's GB/s over each copy's.
-    ``spread["bnlab_vs_NAME"]`` is [first, third] quartile of that ratio taken round by round
-    (speed_timing.ratio_quartiles).
+    ``spread[KEY]`` is [first, third] quartile of ratio KEY taken round by round
+    (speed_timing.ratio_quartiles), for every ratio.
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
@@ -194,4 +194,7 @@ def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "
     ratios["bnlab_fraction_of_copy_"] = round(gbps["bnlab"] / gbps["copy_"], 3)
     spread = {f"bnlab_vs_{name}": [round(q, 3) for q in speed_timing.ratio_quartiles(samples, name, "bnlab")]
               for name in samples if name != "bnlab" and not name.startswith("copy")}
+    for name in ("copy", "copy_"):  # a fraction of a copy's GB/s is its time over bnlab's, times moved / copied
+        spread[f"bnlab_fraction_of_{name}"] = [round(q * moved / copied, 3)
+                                               for q in speed_timing.ratio_quartiles(samples, name, "bnlab")]
     return {"results": results, "ratios": ratios, "spread": spread, "grad_enabled": grad_enabled}

@@ -119,7 +119,8 @@ def _run_unit(unit: str, ctx: RunContext) -> dict:
            "bnlab_ms": res["bnlab"]["ms"], "torch_ms": res["torch"]["ms"], "copy_ms": res["copy_"]["ms"],
            "new_copy_ms": res["copy"]["ms"], "bnlab_GBps": res["bnlab"]["GBps"], "copy_GBps": res["copy_"]["GBps"],
            "speedup": ratios["bnlab_vs_torch"], **_quartiles(m["spread"]["bnlab_vs_torch"]),
-           "fraction_of_copy": ratios["bnlab_fraction_of_copy_"]}
+           "fraction_of_copy": ratios["bnlab_fraction_of_copy_"],
+           **_quartiles(m["spread"]["bnlab_fraction_of_copy_"], "fraction_of_copy")}
     return {"rows": [row]}
 
 
@@ -153,18 +154,22 @@ def _geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _quartiles(quartiles: list[float]) -> dict:
-    """A record's speedup_q1 and speedup_q3 (flat: rows are CSV records): the middle half of the
-    per-round speed-ups (speed_timing.ratio_quartiles)."""
-    return {"speedup_q1": round(quartiles[0], 3), "speedup_q3": round(quartiles[1], 3)}
+def _quartiles(quartiles: list[float], name: str = "speedup") -> dict:
+    """A record's NAME_q1 and NAME_q3 (flat: rows are CSV records): the middle half of ratio NAME
+    read round by round (speed_timing.ratio_quartiles)."""
+    return {f"{name}_q1": round(quartiles[0], 3), f"{name}_q3": round(quartiles[1], 3)}
+
+
+def _with_middle(record: dict, name: str, unit: str = "") -> str:
+    """Ratio ``name`` of a record, then the middle half of its per-round values where the record
+    has them (records of runs made before they were kept have not)."""
+    if f"{name}_q1" not in record:
+        return f"{record[name]:.2f}{unit}"
+    return f"{record[name]:.2f}{unit} ({record[f'{name}_q1']:.2f}-{record[f'{name}_q3']:.2f})"
 
 
 def _speedup(record: dict) -> str:
-    """The median speed-up, then the middle half of the per-round speed-ups where the record has
-    them (records of runs made before they were kept have not)."""
-    if "speedup_q1" not in record:
-        return f"{record['speedup']:.2f}x"
-    return f"{record['speedup']:.2f}x ({record['speedup_q1']:.2f}-{record['speedup_q3']:.2f})"
+    return _with_middle(record, "speedup", "x")
 
 
 def _folded_ms(record: dict) -> str:
@@ -202,9 +207,9 @@ def _findings(folder: RunFolder) -> str:
              f"thread{'' if threads == [1] else 's'}): the time "
              f"of a call of bnlab's BatchNorm against torch.nn's, and against a copy of the same bytes, as medians of "
              f"{p['rounds']} interleaved samples (a speed-up's brackets: the middle half of the speed-ups the rounds "
-             f"read one by one, torch.nn's sample over bnlab's beside it; a bracket that does not hold its median "
-             f"speed-up marks a case whose rounds disagreed, worth timing again). GB/s count the bytes a mode must "
-             f"move at least, "
+             f"read one by one, torch.nn's sample over bnlab's beside it, and the same of the fractions of a copy; a "
+             f"bracket that does not hold its median marks a case whose rounds disagreed, worth timing again). "
+             f"GB/s count the bytes a mode must move at least, "
              f"{_TRAFFIC_TEXT['cuda' if on_gpu else 'cpu']}, a copy 2N.", ""]
     for mode in p["modes"]:
         of_mode = [r for r in rows if r["mode"] == mode]
@@ -228,7 +233,7 @@ def _findings(folder: RunFolder) -> str:
                                     ("torch.nn ms", lambda r: f"{r['torch_ms']:.4g}"),
                                     ("speed-up", _speedup), ("bnlab GB/s", lambda r: f"{r['bnlab_GBps']:.1f}"),
                                     ("copy_ ms", lambda r: f"{r['copy_ms']:.4g}"),
-                                    ("of copy_", lambda r: f"{r['fraction_of_copy']:.2f}")]),
+                                    ("of copy_", lambda r: _with_middle(r, "fraction_of_copy"))]),
               *_model_findings(models),
               "", "The full benchmark (torch.compile as a third contender, more shapes, resumable JSON lines) is "
               "`benchmarks/bench_bn.py` in the repository; docs/benchmarks.md has its results and the machines."]
