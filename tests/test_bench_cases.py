@@ -246,3 +246,23 @@ def test_compare_builds_refuses_thread_counts_that_are_not_positive_numbers(valu
     with pytest.raises(SystemExit):
         compare_builds.main(["--old", str(tmp_path / "none.so"), "--threads", value])
     assert f"--threads: expected positive thread counts separated by commas, got {value!r}" in capsys.readouterr().err
+
+
+def test_a_ratio_is_the_median_of_the_rounds_ratios_when_the_machine_changes_speed(monkeypatch):
+    """The float32 (256, 100) eval of benchmarks/results/ratio_of_medians_zen4_s56.txt: the machine
+    sped up after round 3, the ratio of the two medians read 3.12x where the rounds read 3.61-3.76x
+    in their middle half; the reported ratio is the rounds' median, inside its bracket."""
+    bnlab_us = [5.74, 5.99, 6.12, 5.95, 3.99, 4.87, 4.07, 4.0, 4.11]
+    torch_us = [20.88, 23.29, 23.53, 15.25, 14.49, 14.88, 15.19, 15.03, 14.8]
+    copy_us = [3.74, 3.66, 3.72, 3.72, 2.77, 2.99, 2.98, 2.73, 2.75]
+    rounds = {"bnlab": bnlab_us, "torch": torch_us, "copy": copy_us, "copy_": copy_us}
+    monkeypatch.setattr(speed_timing, "interleaved_samples", lambda fns, *args: {n: rounds[n] for n in fns})
+    rec = speed_cases.measure_case((8, 6), "nchw", "fp32", "eval")
+    assert round(torch_us[6] / bnlab_us[5], 2) == 3.12  # what the ratio of the medians read
+    # the middle of the nine rounds' ratios is round 0's, for torch.nn (3.64x) and for copy_ (0.65;
+    # the ratio of the medians read 0.61)
+    assert rec["ratios"]["bnlab_vs_torch"] == round(torch_us[0] / bnlab_us[0], 3) == 3.638
+    assert rec["ratios"]["bnlab_fraction_of_copy_"] == round(copy_us[0] / bnlab_us[0], 3) == 0.652
+    for key in ("bnlab_vs_torch", "bnlab_fraction_of_copy_"):
+        q1, q3 = rec["spread"][key]
+        assert q1 <= rec["ratios"][key] <= q3

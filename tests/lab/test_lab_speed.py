@@ -110,7 +110,8 @@ def test_the_report_states_the_speedups_and_names_the_cases_where_torch_was_fast
     # and its fraction of copy_'s bandwidth: 0.4 ms over bnlab's 1 ms, the rounds' middle half 0.3-0.6
     assert next(line for line in report.splitlines() if "`conv-8/nchw/fp32/eval`" in line).endswith(
         "| 0.4 | 0.40 (0.30-0.60) |")
-    assert "a speed-up's brackets: the middle half of the speed-ups the rounds read one by one" in report
+    assert ("A speed-up is read round by round, torch.nn's sample over bnlab's beside it, and given as the median "
+            "of the rounds' readings with their middle half in brackets") in report
     assert "](speed.png)" in report and (out / "speed.png").stat().st_size > 0
     # it trains nothing: no seeds, BN implementation or dataset in how the run was made
     assert "seeds" not in report and "data:" not in report and "one record per case" in report

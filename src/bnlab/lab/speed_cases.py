@@ -170,8 +170,9 @@ def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "
     Times are medians over the rounds. GB/s count the mode's minimal traffic (``traffic_bytes``; a
     copy's is 2N). Ratios: ``bnlab_vs_NAME`` is NAME's time over bnlab's (above 1: bnlab faster),
     and ``bnlab_fraction_of_copy`` / ``bnlab_fraction_of_copy_`` bnlab's GB/s over each copy's.
-    ``spread[KEY]`` is [first, third] quartile of ratio KEY taken round by round
-    (speed_timing.ratio_quartiles), for every ratio.
+    Each is the median of that ratio read round by round (speed_timing.ratio_median; since the
+    fifty-sixth session, the ratio of the medians before), so it need not equal the ratio of the
+    times given; ``spread[KEY]`` is the [first, third] quartile of the same per-round values.
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
@@ -187,14 +188,12 @@ def measure_case(shape, layout: str, dtype_name: str, mode: str, device: str = "
     copied = traffic_bytes(shape, dtype, "eval")  # a copy reads and writes N bytes once
     gbps = {name: (copied if name.startswith("copy") else moved) / s / 1e9 for name, s in seconds.items()}
     results = {name: {"ms": round(s * 1e3, 4), "GBps": round(gbps[name], 2)} for name, s in seconds.items()}
-    ratios = {f"bnlab_vs_{name}": round(seconds[name] / seconds["bnlab"], 3)
-              for name in seconds if name != "bnlab" and not name.startswith("copy")}
-    # from the unrounded figures: a GB/s rounded to 0.01 is off by up to 5 % at 0.1 GB/s
-    ratios["bnlab_fraction_of_copy"] = round(gbps["bnlab"] / gbps["copy"], 3)
-    ratios["bnlab_fraction_of_copy_"] = round(gbps["bnlab"] / gbps["copy_"], 3)
-    spread = {f"bnlab_vs_{name}": [round(q, 3) for q in speed_timing.ratio_quartiles(samples, name, "bnlab")]
-              for name in samples if name != "bnlab" and not name.startswith("copy")}
-    for name in ("copy", "copy_"):  # a fraction of a copy's GB/s is its time over bnlab's, times moved / copied
-        spread[f"bnlab_fraction_of_{name}"] = [round(q * moved / copied, 3)
-                                               for q in speed_timing.ratio_quartiles(samples, name, "bnlab")]
+    # Each ratio is read round by round (speed_timing.ratio_median and ratio_quartiles); a fraction
+    # of a copy's GB/s is the copy's time over bnlab's, times the bytes moved over those copied.
+    scale = {name: moved / copied if name.startswith("copy") else 1.0 for name in samples}
+    key = {name: f"bnlab_fraction_of_{name}" if name.startswith("copy") else f"bnlab_vs_{name}" for name in samples}
+    others = [name for name in samples if name != "bnlab"]
+    ratios = {key[n]: round(speed_timing.ratio_median(samples, n, "bnlab") * scale[n], 3) for n in others}
+    spread = {key[n]: [round(q * scale[n], 3) for q in speed_timing.ratio_quartiles(samples, n, "bnlab")]
+              for n in others}
     return {"results": results, "ratios": ratios, "spread": spread, "grad_enabled": grad_enabled}

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["balanced_orders", "interleaved_samples", "medians", "time_interleaved", "ratio_quartiles", "cpu_model"]
+__all__ = ["balanced_orders", "interleaved_samples", "medians", "time_interleaved", "ratio_median", "ratio_quartiles",
+           "cpu_model"]
 
 
 def cpu_model() -> str:
@@ -105,12 +106,27 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: 
     return medians(interleaved_samples(fns, device, rounds, min_sample_s))
 
 
+def _round_ratios(samples: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """samples[numerator][r] / samples[denominator][r] for every round r, sorted."""
+    return sorted(n / d for n, d in zip(samples[numerator], samples[denominator]))
+
+
+def ratio_median(samples: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """The median of the per-round ratios samples[numerator][r] / samples[denominator][r]: the
+    figure a ratio is reported by. Why not the ratio of the two medians: when the machine changes
+    speed during a case (a VM's neighbour), each contender's median can come from another phase; in
+    the fifty-sixth session a (256, 100) eval read 3.12x torch.nn that way, where every round but
+    one read 3.06-3.89x (benchmarks/results/ratio_of_medians_zen4_s56.txt). The contenders of a
+    round ran side by side, so the round's ratio is what the pairing protects."""
+    return statistics.median(_round_ratios(samples, numerator, denominator))
+
+
 def ratio_quartiles(samples: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
     """[first quartile, third quartile] of the per-round ratios samples[numerator][r] /
     samples[denominator][r]: the middle half of what one round would have said (the same value
     twice for one round). Why per round: the contenders of a round ran side by side, so a round the
     machine was busy slows both and moves their ratio less than either time."""
-    ratios = sorted(n / d for n, d in zip(samples[numerator], samples[denominator]))
+    ratios = _round_ratios(samples, numerator, denominator)
     if len(ratios) == 1:
         return [ratios[0], ratios[0]]
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")

@@ -100,7 +100,7 @@ def _run_model_unit(unit: str, ctx: RunContext) -> dict:
     record = {"model": name, "network": NETWORK_NAMES[name], "batch": batch, "call": CALLS[call],
               "threads": torch.get_num_threads(), "machine": _machine(device),
               "bnlab_ms": round(seconds["bnlab"] * 1e3, 4), "torch_ms": round(seconds["torch"] * 1e3, 4),
-              "speedup": round(seconds["torch"] / seconds["bnlab"], 3),
+              "speedup": round(speed_timing.ratio_median(samples, "torch", "bnlab"), 3),
               **_quartiles(speed_timing.ratio_quartiles(samples, "torch", "bnlab")),
               "folded_ms": round(seconds["bnlab folded"] * 1e3, 4) if "bnlab folded" in seconds else None}
     return {"rows": [], "tables": {"models": [record]}}
@@ -206,9 +206,10 @@ def _findings(folder: RunFolder) -> str:
     lines = [f"{_cases(len(rows))} on {rows[0]['machine']} ({'/'.join(map(str, threads))} torch "
              f"thread{'' if threads == [1] else 's'}): the time "
              f"of a call of bnlab's BatchNorm against torch.nn's, and against a copy of the same bytes, as medians of "
-             f"{p['rounds']} interleaved samples (a speed-up's brackets: the middle half of the speed-ups the rounds "
-             f"read one by one, torch.nn's sample over bnlab's beside it, and the same of the fractions of a copy; a "
-             f"bracket that does not hold its median marks a case whose rounds disagreed, worth timing again). "
+             f"{p['rounds']} interleaved samples. A speed-up is read round by round, torch.nn's sample over bnlab's "
+             f"beside it, and given as the median of the rounds' readings with their middle half in brackets (a "
+             f"wide bracket marks a case worth timing again); so are the fractions of a copy. It need not equal "
+             f"the ratio of the times given, which are each contender's median. "
              f"GB/s count the bytes a mode must move at least, "
              f"{_TRAFFIC_TEXT['cuda' if on_gpu else 'cpu']}, a copy 2N.", ""]
     for mode in p["modes"]:
