@@ -163,6 +163,9 @@ def test_shapes_replace_the_benchmark_s_and_a_resume_keeps_them(tmp_path, monkey
 @pytest.mark.parametrize("argv,message", [
     (["run", "speed", "--shapes", "8"], "--shapes: expected 2 to 5 comma-separated positive sizes"),
     (["run", "speed", "--shapes", "8,0"], "--shapes: expected 2 to 5 comma-separated positive sizes"),
+    # a leading minus, which argparse took for an option ("expected at least one argument")
+    (["run", "speed", "--shapes", "-1,3"], "--shapes: expected 2 to 5 comma-separated positive sizes"),
+    (["run", "speed", "--shapes", "4,3", "-4,3,2,2"], "got '-4,3,2,2'"),
     (["run", "speed", "--shapes", "4,6,x"], "--shapes: expected 2 to 5 comma-separated positive sizes"),
     (["run", "speed", "--shapes", "1,6,1,1"], "--shapes: expected more than one value per channel"),
     (["run", "speed", "--shapes", "8,6", "8,6"], "--shapes: expected distinct shapes, got '8,6' twice"),

@@ -239,9 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shape_taken_for_an_option(argv: list[str]) -> str | None:
+    """The first value after --shapes that starts with a minus and a digit ("-1,3"), or None.
+    argparse takes such a value for an option and says "expected at least one argument" or
+    "unrecognized arguments", nothing of sizes."""
+    if "--shapes" not in argv:
+        return None
+    for token in argv[argv.index("--shapes") + 1:]:
+        if token[:1] == "-":
+            return token if token[1:2].isdigit() else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `bnlab` command line (the console script enters through src/bnlab_console.py, which imports this)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    negative = _shape_taken_for_an_option(argv)
+    if negative is not None:
+        try:
+            _parse_shapes([negative])
+        except ValueError as err:  # the message of every other shape that is not positive sizes
+            return _argument_error(err)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["bnlab", *argv])
     from bnlab.launch import LocalRanksError
