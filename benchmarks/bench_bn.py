@@ -41,6 +41,7 @@ from bench_env import environment, first_call_seconds  # noqa: E402
 from bnlab.lab.speed_cases import CONV, GPU_LARGE, SHAPES, measure_case  # noqa: E402
 # time_interleaved: the scripts that time as this one does import it from here
 from bnlab.lab.speed_timing import time_interleaved  # noqa: E402,F401
+from bnlab.lab.tables import counted  # noqa: E402
 
 DEFAULT_SHAPES = {"cpu": [s for s in SHAPES if s not in GPU_LARGE], "cuda": list(SHAPES)}
 
@@ -80,7 +81,7 @@ def save(path: Path, header: dict, records: list[dict]) -> None:
 
 def summarize(records: list[dict], device: str, threads: int) -> list[str]:
     """The issue's target figures, from whatever cases were measured with this device and thread count."""
-    lines = [f"summary: {device}, {threads} thread(s)"]
+    lines = [f"summary: {device}, {counted(threads, 'thread')}"]
     records = [r for r in records if r["device"] == device and r.get("threads") == threads]
 
     def pick(mode, dtype="fp32", layout="nchw", shapes=CONV):

@@ -36,6 +36,7 @@ from torch import nn
 
 import bnlab
 from bnlab.distributed import all_reduce_grad_sums, count_collectives, gather_moments
+from bnlab.lab.tables import counted
 from bnlab.launch import run_local_ranks
 from bnlab.stats import Moments
 
@@ -160,7 +161,7 @@ def main() -> None:
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name(0)}"
     print(f"\nper-rank input {cfg['shape']} float32, {args.device}, {args.backend}, "
-          f"{args.threads_per_rank} thread(s) per rank, median of {args.repeats}; {machine}\n")  # fmt: skip
+          f"{counted(args.threads_per_rank, 'thread')} per rank, median of {args.repeats}; {machine}\n")  # fmt: skip
     print(_table(results))
     for r in results:
         if r["no_sync"]:

@@ -36,6 +36,7 @@ import torch
 
 from bnlab.backends import cpu_build
 from bnlab.backends.cpu import WAVE_PER_THREAD, _CODE, layout_of
+from bnlab.lab.tables import counted
 from kernel_ab import takes_centred
 
 SHAPES = (
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
                 if args.within is not None and within(a[name], b[name], args.within):
                     continue
                 beyond += 1
-                print(f"differs: {name} of {shape} {'channels_last ' if cl else ''}{dtype} {data}, {nt} thread(s)")
+                print(f"differs: {name} of {shape} {'channels_last ' if cl else ''}{dtype} {data}, {counted(nt, 'thread')}")
     if args.within is None:
         print(f"{compared} results compared, {differ} differ")
         sys.exit(1 if differ else 0)

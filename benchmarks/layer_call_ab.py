@@ -20,6 +20,7 @@ import torch
 
 import bnlab
 from bnlab.backends import registered_cpu_backend
+from bnlab.lab.tables import counted
 from bench_cases import positive_int, shape_parser
 from bench_timing import sample_seconds
 
@@ -60,7 +61,7 @@ def main() -> None:
             times["copy_"].append(sample_seconds(lambda: out.copy_(x), args.calls) * 1e6)
     finally:
         switches(True, True)
-    print(f"layer{tuple(args.shape)} {args.mode}, {args.threads} thread(s), {args.rounds} rounds of {args.calls} calls;"
+    print(f"layer{tuple(args.shape)} {args.mode}, {counted(args.threads, 'thread')}, {args.rounds} rounds of {args.calls} calls;"
           f" torch {torch.__version__}")  # fmt: skip
     for name, values in times.items():
         print(f"  {name:32s} {statistics.median(values):7.3f} us")

@@ -187,7 +187,7 @@ def test_eval_order_prints_both_orders_and_leaves_grad_mode_on(capsys, keep_thre
 
     eval_order.main(["--shape", "2,4,3,3", "--rounds", "2", "--reps", "1", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("shape (2, 4, 3, 3) nchw, 1 thread(s)")
+    assert lines[0].startswith("shape (2, 4, 3, 3) nchw, 1 thread,")
     assert [line.split()[0] for line in lines[1:]] == ["after-copy", "after-bnlab"]
     assert torch.is_grad_enabled()
 
