@@ -10,7 +10,8 @@ alike; each round takes another order, in which every contender follows every ot
 traffic of the mode (bnlab.lab.speed_cases.TRAFFIC: forward and eval 2N bytes, forward+backward 5N), and the
 ratios bnlab/each baseline, each the median of the ratios the rounds read one by one, with their middle
 half (measure_case; before the fifty-sixth session the ratio of the medians, in the results files of
-those runs). Results go to a JSON-lines file, one line per case, written atomically; a rerun skips the cases already there (--fresh to start over).
+those runs). Results go to a JSON-lines file, one line per case, written atomically; a rerun skips
+the cases already there (--fresh to start over).
 
     python benchmarks/bench_bn.py                          # every CPU case, no torch.compile
     python benchmarks/bench_bn.py --compile --modes fwdbwd --dtypes fp32 --layouts nchw

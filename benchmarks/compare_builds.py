@@ -232,7 +232,8 @@ def main(argv=None) -> None:
                 if args.within is not None and within(a[name], b[name], args.within):
                     continue
                 beyond += 1
-                print(f"differs: {name} of {shape} {'channels_last ' if cl else ''}{dtype} {data}, {counted(nt, 'thread')}")
+                print(f"differs: {name} of {shape} {'channels_last ' if cl else ''}{dtype} {data}, "
+                      f"{counted(nt, 'thread')}")
     if args.within is None:
         print(f"{compared} results compared, {differ} differ")
         sys.exit(1 if differ else 0)

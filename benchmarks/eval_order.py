@@ -63,7 +63,8 @@ def main(argv=None) -> None:
         after_bnlab_order = [("copy_", copy_), ("warm", bn(layers[1])), ("bnlab", bn(layers[0]))]
         after_copy = _median_us(after_copy_order, {"copy_", "bnlab"}, args.rounds, args.reps)
         after_bnlab = _median_us(after_bnlab_order, {"copy_", "bnlab"}, args.rounds, args.reps)
-    print(f"shape {shape} {args.layout}, {counted(args.threads, 'thread')}, medians of {args.rounds} samples x {args.reps} calls")
+    print(f"shape {shape} {args.layout}, {counted(args.threads, 'thread')}, "
+          f"medians of {args.rounds} samples x {args.reps} calls")
     for label, m in (("after-copy", after_copy), ("after-bnlab", after_bnlab)):
         print(f"{label:12s} copy_ {m['copy_']:7.1f} us  bnlab {m['bnlab']:7.1f} us  "
               f"fraction of copy_ {m['copy_'] / m['bnlab']:.3f}")  # fmt: skip

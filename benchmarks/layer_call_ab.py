@@ -61,7 +61,8 @@ def main() -> None:
             times["copy_"].append(sample_seconds(lambda: out.copy_(x), args.calls) * 1e6)
     finally:
         switches(True, True)
-    print(f"layer{tuple(args.shape)} {args.mode}, {counted(args.threads, 'thread')}, {args.rounds} rounds of {args.calls} calls;"
+    print(f"layer{tuple(args.shape)} {args.mode}, {counted(args.threads, 'thread')}, "
+          f"{args.rounds} rounds of {args.calls} calls;"
           f" torch {torch.__version__}")  # fmt: skip
     for name, values in times.items():
         print(f"  {name:32s} {statistics.median(values):7.3f} us")
