@@ -42,7 +42,7 @@ from bench_env import environment, first_call_seconds  # noqa: E402
 from bnlab.lab.speed_cases import CONV, GPU_LARGE, SHAPES, measure_case  # noqa: E402
 # time_interleaved: the scripts that time as this one does import it from here
 from bnlab.lab.speed_timing import time_interleaved  # noqa: E402,F401
-from bnlab.lab.tables import counted  # noqa: E402
+from bnlab.lab.tables import counted, with_middle  # noqa: E402
 
 DEFAULT_SHAPES = {"cpu": [s for s in SHAPES if s not in GPU_LARGE], "cuda": list(SHAPES)}
 
@@ -154,10 +154,7 @@ def _with_spread(rec: dict, key: str, unit: str = "", spec: str = "") -> str:
     per-round values (measure_case's spread; not in records written before it was kept); "" if
     not timed."""
     ratio = rec["ratios"].get(key)
-    if ratio is None:
-        return ""
-    spread = rec.get("spread", {}).get(key)
-    return f"{ratio:{spec}}{unit}" + (f" ({spread[0]:{spec}}-{spread[1]:{spec}})" if spread else "")
+    return "" if ratio is None else with_middle(ratio, rec.get("spread", {}).get(key), unit, spec)
 
 
 def _versus(rec: dict, name: str) -> str:

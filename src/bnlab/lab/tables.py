@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-__all__ = ["group_stats", "markdown_table", "fmt", "pct", "mean_spread"]
+__all__ = ["group_stats", "markdown_table", "fmt", "counted", "with_middle", "pct", "mean_spread"]
 
 
 def _finite(values: Sequence[Any]) -> list[float]:
@@ -46,6 +46,13 @@ def fmt(value: Any, digits: int = 3) -> str:
 def counted(n: int, noun: str) -> str:
     """n with the noun in the number it takes: 1 epoch, 2 epochs (an English plural in -s)."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def with_middle(value: float, middle: Sequence[float] | None, unit: str = "", spec: str = ".2f") -> str:
+    """A ratio, then in brackets the middle half of its per-round readings where there is one:
+    "2.24x (2.17-2.60)" (the speed report's and bench_bn.py's tables; ``spec`` formats the figures)."""
+    text = f"{value:{spec}}{unit}"
+    return f"{text} ({middle[0]:{spec}}-{middle[1]:{spec}})" if middle else text
 
 
 def pct(value: Any, digits: int = 1) -> str:

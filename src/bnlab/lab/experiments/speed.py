@@ -31,7 +31,7 @@ from bnlab.lab.runner import RunContext
 from bnlab.lab.runs import RunFolder
 from bnlab.lab.speed_cases import SHAPES, measure_case
 from bnlab.lab.speed_models import inference_fn, model_input, step_fn, twin_models
-from bnlab.lab.tables import markdown_table
+from bnlab.lab.tables import markdown_table, with_middle
 
 FULL_SHAPES = ("mlp-small", "mlp-large", "conv-56", "conv-14", "conv-32s", "conv-32l")
 QUICK_SHAPES = ("mlp-small", "conv-8")
@@ -163,9 +163,8 @@ def _quartiles(quartiles: list[float], name: str = "speedup") -> dict:
 def _with_middle(record: dict, name: str, unit: str = "") -> str:
     """Ratio ``name`` of a record, then the middle half of its per-round values where the record
     has them (records of runs made before they were kept have not)."""
-    if f"{name}_q1" not in record:
-        return f"{record[name]:.2f}{unit}"
-    return f"{record[name]:.2f}{unit} ({record[f'{name}_q1']:.2f}-{record[f'{name}_q3']:.2f})"
+    middle = (record[f"{name}_q1"], record[f"{name}_q3"]) if f"{name}_q1" in record else None
+    return with_middle(record[name], middle, unit)
 
 
 def _speedup(record: dict) -> str:
